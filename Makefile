@@ -1,0 +1,33 @@
+# oribus — developer entry points. Every target creates/uses .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast crash lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/oribus demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x -m 'not slow' tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check oribus tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/agent_step.py
+	$(PY) benchmarks/recovery.py
+	$(PY) benchmarks/delivery_log_memory.py
+
+clean:
+	rm -rf $(VENV) oribus-data .pytest_cache .hypothesis

@@ -1,0 +1,63 @@
+"""oribus — a distributed state bus for fleets of agents, with Observable-Read Isolation.
+
+No agent can commit work based on state it read that has since changed: the
+server checks every commit against what it actually delivered to that agent.
+
+    import oribus
+
+    async with oribus.open_local("./data", shards=4, agent="planner") as bus:
+        plan = await bus.get("plan")
+        await bus.commit({"plan": {"step": 2}})
+"""
+
+from oribus.client import (
+    DELETE,
+    AsyncSession,
+    Item,
+    RetryPolicy,
+    SessionRef,
+    SyncSession,
+    SyncTransaction,
+    Transaction,
+    Version,
+    open_local,
+    open_local_sync,
+)
+from oribus.errors import (
+    Aborted,
+    Conflict,
+    DataCorrupted,
+    InvalidRequest,
+    LimitExceeded,
+    OribusError,
+    SessionExpired,
+    Stale,
+    Unavailable,
+    ValueTooLarge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DELETE",
+    "Aborted",
+    "AsyncSession",
+    "Conflict",
+    "DataCorrupted",
+    "InvalidRequest",
+    "Item",
+    "LimitExceeded",
+    "OribusError",
+    "RetryPolicy",
+    "SessionExpired",
+    "SessionRef",
+    "Stale",
+    "SyncSession",
+    "SyncTransaction",
+    "Transaction",
+    "Unavailable",
+    "ValueTooLarge",
+    "Version",
+    "open_local",
+    "open_local_sync",
+]

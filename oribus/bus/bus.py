@@ -1,0 +1,178 @@
+"""The bus: the front door every client API is served from.
+
+It routes keys to shards by the slot map, reads (so the owning shard records
+each delivery), runs commits through the coordinator, and keeps the session
+table (which shards each session has deliveries on, with their tokens).
+Every transport — the embedded API, gRPC, HTTP — calls these methods and
+nothing else, so all of them have the same semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from oribus.bus.coordinator import CommitRequest, CommitResult, Coordinator
+from oribus.bus.sessions import SessionTable
+from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
+from oribus.protocol import ReadItem, ReadRequest, Scope, Token
+from oribus.shards.service import ShardService
+from oribus.shards.store import Entry
+from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
+
+log = logging.getLogger("oribus.bus")
+
+MAX_KEYS_PER_REQUEST = 10_000
+
+
+@dataclass(slots=True)
+class ReadResult:
+    items: list[ReadItem]  # in the order asked
+    tokens: dict[int, Token] = field(default_factory=dict)  # shard -> session token there
+    seqs: dict[int, int] = field(default_factory=dict)  # shard -> seq of the first delivery
+
+
+class Bus:
+    """Routing, sessions and commits over a set of shards."""
+
+    def __init__(
+        self,
+        shards: dict[int, ShardService],
+        shard_for: Callable[[str], int],
+        *,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        max_sessions: int = 1_000_000,
+    ) -> None:
+        self.shards = shards
+        self.shard_for = shard_for
+        self.max_value_bytes = max_value_bytes
+        self.sessions = SessionTable(max_sessions)
+        self.coordinator = Coordinator(shards, shard_for)
+
+    # ---- reads -----------------------------------------------------------------
+
+    async def read(self, session: SessionRef, keys: list[str], *, record: bool = True) -> ReadResult:
+        _check_session(session)
+        if not isinstance(keys, list | tuple):
+            raise InvalidRequest("keys must be a list of str")
+        if len(keys) > MAX_KEYS_PER_REQUEST:
+            raise InvalidRequest(f"at most {MAX_KEYS_PER_REQUEST} keys per read")
+        by_shard: dict[int, list[str]] = {}
+        for k in keys:
+            validate_key(k)
+            by_shard.setdefault(self.shard_for(k), []).append(k)
+        if not by_shard:
+            return ReadResult([])
+        if len(by_shard) == 1:
+            (sid, ks), = by_shard.items()
+            replies = [(sid, await self.shards[sid].read(ReadRequest(session, ks, record)))]
+        else:
+            sids = list(by_shard)
+            got = await asyncio.gather(
+                *(self.shards[s].read(ReadRequest(session, by_shard[s], record)) for s in sids)
+            )
+            replies = list(zip(sids, got, strict=True))
+        found: dict[str, ReadItem] = {}
+        result = ReadResult([])
+        for sid, reply in replies:
+            for item in reply.items:
+                found[item.key] = item
+            if record:
+                result.tokens[sid] = reply.token
+                result.seqs[sid] = reply.seq
+                self.sessions.observe(session, sid, reply.token)
+        result.items = [found[k] for k in keys]
+        return result
+
+    # ---- commits -------------------------------------------------------------------
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        """Validate the request's shape, merge the session's tokens, and commit."""
+        _check_session(req.session)
+        if not req.commit_id or not isinstance(req.commit_id, str) or len(req.commit_id) > 128:
+            raise InvalidRequest("commit_id must be a non-empty str of at most 128 characters")
+        for k, raw in req.writes.items():
+            validate_key(k)
+            if raw is not None and not isinstance(raw, bytes | bytearray):
+                raise InvalidRequest(f"value of {k!r} must be encoded bytes")
+            if raw is not None and len(raw) > self.max_value_bytes:
+                raise ValueTooLarge(
+                    f"value of {k!r} is {len(raw)} bytes, over the {self.max_value_bytes}-byte limit",
+                    key=k, size=len(raw), limit=self.max_value_bytes,
+                )
+        for name, entries in (("rollback", req.rollback), ("expect", req.expect), ("read_set", req.read_set)):
+            for k, v in entries.items():
+                validate_key(k)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise InvalidRequest(f"{name} version of {k!r} must be an int >= 0", key=k)
+        both = req.writes.keys() & req.rollback.keys()
+        if both:
+            raise InvalidRequest(f"keys both written and rolled back: {sorted(both)}")
+        n = len(req.writes) + len(req.rollback) + len(req.expect) + len(req.read_set)
+        if n > MAX_KEYS_PER_REQUEST:
+            raise InvalidRequest(f"at most {MAX_KEYS_PER_REQUEST} keys per commit")
+        if req.scope is Scope.SESSION:
+            # the bus's own record of where the session read, merged with the client's
+            known = self.sessions.tokens(req.session)
+            for sid, tok in known.items():
+                theirs = req.tokens.get(sid)
+                if theirs is not None and tuple(theirs) != tuple(tok):
+                    raise SessionExpired(
+                        f"session {req.session} saw shard {sid} restart or expire it; "
+                        "its deliveries there are lost — reset the session and read again",
+                        shard=sid,
+                    )
+                req.tokens.setdefault(sid, tok)
+        if not req.committed_at:
+            req.committed_at = time.time()
+        result = await self.coordinator.commit(req)
+        for sid, tok in result.tokens.items():
+            self.sessions.observe(req.session, sid, tok)
+        return result
+
+    # ---- the rest ------------------------------------------------------------------
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        validate_key(key)
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise InvalidRequest("limit must be a positive int")
+        return await self.shards[self.shard_for(key)].history(key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        _check_session(session)
+        by_shard: dict[int, list[str]] = {}
+        for k in keys:
+            validate_key(k)
+            by_shard.setdefault(self.shard_for(k), []).append(k)
+        await asyncio.gather(*(self.shards[s].forget(session, ks) for s, ks in by_shard.items()))
+
+    async def reset(self, session: SessionRef) -> None:
+        """Drop every delivery of the session on every shard, and its tokens."""
+        _check_session(session)
+        await asyncio.gather(*(s.reset(session) for s in self.shards.values()))
+        self.sessions.reset(session)
+
+    async def stats(self) -> dict:
+        shards = await asyncio.gather(*(s.stats() for s in self.shards.values()))
+        return {
+            "shards": shards,
+            "sessions": len(self.sessions),
+            "coordinator": dict(self.coordinator.counters),
+        }
+
+
+def new_commit_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _check_session(session: SessionRef) -> None:
+    if (
+        not isinstance(session, tuple)
+        or len(session) != 2
+        or not all(isinstance(p, str) and 0 < len(p) <= 256 for p in session)
+    ):
+        raise InvalidRequest("a session is (agent, session_id): two non-empty str of at most 256 chars")

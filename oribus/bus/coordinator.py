@@ -1,0 +1,202 @@
+"""The commit coordinator: 1PC on one shard, 2PC across shards (Sinfonia-style).
+
+The coordinator keeps nothing durable. For a commit touching several shards:
+
+1. prepare on every participant concurrently — each validates its part of
+   the read set from its own delivery log, locks (no-wait) and logs PREPARE;
+2. if every vote is YES, ``decide(commit)`` on the primary (the shard of the
+   smallest written key): its durable COMMITTED record is the commit point;
+   otherwise ``decide(abort)``, whose ABORTED record (or tombstone, when the
+   primary never prepared) forbids a late commit;
+3. ``finish`` on the other participants (not awaited for durability: a
+   participant that loses it asks the primary on recovery).
+
+Recovery of an abandoned transaction (``recover``) asks the primary; a primary
+that has no outcome yet is made to abort, which is always safe.
+
+A Conflict lists every offending key from every participant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from oribus.errors import Aborted, Conflict, OribusError, SessionExpired, Stale, Unavailable
+from oribus.protocol import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
+from oribus.shards.service import ShardService
+from oribus.shards.txn import Txn
+from oribus.types import SessionRef
+
+log = logging.getLogger("oribus.coordinator")
+
+
+@dataclass(slots=True)
+class CommitRequest:
+    session: SessionRef
+    commit_id: str
+    writes: dict[str, bytes | None] = field(default_factory=dict)  # encoded value; None = delete
+    rollback: dict[str, int] = field(default_factory=dict)  # key -> version to restore
+    expect: dict[str, int] = field(default_factory=dict)
+    read_set: dict[str, int] = field(default_factory=dict)  # explicit entries
+    scope: Scope = Scope.SESSION
+    since: dict[int, int] = field(default_factory=dict)  # transaction scope: shard -> first seq
+    tokens: dict[int, Token] = field(default_factory=dict)  # the session's tokens per shard
+    strict: bool = False
+    committed_at: float = 0.0
+
+
+@dataclass(slots=True)
+class CommitResult:
+    commit_id: str
+    versions: dict[str, int]  # key -> new version
+    tokens: dict[int, Token]  # the session's tokens on the written shards
+    two_phase: bool
+
+
+def conflict_from(stale: list[Stale], commit_id: str) -> Conflict:
+    if stale and all(s.reason == "aborted" for s in stale):
+        return Aborted(f"transaction {commit_id} was aborted earlier", stale=stale, commit_id=commit_id)
+    if not stale:
+        return Aborted(f"transaction {commit_id} was aborted", commit_id=commit_id)
+    return Conflict(stale=sorted(stale), commit_id=commit_id)
+
+
+class Coordinator:
+    """Runs commits over a set of shards reached through ShardService."""
+
+    def __init__(self, shards: dict[int, ShardService], shard_for: Callable[[str], int]) -> None:
+        self.shards = shards
+        self.shard_for = shard_for
+        self.counters = {"commits_1pc": 0, "commits_2pc": 0, "conflicts": 0, "aborts_2pc": 0}
+
+    def _shard(self, shard_id: int) -> ShardService:
+        try:
+            return self.shards[shard_id]
+        except KeyError:
+            raise Unavailable(f"no shard {shard_id} is known to this bus", shard=shard_id) from None
+
+    def split(self, req: CommitRequest) -> dict[int, ShardTxn]:
+        """One ShardTxn per participant shard."""
+        parts: dict[int, ShardTxn] = {}
+
+        def part(shard_id: int) -> ShardTxn:
+            st = parts.get(shard_id)
+            if st is None:
+                st = parts[shard_id] = ShardTxn(
+                    txn_id=req.commit_id,
+                    session=req.session,
+                    scope=req.scope,
+                    strict=req.strict,
+                    committed_at=req.committed_at,
+                    token=req.tokens.get(shard_id),
+                    since_seq=req.since.get(shard_id) if req.scope is Scope.TRANSACTION else None,
+                )
+            return st
+
+        shard_for = self.shard_for
+        for k, v in req.writes.items():
+            part(shard_for(k)).writes[k] = v
+        for k, v in req.rollback.items():
+            part(shard_for(k)).rollback[k] = v
+        for k, v in req.expect.items():
+            part(shard_for(k)).expect[k] = v
+        for k, v in req.read_set.items():
+            part(shard_for(k)).read_set[k] = v
+        # shards where the session's read set lives, even when nothing is written there
+        if req.scope is Scope.SESSION:
+            for shard_id in req.tokens:
+                part(shard_id)
+        else:
+            for shard_id in req.since:
+                part(shard_id)
+        written = sorted([*req.writes, *req.rollback])
+        primary = shard_for(written[0]) if written else min(parts) if parts else 0
+        participants = tuple(sorted(parts))
+        for st in parts.values():
+            st.participants = participants
+            st.primary = primary
+        return parts
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        parts = self.split(req)
+        if not parts:
+            return CommitResult(req.commit_id, {}, {}, False)
+        if len(parts) == 1:
+            (shard_id, st), = parts.items()
+            out = await self._shard(shard_id).commit_one_phase(st)
+            if out.state is not TxnState.COMMITTED:
+                self.counters["conflicts"] += 1
+                raise conflict_from(out.stale, req.commit_id)
+            self.counters["commits_1pc"] += 1
+            return CommitResult(req.commit_id, out.versions, {shard_id: out.token} if out.token else {}, False)
+        return await self._two_phase(req.commit_id, parts)
+
+    async def _two_phase(self, commit_id: str, parts: dict[int, ShardTxn]) -> CommitResult:
+        primary = next(iter(parts.values())).primary
+        ids = list(parts)
+        results = await asyncio.gather(
+            *(self._shard(s).prepare(parts[s]) for s in ids), return_exceptions=True
+        )
+        stale: list[Stale] = []
+        error: BaseException | None = None
+        for r in results:
+            if isinstance(r, BaseException):
+                # a refusal that is not a conflict wins: SessionExpired before InvalidRequest before Unavailable
+                if error is None or (isinstance(r, SessionExpired) and not isinstance(error, SessionExpired)):
+                    error = r
+            elif r.kind is VoteKind.NO:
+                stale.extend(r.stale)
+        if error is not None and not isinstance(error, OribusError):
+            raise error
+        commit = error is None and not stale
+        try:
+            decision = await self._shard(primary).decide(commit_id, commit)
+        except OribusError as e:
+            if commit:
+                raise Unavailable(
+                    f"the outcome of transaction {commit_id} is unknown (primary shard {primary}: {e}); "
+                    "retry with the same commit id",
+                    commit_id=commit_id,
+                ) from e
+            decision = TxnOutcome(TxnState.ABORTED)
+        committed = decision.state is TxnState.COMMITTED
+        others = [s for s in ids if s != primary]
+        finished = await asyncio.gather(
+            *(self._shard(s).finish(commit_id, committed) for s in others), return_exceptions=True
+        )
+        if not committed:
+            self.counters["aborts_2pc"] += 1
+            if error is not None:
+                raise error
+            self.counters["conflicts"] += 1
+            raise conflict_from(stale, commit_id)
+        versions = dict(decision.versions)
+        tokens: dict[int, Token] = {}
+        if decision.token and decision.versions:
+            tokens[primary] = decision.token
+        for s, f in zip(others, finished, strict=True):
+            if isinstance(f, BaseException):
+                log.warning("finish of %s on shard %d failed (recovery will resolve it): %s", commit_id, s, f)
+                continue
+            versions.update(f.versions)
+            if f.token and f.versions:
+                tokens[s] = f.token
+        self.counters["commits_2pc"] += 1
+        return CommitResult(commit_id, versions, tokens, True)
+
+    async def recover(self, shard_id: int, txn: Txn) -> TxnState:
+        """Resolve a prepared transaction found on ``shard_id`` through its primary."""
+        primary = self._shard(txn.primary)
+        status = await primary.status(txn.txn_id)
+        if status.state in (TxnState.COMMITTED, TxnState.ABORTED):
+            state = status.state
+        else:
+            # no outcome at the primary: abort there (its tombstone forbids a late commit)
+            state = (await primary.decide(txn.txn_id, False)).state
+        if shard_id != txn.primary:
+            await self._shard(shard_id).finish(txn.txn_id, state is TxnState.COMMITTED)
+        log.info("recovered transaction %s on shard %d: %s", txn.txn_id, shard_id, state.value)
+        return state

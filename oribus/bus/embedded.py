@@ -1,0 +1,173 @@
+"""The embedded engine: a bus and N shards in this process, no network hop.
+
+``LocalEngine.open(path, shards=N)`` recovers every shard from its snapshot
+and WAL, resolves transactions left prepared by a coordinator that died (in
+one process the coordinator died with the shards, so each is asked of its
+primary, which aborts any that has no outcome), and runs two background
+chores: expiring idle sessions and resolving prepared transactions whose
+coordinator went silent.
+
+Layout of the data directory::
+
+    DATA/layout.json          {"format": 1, "shards": N, "slots": 4096}
+    DATA/shard-0000/wal/      WAL segments (oribus.shards.wal)
+    DATA/shard-0000/snapshots/
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from oribus.bus.bus import Bus
+from oribus.delivery_log import DeliveryLogConfig
+from oribus.errors import InvalidRequest, OribusError
+from oribus.meta.slots import SLOTS, StaticSlotMap
+from oribus.shards.config import ShardConfig
+from oribus.shards.shard import Shard
+from oribus.shards.txn import Txn
+from oribus.shards.wal import WalConfig
+
+log = logging.getLogger("oribus.engine")
+
+LAYOUT_FILE = "layout.json"
+
+
+@dataclass
+class EngineConfig:
+    data_dir: Path  # where every shard keeps its WAL and snapshots
+    shards: int = 2  # number of shards (fixed for a data directory)
+    history_limit: int = 100  # versions kept per key
+    max_value_bytes: int = 1 << 20  # largest encoded value
+    session_ttl_seconds: float = 3600.0  # idle sessions expire after this (their commits then fail closed)
+    max_entries_per_session: int = 100_000  # deliveries per session per shard
+    max_sessions_per_shard: int = 100_000  # live sessions per shard
+    segment_bytes: int = 64 << 20  # WAL segment size
+    snapshot_every_records: int = 200_000  # WAL records between snapshots
+    txn_expiry_seconds: float = 10.0  # prepared transactions older than this are resolved
+    unsafe_no_fsync: bool = False  # acknowledge before data reaches the disk: loses commits on power loss
+    maintenance_interval: float = 1.0  # seconds between background chores
+    shard_overrides: dict = field(default_factory=dict)  # extra ShardConfig fields (tests)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+    def shard_config(self, shard_id: int) -> ShardConfig:
+        cfg = ShardConfig(
+            shard_id=shard_id,
+            data_dir=self.data_dir / f"shard-{shard_id:04d}",
+            history_limit=self.history_limit,
+            max_value_bytes=self.max_value_bytes,
+            wal=WalConfig(segment_bytes=self.segment_bytes, unsafe_no_fsync=self.unsafe_no_fsync),
+            snapshot_every_records=self.snapshot_every_records,
+            delivery_log=DeliveryLogConfig(
+                ttl_seconds=self.session_ttl_seconds,
+                max_entries_per_session=self.max_entries_per_session,
+                max_sessions=self.max_sessions_per_shard,
+            ),
+            txn_expiry_seconds=self.txn_expiry_seconds,
+        )
+        return replace(cfg, **self.shard_overrides) if self.shard_overrides else cfg
+
+
+def _check_layout(cfg: EngineConfig) -> None:
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.data_dir / LAYOUT_FILE
+    want = {"format": 1, "shards": cfg.shards, "slots": SLOTS}
+    if path.exists():
+        try:
+            have = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidRequest(f"{path} is unreadable: {e}") from e
+        if have.get("shards") != cfg.shards or have.get("slots") != SLOTS:
+            raise InvalidRequest(
+                f"{cfg.data_dir} holds data for {have.get('shards')} shards; it cannot be opened "
+                f"with {cfg.shards} (keys would map to other shards)"
+            )
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(want, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(cfg.data_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalEngine:
+    """A bus over in-process shards. Use ``await LocalEngine.open(config)`` and ``await close()``."""
+
+    def __init__(self, config: EngineConfig, shards: dict[int, Shard]) -> None:
+        self.config = config
+        self.shards = shards
+        self.slot_map = StaticSlotMap(config.shards)
+        self.bus = Bus(dict(shards), self.slot_map.shard_for, max_value_bytes=config.max_value_bytes)
+        self._maintenance: asyncio.Task | None = None
+        self._closed = False
+        for shard in shards.values():
+            shard.resolver = self._resolve
+
+    @classmethod
+    async def open(cls, config: EngineConfig) -> LocalEngine:
+        if config.shards < 1:
+            raise InvalidRequest("shards must be >= 1")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _check_layout, config)
+        shards: dict[int, Shard] = {}
+        try:
+            for i in range(config.shards):
+                shards[i] = await Shard.open(config.shard_config(i))
+        except BaseException:
+            for s in shards.values():
+                await s.close()
+            raise
+        engine = cls(config, shards)
+        await engine.recover_prepared(older_than=0.0)
+        engine._maintenance = loop.create_task(engine._maintain())
+        return engine
+
+    async def _resolve(self, shard_id: int, txn: Txn) -> None:
+        await self.bus.coordinator.recover(shard_id, txn)
+
+    async def recover_prepared(self, older_than: float) -> int:
+        """Resolve prepared transactions older than ``older_than`` seconds. Returns how many."""
+        n = 0
+        for sid, shard in self.shards.items():
+            for txn in shard.core.expired(older_than):
+                try:
+                    await self.bus.coordinator.recover(sid, txn)
+                    n += 1
+                except OribusError as e:
+                    log.warning("could not resolve %s on shard %d yet: %s", txn.txn_id, sid, e)
+        return n
+
+    async def _maintain(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.config.maintenance_interval)
+            try:
+                for shard in self.shards.values():
+                    shard.expire_sessions()
+                await self.recover_prepared(self.config.txn_expiry_seconds)
+            except Exception:
+                log.exception("maintenance failed")
+
+    async def close(self) -> None:
+        """Stop background work, flush and close every shard. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        for shard in self.shards.values():
+            await shard.close()

@@ -1,0 +1,21 @@
+"""The client API: sessions, transactions, sync and async, embedded or remote."""
+
+from oribus.client.local import open_local, open_local_sync
+from oribus.client.retry import RetryPolicy
+from oribus.client.session import AsyncSession, Transaction
+from oribus.client.sync import SyncSession, SyncTransaction
+from oribus.types import DELETE, Item, SessionRef, Version
+
+__all__ = [
+    "DELETE",
+    "AsyncSession",
+    "Item",
+    "RetryPolicy",
+    "SessionRef",
+    "SyncSession",
+    "SyncTransaction",
+    "Transaction",
+    "Version",
+    "open_local",
+    "open_local_sync",
+]

@@ -1,0 +1,84 @@
+"""``open_local``: the embedded engine behind the client API, in this process."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+from oribus.bus.embedded import EngineConfig, LocalEngine
+from oribus.client.session import AsyncSession
+from oribus.client.sync import LoopThread, SyncSession
+
+
+class _Opening:
+    """Awaitable and async context manager returned by ``open_local``."""
+
+    def __init__(self, config: EngineConfig, agent: str, session_id: str | None, strict: bool) -> None:
+        self._config = config
+        self._agent = agent
+        self._session_id = session_id
+        self._strict = strict
+        self._session: AsyncSession | None = None
+
+    async def _open(self) -> AsyncSession:
+        engine = await LocalEngine.open(self._config)
+        return AsyncSession(
+            engine.bus,
+            self._agent,
+            self._session_id,
+            strict=self._strict,
+            max_value_bytes=self._config.max_value_bytes,
+            owner=engine,
+        )
+
+    def __await__(self) -> Generator[Any, None, AsyncSession]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = await self._open()
+        return self._session
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def open_local(
+    path: str | Path = "./oribus-data",
+    *,
+    shards: int = 2,
+    agent: str = "agent",
+    session_id: str | None = None,
+    strict: bool = False,
+    **options: Any,
+) -> _Opening:
+    """Open (or create) an embedded oribus in ``path`` with ``shards`` shards.
+
+    Use ``async with oribus.open_local(...) as bus:`` or ``bus = await
+    oribus.open_local(...)`` then ``await bus.close()``. ``options`` are
+    fields of ``EngineConfig`` (history_limit, session_ttl_seconds,
+    unsafe_no_fsync, ...).
+    """
+    return _Opening(EngineConfig(data_dir=Path(path), shards=shards, **options), agent, session_id, strict)
+
+
+def open_local_sync(
+    path: str | Path = "./oribus-data",
+    *,
+    shards: int = 2,
+    agent: str = "agent",
+    session_id: str | None = None,
+    strict: bool = False,
+    **options: Any,
+) -> SyncSession:
+    """The synchronous twin of ``open_local``; close it (or use ``with``)."""
+    portal = LoopThread()
+    try:
+        inner = portal.call(
+            _Opening(EngineConfig(data_dir=Path(path), shards=shards, **options), agent, session_id, strict)._open()
+        )
+    except BaseException:
+        portal.stop()
+        raise
+    return SyncSession(inner, portal, owns_portal=True)

@@ -1,0 +1,364 @@
+"""The client API: a session of one agent on a bus, and its transactions.
+
+The same classes serve the embedded engine (``oribus.open_local``) and, later,
+remote buses: they only call the bus methods ``read``, ``commit``,
+``history``, ``forget``, ``reset`` and ``stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import msgpack
+
+from oribus.bus.bus import ReadResult
+from oribus.bus.coordinator import CommitRequest
+from oribus.client.retry import RetryPolicy
+from oribus.errors import InvalidRequest, OribusError, Unavailable
+from oribus.protocol import Scope, Token
+from oribus.types import DELETE, Item, SessionRef, Version, encode_value, validate_key
+
+T = TypeVar("T")
+
+# How often a commit whose outcome is unknown (Unavailable) is retried with the same commit id.
+_SAME_ID_RETRIES = 3
+
+
+def decode_value(raw: bytes | None) -> Any:
+    return None if raw is None else msgpack.unpackb(raw, raw=False, strict_map_key=False)
+
+
+class AsyncSession:
+    """One agent's session on a bus: reads are deliveries, commits are checked against them.
+
+    Example::
+
+        async with oribus.open_local("./data", shards=4, agent="planner") as bus:
+            plan = await bus.get("plan")
+            await bus.commit({"plan": {"steps": 3}})          # refused if "plan" changed since
+            async with bus.transaction() as tx:                # only its own reads count
+                a = await tx.get("a")
+                tx.put("b", (a.value or 0) + 1)
+            reviewer = bus.session(agent="reviewer")            # another agent, same engine
+
+    By default (session scope) everything this session ever read is checked
+    at each commit, as an LLM's context keeps what it read; call
+    ``forget(keys)`` or ``reset_session()`` to drop reads that no longer
+    matter. ``strict=True`` refuses blind writes (keys neither read nor expected).
+    """
+
+    def __init__(
+        self,
+        bus: Any,
+        agent: str,
+        session_id: str | None = None,
+        *,
+        strict: bool = False,
+        max_value_bytes: int = 1 << 20,
+        owner: Any = None,
+    ) -> None:
+        if not isinstance(agent, str) or not agent:
+            raise InvalidRequest("agent must be a non-empty str")
+        self._bus = bus
+        self.session_ref = SessionRef(agent, session_id or uuid.uuid4().hex[:16])
+        self.strict = strict
+        self.max_value_bytes = max_value_bytes
+        self._tokens: dict[int, Token] = {}
+        self._owner = owner  # the engine this session closes, if any
+        self._closed = False
+
+    @property
+    def agent(self) -> str:
+        return self.session_ref.agent
+
+    @property
+    def session_id(self) -> str:
+        return self.session_ref.session_id
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the engine this session owns (if any). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owner is not None:
+            await self._owner.close()
+
+    def __del__(self) -> None:
+        if self._owner is not None and not self._closed:
+            warnings.warn(
+                f"oribus session {self.session_ref} owning an engine was never closed",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    def session(self, agent: str | None = None, session_id: str | None = None, *, strict: bool | None = None) -> AsyncSession:
+        """Another session on the same bus (another agent, or another run of this one)."""
+        return AsyncSession(
+            self._bus,
+            agent or self.agent,
+            session_id,
+            strict=self.strict if strict is None else strict,
+            max_value_bytes=self.max_value_bytes,
+        )
+
+    # ---- reads -----------------------------------------------------------------
+
+    def _observe(self, tokens: Mapping[int, Token], into: dict[int, Token]) -> None:
+        # keep the FIRST token per shard: a changed one means deliveries were lost
+        for sid, tok in tokens.items():
+            into.setdefault(sid, tuple(tok))  # type: ignore[arg-type]
+
+    async def _read(self, keys: list[str]) -> ReadResult:
+        result = await self._bus.read(self.session_ref, keys)
+        self._observe(result.tokens, self._tokens)
+        return result
+
+    async def get(self, key: str) -> Item:
+        """Read one key (recorded as a delivery). Absent keys read as version 0, value None."""
+        result = await self._read([key])
+        i = result.items[0]
+        return Item(i.key, decode_value(i.value), i.version)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Item]:
+        """Read several keys at once; each read is a delivery."""
+        keys = list(dict.fromkeys(keys))
+        result = await self._read(keys)
+        return {i.key: Item(i.key, decode_value(i.value), i.version) for i in result.items}
+
+    # ---- commits -----------------------------------------------------------------
+
+    def _encode_writes(self, writes: Mapping[str, Any]) -> dict[str, bytes | None]:
+        if not isinstance(writes, Mapping):
+            raise InvalidRequest("writes must be a mapping of key -> value")
+        out: dict[str, bytes | None] = {}
+        for k, v in writes.items():
+            validate_key(k)
+            out[k] = None if v is DELETE else encode_value(v, self.max_value_bytes)
+        return out
+
+    async def _send(self, req: CommitRequest) -> dict[str, int]:
+        policy = RetryPolicy()
+        for attempt in range(_SAME_ID_RETRIES + 1):
+            try:
+                result = await self._bus.commit(req)
+                break
+            except Unavailable:
+                # the outcome may be unknown: retry the SAME commit id (never applied twice)
+                if attempt == _SAME_ID_RETRIES:
+                    raise
+                await asyncio.sleep(policy.delay(attempt + 3))
+        self._observe(result.tokens, self._tokens)
+        return dict(result.versions)
+
+    async def commit(
+        self,
+        writes: Mapping[str, Any],
+        *,
+        expect: Mapping[str, int] | None = None,
+        read_set: Mapping[str, int] | None = None,
+        commit_id: str | None = None,
+    ) -> dict[str, int]:
+        """Atomically write keys (``oribus.DELETE`` deletes) if nothing this session read changed.
+
+        ``expect`` adds expected current versions; ``read_set`` adds explicit
+        read entries (checked in addition to the logged reads, never instead).
+        Returns key -> new version. Raises Conflict (``.stale`` lists the
+        offending keys) and writes nothing if the check fails.
+        """
+        req = CommitRequest(
+            session=self.session_ref,
+            commit_id=commit_id or uuid.uuid4().hex,
+            writes=self._encode_writes(writes),
+            expect=dict(expect or {}),
+            read_set=dict(read_set or {}),
+            scope=Scope.SESSION,
+            tokens=dict(self._tokens),
+            strict=self.strict,
+        )
+        return await self._send(req)
+
+    async def put(self, key: str, value: Any, *, expect: int | None = None) -> int:
+        """Commit a single key; returns its new version."""
+        versions = await self.commit({key: value}, expect=None if expect is None else {key: expect})
+        return versions[key]
+
+    async def delete(self, key: str, *, expect: int | None = None) -> int:
+        """Commit a delete of one key; returns its new version."""
+        return await self.put(key, DELETE, expect=expect)
+
+    async def rollback(self, targets: Mapping[str, int], *, commit_id: str | None = None) -> dict[str, int]:
+        """Atomically restore each key to the value it had at the given version.
+
+        An ordinary commit (checked like any other) whose new versions carry
+        the old values; version 0 deletes the key. Returns key -> new version.
+        """
+        if not isinstance(targets, Mapping) or not targets:
+            raise InvalidRequest("rollback takes a non-empty mapping of key -> version")
+        req = CommitRequest(
+            session=self.session_ref,
+            commit_id=commit_id or uuid.uuid4().hex,
+            rollback=dict(targets),
+            scope=Scope.SESSION,
+            tokens=dict(self._tokens),
+            strict=self.strict,
+        )
+        return await self._send(req)
+
+    def transaction(self) -> Transaction:
+        """A transaction whose read set is only the reads made through it."""
+        return Transaction(self)
+
+    async def run(
+        self, fn: Callable[[Transaction], Awaitable[T]], *, retries: int = 20, policy: RetryPolicy | None = None
+    ) -> T:
+        """Call ``await fn(tx)`` in a fresh transaction and commit, retrying on Conflict.
+
+        Retries at most ``retries`` times with jittered exponential backoff;
+        the last error is raised when they run out.
+        """
+        policy = policy or RetryPolicy(retries=retries)
+        attempt = 0
+        while True:
+            tx = self.transaction()
+            try:
+                result = await fn(tx)
+                await tx.commit()
+                return result
+            except OribusError as e:
+                if attempt >= policy.retries or not policy.retry_transaction(e):
+                    raise
+            await asyncio.sleep(policy.delay(attempt))
+            attempt += 1
+
+    # ---- history and session upkeep -------------------------------------------------
+
+    async def history(self, key: str, limit: int | None = None) -> list[Version]:
+        """Past versions of ``key``, newest first (reading history is not a delivery)."""
+        entries = await self._bus.history(key, limit)
+        return [
+            Version(e.version, decode_value(e.value), e.agent, e.session, e.commit_id, e.committed_at, e.deleted)
+            for e in entries
+        ]
+
+    async def forget(self, keys: Iterable[str]) -> None:
+        """Drop these keys from the session's read set (later commits no longer depend on them)."""
+        await self._bus.forget(self.session_ref, list(keys))
+
+    async def reset_session(self) -> None:
+        """Drop every delivery of this session; also clears a SessionExpired state."""
+        await self._bus.reset(self.session_ref)
+        self._tokens.clear()
+
+    async def stats(self) -> dict:
+        return await self._bus.stats()
+
+
+class Transaction:
+    """Reads and buffered writes committed together; only its own reads are its read set.
+
+    Use as ``async with session.transaction() as tx: ...`` (commits on normal
+    exit, discards on an exception) or call ``await tx.commit()`` yourself.
+    Reads see committed state (not the transaction's own buffered writes).
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+        self.commit_id = uuid.uuid4().hex
+        self._writes: dict[str, Any] = {}
+        self._rollback: dict[str, int] = {}
+        self._expect: dict[str, int] = {}
+        self._since: dict[int, int] = {}
+        self._tokens: dict[int, Token] = {}
+        # What this transaction itself was given (first read per key). Sent as explicit
+        # read entries: the server checks them IN ADDITION to its delivery log, which
+        # holds only the session's latest delivery per key and so cannot tell two
+        # concurrent transactions of one session apart.
+        self._reads: dict[str, int] = {}
+        self.versions: dict[str, int] | None = None  # set by a successful commit
+        self._done = False
+
+    async def __aenter__(self) -> Transaction:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None and not self._done:
+            await self.commit()
+        self._done = True
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise InvalidRequest("the transaction is already committed or discarded")
+
+    async def _read(self, keys: list[str]) -> ReadResult:
+        self._check_open()
+        s = self._session
+        result = await s._bus.read(s.session_ref, keys)
+        s._observe(result.tokens, s._tokens)
+        s._observe(result.tokens, self._tokens)
+        for sid, seq in result.seqs.items():
+            self._since.setdefault(sid, seq)
+        for item in result.items:
+            self._reads.setdefault(item.key, item.version)
+        return result
+
+    async def get(self, key: str) -> Item:
+        result = await self._read([key])
+        i = result.items[0]
+        return Item(i.key, decode_value(i.value), i.version)
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Item]:
+        result = await self._read(list(dict.fromkeys(keys)))
+        return {i.key: Item(i.key, decode_value(i.value), i.version) for i in result.items}
+
+    def put(self, key: str, value: Any) -> None:
+        self._check_open()
+        validate_key(key)
+        self._rollback.pop(key, None)
+        self._writes[key] = value
+
+    def delete(self, key: str) -> None:
+        self.put(key, DELETE)
+
+    def expect(self, key: str, version: int) -> None:
+        """Also require ``key`` to be at ``version`` at commit."""
+        self._check_open()
+        validate_key(key)
+        self._expect[key] = version
+
+    def rollback(self, key: str, version: int) -> None:
+        """Restore ``key`` to its value at ``version`` as part of this transaction."""
+        self._check_open()
+        validate_key(key)
+        self._writes.pop(key, None)
+        self._rollback[key] = version
+
+    async def commit(self) -> dict[str, int]:
+        self._check_open()
+        self._done = True
+        s = self._session
+        req = CommitRequest(
+            session=s.session_ref,
+            commit_id=self.commit_id,
+            writes=s._encode_writes(self._writes),
+            rollback=dict(self._rollback),
+            expect=dict(self._expect),
+            read_set=dict(self._reads),
+            scope=Scope.TRANSACTION,
+            since=dict(self._since),
+            tokens=dict(self._tokens),
+            strict=s.strict,
+        )
+        self.versions = await s._send(req)
+        return self.versions

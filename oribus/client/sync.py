@@ -1,0 +1,176 @@
+"""The synchronous API: the async implementation driven from a private event loop thread.
+
+There is one implementation (``AsyncSession``); ``SyncSession`` and
+``SyncTransaction`` forward each call to it on a loop running in a daemon
+thread and wait for the result, so the semantics cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import time
+import warnings
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from oribus.client.retry import RetryPolicy
+from oribus.client.session import AsyncSession, Transaction
+from oribus.errors import OribusError
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio loop (uvloop when available) in a daemon thread."""
+
+    def __init__(self) -> None:
+        try:
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="oribus-loop", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("synchronous oribus calls cannot be made from the client's own loop")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
+
+
+def _forward(name: str, cls: type) -> Callable[..., Any]:
+    target = getattr(cls, name)
+
+    @functools.wraps(target)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._portal.call(getattr(self._inner, name)(*args, **kwargs))
+
+    return method
+
+
+class SyncTransaction:
+    """The synchronous face of a Transaction. Commits on normal ``with`` exit."""
+
+    def __init__(self, inner: Transaction, portal: LoopThread) -> None:
+        self._inner = inner
+        self._portal = portal
+
+    get = _forward("get", Transaction)
+    get_many = _forward("get_many", Transaction)
+    commit = _forward("commit", Transaction)
+
+    def put(self, key: str, value: Any) -> None:
+        self._inner.put(key, value)
+
+    def delete(self, key: str) -> None:
+        self._inner.delete(key)
+
+    def expect(self, key: str, version: int) -> None:
+        self._inner.expect(key, version)
+
+    def rollback(self, key: str, version: int) -> None:
+        self._inner.rollback(key, version)
+
+    @property
+    def versions(self) -> dict[str, int] | None:
+        return self._inner.versions
+
+    def __enter__(self) -> SyncTransaction:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._portal.call(self._inner.__aexit__(exc_type, exc, tb))
+
+
+class SyncSession:
+    """The synchronous API: the same methods as AsyncSession, without ``await``.
+
+    Example::
+
+        with oribus.open_local_sync("./data", shards=2, agent="planner") as bus:
+            item = bus.get("plan")
+            bus.commit({"plan": {"steps": 3}})
+            with bus.transaction() as tx:
+                tx.put("b", (tx.get("a").value or 0) + 1)
+    """
+
+    def __init__(self, inner: AsyncSession, portal: LoopThread, *, owns_portal: bool = False) -> None:
+        self._inner = inner
+        self._portal = portal
+        self._owns_portal = owns_portal
+        self._closed = False
+
+    get = _forward("get", AsyncSession)
+    get_many = _forward("get_many", AsyncSession)
+    commit = _forward("commit", AsyncSession)
+    put = _forward("put", AsyncSession)
+    delete = _forward("delete", AsyncSession)
+    rollback = _forward("rollback", AsyncSession)
+    history = _forward("history", AsyncSession)
+    forget = _forward("forget", AsyncSession)
+    reset_session = _forward("reset_session", AsyncSession)
+    stats = _forward("stats", AsyncSession)
+
+    @property
+    def agent(self) -> str:
+        return self._inner.agent
+
+    @property
+    def session_id(self) -> str:
+        return self._inner.session_id
+
+    @property
+    def session_ref(self):
+        return self._inner.session_ref
+
+    def session(self, agent: str | None = None, session_id: str | None = None, **kw: Any) -> SyncSession:
+        return SyncSession(self._inner.session(agent, session_id, **kw), self._portal)
+
+    def transaction(self) -> SyncTransaction:
+        return SyncTransaction(self._inner.transaction(), self._portal)
+
+    def run(self, fn: Callable[[SyncTransaction], T], *, retries: int = 20, policy: RetryPolicy | None = None) -> T:
+        """Call ``fn(tx)`` in a fresh transaction and commit, retrying on Conflict (see AsyncSession.run)."""
+        policy = policy or RetryPolicy(retries=retries)
+        attempt = 0
+        while True:
+            tx = self.transaction()
+            try:
+                result = fn(tx)
+                tx.commit()
+                return result
+            except OribusError as e:
+                if attempt >= policy.retries or not policy.retry_transaction(e):
+                    raise
+            time.sleep(policy.delay(attempt))
+            attempt += 1
+
+    def close(self) -> None:
+        """Close the engine this session owns (if any) and its loop thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._portal.call(self._inner.close())
+        if self._owns_portal:
+            self._portal.stop()
+
+    def __enter__(self) -> SyncSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._owns_portal and not self._closed:
+            warnings.warn("oribus sync session was never closed", ResourceWarning, stacklevel=1)

@@ -1,0 +1,35 @@
+"""Configuration of one shard server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from oribus.delivery_log import DeliveryLogConfig
+from oribus.shards.wal import WalConfig
+
+
+@dataclass
+class ShardConfig:
+    shard_id: int  # which partition of the slot space this shard serves
+    data_dir: Path  # this shard's own directory (WAL segments and snapshots live below it)
+    history_limit: int = 100  # versions kept per key (history and rollback reach)
+    max_value_bytes: int = 1 << 20  # largest encoded value a write may carry
+    wal: WalConfig = field(default_factory=WalConfig)  # segment size, unsafe_no_fsync
+    snapshot_every_records: int = 200_000  # write a snapshot after this many WAL records
+    delivery_log: DeliveryLogConfig = field(default_factory=DeliveryLogConfig)  # TTL and caps
+    read_wait_seconds: float = 5.0  # how long a read waits for a transaction holding a write intent
+    lock_wait_seconds: float = 1.0  # how long a one-phase commit waits for conflicting locks
+    txn_expiry_seconds: float = 10.0  # a prepared transaction older than this is resolved via its primary
+    max_resolved_txns: int = 100_000  # outcomes kept for idempotent retries of a commit id
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
+    @property
+    def wal_dir(self) -> Path:
+        return self.data_dir / "wal"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / "snapshots"

@@ -1,0 +1,58 @@
+"""The one interface through which the bus reaches a shard.
+
+Three implementations keep the same semantics: the shard itself in-process
+(``oribus.shards.shard.Shard``, embedded mode: no network hop), a gRPC client
+(cluster mode), and a simulated network (deterministic fault injection).
+"""
+
+from __future__ import annotations
+
+import abc
+
+from oribus.protocol import ReadReply, ReadRequest, ShardTxn, TxnOutcome, TxnStatus, Vote
+from oribus.shards.store import Entry
+from oribus.types import SessionRef
+
+
+class ShardService(abc.ABC):
+    shard_id: int
+
+    @abc.abstractmethod
+    async def read(self, req: ReadRequest) -> ReadReply:
+        """Read keys, recording each as a delivery to the session."""
+
+    @abc.abstractmethod
+    async def prepare(self, txn: ShardTxn) -> Vote:
+        """2PC phase one: validate this shard's part, lock, log PREPARE durably, vote."""
+
+    @abc.abstractmethod
+    async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
+        """A transaction that touches only this shard: validate, lock, log, apply."""
+
+    @abc.abstractmethod
+    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+        """On the primary: record the outcome durably (the commit point)."""
+
+    @abc.abstractmethod
+    async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
+        """On the other participants: apply or release a decided transaction."""
+
+    @abc.abstractmethod
+    async def status(self, txn_id: str) -> TxnStatus:
+        """What this shard knows of a transaction."""
+
+    @abc.abstractmethod
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        """Past versions of a key, newest first."""
+
+    @abc.abstractmethod
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        """Drop deliveries of these keys from the session's log."""
+
+    @abc.abstractmethod
+    async def reset(self, session: SessionRef) -> None:
+        """Drop every delivery of the session."""
+
+    @abc.abstractmethod
+    async def stats(self) -> dict:
+        """Counters for operators and benchmarks."""

@@ -1,0 +1,370 @@
+"""A shard: the participant core plus its WAL, snapshots and waiting (the asyncio shell).
+
+The core (``participant.py``) decides; this shell moves records to disk and
+waits: for the group fsync before acknowledging, for a transaction's outcome
+before reading a key under its write intent, for locks before a one-phase
+commit (bounded). Durability rules it keeps:
+
+* a one-phase commit or a primary's decision is applied (made visible) only
+  after its record is fsynced, and answered only then;
+* a PREPARE is fsynced before the participant votes YES;
+* a participant's COMMIT/ABORT after the decision need not wait: if it is lost,
+  recovery finds the transaction PREPARED and asks the primary again.
+
+Snapshots are taken at a low-water LSN (below every record appended but not
+yet applied); replay from there is idempotent (see ``store.apply``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgpack
+
+from oribus.delivery_log import DeliveryLog
+from oribus.errors import OribusError, Unavailable
+from oribus.failpoints import failpoint
+from oribus.protocol import (
+    ReadReply,
+    ReadRequest,
+    ShardTxn,
+    TxnOutcome,
+    TxnState,
+    TxnStatus,
+    Vote,
+)
+from oribus.shards.config import ShardConfig
+from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
+from oribus.shards.service import ShardService
+from oribus.shards.store import Entry, VersionedStore
+from oribus.shards.txn import RecordType, Txn
+from oribus.shards.wal import Wal, load_latest_snapshot, write_snapshot
+from oribus.types import SessionRef
+
+log = logging.getLogger("oribus.shard")
+
+# Asks a transaction's primary for its outcome and finishes it here.
+Resolver = Callable[[int, Txn], Awaitable[None]]
+
+
+class Shard(ShardService):
+    """One shard in this process. Use ``await Shard.open(config)``."""
+
+    def __init__(self, config: ShardConfig, epoch: int) -> None:
+        self.config = config
+        self.shard_id = config.shard_id
+        self.epoch = epoch
+        self.store = VersionedStore(config.history_limit)
+        self.dlog = DeliveryLog(config.delivery_log)
+        self.core = Participant(
+            config.shard_id, epoch, self.store, self.dlog, max_resolved=config.max_resolved_txns
+        )
+        self.wal: Wal | None = None
+        self.resolver: Resolver | None = None
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._deciding: dict[str, asyncio.Future[TxnOutcome]] = {}
+        self._unapplied: set[int] = set()  # LSNs appended whose effects are not yet applied
+        self._records_since_snapshot = 0
+        self._snapshot_task: asyncio.Task | None = None
+        self._closed = False
+        self.counters = {"reads": 0, "commits_1pc": 0, "prepares": 0, "decisions": 0,
+                         "conflicts": 0, "aborts": 0, "snapshots": 0, "replayed_records": 0}
+
+    @classmethod
+    async def open(cls, config: ShardConfig, *, epoch: int | None = None) -> Shard:
+        """Recover from the latest snapshot and the WAL after it, then serve."""
+        shard = cls(config, epoch if epoch is not None else time.time_ns())
+        await asyncio.get_running_loop().run_in_executor(None, shard._recover)
+        return shard
+
+    def _recover(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        snap = load_latest_snapshot(cfg.snapshot_dir)
+        replay_from = 1
+        if snap is not None:
+            lsn, raw = snap
+            self.core.load_snapshot(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+            replay_from = lsn + 1
+
+        def on_record(lsn: int, rtype: int, body: dict) -> None:
+            self.core.replay(rtype, body)
+            self.counters["replayed_records"] += 1
+
+        self.wal = Wal.open(cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from, on_record=on_record)
+        self._records_since_snapshot = self.counters["replayed_records"]
+        if self.core.prepared:
+            log.info("shard %d recovered %d prepared transactions", self.shard_id, len(self.core.prepared))
+
+    # ---- helpers ---------------------------------------------------------------
+
+    def _check_open(self) -> Wal:
+        if self._closed or self.wal is None:
+            raise Unavailable(f"shard {self.shard_id} is closed", shard=self.shard_id)
+        return self.wal
+
+    def _append(self, record: tuple[int, dict]) -> int:
+        wal = self._check_open()
+        lsn = wal.append(*record)
+        self._records_since_snapshot += 1
+        return lsn
+
+    async def _durable(self, lsn: int) -> None:
+        wal = self._check_open()
+        try:
+            await wal.sync(lsn)
+        except OribusError:
+            raise
+        except OSError as e:  # pragma: no cover - the WAL wraps its own errors
+            raise Unavailable(f"shard {self.shard_id}: WAL write failed: {e}") from e
+
+    def _resolved(self, txn_id: str) -> None:
+        fut = self._waiters.pop(txn_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _wait_for(self, txn_ids: set[str], timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        futs = []
+        for t in txn_ids:
+            if self.core.known(t) is None or self.core.known(t).resolved:  # type: ignore[union-attr]
+                continue
+            fut = self._waiters.get(t)
+            if fut is None:
+                fut = self._waiters[t] = loop.create_future()
+            futs.append(fut)
+        if futs:
+            await asyncio.wait(futs, timeout=timeout)
+
+    def _maybe_snapshot(self) -> None:
+        if (
+            self._records_since_snapshot >= self.config.snapshot_every_records
+            and self._snapshot_task is None
+            and not self._closed
+        ):
+            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_bg())
+
+    async def _snapshot_bg(self) -> None:
+        try:
+            await self.snapshot()
+        except Exception:  # a failed snapshot loses nothing: the WAL still holds everything
+            log.exception("shard %d: snapshot failed", self.shard_id)
+        finally:
+            self._snapshot_task = None
+
+    async def snapshot(self) -> int:
+        """Write a snapshot now and drop the WAL segments it covers. Returns its LSN."""
+        wal = self._check_open()
+        low = (min(self._unapplied) - 1) if self._unapplied else wal.last_lsn
+        raw = msgpack.packb(self.core.to_snapshot(), use_bin_type=True)
+        wal.roll()
+        self._records_since_snapshot = 0
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, write_snapshot, self.config.snapshot_dir, low, raw)
+        await loop.run_in_executor(None, wal.remove_segments_before, low + 1)
+        self.counters["snapshots"] += 1
+        return low
+
+    # ---- reads -----------------------------------------------------------------
+
+    async def read(self, req: ReadRequest) -> ReadReply:
+        self._check_open()
+        deadline = time.monotonic() + self.config.read_wait_seconds
+        resolved_via_primary = False
+        while True:
+            result = self.core.read(req)
+            if not isinstance(result, Blocked):
+                self.counters["reads"] += len(req.keys)
+                return result
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if not resolved_via_primary and self.resolver is not None:
+                    resolved_via_primary = True
+                    await self._resolve_via_primary(result.txn_ids)
+                    deadline = time.monotonic() + self.config.read_wait_seconds
+                    continue
+                raise Unavailable(
+                    f"keys are locked by transaction(s) {sorted(result.txn_ids)} whose outcome is not "
+                    f"known yet (shard {self.shard_id})",
+                    shard=self.shard_id,
+                )
+            await self._wait_for(result.txn_ids, left)
+
+    async def _resolve_via_primary(self, txn_ids: set[str]) -> None:
+        for t in txn_ids:
+            txn = self.core.prepared.get(t)
+            if txn is not None and not txn.one_phase and self.resolver is not None:
+                with contextlib.suppress(OribusError):
+                    await self.resolver(self.shard_id, txn)
+
+    # ---- commits -----------------------------------------------------------------
+
+    async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
+        self._check_open()
+        deadline = time.monotonic() + self.config.lock_wait_seconds
+        while True:
+            result = self.core.begin_one_phase(txn)
+            if isinstance(result, Refused):
+                left = deadline - time.monotonic()
+                if result.only_locked and left > 0:
+                    await self._wait_for(result.blockers, left)
+                    continue
+                self.counters["conflicts"] += 1
+                return TxnOutcome(TxnState.ABORTED, stale=result.stale)
+            if isinstance(result, Known):
+                return await self._known_outcome(result.txn)
+            break
+        assert isinstance(result, Pending)
+        lsn = self._append(result.record)
+        self._unapplied.add(lsn)
+        try:
+            await self._durable(lsn)
+        except BaseException:
+            # The shard's WAL is poisoned (or we were cancelled mid-fsync): never apply.
+            self._unapplied.discard(lsn)
+            self.core.cancel_one_phase(txn.txn_id)
+            self._resolved(txn.txn_id)
+            raise
+        outcome = self.core.apply_commit(txn.txn_id)
+        self._unapplied.discard(lsn)
+        self._resolved(txn.txn_id)
+        self.counters["commits_1pc"] += 1
+        self._maybe_snapshot()
+        return outcome
+
+    async def _known_outcome(self, txn: Txn) -> TxnOutcome:
+        """A retried commit id: wait if it is still in flight, then report its outcome."""
+        deadline = time.monotonic() + self.config.read_wait_seconds
+        while txn.state is TxnState.PREPARED and time.monotonic() < deadline:
+            await self._wait_for({txn.txn_id}, deadline - time.monotonic())
+        if txn.state is TxnState.COMMITTED:
+            return TxnOutcome(TxnState.COMMITTED, txn.versions, token=self.core._token(txn))
+        if txn.state is TxnState.PREPARED:
+            raise Unavailable(f"transaction {txn.txn_id} is still in progress", shard=self.shard_id)
+        return TxnOutcome(TxnState.ABORTED)
+
+    async def prepare(self, txn: ShardTxn) -> Vote:
+        self._check_open()
+        result = self.core.prepare(txn)
+        if isinstance(result, Pending):
+            lsn = self._append(result.record)
+            await self._durable(lsn)
+            failpoint("txn.after_prepare")
+            self.counters["prepares"] += 1
+        elif isinstance(result, Refused):
+            self.counters["conflicts"] += 1
+        return self.core.vote_for(result)
+
+    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+        self._check_open()
+        running = self._deciding.get(txn_id)
+        if running is not None:
+            await asyncio.shield(running)
+            return self._outcome_of(txn_id)
+        state, record = self.core.begin_decide(txn_id, commit)
+        if record is None:
+            return self._outcome_of(txn_id)
+        fut: asyncio.Future[TxnOutcome] = asyncio.get_running_loop().create_future()
+        self._deciding[txn_id] = fut
+        try:
+            if state is TxnState.ABORTED and self.core.known(txn_id) is None:
+                self.core.apply_abort(txn_id)  # tombstone first: a late prepare must vote NO
+            lsn = self._append(record)
+            self._unapplied.add(lsn)
+            try:
+                await self._durable(lsn)
+            finally:
+                self._unapplied.discard(lsn)
+            failpoint("txn.after_decide")
+            if state is TxnState.COMMITTED:
+                outcome = self.core.apply_commit(txn_id)
+            else:
+                outcome = self.core.apply_abort(txn_id)
+                self.counters["aborts"] += 1
+            self.counters["decisions"] += 1
+            fut.set_result(outcome)
+            self._resolved(txn_id)
+            self._maybe_snapshot()
+            return outcome
+        except BaseException as e:
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._deciding.pop(txn_id, None)
+
+    def _outcome_of(self, txn_id: str) -> TxnOutcome:
+        txn = self.core.known(txn_id)
+        if txn is None:
+            return TxnOutcome(TxnState.ABORTED)
+        if txn.state is TxnState.COMMITTED:
+            return TxnOutcome(TxnState.COMMITTED, txn.versions, token=self.core._token(txn))
+        return TxnOutcome(txn.state)  # type: ignore[arg-type]
+
+    async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
+        self._check_open()
+        txn = self.core.known(txn_id)
+        if commit:
+            if txn is None:
+                log.warning("shard %d: commit of unknown transaction %s ignored", self.shard_id, txn_id)
+                return TxnOutcome(TxnState.ABORTED)
+            if txn.state is TxnState.PREPARED:
+                failpoint("txn.before_participant_commit")
+                self._append((int(RecordType.COMMIT), {"i": txn_id}))
+            outcome = self.core.apply_commit(txn_id)
+        else:
+            if txn is None or txn.state is TxnState.PREPARED:
+                self._append((int(RecordType.ABORT), {"i": txn_id}))
+            outcome = self.core.apply_abort(txn_id)
+        self._resolved(txn_id)
+        self._maybe_snapshot()
+        return outcome
+
+    async def status(self, txn_id: str) -> TxnStatus:
+        return self.core.status(txn_id)
+
+    # ---- other operations ----------------------------------------------------------
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        self._check_open()
+        return self.store.history(key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        self.dlog.forget(session, keys)
+
+    async def reset(self, session: SessionRef) -> None:
+        self.dlog.reset(session)
+
+    async def stats(self) -> dict:
+        wal = self.wal
+        return {
+            "shard": self.shard_id,
+            "epoch": self.epoch,
+            "keys": len(self.store),
+            "prepared": len(self.core.prepared),
+            "delivery_log": self.dlog.stats(),
+            "wal": dict(wal.stats) if wal is not None else {},
+            **self.counters,
+        }
+
+    def expire_sessions(self) -> int:
+        return self.dlog.expire_idle()
+
+    async def close(self) -> None:
+        """Flush the WAL and stop. Idempotent."""
+        if self._closed:
+            return
+        if self._snapshot_task is not None:
+            with contextlib.suppress(Exception):
+                await self._snapshot_task
+        self._closed = True
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_result(None)
+        if self.wal is not None:
+            await self.wal.close()

@@ -1,0 +1,429 @@
+"""The append side of the WAL: buffered appends and asyncio group commit.
+
+Lifecycle::
+
+    wal = Wal.open(directory, WalConfig(), replay_from_lsn=snapshot_lsn + 1,
+                   on_record=apply)          # recovery scan, then ready to append
+    lsn = wal.append(RECORD_COMMIT, body)    # synchronous: buffered in memory
+    await wal.sync(lsn)                      # returns once lsn is on disk and fsynced
+    ...
+    await wal.close()
+
+Group commit
+------------
+``append`` only encodes the record and adds it to an in-memory buffer; it
+never touches the disk. ``sync`` makes records durable. At most one flush is
+in flight: it takes the whole buffer, and in a worker thread writes it with
+one ``os.write`` and makes it durable with one ``os.fdatasync``. Every
+``sync`` that arrives while a flush runs waits for that flush and then, if
+its record was appended too late to be part of it, starts the next one,
+which takes everything appended in the meantime. So under load one fsync
+covers all the records appended while the previous fsync ran, and the
+number of fsyncs tracks the disk's latency rather than the request rate::
+
+    appends:  a1 a2 a3      a4 a5 a6 a7 a8        a9
+    flushes:  [write+fsync a1..a3]  [write+fsync a4..a8]  [write+fsync a9]
+
+``durable_lsn`` only moves forward after the fsync returns, and ``sync``
+returns only once ``durable_lsn`` covers the requested LSN, so a caller that
+acknowledges after ``sync`` never acknowledges a record a power failure
+could take away (unless ``unsafe_no_fsync`` is set).
+
+Segments roll over at batch boundaries: before a batch is written, if the
+active segment exceeds ``segment_bytes`` (or ``roll()`` asked for it), the
+old file is fsynced and closed and a new one is created (``segment.py``).
+
+Failure
+-------
+If a write or fsync fails, every waiter receives ``Unavailable`` (chained to
+the OSError) and the WAL is failed for good: every later ``append`` and
+``sync`` raises the same error. After a failed fsync the kernel may have
+dropped the dirty pages and a retried fsync can report success without the
+data being on disk (PostgreSQL "fsyncgate", 2018), and a partial write
+leaves an unknown tail; a WAL that failed to write must never acknowledge
+anything again. The shard has to be reopened, which runs recovery.
+
+Failpoints (``oribus.failpoints``): ``wal.before_append`` before a record is
+encoded; ``wal.after_append`` right after a batch is written (before its
+fsync); ``wal.before_fsync`` and ``wal.after_fsync`` around the fsync (hit
+even when ``unsafe_no_fsync`` skips it, so crash tests see the same points).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oribus.errors import OribusError, Unavailable
+from oribus.failpoints import failpoint
+from oribus.shards.wal.reader import recover
+from oribus.shards.wal.record import encode_record
+from oribus.shards.wal.segment import (
+    SEGMENT_HEADER_SIZE,
+    Segment,
+    create_segment,
+    fsync_directory,
+    remove_temp_segments,
+    write_all,
+)
+
+log = logging.getLogger("oribus.wal")
+
+
+@dataclass
+class WalConfig:
+    """Settings of one shard's WAL."""
+
+    segment_bytes: int = 64 << 20  # roll to a new segment when the current one exceeds this
+    unsafe_no_fsync: bool = False  # skip fsync: acknowledged commits can be lost on power failure
+
+
+def _fdatasync(fd: int) -> None:
+    # Looked up on every call so tests can replace os.fdatasync; platforms
+    # without fdatasync (macOS) fall back to fsync.
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
+
+
+class Wal:
+    """One shard's write-ahead log (the append side; recovery runs in ``open``).
+
+    Example::
+
+        wal = Wal.open("/var/lib/oribus/shard-3/wal", on_record=state.apply)
+        lsn = wal.append(1, {"k": "key-1", "v": 7})
+        await wal.sync(lsn)        # durable from here on
+        await wal.close()
+
+    ``append`` and ``sync`` are meant to be called from one event loop; the
+    disk work runs in the loop's default executor.
+    """
+
+    def __init__(
+        self, directory: Path, config: WalConfig, segments: list[Segment], last_lsn: int
+    ) -> None:
+        """Use ``Wal.open``: it runs recovery and prepares the active segment."""
+        # _buffer_lock makes "assign the next LSN and buffer its frame" atomic
+        # with respect to a flush taking the buffer. _io_lock serialises flushes
+        # (the async one in a worker thread, sync_now on the caller's thread)
+        # so batches reach the file in LSN order. _segments_lock guards the
+        # segment list shared by rollover and remove_segments_before.
+        self._buffer_lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        self._segments_lock = threading.Lock()
+
+        self._directory = directory
+        self._config = config
+        self._fsync = not config.unsafe_no_fsync
+        self._segments = list(segments)  # log order; the last one is active
+        self._next_seq = segments[-1].seq + 1
+        self._fd: int | None = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND)
+        self._active_size = os.fstat(self._fd).st_size
+        self._roll_requested = False
+
+        self._buffer: list[bytes] = []  # encoded frames not yet written, in LSN order
+        self._last_lsn = last_lsn  # highest LSN appended
+        self._written_lsn = last_lsn  # highest LSN handed to os.write
+        self._durable_lsn = last_lsn  # highest LSN known fsynced
+
+        self._flush: asyncio.Future[None] | None = None  # the flush in flight
+        self._failed: OribusError | None = None
+        self._closed = False
+
+        self._fsyncs = 0
+        self._fsync_seconds = 0.0
+        self._last_fsync_seconds = 0.0
+        self._records = 0
+        self._bytes = 0
+        self._batches = 0
+
+    @classmethod
+    def open(
+        cls,
+        directory: str | os.PathLike,
+        config: WalConfig | None = None,
+        *,
+        replay_from_lsn: int = 1,
+        on_record: Callable[[int, int, Any], None] | None = None,
+    ) -> Wal:
+        """Open (or create) the WAL in ``directory``, replaying it through ``on_record``.
+
+        Runs the recovery scan (``reader.py``): ``on_record(lsn, rtype, body)``
+        is called for every intact record with ``lsn >= replay_from_lsn``, in
+        order; a torn tail is truncated; damage anywhere else raises
+        ``DataCorrupted`` without touching the files. Then the last segment
+        is opened for appending, or a first one is created whose first LSN is
+        ``max(replay_from_lsn, last + 1)``. When a snapshot covers more than
+        the log holds (``replay_from_lsn > last + 1``), the old segments are
+        all covered by it and are deleted, so the log stays gap-free.
+        """
+        if replay_from_lsn < 1:
+            raise ValueError(f"replay_from_lsn must be >= 1, got {replay_from_lsn}")
+        config = config or WalConfig()
+        fsync = not config.unsafe_no_fsync
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for path in remove_temp_segments(directory):
+            log.info("removed interrupted segment creation %s", path)
+
+        result = recover(directory, replay_from_lsn=replay_from_lsn, on_record=on_record, fsync=fsync)
+        segments, last_lsn = result.segments, result.last_lsn
+        next_seq = segments[-1].seq + 1 if segments else 0
+        if segments and replay_from_lsn > last_lsn + 1:
+            log.warning(
+                "WAL in %s ends at LSN %d but the snapshot covers up to LSN %d: "
+                "removing %d segments it makes obsolete",
+                directory,
+                last_lsn,
+                replay_from_lsn - 1,
+                len(segments),
+            )
+            for segment in segments:
+                os.unlink(segment.path)
+            if fsync:
+                fsync_directory(directory)
+            segments = []
+        if not segments:
+            last_lsn = max(replay_from_lsn - 1, last_lsn)
+            segments = [create_segment(directory, next_seq, last_lsn + 1, fsync=fsync)]
+        wal = cls(directory, config, segments, last_lsn)
+        if fsync and wal._fd is not None:
+            # The records just replayed may only be in the page cache (the last
+            # process died before fsyncing them); new records will depend on
+            # them, so make them durable before anything else is acknowledged.
+            os.fsync(wal._fd)
+        return wal
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    @property
+    def last_lsn(self) -> int:
+        """Highest LSN appended (0 if none)."""
+        return self._last_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        """Highest LSN known fsynced (with ``unsafe_no_fsync``: known written)."""
+        return self._durable_lsn
+
+    @property
+    def segments(self) -> list[Segment]:
+        """The segment files of the log, oldest first; the last one is active."""
+        with self._segments_lock:
+            return list(self._segments)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters since open: fsyncs, records and bytes written, batches; fsync timing."""
+        fsyncs = self._fsyncs
+        return {
+            "fsyncs": fsyncs,  # data fsyncs of batches (rollover fsyncs not counted)
+            "records": self._records,  # records written to disk
+            "bytes": self._bytes,  # frame bytes written to disk
+            "batches": self._batches,  # os.write calls of batches
+            "last_fsync_seconds": self._last_fsync_seconds,
+            "avg_fsync_seconds": self._fsync_seconds / fsyncs if fsyncs else 0.0,
+            "avg_records_per_fsync": self._records / fsyncs if fsyncs else 0.0,
+        }
+
+    # -- appending -------------------------------------------------------------
+
+    def append(self, rtype: int, body: Any) -> int:
+        """Encode a record and buffer it in memory; returns its LSN.
+
+        Nothing is written until ``sync`` (or ``sync_now``). ``rtype`` is
+        the caller's record type, 1..255.
+        """
+        self._check_usable()
+        failpoint("wal.before_append")
+        with self._buffer_lock:
+            lsn = self._last_lsn + 1
+            self._buffer.append(encode_record(rtype, lsn, body))
+            self._last_lsn = lsn
+        return lsn
+
+    async def sync(self, lsn: int | None = None) -> None:
+        """Return once every record up to ``lsn`` (default: ``last_lsn``) is written and fsynced.
+
+        Raises ``Unavailable`` if the WAL failed to write (now or earlier).
+        """
+        self._check_usable()
+        target = self._last_lsn if lsn is None else lsn
+        if target > self._last_lsn:
+            raise ValueError(f"cannot sync LSN {target}: last appended LSN is {self._last_lsn}")
+        while self._durable_lsn < target:
+            if self._failed is not None:
+                raise self._failed
+            flush = self._flush
+            if flush is None or flush.done():
+                flush = self._start_flush()
+            # shield: a cancelled waiter must not cancel the flush other
+            # waiters depend on. The flush's error reaches every waiter here.
+            await asyncio.shield(flush)
+
+    def sync_now(self) -> None:
+        """Write and fsync everything buffered, on the calling thread.
+
+        Waits for a flush in flight first, so records still reach the file in
+        LSN order.
+        """
+        self._check_usable()
+        self._drain()
+
+    def roll(self) -> None:
+        """Start a new segment at the next batch (a no-op if the active one is empty)."""
+        self._roll_requested = True
+
+    def remove_segments_before(self, lsn: int) -> int:
+        """Delete segment files whose records all have LSNs below ``lsn``.
+
+        Call after a snapshot covering ``lsn - 1`` is durable. Only a prefix
+        of the log is removed and never the active segment; the directory is
+        fsynced. Returns how many files were removed.
+        """
+        if self._closed:
+            raise Unavailable("wal is closed", path=str(self._directory))
+        removed = 0
+        with self._segments_lock:
+            # Segment i holds LSNs first_lsn(i) .. first_lsn(i+1) - 1.
+            while len(self._segments) > 1 and self._segments[1].first_lsn <= lsn:
+                os.unlink(self._segments[0].path)
+                del self._segments[0]
+                removed += 1
+        if removed and self._fsync:
+            fsync_directory(self._directory)
+        return removed
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Flush, fsync and close. Idempotent.
+
+        Raises ``Unavailable`` if the final flush fails; a WAL that had
+        already failed just releases its file.
+        """
+        if self._closed:
+            return
+        self._closed = True  # refuse new appends and syncs from here on
+        try:
+            flush = self._flush
+            if flush is not None and not flush.done():
+                await asyncio.wait({flush})
+            if self._failed is None and self._buffer:
+                await asyncio.get_running_loop().run_in_executor(None, self._drain)
+        finally:
+            self._release()
+
+    async def __aenter__(self) -> Wal:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Wal {str(self._directory)!r} last_lsn={self._last_lsn} "
+            f"durable_lsn={self._durable_lsn}{' failed' if self._failed else ''}"
+            f"{' closed' if self._closed else ''}>"
+        )
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            warnings.warn(f"unclosed Wal in {self._directory}", ResourceWarning, stacklevel=1)
+            self._release()
+
+    # -- internals -------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if self._closed:
+            raise Unavailable("wal is closed", path=str(self._directory))
+
+    def _start_flush(self) -> asyncio.Future[None]:
+        flush = asyncio.get_running_loop().run_in_executor(None, self._drain)
+        self._flush = flush
+        flush.add_done_callback(self._flush_done)
+        return flush
+
+    def _flush_done(self, flush: asyncio.Future[None]) -> None:
+        if self._flush is flush:
+            self._flush = None
+        if not flush.cancelled():
+            flush.exception()  # waiters re-raise it; don't warn "never retrieved"
+
+    def _drain(self) -> None:
+        """Write and fsync the whole buffer as one batch (runs in a worker thread)."""
+        with self._io_lock:
+            if self._failed is not None:
+                raise self._failed
+            with self._buffer_lock:
+                frames, self._buffer = self._buffer, []
+                last_lsn = self._last_lsn
+            if not frames:
+                return
+            try:
+                self._write_batch(frames, last_lsn)
+            except Exception as e:
+                error = Unavailable(f"wal write failed: {e!r}", path=str(self._directory))
+                self._failed = error
+                raise error from e
+
+    def _write_batch(self, frames: list[bytes], last_lsn: int) -> None:
+        if self._fd is None:
+            raise OSError("wal file is closed")
+        if self._roll_requested or self._active_size > self._config.segment_bytes:
+            if self._active_size > SEGMENT_HEADER_SIZE:  # never leave an empty segment behind
+                self._roll_segment(self._written_lsn + 1)
+            self._roll_requested = False
+        data = b"".join(frames)
+        write_all(self._fd, data)
+        self._active_size += len(data)
+        self._written_lsn = last_lsn
+        failpoint("wal.after_append")
+        failpoint("wal.before_fsync")
+        if self._fsync:
+            started = time.perf_counter()
+            _fdatasync(self._fd)
+            elapsed = time.perf_counter() - started
+            self._fsyncs += 1
+            self._fsync_seconds += elapsed
+            self._last_fsync_seconds = elapsed
+        failpoint("wal.after_fsync")
+        self._durable_lsn = last_lsn
+        self._records += len(frames)
+        self._bytes += len(data)
+        self._batches += 1
+
+    def _roll_segment(self, first_lsn: int) -> None:
+        """Close the active segment (fsynced) and start a new one at ``first_lsn``."""
+        assert self._fd is not None
+        if self._fsync:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        segment = create_segment(self._directory, self._next_seq, first_lsn, fsync=self._fsync)
+        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        with self._segments_lock:
+            self._segments.append(segment)
+        self._next_seq += 1
+        self._active_size = SEGMENT_HEADER_SIZE
+
+    def _release(self) -> None:
+        """Close the active file; waits for a flush running in a worker thread."""
+        with self._io_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None

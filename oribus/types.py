@@ -1,0 +1,107 @@
+"""Plain data types shared by every layer: keys, values, items, versions, sessions.
+
+Vocabulary (DESIGN.md): a *key* is UTF-8, 1..1024 bytes, ``/``-separated
+namespaces; a *value* is any msgpack-serialisable object; a *version* is a
+per-key integer, 0 for an absent key, +1 for every committed write (delete and
+rollback included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgpack
+
+from oribus.errors import InvalidRequest, ValueTooLarge
+
+MAX_KEY_BYTES = 1024
+DEFAULT_MAX_VALUE_BYTES = 1 << 20
+
+
+class _Delete:
+    """The DELETE sentinel: ``commit({"k": oribus.DELETE})`` removes k."""
+
+    _instance: _Delete | None = None
+
+    def __new__(cls) -> _Delete:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "oribus.DELETE"
+
+    def __reduce__(self) -> str:
+        return "DELETE"
+
+
+DELETE = _Delete()
+
+
+class SessionRef(NamedTuple):
+    """A session: the agent name is the identity, the session id tells runs apart."""
+
+    agent: str
+    session_id: str
+
+    def __str__(self) -> str:
+        return f"{self.agent}/{self.session_id}"
+
+
+class Item(NamedTuple):
+    """The result of a read. An absent key has version 0 and value None."""
+
+    key: str
+    value: Any
+    version: int
+
+    @property
+    def exists(self) -> bool:
+        """False for a key never written or deleted (both read as value None)."""
+        return self.value is not None
+
+
+class Version(NamedTuple):
+    """One entry of a key's history (newest first in ``history()``)."""
+
+    version: int
+    value: Any
+    agent: str
+    session: str
+    commit_id: str
+    committed_at: float  # seconds since the epoch
+    deleted: bool = False
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is a valid key, else raise InvalidRequest saying why."""
+    if not isinstance(key, str):
+        raise InvalidRequest(f"key must be a str, not {type(key).__name__}", key=repr(key)[:80])
+    try:
+        raw = key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest("key is not valid UTF-8", key=repr(key)[:80]) from e
+    if not 1 <= len(raw) <= MAX_KEY_BYTES:
+        raise InvalidRequest(
+            f"key must be 1..{MAX_KEY_BYTES} bytes of UTF-8, got {len(raw)}", key=key[:80]
+        )
+    if any(ord(c) < 0x20 or c == "\x7f" for c in key):
+        raise InvalidRequest("key must not contain control characters", key=repr(key)[:80])
+    if key.startswith("/") or key.endswith("/") or "//" in key:
+        raise InvalidRequest("key namespaces must be non-empty ('a/b', not '/a', 'a/' or 'a//b')", key=key[:80])
+    return key
+
+
+def encode_value(value: object, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:
+    """msgpack-encode a value, refusing unserialisable or oversized ones."""
+    try:
+        raw = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidRequest(f"value is not msgpack-serialisable: {e}") from e
+    if len(raw) > max_bytes:
+        raise ValueTooLarge(
+            f"value is {len(raw)} bytes, over the {max_bytes}-byte limit",
+            size=len(raw),
+            limit=max_bytes,
+        )
+    return raw
