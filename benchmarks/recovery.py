@@ -59,7 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=500_000)
     parser.add_argument("--segment-mib", type=int, default=64)
-    parser.add_argument("--dir", type=Path, default=None, help="where to build (default: a temp dir)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to build (default: a temp dir)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="recovery runs; the best is reported")
     args = parser.parse_args()
 
@@ -70,16 +72,20 @@ def main() -> None:
         files = sorted(directory.glob("*.wal"))
         size = sum(f.stat().st_size for f in files)
         print(f"built {args.records} records in {build_seconds:.2f}s")
-        print(f"size on disk: {size / (1 << 20):.1f} MiB in {len(files)} segments "
-              f"({size / args.records:.0f} bytes/record)")
+        print(
+            f"size on disk: {size / (1 << 20):.1f} MiB in {len(files)} segments "
+            f"({size / args.records:.0f} bytes/record)"
+        )
         best = None
         for run in range(args.runs):
             seen, seconds = recover(directory)
             if seen != args.records:
                 raise SystemExit(f"recovered {seen} records, expected {args.records}")
             rate = seen / seconds
-            print(f"recovery run {run + 1}: {seconds:.3f}s, {rate:,.0f} records/s, "
-                  f"{size / seconds / (1 << 20):.0f} MiB/s")
+            print(
+                f"recovery run {run + 1}: {seconds:.3f}s, {rate:,.0f} records/s, "
+                f"{size / seconds / (1 << 20):.0f} MiB/s"
+            )
             best = rate if best is None else max(best, rate)
         print(f"recovery rate (best of {args.runs}): {best:,.0f} records/s")
     finally:

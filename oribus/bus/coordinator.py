@@ -24,7 +24,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from oribus.errors import Aborted, Conflict, OribusError, SessionExpired, Stale, Unavailable
+from oribus.errors import (
+    Aborted,
+    Conflict,
+    InvalidRequest,
+    OribusError,
+    SessionExpired,
+    Stale,
+    Unavailable,
+)
 from oribus.protocol import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
 from oribus.shards.service import ShardService
 from oribus.shards.txn import Txn
@@ -62,6 +70,14 @@ def conflict_from(stale: list[Stale], commit_id: str) -> Conflict:
     if not stale:
         return Aborted(f"transaction {commit_id} was aborted", commit_id=commit_id)
     return Conflict(stale=sorted(stale), commit_id=commit_id)
+
+
+def _precedence(e: BaseException) -> int:
+    if isinstance(e, SessionExpired):
+        return 0
+    if isinstance(e, InvalidRequest):
+        return 1
+    return 2
 
 
 class Coordinator:
@@ -144,8 +160,8 @@ class Coordinator:
         error: BaseException | None = None
         for r in results:
             if isinstance(r, BaseException):
-                # a refusal that is not a conflict wins: SessionExpired before InvalidRequest before Unavailable
-                if error is None or (isinstance(r, SessionExpired) and not isinstance(error, SessionExpired)):
+                # a refusal that is not a conflict wins: SessionExpired, then InvalidRequest, then the rest
+                if error is None or _precedence(r) < _precedence(error):
                     error = r
             elif r.kind is VoteKind.NO:
                 stale.extend(r.stale)

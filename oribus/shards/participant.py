@@ -157,9 +157,12 @@ class Participant:
             return {}
         return self.dlog.read_set(st.session, incarnation=incarnation, since_seq=st.since_seq)
 
-    def validate(self, st: ShardTxn) -> tuple[list[Stale], set[str], dict[str, int]]:
+    def validate(
+        self, st: ShardTxn, logged: dict[str, int] | None = None
+    ) -> tuple[list[Stale], set[str], dict[str, int]]:
         """Check the ORI rule for this shard. Returns (offending keys, lock holders, logged reads)."""
-        logged = self._logged_read_set(st)
+        if logged is None:
+            logged = self._logged_read_set(st)
         version = self.store.version
         stale: list[Stale] = []
         reported: set[str] = set()
@@ -252,10 +255,13 @@ class Participant:
         seen = self.known(st.txn_id)
         if seen is not None:
             return Known(seen)
-        stale, blockers, logged = self.validate(st)
+        # Order of refusals, the same on every path: SessionExpired (lost deliveries),
+        # then InvalidRequest (e.g. a rollback target out of history), then Conflict.
+        logged = self._logged_read_set(st)
+        writes = self._resolve_writes(st)
+        stale, blockers, logged = self.validate(st, logged)
         if stale:
             return Refused(stale, blockers)
-        writes = self._resolve_writes(st)
         read_keys = {self.store.intern(k) for k in (*logged, *st.read_set, *st.expect)}
         read_keys.difference_update(writes)
         txn = Txn(

@@ -281,6 +281,22 @@ def test_any_access_counts_as_activity():
     assert log.read_set(A, incarnation=1) == {"x": 2}
 
 
+def test_idle_means_longer_than_the_ttl_for_every_access():
+    log, clock = make_log(ttl=10)
+    log.record(A, "x", 1)
+    log.record(B, "x", 1)
+    log.record(C, "x", 1)
+    clock.advance(10)
+    assert log.expire_idle() == 0
+    assert log.incarnation_of(A) == 1
+    assert log.touch(B) is True
+    assert log.record(C, "y", 1) == (3, 2)
+    clock.advance(10.001)
+    assert log.expire_idle() == 1  # A, last active 20.001s ago
+    assert log.incarnation_of(B) is None
+    assert log.record(C, "z", 1) == (4, 1)
+
+
 def test_incarnation_of_does_not_count_as_activity_and_expires_idle_records():
     log, clock = make_log(ttl=10)
     log.record(A, "x", 1)
@@ -596,7 +612,7 @@ class DeliveryLogMachine(RuleBasedStateMachine):
 
     # -- rules
 
-    @rule(dt=st.sampled_from([0.0, 1.0, 4.0, 11.0]))
+    @rule(dt=st.sampled_from([0.0, 1.0, 4.0, 10.0, 11.0]))
     def tick(self, dt):
         self.clock.advance(dt)
 

@@ -52,7 +52,9 @@ async def build_log(path: Path, count: int, *, segment_bytes: int = 512, batch: 
 
 def replay(path: Path, **kwargs) -> tuple[Wal, list]:
     got: list = []
-    wal = Wal.open(path, on_record=lambda lsn, rtype, body: got.append((lsn, rtype, body)), **kwargs)
+    wal = Wal.open(
+        path, on_record=lambda lsn, rtype, body: got.append((lsn, rtype, body)), **kwargs
+    )
     return wal, got
 
 

@@ -45,10 +45,14 @@ class BlockingFdatasync:
         assert await asyncio.to_thread(self.entered.wait, 30)
 
 
-def replayed(path: Path, **kwargs) -> tuple[Wal, list]:
+async def read_back(path: Path, **kwargs) -> list:
+    """Reopen the log at ``path`` and return every record replayed."""
     got: list = []
-    wal = Wal.open(path, on_record=lambda lsn, rtype, body: got.append((lsn, rtype, body)), **kwargs)
-    return wal, got
+    wal = Wal.open(
+        path, on_record=lambda lsn, rtype, body: got.append((lsn, rtype, body)), **kwargs
+    )
+    await wal.close()
+    return got
 
 
 async def test_append_assigns_consecutive_lsns_and_buffers_in_memory(tmp_path):
@@ -113,7 +117,7 @@ async def test_group_commit_batches_concurrent_writers(tmp_path):
     assert stats["fsyncs"] <= 2
     assert stats["avg_records_per_fsync"] >= 100
     await wal.close()
-    _, got = replayed(tmp_path)
+    got = await read_back(tmp_path)
     assert [lsn for lsn, _, _ in got] == list(range(1, 201))
 
 
@@ -125,8 +129,8 @@ async def test_records_appended_during_a_flush_share_the_next_fsync(tmp_path, mo
     first = asyncio.create_task(wal.sync(wal.append(1, "first")))
     await gate.wait_entered()  # the first batch is written and its fsync is blocked
     assert wal.durable_lsn == 0  # written is not durable
+    # All 50 are appended while the first fsync is blocked.
     later = [asyncio.create_task(wal.sync(wal.append(1, i))) for i in range(50)]
-    await asyncio.sleep(0)  # let them start waiting; not needed for correctness
     gate.release.set()
     await asyncio.gather(first, *later)
 
@@ -258,7 +262,7 @@ async def test_unsafe_no_fsync_never_fsyncs(tmp_path, monkeypatch):
     assert wal.stats["fsyncs"] == 0
     assert len(list_segments(tmp_path)) > 1
     await wal.close()
-    _, got = replayed(tmp_path, config=WalConfig(unsafe_no_fsync=True))
+    got = await read_back(tmp_path, config=WalConfig(unsafe_no_fsync=True))
     assert len(got) == 30
 
 
@@ -275,7 +279,7 @@ async def test_segments_roll_over_at_batch_boundaries(tmp_path):
     assert all((s.first_lsn - 1) % 4 == 0 for s in segments)
     assert [s.seq for s in segments] == list(range(len(segments)))
     await wal.close()
-    _, got = replayed(tmp_path)
+    got = await read_back(tmp_path)
     assert [lsn for lsn, _, _ in got] == list(range(1, 41))
 
 
@@ -301,14 +305,15 @@ async def test_remove_segments_before(tmp_path):
     segments = list_segments(tmp_path)
     assert len(segments) >= 4
     assert wal.remove_segments_before(segments[0].first_lsn) == 0
-    assert wal.remove_segments_before(segments[2].first_lsn - 1) == 1  # seg 1 holds that LSN
+    # Segment 1 still holds LSN first_lsn(2) - 1, so only segment 0 goes.
+    assert wal.remove_segments_before(segments[2].first_lsn - 1) == 1
     assert wal.remove_segments_before(segments[2].first_lsn) == 1
     assert list_segments(tmp_path) == segments[2:]
     assert wal.remove_segments_before(10**9) == len(segments) - 3  # all but the active one
     assert list_segments(tmp_path) == segments[-1:]
     assert wal.append(1, "still appending") == 61
     await wal.close()
-    _, got = replayed(tmp_path, replay_from_lsn=61)
+    got = await read_back(tmp_path, replay_from_lsn=61)
     assert got == [(61, 1, "still appending")]
 
 
@@ -322,7 +327,7 @@ async def test_close_flushes_buffered_records_and_is_idempotent(tmp_path):
         wal.append(1, "x")
     with pytest.raises(Unavailable, match="closed"):
         await wal.sync()
-    _, got = replayed(tmp_path)
+    got = await read_back(tmp_path)
     assert got == [(i + 1, 2, i) for i in range(7)]
 
 
@@ -331,7 +336,7 @@ async def test_async_context_manager_closes(tmp_path):
         wal.append(1, "x")
     with pytest.raises(Unavailable):
         wal.append(1, "y")
-    _, got = replayed(tmp_path)
+    got = await read_back(tmp_path)
     assert got == [(1, 1, "x")]
 
 

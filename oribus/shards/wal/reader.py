@@ -104,7 +104,8 @@ class ScanResult:
     replayed: int = 0  # records passed to on_record
     damage: Damage | None = None  # the first invalid place, if any
     truncated_bytes: int = 0  # bytes of torn tail removed by ``recover``
-    skipped: list[Segment] = field(default_factory=list)  # segments not read (below replay_from_lsn)
+    # Segments not read because all their records are below replay_from_lsn.
+    skipped: list[Segment] = field(default_factory=list)
 
 
 def scan_log(
@@ -163,7 +164,10 @@ def scan_log(
         for lsn, rtype, body, end in iter_records(data, offset, decode_from_lsn=decode_from):
             if lsn != expected:
                 result.damage = Damage(
-                    segment, offset, f"LSN gap: record has LSN {lsn}, expected {expected}", torn=False
+                    segment,
+                    offset,
+                    f"LSN gap: record has LSN {lsn}, expected {expected}",
+                    torn=False,
                 )
                 return result
             if lsn >= replay_from and on_record is not None:
@@ -176,7 +180,9 @@ def scan_log(
             frame = decode_record(data, offset)
             is_last = index == len(segments) - 1
             torn = is_last and _is_torn_tail(data, frame, expected + 1)
-            result.damage = Damage(segment, offset, f"{frame.status.value} record: {frame.reason}", torn)
+            result.damage = Damage(
+                segment, offset, f"{frame.status.value} record: {frame.reason}", torn
+            )
             return result
     return result
 
@@ -195,7 +201,9 @@ def recover(
     file fsynced unless ``fsync`` is False); any other damage raises
     ``DataCorrupted`` before anything is modified.
     """
-    result = scan_log(list_segments(directory), replay_from_lsn=replay_from_lsn, on_record=on_record)
+    result = scan_log(
+        list_segments(directory), replay_from_lsn=replay_from_lsn, on_record=on_record
+    )
     damage = result.damage
     if damage is None:
         return result

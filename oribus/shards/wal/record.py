@@ -139,14 +139,18 @@ def decode_record(buf: bytes, offset: int = 0, *, decode_body: bool = True) -> D
     """
     size = len(buf)
     if size - offset < HEADER_SIZE:
-        return Decoded(_TRUNCATED, offset, None, 0, 0, None, "frame header cut short by end of data")
+        return Decoded(
+            _TRUNCATED, offset, None, 0, 0, None, "frame header cut short by end of data"
+        )
     length, crc, rtype, lsn = _unpack_header(buf, offset)
     if length > MAX_BODY_BYTES:
         return Decoded(_BAD, offset, None, rtype, lsn, None, f"absurd body length {length}")
     body_start = offset + HEADER_SIZE
     end = body_start + length
     if end > size:
-        return Decoded(_TRUNCATED, offset, end, rtype, lsn, None, "frame body cut short by end of data")
+        return Decoded(
+            _TRUNCATED, offset, end, rtype, lsn, None, "frame body cut short by end of data"
+        )
     if crc32c(buf[offset + CRC_START : end]) != crc:
         return Decoded(_BAD, offset, end, rtype, lsn, None, "CRC mismatch")
     if rtype == 0 or lsn == 0:

@@ -174,7 +174,9 @@ class Wal:
         for path in remove_temp_segments(directory):
             log.info("removed interrupted segment creation %s", path)
 
-        result = recover(directory, replay_from_lsn=replay_from_lsn, on_record=on_record, fsync=fsync)
+        result = recover(
+            directory, replay_from_lsn=replay_from_lsn, on_record=on_record, fsync=fsync
+        )
         segments, last_lsn = result.segments, result.last_lsn
         next_seq = segments[-1].seq + 1 if segments else 0
         if segments and replay_from_lsn > last_lsn + 1:

@@ -1,0 +1,346 @@
+"""The checker of the crash tests: reopen a data directory and hold it to its journal.
+
+Usage (as a child process of the crash sweep)::
+
+    python tests/crash/recovery_check.py DATA_DIR JOURNAL SHARDS
+
+prints one JSON object, ``{"violations": [...], "facts": {...}}``, and exits 0
+when it could run the checks (violations or not). It is also imported by the
+tests, which call ``check_recovery`` in their own event loop.
+
+What is checked, against the journal written by ``workload.py``:
+
+(a) durability: every acknowledged commit (``ok``) is present — each key it
+    wrote has a history entry at the acknowledged version carrying its
+    commit id, with the value it wrote (a value embedding the commit id, a
+    delete, or the value of the rollback's target version);
+(b) atomicity: every invoked commit is on all of its keys or on none of
+    them; a commit refused for certain (``fail`` with ``definite``) is on
+    none; no commit is applied twice to a key, and no history entry carries
+    a commit id that was never invoked;
+(c) per key, the kept history versions are consecutive with no gaps (and
+    start at version 1 while the history limit is not reached), and the
+    current value is the newest history entry;
+(d) recovery leaves no transaction prepared, reopening a second time gives
+    exactly the same state (recovery is deterministic), and afterwards a
+    new commit spanning every shard works and is still there after a third
+    reopen.
+
+``check_expired_session`` is the extra check that a session from before the
+crash, presenting its old tokens, gets SessionExpired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import oribus  # noqa: E402
+from oribus.bus.coordinator import CommitRequest  # noqa: E402
+from oribus.bus.embedded import EngineConfig, LocalEngine  # noqa: E402
+from oribus.meta.slots import StaticSlotMap  # noqa: E402
+from oribus.types import SessionRef, encode_value  # noqa: E402
+from workload import ENGINE_OPTIONS, KEYS  # noqa: E402
+
+HISTORY_LIMIT = EngineConfig(data_dir=Path(".")).history_limit
+
+# One history entry as the checker compares it: everything but the wall-clock time
+# is compared as is; the time too, since it comes from the WAL, not from the clock.
+EntryTuple = tuple[int, Any, bool, str, str, str, float]
+State = dict[str, list[EntryTuple]]
+
+
+@dataclass
+class Journal:
+    """The events of one workload run, by commit id."""
+
+    invoked: dict[str, dict] = field(default_factory=dict)  # id -> invoke event
+    outcome: dict[str, dict] = field(default_factory=dict)  # id -> ok / fail event
+    done: bool = False  # the workload ended and closed the engine
+
+    @property
+    def acknowledged(self) -> dict[str, dict]:
+        return {cid: ev for cid, ev in self.outcome.items() if ev["ev"] == "ok"}
+
+
+def load_journal(path: str | Path) -> Journal:
+    """Parse a journal; a line cut short by the kill (no newline) would be ignored."""
+    journal = Journal()
+    raw = Path(path).read_bytes().decode()
+    lines = raw.split("\n")
+    if lines and lines[-1]:
+        lines = lines[:-1]  # incomplete last line (one os.write per line makes this rare)
+    for line in filter(None, lines):
+        ev = json.loads(line)
+        kind = ev["ev"]
+        if kind == "invoke":
+            if ev["id"] in journal.invoked:
+                raise ValueError(f"commit id {ev['id']} invoked twice in {path}")
+            journal.invoked[ev["id"]] = ev
+        elif kind in ("ok", "fail"):
+            journal.outcome[ev["id"]] = ev
+        elif kind == "done":
+            journal.done = True
+    return journal
+
+
+def engine_config(data_dir: str | Path, shards: int) -> EngineConfig:
+    """The configuration the workload used (so recovery runs exactly as it would for it)."""
+    return EngineConfig(data_dir=Path(data_dir), shards=shards, **ENGINE_OPTIONS)
+
+
+async def dump_state(engine: LocalEngine, keys: list[str]) -> tuple[State, dict[str, Any]]:
+    """Every key's full history (oldest first) and its current item, through the public API."""
+    reader = oribus.AsyncSession(engine.bus, "crash-checker")
+    state: State = {}
+    current: dict[str, Any] = {}
+    for key in keys:
+        history = await reader.history(key)
+        state[key] = [
+            (v.version, v.value, v.deleted, v.agent, v.session, v.commit_id, v.committed_at)
+            for v in reversed(history)
+        ]
+    items = await reader.get_many(keys)
+    for key, item in items.items():
+        current[key] = (item.version, item.value)
+    return state, current
+
+
+def check_journal(journal: Journal, state: State, current: dict[str, Any]) -> list[str]:
+    """Checks (a), (b) and (c) of the module docstring. Returns the violations found."""
+    bad: list[str] = []
+    # where each commit id landed: id -> {key: [versions]}
+    landed: dict[str, dict[str, list[int]]] = {}
+    by_version: dict[str, dict[int, EntryTuple]] = {}
+    for key, entries in state.items():
+        by_version[key] = {e[0]: e for e in entries}
+        for e in entries:
+            landed.setdefault(e[5], {}).setdefault(key, []).append(e[0])
+
+    # (c) consecutive versions, current value is the newest entry
+    for key, entries in state.items():
+        versions = [e[0] for e in entries]
+        if versions and versions != list(range(versions[0], versions[0] + len(versions))):
+            bad.append(f"(c) {key}: history versions are not consecutive: {versions}")
+        if versions and len(versions) < HISTORY_LIMIT and versions[0] != 1:
+            bad.append(f"(c) {key}: history starts at version {versions[0]}, not 1: {versions}")
+        cur_version, cur_value = current[key]
+        if not entries:
+            if (cur_version, cur_value) != (0, None):
+                bad.append(f"(c) {key}: no history but reads as version {cur_version} = {cur_value!r}")
+            continue
+        newest = entries[-1]
+        want_value = None if newest[2] else newest[1]
+        if (cur_version, cur_value) != (newest[0], want_value):
+            bad.append(
+                f"(c) {key}: current is version {cur_version} = {cur_value!r}, newest history "
+                f"entry is version {newest[0]} = {want_value!r}"
+            )
+
+    # (b) no phantom commits, none applied twice, all keys or none
+    for cid, where in landed.items():
+        if cid not in journal.invoked:
+            bad.append(f"(b) history entries carry commit id {cid!r}, which was never invoked: {where}")
+            continue
+        for key, versions in where.items():
+            if len(versions) > 1:
+                bad.append(f"(b) commit {cid} applied {len(versions)} times to {key}: versions {versions}")
+    for cid, inv in journal.invoked.items():
+        keys = set(inv["keys"])
+        on = set(landed.get(cid, {}))
+        if on - keys:
+            bad.append(f"(b) commit {cid} wrote keys it never asked for: {sorted(on - keys)}")
+        if on and on != keys:
+            bad.append(
+                f"(b) partial commit {cid} ({inv['kind']}): present on {sorted(on)}, "
+                f"missing on {sorted(keys - on)}"
+            )
+        out = journal.outcome.get(cid)
+        if out is not None and out["ev"] == "fail" and out["definite"] and on:
+            bad.append(f"(b) commit {cid} was refused ({out['code']}) but is present on {sorted(on)}")
+
+    # (a) every acknowledged commit is present with what it wrote
+    for cid, ok in journal.acknowledged.items():
+        inv = journal.invoked[cid]
+        if set(ok["versions"]) != set(inv["keys"]):
+            bad.append(f"(a) commit {cid} acknowledged versions for {sorted(ok['versions'])}, "
+                       f"invoked for {inv['keys']}")
+        for key, version in ok["versions"].items():
+            entry = by_version.get(key, {}).get(version)
+            if entry is None or entry[5] != cid:
+                found = "nothing" if entry is None else f"commit {entry[5]}"
+                bad.append(
+                    f"(a) acknowledged commit {cid} ({inv['kind']}) is lost: {key} holds {found} "
+                    f"at version {version}"
+                )
+                continue
+            problem = _wrong_value(inv, key, entry, by_version.get(key, {}))
+            if problem:
+                bad.append(f"(a) commit {cid} ({inv['kind']}) on {key} v{version}: {problem}")
+    return bad
+
+
+def _wrong_value(inv: dict, key: str, entry: EntryTuple, versions: dict[int, EntryTuple]) -> str | None:
+    """Why ``entry`` does not hold what the commit ``inv`` wrote to ``key`` (None if it does)."""
+    _, value, deleted, *_ = entry
+    kind = inv["kind"]
+    if kind == "delete":
+        return None if deleted and value is None else f"expected a delete, found {value!r}"
+    if kind == "rollback":
+        target = inv["rollback"][key]
+        if target == 0:
+            return None if deleted else f"rollback to version 0 should delete, found {value!r}"
+        old = versions.get(target)
+        if old is None:
+            return None  # the target is no longer in the kept history: nothing to compare
+        if (old[1], old[2]) != (value, deleted):
+            return f"rollback to v{target} holds {value!r}/deleted={deleted}, v{target} was {old[1]!r}/{old[2]}"
+        return None
+    if deleted or not isinstance(value, dict) or value.get("c") != inv["id"]:
+        return f"value {value!r} does not embed the commit id"
+    return None
+
+
+async def _prepared_count(engine: LocalEngine) -> int:
+    stats = await engine.bus.stats()
+    return sum(s["prepared"] for s in stats["shards"])
+
+
+async def _stored_keys(engine: LocalEngine) -> int:
+    stats = await engine.bus.stats()
+    return sum(s["keys"] for s in stats["shards"])
+
+
+async def check_recovery(data_dir: str | Path, journal_path: str | Path, shards: int) -> tuple[list[str], dict]:
+    """Reopen ``data_dir`` three times and run every check. Returns (violations, facts)."""
+    journal = load_journal(journal_path)
+    config = engine_config(data_dir, shards)
+    bad: list[str] = []
+    facts: dict[str, Any] = {
+        "invoked": len(journal.invoked),
+        "acknowledged": len(journal.acknowledged),
+        "done": journal.done,
+    }
+
+    engine = await LocalEngine.open(config)
+    try:
+        if (n := await _prepared_count(engine)) != 0:
+            bad.append(f"(d) {n} transactions are still prepared after recovery")
+        first, current = await dump_state(engine, KEYS)
+        bad += check_journal(journal, first, current)
+        live = sum(1 for entries in first.values() if entries)
+        if (n := await _stored_keys(engine)) != live:
+            bad.append(f"(b) the shards hold {n} keys, only {live} of the workload's keys have history")
+    finally:
+        await engine.close()
+
+    engine = await LocalEngine.open(config)
+    try:
+        second, _ = await dump_state(engine, KEYS)
+        if second != first:
+            diff = sorted(k for k in KEYS if first[k] != second[k])
+            bad.append(f"(d) reopening again changed the state of {diff}")
+        bad += await _check_new_commit(engine, shards, second)
+    finally:
+        await engine.close()
+
+    engine = await LocalEngine.open(config)
+    try:
+        third, _ = await dump_state(engine, KEYS)
+        probe_keys = _one_key_per_shard(shards)
+        for key in probe_keys:
+            newest = third[key][-1] if third[key] else None
+            if newest is None or newest[5] != "after-recovery":
+                bad.append(f"(d) the commit made after recovery is lost from {key} after a clean reopen")
+    finally:
+        await engine.close()
+    return bad, facts
+
+
+def _one_key_per_shard(shards: int) -> list[str]:
+    slot_map = StaticSlotMap(shards)
+    found: dict[int, str] = {}
+    for key in KEYS:
+        found.setdefault(slot_map.shard_for(key), key)
+    return [found[s] for s in sorted(found)]
+
+
+async def _check_new_commit(engine: LocalEngine, shards: int, state: State) -> list[str]:
+    """A commit spanning every shard succeeds after recovery and is readable at once."""
+    keys = _one_key_per_shard(shards)
+    session = oribus.AsyncSession(engine.bus, "after-recovery")
+    before = await session.get_many(keys)
+    try:
+        versions = await session.commit({k: {"c": "after-recovery"} for k in keys}, commit_id="after-recovery")
+    except oribus.OribusError as e:
+        return [f"(d) a new commit after recovery failed: {e!r}"]
+    bad = []
+    for key in keys:
+        if versions.get(key) != before[key].version + 1:
+            bad.append(f"(d) the commit after recovery gave {key} version {versions.get(key)}, "
+                       f"expected {before[key].version + 1}")
+        item = await session.get(key)
+        if item.value != {"c": "after-recovery"}:
+            bad.append(f"(d) the commit after recovery is not readable on {key}: {item!r}")
+    return bad
+
+
+async def check_expired_session(data_dir: str | Path, journal_path: str | Path, shards: int) -> list[str]:
+    """A session from before the crash, presenting its tokens, cannot commit.
+
+    Uses the last acknowledged commit of a session that had tokens. Returns
+    the violations found (empty when the commit was refused with SessionExpired
+    and wrote nothing).
+    """
+    journal = load_journal(journal_path)
+    last = next((ev for ev in reversed(list(journal.acknowledged.values())) if ev["tokens"]), None)
+    if last is None:
+        return ["the journal has no acknowledged commit with session tokens to replay"]
+    tokens = {int(shard): tuple(tok) for shard, tok in last["tokens"].items()}
+    key = next(iter(last["versions"]))
+    request = CommitRequest(
+        session=SessionRef(*last["session"]),
+        commit_id="stale-session-probe",
+        writes={key: encode_value({"c": "stale-session-probe"})},
+        tokens=tokens,
+    )
+    engine = await LocalEngine.open(engine_config(data_dir, shards))
+    try:
+        try:
+            await engine.bus.commit(request)
+        except oribus.SessionExpired:
+            pass
+        except oribus.OribusError as e:
+            return [f"a pre-crash session's commit failed with {e!r}, not SessionExpired"]
+        else:
+            return [f"a pre-crash session {last['session']} committed to {key} with its old tokens {tokens}"]
+        history = await oribus.AsyncSession(engine.bus, "crash-checker").history(key)
+        if any(v.commit_id == "stale-session-probe" for v in history):
+            return [f"the refused pre-crash commit is visible on {key}"]
+    finally:
+        await engine.close()
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("journal", type=Path)
+    parser.add_argument("shards", type=int)
+    args = parser.parse_args(argv)
+    violations, facts = asyncio.run(check_recovery(args.data_dir, args.journal, args.shards))
+    print(json.dumps({"violations": violations, "facts": facts}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
