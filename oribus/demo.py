@@ -50,15 +50,15 @@ async def run_demo(data_dir: Path, *, shards: int = 2, fresh: bool = True, agent
             nonlocal retries
             me = bus.session(agent=f"worker-{n}")
 
-            async def step(tx: oribus.Transaction) -> None:
+            async def step(tx: oribus.Transaction, key: str) -> None:
                 nonlocal retries
                 retries += 1
-                key = f"fleet/counter/{(n + i) % 4}"
                 item = await tx.get(key)
                 tx.put(key, item.value + 1)
 
             for i in range(steps):
-                await me.run(step)
+                key = f"fleet/counter/{(n + i) % 4}"
+                await me.run(lambda tx, key=key: step(tx, key))
                 retries -= 1
 
         t0 = time.perf_counter()

@@ -20,7 +20,7 @@ Messages (bus → shard, reply):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from oribus.errors import Stale
@@ -30,7 +30,7 @@ from oribus.types import SessionRef
 Token = tuple[int, int]
 
 
-class Scope(str, Enum):
+class Scope(StrEnum):
     SESSION = "session"  # every delivery of the session (plain HTTP agents, bus.commit)
     TRANSACTION = "transaction"  # deliveries since the transaction began (SDK transactions)
 
@@ -88,7 +88,7 @@ class ShardTxn:
         return [*self.writes, *self.rollback]
 
 
-class VoteKind(str, Enum):
+class VoteKind(StrEnum):
     YES = "yes"
     NO = "no"
     COMMITTED = "committed"  # a retry of a transaction already committed here
@@ -102,7 +102,7 @@ class Vote:
     error: dict[str, Any] | None = None  # a refusal that is not a conflict (SessionExpired, ...)
 
 
-class TxnState(str, Enum):
+class TxnState(StrEnum):
     PREPARED = "prepared"
     COMMITTED = "committed"
     ABORTED = "aborted"

@@ -8,6 +8,7 @@ rollback included).
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import msgpack
@@ -73,8 +74,27 @@ class Version(NamedTuple):
     deleted: bool = False
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def validate_key(key: object) -> str:
     """Return ``key`` if it is a valid key, else raise InvalidRequest saying why."""
+    if type(key) is str and key in _valid_keys:
+        return key
+    _check_key(key)
+    if len(_valid_keys) >= _VALID_KEYS_CACHE:
+        _valid_keys.clear()
+    _valid_keys.add(key)  # type: ignore[arg-type]
+    return key  # type: ignore[return-value]
+
+
+# Keys already found valid: each layer checks keys at its boundary, and the same
+# keys come back again and again, so the check is a set lookup after the first time.
+_VALID_KEYS_CACHE = 1 << 16
+_valid_keys: set[str] = set()
+
+
+def _check_key(key: object) -> None:
     if not isinstance(key, str):
         raise InvalidRequest(f"key must be a str, not {type(key).__name__}", key=repr(key)[:80])
     try:
@@ -85,11 +105,12 @@ def validate_key(key: object) -> str:
         raise InvalidRequest(
             f"key must be 1..{MAX_KEY_BYTES} bytes of UTF-8, got {len(raw)}", key=key[:80]
         )
-    if any(ord(c) < 0x20 or c == "\x7f" for c in key):
+    if _CONTROL.search(key):
         raise InvalidRequest("key must not contain control characters", key=repr(key)[:80])
     if key.startswith("/") or key.endswith("/") or "//" in key:
-        raise InvalidRequest("key namespaces must be non-empty ('a/b', not '/a', 'a/' or 'a//b')", key=key[:80])
-    return key
+        raise InvalidRequest(
+            "key namespaces must be non-empty ('a/b', not '/a', 'a/' or 'a//b')", key=key[:80]
+        )
 
 
 def encode_value(value: object, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:

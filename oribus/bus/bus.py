@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,10 +162,6 @@ class Bus:
             "sessions": len(self.sessions),
             "coordinator": dict(self.coordinator.counters),
         }
-
-
-def new_commit_id() -> str:
-    return uuid.uuid4().hex
 
 
 def _check_session(session: SessionRef) -> None:

@@ -8,6 +8,7 @@ remote buses: they only call the bus methods ``read``, ``commit``,
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -23,6 +24,15 @@ from oribus.protocol import Scope, Token
 from oribus.types import DELETE, Item, SessionRef, Version, encode_value, validate_key
 
 T = TypeVar("T")
+
+# Commit ids: a random per-process prefix and a counter — unique without a
+# system call per commit (uuid4 costs an os.urandom each time).
+_ID_PREFIX = uuid.uuid4().hex[:20]
+_id_counter = itertools.count(1)
+
+
+def new_commit_id() -> str:
+    return f"{_ID_PREFIX}-{next(_id_counter):x}"
 
 # How often a commit whose outcome is unknown (Unavailable) is retried with the same commit id.
 _SAME_ID_RETRIES = 3
@@ -179,7 +189,7 @@ class AsyncSession:
         """
         req = CommitRequest(
             session=self.session_ref,
-            commit_id=commit_id or uuid.uuid4().hex,
+            commit_id=commit_id or new_commit_id(),
             writes=self._encode_writes(writes),
             expect=dict(expect or {}),
             read_set=dict(read_set or {}),
@@ -208,7 +218,7 @@ class AsyncSession:
             raise InvalidRequest("rollback takes a non-empty mapping of key -> version")
         req = CommitRequest(
             session=self.session_ref,
-            commit_id=commit_id or uuid.uuid4().hex,
+            commit_id=commit_id or new_commit_id(),
             rollback=dict(targets),
             scope=Scope.SESSION,
             tokens=dict(self._tokens),
@@ -275,7 +285,7 @@ class Transaction:
 
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
-        self.commit_id = uuid.uuid4().hex
+        self.commit_id = new_commit_id()
         self._writes: dict[str, Any] = {}
         self._rollback: dict[str, int] = {}
         self._expect: dict[str, int] = {}

@@ -40,8 +40,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import oribus  # noqa: E402
 from recovery_check import check_expired_session, check_recovery  # noqa: E402
+
+import oribus  # noqa: E402
 
 WORKLOAD = HERE / "workload.py"
 CHECKER = HERE / "recovery_check.py"
