@@ -92,6 +92,7 @@ class VoteKind(StrEnum):
     YES = "yes"
     NO = "no"
     COMMITTED = "committed"  # a retry of a transaction already committed here
+    NOTHING = "nothing"  # valid, and nothing to lock or write here: leave this shard out of phase two
 
 
 @dataclass(slots=True)

@@ -158,6 +158,8 @@ class Coordinator:
         )
         stale: list[Stale] = []
         error: BaseException | None = None
+        skip = {s for s, r in zip(ids, results, strict=True)
+                if not isinstance(r, BaseException) and r.kind is VoteKind.NOTHING}
         for r in results:
             if isinstance(r, BaseException):
                 # a refusal that is not a conflict wins: SessionExpired, then InvalidRequest, then the rest
@@ -179,7 +181,7 @@ class Coordinator:
                 ) from e
             decision = TxnOutcome(TxnState.ABORTED)
         committed = decision.state is TxnState.COMMITTED
-        others = [s for s in ids if s != primary]
+        others = [s for s in ids if s != primary and s not in skip]
         finished = await asyncio.gather(
             *(self._shard(s).finish(commit_id, committed) for s in others), return_exceptions=True
         )
@@ -193,13 +195,21 @@ class Coordinator:
         tokens: dict[int, Token] = {}
         if decision.token and decision.versions:
             tokens[primary] = decision.token
+        settled = True
         for s, f in zip(others, finished, strict=True):
             if isinstance(f, BaseException):
+                settled = False
                 log.warning("finish of %s on shard %d failed (recovery will resolve it): %s", commit_id, s, f)
                 continue
             versions.update(f.versions)
             if f.token and f.versions:
                 tokens[s] = f.token
+        if settled:
+            # every participant applied it: the primary may forget the decision
+            try:
+                await self._shard(primary).release(commit_id)
+            except OribusError as e:
+                log.info("release of %s on shard %d deferred: %s", commit_id, primary, e)
         self.counters["commits_2pc"] += 1
         return CommitResult(commit_id, versions, tokens, True)
 
@@ -212,7 +222,27 @@ class Coordinator:
         else:
             # no outcome at the primary: abort there (its tombstone forbids a late commit)
             state = (await primary.decide(txn.txn_id, False)).state
-        if shard_id != txn.primary:
-            await self._shard(shard_id).finish(txn.txn_id, state is TxnState.COMMITTED)
+        committed = state is TxnState.COMMITTED
+        # finish it everywhere at once (not only where it was found)
+        others = [s for s in (txn.participants or (shard_id,)) if s != txn.primary]
+        if shard_id not in others and shard_id != txn.primary:
+            others.append(shard_id)
+        results = await asyncio.gather(
+            *(self._shard(s).finish(txn.txn_id, committed) for s in others), return_exceptions=True
+        )
+        if committed and not any(isinstance(r, BaseException) for r in results):
+            await primary.release(txn.txn_id)
         log.info("recovered transaction %s on shard %d: %s", txn.txn_id, shard_id, state.value)
         return state
+
+    async def release_settled(self, primary_id: int, txn: Txn) -> bool:
+        """Release a kept decision once no participant still has the transaction prepared."""
+        statuses = await asyncio.gather(
+            *(self._shard(s).status(txn.txn_id) for s in txn.participants if s != primary_id),
+            return_exceptions=True,
+        )
+        for st in statuses:
+            if isinstance(st, BaseException) or st.state is TxnState.PREPARED:
+                return False
+        await self._shard(primary_id).release(txn.txn_id)
+        return True

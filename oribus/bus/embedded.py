@@ -132,6 +132,7 @@ class LocalEngine:
             raise
         engine = cls(config, shards)
         await engine.recover_prepared(older_than=0.0)
+        await engine.release_settled()
         engine._maintenance = loop.create_task(engine._maintain())
         return engine
 
@@ -150,6 +151,17 @@ class LocalEngine:
                     log.warning("could not resolve %s on shard %d yet: %s", txn.txn_id, sid, e)
         return n
 
+    async def release_settled(self) -> int:
+        """Release kept decisions that no participant still waits for. Returns how many."""
+        n = 0
+        for sid, shard in self.shards.items():
+            for txn in list(shard.core.decisions.values()):
+                try:
+                    n += await self.bus.coordinator.release_settled(sid, txn)
+                except OribusError as e:
+                    log.info("decision %s on shard %d kept: %s", txn.txn_id, sid, e)
+        return n
+
     async def _maintain(self) -> None:
         while not self._closed:
             await asyncio.sleep(self.config.maintenance_interval)
@@ -157,6 +169,8 @@ class LocalEngine:
                 for shard in self.shards.values():
                     shard.expire_sessions()
                 await self.recover_prepared(self.config.txn_expiry_seconds)
+                if any(s.core.decisions for s in self.shards.values()):
+                    await self.release_settled()
             except Exception:
                 log.exception("maintenance failed")
 

@@ -80,6 +80,11 @@ class Pending:
 
 
 @dataclass(slots=True)
+class Nothing:
+    """Validated; a non-primary participant with nothing to write or lock needs no phase two."""
+
+
+@dataclass(slots=True)
 class Known:
     """The transaction id was seen before (idempotent retry)."""
 
@@ -107,6 +112,10 @@ class Participant:
         self.clock = clock
         self.prepared: dict[str, Txn] = {}  # PREPARED (and one-phase in flight)
         self.resolved: OrderedDict[str, Txn] = OrderedDict()  # COMMITTED / ABORTED, oldest first
+        # COMMITTED decisions of multi-shard transactions this shard is primary of. Never
+        # evicted until released: a participant still PREPARED asks for the outcome, and a
+        # forgotten commit would be presumed aborted there — a partial commit.
+        self.decisions: dict[str, Txn] = {}
         self.write_locks: dict[str, str] = {}  # key -> txn id (write intent)
         self.read_locks: dict[str, set[str]] = {}  # key -> txn ids
 
@@ -249,9 +258,9 @@ class Participant:
                     del self.read_locks[k]
 
     def known(self, txn_id: str) -> Txn | None:
-        return self.prepared.get(txn_id) or self.resolved.get(txn_id)
+        return self.prepared.get(txn_id) or self.decisions.get(txn_id) or self.resolved.get(txn_id)
 
-    def _begin(self, st: ShardTxn, *, one_phase: bool) -> Known | Refused | Pending:
+    def _begin(self, st: ShardTxn, *, one_phase: bool) -> Known | Refused | Pending | Nothing:
         seen = self.known(st.txn_id)
         if seen is not None:
             return Known(seen)
@@ -264,6 +273,9 @@ class Participant:
             return Refused(stale, blockers)
         read_keys = {self.store.intern(k) for k in (*logged, *st.read_set, *st.expect)}
         read_keys.difference_update(writes)
+        if not one_phase and not writes and not read_keys and st.primary != self.shard_id:
+            # only the token was checked here: nothing to hold until the decision
+            return Nothing()
         txn = Txn(
             txn_id=st.txn_id,
             session=st.session,
@@ -293,13 +305,15 @@ class Participant:
 
     # ---- two-phase commit --------------------------------------------------------
 
-    def prepare(self, st: ShardTxn) -> Known | Refused | Pending:
+    def prepare(self, st: ShardTxn) -> Known | Refused | Pending | Nothing:
         """Phase one: validate, lock (no-wait), and hand back the PREPARE record."""
         return self._begin(st, one_phase=False)
 
-    def vote_for(self, result: Known | Refused | Pending) -> Vote:
+    def vote_for(self, result: Known | Refused | Pending | Nothing) -> Vote:
         if isinstance(result, Refused):
             return Vote(VoteKind.NO, stale=result.stale)
+        if isinstance(result, Nothing):
+            return Vote(VoteKind.NOTHING)
         if isinstance(result, Pending):
             return Vote(VoteKind.YES)
         txn = result.txn
@@ -374,10 +388,26 @@ class Participant:
         inc = self.dlog.incarnation_of(txn.session)
         return (self.epoch, inc) if inc is not None else None
 
-    def _remember(self, txn: Txn) -> None:
+    def _remember(self, txn: Txn, *, released: bool = False) -> None:
+        if (
+            not released
+            and txn.state is TxnState.COMMITTED
+            and txn.primary == self.shard_id
+            and len(txn.participants) > 1
+        ):
+            self.decisions[txn.txn_id] = txn
+            return
         self.resolved[txn.txn_id] = txn
         while len(self.resolved) > self.max_resolved:
             self.resolved.popitem(last=False)
+
+    def release(self, txn_id: str) -> bool:
+        """Every participant has applied this decision: it may now be forgotten (LRU)."""
+        txn = self.decisions.pop(txn_id, None)
+        if txn is None:
+            return False
+        self._remember(txn, released=True)
+        return True
 
     def status(self, txn_id: str) -> TxnStatus:
         txn = self.known(txn_id)
@@ -430,6 +460,7 @@ class Participant:
 
     def to_snapshot(self) -> dict:
         txns = [t.snapshot_form() for t in self.resolved.values()]
+        txns += [t.snapshot_form(released=False) for t in self.decisions.values()]
         txns += [t.snapshot_form() for t in self.prepared.values() if not t.one_phase]
         return {"store": self.store.to_snapshot(), "txns": txns}
 
@@ -443,4 +474,4 @@ class Participant:
                 self.prepared[txn.txn_id] = txn
                 self._lock(txn)
             else:
-                self._remember(txn)
+                self._remember(txn, released=body.get("rel", True))

@@ -38,6 +38,10 @@ class ShardService(abc.ABC):
         """On the other participants: apply or release a decided transaction."""
 
     @abc.abstractmethod
+    async def release(self, txn_id: str) -> None:
+        """On the primary: every participant applied the decision; it may be forgotten."""
+
+    @abc.abstractmethod
     async def status(self, txn_id: str) -> TxnStatus:
         """What this shard knows of a transaction."""
 

@@ -328,6 +328,9 @@ class Shard(ShardService):
     async def status(self, txn_id: str) -> TxnStatus:
         return self.core.status(txn_id)
 
+    async def release(self, txn_id: str) -> None:
+        self.core.release(txn_id)
+
     # ---- other operations ----------------------------------------------------------
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:

@@ -116,9 +116,16 @@ class Txn:
             committed_at=body.get("t", 0.0),
         )
 
-    def snapshot_form(self) -> list:
+    def snapshot_form(self, released: bool = True) -> list:
         if self.state is TxnState.PREPARED:
             return [self.state.value, self.prepare_body()]
-        # resolved transactions keep only what idempotent retries need
-        return [self.state.value, {"i": self.txn_id, "s": list(self.session),
-                                   "w": [[k, w.version, None, w.deleted] for k, w in self.writes.items()]}]
+        # resolved transactions keep only what idempotent retries and recovery need
+        body = {
+            "i": self.txn_id,
+            "s": list(self.session),
+            "p": self.primary,
+            "ps": list(self.participants),
+            "w": [[k, w.version, None, w.deleted] for k, w in self.writes.items()],
+            "rel": released,  # False: an unreleased decision of this shard (see Participant.decisions)
+        }
+        return [self.state.value, body]

@@ -13,7 +13,7 @@ def crash_report(request: pytest.FixtureRequest) -> list[str]:
     return request.config.stash.setdefault(_REPORT, [])
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     lines = config.stash.get(_REPORT, [])
     if lines:
         terminalreporter.section("crash tests")

@@ -44,6 +44,10 @@ from recovery_check import check_expired_session, check_recovery  # noqa: E402
 
 import oribus  # noqa: E402
 
+# The sweep (about two minutes here) runs in the setup of the first test that
+# needs it; pytest-timeout counts setup, so this module gets a wider limit.
+pytestmark = pytest.mark.timeout(900)
+
 WORKLOAD = HERE / "workload.py"
 CHECKER = HERE / "recovery_check.py"
 
@@ -65,6 +69,12 @@ CALIBRATION_SEED = 1
 LATEST_HIT_FRACTION = 0.9  # the last armed hit, as a share of the calibrated hits
 PARALLEL = 2  # children at a time
 CHILD_TIMEOUT = 60.0  # seconds; a healthy child takes about one
+# A few runs restart the workload after the first kill, armed again at the first
+# hit of one of these points, so the second kill lands inside recovery (which
+# resolves the transactions left in doubt) or right after it.
+RECOVERY_KILLS = ("wal.before_append=kill@1", "txn.after_decide=kill@1", "wal.after_fsync=kill@2")
+RECOVERY_KILL_RUNS = (7, 16)  # which of each point's runs do it
+SECOND_SEED_OFFSET = 500_000  # the restarted workload's seed (so its commit ids are new)
 
 
 class Children:
@@ -129,7 +139,9 @@ class CrashRun:
     seed: int
     shards: int
     directory: Path  # holds data/ and journal.jsonl
+    then: str | None = None  # after the kill, restart the workload armed with this spec
     crashed: bool = False  # died by SIGKILL (at the armed point)
+    second: str | None = None  # how the restarted workload ended: "killed" or "finished"
     finished: bool = False  # exited 0: the Nth hit never came
     error: str | None = None  # the workload or checker misbehaved (not a recovery verdict)
     violations: list[str] = field(default_factory=list)
@@ -148,27 +160,45 @@ class CrashRun:
         return f"{self.point}=kill@{self.hit}"
 
     def describe(self) -> str:
-        return (
+        text = (
             f"{self.armed} seed={self.seed} shards={self.shards} in {self.directory}\n"
             f"    replay: ORIBUS_FAILPOINTS={self.armed} {sys.executable} {WORKLOAD} "
             f"DIR/data DIR/journal.jsonl {self.seed} {self.shards}"
         )
+        if self.then:
+            text += (
+                f"\n    then:   ORIBUS_FAILPOINTS={self.then} {sys.executable} {WORKLOAD} "
+                f"DIR/data DIR/journal.jsonl {self.seed + SECOND_SEED_OFFSET} {self.shards}"
+            )
+        return text
+
+
+def run_workload(run: CrashRun, children: Children, seed: int, armed: str) -> str:
+    """One incarnation of the workload: "killed", "finished" or an error message."""
+    rc, _, err = children.run(
+        [str(WORKLOAD), str(run.data_dir), str(run.journal), str(seed), str(run.shards)],
+        env=child_env(armed),
+    )
+    if rc == -signal.SIGKILL:
+        return "killed"
+    if rc == 0:
+        return "finished"
+    return f"workload ({armed}) exited with {rc if rc is not None else 'a timeout'}: {err[-2000:]}"
 
 
 def execute(run: CrashRun, children: Children) -> CrashRun:
-    """Run the armed workload, then the checker on what it left behind."""
+    """Run the armed workload (twice for recovery kills), then the checker on what is left."""
     run.directory.mkdir(parents=True)
-    rc, _, err = children.run(
-        [str(WORKLOAD), str(run.data_dir), str(run.journal), str(run.seed), str(run.shards)],
-        env=child_env(run.armed),
-    )
-    if rc == -signal.SIGKILL:
-        run.crashed = True
-    elif rc == 0:
-        run.finished = True
-    else:
-        run.error = f"workload exited with {rc if rc is not None else 'a timeout'}: {err[-2000:]}"
+    first = run_workload(run, children, run.seed, run.armed)
+    run.crashed, run.finished = first == "killed", first == "finished"
+    if not (run.crashed or run.finished):
+        run.error = first
         return run
+    if run.then and run.crashed:
+        run.second = run_workload(run, children, run.seed + SECOND_SEED_OFFSET, run.then)
+        if run.second not in ("killed", "finished"):
+            run.error, run.second = run.second, None
+            return run
     if not run.journal.exists():
         run.journal.touch()  # killed before its first event: the check still must pass
     rc, out, err = children.run(
@@ -180,7 +210,7 @@ def execute(run: CrashRun, children: Children) -> CrashRun:
     report = json.loads(out)
     run.violations = report["violations"]
     run.facts = report["facts"]
-    if run.finished and not run.facts["done"]:
+    if (run.second or first) == "finished" and not run.facts["done"]:
         run.error = "the workload exited 0 without journaling the end of its run"
     return run
 
@@ -214,7 +244,10 @@ def plan(root: Path, hits: dict[int, dict[str, int]]) -> list[CrashRun]:
             last = max(1, int(total * LATEST_HIT_FRACTION))
             hit = 1 + round(j * (last - 1) / (RUNS_PER_POINT - 1))
             seed = 1000 + p * RUNS_PER_POINT + j
-            runs.append(CrashRun(point, hit, seed, shards, root / f"{point}-{hit}-s{seed}"))
+            then = None
+            if j in RECOVERY_KILL_RUNS:
+                then = RECOVERY_KILLS[(p + RECOVERY_KILL_RUNS.index(j)) % len(RECOVERY_KILLS)]
+            runs.append(CrashRun(point, hit, seed, shards, root / f"{point}-{hit}-s{seed}", then))
     # interleave the points so that the two children rarely run the same kind of crash
     return sorted(runs, key=lambda r: (r.seed % RUNS_PER_POINT, r.point))
 
@@ -246,6 +279,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, children: Children, crash_re
         "finished": sum(r.finished for r in runs),
         "errors": sum(r.error is not None for r in runs),
         "with_violations": sum(bool(r.violations) for r in runs),
+        "killed_again_after_restart": sum(r.second == "killed" for r in runs),
         "seconds": round(result.seconds, 1),
         "calibrated_hits": hits,
         "per_point": {p: sum(r.crashed for r in result.of(p)) for p in CRASH_POINTS},
@@ -253,7 +287,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, children: Children, crash_re
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     crash_report.append(
         f"crash sweep: {summary['crashed']} of {summary['armed']} armed crash points really died by "
-        f"SIGKILL ({summary['finished']} finished first), {summary['with_violations']} with violations, "
+        f"SIGKILL ({summary['finished']} finished first; {summary['killed_again_after_restart']} killed again "
+        f"in or after recovery), {summary['with_violations']} with violations, "
         f"{summary['errors']} errors, {summary['seconds']} s; details in {root / 'summary.json'}"
     )
     crash_report.append("  crashes per point: " + ", ".join(f"{p} {n}" for p, n in summary["per_point"].items()))
@@ -294,13 +329,17 @@ def test_at_least_200_crash_points_really_crashed(sweep: Sweep, record_property)
     )
 
 
-def test_kills_lose_unacknowledged_work_only(sweep: Sweep) -> None:
+def test_sweep_interrupts_commits_in_flight(sweep: Sweep) -> None:
     """The sweep is meaningful: kills leave commits in flight, and acknowledged ones are checked."""
     crashed = [r for r in sweep.runs if r.crashed and not r.error]
     in_flight = sum(r.facts["invoked"] > r.facts["acknowledged"] for r in crashed)
     assert in_flight >= len(crashed) // 2, "most kills should interrupt a commit in flight"
     assert sum(r.facts["acknowledged"] for r in crashed) > 20 * len(crashed), (
         "the checked runs acknowledged too few commits to prove durability"
+    )
+    restarted = [r for r in sweep.runs if r.then and r.crashed]
+    assert sum(r.second == "killed" for r in restarted) >= len(restarted) // 2, (
+        "most restarted workloads should be killed again in or right after recovery"
     )
 
 

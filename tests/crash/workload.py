@@ -30,8 +30,13 @@ the process did up to the kill::
     {"ev": "fail", "id": ID, "code": ERROR_CODE, "definite": bool}
         the commit was refused; "definite" is False only when its outcome is
         unknown (Unavailable), True when it certainly wrote nothing
+    {"ev": "read_fail", "id": ID, "code": ERROR_CODE}
+        the reads before a commit failed, so it was never sent (no invoke)
     {"ev": "done"}
         the workload ended and the engine was closed cleanly
+
+The parent may run the workload again on the same directory and journal
+with another seed (new commit ids): the journal then holds both runs.
 
 With ``--hits-out FILE`` the run also counts every failpoint hit and writes
 the counts as JSON to FILE at the end; the parent uses a calibration run to
@@ -46,6 +51,7 @@ import json
 import os
 import random
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +106,11 @@ def session_tokens(session: oribus.AsyncSession) -> dict[str, list[int]]:
 
 
 class Worker:
-    """One agent of the workload with three sessions, so reads of one kind never stale another.
+    """One agent of the workload, with a session per style so one style's reads never stale another's.
 
-    ``blind`` never reads (puts, multi-key writes, deletes, rollbacks),
-    ``tx`` runs transactions (transaction scope) and ``rmw`` reads in
-    session scope and forgets its reads after each attempt.
+    ``blind`` never reads (multi-key writes, deletes, rollbacks), ``tx``
+    runs transactions (transaction scope), ``rmw`` reads in session scope
+    and forgets its reads after each attempt; each put uses a fresh session.
     """
 
     def __init__(self, index: int, seed: int, root: oribus.AsyncSession, journal: Journal,
@@ -146,8 +152,15 @@ class Worker:
             if self.rng.random() < 0.3:
                 await asyncio.sleep(0)  # let the other workers interleave differently
 
-    async def attempt(self, session: oribus.AsyncSession, cid: str, kind: str, keys: list[str],
-                      send: Any, rollback: dict[str, int] | None = None) -> None:
+    async def attempt(
+        self,
+        session: oribus.AsyncSession,
+        cid: str,
+        kind: str,
+        keys: list[str],
+        send: Callable[[], Awaitable[dict[str, int]]],
+        rollback: dict[str, int] | None = None,
+    ) -> None:
         """Journal the invocation, run ``send()`` and journal its outcome."""
         self.journal.event("invoke", id=cid, kind=kind, keys=sorted(keys), rollback=rollback or {})
         try:
@@ -156,11 +169,18 @@ class Worker:
             definite = not isinstance(e, oribus.Unavailable)
             self.journal.event("fail", id=cid, code=e.code, definite=definite)
             return
-        self.journal.event("ok", id=cid, versions=versions, session=list(session.session_ref),
-                           tokens=session_tokens(session))
+        self.journal.event(
+            "ok", id=cid, versions=versions, session=list(session.session_ref), tokens=session_tokens(session)
+        )
 
-    async def blind_attempt(self, cid: str, kind: str, keys: list[str], send: Any,
-                            rollback: dict[str, int] | None = None) -> None:
+    async def blind_attempt(
+        self,
+        cid: str,
+        kind: str,
+        keys: list[str],
+        send: Callable[[], Awaitable[dict[str, int]]],
+        rollback: dict[str, int] | None = None,
+    ) -> None:
         """``attempt`` on the blind session, which then forgets the keys it wrote.
 
         A successful commit records the new versions as deliveries to the
@@ -176,34 +196,45 @@ class Worker:
         # commit stays on the key's own shard (a one-phase commit).
         key = self.rng.choice(KEYS)
         once = self.blind.session(session_id=cid)
-        await self.attempt(once, cid, "put", [key],
-                           lambda: once.commit({key: {"c": cid, "n": op}}, commit_id=cid))
+
+        async def send() -> dict[str, int]:
+            return await once.commit({key: {"c": cid, "n": op}}, commit_id=cid)
+
+        await self.attempt(once, cid, "put", [key], send)
 
     async def op_multi(self, op: int, cid: str) -> None:
         keys = self.spread_keys(self.rng.randint(2, 4))
-        writes = {k: {"c": cid, "n": op, "part": i} for i, k in enumerate(keys)}
-        await self.blind_attempt(cid, "multi", keys,
-                           lambda: self.blind.commit(writes, commit_id=cid))
+
+        async def send() -> dict[str, int]:
+            return await self.blind.commit({k: {"c": cid, "n": op, "part": i} for i, k in enumerate(keys)},
+                                           commit_id=cid)
+
+        await self.blind_attempt(cid, "multi", keys, send)
 
     async def op_delete(self, op: int, cid: str) -> None:
         keys = self.spread_keys(self.rng.randint(1, 2))
-        await self.blind_attempt(cid, "delete", keys,
-                           lambda: self.blind.commit({k: oribus.DELETE for k in keys}, commit_id=cid))
+
+        async def send() -> dict[str, int]:
+            return await self.blind.commit({k: oribus.DELETE for k in keys}, commit_id=cid)
+
+        await self.blind_attempt(cid, "delete", keys, send)
 
     async def op_rollback(self, op: int, cid: str) -> None:
         keys = self.spread_keys(self.rng.randint(1, 2))
         targets: dict[str, int] = {}
         for k in keys:
             history = await self.blind.history(k)  # not a delivery: the session stays blind
-            versions = [v.version for v in history] or [0]
-            targets[k] = self.rng.choice([*versions, 0])
-        await self.blind_attempt(cid, "rollback", keys,
-                           lambda: self.blind.rollback(targets, commit_id=cid), rollback=targets)
+            targets[k] = self.rng.choice([0, *(v.version for v in history)])
+
+        async def send() -> dict[str, int]:
+            return await self.blind.rollback(targets, commit_id=cid)
+
+        await self.blind_attempt(cid, "rollback", keys, send, rollback=targets)
 
     async def op_txn(self, op: int, cid: str) -> None:
         reads = self.spread_keys(self.rng.randint(1, 3))
-        writes = sorted(set(self.rng.sample(reads, self.rng.randint(1, len(reads)))
-                            + self.spread_keys(self.rng.randint(0, 2))))
+        writes = set(self.rng.sample(reads, self.rng.randint(1, len(reads))))
+        writes.update(self.spread_keys(self.rng.randint(0, 2)))
         tx = self.tx.transaction()
         tx.commit_id = cid
         try:
@@ -211,10 +242,10 @@ class Worker:
         except oribus.OribusError as e:  # e.g. a read that waited too long on a lock
             self.journal.event("read_fail", id=cid, code=e.code)
             return
-        total = sum((i.value or {}).get("n", 0) for i in seen.values() if isinstance(i.value, dict))
-        for k in writes:
+        total = sum(i.value.get("n", 0) for i in seen.values() if isinstance(i.value, dict))
+        for k in sorted(writes):
             tx.put(k, {"c": cid, "n": op, "sum": total})
-        await self.attempt(self.tx, cid, "txn", writes, tx.commit)
+        await self.attempt(self.tx, cid, "txn", sorted(writes), tx.commit)
 
     async def op_rmw(self, op: int, cid: str) -> None:
         reads = self.spread_keys(self.rng.randint(1, 3))
@@ -224,8 +255,11 @@ class Worker:
             self.journal.event("read_fail", id=cid, code=e.code)
             return
         writes = sorted(self.rng.sample(reads, self.rng.randint(1, len(reads))))
-        await self.attempt(self.rmw, cid, "rmw", writes,
-                           lambda: self.rmw.commit({k: {"c": cid, "n": op} for k in writes}, commit_id=cid))
+
+        async def send() -> dict[str, int]:
+            return await self.rmw.commit({k: {"c": cid, "n": op} for k in writes}, commit_id=cid)
+
+        await self.attempt(self.rmw, cid, "rmw", writes, send)
         # Session scope keeps every read until forgotten; drop them so the next
         # attempt depends only on what it reads itself.
         await self.rmw.forget(reads)

@@ -211,3 +211,44 @@ async def test_session_scope_read_on_other_shard_is_validated(data_dir):
             await bus.put(b, 1)
         assert e.value.stale[0].key == a
         assert await engine.shards[engine.slot_map.shard_for(b)].read(ReadRequest(S, [b], False))
+
+
+async def test_primary_keeps_commit_decision_until_participants_finish(data_dir):
+    """Outcome eviction must never turn a committed 2PC into a presumed abort on a participant."""
+    engine = await open_engine(data_dir, shard_overrides={"max_resolved_txns": 5})
+    try:
+        a, b = keys_on_two_shards(engine)
+        parts = txn_parts(engine, "t-kept", {a: "A", b: "B"})
+        for sid, st in parts.items():
+            await engine.shards[sid].prepare(st)
+        primary = next(iter(parts.values())).primary
+        await engine.shards[primary].decide("t-kept", True)
+        other = next(s for s in parts if s != primary)
+        pk = a if engine.slot_map.shard_for(a) == primary else b
+        for i in range(20):  # push many outcomes through the primary's bounded memory
+            sess = SessionRef("filler", str(i))
+            st = ShardTxn(txn_id=f"fill-{i}", session=sess, writes={f"{pk}-{i}": msgpack.packb(i)},
+                          participants=(primary,), primary=primary)
+            await engine.shards[primary].commit_one_phase(st)
+        assert (await engine.shards[primary].status("t-kept")).state is TxnState.COMMITTED
+        await engine.recover_prepared(0.0)
+        assert await value_of(engine, a) == "A" and await value_of(engine, b) == "B"
+        assert (await engine.shards[other].status("t-kept")).state is TxnState.COMMITTED
+        # once every participant has applied it, the primary may forget it
+        assert "t-kept" not in engine.shards[primary].core.decisions
+    finally:
+        await engine.close()
+
+
+async def test_participant_with_nothing_to_hold_skips_phase_two(data_dir):
+    async with oribus.open_local(data_dir, shards=2, agent="a") as bus:
+        engine = bus._owner
+        a, b = keys_on_two_shards(engine)
+        await bus.put(a, 1)  # the session now holds a token on a's shard
+        await bus.forget([a])
+        before = {s: (await engine.shards[s].stats())["wal"]["records"] for s in engine.shards}
+        await bus.put(b, 1)  # two participants: b's shard writes, a's shard only checks the token
+        await bus.close()
+        sa = engine.slot_map.shard_for(a)
+        after = (await engine.shards[sa].stats())["wal"]["records"]
+        assert after == before[sa]  # no PREPARE/COMMIT record on the shard with nothing to hold

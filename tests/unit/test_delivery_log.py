@@ -291,10 +291,12 @@ def test_idle_means_longer_than_the_ttl_for_every_access():
     assert log.incarnation_of(A) == 1
     assert log.touch(B) is True
     assert log.record(C, "y", 1) == (3, 2)
-    clock.advance(10.001)
-    assert log.expire_idle() == 1  # A, last active 20.001s ago
-    assert log.incarnation_of(B) is None
-    assert log.record(C, "z", 1) == (4, 1)
+    clock.advance(0.001)
+    # Only A is idle now: incarnation_of() did not count as activity, touch() did.
+    assert log.expire_idle() == 1
+    assert log.incarnation_of(A) is None
+    assert log.incarnation_of(B) == 2
+    assert log.record(C, "z", 1) == (3, 3)
 
 
 def test_incarnation_of_does_not_count_as_activity_and_expires_idle_records():
