@@ -166,6 +166,7 @@ class DeliveryLog:
         entries = rec.entries
         before = len(entries)
         seq = rec.seq = rec.seq + 1
+        entries.pop(key, None)  # re-insert: the dict stays ordered by seq
         entries[key] = version << SEQ_BITS | seq
         self._entry_count += len(entries) - before
         return rec.incarnation, seq
@@ -201,8 +202,10 @@ class DeliveryLog:
         before = len(entries)
         first = rec.seq + 1
         seq = rec.seq
+        pop = entries.pop
         for key, version in items:
             seq += 1
+            pop(key, None)  # re-insert: the dict stays ordered by seq
             entries[key] = version << SEQ_BITS | seq
         rec.seq = seq
         self._entry_count += len(entries) - before
@@ -251,11 +254,16 @@ class DeliveryLog:
         self._touch(session, rec, now)
         if since_seq is None:
             return {key: entry >> SEQ_BITS for key, entry in rec.entries.items()}
-        return {
-            key: entry >> SEQ_BITS
-            for key, entry in rec.entries.items()
-            if entry & SEQ_MASK >= since_seq
-        }
+        # Entries are kept in seq order (a re-read re-inserts its key; advance keeps an
+        # existing key's seq and appends new keys with new ones), so the transaction
+        # scope is a suffix: walk back from the newest and stop at the first older one.
+        # Cost: the scope's size, not the session's.
+        found: dict[str, int] = {}
+        for key, entry in reversed(rec.entries.items()):
+            if entry & SEQ_MASK < since_seq:
+                break
+            found[key] = entry >> SEQ_BITS
+        return found
 
     # ----------------------------------------------------------------- writes
 
