@@ -13,6 +13,7 @@ server checks every commit against what it actually delivered to that agent.
 from oribus.client import (
     DELETE,
     AsyncSession,
+    Client,
     Item,
     RetryPolicy,
     SessionRef,
@@ -20,6 +21,7 @@ from oribus.client import (
     SyncTransaction,
     Transaction,
     Version,
+    connect,
     open_local,
     open_local_sync,
 )
@@ -39,6 +41,8 @@ from oribus.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Client",
+    "connect",
     "DELETE",
     "Aborted",
     "AsyncSession",

@@ -9,9 +9,12 @@ Every error any layer raises to a caller is one of these::
     ├── SessionExpired               part of the session's read set may have been lost
     │                                (shard restarted, TTL expiry, eviction): fail closed
     ├── InvalidRequest               malformed key, wrong type, unknown version, ...
-    │   └── ValueTooLarge            a value over the configured maximum
+    │   ├── ValueTooLarge            a value over the configured maximum
+    │   └── HistoryTruncated         a watch asked for versions older than the kept history
     ├── LimitExceeded                a bounded resource is full (delivery-log caps)
     ├── Unavailable                  a shard or the bus cannot be reached; retryable
+    │   └── WatchLagged              a watcher fell behind its bounded queue and was cut off;
+    │                                resume from the last version seen of each key
     └── DataCorrupted                a WAL or snapshot failed its checksum where it must not
 
 Policy lives on the class: ``retryable`` says whether repeating the same
@@ -95,6 +98,16 @@ class ValueTooLarge(InvalidRequest):
     code = "ValueTooLarge"
 
 
+class HistoryTruncated(InvalidRequest):
+    """A watch asked to replay versions that are no longer kept (``history_limit``).
+
+    ``details["keys"]`` names the keys (up to 20) with the version asked from and
+    the oldest version kept. Read the current values and watch from their versions.
+    """
+
+    code = "HistoryTruncated"
+
+
 class LimitExceeded(OribusError):
     code = "LimitExceeded"
 
@@ -102,6 +115,16 @@ class LimitExceeded(OribusError):
 class Unavailable(OribusError):
     code = "Unavailable"
     retryable = True
+
+
+class WatchLagged(Unavailable):
+    """A watcher did not keep up: its bounded queue filled and its stream was ended.
+
+    Nothing is lost as long as the watcher resumes from the last version it saw
+    of each key (the client's watch iterators do this by themselves).
+    """
+
+    code = "WatchLagged"
 
 
 class DataCorrupted(OribusError):
@@ -119,8 +142,10 @@ _BY_CODE: dict[str, type[OribusError]] = {
         SessionExpired,
         InvalidRequest,
         ValueTooLarge,
+        HistoryTruncated,
         LimitExceeded,
         Unavailable,
+        WatchLagged,
         DataCorrupted,
     )
 }

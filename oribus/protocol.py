@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from oribus.errors import Stale
 from oribus.types import SessionRef
@@ -115,6 +115,14 @@ class TxnOutcome:
     versions: dict[str, int] = field(default_factory=dict)  # key -> new version (committed)
     stale: list[Stale] = field(default_factory=list)  # why it aborted
     token: Token | None = None  # the session's token on this shard after the commit
+
+
+class TxnRef(NamedTuple):
+    """A prepared (or kept) transaction as another process sees it."""
+
+    txn_id: str
+    primary: int
+    participants: tuple[int, ...]
 
 
 @dataclass(slots=True)

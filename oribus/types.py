@@ -74,6 +74,23 @@ class Version(NamedTuple):
     deleted: bool = False
 
 
+class WatchEvent(NamedTuple):
+    """One committed change of a watched key, delivered once it is visible to readers.
+
+    Deletes and rollbacks are changes like any other write (a delete has
+    ``deleted=True`` and value None). Aborted or refused commits never appear.
+    """
+
+    key: str
+    version: int
+    value: Any  # decoded value; None for a delete
+    deleted: bool
+    agent: str  # who committed it
+    session: str  # the committing session's id
+    commit_id: str
+    committed_at: float  # seconds since the epoch, stamped by the coordinator
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -111,6 +128,26 @@ def _check_key(key: object) -> None:
         raise InvalidRequest(
             "key namespaces must be non-empty ('a/b', not '/a', 'a/' or 'a//b')", key=key[:80]
         )
+
+
+def validate_prefix(prefix: object) -> str:
+    """Return ``prefix`` if it can select keys (a watch): a str of at most 1024 bytes, may be empty."""
+    if not isinstance(prefix, str):
+        raise InvalidRequest(f"prefix must be a str, not {type(prefix).__name__}", prefix=repr(prefix)[:80])
+    try:
+        raw = prefix.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequest("prefix is not valid UTF-8", prefix=repr(prefix)[:80]) from e
+    if len(raw) > MAX_KEY_BYTES:
+        raise InvalidRequest(f"prefix must be at most {MAX_KEY_BYTES} bytes of UTF-8", prefix=prefix[:80])
+    if _CONTROL.search(prefix):
+        raise InvalidRequest("prefix must not contain control characters", prefix=repr(prefix)[:80])
+    return prefix
+
+
+def decode_value(raw: bytes | None) -> Any:
+    """The value of an encoded one; None stays None (absent or deleted)."""
+    return None if raw is None else msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
 def encode_value(value: object, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> bytes:

@@ -54,7 +54,7 @@ class Bus:
 
     # ---- reads -----------------------------------------------------------------
 
-    async def read(self, session: SessionRef, keys: list[str], *, record: bool = True) -> ReadResult:
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
         _check_session(session)
         if not isinstance(keys, list | tuple):
             raise InvalidRequest("keys must be a list of str")

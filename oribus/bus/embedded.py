@@ -25,8 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from oribus.bus.bus import Bus
+from oribus.bus.recovery import Recovery
 from oribus.delivery_log import DeliveryLogConfig
-from oribus.errors import InvalidRequest, OribusError
+from oribus.errors import InvalidRequest
 from oribus.meta.slots import SLOTS, StaticSlotMap
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
@@ -52,6 +53,7 @@ class EngineConfig:
     txn_expiry_seconds: float = 10.0  # prepared transactions older than this are resolved
     unsafe_no_fsync: bool = False  # acknowledge before data reaches the disk: loses commits on power loss
     maintenance_interval: float = 1.0  # seconds between background chores
+    unsafe_disable_validation: bool = False  # demo/testing only: accepts stale commits (no ORI checks)
     shard_overrides: dict = field(default_factory=dict)  # extra ShardConfig fields (tests)
 
     def __post_init__(self) -> None:
@@ -71,6 +73,7 @@ class EngineConfig:
                 max_sessions=self.max_sessions_per_shard,
             ),
             txn_expiry_seconds=self.txn_expiry_seconds,
+            unsafe_disable_validation=self.unsafe_disable_validation,
         )
         return replace(cfg, **self.shard_overrides) if self.shard_overrides else cfg
 
@@ -111,10 +114,16 @@ class LocalEngine:
         self.shards = shards
         self.slot_map = StaticSlotMap(config.shards)
         self.bus = Bus(dict(shards), self.slot_map.shard_for, max_value_bytes=config.max_value_bytes)
+        self.recovery = Recovery(
+            self.bus, txn_expiry_seconds=config.txn_expiry_seconds, interval=config.maintenance_interval
+        )
         self._maintenance: asyncio.Task | None = None
         self._closed = False
         for shard in shards.values():
             shard.resolver = self._resolve
+            # The shard hands its participant only the safe defaults; this is the one place
+            # the demo/testing switch reaches it (nothing is validated during recovery).
+            shard.core.unsafe_disable_validation = shard.config.unsafe_disable_validation
 
     @classmethod
     async def open(cls, config: EngineConfig) -> LocalEngine:
@@ -141,26 +150,11 @@ class LocalEngine:
 
     async def recover_prepared(self, older_than: float) -> int:
         """Resolve prepared transactions older than ``older_than`` seconds. Returns how many."""
-        n = 0
-        for sid, shard in self.shards.items():
-            for txn in shard.core.expired(older_than):
-                try:
-                    await self.bus.coordinator.recover(sid, txn)
-                    n += 1
-                except OribusError as e:
-                    log.warning("could not resolve %s on shard %d yet: %s", txn.txn_id, sid, e)
-        return n
+        return await self.recovery.resolve_expired(older_than)
 
     async def release_settled(self) -> int:
         """Release kept decisions that no participant still waits for. Returns how many."""
-        n = 0
-        for sid, shard in self.shards.items():
-            for txn in list(shard.core.decisions.values()):
-                try:
-                    n += await self.bus.coordinator.release_settled(sid, txn)
-                except OribusError as e:
-                    log.info("decision %s on shard %d kept: %s", txn.txn_id, sid, e)
-        return n
+        return await self.recovery.release_settled()
 
     async def _maintain(self) -> None:
         while not self._closed:
@@ -168,9 +162,7 @@ class LocalEngine:
             try:
                 for shard in self.shards.values():
                     shard.expire_sessions()
-                await self.recover_prepared(self.config.txn_expiry_seconds)
-                if any(s.core.decisions for s in self.shards.values()):
-                    await self.release_settled()
+                await self.recovery.run_once()
             except Exception:
                 log.exception("maintenance failed")
 

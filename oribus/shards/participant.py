@@ -103,8 +103,13 @@ class Participant:
         *,
         max_resolved: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        unsafe_disable_validation: bool = False,
     ) -> None:
         self.shard_id = shard_id
+        # Demo/testing only (``oribus demo`` shows what ORI prevents): skip the stale-read,
+        # expected-version and blind-write checks, so stale commits are ACCEPTED. Locks and
+        # transaction records stay, so commits are still atomic. Never set it in production.
+        self.unsafe_disable_validation = unsafe_disable_validation
         self.epoch = epoch
         self.store = store
         self.dlog = delivery_log
@@ -175,27 +180,28 @@ class Participant:
         version = self.store.version
         stale: list[Stale] = []
         reported: set[str] = set()
-        for k, v in logged.items():
-            cur = version(k)
-            if cur != v:
-                stale.append(Stale(k, v, cur, "stale_read"))
-                reported.add(k)
-        for k, v in st.read_set.items():
-            cur = version(k)
-            if cur != v and k not in reported:
-                stale.append(Stale(k, v, cur, "stale_read"))
-                reported.add(k)
-        for k, e in st.expect.items():
-            cur = version(k)
-            if cur != e:
-                stale.append(Stale(k, e, cur, "expected_version"))
-                reported.add(k)
         written = st.written_keys
-        if st.strict:
-            for k in written:
-                if k not in logged and k not in st.read_set and k not in st.expect:
-                    stale.append(Stale(k, None, version(k), "blind_write"))
+        if not self.unsafe_disable_validation:  # demo/testing only, see __init__
+            for k, v in logged.items():
+                cur = version(k)
+                if cur != v:
+                    stale.append(Stale(k, v, cur, "stale_read"))
                     reported.add(k)
+            for k, v in st.read_set.items():
+                cur = version(k)
+                if cur != v and k not in reported:
+                    stale.append(Stale(k, v, cur, "stale_read"))
+                    reported.add(k)
+            for k, e in st.expect.items():
+                cur = version(k)
+                if cur != e:
+                    stale.append(Stale(k, e, cur, "expected_version"))
+                    reported.add(k)
+            if st.strict:
+                for k in written:
+                    if k not in logged and k not in st.read_set and k not in st.expect:
+                        stale.append(Stale(k, None, version(k), "blind_write"))
+                        reported.add(k)
         blockers: set[str] = set()
         me = st.txn_id
         for k in (*written, *logged, *st.read_set, *st.expect):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 
-from oribus.protocol import ReadReply, ReadRequest, ShardTxn, TxnOutcome, TxnStatus, Vote
+from oribus.protocol import ReadReply, ReadRequest, ShardTxn, TxnOutcome, TxnRef, TxnStatus, Vote
 from oribus.shards.store import Entry
 from oribus.types import SessionRef
 
@@ -60,3 +60,11 @@ class ShardService(abc.ABC):
     @abc.abstractmethod
     async def stats(self) -> dict:
         """Counters for operators and benchmarks."""
+
+    @abc.abstractmethod
+    async def expired(self, older_than: float) -> list[TxnRef]:
+        """Two-phase transactions prepared here longer than ``older_than`` seconds ago."""
+
+    @abc.abstractmethod
+    async def unreleased(self) -> list[TxnRef]:
+        """Commit decisions this shard keeps as primary until their participants applied them."""

@@ -33,6 +33,7 @@ from oribus.protocol import (
     ReadRequest,
     ShardTxn,
     TxnOutcome,
+    TxnRef,
     TxnState,
     TxnStatus,
     Vote,
@@ -330,6 +331,12 @@ class Shard(ShardService):
 
     async def release(self, txn_id: str) -> None:
         self.core.release(txn_id)
+
+    async def expired(self, older_than: float) -> list[TxnRef]:
+        return [TxnRef(t.txn_id, t.primary, t.participants) for t in self.core.expired(older_than)]
+
+    async def unreleased(self) -> list[TxnRef]:
+        return [TxnRef(t.txn_id, t.primary, t.participants) for t in self.core.decisions.values()]
 
     # ---- other operations ----------------------------------------------------------
 

@@ -1,0 +1,75 @@
+"""ShardService over gRPC: how a bus process reaches a shard server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from oribus import wire
+from oribus.mux import MuxClient
+from oribus.protocol import ReadReply, ReadRequest, ShardTxn, TxnOutcome, TxnRef, TxnStatus, Vote
+from oribus.shards.service import ShardService
+from oribus.shards.store import Entry
+from oribus.types import SessionRef
+
+
+class GrpcShardClient(ShardService):
+    """One shard server at ``target``, all calls multiplexed over one stream."""
+
+    def __init__(self, shard_id: int, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout: float = 30.0) -> None:
+        self.shard_id = shard_id
+        self.target = target
+        self.mux = MuxClient(target, wire.SHARD_SERVICE, credentials=credentials, timeout=timeout)
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        o = wire.SHARD_OPS[op]
+        return o.dec_result(await self.mux.call(op, o.enc_args(*params)))
+
+    async def read(self, req: ReadRequest) -> ReadReply:
+        return await self._call("read", req)
+
+    async def prepare(self, txn: ShardTxn) -> Vote:
+        return await self._call("prepare", txn)
+
+    async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
+        return await self._call("commit_one_phase", txn)
+
+    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+        return await self._call("decide", txn_id, commit)
+
+    async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
+        return await self._call("finish", txn_id, commit)
+
+    async def release(self, txn_id: str) -> None:
+        await self._call("release", txn_id)
+
+    async def status(self, txn_id: str) -> TxnStatus:
+        return await self._call("status", txn_id)
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        return await self._call("history", key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        await self._call("forget", session, keys)
+
+    async def reset(self, session: SessionRef) -> None:
+        await self._call("reset", session)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+    async def expired(self, older_than: float) -> list[TxnRef]:
+        return await self._call("expired", older_than)
+
+    async def unreleased(self) -> list[TxnRef]:
+        return await self._call("unreleased")
+
+    async def watch_raw(self, prefix: str, from_version: int | None) -> AsyncIterator[list]:
+        async for batch in self.mux.watch(prefix, from_version):
+            yield batch
+
+    async def close(self) -> None:
+        await self.mux.close()

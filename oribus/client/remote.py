@@ -1,0 +1,114 @@
+"""The SDK over the network: ``oribus.connect`` (async) and ``oribus.Client`` (sync).
+
+``RemoteBus`` offers the bus methods the session classes call (read, commit,
+history, forget, reset, stats, watch) over one multiplexed gRPC stream, so a
+remote session has exactly the embedded API and semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from oribus import wire
+from oribus.bus.bus import ReadResult
+from oribus.bus.coordinator import CommitRequest, CommitResult
+from oribus.client.session import AsyncSession
+from oribus.client.sync import LoopThread, SyncSession
+from oribus.mux import MuxClient
+from oribus.shards.store import Entry
+from oribus.types import SessionRef
+
+DEFAULT_ADDRESS = "127.0.0.1:7700"
+
+
+class RemoteBus:
+    """A bus reached over gRPC at ``target`` (``HOST:PORT``)."""
+
+    def __init__(self, target: str = DEFAULT_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout: float = 30.0) -> None:
+        self.target = target
+        self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout)
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        o = wire.BUS_OPS[op]
+        return o.dec_result(await self.mux.call(op, o.enc_args(*params)))
+
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
+        return await self._call("read", session, keys, record)
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        return await self._call("commit", req)
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        return await self._call("history", key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        await self._call("forget", session, keys)
+
+    async def reset(self, session: SessionRef) -> None:
+        await self._call("reset", session)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+    async def watch(self, prefix: str = "", from_version: int | None = None) -> AsyncIterator[Any]:
+        async for batch in self.mux.watch(prefix, from_version):
+            for raw in batch:
+                yield wire.dec_change(raw)
+
+    async def close(self) -> None:
+        await self.mux.close()
+
+
+def connect(
+    target: str = DEFAULT_ADDRESS,
+    *,
+    agent: str = "agent",
+    session_id: str | None = None,
+    strict: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
+    timeout: float = 30.0,
+    max_value_bytes: int = 1 << 20,
+) -> AsyncSession:
+    """Connect to a bus; returns the agent's session (close it, or use ``async with``).
+
+    Example::
+
+        async with oribus.connect("127.0.0.1:7700", agent="planner") as bus:
+            plan = await bus.get("plan")
+            await bus.commit({"plan": {"step": 2}})
+
+    The connection is opened lazily on the first call; a lost connection
+    raises Unavailable and is reopened on the next call. A commit whose
+    outcome is unknown is retried with the same commit id (never applied twice).
+    """
+    remote = RemoteBus(target, credentials=credentials, timeout=timeout)
+    return AsyncSession(remote, agent, session_id, strict=strict, max_value_bytes=max_value_bytes, owner=remote)
+
+
+def Client(  # noqa: N802 - a factory that reads like the class it returns
+    target: str = DEFAULT_ADDRESS,
+    *,
+    agent: str = "agent",
+    session_id: str | None = None,
+    strict: bool = False,
+    credentials: grpc.ChannelCredentials | None = None,
+    timeout: float = 30.0,
+) -> SyncSession:
+    """The synchronous client: the same methods as ``connect``'s session, without ``await``.
+
+    Example::
+
+        with oribus.Client("127.0.0.1:7700", agent="planner") as bus:
+            bus.put("plan", {"step": 1})
+    """
+    portal = LoopThread()
+
+    async def make() -> AsyncSession:
+        return connect(target, agent=agent, session_id=session_id, strict=strict,
+                       credentials=credentials, timeout=timeout)
+
+    return SyncSession(portal.call(make()), portal, owns_portal=True)

@@ -1,0 +1,103 @@
+"""The shard server process: one Shard behind gRPC (``oribus shard``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from oribus import wire
+from oribus.mux import CHANNEL_OPTIONS, mux_handlers
+from oribus.shards.config import ShardConfig
+from oribus.shards.shard import Shard
+
+log = logging.getLogger("oribus.shard.server")
+
+
+class ShardServer:
+    """Serve one shard on ``listen`` (``HOST:PORT``; port 0 picks a free port)."""
+
+    def __init__(self, config: ShardConfig, listen: str, *, epoch: int | None = None,
+                 session_sweep_seconds: float = 5.0) -> None:
+        self.config = config
+        self.listen = listen
+        self.epoch = epoch
+        self.session_sweep_seconds = session_sweep_seconds
+        self.shard: Shard | None = None
+        self.port = 0
+        self._server: aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._sweeper: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        self.shard = await Shard.open(self.config, epoch=self.epoch)
+        server = aio.server(options=CHANNEL_OPTIONS)
+        server.add_generic_rpc_handlers(
+            [mux_handlers(wire.SHARD_SERVICE, wire.bind_ops(self.shard, wire.SHARD_OPS), watch=self._watch)]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.port = server.add_insecure_port(self.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.listen}")
+        await server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(wire.SHARD_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        log.info("shard %d serving on %s (epoch %d)", self.config.shard_id, self.address, self.shard.epoch)
+
+    async def _watch(self, prefix: str, from_version: int | None):
+        assert self.shard is not None
+        watch = getattr(self.shard, "watch", None)
+        if watch is None:
+            from oribus.errors import InvalidRequest
+
+            raise InvalidRequest("this shard does not serve watch")
+        async for change in watch(prefix, from_version):
+            yield [wire.enc_change(change)]
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.session_sweep_seconds)
+            if self.shard is not None:
+                self.shard.expire_sessions()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop serving (letting calls in flight finish), then flush and close the shard."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+        if self.shard is not None:
+            await self.shard.close()
+
+
+async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_file: Path | None = None,
+                           config: ShardConfig | None = None) -> None:
+    """Run until SIGINT/SIGTERM: the body of ``oribus shard``."""
+    import signal
+
+    cfg = config or ShardConfig(shard_id=shard_id, data_dir=data_dir)
+    server = ShardServer(cfg, listen)
+    await server.start()
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(server.address)
+        tmp.replace(ready_file)
+    print(f"oribus shard {shard_id} listening on {server.address}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
