@@ -1,13 +1,158 @@
-"""The ``oribus`` command line."""
+"""The ``oribus`` command line.
+
+Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
+Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
+``rollback``, ``watch``, ``stats``. Tools: ``demo``, ``repair``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+DEFAULT_ADDR = "127.0.0.1:7700"
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, bytes):
+        return {"$bytes": base64.b64encode(o).decode()}
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def _print(obj: Any) -> None:
+    print(json.dumps(obj, default=_json_default, ensure_ascii=False))
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+
+
+# ---- servers ----------------------------------------------------------------------------
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from oribus.bus.cluster import LocalCluster, run_until_signalled
+
+    cluster = LocalCluster(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes)
+    _run(run_until_signalled(cluster))
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from oribus.shards.server import run_shard_server
+
+    _run(run_shard_server(args.id, Path(args.data_dir), args.listen,
+                          ready_file=Path(args.ready_file) if args.ready_file else None))
+    return 0
+
+
+def _cmd_bus(args: argparse.Namespace) -> int:
+    from oribus.bus.bus import Bus
+    from oribus.bus.recovery import Recovery
+    from oribus.bus.server import BusServer
+    from oribus.bus.shard_client import GrpcShardClient
+    from oribus.meta.slots import StaticSlotMap
+
+    addrs = [a.strip() for a in args.shards.split(",") if a.strip()]
+    if not addrs:
+        print("--shards needs at least one HOST:PORT", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        import signal
+
+        clients = {i: GrpcShardClient(i, a) for i, a in enumerate(addrs)}
+        bus = Bus(clients, StaticSlotMap(len(addrs)).shard_for)
+        server = BusServer(bus, args.listen, recovery=Recovery(bus))
+        await server.start()
+        print(f"oribus bus listening on {server.address} over {len(addrs)} shards", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+        for c in clients.values():
+            await c.close()
+
+    _run(main())
+    return 0
+
+
+# ---- clients ----------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):
+    import oribus
+
+    return oribus.Client(args.addr, agent=args.agent)
+
+
+def _item(i: Any) -> dict:
+    return {"key": i.key, "value": i.value, "version": i.version}
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(_item(c.get(args.key)))
+    return 0
+
+
+def _cmd_put(args: argparse.Namespace) -> int:
+    try:
+        value = json.loads(args.json)
+    except ValueError as e:
+        print(json.dumps({"error": "InvalidRequest", "message": f"value is not JSON: {e}"}), file=sys.stderr)
+        return 2
+    with _client(args) as c:
+        version = c.put(args.key, value, expect=args.expect)
+        _print({"key": args.key, "version": version})
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print([v._asdict() for v in c.history(args.key, limit=args.limit)])
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.get(args.key)  # the rollback depends on the key's current version
+        _print({"key": args.key, "version": c.rollback({args.key: args.version})[args.key]})
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        for n, ev in enumerate(c.watch(prefix=args.prefix, from_version=args.from_version), 1):
+            _print(ev._asdict() if hasattr(ev, "_asdict") else ev)
+            sys.stdout.flush()
+            if args.count and n >= args.count:
+                break
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        _print(c.stats())
+    return 0
+
+
+# ---- tools ------------------------------------------------------------------------------
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
@@ -20,12 +165,10 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     if not wal_dirs:
         print(f"no WAL directories under {data}", file=sys.stderr)
         return 2
-    changed = False
     for d in wal_dirs:
         actions = repair_wal(d)
         for a in actions:
             print(f"{d}: {a}")
-        changed = changed or bool(actions)
         if not actions:
             print(f"{d}: intact")
     return 0
@@ -37,22 +180,74 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(Path(args.data_dir), shards=args.shards, fresh=not args.keep))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oribus", description="A state bus for fleets of agents.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run a bus and its shards on this machine")
+    p.add_argument("--data-dir", default="./oribus-data")
+    p.add_argument("--listen", default=DEFAULT_ADDR, help="gRPC address of the bus (HOST:PORT)")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--processes", action="store_true", help="run each shard as its own process over gRPC")
+    p.set_defaults(fn=_cmd_up)
+
+    p = sub.add_parser("shard", help="run one shard server")
+    p.add_argument("--id", type=int, required=True)
+    p.add_argument("--data-dir", required=True, help="this shard's own directory")
+    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--ready-file", help="write the bound address here once serving")
+    p.set_defaults(fn=_cmd_shard)
+
+    p = sub.add_parser("bus", help="run a bus over shard servers")
+    p.add_argument("--listen", default=DEFAULT_ADDR)
+    p.add_argument("--shards", required=True, help="comma-separated shard addresses, shard 0 first")
+    p.set_defaults(fn=_cmd_bus)
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--addr", default=DEFAULT_ADDR)
+        p.add_argument("--agent", default="cli")
+        return p
+
+    p = client("get", "read a key")
+    p.add_argument("key")
+    p.set_defaults(fn=_cmd_get)
+    p = client("put", "write a key (value as JSON)")
+    p.add_argument("key")
+    p.add_argument("json")
+    p.add_argument("--expect", type=int, help="expected current version")
+    p.set_defaults(fn=_cmd_put)
+    p = client("history", "past versions of a key, newest first")
+    p.add_argument("key")
+    p.add_argument("--limit", type=int)
+    p.set_defaults(fn=_cmd_history)
+    p = client("rollback", "restore a key to the value it had at VERSION")
+    p.add_argument("key")
+    p.add_argument("version", type=int)
+    p.set_defaults(fn=_cmd_rollback)
+    p = client("watch", "print committed changes under a prefix")
+    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("--from-version", type=int)
+    p.add_argument("--count", type=int, help="stop after this many changes")
+    p.set_defaults(fn=_cmd_watch)
+    p = client("stats", "counters of the bus and its shards")
+    p.set_defaults(fn=_cmd_stats)
 
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")
     p.add_argument("--data-dir", required=True, help="an engine data dir, or one shard's dir")
     p.set_defaults(fn=_cmd_repair)
 
-    p = sub.add_parser("demo", help="run a small fleet of agents on the embedded engine")
+    p = sub.add_parser("demo", help="run a fleet of agents on the embedded engine, with and without ORI")
     p.add_argument("--data-dir", default="./oribus-data/demo")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the data dir's existing contents")
     p.set_defaults(fn=_cmd_demo)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -61,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # a clear message, not a traceback, for operator errors
+    except Exception as e:  # a clear message, not a traceback, for errors users can act on
         from oribus.errors import OribusError
 
         if isinstance(e, OribusError):
-            print(json.dumps({"error": e.code, "message": e.message, **e.details}), file=sys.stderr)
+            print(json.dumps({"error": e.code, "message": e.message, **e.details}, default=_json_default),
+                  file=sys.stderr)
             return 1
         raise
 

@@ -15,6 +15,11 @@ Messages (bus → shard, reply):
     status(txn_id)               → TxnStatus        a participant asks the primary
     history(key, limit)          → list[Version]
     forget(session, keys) / reset(session)
+    watch(WatchRequest)          → stream of Change  replay kept versions, then live changes
+
+A watch is answered from the moment it is registered: every change that
+becomes visible after that is streamed, and the replay covers what the request
+asks of the kept history before it (see ``oribus.shards.watch``).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from oribus.errors import Stale
-from oribus.types import SessionRef
+from oribus.errors import InvalidRequest, Stale
+from oribus.types import SessionRef, validate_key, validate_prefix
 
 # A session's proof of liveness on one shard: (shard epoch, delivery-log incarnation).
 Token = tuple[int, int]
@@ -131,3 +136,94 @@ class TxnStatus:
     primary: int
     participants: tuple[int, ...]
     age: float  # seconds since this shard prepared it
+
+
+@dataclass(slots=True)
+class Change:
+    """One committed write, streamed to watchers once it is visible (applied).
+
+    Wire form: ``[key, version, value, deleted, agent, session, commit_id, committed_at]``.
+    """
+
+    key: str
+    version: int
+    value: bytes | None  # msgpack-encoded value; None for a delete
+    deleted: bool
+    agent: str
+    session: str  # the committing session's id
+    commit_id: str
+    committed_at: float  # seconds since the epoch, stamped by the coordinator
+
+    def to_wire(self) -> list[Any]:
+        return [self.key, self.version, self.value, self.deleted, self.agent, self.session,
+                self.commit_id, self.committed_at]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> Change:
+        if not isinstance(raw, list | tuple) or len(raw) != 8:
+            raise InvalidRequest("a change is [key, version, value, deleted, agent, session, commit_id, time]")
+        key, version, value, deleted, agent, session, commit_id, committed_at = raw
+        if not (
+            isinstance(key, str)
+            and isinstance(version, int)
+            and (value is None or isinstance(value, bytes))
+            and isinstance(deleted, bool)
+            and isinstance(agent, str)
+            and isinstance(session, str)
+            and isinstance(commit_id, str)
+            and isinstance(committed_at, int | float)
+        ):
+            raise InvalidRequest("a change has a field of the wrong type")
+        return cls(key, version, value, deleted, agent, session, commit_id, float(committed_at))
+
+
+@dataclass(slots=True)
+class WatchRequest:
+    """What a watch replays before it streams live changes.
+
+    For each key under ``prefix`` the replay starts after, in this order of precedence:
+    ``after[key]`` (the last version a resuming watcher saw), else ``from_version``,
+    else — when ``since`` is set — the versions committed at or after ``since``;
+    with none of them the key is watched live only. Versions that would be needed
+    but are no longer kept fail the watch (HistoryTruncated), never skipped.
+
+    Wire form: ``{"p": prefix, "f": from_version, "a": {key: version}, "s": since}``.
+    """
+
+    prefix: str = ""
+    from_version: int | None = None  # replay every version > this of every key (None: none)
+    after: dict[str, int] = field(default_factory=dict)  # per key: replay versions > this
+    since: float | None = None  # keys not in ``after`` (and no from_version): commit time >= this
+
+    def validate(self) -> WatchRequest:
+        """Raise InvalidRequest unless every field is well formed; returns self."""
+        validate_prefix(self.prefix)
+        if self.from_version is not None and not _is_version(self.from_version):
+            raise InvalidRequest("from_version must be None or an int >= 0")
+        if not isinstance(self.after, dict):
+            raise InvalidRequest("after must be a mapping of key -> version")
+        for k, v in self.after.items():
+            validate_key(k)
+            if not k.startswith(self.prefix):
+                raise InvalidRequest(f"key {k!r} of after is not under the prefix {self.prefix!r}", key=k)
+            if not _is_version(v):
+                raise InvalidRequest(f"after version of {k!r} must be an int >= 0", key=k)
+        if self.since is not None and (
+            not isinstance(self.since, int | float) or isinstance(self.since, bool) or self.since != self.since
+        ):
+            raise InvalidRequest("since must be None or a time in seconds since the epoch")
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"p": self.prefix, "f": self.from_version, "a": self.after, "s": self.since}
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> WatchRequest:
+        if not isinstance(raw, dict):
+            raise InvalidRequest('a watch request is {"p": prefix, "f": from_version, "a": after, "s": since}')
+        after = raw.get("a")
+        return cls(raw.get("p", ""), raw.get("f"), {} if after is None else after, raw.get("s")).validate()
+
+
+def _is_version(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from oribus.bus.coordinator import CommitRequest, CommitResult, Coordinator
 from oribus.bus.sessions import SessionTable
+from oribus.bus.watch import MergedWatch
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
-from oribus.protocol import ReadItem, ReadRequest, Scope, Token
+from oribus.protocol import Change, ReadItem, ReadRequest, Scope, Token, WatchRequest
 from oribus.shards.service import ShardService
 from oribus.shards.store import Entry
 from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
@@ -154,6 +155,40 @@ class Bus:
         _check_session(session)
         await asyncio.gather(*(s.reset(session) for s in self.shards.values()))
         self.sessions.reset(session)
+
+    def watch(
+        self,
+        prefix: str = "",
+        from_version: int | None = None,
+        *,
+        after: Mapping[str, int] | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[Change]:
+        """Changes of keys under ``prefix`` on every shard, merged; each key's in version order.
+
+        ``from_version``: first replay every kept version after it of every key
+        (None: live changes only). ``after`` (key -> last version seen) and
+        ``since`` serve resuming watchers (see ``protocol.WatchRequest``). A
+        watch records no delivery: it belongs to no session.
+        """
+        req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
+        after_by_shard: dict[int, dict[str, int]] = {}
+        for k, v in req.after.items():
+            after_by_shard.setdefault(self.shard_for(k), {})[k] = v
+        streams: list[AsyncIterator[Change]] = []
+        try:
+            for sid, shard in self.shards.items():
+                streams.append(
+                    shard.watch(req.prefix, req.from_version, after=after_by_shard.get(sid), since=req.since)
+                )
+        except BaseException:
+            for s in streams:
+                aclose = getattr(s, "aclose", None)
+                if aclose is not None:
+                    # in-process watchers detach synchronously; nothing to await for them
+                    aclose().close()
+            raise
+        return streams[0] if len(streams) == 1 else MergedWatch(streams)
 
     async def stats(self) -> dict:
         shards = await asyncio.gather(*(s.stats() for s in self.shards.values()))

@@ -8,8 +8,18 @@ Three implementations keep the same semantics: the shard itself in-process
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator, Mapping
 
-from oribus.protocol import ReadReply, ReadRequest, ShardTxn, TxnOutcome, TxnRef, TxnStatus, Vote
+from oribus.protocol import (
+    Change,
+    ReadReply,
+    ReadRequest,
+    ShardTxn,
+    TxnOutcome,
+    TxnRef,
+    TxnStatus,
+    Vote,
+)
 from oribus.shards.store import Entry
 from oribus.types import SessionRef
 
@@ -68,3 +78,24 @@ class ShardService(abc.ABC):
     @abc.abstractmethod
     async def unreleased(self) -> list[TxnRef]:
         """Commit decisions this shard keeps as primary until their participants applied them."""
+
+    @abc.abstractmethod
+    def watch(
+        self,
+        prefix: str = "",
+        from_version: int | None = None,
+        *,
+        after: Mapping[str, int] | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[Change]:
+        """Changes of keys under ``prefix``: first the kept versions asked for, then live ones.
+
+        The replay (see ``protocol.WatchRequest``) gives, per key in version
+        order, every kept version after ``after[key]`` / ``from_version`` (or
+        committed since ``since``); then every change is streamed as it becomes
+        visible, with no gap or duplicate between the two parts. Raises
+        HistoryTruncated if wanted versions are no longer kept, WatchLagged
+        (retryable) when the watcher falls too far behind. The stream ends
+        without error only when the shard shuts down for good; a transport that
+        loses the stream raises Unavailable, so that watchers resume.
+        """

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import msgpack
 
@@ -29,6 +29,7 @@ from oribus.delivery_log import DeliveryLog
 from oribus.errors import OribusError, Unavailable
 from oribus.failpoints import failpoint
 from oribus.protocol import (
+    Change,
     ReadReply,
     ReadRequest,
     ShardTxn,
@@ -37,6 +38,7 @@ from oribus.protocol import (
     TxnState,
     TxnStatus,
     Vote,
+    WatchRequest,
 )
 from oribus.shards.config import ShardConfig
 from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
@@ -44,6 +46,7 @@ from oribus.shards.service import ShardService
 from oribus.shards.store import Entry, VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, load_latest_snapshot, write_snapshot
+from oribus.shards.watch import Watcher, changes_of, plan_replay
 from oribus.types import SessionRef
 
 log = logging.getLogger("oribus.shard")
@@ -72,8 +75,10 @@ class Shard(ShardService):
         self._records_since_snapshot = 0
         self._snapshot_task: asyncio.Task | None = None
         self._closed = False
+        self._watchers: set[Watcher] = set()
         self.counters = {"reads": 0, "commits_1pc": 0, "prepares": 0, "decisions": 0,
-                         "conflicts": 0, "aborts": 0, "snapshots": 0, "replayed_records": 0}
+                         "conflicts": 0, "aborts": 0, "snapshots": 0, "replayed_records": 0,
+                         "watches_lagged": 0}
 
     @classmethod
     async def open(cls, config: ShardConfig, *, epoch: int | None = None) -> Shard:
@@ -122,6 +127,32 @@ class Shard(ShardService):
             raise
         except OSError as e:  # pragma: no cover - the WAL wraps its own errors
             raise Unavailable(f"shard {self.shard_id}: WAL write failed: {e}") from e
+
+    def _apply_commit(self, txn_id: str) -> TxnOutcome:
+        """Make a transaction's writes visible, then offer them to the watchers.
+
+        Every place that commits goes through here (one-phase, the primary's
+        decision, a participant's finish); aborts make nothing visible, so
+        watchers never see an aborted or refused write.
+        """
+        txn = self.core.known(txn_id)
+        applying = txn is not None and txn.state is TxnState.PREPARED
+        outcome = self.core.apply_commit(txn_id)
+        if applying and self._watchers and outcome.state is TxnState.COMMITTED:
+            self._publish(changes_of(txn))  # type: ignore[arg-type]
+        return outcome
+
+    def _publish(self, changes: list[Change]) -> None:
+        for watcher in list(self._watchers):  # a watcher that lags detaches itself
+            prefix = watcher.prefix
+            for change in changes:
+                if change.key.startswith(prefix):
+                    watcher.offer(change)
+
+    def _detach_watcher(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+        if watcher.lagged:
+            self.counters["watches_lagged"] += 1
 
     def _resolved(self, txn_id: str) -> None:
         fut = self._waiters.pop(txn_id, None)
@@ -230,7 +261,7 @@ class Shard(ShardService):
             self.core.cancel_one_phase(txn.txn_id)
             self._resolved(txn.txn_id)
             raise
-        outcome = self.core.apply_commit(txn.txn_id)
+        outcome = self._apply_commit(txn.txn_id)
         self._unapplied.discard(lsn)
         self._resolved(txn.txn_id)
         self.counters["commits_1pc"] += 1
@@ -282,7 +313,7 @@ class Shard(ShardService):
                 self._unapplied.discard(lsn)
             failpoint("txn.after_decide")
             if state is TxnState.COMMITTED:
-                outcome = self.core.apply_commit(txn_id)
+                outcome = self._apply_commit(txn_id)
             else:
                 outcome = self.core.apply_abort(txn_id)
                 self.counters["aborts"] += 1
@@ -317,7 +348,7 @@ class Shard(ShardService):
             if txn.state is TxnState.PREPARED:
                 failpoint("txn.before_participant_commit")
                 self._append((int(RecordType.COMMIT), {"i": txn_id}))
-            outcome = self.core.apply_commit(txn_id)
+            outcome = self._apply_commit(txn_id)
         else:
             if txn is None or txn.state is TxnState.PREPARED:
                 self._append((int(RecordType.ABORT), {"i": txn_id}))
@@ -337,6 +368,36 @@ class Shard(ShardService):
 
     async def unreleased(self) -> list[TxnRef]:
         return [TxnRef(t.txn_id, t.primary, t.participants) for t in self.core.decisions.values()]
+
+    # ---- watch -----------------------------------------------------------------------
+
+    def watch(
+        self,
+        prefix: str = "",
+        from_version: int | None = None,
+        *,
+        after: Mapping[str, int] | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[Change]:
+        """Replay the kept versions asked for, then stream changes as they become visible.
+
+        Registration and the replay plan happen now, in one step (see
+        ``oribus.shards.watch``): every change made visible after this call
+        returns is streamed.
+        """
+        self._check_open()
+        req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
+        watcher = Watcher(
+            prefix, shard_id=self.shard_id, limit=self.config.watch_queue_limit,
+            detach=self._detach_watcher,
+        )
+        self._watchers.add(watcher)  # subscribe first: from here on every visible change is queued
+        try:
+            watcher.set_replay(plan_replay(self.store, req))
+        except BaseException:
+            self._watchers.discard(watcher)
+            raise
+        return watcher
 
     # ---- other operations ----------------------------------------------------------
 
@@ -359,6 +420,7 @@ class Shard(ShardService):
             "prepared": len(self.core.prepared),
             "delivery_log": self.dlog.stats(),
             "wal": dict(wal.stats) if wal is not None else {},
+            "watchers": len(self._watchers),
             **self.counters,
         }
 
@@ -373,6 +435,8 @@ class Shard(ShardService):
             with contextlib.suppress(Exception):
                 await self._snapshot_task
         self._closed = True
+        for watcher in list(self._watchers):
+            watcher.end()
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_result(None)

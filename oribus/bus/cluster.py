@@ -1,0 +1,146 @@
+"""A whole oribus on one machine: what ``oribus up`` runs.
+
+Two ways to host the shards:
+
+* in-process (default): the embedded engine (no network hop between bus and
+  shards) with the client-facing gRPC service in front of it;
+* ``processes=True``: each shard is its own ``oribus shard`` process on a free
+  port, and the bus reaches them over gRPC — the cluster layout on one box.
+
+Either way the data directory has the embedded layout (``layout.json`` and
+``shard-NNNN/``), so one can switch between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from oribus.bus.bus import Bus
+from oribus.bus.embedded import EngineConfig, LocalEngine, _check_layout
+from oribus.bus.recovery import Recovery
+from oribus.bus.server import BusServer
+from oribus.bus.shard_client import GrpcShardClient
+from oribus.errors import Unavailable
+from oribus.meta.slots import StaticSlotMap
+
+log = logging.getLogger("oribus.cluster")
+
+
+class LocalCluster:
+    """Bus + N shards on this machine. ``await start()``, ``await stop()``."""
+
+    def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int = 2,
+                 processes: bool = False, start_timeout: float = 30.0, **engine_options) -> None:
+        self.config = EngineConfig(data_dir=Path(data_dir), shards=shards, **engine_options)
+        self.listen = listen
+        self.processes = processes
+        self.start_timeout = start_timeout
+        self.engine: LocalEngine | None = None
+        self.server: BusServer | None = None
+        self.shard_procs: dict[int, subprocess.Popen] = {}
+        self.shard_addresses: dict[int, str] = {}
+        self._clients: list[GrpcShardClient] = []
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.server.address
+
+    async def start(self) -> None:
+        if self.processes:
+            bus, recovery = await self._start_processes()
+        else:
+            self.engine = await LocalEngine.open(self.config)
+            bus, recovery = self.engine.bus, None  # the engine runs its own recovery
+        self.server = BusServer(bus, self.listen, recovery=recovery)
+        await self.server.start()
+
+    def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0") -> list[str]:
+        return [
+            sys.executable, "-m", "oribus.cli", "shard",
+            "--id", str(shard_id),
+            "--data-dir", str(self.config.shard_config(shard_id).data_dir),
+            "--listen", listen,
+            "--ready-file", str(ready_file),
+        ]
+
+    def spawn_shard(self, shard_id: int, listen: str = "127.0.0.1:0") -> subprocess.Popen:
+        ready = self.config.data_dir / f".shard-{shard_id}.addr"
+        with contextlib.suppress(FileNotFoundError):
+            ready.unlink()
+        proc = subprocess.Popen(self.shard_command(shard_id, ready, listen), stdout=subprocess.DEVNULL)
+        self.shard_procs[shard_id] = proc
+        return proc
+
+    async def wait_ready(self, shard_id: int) -> str:
+        ready = self.config.data_dir / f".shard-{shard_id}.addr"
+        deadline = time.monotonic() + self.start_timeout
+        proc = self.shard_procs[shard_id]
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise Unavailable(f"shard {shard_id} process exited with code {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise Unavailable(f"shard {shard_id} did not start within {self.start_timeout}s")
+            await asyncio.sleep(0.05)
+        addr = ready.read_text().strip()
+        self.shard_addresses[shard_id] = addr
+        return addr
+
+    async def _start_processes(self) -> tuple[Bus, Recovery]:
+        await asyncio.get_running_loop().run_in_executor(None, _check_layout, self.config)
+        for i in range(self.config.shards):
+            self.spawn_shard(i)
+        shards = {}
+        for i in range(self.config.shards):
+            client = GrpcShardClient(i, await self.wait_ready(i))
+            self._clients.append(client)
+            shards[i] = client
+        slot_map = StaticSlotMap(self.config.shards)
+        bus = Bus(shards, slot_map.shard_for, max_value_bytes=self.config.max_value_bytes)
+        recovery = Recovery(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
+                            interval=self.config.maintenance_interval)
+        return bus, recovery
+
+    async def stop(self) -> None:
+        """Drain the bus, flush and close the shards (SIGTERM to shard processes). Idempotent."""
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        for c in self._clients:
+            await c.close()
+        self._clients.clear()
+        if self.engine is not None:
+            await self.engine.close()
+            self.engine = None
+        for proc in self.shard_procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.shard_procs.values():
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, proc.wait, 15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.shard_procs.clear()
+
+
+async def run_until_signalled(cluster: LocalCluster) -> None:
+    await cluster.start()
+    mode = "shard processes" if cluster.processes else "in-process shards"
+    print(f"oribus up: bus on {cluster.address}, {cluster.config.shards} {mode}, "
+          f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("oribus up: shutting down (draining, flushing)", flush=True)
+    await cluster.stop()

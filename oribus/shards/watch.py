@@ -1,0 +1,187 @@
+"""Watch streams of one shard: replay from the kept history, then live changes.
+
+How a watch joins the history and the live changes with no gap and no duplicate:
+
+1. the ``Watcher`` is registered with the shard first — from then on every
+   change that becomes visible is queued for it;
+2. the replay is planned from the kept history in the same step (no await in
+   between, so no commit is applied in the middle): per key, in version
+   order, the versions the request asks for, up to the one current at
+   registration (``plan_replay``);
+3. the stream yields the replay, then the queue, skipping a queued change
+   whose key the replay already gave at that version or later — a guard that
+   keeps the join exact should planning ever stop being a single step.
+
+Live changes are offered only after ``apply_commit`` made them visible, so an
+aborted or refused commit never reaches a watcher, and offering never blocks
+the shard: each watcher has a bounded queue, and one that fills is cut off — it
+yields what it holds, then raises WatchLagged — so that it can resume from the
+last version it saw of each key. Closing the shard ends every stream once its
+queue is drained. A watch records no delivery: watching is not reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from itertools import takewhile
+
+from oribus.errors import HistoryTruncated, OribusError, WatchLagged
+from oribus.protocol import Change, WatchRequest
+from oribus.shards.store import Entry, VersionedStore
+from oribus.shards.txn import Txn
+
+DEFAULT_QUEUE_LIMIT = 10_000
+
+
+def change_from_entry(key: str, e: Entry) -> Change:
+    return Change(key, e.version, e.value, e.deleted, e.agent, e.session, e.commit_id, e.committed_at)
+
+
+def changes_of(txn: Txn) -> list[Change]:
+    """The writes of a committed transaction, as the store now holds them."""
+    agent, session = txn.session[0], txn.session[1]
+    return [
+        Change(k, w.version, None if w.deleted else w.value, w.deleted, agent, session, txn.txn_id,
+               txn.committed_at)
+        for k, w in txn.writes.items()
+    ]
+
+
+def plan_replay(store: VersionedStore, req: WatchRequest) -> list[Change]:
+    """The kept versions ``req`` asks for: per key in version order, keys in key order.
+
+    Raises HistoryTruncated, naming the keys, when a key's wanted versions begin
+    before the oldest version kept — a replay never skips silently.
+    """
+    if req.from_version is None and req.since is None:
+        keys = sorted(req.after)  # only resumed keys replay anything
+    else:
+        keys = store.keys(req.prefix)
+    out: list[Change] = []
+    truncated: list[tuple[str, object, int, int]] = []
+    for key in keys:
+        current = store.current(key)
+        if current is None:
+            continue
+        start = req.after.get(key, req.from_version)
+        if start is not None:
+            if current.version <= start:
+                continue
+            oldest = store.oldest_version(key)
+            if oldest > start + 1:
+                truncated.append((key, start, oldest, current.version))
+                continue
+            wanted = list(takewhile(lambda e: e.version > start, store.history(key)))
+        else:
+            since = req.since
+            if current.committed_at < since:  # type: ignore[operator]
+                continue
+            history = store.history(key)
+            wanted = list(takewhile(lambda e: e.committed_at >= since, history))  # type: ignore[operator]
+            if len(wanted) == len(history) and history[-1].version > 1:
+                # every kept version is recent: older ones, now gone, may have been too
+                truncated.append((key, f"time {since}", history[-1].version, current.version))
+                continue
+        out.extend(change_from_entry(key, e) for e in reversed(wanted))
+    if truncated:
+        shown = ", ".join(f"{k!r} after {s} (kept {o}..{c})" for k, s, o, c in truncated[:5])
+        more = f" and {len(truncated) - 5} more" if len(truncated) > 5 else ""
+        raise HistoryTruncated(
+            f"watch of {req.prefix!r} asks for versions no longer kept (each key keeps its last "
+            f"{store.history_limit}): {shown}{more}; read the current values and watch from "
+            "their versions",
+            keys=[[k, s, o] for k, s, o, _ in truncated[:20]],
+        )
+    return out
+
+
+class Watcher:
+    """One watch on one shard: an async iterator of Change (replay, then live).
+
+    The shard calls ``offer`` for each change made visible and ``end`` when it
+    closes; ``detach`` is called once, when the watcher stops receiving.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        shard_id: int,
+        limit: int = DEFAULT_QUEUE_LIMIT,
+        detach: Callable[[Watcher], None],
+    ) -> None:
+        self.prefix = prefix
+        self.shard_id = shard_id
+        self.limit = limit
+        self.lagged = False
+        self._detach = detach
+        self._replay: deque[Change] = deque()
+        self._replayed: dict[str, int] = {}  # key -> last version the replay gives
+        self._live: deque[Change] = deque()
+        self._ready = asyncio.Event()
+        self._ended = False
+        self._error: OribusError | None = None
+
+    def set_replay(self, changes: list[Change]) -> None:
+        self._replay.extend(changes)
+        for c in changes:
+            self._replayed[c.key] = c.version
+
+    def offer(self, change: Change) -> None:
+        """Queue a change that just became visible. Never blocks; cuts the watcher off when full."""
+        if self._ended:
+            return
+        if len(self._live) >= self.limit:
+            self.lagged = True
+            self._end(
+                WatchLagged(
+                    f"watcher of {self.prefix!r} on shard {self.shard_id} fell {self.limit} changes "
+                    "behind and was cut off; resume from the last version seen of each key",
+                    shard=self.shard_id,
+                )
+            )
+            return
+        self._live.append(change)
+        self._ready.set()
+
+    def end(self) -> None:
+        """The shard is closing: the stream ends (without error) once its queue is drained."""
+        self._end(None)
+
+    def _end(self, error: OribusError | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._error = error
+        self._detach(self)
+        self._ready.set()
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> Change:
+        while True:
+            if self._replay:
+                return self._replay.popleft()
+            if self._live:
+                c = self._live.popleft()
+                if self._replayed and c.version <= self._replayed.get(c.key, 0):
+                    continue
+                return c
+            if self._ended:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error
+                raise StopAsyncIteration
+            self._ready.clear()
+            await self._ready.wait()
+
+    async def aclose(self) -> None:
+        """Stop watching. A pending ``__anext__`` ends with StopAsyncIteration. Idempotent."""
+        self._replay.clear()
+        self._live.clear()
+        self._error = None
+        self._end(None)
+        self._ready.set()
