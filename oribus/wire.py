@@ -254,6 +254,7 @@ def enc_commit_request(r: CommitRequest) -> dict:
         "since": r.since,
         "t": {s: list(t) for s, t in r.tokens.items()},
         "st": r.strict,
+        "ct": r.complete_tokens,
     }
 
 
@@ -274,6 +275,7 @@ def dec_commit_request(a: Any) -> CommitRequest:
         since=_int_int_map(_opt(a, "since", dict, {}), "since"),
         tokens=_tokens(_opt(a, "t", dict, {})),
         strict=bool(_opt(a, "st", bool, False)),
+        complete_tokens=bool(_opt(a, "ct", bool, False)),
     )
 
 

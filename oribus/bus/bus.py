@@ -127,6 +127,11 @@ class Bus:
                         shard=sid,
                     )
                 req.tokens.setdefault(sid, tok)
+            if not known and not req.complete_tokens:
+                # Nothing tells this bus where the session read (another replica served it,
+                # or this bus restarted, and the client does not track tokens): validate on
+                # every shard rather than skip any part of the read set.
+                req.broadcast = True
         if not req.committed_at:
             req.committed_at = time.time()
         result = await self.coordinator.commit(req)
@@ -183,10 +188,9 @@ class Bus:
                 )
         except BaseException:
             for s in streams:
-                aclose = getattr(s, "aclose", None)
-                if aclose is not None:
-                    # in-process watchers detach synchronously; nothing to await for them
-                    aclose().close()
+                close = getattr(s, "close", None)  # in-process watchers detach at once
+                if close is not None:
+                    close()
             raise
         return streams[0] if len(streams) == 1 else MergedWatch(streams)
 

@@ -54,6 +54,10 @@ class CommitRequest:
     tokens: dict[int, Token] = field(default_factory=dict)  # the session's tokens per shard
     strict: bool = False
     committed_at: float = 0.0
+    # The client tracks its tokens and sent all of them (the SDK does). When False and
+    # the bus knows nothing of the session, every shard validates (see Bus.commit).
+    complete_tokens: bool = False
+    broadcast: bool = False  # make every shard a participant (set by the bus)
 
 
 @dataclass(slots=True)
@@ -125,6 +129,9 @@ class Coordinator:
         if req.scope is Scope.SESSION:
             for shard_id in req.tokens:
                 part(shard_id)
+            if req.broadcast:
+                for shard_id in self.shards:
+                    part(shard_id)
         else:
             for shard_id in req.since:
                 part(shard_id)

@@ -2,7 +2,7 @@
 
 The same classes serve the embedded engine (``oribus.open_local``) and, later,
 remote buses: they only call the bus methods ``read``, ``commit``,
-``history``, ``forget``, ``reset`` and ``stats``.
+``history``, ``forget``, ``reset``, ``stats`` and ``watch``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,21 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-import msgpack
-
 from oribus.bus.bus import ReadResult
 from oribus.bus.coordinator import CommitRequest
 from oribus.client.retry import RetryPolicy
+from oribus.client.watch import WatchStream
 from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.protocol import Scope, Token
-from oribus.types import DELETE, Item, SessionRef, Version, encode_value, validate_key
+from oribus.types import (
+    DELETE,
+    Item,
+    SessionRef,
+    Version,
+    decode_value,
+    encode_value,
+    validate_key,
+)
 
 T = TypeVar("T")
 
@@ -36,10 +43,6 @@ def new_commit_id() -> str:
 
 # How often a commit whose outcome is unknown (Unavailable) is retried with the same commit id.
 _SAME_ID_RETRIES = 3
-
-
-def decode_value(raw: bytes | None) -> Any:
-    return None if raw is None else msgpack.unpackb(raw, raw=False, strict_map_key=False)
 
 
 class AsyncSession:
@@ -196,6 +199,7 @@ class AsyncSession:
             scope=Scope.SESSION,
             tokens=dict(self._tokens),
             strict=self.strict,
+            complete_tokens=True,
         )
         return await self._send(req)
 
@@ -223,6 +227,7 @@ class AsyncSession:
             scope=Scope.SESSION,
             tokens=dict(self._tokens),
             strict=self.strict,
+            complete_tokens=True,
         )
         return await self._send(req)
 
@@ -270,6 +275,22 @@ class AsyncSession:
         """Drop every delivery of this session; also clears a SessionExpired state."""
         await self._bus.reset(self.session_ref)
         self._tokens.clear()
+
+    def watch(
+        self, prefix: str = "", from_version: int | None = None, *, policy: RetryPolicy | None = None
+    ) -> WatchStream:
+        """Changes of keys under ``prefix`` as they become visible (an async iterator of WatchEvent).
+
+        ``from_version=None`` watches live changes only; an int first replays
+        every kept version after it. The stream resumes by itself after a
+        break, from the last version seen of each key (see WatchStream).
+        Watching is not reading: it records no delivery. Example::
+
+            async with bus.watch("team-a/") as changes:
+                async for ch in changes:
+                    print(ch.key, ch.version, ch.value)
+        """
+        return WatchStream(self._bus, prefix, from_version, policy=policy)
 
     async def stats(self) -> dict:
         return await self._bus.stats()
@@ -369,6 +390,7 @@ class Transaction:
             since=dict(self._since),
             tokens=dict(self._tokens),
             strict=s.strict,
+            complete_tokens=True,
         )
         self.versions = await s._send(req)
         return self.versions

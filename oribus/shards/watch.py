@@ -178,10 +178,13 @@ class Watcher:
             self._ready.clear()
             await self._ready.wait()
 
-    async def aclose(self) -> None:
-        """Stop watching. A pending ``__anext__`` ends with StopAsyncIteration. Idempotent."""
+    def close(self) -> None:
+        """Stop watching now. A pending ``__anext__`` ends with StopAsyncIteration. Idempotent."""
         self._replay.clear()
         self._live.clear()
         self._error = None
         self._end(None)
         self._ready.set()
+
+    async def aclose(self) -> None:
+        self.close()
