@@ -8,6 +8,7 @@ thread and wait for the result, so the semantics cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import threading
 import time
@@ -17,7 +18,9 @@ from typing import Any, TypeVar
 
 from oribus.client.retry import RetryPolicy
 from oribus.client.session import AsyncSession, Transaction
+from oribus.client.watch import WatchStream
 from oribus.errors import OribusError
+from oribus.types import WatchEvent
 
 T = TypeVar("T")
 
@@ -35,11 +38,15 @@ class LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name="oribus-loop", daemon=True)
         self._thread.start()
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Run ``coro`` on the loop; the caller waits on the returned future."""
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("synchronous oribus calls cannot be made from the client's own loop")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.submit(coro).result()
 
     def stop(self) -> None:
         if self.loop.is_running():
@@ -93,6 +100,71 @@ class SyncTransaction:
         self._portal.call(self._inner.__aexit__(exc_type, exc, tb))
 
 
+# How often a thread blocked in a watch checks that the loop still runs (it stops on close).
+_LOOP_CHECK_SECONDS = 0.5
+
+
+async def _next_or_end(stream: WatchStream) -> tuple[bool, WatchEvent | None]:
+    try:
+        return True, await stream.__anext__()
+    except StopAsyncIteration:
+        return False, None
+
+
+class SyncWatch:
+    """The synchronous face of a WatchStream: a plain iterator of WatchEvent.
+
+    ``next()`` blocks until the next change; the iterator ends when ``close()``
+    is called (from any thread) or the engine shuts down. Example::
+
+        with bus.watch("team-a/", from_version=0) as changes:
+            for ch in changes:
+                print(ch.key, ch.version, ch.value)
+    """
+
+    def __init__(self, inner: WatchStream, portal: LoopThread) -> None:
+        self._inner = inner
+        self._portal = portal
+        self._closed = False
+
+    @property
+    def last_seen(self) -> dict[str, int]:
+        return self._inner.last_seen
+
+    def __iter__(self) -> SyncWatch:
+        return self
+
+    def __next__(self) -> WatchEvent:
+        if self._closed or not self._portal.loop.is_running():
+            self._closed = True
+            raise StopIteration
+        fut = self._portal.submit(_next_or_end(self._inner))
+        while True:
+            try:
+                more, event = fut.result(timeout=_LOOP_CHECK_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if self._portal.loop.is_running():
+                    continue
+                fut.cancel()  # the loop stopped under us: the session was closed
+                more, event = False, None
+            if not more:
+                self._closed = True
+                raise StopIteration
+            return event  # type: ignore[return-value]
+
+    def close(self) -> None:
+        """Stop watching; a ``next()`` blocked in another thread ends. Idempotent."""
+        self._closed = True
+        if self._portal.loop.is_running():
+            self._portal.call(self._inner.aclose())
+
+    def __enter__(self) -> SyncWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class SyncSession:
     """The synchronous API: the same methods as AsyncSession, without ``await``.
 
@@ -139,6 +211,17 @@ class SyncSession:
 
     def transaction(self) -> SyncTransaction:
         return SyncTransaction(self._inner.transaction(), self._portal)
+
+    def watch(
+        self, prefix: str = "", from_version: int | None = None, *, policy: RetryPolicy | None = None
+    ) -> SyncWatch:
+        """Changes of keys under ``prefix`` as a plain iterator (see AsyncSession.watch).
+
+        Subscribed when this returns: every change made visible afterwards is delivered.
+        """
+        inner = self._inner.watch(prefix, from_version, policy=policy)
+        self._portal.call(inner.start())
+        return SyncWatch(inner, self._portal)
 
     def run(self, fn: Callable[[SyncTransaction], T], *, retries: int = 20, policy: RetryPolicy | None = None) -> T:
         """Call ``fn(tx)`` in a fresh transaction and commit, retrying on Conflict (see AsyncSession.run)."""
