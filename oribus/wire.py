@@ -204,6 +204,22 @@ def _writes(v: Any) -> dict[str, bytes | None]:
     return v
 
 
+def _decodable(writes: dict[str, bytes | None]) -> dict[str, bytes | None]:
+    """Refuse a value that is not exactly one msgpack object (the bus's entry point).
+
+    The SDK encodes values itself, but a raw client could store bytes that every
+    reader's SDK then fails to decode; such a commit is malformed and changes nothing.
+    """
+    for k, raw in writes.items():
+        if raw is None:
+            continue
+        try:
+            msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as e:  # msgpack raises several unrelated types
+            raise InvalidRequest(f"value of {k!r} is not one msgpack-encoded object: {e}", key=k) from None
+    return writes
+
+
 def _stale(v: list) -> list[Stale]:
     return [Stale(*s) for s in v]
 
@@ -267,7 +283,7 @@ def dec_commit_request(a: Any) -> CommitRequest:
     return CommitRequest(
         session=dec_session(_need(a, "s", list)),
         commit_id=_need(a, "id", str),
-        writes=_writes(_opt(a, "w", dict, {})),
+        writes=_decodable(_writes(_opt(a, "w", dict, {}))),
         rollback=_str_int_map(_opt(a, "rb", dict, {}), "rollback"),
         expect=_str_int_map(_opt(a, "e", dict, {}), "expect"),
         read_set=_str_int_map(_opt(a, "r", dict, {}), "read_set"),

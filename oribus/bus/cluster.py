@@ -55,13 +55,18 @@ class LocalCluster:
         return self.server.address
 
     async def start(self) -> None:
-        if self.processes:
-            bus, recovery = await self._start_processes()
-        else:
-            self.engine = await LocalEngine.open(self.config)
-            bus, recovery = self.engine.bus, None  # the engine runs its own recovery
-        self.server = BusServer(bus, self.listen, recovery=recovery)
-        await self.server.start()
+        """Start the shards and the bus; on failure, stop whatever was started (no orphan shards)."""
+        try:
+            if self.processes:
+                bus, recovery = await self._start_processes()
+            else:
+                self.engine = await LocalEngine.open(self.config)
+                bus, recovery = self.engine.bus, None  # the engine runs its own recovery
+            self.server = BusServer(bus, self.listen, recovery=recovery)
+            await self.server.start()
+        except BaseException:
+            await self.stop()
+            raise
 
     def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0") -> list[str]:
         return [

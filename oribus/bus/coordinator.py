@@ -100,6 +100,14 @@ class Coordinator:
 
     def split(self, req: CommitRequest) -> dict[int, ShardTxn]:
         """One ShardTxn per participant shard."""
+        # Tokens and seqs come from the client: one naming a shard this bus does not have
+        # is a malformed request (not Unavailable, which would invite endless retries).
+        unknown = {*req.tokens, *req.since} - self.shards.keys()
+        if unknown:
+            raise InvalidRequest(
+                f"the request names shards this bus does not have: {sorted(unknown)}",
+                shards=sorted(unknown),
+            )
         parts: dict[int, ShardTxn] = {}
 
         def part(shard_id: int) -> ShardTxn:

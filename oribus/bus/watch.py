@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from oribus.protocol import Change
 
-MERGE_QUEUE_SIZE = 1024
+MERGE_QUEUE_SIZE = 256  # changes handed over; the shards' own queues are the real buffer
 
 _END = object()  # a shard's stream ended
 
@@ -28,9 +28,9 @@ _END = object()  # a shard's stream ended
 class MergedWatch:
     """An async iterator of Change over several shards' watch streams."""
 
-    def __init__(self, streams: Sequence[AsyncIterator[Change]], queue_size: int = MERGE_QUEUE_SIZE) -> None:
+    def __init__(self, streams: Sequence[AsyncIterator[Change]], queue_size: int | None = None) -> None:
         self._streams = list(streams)
-        self._queue: asyncio.Queue[object] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[object] = asyncio.Queue(queue_size or MERGE_QUEUE_SIZE)
         self._pumps: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False

@@ -253,17 +253,24 @@ class Shard(ShardService):
         assert isinstance(result, Pending)
         lsn = self._append(result.record)
         self._unapplied.add(lsn)
+        # The record is in the WAL buffer now: the next flush makes it durable whether or
+        # not this caller still waits. So the commit is carried out even if the caller is
+        # cancelled (a client that disconnects mid-commit); dropping it here would let a
+        # restart replay it over later commits of the same versions, losing those.
+        return await asyncio.shield(self._complete_one_phase(txn.txn_id, lsn))
+
+    async def _complete_one_phase(self, txn_id: str, lsn: int) -> TxnOutcome:
         try:
             await self._durable(lsn)
         except BaseException:
-            # The shard's WAL is poisoned (or we were cancelled mid-fsync): never apply.
+            # The shard's WAL is poisoned: it never acknowledges again, never apply.
             self._unapplied.discard(lsn)
-            self.core.cancel_one_phase(txn.txn_id)
-            self._resolved(txn.txn_id)
+            self.core.cancel_one_phase(txn_id)
+            self._resolved(txn_id)
             raise
-        outcome = self._apply_commit(txn.txn_id)
+        outcome = self._apply_commit(txn_id)
         self._unapplied.discard(lsn)
-        self._resolved(txn.txn_id)
+        self._resolved(txn_id)
         self.counters["commits_1pc"] += 1
         self._maybe_snapshot()
         return outcome
@@ -307,6 +314,21 @@ class Shard(ShardService):
                 self.core.apply_abort(txn_id)  # tombstone first: a late prepare must vote NO
             lsn = self._append(record)
             self._unapplied.add(lsn)
+        except BaseException as e:
+            self._deciding.pop(txn_id, None)
+            fut.set_exception(e)
+            fut.exception()  # mark retrieved
+            raise
+        # The decision is in the WAL buffer: the next flush makes it durable whether or not
+        # this caller still waits, so it is carried out even if the caller is cancelled (a
+        # bus whose connection drops). Left half done, the WAL would say COMMITTED while a
+        # later abort of the still-PREPARED transaction released the other participants.
+        return await asyncio.shield(self._carry_out_decision(txn_id, state, lsn, fut))
+
+    async def _carry_out_decision(
+        self, txn_id: str, state: TxnState, lsn: int, fut: asyncio.Future[TxnOutcome]
+    ) -> TxnOutcome:
+        try:
             try:
                 await self._durable(lsn)
             finally:

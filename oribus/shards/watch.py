@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from itertools import takewhile
 
 from oribus.errors import HistoryTruncated, OribusError, WatchLagged
 from oribus.protocol import Change, WatchRequest
@@ -59,6 +58,8 @@ def plan_replay(store: VersionedStore, req: WatchRequest) -> list[Change]:
         keys = sorted(req.after)  # only resumed keys replay anything
     else:
         keys = store.keys(req.prefix)
+    # keys with no position of their own (reached only when ``since`` is set)
+    since = req.since if req.since is not None else float("inf")
     out: list[Change] = []
     truncated: list[tuple[str, object, int, int]] = []
     for key in keys:
@@ -73,13 +74,16 @@ def plan_replay(store: VersionedStore, req: WatchRequest) -> list[Change]:
             if oldest > start + 1:
                 truncated.append((key, start, oldest, current.version))
                 continue
-            wanted = list(takewhile(lambda e: e.version > start, store.history(key)))
+            wanted = [e for e in store.history(key) if e.version > start]
         else:
-            since = req.since
-            if current.committed_at < since:  # type: ignore[operator]
+            if current.committed_at < since:
                 continue
             history = store.history(key)
-            wanted = list(takewhile(lambda e: e.committed_at >= since, history))  # type: ignore[operator]
+            wanted = []  # the newest versions, back to the first one committed before ``since``
+            for e in history:
+                if e.committed_at < since:
+                    break
+                wanted.append(e)
             if len(wanted) == len(history) and history[-1].version > 1:
                 # every kept version is recent: older ones, now gone, may have been too
                 truncated.append((key, f"time {since}", history[-1].version, current.version))

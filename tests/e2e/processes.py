@@ -1,0 +1,225 @@
+"""Real oribus server processes for end-to-end tests: start, wait until serving, kill, stop.
+
+Every process a test starts is a ``ServerProcess``; the test (or its fixture)
+stops it by pid in a ``finally``: SIGTERM, then SIGKILL if it does not exit in
+time. ``oribus up --processes`` starts shard processes of its own; their pids
+are read from /proc once the bus serves, so that they are stopped by pid too
+even when the ``up`` process had to be killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bind port 0, read it, let it go)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def oribus_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "oribus.cli", *args]
+
+
+def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run one client command of the CLI to completion."""
+    return subprocess.run(oribus_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def health_status(address: str, timeout: float = 0.5) -> int | None:
+    """The gRPC health status of the server at ``address`` (None: no answer)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+        except grpc.RpcError:
+            return None
+    return reply.status
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    state = next((line for line in status.splitlines() if line.startswith("State:")), "")
+    return "Z" not in state.split()[1:2]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out.extend(int(p) for p in (task / "children").read_text().split())
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class ServerProcess:
+    """One ``python -m oribus.cli ...`` server; output goes to ``log_path``."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, address: str) -> None:
+        self.name = name
+        self.args = args
+        self.address = address
+        self.env: dict[str, str] = {}  # extra environment for the next start (e.g. failpoints)
+        self.log_path = Path(log_dir) / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.children: list[int] = []  # pids of processes it started (``up --processes``)
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> ServerProcess:
+        assert self.proc is None or self.proc.poll() is not None, f"{self.name} is already running"
+        self.starts += 1
+        log = open(self.log_path, "a")  # noqa: SIM115 - handed to the child
+        extra = " ".join(f"{k}={v}" for k, v in self.env.items())
+        log.write(f"---- start #{self.starts}: {extra} {' '.join(self.args)}\n")
+        log.flush()
+        try:
+            self.proc = subprocess.Popen(
+                oribus_command(*self.args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                env={**os.environ, **self.env},
+            )
+        finally:
+            log.close()
+        return self
+
+    def wait_serving(self, timeout: float = 30.0) -> ServerProcess:
+        """Poll the gRPC health service until it answers SERVING; fail if the process dies."""
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with code {self.proc.returncode} before serving:\n{self.log_tail()}"
+                )
+            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+                self.children = [p for p in _children(self.pid) if "oribus.cli" in _cmdline(p)]
+                return self
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} not serving on {self.address} after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        """Wait for the process to end by itself (e.g. a failpoint killed it); its exit code."""
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        """Crash it: SIGKILL, no chance to flush or drain."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds; then the same for its children. Idempotent."""
+        code = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(10)
+            code = self.proc.returncode
+        for pid in self.children:
+            _stop_pid(pid, grace)
+        return code
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _stop_pid(pid: int, grace: float) -> None:
+    """Stop a process we did not Popen ourselves (an ``up`` shard) by pid, if it is still ours."""
+    if not _alive(pid) or "oribus.cli" not in _cmdline(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def up(log_dir: Path, data_dir: Path, *, processes: bool, port: int | None = None, shards: int = 2,
+       name: str = "up") -> ServerProcess:
+    """``oribus up`` on a free port (not yet started)."""
+    address = f"127.0.0.1:{port or free_port()}"
+    args = ["up", "--data-dir", str(data_dir), "--listen", address, "--shards", str(shards)]
+    if processes:
+        args.append("--processes")
+    return ServerProcess(name, args, log_dir, address)
+
+
+def shard(log_dir: Path, shard_id: int, data_dir: Path, port: int | None = None,
+          verbose: bool = False) -> ServerProcess:
+    """``oribus shard`` on a fixed address, so that it can be restarted at the same one."""
+    address = f"127.0.0.1:{port or free_port()}"
+    args = ["shard", "--id", str(shard_id), "--data-dir", str(data_dir), "--listen", address]
+    return ServerProcess(f"shard-{shard_id}", ["-v", *args] if verbose else args, log_dir, address)
+
+
+def bus(log_dir: Path, shard_addresses: list[str], port: int | None = None,
+        verbose: bool = False) -> ServerProcess:
+    """``oribus bus`` over shard servers (shard 0 first)."""
+    address = f"127.0.0.1:{port or free_port()}"
+    args = ["bus", "--listen", address, "--shards", ",".join(shard_addresses)]
+    return ServerProcess("bus", ["-v", *args] if verbose else args, log_dir, address)
+
+
+class Cluster:
+    """Servers started together and stopped together (in reverse order)."""
+
+    def __init__(self) -> None:
+        self.servers: list[ServerProcess] = []
+
+    def add(self, server: ServerProcess) -> ServerProcess:
+        self.servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        errors = []
+        for server in reversed(self.servers):
+            try:
+                server.stop()
+            except Exception as e:  # stop the others anyway
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {s.name} ====\n{s.log_tail()}" for s in self.servers)
