@@ -27,11 +27,12 @@ from grpc import aio
 
 from oribus import wire
 from oribus.errors import InvalidRequest, OribusError, Unavailable
+from oribus.protocol import WatchRequest
 
 log = logging.getLogger("oribus.mux")
 
 Handler = Callable[[Any], Awaitable[Any]]
-WatchHandler = Callable[[str, int | None], AsyncIterator[list]]
+WatchHandler = Callable[[WatchRequest], AsyncIterator[list]]
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -182,10 +183,10 @@ class MuxClient:
             return payload
         wire.raise_error(payload)
 
-    async def watch(self, prefix: str, from_version: int | None) -> AsyncIterator[list]:
+    async def watch(self, request: WatchRequest) -> AsyncIterator[list]:
         """Server-streamed batches of encoded changes."""
         method = self.channel.unary_stream(wire.method_path(self.service, wire.WATCH))
-        call = method(wire.pack({"p": prefix, "f": from_version}))
+        call = method(wire.pack(request.to_wire()))
         try:
             async for raw in call:
                 yield wire.unpack(raw)
@@ -300,19 +301,16 @@ def mux_handlers(
         if watch is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "watch is not served here")
         try:
-            req = wire.unpack(raw)
-            if not isinstance(req, dict) or not isinstance(req.get("p", ""), str):
-                raise InvalidRequest("watch takes {'p': prefix, 'f': from_version}")
-            f = req.get("f")
-            if f is not None and (not isinstance(f, int) or isinstance(f, bool)):
-                raise InvalidRequest("from_version must be an int")
+            req = WatchRequest.from_wire(wire.unpack(raw))
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         try:
-            async for batch in watch(req.get("p", ""), f):  # type: ignore[misc]
+            async for batch in watch(req):  # type: ignore[misc]
                 yield wire.pack(batch)
         except OribusError as e:
-            await context.abort(wire.grpc_status_of(e), e.message)
+            # the error's code travels in the trailing metadata so the client rebuilds it exactly
+            await context.abort(wire.grpc_status_of(e), e.message,
+                                trailing_metadata=(("oribus-error", e.code),))
 
     return grpc.method_handlers_generic_handler(
         service,

@@ -15,7 +15,8 @@ Messages (bus → shard, reply):
     status(txn_id)               → TxnStatus        a participant asks the primary
     history(key, limit)          → list[Version]
     forget(session, keys) / reset(session)
-    watch(WatchRequest)          → stream of Change  replay kept versions, then live changes
+    watch(prefix, from_version, after, since) → stream of Change
+                                 replay kept versions, then live ones (fields: WatchRequest)
 
 A watch is answered from the moment it is registered: every change that
 becomes visible after that is streamed, and the replay covers what the request

@@ -99,6 +99,8 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "LimitExceeded": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "Unavailable": grpc.StatusCode.UNAVAILABLE,
     "DataCorrupted": grpc.StatusCode.DATA_LOSS,
+    "WatchLagged": grpc.StatusCode.UNAVAILABLE,
+    "HistoryTruncated": grpc.StatusCode.OUT_OF_RANGE,
     "Internal": grpc.StatusCode.INTERNAL,
 }
 
@@ -111,6 +113,10 @@ def error_from_grpc(e: grpc.RpcError) -> OribusError:
     """The one client-side mapping from a failed RPC back to the error tree."""
     code = e.code() if hasattr(e, "code") else None
     details = (e.details() if hasattr(e, "details") else None) or str(e)
+    trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    for k, v in trailing or ():
+        if k == "oribus-error":  # the server named the exact error class
+            return error_from_dict({"code": v, "message": details})
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Unavailable(f"connection failed: {details}")
     if code is grpc.StatusCode.INVALID_ARGUMENT:
@@ -510,10 +516,10 @@ def bind_ops(target: Any, table: dict[str, Op]) -> dict[str, Callable[[Any], Awa
 
 def enc_change(c: Any) -> list:
     """A change event: [key, version, value (bin|nil), deleted, agent, session, commit_id, committed_at]."""
-    return [c.key, c.version, c.value, c.deleted, c.agent, c.session, c.commit_id, c.committed_at]
+    return c.to_wire()
 
 
 def dec_change(v: list) -> Any:
     from oribus.protocol import Change
 
-    return Change(*v)
+    return Change.from_wire(v)

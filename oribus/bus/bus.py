@@ -173,8 +173,10 @@ class Bus:
 
         ``from_version``: first replay every kept version after it of every key
         (None: live changes only). ``after`` (key -> last version seen) and
-        ``since`` serve resuming watchers (see ``protocol.WatchRequest``). A
-        watch records no delivery: it belongs to no session.
+        ``since`` serve resuming watchers (see ``protocol.WatchRequest``).
+        In-process shards register the watch before this returns, so every
+        change made visible afterwards is streamed. A watch records no
+        delivery: it belongs to no session.
         """
         req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
         after_by_shard: dict[int, dict[str, int]] = {}

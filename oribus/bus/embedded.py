@@ -121,9 +121,6 @@ class LocalEngine:
         self._closed = False
         for shard in shards.values():
             shard.resolver = self._resolve
-            # The shard hands its participant only the safe defaults; this is the one place
-            # the demo/testing switch reaches it (nothing is validated during recovery).
-            shard.core.unsafe_disable_validation = shard.config.unsafe_disable_validation
 
     @classmethod
     async def open(cls, config: EngineConfig) -> LocalEngine:

@@ -55,14 +55,11 @@ class BusServer:
             self._recovery_task = asyncio.get_running_loop().create_task(self.recovery.run_forever())
         log.info("bus serving on %s", self.address)
 
-    async def _watch(self, prefix: str, from_version: int | None):
-        watch = getattr(self.bus, "watch", None)
-        if watch is None:
-            from oribus.errors import InvalidRequest
-
-            raise InvalidRequest("this bus does not serve watch")
-        async for change in watch(prefix, from_version):
-            yield [wire.enc_change(change)]
+    async def _watch(self, req):
+        """Changes in batches: every change ready without waiting goes into one message."""
+        stream = self.bus.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        async for change in stream:
+            yield [change.to_wire()]
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._recovery_task is not None:

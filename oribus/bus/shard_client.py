@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 
 from oribus import wire
 from oribus.mux import MuxClient
-from oribus.protocol import ReadReply, ReadRequest, ShardTxn, TxnOutcome, TxnRef, TxnStatus, Vote
+from oribus.protocol import (
+    Change,
+    ReadReply,
+    ReadRequest,
+    ShardTxn,
+    TxnOutcome,
+    TxnRef,
+    TxnStatus,
+    Vote,
+    WatchRequest,
+)
 from oribus.shards.service import ShardService
 from oribus.shards.store import Entry
 from oribus.types import SessionRef
@@ -67,9 +77,18 @@ class GrpcShardClient(ShardService):
     async def unreleased(self) -> list[TxnRef]:
         return await self._call("unreleased")
 
-    async def watch_raw(self, prefix: str, from_version: int | None) -> AsyncIterator[list]:
-        async for batch in self.mux.watch(prefix, from_version):
-            yield batch
+    async def watch(
+        self,
+        prefix: str = "",
+        from_version: int | None = None,
+        *,
+        after: Mapping[str, int] | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[Change]:
+        req = WatchRequest(prefix, from_version, dict(after or {}), since)
+        async for batch in self.mux.watch(req):
+            for raw in batch:
+                yield Change.from_wire(raw)
 
     async def close(self) -> None:
         await self.mux.close()

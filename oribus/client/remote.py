@@ -7,7 +7,7 @@ remote session has exactly the embedded API and semantics.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -18,6 +18,7 @@ from oribus.bus.coordinator import CommitRequest, CommitResult
 from oribus.client.session import AsyncSession
 from oribus.client.sync import LoopThread, SyncSession
 from oribus.mux import MuxClient
+from oribus.protocol import Change, WatchRequest
 from oribus.shards.store import Entry
 from oribus.types import SessionRef
 
@@ -54,10 +55,18 @@ class RemoteBus:
     async def stats(self) -> dict:
         return await self._call("stats")
 
-    async def watch(self, prefix: str = "", from_version: int | None = None) -> AsyncIterator[Any]:
-        async for batch in self.mux.watch(prefix, from_version):
+    async def watch(
+        self,
+        prefix: str = "",
+        from_version: int | None = None,
+        *,
+        after: Mapping[str, int] | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[Change]:
+        req = WatchRequest(prefix, from_version, dict(after or {}), since)
+        async for batch in self.mux.watch(req):
             for raw in batch:
-                yield wire.dec_change(raw)
+                yield Change.from_wire(raw)
 
     async def close(self) -> None:
         await self.mux.close()

@@ -54,15 +54,11 @@ class ShardServer:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         log.info("shard %d serving on %s (epoch %d)", self.config.shard_id, self.address, self.shard.epoch)
 
-    async def _watch(self, prefix: str, from_version: int | None):
-        assert self.shard is not None
-        watch = getattr(self.shard, "watch", None)
-        if watch is None:
-            from oribus.errors import InvalidRequest
-
-            raise InvalidRequest("this shard does not serve watch")
-        async for change in watch(prefix, from_version):
-            yield [wire.enc_change(change)]
+    async def _watch(self, req):
+        """Changes in batches: every change ready without waiting goes into one message."""
+        stream = self.shard.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        async for change in stream:
+            yield [change.to_wire()]
 
     async def _sweep(self) -> None:
         while True:

@@ -65,7 +65,12 @@ class Shard(ShardService):
         self.store = VersionedStore(config.history_limit)
         self.dlog = DeliveryLog(config.delivery_log)
         self.core = Participant(
-            config.shard_id, epoch, self.store, self.dlog, max_resolved=config.max_resolved_txns
+            config.shard_id,
+            epoch,
+            self.store,
+            self.dlog,
+            max_resolved=config.max_resolved_txns,
+            unsafe_disable_validation=config.unsafe_disable_validation,
         )
         self.wal: Wal | None = None
         self.resolver: Resolver | None = None
