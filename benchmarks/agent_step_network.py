@@ -140,6 +140,7 @@ class Server:
         self.cprofile_out = cprofile_out
         self.port = 0
         self.proc: subprocess.Popen | None = None
+        self._log_offset = 0
 
     @property
     def address(self) -> str:
@@ -165,7 +166,14 @@ class Server:
         return cmd
 
     async def start(self, timeout: float = 60.0) -> None:
+        """Start the server; return once it answers AND has announced itself.
+
+        ``oribus up`` serves requests before it prints its banner and installs
+        its SIGTERM handler (in between it runs a recovery pass over the
+        shards): a SIGTERM in that window kills it without a clean shutdown.
+        """
         self.port = free_port()
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
         try:
             self.proc = subprocess.Popen(
@@ -183,12 +191,20 @@ class Server:
                 code = self.proc.returncode
                 await self.stop()  # its shard processes may still run
                 raise RuntimeError(f"server exited with code {code}:\n{self.log_tail()}")
-            if await self._answers():
+            if self._announced() and await self._answers():
                 return
             if time.monotonic() > deadline:
                 await self.stop()
                 raise RuntimeError(f"server did not answer within {timeout:g}s:\n{self.log_tail()}")
             await asyncio.sleep(0.1)
+
+    def _announced(self) -> bool:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return b"oribus up: bus on" in f.read()
+        except OSError:
+            return False
 
     async def _answers(self) -> bool:
         probe = oribus.connect(self.address, agent="probe", timeout=2.0)

@@ -84,6 +84,24 @@ def _precedence(e: BaseException) -> int:
     return 2
 
 
+def _never_committed(results: list) -> bool:
+    """Do these prepare answers prove that no attempt of this commit id can have committed?
+
+    A participant looks up its record of the id before anything else, so a NO vote, a
+    SessionExpired or an InvalidRequest comes from one that was never PREPARED for it (or
+    saw it aborted) — and a commit needs every participant prepared. YES votes and
+    unreachable participants prove nothing: an earlier attempt of the same id (a client
+    retry) may have committed at the primary.
+    """
+    for r in results:
+        if isinstance(r, BaseException):
+            if isinstance(r, SessionExpired | InvalidRequest):
+                return True
+        elif r.kind is VoteKind.NO:
+            return True
+    return False
+
+
 class Coordinator:
     """Runs commits over a set of shards reached through ShardService."""
 
@@ -188,7 +206,11 @@ class Coordinator:
         try:
             decision = await self._shard(primary).decide(commit_id, commit)
         except OribusError as e:
-            if commit:
+            # Without the primary's record the outcome is known only if the votes prove the
+            # id never committed; otherwise the participants must stay prepared (recovery
+            # resolves them through the primary) — aborting them could undo a commit an
+            # earlier attempt of this id made at the primary: a partial commit.
+            if commit or not _never_committed(results):
                 raise Unavailable(
                     f"the outcome of transaction {commit_id} is unknown (primary shard {primary}: {e}); "
                     "retry with the same commit id",

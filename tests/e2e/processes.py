@@ -37,7 +37,9 @@ def oribus_command(*args: str) -> list[str]:
 
 def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
     """Run one client command of the CLI to completion."""
-    return subprocess.run(oribus_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        oribus_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def health_status(address: str, timeout: float = 0.5) -> int | None:
@@ -104,7 +106,10 @@ class ServerProcess:
         log.flush()
         try:
             self.proc = subprocess.Popen(
-                oribus_command(*self.args), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                oribus_command(*self.args),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
                 env={**os.environ, **self.env},
             )
         finally:
@@ -124,7 +129,9 @@ class ServerProcess:
                 self.children = [p for p in _children(self.pid) if "oribus.cli" in _cmdline(p)]
                 return self
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} not serving on {self.address} after {timeout}s:\n{self.log_tail()}")
+                raise AssertionError(
+                    f"{self.name} not serving on {self.address} after {timeout}s:\n{self.log_tail()}"
+                )
             time.sleep(0.05)
 
     def wait_exit(self, timeout: float = 10.0) -> int:
@@ -175,8 +182,15 @@ def _stop_pid(pid: int, grace: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def up(log_dir: Path, data_dir: Path, *, processes: bool, port: int | None = None, shards: int = 2,
-       name: str = "up") -> ServerProcess:
+def up(
+    log_dir: Path,
+    data_dir: Path,
+    *,
+    processes: bool,
+    port: int | None = None,
+    shards: int = 2,
+    name: str = "up",
+) -> ServerProcess:
     """``oribus up`` on a free port (not yet started)."""
     address = f"127.0.0.1:{port or free_port()}"
     args = ["up", "--data-dir", str(data_dir), "--listen", address, "--shards", str(shards)]
@@ -185,16 +199,18 @@ def up(log_dir: Path, data_dir: Path, *, processes: bool, port: int | None = Non
     return ServerProcess(name, args, log_dir, address)
 
 
-def shard(log_dir: Path, shard_id: int, data_dir: Path, port: int | None = None,
-          verbose: bool = False) -> ServerProcess:
+def shard(
+    log_dir: Path, shard_id: int, data_dir: Path, port: int | None = None, verbose: bool = False
+) -> ServerProcess:
     """``oribus shard`` on a fixed address, so that it can be restarted at the same one."""
     address = f"127.0.0.1:{port or free_port()}"
     args = ["shard", "--id", str(shard_id), "--data-dir", str(data_dir), "--listen", address]
     return ServerProcess(f"shard-{shard_id}", ["-v", *args] if verbose else args, log_dir, address)
 
 
-def bus(log_dir: Path, shard_addresses: list[str], port: int | None = None,
-        verbose: bool = False) -> ServerProcess:
+def bus(
+    log_dir: Path, shard_addresses: list[str], port: int | None = None, verbose: bool = False
+) -> ServerProcess:
     """``oribus bus`` over shard servers (shard 0 first)."""
     address = f"127.0.0.1:{port or free_port()}"
     args = ["bus", "--listen", address, "--shards", ",".join(shard_addresses)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import grpc
 import msgpack
@@ -77,36 +78,86 @@ BAD_CALLS = {
     "read: session not a pair": ("read", {"s": "mallory", "k": [TARGET]}, "InvalidRequest"),
     "read: key is an int": ("read", {"s": SESSION, "k": [7]}, "InvalidRequest"),
     "read: empty key": ("read", {"s": SESSION, "k": [""]}, "InvalidRequest"),
-    "read: key with a control char": ("read", {"s": SESSION, "k": ["bad\x01key"]}, "InvalidRequest"),
+    "read: key with a control char": (
+        "read",
+        {"s": SESSION, "k": ["bad\x01key"]},
+        "InvalidRequest",
+    ),
     "commit: missing session": ("commit", {"id": "x", "w": {TARGET: value(1)}}, "InvalidRequest"),
     "commit: empty agent": ("commit", commit_args(s=["", "s1"]), "InvalidRequest"),
     "commit: id is an int": ("commit", commit_args(id=5), "InvalidRequest"),
     "commit: empty id": ("commit", commit_args(id=""), "InvalidRequest"),
     "commit: writes not a map": ("commit", commit_args(w=[TARGET, value(1)]), "InvalidRequest"),
-    "commit: value is an int, not encoded bytes": ("commit", commit_args(w={TARGET: 1}), "InvalidRequest"),
-    "commit: value is a str, not encoded bytes": ("commit", commit_args(w={TARGET: "one"}), "InvalidRequest"),
-    "commit: leading slash key": ("commit", commit_args(w={"/" + TARGET: value(1)}), "InvalidRequest"),
-    "commit: empty namespace key": ("commit", commit_args(w={"bad-input//target": value(1)}), "InvalidRequest"),
-    "commit: key over 1024 bytes": ("commit", commit_args(w={"k" * 1025: value(1)}), "InvalidRequest"),
+    "commit: value is an int, not encoded bytes": (
+        "commit",
+        commit_args(w={TARGET: 1}),
+        "InvalidRequest",
+    ),
+    "commit: value is a str, not encoded bytes": (
+        "commit",
+        commit_args(w={TARGET: "one"}),
+        "InvalidRequest",
+    ),
+    "commit: leading slash key": (
+        "commit",
+        commit_args(w={"/" + TARGET: value(1)}),
+        "InvalidRequest",
+    ),
+    "commit: empty namespace key": (
+        "commit",
+        commit_args(w={"bad-input//target": value(1)}),
+        "InvalidRequest",
+    ),
+    "commit: key over 1024 bytes": (
+        "commit",
+        commit_args(w={"k" * 1025: value(1)}),
+        "InvalidRequest",
+    ),
     "commit: bad key among good ones": (
-        "commit", commit_args(w={TARGET: value(1), "trailing/": value(2)}), "InvalidRequest"),
+        "commit",
+        commit_args(w={TARGET: value(1), "trailing/": value(2)}),
+        "InvalidRequest",
+    ),
     "commit: expect version is a str": ("commit", commit_args(e={TARGET: "0"}), "InvalidRequest"),
     "commit: negative expect": ("commit", commit_args(e={TARGET: -1}), "InvalidRequest"),
     "commit: bad scope": ("commit", commit_args(sc="global"), "InvalidRequest"),
     "commit: token not a pair": ("commit", commit_args(t={0: "epoch"}), "InvalidRequest"),
     "commit: written and rolled back": ("commit", commit_args(rb={TARGET: 0}), "InvalidRequest"),
     "commit: rollback to a future version": (
-        "commit", commit_args(w={}, rb={TARGET: 3}), "InvalidRequest"),
+        "commit",
+        commit_args(w={}, rb={TARGET: 3}),
+        "InvalidRequest",
+    ),
     "commit: value over 1 MiB": (
-        "commit", commit_args(w={TARGET: value(b"x" * (ONE_MIB + 1))}), "ValueTooLarge"),
+        "commit",
+        commit_args(w={TARGET: value(b"x" * (ONE_MIB + 1))}),
+        "ValueTooLarge",
+    ),
     "commit: oversized value next to a good one": (
-        "commit", commit_args(w={SENTINEL: value("overwritten"), TARGET: value([0] * (ONE_MIB + 64))}),
-        "ValueTooLarge"),
-    "commit: value bytes that are not msgpack": ("commit", commit_args(w={TARGET: b"\xc1"}), "InvalidRequest"),
-    "commit: value with trailing bytes": ("commit", commit_args(w={TARGET: value(1) + b"\x01"}), "InvalidRequest"),
-    "commit: truncated value": ("commit", commit_args(w={TARGET: value([1, 2, 3])[:-1]}), "InvalidRequest"),
+        "commit",
+        commit_args(w={SENTINEL: value("overwritten"), TARGET: value([0] * (ONE_MIB + 64))}),
+        "ValueTooLarge",
+    ),
+    "commit: value bytes that are not msgpack": (
+        "commit",
+        commit_args(w={TARGET: b"\xc1"}),
+        "InvalidRequest",
+    ),
+    "commit: value with trailing bytes": (
+        "commit",
+        commit_args(w={TARGET: value(1) + b"\x01"}),
+        "InvalidRequest",
+    ),
+    "commit: truncated value": (
+        "commit",
+        commit_args(w={TARGET: value([1, 2, 3])[:-1]}),
+        "InvalidRequest",
+    ),
     "commit: value with a str that is not UTF-8": (
-        "commit", commit_args(w={TARGET: b"\xa2\xff\xfe"}), "InvalidRequest"),
+        "commit",
+        commit_args(w={TARGET: b"\xa2\xff\xfe"}),
+        "InvalidRequest",
+    ),
     "history: key is a list": ("history", {"k": [TARGET]}, "InvalidRequest"),
     "history: zero limit": ("history", {"k": TARGET, "n": 0}, "InvalidRequest"),
     "forget: keys not a list": ("forget", {"s": SESSION, "k": 5}, "InvalidRequest"),
@@ -122,7 +173,9 @@ def server(up_embedded):
 
 @pytest.fixture(scope="module")
 def channel(server):
-    with grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
+    with grpc.insecure_channel(
+        server.address, options=[("grpc.max_send_message_length", 8 << 20)]
+    ) as ch:
         yield ch
 
 
@@ -221,13 +274,15 @@ def test_bad_calls_in_a_stream_batch_get_error_replies(server, channel):
         assert error["message"]
     _, status, result = frames[good]
     assert status == wire.OK
-    (key, raw, version), = result["i"]
+    ((key, raw, version),) = result["i"]
     assert (key, msgpack.unpackb(raw), version) == (SENTINEL, {"keep": True}, 1)
     assert_nothing_changed(server)
 
 
 def test_oversized_value_in_a_stream_is_refused(server, channel):
-    frames = stream(channel, [pack([[5, "commit", fresh(commit_args(w={TARGET: value("y" * (ONE_MIB + 1))}))]])])
+    frames = stream(
+        channel, [pack([[5, "commit", fresh(commit_args(w={TARGET: value("y" * (ONE_MIB + 1))}))]])]
+    )
     assert len(frames) == 1
     call_id, status, error = frames[0]
     assert (call_id, status, error["code"]) == (5, wire.ERROR, "ValueTooLarge")
@@ -235,7 +290,8 @@ def test_oversized_value_in_a_stream_is_refused(server, channel):
 
 
 @pytest.mark.parametrize(
-    "raw", [b"\xc1", pack(["prefix"]), pack({"p": 5}), pack({"p": "", "f": "zero"})],
+    "raw",
+    [b"\xc1", pack(["prefix"]), pack({"p": 5}), pack({"p": "", "f": "zero"})],
     ids=["garbage", "a list", "prefix not a str", "from_version not an int"],
 )
 def test_bad_watch_request_is_invalid_argument(server, channel, raw):
@@ -249,8 +305,8 @@ def test_bad_watch_request_is_invalid_argument(server, channel, raw):
 
 def test_bad_input_on_a_shard_process(up_processes):
     """The shard service behind ``up --processes`` refuses garbage the same way and stays up."""
-    data = next(a for a in up_processes.args if a.startswith("/"))
-    addr = (__import__("pathlib").Path(data) / ".shard-0.addr").read_text().strip()
+    data = Path(up_processes.args[up_processes.args.index("--data-dir") + 1])
+    addr = (data / ".shard-0.addr").read_text().strip()  # where ``up`` found its shard 0
     call = wire.method_path(wire.SHARD_SERVICE, wire.CALL)
     key = keys_on_shard(0, "bad-input/shard")[0]
     with grpc.insecure_channel(addr) as ch:
@@ -258,7 +314,9 @@ def test_bad_input_on_a_shard_process(up_processes):
             ch.unary_unary(call)(b"\xc1\xc1", timeout=10)
         assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         bad = {"id": "t1", "s": SESSION, "w": {key: 1}}  # a value that is not encoded bytes
-        _, status, error = msgpack.unpackb(ch.unary_unary(call)(pack([1, "prepare", bad]), timeout=10))
+        _, status, error = msgpack.unpackb(
+            ch.unary_unary(call)(pack([1, "prepare", bad]), timeout=10)
+        )
         assert status == wire.ERROR and error["code"] == "InvalidRequest"
         _, status, stats = msgpack.unpackb(ch.unary_unary(call)(pack([2, "stats", {}]), timeout=10))
         assert status == wire.OK and stats["prepared"] == 0

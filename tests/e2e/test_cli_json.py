@@ -27,19 +27,40 @@ def cli_error(server, *args: str) -> tuple[int, dict]:
 
 def test_put_get_history_rollback_stats(up_embedded):
     key = "cli/plan"
-    first = {"steps": ["design", "build"], "owner": "planner", "ratio": 0.5, "done": False, "note": "héllo"}
+    first = {
+        "steps": ["design", "build"],
+        "owner": "planner",
+        "ratio": 0.5,
+        "done": False,
+        "note": "héllo",
+    }
     started = time.time()
 
     assert cli_json(up_embedded, "put", key, json.dumps(first)) == {"key": key, "version": 1}
-    assert cli_json(up_embedded, "put", key, '{"steps": []}', "--expect", "1") == {"key": key, "version": 2}
+    assert cli_json(up_embedded, "put", key, '{"steps": []}', "--expect", "1") == {
+        "key": key,
+        "version": 2,
+    }
     assert cli_json(up_embedded, "get", key) == {"key": key, "value": {"steps": []}, "version": 2}
-    assert cli_json(up_embedded, "get", "cli/absent") == {"key": "cli/absent", "value": None, "version": 0}
+    assert cli_json(up_embedded, "get", "cli/absent") == {
+        "key": "cli/absent",
+        "value": None,
+        "version": 0,
+    }
 
     history = cli_json(up_embedded, "history", key)
     assert [h["version"] for h in history] == [2, 1]  # newest first
     assert history[1]["value"] == first and history[0]["value"] == {"steps": []}
     for h in history:
-        assert set(h) == {"version", "value", "agent", "session", "commit_id", "committed_at", "deleted"}
+        assert set(h) == {
+            "version",
+            "value",
+            "agent",
+            "session",
+            "commit_id",
+            "committed_at",
+            "deleted",
+        }
         assert h["agent"] == "cli" and h["deleted"] is False
         assert started - 5 <= h["committed_at"] <= time.time() + 5
     assert history[0]["commit_id"] != history[1]["commit_id"]

@@ -29,7 +29,12 @@ async def test_commit_cancelled_by_a_disconnecting_client_is_not_resurrected(clu
 
     async with aio.insecure_channel(server.address) as channel:
         call = channel.stream_stream(wire.method_path(wire.BUS_SERVICE, wire.STREAM))()
-        ghost = {"s": ["ghost", "g1"], "id": "ghost-1", "w": {key: msgpack.packb("ghost")}, "ct": True}
+        ghost = {
+            "s": ["ghost", "g1"],
+            "id": "ghost-1",
+            "w": {key: msgpack.packb("ghost")},
+            "ct": True,
+        }
         await call.write(msgpack.packb([[1, "commit", ghost]], use_bin_type=True))
         await asyncio.sleep(0.15)  # the commit is appended and waits for its fsync
         call.cancel()  # the client vanishes

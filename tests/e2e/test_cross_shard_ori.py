@@ -36,7 +36,9 @@ async def sessions(up_processes):
 
 
 @pytest.mark.parametrize("changed", ["shard-0 key", "shard-1 key", "nothing"])
-async def test_transaction_reading_two_shards_is_rejected_when_a_read_key_changed(sessions, changed):
+async def test_transaction_reading_two_shards_is_rejected_when_a_read_key_changed(
+    sessions, changed
+):
     a, b, out = fresh_keys("txn")
     await sessions.commit({a: 1, b: 1})
     agent, other = sessions.session(agent="agent"), sessions.session(agent="other")
@@ -59,7 +61,9 @@ async def test_transaction_reading_two_shards_is_rejected_when_a_read_key_change
 
 
 @pytest.mark.parametrize("changed", ["shard-0 key", "shard-1 key"])
-async def test_session_commit_is_rejected_when_a_read_key_on_another_shard_changed(sessions, changed):
+async def test_session_commit_is_rejected_when_a_read_key_on_another_shard_changed(
+    sessions, changed
+):
     """Session scope (plain agents): what the session was given is checked, on every shard."""
     a, b, out = fresh_keys("session")
     await sessions.commit({a: 1, b: 1})
