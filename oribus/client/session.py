@@ -18,7 +18,7 @@ from oribus.bus.bus import ReadResult
 from oribus.bus.coordinator import CommitRequest
 from oribus.client.retry import RetryPolicy
 from oribus.client.watch import WatchStream
-from oribus.errors import InvalidRequest, OribusError, Unavailable
+from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
 from oribus.protocol import Scope, Token
 from oribus.types import (
     DELETE,
@@ -252,10 +252,33 @@ class AsyncSession:
                 await tx.commit()
                 return result
             except OribusError as e:
+                if isinstance(e, Unavailable) and tx.sent and await self._settle(tx, policy):
+                    return result  # the commit did apply; only its answer was lost
                 if attempt >= policy.retries or not policy.retry_transaction(e):
                     raise
             await asyncio.sleep(policy.delay(attempt))
             attempt += 1
+
+    async def _settle(self, tx: Transaction, policy: RetryPolicy) -> bool:
+        """Find out whether ``tx``'s commit applied by resending it (same commit id).
+
+        True: it committed (now or earlier). False: it was refused, so it never
+        applied and a fresh transaction may start over. Starting over while the
+        outcome is unknown could apply the same work twice.
+        """
+        for attempt in range(policy.retries + 1):
+            await asyncio.sleep(policy.delay(attempt + 3))
+            try:
+                await tx.resend()
+                return True
+            except Unavailable:
+                continue
+            except (Conflict, SessionExpired):
+                return False
+        raise Unavailable(
+            f"the outcome of commit {tx.commit_id} is still unknown; retry it with the same commit id",
+            commit_id=tx.commit_id,
+        )
 
     # ---- history and session upkeep -------------------------------------------------
 
@@ -318,6 +341,7 @@ class Transaction:
         # concurrent transactions of one session apart.
         self._reads: dict[str, int] = {}
         self.versions: dict[str, int] | None = None  # set by a successful commit
+        self._sent: CommitRequest | None = None  # the commit request, once sent
         self._done = False
 
     async def __aenter__(self) -> Transaction:
@@ -392,5 +416,18 @@ class Transaction:
             strict=s.strict,
             complete_tokens=True,
         )
+        self._sent = req
         self.versions = await s._send(req)
+        return self.versions
+
+    @property
+    def sent(self) -> bool:
+        """The commit was sent (its outcome may be unknown if it raised Unavailable)."""
+        return self._sent is not None
+
+    async def resend(self) -> dict[str, int]:
+        """Send the same commit again (same commit id: never applied twice)."""
+        if self._sent is None:
+            raise InvalidRequest("the transaction was never committed")
+        self.versions = await self._session._send(self._sent)
         return self.versions

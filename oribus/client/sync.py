@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from oribus.client.retry import RetryPolicy
 from oribus.client.session import AsyncSession, Transaction
 from oribus.client.watch import WatchStream
-from oribus.errors import OribusError
+from oribus.errors import OribusError, Unavailable
 from oribus.types import WatchEvent
 
 T = TypeVar("T")
@@ -234,6 +234,12 @@ class SyncSession:
                 tx.commit()
                 return result
             except OribusError as e:
+                if (
+                    isinstance(e, Unavailable)
+                    and tx._inner.sent
+                    and self._portal.call(self._inner._settle(tx._inner, policy))
+                ):
+                    return result  # the commit did apply; only its answer was lost
                 if attempt >= policy.retries or not policy.retry_transaction(e):
                     raise
             time.sleep(policy.delay(attempt))
