@@ -16,6 +16,7 @@ answers in batches the same way. Frames are documented in ``oribus.wire``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -27,12 +28,13 @@ from grpc import aio
 
 from oribus import wire
 from oribus.errors import InvalidRequest, OribusError, Unavailable
-from oribus.protocol import WatchRequest
+from oribus.protocol import Change, WatchRequest
 
 log = logging.getLogger("oribus.mux")
 
 Handler = Callable[[Any], Awaitable[Any]]
-WatchHandler = Callable[[WatchRequest], AsyncIterator[list]]
+# returns the (already subscribed) stream of changes of one watch
+WatchHandler = Callable[[WatchRequest], Awaitable[AsyncIterator[Change]]]
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -183,17 +185,9 @@ class MuxClient:
             return payload
         wire.raise_error(payload)
 
-    async def watch(self, request: WatchRequest) -> AsyncIterator[list]:
-        """Server-streamed batches of encoded changes."""
-        method = self.channel.unary_stream(wire.method_path(self.service, wire.WATCH))
-        call = method(wire.pack(request.to_wire()))
-        try:
-            async for raw in call:
-                yield wire.unpack(raw)
-        except grpc.RpcError as e:
-            raise wire.error_from_grpc(e) from None
-        finally:
-            call.cancel()
+    def watch(self, request: WatchRequest) -> RemoteWatch:
+        """A watch over the network: an async iterator of Change (see RemoteWatch)."""
+        return RemoteWatch(self, request)
 
     async def close(self) -> None:
         """Fail calls in flight, close the stream and the channel. Idempotent."""
@@ -210,6 +204,53 @@ class MuxClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+class RemoteWatch:
+    """The client end of a Watch RPC: an async iterator of Change.
+
+    ``subscribed()`` sends the request and waits for the server's first,
+    empty, batch: the server sends it only once its watch is registered, so
+    every change made visible after ``subscribed()`` returns is delivered.
+    """
+
+    def __init__(self, client: MuxClient, request: WatchRequest) -> None:
+        self._client = client
+        self._request = request
+        self._call: Any = None
+        self._buffer: collections.deque = collections.deque()
+
+    async def subscribed(self) -> None:
+        if self._call is not None:
+            return
+        method = self._client.channel.unary_stream(wire.method_path(self._client.service, wire.WATCH))
+        self._call = method(wire.pack(self._request.to_wire()))
+        try:
+            self._buffer.extend(await self._read())  # the acknowledgement (normally empty)
+        except StopAsyncIteration:
+            raise Unavailable(f"the watch on {self._client.target} ended before it was subscribed") from None
+
+    async def _read(self) -> list:
+        try:
+            raw = await self._call.read()
+        except grpc.RpcError as e:
+            raise wire.error_from_grpc(e) from None
+        if raw is aio.EOF:
+            raise StopAsyncIteration
+        return wire.unpack(raw)
+
+    def __aiter__(self) -> RemoteWatch:
+        return self
+
+    async def __anext__(self) -> Change:
+        await self.subscribed()
+        while not self._buffer:
+            self._buffer.extend(await self._read())
+        return Change.from_wire(self._buffer.popleft())
+
+    async def aclose(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
 
 
 # ---- server end -------------------------------------------------------------------------
@@ -304,13 +345,21 @@ def mux_handlers(
             req = WatchRequest.from_wire(wire.unpack(raw))
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+        stream: Any = None
         try:
-            async for batch in watch(req):  # type: ignore[misc]
-                yield wire.pack(batch)
+            stream = await watch(req)  # type: ignore[misc]
+            yield wire.pack([])  # subscribed: the client may now rely on seeing every later change
+            async for change in stream:
+                yield wire.pack([change.to_wire()])
         except OribusError as e:
             # the error's code travels in the trailing metadata so the client rebuilds it exactly
             await context.abort(wire.grpc_status_of(e), e.message,
                                 trailing_metadata=(("oribus-error", e.code),))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
 
     return grpc.method_handlers_generic_handler(
         service,

@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from oribus import wire
 from oribus.bus.bus import Bus
 from oribus.bus.recovery import Recovery
+from oribus.bus.watch import ensure_subscribed
 from oribus.mux import CHANNEL_OPTIONS, mux_handlers
 
 log = logging.getLogger("oribus.bus.server")
@@ -56,10 +57,10 @@ class BusServer:
         log.info("bus serving on %s", self.address)
 
     async def _watch(self, req):
-        """Changes in batches: every change ready without waiting goes into one message."""
+        """The stream of one Watch RPC, subscribed before the server acknowledges it."""
         stream = self.bus.watch(req.prefix, req.from_version, after=req.after, since=req.since)
-        async for change in stream:
-            yield [change.to_wire()]
+        await ensure_subscribed(stream)
+        return stream
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._recovery_task is not None:

@@ -77,7 +77,7 @@ class GrpcShardClient(ShardService):
     async def unreleased(self) -> list[TxnRef]:
         return await self._call("unreleased")
 
-    async def watch(
+    def watch(
         self,
         prefix: str = "",
         from_version: int | None = None,
@@ -85,10 +85,7 @@ class GrpcShardClient(ShardService):
         after: Mapping[str, int] | None = None,
         since: float | None = None,
     ) -> AsyncIterator[Change]:
-        req = WatchRequest(prefix, from_version, dict(after or {}), since)
-        async for batch in self.mux.watch(req):
-            for raw in batch:
-                yield Change.from_wire(raw)
+        return self.mux.watch(WatchRequest(prefix, from_version, dict(after or {}), since))
 
     async def close(self) -> None:
         await self.mux.close()

@@ -25,6 +25,13 @@ MERGE_QUEUE_SIZE = 256  # changes handed over; the shards' own queues are the re
 _END = object()  # a shard's stream ended
 
 
+async def ensure_subscribed(stream: object) -> None:
+    """Wait until ``stream`` is subscribed, for the streams that can tell (remote ones)."""
+    subscribed = getattr(stream, "subscribed", None)
+    if subscribed is not None:
+        await subscribed()
+
+
 class MergedWatch:
     """An async iterator of Change over several shards' watch streams."""
 
@@ -46,16 +53,24 @@ class MergedWatch:
             return
         await self._queue.put(_END)
 
+    async def subscribed(self) -> None:
+        """Return once every shard's stream is subscribed (remote ones answer first)."""
+        await asyncio.gather(*(ensure_subscribed(s) for s in self._streams))
+        self._start()
+
+    def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            loop = asyncio.get_running_loop()
+            self._pumps = [loop.create_task(self._pump(s)) for s in self._streams]
+
     def __aiter__(self) -> MergedWatch:
         return self
 
     async def __anext__(self) -> Change:
         if self._closed:
             raise StopAsyncIteration
-        if not self._started:
-            self._started = True
-            loop = asyncio.get_running_loop()
-            self._pumps = [loop.create_task(self._pump(s)) for s in self._streams]
+        self._start()
         item = await self._queue.get()
         if self._closed or item is _END:
             await self.aclose()

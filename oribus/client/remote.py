@@ -55,7 +55,7 @@ class RemoteBus:
     async def stats(self) -> dict:
         return await self._call("stats")
 
-    async def watch(
+    def watch(
         self,
         prefix: str = "",
         from_version: int | None = None,
@@ -63,10 +63,7 @@ class RemoteBus:
         after: Mapping[str, int] | None = None,
         since: float | None = None,
     ) -> AsyncIterator[Change]:
-        req = WatchRequest(prefix, from_version, dict(after or {}), since)
-        async for batch in self.mux.watch(req):
-            for raw in batch:
-                yield Change.from_wire(raw)
+        return self.mux.watch(WatchRequest(prefix, from_version, dict(after or {}), since))
 
     async def close(self) -> None:
         await self.mux.close()

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from oribus.bus.watch import ensure_subscribed
 from oribus.client.retry import RetryPolicy
 from oribus.errors import OribusError, Unavailable
 from oribus.protocol import Change, WatchRequest
@@ -156,6 +157,7 @@ class WatchStream:
                     self._stream = self._bus.watch(
                         self.prefix, self.from_version, after=dict(self._seen), since=since
                     )
+                await ensure_subscribed(self._stream)
                 return
             except Unavailable as e:
                 await self._backoff(e)

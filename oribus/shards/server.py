@@ -10,6 +10,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from oribus import wire
+from oribus.bus.watch import ensure_subscribed
 from oribus.mux import CHANNEL_OPTIONS, mux_handlers
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
@@ -55,10 +56,10 @@ class ShardServer:
         log.info("shard %d serving on %s (epoch %d)", self.config.shard_id, self.address, self.shard.epoch)
 
     async def _watch(self, req):
-        """Changes in batches: every change ready without waiting goes into one message."""
+        """The stream of one Watch RPC, subscribed before the server acknowledges it."""
         stream = self.shard.watch(req.prefix, req.from_version, after=req.after, since=req.since)
-        async for change in stream:
-            yield [change.to_wire()]
+        await ensure_subscribed(stream)
+        return stream
 
     async def _sweep(self) -> None:
         while True:

@@ -162,6 +162,9 @@ class Watcher:
         self._detach(self)
         self._ready.set()
 
+    async def subscribed(self) -> None:
+        """Already true: the shard registers a watcher before handing it out."""
+
     def __aiter__(self) -> Watcher:
         return self
 

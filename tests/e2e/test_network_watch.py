@@ -153,13 +153,6 @@ async def test_watch_replays_streams_live_and_resumes_from_a_version(server):
     assert {line["key"] for line in lines} <= {k0, k1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: over the network start() does not subscribe — RemoteBus.watch (and "
-    "GrpcShardClient.watch behind the bus) are lazy async generators, so the Watch RPC is only "
-    "sent on the first __anext__ and a live watch misses what was committed before that; the "
-    "wire needs a 'subscribed' answer that start() waits for",
-)
 async def test_live_watch_is_subscribed_when_start_returns(server):
     """``start()`` promises: every change made visible after it returns is delivered."""
     prefix, k0, k1 = fresh_keys()
