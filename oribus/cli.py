@@ -72,18 +72,14 @@ def _cmd_bus(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
-        import signal
+        from oribus.mux import wait_for_stop_signal
 
         clients = {i: GrpcShardClient(i, a) for i, a in enumerate(addrs)}
         bus = Bus(clients, StaticSlotMap(len(addrs)).shard_for)
         server = BusServer(bus, args.listen, recovery=Recovery(bus))
         await server.start()
         print(f"oribus bus listening on {server.address} over {len(addrs)} shards", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await wait_for_stop_signal()
         await server.stop()
         for c in clients.values():
             await c.close()

@@ -369,3 +369,57 @@ def mux_handlers(
             wire.WATCH: grpc.unary_stream_rpc_method_handler(watch_stream),
         },
     )
+
+
+class GrpcListener:
+    """A gRPC server for one oribus service plus standard health checking.
+
+    ``await start()`` binds ``listen`` (port 0 picks a free port) and reports
+    SERVING for "" and the service; ``await stop(grace)`` reports NOT_SERVING,
+    lets calls in flight finish for ``grace`` seconds, and closes.
+    """
+
+    def __init__(self, listen: str, service: str, handler: grpc.GenericRpcHandler) -> None:
+        from grpc_health.v1 import health
+
+        self.listen = listen
+        self.service = service
+        self.port = 0
+        self._handler = handler
+        self._server: aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def start(self) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        server = aio.server(options=CHANNEL_OPTIONS)
+        server.add_generic_rpc_handlers([self._handler])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.port = server.add_insecure_port(self.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.listen}")
+        await server.start()
+        for name in ("", self.service):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on SIGINT or SIGTERM (the servers' graceful shutdown)."""
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

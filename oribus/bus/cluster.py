@@ -30,6 +30,7 @@ from oribus.bus.server import BusServer
 from oribus.bus.shard_client import GrpcShardClient
 from oribus.errors import Unavailable
 from oribus.meta.slots import StaticSlotMap
+from oribus.mux import wait_for_stop_signal
 
 log = logging.getLogger("oribus.cluster")
 
@@ -142,10 +143,6 @@ async def run_until_signalled(cluster: LocalCluster) -> None:
     mode = "shard processes" if cluster.processes else "in-process shards"
     print(f"oribus up: bus on {cluster.address}, {cluster.config.shards} {mode}, "
           f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     print("oribus up: shutting down (draining, flushing)", flush=True)
     await cluster.stop()

@@ -6,12 +6,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-from grpc import aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from oribus import wire
 from oribus.bus.watch import ensure_subscribed
-from oribus.mux import CHANNEL_OPTIONS, mux_handlers
+from oribus.mux import GrpcListener, mux_handlers, wait_for_stop_signal
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
 
@@ -28,30 +25,26 @@ class ShardServer:
         self.epoch = epoch
         self.session_sweep_seconds = session_sweep_seconds
         self.shard: Shard | None = None
-        self.port = 0
-        self._server: aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._listener: GrpcListener | None = None
         self._sweeper: asyncio.Task | None = None
 
     @property
+    def port(self) -> int:
+        return self._listener.port if self._listener is not None else 0
+
+    @property
     def address(self) -> str:
-        host = self.listen.rsplit(":", 1)[0]
-        return f"{host}:{self.port}"
+        return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
 
     async def start(self) -> None:
         self.shard = await Shard.open(self.config, epoch=self.epoch)
-        server = aio.server(options=CHANNEL_OPTIONS)
-        server.add_generic_rpc_handlers(
-            [mux_handlers(wire.SHARD_SERVICE, wire.bind_ops(self.shard, wire.SHARD_OPS), watch=self._watch)]
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = server.add_insecure_port(self.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {self.listen}")
-        await server.start()
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(wire.SHARD_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self._server = server
+        handler = mux_handlers(wire.SHARD_SERVICE, wire.bind_ops(self.shard, wire.SHARD_OPS), watch=self._watch)
+        self._listener = GrpcListener(self.listen, wire.SHARD_SERVICE, handler)
+        try:
+            await self._listener.start()
+        except BaseException:
+            await self.shard.close()
+            raise
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         log.info("shard %d serving on %s (epoch %d)", self.config.shard_id, self.address, self.shard.epoch)
 
@@ -71,10 +64,8 @@ class ShardServer:
         """Stop serving (letting calls in flight finish), then flush and close the shard."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            await self._health.enter_graceful_shutdown()
-            await self._server.stop(grace)
-            self._server = None
+        if self._listener is not None:
+            await self._listener.stop(grace)
         if self.shard is not None:
             await self.shard.close()
 
@@ -82,8 +73,6 @@ class ShardServer:
 async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_file: Path | None = None,
                            config: ShardConfig | None = None) -> None:
     """Run until SIGINT/SIGTERM: the body of ``oribus shard``."""
-    import signal
-
     cfg = config or ShardConfig(shard_id=shard_id, data_dir=data_dir)
     server = ShardServer(cfg, listen)
     await server.start()
@@ -92,9 +81,5 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
         tmp.write_text(server.address)
         tmp.replace(ready_file)
     print(f"oribus shard {shard_id} listening on {server.address}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     await server.stop()
