@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"error": e.code, "message": e.message, **e.details}, default=_json_default),
                   file=sys.stderr)
             return 1
+        if isinstance(e, OSError):  # e.g. the address is taken
+            print(f"oribus {args.command}: {e}", file=sys.stderr)
+            return 1
         raise
 
 
