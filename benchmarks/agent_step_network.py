@@ -13,11 +13,11 @@ over gRPC with ``oribus.connect``, against a real server process:
   N shard processes over gRPC).
 
 Each configuration starts the server as a subprocess on a free port with a
-fresh data directory (fsync on: the server's defaults), waits until it
-answers, runs the clients in this process (uvloop), then stops the server
-with SIGTERM (SIGKILL after ``--stop-timeout`` seconds).
+fresh data directory (fsync on: the server's defaults), waits until it has
+announced itself and answers, runs the clients in this process (uvloop),
+then stops the server with SIGTERM (SIGKILL to its process group after 20 s).
 
-Two client layouts are measured:
+Three client layouts are measured:
 
 - ``one``: one ``oribus.connect`` and the 32 sessions made from it with
   ``bus.session(agent=...)``: all calls share one multiplexed stream;
@@ -34,7 +34,9 @@ commit: p50/p95/p99), and the wire cost per committed transaction from the
 client→bus and bus→client. Also reported: the WAL group commit and the
 1PC/2PC split from the server's ``stats()``, the CPU used by this process and
 by the server processes during the window (2 cores: clients and servers
-compete for them), and the TCP connections open from this process to the bus
+compete for them), the CPU used by everything else on the machine (other
+work disturbs the figures: look at this column before trusting a row), the
+busiest threads, and the TCP connections open from this process to the bus
 (gRPC may share one connection among channels to the same address).
 
 After each run the audit of ``agent_step.py`` checks the state against what
@@ -47,15 +49,16 @@ history has consecutive versions written by acknowledged commits.
 Usage::
 
     .venv/bin/python benchmarks/agent_step_network.py [--modes inproc processes]
-        [--layouts one many] [--shards 2] [--clients 32] [--keys 1000]
-        [--duration 10] [--warmup 2] [--json out.json]
-        [--py-spy SECONDS] [--cprofile-server]
+        [--layouts one many many-tcp] [--shards 2] [--clients 32] [--keys 1000]
+        [--duration 10] [--warmup 2] [--json out.json] [--keep]
+        [--py-spy SECONDS [--py-spy-native]] [--cprofile-server]
 
 ``--py-spy SECONDS`` records the server processes with py-spy during the
 window (py-spy must be installed and allowed to trace; ``--py-spy-native``
-adds C frames) and prints the top functions; ``--cprofile-server`` runs the server under cProfile instead (the
-whole server lifetime, startup and audit included) and prints its top
-functions. Profiled runs are slower: their figures are not the benchmark's.
+adds C frames, pausing the process at each sample) and prints the top
+functions; ``--cprofile-server`` runs the server under cProfile instead (its
+whole lifetime, startup and audit included) and prints its top functions.
+Profiled runs are slower: their figures are not the benchmark's.
 """
 
 from __future__ import annotations

@@ -396,7 +396,8 @@ class GrpcListener:
     async def start(self) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        server = aio.server(options=CHANNEL_OPTIONS)
+        # no SO_REUSEPORT: a second server on a taken address must fail, not share it
+        server = aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers([self._handler])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.port = server.add_insecure_port(self.listen)
@@ -414,12 +415,18 @@ class GrpcListener:
             self._server = None
 
 
-async def wait_for_stop_signal() -> None:
-    """Return on SIGINT or SIGTERM (the servers' graceful shutdown)."""
+def stop_signal_event() -> asyncio.Event:
+    """An event set on SIGINT or SIGTERM. Install it before starting anything, so a
+    signal that arrives during start-up still leads to a graceful stop."""
     import signal
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on SIGINT or SIGTERM (the servers' graceful shutdown)."""
+    await stop_signal_event().wait()

@@ -30,7 +30,7 @@ from oribus.bus.server import BusServer
 from oribus.bus.shard_client import GrpcShardClient
 from oribus.errors import Unavailable
 from oribus.meta.slots import StaticSlotMap
-from oribus.mux import wait_for_stop_signal
+from oribus.mux import stop_signal_event
 
 log = logging.getLogger("oribus.cluster")
 
@@ -139,10 +139,20 @@ class LocalCluster:
 
 
 async def run_until_signalled(cluster: LocalCluster) -> None:
-    await cluster.start()
+    stop = stop_signal_event()
+    starting = asyncio.get_running_loop().create_task(cluster.start())
+    stopping = asyncio.get_running_loop().create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # a signal during start-up: let the start finish, then stop cleanly
+        with contextlib.suppress(Exception):
+            await starting
+        await cluster.stop()
+        return
+    stopping.cancel()
+    starting.result()  # a failed start raises here (it already stopped what it started)
     mode = "shard processes" if cluster.processes else "in-process shards"
     print(f"oribus up: bus on {cluster.address}, {cluster.config.shards} {mode}, "
           f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)
-    await wait_for_stop_signal()
+    await stop.wait()
     print("oribus up: shutting down (draining, flushing)", flush=True)
     await cluster.stop()

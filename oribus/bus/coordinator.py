@@ -108,6 +108,7 @@ class Coordinator:
     def __init__(self, shards: dict[int, ShardService], shard_for: Callable[[str], int]) -> None:
         self.shards = shards
         self.shard_for = shard_for
+        self._background: set[asyncio.Task] = set()
         self.counters = {"commits_1pc": 0, "commits_2pc": 0, "conflicts": 0, "aborts_2pc": 0}
 
     def _shard(self, shard_id: int) -> ShardService:
@@ -242,13 +243,19 @@ class Coordinator:
             if f.token and f.versions:
                 tokens[s] = f.token
         if settled:
-            # every participant applied it: the primary may forget the decision
-            try:
-                await self._shard(primary).release(commit_id)
-            except OribusError as e:
-                log.info("release of %s on shard %d deferred: %s", commit_id, primary, e)
+            # every participant applied it: the primary may forget the decision (off the
+            # client's critical path; if it is lost, the recovery sweep releases it)
+            task = asyncio.get_running_loop().create_task(self._release(primary, commit_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         self.counters["commits_2pc"] += 1
         return CommitResult(commit_id, versions, tokens, True)
+
+    async def _release(self, primary: int, commit_id: str) -> None:
+        try:
+            await self._shard(primary).release(commit_id)
+        except OribusError as e:
+            log.info("release of %s on shard %d deferred: %s", commit_id, primary, e)
 
     async def recover(self, shard_id: int, txn: Txn) -> TxnState:
         """Resolve a prepared transaction found on ``shard_id`` through its primary."""

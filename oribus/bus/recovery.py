@@ -49,11 +49,16 @@ class Recovery:
                 txns = await shard.unreleased()
             except OribusError:
                 continue
-            for txn in txns:
-                try:
-                    n += await self.bus.coordinator.release_settled(sid, txn)
-                except OribusError as e:
-                    log.info("decision %s on shard %d kept: %s", txn.txn_id, sid, e)
+            results = await asyncio.gather(
+                *(self.bus.coordinator.release_settled(sid, t) for t in txns), return_exceptions=True
+            )
+            for txn, r in zip(txns, results, strict=True):
+                if isinstance(r, OribusError):
+                    log.info("decision %s on shard %d kept: %s", txn.txn_id, sid, r)
+                elif isinstance(r, BaseException):
+                    raise r
+                else:
+                    n += r
         return n
 
     async def run_once(self, older_than: float | None = None) -> None:
@@ -61,11 +66,12 @@ class Recovery:
         await self.release_settled()
 
     async def run_forever(self) -> None:
+        """A pass now (orphans of a bus that died), then one every ``interval`` seconds."""
         while True:
-            await asyncio.sleep(self.interval)
             try:
                 await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("recovery pass failed")
+            await asyncio.sleep(self.interval)

@@ -42,8 +42,7 @@ class BusServer:
 
     async def start(self) -> None:
         await self._listener.start()
-        if self.recovery is not None:
-            await self.recovery.run_once()  # orphans of a bus that died (older than the expiry)
+        if self.recovery is not None:  # in the background: serving does not wait for it
             self._recovery_task = asyncio.get_running_loop().create_task(self.recovery.run_forever())
         log.info("bus serving on %s", self.address)
 

@@ -453,6 +453,8 @@ class Participant:
         elif rtype == RecordType.ABORT:
             if seen is None or seen.state is TxnState.PREPARED:
                 self.apply_abort(txn_id)
+        elif rtype == RecordType.RELEASE:
+            self.release(txn_id)
         else:
             raise ValueError(f"unknown WAL record type {rtype}")
 

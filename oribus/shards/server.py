@@ -8,7 +8,7 @@ from pathlib import Path
 
 from oribus import wire
 from oribus.bus.watch import ensure_subscribed
-from oribus.mux import GrpcListener, mux_handlers, wait_for_stop_signal
+from oribus.mux import GrpcListener, mux_handlers, stop_signal_event
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
 
@@ -74,12 +74,16 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
                            config: ShardConfig | None = None) -> None:
     """Run until SIGINT/SIGTERM: the body of ``oribus shard``."""
     cfg = config or ShardConfig(shard_id=shard_id, data_dir=data_dir)
+    stop = stop_signal_event()
     server = ShardServer(cfg, listen)
     await server.start()
+    if stop.is_set():
+        await server.stop()
+        return
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
         tmp.write_text(server.address)
         tmp.replace(ready_file)
     print(f"oribus shard {shard_id} listening on {server.address}", flush=True)
-    await wait_for_stop_signal()
+    await stop.wait()
     await server.stop()

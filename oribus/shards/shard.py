@@ -388,7 +388,10 @@ class Shard(ShardService):
         return self.core.status(txn_id)
 
     async def release(self, txn_id: str) -> None:
-        self.core.release(txn_id)
+        if self.core.release(txn_id):
+            # Logged so a restart does not bring the decision back; not waited for: a lost
+            # RELEASE only means the recovery sweep releases it again.
+            self._append((int(RecordType.RELEASE), {"i": txn_id}))
 
     async def expired(self, older_than: float) -> list[TxnRef]:
         return [TxnRef(t.txn_id, t.primary, t.participants) for t in self.core.expired(older_than)]

@@ -22,6 +22,7 @@ WAL record types written by the participant (bodies are msgpack maps):
     COMMIT_ONE_PHASE {"i", "s", "w", "t"}            validated, locked and applied in one step
     COMMIT           {"i"}                            a PREPARED transaction committed
     ABORT            {"i"}                            a PREPARED (or unknown) transaction aborted
+    RELEASE          {"i"}                            the primary may forget a kept decision
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RecordType(IntEnum):
     COMMIT_ONE_PHASE = 2
     COMMIT = 3
     ABORT = 4
+    RELEASE = 5  # a kept decision every participant applied (appended, not waited for)
 
 
 _VALID: dict[TxnState | None, frozenset[TxnState]] = {

@@ -177,3 +177,19 @@ def test_replay_and_snapshot_rebuild_the_same_state():
     assert s.known("c2").state is TxnState.COMMITTED
     s.replay(RecordType.COMMIT, {"i": "p1"})
     assert s.store.version("x") == 1 and not s.write_locks
+
+
+def test_kept_decision_is_released_and_release_replays():
+    p = make()
+    st = ShardTxn(txn_id="d1", session=A, writes={"k": b"1"}, participants=(0, 1), primary=0)
+    prep = p.prepare(st)
+    state, rec = p.begin_decide("d1", True)
+    p.apply_commit("d1")
+    assert "d1" in p.decisions  # primary of a multi-shard commit: kept outside the LRU
+    assert p.release("d1") and "d1" not in p.decisions and p.known("d1").state is TxnState.COMMITTED
+    q = make(epoch=8)
+    for rtype, body in (prep.record, rec):
+        q.replay(rtype, body)
+    assert "d1" in q.decisions  # without the RELEASE record a restart keeps it again
+    q.replay(RecordType.RELEASE, {"i": "d1"})
+    assert "d1" not in q.decisions and q.known("d1").state is TxnState.COMMITTED
