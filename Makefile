@@ -26,6 +26,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/agent_step.py
+	$(PY) benchmarks/agent_step_network.py
 	$(PY) benchmarks/recovery.py
 	$(PY) benchmarks/delivery_log_memory.py
 
