@@ -173,17 +173,10 @@ class MuxClient:
         with contextlib.suppress(Exception):
             call.cancel()
 
-    async def unary(self, op: str, args: Any, timeout: float | None = None) -> Any:
-        """One call as a unary RPC (no stream): for tools and probes."""
-        method = self.channel.unary_unary(wire.method_path(self.service, wire.CALL))
-        try:
-            raw = await method(wire.pack([0, op, args]), timeout=timeout or self.timeout)
-        except grpc.RpcError as e:
-            raise wire.error_from_grpc(e) from None
-        _, status, payload = wire.unpack(raw)
-        if status == wire.OK:
-            return payload
-        wire.raise_error(payload)
+    async def call_op(self, table: dict[str, wire.Op], op: str, *params: Any) -> Any:
+        """Call ``op`` of an operation table (wire.BUS_OPS / SHARD_OPS) with Python params."""
+        o = table[op]
+        return o.dec_result(await self.call(op, o.enc_args(*params)))
 
     def watch(self, request: WatchRequest) -> RemoteWatch:
         """A watch over the network: an async iterator of Change (see RemoteWatch)."""

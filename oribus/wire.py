@@ -12,7 +12,7 @@ Each service has the same three methods:
                           transaction costs a few frames, not a few gRPC messages
     Call    unary         one call in, one reply out (CLI, tools, health probes)
     Watch   server stream request {"p": prefix, "f": from_version}; replies are batches
-                          of changes (see ``enc_change``)
+                          of changes (``protocol.Change.to_wire``)
 
 Frames (msgpack)::
 
@@ -510,16 +510,3 @@ def bind_ops(target: Any, table: dict[str, Op]) -> dict[str, Callable[[Any], Awa
 
     return {name: bind(name, op) for name, op in table.items()}
 
-
-# ---- watch ---------------------------------------------------------------------------------
-
-
-def enc_change(c: Any) -> list:
-    """A change event: [key, version, value (bin|nil), deleted, agent, session, commit_id, committed_at]."""
-    return c.to_wire()
-
-
-def dec_change(v: list) -> Any:
-    from oribus.protocol import Change
-
-    return Change.from_wire(v)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from oribus.bus.bus import Bus
-from oribus.bus.embedded import EngineConfig, LocalEngine, _check_layout
+from oribus.bus.embedded import EngineConfig, LocalEngine, check_layout
 from oribus.bus.recovery import Recovery
 from oribus.bus.server import BusServer
 from oribus.bus.shard_client import GrpcShardClient
@@ -101,7 +101,7 @@ class LocalCluster:
         return addr
 
     async def _start_processes(self) -> tuple[Bus, Recovery]:
-        await asyncio.get_running_loop().run_in_executor(None, _check_layout, self.config)
+        await asyncio.get_running_loop().run_in_executor(None, check_layout, self.config)
         for i in range(self.config.shards):
             self.spawn_shard(i)
         shards = {}

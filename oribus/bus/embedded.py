@@ -78,7 +78,7 @@ class EngineConfig:
         return replace(cfg, **self.shard_overrides) if self.shard_overrides else cfg
 
 
-def _check_layout(cfg: EngineConfig) -> None:
+def check_layout(cfg: EngineConfig) -> None:
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.data_dir / LAYOUT_FILE
     want = {"format": 1, "shards": cfg.shards, "slots": SLOTS}
@@ -127,7 +127,7 @@ class LocalEngine:
         if config.shards < 1:
             raise InvalidRequest("shards must be >= 1")
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, _check_layout, config)
+        await loop.run_in_executor(None, check_layout, config)
         shards: dict[int, Shard] = {}
         try:
             for i in range(config.shards):

@@ -35,8 +35,7 @@ class GrpcShardClient(ShardService):
         self.mux = MuxClient(target, wire.SHARD_SERVICE, credentials=credentials, timeout=timeout)
 
     async def _call(self, op: str, *params: Any) -> Any:
-        o = wire.SHARD_OPS[op]
-        return o.dec_result(await self.mux.call(op, o.enc_args(*params)))
+        return await self.mux.call_op(wire.SHARD_OPS, op, *params)
 
     async def read(self, req: ReadRequest) -> ReadReply:
         return await self._call("read", req)

@@ -34,8 +34,7 @@ class RemoteBus:
         self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout)
 
     async def _call(self, op: str, *params: Any) -> Any:
-        o = wire.BUS_OPS[op]
-        return o.dec_result(await self.mux.call(op, o.enc_args(*params)))
+        return await self.mux.call_op(wire.BUS_OPS, op, *params)
 
     async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
         return await self._call("read", session, keys, record)

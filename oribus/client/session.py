@@ -161,6 +161,21 @@ class AsyncSession:
             out[k] = None if v is DELETE else encode_value(v, self.max_value_bytes)
         return out
 
+    def _request(
+        self, commit_id: str | None, *, scope: Scope = Scope.SESSION,
+        tokens: dict[int, Token] | None = None, **fields: Any,
+    ) -> CommitRequest:
+        """A commit of this session; the client sends every token it holds (see Bus.commit)."""
+        return CommitRequest(
+            session=self.session_ref,
+            commit_id=commit_id or new_commit_id(),
+            scope=scope,
+            tokens=dict(self._tokens if tokens is None else tokens),
+            strict=self.strict,
+            complete_tokens=True,
+            **fields,
+        )
+
     async def _send(self, req: CommitRequest) -> dict[str, int]:
         policy = RetryPolicy()
         for attempt in range(_SAME_ID_RETRIES + 1):
@@ -190,18 +205,12 @@ class AsyncSession:
         Returns key -> new version. Raises Conflict (``.stale`` lists the
         offending keys) and writes nothing if the check fails.
         """
-        req = CommitRequest(
-            session=self.session_ref,
-            commit_id=commit_id or new_commit_id(),
+        return await self._send(self._request(
+            commit_id,
             writes=self._encode_writes(writes),
             expect=dict(expect or {}),
             read_set=dict(read_set or {}),
-            scope=Scope.SESSION,
-            tokens=dict(self._tokens),
-            strict=self.strict,
-            complete_tokens=True,
-        )
-        return await self._send(req)
+        ))
 
     async def put(self, key: str, value: Any, *, expect: int | None = None) -> int:
         """Commit a single key; returns its new version."""
@@ -220,16 +229,7 @@ class AsyncSession:
         """
         if not isinstance(targets, Mapping) or not targets:
             raise InvalidRequest("rollback takes a non-empty mapping of key -> version")
-        req = CommitRequest(
-            session=self.session_ref,
-            commit_id=commit_id or new_commit_id(),
-            rollback=dict(targets),
-            scope=Scope.SESSION,
-            tokens=dict(self._tokens),
-            strict=self.strict,
-            complete_tokens=True,
-        )
-        return await self._send(req)
+        return await self._send(self._request(commit_id, rollback=dict(targets)))
 
     def transaction(self) -> Transaction:
         """A transaction whose read set is only the reads made through it."""
@@ -403,18 +403,15 @@ class Transaction:
         self._check_open()
         self._done = True
         s = self._session
-        req = CommitRequest(
-            session=s.session_ref,
-            commit_id=self.commit_id,
+        req = s._request(
+            self.commit_id,
+            scope=Scope.TRANSACTION,
+            tokens=self._tokens,
             writes=s._encode_writes(self._writes),
             rollback=dict(self._rollback),
             expect=dict(self._expect),
             read_set=dict(self._reads),
-            scope=Scope.TRANSACTION,
             since=dict(self._since),
-            tokens=dict(self._tokens),
-            strict=s.strict,
-            complete_tokens=True,
         )
         self._sent = req
         self.versions = await s._send(req)

@@ -288,15 +288,14 @@ class Participant:
             primary=st.primary,
             participants=tuple(st.participants) or (self.shard_id,),
             writes=writes,
-            read_keys=tuple(read_keys) if not one_phase else (),
+            # a one-phase commit holds its locks only while its record is fsynced: its
+            # reads are validated at this instant, so it needs no read locks
+            read_keys=() if one_phase else tuple(read_keys),
             committed_at=st.committed_at,
             prepared_at=self.clock(),
             one_phase=one_phase,
         )
         txn.transition(TxnState.PREPARED)
-        if one_phase:
-            # held only while the record is fsynced; reads are already validated
-            txn.read_keys = ()
         self.prepared[txn.txn_id] = txn
         self._lock(txn)
         rtype = RecordType.COMMIT_ONE_PHASE if one_phase else RecordType.PREPARE
@@ -351,10 +350,8 @@ class Participant:
         txn = self.known(txn_id)
         if txn is None:
             raise InvalidRequest(f"unknown transaction {txn_id}")
-        if txn.state is TxnState.COMMITTED:
-            return TxnOutcome(TxnState.COMMITTED, txn.versions, token=self._token(txn))
-        if txn.state is TxnState.ABORTED:
-            return TxnOutcome(TxnState.ABORTED)
+        if txn.resolved:
+            return self.outcome(txn_id)
         txn.transition(TxnState.COMMITTED)
         for k, w in txn.writes.items():
             self.store.apply(k, w.version, w.value, w.deleted, txn.session, txn.txn_id, txn.committed_at)
@@ -382,7 +379,7 @@ class Participant:
             self.prepared.pop(txn_id, None)
             self._remember(txn)
             return TxnOutcome(TxnState.ABORTED)
-        return TxnOutcome(txn.state, txn.versions if txn.state is TxnState.COMMITTED else {})  # type: ignore[arg-type]
+        return self.outcome(txn_id)
 
     def cancel_one_phase(self, txn_id: str) -> None:
         """A one-phase commit whose record could not be made durable: forget it entirely."""
@@ -390,9 +387,15 @@ class Participant:
         if txn is not None:
             self._unlock(txn)
 
-    def _token(self, txn: Txn):
-        inc = self.dlog.incarnation_of(txn.session)
-        return (self.epoch, inc) if inc is not None else None
+    def outcome(self, txn_id: str) -> TxnOutcome:
+        """What this shard knows of a transaction's outcome (unknown reads as ABORTED)."""
+        txn = self.known(txn_id)
+        if txn is None:
+            return TxnOutcome(TxnState.ABORTED)
+        if txn.state is TxnState.COMMITTED:
+            inc = self.dlog.incarnation_of(txn.session)
+            return TxnOutcome(TxnState.COMMITTED, txn.versions, token=None if inc is None else (self.epoch, inc))
+        return TxnOutcome(txn.state)  # type: ignore[arg-type]
 
     def _remember(self, txn: Txn, *, released: bool = False) -> None:
         if (

@@ -125,13 +125,8 @@ class Shard(ShardService):
         return lsn
 
     async def _durable(self, lsn: int) -> None:
-        wal = self._check_open()
-        try:
-            await wal.sync(lsn)
-        except OribusError:
-            raise
-        except OSError as e:  # pragma: no cover - the WAL wraps its own errors
-            raise Unavailable(f"shard {self.shard_id}: WAL write failed: {e}") from e
+        # a failed write surfaces as the WAL's own Unavailable, for this and every later sync
+        await self._check_open().sync(lsn)
 
     def _apply_commit(self, txn_id: str) -> TxnOutcome:
         """Make a transaction's writes visible, then offer them to the watchers.
@@ -285,11 +280,9 @@ class Shard(ShardService):
         deadline = time.monotonic() + self.config.read_wait_seconds
         while txn.state is TxnState.PREPARED and time.monotonic() < deadline:
             await self._wait_for({txn.txn_id}, deadline - time.monotonic())
-        if txn.state is TxnState.COMMITTED:
-            return TxnOutcome(TxnState.COMMITTED, txn.versions, token=self.core._token(txn))
         if txn.state is TxnState.PREPARED:
             raise Unavailable(f"transaction {txn.txn_id} is still in progress", shard=self.shard_id)
-        return TxnOutcome(TxnState.ABORTED)
+        return self.core.outcome(txn.txn_id)
 
     async def prepare(self, txn: ShardTxn) -> Vote:
         self._check_open()
@@ -308,10 +301,10 @@ class Shard(ShardService):
         running = self._deciding.get(txn_id)
         if running is not None:
             await asyncio.shield(running)
-            return self._outcome_of(txn_id)
+            return self.core.outcome(txn_id)
         state, record = self.core.begin_decide(txn_id, commit)
         if record is None:
-            return self._outcome_of(txn_id)
+            return self.core.outcome(txn_id)
         fut: asyncio.Future[TxnOutcome] = asyncio.get_running_loop().create_future()
         self._deciding[txn_id] = fut
         try:
@@ -356,14 +349,6 @@ class Shard(ShardService):
             raise
         finally:
             self._deciding.pop(txn_id, None)
-
-    def _outcome_of(self, txn_id: str) -> TxnOutcome:
-        txn = self.core.known(txn_id)
-        if txn is None:
-            return TxnOutcome(TxnState.ABORTED)
-        if txn.state is TxnState.COMMITTED:
-            return TxnOutcome(TxnState.COMMITTED, txn.versions, token=self.core._token(txn))
-        return TxnOutcome(txn.state)  # type: ignore[arg-type]
 
     async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
         self._check_open()

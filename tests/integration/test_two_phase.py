@@ -10,7 +10,7 @@ import pytest
 
 import oribus
 from oribus.bus.embedded import EngineConfig, LocalEngine
-from oribus.protocol import ReadRequest, ShardTxn, TxnState, VoteKind
+from oribus.protocol import ShardTxn, TxnState, VoteKind
 from oribus.types import SessionRef
 
 S = SessionRef("coord", "c1")
@@ -39,6 +39,11 @@ def txn_parts(engine: LocalEngine, txn_id: str, writes: dict[str, object]) -> di
     return engine.bus.coordinator.split(req)
 
 
+async def prepare_all(engine: LocalEngine, parts: dict[int, ShardTxn]) -> list[VoteKind]:
+    """Phase one on every participant, as a coordinator would; returns the votes."""
+    return [(await engine.shards[sid].prepare(st)).kind for sid, st in parts.items()]
+
+
 async def open_engine(data_dir, **kw) -> LocalEngine:
     return await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2, **kw))
 
@@ -54,9 +59,7 @@ async def test_prepared_without_decision_is_aborted_on_recovery(data_dir):
     a, b = keys_on_two_shards(engine)
     parts = txn_parts(engine, "t-orphan", {a: 1, b: 1})
     assert len(parts) == 2
-    for sid, st in parts.items():
-        vote = await engine.shards[sid].prepare(st)
-        assert vote.kind is VoteKind.YES
+    assert await prepare_all(engine, parts) == [VoteKind.YES, VoteKind.YES]
     await engine.close()  # the coordinator dies between prepare and decision
 
     engine = await open_engine(data_dir)
@@ -76,8 +79,7 @@ async def test_decided_commit_is_finished_on_recovery(data_dir):
     engine = await open_engine(data_dir)
     a, b = keys_on_two_shards(engine)
     parts = txn_parts(engine, "t-half", {a: "A", b: "B"})
-    for sid, st in parts.items():
-        assert (await engine.shards[sid].prepare(st)).kind is VoteKind.YES
+    assert await prepare_all(engine, parts) == [VoteKind.YES, VoteKind.YES]
     primary = next(iter(parts.values())).primary
     assert (await engine.shards[primary].decide("t-half", True)).state is TxnState.COMMITTED
     await engine.close()  # the coordinator dies before telling the other participant
@@ -96,8 +98,7 @@ async def test_reader_waits_for_outcome_and_never_sees_half(data_dir):
     try:
         a, b = keys_on_two_shards(engine)
         parts = txn_parts(engine, "t-wait", {a: 10, b: 20})
-        for sid, st in parts.items():
-            await engine.shards[sid].prepare(st)
+        assert await prepare_all(engine, parts) == [VoteKind.YES, VoteKind.YES]
         primary = next(iter(parts.values())).primary
         other = next(s for s in parts if s != primary)
         other_key = a if engine.slot_map.shard_for(a) == other else b
@@ -118,8 +119,7 @@ async def test_abandoned_transaction_is_resolved_while_running(data_dir):
     try:
         a, b = keys_on_two_shards(engine)
         parts = txn_parts(engine, "t-abandoned", {a: 1, b: 1})
-        for sid, st in parts.items():
-            await engine.shards[sid].prepare(st)
+        assert await prepare_all(engine, parts) == [VoteKind.YES, VoteKind.YES]
         # readers block, then the expired transaction is aborted through its primary
         assert await asyncio.wait_for(value_of(engine, a), 5) is None
         for sid in parts:
@@ -149,8 +149,7 @@ async def test_prepare_locks_are_no_wait(data_dir):
         a, b = keys_on_two_shards(engine)
         p1 = txn_parts(engine, "t1", {a: 1, b: 1})
         p2 = txn_parts(engine, "t2", {a: 2, b: 2})
-        for sid, st in p1.items():
-            await engine.shards[sid].prepare(st)
+        assert await prepare_all(engine, p1) == [VoteKind.YES, VoteKind.YES]
         for sid, st in p2.items():
             vote = await engine.shards[sid].prepare(st)
             assert vote.kind is VoteKind.NO and vote.stale[0].reason == "locked"
@@ -210,7 +209,7 @@ async def test_session_scope_read_on_other_shard_is_validated(data_dir):
         with pytest.raises(oribus.Conflict) as e:
             await bus.put(b, 1)
         assert e.value.stale[0].key == a
-        assert await engine.shards[engine.slot_map.shard_for(b)].read(ReadRequest(S, [b], False))
+        assert (await bus.session(agent="reader").get(b)).version == 0  # nothing was written
 
 
 async def test_primary_keeps_commit_decision_until_participants_finish(data_dir):
@@ -219,8 +218,7 @@ async def test_primary_keeps_commit_decision_until_participants_finish(data_dir)
     try:
         a, b = keys_on_two_shards(engine)
         parts = txn_parts(engine, "t-kept", {a: "A", b: "B"})
-        for sid, st in parts.items():
-            await engine.shards[sid].prepare(st)
+        assert await prepare_all(engine, parts) == [VoteKind.YES, VoteKind.YES]
         primary = next(iter(parts.values())).primary
         await engine.shards[primary].decide("t-kept", True)
         other = next(s for s in parts if s != primary)
