@@ -43,10 +43,19 @@ def _run(coro: Any) -> Any:
 # ---- servers ----------------------------------------------------------------------------
 
 
+def _gateway_config(args: argparse.Namespace):
+    from oribus.bus.gateway import GatewayConfig
+
+    if args.no_http:
+        return None
+    return GatewayConfig(listen=args.http, admin=args.admin, sbus_max_delta=args.sbus_max_delta)
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from oribus.bus.cluster import LocalCluster, run_until_signalled
 
-    cluster = LocalCluster(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes)
+    cluster = LocalCluster(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
+                           http=_gateway_config(args))
     _run(run_until_signalled(cluster))
     return 0
 
@@ -72,17 +81,31 @@ def _cmd_bus(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
+        from oribus.bus.gateway import HttpGateway
+        from oribus.bus.session_journal import SessionJournal
         from oribus.mux import wait_for_stop_signal
 
+        journal = await SessionJournal.open(Path(args.data_dir) / "sessions")
         clients = {i: GrpcShardClient(i, a) for i, a in enumerate(addrs)}
-        bus = Bus(clients, StaticSlotMap(len(addrs)).shard_for)
+        bus = Bus(clients, StaticSlotMap(len(addrs)).shard_for, session_journal=journal)
         server = BusServer(bus, args.listen, recovery=Recovery(bus))
-        await server.start()
-        print(f"oribus bus listening on {server.address} over {len(addrs)} shards", flush=True)
-        await wait_for_stop_signal()
-        await server.stop()
-        for c in clients.values():
-            await c.close()
+        gateway = None
+        try:
+            await server.start()
+            http = _gateway_config(args)
+            if http is not None:
+                gateway = HttpGateway(bus, http)
+                await gateway.start()
+            where = f", http on {gateway.url}" if gateway is not None else ""
+            print(f"oribus bus listening on {server.address}{where} over {len(addrs)} shards", flush=True)
+            await wait_for_stop_signal()
+        finally:
+            if gateway is not None:
+                await gateway.stop()
+            await server.stop()
+            for c in clients.values():
+                await c.close()
+            await journal.close()
 
     _run(main())
     return 0
@@ -176,6 +199,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(Path(args.data_dir), shards=args.shards, fresh=not args.keep))
 
 
+def _http_options(p: argparse.ArgumentParser) -> None:
+    from oribus.bus.gateway import DEFAULT_HTTP
+
+    p.add_argument("--http", default=DEFAULT_HTTP,
+                   help="HTTP address (S-Bus routes, /v1 API, /metrics, dashboard) as HOST:PORT")
+    p.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    p.add_argument("--admin", action="store_true",
+                   help="enable /admin/* routes and rollback from the dashboard (403 otherwise)")
+    p.add_argument("--sbus-max-delta", type=int, default=0,
+                   help="S-Bus DeltaTooLarge limit in characters (0: only the value size limit)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oribus", description="A state bus for fleets of agents.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -186,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default=DEFAULT_ADDR, help="gRPC address of the bus (HOST:PORT)")
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--processes", action="store_true", help="run each shard as its own process over gRPC")
+    _http_options(p)
     p.set_defaults(fn=_cmd_up)
 
     p = sub.add_parser("shard", help="run one shard server")
@@ -198,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bus", help="run a bus over shard servers")
     p.add_argument("--listen", default=DEFAULT_ADDR)
     p.add_argument("--shards", required=True, help="comma-separated shard addresses, shard 0 first")
+    p.add_argument("--data-dir", default="./oribus-data/bus",
+                   help="the bus's own state (the session journal of HTTP agents)")
+    _http_options(p)
     p.set_defaults(fn=_cmd_bus)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:

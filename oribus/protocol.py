@@ -46,6 +46,10 @@ class ReadRequest:
     session: SessionRef
     keys: list[str]
     record: bool = True  # False: a peek that is not a delivery (history views, tools)
+    detail: bool = False  # also return who committed each current version, and when
+    # S-Bus delivery_log/register: record only keys that exist and that the session has
+    # no delivery of yet — a key it already read keeps the version it was really given.
+    only_new: bool = False
 
 
 @dataclass(slots=True)
@@ -53,6 +57,8 @@ class ReadItem:
     key: str
     value: bytes | None  # msgpack-encoded value; None when absent or deleted
     version: int
+    agent: str = ""  # detail reads only: the agent that committed this version
+    committed_at: float = 0.0  # detail reads only: when (unix time)
 
 
 @dataclass(slots=True)
@@ -60,6 +66,7 @@ class ReadReply:
     items: list[ReadItem]
     token: Token  # (epoch, incarnation) of the session on this shard
     seq: int  # delivery sequence number of the first item (transaction scope)
+    skipped: list[str] = field(default_factory=list)  # only_new reads: keys already delivered
 
 
 @dataclass(slots=True)

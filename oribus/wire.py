@@ -333,21 +333,63 @@ def dec_session_args(a: Any) -> SessionRef:
 
 
 def enc_read_request(r: ReadRequest) -> dict:
-    return enc_read_args(r.session, r.keys, r.record)
+    a = enc_read_args(r.session, r.keys, r.record)
+    if r.detail:
+        a["d"] = True
+    if r.only_new:
+        a["n"] = True
+    return a
 
 
 def dec_read_request(a: Any) -> ReadRequest:
     s, keys, record = dec_read_args(a)
-    return ReadRequest(s, keys, record)
+    return ReadRequest(s, keys, record, bool(_opt(a, "d", bool, False)), bool(_opt(a, "n", bool, False)))
+
+
+def enc_items(items: list[ReadItem]) -> list:
+    """[key, value, version] per item, plus [agent, committed_at] when it carries detail."""
+    return [
+        [i.key, i.value, i.version, i.agent, i.committed_at] if i.agent or i.committed_at
+        else [i.key, i.value, i.version]
+        for i in items
+    ]
+
+
+def dec_items(v: list) -> list[ReadItem]:
+    return [ReadItem(*i) for i in v]
 
 
 def enc_read_reply(r: ReadReply) -> list:
-    return [[[i.key, i.value, i.version] for i in r.items], list(r.token), r.seq]
+    if r.skipped:
+        return [enc_items(r.items), list(r.token), r.seq, r.skipped]
+    return [enc_items(r.items), list(r.token), r.seq]
 
 
 def dec_read_reply(v: list) -> ReadReply:
-    items, token, seq = v
-    return ReadReply([ReadItem(k, val, ver) for k, val, ver in items], (token[0], token[1]), seq)
+    items, token, seq, *skipped = v
+    return ReadReply(dec_items(items), (token[0], token[1]), seq, list(skipped[0]) if skipped else [])
+
+
+def dec_scan_args(a: Any) -> tuple[str, str, int]:
+    limit = _opt(a, "n", int, 1000)
+    if limit < 1 or limit > 10_000:
+        raise InvalidRequest("scan limit must be 1..10000")
+    return _opt(a, "p", str, ""), _opt(a, "a", str, ""), limit
+
+
+def enc_sessions(v: list) -> list:
+    return [[list(s), entries, idle] for s, entries, idle in v]
+
+
+def dec_sessions(v: list) -> list:
+    return [((s[0], s[1]), dict(entries), idle) for s, entries, idle in v]
+
+
+def _dec_limit(a: Any) -> tuple:
+    limit = _opt(a, "n", int, 100)
+    if limit < 1 or limit > 10_000:
+        raise InvalidRequest("limit must be 1..10000")
+    return (limit,)
 
 
 def enc_shard_txn(t: ShardTxn) -> dict:
@@ -471,6 +513,8 @@ def _dec_older_than(a: Any) -> tuple:
 # Operations of oribus.v1.Shard: each is a ShardService method of the same name.
 SHARD_OPS: dict[str, Op] = {
     "read": Op(enc_read_request, lambda a: (dec_read_request(a),), enc_read_reply, dec_read_reply),
+    "scan": Op(lambda p="", a="", n=1000: {"p": p, "a": a, "n": n}, dec_scan_args, enc_items, dec_items),
+    "sessions": Op(lambda n=100: {"n": n}, _dec_limit, enc_sessions, dec_sessions),
     "prepare": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
     "commit_one_phase": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
     "decide": Op(_txn_args, dec_txn_args, enc_outcome, dec_outcome),

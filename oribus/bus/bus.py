@@ -10,12 +10,14 @@ nothing else, so all of them have the same semantics.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from oribus.bus.coordinator import CommitRequest, CommitResult, Coordinator
+from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sessions import SessionTable
 from oribus.bus.watch import MergedWatch
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
@@ -27,6 +29,7 @@ from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
 log = logging.getLogger("oribus.bus")
 
 MAX_KEYS_PER_REQUEST = 10_000
+_VIEW_SESSION = ("oribus", "view")  # peeks for operator views record nothing
 
 
 @dataclass(slots=True)
@@ -34,6 +37,7 @@ class ReadResult:
     items: list[ReadItem]  # in the order asked
     tokens: dict[int, Token] = field(default_factory=dict)  # shard -> session token there
     seqs: dict[int, int] = field(default_factory=dict)  # shard -> seq of the first delivery
+    skipped: list[str] = field(default_factory=list)  # only_new reads: keys already delivered
 
 
 class Bus:
@@ -46,16 +50,33 @@ class Bus:
         *,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         max_sessions: int = 1_000_000,
+        session_journal: SessionJournal | None = None,
     ) -> None:
         self.shards = shards
         self.shard_for = shard_for
         self.max_value_bytes = max_value_bytes
-        self.sessions = SessionTable(max_sessions)
+        self.sessions = SessionTable(max_sessions, session_journal)
         self.coordinator = Coordinator(shards, shard_for)
 
     # ---- reads -----------------------------------------------------------------
 
-    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
+    async def read(
+        self,
+        session: SessionRef,
+        keys: list[str],
+        record: bool = True,
+        *,
+        detail: bool = False,
+        only_new: bool = False,
+        durable_session: bool = False,
+    ) -> ReadResult:
+        """Read ``keys`` for ``session``; each owning shard records the deliveries.
+
+        ``detail``: items also carry who committed each version and when.
+        ``only_new``: record only keys the session has not been given yet.
+        ``durable_session``: the client sends no tokens (HTTP agents), so the
+        session's tokens are journaled before this returns (``SessionJournal``).
+        """
         _check_session(session)
         if not isinstance(keys, list | tuple):
             raise InvalidRequest("keys must be a list of str")
@@ -69,11 +90,12 @@ class Bus:
             return ReadResult([])
         if len(by_shard) == 1:
             (sid, ks), = by_shard.items()
-            replies = [(sid, await self.shards[sid].read(ReadRequest(session, ks, record)))]
+            replies = [(sid, await self.shards[sid].read(ReadRequest(session, ks, record, detail, only_new)))]
         else:
             sids = list(by_shard)
             got = await asyncio.gather(
-                *(self.shards[s].read(ReadRequest(session, by_shard[s], record)) for s in sids)
+                *(self.shards[s].read(ReadRequest(session, by_shard[s], record, detail, only_new))
+                  for s in sids)
             )
             replies = list(zip(sids, got, strict=True))
         found: dict[str, ReadItem] = {}
@@ -81,17 +103,25 @@ class Bus:
         for sid, reply in replies:
             for item in reply.items:
                 found[item.key] = item
+            result.skipped.extend(reply.skipped)
             if record:
                 result.tokens[sid] = reply.token
                 result.seqs[sid] = reply.seq
-                self.sessions.observe(session, sid, reply.token)
+                if durable_session:
+                    await self.sessions.observe_durably(session, sid, reply.token)
+                else:
+                    self.sessions.observe(session, sid, reply.token)
         result.items = [found[k] for k in keys]
         return result
 
     # ---- commits -------------------------------------------------------------------
 
-    async def commit(self, req: CommitRequest) -> CommitResult:
-        """Validate the request's shape, merge the session's tokens, and commit."""
+    async def commit(self, req: CommitRequest, *, durable_session: bool = False) -> CommitResult:
+        """Validate the request's shape, merge the session's tokens, and commit.
+
+        ``durable_session``: as for ``read`` — the tokens the commit leaves
+        (its own writes become deliveries) are journaled before it returns.
+        """
         _check_session(req.session)
         if not req.commit_id or not isinstance(req.commit_id, str) or len(req.commit_id) > 128:
             raise InvalidRequest("commit_id must be a non-empty str of at most 128 characters")
@@ -136,7 +166,10 @@ class Bus:
             req.committed_at = time.time()
         result = await self.coordinator.commit(req)
         for sid, tok in result.tokens.items():
-            self.sessions.observe(req.session, sid, tok)
+            if durable_session:
+                await self.sessions.observe_durably(req.session, sid, tok)
+            else:
+                self.sessions.observe(req.session, sid, tok)
         return result
 
     # ---- the rest ------------------------------------------------------------------
@@ -159,7 +192,7 @@ class Bus:
         """Drop every delivery of the session on every shard, and its tokens."""
         _check_session(session)
         await asyncio.gather(*(s.reset(session) for s in self.shards.values()))
-        self.sessions.reset(session)
+        await self.sessions.reset(session)
 
     def watch(
         self,
@@ -196,11 +229,71 @@ class Bus:
             raise
         return streams[0] if len(streams) == 1 else MergedWatch(streams)
 
+    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+        """Live keys under ``prefix`` after ``after``, in key order, from every shard; no delivery."""
+        if not isinstance(prefix, str) or not isinstance(after, str):
+            raise InvalidRequest("prefix and after must be str")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
+            raise InvalidRequest("limit must be an int in 1..10000")
+        pages = await asyncio.gather(*(s.scan(prefix, after, limit) for s in self.shards.values()))
+        return heapq.nsmallest(limit, (i for page in pages for i in page), key=lambda i: i.key)
+
+    async def session_views(self, limit: int = 100) -> list[dict]:
+        """The most recently active sessions on every shard with each delivered key marked
+        current or stale (for operators; a peek that records nothing)."""
+        per_shard = await asyncio.gather(*(s.sessions(limit) for s in self.shards.values()))
+        merged: dict[SessionRef, dict] = {}
+        for views in per_shard:
+            for session, entries, idle in views:
+                view = merged.setdefault(session, {"reads": {}, "idle": idle})
+                view["reads"].update(entries)
+                view["idle"] = min(view["idle"], idle)
+        chosen = sorted(merged.items(), key=lambda kv: kv[1]["idle"])[:limit]
+        keys = sorted({k for _, v in chosen for k in v["reads"]})
+        current: dict[str, int] = {}
+        for i in range(0, len(keys), MAX_KEYS_PER_REQUEST):
+            got = await self.read(_VIEW_SESSION, keys[i:i + MAX_KEYS_PER_REQUEST], record=False)
+            current.update((item.key, item.version) for item in got.items)
+        return [
+            {
+                "agent": session[0],
+                "session": session[1],
+                "idle_seconds": round(view["idle"], 3),
+                "reads": [
+                    {"key": k, "version": v, "current": current.get(k, 0), "stale": current.get(k, 0) != v}
+                    for k, v in sorted(view["reads"].items())
+                ],
+            }
+            for session, view in chosen
+        ]
+
+    def set_validation(self, enabled: bool) -> None:
+        """Switch ORI validation on or off on every shard (S-Bus ``/admin/config``).
+
+        Off accepts stale commits: for baselines in experiments only. Possible
+        only for shards in this process (a shard server is configured at start).
+        """
+        for sid, shard in self.shards.items():
+            if not hasattr(shard, "core"):
+                raise InvalidRequest(
+                    f"validation can only be switched at run time for in-process shards; shard {sid} "
+                    "is a server (start it with unsafe_disable_validation instead)"
+                )
+        for shard in self.shards.values():
+            shard.core.unsafe_disable_validation = not enabled  # type: ignore[attr-defined]
+        log.warning("ORI validation switched %s on every shard", "ON" if enabled else "OFF (unsafe)")
+
+    @property
+    def validation_enabled(self) -> bool:
+        return not any(getattr(getattr(s, "core", None), "unsafe_disable_validation", False)
+                       for s in self.shards.values())
+
     async def stats(self) -> dict:
         shards = await asyncio.gather(*(s.stats() for s in self.shards.values()))
         return {
             "shards": shards,
             "sessions": len(self.sessions),
+            "durable_sessions": self.sessions.durable_sessions,
             "coordinator": dict(self.coordinator.counters),
         }
 

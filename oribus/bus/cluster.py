@@ -21,12 +21,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from oribus.bus.bus import Bus
 from oribus.bus.embedded import EngineConfig, LocalEngine, check_layout
+from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.bus.recovery import Recovery
 from oribus.bus.server import BusServer
+from oribus.bus.session_journal import SessionJournal
 from oribus.bus.shard_client import GrpcShardClient
 from oribus.errors import Unavailable
 from oribus.meta.slots import StaticSlotMap
@@ -39,9 +42,13 @@ class LocalCluster:
     """Bus + N shards on this machine. ``await start()``, ``await stop()``."""
 
     def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int = 2,
-                 processes: bool = False, start_timeout: float = 30.0, **engine_options) -> None:
+                 processes: bool = False, start_timeout: float = 30.0,
+                 http: GatewayConfig | None = None, **engine_options) -> None:
         self.config = EngineConfig(data_dir=Path(data_dir), shards=shards, **engine_options)
         self.listen = listen
+        self.http_config = http  # None: no HTTP gateway
+        self.gateway: HttpGateway | None = None
+        self._journal: SessionJournal | None = None
         self.processes = processes
         self.start_timeout = start_timeout
         self.engine: LocalEngine | None = None
@@ -65,6 +72,9 @@ class LocalCluster:
                 bus, recovery = self.engine.bus, None  # the engine runs its own recovery
             self.server = BusServer(bus, self.listen, recovery=recovery)
             await self.server.start()
+            if self.http_config is not None:
+                self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit))
+                await self.gateway.start()
         except BaseException:
             await self.stop()
             raise
@@ -110,13 +120,19 @@ class LocalCluster:
             self._clients.append(client)
             shards[i] = client
         slot_map = StaticSlotMap(self.config.shards)
-        bus = Bus(shards, slot_map.shard_for, max_value_bytes=self.config.max_value_bytes)
+        self._journal = await SessionJournal.open(self.config.session_journal_dir,
+                                                  unsafe_no_fsync=self.config.unsafe_no_fsync)
+        bus = Bus(shards, slot_map.shard_for, max_value_bytes=self.config.max_value_bytes,
+                  session_journal=self._journal)
         recovery = Recovery(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
                             interval=self.config.maintenance_interval)
         return bus, recovery
 
     async def stop(self) -> None:
         """Drain the bus, flush and close the shards (SIGTERM to shard processes). Idempotent."""
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
         if self.server is not None:
             await self.server.stop()
             self.server = None
@@ -126,6 +142,9 @@ class LocalCluster:
         if self.engine is not None:
             await self.engine.close()
             self.engine = None
+        if self._journal is not None:
+            await self._journal.close()
+            self._journal = None
         for proc in self.shard_procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -151,7 +170,8 @@ async def run_until_signalled(cluster: LocalCluster) -> None:
     stopping.cancel()
     starting.result()  # a failed start raises here (it already stopped what it started)
     mode = "shard processes" if cluster.processes else "in-process shards"
-    print(f"oribus up: bus on {cluster.address}, {cluster.config.shards} {mode}, "
+    http = f", http on {cluster.gateway.url}" if cluster.gateway is not None else ""
+    print(f"oribus up: bus on {cluster.address}{http}, {cluster.config.shards} {mode}, "
           f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)
     await stop.wait()
     print("oribus up: shutting down (draining, flushing)", flush=True)

@@ -33,6 +33,7 @@ from oribus.errors import (
     Stale,
     Unavailable,
 )
+from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS, SESSION_EXPIRED
 from oribus.protocol import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
 from oribus.shards.service import ShardService
 from oribus.shards.txn import Txn
@@ -74,6 +75,13 @@ def conflict_from(stale: list[Stale], commit_id: str) -> Conflict:
     if not stale:
         return Aborted(f"transaction {commit_id} was aborted", commit_id=commit_id)
     return Conflict(stale=sorted(stale), commit_id=commit_id)
+
+
+def _counted(refusal: Conflict) -> Conflict:
+    """Count a refused commit in oribus_conflicts_total, once per distinct reason it names."""
+    for reason in {s.reason for s in refusal.stale} or ("aborted",):
+        CONFLICTS.labels(reason=reason).inc()
+    return refusal
 
 
 def _precedence(e: BaseException) -> int:
@@ -171,6 +179,13 @@ class Coordinator:
         return parts
 
     async def commit(self, req: CommitRequest) -> CommitResult:
+        try:
+            return await self._commit(req)
+        except SessionExpired:
+            SESSION_EXPIRED.inc()
+            raise
+
+    async def _commit(self, req: CommitRequest) -> CommitResult:
         parts = self.split(req)
         if not parts:
             return CommitResult(req.commit_id, {}, {}, False)
@@ -179,8 +194,9 @@ class Coordinator:
             out = await self._shard(shard_id).commit_one_phase(st)
             if out.state is not TxnState.COMMITTED:
                 self.counters["conflicts"] += 1
-                raise conflict_from(out.stale, req.commit_id)
+                raise _counted(conflict_from(out.stale, req.commit_id))
             self.counters["commits_1pc"] += 1
+            COMMITS_1PC.inc()
             return CommitResult(req.commit_id, out.versions, {shard_id: out.token} if out.token else {}, False)
         return await self._two_phase(req.commit_id, parts)
 
@@ -225,10 +241,11 @@ class Coordinator:
         )
         if not committed:
             self.counters["aborts_2pc"] += 1
+            ABORTS.inc()
             if error is not None:
                 raise error
             self.counters["conflicts"] += 1
-            raise conflict_from(stale, commit_id)
+            raise _counted(conflict_from(stale, commit_id))
         versions = dict(decision.versions)
         tokens: dict[int, Token] = {}
         if decision.token and decision.versions:
@@ -249,6 +266,7 @@ class Coordinator:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         self.counters["commits_2pc"] += 1
+        COMMITS_2PC.inc()
         return CommitResult(commit_id, versions, tokens, True)
 
     async def _release(self, primary: int, commit_id: str) -> None:

@@ -12,6 +12,7 @@ Layout of the data directory::
     DATA/layout.json          {"format": 1, "shards": N, "slots": 4096}
     DATA/shard-0000/wal/      WAL segments (oribus.shards.wal)
     DATA/shard-0000/snapshots/
+    DATA/bus/sessions/        the bus's session journal (oribus.bus.session_journal)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from oribus.bus.bus import Bus
 from oribus.bus.recovery import Recovery
+from oribus.bus.session_journal import SessionJournal
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import InvalidRequest
 from oribus.meta.slots import SLOTS, StaticSlotMap
@@ -58,6 +60,11 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+
+    @property
+    def session_journal_dir(self) -> Path:
+        """Where the bus journals sessions of clients without tokens (HTTP agents)."""
+        return self.data_dir / "bus" / "sessions"
 
     def shard_config(self, shard_id: int) -> ShardConfig:
         cfg = ShardConfig(
@@ -109,11 +116,14 @@ def check_layout(cfg: EngineConfig) -> None:
 class LocalEngine:
     """A bus over in-process shards. Use ``await LocalEngine.open(config)`` and ``await close()``."""
 
-    def __init__(self, config: EngineConfig, shards: dict[int, Shard]) -> None:
+    def __init__(self, config: EngineConfig, shards: dict[int, Shard],
+                 journal: SessionJournal | None = None) -> None:
         self.config = config
         self.shards = shards
         self.slot_map = StaticSlotMap(config.shards)
-        self.bus = Bus(dict(shards), self.slot_map.shard_for, max_value_bytes=config.max_value_bytes)
+        self.journal = journal
+        self.bus = Bus(dict(shards), self.slot_map.shard_for, max_value_bytes=config.max_value_bytes,
+                       session_journal=journal)
         self.recovery = Recovery(
             self.bus, txn_expiry_seconds=config.txn_expiry_seconds, interval=config.maintenance_interval
         )
@@ -129,14 +139,17 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, check_layout, config)
         shards: dict[int, Shard] = {}
+        journal = None
         try:
             for i in range(config.shards):
                 shards[i] = await Shard.open(config.shard_config(i))
+            journal = await SessionJournal.open(config.session_journal_dir,
+                                                unsafe_no_fsync=config.unsafe_no_fsync)
         except BaseException:
             for s in shards.values():
                 await s.close()
             raise
-        engine = cls(config, shards)
+        engine = cls(config, shards, journal)
         await engine.recover_prepared(older_than=0.0)
         await engine.release_settled()
         engine._maintenance = loop.create_task(engine._maintain())
@@ -174,3 +187,5 @@ class LocalEngine:
                 await self._maintenance
         for shard in self.shards.values():
             await shard.close()
+        if self.journal is not None:
+            await self.journal.close()

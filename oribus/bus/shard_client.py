@@ -11,6 +11,7 @@ from oribus import wire
 from oribus.mux import MuxClient
 from oribus.protocol import (
     Change,
+    ReadItem,
     ReadReply,
     ReadRequest,
     ShardTxn,
@@ -39,6 +40,12 @@ class GrpcShardClient(ShardService):
 
     async def read(self, req: ReadRequest) -> ReadReply:
         return await self._call("read", req)
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+        return await self._call("scan", prefix, after, limit)
+
+    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+        return await self._call("sessions", limit)
 
     async def prepare(self, txn: ShardTxn) -> Vote:
         return await self._call("prepare", txn)

@@ -373,6 +373,32 @@ class DeliveryLog:
         rec = self._lookup(session, self._clock())
         return None if rec is None else rec.incarnation
 
+    def delivered(self, session: SessionRef) -> dict[str, int]:
+        """The session's logged ``{key: version}`` without validating or touching it.
+
+        For views (dashboards, S-Bus register's skip-if-read rule); a commit
+        uses ``read_set``, which fails closed.
+        """
+        rec = self._lookup(session, self._clock())
+        if rec is None:
+            return {}
+        return {key: entry >> SEQ_BITS for key, entry in rec.entries.items()}
+
+    def recent_sessions(self, limit: int) -> list[tuple[SessionRef, dict[str, int], float]]:
+        """Up to ``limit`` live sessions, most recently active first, each with its
+        logged ``{key: version}`` and seconds idle. Does not count as activity."""
+        now = self._clock()
+        found = []
+        for session, rec in reversed(self._sessions.items()):
+            if len(found) >= limit:
+                break
+            idle = now - rec.last_active
+            if idle > self._ttl:
+                continue
+            entries = {key: entry >> SEQ_BITS for key, entry in rec.entries.items()}
+            found.append((session, entries, idle))
+        return found
+
     def touch(self, session: SessionRef) -> bool:
         """Mark the session active (keeps it from expiring); returns whether it has a record.
 

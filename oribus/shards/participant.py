@@ -136,19 +136,28 @@ class Participant:
         if blockers:
             return Blocked(blockers)
         items = []
+        detail = req.detail
         for key in req.keys:
             e = self.store.current(key)
             if e is None:
                 items.append(ReadItem(key, None, 0))
+            elif detail:
+                items.append(ReadItem(key, e.value, e.version, e.agent, e.committed_at))
             else:
                 items.append(ReadItem(key, e.value, e.version))
+        skipped: list[str] = []
         if req.record:
+            recorded = items
+            if req.only_new:
+                have = self.dlog.delivered(req.session)
+                skipped = [i.key for i in items if i.key in have]
+                recorded = [i for i in items if i.key not in have and i.value is not None]
             inc, seq = self.dlog.record_many(
-                req.session, ((self.store.intern(i.key), i.version) for i in items)
+                req.session, ((self.store.intern(i.key), i.version) for i in recorded)
             )
         else:
             inc, seq = self.dlog.incarnation_of(req.session) or 0, 0
-        return ReadReply(items, (self.epoch, inc), seq)
+        return ReadReply(items, (self.epoch, inc), seq, skipped)
 
     # ---- validation --------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from oribus.protocol import (
     Change,
+    ReadItem,
     ReadReply,
     ReadRequest,
     ShardTxn,
@@ -30,6 +31,19 @@ class ShardService(abc.ABC):
     @abc.abstractmethod
     async def read(self, req: ReadRequest) -> ReadReply:
         """Read keys, recording each as a delivery to the session."""
+
+    @abc.abstractmethod
+    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+        """Live keys under ``prefix`` after ``after`` in key order, with detail; no delivery.
+
+        Like a read it never shows a key under a write intent before its
+        transaction's outcome is known.
+        """
+
+    @abc.abstractmethod
+    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+        """Up to ``limit`` live sessions of the delivery log, most recently active first:
+        (session, {key: version delivered}, seconds idle). A view; touches nothing."""
 
     @abc.abstractmethod
     async def prepare(self, txn: ShardTxn) -> Vote:

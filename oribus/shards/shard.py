@@ -30,6 +30,7 @@ from oribus.errors import OribusError, Unavailable
 from oribus.failpoints import failpoint
 from oribus.protocol import (
     Change,
+    ReadItem,
     ReadReply,
     ReadRequest,
     ShardTxn,
@@ -48,6 +49,8 @@ from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, load_latest_snapshot, write_snapshot
 from oribus.shards.watch import Watcher, changes_of, plan_replay
 from oribus.types import SessionRef
+
+_SCAN_SESSION = ("oribus", "scan")  # scans record nothing; a read needs some session
 
 log = logging.getLogger("oribus.shard")
 
@@ -106,7 +109,10 @@ class Shard(ShardService):
             self.core.replay(rtype, body)
             self.counters["replayed_records"] += 1
 
-        self.wal = Wal.open(cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from, on_record=on_record)
+        self.wal = Wal.open(
+            cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from, on_record=on_record,
+            metrics_label=str(cfg.shard_id),
+        )
         self._records_since_snapshot = self.counters["replayed_records"]
         if self.core.prepared:
             log.info("shard %d recovered %d prepared transactions", self.shard_id, len(self.core.prepared))
@@ -415,6 +421,18 @@ class Shard(ShardService):
         return watcher
 
     # ---- other operations ----------------------------------------------------------
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+        self._check_open()
+        keys = self.store.live_keys_page(prefix, after, limit)
+        if not keys:
+            return []
+        # Through the read path, so a key under a write intent waits for its outcome.
+        reply = await self.read(ReadRequest(_SCAN_SESSION, keys, record=False, detail=True))
+        return [i for i in reply.items if i.value is not None]
+
+    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+        return self.dlog.recent_sessions(limit)
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
         self._check_open()

@@ -11,6 +11,7 @@ low-water mark and may meet writes the snapshot already holds.
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from typing import Any, NamedTuple
 
@@ -111,6 +112,18 @@ class VersionedStore:
 
     def keys(self, prefix: str = "") -> list[str]:
         return sorted(k for k in self._keys if k.startswith(prefix))
+
+    def live_keys_page(self, prefix: str, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` keys under ``prefix`` sorted after ``after``, deleted ones left out.
+
+        O(keys x log limit): a listing for operators and S-Bus's ``GET /shards``,
+        not a hot path.
+        """
+        found = (
+            k for k, h in self._keys.items()
+            if k > after and k.startswith(prefix) and h and not h[-1].deleted
+        )
+        return heapq.nsmallest(limit, found)
 
     # ---- snapshot form -------------------------------------------------------
 

@@ -90,6 +90,7 @@ class ServerProcess:
         self.log_path = Path(log_dir) / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self.children: list[int] = []  # pids of processes it started (``up --processes``)
+        self.http_address: str | None = None  # HOST:PORT of its HTTP gateway, if it serves one
         self.starts = 0
 
     @property
@@ -190,13 +191,19 @@ def up(
     port: int | None = None,
     shards: int = 2,
     name: str = "up",
+    admin: bool = False,
 ) -> ServerProcess:
     """``oribus up`` on a free port (not yet started)."""
     address = f"127.0.0.1:{port or free_port()}"
-    args = ["up", "--data-dir", str(data_dir), "--listen", address, "--shards", str(shards)]
+    http = f"127.0.0.1:{free_port()}"
+    args = ["up", "--data-dir", str(data_dir), "--listen", address, "--shards", str(shards), "--http", http]
     if processes:
         args.append("--processes")
-    return ServerProcess(name, args, log_dir, address)
+    if admin:
+        args.append("--admin")
+    server = ServerProcess(name, args, log_dir, address)
+    server.http_address = http
+    return server
 
 
 def shard(
@@ -213,8 +220,12 @@ def bus(
 ) -> ServerProcess:
     """``oribus bus`` over shard servers (shard 0 first)."""
     address = f"127.0.0.1:{port or free_port()}"
-    args = ["bus", "--listen", address, "--shards", ",".join(shard_addresses)]
-    return ServerProcess("bus", ["-v", *args] if verbose else args, log_dir, address)
+    http = f"127.0.0.1:{free_port()}"
+    args = ["bus", "--listen", address, "--shards", ",".join(shard_addresses),
+            "--data-dir", str(Path(log_dir) / "bus-data"), "--http", http]
+    server = ServerProcess("bus", ["-v", *args] if verbose else args, log_dir, address)
+    server.http_address = http
+    return server
 
 
 class Cluster:

@@ -47,6 +47,12 @@ Failpoints (``oribus.failpoints``): ``wal.before_append`` before a record is
 encoded; ``wal.after_append`` right after a batch is written (before its
 fsync); ``wal.before_fsync`` and ``wal.after_fsync`` around the fsync (hit
 even when ``unsafe_no_fsync`` skips it, so crash tests see the same points).
+
+Metrics (``oribus.metrics``): with a ``metrics_label`` (the shard sets its id),
+every batch observes ``oribus_wal_batch_records`` and every fsync
+``oribus_wal_fsync_seconds`` under ``shard=<label>``. They are observed in the
+flush worker thread without a lock: ``_io_lock`` already makes this WAL's
+batches one at a time, so each histogram child has one writer.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from typing import Any
 
 from oribus.errors import OribusError, Unavailable
 from oribus.failpoints import failpoint
+from oribus.metrics import WAL_BATCH_RECORDS, WAL_FSYNC_SECONDS
 from oribus.shards.wal.reader import recover
 from oribus.shards.wal.record import encode_record
 from oribus.shards.wal.segment import (
@@ -108,7 +115,13 @@ class Wal:
     """
 
     def __init__(
-        self, directory: Path, config: WalConfig, segments: list[Segment], last_lsn: int
+        self,
+        directory: Path,
+        config: WalConfig,
+        segments: list[Segment],
+        last_lsn: int,
+        *,
+        metrics_label: str = "",
     ) -> None:
         """Use ``Wal.open``: it runs recovery and prepares the active segment."""
         # _buffer_lock makes "assign the next LSN and buffer its frame" atomic
@@ -144,6 +157,9 @@ class Wal:
         self._records = 0
         self._bytes = 0
         self._batches = 0
+        # no label (a WAL outside a shard: tests, tools): not exported at all
+        self._fsync_histogram = WAL_FSYNC_SECONDS.labels(shard=metrics_label) if metrics_label else None
+        self._batch_histogram = WAL_BATCH_RECORDS.labels(shard=metrics_label) if metrics_label else None
 
     @classmethod
     def open(
@@ -153,6 +169,7 @@ class Wal:
         *,
         replay_from_lsn: int = 1,
         on_record: Callable[[int, int, Any], None] | None = None,
+        metrics_label: str = "",
     ) -> Wal:
         """Open (or create) the WAL in ``directory``, replaying it through ``on_record``.
 
@@ -164,6 +181,7 @@ class Wal:
         ``max(replay_from_lsn, last + 1)``. When a snapshot covers more than
         the log holds (``replay_from_lsn > last + 1``), the old segments are
         all covered by it and are deleted, so the log stays gap-free.
+        ``metrics_label`` is the ``shard`` label of its metrics ("" exports none).
         """
         if replay_from_lsn < 1:
             raise ValueError(f"replay_from_lsn must be >= 1, got {replay_from_lsn}")
@@ -196,7 +214,7 @@ class Wal:
         if not segments:
             last_lsn = max(replay_from_lsn - 1, last_lsn)
             segments = [create_segment(directory, next_seq, last_lsn + 1, fsync=fsync)]
-        wal = cls(directory, config, segments, last_lsn)
+        wal = cls(directory, config, segments, last_lsn, metrics_label=metrics_label)
         if fsync and wal._fd is not None:
             # The records just replayed may only be in the page cache (the last
             # process died before fsyncing them); new records will depend on
@@ -403,11 +421,15 @@ class Wal:
             self._fsyncs += 1
             self._fsync_seconds += elapsed
             self._last_fsync_seconds = elapsed
+            if self._fsync_histogram is not None:
+                self._fsync_histogram.observe(elapsed)
         failpoint("wal.after_fsync")
         self._durable_lsn = last_lsn
         self._records += len(frames)
         self._bytes += len(data)
         self._batches += 1
+        if self._batch_histogram is not None:
+            self._batch_histogram.observe(len(frames))
 
     def _roll_segment(self, first_lsn: int) -> None:
         """Close the active segment (fsynced) and start a new one at ``first_lsn``."""

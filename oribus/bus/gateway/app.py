@@ -1,0 +1,201 @@
+"""The HTTP gateway of the bus: S-Bus compatible routes, the native ``/v1`` JSON API,
+health, metrics and the operator dashboard, on one aiohttp server.
+
+Like the gRPC service it only moves messages: every route calls ``Bus``
+methods, so HTTP agents get exactly the semantics SDK agents get. What is
+HTTP-specific lives here:
+
+* sessions: an HTTP agent sends no tokens, so its session is *durable* — the
+  bus journals where it read before answering (``oribus.bus.session_journal``),
+  and commits send the bus's complete knowledge (no broadcast needed). Without
+  a journal the gateway refuses to start: it could not keep HTTP sessions
+  fail-closed across a restart.
+* errors: one table (``errors.py``) maps oribus errors to statuses; bodies the
+  gateway cannot parse never reach the bus.
+* logs: one JSON line per request on the ``oribus.http`` logger (method, path,
+  status, milliseconds, agent, commit id) at INFO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from oribus.bus.bus import Bus
+from oribus.bus.gateway.errors import error_response, json_response, request_error
+from oribus.errors import InvalidRequest, OribusError
+
+log = logging.getLogger("oribus.http")
+
+DEFAULT_HTTP = "127.0.0.1:7780"
+
+
+@dataclass
+class GatewayConfig:
+    listen: str = DEFAULT_HTTP  # HOST:PORT; port 0 picks a free port
+    admin: bool = False  # serve /admin/* and the dashboard's rollback; otherwise they answer 403
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
+    sbus_max_delta: int = 0  # S-Bus DeltaTooLarge limit in characters (0: only the value size limit)
+    history_limit: int = 100  # versions kept per key (S-Bus delta_log_depth is capped by it)
+    ready_timeout: float = 2.0  # seconds a shard has to answer /readyz
+
+
+class RequestError(Exception):
+    """A request the gateway refuses before asking the bus (bad JSON, wrong field types...)."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class HttpGateway:
+    """Serve ``bus`` over HTTP. ``await start()`` / ``await stop()`` (idempotent)."""
+
+    def __init__(self, bus: Bus, config: GatewayConfig | None = None) -> None:
+        from oribus.bus.gateway import dashboard, native, sbus
+
+        if bus.sessions.journal is None:
+            raise InvalidRequest(
+                "the HTTP gateway needs the bus's session journal (a data directory): without it "
+                "HTTP sessions could not stay fail-closed across a restart"
+            )
+        self.bus = bus
+        self.config = config or GatewayConfig()
+        self.started_at = time.time()
+        self.app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._middleware])
+        self.sbus = sbus.SbusRoutes(self)
+        self.native = native.NativeRoutes(self)
+        self.dashboard = dashboard.DashboardRoutes(self)
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/readyz", self._readyz)
+        self.app.router.add_get("/metrics", self._metrics)
+        self.sbus.register(self.app.router)
+        self.native.register(self.app.router)
+        self.dashboard.register(self.app.router)
+        self._runner: web.AppRunner | None = None
+        self._address: str | None = None
+        self._closing = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        assert self._address is not None, "not started"
+        return self._address
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        host, _, port = self.config.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidRequest(f"--http must be HOST:PORT, not {self.config.listen!r}")
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        site = web.TCPSite(runner, host, int(port), reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self._address = f"{host}:{sock.getsockname()[1]}"
+        log.info("http gateway serving on %s", self._address)
+
+    async def stop(self) -> None:
+        self._closing = True
+        await self.dashboard.close()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    # ---- shared plumbing --------------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        request["log"] = fields = {}
+        try:
+            response = await handler(request)
+        except RequestError as e:
+            response = request_error(e.status, e.code, e.message, **e.details)
+        except OribusError as e:
+            response = error_response(e)
+        except web.HTTPRequestEntityTooLarge as e:
+            response = request_error(413, "BodyTooLarge", e.text or "request body too large",
+                                     limit=self.config.max_body_bytes)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            code = {404: "NotFound", 405: "MethodNotAllowed"}.get(e.status, "HttpError")
+            response = request_error(e.status, code, f"{request.method} {request.path}: {e.reason}")
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            response = request_error(500, "Internal", "internal error (logged by the server)")
+        if log.isEnabledFor(logging.INFO):
+            log.info(json.dumps({
+                "event": "http", "method": request.method, "path": request.path,
+                "status": response.status, "ms": round((time.perf_counter() - t0) * 1000, 3), **fields,
+            }, ensure_ascii=False))
+        return response
+
+    async def body(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object body, or RequestError (400 syntax, 422 not an object)."""
+        raw = await request.read()
+        if not raw:
+            raise RequestError(400, "InvalidRequest", "a JSON object body is required")
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(400, "InvalidRequest", f"body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError(422, "InvalidRequest", "body must be a JSON object")
+        return body
+
+    # ---- health and metrics -----------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok", "uptime_seconds": round(time.time() - self.started_at, 3)})
+
+    async def shard_health(self) -> dict[int, dict[str, Any]]:
+        """Every shard's stats, or the error that kept it from answering in time."""
+
+        async def one(sid: int, shard: Any) -> tuple[int, dict[str, Any]]:
+            try:
+                st = await asyncio.wait_for(shard.stats(), self.config.ready_timeout)
+                return sid, {"up": True, **st}
+            except Exception as e:  # noqa: BLE001 - any failure means not ready
+                return sid, {"up": False, "shard": sid, "error": f"{type(e).__name__}: {e}"}
+
+        got = await asyncio.gather(*(one(s, sh) for s, sh in self.bus.shards.items()))
+        return dict(got)
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if self._closing:
+            return json_response({"status": "stopping"}, 503)
+        shards = await self.shard_health()
+        down = [sid for sid, st in shards.items() if not st["up"]]
+        body = {"status": "ready" if not down else "not ready", "shards": len(shards), "down": down}
+        return json_response(body, 503 if down else 200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        from oribus.bus.metrics import render_bus_metrics
+
+        text = await render_bus_metrics(self.bus)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})

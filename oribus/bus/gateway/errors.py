@@ -1,0 +1,78 @@
+"""The one table that maps oribus errors to HTTP statuses, and the error bodies.
+
+Native API (``/v1``) error body — the wire form of the error (``OribusError.to_dict``)
+with the code repeated under ``error`` for clients that only look there::
+
+    {"error": "Conflict", "code": "Conflict", "message": "...", "details": {...},
+     "stale": [[key, version_read_or_expected, current, reason], ...]}   # Conflict only
+
+Requests the gateway cannot parse (malformed JSON, missing fields, wrong types,
+oversized bodies, unknown routes) get the same shape with the codes below;
+nothing reaches the bus for them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from oribus.errors import (
+    Aborted,
+    Conflict,
+    DataCorrupted,
+    HistoryTruncated,
+    InvalidRequest,
+    LimitExceeded,
+    OribusError,
+    SessionExpired,
+    Unavailable,
+    ValueTooLarge,
+    WatchLagged,
+)
+
+# Most specific first: the first class an error is an instance of decides.
+HTTP_STATUS: tuple[tuple[type[OribusError], int], ...] = (
+    (Aborted, 409),
+    (Conflict, 409),
+    (SessionExpired, 410),
+    (ValueTooLarge, 413),
+    (HistoryTruncated, 410),
+    (InvalidRequest, 400),
+    (LimitExceeded, 429),
+    (WatchLagged, 503),
+    (Unavailable, 503),
+    (DataCorrupted, 500),
+    (OribusError, 500),
+)
+
+
+def http_status(e: OribusError) -> int:
+    for cls, status in HTTP_STATUS:
+        if isinstance(e, cls):
+            return status
+    return 500
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_body(e: OribusError) -> dict[str, Any]:
+    d = e.to_dict()
+    return {"error": e.code, **d}
+
+
+def error_response(e: OribusError) -> web.Response:
+    return json_response(error_body(e), http_status(e))
+
+
+def request_error(status: int, code: str, message: str, **details: Any) -> web.Response:
+    """An error found before the bus was asked (bad JSON, unknown route, body too large)."""
+    return json_response({"error": code, "code": code, "message": message, "details": details}, status)

@@ -1,0 +1,499 @@
+"""S-Bus compatible routes: unmodified S-Bus agents and harnesses work against oribus.
+
+Mapping (S-Bus calls a key a "shard"):
+
+* session: agent ``A`` is the oribus session ``(A, "sbus")``. Its GETs are
+  deliveries; its commits are checked against everything it read (the full
+  ORI rule: logged and explicit entries both checked; its own writes are not
+  stale to it; an agent that never read is checked against nothing, never
+  against less than it read). The session is durable (journaled by the bus).
+* versions: S-Bus numbers a key from 0 at creation; oribus from 1 (0 means
+  absent). Every version crossing this API is shifted: S-Bus ``v`` is oribus
+  ``v + 1``. A key deleted through the native API and created again here
+  continues from its tombstone's version.
+* content: the key's value (a string for S-Bus clients; other JSON values
+  written by SDK agents are returned as they are).
+* metadata S-Bus returns but oribus does not keep per version — ``goal_tag``,
+  ``created_at`` and ``id`` (sha256 of the initial content, as in S-Bus) — is
+  written atomically with the key at creation under ``.sbus/<key>`` and
+  cached here (it never changes while the key lives). ``owner`` is null
+  between commits (as in S-Bus, whose owner token is only held inside a
+  commit); ``last_writer`` names the agent of the current version.
+  ``attempt_count`` / ``conflict_count`` count this gateway's commits since
+  it started.
+* errors: ``{"error": code, "detail": message, ...}`` with S-Bus's codes and
+  statuses (409 VersionMismatch / CrossShardStale / TokenConflict, 404
+  ShardNotFound, 413 DeltaTooLarge, 410 SessionExpired, 409
+  ShardAlreadyExists); a refused commit also lists every offending key under
+  ``stale`` (S-Bus reports only the first). A 410 starts the agent's read set
+  afresh, as an expired S-Bus session does: re-read what the work depends on.
+* admin routes exist only with ``admin`` enabled; otherwise every one is 403.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from oribus.bus.coordinator import CommitRequest
+from oribus.bus.gateway.errors import json_response
+from oribus.errors import (
+    Aborted,
+    Conflict,
+    InvalidRequest,
+    OribusError,
+    SessionExpired,
+    ValueTooLarge,
+)
+from oribus.types import decode_value, encode_value, validate_key
+
+if TYPE_CHECKING:
+    from oribus.bus.gateway.app import HttpGateway
+
+SESSION_ID = "sbus"
+META_PREFIX = ".sbus/"
+_SYSTEM = ("system", "sbus-create")  # creates keys; reads nothing, so nothing to validate
+_PEEK = ("oribus", "sbus-peek")  # peeks record nothing
+_ADMIN = ("admin", "sbus-admin")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class SbusError(Exception):
+    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+    def response(self) -> web.Response:
+        return json_response({"error": self.code, "detail": self.detail, **self.extra}, self.status)
+
+
+def _field(body: dict, *names: str, kind: type | tuple[type, ...], required: bool = True, default: Any = None) -> Any:
+    for name in names:
+        if name in body:
+            v = body[name]
+            if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+                raise SbusError(422, "InvalidRequest", f"field {name!r} must be {want}, not {type(v).__name__}")
+            return v
+    if required:
+        raise SbusError(422, "InvalidRequest", f"missing field {names[0]!r}")
+    return default
+
+
+def _agent(value: Any, required: bool = True) -> str:
+    if value is None or value == "":
+        if required:
+            raise SbusError(422, "InvalidRequest", "missing field 'agent_id'")
+        return ""
+    if not isinstance(value, str) or len(value) > 256:
+        raise SbusError(422, "InvalidRequest", "agent_id must be a string of at most 256 characters")
+    return value
+
+
+def _key(value: Any) -> str:
+    try:
+        return validate_key(value)
+    except InvalidRequest as e:
+        raise SbusError(400, "InvalidRequest", e.message) from None
+
+
+def _version(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise SbusError(422, "InvalidRequest", f"{name} must be an integer >= 0")
+    return value
+
+
+class SbusRoutes:
+    def __init__(self, gateway: HttpGateway) -> None:
+        self.gw = gateway
+        self.bus = gateway.bus
+        self._meta: OrderedDict[str, dict] = OrderedDict()  # key -> {"goal_tag","created_at","id"}
+        self._per_key: OrderedDict[str, list[int]] = OrderedDict()  # key -> [attempts, conflicts]
+        self.counters = {"commits": 0, "conflicts": 0, "cross_shard_stale": 0, "session_expired": 0}
+
+    def register(self, router: web.UrlDispatcher) -> None:
+        r = router
+        r.add_post("/shard", self._wrap(self.create_shard))
+        r.add_get("/shard/{key:.+}", self._wrap(self.get_shard))
+        r.add_get("/shards", self._wrap(self.list_shards))
+        r.add_post("/commit", self._wrap(self.commit))
+        r.add_post("/commit/v2", self._wrap(self.commit))
+        r.add_post("/rollback", self._wrap(self.rollback))
+        r.add_post("/session", self._wrap(self.session))
+        r.add_post("/delivery_log/register", self._wrap(self.register_deliveries))
+        r.add_get("/stats", self._wrap(self.stats))
+        r.add_post("/admin/reset", self._wrap(self._admin(self.admin_reset)))
+        r.add_get("/admin/config", self._wrap(self._admin(self.admin_get_config)))
+        r.add_post("/admin/config", self._wrap(self._admin(self.admin_set_config)))
+        r.add_get("/admin/delivery-log", self._wrap(self._admin(self.admin_delivery_log)))
+        r.add_get("/admin/health", self._wrap(self._admin(self.admin_health)))
+
+    def _wrap(self, handler: Any) -> Any:
+        async def route(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except SbusError as e:
+                return e.response()
+            except SessionExpired as e:
+                return json_response({"error": "SessionExpired", "detail": e.message}, 410)
+            except ValueTooLarge as e:
+                return json_response({"error": "DeltaTooLarge", "detail": e.message, **e.details}, 413)
+            except InvalidRequest as e:
+                return json_response({"error": "InvalidRequest", "detail": e.message, **e.details}, 400)
+            except OribusError as e:
+                from oribus.bus.gateway.errors import http_status
+
+                return json_response({"error": e.code, "detail": e.message}, http_status(e))
+
+        route.__name__ = handler.__name__
+        return route
+
+    def _admin(self, handler: Any) -> Any:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            if not self.gw.config.admin:
+                raise SbusError(403, "Forbidden", "admin endpoints are disabled (start the server with --admin)")
+            return await handler(request)
+
+        guarded.__name__ = handler.__name__
+        return guarded
+
+    async def _body(self, request: web.Request) -> dict:
+        from oribus.bus.gateway.app import RequestError
+
+        try:
+            return await self.gw.body(request)
+        except RequestError as e:
+            raise SbusError(e.status, e.code, e.message) from None
+
+    # ---- the shard object --------------------------------------------------------------
+
+    async def _meta_of(self, key: str) -> dict:
+        meta = self._meta.get(key)
+        if meta is not None:
+            self._meta.move_to_end(key)
+            return meta
+        got = await self.bus.read(_PEEK, [META_PREFIX + key], record=False)
+        raw = decode_value(got.items[0].value)
+        meta = raw if isinstance(raw, dict) else {}
+        if meta:
+            self._remember_meta(key, meta)
+        return meta
+
+    def _remember_meta(self, key: str, meta: dict) -> None:
+        self._meta[key] = meta
+        if len(self._meta) > 100_000:
+            self._meta.popitem(last=False)
+
+    def _counts(self, key: str) -> list[int]:
+        c = self._per_key.get(key)
+        if c is None:
+            c = self._per_key[key] = [0, 0]
+            if len(self._per_key) > 100_000:
+                self._per_key.popitem(last=False)
+        return c
+
+    def _shard_object(self, key: str, item: Any, meta: dict) -> dict:
+        attempts, conflicts = self._per_key.get(key, (0, 0))
+        updated = item.committed_at or meta.get("created_at") or 0.0
+        version = item.version - 1
+        return {
+            "key": key,
+            "id": meta.get("id") or hashlib.sha256(key.encode()).hexdigest(),
+            "version": version,
+            "content": decode_value(item.value),
+            "owner": None,
+            "goal_tag": meta.get("goal_tag", ""),
+            "attempt_count": attempts,
+            "conflict_count": conflicts,
+            "delta_log_depth": min(version, self.gw.config.history_limit - 1),
+            "created_at": iso(meta.get("created_at") or updated),
+            "updated_at": iso(updated),
+            "last_writer": item.agent or None,
+        }
+
+    # ---- routes ------------------------------------------------------------------------
+
+    async def create_shard(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        key = _key(_field(body, "key", kind=str))
+        content = _field(body, "content", kind=str)
+        goal_tag = _field(body, "goal_tag", kind=str, required=False, default="")
+        self._check_delta(key, content)
+        current = (await self.bus.read(_PEEK, [key], record=False)).items[0]
+        if current.value is not None:
+            raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key)
+        now = time.time()
+        meta = {"goal_tag": goal_tag, "created_at": now, "id": hashlib.sha256(content.encode()).hexdigest()}
+        max_bytes = self.bus.max_value_bytes
+        req = CommitRequest(
+            session=_SYSTEM,
+            commit_id=uuid.uuid4().hex,
+            writes={key: encode_value(content, max_bytes), META_PREFIX + key: encode_value(meta, max_bytes)},
+            expect={key: current.version},  # still deleted/absent at the commit point
+            complete_tokens=True,
+            committed_at=now,
+        )
+        request["log"]["commit_id"] = req.commit_id
+        try:
+            result = await self.bus.commit(req)
+        except Conflict as e:
+            if any(s.key == key for s in e.stale):
+                raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
+            raise
+        self._remember_meta(key, meta)
+        item = type(current)(key, req.writes[key], result.versions[key], "system", now)
+        return json_response(self._shard_object(key, item, meta), 201)
+
+    async def get_shard(self, request: web.Request) -> web.Response:
+        key = _key(request.match_info["key"])
+        agent = _agent(request.query.get("agent_id"), required=False)
+        request["log"]["agent"] = agent
+        if agent:
+            got = await self.bus.read((agent, SESSION_ID), [key], record=True, detail=True, durable_session=True)
+        else:
+            got = await self.bus.read(_PEEK, [key], record=False, detail=True)
+        item = got.items[0]
+        if item.value is None:
+            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+        return json_response(self._shard_object(key, item, await self._meta_of(key)))
+
+    async def list_shards(self, request: web.Request) -> web.Response:
+        shards = []
+        after = ""
+        while True:
+            page = await self.bus.scan("", after, 1000)
+            for item in page:
+                if not item.key.startswith(META_PREFIX):
+                    shards.append(self._shard_object(item.key, item, await self._meta_of(item.key)))
+            if len(page) < 1000:
+                break
+            after = page[-1].key
+        return json_response({"shards": shards, "count": len(shards)})
+
+    def _check_delta(self, key: str, delta: str) -> None:
+        limit = self.gw.config.sbus_max_delta
+        if limit and len(delta) > limit:
+            raise SbusError(413, "DeltaTooLarge", f"delta too large: key={key} len={len(delta)} max={limit}",
+                            key=key, len=len(delta), max=limit)
+
+    async def commit(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        key = _key(_field(body, "key", kind=str))
+        expected = _version(_field(body, "expected_version", "expected_ver", kind=int), "expected_version")
+        delta = _field(body, "delta", "content", kind=str)
+        agent = _agent(body.get("agent_id"))
+        _field(body, "rationale", kind=(str, type(None)), required=False)
+        raw_rs = _field(body, "read_set", kind=(list, type(None)), required=False) or []
+        read_set: dict[str, int] = {}
+        for entry in raw_rs:
+            if not isinstance(entry, dict):
+                raise SbusError(422, "InvalidRequest", "read_set entries must be {key, version_at_read}")
+            k = _key(_field(entry, "key", kind=str))
+            v = _version(_field(entry, "version_at_read", kind=int), "version_at_read")
+            if read_set.get(k, v + 1) != v + 1:  # two versions of one key: one of them is stale
+                raise SbusError(409, "CrossShardStale", f"read_set lists {k!r} at two versions",
+                                key=k, version_at_read=v)
+            read_set[k] = v + 1
+        self._check_delta(key, delta)
+        request["log"]["agent"] = agent
+        counts = self._counts(key)
+        counts[0] += 1
+        req = CommitRequest(
+            session=(agent, SESSION_ID),
+            commit_id=uuid.uuid4().hex,
+            writes={key: encode_value(delta, self.bus.max_value_bytes)},
+            expect={key: expected + 1},
+            read_set=read_set,
+            complete_tokens=True,
+        )
+        request["log"]["commit_id"] = req.commit_id
+        try:
+            result = await self.bus.commit(req, durable_session=True)
+        except Conflict as e:
+            counts[1] += 1
+            self.counters["conflicts"] += 1
+            raise self._refusal(key, e) from None
+        except SessionExpired as e:
+            self.counters["session_expired"] += 1
+            await self.bus.reset((agent, SESSION_ID))  # as in S-Bus: the next reads start afresh
+            raise SbusError(410, "SessionExpired", f"session expired for agent '{agent}': {e.message}",
+                            agent_id=agent) from None
+        self.counters["commits"] += 1
+        meta = await self._meta_of(key)
+        return json_response({"new_version": result.versions[key] - 1,
+                              "shard_id": meta.get("id") or hashlib.sha256(key.encode()).hexdigest()})
+
+    def _refusal(self, key: str, e: Conflict) -> SbusError:
+        """S-Bus's error for a refused commit: the written key first, then the others."""
+        stale = [
+            {"key": s.key, "version_at_read": None if s.version is None else s.version - 1,
+             "current_version": s.current - 1, "reason": s.reason}
+            for s in e.stale
+        ]
+        mine = [s for s in e.stale if s.key == key]
+        others = [s for s in e.stale if s.key != key]
+        for s in mine + others:
+            if s.current == 0:
+                return SbusError(404, "ShardNotFound", f"shard not found: key={s.key}", key=s.key, stale=stale)
+        if mine and mine[0].reason in ("expected_version", "stale_read"):
+            s = mine[0]
+            return SbusError(
+                409, "VersionMismatch",
+                f"version mismatch on key={key}: expected={None if s.version is None else s.version - 1} "
+                f"found={s.current - 1}",
+                key=key, expected_version=None if s.version is None else s.version - 1,
+                current_version=s.current - 1, stale=stale,
+            )
+        stale_reads = [s for s in others if s.reason == "stale_read"]
+        if stale_reads:
+            s = stale_reads[0]
+            self.counters["cross_shard_stale"] += 1
+            return SbusError(
+                409, "CrossShardStale",
+                f"cross-shard stale read: key={s.key} version_at_read={s.version - 1} "
+                f"current_version={s.current - 1}",
+                key=s.key, version_at_read=s.version - 1, current_version=s.current - 1, stale=stale,
+            )
+        if isinstance(e, Aborted) and not e.stale:
+            return SbusError(409, "TokenConflict", f"commit aborted: {e.message}", key=key, stale=stale)
+        s = e.stale[0]
+        return SbusError(409, "TokenConflict",
+                         f"token conflict on key={s.key}: another commit holds it", key=s.key, stale=stale)
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        key = _key(_field(body, "key", kind=str))
+        target = _version(_field(body, "target_version", kind=int), "target_version")
+        agent = _agent(body.get("agent_id"))
+        request["log"]["agent"] = agent
+        req = CommitRequest(session=(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
+                            rollback={key: target + 1}, complete_tokens=True)
+        request["log"]["commit_id"] = req.commit_id
+        current = (await self.bus.read(_PEEK, [key], record=False)).items[0]
+        if current.value is None:
+            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+        try:
+            await self.bus.commit(req, durable_session=True)
+        except InvalidRequest as e:
+            if "version" in e.details:
+                raise SbusError(404, "VersionNotFound", e.message, key=key, target_version=target) from None
+            raise
+        except Conflict as e:
+            raise self._refusal(key, e) from None
+        item = (await self.bus.read(_PEEK, [key], record=False, detail=True)).items[0]
+        return json_response(self._shard_object(key, item, await self._meta_of(key)))
+
+    async def session(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        agent = _agent(body.get("agent_id"))
+        await self.bus.reset((agent, SESSION_ID))
+        return json_response({"agent_id": agent, "status": "created"})
+
+    async def register_deliveries(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        agent = _agent(body.get("agent_id"))
+        if agent == "":
+            raise SbusError(400, "InvalidRequest", "agent_id is empty")
+        used = _field(body, "shards_used", kind=list)
+        keys = [_key(k) for k in used]
+        if not keys:
+            return json_response({"ok": True, "registered": 0, "skipped_existing": [], "skipped_no_shard": []})
+        got = await self.bus.read((agent, SESSION_ID), list(dict.fromkeys(keys)), record=True,
+                                  only_new=True, durable_session=True)
+        skipped = set(got.skipped)
+        missing = [i.key for i in got.items if i.value is None and i.key not in skipped]
+        registered = [i.key for i in got.items if i.value is not None and i.key not in skipped]
+        return json_response({"ok": True, "registered": len(registered),
+                              "skipped_existing": sorted(skipped), "skipped_no_shard": missing})
+
+    async def _totals(self) -> dict:
+        shards = await self.gw.shard_health()
+        agents = deliveries = 0
+        for st in shards.values():
+            dl = st.get("delivery_log") or {}
+            agents += dl.get("sessions", 0)
+            deliveries += dl.get("entries", 0)
+        keys = 0
+        after = META_PREFIX
+        while True:  # keys created through this API (their metadata records)
+            page = await self.bus.scan(META_PREFIX, after, 10_000)
+            keys += len(page)
+            if len(page) < 10_000:
+                break
+            after = page[-1].key
+        return {"keys": keys, "agents": agents, "deliveries": deliveries}
+
+    async def stats(self, request: web.Request) -> web.Response:
+        c = self.counters
+        t = await self._totals()
+        attempts = c["commits"] + c["conflicts"]
+        return json_response({
+            "total_shards": t["keys"],
+            "total_commits": c["commits"],
+            "total_conflicts": c["conflicts"],
+            "cross_shard_stale": c["cross_shard_stale"],
+            "session_expired": c["session_expired"],
+            "total_attempts": attempts,
+            "scr": c["conflicts"] / attempts if attempts else 0.0,
+            "ori_enabled": self.bus.validation_enabled,
+            "wal_enabled": True,
+            "delivery_log": {"agents": t["agents"], "deliveries": t["deliveries"]},
+            "bus": dict(self.bus.coordinator.counters),
+        })
+
+    # ---- admin -------------------------------------------------------------------------
+
+    async def admin_reset(self, request: web.Request) -> web.Response:
+        """Delete every key (versions keep increasing: a session that read one is refused)."""
+        cleared = 0
+        while True:
+            page = await self.bus.scan("", "", 500)
+            if not page:
+                break
+            req = CommitRequest(session=_ADMIN, commit_id=uuid.uuid4().hex,
+                                writes={i.key: None for i in page}, complete_tokens=True)
+            await self.bus.commit(req)
+            cleared += sum(1 for i in page if not i.key.startswith(META_PREFIX))
+        self._meta.clear()
+        self._per_key.clear()
+        for k in self.counters:
+            self.counters[k] = 0
+        return json_response({"cleared": cleared})
+
+    async def admin_get_config(self, request: web.Request) -> web.Response:
+        return json_response({"ori_enabled": self.bus.validation_enabled})
+
+    async def admin_set_config(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        enabled = _field(body, "ori_enabled", kind=bool)
+        self.bus.set_validation(enabled)
+        return json_response({"ok": True, "ori_enabled": self.bus.validation_enabled})
+
+    async def admin_delivery_log(self, request: web.Request) -> web.Response:
+        views = await self.bus.session_views(10_000)
+        agents: dict[str, dict] = {}
+        for v in views:
+            if v["session"] != SESSION_ID:
+                continue
+            agents[v["agent"]] = {
+                r["key"]: {"version": r["version"] - 1, "current_version": r["current"] - 1,
+                           "stale": r["stale"], "age_secs": v["idle_seconds"]}
+                for r in v["reads"]
+            }
+        return json_response({"agents": agents, "total_agents": len(agents),
+                              "total_deliveries": sum(len(a) for a in agents.values())})
+
+    async def admin_health(self, request: web.Request) -> web.Response:
+        t = await self._totals()
+        return json_response({"status": "ok", "total_shards": t["keys"],
+                              "total_commits": self.counters["commits"],
+                              "total_conflicts": self.counters["conflicts"], "delivery_agents": t["agents"]})

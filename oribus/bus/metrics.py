@@ -1,0 +1,64 @@
+"""The bus's /metrics page: the process registry plus per-shard gauges read at scrape time.
+
+Counters and histograms (commits, conflicts, op latency, WAL fsyncs) are updated
+where the events happen and live in ``oribus.metrics.REGISTRY``. The gauges
+here describe state the shards own — keys, prepared transactions, the delivery
+log — so each scrape asks every shard for its ``stats()`` and renders them
+into a fresh ``Registry``: a shard that has gone away leaves no stale series
+behind, only ``oribus_shard_up{shard="N"} 0``.
+
+Each shard is asked on its own, concurrently, with a timeout: one shard that
+is down or hung marks only itself down instead of failing the whole page
+(``Bus.stats()`` gathers every shard and fails as a whole, so it is not used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from oribus.bus.bus import Bus
+from oribus.metrics import REGISTRY, Registry
+
+log = logging.getLogger("oribus.metrics")
+
+# A shard that has not answered its stats call in this long is reported down.
+SHARD_STATS_TIMEOUT_SECONDS = 2.0
+
+
+async def render_bus_metrics(bus: Bus, *, timeout: float = SHARD_STATS_TIMEOUT_SECONDS) -> str:
+    """``REGISTRY.render()`` followed by this bus's shard and session gauges (format 0.0.4)."""
+    ids = sorted(bus.shards)
+    answers = await asyncio.gather(
+        *(asyncio.wait_for(bus.shards[s].stats(), timeout) for s in ids), return_exceptions=True
+    )
+
+    scrape = Registry()
+    up = scrape.gauge("oribus_shard_up", "1 if the shard answered its stats call, else 0.", ("shard",))
+    keys = scrape.gauge("oribus_keys", "Keys held by the shard (live and deleted with history).", ("shard",))
+    prepared = scrape.gauge(
+        "oribus_prepared", "Two-phase transactions prepared on the shard and not yet finished.", ("shard",)
+    )
+    dlog_entries = scrape.gauge(
+        "oribus_delivery_log_entries", "Deliveries recorded in the shard's delivery log.", ("shard",)
+    )
+    dlog_sessions = scrape.gauge(
+        "oribus_delivery_log_sessions", "Live sessions in the shard's delivery log.", ("shard",)
+    )
+    scrape.gauge("oribus_bus_sessions", "Sessions in this bus's session table.").set(len(bus.sessions))
+
+    for shard_id, stats in zip(ids, answers, strict=True):
+        if isinstance(stats, BaseException):
+            if not isinstance(stats, Exception):
+                raise stats  # cancellation and the like are not "shard down"
+            log.debug("shard %d did not answer its stats call: %r", shard_id, stats)
+            up.labels(shard=shard_id).set(0)
+            continue
+        up.labels(shard=shard_id).set(1)
+        keys.labels(shard=shard_id).set(stats.get("keys", 0))
+        prepared.labels(shard=shard_id).set(stats.get("prepared", 0))
+        dlog = stats.get("delivery_log") or {}
+        dlog_entries.labels(shard=shard_id).set(dlog.get("entries", 0))
+        dlog_sessions.labels(shard=shard_id).set(dlog.get("sessions", 0))
+
+    return REGISTRY.render() + scrape.render()
