@@ -15,12 +15,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from time import perf_counter
 
 from oribus.bus.coordinator import CommitRequest, CommitResult, Coordinator
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sessions import SessionTable
 from oribus.bus.watch import MergedWatch
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
+from oribus.metrics import OP_SECONDS, SESSION_EXPIRED
 from oribus.protocol import Change, ReadItem, ReadRequest, Scope, Token, WatchRequest
 from oribus.shards.service import ShardService
 from oribus.shards.store import Entry
@@ -29,6 +31,9 @@ from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
 log = logging.getLogger("oribus.bus")
 
 MAX_KEYS_PER_REQUEST = 10_000
+_READ_SECONDS = OP_SECONDS.labels(op="read")
+_COMMIT_SECONDS = OP_SECONDS.labels(op="commit")
+_HISTORY_SECONDS = OP_SECONDS.labels(op="history")
 _VIEW_SESSION = ("oribus", "view")  # peeks for operator views record nothing
 
 
@@ -60,7 +65,15 @@ class Bus:
 
     # ---- reads -----------------------------------------------------------------
 
-    async def read(
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True, **options: bool) -> ReadResult:
+        """Read ``keys`` for ``session`` (see ``_read`` for ``options``), timed for /metrics."""
+        t0 = perf_counter()
+        try:
+            return await self._read(session, keys, record, **options)
+        finally:
+            _READ_SECONDS.observe(perf_counter() - t0)
+
+    async def _read(
         self,
         session: SessionRef,
         keys: list[str],
@@ -117,6 +130,17 @@ class Bus:
     # ---- commits -------------------------------------------------------------------
 
     async def commit(self, req: CommitRequest, *, durable_session: bool = False) -> CommitResult:
+        """Commit ``req`` (see ``_commit``), timed for /metrics."""
+        t0 = perf_counter()
+        try:
+            return await self._commit(req, durable_session=durable_session)
+        except SessionExpired:
+            SESSION_EXPIRED.inc()
+            raise
+        finally:
+            _COMMIT_SECONDS.observe(perf_counter() - t0)
+
+    async def _commit(self, req: CommitRequest, *, durable_session: bool = False) -> CommitResult:
         """Validate the request's shape, merge the session's tokens, and commit.
 
         ``durable_session``: as for ``read`` — the tokens the commit leaves
@@ -175,6 +199,13 @@ class Bus:
     # ---- the rest ------------------------------------------------------------------
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        t0 = perf_counter()
+        try:
+            return await self._history(key, limit)
+        finally:
+            _HISTORY_SECONDS.observe(perf_counter() - t0)
+
+    async def _history(self, key: str, limit: int | None = None) -> list[Entry]:
         validate_key(key)
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidRequest("limit must be a positive int")

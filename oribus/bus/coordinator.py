@@ -33,7 +33,7 @@ from oribus.errors import (
     Stale,
     Unavailable,
 )
-from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS, SESSION_EXPIRED
+from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS
 from oribus.protocol import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
 from oribus.shards.service import ShardService
 from oribus.shards.txn import Txn
@@ -179,13 +179,6 @@ class Coordinator:
         return parts
 
     async def commit(self, req: CommitRequest) -> CommitResult:
-        try:
-            return await self._commit(req)
-        except SessionExpired:
-            SESSION_EXPIRED.inc()
-            raise
-
-    async def _commit(self, req: CommitRequest) -> CommitResult:
         parts = self.split(req)
         if not parts:
             return CommitResult(req.commit_id, {}, {}, False)

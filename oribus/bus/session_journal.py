@@ -33,7 +33,7 @@ from typing import Any
 
 from oribus.errors import LimitExceeded
 from oribus.protocol import Token
-from oribus.shards.wal import Wal, WalConfig
+from oribus.shards.wal import Wal, WalConfig, list_segments
 from oribus.types import SessionRef
 
 log = logging.getLogger("oribus.bus.sessions")
@@ -66,8 +66,12 @@ class SessionJournal:
             elif rtype == RESET:
                 table.pop(session, None)
 
-        wal = Wal.open(Path(directory), WalConfig(segment_bytes=16 << 20, unsafe_no_fsync=unsafe_no_fsync),
-                       on_record=replay)
+        directory = Path(directory)
+        # Compaction removes a prefix of the log; it then starts at its first segment's LSN.
+        segments = list_segments(directory) if directory.is_dir() else []
+        first = segments[0].first_lsn if segments else 1
+        wal = Wal.open(directory, WalConfig(segment_bytes=16 << 20, unsafe_no_fsync=unsafe_no_fsync),
+                       replay_from_lsn=first, on_record=replay)
         journal = cls(wal, table, max_sessions)
         live = sum(len(t) for t in table.values())
         if records > 4 * live + 1024:

@@ -34,6 +34,7 @@ from oribus.errors import InvalidRequest, OribusError
 log = logging.getLogger("oribus.http")
 
 DEFAULT_HTTP = "127.0.0.1:7780"
+LOG_FIELDS = web.RequestKey("log_fields", dict)  # what a route adds to its log line (agent, commit_id)
 
 
 @dataclass
@@ -127,7 +128,7 @@ class HttpGateway:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         t0 = time.perf_counter()
-        request["log"] = fields = {}
+        request[LOG_FIELDS] = fields = {}
         try:
             response = await handler(request)
         except RequestError as e:
@@ -195,7 +196,7 @@ class HttpGateway:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from oribus.bus.metrics import render_bus_metrics
+        from oribus.metrics import CONTENT_TYPE
 
         text = await render_bus_metrics(self.bus)
-        return web.Response(text=text, content_type="text/plain", charset="utf-8",
-                            headers={"X-Prometheus-Format": "0.0.4"})
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})

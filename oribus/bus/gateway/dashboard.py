@@ -1,24 +1,343 @@
-"""The operator dashboard (``GET /``)."""
+"""The operator dashboard: ``GET /`` serves one static page, ``GET /dashboard/state`` its feed.
+
+The page (``dashboard.html``: plain HTML, vanilla JS, an inline SVG chart; no
+build step, nothing loaded from elsewhere) polls the feed once a second and
+draws it. The feed, one JSON object::
+
+    {"now": <epoch s>, "admin": bool, "uptime_seconds": float,
+     "shards":   [{"shard", "up", "epoch", "keys", "prepared", "dlog_sessions",
+                   "dlog_entries", "wal_fsyncs", "watchers", "error"}, ...],
+     "bus":      {"commits", "conflicts", "commits_1pc", "commits_2pc", "aborts_2pc",
+                  "sessions", "durable_sessions", "validation"},
+     "rates":    {"interval": 1.0, "window_seconds": 300,
+                  "points": [{"t", "commits", "conflicts"}, ...]},   # per interval
+     "hot_keys": {"half_life_seconds": 60, "watching": bool, "error": str | null,
+                  "keys": [{"key", "score", "writes"}, ...]},       # hottest first
+     "sessions": [{"agent", "session", "idle_seconds",
+                   "reads": [{"key", "version", "current", "stale"}]}, ...],
+     "sessions_error": str | null}
+
+Where the numbers come from, without touching the bus: commit and conflict
+rates are the coordinator's counters (``Bus.coordinator.counters``) sampled
+once a second into a ring buffer (``RateSeries``); hot keys are counted from
+a live watch over every key (``Bus.watch("")``), with exponential decay so
+that the list follows the recent load (``HotKeys``); keys under ``.sbus/``
+(the S-Bus gateway's metadata) are not counted. Both run in one background
+task started by the first dashboard request (an idle server pays nothing)
+and cancelled by ``close()``. Commits made before that request are in the
+totals but not in the rates or the hot keys.
+
+Rollback from the page goes through ``POST /dashboard/rollback`` — an
+ordinary rollback commit by the session ``("dashboard", "dashboard")``,
+refused with 403 unless the gateway runs with ``admin`` — so a read-only
+dashboard is read-only on the server too, not just on the page.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from oribus.bus.coordinator import CommitRequest
+from oribus.bus.gateway.errors import json_response, request_error
+from oribus.errors import InvalidRequest, OribusError
+from oribus.protocol import Change
+
 if TYPE_CHECKING:
     from oribus.bus.gateway.app import HttpGateway
+
+log = logging.getLogger("oribus.http")
+
+SAMPLE_INTERVAL = 1.0  # seconds between two samples of the coordinator's counters
+RATE_WINDOW = 300  # samples kept: the chart shows the last five minutes
+HOT_HALF_LIFE = 60.0  # seconds for a key's write count to lose half its weight
+HOT_TRACKED = 2_000  # keys whose counts are kept; past it the coldest half is dropped
+HOT_SHOWN = 15  # keys the feed lists
+SESSIONS_SHOWN = 50  # most recently active sessions the feed lists
+WATCH_RETRY = 1.0  # seconds before the hot-key watch resubscribes after it ended or failed
+HIDDEN_PREFIXES = (".sbus/",)  # gateway metadata, not agents' state
+DASHBOARD_SESSION = ("dashboard", "dashboard")  # the session rollbacks from the page commit as
+
+# The page loads nothing from anywhere: inline script and style only, fetches to this server.
+_PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+class RateSeries:
+    """Cumulative counters sampled at intervals, read back as per-interval increments.
+
+    Keeps ``size`` intervals (``size + 1`` samples). A counter that went down
+    (a restarted coordinator) counts as starting again from zero.
+    """
+
+    def __init__(self, size: int = RATE_WINDOW) -> None:
+        self._samples: deque[tuple[float, int, int]] = deque(maxlen=size + 1)
+
+    def sample(self, t: float, commits: int, conflicts: int) -> None:
+        self._samples.append((t, commits, conflicts))
+
+    def points(self) -> list[dict[str, float]]:
+        out = []
+        prev = None
+        for t, commits, conflicts in self._samples:
+            if prev is not None:
+                _, pc, pf = prev
+                out.append({
+                    "t": round(t, 3),
+                    "commits": commits - pc if commits >= pc else commits,
+                    "conflicts": conflicts - pf if conflicts >= pf else conflicts,
+                })
+            prev = (t, commits, conflicts)
+        return out
+
+
+class HotKeys:
+    """Write counts per key with exponential decay: the keys written most lately.
+
+    A key's score is the number of its writes, each weighted by
+    ``0.5 ** (age / half_life)``; ``writes`` is the undecayed count since the
+    key was first tracked. At most ``tracked`` keys are kept: beyond that the
+    lowest-scoring half is dropped, so memory stays bounded under any key
+    churn (a dropped key that is written again starts from zero).
+    """
+
+    def __init__(self, half_life: float = HOT_HALF_LIFE, tracked: int = HOT_TRACKED) -> None:
+        self.half_life = half_life
+        self.tracked = tracked
+        self._keys: dict[str, list[float]] = {}  # key -> [score at stamp, stamp, writes]
+
+    def _decayed(self, entry: list[float], now: float) -> float:
+        return entry[0] * math.pow(0.5, max(0.0, now - entry[1]) / self.half_life)
+
+    def add(self, key: str, now: float) -> None:
+        entry = self._keys.get(key)
+        if entry is None:
+            if len(self._keys) >= self.tracked:
+                self._prune(now)
+            self._keys[key] = [1.0, now, 1]
+            return
+        entry[0] = self._decayed(entry, now) + 1.0
+        entry[1] = now
+        entry[2] += 1
+
+    def _prune(self, now: float) -> None:
+        ranked = sorted(self._keys, key=lambda k: self._decayed(self._keys[k], now))
+        for k in ranked[: max(1, len(ranked) // 2)]:
+            del self._keys[k]
+
+    def top(self, n: int, now: float) -> list[dict[str, Any]]:
+        scored = [(self._decayed(e, now), k, int(e[2])) for k, e in self._keys.items()]
+        scored.sort(key=lambda s: (-s[0], s[1]))
+        return [{"key": k, "score": round(score, 3), "writes": writes} for score, k, writes in scored[:n]]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _shard_row(sid: int, st: Mapping[str, Any]) -> dict[str, Any]:
+    dlog = st.get("delivery_log") or {}
+    wal = st.get("wal") or {}
+    return {
+        "shard": sid,
+        "up": bool(st.get("up")),
+        "epoch": st.get("epoch"),
+        "keys": st.get("keys"),
+        "prepared": st.get("prepared"),
+        "dlog_sessions": dlog.get("sessions"),
+        "dlog_entries": dlog.get("entries"),
+        "wal_fsyncs": wal.get("fsyncs"),
+        "watchers": st.get("watchers"),
+        "error": st.get("error"),
+    }
 
 
 class DashboardRoutes:
     def __init__(self, gateway: HttpGateway) -> None:
         self.gw = gateway
+        self.bus = gateway.bus
+        self.rates = RateSeries(RATE_WINDOW)
+        self.hot = HotKeys(HOT_HALF_LIFE, HOT_TRACKED)
+        self.watch_error: str | None = None  # why the hot-key watch is not running, if it is not
+        self._watching = False
+        self._page: bytes | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._start_lock = asyncio.Lock()
+        self._closed = False
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get("/", self.page)
+        router.add_get("/dashboard/state", self.state)
+        router.add_post("/dashboard/rollback", self.rollback)
+
+    # ---- routes ------------------------------------------------------------------------
 
     async def page(self, request: web.Request) -> web.Response:
-        return web.Response(text="<!doctype html><title>oribus</title>", content_type="text/html")
+        await self._ensure_running()
+        if self._page is None:
+            self._page = resources.files(__package__).joinpath("dashboard.html").read_bytes()
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8",
+                            headers=_PAGE_HEADERS)
+
+    async def state(self, request: web.Request) -> web.Response:
+        await self._ensure_running()
+        now = time.time()
+        counters = dict(self.bus.coordinator.counters)
+        health = await self.gw.shard_health()
+        sessions: list[dict] = []
+        sessions_error = None
+        try:
+            sessions = await asyncio.wait_for(self.bus.session_views(SESSIONS_SHOWN),
+                                              self.gw.config.ready_timeout)
+        except (OribusError, TimeoutError) as e:  # a shard down must not blank the whole page
+            sessions_error = f"{type(e).__name__}: {e}"
+        return json_response({
+            "now": now,
+            "admin": self.gw.config.admin,
+            "uptime_seconds": round(now - self.gw.started_at, 3),
+            "shards": [_shard_row(sid, st) for sid, st in sorted(health.items())],
+            "bus": {
+                "commits": counters.get("commits_1pc", 0) + counters.get("commits_2pc", 0),
+                "conflicts": counters.get("conflicts", 0),
+                "commits_1pc": counters.get("commits_1pc", 0),
+                "commits_2pc": counters.get("commits_2pc", 0),
+                "aborts_2pc": counters.get("aborts_2pc", 0),
+                "sessions": len(self.bus.sessions),
+                "durable_sessions": self.bus.sessions.durable_sessions,
+                "validation": self.bus.validation_enabled,
+            },
+            "rates": {"interval": SAMPLE_INTERVAL, "window_seconds": RATE_WINDOW * SAMPLE_INTERVAL,
+                      "points": self.rates.points()},
+            "hot_keys": {"half_life_seconds": HOT_HALF_LIFE, "watching": self._watching,
+                         "error": self.watch_error, "keys": self.hot.top(HOT_SHOWN, now)},
+            "sessions": sessions,
+            "sessions_error": sessions_error,
+        }, headers={"Cache-Control": "no-store"})
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        """``{"key", "version", "expect"?}``: restore ``key`` to ``version`` (admin only).
+
+        ``expect`` (optional) is the version the operator saw as current: if the
+        key moved on since, the rollback is refused (409 Conflict) rather than
+        overwrite a write the operator has not seen.
+        """
+        if not self.gw.config.admin:
+            return request_error(403, "Forbidden",
+                                 "rollback from the dashboard is disabled (start the server with --admin)")
+        body = await self.gw.body(request)
+        key, version, expect = body.get("key"), body.get("version"), body.get("expect")
+        if not isinstance(key, str) or not key:
+            raise InvalidRequest("'key' (non-empty string) is required", field="key")
+        for name, v in (("version", version), ("expect", expect)):
+            if v is None and name == "expect":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise InvalidRequest(f"'{name}' must be an int >= 0", field=name)
+        req = CommitRequest(
+            session=DASHBOARD_SESSION,
+            commit_id=uuid.uuid4().hex,
+            rollback={key: version},
+            expect={key: expect} if expect is not None else {},
+            complete_tokens=True,
+        )
+        request["log"].update(agent=DASHBOARD_SESSION[0], commit_id=req.commit_id)
+        result = await self.bus.commit(req, durable_session=True)
+        log.info("dashboard rolled %r back to version %d: now version %d", key, version, result.versions[key])
+        return json_response({"commit_id": result.commit_id, "key": key, "restored": version,
+                              "version": result.versions[key], "versions": result.versions})
+
+    # ---- the background task: rate samples and hot keys -------------------------------
+
+    async def _ensure_running(self) -> None:
+        """Start the sampler on the first request. The watch is subscribed before this
+        returns, so every commit made after the first answer is counted."""
+        if self._task is not None or self._closed:
+            return
+        async with self._start_lock:
+            if self._task is not None or self._closed:
+                return
+            stream = await self._subscribe()
+            self._sample()
+            self._task = asyncio.get_running_loop().create_task(self._run(stream))
+
+    async def _subscribe(self) -> AsyncIterator[Change] | None:
+        from oribus.bus.watch import ensure_subscribed
+
+        stream = None
+        try:
+            stream = self.bus.watch("")  # live changes only: no replay of the history
+            await asyncio.wait_for(ensure_subscribed(stream), self.gw.config.ready_timeout)
+        except Exception as e:  # noqa: BLE001 - counted as "not watching"; retried later
+            await _close_stream(stream)
+            self._watching = False
+            self.watch_error = f"{type(e).__name__}: {e}"
+            return None
+        self._watching = True
+        self.watch_error = None
+        return stream
+
+    def _sample(self) -> None:
+        c = self.bus.coordinator.counters
+        self.rates.sample(time.time(), c.get("commits_1pc", 0) + c.get("commits_2pc", 0), c.get("conflicts", 0))
+
+    async def _run(self, stream: AsyncIterator[Change] | None) -> None:
+        await asyncio.gather(self._sample_forever(), self._count_changes(stream))
+
+    async def _sample_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += SAMPLE_INTERVAL
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            self._sample()
+
+    async def _count_changes(self, stream: AsyncIterator[Change] | None) -> None:
+        """Count every committed write per key; resubscribe (live only) when the watch ends
+        or fails — a lagged watch loses counts, never the dashboard."""
+        while True:
+            if stream is not None:
+                try:
+                    async for change in stream:
+                        if not change.key.startswith(HIDDEN_PREFIXES):
+                            self.hot.add(change.key, time.time())
+                    self.watch_error = "the watch ended (a shard shut down); resubscribing"
+                except Exception as e:  # noqa: BLE001 - whatever ended it, watch again
+                    self.watch_error = f"{type(e).__name__}: {e}; resubscribing"
+                finally:
+                    self._watching = False
+                    await _close_stream(stream)
+            await asyncio.sleep(WATCH_RETRY)
+            stream = await self._subscribe()
 
     async def close(self) -> None:
-        pass
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _close_stream(stream: object) -> None:
+    close = getattr(stream, "aclose", None) or getattr(stream, "close", None)
+    if close is None:
+        return
+    with contextlib.suppress(Exception):
+        r = close()
+        if asyncio.iscoroutine(r):
+            await r

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from oribus.bus.coordinator import CommitRequest
+from oribus.bus.gateway.app import LOG_FIELDS
 from oribus.bus.gateway.errors import error_body, json_response
 from oribus.bus.gateway.values import from_json, to_json
 from oribus.errors import InvalidRequest, OribusError
@@ -114,7 +115,7 @@ class NativeRoutes:
     # ---- reads -------------------------------------------------------------------------
 
     async def _read(self, request: web.Request, session: tuple[str, str], keys: list, record: bool) -> dict:
-        request["log"]["agent"] = session[0]
+        request[LOG_FIELDS]["agent"] = session[0]
         got = await self.bus.read(session, keys, record, durable_session=record)
         return {"items": [_item(i) for i in got.items], "seqs": {str(s): q for s, q in got.seqs.items()}}
 
@@ -178,7 +179,7 @@ class NativeRoutes:
             strict=_get(body, "strict", bool, False),
             complete_tokens=True,
         )
-        request["log"].update(agent=session[0], commit_id=req.commit_id)
+        request[LOG_FIELDS].update(agent=session[0], commit_id=req.commit_id)
         result = await self.bus.commit(req, durable_session=True)
         return json_response({"commit_id": result.commit_id, "versions": result.versions,
                               "two_phase": result.two_phase})
@@ -190,7 +191,7 @@ class NativeRoutes:
                             rollback=_versions(body, "versions"), complete_tokens=True)
         if not req.rollback:
             raise InvalidRequest("versions must name at least one key", field="versions")
-        request["log"].update(agent=session[0], commit_id=req.commit_id)
+        request[LOG_FIELDS].update(agent=session[0], commit_id=req.commit_id)
         result = await self.bus.commit(req, durable_session=True)
         return json_response({"commit_id": result.commit_id, "versions": result.versions,
                               "two_phase": result.two_phase})

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from oribus.bus.coordinator import CommitRequest
+from oribus.bus.gateway.app import LOG_FIELDS
 from oribus.bus.gateway.errors import json_response
 from oribus.errors import (
     Aborted,
@@ -242,7 +243,7 @@ class SbusRoutes:
             complete_tokens=True,
             committed_at=now,
         )
-        request["log"]["commit_id"] = req.commit_id
+        request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
             result = await self.bus.commit(req)
         except Conflict as e:
@@ -256,7 +257,7 @@ class SbusRoutes:
     async def get_shard(self, request: web.Request) -> web.Response:
         key = _key(request.match_info["key"])
         agent = _agent(request.query.get("agent_id"), required=False)
-        request["log"]["agent"] = agent
+        request[LOG_FIELDS]["agent"] = agent
         if agent:
             got = await self.bus.read((agent, SESSION_ID), [key], record=True, detail=True, durable_session=True)
         else:
@@ -304,7 +305,7 @@ class SbusRoutes:
                                 key=k, version_at_read=v)
             read_set[k] = v + 1
         self._check_delta(key, delta)
-        request["log"]["agent"] = agent
+        request[LOG_FIELDS]["agent"] = agent
         counts = self._counts(key)
         counts[0] += 1
         req = CommitRequest(
@@ -315,7 +316,7 @@ class SbusRoutes:
             read_set=read_set,
             complete_tokens=True,
         )
-        request["log"]["commit_id"] = req.commit_id
+        request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
             result = await self.bus.commit(req, durable_session=True)
         except Conflict as e:
@@ -374,10 +375,10 @@ class SbusRoutes:
         key = _key(_field(body, "key", kind=str))
         target = _version(_field(body, "target_version", kind=int), "target_version")
         agent = _agent(body.get("agent_id"))
-        request["log"]["agent"] = agent
+        request[LOG_FIELDS]["agent"] = agent
         req = CommitRequest(session=(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
                             rollback={key: target + 1}, complete_tokens=True)
-        request["log"]["commit_id"] = req.commit_id
+        request[LOG_FIELDS]["commit_id"] = req.commit_id
         current = (await self.bus.read(_PEEK, [key], record=False)).items[0]
         if current.value is None:
             raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)

@@ -1,0 +1,240 @@
+"""The native /v1 JSON API, health, metrics and OpenAPI over a real aiohttp server on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from oribus.bus.bus import Bus
+from oribus.bus.embedded import EngineConfig, LocalEngine
+from oribus.bus.gateway import GatewayConfig, HttpGateway
+from oribus.bus.gateway.errors import http_status
+from oribus.bus.gateway.openapi import document
+from oribus.bus.session_journal import SessionJournal
+from oribus.bus.shard_client import GrpcShardClient
+from oribus.errors import (
+    Aborted,
+    Conflict,
+    HistoryTruncated,
+    InvalidRequest,
+    LimitExceeded,
+    SessionExpired,
+    Unavailable,
+    ValueTooLarge,
+    WatchLagged,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def served(data_dir):
+    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
+    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0"))
+    await gw.start()
+    async with aiohttp.ClientSession(base_url=gw.url) as http:
+        yield engine, gw, http
+    await gw.stop()
+    await engine.close()
+
+
+async def call(http, method, path, **kw):
+    async with http.request(method, path, **kw) as r:
+        body = await r.read()
+        return r.status, (json.loads(body) if body[:1] in (b"{", b"[") else body.decode())
+
+
+async def test_reads_are_deliveries_and_stale_commits_are_refused(served):
+    _, _, http = served
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "setup", "writes": {"a": 1, "b": 2}})
+    assert st == 200 and out["versions"] == {"a": 1, "b": 1}
+    st, out = await call(http, "POST", "/v1/get", json={"agent": "alice", "keys": ["a", "b"]})
+    assert st == 200 and [(i["key"], i["value"], i["version"]) for i in out["items"]] == [("a", 1, 1), ("b", 2, 1)]
+    # bob changes b; alice commits a, having read b: refused, listing b
+    assert (await call(http, "POST", "/v1/commit", json={"agent": "bob", "writes": {"b": 3}}))[0] == 200
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "alice", "writes": {"a": 10}})
+    assert st == 409 and out["error"] == "Conflict"
+    assert out["stale"] == [["b", 1, 2, "stale_read"]]
+    # an explicit read_set entry cannot mask the logged stale read
+    st, out = await call(http, "POST", "/v1/commit",
+                         json={"agent": "alice", "writes": {"a": 10}, "read_set": {"b": 2}})
+    assert st == 409 and out["stale"] == [["b", 1, 2, "stale_read"]]
+    # nothing changed
+    st, out = await call(http, "GET", "/v1/keys/a", params={"agent": "x", "record": "false"})
+    assert (out["value"], out["version"]) == (1, 1)
+    # re-read b: the commit goes through, and alice's own write is not stale to her
+    await call(http, "GET", "/v1/keys/b", params={"agent": "alice"})
+    assert (await call(http, "POST", "/v1/commit", json={"agent": "alice", "writes": {"a": 10}}))[0] == 200
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "alice", "writes": {"b": 11}})
+    assert st == 200 and out["versions"] == {"b": 3}
+
+
+async def test_transaction_scope_checks_only_reads_since(served):
+    _, _, http = served
+    await call(http, "POST", "/v1/commit", json={"agent": "setup", "writes": {"t/x": 0, "t/y": 0}})
+    await call(http, "GET", "/v1/keys/t/x", params={"agent": "carol"})  # an old read, outside the txn
+    await call(http, "POST", "/v1/commit", json={"agent": "dave", "writes": {"t/x": 1}})
+    st, out = await call(http, "POST", "/v1/get", json={"agent": "carol", "keys": ["t/y"]})
+    since = out["seqs"]
+    st, out = await call(http, "POST", "/v1/commit",
+                         json={"agent": "carol", "writes": {"t/y": 5}, "scope": "transaction", "since": since})
+    assert st == 200, out
+    # the same in session scope is refused: the session read t/x before dave changed it
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "carol", "writes": {"t/y": 6}})
+    assert st == 409 and out["stale"][0][:2] == ["t/x", 1]
+
+
+async def test_values_round_trip_with_bytes(served):
+    _, _, http = served
+    value = {"blob": {"$bytes": "AAEC/w=="}, "list": [1, "two", None, True, 2.5]}
+    assert (await call(http, "POST", "/v1/commit", json={"agent": "v", "writes": {"val": value}}))[0] == 200
+    st, out = await call(http, "GET", "/v1/keys/val", params={"agent": "v"})
+    assert out["value"] == value
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "v", "writes": {"bad": {"$bytes": "!!"}}})
+    assert st == 400 and out["error"] == "InvalidRequest"
+
+
+async def test_idempotent_commit_id_applies_once(served):
+    _, _, http = served
+    body = {"agent": "i", "writes": {"idem": 1}, "commit_id": "c-42"}
+    first = await call(http, "POST", "/v1/commit", json=body)
+    again = await call(http, "POST", "/v1/commit", json=body)
+    assert first == again and first[1]["versions"] == {"idem": 1}
+    st, out = await call(http, "GET", "/v1/history/idem")
+    assert [v["version"] for v in out["versions"]] == [1]
+
+
+async def test_rollback_history_and_listing(served):
+    _, _, http = served
+    for v in ("one", "two", "three"):
+        await call(http, "POST", "/v1/commit", json={"agent": "w", "writes": {"doc/1": v}})
+    await call(http, "POST", "/v1/commit", json={"agent": "w", "writes": {"doc/2": "x"}, "deletes": []})
+    st, out = await call(http, "POST", "/v1/rollback", json={"agent": "w", "versions": {"doc/1": 1}})
+    assert st == 200 and out["versions"] == {"doc/1": 4}
+    st, out = await call(http, "GET", "/v1/history/doc/1", params={"limit": "2"})
+    assert [(v["version"], v["value"], v["agent"]) for v in out["versions"]] == [(4, "one", "w"), (3, "three", "w")]
+    st, out = await call(http, "POST", "/v1/rollback", json={"agent": "w", "versions": {"doc/1": 9}})
+    assert st == 400
+    await call(http, "POST", "/v1/commit", json={"agent": "w", "deletes": ["doc/2"]})
+    st, out = await call(http, "GET", "/v1/keys", params={"prefix": "doc/"})
+    assert [i["key"] for i in out["items"]] == ["doc/1"]  # deleted keys are not listed
+
+
+async def test_watch_streams_server_sent_events(served):
+    _, _, http = served
+    async with http.get("/v1/watch", params={"prefix": "w/"}) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream"
+        assert (await r.content.readuntil(b"\n\n")) == b": subscribed\n\n"  # the watch is registered
+        await call(http, "POST", "/v1/commit", json={"agent": "w", "writes": {"w/a": 1, "other": 2}})
+        await call(http, "POST", "/v1/commit", json={"agent": "w", "deletes": ["w/a"]})
+        events = []
+        while len(events) < 2:
+            chunk = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 5)
+            lines = dict(line.split(": ", 1) for line in chunk.decode().strip().split("\n"))
+            assert lines["event"] == "change"
+            events.append(json.loads(lines["data"]))
+    assert [(e["key"], e["version"], e["value"], e["deleted"]) for e in events] == [
+        ("w/a", 1, 1, False), ("w/a", 2, None, True)]
+
+
+async def test_forget_and_reset(served):
+    _, _, http = served
+    await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"f/a": 1, "f/b": 1}})
+    await call(http, "POST", "/v1/get", json={"agent": "eve", "keys": ["f/a", "f/b"]})
+    await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"f/a": 2, "f/b": 2}})
+    assert (await call(http, "POST", "/v1/commit", json={"agent": "eve", "writes": {"f/c": 1}}))[0] == 409
+    assert (await call(http, "POST", "/v1/forget", json={"agent": "eve", "keys": ["f/a"]}))[0] == 200
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "eve", "writes": {"f/c": 1}})
+    assert st == 409 and [s[0] for s in out["stale"]] == ["f/b"]
+    assert (await call(http, "POST", "/v1/reset", json={"agent": "eve"}))[0] == 200
+    assert (await call(http, "POST", "/v1/commit", json={"agent": "eve", "writes": {"f/c": 1}}))[0] == 200
+
+
+async def test_sessions_view_marks_stale_reads(served):
+    _, _, http = served
+    await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"sv/a": 1, "sv/b": 1}})
+    await call(http, "POST", "/v1/get", json={"agent": "frank", "keys": ["sv/a", "sv/b"]})
+    await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"sv/b": 2}})
+    st, out = await call(http, "GET", "/v1/sessions")
+    frank = next(s for s in out["sessions"] if s["agent"] == "frank")
+    assert frank["reads"] == [
+        {"key": "sv/a", "version": 1, "current": 1, "stale": False},
+        {"key": "sv/b", "version": 1, "current": 2, "stale": True},
+    ]
+
+
+async def test_metrics_exposition(served):
+    _, _, http = served
+    await call(http, "POST", "/v1/commit", json={"agent": "m", "writes": {"m/a": 1}})
+    async with http.get("/metrics") as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await r.text()
+    for name in ("oribus_commits_total", "oribus_op_seconds_bucket", "oribus_wal_fsync_seconds_count",
+                 "oribus_delivery_log_entries", "oribus_shard_up"):
+        assert name in text, name
+    assert 'oribus_shard_up{shard="0"} 1' in text and 'oribus_shard_up{shard="1"} 1' in text
+
+
+async def test_health_and_readiness(served):
+    _, _, http = served
+    assert (await call(http, "GET", "/healthz"))[0] == 200
+    st, out = await call(http, "GET", "/readyz")
+    assert st == 200 and out["down"] == []
+
+
+async def test_readyz_reports_an_unreachable_shard(data_dir, tmp_path):
+    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # nobody listens here once the socket is closed
+    ghost = GrpcShardClient(1, dead, timeout=0.5)
+    journal = await SessionJournal.open(tmp_path / "journal")
+    bus = Bus({0: engine.shards[0], 1: ghost}, lambda k: 0, session_journal=journal)
+    gw = HttpGateway(bus, GatewayConfig(listen="127.0.0.1:0", ready_timeout=1.0))
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession(base_url=gw.url) as http:
+            st, out = await call(http, "GET", "/readyz")
+            assert st == 503 and out["down"] == [1]
+            assert (await call(http, "GET", "/healthz"))[0] == 200  # alive, just not ready
+            text = await (await http.get("/metrics")).text()
+            assert 'oribus_shard_up{shard="1"} 0' in text
+    finally:
+        await gw.stop()
+        await ghost.close()
+        await journal.close()
+        await engine.close()
+
+
+async def test_gateway_refuses_to_run_without_a_session_journal(data_dir):
+    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    try:
+        bare = Bus(dict(engine.shards), engine.slot_map.shard_for)
+        with pytest.raises(InvalidRequest, match="journal"):
+            HttpGateway(bare)
+    finally:
+        await engine.close()
+
+
+async def test_openapi_is_served_kept_in_specs_and_covers_every_route(served):
+    _, gw, http = served
+    st, served_doc = await call(http, "GET", "/v1/openapi.json")
+    assert st == 200 and served_doc == document()
+    kept = json.loads((REPO / "specs" / "openapi.json").read_text())
+    assert kept == document(), "specs/openapi.json is out of date: python -m oribus.bus.gateway.openapi"
+    routes = {r.resource.canonical.replace("{key:.+}", "{key}") for r in gw.app.router.routes()
+              if r.resource is not None and r.resource.canonical.startswith("/v1/")}
+    assert routes == set(served_doc["paths"])
+
+
+def test_one_http_status_table():
+    assert [http_status(e) for e in (
+        Conflict(), Aborted(), SessionExpired(), InvalidRequest(), ValueTooLarge(), HistoryTruncated(),
+        LimitExceeded(), Unavailable(), WatchLagged(),
+    )] == [409, 409, 410, 400, 413, 410, 429, 503, 503]
