@@ -222,8 +222,9 @@ class Bus:
     async def reset(self, session: SessionRef) -> None:
         """Drop every delivery of the session on every shard, and its tokens."""
         _check_session(session)
-        await asyncio.gather(*(s.reset(session) for s in self.shards.values()))
-        await self.sessions.reset(session)
+        sids = list(self.shards)
+        now = await asyncio.gather(*(self.shards[s].reset(session) for s in sids))
+        await self.sessions.reset(session, dict(zip(sids, now, strict=True)))
 
     def watch(
         self,

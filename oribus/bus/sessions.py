@@ -69,9 +69,20 @@ class SessionTable:
             merged.setdefault(shard, token)
         return merged
 
-    async def reset(self, session: SessionRef) -> None:
-        self._tokens.pop(session, None)
-        if session in self._durable:
+    async def reset(self, session: SessionRef, current: dict[int, Token | None] | None = None) -> None:
+        """Forget the session's tokens after its deliveries were dropped on every shard.
+
+        ``current``: the token each shard holds for it now (a reset keeps the
+        shard's record). If every kept token still matches, they stay — the
+        common case, which then costs no journal write; a token that no longer
+        matches (restart, expiry) is what the reset is for, and all go.
+        """
+        current = current or {}
+        volatile = self._tokens.get(session)
+        if volatile is not None and any(current.get(s) != t for s, t in volatile.items()):
+            self._tokens.pop(session, None)
+        durable = self._durable.get(session)
+        if durable is not None and any(current.get(s) != t for s, t in durable.items()):
             assert self.journal is not None
             await self.journal.reset(session)
             self._durable.pop(session, None)

@@ -15,6 +15,7 @@ from oribus.protocol import (
     ReadReply,
     ReadRequest,
     ShardTxn,
+    Token,
     TxnOutcome,
     TxnRef,
     TxnStatus,
@@ -71,8 +72,8 @@ class GrpcShardClient(ShardService):
     async def forget(self, session: SessionRef, keys: list[str]) -> None:
         await self._call("forget", session, keys)
 
-    async def reset(self, session: SessionRef) -> None:
-        await self._call("reset", session)
+    async def reset(self, session: SessionRef) -> Token | None:
+        return await self._call("reset", session)
 
     async def stats(self) -> dict:
         return await self._call("stats")

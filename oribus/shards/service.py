@@ -16,6 +16,7 @@ from oribus.protocol import (
     ReadReply,
     ReadRequest,
     ShardTxn,
+    Token,
     TxnOutcome,
     TxnRef,
     TxnStatus,
@@ -78,8 +79,12 @@ class ShardService(abc.ABC):
         """Drop deliveries of these keys from the session's log."""
 
     @abc.abstractmethod
-    async def reset(self, session: SessionRef) -> None:
-        """Drop every delivery of the session."""
+    async def reset(self, session: SessionRef) -> Token | None:
+        """Drop every delivery of the session; its record (and token) stays.
+
+        Returns the session's token here — still the one its earlier reads were
+        given unless the shard restarted or the session expired — or None if
+        this shard has no record of it."""
 
     @abc.abstractmethod
     async def stats(self) -> dict:

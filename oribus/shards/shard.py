@@ -34,6 +34,7 @@ from oribus.protocol import (
     ReadReply,
     ReadRequest,
     ShardTxn,
+    Token,
     TxnOutcome,
     TxnRef,
     TxnState,
@@ -441,8 +442,10 @@ class Shard(ShardService):
     async def forget(self, session: SessionRef, keys: list[str]) -> None:
         self.dlog.forget(session, keys)
 
-    async def reset(self, session: SessionRef) -> None:
+    async def reset(self, session: SessionRef) -> Token | None:
         self.dlog.reset(session)
+        inc = self.dlog.incarnation_of(session)
+        return None if inc is None else (self.epoch, inc)
 
     async def stats(self) -> dict:
         wal = self.wal

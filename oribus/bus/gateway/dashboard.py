@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from oribus.bus.coordinator import CommitRequest
+from oribus.bus.gateway.app import LOG_FIELDS
 from oribus.bus.gateway.errors import json_response, request_error
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Change
@@ -255,7 +256,7 @@ class DashboardRoutes:
             expect={key: expect} if expect is not None else {},
             complete_tokens=True,
         )
-        request["log"].update(agent=DASHBOARD_SESSION[0], commit_id=req.commit_id)
+        request[LOG_FIELDS].update(agent=DASHBOARD_SESSION[0], commit_id=req.commit_id)
         result = await self.bus.commit(req, durable_session=True)
         log.info("dashboard rolled %r back to version %d: now version %d", key, version, result.versions[key])
         return json_response({"commit_id": result.commit_id, "key": key, "restored": version,

@@ -1,0 +1,270 @@
+"""The operator dashboard (``GET /``) in a real browser against a real ``oribus up``.
+
+Headless Debian chromium driven by selenium. The server gets real traffic over
+HTTP first — S-Bus creates and commits, a refused stale commit, a two-shard
+native commit — and the page must show it: both shards up, the commit and
+conflict totals and the rate chart's window, the hot key first (and no
+``.sbus/`` metadata key), the agent whose read went stale marked stale, a
+key's history with rollback buttons. Clicking rollback must advance the key's
+version (checked over HTTP, not on the page). Without ``--admin`` the page has
+no rollback control and the server answers 403 to the dashboard's rollback.
+
+Chromium missing is a failure, not a skip: ``make test`` installs it. A
+screenshot of the admin page goes to ``$ORIBUS_ARTIFACTS/dashboard.png``
+(default ``<repo>/test-artifacts``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SLOT_MAP, keys_on_shard
+from processes import REPO, Cluster, ServerProcess, up
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(os.environ.get("ORIBUS_ARTIFACTS", str(REPO / "test-artifacts")))
+WAIT = 15.0  # seconds for the page to show what the server already knows (it polls every 1 s)
+
+HOT = "dash/plan"  # created, then committed four times by bob; alice's read of it goes stale
+COLD = "dash/notes"  # created once
+
+
+# ---- fixtures --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        pytest.fail(
+            f"the dashboard browser test needs Debian chromium and chromium-driver; missing: {missing}. "
+            "Install them with `apt-get install -y chromium chromium-driver` (`make test` does).",
+            pytrace=False,
+        )
+    opts = Options()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1500,1900", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(20)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def serve(cluster: Cluster, root: Path, admin: bool) -> ServerProcess:
+    server = cluster.add(up(root, root / "data", processes=False, admin=admin))
+    server.start().wait_serving()
+    deadline = time.monotonic() + 10
+    while http(server, "GET", "/healthz")[0] != 200:  # the gateway may start after gRPC
+        assert time.monotonic() < deadline, f"HTTP gateway not serving:\n{server.log_tail()}"
+        time.sleep(0.05)
+    return server
+
+
+# ---- helpers ---------------------------------------------------------------------------
+
+
+def http(server: ServerProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://{server.http_address}{path}", data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+    except (urllib.error.URLError, ConnectionError):
+        return 0, None
+
+
+def ok(got: tuple[int, Any], status: int = 200) -> Any:
+    assert got[0] == status, got
+    return got[1]
+
+
+def key_now(server: ServerProcess, key: str) -> dict:
+    """The key's current version and value, without recording a delivery."""
+    return ok(http(server, "GET", f"/v1/keys/{key}?agent=dashboard-test&record=false"))
+
+
+def wait_for(driver: WebDriver, what: str, predicate: Any, timeout: float = WAIT) -> Any:
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: predicate(d))
+    except TimeoutException:
+        state = driver.execute_script(
+            "return {updated: document.getElementById('last-updated').textContent, "
+            "conn: document.getElementById('conn-status').textContent}"
+        )
+        raise AssertionError(f"page never showed {what} within {timeout}s (page: {state})") from None
+
+
+def by_testid(root: Any, testid: str, **data: str) -> list:
+    sel = f'[data-testid="{testid}"]' + "".join(f'[data-{k}="{v}"]' for k, v in data.items())
+    return root.find_elements(By.CSS_SELECTOR, sel)
+
+
+def data(element: Any, name: str) -> str:
+    return element.get_attribute(f"data-{name}")
+
+
+def show_history(driver: WebDriver, key: str, versions: int) -> list:
+    box = driver.find_element(By.ID, "history-key")
+    box.clear()
+    box.send_keys(key)
+    driver.find_element(By.ID, "history-submit").click()
+    return wait_for(driver, f"{versions} versions of {key}",
+                    lambda d: (rows := by_testid(d, "history-row")) and len(rows) == versions and rows)
+
+
+# ---- the tests -------------------------------------------------------------------------
+
+
+def test_dashboard_shows_live_state_and_rolls_back(
+    cluster: Cluster, tmp_path: Path, browser: WebDriver
+) -> None:
+    server = serve(cluster, tmp_path, admin=True)
+    # the first dashboard request starts the sampler and the hot-key watch
+    assert ok(http(server, "GET", "/dashboard/state"))["admin"] is True
+
+    # S-Bus traffic: two keys created; alice and bob read HOT; bob commits it four times
+    ok(http(server, "POST", "/shard", {"key": HOT, "content": "plan v0", "goal_tag": "dash"}), 201)
+    ok(http(server, "POST", "/shard", {"key": COLD, "content": "notes", "goal_tag": "dash"}), 201)
+    assert ok(http(server, "GET", f"/shard/{HOT}?agent_id=alice"))["version"] == 0
+    assert ok(http(server, "GET", f"/shard/{HOT}?agent_id=bob"))["version"] == 0
+    for i in range(4):
+        got = ok(http(server, "POST", "/commit/v2",
+                      {"key": HOT, "expected_version": i, "delta": f"bob step {i + 1}", "agent_id": "bob"}))
+        assert got["new_version"] == i + 1
+    # alice commits on what she read: stale, refused — a real conflict
+    status, body = http(server, "POST", "/commit/v2",
+                        {"key": HOT, "expected_version": 0, "delta": "alice's plan", "agent_id": "alice"})
+    assert status == 409, (status, body)
+    # a native commit across both shards (two-phase)
+    k0, k1 = keys_on_shard(0, "dash/pair")[0], keys_on_shard(1, "dash/pair")[0]
+    assert ok(http(server, "POST", "/v1/commit", {"agent": "carol", "writes": {k0: 1, k1: 2}}))["two_phase"]
+    commits, conflicts = 2 + 4 + 1, 1
+    # an S-Bus create writes the key and its .sbus/ twin: two-phase when they are on two shards
+    two_phase = 1 + sum(SLOT_MAP.shard_for(k) != SLOT_MAP.shard_for(".sbus/" + k) for k in (HOT, COLD))
+    assert key_now(server, HOT)["version"] == 5  # oribus numbers from 1: create + 4 commits
+
+    browser.get(f"http://{server.http_address}/")
+    chart = browser.find_element(By.ID, "rate-chart")
+    # the chart's window holds every commit and the conflict once the sampler saw them
+    wait_for(browser, "every commit and the conflict in the rate chart",
+             lambda d: data(chart, "commits-window") == str(commits)
+             and data(chart, "conflicts-window") == str(conflicts))
+    assert int(data(chart, "points")) >= 1
+    assert float(data(chart, "commits-peak")) > 0 and float(data(chart, "conflicts-peak")) > 0
+    assert f"{commits} in last" in browser.find_element(By.ID, "rate-commits-label").text
+    assert f"{conflicts} in last" in browser.find_element(By.ID, "rate-conflicts-label").text
+    assert browser.find_element(By.ID, "commits-line").get_attribute("points").strip()
+    assert browser.find_elements(By.CSS_SELECTOR, '#rate-chart circle[fill="#f85149"]'), "no conflict marked"
+    assert browser.find_element(By.ID, "commits-total").text == str(commits)
+    assert browser.find_element(By.ID, "conflicts-total").text == str(conflicts)
+    assert browser.find_element(By.ID, "commits-2pc").text == str(two_phase)
+    assert browser.find_element(By.ID, "conn-status").get_attribute("data-state") == "live"
+    assert browser.find_element(By.ID, "last-updated").get_attribute("data-ts")
+    assert browser.find_element(By.ID, "admin-mode").get_attribute("data-admin") == "true"
+
+    # shards: both up, with an epoch; every key counted (each S-Bus key has its .sbus/ twin)
+    rows = by_testid(browser, "shard-row")
+    assert sorted(data(r, "shard") for r in rows) == ["0", "1"]
+    cells = {(data(r, "shard"), c.get_attribute("data-field")): c.text
+             for r in rows for c in r.find_elements(By.CSS_SELECTOR, "td[data-field]")}
+    for r in rows:
+        assert data(r, "up") == "true"
+        assert cells[(data(r, "shard"), "status")] == "up"
+        assert cells[(data(r, "shard"), "epoch")] not in ("", "–")
+    assert sum(int(cells[(s, "keys")]) for s in ("0", "1")) == 6
+    assert sum(int(cells[(s, "wal_fsyncs")]) for s in ("0", "1")) > 0
+
+    # hot keys: HOT first with all five writes; S-Bus metadata is not listed
+    hot = wait_for(browser, "hot keys", lambda d: by_testid(d, "hot-key"))
+    assert data(hot[0], "key") == HOT and data(hot[0], "writes") == "5", [data(h, "key") for h in hot]
+    assert COLD in [data(h, "key") for h in hot]
+    assert not [data(h, "key") for h in hot if data(h, "key").startswith(".sbus/")]
+
+    # sessions: alice's read of HOT is stale (bob committed it since), bob's is current
+    alice = wait_for(browser, "alice's session", lambda d: by_testid(d, "session", agent="alice"))[0]
+    (read,) = by_testid(alice, "session-read", key=HOT)
+    assert (data(read, "stale"), data(read, "version"), data(read, "current")) == ("true", "1", "5")
+    assert read.find_element(By.CSS_SELECTOR, '[data-testid="read-status"]').text == "stale"
+    bob = by_testid(browser, "session", agent="bob")[0]
+    (read,) = by_testid(bob, "session-read", key=HOT)
+    assert data(read, "stale") == "false"
+    assert read.find_element(By.CSS_SELECTOR, '[data-testid="read-status"]').text == "current"
+
+    # history of HOT: five versions, a rollback button on each but the current one
+    rows = show_history(browser, HOT, 5)
+    assert [data(r, "version") for r in rows] == ["5", "4", "3", "2", "1"]
+    assert "bob step 4" in rows[0].text and "plan v0" in rows[-1].text
+    buttons = by_testid(browser, "rollback-button")
+    assert sorted(data(b, "version") for b in buttons) == ["1", "2", "3", "4"]
+
+    # roll back to v1: first click arms, second confirms
+    button = browser.find_element(By.ID, "rollback-1")
+    button.click()
+    assert button.get_attribute("data-armed") == "true"
+    assert key_now(server, HOT)["version"] == 5, "one click must not roll back"
+    button.click()
+    status = browser.find_element(By.ID, "rollback-status")
+    wait_for(browser, "the rollback's result", lambda d: status.get_attribute("data-result") in ("ok", "error"))
+    assert status.get_attribute("data-result") == "ok", status.text
+    now = key_now(server, HOT)
+    assert (now["version"], now["value"]) == (6, "plan v0")  # a new version with v1's value
+    assert ok(http(server, "GET", f"/shard/{HOT}"))["content"] == "plan v0"
+    assert "now version 6" in status.text
+    rows = wait_for(browser, "the history after rollback",
+                    lambda d: (rs := by_testid(d, "history-row")) and data(rs[0], "version") == "6" and rs)
+    assert "dashboard" in rows[0].text  # committed by the dashboard's session
+    wait_for(browser, "the rollback in the commit total",
+             lambda d: d.find_element(By.ID, "commits-total").text == str(commits + 1))
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "dashboard.png"
+    assert browser.save_screenshot(str(shot)), "screenshot failed"
+    assert shot.stat().st_size > 10_000
+
+
+def test_dashboard_without_admin_is_read_only(
+    cluster: Cluster, tmp_path: Path, browser: WebDriver
+) -> None:
+    server = serve(cluster, tmp_path, admin=False)
+    key = "readonly/key"
+    ok(http(server, "POST", "/v1/commit", {"agent": "dave", "writes": {key: "first"}}))
+    ok(http(server, "POST", "/v1/commit", {"agent": "dave", "writes": {key: "second"}}))
+
+    browser.get(f"http://{server.http_address}/")
+    wait_for(browser, "the state feed", lambda d: d.find_element(By.ID, "last-updated").get_attribute("data-ts"))
+    assert browser.find_element(By.ID, "admin-mode").get_attribute("data-admin") == "false"
+    assert browser.find_element(By.ID, "admin-note").is_displayed()
+
+    rows = show_history(browser, key, 2)  # the history is there, the control is not
+    assert [data(r, "version") for r in rows] == ["2", "1"]
+    assert by_testid(browser, "rollback-button") == []
+    assert browser.find_elements(By.CSS_SELECTOR, '[id^="rollback-"]:not(#rollback-status)') == []
+    assert not browser.find_element(By.CSS_SELECTOR, "#history-table th.rollback-col").is_displayed()
+
+    # the server refuses it too, whatever the page shows
+    status, body = http(server, "POST", "/dashboard/rollback", {"key": key, "version": 1})
+    assert status == 403 and body["code"] == "Forbidden", (status, body)
+    assert key_now(server, key)["version"] == 2
