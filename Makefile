@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast crash lint bench clean
+.PHONY: demo test test-fast crash lint bench system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/oribus demo
 
-test: $(STAMP)
+# Debian packages the tests drive for real: headless Chromium for the dashboard test.
+system-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium and chromium-driver (browser test of the dashboard)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: $(STAMP)
@@ -27,6 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/agent_step.py
 	$(PY) benchmarks/agent_step_network.py
+	$(PY) benchmarks/agent_step_http.py
 	$(PY) benchmarks/recovery.py
 	$(PY) benchmarks/delivery_log_memory.py
 
