@@ -126,6 +126,36 @@ def data(element: Any, name: str) -> str:
     return element.get_attribute(f"data-{name}")
 
 
+# Everything the tests read off the page, in one script run: the page redraws every second,
+# so element handles would go stale between two reads.
+_SNAPSHOT = """
+const q = (sel, root) => [...(root || document).querySelectorAll(sel)];
+const text = {};
+for (const id of ["commits-total", "conflicts-total", "commits-1pc", "commits-2pc",
+                  "rate-commits-label", "rate-conflicts-label"]) text[id] = document.getElementById(id).textContent;
+const chart = document.getElementById("rate-chart");
+return {
+  text,
+  connection: document.getElementById("conn-status").dataset.state,
+  updated: document.getElementById("last-updated").dataset.ts,
+  admin: document.getElementById("admin-mode").dataset.admin,
+  chart: {...chart.dataset, commitsLine: document.getElementById("commits-line").getAttribute("points"),
+          conflictMarks: q('circle[fill="#f85149"]', chart).length},
+  shards: q('[data-testid="shard-row"]').map((r) => ({shard: r.dataset.shard, up: r.dataset.up,
+    cells: Object.fromEntries(q("td[data-field]", r).map((c) => [c.dataset.field, c.textContent]))})),
+  hot: q('[data-testid="hot-key"]').map((r) => ({key: r.dataset.key, writes: r.dataset.writes})),
+  sessions: q('[data-testid="session"]').map((s) => ({agent: s.dataset.agent, session: s.dataset.session,
+    reads: q('[data-testid="session-read"]', s).map((r) => ({key: r.dataset.key, stale: r.dataset.stale,
+      version: r.dataset.version, current: r.dataset.current,
+      status: r.querySelector('[data-testid="read-status"]').textContent}))})),
+};
+"""
+
+
+def snapshot(driver: WebDriver) -> dict:
+    return driver.execute_script(_SNAPSHOT)
+
+
 def show_history(driver: WebDriver, key: str, versions: int) -> list:
     box = driver.find_element(By.ID, "history-key")
     box.clear()
@@ -165,52 +195,45 @@ def test_dashboard_shows_live_state_and_rolls_back(
     assert key_now(server, HOT)["version"] == 5  # oribus numbers from 1: create + 4 commits
 
     browser.get(f"http://{server.http_address}/")
-    chart = browser.find_element(By.ID, "rate-chart")
     # the chart's window holds every commit and the conflict once the sampler saw them
-    wait_for(browser, "every commit and the conflict in the rate chart",
-             lambda d: data(chart, "commits-window") == str(commits)
-             and data(chart, "conflicts-window") == str(conflicts))
-    assert int(data(chart, "points")) >= 1
-    assert float(data(chart, "commits-peak")) > 0 and float(data(chart, "conflicts-peak")) > 0
-    assert f"{commits} in last" in browser.find_element(By.ID, "rate-commits-label").text
-    assert f"{conflicts} in last" in browser.find_element(By.ID, "rate-conflicts-label").text
-    assert browser.find_element(By.ID, "commits-line").get_attribute("points").strip()
-    assert browser.find_elements(By.CSS_SELECTOR, '#rate-chart circle[fill="#f85149"]'), "no conflict marked"
-    assert browser.find_element(By.ID, "commits-total").text == str(commits)
-    assert browser.find_element(By.ID, "conflicts-total").text == str(conflicts)
-    one_phase, two_phase = (int(browser.find_element(By.ID, i).text) for i in ("commits-1pc", "commits-2pc"))
+    page = wait_for(browser, "every commit and the conflict in the rate chart",
+                    lambda d: (p := snapshot(d))["chart"]["commitsWindow"] == str(commits)
+                    and p["chart"]["conflictsWindow"] == str(conflicts) and p)
+    chart = page["chart"]
+    assert int(chart["points"]) >= 1
+    assert float(chart["commitsPeak"]) > 0 and float(chart["conflictsPeak"]) > 0
+    assert chart["commitsLine"].strip(), "no commit line drawn"
+    assert chart["conflictMarks"] >= 1, "no conflict marked on the chart"
+    assert f"{commits} in last" in page["text"]["rate-commits-label"]
+    assert f"{conflicts} in last" in page["text"]["rate-conflicts-label"]
+    assert page["text"]["commits-total"] == str(commits)
+    assert page["text"]["conflicts-total"] == str(conflicts)
+    one_phase, two_phase = int(page["text"]["commits-1pc"]), int(page["text"]["commits-2pc"])
     assert one_phase + two_phase == commits and two_phase >= 1  # carol's at least
-    assert browser.find_element(By.ID, "conn-status").get_attribute("data-state") == "live"
-    assert browser.find_element(By.ID, "last-updated").get_attribute("data-ts")
-    assert browser.find_element(By.ID, "admin-mode").get_attribute("data-admin") == "true"
+    assert page["connection"] == "live" and page["updated"]
+    assert page["admin"] == "true"
 
     # shards: both up, with an epoch; every key counted (each S-Bus key has its .sbus/ twin)
-    rows = by_testid(browser, "shard-row")
-    assert sorted(data(r, "shard") for r in rows) == ["0", "1"]
-    cells = {(data(r, "shard"), c.get_attribute("data-field")): c.text
-             for r in rows for c in r.find_elements(By.CSS_SELECTOR, "td[data-field]")}
-    for r in rows:
-        assert data(r, "up") == "true"
-        assert cells[(data(r, "shard"), "status")] == "up"
-        assert cells[(data(r, "shard"), "epoch")] not in ("", "–")
-    assert sum(int(cells[(s, "keys")]) for s in ("0", "1")) == 6
-    assert sum(int(cells[(s, "wal_fsyncs")]) for s in ("0", "1")) > 0
+    shards = {s["shard"]: s for s in page["shards"]}
+    assert sorted(shards) == ["0", "1"]
+    for s in shards.values():
+        assert s["up"] == "true" and s["cells"]["status"] == "up", s
+        assert s["cells"]["epoch"] not in ("", "–"), s
+    assert sum(int(s["cells"]["keys"]) for s in shards.values()) == 6
+    assert sum(int(s["cells"]["wal_fsyncs"]) for s in shards.values()) > 0
 
     # hot keys: HOT first with all five writes; S-Bus metadata is not listed
-    hot = wait_for(browser, "hot keys", lambda d: by_testid(d, "hot-key"))
-    assert data(hot[0], "key") == HOT and data(hot[0], "writes") == "5", [data(h, "key") for h in hot]
-    assert COLD in [data(h, "key") for h in hot]
-    assert not [data(h, "key") for h in hot if data(h, "key").startswith(".sbus/")]
+    hot = page["hot"]
+    assert hot and hot[0] == {"key": HOT, "writes": "5"}, hot
+    assert COLD in [h["key"] for h in hot]
+    assert not [h for h in hot if h["key"].startswith(".sbus/")], hot
 
     # sessions: alice's read of HOT is stale (bob committed it since), bob's is current
-    alice = wait_for(browser, "alice's session", lambda d: by_testid(d, "session", agent="alice"))[0]
-    (read,) = by_testid(alice, "session-read", key=HOT)
-    assert (data(read, "stale"), data(read, "version"), data(read, "current")) == ("true", "1", "5")
-    assert read.find_element(By.CSS_SELECTOR, '[data-testid="read-status"]').text == "stale"
-    bob = by_testid(browser, "session", agent="bob")[0]
-    (read,) = by_testid(bob, "session-read", key=HOT)
-    assert data(read, "stale") == "false"
-    assert read.find_element(By.CSS_SELECTOR, '[data-testid="read-status"]').text == "current"
+    sessions = {s["agent"]: s for s in page["sessions"]}
+    alice = [r for r in sessions["alice"]["reads"] if r["key"] == HOT]
+    assert alice == [{"key": HOT, "stale": "true", "version": "1", "current": "5", "status": "stale"}], alice
+    bob = [r for r in sessions["bob"]["reads"] if r["key"] == HOT]
+    assert len(bob) == 1 and (bob[0]["stale"], bob[0]["status"]) == ("false", "current"), bob
 
     # history of HOT: five versions, a rollback button on each but the current one
     rows = show_history(browser, HOT, 5)
