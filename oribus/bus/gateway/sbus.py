@@ -52,6 +52,7 @@ from oribus.errors import (
     SessionExpired,
     ValueTooLarge,
 )
+from oribus.protocol import Scope
 from oribus.types import decode_value, encode_value, validate_key
 
 if TYPE_CHECKING:
@@ -240,6 +241,7 @@ class SbusRoutes:
             commit_id=uuid.uuid4().hex,
             writes={key: encode_value(content, max_bytes), META_PREFIX + key: encode_value(meta, max_bytes)},
             expect={key: current.version},  # still deleted/absent at the commit point
+            scope=Scope.TRANSACTION,  # it reads nothing: earlier creates are not reads of this one
             complete_tokens=True,
             committed_at=now,
         )
@@ -306,12 +308,13 @@ class SbusRoutes:
             read_set[k] = v + 1
         self._check_delta(key, delta)
         request[LOG_FIELDS]["agent"] = agent
+        value = encode_value(delta, self.bus.max_value_bytes)  # too large: refused, not an attempt
         counts = self._counts(key)
         counts[0] += 1
         req = CommitRequest(
             session=(agent, SESSION_ID),
             commit_id=uuid.uuid4().hex,
-            writes={key: encode_value(delta, self.bus.max_value_bytes)},
+            writes={key: value},
             expect={key: expected + 1},
             read_set=read_set,
             complete_tokens=True,
@@ -460,7 +463,7 @@ class SbusRoutes:
             page = await self.bus.scan("", "", 500)
             if not page:
                 break
-            req = CommitRequest(session=_ADMIN, commit_id=uuid.uuid4().hex,
+            req = CommitRequest(session=_ADMIN, commit_id=uuid.uuid4().hex, scope=Scope.TRANSACTION,
                                 writes={i.key: None for i in page}, complete_tokens=True)
             await self.bus.commit(req)
             cleared += sum(1 for i in page if not i.key.startswith(META_PREFIX))
