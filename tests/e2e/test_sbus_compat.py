@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import keys_on_shard
-from processes import up
+from conftest import _live, keys_on_shard
+from processes import Cluster, up
 
 SHARD_FIELDS = {
     "key", "id", "version", "content", "owner", "goal_tag", "attempt_count",
@@ -223,6 +223,21 @@ def sbus(server) -> SbusHttp:
     return SbusHttp(server.http_address)
 
 
+@pytest.fixture(scope="module")
+def admin_sbus(tmp_path_factory: pytest.TempPathFactory):
+    """``oribus up --admin`` (in-process shards), for the admin routes."""
+    root = tmp_path_factory.mktemp("up-admin")
+    c = Cluster()
+    server = c.add(up(root, root / "data", processes=False, admin=True, name="up-admin"))
+    _live.append(c)
+    try:
+        server.start().wait_serving()
+        yield SbusHttp(server.http_address)
+    finally:
+        _live.remove(c)
+        c.stop()
+
+
 def two_shard_keys(name: str, sbus: SbusHttp, content: str = "c0") -> tuple[str, str]:
     """A key on shard 0 and one on shard 1 (two processes under ``--processes``), created."""
     prefix = f"compat/{name}/{next(_names)}"
@@ -368,11 +383,12 @@ def test_concurrent_write_skew_never_commits_both(sbus: SbusHttp):
         barrier = threading.Barrier(2)
         replies: dict[str, Reply] = {}
 
-        def run(agent: str, key: str) -> None:
+        def run(agent: str, key: str, barrier: threading.Barrier, replies: dict[str, Reply]) -> None:
             barrier.wait()
             replies[agent] = sbus.commit(key, 0, f"{agent} writes {key}", agent)
 
-        threads = [threading.Thread(target=run, args=(a, x)), threading.Thread(target=run, args=(b, y))]
+        threads = [threading.Thread(target=run, args=(agent, key, barrier, replies))
+                   for agent, key in ((a, x), (b, y))]
         for t in threads:
             t.start()
         for t in threads:
@@ -495,10 +511,9 @@ def test_admin_routes_are_forbidden_without_admin(sbus: SbusHttp):
     assert ok(sbus.get(key))["content"] == "keep me"  # the reset did not run
 
 
-def test_admin_routes_work_with_admin(cluster, tmp_path):
-    server = cluster.add(up(tmp_path, tmp_path / "data", processes=False, admin=True, name="up-admin"))
-    server.start().wait_serving()
-    sbus = SbusHttp(server.http_address)
+def test_admin_routes_work_with_admin(admin_sbus: SbusHttp):
+    sbus = admin_sbus
+    ok(sbus.request("POST", "/admin/reset", {}))  # whatever other tests left: counters from 0
     x, y = two_shard_keys("admin", sbus)
     agent, other = "admin-a", "admin-b"
 
@@ -801,47 +816,79 @@ STEPS = 40
 N_KEYS = 8
 
 
-def test_concurrent_agents_with_stale_injector_accept_no_stale_commit(sbus: SbusHttp, server, request):
-    run = next(_names)
-    prefix = f"compat/conc/{run}"
-    keys = keys_on_shard(0, f"{prefix}/s0", N_KEYS // 2) + keys_on_shard(1, f"{prefix}/s1", N_KEYS // 2)
-    creations = []
-    for k in keys:
-        r = ok(sbus.create(k, f"init:{k}"), 201)
-        assert r["version"] == 0
-    for k in keys:
-        creations.append(Creation(k, f"init:{k}", 0.0, time.monotonic()))
-    stats_before = sbus.stats()
+@dataclass
+class Workload:
+    """What the clients of one run of the S-Bus agent loop sent and were told."""
 
+    keys: list[str]
+    creations: list[Creation] = field(default_factory=list)
+    reads: list[ReadEvent] = field(default_factory=list)
+    commits: list[CommitEvent] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # any answer an S-Bus client must not get
+    elapsed: float = 0.0
+
+    @property
+    def accepted(self) -> list[CommitEvent]:
+        return [c for c in self.commits if c.accepted]
+
+    @property
+    def refusals(self) -> Counter[str]:
+        return Counter(c.error for c in self.commits if not c.accepted)
+
+    @property
+    def masking(self) -> list[CommitEvent]:
+        """Commits with an explicit entry fresher than the agent's logged read of that key."""
+        return [c for c in self.commits
+                if any(k == k2 and v2 > v for k, v in c.reads for k2, v2 in c.reads)]
+
+
+def run_agent_loop(sbus: SbusHttp, name: str, agents: int = N_AGENTS, steps: int = STEPS) -> Workload:
+    """``agents`` S-Bus agents x ``steps`` on N_KEYS keys (half on each shard) and an injector.
+
+    An agent step: maybe start a new task (POST /session: its read set starts afresh;
+    otherwise it keeps growing, as an LLM's context does), GET 2 or 3 keys with its
+    agent_id, think a few ms, POST /commit/v2 (sometimes v1, sometimes with the field
+    aliases) writing the first with the version it read; sometimes with an explicit
+    read_set: the reads as made, a fresher version of another key it read (peeked: an
+    attempt to mask its logged read), or a key it never read. The injector (S-Bus's
+    StaleInjector) peeks a random key and commits over it, until the agents are done.
+    Each client keeps its own model of its delivery log, so every commit event carries
+    the read set the ORI rule must check: logged reads + explicit entries.
+    """
+    w = Workload(keys=keys_on_shard(0, f"{name}/s0", N_KEYS // 2) + keys_on_shard(1, f"{name}/s1", N_KEYS // 2))
+    for k in w.keys:
+        assert ok(sbus.create(k, f"init:{k}"), 201)["version"] == 0
+    created = time.monotonic()
+    w.creations = [Creation(k, f"init:{k}", 0.0, created) for k in w.keys]
     lock = threading.Lock()
-    reads: list[ReadEvent] = []
-    commits: list[CommitEvent] = []
-    unexpected: list[str] = []
     stop = threading.Event()
 
-    def tracked_get(agent: str, key: str, log: dict[str, int]) -> int | None:
+    def fail(what: str) -> None:
+        with lock:
+            w.unexpected.append(what)
+
+    def get(agent: str | None, key: str, log: dict[str, int] | None) -> int | None:
         r = sbus.get(key, agent)
         if r.status != 200:
-            with lock:
-                unexpected.append(f"GET {key} by {agent}: {r.status} {r.body}")
+            fail(f"GET {key} by {agent}: {r.status} {r.body}")
             return None
-        log[key] = r.body["version"]
+        if log is not None:
+            log[key] = r.body["version"]
         with lock:
-            reads.append(ReadEvent(agent, key, r.body["version"], r.body["content"], r.sent, r.received))
+            w.reads.append(ReadEvent(agent or "(peek)", key, r.body["version"], r.body["content"],
+                                     r.sent, r.received))
         return r.body["version"]
 
-    def peek(key: str) -> int | None:
-        r = sbus.get(key)
-        if r.status != 200:
-            with lock:
-                unexpected.append(f"peek {key}: {r.status} {r.body}")
-            return None
-        with lock:
-            reads.append(ReadEvent("(peek)", key, r.body["version"], r.body["content"], r.sent, r.received))
-        return r.body["version"]
+    def reset(agent: str, log: dict[str, int]) -> bool:
+        r = sbus.session(agent)
+        if r.status != 200 or r.body != {"agent_id": agent, "status": "created"}:
+            fail(f"POST /session {agent}: {r.status} {r.body}")
+            return False
+        log.clear()
+        return True
 
-    def send_commit(agent: str, key: str, expected: int, delta: str, log: dict[str, int],
-                    explicit: list[dict] | None, v2: bool, aliases: bool) -> None:
+    def commit(agent: str, key: str, expected: int, delta: str, log: dict[str, int],
+               explicit: list[dict] | None = None, v2: bool = True, aliases: bool = False) -> None:
         read_set = sorted(log.items()) + [(e["key"], e["version_at_read"]) for e in explicit or ()]
         r = sbus.commit(key, expected, delta, agent, read_set=explicit, v2=v2, aliases=aliases)
         event = CommitEvent(agent, key, expected, delta, read_set, r.sent, r.received, r.status)
@@ -851,95 +898,79 @@ def test_concurrent_agents_with_stale_injector_accept_no_stale_commit(sbus: Sbus
         elif r.status == 409 and r.body.get("error") in (*STALE_CODES, "TokenConflict"):
             event.error = r.body["error"]
         else:
-            with lock:
-                unexpected.append(f"commit {delta!r}: {r.status} {r.body}")
+            fail(f"commit {delta!r}: {r.status} {r.body}")
         with lock:
-            commits.append(event)
+            w.commits.append(event)
 
     def agent_loop(n: int) -> None:
-        agent = f"conc{run}-agent{n}"
-        rng = random.Random(run * 1000 + n)
+        agent = f"{name}/agent{n}"
+        rng = random.Random(f"{name}/{n}")
         log: dict[str, int] = {}  # what the server's delivery log holds for this agent
         try:
-            for step in range(STEPS):
-                if step == 0 or rng.random() < 0.7:  # a new task; otherwise the context keeps growing
-                    r = sbus.session(agent)
-                    if r.status != 200:
-                        unexpected.append(f"session {agent}: {r.status} {r.body}")
-                        return
-                    log.clear()
-                chosen = rng.sample(keys, rng.choice((2, 3)))
-                versions = {k: tracked_get(agent, k, log) for k in chosen}
+            for step in range(steps):
+                if (step == 0 or rng.random() < 0.7) and not reset(agent, log):
+                    return
+                chosen = rng.sample(w.keys, rng.choice((2, 3)))
+                versions = {k: get(agent, k, log) for k in chosen}
                 if None in versions.values():
                     return
                 time.sleep(rng.random() * 0.004)  # "thinking"
-                target = chosen[0]
                 explicit = None
                 roll = rng.random()
                 if roll < 0.25:  # the read set spelled out, as read
                     explicit = [{"key": k, "version_at_read": v} for k, v in versions.items()]
-                elif roll < 0.40:  # an attempt to mask a logged read with a fresh version
-                    other = chosen[1]
-                    fresh = peek(other)
+                elif roll < 0.5:  # a fresher version of another key read, or of a key never read
+                    other = chosen[1] if roll < 0.4 else rng.choice([k for k in w.keys if k not in chosen])
+                    fresh = get(None, other, None)
                     if fresh is None:
                         return
                     explicit = [{"key": other, "version_at_read": fresh}]
-                elif roll < 0.50:  # an explicit entry for a key this agent never GET
-                    unread = rng.choice([k for k in keys if k not in chosen])
-                    fresh = peek(unread)
-                    if fresh is None:
-                        return
-                    explicit = [{"key": unread, "version_at_read": fresh}]
-                send_commit(agent, target, versions[target], f"{agent}:step{step}", log, explicit,
-                            v2=rng.random() < 0.8, aliases=rng.random() < 0.3)
+                commit(agent, chosen[0], versions[chosen[0]], f"{agent}:step{step}", log, explicit,
+                       v2=rng.random() < 0.8, aliases=rng.random() < 0.3)
         except Exception as e:  # noqa: BLE001 - reported by the test
-            with lock:
-                unexpected.append(f"{agent} crashed: {type(e).__name__}: {e}")
+            fail(f"{agent} crashed: {type(e).__name__}: {e}")
 
     def injector() -> None:
-        rng = random.Random(run)
-        agent = f"conc{run}-injector"
+        agent = f"{name}/injector"
+        rng = random.Random(agent)
         log: dict[str, int] = {}
-        i = 0
         try:
-            while not stop.is_set():
-                key = rng.choice(keys)
-                version = peek(key)
-                if version is None:
+            for i in itertools.count():
+                if stop.is_set():
                     return
-                if sbus.session(agent).status != 200:  # its own earlier writes are not its reads
-                    unexpected.append("injector session reset failed")
+                key = rng.choice(w.keys)
+                version = get(None, key, None)
+                # its own earlier writes are deliveries to it: start afresh, it depends on nothing
+                if version is None or not reset(agent, log):
                     return
-                log.clear()
-                send_commit(agent, key, version, f"inject:{run}:{i}", log, None, v2=True, aliases=False)
-                i += 1
+                commit(agent, key, version, f"{agent}:{i}", log)
                 time.sleep(0.0005 + rng.random() * 0.002)
         except Exception as e:  # noqa: BLE001 - reported by the test
-            with lock:
-                unexpected.append(f"injector crashed: {type(e).__name__}: {e}")
+            fail(f"injector crashed: {type(e).__name__}: {e}")
 
     t0 = time.monotonic()
-    agents = [threading.Thread(target=agent_loop, args=(n,), name=f"agent-{n}") for n in range(N_AGENTS)]
+    threads = [threading.Thread(target=agent_loop, args=(n,), name=f"agent-{n}") for n in range(agents)]
     inject = threading.Thread(target=injector, name="injector")
     inject.start()
-    for t in agents:
+    for t in threads:
         t.start()
-    for t in agents:
+    for t in threads:
         t.join(120)
     stop.set()
     inject.join(30)
-    elapsed = time.monotonic() - t0
-    assert not any(t.is_alive() for t in [*agents, inject]), "a client thread hung"
-    assert unexpected == []
+    w.elapsed = time.monotonic() - t0
+    assert not any(t.is_alive() for t in [*threads, inject]), "a client thread hung"
+    return w
 
-    histories = {k: sbus.history(k) for k in keys}
-    result = audit(histories, creations, commits, reads)
-    accepted = [c for c in commits if c.accepted]
-    refusals = Counter(c.error for c in commits if not c.accepted)
+
+def test_concurrent_agents_with_stale_injector_accept_no_stale_commit(sbus: SbusHttp, request):
+    stats_before = sbus.stats()
+    w = run_agent_loop(sbus, f"compat/conc/{next(_names)}")
+    assert w.unexpected == []
+    histories = {k: sbus.history(k) for k in w.keys}
+    result = audit(histories, w.creations, w.commits, w.reads)
+    accepted, refusals = w.accepted, w.refusals
     stale_refused = sum(refusals[c] for c in STALE_CODES)
-    agent_refusals = sum(1 for c in commits if not c.accepted and not c.agent.endswith("injector"))
-    # masking attempts: an explicit entry fresher than the agent's logged read of the same key
-    masking = [c for c in commits if any(k == k2 and v2 > v for k, v in c.reads for k2, v2 in c.reads)]
 
     with TALLY._lock:
         TALLY.audited_commits += len(accepted)
@@ -947,17 +978,18 @@ def test_concurrent_agents_with_stale_injector_accept_no_stale_commit(sbus: Sbus
         TALLY.concurrency_runs += 1
     by_code = ", ".join(f"{k} {v}" for k, v in sorted(refusals.items()))
     _print_past_capture(request.config, (
-        f"S-Bus compat concurrency [{request.node.callspec.id}]: {len(commits)} commits in {elapsed:.1f}s, "
-        f"{len(accepted)} accepted, {len(commits) - len(accepted)} refused ({by_code}; by agents "
-        f"{agent_refusals}), {stale_refused} stale rejected, {len(result.stale_accepted)} stale accepted; "
-        f"{len(masking)} masking attempts, {sum(c.accepted for c in masking)} accepted; "
+        f"S-Bus compat concurrency [{request.node.callspec.id}]: {len(w.commits)} commits in "
+        f"{w.elapsed:.1f}s, {len(accepted)} accepted, {len(w.commits) - len(accepted)} refused "
+        f"({by_code}), {stale_refused} stale rejected, {len(result.stale_accepted)} stale accepted; "
+        f"{len(w.masking)} masking attempts, {sum(c.accepted for c in w.masking)} accepted; "
         f"module so far: {TALLY.requests} requests"))
 
     assert result.anomalies == []
     assert result.stale_accepted == []
-    assert [c.delta for c in masking if c.accepted] == []
+    assert [c.delta for c in w.masking if c.accepted] == []
     assert len(accepted) > 0 and stale_refused > 0, refusals
-    assert len(commits) == N_AGENTS * STEPS + sum(1 for c in commits if c.agent.endswith("injector"))
+    injected = sum(1 for c in w.commits if c.agent.endswith("injector"))
+    assert injected > 0 and len(w.commits) == N_AGENTS * STEPS + injected
     for c in accepted:
         assert c.new_version == c.expected + 1
 
@@ -967,18 +999,35 @@ def test_concurrent_agents_with_stale_injector_accept_no_stale_commit(sbus: Sbus
              ("total_commits", "total_conflicts", "cross_shard_stale", "total_attempts", "session_expired")}
     assert delta == {
         "total_commits": len(accepted),
-        "total_conflicts": len(commits) - len(accepted),
+        "total_conflicts": len(w.commits) - len(accepted),
         "cross_shard_stale": refusals["CrossShardStale"],
-        "total_attempts": len(commits),
+        "total_attempts": len(w.commits),
         "session_expired": 0,
     }
     assert stats["scr"] == pytest.approx(stats["total_conflicts"] / stats["total_attempts"])
     assert stats["total_shards"] >= N_KEYS
     assert stats["delivery_log"]["agents"] >= N_AGENTS
-    # and every key's S-Bus object agrees with its history
-    for k in keys:
+    # and every key's S-Bus object agrees with its history and with the clients' count
+    for k in w.keys:
         got = ok(sbus.get(k))
         assert (got["version"], got["content"]) == (len(histories[k]) - 1, histories[k][-1]["value"])
-        mine = [c for c in commits if c.key == k]
+        mine = [c for c in w.commits if c.key == k]
         assert (got["attempt_count"], got["conflict_count"]) == (
             len(mine), sum(1 for c in mine if not c.accepted))
+
+
+def test_audit_flags_stale_commits_when_ori_is_off(admin_sbus: SbusHttp, request):
+    """The negative control on a real server: with validation off (S-Bus's unchecked mode,
+    /admin/config) the same workload commits on stale reads, and the audit must see it."""
+    ok(admin_sbus.request("POST", "/admin/config", {"ori_enabled": False}))
+    try:
+        w = run_agent_loop(admin_sbus, f"compat/ori-off/{next(_names)}", steps=15)
+    finally:
+        ok(admin_sbus.request("POST", "/admin/config", {"ori_enabled": True}))
+    assert w.unexpected == []
+    result = audit({k: admin_sbus.history(k) for k in w.keys}, w.creations, w.commits, w.reads)
+    _print_past_capture(request.config, (
+        f"S-Bus compat, ORI off (control): {len(result.stale_accepted)} of {len(w.accepted)} accepted "
+        f"commits flagged stale by the audit"))
+    assert result.anomalies == []
+    assert len(result.stale_accepted) > 0, "the audit saw no stale commit with ORI off"

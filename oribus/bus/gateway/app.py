@@ -19,6 +19,7 @@ HTTP-specific lives here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,8 +29,10 @@ from typing import Any
 from aiohttp import web
 
 from oribus.bus.bus import Bus
+from oribus.bus.coordinator import CommitRequest, CommitResult
 from oribus.bus.gateway.errors import error_response, json_response, request_error
 from oribus.errors import InvalidRequest, OribusError
+from oribus.protocol import Scope
 
 log = logging.getLogger("oribus.http")
 
@@ -167,6 +170,24 @@ class HttpGateway:
         if not isinstance(body, dict):
             raise RequestError(422, "InvalidRequest", "body must be a JSON object")
         return body
+
+    async def commit_unread(self, req: CommitRequest) -> CommitResult:
+        """Commit on behalf of the server itself (S-Bus key creation, admin reset, a
+        dashboard rollback): it depends on no read, only on its ``expect``.
+
+        Transaction scope with no reads, so nothing the same system session did
+        before is validated again (an earlier creation whose key changed since
+        would otherwise refuse every later one); and the deliveries the commit
+        leaves (its own writes) are forgotten, so the session does not grow.
+        """
+        req.scope = Scope.TRANSACTION
+        req.since = {}
+        req.complete_tokens = True
+        result = await self.bus.commit(req)
+        keys = [*req.writes, *req.rollback]
+        with contextlib.suppress(OribusError):  # best effort: TTL expiry drops them anyway
+            await self.bus.forget(req.session, keys)
+        return result
 
     # ---- health and metrics -----------------------------------------------------------
 

@@ -27,8 +27,9 @@ task started by the first dashboard request (an idle server pays nothing)
 and cancelled by ``close()``. Commits made before that request are in the
 totals but not in the rates or the hot keys.
 
-Rollback from the page goes through ``POST /dashboard/rollback`` — an
-ordinary rollback commit by the session ``("dashboard", "dashboard")``,
+Rollback from the page goes through ``POST /dashboard/rollback`` — a
+rollback commit by the session ``("dashboard", "dashboard")`` that depends
+only on the version the page showed (``HttpGateway.commit_unread``),
 refused with 403 unless the gateway runs with ``admin`` — so a read-only
 dashboard is read-only on the server too, not just on the page.
 """
@@ -254,10 +255,9 @@ class DashboardRoutes:
             commit_id=uuid.uuid4().hex,
             rollback={key: version},
             expect={key: expect} if expect is not None else {},
-            complete_tokens=True,
         )
         request[LOG_FIELDS].update(agent=DASHBOARD_SESSION[0], commit_id=req.commit_id)
-        result = await self.bus.commit(req, durable_session=True)
+        result = await self.gw.commit_unread(req)
         log.info("dashboard rolled %r back to version %d: now version %d", key, version, result.versions[key])
         return json_response({"commit_id": result.commit_id, "key": key, "restored": version,
                               "version": result.versions[key], "versions": result.versions})

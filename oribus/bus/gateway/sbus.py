@@ -52,7 +52,6 @@ from oribus.errors import (
     SessionExpired,
     ValueTooLarge,
 )
-from oribus.protocol import Scope
 from oribus.types import decode_value, encode_value, validate_key
 
 if TYPE_CHECKING:
@@ -241,13 +240,11 @@ class SbusRoutes:
             commit_id=uuid.uuid4().hex,
             writes={key: encode_value(content, max_bytes), META_PREFIX + key: encode_value(meta, max_bytes)},
             expect={key: current.version},  # still deleted/absent at the commit point
-            scope=Scope.TRANSACTION,  # it reads nothing: earlier creates are not reads of this one
-            complete_tokens=True,
             committed_at=now,
         )
         request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
-            result = await self.bus.commit(req)
+            result = await self.gw.commit_unread(req)  # earlier creates are not reads of this one
         except Conflict as e:
             if any(s.key == key for s in e.stale):
                 raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
@@ -463,9 +460,9 @@ class SbusRoutes:
             page = await self.bus.scan("", "", 500)
             if not page:
                 break
-            req = CommitRequest(session=_ADMIN, commit_id=uuid.uuid4().hex, scope=Scope.TRANSACTION,
-                                writes={i.key: None for i in page}, complete_tokens=True)
-            await self.bus.commit(req)
+            req = CommitRequest(session=_ADMIN, commit_id=uuid.uuid4().hex,
+                                writes={i.key: None for i in page})
+            await self.gw.commit_unread(req)
             cleared += sum(1 for i in page if not i.key.startswith(META_PREFIX))
         self._meta.clear()
         self._per_key.clear()
