@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import base64
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -213,7 +212,9 @@ def _http_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oribus", description="A state bus for fleets of agents.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level (one line per HTTP request, with its commit id)")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="run a bus and its shards on this machine")
@@ -283,10 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    from oribus.logs import configure
+
+    configure(args.verbose, args.log_json)
     try:
         return args.fn(args)
     except KeyboardInterrupt:
