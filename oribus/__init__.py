@@ -42,6 +42,7 @@ from oribus.errors import (
     ValueTooLarge,
     WatchLagged,
 )
+from oribus.tls import TlsConfig
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,7 @@ __all__ = [
     "SyncSession",
     "SyncTransaction",
     "SyncWatch",
+    "TlsConfig",
     "Transaction",
     "Unavailable",
     "ValueTooLarge",

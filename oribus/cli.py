@@ -2,7 +2,8 @@
 
 Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
 Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
-``rollback``, ``watch``, ``stats``. Tools: ``demo``, ``repair``.
+``rollback``, ``watch``, ``stats``. Tools: ``demo``, ``repair``, ``certs init``.
+With ``--tls-dir`` (servers and clients) every gRPC connection is mutual TLS.
 """
 
 from __future__ import annotations
@@ -54,59 +55,94 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from oribus.bus.cluster import LocalCluster, run_until_signalled
 
     cluster = LocalCluster(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
-                           http=_gateway_config(args))
+                           http=_gateway_config(args), tls=_tls(args))
     _run(run_until_signalled(cluster))
     return 0
 
 
-def _cmd_shard(args: argparse.Namespace) -> int:
-    from oribus.shards.server import run_shard_server
+def _tls(args: argparse.Namespace):
+    """``--tls-dir``: mutual TLS on every gRPC listener and client of the command, or None."""
+    if not getattr(args, "tls_dir", None):
+        return None
+    from oribus.tls import TlsConfig
 
-    _run(run_shard_server(args.id, Path(args.data_dir), args.listen,
-                          ready_file=Path(args.ready_file) if args.ready_file else None))
+    return TlsConfig.from_dir(args.tls_dir)
+
+
+def _meta(args: argparse.Namespace):
+    """The cluster metadata named on the command line: etcd, or None."""
+    if not getattr(args, "etcd", None):
+        return None
+    from oribus.meta.etcd import EtcdMeta
+
+    return EtcdMeta(args.etcd, args.cluster, lease_ttl=args.lease_ttl)
+
+
+def _shard_id(raw: str) -> int:
+    """``--id N``, or ``--id ordinal``: the number after the last '-' of the host name
+    (a StatefulSet pod ``oribus-shard-2`` serves shard 2)."""
+    import socket
+
+    if raw != "ordinal":
+        return int(raw)
+    host = socket.gethostname()
+    suffix = host.rsplit("-", 1)[-1]
+    if not suffix.isdigit():
+        raise SystemExit(f"--id ordinal: host name {host!r} does not end in -<number>")
+    return int(suffix)
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from oribus.meta.cluster import ClaimRefused
+    from oribus.shards.server import ClaimLost, run_shard_server
+
+    try:
+        _run(run_shard_server(_shard_id(args.id), Path(args.data_dir), args.listen,
+                              ready_file=Path(args.ready_file) if args.ready_file else None,
+                              tls=_tls(args), meta=_meta(args), advertise=args.advertise,
+                              claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait))
+    except ClaimRefused as e:
+        print(f"oribus shard: refused: {e}", file=sys.stderr)
+        return 3
+    except ClaimLost as e:
+        print(f"oribus shard: stopped: {e}", file=sys.stderr)
+        return 4
     return 0
 
 
 def _cmd_bus(args: argparse.Namespace) -> int:
-    from oribus.bus.bus import Bus
-    from oribus.bus.recovery import Recovery
-    from oribus.bus.server import BusServer
-    from oribus.bus.shard_client import GrpcShardClient
+    from oribus.bus.standalone import run_bus
+    from oribus.meta.cluster import StaticMeta
+
+    meta = _meta(args)
+    if meta is None:
+        addrs = [a.strip() for a in (args.shards or "").split(",") if a.strip()]
+        if not addrs:
+            print("oribus bus needs --etcd URL or --shards HOST:PORT,...", file=sys.stderr)
+            return 2
+        meta = StaticMeta(addrs)
+    _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args)))
+    return 0
+
+
+def _cmd_cluster_init(args: argparse.Namespace) -> int:
+    from oribus.meta.cluster import ClusterConfig
     from oribus.meta.slots import StaticSlotMap
 
-    addrs = [a.strip() for a in args.shards.split(",") if a.strip()]
-    if not addrs:
-        print("--shards needs at least one HOST:PORT", file=sys.stderr)
+    if args.shards < 1:
+        print("--shards must be >= 1", file=sys.stderr)
         return 2
+    meta = _meta(args)
 
-    async def main() -> None:
-        from oribus.bus.gateway import HttpGateway
-        from oribus.bus.session_journal import SessionJournal
-        from oribus.mux import wait_for_stop_signal
-
-        journal = await SessionJournal.open(Path(args.data_dir) / "sessions")
-        clients = {i: GrpcShardClient(i, a) for i, a in enumerate(addrs)}
-        bus = Bus(clients, StaticSlotMap(len(addrs)).shard_for, session_journal=journal)
-        server = BusServer(bus, args.listen, recovery=Recovery(bus))
-        gateway = None
+    async def main() -> bool:
         try:
-            await server.start()
-            http = _gateway_config(args)
-            if http is not None:
-                gateway = HttpGateway(bus, http)
-                await gateway.start()
-            where = f", http on {gateway.url}" if gateway is not None else ""
-            print(f"oribus bus listening on {server.address}{where} over {len(addrs)} shards", flush=True)
-            await wait_for_stop_signal()
+            owners = tuple(StaticSlotMap(args.shards)._owner)
+            return await meta.init_cluster(ClusterConfig(args.shards, owners=owners))
         finally:
-            if gateway is not None:
-                await gateway.stop()
-            await server.stop()
-            for c in clients.values():
-                await c.close()
-            await journal.close()
+            await meta.close()
 
-    _run(main())
+    created = _run(main())
+    _print({"cluster": args.cluster, "shards": args.shards, "created": created})
     return 0
 
 
@@ -116,7 +152,7 @@ def _cmd_bus(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace):
     import oribus
 
-    return oribus.Client(args.addr, agent=args.agent)
+    return oribus.Client(args.addr, agent=args.agent, tls=args.tls_dir)
 
 
 def _item(i: Any) -> dict:
@@ -192,10 +228,35 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs_init(args: argparse.Namespace) -> int:
+    from oribus.certs import DEFAULT_HOSTS, init_certs
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    for path in init_certs(Path(args.dir), hosts, days=args.days, force=args.force):
+        print(f"wrote {path}")
+    print(f"server certificate names: {', '.join([*DEFAULT_HOSTS, *hosts])}; client certificate: "
+          f"CN oribus-client; valid {args.days} days")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oribus.demo import run_demo
 
     return asyncio.run(run_demo(Path(args.data_dir), shards=args.shards, fresh=not args.keep))
+
+
+def _cluster_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--etcd", required=required,
+                   help="etcd endpoints (http://HOST:PORT, comma separated): cluster mode")
+    p.add_argument("--cluster", default="oribus", help="the cluster's name (its prefix in etcd)")
+    p.add_argument("--lease-ttl", type=int, default=10,
+                   help="seconds a server's etcd lease outlives its last keep-alive")
+
+
+def _tls_option(p: argparse.ArgumentParser) -> None:
+    if not any(a.dest == "tls_dir" for a in p._actions):
+        p.add_argument("--tls-dir", help="mutual TLS: a directory with ca.crt, server.*, client.* "
+                                         "(oribus certs init)")
 
 
 def _http_options(p: argparse.ArgumentParser) -> None:
@@ -223,27 +284,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--processes", action="store_true", help="run each shard as its own process over gRPC")
     _http_options(p)
+    _tls_option(p)
     p.set_defaults(fn=_cmd_up)
 
     p = sub.add_parser("shard", help="run one shard server")
-    p.add_argument("--id", type=int, required=True)
+    p.add_argument("--id", required=True, help="the shard id, or 'ordinal' (the host name's -N suffix)")
     p.add_argument("--data-dir", required=True, help="this shard's own directory")
     p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--advertise", help="the address other servers reach this one at (default: --listen)")
     p.add_argument("--ready-file", help="write the bound address here once serving")
+    p.add_argument("--claim-wait", type=float,
+                   help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
+    _cluster_options(p)
+    _tls_option(p)
     p.set_defaults(fn=_cmd_shard)
 
     p = sub.add_parser("bus", help="run a bus over shard servers")
     p.add_argument("--listen", default=DEFAULT_ADDR)
-    p.add_argument("--shards", required=True, help="comma-separated shard addresses, shard 0 first")
+    p.add_argument("--shards", help="comma-separated shard addresses, shard 0 first (without --etcd)")
     p.add_argument("--data-dir", default="./oribus-data/bus",
                    help="the bus's own state (the session journal of HTTP agents)")
+    _cluster_options(p)
     _http_options(p)
+    _tls_option(p)
     p.set_defaults(fn=_cmd_bus)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         p.add_argument("--addr", default=DEFAULT_ADDR)
         p.add_argument("--agent", default="cli")
+        _tls_option(p)
         return p
 
     p = client("get", "read a key")
@@ -270,9 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = client("stats", "counters of the bus and its shards")
     p.set_defaults(fn=_cmd_stats)
 
+    p = sub.add_parser("cluster", help="cluster metadata in etcd")
+    csub = p.add_subparsers(dest="cluster_command", required=True)
+    p = csub.add_parser("init", help="create the cluster's configuration in etcd (idempotent)")
+    p.add_argument("--shards", type=int, required=True)
+    _cluster_options(p, required=True)
+    p.set_defaults(fn=_cmd_cluster_init)
+
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")
     p.add_argument("--data-dir", required=True, help="an engine data dir, or one shard's dir")
     p.set_defaults(fn=_cmd_repair)
+
+    p = sub.add_parser("certs", help="certificates for mutual TLS")
+    certs = p.add_subparsers(dest="certs_command", required=True)
+    p = certs.add_parser("init", help="create a CA, and a server and a client certificate it signs")
+    p.add_argument("--dir", required=True, help="where to write ca.crt/key, server.crt/key, client.crt/key")
+    p.add_argument("--hosts", default="", help=(
+        "comma-separated DNS names (wildcards allowed) and IPs the server certificate also names, "
+        "besides localhost, 127.0.0.1 and ::1"))
+    p.add_argument("--days", type=int, default=365, help="validity of every certificate")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(fn=_cmd_certs_init)
 
     p = sub.add_parser("demo", help="run a fleet of agents on the embedded engine, with and without ORI")
     p.add_argument("--data-dir", default="./oribus-data/demo")

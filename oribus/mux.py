@@ -20,7 +20,7 @@ import collections
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -29,6 +29,7 @@ from grpc import aio
 from oribus import wire
 from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.protocol import Change, WatchRequest
+from oribus.tls import explain_failure
 
 log = logging.getLogger("oribus.mux")
 
@@ -59,11 +60,13 @@ class MuxClient:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = 30.0,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.service = service
         self.timeout = timeout
-        self._credentials = credentials
+        self._credentials = credentials  # None: plaintext; else TLS (oribus.tls.channel_credentials)
+        self._options = [*CHANNEL_OPTIONS, *options]  # e.g. grpc.ssl_target_name_override
         self._channel: aio.Channel | None = None
         self._call: Any = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -77,8 +80,13 @@ class MuxClient:
 
     def _open_channel(self) -> aio.Channel:
         if self._credentials is not None:
-            return aio.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
-        return aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            return aio.secure_channel(self.target, self._credentials, options=self._options)
+        return aio.insecure_channel(self.target, options=self._options)
+
+    def _unavailable(self, err: Unavailable) -> Unavailable:
+        """A connection failure, naming TLS when it looks like a failed handshake."""
+        server_name = dict(self._options).get("grpc.ssl_target_name_override")
+        return explain_failure(err, self.target, secure=self._credentials is not None, server_name=server_name)
 
     @property
     def channel(self) -> aio.Channel:
@@ -162,6 +170,7 @@ class MuxClient:
         )
         if not isinstance(err, Unavailable):
             err = Unavailable(f"connection to {self.target} failed: {err.message}")
+        err = self._unavailable(err)
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(err)
@@ -227,7 +236,10 @@ class RemoteWatch:
         try:
             raw = await self._call.read()
         except grpc.RpcError as e:
-            raise wire.error_from_grpc(e) from None
+            err = wire.error_from_grpc(e)
+            if type(err) is Unavailable:
+                err = self._client._unavailable(err)
+            raise err from None
         if raw is aio.EOF:
             raise StopAsyncIteration
         return wire.unpack(raw)
@@ -369,16 +381,19 @@ class GrpcListener:
 
     ``await start()`` binds ``listen`` (port 0 picks a free port) and reports
     SERVING for "" and the service; ``await stop(grace)`` reports NOT_SERVING,
-    lets calls in flight finish for ``grace`` seconds, and closes.
+    lets calls in flight finish for ``grace`` seconds, and closes. With
+    ``credentials`` (``oribus.tls.server_credentials``) it serves TLS only.
     """
 
-    def __init__(self, listen: str, service: str, handler: grpc.GenericRpcHandler) -> None:
+    def __init__(self, listen: str, service: str, handler: grpc.GenericRpcHandler, *,
+                 credentials: grpc.ServerCredentials | None = None) -> None:
         from grpc_health.v1 import health
 
         self.listen = listen
         self.service = service
         self.port = 0
         self._handler = handler
+        self._credentials = credentials
         self._server: aio.Server | None = None
         self._health = health.aio.HealthServicer()
 
@@ -393,7 +408,10 @@ class GrpcListener:
         server = aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers([self._handler])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        self.port = server.add_insecure_port(self.listen)
+        if self._credentials is not None:
+            self.port = server.add_secure_port(self.listen, self._credentials)
+        else:
+            self.port = server.add_insecure_port(self.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.listen}")
         await server.start()

@@ -510,6 +510,10 @@ def _dec_older_than(a: Any) -> tuple:
     return (float(_need(a, "o", (int, float))),)
 
 
+# A shard call may carry the epoch the caller expects the shard to be at (cluster mode:
+# the epoch of its claim in etcd); a shard at another epoch refuses it (Unavailable).
+FENCE = "@epoch"
+
 # Operations of oribus.v1.Shard: each is a ShardService method of the same name.
 SHARD_OPS: dict[str, Op] = {
     "read": Op(enc_read_request, lambda a: (dec_read_request(a),), enc_read_reply, dec_read_reply),

@@ -31,9 +31,10 @@ from oribus.bus.recovery import Recovery
 from oribus.bus.server import BusServer
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.shard_client import GrpcShardClient
-from oribus.errors import Unavailable
+from oribus.errors import InvalidRequest, Unavailable
 from oribus.meta.slots import StaticSlotMap
 from oribus.mux import stop_signal_event
+from oribus.tls import TlsConfig, channel_credentials, server_credentials
 
 log = logging.getLogger("oribus.cluster")
 
@@ -43,9 +44,13 @@ class LocalCluster:
 
     def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int = 2,
                  processes: bool = False, start_timeout: float = 30.0,
-                 http: GatewayConfig | None = None, **engine_options) -> None:
+                 http: GatewayConfig | None = None, tls: TlsConfig | None = None, **engine_options) -> None:
         self.config = EngineConfig(data_dir=Path(data_dir), shards=shards, **engine_options)
         self.listen = listen
+        # mutual TLS on every gRPC listener (bus, shard processes) and bus→shard client
+        self.tls = tls
+        if tls is not None and processes and tls.directory is None:
+            raise InvalidRequest("shard processes take their TLS files as a directory: use TlsConfig.from_dir")
         self.http_config = http  # None: no HTTP gateway
         self.gateway: HttpGateway | None = None
         self._journal: SessionJournal | None = None
@@ -64,13 +69,17 @@ class LocalCluster:
 
     async def start(self) -> None:
         """Start the shards and the bus; on failure, stop whatever was started (no orphan shards)."""
+        if self.tls is not None:  # bad TLS files: refuse before starting anything, naming the file
+            server_credentials(self.tls)
+            if self.processes:
+                channel_credentials(self.tls)
         try:
             if self.processes:
                 bus, recovery = await self._start_processes()
             else:
                 self.engine = await LocalEngine.open(self.config)
                 bus, recovery = self.engine.bus, None  # the engine runs its own recovery
-            self.server = BusServer(bus, self.listen, recovery=recovery)
+            self.server = BusServer(bus, self.listen, recovery=recovery, tls=self.tls)
             await self.server.start()
             if self.http_config is not None:
                 self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit))
@@ -80,12 +89,14 @@ class LocalCluster:
             raise
 
     def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0") -> list[str]:
+        tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
         return [
             sys.executable, "-m", "oribus.cli", "shard",
             "--id", str(shard_id),
             "--data-dir", str(self.config.shard_config(shard_id).data_dir),
             "--listen", listen,
             "--ready-file", str(ready_file),
+            *tls,
         ]
 
     def spawn_shard(self, shard_id: int, listen: str = "127.0.0.1:0") -> subprocess.Popen:
@@ -116,7 +127,7 @@ class LocalCluster:
             self.spawn_shard(i)
         shards = {}
         for i in range(self.config.shards):
-            client = GrpcShardClient(i, await self.wait_ready(i))
+            client = GrpcShardClient(i, await self.wait_ready(i), tls=self.tls)
             self._clients.append(client)
             shards[i] = client
         slot_map = StaticSlotMap(self.config.shards)

@@ -10,6 +10,7 @@ from oribus.bus.bus import Bus
 from oribus.bus.recovery import Recovery
 from oribus.bus.watch import ensure_subscribed
 from oribus.mux import GrpcListener, mux_handlers
+from oribus.tls import TlsConfig, server_credentials
 
 log = logging.getLogger("oribus.bus.server")
 
@@ -19,16 +20,21 @@ class BusServer:
 
     With ``recovery`` it also resolves abandoned transactions in the background
     (the embedded engine runs its own; a bus over shard servers needs this one).
+    With ``tls`` it serves mutual TLS only (clients need a certificate signed by
+    the same CA); bad TLS files raise InvalidRequest here, naming the file.
     """
 
-    def __init__(self, bus: Bus, listen: str, *, recovery: Recovery | None = None) -> None:
+    def __init__(self, bus: Bus, listen: str, *, recovery: Recovery | None = None,
+                 tls: TlsConfig | None = None) -> None:
         self.bus = bus
         self.listen = listen
         self.recovery = recovery
+        self.tls = tls
         self._listener = GrpcListener(
             listen,
             wire.BUS_SERVICE,
             mux_handlers(wire.BUS_SERVICE, wire.bind_ops(bus, wire.BUS_OPS), watch=self._watch),
+            credentials=server_credentials(tls) if tls is not None else None,
         )
         self._recovery_task: asyncio.Task | None = None
 

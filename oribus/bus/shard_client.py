@@ -24,6 +24,7 @@ from oribus.protocol import (
 )
 from oribus.shards.service import ShardService
 from oribus.shards.store import Entry
+from oribus.tls import TlsConfig, channel_credentials
 from oribus.types import SessionRef
 
 
@@ -31,12 +32,21 @@ class GrpcShardClient(ShardService):
     """One shard server at ``target``, all calls multiplexed over one stream."""
 
     def __init__(self, shard_id: int, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, epoch: int = 0, tls: TlsConfig | None = None) -> None:
         self.shard_id = shard_id
         self.target = target
-        self.mux = MuxClient(target, wire.SHARD_SERVICE, credentials=credentials, timeout=timeout)
+        self.epoch = epoch  # cluster mode: the epoch of the shard's claim, sent with every call
+        if tls is not None and credentials is None:  # mutual TLS: present the client certificate
+            credentials = channel_credentials(tls)
+        self.mux = MuxClient(target, wire.SHARD_SERVICE, credentials=credentials, timeout=timeout,
+                             options=tls.channel_options() if tls is not None else ())
 
     async def _call(self, op: str, *params: Any) -> Any:
+        if self.epoch:
+            o = wire.SHARD_OPS[op]
+            args = o.enc_args(*params)
+            args[wire.FENCE] = self.epoch
+            return o.dec_result(await self.mux.call(op, args))
         return await self.mux.call_op(wire.SHARD_OPS, op, *params)
 
     async def read(self, req: ReadRequest) -> ReadReply:

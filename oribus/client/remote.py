@@ -8,6 +8,7 @@ remote session has exactly the embedded API and semantics.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,18 +21,23 @@ from oribus.client.sync import LoopThread, SyncSession
 from oribus.mux import MuxClient
 from oribus.protocol import Change, WatchRequest
 from oribus.shards.store import Entry
+from oribus.tls import TlsConfig, channel_credentials
 from oribus.types import SessionRef
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 
 
 class RemoteBus:
-    """A bus reached over gRPC at ``target`` (``HOST:PORT``)."""
+    """A bus reached over gRPC at ``target`` (``HOST:PORT``); over mutual TLS with ``tls``."""
 
     def __init__(self, target: str = DEFAULT_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, tls: TlsConfig | str | Path | None = None) -> None:
         self.target = target
-        self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout)
+        cfg = TlsConfig.of(tls)
+        if cfg is not None and credentials is None:
+            credentials = channel_credentials(cfg)
+        self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout,
+                             options=cfg.channel_options() if cfg is not None else ())
 
     async def _call(self, op: str, *params: Any) -> Any:
         return await self.mux.call_op(wire.BUS_OPS, op, *params)
@@ -74,6 +80,7 @@ def connect(
     agent: str = "agent",
     session_id: str | None = None,
     strict: bool = False,
+    tls: TlsConfig | str | Path | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     timeout: float = 30.0,
     max_value_bytes: int = 1 << 20,
@@ -89,8 +96,16 @@ def connect(
     The connection is opened lazily on the first call; a lost connection
     raises Unavailable and is reopened on the next call. A commit whose
     outcome is unknown is retried with the same commit id (never applied twice).
+
+    ``tls`` (a directory written by ``oribus certs init``, or a TlsConfig)
+    connects over mutual TLS: the bus's certificate is checked against
+    ``ca.crt`` and ``client.crt`` is presented. Missing or unreadable files
+    raise InvalidRequest naming the file; a refused handshake raises
+    Unavailable naming TLS::
+
+        async with oribus.connect("bus:7700", agent="planner", tls="/etc/oribus/tls") as bus: ...
     """
-    remote = RemoteBus(target, credentials=credentials, timeout=timeout)
+    remote = RemoteBus(target, credentials=credentials, timeout=timeout, tls=tls)
     return AsyncSession(remote, agent, session_id, strict=strict, max_value_bytes=max_value_bytes, owner=remote)
 
 
@@ -100,10 +115,12 @@ def Client(  # noqa: N802 - a factory that reads like the class it returns
     agent: str = "agent",
     session_id: str | None = None,
     strict: bool = False,
+    tls: TlsConfig | str | Path | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     timeout: float = 30.0,
 ) -> SyncSession:
     """The synchronous client: the same methods as ``connect``'s session, without ``await``.
+    ``tls`` as for ``connect``.
 
     Example::
 
@@ -113,7 +130,12 @@ def Client(  # noqa: N802 - a factory that reads like the class it returns
     portal = LoopThread()
 
     async def make() -> AsyncSession:
-        return connect(target, agent=agent, session_id=session_id, strict=strict,
+        return connect(target, agent=agent, session_id=session_id, strict=strict, tls=tls,
                        credentials=credentials, timeout=timeout)
 
-    return SyncSession(portal.call(make()), portal, owns_portal=True)
+    try:
+        session = portal.call(make())
+    except BaseException:  # e.g. unreadable TLS files: do not leave the loop thread behind
+        portal.stop()
+        raise
+    return SyncSession(session, portal, owns_portal=True)

@@ -95,8 +95,8 @@ def _agent(value: Any, required: bool = True) -> str:
         if required:
             raise SbusError(422, "InvalidRequest", "missing field 'agent_id'")
         return ""
-    if not isinstance(value, str) or len(value) > 256:
-        raise SbusError(422, "InvalidRequest", "agent_id must be a string of at most 256 characters")
+    if not isinstance(value, str) or len(value) > 256 or any("\ud800" <= c <= "\udfff" for c in value):
+        raise SbusError(422, "InvalidRequest", "agent_id must be a UTF-8 string of at most 256 characters")
     return value
 
 
@@ -108,8 +108,8 @@ def _key(value: Any) -> str:
 
 
 def _version(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise SbusError(422, "InvalidRequest", f"{name} must be an integer >= 0")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << 63) - 1:
+        raise SbusError(422, "InvalidRequest", f"{name} must be an integer in 0..2**63-2")
     return value
 
 

@@ -1,0 +1,173 @@
+"""Where each shard is: the bus's view of the cluster metadata (cluster mode).
+
+``ShardDirectory`` follows ``ClusterMeta.watch_shards()`` and keeps the bus's
+shard table in step: one ``GrpcShardClient`` per shard id, created for the
+address and **epoch** of the shard's current claim. When a shard's claim
+changes (a restart claims again with a new epoch, or the address moves) the
+client is replaced, so every later call goes to the new process and carries
+its epoch (the shard refuses a call naming another epoch). Sessions that had
+deliveries on the old process hold tokens with the old epoch, so their next
+commit fails with SessionExpired — closed, not with less validation.
+
+A shard id with no claim is served by ``UnregisteredShard``, which answers
+every call with Unavailable (readiness reports it down). If etcd cannot be
+reached the directory keeps the map it has (``EtcdMeta.watch_shards`` logs it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from oribus.errors import Unavailable
+from oribus.meta.cluster import ClusterMeta, ShardRecord
+from oribus.protocol import (
+    Change,
+    ReadItem,
+    ReadReply,
+    ReadRequest,
+    ShardTxn,
+    Token,
+    TxnOutcome,
+    TxnRef,
+    TxnStatus,
+    Vote,
+)
+from oribus.shards.service import ShardService
+from oribus.shards.store import Entry
+from oribus.types import SessionRef
+
+log = logging.getLogger("oribus.bus.directory")
+
+ClientFactory = Callable[[ShardRecord], ShardService]
+
+
+class UnregisteredShard(ShardService):
+    """A shard id no server has claimed (yet): every call is Unavailable."""
+
+    def __init__(self, shard_id: int) -> None:
+        self.shard_id = shard_id
+        self.epoch = 0
+
+    def _down(self) -> Unavailable:
+        return Unavailable(f"shard {self.shard_id} has no registered server", shard=self.shard_id)
+
+    async def read(self, req: ReadRequest) -> ReadReply:
+        raise self._down()
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+        raise self._down()
+
+    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+        raise self._down()
+
+    async def prepare(self, txn: ShardTxn) -> Vote:
+        raise self._down()
+
+    async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
+        raise self._down()
+
+    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+        raise self._down()
+
+    async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
+        raise self._down()
+
+    async def release(self, txn_id: str) -> None:
+        raise self._down()
+
+    async def status(self, txn_id: str) -> TxnStatus:
+        raise self._down()
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        raise self._down()
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        raise self._down()
+
+    async def reset(self, session: SessionRef) -> Token | None:
+        raise self._down()
+
+    async def stats(self) -> dict:
+        raise self._down()
+
+    async def expired(self, older_than: float) -> list[TxnRef]:
+        raise self._down()
+
+    async def unreleased(self) -> list[TxnRef]:
+        raise self._down()
+
+    def watch(self, prefix: str = "", from_version: int | None = None, *,
+              after: Mapping[str, int] | None = None, since: float | None = None) -> AsyncIterator[Change]:
+        raise self._down()
+
+    async def close(self) -> None:
+        pass
+
+
+class ShardDirectory:
+    """Keeps ``shards`` (the bus's table, changed in place) in step with ``meta``."""
+
+    def __init__(self, meta: ClusterMeta, shards: dict[int, ShardService], shard_ids: list[int],
+                 factory: ClientFactory) -> None:
+        self.meta = meta
+        self.shards = shards
+        self.factory = factory
+        self.records: dict[int, ShardRecord] = {}
+        self.changes = 0  # how many times a shard's server was replaced
+        for sid in shard_ids:
+            shards.setdefault(sid, UnregisteredShard(sid))
+        self._task: asyncio.Task | None = None
+        self._first = asyncio.Event()
+
+    async def start(self, wait: float = 0.0) -> None:
+        """Follow the metadata; with ``wait``, wait up to that long for the first map."""
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+        if wait:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._first.wait(), wait)
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async for records in self.meta.watch_shards():
+                    await self.apply(records)
+                    self._first.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("following the shard map failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def apply(self, records: dict[int, ShardRecord]) -> None:
+        for sid, rec in records.items():
+            if sid not in self.shards:
+                log.warning("shard %d is registered but not in the cluster's configuration; ignored", sid)
+                continue
+            if self.records.get(sid) == rec:
+                continue
+            old = self.shards[sid]
+            self.shards[sid] = self.factory(rec)
+            self.records[sid] = rec
+            self.changes += 1
+            log.warning("shard %d is now %s at epoch %d", sid, rec.address, rec.epoch)
+            close = getattr(old, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+        for sid in set(self.records) - set(records):
+            log.error("shard %d lost its registration (its lease expired); keeping %s until it is claimed again",
+                      sid, self.records[sid].address)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for shard in self.shards.values():
+            close = getattr(shard, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()

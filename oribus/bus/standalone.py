@@ -1,0 +1,101 @@
+"""A bus process in front of shard servers: the body of ``oribus bus``.
+
+The shards come from the cluster metadata: a fixed list of addresses
+(``StaticMeta``, ``--shards``) or etcd (``EtcdMeta``, ``--etcd``), followed by a
+``ShardDirectory`` so a restarted or moved shard is picked up with its new
+epoch. The bus's own state (the session journal of HTTP agents) lives in
+``data_dir``. With etcd the bus announces itself under ``buses/`` for as long
+as it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+from oribus.bus.bus import Bus
+from oribus.bus.directory import ShardDirectory
+from oribus.bus.gateway import GatewayConfig, HttpGateway
+from oribus.bus.recovery import Recovery
+from oribus.bus.server import BusServer
+from oribus.bus.session_journal import SessionJournal
+from oribus.bus.shard_client import GrpcShardClient
+from oribus.meta.cluster import BusRecord, ClusterMeta, ShardRecord
+from oribus.mux import stop_signal_event
+from oribus.tls import TlsConfig
+
+log = logging.getLogger("oribus.bus.standalone")
+
+
+class StandaloneBus:
+    """``await start()`` / ``await stop()``: the bus, its gRPC service and its HTTP gateway."""
+
+    def __init__(self, meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None = None,
+                 tls: TlsConfig | None = None, ready_wait: float = 10.0) -> None:
+        self.meta = meta
+        self.data_dir = Path(data_dir)
+        self.listen = listen
+        self.http = http
+        self.tls = tls
+        self.ready_wait = ready_wait
+        self.bus: Bus | None = None
+        self.server: BusServer | None = None
+        self.gateway: HttpGateway | None = None
+        self.directory: ShardDirectory | None = None
+        self._journal: SessionJournal | None = None
+
+    def _client(self, rec: ShardRecord) -> GrpcShardClient:
+        return GrpcShardClient(rec.shard_id, rec.address, epoch=rec.epoch, tls=self.tls)
+
+    async def start(self) -> None:
+        try:
+            config = await self.meta.config()
+            slot_map = config.slot_map()
+            self._journal = await SessionJournal.open(self.data_dir / "sessions")
+            shards: dict = {}
+            self.directory = ShardDirectory(self.meta, shards, list(range(config.shards)), self._client)
+            await self.directory.start(wait=self.ready_wait)
+            self.bus = Bus(shards, slot_map.shard_for, session_journal=self._journal)
+            self.server = BusServer(self.bus, self.listen, recovery=Recovery(self.bus), tls=self.tls)
+            await self.server.start()
+            if self.http is not None:
+                self.gateway = HttpGateway(self.bus, self.http)
+                await self.gateway.start()
+            host = socket.gethostname()
+            await self.meta.register_bus(BusRecord(f"{host}-{self.server.port}", self.server.address,
+                                                   self.gateway.address if self.gateway else ""))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        if self.directory is not None:
+            await self.directory.stop()
+            self.directory = None
+        if self._journal is not None:
+            await self._journal.close()
+            self._journal = None
+
+
+async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None,
+                  tls: TlsConfig | None = None) -> None:
+    stop = stop_signal_event()
+    bus = StandaloneBus(meta, data_dir, listen, http=http, tls=tls)
+    try:
+        await bus.start()
+        where = f", http on {bus.gateway.url}" if bus.gateway is not None else ""
+        assert bus.server is not None and bus.directory is not None
+        print(f"oribus bus listening on {bus.server.address}{where} over "
+              f"{len(bus.directory.shards)} shards", flush=True)
+        await stop.wait()
+    finally:
+        await bus.stop()
+        await meta.close()
+
