@@ -64,9 +64,11 @@ def _tls(args: argparse.Namespace):
     """``--tls-dir``: mutual TLS on every gRPC listener and client of the command, or None."""
     if not getattr(args, "tls_dir", None):
         return None
-    from oribus.tls import TlsConfig
+    from oribus.tls import TlsConfig, server_credentials
 
-    return TlsConfig.from_dir(args.tls_dir)
+    cfg = TlsConfig.from_dir(args.tls_dir)
+    server_credentials(cfg)  # every caller serves: bad files stop it now (naming the file), before any claim
+    return cfg
 
 
 def _meta(args: argparse.Namespace):

@@ -147,8 +147,9 @@ class Bus:
         (its own writes become deliveries) are journaled before it returns.
         """
         _check_session(req.session)
-        if not req.commit_id or not isinstance(req.commit_id, str) or len(req.commit_id) > 128:
-            raise InvalidRequest("commit_id must be a non-empty str of at most 128 characters")
+        if (not req.commit_id or not isinstance(req.commit_id, str) or len(req.commit_id) > 128
+                or not _utf8(req.commit_id)):
+            raise InvalidRequest("commit_id must be a non-empty str of at most 128 characters of valid UTF-8")
         for k, raw in req.writes.items():
             validate_key(k)
             if raw is not None and not isinstance(raw, bytes | bytearray):
@@ -161,8 +162,8 @@ class Bus:
         for name, entries in (("rollback", req.rollback), ("expect", req.expect), ("read_set", req.read_set)):
             for k, v in entries.items():
                 validate_key(k)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                    raise InvalidRequest(f"{name} version of {k!r} must be an int >= 0", key=k)
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_VERSION:
+                    raise InvalidRequest(f"{name} version of {k!r} must be an int in 0..2**63-1", key=k)
         both = req.writes.keys() & req.rollback.keys()
         if both:
             raise InvalidRequest(f"keys both written and rolled back: {sorted(both)}")
@@ -334,6 +335,18 @@ def _check_session(session: SessionRef) -> None:
     if (
         not isinstance(session, tuple)
         or len(session) != 2
-        or not all(isinstance(p, str) and 0 < len(p) <= 256 for p in session)
+        or not all(isinstance(p, str) and 0 < len(p) <= 256 and _utf8(p) for p in session)
     ):
-        raise InvalidRequest("a session is (agent, session_id): two non-empty str of at most 256 chars")
+        raise InvalidRequest("a session is (agent, session_id): two non-empty str of at most 256 "
+                             "characters of valid UTF-8")
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no WAL record could hold it
+        return False
+    return True
+
+
+MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack int64

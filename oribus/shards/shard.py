@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 import msgpack
 
 from oribus.delivery_log import DeliveryLog
-from oribus.errors import OribusError, Unavailable
+from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.failpoints import failpoint
 from oribus.protocol import (
     Change,
@@ -130,6 +130,18 @@ class Shard(ShardService):
         lsn = wal.append(*record)
         self._records_since_snapshot += 1
         return lsn
+
+    def _append_or_release(self, txn_id: str, record: tuple[int, dict]) -> int:
+        """Append a transaction's first record; if it cannot even be encoded or buffered,
+        the transaction never happened: release its locks instead of holding them forever."""
+        try:
+            return self._append(record)
+        except BaseException as e:
+            self.core.cancel_one_phase(txn_id)
+            self._resolved(txn_id)
+            if isinstance(e, OribusError):
+                raise
+            raise InvalidRequest(f"transaction {txn_id!r} cannot be logged: {e}") from e
 
     async def _durable(self, lsn: int) -> None:
         # a failed write surfaces as the WAL's own Unavailable, for this and every later sync
@@ -258,7 +270,7 @@ class Shard(ShardService):
                 return await self._known_outcome(result.txn)
             break
         assert isinstance(result, Pending)
-        lsn = self._append(result.record)
+        lsn = self._append_or_release(txn.txn_id, result.record)
         self._unapplied.add(lsn)
         # The record is in the WAL buffer now: the next flush makes it durable whether or
         # not this caller still waits. So the commit is carried out even if the caller is
@@ -295,7 +307,7 @@ class Shard(ShardService):
         self._check_open()
         result = self.core.prepare(txn)
         if isinstance(result, Pending):
-            lsn = self._append(result.record)
+            lsn = self._append_or_release(txn.txn_id, result.record)
             await self._durable(lsn)
             failpoint("txn.after_prepare")
             self.counters["prepares"] += 1

@@ -42,9 +42,16 @@ def run_cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
     )
 
 
-def health_status(address: str, timeout: float = 0.5) -> int | None:
-    """The gRPC health status of the server at ``address`` (None: no answer)."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(address: str, timeout: float = 0.5, tls_dir: Path | None = None) -> int | None:
+    """The gRPC health status of the server at ``address`` (None: no answer); over mutual
+    TLS with the client certificate of ``tls_dir`` when given."""
+    if tls_dir is not None:
+        from oribus.tls import TlsConfig, channel_credentials
+
+        channel = grpc.secure_channel(address, channel_credentials(TlsConfig.from_dir(tls_dir)))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
@@ -91,6 +98,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.children: list[int] = []  # pids of processes it started (``up --processes``)
         self.http_address: str | None = None  # HOST:PORT of its HTTP gateway, if it serves one
+        self.tls_dir: Path | None = None  # its --tls-dir: health checks then use mutual TLS
         self.starts = 0
 
     @property
@@ -126,7 +134,7 @@ class ServerProcess:
                 raise AssertionError(
                     f"{self.name} exited with code {self.proc.returncode} before serving:\n{self.log_tail()}"
                 )
-            if health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+            if health_status(self.address, tls_dir=self.tls_dir) == health_pb2.HealthCheckResponse.SERVING:
                 self.children = [p for p in _children(self.pid) if "oribus.cli" in _cmdline(p)]
                 return self
             if time.monotonic() > deadline:

@@ -201,6 +201,8 @@ async def test_readyz_reports_an_unreachable_shard(data_dir, tmp_path):
     try:
         async with aiohttp.ClientSession(base_url=gw.url) as http:
             st, out = await call(http, "GET", "/readyz")
+            assert st == 200 and out["down"] == [1]  # known, not answering: reported, bus still routes
+            st, out = await call(http, "GET", "/readyz", params={"strict": "1"})
             assert st == 503 and out["down"] == [1]
             assert (await call(http, "GET", "/healthz"))[0] == 200  # alive, just not ready
             text = await (await http.get("/metrics")).text()
@@ -238,3 +240,23 @@ def test_one_http_status_table():
         Conflict(), Aborted(), SessionExpired(), InvalidRequest(), ValueTooLarge(), HistoryTruncated(),
         LimitExceeded(), Unavailable(), WatchLagged(),
     )] == [409, 409, 410, 400, 413, 410, 429, 503, 503]
+
+
+async def test_readyz_waits_for_every_shard_to_be_registered(data_dir, tmp_path):
+    from oribus.bus.directory import UnregisteredShard
+
+    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    journal = await SessionJournal.open(tmp_path / "journal")
+    bus = Bus({0: engine.shards[0], 1: UnregisteredShard(1)}, lambda k: 0, session_journal=journal)
+    gw = HttpGateway(bus, GatewayConfig(listen="127.0.0.1:0"))
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession(base_url=gw.url) as http:
+            st, out = await call(http, "GET", "/readyz")
+            assert st == 503 and out["unregistered"] == [1]
+            bus.shards[1] = engine.shards[0]  # what the shard directory does once it is claimed
+            assert (await call(http, "GET", "/readyz"))[0] == 200
+    finally:
+        await gw.stop()
+        await journal.close()
+        await engine.close()

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from oribus.bus.bus import Bus
 from oribus.bus.coordinator import CommitRequest, CommitResult
+from oribus.bus.directory import UnregisteredShard
 from oribus.bus.gateway.errors import error_response, json_response, request_error
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Scope
@@ -48,6 +49,10 @@ class GatewayConfig:
     sbus_max_delta: int = 0  # S-Bus DeltaTooLarge limit in characters (0: only the value size limit)
     history_limit: int = 100  # versions kept per key (S-Bus delta_log_depth is capped by it)
     ready_timeout: float = 2.0  # seconds a shard has to answer /readyz
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN and Infinity by default
 
 
 class RequestError(Exception):
@@ -164,9 +169,11 @@ class HttpGateway:
         if not raw:
             raise RequestError(400, "InvalidRequest", "a JSON object body is required")
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, parse_constant=_no_constant)
         except (ValueError, UnicodeDecodeError) as e:
             raise RequestError(400, "InvalidRequest", f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError(400, "InvalidRequest", "body is nested too deeply") from None
         if not isinstance(body, dict):
             raise RequestError(422, "InvalidRequest", "body must be a JSON object")
         return body
@@ -208,12 +215,22 @@ class HttpGateway:
         return dict(got)
 
     async def _readyz(self, request: web.Request) -> web.Response:
+        """Ready: this bus can route — it is not stopping and knows a server for every shard.
+
+        A shard that is known but does not answer is listed under ``down`` without making
+        the bus unready (every replica would go unready at once, and keys on the healthy
+        shards would become unreachable); ``?strict=1`` also requires every shard to answer.
+        """
         if self._closing:
             return json_response({"status": "stopping"}, 503)
         shards = await self.shard_health()
         down = [sid for sid, st in shards.items() if not st["up"]]
-        body = {"status": "ready" if not down else "not ready", "shards": len(shards), "down": down}
-        return json_response(body, 503 if down else 200)
+        unknown = [sid for sid, sh in self.bus.shards.items() if isinstance(sh, UnregisteredShard)]
+        strict = request.query.get("strict", "").lower() in ("1", "true", "yes")
+        ready = not unknown and not (strict and down)
+        body = {"status": "ready" if ready else "not ready", "shards": len(shards), "down": down,
+                "unregistered": unknown}
+        return json_response(body, 200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         from oribus.bus.metrics import render_bus_metrics

@@ -306,6 +306,11 @@ class SbusRoutes:
         self._check_delta(key, delta)
         request[LOG_FIELDS]["agent"] = agent
         value = encode_value(delta, self.bus.max_value_bytes)  # too large: refused, not an attempt
+        # S-Bus commits only to existing keys. A deleted key's tombstone has a version too, so
+        # the expected version alone could bring it back: look first. (If it is deleted after
+        # this look, its version moves on and the expectation refuses the commit.)
+        if (await self.bus.read(_PEEK, [key], record=False)).items[0].value is None:
+            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
         counts = self._counts(key)
         counts[0] += 1
         req = CommitRequest(

@@ -25,7 +25,12 @@ def to_json(value: Any) -> Any:
     return value
 
 
-def from_json(value: Any) -> Any:
+MAX_DEPTH = 100  # nesting of a value; deeper ones are refused (and could not be stored anyway)
+
+
+def from_json(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise InvalidRequest(f"value is nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, dict):
         if len(value) == 1 and "$bytes" in value:
             raw = value["$bytes"]
@@ -35,7 +40,7 @@ def from_json(value: Any) -> Any:
                 return base64.b64decode(raw, validate=True)
             except (binascii.Error, ValueError) as e:
                 raise InvalidRequest(f'"$bytes" is not valid base64: {e}') from None
-        return {k: from_json(v) for k, v in value.items()}
+        return {k: from_json(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [from_json(v) for v in value]
+        return [from_json(v, depth + 1) for v in value]
     return value
