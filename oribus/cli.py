@@ -81,13 +81,14 @@ def _meta(args: argparse.Namespace):
 
 
 def _shard_id(raw: str) -> int:
-    """``--id N``, or ``--id ordinal``: the number after the last '-' of the host name
-    (a StatefulSet pod ``oribus-shard-2`` serves shard 2)."""
+    """``--id N``, or ``--id ordinal``: the number after the last '-' of the pod's name
+    (``$POD_NAME``, else the host name): a StatefulSet pod ``oribus-shard-2`` serves shard 2."""
+    import os
     import socket
 
     if raw != "ordinal":
         return int(raw)
-    host = socket.gethostname()
+    host = os.environ.get("POD_NAME") or socket.gethostname()
     suffix = host.rsplit("-", 1)[-1]
     if not suffix.isdigit():
         raise SystemExit(f"--id ordinal: host name {host!r} does not end in -<number>")
