@@ -124,7 +124,8 @@ def _cmd_bus(args: argparse.Namespace) -> int:
             print("oribus bus needs --etcd URL or --shards HOST:PORT,...", file=sys.stderr)
             return 2
         meta = StaticMeta(addrs)
-    _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args)))
+    _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args),
+                 advertise=args.advertise, advertise_http=args.advertise_http))
     return 0
 
 
@@ -305,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bus", help="run a bus over shard servers")
     p.add_argument("--listen", default=DEFAULT_ADDR)
     p.add_argument("--shards", help="comma-separated shard addresses, shard 0 first (without --etcd)")
+    p.add_argument("--advertise", help="gRPC address announced in etcd (default: the bound one)")
+    p.add_argument("--advertise-http", help="HTTP address announced in etcd (default: the bound one)")
     p.add_argument("--data-dir", default="./oribus-data/bus",
                    help="the bus's own state (the session journal of HTTP agents)")
     _cluster_options(p)

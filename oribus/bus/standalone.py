@@ -32,13 +32,16 @@ class StandaloneBus:
     """``await start()`` / ``await stop()``: the bus, its gRPC service and its HTTP gateway."""
 
     def __init__(self, meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None = None,
-                 tls: TlsConfig | None = None, ready_wait: float = 10.0) -> None:
+                 tls: TlsConfig | None = None, ready_wait: float = 10.0,
+                 advertise: str | None = None, advertise_http: str | None = None) -> None:
         self.meta = meta
         self.data_dir = Path(data_dir)
         self.listen = listen
         self.http = http
         self.tls = tls
         self.ready_wait = ready_wait
+        self.advertise = advertise  # the addresses announced in the metadata (default: the bound ones)
+        self.advertise_http = advertise_http
         self.bus: Bus | None = None
         self.server: BusServer | None = None
         self.gateway: HttpGateway | None = None
@@ -63,8 +66,9 @@ class StandaloneBus:
                 self.gateway = HttpGateway(self.bus, self.http)
                 await self.gateway.start()
             host = socket.gethostname()
-            await self.meta.register_bus(BusRecord(f"{host}-{self.server.port}", self.server.address,
-                                                   self.gateway.address if self.gateway else ""))
+            http = self.advertise_http or (self.gateway.address if self.gateway else "")
+            await self.meta.register_bus(BusRecord(f"{host}-{self.server.port}",
+                                                   self.advertise or self.server.address, http))
         except BaseException:
             await self.stop()
             raise
@@ -85,9 +89,11 @@ class StandaloneBus:
 
 
 async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None,
-                  tls: TlsConfig | None = None) -> None:
+                  tls: TlsConfig | None = None, advertise: str | None = None,
+                  advertise_http: str | None = None) -> None:
     stop = stop_signal_event()
-    bus = StandaloneBus(meta, data_dir, listen, http=http, tls=tls)
+    bus = StandaloneBus(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
+                        advertise_http=advertise_http)
     try:
         await bus.start()
         where = f", http on {bus.gateway.url}" if bus.gateway is not None else ""

@@ -83,6 +83,11 @@ async def test_etcd_cluster_replaces_a_killed_shard_with_a_new_epoch(cluster, tm
     await asyncio.to_thread(bus.wait_serving)
     before = await epochs(etcd.url)
     assert sorted(before) == [0, 1, 2]
+    meta = EtcdMeta(etcd.url)
+    try:  # the bus announces itself for as long as it runs
+        assert [b.address for b in (await meta.buses()).values()] == [bus.address]
+    finally:
+        await meta.close()
 
     keys = keys_per_shard()
     acked: dict[str, int] = {}
