@@ -154,11 +154,26 @@ class ServerProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def pause(self) -> None:
+        """SIGSTOP: the process stops answering but keeps its sockets and state (a long GC
+        pause, a stalled VM)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; then the same for its children. Idempotent."""
         code = None
         if self.proc is not None:
             if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
                 self.proc.send_signal(signal.SIGTERM)
                 try:
                     self.proc.wait(grace)
@@ -233,6 +248,33 @@ def bus(
             "--data-dir", str(Path(log_dir) / "bus-data"), "--http", http]
     server = ServerProcess("bus", ["-v", *args] if verbose else args, log_dir, address)
     server.http_address = http
+    return server
+
+
+def cluster_shard(log_dir: Path, etcd_url: str, shard_id: int, *, port: int | None = None,
+                  lease_ttl: int = 2, claim_wait: float | None = None, name: str | None = None,
+                  data_dir: Path | None = None) -> ServerProcess:
+    """``oribus shard --etcd`` (cluster mode) on a fixed address, restartable there."""
+    address = f"127.0.0.1:{port or free_port()}"
+    args = ["shard", "--id", str(shard_id), "--data-dir", str(data_dir or Path(log_dir) / f"shard-{shard_id}"),
+            "--listen", address, "--etcd", etcd_url, "--lease-ttl", str(lease_ttl)]
+    if claim_wait is not None:
+        args += ["--claim-wait", str(claim_wait)]
+    return ServerProcess(name or f"shard-{shard_id}", args, log_dir, address)
+
+
+def cluster_bus(log_dir: Path, etcd_url: str, *, port: int | None = None, lease_ttl: int = 2,
+                name: str = "bus", http: bool = True) -> ServerProcess:
+    """``oribus bus --etcd`` (cluster mode) on a fixed address, restartable there."""
+    address = f"127.0.0.1:{port or free_port()}"
+    args = ["bus", "--etcd", etcd_url, "--listen", address, "--data-dir", str(Path(log_dir) / f"{name}-data"),
+            "--lease-ttl", str(lease_ttl)]
+    server = ServerProcess(name, args, log_dir, address)
+    if http:
+        server.http_address = f"127.0.0.1:{free_port()}"
+        args += ["--http", server.http_address]
+    else:
+        args.append("--no-http")
     return server
 
 
