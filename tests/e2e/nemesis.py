@@ -93,7 +93,7 @@ class Nemesis:
 
     async def heal(self, timeout: float = 60.0) -> None:
         """End every fault: resume paused processes, restart exited ones, wait until all serve."""
-        for name, server in self.targets.items():
+        for server in self.targets.values():
             server.resume()
         for name, server in self.targets.items():
             if not server.running:
