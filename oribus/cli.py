@@ -2,7 +2,8 @@
 
 Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
 Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
-``rollback``, ``watch``, ``stats``. Tools: ``demo``, ``repair``, ``certs init``.
+``rollback``, ``watch``, ``stats``. Tools: ``demo``, ``repair``, ``check``, ``certs init``,
+``bench`` (runs the repository's ``benchmarks/compare.py``).
 With ``--tls-dir`` (servers and clients) every gRPC connection is mutual TLS.
 """
 
@@ -232,6 +233,21 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from oribus.checker import HistoryError, check, read_history
+
+    try:
+        report = check(read_history(args.history))
+    except HistoryError as e:
+        print(f"oribus check: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        _print(report.to_dict())
+    else:
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
 def _cmd_certs_init(args: argparse.Namespace) -> int:
     from oribus.certs import DEFAULT_HOSTS, init_certs
 
@@ -247,6 +263,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from oribus.demo import run_demo
 
     return asyncio.run(run_demo(Path(args.data_dir), shards=args.shards, fresh=not args.keep))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    # The harness and its peers live in the repository's benchmarks/, outside the package:
+    # found next to the package (editable install) or in the current directory.
+    import subprocess
+
+    candidates = [Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py",
+                  Path.cwd() / "benchmarks" / "compare.py"]
+    script = next((c for c in candidates if c.is_file()), None)
+    if script is None:
+        print("oribus bench: benchmarks/compare.py not found: this oribus is installed without its "
+              "repository. Run it from a clone of the repository (`make bench`, or "
+              "`pip install -e '.[bench]'` then `oribus bench`).", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
 
 
 def _cluster_options(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -353,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(p, required=True)
     p.set_defaults(fn=_cmd_cluster_init)
 
+    p = sub.add_parser("check", help="check a recorded history (JSON lines) for consistency anomalies")
+    p.add_argument("history", help="the history file (specs/history.md)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(fn=_cmd_check)
+
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")
     p.add_argument("--data-dir", required=True, help="an engine data dir, or one shard's dir")
     p.set_defaults(fn=_cmd_repair)
@@ -373,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the data dir's existing contents")
     p.set_defaults(fn=_cmd_demo)
+
+    # Every argument goes to benchmarks/compare.py as is ("oribus bench --help" prints its help).
+    p = sub.add_parser("bench", help="compare oribus with Redis, PostgreSQL and etcd (benchmarks/compare.py)",
+                       prefix_chars="+", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=_cmd_bench)
     return parser
 
 

@@ -62,18 +62,28 @@ Resolver = Callable[[int, Txn], Awaitable[None]]
 class Shard(ShardService):
     """One shard in this process. Use ``await Shard.open(config)``."""
 
+    # Seams for the deterministic simulator (``oribus.sim``): it runs this very class on a
+    # virtual clock and an in-memory disk by replacing these per instance, before
+    # ``__init__`` (``oribus.sim.cluster.SimShard``). Real shards keep these defaults:
+    # the monotonic clock and the WAL and snapshot files below ``data_dir``.
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # deadlines, transaction ages, session TTL
+    open_wal = staticmethod(Wal.open)  # recovery scan + the append side (``Wal.open``'s signature)
+    load_snapshot_file = staticmethod(load_latest_snapshot)  # (snapshot_dir) -> (lsn, raw) | None
+    write_snapshot_file = staticmethod(write_snapshot)  # (snapshot_dir, lsn, raw); durable on return
+
     def __init__(self, config: ShardConfig, epoch: int) -> None:
         self.config = config
         self.shard_id = config.shard_id
         self.epoch = epoch
         self.store = VersionedStore(config.history_limit)
-        self.dlog = DeliveryLog(config.delivery_log)
+        self.dlog = DeliveryLog(config.delivery_log, clock=self.clock)
         self.core = Participant(
             config.shard_id,
             epoch,
             self.store,
             self.dlog,
             max_resolved=config.max_resolved_txns,
+            clock=self.clock,
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
         self.wal: Wal | None = None
@@ -98,8 +108,9 @@ class Shard(ShardService):
 
     def _recover(self) -> None:
         cfg = self.config
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        snap = load_latest_snapshot(cfg.snapshot_dir)
+        # (no mkdir of data_dir here: open_wal creates data_dir/wal, parents included, and
+        # a missing snapshot directory reads as "no snapshot"; the simulator has no files)
+        snap = self.load_snapshot_file(cfg.snapshot_dir)
         replay_from = 1
         if snap is not None:
             lsn, raw = snap
@@ -110,7 +121,7 @@ class Shard(ShardService):
             self.core.replay(rtype, body)
             self.counters["replayed_records"] += 1
 
-        self.wal = Wal.open(
+        self.wal = self.open_wal(
             cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from, on_record=on_record,
             metrics_label=str(cfg.shard_id),
         )
@@ -215,7 +226,7 @@ class Shard(ShardService):
         wal.roll()
         self._records_since_snapshot = 0
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, write_snapshot, self.config.snapshot_dir, low, raw)
+        await loop.run_in_executor(None, self.write_snapshot_file, self.config.snapshot_dir, low, raw)
         await loop.run_in_executor(None, wal.remove_segments_before, low + 1)
         self.counters["snapshots"] += 1
         return low
@@ -224,19 +235,19 @@ class Shard(ShardService):
 
     async def read(self, req: ReadRequest) -> ReadReply:
         self._check_open()
-        deadline = time.monotonic() + self.config.read_wait_seconds
+        deadline = self.clock() + self.config.read_wait_seconds
         resolved_via_primary = False
         while True:
             result = self.core.read(req)
             if not isinstance(result, Blocked):
                 self.counters["reads"] += len(req.keys)
                 return result
-            left = deadline - time.monotonic()
+            left = deadline - self.clock()
             if left <= 0:
                 if not resolved_via_primary and self.resolver is not None:
                     resolved_via_primary = True
                     await self._resolve_via_primary(result.txn_ids)
-                    deadline = time.monotonic() + self.config.read_wait_seconds
+                    deadline = self.clock() + self.config.read_wait_seconds
                     continue
                 raise Unavailable(
                     f"keys are locked by transaction(s) {sorted(result.txn_ids)} whose outcome is not "
@@ -256,11 +267,11 @@ class Shard(ShardService):
 
     async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
         self._check_open()
-        deadline = time.monotonic() + self.config.lock_wait_seconds
+        deadline = self.clock() + self.config.lock_wait_seconds
         while True:
             result = self.core.begin_one_phase(txn)
             if isinstance(result, Refused):
-                left = deadline - time.monotonic()
+                left = deadline - self.clock()
                 if result.only_locked and left > 0:
                     await self._wait_for(result.blockers, left)
                     continue
@@ -296,9 +307,9 @@ class Shard(ShardService):
 
     async def _known_outcome(self, txn: Txn) -> TxnOutcome:
         """A retried commit id: wait if it is still in flight, then report its outcome."""
-        deadline = time.monotonic() + self.config.read_wait_seconds
-        while txn.state is TxnState.PREPARED and time.monotonic() < deadline:
-            await self._wait_for({txn.txn_id}, deadline - time.monotonic())
+        deadline = self.clock() + self.config.read_wait_seconds
+        while txn.state is TxnState.PREPARED and self.clock() < deadline:
+            await self._wait_for({txn.txn_id}, deadline - self.clock())
         if txn.state is TxnState.PREPARED:
             raise Unavailable(f"transaction {txn.txn_id} is still in progress", shard=self.shard_id)
         return self.core.outcome(txn.txn_id)
@@ -376,10 +387,19 @@ class Shard(ShardService):
             if txn is None:
                 log.warning("shard %d: commit of unknown transaction %s ignored", self.shard_id, txn_id)
                 return TxnOutcome(TxnState.ABORTED)
+            lsn = None
             if txn.state is TxnState.PREPARED:
                 failpoint("txn.before_participant_commit")
-                self._append((int(RecordType.COMMIT), {"i": txn_id}))
+                lsn = self._append((int(RecordType.COMMIT), {"i": txn_id}))
             outcome = self._apply_commit(txn_id)
+            if lsn is not None:
+                # Answer only once the COMMIT record is durable: the coordinator then lets the
+                # primary forget the decision, and a participant that restarts still prepared
+                # after that would find no outcome at the primary and abort — half a commit.
+                self._resolved(txn_id)
+                await self._durable(lsn)
+                self._maybe_snapshot()
+                return outcome
         else:
             if txn is None or txn.state is TxnState.PREPARED:
                 self._append((int(RecordType.ABORT), {"i": txn_id}))

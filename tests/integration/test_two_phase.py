@@ -250,3 +250,34 @@ async def test_participant_with_nothing_to_hold_skips_phase_two(data_dir):
         sa = engine.slot_map.shard_for(a)
         after = (await engine.shards[sa].stats())["wal"]["records"]
         assert after == before[sa]  # no PREPARE/COMMIT record on the shard with nothing to hold
+
+
+async def test_participant_answers_finish_only_once_its_commit_record_is_durable(data_dir):
+    """Otherwise the coordinator could let the primary forget the decision while the
+    participant's COMMIT record is still only in memory: a crash then leaves it prepared
+    with nobody knowing the outcome, and it would abort its half of a commit."""
+    engine = await open_engine(data_dir)
+    try:
+        a, b = keys_on_two_shards(engine)
+        parts = txn_parts(engine, "t-durable-finish", {a: 1, b: 2})
+        assert await prepare_all(engine, parts) == [VoteKind.YES, VoteKind.YES]
+        primary = next(iter(parts.values())).primary
+        other = next(s for s in parts if s != primary)
+        assert (await engine.shards[primary].decide("t-durable-finish", True)).state is TxnState.COMMITTED
+        shard = engine.shards[other]
+        gate = asyncio.Event()
+        real_sync = shard.wal.sync
+
+        async def held_sync(lsn=None):
+            await gate.wait()
+            await real_sync(lsn)
+
+        shard.wal.sync = held_sync
+        finishing = asyncio.create_task(shard.finish("t-durable-finish", True))
+        await asyncio.sleep(0.2)
+        assert not finishing.done(), "finish answered before its COMMIT record was durable"
+        gate.set()
+        assert (await asyncio.wait_for(finishing, 5)).state is TxnState.COMMITTED
+        shard.wal.sync = real_sync
+    finally:
+        await engine.close()
