@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast crash lint bench system-deps clean
+.PHONY: demo test test-fast crash lint bench soak system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,15 +33,40 @@ test: $(STAMP) system-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m 'not slow' tests
 
+# Long fault-injection runs: the nemesis tests against an etcd cluster of real processes
+# for SOAK_SECONDS each (default 30 minutes), histories checked by oribus check.
+SOAK_SECONDS ?= 1800
+soak: $(STAMP) system-deps
+	ORIBUS_NEMESIS_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s -p no:cacheprovider -o timeout=0 tests/e2e/test_nemesis.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check oribus tests benchmarks
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# The peers benchmarks/compare.py starts itself from Debian packages (Redis 7, PostgreSQL 15,
+# etcd 3.4), installed here when missing -- only here, `make test` never needs them.
+# Then oribus's own benchmarks, and the comparison's --quick preset (results in
+# benchmarks/results/<UTC time>/; `oribus bench` runs the full one).
+bench: $(BENCH_STAMP)
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing="$$missing postgresql"; \
+	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
 	$(PY) benchmarks/agent_step.py
 	$(PY) benchmarks/agent_step_network.py
 	$(PY) benchmarks/agent_step_http.py
 	$(PY) benchmarks/recovery.py
 	$(PY) benchmarks/delivery_log_memory.py
+	$(PY) benchmarks/compare.py --quick
 
 clean:
 	rm -rf $(VENV) oribus-data .pytest_cache .hypothesis

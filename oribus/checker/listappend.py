@@ -114,13 +114,15 @@ async def run_list_append(
     keys: int | Sequence[str] = DEFAULT_KEYS,
     seed: int = 0,
     max_ops: int = 4,
+    pause_after_failure: float = 0.0,
 ) -> dict[str, int]:
     """Run one client per session until ``txns`` transactions were run in all, or ``duration`` seconds passed.
 
     ``sessions`` are ``AsyncSession`` objects (``oribus.open_local`` or
     ``oribus.connect``), one per client; ``keys`` is a key count (keys
     ``la/k0``...) or the keys themselves. Returns how many transactions ended
-    ok, fail and info.
+    ok, fail and info. ``pause_after_failure``: seconds a client waits after a
+    transaction that did not commit (under a nemesis, so a dead bus is not hammered).
     """
     if txns is None and duration is None:
         raise ValueError("give txns, duration or both")
@@ -148,7 +150,7 @@ async def run_list_append(
             ops = plan_transaction(rng, key_list, next_element, max_ops)
             outcome = await _run_one(session, recorder, f"c{index}", ops)
             outcomes[outcome] += 1
-            await asyncio.sleep(0)  # let the other clients interleave
+            await asyncio.sleep(pause_after_failure if outcome != "ok" else 0)  # others interleave
 
     await asyncio.gather(*(client(i, s) for i, s in enumerate(sessions)))
     return outcomes

@@ -158,3 +158,35 @@ async def test_agent_step_under_kills_and_pauses(cluster, tmp_path, etcd):
     assert work.outcomes["ok"] > 50, work.outcomes
     assert sum(v for k, v in work.outcomes.items() if k not in ("ok", "conflict")) > 0, (
         "the clients never noticed a fault")
+
+
+async def test_list_append_under_kills_and_pauses_is_serializable(cluster, tmp_path, etcd):
+    from oribus.checker import Recorder, check
+    from oribus.checker.listappend import record_final, run_list_append
+
+    shards, bus = await start_cluster(cluster, tmp_path, etcd)
+    recorder = Recorder()
+    conns = [oribus.connect(bus.address, agent=f"la-{i}") for i in range(CLIENTS)]
+    nemesis = Nemesis({s.name: s for s in [*shards, bus]}, seed=23, max_down=2.5)
+    try:
+        workload = asyncio.create_task(run_list_append(
+            conns, recorder, duration=NEMESIS_SECONDS + 4, keys=12, seed=5, pause_after_failure=0.05))
+        await nemesis.run(NEMESIS_SECONDS)
+        await nemesis.heal()
+        outcomes = await workload
+        async with oribus.connect(bus.address, agent="final") as reader:
+            await record_final(reader, recorder, keys=12)
+    finally:
+        for c in conns:
+            await c.close()
+    history = tmp_path / "history.jsonl"
+    recorder.dump(history)
+    report = check(recorder.events)
+    print(f"\nlist-append under nemesis: {outcomes}, {nemesis.faults} faults; "
+          f"{report.summary().splitlines()[0]}; history in {history}")
+    assert report.ok, report.summary()
+    assert outcomes["ok"] > 50 and nemesis.faults >= 3
+    assert outcomes["info"] + outcomes["fail"] > 0, "the clients never noticed a fault"
+    # the command line agrees
+    r = run_cli("check", str(history))
+    assert r.returncode == 0, r.stdout + r.stderr
