@@ -201,6 +201,7 @@ class Coordinator:
         )
         stale: list[Stale] = []
         error: BaseException | None = None
+        refused = False
         skip = {s for s, r in zip(ids, results, strict=True)
                 if not isinstance(r, BaseException) and r.kind is VoteKind.NOTHING}
         for r in results:
@@ -209,10 +210,16 @@ class Coordinator:
                 if error is None or _precedence(r) < _precedence(error):
                     error = r
             elif r.kind is VoteKind.NO:
+                refused = True
                 stale.extend(r.stale)
         if error is not None and not isinstance(error, OribusError):
             raise error
-        commit = error is None and not stale
+        # Any NO vote aborts, even one naming no key: a participant holding an ABORTED
+        # tombstone for this commit id (an earlier attempt was aborted there) votes NO with
+        # nothing stale. Deciding on ``stale`` alone let a retry of that id commit at the
+        # primary while the tombstoned participant never applied its part (a partial
+        # commit, found by the deterministic simulation, tests/consistency/test_simulation.py).
+        commit = error is None and not refused
         try:
             decision = await self._shard(primary).decide(commit_id, commit)
         except OribusError as e:
