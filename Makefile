@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast crash lint bench soak system-deps clean
+.PHONY: demo test test-fast crash lint bench soak spec system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +15,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/oribus demo
 
-# Debian packages the tests drive for real: etcd (cluster mode) and headless Chromium
-# (the dashboard's browser test).
+# Debian packages the tests drive for real: etcd (cluster mode), headless Chromium
+# (the dashboard's browser test) and the SPIN model checker (the protocol model).
 system-deps:
 	@missing=""; \
 	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
+	command -v spin >/dev/null || missing="$$missing spin"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
@@ -38,6 +39,12 @@ test-fast: $(STAMP)
 SOAK_SECONDS ?= 1800
 soak: $(STAMP) system-deps
 	ORIBUS_NEMESIS_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s -p no:cacheprovider -o timeout=0 tests/e2e/test_nemesis.py
+
+# The commit protocol model (specs/PROTOCOL.md): SPIN verifies specs/model/oribus.pml
+# exhaustively and must find a counterexample in every specs/model/broken_*.pml.
+spec:
+	@command -v spin >/dev/null || (apt-get update -qq && apt-get install -y -qq spin)
+	$(PYTHON) specs/model/check.py --cycles
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check oribus tests benchmarks

@@ -1,0 +1,633 @@
+/*
+ * oribus commit protocol: a Promela model, checked exhaustively with SPIN.
+ *
+ * specs/PROTOCOL.md is the prose; section and invariant numbers (§n, I-n) refer to it.
+ * specs/model/check.py builds and runs this model and its broken variants.
+ *
+ * What is modelled
+ *   shards     a versioned store, a delivery log, write intents and read locks, an epoch,
+ *              and one record per transaction, both in memory (vol) and in the fsynced
+ *              prefix of the WAL (dur);
+ *   sessions   read (each read recorded as a delivery; a read of a key under a write
+ *              intent waits), then commit: one phase on a single shard, or two phases
+ *              with the decision recorded by compare-and-set on the primary; the session
+ *              process is also the bus that coordinates its commit, and may crash;
+ *   environment  the recovery sweep (and readers tired of waiting), which may resolve any
+ *              prepared transaction through its primary at any moment ("anyone may abort
+ *              through the primary"); background WAL flushes; shard crashes (memory and
+ *              delivery log lost, new epoch, recovery from the durable log).
+ * Values are abstracted to versions.
+ *
+ * Configuration: 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default 1), shared by
+ * the shards and the two 2PC coordinators:
+ *
+ *   keys        K0 -> S0,   K1 -> S1,   K2 -> S1
+ *   A (txn 0)   reads K0, K2 (S0 first)   writes K0, K2   2PC, primary S0
+ *   B (txn 1)   reads K2, K0 (S1 first)   writes K1       2PC, primary S1; S0 only
+ *                                                          validates and read-locks K0
+ *   C (txn 2)   reads K1                  writes K2       1PC on S1
+ *
+ * A's writes span both shards (a partial commit would show) and B reads both of them
+ * (stale reads across shards); B and C are a write skew on S1; A and C write the same
+ * key; A, B and C all contend for S1.
+ *
+ * Deliberately broken variants, each of which must yield a counterexample (-D at spin -a;
+ * specs/model/broken_*.pml define one each and include this file):
+ *   BROKEN_SKIP_VALIDATION  prepare and one-phase commit skip the ORI version check
+ *   BROKEN_NO_CAS           the primary's decide overwrites ABORTED with COMMITTED
+ *   BROKEN_EARLY_ACK        the primary applies and answers COMMITTED before its
+ *                           decision record is fsynced
+ *   BROKEN_NO_EPOCH         a participant ignores the session's epoch, so a restarted
+ *                           shard validates against its now empty delivery log
+ *   BROKEN_READ_THROUGH     reads do not wait for write intents
+ */
+
+#ifndef MAXCRASH
+#define MAXCRASH 1
+#endif
+
+#ifdef ONLY_LTL
+/* the model's own assertions off: a run can then fail only through its ltl property */
+#define assert(e) skip
+#endif
+
+#define NS 2            /* shards */
+#define NK 3            /* keys */
+#define NT 3            /* transactions = sessions (one commit attempt each) */
+
+/* a shard's record of a transaction (oribus/shards/txn.py) */
+#define NONE      0
+#define PREPARED  1
+#define COMMITTED 2
+#define ABORTED   3
+
+/* votes of phase one, and answers of a one-phase commit (besides COMMITTED) */
+#define YES       11
+#define NO        12    /* a conflict: stale read or lock held (a 1PC answers Conflict) */
+#define EXPIRED   13    /* SessionExpired: the token's epoch is not the shard's */
+#define NOTHING   14    /* a non-primary with nothing to write or lock: out of phase two */
+
+/* Protocol events are printed as "EV ..." lines when a trail is replayed (pan -r); check.py
+   spells out the {state:n} and {vote:n} codes. A search executes no printf. */
+
+#define SHARD(k)    ((k) == 0 -> 0 : 1)
+#define RMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 5 : 2))    /* keys read:    bit k = Kk */
+#define WMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 2 : 4))    /* keys written: bit k = Kk */
+#define FIRST(t)    ((t) == 0 -> 0 : 1)                      /* the shard read first */
+#define BIT(m, k)   (((m) >> (k)) & 1)
+#define KEYS_ON(s)  ((s) == 0 -> 1 : 6)                      /* keys of a shard, as a mask */
+/* the primary: the shard of the smallest written key */
+#define PRIMARY(t)  (BIT(WMASK(t), 0) -> SHARD(0) : (BIT(WMASK(t), 1) -> SHARD(1) : SHARD(2)))
+/* the same, spelled without ?: expressions, which an ltl formula would read as implications */
+#define PRIMARY_0   0
+#define PRIMARY_1   1
+#define PRIMARY_2   1
+
+#define AT(s, t)    ((s) * NT + (t))    /* a shard's record of a transaction */
+#define KT(t, k)    ((t) * NK + (k))    /* a (transaction, key) pair */
+#define TS(t, s)    ((t) * NS + (s))    /* a (session, shard) pair */
+
+/* ---- shards ------------------------------------------------------------------------ */
+byte ver[NK];           /* current version per key (memory; rebuilt from the WAL) */
+byte wl[NK];            /* write intent: holder txn + 1, 0 = none */
+byte rl[NK];            /* read locks: bitmask of holder txns */
+byte vol[NS * NT];      /* a shard's record of a txn, in memory */
+byte dur[NS * NT];      /* the same record in the fsynced prefix of the WAL */
+byte tver[NT * NK];     /* version a txn writes to a key (its PREPARE / 1PC record) */
+byte prl[NT];           /* keys a txn read-locks (its PREPARE record) */
+byte epoch[NS];         /* new on every start of a shard */
+/*
+ * Delivery log: version + 1 delivered to a session, 0 = none. A shard keeps it in memory
+ * only: an entry counts on shard s only while s is still in the epoch the session's
+ * token names (each session reads each shard once, so that is the epoch of the read).
+ * The same array is the ghost record of what the session actually read.
+ */
+byte dlog[NT * NK];
+#define LOGGED(t, k) (tok[TS(t, SHARD(k))] == epoch[SHARD(k)] + 1 && dlog[KT(t, k)] != 0)
+/* ---- sessions ---------------------------------------------------------------------- */
+byte tok[NT * NS];      /* the first token (epoch + 1) a session got from a shard */
+byte crashes;           /* crashes so far, of shards and coordinators */
+byte sessions_done;
+/* ---- ghosts: they observe and never steer --------------------------------------------- */
+byte cver[NK];          /* version written by the last txn whose commit point passed */
+bit committed[NT];      /* the commit point passed: COMMITTED recorded (1PC or primary) */
+bit aborted[NT];        /* the primary recorded ABORTED */
+bit acked[NT];          /* the session was told its commit succeeded */
+bit stale_commit;       /* some commit point passed with a stale read (I-1 broken) */
+bit partial_read;       /* some read saw part of a commit, or an uncommitted write (I-2) */
+
+/* ---- invariants: asserted by Monitor in every state, and stated in LTL --------------- */
+/* I-1 is asserted at each commit point (commit_point), I-2 also at each read
+   (read_shard); the ghost bits stale_commit and partial_read carry those to LTL */
+/* I-4: no transaction is both committed and aborted */
+#define NOT_BOTH(t)       (!(committed[t] && aborted[t]))
+/* I-3: an acknowledged commit's COMMITTED record is in its primary's durable log */
+#define ACK_DURABLE(t, p) (!acked[t] || (committed[t] && dur[AT(p, t)] == COMMITTED))
+/* I-2: a key not under a write intent shows exactly its last committed version */
+#define VISIBLE(k)        (wl[k] != 0 || ver[k] == cver[k])
+#define INV_NOT_BOTH      (NOT_BOTH(0) && NOT_BOTH(1) && NOT_BOTH(2))
+#define INV_ACK_DURABLE   (ACK_DURABLE(0, PRIMARY_0) && ACK_DURABLE(1, PRIMARY_1) && \
+                           ACK_DURABLE(2, PRIMARY_2))
+#define INV_VISIBLE       (VISIBLE(0) && VISIBLE(1) && VISIBLE(2))
+
+ltl no_stale_read_at_commit        { [] !stale_commit }
+ltl not_both_committed_and_aborted { [] INV_NOT_BOTH }
+ltl acknowledged_is_durable        { [] INV_ACK_DURABLE }
+ltl all_or_nothing_visibility      { [] (INV_VISIBLE && !partial_read) }
+
+/*
+ * fsync on shard s: every record appended so far becomes durable. Read locks of a
+ * durably resolved transaction, and the writes of a durably aborted one, are never
+ * needed again on s; clearing them keeps equal futures equal states.
+ */
+inline fsync(s) {
+    for (i : 0 .. NT - 1) {
+        dur[AT(s, i)] = vol[AT(s, i)];
+        if
+        :: dur[AT(s, i)] == COMMITTED || dur[AT(s, i)] == ABORTED ->
+            for (u : 0 .. NK - 1) {
+                if
+                :: SHARD(u) == s ->
+                    prl[i] = prl[i] & ~(1 << u);
+                    if
+                    :: dur[AT(s, i)] == ABORTED -> tver[KT(i, u)] = 0
+                    :: else -> skip
+                    fi
+                :: else -> skip
+                fi
+            }
+        :: else -> skip
+        fi
+    }
+    u = 0
+}
+
+/*
+ * Once every crash has happened nothing can tell whether a record is durable, so it is
+ * flushed at once: that merges states which differ only in unobservable flush timing.
+ */
+inline quiet_flush(s) {
+    if
+    :: crashes >= MAXCRASH -> fsync(s)
+    :: else -> skip
+    fi
+}
+
+/* I-1: at a commit point every key the session read still has the version it read */
+inline commit_point(t) {
+    printf("EV %c: commit point: every read is checked against the committed versions\n", 'A' + t);
+    for (i : 0 .. NK - 1) {
+        if
+        :: BIT(RMASK(t), i) && dlog[KT(t, i)] != 0 && dlog[KT(t, i)] - 1 != cver[i] ->
+            stale_commit = 1
+        :: else -> skip
+        fi
+    }
+    assert(!stale_commit);
+    committed[t] = 1;
+    for (i : 0 .. NK - 1) {
+        if
+        :: BIT(WMASK(t), i) -> cver[i] = tver[KT(t, i)]
+        :: else -> skip
+        fi
+    }
+}
+
+inline unlock(t, s) {
+    for (i : 0 .. NK - 1) {
+        if
+        :: SHARD(i) == s ->
+            rl[i] = rl[i] & ~(1 << t);
+            if
+            :: wl[i] == t + 1 -> wl[i] = 0
+            :: else -> skip
+            fi
+        :: else -> skip
+        fi
+    }
+}
+
+/* make t's writes on shard s visible and release its locks there */
+inline apply_and_unlock(t, s) {
+    for (i : 0 .. NK - 1) {
+        if
+        :: SHARD(i) == s && BIT(WMASK(t), i) -> ver[i] = tver[KT(t, i)]
+        :: else -> skip
+        fi
+    }
+    unlock(t, s)
+}
+
+#ifdef BROKEN_NO_EPOCH
+#define TOKEN_OK(t, s) 1
+#else
+#define TOKEN_OK(t, s) (tok[TS(t, s)] == 0 || tok[TS(t, s)] == epoch[s] + 1)
+#endif
+
+/*
+ * The ORI rule for t's part on shard s (§2): every logged delivery still current; no key
+ * written or read under another txn's write intent; no written key under another txn's
+ * read lock (no-wait). Sets ok.
+ */
+inline validate(t, s) {
+    ok = 1;
+    for (i : 0 .. NK - 1) {
+        if
+        :: SHARD(i) == s ->
+#ifndef BROKEN_SKIP_VALIDATION
+            if
+            :: LOGGED(t, i) && dlog[KT(t, i)] - 1 != ver[i] -> ok = 0
+            :: else -> skip
+            fi;
+#endif
+            if
+            :: (BIT(WMASK(t), i) || LOGGED(t, i)) && wl[i] != 0 && wl[i] != t + 1 -> ok = 0
+            :: else -> skip
+            fi;
+            if
+            :: BIT(WMASK(t), i) && (rl[i] & ~(1 << t)) != 0 -> ok = 0
+            :: else -> skip
+            fi
+        :: else -> skip
+        fi
+    }
+}
+
+/*
+ * A read of t's keys on shard s (§4): waits while any of them is under a write intent,
+ * then returns the current versions and records them as deliveries; the first token
+ * from s is kept. Checks I-2 as a reader sees it.
+ */
+inline read_shard(t, s) {
+    d_step {
+#ifndef BROKEN_READ_THROUGH
+        !((SHARD(0) == s && BIT(RMASK(t), 0) && wl[0] != 0) ||
+          (SHARD(1) == s && BIT(RMASK(t), 1) && wl[1] != 0) ||
+          (SHARD(2) == s && BIT(RMASK(t), 2) && wl[2] != 0));
+#endif
+        for (i : 0 .. NK - 1) {
+            if
+            :: SHARD(i) == s && BIT(RMASK(t), i) ->
+                printf("EV %c: reads K%d at version %d\n", 'A' + t, i, ver[i]);
+                /* I-2a: a read returns exactly the last committed version */
+                if
+                :: ver[i] != cver[i] -> partial_read = 1
+                :: else -> skip
+                fi;
+                /* I-2b: a transaction seen in an earlier read is seen in this one too */
+                for (u : 0 .. NT - 1) {
+                    if
+                    :: BIT(seen, u) && BIT(WMASK(u), i) && ver[i] < tver[KT(u, i)] -> partial_read = 1
+                    :: else -> skip
+                    fi
+                }
+                assert(!partial_read);
+                for (u : 0 .. NT - 1) {
+                    if
+                    :: committed[u] && BIT(WMASK(u), i) && tver[KT(u, i)] <= ver[i] ->
+                        seen = seen | (1 << u)
+                    :: else -> skip
+                    fi
+                }
+                dlog[KT(t, i)] = ver[i] + 1
+            :: else -> skip
+            fi
+        }
+        if
+        :: tok[TS(t, s)] == 0 && (RMASK(t) & KEYS_ON(s)) != 0 -> tok[TS(t, s)] = epoch[s] + 1
+        :: else -> skip
+        fi;
+        i = 0; u = 0
+    }
+}
+
+/*
+ * Phase one on shard s (§5.3): a known transaction answers from its record (a tombstone
+ * votes NO); otherwise check the token, validate, lock, append PREPARE and fsync, vote.
+ * A NO (or SessionExpired) clears commit; a NOTHING vote (a non-primary with nothing to
+ * write or lock) takes s out of phase two.
+ */
+inline prepare(t, s) {
+    d_step {
+        if
+        :: vol[AT(s, t)] == PREPARED || vol[AT(s, t)] == COMMITTED -> vote = YES
+        :: vol[AT(s, t)] == ABORTED -> commit = 0; vote = NO
+        :: else ->
+            if
+            :: !TOKEN_OK(t, s) -> commit = 0; vote = EXPIRED
+            :: else ->
+                validate(t, s);
+                if
+                :: !ok -> commit = 0; vote = NO
+                :: else ->
+                    has = 0;
+                    for (i : 0 .. NK - 1) {
+                        if
+                        :: SHARD(i) == s && BIT(WMASK(t), i) ->
+                            has = 1; wl[i] = t + 1; tver[KT(t, i)] = ver[i] + 1
+                        :: SHARD(i) == s && !BIT(WMASK(t), i) && LOGGED(t, i) ->
+                            has = 1; rl[i] = rl[i] | (1 << t); prl[t] = prl[t] | (1 << i)
+                        :: else -> skip
+                        fi
+                    }
+                    if
+                    :: !has && s != PRIMARY(t) -> parts = parts & ~(1 << s); vote = NOTHING
+                    :: else -> vol[AT(s, t)] = PREPARED; fsync(s); vote = YES
+                    fi
+                fi
+            fi
+        fi;
+        printf("EV %c: prepare on S%d: votes {vote:%d}\n", 'A' + t, s, vote);
+        i = 0; has = 0; ok = 0; vote = 0
+    }
+}
+
+/*
+ * The decision on the primary p: compare-and-set PREPARED -> COMMITTED, anything else ->
+ * ABORTED (a tombstone if p never prepared t), fsynced. This record is the commit point
+ * (§5.4). out is t's state on p afterwards.
+ */
+inline decide_body(t, p, commit, out) {
+    if
+#ifdef BROKEN_NO_CAS
+    /* the outcome is written without comparing: a late commit overwrites an abort */
+    :: commit && vol[AT(p, t)] == ABORTED ->
+        vol[AT(p, t)] = COMMITTED; fsync(p);
+        commit_point(t);
+        apply_and_unlock(t, p)
+#endif
+    :: vol[AT(p, t)] == COMMITTED || vol[AT(p, t)] == ABORTED -> skip
+    :: commit && vol[AT(p, t)] == PREPARED ->
+        vol[AT(p, t)] = COMMITTED;
+#ifndef BROKEN_EARLY_ACK
+        fsync(p);
+#endif
+        commit_point(t);
+        apply_and_unlock(t, p)
+    :: else ->
+        if
+        :: vol[AT(p, t)] == PREPARED -> unlock(t, p)
+        :: else -> skip
+        fi;
+        vol[AT(p, t)] = ABORTED; fsync(p);
+        aborted[t] = 1
+    fi;
+    out = vol[AT(p, t)];
+    printf("EV %c: primary S%d, {ask:%d}, records {state:%d}{durable:%d}\n",
+           'A' + t, p, commit, out, dur[AT(p, t)] == out)
+}
+
+/*
+ * Phase two on a non-primary participant s (§5.5): apply the decision. Its COMMIT/ABORT record
+ * is appended but not waited for: a restart finds t PREPARED and asks the primary.
+ */
+inline finish_body(t, s, commit) {
+    if
+    :: commit && vol[AT(s, t)] == PREPARED ->
+        vol[AT(s, t)] = COMMITTED; apply_and_unlock(t, s)
+    :: !commit && vol[AT(s, t)] == PREPARED ->
+        vol[AT(s, t)] = ABORTED; unlock(t, s)
+    :: !commit && vol[AT(s, t)] == NONE ->
+        vol[AT(s, t)] = ABORTED                 /* tombstone */
+    :: else -> skip                             /* resolved already, or unknown */
+    fi;
+    quiet_flush(s);
+    printf("EV %c: finish on S%d: {state:%d}{durable:%d}\n",
+           'A' + t, s, vol[AT(s, t)], dur[AT(s, t)] == vol[AT(s, t)])
+}
+
+/* A coordinator (the bus) may crash here; the recovery sweep resolves what it left. */
+#define MAY_CRASH \
+    if \
+    :: d_step { crashes < MAXCRASH -> crashes++; \
+                printf("EV %c: the bus coordinating its commit crashes\n", 'A' + t); \
+                quiet_flush(0); quiet_flush(1); i = 0 }; \
+       goto gone \
+    :: skip \
+    fi
+
+proctype Session(byte t) {
+    byte i, u, seen, ok, has, vote, out, s, parts, prim;
+    bit commit;
+
+    /* the reads, one request per shard */
+    read_shard(t, FIRST(t));
+    if
+    :: t != 2 -> read_shard(t, 1 - FIRST(t))
+    :: else -> skip
+    fi;
+
+    /* participants: the shards written, and every shard the session holds a token for */
+    atomic {
+        seen = 0;
+        for (i : 0 .. NK - 1) {
+            if
+            :: BIT(WMASK(t), i) -> parts = parts | (1 << SHARD(i))
+            :: else -> skip
+            fi
+        }
+        for (i : 0 .. NS - 1) {
+            if
+            :: tok[TS(t, i)] != 0 -> parts = parts | (1 << i)
+            :: else -> skip
+            fi
+        }
+        i = 0;
+        prim = PRIMARY(t)
+    }
+
+    if
+    :: parts == 1 || parts == 2 ->
+        /* one phase (§5.2): validate, lock, append, fsync, apply; one step here */
+        d_step {
+            s = (parts == 1 -> 0 : 1);
+            if
+            :: !TOKEN_OK(t, s) -> out = EXPIRED
+            :: else ->
+                validate(t, s);
+                if
+                :: ok ->
+                    for (i : 0 .. NK - 1) {
+                        if
+                        :: BIT(WMASK(t), i) -> tver[KT(t, i)] = ver[i] + 1
+                        :: else -> skip
+                        fi
+                    }
+                    vol[AT(s, t)] = COMMITTED; fsync(s);
+                    commit_point(t);
+                    apply_and_unlock(t, s);
+                    out = COMMITTED
+                :: else -> out = NO
+                fi
+            fi;
+            printf("EV %c: one-phase commit on S%d: {vote:%d}\n", 'A' + t, s, out);
+            if
+            :: out == COMMITTED -> acked[t] = 1
+            :: else -> skip
+            fi;
+            i = 0; ok = 0
+        }
+    :: else ->
+        /* two phases: prepare everywhere, decide on the primary, finish elsewhere */
+        commit = 1;
+        /* the bus sends the prepares concurrently: they may land in either order */
+        if
+        :: s = 0
+        :: s = 1
+        fi;
+        if
+        :: BIT(parts, s) -> prepare(t, s)
+        :: else -> skip
+        fi;
+        s = 1 - s;
+        if
+        :: BIT(parts, s) -> prepare(t, s)
+        :: else -> skip
+        fi;
+        MAY_CRASH;      /* the bus dies after phase one */
+        atomic { decide_body(t, prim, commit, out); i = 0 }
+        MAY_CRASH;      /* the bus dies after the commit point, before phase two */
+        for (s : 0 .. NS - 1) {
+            if
+            :: s != prim && BIT(parts, s) ->
+                d_step { finish_body(t, s, (out == COMMITTED)); i = 0 }
+            :: else -> skip
+            fi
+        }
+        if
+        :: out == COMMITTED ->
+            d_step {
+                acked[t] = 1;
+                printf("EV %c: the client is told: committed\n", 'A' + t);
+                /* I-3, at the moment of the answer */
+                assert(dur[AT(prim, t)] == COMMITTED)
+            }
+        :: else -> skip
+        fi
+    fi;
+gone:
+    /* the session is finished: drop what only it could use (fewer distinct states) */
+    skip;
+    d_step {
+        sessions_done++;
+        for (i : 0 .. NK - 1) { dlog[KT(t, i)] = 0 }
+        for (i : 0 .. NS - 1) { tok[TS(t, i)] = 0 }
+        i = 0; u = 0; seen = 0; ok = 0; has = 0; out = 0; s = 0; parts = 0; prim = 0;
+        commit = 0
+    }
+}
+
+/* Shard s stops and starts again (§6.1): memory is lost, the durable WAL prefix is replayed. */
+inline crash_shard(s) {
+    crashes++;
+    epoch[s]++;
+    printf("EV S%d crashes: memory and delivery log lost; restarts from its fsynced WAL\n", s);
+    for (i : 0 .. NT - 1) { vol[AT(s, i)] = dur[AT(s, i)] }
+    for (i : 0 .. NK - 1) {
+        if
+        :: SHARD(i) == s ->
+            wl[i] = 0; rl[i] = 0; ver[i] = 0;
+            for (u : 0 .. NT - 1) {
+                if
+                :: dur[AT(s, u)] == COMMITTED && BIT(WMASK(u), i) && tver[KT(u, i)] > ver[i] ->
+                    ver[i] = tver[KT(u, i)]
+                :: else -> skip
+                fi;
+                /* a PREPARED transaction takes back its write intents and read locks */
+                if
+                :: dur[AT(s, u)] == PREPARED && BIT(WMASK(u), i) -> wl[i] = u + 1
+                :: else -> skip
+                fi;
+                if
+                :: dur[AT(s, u)] == PREPARED && BIT(prl[u], i) -> rl[i] = rl[i] | (1 << u)
+                :: else -> skip
+                fi
+            }
+        :: else -> skip
+        fi
+    }
+    quiet_flush(0); quiet_flush(1);
+    i = 0; u = 0
+}
+
+/*
+ * Recovery of t, found PREPARED on shard s (§6.2): ask the primary, which answers its outcome or
+ * records an abort now (always safe), then finish t on s.
+ */
+inline resolve(x) {
+    s = x / NT; t = x % NT; prim = PRIMARY(t);
+    printf("EV recovery: %c is PREPARED on S%d; asks its primary S%d\n", 'A' + t, s, prim);
+    decide_body(t, prim, 0, out);
+    finish_body(t, s, (out == COMMITTED));
+    s = 0; t = 0; prim = 0; out = 0; i = 0
+}
+
+#define ANY_PREPARED \
+    (vol[0] == PREPARED || vol[1] == PREPARED || vol[2] == PREPARED || \
+     vol[3] == PREPARED || vol[4] == PREPARED || vol[5] == PREPARED)
+#define UNSYNCED(s) \
+    (vol[AT(s, 0)] != dur[AT(s, 0)] || vol[AT(s, 1)] != dur[AT(s, 1)] || \
+     vol[AT(s, 2)] != dur[AT(s, 2)])
+
+/* The recovery sweep, background flushes and shard crashes, at any moment. */
+proctype Environment() {
+    byte i, u, x, t, s, out, prim;
+end:
+    do
+    :: atomic {
+           ANY_PREPARED ->
+           if      /* any one of them */
+           :: vol[0] == PREPARED -> x = 0
+           :: vol[1] == PREPARED -> x = 1
+           :: vol[2] == PREPARED -> x = 2
+           :: vol[3] == PREPARED -> x = 3
+           :: vol[4] == PREPARED -> x = 4
+           :: vol[5] == PREPARED -> x = 5
+           fi;
+           d_step { resolve(x); x = 0 }
+       }
+    :: d_step { crashes < MAXCRASH && UNSYNCED(0) -> fsync(0); i = 0; printf("EV S0 flushes\n") }
+    :: d_step { crashes < MAXCRASH && UNSYNCED(1) -> fsync(1); i = 0; printf("EV S1 flushes\n") }
+    :: d_step { crashes < MAXCRASH -> crash_shard(0) }
+    :: d_step { crashes < MAXCRASH -> crash_shard(1) }
+    :: sessions_done == NT && !ANY_PREPARED -> break
+    od;
+    /* quiescent: every decision applied everywhere, nothing of an undecided txn visible */
+    atomic {
+        for (i : 0 .. NK - 1) {
+            assert(wl[i] == 0 && rl[i] == 0);
+            assert(ver[i] == cver[i])
+        }
+        for (t : 0 .. NT - 1) {
+            assert(NOT_BOTH(t));
+            assert(!acked[t] || (committed[t] && dur[AT(PRIMARY(t), t)] == COMMITTED));
+            for (i : 0 .. NK - 1) {
+                if
+                :: acked[t] && BIT(WMASK(t), i) -> assert(ver[i] >= tver[KT(t, i)])
+                :: else -> skip
+                fi
+            }
+        }
+        i = 0; t = 0
+    }
+}
+
+/* Asserts the invariants I-2, I-3, I-4 in every reachable state (as the ltl blocks do). */
+proctype Monitor() {
+end:
+    atomic {
+        !(INV_NOT_BOTH && INV_ACK_DURABLE && INV_VISIBLE) ->
+        assert(INV_NOT_BOTH); assert(INV_ACK_DURABLE); assert(INV_VISIBLE)
+    }
+}
+
+init {
+    atomic {
+        assert(PRIMARY(0) == PRIMARY_0 && PRIMARY(1) == PRIMARY_1 && PRIMARY(2) == PRIMARY_2);
+        run Monitor();
+        run Environment();
+        run Session(0);
+        run Session(1);
+        run Session(2)
+    }
+}
