@@ -34,10 +34,13 @@ test: $(STAMP) system-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m 'not slow' tests
 
-# Long fault-injection runs: the nemesis tests against an etcd cluster of real processes
+# Long fault-injection runs: SOAK_SEEDS seeds of the deterministic simulation, then the
+# nemesis tests against an etcd cluster of real processes
 # for SOAK_SECONDS each (default 30 minutes), histories checked by oribus check.
 SOAK_SECONDS ?= 1800
+SOAK_SEEDS ?= 300
 soak: $(STAMP) system-deps
+	$(PY) -m oribus.sim --seeds $(SOAK_SEEDS) --duration 4
 	ORIBUS_NEMESIS_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s -p no:cacheprovider -o timeout=0 tests/e2e/test_nemesis.py
 
 # The commit protocol model (specs/PROTOCOL.md): SPIN verifies specs/model/oribus.pml

@@ -91,7 +91,10 @@ async def _run_one(session: Any, recorder: Recorder, process: str, ops: list[lis
         if not tx.sent or isinstance(e, _DEFINITE):
             recorder.fail(tid, e.code, tx.commit_id)
             if isinstance(e, SessionExpired):
-                await session.reset_session()
+                try:
+                    await session.reset_session()
+                except OribusError:
+                    pass  # the bus is unreachable: the next transaction fails and tries again
             return "fail"
         recorder.info(tid, e.code, tx.commit_id)
         return "info"

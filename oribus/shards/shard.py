@@ -276,6 +276,13 @@ class Shard(ShardService):
                     await self._wait_for(result.blockers, left)
                     continue
                 self.counters["conflicts"] += 1
+                # Remember the refusal as an ABORTED tombstone, as a two-phase abort leaves:
+                # a delayed or duplicated copy of this commit id that arrives after the client
+                # was told Conflict (and, say, re-read or forgot the stale key) must get the
+                # same answer, not commit (found by the deterministic simulation). In memory
+                # only: after a restart, a copy from a session that read here is refused by
+                # the epoch in its token instead.
+                self.core.apply_abort(txn.txn_id)
                 return TxnOutcome(TxnState.ABORTED, stale=result.stale)
             if isinstance(result, Known):
                 return await self._known_outcome(result.txn)

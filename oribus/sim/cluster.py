@@ -1,0 +1,750 @@
+"""A whole oribus cluster in one process, on the simulated network, with a fault scheduler.
+
+``SimCluster`` runs the real code of every server, only its surroundings are
+simulated (``loop.py``: virtual time and processes; ``disk.py``: the WAL and
+snapshots in memory; ``network.py``: messages)::
+
+    client-0 ─┐                      ┌─▶ shard-0 process: Shard (SimDisk), session upkeep
+    client-1 ─┼─▶ bus process ───────┼─▶ shard-1 process: ...
+    ...       │   Bus, Coordinator,  └─▶ ...            (a shard resolving a transaction
+              ┘   Recovery sweep                          reaches the others the same way)
+
+Every arrow is a ``SimNetwork`` message: the clients are ``AsyncSession``
+objects over a ``SimBusClient`` (as over ``oribus.connect``), the bus reaches
+its shards through ``SimShardClient`` (the third ``ShardService``).
+
+Faults (``Fault.kind``), each applied at ``at`` virtual seconds after the
+workload starts and undone ``duration`` seconds later:
+
+    crash          shard ``target`` dies: its tasks are cancelled, its memory (delivery
+                   log, locks, waiters) is gone, its WAL keeps only fsynced records plus
+                   ``int(amount)`` records of the batch being fsynced; calls in flight to
+                   it fail. It restarts after ``duration`` with a new epoch: Shard recovery
+                   replays the SimDisk, and sessions that had read from it fail closed.
+    crash_bus      the bus dies (every coordinator in flight: transactions stay prepared
+                   until the recovery sweep resolves them through their primary) and a
+                   fresh one (empty session table) starts after ``duration``
+    partition      every message to or from shard ``target`` is dropped (callers time out)
+    partition_bus  the same for the bus: clients and shards cannot reach it, nor it them
+    loss           each message is lost with probability ``amount``
+    duplicate      each request is delivered twice with probability ``amount`` (for the
+                   operations in ``NetworkConfig.duplicate_ops``)
+    pause          client ``target`` stalls (a slow agent) for ``duration``: if that is
+                   longer than the delivery-log TTL, its session expires on the shards,
+                   and a commit depending on reads made before the pause must fail with
+                   SessionExpired
+
+Time also expires leases on its own: a prepared transaction whose coordinator
+vanished is resolved by the bus's recovery sweep after ``txn_expiry_seconds``,
+and a session idle for ``session_ttl_seconds`` expires on every shard.
+
+``simulate(seed, config, faults)`` runs one complete, checked run: the
+list-append workload (``oribus.checker.run_list_append``, transaction scope)
+plus register clients that roll back, write in session scope and forget;
+the fault schedule; then it heals everything, restarts what is down, waits
+until no transaction is left prepared, reads the final state and histories
+(``record_final``) and checks the recorded history (``oribus.checker.check``).
+The same seed and schedule give the same run (see ``loop.py``), so every
+failure replays: ``SimResult.trace_hash`` fingerprints it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import oribus.client.session as client_session
+from oribus.bus.bus import Bus
+from oribus.bus.coordinator import CommitRequest, Coordinator
+from oribus.bus.recovery import Recovery
+from oribus.checker import Recorder, Report, check, record_final, run_list_append
+from oribus.checker.listappend import workload_keys
+from oribus.client.session import AsyncSession
+from oribus.delivery_log import DeliveryLogConfig
+from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
+from oribus.meta.slots import StaticSlotMap
+from oribus.shards.config import ShardConfig
+from oribus.shards.shard import Shard
+from oribus.sim.disk import DiskConfig, SimDisk
+from oribus.sim.loop import Process, SimLoop, run
+from oribus.sim.network import Endpoint, NetworkConfig, SimBusClient, SimNetwork, SimShardClient
+
+FAULT_KINDS = ("crash", "crash_bus", "partition", "partition_bus", "loss", "duplicate", "pause")
+WALL_CLOCK_ORIGIN = 1_700_000_000.0  # virtual "unix time" at virtual second 0 (commit stamps)
+_DEFINITE = (Conflict, SessionExpired, InvalidRequest)  # the commit certainly did not happen
+
+
+@dataclass
+class SimConfig:
+    """One simulated cluster and its workload (times are virtual seconds)."""
+
+    shards: int = 3  # shard processes
+    list_clients: int = 4  # list-append clients (transaction scope), one session each
+    register_clients: int = 1  # clients writing registers: rollbacks, session scope, forgets
+    list_keys: int = 6  # list-append keys (few: transactions conflict often)
+    register_keys: int = 3  # register keys
+    duration: float = 3.0  # virtual seconds the list-append clients run (register clients meanwhile)
+    txns: int | None = None  # ... or until this many list-append transactions were run in all
+    max_ops: int = 4  # micro-operations per list-append transaction
+    rollback_rate: float = 0.25  # register clients: share of operations that roll a key back
+    session_rate: float = 0.35  # register clients: share of writes made in session scope
+    forget_rate: float = 0.5  # before a session-scope write: chance to forget the other keys
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    session_ttl_seconds: float = 2.0  # delivery-log TTL on every shard
+    txn_expiry_seconds: float = 1.0  # the recovery sweep resolves prepared transactions older than this
+    recovery_interval: float = 0.25  # seconds between recovery sweeps of the bus
+    read_wait_seconds: float = 0.3  # a read of a key under a write intent waits this long
+    lock_wait_seconds: float = 0.2  # a one-phase commit waits this long for locks
+    snapshot_every_records: int = 1 << 40  # snapshot cadence (default: never)
+    shard_resolver: bool = True  # a blocked read resolves the transaction through its primary
+    history_limit: int = 1 << 30  # keep every version: the final check reads whole histories
+    max_seconds: float = 600.0  # a workload running longer than this is stuck (liveness failure)
+    unsafe_disable_validation: bool = False  # BROKEN on purpose: shards accept stale commits
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One fault of a schedule (see the module docstring for the kinds)."""
+
+    at: float  # virtual seconds after the workload starts
+    kind: str
+    target: int = 0  # shard id (crash, partition) or client index (pause); taken modulo the count
+    duration: float = 0.5  # until the restart / heal / end of the window / end of the pause
+    amount: float = 0.0  # loss and duplicate: the probability; crash: in-flight records kept
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}")
+
+    def describe(self) -> str:
+        what = {
+            "crash": f"crash shard {self.target} (keep {int(self.amount)} in-flight records)",
+            "crash_bus": "crash the bus",
+            "partition": f"partition shard {self.target}",
+            "partition_bus": "partition the bus",
+            "loss": f"lose {self.amount:.0%} of messages",
+            "duplicate": f"duplicate {self.amount:.0%} of requests",
+            "pause": f"pause client {self.target}",
+        }[self.kind]
+        return f"t={self.at:.3f}s {what} for {self.duration:.3f}s"
+
+
+class SimShard(Shard):
+    """The real ``Shard``, on the simulated clock and disk: only its four seams differ."""
+
+    def __init__(self, config: ShardConfig, epoch: int, disk: SimDisk, clock: Callable[[], float]) -> None:
+        # set before Shard.__init__: the participant and the delivery log take the clock there
+        self.clock = clock  # type: ignore[method-assign]
+        self.open_wal = disk.open_wal  # type: ignore[method-assign]
+        self.load_snapshot_file = disk.load_snapshot  # type: ignore[method-assign]
+        self.write_snapshot_file = disk.write_snapshot  # type: ignore[method-assign]
+        super().__init__(config, epoch)
+
+
+class _BusServer:
+    """What the bus process serves (``wire.BUS_OPS``): the Bus, with commits stamped on virtual time."""
+
+    def __init__(self, bus: Bus, stamp: Callable[[], float]) -> None:
+        self.bus = bus
+        self.stamp = stamp
+
+    async def read(self, session: Any, keys: list[str], record: bool = True) -> Any:
+        return await self.bus.read(session, keys, record)
+
+    async def commit(self, req: CommitRequest) -> Any:
+        req.committed_at = self.stamp()  # the coordinator would read the OS clock
+        return await self.bus.commit(req)
+
+    async def history(self, key: str, limit: int | None = None) -> Any:
+        return await self.bus.history(key, limit)
+
+    async def forget(self, session: Any, keys: list[str]) -> None:
+        await self.bus.forget(session, keys)
+
+    async def reset(self, session: Any) -> None:
+        await self.bus.reset(session)
+
+    async def stats(self) -> dict:
+        return {"sessions": len(self.bus.sessions), **self.bus.coordinator.counters}
+
+
+class _ClientConnection(SimBusClient):
+    """A client's connection to the bus.
+
+    * While the client is paused (a slow agent) its calls wait.
+    * After a call fails with Unavailable, the next one waits a jittered reconnect backoff
+      (as a gRPC channel does), so clients do not spin through failing transactions
+      while the bus is down or cut off.
+    """
+
+    paused_until = 0.0
+    retry_at = 0.0
+    backoff = (0.02, 0.1)  # seconds, uniform
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        while loop.time() < max(self.paused_until, self.retry_at):
+            await asyncio.sleep(max(self.paused_until, self.retry_at) - loop.time())
+        try:
+            return await super()._call(op, *params)
+        except Unavailable:
+            self.retry_at = loop.time() + self.network.rng.uniform(*self.backoff)
+            raise
+
+
+class _SimSession(AsyncSession):
+    """An SDK session whose ``reset_session`` keeps trying while the bus cannot be reached.
+
+    The workloads reset a session after SessionExpired; a client that cannot reach the
+    bus just tries again later (faults always end), rather than abandoning the run.
+    """
+
+    async def reset_session(self) -> None:
+        while True:
+            try:
+                return await super().reset_session()
+            except Unavailable:
+                await asyncio.sleep(0.05)
+
+
+class SimCluster:
+    """A bus and ``config.shards`` shards in simulated processes (see the module docstring).
+
+    Use inside ``oribus.sim.loop.run`` (a ``SimLoop``)::
+
+        cluster = SimCluster(seed=7)
+        await cluster.start()
+        session = cluster.session(0)
+        cluster.crash_shard(1)
+        await cluster.restart_shard(1)
+    """
+
+    def __init__(self, seed: int, config: SimConfig | None = None) -> None:
+        self.seed = seed
+        self.config = config or SimConfig()
+        self.slot_map = StaticSlotMap(self.config.shards)
+        self.events: list[tuple] = []  # the trace: (virtual time, kind, *details)
+        self.counters = {"faults": 0, "crashes": 0, "bus_crashes": 0, "tasks_killed": 0, "lost_records": 0}
+        self._epoch = 0
+        self._net_base = (self.config.network.loss, self.config.network.duplicate)
+        self._windows: dict[str, list[float]] = {"loss": [], "duplicate": []}
+        self._clients: dict[int, _ClientConnection] = {}
+        self._shard_totals: dict[str, int] = {}  # Shard.counters of every incarnation that ended
+        self.loop: SimLoop | None = None
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, SimLoop):
+            raise RuntimeError("SimCluster runs on a SimLoop (oribus.sim.loop.run)")
+        self.loop = loop
+        cfg = self.config
+        self.network = SimNetwork(
+            loop, random.Random(f"oribus-sim/{self.seed}/network"), replace(cfg.network), self.trace
+        )
+        self.disks = {
+            i: SimDisk(f"shard-{i}", random.Random(f"oribus-sim/{self.seed}/disk/{i}"), cfg.disk)
+            for i in range(cfg.shards)
+        }
+        self.shard_endpoints = {i: Endpoint(f"shard-{i}") for i in range(cfg.shards)}
+        self.bus_endpoint = Endpoint("bus")
+        for i in range(cfg.shards):
+            await self.restart_shard(i)
+        self.restart_bus()
+
+    def trace(self, kind: str, *details: Any) -> None:
+        now = self.loop.time() if self.loop is not None else 0.0
+        self.events.append((round(now, 9), kind, *details))
+
+    @property
+    def trace_hash(self) -> str:
+        """A fingerprint of the run: equal for two runs iff they did the same things at the same times."""
+        h = hashlib.sha256()
+        for ev in self.events:
+            h.update(repr(ev).encode())
+            h.update(b"\n")
+        return h.hexdigest()[:16]
+
+    def shard_config(self, shard_id: int) -> ShardConfig:
+        cfg = self.config
+        return ShardConfig(
+            shard_id=shard_id,
+            data_dir=Path(f"/simulated/shard-{shard_id}"),  # never touched: the SimDisk serves it
+            history_limit=cfg.history_limit,
+            snapshot_every_records=cfg.snapshot_every_records,
+            delivery_log=DeliveryLogConfig(ttl_seconds=cfg.session_ttl_seconds),
+            read_wait_seconds=cfg.read_wait_seconds,
+            lock_wait_seconds=cfg.lock_wait_seconds,
+            txn_expiry_seconds=cfg.txn_expiry_seconds,
+            unsafe_disable_validation=cfg.unsafe_disable_validation,
+        )
+
+    def shard(self, shard_id: int) -> SimShard | None:
+        """The running shard object (None while it is down)."""
+        return self.shard_endpoints[shard_id].target
+
+    # ---- shards -----------------------------------------------------------------------
+
+    async def restart_shard(self, shard_id: int) -> None:
+        """Start shard ``shard_id`` (again): a new process and epoch, recovered from its SimDisk."""
+        ep = self.shard_endpoints[shard_id]
+        if ep.process is not None:
+            return
+        assert self.loop is not None
+        self._epoch += 1
+        name = f"shard-{shard_id}"
+        process = Process(self.loop, name)
+        shard = SimShard(self.shard_config(shard_id), self._epoch, self.disks[shard_id], self.loop.time)
+        shard._recover()  # what Shard.open does (it would pick a wall-clock epoch)
+        if self.config.shard_resolver:
+            peers = {j: SimShardClient(self.network, name, j, self.shard_endpoints[j]) for j in self.shard_endpoints}
+            shard.resolver = Coordinator(peers, self.slot_map.shard_for).recover
+        ep.process, ep.target = process, shard
+        process.spawn(self._shard_upkeep(shard))
+        self.trace("start", name, self._epoch, shard.counters["replayed_records"], len(shard.core.prepared))
+
+    async def _shard_upkeep(self, shard: SimShard) -> None:
+        # as ShardServer._sweep: expire idle sessions now and then (reads also expire lazily)
+        while True:
+            await asyncio.sleep(self.config.recovery_interval)
+            shard.expire_sessions()
+
+    def crash_shard(self, shard_id: int, keep_in_flight: int = 0) -> None:
+        """Kill shard ``shard_id`` now: unsynced WAL records are lost (see ``SimDisk.crash``)."""
+        ep = self.shard_endpoints[shard_id]
+        process, shard = ep.process, ep.target
+        if process is None:
+            return
+        lost = self.disks[shard_id].crash(keep_in_flight)
+        self._add_shard_counters(shard)
+        shard._closed = True  # anything of it still referenced refuses to serve
+        ep.process = ep.target = None
+        killed = process.kill()
+        self.network.server_died(ep)
+        self.counters["crashes"] += 1
+        self.counters["tasks_killed"] += killed
+        self.counters["lost_records"] += lost
+        self.trace("crash", ep.name, lost, killed)
+
+    # ---- the bus ------------------------------------------------------------------------
+
+    def restart_bus(self) -> None:
+        """Start the bus (again): a new process, an empty session table, a recovery sweep."""
+        ep = self.bus_endpoint
+        if ep.process is not None:
+            return
+        assert self.loop is not None
+        process = Process(self.loop, "bus")
+        shards = {i: SimShardClient(self.network, "bus", i, self.shard_endpoints[i]) for i in self.shard_endpoints}
+        bus = Bus(shards, self.slot_map.shard_for)
+        recovery = Recovery(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
+                            interval=self.config.recovery_interval)
+        ep.process, ep.target = process, _BusServer(bus, self.wall_clock)
+        self.recovery = recovery
+        process.spawn(recovery.run_forever())
+        self.trace("start", "bus")
+
+    def crash_bus(self) -> None:
+        ep = self.bus_endpoint
+        process = ep.process
+        if process is None:
+            return
+        ep.process = ep.target = None
+        killed = process.kill()
+        self.network.server_died(ep)
+        self.counters["bus_crashes"] += 1
+        self.counters["tasks_killed"] += killed
+        self.trace("crash", "bus", 0, killed)
+
+    def wall_clock(self) -> float:
+        assert self.loop is not None
+        return WALL_CLOCK_ORIGIN + self.loop.time()
+
+    # ---- clients --------------------------------------------------------------------------
+
+    def session(self, index: int, agent: str | None = None) -> AsyncSession:
+        """A new SDK session of client ``index`` (its own connection to the bus)."""
+        client = self._clients.get(index)
+        if client is None:
+            client = self._clients[index] = _ClientConnection(self.network, f"client-{index}", self.bus_endpoint)
+        return _SimSession(client, agent or f"agent-{index}", f"s{index}")
+
+    # ---- faults ---------------------------------------------------------------------------
+
+    def _set_rates(self) -> None:
+        base_loss, base_dup = self._net_base
+        self.network.config.loss = max([base_loss, *self._windows["loss"]])
+        self.network.config.duplicate = max([base_dup, *self._windows["duplicate"]])
+
+    async def inject(self, fault: Fault, origin: float) -> None:
+        """Apply ``fault`` at ``origin + fault.at``, undo it ``fault.duration`` later."""
+        assert self.loop is not None
+        await asyncio.sleep(max(0.0, origin + fault.at - self.loop.time()))
+        cfg = self.config
+        shard_id = fault.target % cfg.shards
+        self.counters["faults"] += 1
+        self.trace("fault", fault.kind, fault.target, fault.duration, fault.amount)
+        try:
+            if fault.kind == "crash":
+                self.crash_shard(shard_id, int(fault.amount))
+                await asyncio.sleep(fault.duration)
+            elif fault.kind == "crash_bus":
+                self.crash_bus()
+                await asyncio.sleep(fault.duration)
+            elif fault.kind in ("partition", "partition_bus"):
+                name = "bus" if fault.kind == "partition_bus" else f"shard-{shard_id}"
+                self.network.isolate(name)
+                try:
+                    await asyncio.sleep(fault.duration)
+                finally:
+                    self.network.heal(name)
+            elif fault.kind in ("loss", "duplicate"):
+                window = self._windows[fault.kind]
+                window.append(fault.amount)
+                self._set_rates()
+                try:
+                    await asyncio.sleep(fault.duration)
+                finally:
+                    window.remove(fault.amount)
+                    self._set_rates()
+            elif fault.kind == "pause" and self._clients:
+                indices = sorted(self._clients)
+                client = self._clients[indices[fault.target % len(indices)]]
+                client.paused_until = max(client.paused_until, self.loop.time() + fault.duration)
+        finally:
+            if fault.kind == "crash":
+                await self.restart_shard(shard_id)
+            elif fault.kind == "crash_bus":
+                self.restart_bus()
+            self.trace("fault-end", fault.kind, fault.target)
+
+    async def heal_all(self) -> None:
+        """End every fault: reconnect, restore the base rates, restart what is down, unpause."""
+        self.network.heal()
+        for w in self._windows.values():
+            w.clear()
+        self._set_rates()
+        for i in self.shard_endpoints:
+            await self.restart_shard(i)
+        self.restart_bus()
+        for client in self._clients.values():
+            client.paused_until = 0.0
+        self.trace("healed")
+
+    def _add_shard_counters(self, shard: SimShard) -> None:
+        for k, v in shard.counters.items():
+            self._shard_totals[k] = self._shard_totals.get(k, 0) + v
+
+    def shard_counters(self) -> dict[str, int]:
+        """``Shard.counters`` summed over every shard incarnation of the run so far."""
+        totals = dict(self._shard_totals)
+        for ep in self.shard_endpoints.values():
+            if ep.target is not None:
+                for k, v in ep.target.counters.items():
+                    totals[k] = totals.get(k, 0) + v
+        return totals
+
+    def unsettled(self) -> list[str]:
+        """Transactions some shard still holds prepared, and decisions not yet released."""
+        out = []
+        for i, ep in self.shard_endpoints.items():
+            shard = ep.target
+            if shard is None:
+                out.append(f"shard {i} is down")
+                continue
+            out += [f"{t} prepared on shard {i}" for t in shard.core.prepared]
+            out += [f"{t} unreleased on shard {i}" for t in shard.core.decisions]
+        return sorted(out)
+
+    async def settle(self, rounds: int = 40) -> list[str]:
+        """Let in-flight work finish and the recovery sweep resolve everything.
+
+        Returns what is still unsettled after ``rounds`` sweeps (empty: settled).
+        """
+        cfg = self.config
+        # every call in flight has had time to time out, and every prepared one to expire
+        await asyncio.sleep(cfg.network.call_timeout + cfg.txn_expiry_seconds)
+        left = self.unsettled()
+        for _ in range(rounds):
+            if not left:
+                break
+            await asyncio.sleep(cfg.recovery_interval)
+            left = self.unsettled()
+        self.trace("settled", len(left))
+        return left
+
+
+# ---- a checked run -----------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    """What one simulated run did and what the checker found."""
+
+    seed: int
+    faults: tuple[Fault, ...]
+    report: Report
+    trace_hash: str
+    counters: dict[str, Any]
+    history: list[dict]  # the recorded history (``specs/history.md``)
+    trace: list[tuple]
+    unsettled: list[str]  # transactions left prepared after healing (a liveness failure)
+    internal_errors: list[str]  # handlers that raised something not an OribusError; a failed final read
+    stuck: bool  # the workload did not finish within ``max_seconds`` (a liveness failure)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and not self.unsettled and not self.internal_errors and not self.stuck
+
+    def summary(self) -> str:
+        c = self.counters
+        lines = [
+            f"seed {self.seed}: {c['transactions']} transactions ({c['ok']} ok, {c['fail']} failed, "
+            f"{c['info']} unknown), {c['faults']} faults ({c['crashes']} shard crashes, "
+            f"{c['bus_crashes']} bus crashes, {c['lost_records']} unsynced WAL records lost), "
+            f"{c['messages']} messages ({c['lost']} lost, {c['duplicated']} duplicated), "
+            f"{c['virtual_seconds']:.2f} virtual s, trace {self.trace_hash}",
+            self.report.summary(limit=5),
+        ]
+        if self.unsettled:
+            lines.append(f"UNSETTLED after healing: {self.unsettled[:5]}")
+        if self.internal_errors:
+            lines.append(f"INTERNAL ERRORS: {self.internal_errors[:5]}")
+        if self.stuck:
+            lines.append("STUCK: the workload did not finish")
+        return "\n".join(lines)
+
+
+def simulate(seed: int, config: SimConfig | None = None, faults: Sequence[Fault] = ()) -> SimResult:
+    """Run one whole simulated cluster with ``faults`` and check its history (deterministic)."""
+    config = config or SimConfig()
+    with _deterministic_ids(seed), _seeded_global_random(seed):
+        return run(_simulate(seed, config, tuple(faults)))
+
+
+@contextlib.contextmanager
+def _deterministic_ids(seed: int) -> Iterator[None]:
+    """Commit ids from a per-run counter: the SDK's are unique per OS process (a random
+    prefix and a process-wide counter), so two runs would otherwise differ in every id."""
+    counter = iter(range(1, 1 << 62))
+    saved = client_session.new_commit_id
+    client_session.new_commit_id = lambda: f"sim{seed}-{next(counter):x}"
+    try:
+        yield
+    finally:
+        client_session.new_commit_id = saved
+
+
+@contextlib.contextmanager
+def _seeded_global_random(seed: int) -> Iterator[None]:
+    """The SDK's retry jitter draws from the ``random`` module: seed it for the run, then restore."""
+    saved = random.getstate()
+    random.seed(f"oribus-sim/{seed}/global")
+    try:
+        yield
+    finally:
+        random.setstate(saved)
+
+
+async def _simulate(seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> SimResult:
+    loop = asyncio.get_running_loop()
+    cluster = SimCluster(seed, config)
+    await cluster.start()
+    recorder = Recorder(clock=loop.time)
+    list_keys = workload_keys(config.list_keys)
+    register_keys = [f"reg/k{i}" for i in range(config.register_keys)]
+    list_sessions = [cluster.session(i) for i in range(config.list_clients)]
+    origin = loop.time()
+    fault_tasks = [loop.create_task(cluster.inject(f, origin)) for f in sorted(faults, key=lambda f: f.at)]
+    done = asyncio.Event()
+    register_tasks = [
+        loop.create_task(_register_client(
+            cluster.session(config.list_clients + j), recorder, f"r{j}", register_keys,
+            random.Random(f"oribus-sim/{seed}/register/{j}"), config, done,
+        ))
+        for j in range(config.register_clients if register_keys else 0)
+    ]
+    stuck = False
+    outcomes = {"ok": 0, "fail": 0, "info": 0}
+    try:
+        outcomes = await asyncio.wait_for(
+            run_list_append(list_sessions, recorder, txns=config.txns, duration=config.duration,
+                            keys=list_keys, seed=seed, max_ops=config.max_ops),
+            config.max_seconds,
+        )
+    except TimeoutError:
+        stuck = True
+    done.set()
+    try:
+        await asyncio.wait_for(asyncio.gather(*register_tasks), config.max_seconds)
+    except TimeoutError:
+        stuck = True
+    for task in fault_tasks:
+        task.cancel()  # faults not reached yet never happen; the others are undone
+    for outcome in await asyncio.gather(*fault_tasks, return_exceptions=True):
+        if isinstance(outcome, Exception):
+            raise outcome  # a fault that could not be applied or undone (e.g. recovery failed)
+    await cluster.heal_all()
+    unsettled = await cluster.settle()
+    final_error = ""
+    try:
+        await record_final(cluster.session(10_000, agent="final-reader"), recorder, [*list_keys, *register_keys])
+    except OribusError as e:  # everything is healed and settled: this must not fail
+        final_error = f"reading the final state failed: {e!r}"
+    history = recorder.events
+    report = check(history)
+    for ev in history:
+        cluster.trace("history", ev["type"], ev.get("id"), repr(ev.get("ops") or ev.get("error")))
+    net = cluster.network.counters
+    counters: dict[str, Any] = {
+        **cluster.counters,
+        "transactions": sum(1 for e in history if e["type"] == "invoke"),
+        "list_append": outcomes,
+        "ok": sum(1 for e in history if e["type"] == "ok"),
+        "fail": sum(1 for e in history if e["type"] == "fail"),
+        "info": sum(1 for e in history if e["type"] == "info"),
+        "committed_checked": report.counts.get("committed", 0),
+        "messages": net["messages"],
+        "lost": net["lost"],
+        "duplicated": net["duplicated"],
+        "timeouts": net["timeouts"],
+        "errors": dict(sorted(Counter(e["error"] for e in history if e["type"] in ("fail", "info")).items())),
+        "shards": cluster.shard_counters(),
+        "recovered_prepared": sum(ev[5] for ev in cluster.events if ev[1] == "start" and len(ev) > 5),
+        "virtual_seconds": loop.time(),
+        "loop_steps": loop.steps,  # type: ignore[attr-defined]
+    }
+    return SimResult(
+        seed=seed, faults=faults, report=report, trace_hash=cluster.trace_hash, counters=counters,
+        history=history, trace=cluster.events, unsettled=unsettled,
+        internal_errors=list(cluster.network.internal_errors) + ([final_error] if final_error else []),
+        stuck=stuck,
+    )
+
+
+# ---- register clients: rollbacks, session scope, forgets ------------------------------------
+
+
+async def _register_client(
+    session: AsyncSession, recorder: Recorder, process: str, keys: list[str], rng: random.Random,
+    config: SimConfig, done: asyncio.Event,
+) -> None:
+    """Registers (``w`` ops, unique values) next to the list-append keys, written three ways:
+
+    * a transaction that reads the key and writes a new value (transaction scope);
+    * a rollback: pick an older version from the key's history, then a transaction that
+      reads the key and rolls it back (recorded as a write of the restored value);
+    * in session scope: ``get`` then ``commit`` — checked against every delivery the
+      session still has, so first (sometimes) ``forget`` the other keys.
+    """
+    counter = 0
+    while not done.is_set():
+        key = rng.choice(keys)
+        r = rng.random()
+        try:
+            if r < config.rollback_rate:
+                await _rollback(session, recorder, process, key, rng)
+            elif r < config.rollback_rate + config.session_rate:
+                counter += 1
+                if rng.random() < config.forget_rate:
+                    await session.forget([k for k in keys if k != key])
+                await _session_write(session, recorder, process, key, _value(process, counter))
+            else:
+                counter += 1
+                await _txn_write(session, recorder, process, key, _value(process, counter))
+        except OribusError:
+            pass  # a history or forget call failed before anything was recorded
+        await asyncio.sleep(rng.uniform(0.0, 0.01))
+
+
+def _value(process: str, counter: int) -> str:
+    return f"{process}-{counter}"
+
+
+def _complete_failed(recorder: Recorder, tid: int, e: OribusError, sent: bool, commit_id: str | None) -> None:
+    if not sent or isinstance(e, _DEFINITE):
+        recorder.fail(tid, e.code, commit_id)
+    else:
+        recorder.info(tid, e.code, commit_id)
+
+
+async def _txn_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any) -> None:
+    tx = session.transaction()
+    tid = recorder.invoke(process, list(session.session_ref), [["r", key, None], ["w", key, value]])
+    try:
+        item = await tx.get(key)
+        tx.put(key, value)
+        versions = await tx.commit()
+    except OribusError as e:
+        _complete_failed(recorder, tid, e, tx.sent, tx.commit_id)
+        if isinstance(e, SessionExpired):
+            await session.reset_session()
+        return
+    recorder.ok(tid, [["r", key, item.value, item.version], ["w", key, value, versions.get(key)]], tx.commit_id)
+
+
+async def _rollback(session: AsyncSession, recorder: Recorder, process: str, key: str, rng: random.Random) -> None:
+    versions = [v for v in await session.history(key) if not v.deleted and v.value is not None]
+    if len(versions) < 2:
+        return
+    target = rng.choice(versions[1:])  # not the newest: a rollback that changes something
+    tx = session.transaction()
+    tid = recorder.invoke(process, list(session.session_ref), [["r", key, None], ["w", key, target.value]])
+    try:
+        item = await tx.get(key)
+        tx.rollback(key, target.version)
+        new = await tx.commit()
+    except OribusError as e:
+        _complete_failed(recorder, tid, e, tx.sent, tx.commit_id)
+        if isinstance(e, SessionExpired):
+            await session.reset_session()
+        return
+    recorder.ok(tid, [["r", key, item.value, item.version], ["w", key, target.value, new.get(key)]], tx.commit_id)
+
+
+async def _session_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any) -> None:
+    commit_id = client_session.new_commit_id()
+    tid = recorder.invoke(process, list(session.session_ref), [["r", key, None], ["w", key, value]])
+    sent = False
+    try:
+        item = await session.get(key)
+        sent = True
+        versions = await session.commit({key: value}, commit_id=commit_id)
+    except OribusError as e:
+        _complete_failed(recorder, tid, e, sent, commit_id)
+        if isinstance(e, SessionExpired):
+            await session.reset_session()
+        return
+    recorder.ok(tid, [["r", key, item.value, item.version], ["w", key, value, versions.get(key)]], commit_id)
+
+
+# ---- random schedules (the soak run; the tests draw theirs with hypothesis) -------------------
+
+
+def random_faults(rng: random.Random, config: SimConfig, count: int) -> list[Fault]:
+    """``count`` faults at random times of the workload, of every kind."""
+    faults = []
+    clients = config.list_clients + config.register_clients
+    for _ in range(count):
+        kind = rng.choice(FAULT_KINDS)
+        at = rng.uniform(0.0, config.duration)
+        if kind in ("loss", "duplicate"):
+            faults.append(Fault(at, kind, 0, rng.uniform(0.05, 1.0), rng.choice((0.02, 0.1, 0.3))))
+        elif kind == "pause":
+            faults.append(Fault(at, kind, rng.randrange(clients),
+                                rng.uniform(0.1, 2.5 * config.session_ttl_seconds)))
+        elif kind == "crash":
+            faults.append(Fault(at, kind, rng.randrange(config.shards), rng.uniform(0.0, 0.5),
+                                float(rng.choice((0, 0, 1, 3)))))
+        else:
+            faults.append(Fault(at, kind, rng.randrange(config.shards), rng.uniform(0.0, 0.5)))
+    return faults

@@ -1,0 +1,349 @@
+"""The simulated network: the third implementation of the bus's one shard interface.
+
+``SimShardClient`` is a ``ShardService`` like the in-process ``Shard`` and
+``GrpcShardClient``; ``SimBusClient`` is the client side of a bus, like
+``oribus.client.remote.RemoteBus``. Both turn every call into messages on a
+``SimNetwork``:
+
+    caller ──request──▶ server process ──(runs the real handler)──reply──▶ caller
+
+Messages travel exactly as they would over gRPC: parameters and results are
+encoded with the wire tables (``oribus.wire.SHARD_OPS`` / ``BUS_OPS``) and
+msgpack, so the two ends share no object, and errors cross as their wire
+form (``OribusError.to_dict`` / ``error_from_dict``).
+
+What the network does to a message, decided by its seeded ``random.Random``:
+
+* **delay** — each message independently takes ``uniform(min_delay,
+  max_delay)`` virtual seconds, so messages **reorder**;
+* **loss** — with probability ``loss`` a message vanishes (a lost request:
+  the handler never runs; a lost reply: it ran, the caller never hears — the
+  ambiguous case the protocol must survive). The caller gets ``Unavailable``
+  after ``call_timeout``;
+* **duplication** — with probability ``duplicate`` a request is delivered
+  twice (independent delays); the server runs the handler twice and the
+  caller takes whichever reply arrives first, discarding the other. Requests
+  are only duplicated for the operations in ``duplicate_ops`` (by default
+  all but ``AT_MOST_ONCE_OPS``, see there);
+* **partition** — every message to or from an isolated process is dropped
+  (callers time out);
+* **crash** — calls in flight to a process that dies fail at once with
+  ``Unavailable`` (the connection is reset), and calls to a process that is
+  down fail after one delay (connection refused); a dead process sends
+  nothing.
+
+Messages a process sends to itself (a shard resolving through its own
+primary role) are delivered reliably, with a delay.
+
+Watches are not simulated: ``watch`` raises ``InvalidRequest``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from oribus import wire
+from oribus.bus.bus import ReadResult
+from oribus.bus.coordinator import CommitRequest, CommitResult
+from oribus.errors import InvalidRequest, OribusError, Unavailable, error_from_dict
+from oribus.protocol import (
+    Change,
+    ReadItem,
+    ReadReply,
+    ReadRequest,
+    ShardTxn,
+    Token,
+    TxnOutcome,
+    TxnRef,
+    TxnStatus,
+    Vote,
+)
+from oribus.shards.service import ShardService
+from oribus.shards.store import Entry
+from oribus.sim.loop import Process, current_process
+from oribus.types import SessionRef
+
+ALL_OPS = frozenset({*wire.SHARD_OPS, *wire.BUS_OPS})
+# Requests that change a session's delivery log are not duplicated by default. The log
+# keeps one delivery per key and the protocol assumes each of these runs at most once (as
+# over gRPC, where nothing re-sends them): a duplicated ``read`` executed after a newer
+# commit records a version the client never saw, and a duplicated ``forget``/``reset``
+# executed after a later read drops it — either way a session-scope commit would be
+# validated against less than the client read. (Transaction scope is immune: its commits
+# carry the versions read as explicit entries.) Pass ``duplicate_ops=ALL_OPS`` to see it.
+AT_MOST_ONCE_OPS = frozenset({"read", "forget", "reset"})
+
+
+@dataclass
+class NetworkConfig:
+    min_delay: float = 0.0001  # seconds a message takes at least (virtual)
+    max_delay: float = 0.003  # ... and at most; independent per message, so messages reorder
+    loss: float = 0.0  # probability that one message (request or reply) is lost
+    duplicate: float = 0.0  # probability that a request is delivered twice
+    duplicate_ops: frozenset[str] = ALL_OPS - AT_MOST_ONCE_OPS  # requests that may be duplicated
+    call_timeout: float = 1.0  # a caller that heard nothing after this gets Unavailable
+
+
+@dataclass
+class Endpoint:
+    """A named server: the object whose methods a call runs, in the process that serves it.
+
+    ``process`` is None while the server is down; a restart installs a new
+    process and target.
+    """
+
+    name: str
+    process: Process | None = None
+    target: Any = None
+    pending: dict[int, asyncio.Future] = field(default_factory=dict)  # calls in flight to it
+
+
+class SimNetwork:
+    """Seeded message delivery between simulated processes (see the module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, rng: random.Random, config: NetworkConfig,
+                 trace: Callable[..., None]) -> None:
+        self.loop = loop
+        self.rng = rng
+        self.config = config
+        self.trace = trace
+        self.isolated: set[str] = set()  # names of partitioned processes/endpoints
+        self._ids = itertools.count(1)
+        self.counters = {"messages": 0, "lost": 0, "duplicated": 0, "refused": 0, "reset": 0,
+                         "timeouts": 0}
+        self.internal_errors: list[str] = []  # handlers that raised something not an OribusError
+
+    # ---- faults -------------------------------------------------------------------
+
+    def isolate(self, name: str) -> None:
+        self.isolated.add(name)
+
+    def heal(self, name: str | None = None) -> None:
+        if name is None:
+            self.isolated.clear()
+        else:
+            self.isolated.discard(name)
+
+    def server_died(self, endpoint: Endpoint) -> None:
+        """Fail every call in flight to ``endpoint`` (its connections were reset)."""
+        pending, endpoint.pending = endpoint.pending, {}
+        for call_id, fut in pending.items():
+            if not fut.done():
+                self.counters["reset"] += 1
+                self.trace("reset", call_id, endpoint.name)
+                fut.set_exception(Unavailable(f"connection to {endpoint.name} was reset (it crashed)"))
+
+    # ---- calls --------------------------------------------------------------------
+
+    def _fate(self, src: str, dst: str) -> str:
+        if src == dst:
+            return "ok"
+        if src in self.isolated or dst in self.isolated:
+            return "partitioned"
+        if self.config.loss and self.rng.random() < self.config.loss:
+            return "lost"
+        return "ok"
+
+    def _delay(self) -> float:
+        return self.rng.uniform(self.config.min_delay, self.config.max_delay)
+
+    async def call(self, src_name: str, dst: Endpoint, table: dict[str, wire.Op], op: str, *params: Any) -> Any:
+        """Send ``op(*params)`` from the current process to ``dst``; return the decoded result."""
+        src = current_process()
+        if src is not None and not src.alive:
+            raise asyncio.CancelledError()  # a dead process sends nothing
+        o = table[op]
+        payload = msgpack.packb(o.enc_args(*params), use_bin_type=True)
+        call_id = next(self._ids)
+        fut: asyncio.Future = self.loop.create_future()
+        self.counters["messages"] += 1
+        if dst.process is None or not dst.process.alive:
+            self.counters["refused"] += 1
+            self.trace("refused", call_id, src_name, dst.name, op)
+            await asyncio.sleep(self._delay())
+            raise Unavailable(f"connection to {dst.name} refused (it is down)")
+        dst.pending[call_id] = fut
+        fate = self._fate(src_name, dst.name)
+        copies = 1
+        if (fate == "ok" and self.config.duplicate and op in self.config.duplicate_ops
+                and src_name != dst.name and self.rng.random() < self.config.duplicate):
+            copies = 2
+            self.counters["duplicated"] += 1
+        self.trace("send", call_id, src_name, dst.name, op, fate, copies, _label(params))
+        if fate != "ok":
+            self.counters["lost"] += 1
+        else:
+            for _ in range(copies):
+                self.loop.call_later(self._delay(), self._deliver, call_id, src_name, dst, dst.process,
+                                     o, op, payload, fut)
+        try:
+            raw = await asyncio.wait_for(fut, self.config.call_timeout)
+        except TimeoutError:
+            self.counters["timeouts"] += 1
+            self.trace("timeout", call_id)
+            raise Unavailable(f"{op} on {dst.name} timed out; its outcome is unknown") from None
+        finally:
+            dst.pending.pop(call_id, None)
+        result = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        if isinstance(result, dict) and "@error" in result:
+            raise error_from_dict(result["@error"])
+        return o.dec_result(result["@ok"])
+
+    def _deliver(self, call_id: int, src_name: str, dst: Endpoint, process: Process, o: wire.Op,
+                 op: str, payload: bytes, fut: asyncio.Future) -> None:
+        if dst.process is not process or not process.alive:
+            return  # the process it was sent to is gone (the reset already failed the call)
+        target = dst.target
+        process.spawn(self._serve(call_id, src_name, dst, process, target, o, op, payload, fut))
+
+    async def _serve(self, call_id: int, src_name: str, dst: Endpoint, process: Process, target: Any,
+                     o: wire.Op, op: str, payload: bytes, fut: asyncio.Future) -> None:
+        self.trace("run", call_id, dst.name, op)
+        try:
+            args = o.dec_args(msgpack.unpackb(payload, raw=False, strict_map_key=False))
+            reply: dict = {"@ok": o.enc_result(await getattr(target, op)(*args))}
+        except OribusError as e:
+            reply = {"@error": e.to_dict()}
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug in a handler: report it, answer like a server would
+            self.internal_errors.append(f"{dst.name}.{op}: {e!r}")
+            reply = {"@error": {"code": "Internal", "message": f"{op} failed: {e!r}"}}
+        raw = msgpack.packb(reply, use_bin_type=True)
+        fate = self._fate(dst.name, src_name)
+        self.trace("reply", call_id, fate, "error" if "@error" in reply else "ok")
+        if fate != "ok":
+            self.counters["lost"] += 1
+            return
+        self.loop.call_later(self._delay(), _answer, fut, raw)
+
+
+def _label(params: tuple) -> str:
+    """What a call is about, for the trace: its transaction or commit id, or its keys."""
+    if not params:
+        return ""
+    p = params[0]
+    for attr in ("txn_id", "commit_id"):
+        if hasattr(p, attr):
+            return getattr(p, attr)
+    if isinstance(p, str):
+        return p
+    keys = getattr(p, "keys", None)
+    if isinstance(keys, list):
+        return ",".join(keys)
+    if len(params) > 1 and isinstance(params[1], list):
+        return ",".join(map(str, params[1]))
+    return ""
+
+
+def _answer(fut: asyncio.Future, raw: bytes) -> None:
+    if not fut.done():  # a duplicate's reply, or one after the caller gave up: discarded
+        fut.set_result(raw)
+
+
+class SimShardClient(ShardService):
+    """How a process (the bus, or a shard resolving a transaction) reaches shard ``shard_id``."""
+
+    def __init__(self, network: SimNetwork, src: str, shard_id: int, endpoint: Endpoint) -> None:
+        self.network = network
+        self.src = src
+        self.shard_id = shard_id
+        self.endpoint = endpoint
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        return await self.network.call(self.src, self.endpoint, wire.SHARD_OPS, op, *params)
+
+    async def read(self, req: ReadRequest) -> ReadReply:
+        return await self._call("read", req)
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+        return await self._call("scan", prefix, after, limit)
+
+    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+        return await self._call("sessions", limit)
+
+    async def prepare(self, txn: ShardTxn) -> Vote:
+        return await self._call("prepare", txn)
+
+    async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
+        return await self._call("commit_one_phase", txn)
+
+    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+        return await self._call("decide", txn_id, commit)
+
+    async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
+        return await self._call("finish", txn_id, commit)
+
+    async def release(self, txn_id: str) -> None:
+        await self._call("release", txn_id)
+
+    async def status(self, txn_id: str) -> TxnStatus:
+        return await self._call("status", txn_id)
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        return await self._call("history", key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        await self._call("forget", session, keys)
+
+    async def reset(self, session: SessionRef) -> Token | None:
+        return await self._call("reset", session)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+    async def expired(self, older_than: float) -> list[TxnRef]:
+        return await self._call("expired", older_than)
+
+    async def unreleased(self) -> list[TxnRef]:
+        return await self._call("unreleased")
+
+    def watch(
+        self,
+        prefix: str = "",
+        from_version: int | None = None,
+        *,
+        after: Mapping[str, int] | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[Change]:
+        raise InvalidRequest("watch is not simulated")
+
+
+class SimBusClient:
+    """The client side of a bus over the simulated network (what ``AsyncSession`` calls)."""
+
+    def __init__(self, network: SimNetwork, src: str, endpoint: Endpoint) -> None:
+        self.network = network
+        self.src = src
+        self.endpoint = endpoint
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        return await self.network.call(self.src, self.endpoint, wire.BUS_OPS, op, *params)
+
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
+        return await self._call("read", session, keys, record)
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        return await self._call("commit", req)
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        return await self._call("history", key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        await self._call("forget", session, keys)
+
+    async def reset(self, session: SessionRef) -> None:
+        await self._call("reset", session)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+    def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[Change]:
+        raise InvalidRequest("watch is not simulated")
