@@ -1,0 +1,95 @@
+"""The backends the comparison runs, one file each, behind one interface (``peers.base``).
+
+======================  ===========================================================  =======
+row                     what                                                         durable
+======================  ===========================================================  =======
+oribus-embedded         ``oribus.open_local`` in the harness process                 yes
+oribus-up               ``oribus up`` (bus + in-process shards), SDK over gRPC       yes
+oribus-procs            ``oribus up --processes`` (a process per shard)              yes
+redis-always            Redis 7 WATCH/MULTI/EXEC, ``appendfsync always``             yes
+redis-everysec          the same with ``appendfsync everysec``                       NO
+postgres                PostgreSQL 15 SERIALIZABLE, reads ``FOR SHARE``              yes
+etcd                    etcd 3.4 Txn comparing the mod revision of every key read    yes
+======================  ===========================================================  =======
+
+Not in the default set: ``postgres-ssi`` (SERIALIZABLE with plain reads: SSI
+may commit a step after a key it read was overwritten, see
+``postgres_serializable``), and two deliberately broken clients that exist
+only to prove the audit catches them: ``redis-always-nowatch`` and
+``oribus-embedded-blind``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from peers.base import Backend, BackendUnavailable, Client, Outcome
+
+
+def _oribus_embedded(**kw) -> Backend:
+    from peers.oribus_embedded import OribusEmbedded
+
+    return OribusEmbedded(**kw)
+
+
+def _oribus_server(processes: bool) -> Callable[..., Backend]:
+    def make(**kw) -> Backend:
+        from peers.oribus_server import OribusServer
+
+        return OribusServer(processes=processes, **kw)
+
+    return make
+
+
+def _redis(fsync: str, **fixed) -> Callable[..., Backend]:
+    def make(**kw) -> Backend:
+        from peers.redis_watch import RedisWatch
+
+        return RedisWatch(fsync, **fixed, **kw)
+
+    return make
+
+
+def _postgres(read_lock: str) -> Callable[..., Backend]:
+    def make(**kw) -> Backend:
+        from peers.postgres_serializable import PostgresSerializable
+
+        return PostgresSerializable(read_lock, **kw)
+
+    return make
+
+
+def _etcd(**kw) -> Backend:
+    from peers.etcd_txn import EtcdTxn
+
+    return EtcdTxn(**kw)
+
+
+# name -> factory: the oribus ones take shards=, the peers install= (see make_backend)
+BACKENDS: dict[str, Callable[..., Backend]] = {
+    "oribus-embedded": _oribus_embedded,
+    "oribus-up": _oribus_server(False),
+    "oribus-procs": _oribus_server(True),
+    "redis-always": _redis("always"),
+    "redis-everysec": _redis("everysec"),
+    "postgres": _postgres("share"),
+    "etcd": _etcd,
+    # not run unless named
+    "postgres-ssi": _postgres("none"),
+    "redis-always-nowatch": _redis("always", unsafe_skip_watch=True),
+    "oribus-embedded-blind": lambda **kw: _oribus_embedded(unsafe_blind_write=True, **kw),
+}
+DEFAULT_BACKENDS = ["oribus-embedded", "oribus-up", "oribus-procs", "redis-always", "redis-everysec",
+                    "postgres", "etcd"]
+
+
+def make_backend(name: str, *, shards: int = 2, install: bool = True) -> Backend:
+    if name not in BACKENDS:
+        raise KeyError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
+    if name.startswith("oribus"):
+        return BACKENDS[name](shards=shards)
+    return BACKENDS[name](install=install)
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "Backend", "BackendUnavailable", "Client", "Outcome",
+           "make_backend"]

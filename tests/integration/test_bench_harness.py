@@ -1,0 +1,204 @@
+"""The comparison harness (benchmarks/compare.py) on the embedded engine, and its audit.
+
+No peer server is needed: the harness runs the ``oribus-embedded`` backend
+for about a second per point and must write results.json / results.md /
+machine.md with a passing audit. The audit itself must be honest: a client
+that writes blind (lost updates) and one whose other reads go unchecked
+(stale commits accepted) must fail it, and hand-made histories with a lost
+update, a stale commit and a write skew must be caught.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from harness.audit import History, audit  # noqa: E402
+from harness.runner import RunOptions, run_point  # noqa: E402
+from harness.workloads import KeyPicker, Point, key_name  # noqa: E402
+from peers.base import Outcome  # noqa: E402
+from peers.oribus_embedded import OribusClient, OribusEmbedded  # noqa: E402
+
+from oribus import Conflict  # noqa: E402
+
+
+def test_compare_embedded_writes_results_and_passes_audit(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "compare.py"), "--backends", "oribus-embedded",
+         "--scenarios", "agent-step", "read-only", "contention", "--sweep", "contention=0.9",
+         "--duration", "1", "--warmup", "0.2", "--clients", "8", "--keys", "200",
+         "--out", str(out), "--work-dir", str(tmp_path), "--no-progress", "--no-plots"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["backend_order"] == ["oribus-embedded"]
+    durability = doc["backends"]["oribus-embedded"]["durability"]
+    assert durability["unsafe_no_fsync"] is False and durability["wal_fsyncs_for_one_commit"] >= 1
+    runs = {r["point"]["workload"] + f"/{r['point']['hot']:g}": r for r in doc["runs"]}
+    assert set(runs) == {"agent-step/0", "read-only/0", "agent-step/0.9"}
+    for r in runs.values():
+        assert r["status"] == "ok", r
+        assert r["audit"]["ok"], r["audit"]
+        assert r["committed"] > 0 and r["committed_per_s"] > 0
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert len(r["latency_cdf_ms"]) == 101
+    step = runs["agent-step/0"]
+    assert step["audit"]["acknowledged"] >= step["committed"]
+    assert step["audit"]["lost_updates"] == step["audit"]["stale_commits"] == 0
+    assert runs["read-only/0"]["audit"]["reads_checked"] > 0
+    assert runs["agent-step/0.9"]["conflicts"] > 0  # 90% of picks from 2 hot keys: they collide
+
+    md = (out / "results.md").read_text()
+    assert "| agent-step | oribus-embedded |" in md
+    assert "3 runs passed the audit" in md and "0 failed" in md
+    assert "## Sweep: contention" in md
+    machine = (out / "machine.md").read_text()
+    assert "CPU:" in machine and "fdatasync" in machine and "oribus-embedded" in machine
+    assert not list(tmp_path.glob("oribus-compare-*")), "the work directory was left behind"
+
+
+# ---- the audit catches what a broken backend does ------------------------------------------------
+
+
+async def _run(backend, tmp_path: Path, point: Point) -> dict:
+    await backend.start(tmp_path / backend.name)
+    try:
+        result = await run_point(backend, point, RunOptions(duration=1.0, warmup=0.2, max_retries=5))
+    finally:
+        await backend.stop()
+    assert result.status == "ok", result.reason
+    return result.audit
+
+
+SMALL = Point(clients=16, keys=10)  # 3 keys of 10 per step: steps collide all the time
+
+
+async def test_blind_writes_fail_the_audit(tmp_path: Path) -> None:
+    report = await _run(OribusEmbedded(unsafe_blind_write=True), tmp_path, SMALL)
+    assert not report["ok"]
+    assert report["lost_updates"] > 0 and report["duplicate_versions"] > 0
+    assert any("written by two acknowledged commits" in p for p in report["problems"])
+
+
+class UncheckedReadsClient(OribusClient):
+    """Validates only the key it writes: the other reads are made outside the transaction."""
+
+    async def step(self, read_keys: Sequence[str], write_keys: Sequence[str], session: int) -> Outcome:
+        s = self.sessions.get(session)
+        tx = s.transaction()
+        others = [k for k in read_keys if k not in write_keys]
+        items = dict(await s.get_many(others)) if others else {}
+        items.update(await tx.get_many(write_keys))
+        await asyncio.sleep(0.001)  # others commit meanwhile
+        seen = {k: items[k].value["n"] for k in read_keys}
+        written = {k: seen[k] + 1 for k in write_keys}
+        for k in write_keys:
+            tx.put(k, {"n": written[k], "pad": items[k].value["pad"]})
+        sent = time.perf_counter()
+        try:
+            await tx.commit()
+        except Conflict:
+            return Outcome(False, seen, {}, sent)
+        return Outcome(True, seen, written, sent)
+
+
+class UncheckedReads(OribusEmbedded):
+    async def client(self):
+        return UncheckedReadsClient(self.pool)
+
+
+async def test_stale_reads_fail_the_audit_without_lost_updates(tmp_path: Path) -> None:
+    report = await _run(UncheckedReads(), tmp_path, SMALL)
+    assert not report["ok"]
+    assert report["lost_updates"] == 0 and report["duplicate_versions"] == 0  # the written key is checked
+    assert report["stale_commits"] > 0 or report["cycle_commits"] > 0
+    assert any("stale commit accepted" in p or "not serializable" in p for p in report["problems"])
+
+
+async def test_correct_client_passes_the_same_contention(tmp_path: Path) -> None:
+    report = await _run(OribusEmbedded(), tmp_path, SMALL)
+    assert report["ok"], report["problems"]
+    assert report["acknowledged"] > 0
+
+
+# ---- the audit on hand-made histories --------------------------------------------------------
+
+
+KEYS = [key_name(i) for i in range(3)]
+X, Y, Z = KEYS
+
+
+def history(*commits: tuple[float, float, dict, dict]) -> History:
+    h = History(KEYS)
+    for sent, acked, seen, written in commits:
+        h.committed(Outcome(True, seen, written, sent), acked)
+    return h
+
+
+def test_audit_accepts_a_serial_history() -> None:
+    h = history((1.0, 1.1, {X: 0, Y: 0}, {X: 1}), (2.0, 2.1, {X: 1, Y: 0}, {Y: 1}))
+    report = audit(h, [1, 1, 0])
+    assert report.ok, report.problems
+
+
+def test_audit_finds_a_lost_update() -> None:
+    h = history((1.0, 1.1, {X: 0}, {X: 1}), (1.0, 1.2, {X: 0}, {X: 1}))
+    report = audit(h, [1, 0, 0])
+    assert not report.ok and report.lost_updates == 1 and report.duplicate_versions == 1
+
+
+def test_audit_finds_a_refused_commit_applied_and_allows_unknown_outcomes() -> None:
+    h = history((1.0, 1.1, {X: 0}, {X: 1}))
+    assert audit(h, [2, 0, 0]).applied_unacknowledged == 1
+    h.outcome_unknown([X])
+    assert audit(h, [2, 0, 0]).ok
+
+
+def test_audit_finds_a_stale_commit() -> None:
+    # the second commit read Y@0 after the first had already made it Y=1
+    h = history((1.0, 1.1, {Y: 0}, {Y: 1}), (2.0, 2.1, {X: 0, Y: 0}, {X: 1}))
+    report = audit(h, [1, 1, 0])
+    assert not report.ok and report.stale_commits == 1 and report.lost_updates == 0
+
+
+def test_audit_finds_write_skew_with_overlapping_commits() -> None:
+    # both read X and Y at 0; one writes X, the other Y; their commit windows overlap
+    h = history((1.0, 2.0, {X: 0, Y: 0}, {X: 1}), (1.5, 2.5, {X: 0, Y: 0}, {Y: 1}))
+    report = audit(h, [1, 1, 0])
+    assert not report.ok and report.stale_commits == 0 and report.cycle_commits == 2
+    assert "not serializable" in report.problems[0]
+
+
+def test_key_picker_hot_set() -> None:
+    import random
+
+    keys = [key_name(i) for i in range(1000)]
+    picker = KeyPicker(keys, 3, hot=1.0)
+    rng = random.Random(1)
+    for _ in range(200):
+        picked = picker.pick(rng)
+        assert len(set(picked)) == 3
+        assert sum(k < key_name(10) for k in picked) == 3  # the hot 1%: the first 10 keys
+    assert len(set(KeyPicker(keys, 64, hot=0.0).pick(rng))) == 64
+
+
+@pytest.mark.parametrize("workload,writes", [("agent-step", 1), ("cross-shard", 3), ("read-only", 0)])
+def test_points_are_canonical(workload: str, writes: int) -> None:
+    p = Point(workload=workload).canonical()
+    assert p.writes == writes and p.sessions == p.clients
+    assert Point(workload=workload).id == p.id
