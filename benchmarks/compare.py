@@ -5,8 +5,9 @@ loopback free ports in a temporary directory, Debian packages installed with
 apt-get when missing and running as root): oribus embedded (``open_local``),
 ``oribus up``, ``oribus up --processes``, Redis 7 WATCH/MULTI/EXEC
 (``appendfsync always``, and ``everysec`` — the one row that is not durable),
-PostgreSQL 15 SERIALIZABLE, etcd 3.4 Txn with a mod-revision compare on
-every key read. ``--list`` prints them with the scenarios.
+PostgreSQL 15 SERIALIZABLE (the rows read locked FOR SHARE, so a step commits
+only if its reads are still current), etcd 3.4 Txn with a mod-revision
+compare on every key read. ``--list`` prints them with the scenarios.
 
 Workloads and sweeps (``harness/workloads.py``): agent-step (read 3 random
 keys of 1000, write one, commit only if all reads are unchanged),
@@ -24,15 +25,21 @@ quantiles included), ``results.md`` (tables, ratios oribus / peer, audit),
 every backend and Python package) and PNG plots (throughput vs each swept
 parameter, latency CDF).
 
-Time bounds: a full run is (backends x distinct points) runs of
-warm-up + duration (2 + 10 s) plus populate and audit: about 7 x 30 points
-x ~15 s ≈ 1 h, more with the large sweeps. Populating is bounded by
-``--populate-timeout`` (300 s; ``--quick``: 60 s): a point whose store
-cannot be filled in time (e.g. 1e6 keys on a slow backend) is recorded as
-skipped, never left running. The largest defaults: 1e6 keys, 100 KB values
-(1000 keys: 100 MB per store), 10 000 live sessions, 256 clients.
-``--quick`` (what ``make bench`` runs): 2 s windows after 0.5 s warm-up, two
-or three points per sweep (about 15 minutes for the 7 backends).
+Time bounds: a full run is (backends x distinct points) runs of warm-up +
+window (2 + 10 s) plus reset, populate and audit: 7 backends x 29 points
+≈ 200 runs, about an hour on a 2-core machine. Populating is bounded by
+``--populate-timeout`` (300 s; ``--quick``: 60 s): a point whose store cannot
+be filled in time is recorded as skipped and the backend restarted, never
+left running (measured: 1e6 keys take 6-50 s on every backend here). The
+largest defaults: 1e6 keys, 100 KB values (1000 keys: 100 MB per store),
+10 000 live sessions, 256 clients. ``--quick`` (what ``make bench`` runs):
+2 s windows after 0.5 s warm-up, two or three points per sweep (11 points):
+about 5 minutes for the 7 backends.
+
+Not in the default set (name them with ``--backends``): ``postgres-ssi``
+(SERIALIZABLE with plain reads: its audit reports the stale commits SSI
+allows), and two clients broken on purpose to show the audit catching them,
+``redis-always-nowatch`` and ``oribus-embedded-blind``.
 
 Usage::
 

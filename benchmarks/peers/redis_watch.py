@@ -138,12 +138,25 @@ class RedisWatch(Backend):
             await self.server.stop()
 
     async def reset(self) -> None:
+        from redis.exceptions import ResponseError
+
         await self.redis.flushall()
-        await self.redis.bgrewriteaof()  # keep the AOF from growing across runs
-        for _ in range(600):
+        # Rewrite the AOF so it does not grow across runs; Redis may already be rewriting it
+        # on its own (auto-aof-rewrite), which refuses a second one: wait, then ask.
+        await self._aof_rewrite_done()
+        try:
+            await self.redis.bgrewriteaof()
+        except ResponseError as e:
+            if "in progress" not in str(e):
+                raise
+        await self._aof_rewrite_done()
+
+    async def _aof_rewrite_done(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             info = await self.redis.info("persistence")
             if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
-                break
+                return
             await asyncio.sleep(0.05)
 
     async def populate(self, keys: Sequence[str], value_size: int) -> None:
