@@ -29,6 +29,7 @@ from oribus.types import (
     encode_value,
     validate_key,
 )
+from oribus.wire import MAX_MESSAGE_BYTES
 
 T = TypeVar("T")
 
@@ -40,6 +41,10 @@ _id_counter = itertools.count(1)
 
 def new_commit_id() -> str:
     return f"{_ID_PREFIX}-{next(_id_counter):x}"
+
+# The largest commit one request can carry (keys and encoded values), with room for the
+# rest of the message under the wire's limit.
+MAX_COMMIT_BYTES = MAX_MESSAGE_BYTES - (1 << 20)
 
 # How often a commit whose outcome is unknown (Unavailable) is retried with the same commit id.
 _SAME_ID_RETRIES = 3
@@ -177,6 +182,15 @@ class AsyncSession:
         )
 
     async def _send(self, req: CommitRequest) -> dict[str, int]:
+        size = sum(len(k) + (len(v) if v else 0) for k, v in req.writes.items())
+        if size > MAX_COMMIT_BYTES:
+            # Over the wire's message limit it could only fail as an opaque transport error
+            # (and be retried): say what is wrong before anything is sent.
+            raise InvalidRequest(
+                f"commit carries {size} bytes of keys and values, over the {MAX_COMMIT_BYTES}-byte "
+                "limit of one request: split it into several commits",
+                size=size, limit=MAX_COMMIT_BYTES,
+            )
         policy = RetryPolicy()
         for attempt in range(_SAME_ID_RETRIES + 1):
             try:

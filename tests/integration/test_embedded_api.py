@@ -316,3 +316,14 @@ def test_sync_api(data_dir):
         assert bus.run(lambda tx: tx.put("d", 1)) is None
         assert [h.value for h in bus.history("a")] == [5, 1]
         assert bus.rollback({"a": 1}) == {"a": 3}
+
+
+async def test_a_commit_over_the_request_limit_is_refused_clearly(data_dir):
+    from oribus.client.session import MAX_COMMIT_BYTES
+
+    async with oribus.open_local(data_dir, shards=1, agent="big") as b:
+        value = b"x" * ((1 << 20) - 64)  # just under the value limit each
+        n = MAX_COMMIT_BYTES // len(value) + 1
+        with pytest.raises(InvalidRequest, match="split it"):
+            await b.commit({f"big/{i}": value for i in range(n)})
+        assert (await b.get("big/0")).version == 0  # nothing was sent
