@@ -91,14 +91,23 @@ class Nemesis:
             else:
                 await self.pause(name, down)
 
-    async def heal(self, timeout: float = 60.0) -> None:
-        """End every fault: resume paused processes, restart exited ones, wait until all serve."""
+    async def heal(self, timeout: float = 60.0, settle: float = 5.0) -> None:
+        """End every fault: resume paused processes, restart exited ones, wait until all serve.
+
+        A shard paused past its lease learns only after waking that its claim is gone, and
+        exits (fenced) a moment later: so after everything serves, wait ``settle`` seconds
+        (longer than a lease) and start over until no process has exited meanwhile.
+        """
         for server in self.targets.values():
             server.resume()
-        for name, server in self.targets.items():
-            if not server.running:
-                server.start()
-                self._log("restart", name, "heal")
-        for server in self.targets.values():
-            await asyncio.to_thread(server.wait_serving, timeout)
+        while True:
+            for name, server in self.targets.items():
+                if not server.running:
+                    server.start()
+                    self._log("restart", name, "heal")
+            for server in self.targets.values():
+                await asyncio.to_thread(server.wait_serving, timeout)
+            await asyncio.sleep(settle)
+            if all(server.running for server in self.targets.values()):
+                break
         self._log("healed", "*")

@@ -174,6 +174,7 @@ async def test_list_append_under_kills_and_pauses_is_serializable(cluster, tmp_p
         await nemesis.run(NEMESIS_SECONDS)
         await nemesis.heal()
         outcomes = await workload
+        recorder.dump(tmp_path / "history-before-final.jsonl")  # checkable even if the final read fails
         async with oribus.connect(bus.address, agent="final") as reader:
             # A transaction whose coordinator died mid-2PC keeps its keys locked until the
             # bus's recovery sweep resolves it through the primary (after the prepared-txn
