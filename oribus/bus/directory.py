@@ -25,26 +25,15 @@ from oribus.errors import Unavailable
 from oribus.meta.cluster import ClusterMeta, ShardRecord
 from oribus.protocol import (
     Change,
-    ReadItem,
-    ReadReply,
-    ReadRequest,
-    ShardTxn,
-    Token,
-    TxnOutcome,
-    TxnRef,
-    TxnStatus,
-    Vote,
 )
-from oribus.shards.service import ShardService
-from oribus.shards.store import Entry
-from oribus.types import SessionRef
+from oribus.shards.service import ShardService, ShardServiceByCalls
 
 log = logging.getLogger("oribus.bus.directory")
 
 ClientFactory = Callable[[ShardRecord], ShardService]
 
 
-class UnregisteredShard(ShardService):
+class UnregisteredShard(ShardServiceByCalls):
     """A shard id no server has claimed (yet): every call is Unavailable."""
 
     def __init__(self, shard_id: int) -> None:
@@ -54,49 +43,7 @@ class UnregisteredShard(ShardService):
     def _down(self) -> Unavailable:
         return Unavailable(f"shard {self.shard_id} has no registered server", shard=self.shard_id)
 
-    async def read(self, req: ReadRequest) -> ReadReply:
-        raise self._down()
-
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
-        raise self._down()
-
-    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
-        raise self._down()
-
-    async def prepare(self, txn: ShardTxn) -> Vote:
-        raise self._down()
-
-    async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
-        raise self._down()
-
-    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
-        raise self._down()
-
-    async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
-        raise self._down()
-
-    async def release(self, txn_id: str) -> None:
-        raise self._down()
-
-    async def status(self, txn_id: str) -> TxnStatus:
-        raise self._down()
-
-    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
-        raise self._down()
-
-    async def forget(self, session: SessionRef, keys: list[str]) -> None:
-        raise self._down()
-
-    async def reset(self, session: SessionRef) -> Token | None:
-        raise self._down()
-
-    async def stats(self) -> dict:
-        raise self._down()
-
-    async def expired(self, older_than: float) -> list[TxnRef]:
-        raise self._down()
-
-    async def unreleased(self) -> list[TxnRef]:
+    async def _call(self, op: str, *params: object) -> object:
         raise self._down()
 
     def watch(self, prefix: str = "", from_version: int | None = None, *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from oribus.protocol import (
     Change,
@@ -118,3 +119,57 @@ class ShardService(abc.ABC):
         without error only when the shard shuts down for good; a transport that
         loses the stream raises Unavailable, so that watchers resume.
         """
+
+
+class ShardServiceByCalls(ShardService):
+    """A ShardService whose every operation is one call ``_call(op, *params)`` of
+    ``wire.SHARD_OPS``: the shape of every remote implementation (gRPC, the simulated
+    network), which differ only in how a call travels (and in watch)."""
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        raise NotImplementedError
+
+    async def read(self, req: ReadRequest) -> ReadReply:
+        return await self._call("read", req)
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+        return await self._call("scan", prefix, after, limit)
+
+    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+        return await self._call("sessions", limit)
+
+    async def prepare(self, txn: ShardTxn) -> Vote:
+        return await self._call("prepare", txn)
+
+    async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
+        return await self._call("commit_one_phase", txn)
+
+    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+        return await self._call("decide", txn_id, commit)
+
+    async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
+        return await self._call("finish", txn_id, commit)
+
+    async def release(self, txn_id: str) -> None:
+        await self._call("release", txn_id)
+
+    async def status(self, txn_id: str) -> TxnStatus:
+        return await self._call("status", txn_id)
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        return await self._call("history", key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        await self._call("forget", session, keys)
+
+    async def reset(self, session: SessionRef) -> Token | None:
+        return await self._call("reset", session)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+    async def expired(self, older_than: float) -> list[TxnRef]:
+        return await self._call("expired", older_than)
+
+    async def unreleased(self) -> list[TxnRef]:
+        return await self._call("unreleased")
