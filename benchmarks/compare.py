@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reads", type=int, default=BASE.reads, help="base point: keys read per step")
     p.add_argument("--value-size", type=int, default=BASE.value_size, help="base point: padding bytes")
     p.add_argument("--max-retries", type=int, default=20, help="retries of a refused step before giving up")
-    p.add_argument("--shards", type=int, default=2, help="shards of the oribus backends")
+    p.add_argument("--shards", type=int,
+                   help="shards of every oribus backend (default: each deployment's own, "
+                        "1 embedded and up, 2 with --processes)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<UTC time>)")
     p.add_argument("--work-dir", type=Path, help="where the servers' data directories go (default: TMPDIR)")

@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run a bus and its shards on this machine")
     p.add_argument("--data-dir", default="./oribus-data")
     p.add_argument("--listen", default=DEFAULT_ADDR, help="gRPC address of the bus (HOST:PORT)")
-    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--shards", type=int, default=None,
+                   help="shards of a new data directory (default: 1, or 2 with --processes; "
+                        "an existing one keeps its own)")
     p.add_argument("--processes", action="store_true", help="run each shard as its own process over gRPC")
     _http_options(p)
     _tls_option(p)

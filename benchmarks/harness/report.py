@@ -42,6 +42,24 @@ def _runs_by(doc: dict) -> dict[tuple[str, str], dict]:
     return {(r["backend"], r["point_id"]): r for r in doc["runs"]}
 
 
+def _backend_table(doc: dict, backends: list[str]) -> list[str]:
+    """Each backend as read back from the running server: version, layout, commit mechanism."""
+    out = ["## Backends", "", "| backend | version | layout | durable | commit |", "|---|---|---|---|---|"]
+    for b in backends:
+        info = doc["backends"].get(b, {})
+        if "shards" in info:
+            layout = f"{info['shards']} shard" + ("s" if info["shards"] != 1 else "")
+            if info.get("shard_processes"):
+                layout += " (a process each)"
+        else:
+            layout = "single server"
+        mech = str(info.get("mechanism", "")).replace("|", "/")
+        durable = "yes" if info.get("durable", True) else "no"
+        out.append(f"| {_label(doc, b)} | {info.get('version', info.get('status', '?'))} | {layout} "
+                   f"| {durable} | {mech} |")
+    return [*out, ""]
+
+
 def write_markdown(doc: dict, path: Path) -> None:
     runs = _runs_by(doc)
     labels = {r["point_id"]: Point(**r["point"]).label() for r in doc["runs"]}
@@ -64,6 +82,7 @@ def write_markdown(doc: dict, path: Path) -> None:
         f"({doc['machine']['cpu']}, {doc['machine']['cores']} cores).",
         "",
         *(["**Interrupted**: only the runs below were done.", ""] if doc.get("interrupted") else []),
+        *_backend_table(doc, backends),
         "## Base points",
         "",
         "| workload | backend | commit/s | conflicts/s | retries/commit | gave up | p50 ms | p95 ms | p99 ms | audit |",

@@ -9,8 +9,8 @@ Workloads (``Point.workload``):
   write the first one with its counter + 1, commit only if all reads are
   unchanged. A refused step is retried (fresh reads, same keys) up to
   ``--max-retries`` times; then it is given up and counted.
-- ``cross-shard``: the same, writing all 3 keys read (in oribus with 2
-  shards, most such commits span both shards: two-phase commit).
+- ``cross-shard``: the same, writing all 3 keys read (on ``oribus-procs``'s
+  2 shard processes most such commits span both: two-phase commit).
 - ``read-only``: read 3 keys together, no write, no commit.
 
 ``hot`` is the contention knob: each key picked comes from the hot set (the

@@ -3,9 +3,9 @@
 ======================  ===========================================================  =======
 row                     what                                                         durable
 ======================  ===========================================================  =======
-oribus-embedded         ``oribus.open_local`` in the harness process                 yes
-oribus-up               ``oribus up`` (bus + in-process shards), SDK over gRPC       yes
-oribus-procs            ``oribus up --processes`` (a process per shard)              yes
+oribus-embedded         ``oribus.open_local`` in the harness process, 1 shard        yes
+oribus-up               ``oribus up`` (bus + 1 in-process shard), SDK over gRPC      yes
+oribus-procs            ``oribus up --processes`` (2 shard processes)                yes
 redis-always            Redis 7 WATCH/MULTI/EXEC, ``appendfsync always``             yes
 redis-everysec          the same with ``appendfsync everysec``                       NO
 postgres                PostgreSQL 15 SERIALIZABLE, reads ``FOR SHARE``              yes
@@ -83,13 +83,20 @@ DEFAULT_BACKENDS = ["oribus-embedded", "oribus-up", "oribus-procs", "redis-alway
                     "postgres", "etcd"]
 
 
-def make_backend(name: str, *, shards: int = 2, install: bool = True) -> Backend:
+def default_shards(name: str) -> int:
+    """What a user of that deployment gets by default: ``open_local`` and ``oribus up`` create
+    one shard (in one process more add two-phase commits, not parallelism), ``oribus up
+    --processes`` one shard process per core of this machine (2)."""
+    return 2 if name == "oribus-procs" else 1
+
+
+def make_backend(name: str, *, shards: int | None = None, install: bool = True) -> Backend:
     if name not in BACKENDS:
         raise KeyError(f"unknown backend {name!r}: one of {', '.join(BACKENDS)}")
     if name.startswith("oribus"):
-        return BACKENDS[name](shards=shards)
+        return BACKENDS[name](shards=shards or default_shards(name))
     return BACKENDS[name](install=install)
 
 
 __all__ = ["BACKENDS", "DEFAULT_BACKENDS", "Backend", "BackendUnavailable", "Client", "Outcome",
-           "make_backend"]
+           "default_shards", "make_backend"]

@@ -1,7 +1,7 @@
 """oribus embedded: ``oribus.open_local`` in the harness's own process and event loop.
 
 No server process and no network hop: the engine (bus + ``shards`` shards,
-2 by default) runs on the event loop the clients run on, so its CPU is shared
+1 by default, as ``open_local`` creates) runs on the event loop the clients run on, so its CPU is shared
 with them, as it would be inside an agent runtime. ``reset`` closes the
 engine and opens a new one on an empty data directory.
 
@@ -139,7 +139,7 @@ async def fsyncs_of_one_commit(bus: AsyncSession) -> int:
 class OribusEmbedded(Backend):
     peer = False
 
-    def __init__(self, shards: int = 2, *, unsafe_blind_write: bool = False) -> None:
+    def __init__(self, shards: int = 1, *, unsafe_blind_write: bool = False) -> None:
         self.shards = shards
         self.unsafe_blind_write = unsafe_blind_write
         self.name = "oribus-embedded" + ("-blind" if unsafe_blind_write else "")

@@ -1,7 +1,7 @@
 """oribus over the network: ``oribus up`` (bus + in-process shards) or ``oribus up --processes``.
 
 The server is a real ``python -m oribus.cli up`` subprocess on a free
-loopback port, with ``--shards`` shards (2 by default) and its data in the
+loopback port, with ``--shards`` shards (1, 2 shard processes) and its data in the
 run's directory; with ``processes=True`` every shard is its own process and
 the bus reaches it over gRPC (2PC between processes). It is started through
 ``agent_step_network.Server``, which waits until the server both answers and
@@ -42,7 +42,7 @@ from agent_step_network import Server  # noqa: E402 - benchmarks/ is on the path
 class OribusServer(Backend):
     peer = False
 
-    def __init__(self, processes: bool = False, shards: int = 2) -> None:
+    def __init__(self, processes: bool = False, shards: int = 1) -> None:
         self.processes = processes
         self.shards = shards
         self.name = "oribus-procs" if processes else "oribus-up"

@@ -25,7 +25,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from oribus.bus.bus import Bus
-from oribus.bus.embedded import EngineConfig, LocalEngine, check_layout
+from oribus.bus.embedded import (
+    DEFAULT_SHARDS,
+    EngineConfig,
+    LocalEngine,
+    check_layout,
+    stored_shards,
+)
 from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.bus.recovery import Recovery
 from oribus.bus.server import BusServer
@@ -38,13 +44,18 @@ from oribus.tls import TlsConfig, channel_credentials, server_credentials
 
 log = logging.getLogger("oribus.cluster")
 
+PROCESS_SHARDS = 2  # shard processes of a new data directory: one per core of a small machine
+
 
 class LocalCluster:
     """Bus + N shards on this machine. ``await start()``, ``await stop()``."""
 
-    def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int = 2,
+    def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int | None = None,
                  processes: bool = False, start_timeout: float = 30.0,
                  http: GatewayConfig | None = None, tls: TlsConfig | None = None, **engine_options) -> None:
+        if shards is None:
+            # a new directory: one in-process shard, or one shard process per core
+            shards = stored_shards(Path(data_dir)) or (PROCESS_SHARDS if processes else DEFAULT_SHARDS)
         self.config = EngineConfig(data_dir=Path(data_dir), shards=shards, **engine_options)
         self.listen = listen
         # mutual TLS on every gRPC listener (bus, shard processes) and bus→shard client

@@ -39,12 +39,16 @@ from oribus.shards.wal import WalConfig
 log = logging.getLogger("oribus.engine")
 
 LAYOUT_FILE = "layout.json"
+DEFAULT_SHARDS = 1  # a new embedded data directory (``oribus up --processes``: 2)
 
 
 @dataclass
 class EngineConfig:
     data_dir: Path  # where every shard keeps its WAL and snapshots
-    shards: int = 2  # number of shards (fixed for a data directory)
+    # Number of shards, fixed for a data directory. None: what the directory was created
+    # with, else DEFAULT_SHARDS. In one process the shards share one event loop, so more
+    # than one buys no parallelism and turns multi-key commits into two-phase ones.
+    shards: int | None = None
     history_limit: int = 100  # versions kept per key
     max_value_bytes: int = 1 << 20  # largest encoded value
     session_ttl_seconds: float = 3600.0  # idle sessions expire after this (their commits then fail closed)
@@ -85,7 +89,27 @@ class EngineConfig:
         return replace(cfg, **self.shard_overrides) if self.shard_overrides else cfg
 
 
+def stored_shards(data_dir: Path) -> int | None:
+    """The shard count a data directory was created with (None: no layout yet)."""
+    path = Path(data_dir) / LAYOUT_FILE
+    try:
+        have = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"{path} is unreadable: {e}") from e
+    shards = have.get("shards") if isinstance(have, dict) else None
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise InvalidRequest(f"{path} names no valid shard count: {have!r}")
+    return shards
+
+
 def check_layout(cfg: EngineConfig) -> None:
+    """Create the data directory's layout, or check it matches ``cfg`` (resolving ``shards=None``)."""
+    if cfg.shards is None:
+        cfg.shards = stored_shards(cfg.data_dir) or DEFAULT_SHARDS
+    if cfg.shards < 1:
+        raise InvalidRequest("shards must be >= 1")
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     path = cfg.data_dir / LAYOUT_FILE
     want = {"format": 1, "shards": cfg.shards, "slots": SLOTS}
@@ -134,7 +158,7 @@ class LocalEngine:
 
     @classmethod
     async def open(cls, config: EngineConfig) -> LocalEngine:
-        if config.shards < 1:
+        if config.shards is not None and config.shards < 1:
             raise InvalidRequest("shards must be >= 1")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, check_layout, config)

@@ -47,13 +47,17 @@ class _Opening:
 def open_local(
     path: str | Path = "./oribus-data",
     *,
-    shards: int = 2,
+    shards: int | None = None,
     agent: str = "agent",
     session_id: str | None = None,
     strict: bool = False,
     **options: Any,
 ) -> _Opening:
     """Open (or create) an embedded oribus in ``path`` with ``shards`` shards.
+
+    ``shards=None`` opens a directory with the count it was created with and
+    creates a new one with a single shard (in one process more shards add
+    two-phase commits and no parallelism).
 
     Use ``async with oribus.open_local(...) as bus:`` or ``bus = await
     oribus.open_local(...)`` then ``await bus.close()``. ``options`` are
@@ -66,7 +70,7 @@ def open_local(
 def open_local_sync(
     path: str | Path = "./oribus-data",
     *,
-    shards: int = 2,
+    shards: int | None = None,
     agent: str = "agent",
     session_id: str | None = None,
     strict: bool = False,

@@ -40,6 +40,9 @@ def test_compare_embedded_writes_results_and_passes_audit(tmp_path: Path) -> Non
         [sys.executable, str(BENCH / "compare.py"), "--backends", "oribus-embedded",
          "--scenarios", "agent-step", "read-only", "contention", "--sweep", "contention=0.9",
          "--duration", "1", "--warmup", "0.2", "--clients", "8", "--keys", "200",
+         # two shards: a step's reads and commit then span awaits, so hot keys collide (with
+         # one embedded shard a step runs without suspending between them: no conflicts)
+         "--shards", "2",
          "--out", str(out), "--work-dir", str(tmp_path), "--no-progress", "--no-plots"],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,6 +50,7 @@ def test_compare_embedded_writes_results_and_passes_audit(tmp_path: Path) -> Non
 
     doc = json.loads((out / "results.json").read_text())
     assert doc["backend_order"] == ["oribus-embedded"]
+    assert doc["backends"]["oribus-embedded"]["shards"] == 2
     durability = doc["backends"]["oribus-embedded"]["durability"]
     assert durability["unsafe_no_fsync"] is False and durability["wal_fsyncs_for_one_commit"] >= 1
     runs = {r["point"]["workload"] + f"/{r['point']['hot']:g}": r for r in doc["runs"]}
@@ -65,6 +69,7 @@ def test_compare_embedded_writes_results_and_passes_audit(tmp_path: Path) -> Non
 
     md = (out / "results.md").read_text()
     assert "| agent-step | oribus-embedded |" in md
+    assert "| oribus-embedded | oribus " in md and "| 2 shards |" in md  # the backends table
     assert "3 runs passed the audit" in md and "0 failed" in md
     assert "## Sweep: contention" in md
     machine = (out / "machine.md").read_text()
@@ -134,6 +139,21 @@ async def test_correct_client_passes_the_same_contention(tmp_path: Path) -> None
     report = await _run(OribusEmbedded(), tmp_path, SMALL)
     assert report["ok"], report["problems"]
     assert report["acknowledged"] > 0
+
+
+async def test_a_backend_that_never_suspends_still_ends_its_window(tmp_path: Path) -> None:
+    # one embedded shard serves a read from memory without suspending: the workers must
+    # still let the window's timer run (this hung before the runner yielded per step)
+    backend = OribusEmbedded(shards=1)
+    await backend.start(tmp_path / backend.name)
+    try:
+        result = await asyncio.wait_for(
+            run_point(backend, Point(workload="read-only", clients=4, keys=50),
+                      RunOptions(duration=0.5, warmup=0.1)), timeout=60)
+    finally:
+        await backend.stop()
+    assert result.status == "ok" and result.committed > 0
+    assert result.audit["ok"] and result.audit["reads_checked"] > 0
 
 
 # ---- the audit on hand-made histories --------------------------------------------------------

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 import oribus
 from oribus import DELETE, Conflict, InvalidRequest, SessionExpired
+from oribus.bus.cluster import LocalCluster
+
+
+def bus_engine(session: oribus.AsyncSession):
+    return session._owner
 
 
 @pytest.fixture(params=[1, 4], ids=["1shard", "4shards"])
@@ -296,8 +302,35 @@ async def test_history_survives_restart(data_dir):
 async def test_shard_count_is_fixed_for_a_data_dir(data_dir):
     async with oribus.open_local(data_dir, shards=2) as bus:
         await bus.put("k", 1)
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(InvalidRequest, match="holds data for 2 shards"):
         async with oribus.open_local(data_dir, shards=3):
+            pass
+    # no count given: the directory's own
+    async with oribus.open_local(data_dir) as bus:
+        assert len(bus_engine(bus).shards) == 2
+        assert (await bus.get("k")).value == 1
+
+
+async def test_a_new_data_dir_gets_one_shard_by_default(data_dir, tmp_path):
+    async with oribus.open_local(data_dir) as bus:
+        assert len(bus_engine(bus).shards) == 1
+        await bus.commit({"a": 1, "b": 2, "c": 3})
+    assert json.loads((data_dir / "layout.json").read_text())["shards"] == 1
+    # oribus up: the same for in-process shards, one process per core with --processes
+    assert LocalCluster(tmp_path / "up").config.shards == 1
+    assert LocalCluster(tmp_path / "procs", processes=True).config.shards == 2
+    assert LocalCluster(data_dir, processes=True).config.shards == 1  # an existing one keeps its own
+
+
+async def test_a_damaged_layout_file_is_refused_by_name(data_dir):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "layout.json").write_text('{"format": 1, "shards": "two"}')
+    with pytest.raises(InvalidRequest, match="layout.json names no valid shard count"):
+        async with oribus.open_local(data_dir):
+            pass
+    (data_dir / "layout.json").write_text("{not json")
+    with pytest.raises(InvalidRequest, match="layout.json is unreadable"):
+        async with oribus.open_local(data_dir):
             pass
 
 
