@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from harness import targets
 from harness.workloads import SWEEPS, Point
 
 NOT_DURABLE = "†"
@@ -31,6 +32,12 @@ def _cell(run: dict | None) -> str:
         return run["status"]
     mark = "" if run["audit"].get("ok") else f" {AUDIT_FAILED}"
     return _fmt_rate(run["committed_per_s"]) + mark
+
+
+def _latency_cell(run: dict | None) -> str:
+    if run is None or run["status"] != "ok":
+        return "–"
+    return f"{run['p50_ms']:.1f} / {run['p99_ms']:.1f}"
 
 
 def _label(doc: dict, name: str) -> str:
@@ -83,6 +90,7 @@ def write_markdown(doc: dict, path: Path) -> None:
         "",
         *(["**Interrupted**: only the runs below were done.", ""] if doc.get("interrupted") else []),
         *_backend_table(doc, backends),
+        *(targets.markdown(doc["targets"]) if doc.get("targets") else []),
         "## Base points",
         "",
         "| workload | backend | commit/s | conflicts/s | retries/commit | gave up | p50 ms | p95 ms | p99 ms | audit |",
@@ -128,6 +136,11 @@ def write_markdown(doc: dict, path: Path) -> None:
                 "|--:|" + "--:|" * len(backends)]
         for value, pid in zip(sc["values"], sc["points"], strict=True):
             out.append(f"| {value:g} | " + " | ".join(_cell(runs.get((b, pid))) for b in backends) + " |")
+        out += ["", f"Latency of a committed step, p50 / p99 ms, by {sc['param']}:", "",
+                f"| {sc['param']} | " + " | ".join(_label(doc, b) for b in backends) + " |",
+                "|--:|" + "--:|" * len(backends)]
+        for value, pid in zip(sc["values"], sc["points"], strict=True):
+            out.append(f"| {value:g} | " + " | ".join(_latency_cell(runs.get((b, pid))) for b in backends) + " |")
         out.append("")
 
     out += ["", "## Every run", "",

@@ -96,7 +96,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in [
     Sweep("agent-step", None, title="agent-step"),
     Sweep("read-only", None, workload="read-only", title="read-only"),
     Sweep("cross-shard", None, workload="cross-shard", title="cross-shard writes (3 keys)"),
-    Sweep("contention", "hot", (0.0, 0.5, 0.9, 0.99), (0.0, 0.9),
+    Sweep("contention", "hot", (0.0, 0.5, 0.9, 0.99), (0.0, 0.5, 0.9),
           title="fraction of picks from the hot 1% of keys"),
     Sweep("clients", "clients", (1, 4, 16, 32, 64, 128, 256), (1, 32, 128),
           title="concurrent clients"),

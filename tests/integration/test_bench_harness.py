@@ -222,3 +222,53 @@ def test_points_are_canonical(workload: str, writes: int) -> None:
     p = Point(workload=workload).canonical()
     assert p.writes == writes and p.sessions == p.clients
     assert Point(workload=workload).id == p.id
+
+
+# ---- the targets, decided on a run's own figures ----------------------------------------------
+
+
+def _doc_with(rates: dict[tuple[str, str], tuple[float, float, float]]) -> dict:
+    """A results document: (backend, point) -> (commit/s, p50 ms, p99 ms), every run audited ok."""
+    scenarios = [
+        {"name": "agent-step", "param": None, "values": [None], "points": ["base"]},
+        {"name": "contention", "param": "hot", "values": [0.0, 0.5], "points": ["base", "hot"]},
+        {"name": "read-set", "param": "reads", "values": [1, 4, 16], "points": ["r1", "r4", "r16"]},
+        {"name": "sessions", "param": "sessions", "values": [10, 10000], "points": ["s10", "s10k"]},
+    ]
+    runs = [{"backend": b, "point_id": pid, "status": "ok", "audit": {"ok": True},
+             "committed_per_s": c, "p50_ms": p50, "p99_ms": p99, "retries_per_commit": 0.1}
+            for (b, pid), (c, p50, p99) in rates.items()]
+    return {"scenarios": scenarios, "runs": runs}
+
+
+def test_targets_are_decided_on_the_runs_figures() -> None:
+    from harness import targets
+
+    rates = {
+        ("oribus-embedded", "base"): (3000, 4, 10), ("postgres", "base"): (1900, 10, 50),
+        ("redis-always", "base"): (3100, 8, 20), ("oribus-up", "base"): (2000, 9, 30),
+        ("oribus-embedded", "hot"): (2000, 5, 20), ("redis-always", "hot"): (1500, 9, 80),
+        ("oribus-embedded", "r1"): (4000, 2, 5), ("oribus-embedded", "r4"): (3000, 7.9, 15),
+        ("oribus-embedded", "r16"): (900, 33, 60),  # 33 > 16 x 2: faster than linear
+        ("oribus-embedded", "s10"): (3000, 4, 10), ("oribus-embedded", "s10k"): (2500, 5, 12),
+    }
+    by_name = {t.name: t for t in targets.check(_doc_with(rates))}
+    assert by_name["agent-step: embedded ≥ 1.5× PostgreSQL"].met is True  # 1.58x
+    assert by_name["agent-step: embedded ≥ 1.0× Redis (always)"].met is False  # 0.97x
+    assert "0.97×" in by_name["agent-step: embedded ≥ 1.0× Redis (always)"].measured
+    assert by_name["agent-step: embedded p99 ≤ Redis's"].met is True
+    assert by_name["agent-step: oribus up ≥ 1.0× PostgreSQL"].met is True
+    assert by_name["hot=0.5: oribus-embedded commits ≥ Redis's, retries/commit ≤ Redis's"].met is True
+    assert by_name["hot=0.5: oribus-up commits ≥ Redis's, retries/commit ≤ Redis's"].met is None  # not run
+    linear = by_name["read-set: oribus-embedded p50 grows at most linearly (p50(n) ≤ n × p50(1))"]
+    assert linear.met is False and "1.03" in linear.measured
+    assert by_name["sessions: oribus-embedded throughput within 20% over the sweep"].met is True  # 0.83
+
+    rates[("oribus-embedded", "s10k")] = (2300, 5, 12)  # 0.77 of the fastest
+    rates[("oribus-embedded", "r16")] = (900, 30, 60)
+    by_name = {t.name: t for t in targets.check(_doc_with(rates))}
+    assert by_name["sessions: oribus-embedded throughput within 20% over the sweep"].met is False
+    assert by_name["read-set: oribus-embedded p50 grows at most linearly (p50(n) ≤ n × p50(1))"].met is True
+    rows = [t.__dict__ for t in targets.check(_doc_with(rates))]
+    md = "\n".join(targets.markdown(rows))
+    assert "| MISSED |" in md and "| met |" in md and "| not measured |" in md
