@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast crash lint bench soak spec system-deps clean
+.PHONY: demo test test-fast crash lint bench bench-full bench-deps soak spec system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,8 +61,22 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 # The peers benchmarks/compare.py starts itself from Debian packages (Redis 7, PostgreSQL 15,
 # etcd 3.4), installed here when missing -- only here, `make test` never needs them.
 # Then oribus's own benchmarks, and the comparison's --quick preset (results in
-# benchmarks/results/<UTC time>/; `oribus bench` runs the full one).
-bench: $(BENCH_STAMP)
+# benchmarks/results/<UTC time>/; `make bench-full` or `oribus bench` runs the full one, about
+# an hour: run it on a quiet machine).
+bench: $(BENCH_STAMP) bench-deps
+	$(PY) benchmarks/agent_step.py
+	$(PY) benchmarks/agent_step_network.py
+	$(PY) benchmarks/agent_step_http.py
+	$(PY) benchmarks/recovery.py
+	$(PY) benchmarks/delivery_log_memory.py
+	$(PY) benchmarks/compare.py --quick
+
+bench-full: $(BENCH_STAMP) bench-deps
+	$(PY) benchmarks/recovery.py
+	$(PY) benchmarks/delivery_log_memory.py
+	$(PY) benchmarks/compare.py
+
+bench-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing="$$missing postgresql"; \
@@ -71,12 +85,6 @@ bench: $(BENCH_STAMP)
 		echo "installing$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
-	$(PY) benchmarks/agent_step.py
-	$(PY) benchmarks/agent_step_network.py
-	$(PY) benchmarks/agent_step_http.py
-	$(PY) benchmarks/recovery.py
-	$(PY) benchmarks/delivery_log_memory.py
-	$(PY) benchmarks/compare.py --quick
 
 clean:
 	rm -rf $(VENV) oribus-data .pytest_cache .hypothesis
