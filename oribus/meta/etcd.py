@@ -301,12 +301,30 @@ class EtcdMeta(ClusterMeta):
     # ---- buses ----------------------------------------------------------------------------
 
     async def register_bus(self, record: BusRecord) -> None:
+        await self._put_bus(record)
+        self._bus_keepalive = asyncio.get_running_loop().create_task(self._keep_bus(record))
+
+    async def _put_bus(self, record: BusRecord) -> None:
         lease = await self._call(lambda c: c.lease(self.lease_ttl))
         value = json.dumps({"address": record.address, "http": record.http}).encode()
         await self._call(lambda c: c.put(self._key("buses", record.bus_id), value, lease=lease))
         self._bus_lease = lease
-        claim = ShardClaim(-1, 0)
-        self._bus_keepalive = asyncio.get_running_loop().create_task(self._keep(claim, lease))
+
+    async def _keep_bus(self, record: BusRecord) -> None:
+        """Keep the bus's record alive; one whose lease ran out (a bus paused past the TTL) is
+        written again. A bus owns nothing exclusive, so unlike a shard it is never fenced."""
+        period = max(1.0, self.lease_ttl / 3)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                reply = await self._call(lambda c: c.refresh_lease(self._bus_lease.id))
+                if reply is None or reply.TTL <= 0:
+                    log.warning("the registration of bus %s expired in etcd; registering it again",
+                                record.bus_id)
+                    await self._put_bus(record)
+            except Unavailable as e:
+                log.error("etcd unreachable: cannot refresh the registration of bus %s; %s",
+                          record.bus_id, e.message)
 
     async def buses(self) -> dict[str, BusRecord]:
         prefix = self._key("buses", "")

@@ -19,7 +19,7 @@ from processes import ServerProcess, free_port, run_cli
 
 import oribus
 from oribus import SessionExpired, Unavailable
-from oribus.meta.cluster import ClusterConfig
+from oribus.meta.cluster import BusRecord, ClusterConfig
 from oribus.meta.etcd import EtcdMeta
 
 SHARDS = 3
@@ -166,6 +166,28 @@ async def test_shard_outside_the_cluster_or_uninitialised_cluster_is_refused(clu
     proc = cluster.add(shard_process(tmp_path, etcd.url, 7, free_port(), name="shard-7")).start()
     assert await asyncio.to_thread(proc.wait_exit, 30) != 0
     assert "outside the cluster" in proc.log_tail()
+
+
+async def test_a_bus_whose_registration_expired_registers_again(etcd):
+    # a bus paused past its lease loses its record; unlike a shard it owns nothing
+    # exclusive, so it must come back rather than vanish from the directory for good
+    meta = EtcdMeta(etcd.url, lease_ttl=LEASE_TTL)
+    other = EtcdMeta(etcd.url)
+    try:
+        await meta.register_bus(BusRecord("bus-a", "127.0.0.1:7700", "127.0.0.1:7780"))
+        assert set(await other.buses()) == {"bus-a"}
+        first = meta._bus_lease.id
+        await other._call(lambda c: c.revoke_lease(first))  # what expiry does
+        assert await other.buses() == {}
+        deadline = time.monotonic() + 10
+        while "bus-a" not in await other.buses():
+            assert time.monotonic() < deadline, "the bus never registered again"
+            await asyncio.sleep(0.2)
+        assert (await other.buses())["bus-a"].http == "127.0.0.1:7780"
+        assert meta._bus_lease.id != first
+    finally:
+        await meta.close()
+        await other.close()
 
 
 async def test_etcd_down_servers_keep_serving_and_new_claims_are_refused(cluster, tmp_path, etcd):
