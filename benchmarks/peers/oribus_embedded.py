@@ -136,13 +136,20 @@ async def fsyncs_of_one_commit(bus: AsyncSession) -> int:
     return fsyncs(await bus.stats()) - before
 
 
-class OribusEmbedded(Backend):
+MECHANISM = "transaction: get_many(reads), put, commit (Conflict = conflict)"
+FSYNC = "WAL group commit, fsync before the commit is acknowledged"
+
+
+class OribusBackend(Backend):
+    """What every oribus row shares: a bus session (``bus``) opened per generation on a
+    fresh data directory, populated, audited and driven through the same client; the
+    rows differ in ``_open`` / ``_close`` (in this process, or a server to connect to)."""
+
     peer = False
 
-    def __init__(self, shards: int = 1, *, unsafe_blind_write: bool = False) -> None:
+    def __init__(self, name: str, shards: int) -> None:
+        self.name = name
         self.shards = shards
-        self.unsafe_blind_write = unsafe_blind_write
-        self.name = "oribus-embedded" + ("-blind" if unsafe_blind_write else "")
         self.durable = True
         self.work = Path()
         self.generation = 0
@@ -150,46 +157,69 @@ class OribusEmbedded(Backend):
         self.pool: SessionPool | None = None
         self.read_batch = READ_BATCH
 
+    @property
+    def data_dir(self) -> Path:
+        return self.work / f"data-{self.generation}"
+
+    async def _open(self) -> AsyncSession:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        """After the session is closed: stop whatever served it."""
+
     async def start(self, work: Path) -> None:
         self.work = work
         work.mkdir(parents=True, exist_ok=True)
-        await self._open()
+        await self._next_generation()
 
-    async def _open(self) -> None:
+    async def _next_generation(self) -> None:
         self.generation += 1
-        self.bus = await oribus.open_local(self.work / f"data-{self.generation}", shards=self.shards,
-                                           agent="loader")
+        self.bus = await self._open()
         self.pool = SessionPool(self.bus)
 
     async def stop(self) -> None:
         if self.bus is not None:
             await self.bus.close()
             self.bus = None
+        await self._close()
 
     async def reset(self) -> None:
         await self.stop()
-        shutil.rmtree(self.work / f"data-{self.generation}", ignore_errors=True)
-        await self._open()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        await self._next_generation()
 
     async def populate(self, keys: Sequence[str], value_size: int) -> None:
         self.read_batch = await populate_bus(self.bus, keys, value_size)
 
     async def client(self) -> Client:
-        return OribusClient(self.pool, self.unsafe_blind_write)
+        return OribusClient(self.pool)
 
     async def read_counters(self, keys: Sequence[str]) -> list[int | None]:
         return await read_bus_counters(self.bus, keys, self.read_batch)
+
+    async def _durability(self, unsafe_no_fsync: bool) -> dict:
+        return {"unsafe_no_fsync": unsafe_no_fsync,
+                "wal_fsyncs_for_one_commit": await fsyncs_of_one_commit(self.bus), "fsync": FSYNC}
+
+
+class OribusEmbedded(OribusBackend):
+    def __init__(self, shards: int = 1, *, unsafe_blind_write: bool = False) -> None:
+        super().__init__("oribus-embedded" + ("-blind" if unsafe_blind_write else ""), shards)
+        self.unsafe_blind_write = unsafe_blind_write
+
+    async def _open(self) -> AsyncSession:
+        return await oribus.open_local(self.data_dir, shards=self.shards, agent="loader")
+
+    async def client(self) -> Client:
+        return OribusClient(self.pool, self.unsafe_blind_write)
 
     async def describe(self) -> dict:
         engine = self.bus._owner  # noqa: SLF001 - the engine behind open_local, for its config
         cfg = engine.config
         return {
             "version": f"oribus {oribus.__version__}",
-            "mechanism": "transaction: get_many(reads), put, commit (Conflict = conflict)"
-                         + (" -- BLIND WRITES (broken on purpose)" if self.unsafe_blind_write else ""),
-            "durability": {"unsafe_no_fsync": cfg.unsafe_no_fsync,
-                           "wal_fsyncs_for_one_commit": await fsyncs_of_one_commit(self.bus),
-                           "fsync": "WAL group commit, fsync before the commit is acknowledged"},
+            "mechanism": MECHANISM + (" -- BLIND WRITES (broken on purpose)" if self.unsafe_blind_write else ""),
+            "durability": await self._durability(cfg.unsafe_no_fsync),
             "shards": cfg.shards,
             "durable": not cfg.unsafe_no_fsync,
             "client": "in-process (open_local), engine on the clients' event loop",

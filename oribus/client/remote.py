@@ -27,20 +27,13 @@ from oribus.types import SessionRef
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 
 
-class RemoteBus:
-    """A bus reached over gRPC at ``target`` (``HOST:PORT``); over mutual TLS with ``tls``."""
-
-    def __init__(self, target: str = DEFAULT_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0, tls: TlsConfig | str | Path | None = None) -> None:
-        self.target = target
-        cfg = TlsConfig.of(tls)
-        if cfg is not None and credentials is None:
-            credentials = channel_credentials(cfg)
-        self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout,
-                             options=cfg.channel_options() if cfg is not None else ())
+class BusByCalls:
+    """The bus methods a session calls, each one call ``_call(op, *params)`` of
+    ``wire.BUS_OPS``: the shape of every remote bus (gRPC, the simulated network),
+    which differ only in how a call travels (and in watch)."""
 
     async def _call(self, op: str, *params: Any) -> Any:
-        return await self.mux.call_op(wire.BUS_OPS, op, *params)
+        raise NotImplementedError
 
     async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
         return await self._call("read", session, keys, record)
@@ -59,6 +52,22 @@ class RemoteBus:
 
     async def stats(self) -> dict:
         return await self._call("stats")
+
+
+class RemoteBus(BusByCalls):
+    """A bus reached over gRPC at ``target`` (``HOST:PORT``); over mutual TLS with ``tls``."""
+
+    def __init__(self, target: str = DEFAULT_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout: float = 30.0, tls: TlsConfig | str | Path | None = None) -> None:
+        self.target = target
+        cfg = TlsConfig.of(tls)
+        if cfg is not None and credentials is None:
+            credentials = channel_credentials(cfg)
+        self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout,
+                             options=cfg.channel_options() if cfg is not None else ())
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        return await self.mux.call_op(wire.BUS_OPS, op, *params)
 
     def watch(
         self,

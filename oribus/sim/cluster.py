@@ -66,7 +66,7 @@ from oribus.bus.coordinator import CommitRequest, Coordinator
 from oribus.bus.recovery import Recovery
 from oribus.checker import Recorder, Report, check, record_final, run_list_append
 from oribus.checker.listappend import workload_keys
-from oribus.client.session import AsyncSession
+from oribus.client.session import AsyncSession, Transaction
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
 from oribus.meta.slots import StaticSlotMap
@@ -677,12 +677,14 @@ def _complete_failed(recorder: Recorder, tid: int, e: OribusError, sent: bool, c
         recorder.info(tid, e.code, commit_id)
 
 
-async def _txn_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any) -> None:
+async def _read_then_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any,
+                           stage: Callable[[Transaction], None]) -> None:
+    """A transaction that reads ``key``, then ``stage``s a change that leaves it holding ``value``."""
     tx = session.transaction()
     tid = recorder.invoke(process, list(session.session_ref), [["r", key, None], ["w", key, value]])
     try:
         item = await tx.get(key)
-        tx.put(key, value)
+        stage(tx)
         versions = await tx.commit()
     except OribusError as e:
         _complete_failed(recorder, tid, e, tx.sent, tx.commit_id)
@@ -692,23 +694,17 @@ async def _txn_write(session: AsyncSession, recorder: Recorder, process: str, ke
     recorder.ok(tid, [["r", key, item.value, item.version], ["w", key, value, versions.get(key)]], tx.commit_id)
 
 
+async def _txn_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any) -> None:
+    await _read_then_write(session, recorder, process, key, value, lambda tx: tx.put(key, value))
+
+
 async def _rollback(session: AsyncSession, recorder: Recorder, process: str, key: str, rng: random.Random) -> None:
     versions = [v for v in await session.history(key) if not v.deleted and v.value is not None]
     if len(versions) < 2:
         return
     target = rng.choice(versions[1:])  # not the newest: a rollback that changes something
-    tx = session.transaction()
-    tid = recorder.invoke(process, list(session.session_ref), [["r", key, None], ["w", key, target.value]])
-    try:
-        item = await tx.get(key)
-        tx.rollback(key, target.version)
-        new = await tx.commit()
-    except OribusError as e:
-        _complete_failed(recorder, tid, e, tx.sent, tx.commit_id)
-        if isinstance(e, SessionExpired):
-            await session.reset_session()
-        return
-    recorder.ok(tid, [["r", key, item.value, item.version], ["w", key, target.value, new.get(key)]], tx.commit_id)
+    await _read_then_write(session, recorder, process, key, target.value,
+                           lambda tx: tx.rollback(key, target.version))
 
 
 async def _session_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any) -> None:

@@ -50,16 +50,13 @@ from typing import Any
 import msgpack
 
 from oribus import wire
-from oribus.bus.bus import ReadResult
-from oribus.bus.coordinator import CommitRequest, CommitResult
+from oribus.client.remote import BusByCalls
 from oribus.errors import InvalidRequest, OribusError, Unavailable, error_from_dict
 from oribus.protocol import (
     Change,
 )
 from oribus.shards.service import ShardServiceByCalls
-from oribus.shards.store import Entry
 from oribus.sim.loop import Process, current_process
-from oribus.types import SessionRef
 
 ALL_OPS = frozenset({*wire.SHARD_OPS, *wire.BUS_OPS})
 # Requests that change a session's delivery log are not duplicated by default. The log
@@ -262,7 +259,7 @@ class SimShardClient(ShardServiceByCalls):
         raise InvalidRequest("watch is not simulated")
 
 
-class SimBusClient:
+class SimBusClient(BusByCalls):
     """The client side of a bus over the simulated network (what ``AsyncSession`` calls)."""
 
     def __init__(self, network: SimNetwork, src: str, endpoint: Endpoint) -> None:
@@ -272,24 +269,6 @@ class SimBusClient:
 
     async def _call(self, op: str, *params: Any) -> Any:
         return await self.network.call(self.src, self.endpoint, wire.BUS_OPS, op, *params)
-
-    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
-        return await self._call("read", session, keys, record)
-
-    async def commit(self, req: CommitRequest) -> CommitResult:
-        return await self._call("commit", req)
-
-    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
-        return await self._call("history", key, limit)
-
-    async def forget(self, session: SessionRef, keys: list[str]) -> None:
-        await self._call("forget", session, keys)
-
-    async def reset(self, session: SessionRef) -> None:
-        await self._call("reset", session)
-
-    async def stats(self) -> dict:
-        return await self._call("stats")
 
     def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[Change]:
         raise InvalidRequest("watch is not simulated")
