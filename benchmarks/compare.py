@@ -140,9 +140,13 @@ class Progress:
 # ---- planning ---------------------------------------------------------------------------------
 
 
+def base_point(args: argparse.Namespace) -> Point:
+    return replace(BASE, clients=args.clients, keys=args.keys, reads=args.reads, value_size=args.value_size)
+
+
 def plan(args: argparse.Namespace) -> tuple[list[dict], dict[str, Point]]:
     """The scenarios (with their point ids) and the distinct points, in run order."""
-    base = replace(BASE, clients=args.clients, keys=args.keys, reads=args.reads, value_size=args.value_size)
+    base = base_point(args)
     overrides: dict[str, tuple] = {}
     for spec in args.sweep:
         name, _, raw = spec.partition("=")
@@ -260,8 +264,7 @@ def new_document(args: argparse.Namespace, scenarios: list[dict]) -> dict:
         "options": {"quick": args.quick, "duration": args.duration, "warmup": args.warmup,
                     "max_retries": args.max_retries, "populate_timeout": args.populate_timeout,
                     "seed": args.seed, "oribus_shards": args.shards},
-        "base_point": replace(BASE, clients=args.clients, keys=args.keys, reads=args.reads,
-                              value_size=args.value_size).as_dict(),
+        "base_point": base_point(args).as_dict(),
         "machine": {},
         "backend_order": list(args.backends),
         "backends": {},

@@ -237,7 +237,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from oribus.checker import HistoryError, check, read_history
 
     try:
-        report = check(read_history(args.history))
+        report = check(read_history(args.history), validated=True)
     except HistoryError as e:
         print(f"oribus check: {e}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from agent_step import percentile
 from peers.base import Backend, Client
 
 from harness.audit import AuditReport, History, audit
@@ -72,14 +73,6 @@ class RunResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), round(q / 100 * len(sorted_values) + 0.5)))
-    return sorted_values[rank - 1]
 
 
 class Window:

@@ -41,13 +41,14 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent_step_network import free_port  # noqa: F401 - the peers take it from here
 
 
 @dataclass(slots=True)
@@ -136,12 +137,6 @@ def padding(value_size: int) -> bytes:
 
 
 # ---- processes and ports ---------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_binary(name: str, package: str, install: bool) -> str:

@@ -272,7 +272,7 @@ class PostgresSerializable(Backend):
             "durability": {k: shown[k] for k in ("fsync", "synchronous_commit", "full_page_writes",
                                                  "wal_sync_method")},
             "settings": {k: shown[k] for k in ("max_connections", "shared_buffers", "deadlock_timeout")},
-            "durable": True,
+            "durable": shown["fsync"] == "on" and shown["synchronous_commit"] == "on",
             "command": " ".join(self.command),
             "client": "psycopg 3 async, pipeline mode, one connection per worker",
         }

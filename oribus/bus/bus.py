@@ -56,7 +56,9 @@ class Bus:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         max_sessions: int = 1_000_000,
         session_journal: SessionJournal | None = None,
+        clock: Callable[[], float] = time.time,  # stamps commits (the simulation passes virtual time)
     ) -> None:
+        self.clock = clock
         self.shards = shards
         self.shard_for = shard_for
         self.max_value_bytes = max_value_bytes
@@ -188,7 +190,7 @@ class Bus:
                 # every shard rather than skip any part of the read set.
                 req.broadcast = True
         if not req.committed_at:
-            req.committed_at = time.time()
+            req.committed_at = self.clock()
         result = await self.coordinator.commit(req)
         for sid, tok in result.tokens.items():
             if durable_session:

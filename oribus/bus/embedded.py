@@ -89,8 +89,8 @@ class EngineConfig:
         return replace(cfg, **self.shard_overrides) if self.shard_overrides else cfg
 
 
-def stored_shards(data_dir: Path) -> int | None:
-    """The shard count a data directory was created with (None: no layout yet)."""
+def _read_layout(data_dir: Path) -> dict | None:
+    """The data directory's layout (None: not created yet), its shard count checked."""
     path = Path(data_dir) / LAYOUT_FILE
     try:
         have = json.loads(path.read_text())
@@ -101,29 +101,32 @@ def stored_shards(data_dir: Path) -> int | None:
     shards = have.get("shards") if isinstance(have, dict) else None
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
         raise InvalidRequest(f"{path} names no valid shard count: {have!r}")
-    return shards
+    return have
+
+
+def stored_shards(data_dir: Path) -> int | None:
+    """The shard count a data directory was created with (None: no layout yet)."""
+    have = _read_layout(data_dir)
+    return None if have is None else have["shards"]
 
 
 def check_layout(cfg: EngineConfig) -> None:
     """Create the data directory's layout, or check it matches ``cfg`` (resolving ``shards=None``)."""
+    have = _read_layout(cfg.data_dir)
     if cfg.shards is None:
-        cfg.shards = stored_shards(cfg.data_dir) or DEFAULT_SHARDS
+        cfg.shards = DEFAULT_SHARDS if have is None else have["shards"]
     if cfg.shards < 1:
         raise InvalidRequest("shards must be >= 1")
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    path = cfg.data_dir / LAYOUT_FILE
-    want = {"format": 1, "shards": cfg.shards, "slots": SLOTS}
-    if path.exists():
-        try:
-            have = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise InvalidRequest(f"{path} is unreadable: {e}") from e
-        if have.get("shards") != cfg.shards or have.get("slots") != SLOTS:
+    if have is not None:
+        if have["shards"] != cfg.shards or have.get("slots") != SLOTS:
             raise InvalidRequest(
-                f"{cfg.data_dir} holds data for {have.get('shards')} shards; it cannot be opened "
+                f"{cfg.data_dir} holds data for {have['shards']} shards; it cannot be opened "
                 f"with {cfg.shards} (keys would map to other shards)"
             )
         return
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.data_dir / LAYOUT_FILE
+    want = {"format": 1, "shards": cfg.shards, "slots": SLOTS}
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         json.dump(want, f)
@@ -158,8 +161,6 @@ class LocalEngine:
 
     @classmethod
     async def open(cls, config: EngineConfig) -> LocalEngine:
-        if config.shards is not None and config.shards < 1:
-            raise InvalidRequest("shards must be >= 1")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, check_layout, config)
         shards: dict[int, Shard] = {}

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,10 +94,7 @@ class Report:
         return not self.anomalies
 
     def by_kind(self) -> dict[str, int]:
-        out: dict[str, int] = defaultdict(int)
-        for a in self.anomalies:
-            out[a.kind] += 1
-        return dict(sorted(out.items()))
+        return dict(sorted(Counter(a.kind for a in self.anomalies).items()))
 
     def of_kind(self, *kinds: str) -> list[Anomaly]:
         return [a for a in self.anomalies if a.kind in kinds]
@@ -127,9 +124,10 @@ class Report:
         return "\n".join(lines)
 
 
-def check(events: Sequence[Mapping[str, Any]]) -> Report:
-    """Check a history (a list of events as in ``specs/history.md``); raises HistoryError if malformed."""
-    txns, final = transactions(events)
+def check(events: Sequence[Mapping[str, Any]], *, validated: bool = False) -> Report:
+    """Check a history (a list of events as in ``specs/history.md``); raises HistoryError if
+    malformed (``validated``: it came from ``read_history``, which checked it already)."""
+    txns, final = transactions(events, validated=validated)
     return _Checker(txns, final).run()
 
 
@@ -303,7 +301,7 @@ class _Checker:
                 if k in self.list_keys:
                     canon = o.elems
                     if not dup_reported and len(set(canon)) != len(canon):
-                        twice = [e for e, n in _count(canon).items() if n > 1]
+                        twice = [e for e, n in Counter(canon).items() if n > 1]
                         writers = [self.appender[(k, e)] for e in twice if (k, e) in self.appender]
                         self.report("duplicate-commit",
                                     f"{k}: the list {where} holds {', '.join(map(repr, twice[:5]))} more than once "
@@ -598,21 +596,23 @@ class _Checker:
                 self.report("version-gap", f"{k}: the final history ends at version {versions[-1]} "
                             f"but the final state is at version {state[1]}")
             cids = [c for _, c, _ in entries if c]
-            for cid, n in _count(cids).items():
+            for cid, n in Counter(cids).items():
                 if n > 1:
                     t = self.by_commit.get(cid)
                     self.report("duplicate-commit", f"{k}: commit {cid} appears {n} times in the final history",
                                 [t] if t else [])
         # no client saw a version above the final one
+        written: dict[str, list[tuple[Txn, int]]] = defaultdict(list)  # key -> (txn, version it wrote)
+        for t in self.committed.values():
+            for _, k, _, v in t.writes():
+                if v is not None:
+                    written[k].append((t, v))
         for k, observations in self.obs.items():
             state = final.state.get(k)
             if state is None:
                 continue
             above = [o for o in observations if o.version is not None and o.version > state[1]]
-            writes_above = [
-                (t, v) for t in self.committed.values() for f, kk, _, v in t.writes()
-                if kk == k and v is not None and v > state[1]
-            ]
+            writes_above = [(t, v) for t, v in written.get(k, ()) if v > state[1]]
             if above or writes_above:
                 top = max([o.version for o in above] + [v for _, v in writes_above])
                 self.report("version-gap", f"{k}: version {top} was observed but the final version is {state[1]}",
@@ -620,6 +620,8 @@ class _Checker:
         # every committed write is in the final state
         lost: dict[str, list[Txn]] = defaultdict(list)
         final_elements = {k: {_canon(e) for e in _as_list(v)} for k, (v, _) in final.state.items()}
+        commit_at = {k: {v: c for v, c, _ in es} for k, es in final.history.items()}  # key -> version -> id
+        commits_in = {k: set(m.values()) for k, m in commit_at.items()}
         for t in self.committed.values():
             for f, k, arg, version in t.writes():
                 state = final.state.get(k)
@@ -629,9 +631,9 @@ class _Checker:
                     elif _canon(arg) not in final_elements[k]:
                         lost[k].append(t)
                     continue
-                entries = {v: c for v, c, _ in final.history.get(k, [])}
+                entries = commit_at.get(k, {})
                 if version is None:
-                    if t.commit_id and t.commit_id in entries.values():
+                    if t.commit_id and t.commit_id in commits_in.get(k, ()):
                         continue
                     self.unverifiable += 1
                 elif version in entries:
@@ -681,9 +683,3 @@ class _Checker:
         anomalies = sorted(self.anomalies, key=lambda a: order.get(a.category, len(order)))
         return Report(anomalies, counts, self.notes)
 
-
-def _count(items: Sequence[Any]) -> dict[Any, int]:
-    out: dict[Any, int] = defaultdict(int)
-    for x in items:
-        out[x] += 1
-    return out

@@ -65,15 +65,12 @@ class Txn:
 
     id: int
     process: str
-    session: list[str] | None
     outcome: str  # "ok" | "fail" | "info"
     ops: list[list[Any]]
     invoke_index: int
     complete_index: int | None = None
     commit_id: str | None = None
     error: str | None = None
-    invoke_time: float | None = None
-    complete_time: float | None = None
 
     def writes(self) -> list[list[Any]]:
         return [op for op in self.ops if op[0] != READ]
@@ -100,9 +97,12 @@ class Final:
     history: dict[str, list[tuple[int, str | None, Any]]] = field(default_factory=dict)  # oldest first
 
 
-def transactions(events: Sequence[Mapping[str, Any]]) -> tuple[list[Txn], Final | None]:
-    """Pair invokes with completions (validating the history); returns (txns, final event or None)."""
-    validate(events)
+def transactions(events: Sequence[Mapping[str, Any]], *, validated: bool = False
+                 ) -> tuple[list[Txn], Final | None]:
+    """Pair invokes with completions (validating the history unless ``validated``, as
+    ``read_history`` does); returns (txns, final event or None)."""
+    if not validated:
+        validate(events)
     txns: dict[int, Txn] = {}
     final: Final | None = None
     for index, ev in enumerate(events):
@@ -111,12 +111,10 @@ def transactions(events: Sequence[Mapping[str, Any]]) -> tuple[list[Txn], Final 
             txns[ev["id"]] = Txn(
                 id=ev["id"],
                 process=str(ev.get("process", "")),
-                session=list(ev["session"]) if ev.get("session") is not None else None,
                 outcome="info",
                 ops=[[op[0], op[1], op[2], None] for op in ev["ops"]],
                 invoke_index=index,
                 error="no completion",
-                invoke_time=ev.get("time"),
             )
         elif kind == "final":
             final = Final(
@@ -130,7 +128,6 @@ def transactions(events: Sequence[Mapping[str, Any]]) -> tuple[list[Txn], Final 
             t = txns[ev["id"]]
             t.outcome = kind
             t.commit_id = ev.get("commit_id", t.commit_id)
-            t.complete_time = ev.get("time")
             if kind == "ok":
                 t.ops = [list(op) for op in ev["ops"]]
                 t.complete_index = index

@@ -45,6 +45,16 @@ ELEMENT_STRIDE = 1_000_000  # element = client index * stride + counter: unique 
 _DEFINITE = (Conflict, SessionExpired, InvalidRequest)  # certainly not committed
 
 
+def record_failure(recorder: Recorder, tid: int, e: OribusError, sent: bool, commit_id: str | None) -> str:
+    """Complete a transaction that raised: ``fail`` if it certainly did not commit (never
+    sent, or a definite refusal), else ``info`` (its outcome is unknown). Returns which."""
+    if not sent or isinstance(e, _DEFINITE):
+        recorder.fail(tid, e.code, commit_id)
+        return "fail"
+    recorder.info(tid, e.code, commit_id)
+    return "info"
+
+
 def workload_keys(keys: int = DEFAULT_KEYS, prefix: str = DEFAULT_PREFIX) -> list[str]:
     return [f"{prefix}k{i}" for i in range(keys)]
 
@@ -88,16 +98,13 @@ async def _run_one(session: Any, recorder: Recorder, process: str, ops: list[lis
                 results.append([APPEND, key, arg, None])
         versions = await tx.commit()
     except OribusError as e:
-        if not tx.sent or isinstance(e, _DEFINITE):
-            recorder.fail(tid, e.code, tx.commit_id)
-            if isinstance(e, SessionExpired):
-                try:
-                    await session.reset_session()
-                except OribusError:
-                    pass  # the bus is unreachable: the next transaction fails and tries again
-            return "fail"
-        recorder.info(tid, e.code, tx.commit_id)
-        return "info"
+        outcome = record_failure(recorder, tid, e, tx.sent, tx.commit_id)
+        if isinstance(e, SessionExpired):
+            try:
+                await session.reset_session()
+            except OribusError:
+                pass  # the bus is unreachable: the next transaction fails and tries again
+        return outcome
     except BaseException as e:
         recorder.info(tid, type(e).__name__, tx.commit_id if tx.sent else None)
         raise

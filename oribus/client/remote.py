@@ -7,6 +7,7 @@ remote session has exactly the embedded API and semantics.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,14 @@ from oribus.types import SessionRef
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 
 
-class BusByCalls:
+class BusByCalls(abc.ABC):
     """The bus methods a session calls, each one call ``_call(op, *params)`` of
     ``wire.BUS_OPS``: the shape of every remote bus (gRPC, the simulated network),
     which differ only in how a call travels (and in watch)."""
 
+    @abc.abstractmethod
     async def _call(self, op: str, *params: Any) -> Any:
-        raise NotImplementedError
+        """Send one call of ``wire.BUS_OPS`` and return its decoded result."""
 
     async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
         return await self._call("read", session, keys, record)

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aetcd
 import aetcd.exceptions
@@ -251,25 +251,33 @@ class EtcdMeta(ClusterMeta):
         return claim
 
     async def _keep(self, claim: ShardClaim, lease: aetcd.leases.Lease) -> None:
+        async def expired() -> bool:
+            claim.reason = (f"the claim on shard {claim.shard_id} (epoch {claim.epoch}) expired in etcd: "
+                            "another process may serve it now")
+            log.critical(claim.reason)
+            claim.lost.set()
+            return False  # fenced: the shard stops serving
+
+        await self._refresh(lambda: lease.id, expired,
+                            lambda: f"still serving shard {claim.shard_id} on its claim (epoch {claim.epoch})")
+
+    async def _refresh(self, lease_id: Callable[[], int], expired: Callable[[], Awaitable[bool]],
+                       holding: Callable[[], str]) -> None:
+        """Keep a lease alive; when it ran out, ``expired()`` says whether to go on."""
         period = max(1.0, self.lease_ttl / 3)
         failing_since = None
         while True:
             await asyncio.sleep(period)
             try:
-                reply = await self._call(lambda c: c.refresh_lease(lease.id))
+                reply = await self._call(lambda c: c.refresh_lease(lease_id()))
+                if (reply is None or reply.TTL <= 0) and not await expired():
+                    return
             except Unavailable as e:
                 loop_time = asyncio.get_running_loop().time()
                 failing_since = failing_since or loop_time
-                log.error("etcd unreachable for %.0fs: still serving shard %d on its claim (epoch %d); %s",
-                          loop_time - failing_since, claim.shard_id, claim.epoch, e.message)
+                log.error("etcd unreachable for %.0fs: %s; %s", loop_time - failing_since, holding(), e.message)
                 continue
             failing_since = None
-            if reply is None or reply.TTL <= 0:
-                claim.reason = (f"the claim on shard {claim.shard_id} (epoch {claim.epoch}) expired in etcd: "
-                                "another process may serve it now")
-                log.critical(claim.reason)
-                claim.lost.set()
-                return
 
     async def update_address(self, claim: ShardClaim, address: str) -> None:
         lease = self._leases[claim.shard_id]
@@ -311,20 +319,15 @@ class EtcdMeta(ClusterMeta):
         self._bus_lease = lease
 
     async def _keep_bus(self, record: BusRecord) -> None:
-        """Keep the bus's record alive; one whose lease ran out (a bus paused past the TTL) is
-        written again. A bus owns nothing exclusive, so unlike a shard it is never fenced."""
-        period = max(1.0, self.lease_ttl / 3)
-        while True:
-            await asyncio.sleep(period)
-            try:
-                reply = await self._call(lambda c: c.refresh_lease(self._bus_lease.id))
-                if reply is None or reply.TTL <= 0:
-                    log.warning("the registration of bus %s expired in etcd; registering it again",
-                                record.bus_id)
-                    await self._put_bus(record)
-            except Unavailable as e:
-                log.error("etcd unreachable: cannot refresh the registration of bus %s; %s",
-                          record.bus_id, e.message)
+        """A bus whose record's lease ran out (paused past the TTL) writes it again: it owns
+        nothing exclusive, so unlike a shard it is never fenced."""
+        async def expired() -> bool:
+            log.warning("the registration of bus %s expired in etcd; registering it again", record.bus_id)
+            await self._put_bus(record)
+            return True
+
+        await self._refresh(lambda: self._bus_lease.id, expired,
+                            lambda: f"cannot refresh the registration of bus {record.bus_id}")
 
     async def buses(self) -> dict[str, BusRecord]:
         prefix = self._key("buses", "")

@@ -126,8 +126,9 @@ class ShardServiceByCalls(ShardService):
     ``wire.SHARD_OPS``: the shape of every remote implementation (gRPC, the simulated
     network), which differ only in how a call travels (and in watch)."""
 
+    @abc.abstractmethod
     async def _call(self, op: str, *params: Any) -> Any:
-        raise NotImplementedError
+        """Send one call of ``wire.SHARD_OPS`` and return its decoded result."""
 
     async def read(self, req: ReadRequest) -> ReadReply:
         return await self._call("read", req)

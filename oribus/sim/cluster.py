@@ -62,13 +62,13 @@ from typing import Any
 
 import oribus.client.session as client_session
 from oribus.bus.bus import Bus
-from oribus.bus.coordinator import CommitRequest, Coordinator
+from oribus.bus.coordinator import Coordinator
 from oribus.bus.recovery import Recovery
 from oribus.checker import Recorder, Report, check, record_final, run_list_append
-from oribus.checker.listappend import workload_keys
+from oribus.checker.listappend import record_failure, workload_keys
 from oribus.client.session import AsyncSession, Transaction
 from oribus.delivery_log import DeliveryLogConfig
-from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
+from oribus.errors import OribusError, SessionExpired, Unavailable
 from oribus.meta.slots import StaticSlotMap
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
@@ -78,7 +78,6 @@ from oribus.sim.network import Endpoint, NetworkConfig, SimBusClient, SimNetwork
 
 FAULT_KINDS = ("crash", "crash_bus", "partition", "partition_bus", "loss", "duplicate", "pause")
 WALL_CLOCK_ORIGIN = 1_700_000_000.0  # virtual "unix time" at virtual second 0 (commit stamps)
-_DEFINITE = (Conflict, SessionExpired, InvalidRequest)  # the commit certainly did not happen
 
 
 @dataclass
@@ -149,33 +148,6 @@ class SimShard(Shard):
         super().__init__(config, epoch)
 
 
-class _BusServer:
-    """What the bus process serves (``wire.BUS_OPS``): the Bus, with commits stamped on virtual time."""
-
-    def __init__(self, bus: Bus, stamp: Callable[[], float]) -> None:
-        self.bus = bus
-        self.stamp = stamp
-
-    async def read(self, session: Any, keys: list[str], record: bool = True) -> Any:
-        return await self.bus.read(session, keys, record)
-
-    async def commit(self, req: CommitRequest) -> Any:
-        req.committed_at = self.stamp()  # the coordinator would read the OS clock
-        return await self.bus.commit(req)
-
-    async def history(self, key: str, limit: int | None = None) -> Any:
-        return await self.bus.history(key, limit)
-
-    async def forget(self, session: Any, keys: list[str]) -> None:
-        await self.bus.forget(session, keys)
-
-    async def reset(self, session: Any) -> None:
-        await self.bus.reset(session)
-
-    async def stats(self) -> dict:
-        return {"sessions": len(self.bus.sessions), **self.bus.coordinator.counters}
-
-
 class _ClientConnection(SimBusClient):
     """A client's connection to the bus.
 
@@ -232,12 +204,10 @@ class SimCluster:
         self.config = config or SimConfig()
         self.slot_map = StaticSlotMap(self.config.shards)
         self.events: list[tuple] = []  # the trace: (virtual time, kind, *details)
-        self.counters = {"faults": 0, "crashes": 0, "bus_crashes": 0, "tasks_killed": 0, "lost_records": 0}
+        self.counters = {"faults": 0, "crashes": 0, "bus_crashes": 0, "lost_records": 0}
         self._epoch = 0
-        self._net_base = (self.config.network.loss, self.config.network.duplicate)
         self._windows: dict[str, list[float]] = {"loss": [], "duplicate": []}
         self._clients: dict[int, _ClientConnection] = {}
-        self._shard_totals: dict[str, int] = {}  # Shard.counters of every incarnation that ended
         self.loop: SimLoop | None = None
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -325,13 +295,11 @@ class SimCluster:
         if process is None:
             return
         lost = self.disks[shard_id].crash(keep_in_flight)
-        self._add_shard_counters(shard)
         shard._closed = True  # anything of it still referenced refuses to serve
         ep.process = ep.target = None
         killed = process.kill()
         self.network.server_died(ep)
         self.counters["crashes"] += 1
-        self.counters["tasks_killed"] += killed
         self.counters["lost_records"] += lost
         self.trace("crash", ep.name, lost, killed)
 
@@ -345,11 +313,10 @@ class SimCluster:
         assert self.loop is not None
         process = Process(self.loop, "bus")
         shards = {i: SimShardClient(self.network, "bus", i, self.shard_endpoints[i]) for i in self.shard_endpoints}
-        bus = Bus(shards, self.slot_map.shard_for)
+        bus = Bus(shards, self.slot_map.shard_for, clock=self.wall_clock)  # commits stamped on virtual time
         recovery = Recovery(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
                             interval=self.config.recovery_interval)
-        ep.process, ep.target = process, _BusServer(bus, self.wall_clock)
-        self.recovery = recovery
+        ep.process, ep.target = process, bus
         process.spawn(recovery.run_forever())
         self.trace("start", "bus")
 
@@ -362,7 +329,6 @@ class SimCluster:
         killed = process.kill()
         self.network.server_died(ep)
         self.counters["bus_crashes"] += 1
-        self.counters["tasks_killed"] += killed
         self.trace("crash", "bus", 0, killed)
 
     def wall_clock(self) -> float:
@@ -381,9 +347,9 @@ class SimCluster:
     # ---- faults ---------------------------------------------------------------------------
 
     def _set_rates(self) -> None:
-        base_loss, base_dup = self._net_base
-        self.network.config.loss = max([base_loss, *self._windows["loss"]])
-        self.network.config.duplicate = max([base_dup, *self._windows["duplicate"]])
+        base = self.config.network  # the network runs on a copy of it
+        self.network.config.loss = max([base.loss, *self._windows["loss"]])
+        self.network.config.duplicate = max([base.duplicate, *self._windows["duplicate"]])
 
     async def inject(self, fault: Fault, origin: float) -> None:
         """Apply ``fault`` at ``origin + fault.at``, undo it ``fault.duration`` later."""
@@ -439,19 +405,6 @@ class SimCluster:
         for client in self._clients.values():
             client.paused_until = 0.0
         self.trace("healed")
-
-    def _add_shard_counters(self, shard: SimShard) -> None:
-        for k, v in shard.counters.items():
-            self._shard_totals[k] = self._shard_totals.get(k, 0) + v
-
-    def shard_counters(self) -> dict[str, int]:
-        """``Shard.counters`` summed over every shard incarnation of the run so far."""
-        totals = dict(self._shard_totals)
-        for ep in self.shard_endpoints.values():
-            if ep.target is not None:
-                for k, v in ep.target.counters.items():
-                    totals[k] = totals.get(k, 0) + v
-        return totals
 
     def unsettled(self) -> list[str]:
         """Transactions some shard still holds prepared, and decisions not yet released."""
@@ -618,10 +571,7 @@ async def _simulate(seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> 
         "duplicated": net["duplicated"],
         "timeouts": net["timeouts"],
         "errors": dict(sorted(Counter(e["error"] for e in history if e["type"] in ("fail", "info")).items())),
-        "shards": cluster.shard_counters(),
-        "recovered_prepared": sum(ev[5] for ev in cluster.events if ev[1] == "start" and len(ev) > 5),
         "virtual_seconds": loop.time(),
-        "loop_steps": loop.steps,  # type: ignore[attr-defined]
     }
     return SimResult(
         seed=seed, faults=faults, report=report, trace_hash=cluster.trace_hash, counters=counters,
@@ -670,13 +620,6 @@ def _value(process: str, counter: int) -> str:
     return f"{process}-{counter}"
 
 
-def _complete_failed(recorder: Recorder, tid: int, e: OribusError, sent: bool, commit_id: str | None) -> None:
-    if not sent or isinstance(e, _DEFINITE):
-        recorder.fail(tid, e.code, commit_id)
-    else:
-        recorder.info(tid, e.code, commit_id)
-
-
 async def _read_then_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any,
                            stage: Callable[[Transaction], None]) -> None:
     """A transaction that reads ``key``, then ``stage``s a change that leaves it holding ``value``."""
@@ -687,7 +630,7 @@ async def _read_then_write(session: AsyncSession, recorder: Recorder, process: s
         stage(tx)
         versions = await tx.commit()
     except OribusError as e:
-        _complete_failed(recorder, tid, e, tx.sent, tx.commit_id)
+        record_failure(recorder, tid, e, tx.sent, tx.commit_id)
         if isinstance(e, SessionExpired):
             await session.reset_session()
         return
@@ -716,7 +659,7 @@ async def _session_write(session: AsyncSession, recorder: Recorder, process: str
         sent = True
         versions = await session.commit({key: value}, commit_id=commit_id)
     except OribusError as e:
-        _complete_failed(recorder, tid, e, sent, commit_id)
+        record_failure(recorder, tid, e, sent, commit_id)
         if isinstance(e, SessionExpired):
             await session.reset_session()
         return

@@ -154,7 +154,6 @@ class SimLoop(asyncio.SelectorEventLoop):
     def __init__(self, start: float = 0.0) -> None:
         self._now = float(start)
         super().__init__(selector=VirtualSelector(self._advance))
-        self.steps = 0  # callbacks run (a cost measure for reports)
 
     def time(self) -> float:
         return self._now
@@ -179,10 +178,6 @@ class SimLoop(asyncio.SelectorEventLoop):
         if owner is not None:
             owner.adopt(task)
         return task
-
-    def _run_once(self) -> None:
-        self.steps += 1
-        super()._run_once()  # type: ignore[misc]
 
 
 def run(main: Coroutine[Any, Any, T], *, start: float = 0.0) -> T:

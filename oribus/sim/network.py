@@ -47,11 +47,9 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from oribus import wire
 from oribus.client.remote import BusByCalls
-from oribus.errors import InvalidRequest, OribusError, Unavailable, error_from_dict
+from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.protocol import (
     Change,
 )
@@ -148,7 +146,7 @@ class SimNetwork:
         if src is not None and not src.alive:
             raise asyncio.CancelledError()  # a dead process sends nothing
         o = table[op]
-        payload = msgpack.packb(o.enc_args(*params), use_bin_type=True)
+        payload = wire.pack(o.enc_args(*params))
         call_id = next(self._ids)
         fut: asyncio.Future = self.loop.create_future()
         self.counters["messages"] += 1
@@ -179,34 +177,34 @@ class SimNetwork:
             raise Unavailable(f"{op} on {dst.name} timed out; its outcome is unknown") from None
         finally:
             dst.pending.pop(call_id, None)
-        result = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        if isinstance(result, dict) and "@error" in result:
-            raise error_from_dict(result["@error"])
-        return o.dec_result(result["@ok"])
+        status, body = wire.unpack(raw)
+        if status == wire.ERROR:
+            wire.raise_error(body)
+        return o.dec_result(body)
 
     def _deliver(self, call_id: int, src_name: str, dst: Endpoint, process: Process, o: wire.Op,
                  op: str, payload: bytes, fut: asyncio.Future) -> None:
         if dst.process is not process or not process.alive:
             return  # the process it was sent to is gone (the reset already failed the call)
         target = dst.target
-        process.spawn(self._serve(call_id, src_name, dst, process, target, o, op, payload, fut))
+        process.spawn(self._serve(call_id, src_name, dst, target, o, op, payload, fut))
 
-    async def _serve(self, call_id: int, src_name: str, dst: Endpoint, process: Process, target: Any,
+    async def _serve(self, call_id: int, src_name: str, dst: Endpoint, target: Any,
                      o: wire.Op, op: str, payload: bytes, fut: asyncio.Future) -> None:
         self.trace("run", call_id, dst.name, op)
         try:
-            args = o.dec_args(msgpack.unpackb(payload, raw=False, strict_map_key=False))
-            reply: dict = {"@ok": o.enc_result(await getattr(target, op)(*args))}
+            args = o.dec_args(wire.unpack(payload))
+            reply = [wire.OK, o.enc_result(await getattr(target, op)(*args))]
         except OribusError as e:
-            reply = {"@error": e.to_dict()}
+            reply = [wire.ERROR, e.to_dict()]
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug in a handler: report it, answer like a server would
             self.internal_errors.append(f"{dst.name}.{op}: {e!r}")
-            reply = {"@error": {"code": "Internal", "message": f"{op} failed: {e!r}"}}
-        raw = msgpack.packb(reply, use_bin_type=True)
+            reply = [wire.ERROR, {"code": "Internal", "message": f"{op} failed: {e!r}"}]
+        raw = wire.pack(reply)
         fate = self._fate(dst.name, src_name)
-        self.trace("reply", call_id, fate, "error" if "@error" in reply else "ok")
+        self.trace("reply", call_id, fate, "error" if reply[0] == wire.ERROR else "ok")
         if fate != "ok":
             self.counters["lost"] += 1
             return

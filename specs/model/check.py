@@ -104,11 +104,12 @@ def ltl_names(model: Path) -> list[str]:
 
 def plan(crashes: int | None, cycles: bool) -> list[Build]:
     extra = [] if crashes is None else [f"-DMAXCRASH={crashes}"]
+    names = ltl_names(MODEL)
     builds = [
         Build(MODEL, extra, ["-O2", "-DSAFETY", "-DNOCLAIM"],
               [Run(MODEL.name, "assertions", None, "verified")]),
         Build(MODEL, extra, ["-O2"],
-              [Run(MODEL.name, "ltl", name, "verified") for name in ltl_names(MODEL)]),
+              [Run(MODEL.name, "ltl", name, "verified") for name in names]),
     ]
     if cycles:
         builds.append(Build(MODEL, extra, ["-O2", "-DNP", "-DNOCLAIM"],
@@ -117,7 +118,7 @@ def plan(crashes: int | None, cycles: bool) -> list[Build]:
         m = _EXPECT.search(broken.read_text())
         if m is None:
             raise SystemExit(f"{broken.name}: no 'expect: <ltl property>' line")
-        if m.group(1) not in ltl_names(MODEL):
+        if m.group(1) not in names:
             raise SystemExit(f"{broken.name}: expects {m.group(1)!r}, which oribus.pml does not define")
         # the searches stop at the first error and are small: compile fast, not optimised
         builds.append(Build(broken, extra, ["-O0", "-DSAFETY", "-DNOCLAIM"],

@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from etcd_server import EtcdServer  # noqa: E402
 from processes import Cluster, ServerProcess, up  # noqa: E402
 
 from oribus.meta.slots import StaticSlotMap  # noqa: E402
@@ -36,6 +37,14 @@ def keys_on_shard(shard_id: int, prefix: str, n: int = 1) -> list[str]:
             if len(out) == n:
                 return out
     raise AssertionError("unreachable")
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A real etcd of the test's own, on free ports in its temporary directory."""
+    server = EtcdServer(tmp_path / "etcd").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

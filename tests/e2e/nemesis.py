@@ -1,7 +1,7 @@
 """A nemesis for real processes: kill -9 and restart, SIGSTOP / SIGCONT, on a seeded schedule.
 
-Used by ``test_nemesis.py`` (bounded runs in ``make test``) and ``soak.py``
-(``make soak``: as long as asked). The faults hit shard and bus processes of
+Used by ``test_nemesis.py``: bounded runs in ``make test``, and as long as
+``ORIBUS_NEMESIS_SECONDS`` asks in ``make soak``. The faults hit shard and bus processes of
 an etcd-registered cluster while clients run; ``heal()`` ends every fault and
 waits until every process serves again, so the final state can be read and
 the recorded history checked.

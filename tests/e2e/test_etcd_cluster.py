@@ -14,8 +14,7 @@ import asyncio
 import time
 
 import pytest
-from etcd_server import EtcdServer
-from processes import ServerProcess, free_port, run_cli
+from processes import ServerProcess, cluster_shard, free_port, run_cli
 
 import oribus
 from oribus import SessionExpired, Unavailable
@@ -24,22 +23,6 @@ from oribus.meta.etcd import EtcdMeta
 
 SHARDS = 3
 LEASE_TTL = 2
-
-
-@pytest.fixture
-def etcd(tmp_path):
-    server = EtcdServer(tmp_path / "etcd").start()
-    yield server
-    server.stop()
-
-
-def shard_process(tmp_path, etcd_url: str, shard_id: int, port: int, name: str | None = None,
-                  claim_wait: float | None = None) -> ServerProcess:
-    args = ["shard", "--id", str(shard_id), "--data-dir", str(tmp_path / f"shard-{shard_id}"),
-            "--listen", f"127.0.0.1:{port}", "--etcd", etcd_url, "--lease-ttl", str(LEASE_TTL)]
-    if claim_wait is not None:
-        args += ["--claim-wait", str(claim_wait)]
-    return ServerProcess(name or f"shard-{shard_id}", args, tmp_path, f"127.0.0.1:{port}")
 
 
 def keys_per_shard(n: int = 2) -> dict[int, list[str]]:
@@ -72,7 +55,7 @@ async def test_etcd_cluster_replaces_a_killed_shard_with_a_new_epoch(cluster, tm
     assert other.returncode != 0 and "already exists with 3 shards" in other.stderr
 
     ports = [free_port() for _ in range(SHARDS)]
-    shards = [cluster.add(shard_process(tmp_path, etcd.url, i, ports[i])).start() for i in range(SHARDS)]
+    shards = [cluster.add(cluster_shard(tmp_path, etcd.url, i, port=ports[i])).start() for i in range(SHARDS)]
     for s in shards:
         await asyncio.to_thread(s.wait_serving)
     bus_port = free_port()
@@ -145,11 +128,11 @@ async def test_etcd_cluster_replaces_a_killed_shard_with_a_new_epoch(cluster, tm
 
 async def test_a_duplicate_shard_process_is_refused(cluster, tmp_path, etcd):
     assert run_cli("cluster", "init", "--etcd", etcd.url, "--shards", str(SHARDS)).returncode == 0
-    first = cluster.add(shard_process(tmp_path, etcd.url, 0, free_port())).start()
+    first = cluster.add(cluster_shard(tmp_path, etcd.url, 0)).start()
     await asyncio.to_thread(first.wait_serving)
     wal = tmp_path / "shard-0" / "wal"
     before = sorted((p.name, p.stat().st_size) for p in wal.iterdir())
-    dup = cluster.add(shard_process(tmp_path, etcd.url, 0, free_port(), name="dup", claim_wait=1)).start()
+    dup = cluster.add(cluster_shard(tmp_path, etcd.url, 0, name="dup", claim_wait=1)).start()
     code = await asyncio.to_thread(dup.wait_exit, 30)
     assert code == 3
     log = dup.log_tail()
@@ -159,11 +142,11 @@ async def test_a_duplicate_shard_process_is_refused(cluster, tmp_path, etcd):
 
 
 async def test_shard_outside_the_cluster_or_uninitialised_cluster_is_refused(cluster, tmp_path, etcd):
-    proc = cluster.add(shard_process(tmp_path, etcd.url, 0, free_port())).start()
+    proc = cluster.add(cluster_shard(tmp_path, etcd.url, 0)).start()
     assert await asyncio.to_thread(proc.wait_exit, 30) != 0
     assert "not initialised" in proc.log_tail()
     assert run_cli("cluster", "init", "--etcd", etcd.url, "--shards", "2").returncode == 0
-    proc = cluster.add(shard_process(tmp_path, etcd.url, 7, free_port(), name="shard-7")).start()
+    proc = cluster.add(cluster_shard(tmp_path, etcd.url, 7, name="shard-7")).start()
     assert await asyncio.to_thread(proc.wait_exit, 30) != 0
     assert "outside the cluster" in proc.log_tail()
 
@@ -192,7 +175,7 @@ async def test_a_bus_whose_registration_expired_registers_again(etcd):
 
 async def test_etcd_down_servers_keep_serving_and_new_claims_are_refused(cluster, tmp_path, etcd):
     assert run_cli("cluster", "init", "--etcd", etcd.url, "--shards", "2").returncode == 0
-    shards = [cluster.add(shard_process(tmp_path, etcd.url, i, free_port())).start() for i in range(2)]
+    shards = [cluster.add(cluster_shard(tmp_path, etcd.url, i)).start() for i in range(2)]
     for s in shards:
         await asyncio.to_thread(s.wait_serving)
     bus_port = free_port()
@@ -207,7 +190,7 @@ async def test_etcd_down_servers_keep_serving_and_new_claims_are_refused(cluster
         await asyncio.sleep(LEASE_TTL * 2)  # longer than the leases: the keep-alives fail meanwhile
         for n in range(2, 12):  # the cluster keeps serving with the map it has
             acked.update(await w.commit({"down/a": n, "down/b": n, "down/c": n}))
-        late = cluster.add(shard_process(tmp_path, etcd.url, 1, free_port(), name="late", claim_wait=1)).start()
+        late = cluster.add(cluster_shard(tmp_path, etcd.url, 1, name="late", claim_wait=1)).start()
         assert await asyncio.to_thread(late.wait_exit, 30) != 0  # no claim without etcd
         assert "etcd is unreachable" in late.log_tail()
         etcd.start()

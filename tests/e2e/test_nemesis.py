@@ -24,8 +24,6 @@ import os
 import random
 from collections import Counter
 
-import pytest
-from etcd_server import EtcdServer
 from nemesis import Nemesis
 from processes import cluster_bus, cluster_shard, run_cli
 
@@ -36,13 +34,6 @@ SHARDS = 3
 KEYS = 48
 CLIENTS = 6
 NEMESIS_SECONDS = float(os.environ.get("ORIBUS_NEMESIS_SECONDS", "20"))
-
-
-@pytest.fixture
-def etcd(tmp_path):
-    server = EtcdServer(tmp_path / "etcd").start()
-    yield server
-    server.stop()
 
 
 async def start_cluster(cluster, tmp_path, etcd):
