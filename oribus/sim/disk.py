@@ -44,6 +44,7 @@ from typing import Any
 
 from oribus.errors import Unavailable
 from oribus.shards.wal.record import FrameStatus, decode_record, encode_record
+from oribus.shards.wal.writer import GroupCommit
 
 
 @dataclass
@@ -125,8 +126,9 @@ class SimDisk:
         return self.rng.uniform(lo, hi)
 
 
-class SimWal:
-    """The append side of a simulated WAL (API of ``oribus.shards.wal.Wal`` as the shard uses it)."""
+class SimWal(GroupCommit):
+    """The append side of a simulated WAL (API of ``oribus.shards.wal.Wal`` as the shard uses
+    it), with the real WAL's group commit (``GroupCommit.sync``)."""
 
     def __init__(self, disk: SimDisk, last_lsn: int) -> None:
         self._disk = disk
@@ -141,14 +143,6 @@ class SimWal:
         self._batches = 0
 
     @property
-    def last_lsn(self) -> int:
-        return self._last_lsn
-
-    @property
-    def durable_lsn(self) -> int:
-        return self._durable_lsn
-
-    @property
     def stats(self) -> dict[str, float]:
         return {"fsyncs": self._batches, "records": self._records, "batches": self._batches}
 
@@ -161,21 +155,12 @@ class SimWal:
         return lsn
 
     async def sync(self, lsn: int | None = None) -> None:
-        self._check_usable()
-        target = self._last_lsn if lsn is None else lsn
-        if target > self._last_lsn:
-            raise ValueError(f"cannot sync LSN {target}: last appended LSN is {self._last_lsn}")
-        if self._disk.config.unsafe_ack_before_fsync:
-            if self._durable_lsn < target and (self._flush is None or self._flush.done()):
-                self._start_flush()
-            return  # BROKEN on purpose: acknowledges what a crash may still take away
-        while self._durable_lsn < target:
-            if self._failed is not None:
-                raise self._failed
-            flush = self._flush
-            if flush is None or flush.done():
-                flush = self._start_flush()
-            await asyncio.shield(flush)
+        if not self._disk.config.unsafe_ack_before_fsync:
+            return await super().sync(lsn)
+        target = self._sync_target(lsn)
+        if self._durable_lsn < target and (self._flush is None or self._flush.done()):
+            self._start_flush()
+        # BROKEN on purpose: acknowledges what a crash may still take away
 
     def roll(self) -> None:
         """Segments are not simulated: nothing to roll."""

@@ -100,7 +100,59 @@ def _fdatasync(fd: int) -> None:
     sync(fd)
 
 
-class Wal:
+class GroupCommit:
+    """Group commit, shared by the WAL and its simulated twin (``oribus.sim.disk``): at
+    most one flush in flight, taking every record buffered so far; ``sync`` waits for
+    flushes until its record is durable, starting the next one when it came too late.
+    A subclass keeps ``_last_lsn``, ``_durable_lsn``, ``_flush`` and ``_failed`` and
+    provides ``_check_usable`` and ``_start_flush``."""
+
+    _last_lsn: int
+    _durable_lsn: int
+    _flush: asyncio.Future[None] | None
+    _failed: Unavailable | None
+
+    @property
+    def last_lsn(self) -> int:
+        """Highest LSN appended (0 if none)."""
+        return self._last_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        """Highest LSN known fsynced (with ``unsafe_no_fsync``: known written)."""
+        return self._durable_lsn
+
+    def _sync_target(self, lsn: int | None) -> int:
+        self._check_usable()
+        target = self._last_lsn if lsn is None else lsn
+        if target > self._last_lsn:
+            raise ValueError(f"cannot sync LSN {target}: last appended LSN is {self._last_lsn}")
+        return target
+
+    async def sync(self, lsn: int | None = None) -> None:
+        """Return once every record up to ``lsn`` (default: ``last_lsn``) is written and fsynced.
+
+        Raises ``Unavailable`` if the WAL failed to write (now or earlier).
+        """
+        target = self._sync_target(lsn)
+        while self._durable_lsn < target:
+            if self._failed is not None:
+                raise self._failed
+            flush = self._flush
+            if flush is None or flush.done():
+                flush = self._start_flush()
+            # shield: a cancelled waiter must not cancel the flush other
+            # waiters depend on. The flush's error reaches every waiter here.
+            await asyncio.shield(flush)
+
+    def _check_usable(self) -> None:
+        raise NotImplementedError
+
+    def _start_flush(self) -> asyncio.Future[None]:
+        raise NotImplementedError
+
+
+class Wal(GroupCommit):
     """One shard's write-ahead log (the append side; recovery runs in ``open``).
 
     Example::
@@ -229,16 +281,6 @@ class Wal:
         return self._directory
 
     @property
-    def last_lsn(self) -> int:
-        """Highest LSN appended (0 if none)."""
-        return self._last_lsn
-
-    @property
-    def durable_lsn(self) -> int:
-        """Highest LSN known fsynced (with ``unsafe_no_fsync``: known written)."""
-        return self._durable_lsn
-
-    @property
     def segments(self) -> list[Segment]:
         """The segment files of the log, oldest first; the last one is active."""
         with self._segments_lock:
@@ -273,25 +315,6 @@ class Wal:
             self._buffer.append(encode_record(rtype, lsn, body))
             self._last_lsn = lsn
         return lsn
-
-    async def sync(self, lsn: int | None = None) -> None:
-        """Return once every record up to ``lsn`` (default: ``last_lsn``) is written and fsynced.
-
-        Raises ``Unavailable`` if the WAL failed to write (now or earlier).
-        """
-        self._check_usable()
-        target = self._last_lsn if lsn is None else lsn
-        if target > self._last_lsn:
-            raise ValueError(f"cannot sync LSN {target}: last appended LSN is {self._last_lsn}")
-        while self._durable_lsn < target:
-            if self._failed is not None:
-                raise self._failed
-            flush = self._flush
-            if flush is None or flush.done():
-                flush = self._start_flush()
-            # shield: a cancelled waiter must not cancel the flush other
-            # waiters depend on. The flush's error reaches every waiter here.
-            await asyncio.shield(flush)
 
     def sync_now(self) -> None:
         """Write and fsync everything buffered, on the calling thread.
