@@ -112,7 +112,7 @@ class VoteKind(StrEnum):
 class Vote:
     kind: VoteKind
     stale: list[Stale] = field(default_factory=list)
-    versions: dict[str, int] = field(default_factory=dict)  # COMMITTED: this shard's new versions
+    versions: dict[str, int] = field(default_factory=dict)  # YES, COMMITTED: this shard's new versions
     error: dict[str, Any] | None = None  # a refusal that is not a conflict (SessionExpired, ...)
 
 

@@ -246,7 +246,14 @@ class Coordinator:
                 raise error
             self.counters["conflicts"] += 1
             raise _counted(conflict_from(stale, commit_id))
-        versions = dict(decision.versions)
+        # Every participant's new versions are known from its YES (or COMMITTED) vote: its
+        # write intents fixed them at prepare time, so a participant that dies before
+        # answering its finish still has them reported (PROTOCOL.md §5.3).
+        versions: dict[str, int] = {}
+        for r in results:
+            if not isinstance(r, BaseException):
+                versions.update(r.versions)
+        versions.update(decision.versions)
         tokens: dict[int, Token] = {}
         if decision.token and decision.versions:
             tokens[primary] = decision.token
@@ -259,6 +266,19 @@ class Coordinator:
             versions.update(f.versions)
             if f.token and f.versions:
                 tokens[s] = f.token
+        unreported = {shard_id: [k for k in st.written_keys if k not in versions]
+                      for shard_id, st in parts.items()}
+        unreported = {shard_id: keys for shard_id, keys in unreported.items() if keys}
+        if unreported:
+            # A retried commit id whose earlier attempt committed, with a participant that
+            # answered neither its prepare nor its finish: the commit stands, but an answer
+            # must name the new version of every written key, so it waits for a retry that
+            # reaches that participant (PROTOCOL.md §5.7).
+            raise Unavailable(
+                f"transaction {commit_id} is committed, but shard(s) {sorted(unreported)} did not "
+                "report its new versions; retry with the same commit id",
+                commit_id=commit_id, shards=sorted(unreported),
+            )
         if settled:
             # every participant applied it: the primary may forget the decision (off the
             # client's critical path; if it is lost, the recovery sweep releases it)

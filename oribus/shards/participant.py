@@ -328,13 +328,16 @@ class Participant:
             return Vote(VoteKind.NO, stale=result.stale)
         if isinstance(result, Nothing):
             return Vote(VoteKind.NOTHING)
+        # A YES vote carries the versions this shard will install: its write intents fix
+        # them at prepare time, so the coordinator knows every new version once the votes
+        # are in, whether or not this shard answers its finish (PROTOCOL.md §5.3).
         if isinstance(result, Pending):
-            return Vote(VoteKind.YES)
+            return Vote(VoteKind.YES, versions=result.txn.versions)
         txn = result.txn
         if txn.state is TxnState.COMMITTED:
             return Vote(VoteKind.COMMITTED, versions=txn.versions)
         if txn.state is TxnState.PREPARED:
-            return Vote(VoteKind.YES)
+            return Vote(VoteKind.YES, versions=txn.versions)
         return Vote(VoteKind.NO, stale=[Stale(k, None, self.store.version(k), "aborted") for k in txn.writes])
 
     def begin_decide(self, txn_id: str, commit: bool) -> tuple[TxnState, WalRecord | None]:

@@ -65,6 +65,7 @@ from oribus.bus.bus import Bus
 from oribus.bus.coordinator import Coordinator
 from oribus.bus.recovery import Recovery
 from oribus.checker import Recorder, Report, check, record_final, run_list_append
+from oribus.checker.history import READ
 from oribus.checker.listappend import record_failure, workload_keys
 from oribus.client.session import AsyncSession, Transaction
 from oribus.delivery_log import DeliveryLogConfig
@@ -453,10 +454,13 @@ class SimResult:
     unsettled: list[str]  # transactions left prepared after healing (a liveness failure)
     internal_errors: list[str]  # handlers that raised something not an OribusError; a failed final read
     stuck: bool  # the workload did not finish within ``max_seconds`` (a liveness failure)
+    # acknowledged commits whose answer lacked the new version of a key they wrote
+    incomplete_results: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.report.ok and not self.unsettled and not self.internal_errors and not self.stuck
+        return (self.report.ok and not self.unsettled and not self.internal_errors and not self.stuck
+                and not self.incomplete_results)
 
     def summary(self) -> str:
         c = self.counters
@@ -474,6 +478,8 @@ class SimResult:
             lines.append(f"INTERNAL ERRORS: {self.internal_errors[:5]}")
         if self.stuck:
             lines.append("STUCK: the workload did not finish")
+        if self.incomplete_results:
+            lines.append(f"INCOMPLETE COMMIT RESULTS: {self.incomplete_results[:5]}")
         return "\n".join(lines)
 
 
@@ -577,8 +583,21 @@ async def _simulate(seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> 
         seed=seed, faults=faults, report=report, trace_hash=cluster.trace_hash, counters=counters,
         history=history, trace=cluster.events, unsettled=unsettled,
         internal_errors=list(cluster.network.internal_errors) + ([final_error] if final_error else []),
-        stuck=stuck,
+        stuck=stuck, incomplete_results=_incomplete_results(history),
     )
+
+
+def _incomplete_results(history: list[dict]) -> list[str]:
+    """Acknowledged transactions that wrote a key without being told its new version.
+
+    ``specs/history.md`` lets a history leave a write's version null when the server did not
+    report it; oribus always reports it (PROTOCOL.md §5.7), so here a null is a failure.
+    """
+    return [
+        f"{ev['id']}: no version for {op[1]!r}"
+        for ev in history if ev["type"] == "ok"
+        for op in ev["ops"] if op[0] != READ and op[3] is None
+    ]
 
 
 # ---- register clients: rollbacks, session scope, forgets ------------------------------------

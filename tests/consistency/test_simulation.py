@@ -9,8 +9,8 @@ expire), and every recorded history goes through ``oribus.checker``.
 
 1. The same seed gives the same run, event for event (in this process, and in
    another one with the same PYTHONHASHSEED); another seed gives another run.
-2. Generated schedules find no anomaly, leave no transaction unresolved, and
-   never get stuck.
+2. Generated schedules find no anomaly, leave no transaction unresolved, never
+   get stuck, and acknowledge no commit without the new version of every key it wrote.
 3. The simulation is able to fail: with validation off, or with a disk that
    acknowledges before its fsync, it finds anomalies, and hypothesis shrinks
    the failing schedule to a minimal one, printed below.
@@ -317,3 +317,88 @@ def test_refused_commit_id_stays_refused() -> None:
         return item.version, item.value
 
     assert run(scenario()) == (2, "v2")
+
+
+def _two_shard_keys(cluster: SimCluster) -> tuple[str, str]:
+    """A key on shard 0 and a larger one on shard 1: a commit writing both has shard 0 as primary."""
+    keys = [f"t/k{i}" for i in range(40)]
+    a = min(k for k in keys if cluster.slot_map.shard_for(k) == 0)
+    b = next(k for k in keys if cluster.slot_map.shard_for(k) == 1 and k > a)
+    return a, b
+
+
+def test_acknowledged_two_phase_commit_reports_every_written_version() -> None:
+    """Seen with shard kills in ``--processes`` mode: an acknowledged two-shard commit answered
+    ``{a: 1}`` for a transaction that wrote ``a`` and ``b``. The participant of ``b`` voted YES
+    and died before it answered its finish; the coordinator took the new versions from the
+    finish answers only, so ``b``'s version was missing from the acknowledgement."""
+
+    async def scenario() -> tuple[dict[str, int], int]:
+        cluster = SimCluster(3, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        participant = cluster.shard(1)
+
+        async def die_before_finishing(txn_id, commit):  # noqa: ANN001, ANN202
+            cluster.crash_shard(1)  # the process dies with the transaction PREPARED
+            raise asyncio.CancelledError
+
+        participant.finish = die_before_finishing
+        req = CommitRequest(
+            session=("agent-1", "writer"), commit_id="T",
+            writes={a: encode_value("a1", 1 << 20), b: encode_value("b1", 1 << 20)},
+            scope=Scope.TRANSACTION, complete_tokens=True,
+        )
+        result = await cluster.session(1)._bus.commit(req)
+        await cluster.restart_shard(1)  # recovery resolves T through the primary
+        assert await cluster.settle() == []
+        return result.versions, cluster.shard(1).store.version(b)
+
+    versions, applied = run(scenario())
+    assert len(versions) == 2 and set(versions.values()) == {1}, versions
+    assert applied == 1
+
+
+def test_retried_commit_id_reports_every_written_version() -> None:
+    """The idempotent retry of a committed id answers from the participants' records: while
+    one of them is down its new versions are unknown, so the retry is not acknowledged
+    (Unavailable, retry again) — never acknowledged with only the versions the others know."""
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int]]:
+        cluster = SimCluster(4, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        primary = cluster.shard(0)
+        decide = primary.decide
+
+        async def decide_then_crash(txn_id, commit):  # noqa: ANN001, ANN202
+            await decide(txn_id, commit)  # T is COMMITTED, durably
+            cluster.crash_shard(0)  # ... and the process dies before it answers
+            raise asyncio.CancelledError
+
+        primary.decide = decide_then_crash
+        client = cluster.session(1)._bus
+        req = CommitRequest(
+            session=("agent-1", "retrier"), commit_id="T",
+            writes={a: encode_value("a1", 1 << 20), b: encode_value("b1", 1 << 20)},
+            scope=Scope.TRANSACTION, complete_tokens=True,
+        )
+        try:
+            await client.commit(req)
+            raise AssertionError("attempt 1 cannot be acknowledged: the decision's answer was lost")
+        except Unavailable:
+            pass
+        cluster.crash_shard(1)  # the other participant, still PREPARED, is down for the retry
+        await cluster.restart_shard(0)
+        try:
+            partial = (await client.commit(req)).versions
+        except Unavailable:
+            partial = {}
+        await cluster.restart_shard(1)
+        full = (await client.commit(req)).versions  # both participants answer from their records
+        assert await cluster.settle() == []
+        return partial, full
+
+    partial, full = run(scenario())
+    assert partial == {}, f"a retry was acknowledged with an incomplete versions map: {partial}"
+    assert len(full) == 2 and set(full.values()) == {1}, full
