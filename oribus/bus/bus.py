@@ -35,6 +35,8 @@ _READ_SECONDS = OP_SECONDS.labels(op="read")
 _COMMIT_SECONDS = OP_SECONDS.labels(op="commit")
 _HISTORY_SECONDS = OP_SECONDS.labels(op="history")
 _VIEW_SESSION = ("oribus", "view")  # peeks for operator views record nothing
+# A shard that has not answered its stats call in this long is reported down.
+SHARD_STATS_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass(slots=True)
@@ -323,10 +325,36 @@ class Bus:
         return not any(getattr(getattr(s, "core", None), "unsafe_disable_validation", False)
                        for s in self.shards.values())
 
+    async def shard_stats(self, timeout: float = SHARD_STATS_TIMEOUT_SECONDS) -> dict[int, dict]:
+        """Every shard's stats with ``up: True``, or ``{"shard", "up": False, "error"}`` for one
+        that failed or did not answer within ``timeout`` seconds.
+
+        Each shard is asked on its own, concurrently: one shard that is down or hung marks
+        only itself down, and operators still see the others.
+        """
+        ids = sorted(self.shards)
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(self.shards[s].stats(), timeout) for s in ids), return_exceptions=True
+        )
+        out: dict[int, dict] = {}
+        for shard_id, answer in zip(ids, answers, strict=True):
+            if isinstance(answer, TimeoutError):
+                out[shard_id] = {"shard": shard_id, "up": False, "error": f"no answer within {timeout:g} s"}
+            elif isinstance(answer, Exception):
+                out[shard_id] = {"shard": shard_id, "up": False, "error": f"{type(answer).__name__}: {answer}"}
+            elif isinstance(answer, BaseException):
+                raise answer  # cancellation and the like are not "shard down"
+            else:
+                out[shard_id] = {**answer, "shard": shard_id, "up": True}
+        return out
+
     async def stats(self) -> dict:
-        shards = await asyncio.gather(*(s.stats() for s in self.shards.values()))
+        """The bus's counters and every shard's stats; a shard that does not answer is marked
+        ``up: False`` with the error and listed under ``shards_down`` (see ``shard_stats``)."""
+        shards = await self.shard_stats()
         return {
-            "shards": shards,
+            "shards": list(shards.values()),
+            "shards_down": [sid for sid, st in shards.items() if not st["up"]],
             "sessions": len(self.sessions),
             "durable_sessions": self.sessions.durable_sessions,
             "coordinator": dict(self.coordinator.counters),

@@ -7,31 +7,24 @@ log — so each scrape asks every shard for its ``stats()`` and renders them
 into a fresh ``Registry``: a shard that has gone away leaves no stale series
 behind, only ``oribus_shard_up{shard="N"} 0``.
 
-Each shard is asked on its own, concurrently, with a timeout: one shard that
-is down or hung marks only itself down instead of failing the whole page
-(``Bus.stats()`` gathers every shard and fails as a whole, so it is not used).
+Each shard is asked on its own, concurrently, with a timeout
+(``Bus.shard_stats``): one shard that is down or hung marks only itself down
+instead of failing the whole page.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from oribus.bus.bus import Bus
+from oribus.bus.bus import SHARD_STATS_TIMEOUT_SECONDS, Bus
 from oribus.metrics import REGISTRY, Registry
 
 log = logging.getLogger("oribus.metrics")
 
-# A shard that has not answered its stats call in this long is reported down.
-SHARD_STATS_TIMEOUT_SECONDS = 2.0
-
 
 async def render_bus_metrics(bus: Bus, *, timeout: float = SHARD_STATS_TIMEOUT_SECONDS) -> str:
     """``REGISTRY.render()`` followed by this bus's shard and session gauges (format 0.0.4)."""
-    ids = sorted(bus.shards)
-    answers = await asyncio.gather(
-        *(asyncio.wait_for(bus.shards[s].stats(), timeout) for s in ids), return_exceptions=True
-    )
+    answers = await bus.shard_stats(timeout)
 
     scrape = Registry()
     up = scrape.gauge("oribus_shard_up", "1 if the shard answered its stats call, else 0.", ("shard",))
@@ -47,11 +40,9 @@ async def render_bus_metrics(bus: Bus, *, timeout: float = SHARD_STATS_TIMEOUT_S
     )
     scrape.gauge("oribus_bus_sessions", "Sessions in this bus's session table.").set(len(bus.sessions))
 
-    for shard_id, stats in zip(ids, answers, strict=True):
-        if isinstance(stats, BaseException):
-            if not isinstance(stats, Exception):
-                raise stats  # cancellation and the like are not "shard down"
-            log.debug("shard %d did not answer its stats call: %r", shard_id, stats)
+    for shard_id, stats in answers.items():
+        if not stats["up"]:
+            log.debug("shard %d did not answer its stats call: %s", shard_id, stats["error"])
             up.labels(shard=shard_id).set(0)
             continue
         up.labels(shard=shard_id).set(1)

@@ -492,7 +492,7 @@ def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str)
     bus = container(dep, "bus")
     argv = command_line(docs, dep, bus, pod_names(dep)[0])
     assert flag(argv, "--listen") == "0.0.0.0:7700" and flag(argv, "--http") == "0.0.0.0:7780"
-    assert bus["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert bus["readinessProbe"]["httpGet"] == {"path": "/readyz?routable=1", "port": "http"}
     assert bus["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert {"name": "http", "containerPort": 7780} in bus["ports"]
     assert {"name": "grpc", "containerPort": 7700} in bus["ports"]

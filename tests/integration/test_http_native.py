@@ -201,9 +201,13 @@ async def test_readyz_reports_an_unreachable_shard(data_dir, tmp_path):
     try:
         async with aiohttp.ClientSession(base_url=gw.url) as http:
             st, out = await call(http, "GET", "/readyz")
+            assert st == 503 and out["down"] == [1] and out["errors"]["1"]  # not every shard answers
+            st, out = await call(http, "GET", "/readyz", params={"routable": "1"})
             assert st == 200 and out["down"] == [1]  # known, not answering: reported, bus still routes
-            st, out = await call(http, "GET", "/readyz", params={"strict": "1"})
-            assert st == 503 and out["down"] == [1]
+            st, out = await call(http, "GET", "/v1/stats")
+            assert st == 200 and out["shards_down"] == [1]
+            assert out["shards"][0]["up"] is True and out["shards"][0]["shard"] == 0
+            assert out["shards"][1]["up"] is False and out["shards"][1]["error"]
             assert (await call(http, "GET", "/healthz"))[0] == 200  # alive, just not ready
             text = await (await http.get("/metrics")).text()
             assert 'oribus_shard_up{shard="1"} 0' in text

@@ -203,33 +203,27 @@ class HttpGateway:
 
     async def shard_health(self) -> dict[int, dict[str, Any]]:
         """Every shard's stats, or the error that kept it from answering in time."""
-
-        async def one(sid: int, shard: Any) -> tuple[int, dict[str, Any]]:
-            try:
-                st = await asyncio.wait_for(shard.stats(), self.config.ready_timeout)
-                return sid, {"up": True, **st}
-            except Exception as e:  # noqa: BLE001 - any failure means not ready
-                return sid, {"up": False, "shard": sid, "error": f"{type(e).__name__}: {e}"}
-
-        got = await asyncio.gather(*(one(s, sh) for s, sh in self.bus.shards.items()))
-        return dict(got)
+        return await self.bus.shard_stats(self.config.ready_timeout)
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        """Ready: this bus can route — it is not stopping and knows a server for every shard.
+        """Ready: every shard answers (within ``ready_timeout``); otherwise 503 naming the
+        shards that do not (``down``) or that no server has claimed (``unregistered``).
 
-        A shard that is known but does not answer is listed under ``down`` without making
-        the bus unready (every replica would go unready at once, and keys on the healthy
-        shards would become unreachable); ``?strict=1`` also requires every shard to answer.
+        ``?routable=1`` asks less: that this bus can route — it is not stopping and knows a
+        server for every shard — with shards that do not answer listed under ``down``. That is
+        the load balancer's question: were a shard down to make every bus replica unready at
+        once, keys on the healthy shards would become unreachable too.
         """
         if self._closing:
             return json_response({"status": "stopping"}, 503)
         shards = await self.shard_health()
         down = [sid for sid, st in shards.items() if not st["up"]]
         unknown = [sid for sid, sh in self.bus.shards.items() if isinstance(sh, UnregisteredShard)]
-        strict = request.query.get("strict", "").lower() in ("1", "true", "yes")
-        ready = not unknown and not (strict and down)
+        routable_only = request.query.get("routable", "").lower() in ("1", "true", "yes")
+        ready = not unknown and (routable_only or not down)
         body = {"status": "ready" if ready else "not ready", "shards": len(shards), "down": down,
-                "unregistered": unknown}
+                "unregistered": unknown,
+                "errors": {str(sid): shards[sid]["error"] for sid in down}}
         return json_response(body, 200 if ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:

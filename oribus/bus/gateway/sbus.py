@@ -422,21 +422,35 @@ class SbusRoutes:
                               "skipped_existing": sorted(skipped), "skipped_no_shard": missing})
 
     async def _totals(self) -> dict:
+        """Totals over the shards that answer; each shard is marked up, or down with its error."""
         shards = await self.gw.shard_health()
-        agents = deliveries = 0
-        for st in shards.values():
+        agents = deliveries = keys = 0
+        status: list[dict[str, Any]] = []
+        for sid, st in shards.items():
+            if st["up"]:
+                try:
+                    keys += await self._created_keys(sid)
+                except OribusError as e:  # it went down since it answered its stats call
+                    st = {"up": False, "error": f"{type(e).__name__}: {e}"}
+            if not st["up"]:
+                status.append({"shard": sid, "up": False, "error": st["error"]})
+                continue
+            status.append({"shard": sid, "up": True})
             dl = st.get("delivery_log") or {}
             agents += dl.get("sessions", 0)
             deliveries += dl.get("entries", 0)
+        return {"keys": keys, "agents": agents, "deliveries": deliveries, "servers": status}
+
+    async def _created_keys(self, shard_id: int) -> int:
+        """Keys created through this API on one shard (their metadata records)."""
         keys = 0
         after = META_PREFIX
-        while True:  # keys created through this API (their metadata records)
-            page = await self.bus.scan(META_PREFIX, after, 10_000)
+        while True:
+            page = await self.bus.shards[shard_id].scan(META_PREFIX, after, 10_000)
             keys += len(page)
             if len(page) < 10_000:
-                break
+                return keys
             after = page[-1].key
-        return {"keys": keys, "agents": agents, "deliveries": deliveries}
 
     async def stats(self, request: web.Request) -> web.Response:
         c = self.counters
@@ -454,6 +468,9 @@ class SbusRoutes:
             "wal_enabled": True,
             "delivery_log": {"agents": t["agents"], "deliveries": t["deliveries"]},
             "bus": dict(self.bus.coordinator.counters),
+            # oribus shard servers (an S-Bus "shard" is a key): the totals above count
+            # only those that answer
+            "servers": t["servers"],
         })
 
     # ---- admin -------------------------------------------------------------------------
