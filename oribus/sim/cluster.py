@@ -43,7 +43,8 @@ list-append workload (``oribus.checker.run_list_append``, transaction scope)
 plus register clients that roll back, write in session scope and forget;
 the fault schedule; then it heals everything, restarts what is down, waits
 until no transaction is left prepared, reads the final state and histories
-(``record_final``) and checks the recorded history (``oribus.checker.check``).
+(``record_final``) and checks the recorded history (``oribus.checker.check``),
+and that every acknowledged commit was told the new version of every key it wrote.
 The same seed and schedule give the same run (see ``loop.py``), so every
 failure replays: ``SimResult.trace_hash`` fingerprints it.
 """
