@@ -266,18 +266,17 @@ class Coordinator:
             versions.update(f.versions)
             if f.token and f.versions:
                 tokens[s] = f.token
-        unreported = {shard_id: [k for k in st.written_keys if k not in versions]
-                      for shard_id, st in parts.items()}
-        unreported = {shard_id: keys for shard_id, keys in unreported.items() if keys}
+        unreported = sorted(shard_id for shard_id, st in parts.items()
+                            if any(k not in versions for k in st.written_keys))
         if unreported:
             # A retried commit id whose earlier attempt committed, with a participant that
             # answered neither its prepare nor its finish: the commit stands, but an answer
             # must name the new version of every written key, so it waits for a retry that
             # reaches that participant (PROTOCOL.md §5.7).
             raise Unavailable(
-                f"transaction {commit_id} is committed, but shard(s) {sorted(unreported)} did not "
+                f"transaction {commit_id} is committed, but shard(s) {unreported} did not "
                 "report its new versions; retry with the same commit id",
-                commit_id=commit_id, shards=sorted(unreported),
+                commit_id=commit_id, shards=unreported,
             )
         if settled:
             # every participant applied it: the primary may forget the decision (off the
