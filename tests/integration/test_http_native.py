@@ -226,6 +226,8 @@ async def test_sessions_view_is_admin_only(served):
 
 async def test_sessions_view_marks_stale_reads(admin_served):
     _, _, http = admin_served
+    st, out = await call(http, "GET", "/v1/sessions", params={"limit": "0"})
+    assert (st, out["error"]) == (400, "InvalidRequest")
     await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"sv/a": 1, "sv/b": 1}})
     await call(http, "POST", "/v1/get", json={"agent": "frank", "keys": ["sv/a", "sv/b"]})
     await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"sv/b": 2}})
