@@ -26,8 +26,9 @@ Format: a WAL (``oribus.shards.wal``: CRC-32C framed msgpack records in
 segments, torn-tail recovery) in its own directory, with these record types::
 
     OBSERVE  {"s": [agent, session_id], "h": shard, "t": [epoch, incarnation]}
-    RESET    {"s": [agent, session_id]}     tokens dropped (an acknowledged session stays, empty)
-    MARK     {"s": [agent, session_id]}     bit set; tokens and acknowledgement dropped
+    RESET    {"s": [agent, session_id]}     tokens dropped (an acknowledged or owned session stays, empty)
+    OWN      {"s": [agent, session_id], "h": sha256(session_token)}   who opened the session
+    MARK     {"s": [agent, session_id]}     bit set; tokens, owner and acknowledgement dropped
     ACK      {"s": [agent, session_id]}     the session was refused once for its mark
     MARKS    {"b": bytes}                   the whole bit set (compaction; empty: all clear)
 
@@ -56,6 +57,7 @@ RESET = 2
 MARK = 3
 ACK = 4
 MARKS = 5
+OWN = 6
 
 MARK_BITS = 1 << 23  # 1 MiB of marks: ~1% false positives after 80,000 marked sessions
 
@@ -75,6 +77,7 @@ class SessionJournal:
         self._wal = wal
         self.table: dict[SessionRef, dict[int, Token]] = {}  # SessionTable adopts it
         self.acked: set[SessionRef] = set()  # marked sessions refused once since (each has a table entry)
+        self.owners: dict[SessionRef, bytes] = {}  # sha256 of each owned session's token (each has an entry)
         self._marks = bytearray(MARK_BITS // 8)
         self._any_mark = False
 
@@ -97,7 +100,7 @@ class SessionJournal:
         journal = cls(wal)
         for rtype, body in pending:
             journal._apply(rtype, body)
-        live = sum(len(t) for t in journal.table.values()) + len(journal.acked)
+        live = sum(len(t) for t in journal.table.values()) + len(journal.acked) + len(journal.owners)
         if records > 4 * live + 1024:
             await journal._compact()
         log.info("session journal %s: %d sessions (%d records replayed)", directory, len(journal.table), records)
@@ -110,7 +113,7 @@ class SessionJournal:
             self._any_mark = bool(bits) and any(bits)
             if not bits:
                 self.acked.clear()
-                for s in [s for s, t in self.table.items() if not t]:
+                for s in [s for s, t in self.table.items() if not t and s not in self.owners]:
                     del self.table[s]
             return
         session = (body["s"][0], body["s"][1])
@@ -118,7 +121,7 @@ class SessionJournal:
             epoch, inc = body["t"]
             self.table.setdefault(session, {}).setdefault(body["h"], (epoch, inc))
         elif rtype == RESET:
-            if session in self.acked:
+            if session in self.acked or session in self.owners:
                 self.table[session] = {}
             else:
                 self.table.pop(session, None)
@@ -128,6 +131,10 @@ class SessionJournal:
             self._any_mark = True
             self.table.pop(session, None)
             self.acked.discard(session)
+            self.owners.pop(session, None)
+        elif rtype == OWN:
+            self.owners[session] = bytes(body["h"])
+            self.table.setdefault(session, {})
         elif rtype == ACK:
             self.acked.add(session)
             self.table.setdefault(session, {})
@@ -143,6 +150,9 @@ class SessionJournal:
             first = self._wal.append(MARKS, {"b": bytes(self._marks)})
         for session in self.acked:
             lsn = self._wal.append(ACK, {"s": list(session)})
+            first = first or lsn
+        for session, digest in self.owners.items():
+            lsn = self._wal.append(OWN, {"s": list(session), "h": digest})
             first = first or lsn
         for session, tokens in self.table.items():
             for shard, token in tokens.items():
@@ -168,6 +178,9 @@ class SessionJournal:
 
     async def mark(self, session: SessionRef) -> None:
         await self._write(MARK, {"s": list(session)})
+
+    async def own(self, session: SessionRef, token_digest: bytes) -> None:
+        await self._write(OWN, {"s": list(session), "h": token_digest})
 
     async def ack(self, session: SessionRef) -> None:
         await self._write(ACK, {"s": list(session)})

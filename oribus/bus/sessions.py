@@ -25,13 +25,14 @@ with the reads the bus forgot (``session_journal``: marks and acknowledgements).
 
 Until agents authenticate, a caller proves it owns a durable session only with
 the ``session_token`` handed to whoever opened the session while it was
-unknown (``open``; kept in memory: after a restart nobody owns it). A reset
+unknown (``open``; the journal keeps its SHA-256, so it survives a restart). A reset
 or forget by anyone else cannot make the session's next commit pass with
 less validation: it marks the session instead (``reset`` / ``forget_by_other``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -67,7 +68,8 @@ class SessionTable:
         self.limits = limits or SessionLimits()
         self._tokens: OrderedDict[SessionRef, dict[int, Token]] = OrderedDict()
         self._durable: dict[SessionRef, dict[int, Token]] = journal.table if journal is not None else {}
-        self._owners: dict[SessionRef, str] = {}  # session_token of sessions opened here (memory only)
+        # SHA-256 of the session_token of each session opened here (journaled)
+        self._owners: dict[SessionRef, bytes] = journal.owners if journal is not None else {}
         # Durable sessions (journal entries and owned ones), least recently active first,
         # in all and per group, with the client address each was opened from.
         self._active: OrderedDict[SessionRef, None] = OrderedDict()
@@ -143,7 +145,8 @@ class SessionTable:
     def is_owner(self, session: SessionRef, session_token: object) -> bool:
         """Whether ``session_token`` is the one ``open`` gave for the session."""
         own = self._owners.get(session)
-        return own is not None and isinstance(session_token, str) and secrets.compare_digest(own, session_token)
+        return own is not None and isinstance(session_token, str) and secrets.compare_digest(
+            own, hashlib.sha256(session_token.encode("utf-8", "surrogatepass")).digest())
 
     def has_reads(self, session: SessionRef) -> bool:
         return bool(self._durable.get(session))
@@ -158,7 +161,7 @@ class SessionTable:
         if session in self._active:  # opened concurrently
             return None
         token = secrets.token_urlsafe(24)
-        self._owners[session] = token
+        await self.journal.own(session, hashlib.sha256(token.encode()).digest())
         self._index(session, client)
         return token
 
@@ -194,8 +197,7 @@ class SessionTable:
         """Mark a durable session with tracked reads so its next commit fails closed."""
         if self.journal is None or not self._durable.get(session):
             return False  # no tracked reads: nothing a commit could pass without
-        await self.journal.mark(session)
-        self._owners.pop(session, None)
+        await self.journal.mark(session)  # drops the owner too
         self._unindex(session)
         self._mark_reasons[session] = reason
         while len(self._mark_reasons) > 10_000:
@@ -232,8 +234,7 @@ class SessionTable:
                 which = "the session cap" if cap == "sessions" else f"the per-{cap} session cap"
                 if not await self.mark_lost_reads(victim, f"it was evicted (least recently active) over "
                                                           f"{which} of {limit}"):
-                    self._owners.pop(victim, None)
-                    if victim in self._durable:  # an acknowledged, empty entry
+                    if victim in self._durable:  # an owned or acknowledged entry without reads
                         assert self.journal is not None
                         await self.journal.mark(victim)
                     self._unindex(victim)

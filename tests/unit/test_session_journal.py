@@ -144,3 +144,25 @@ async def test_token_is_in_memory_only_after_it_is_durable(tmp_path, monkeypatch
     assert table.tokens(A) == {}  # a read whose token is not durable is not answered
     monkeypatch.undo()
     await j.close()
+
+
+async def test_only_the_opener_owns_a_session_and_ownership_outlives_a_restart(tmp_path):
+    j = await SessionJournal.open(tmp_path)
+    table = SessionTable(journal=j)
+    token = await table.open(A)
+    assert token and table.is_owner(A, token) and not table.is_owner(A, "guess") and not table.is_owner(A, None)
+    assert await table.open(A) is None  # a session in use cannot be claimed again
+    await table.observe_durably(A, 0, (1, 1))
+    await table.observe_durably(B, 0, (1, 2))
+    assert await table.open(B) is None  # nor one with reads
+    assert await table.reset(B, caller_owns=False) is True  # marked: its next commit fails closed
+    assert await table.open(B) is None  # nor a marked one
+    assert await table.reset(A, caller_owns=table.is_owner(A, token)) is False
+    await j.close()
+    j2 = await SessionJournal.open(tmp_path)
+    table2 = SessionTable(journal=j2)
+    assert table2.is_owner(A, token)
+    with pytest.raises(SessionExpired):
+        await table2.check_not_marked(B)
+    await table2.check_not_marked(A)
+    await j2.close()
