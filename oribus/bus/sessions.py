@@ -70,8 +70,8 @@ class SessionTable:
         self._durable: dict[SessionRef, dict[int, Token]] = journal.table if journal is not None else {}
         # SHA-256 of the session_token of each session opened here (journaled)
         self._owners: dict[SessionRef, bytes] = journal.owners if journal is not None else {}
-        # Durable sessions (journal entries and owned ones), least recently active first,
-        # in all and per group, with the client address each was opened from.
+        # Durable sessions (the journal's entries: with reads, owned or acknowledged), least
+        # recently active first, in all and per group, with the address each was opened from.
         self._active: OrderedDict[SessionRef, None] = OrderedDict()
         self._client: dict[SessionRef, str] = {}
         self._by_agent: dict[str, OrderedDict[SessionRef, None]] = {}
@@ -189,7 +189,7 @@ class SessionTable:
         if durable is not None and any(current.get(s) != t for s, t in durable.items()):
             assert self.journal is not None
             await self.journal.reset(session)
-            if session not in self._durable and session not in self._owners:
+            if session not in self._durable:  # owned and acknowledged ones stay, empty
                 self._unindex(session)
         return False
 
@@ -208,7 +208,7 @@ class SessionTable:
         """Every mark and acknowledgement gone (S-Bus ``/admin/reset``: every read log empty)."""
         if self.journal is not None:
             await self.journal.clear_marks()
-            for session in [s for s in self._active if s not in self._durable and s not in self._owners]:
+            for session in [s for s in self._active if s not in self._durable]:
                 self._unindex(session)
         self._mark_reasons.clear()
 
