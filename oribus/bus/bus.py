@@ -295,7 +295,7 @@ class Bus:
         sessions.discard(_VIEW_SESSION)
         every = sorted(sessions)
         for i in range(0, len(every), 256):
-            await asyncio.gather(*(self.reset(tuple(s)) for s in every[i:i + 256]))  # type: ignore[arg-type]
+            await asyncio.gather(*(self.reset(s) for s in every[i:i + 256]))
         await self.sessions.clear_marks()
         return len(every)
 
