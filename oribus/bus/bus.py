@@ -19,7 +19,7 @@ from time import perf_counter
 
 from oribus.bus.coordinator import CommitRequest, CommitResult, Coordinator
 from oribus.bus.session_journal import SessionJournal
-from oribus.bus.sessions import SessionTable
+from oribus.bus.sessions import SessionLimits, SessionTable
 from oribus.bus.watch import MergedWatch
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
 from oribus.metrics import OP_SECONDS, SESSION_EXPIRED
@@ -37,6 +37,23 @@ _HISTORY_SECONDS = OP_SECONDS.labels(op="history")
 _VIEW_SESSION = ("oribus", "view")  # peeks for operator views record nothing
 # A shard that has not answered its stats call in this long is reported down.
 SHARD_STATS_TIMEOUT_SECONDS = 2.0
+_EVERY_SESSION = 10_000_000  # listing limit that means "all" (a delivery log holds 100,000 by default)
+
+# Key prefixes only the server itself writes: the HTTP gateway keeps S-Bus metadata
+# under ".sbus/<key>" (specs/http.md). A client write there could forge that metadata
+# or make it unreadable, so every write path (gRPC, /v1, S-Bus, rollback) refuses it.
+RESERVED_PREFIXES = (".sbus/",)
+
+
+def check_writable(key: str) -> None:
+    """InvalidRequest if ``key`` is under a reserved prefix (reading such keys is allowed)."""
+    for prefix in RESERVED_PREFIXES:
+        if key.startswith(prefix):
+            raise InvalidRequest(
+                f"key {key!r} is under the reserved prefix {prefix!r}, which only the server "
+                "writes (gateway metadata); choose another key",
+                key=key, prefix=prefix,
+            )
 
 
 @dataclass(slots=True)
@@ -58,13 +75,14 @@ class Bus:
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         max_sessions: int = 1_000_000,
         session_journal: SessionJournal | None = None,
+        session_limits: SessionLimits | None = None,  # caps on durable (HTTP) sessions
         clock: Callable[[], float] = time.time,  # stamps commits (the simulation passes virtual time)
     ) -> None:
         self.clock = clock
         self.shards = shards
         self.shard_for = shard_for
         self.max_value_bytes = max_value_bytes
-        self.sessions = SessionTable(max_sessions, session_journal)
+        self.sessions = SessionTable(max_sessions, session_journal, session_limits)
         self.coordinator = Coordinator(shards, shard_for)
 
     # ---- reads -----------------------------------------------------------------
@@ -86,6 +104,7 @@ class Bus:
         detail: bool = False,
         only_new: bool = False,
         durable_session: bool = False,
+        client: str = "",
     ) -> ReadResult:
         """Read ``keys`` for ``session``; each owning shard records the deliveries.
 
@@ -93,6 +112,7 @@ class Bus:
         ``only_new``: record only keys the session has not been given yet.
         ``durable_session``: the client sends no tokens (HTTP agents), so the
         session's tokens are journaled before this returns (``SessionJournal``).
+        ``client``: the address a durable session is used from (its per-client cap).
         """
         _check_session(session)
         if not isinstance(keys, list | tuple):
@@ -125,7 +145,7 @@ class Bus:
                 result.tokens[sid] = reply.token
                 result.seqs[sid] = reply.seq
                 if durable_session:
-                    await self.sessions.observe_durably(session, sid, reply.token)
+                    await self.sessions.observe_durably(session, sid, reply.token, client)
                 else:
                     self.sessions.observe(session, sid, reply.token)
         result.items = [found[k] for k in keys]
@@ -133,22 +153,31 @@ class Bus:
 
     # ---- commits -------------------------------------------------------------------
 
-    async def commit(self, req: CommitRequest, *, durable_session: bool = False) -> CommitResult:
-        """Commit ``req`` (see ``_commit``), timed for /metrics."""
+    async def commit(self, req: CommitRequest, *, durable_session: bool = False,
+                     may_write_reserved: bool = False, client: str = "") -> CommitResult:
+        """Commit ``req`` (see ``_commit``), timed for /metrics.
+
+        ``may_write_reserved``: only for the server's own metadata writes (the
+        gateway's S-Bus key creation and reset); no transport sets it.
+        """
         t0 = perf_counter()
         try:
-            return await self._commit(req, durable_session=durable_session)
+            return await self._commit(req, durable_session=durable_session,
+                                      may_write_reserved=may_write_reserved, client=client)
         except SessionExpired:
             SESSION_EXPIRED.inc()
             raise
         finally:
             _COMMIT_SECONDS.observe(perf_counter() - t0)
 
-    async def _commit(self, req: CommitRequest, *, durable_session: bool = False) -> CommitResult:
+    async def _commit(self, req: CommitRequest, *, durable_session: bool = False,
+                      may_write_reserved: bool = False, client: str = "") -> CommitResult:
         """Validate the request's shape, merge the session's tokens, and commit.
 
         ``durable_session``: as for ``read`` — the tokens the commit leaves
-        (its own writes become deliveries) are journaled before it returns.
+        (its own writes become deliveries) are journaled before it returns, and
+        a session marked as having lost tracked reads is refused once
+        (``SessionTable.check_not_marked``).
         """
         _check_session(req.session)
         if (not req.commit_id or not isinstance(req.commit_id, str) or len(req.commit_id) > 128
@@ -156,6 +185,8 @@ class Bus:
             raise InvalidRequest("commit_id must be a non-empty str of at most 128 characters of valid UTF-8")
         for k, raw in req.writes.items():
             validate_key(k)
+            if not may_write_reserved:
+                check_writable(k)
             if raw is not None and not isinstance(raw, bytes | bytearray):
                 raise InvalidRequest(f"value of {k!r} must be encoded bytes")
             if raw is not None and len(raw) > self.max_value_bytes:
@@ -166,6 +197,8 @@ class Bus:
         for name, entries in (("rollback", req.rollback), ("expect", req.expect), ("read_set", req.read_set)):
             for k, v in entries.items():
                 validate_key(k)
+                if name == "rollback" and not may_write_reserved:
+                    check_writable(k)
                 if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_VERSION:
                     raise InvalidRequest(f"{name} version of {k!r} must be an int in 0..2**63-1", key=k)
         both = req.writes.keys() & req.rollback.keys()
@@ -174,6 +207,8 @@ class Bus:
         n = len(req.writes) + len(req.rollback) + len(req.expect) + len(req.read_set)
         if n > MAX_KEYS_PER_REQUEST:
             raise InvalidRequest(f"at most {MAX_KEYS_PER_REQUEST} keys per commit")
+        if durable_session:
+            await self.sessions.check_not_marked(req.session, client)
         if req.scope is Scope.SESSION:
             # the bus's own record of where the session read, merged with the client's
             known = self.sessions.tokens(req.session)
@@ -196,7 +231,7 @@ class Bus:
         result = await self.coordinator.commit(req)
         for sid, tok in result.tokens.items():
             if durable_session:
-                await self.sessions.observe_durably(req.session, sid, tok)
+                await self.sessions.observe_durably(req.session, sid, tok, client)
             else:
                 self.sessions.observe(req.session, sid, tok)
         return result
@@ -216,20 +251,55 @@ class Bus:
             raise InvalidRequest("limit must be a positive int")
         return await self.shards[self.shard_for(key)].history(key, limit)
 
-    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+    async def forget(self, session: SessionRef, keys: list[str], *, caller_owns: bool = True) -> bool:
+        """Drop the session's deliveries of ``keys``.
+
+        ``caller_owns=False``: the caller did not prove it owns this durable
+        session, so the session is marked and its next commit fails closed
+        (specs/http.md). Returns whether it was marked.
+        """
         _check_session(session)
+        if not isinstance(keys, list | tuple):
+            raise InvalidRequest("keys must be a list of str")
         by_shard: dict[int, list[str]] = {}
         for k in keys:
             validate_key(k)
             by_shard.setdefault(self.shard_for(k), []).append(k)
         await asyncio.gather(*(self.shards[s].forget(session, ks) for s, ks in by_shard.items()))
+        if caller_owns or not by_shard:
+            return False
+        return await self.sessions.mark_lost_reads(
+            session, "some of its reads were forgotten by a caller that did not present its session_token")
 
-    async def reset(self, session: SessionRef) -> None:
-        """Drop every delivery of the session on every shard, and its tokens."""
+    async def reset(self, session: SessionRef, *, caller_owns: bool = True) -> bool:
+        """Drop every delivery of the session on every shard, and its tokens.
+
+        ``caller_owns=False``: as for ``forget`` — the session is marked instead
+        of cleared, so its next commit fails closed. Returns whether it was marked.
+        """
         _check_session(session)
         sids = list(self.shards)
         now = await asyncio.gather(*(self.shards[s].reset(session) for s in sids))
-        await self.sessions.reset(session, dict(zip(sids, now, strict=True)))
+        return await self.sessions.reset(session, dict(zip(sids, now, strict=True)), caller_owns=caller_owns)
+
+    async def open_session(self, session: SessionRef, client: str = "") -> str | None:
+        """A ``session_token`` proving ownership of a durable session nobody uses yet, else
+        None (``SessionTable.open``)."""
+        _check_session(session)
+        return await self.sessions.open(session, client)
+
+    async def reset_every_session(self) -> int:
+        """Empty every session's read log on every shard, drop every token the bus keeps
+        and every mark (S-Bus ``/admin/reset``). Returns how many sessions were reset."""
+        listed = await asyncio.gather(*(s.sessions(_EVERY_SESSION) for s in self.shards.values()))
+        sessions = {session for views in listed for session, _, _ in views}
+        sessions.update(self.sessions.durable())
+        sessions.discard(_VIEW_SESSION)
+        every = sorted(sessions)
+        for i in range(0, len(every), 256):
+            await asyncio.gather(*(self.reset(s) for s in every[i:i + 256]))
+        await self.sessions.clear_marks()
+        return len(every)
 
     def watch(
         self,

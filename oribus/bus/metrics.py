@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 
 from oribus.bus.bus import SHARD_STATS_TIMEOUT_SECONDS, Bus
+from oribus.bus.sessions import CAPS
 from oribus.metrics import REGISTRY, Registry
 
 log = logging.getLogger("oribus.metrics")
@@ -38,7 +39,13 @@ async def render_bus_metrics(bus: Bus, *, timeout: float = SHARD_STATS_TIMEOUT_S
     dlog_sessions = scrape.gauge(
         "oribus_delivery_log_sessions", "Live sessions in the shard's delivery log.", ("shard",)
     )
+    dlog_evicted = scrape.gauge(
+        "oribus_delivery_log_evicted",
+        "Sessions the shard's delivery log evicted over its session cap since it started (they fail closed).",
+        ("shard",),
+    )
     scrape.gauge("oribus_bus_sessions", "Sessions in this bus's session table.").set(len(bus.sessions))
+    _session_caps(scrape, bus)
 
     for shard_id, stats in answers.items():
         if not stats["up"]:
@@ -51,5 +58,27 @@ async def render_bus_metrics(bus: Bus, *, timeout: float = SHARD_STATS_TIMEOUT_S
         dlog = stats.get("delivery_log") or {}
         dlog_entries.labels(shard=shard_id).set(dlog.get("entries", 0))
         dlog_sessions.labels(shard=shard_id).set(dlog.get("sessions", 0))
+        dlog_evicted.labels(shard=shard_id).set(dlog.get("evicted", 0))
 
     return REGISTRY.render() + scrape.render()
+
+
+def _session_caps(scrape: Registry, bus: Bus) -> None:
+    """The caps on durable (HTTP) sessions: each cap's limit, the largest group under it
+    and how many sessions it evicted (``oribus.bus.sessions``)."""
+    table = bus.sessions
+    limits = {"sessions": table.limits.max_sessions, "agent": table.limits.max_per_agent,
+              "client": table.limits.max_per_client}
+    used = {"sessions": table.durable_sessions, **table.largest_groups()}
+    limit = scrape.gauge("oribus_http_session_limit",
+                         "Cap on durable (HTTP) sessions: in all, per agent, per client address.", ("cap",))
+    largest = scrape.gauge("oribus_http_sessions_largest",
+                           "Durable sessions in all / of the busiest agent / of the busiest client address.",
+                           ("cap",))
+    evicted = scrape.gauge("oribus_http_sessions_evicted",
+                           "Durable sessions evicted over each cap since the bus started (they fail closed).",
+                           ("cap",))
+    for cap in CAPS:
+        limit.labels(cap=cap).set(limits[cap])
+        largest.labels(cap=cap).set(used[cap])
+        evicted.labels(cap=cap).set(table.evicted[cap])

@@ -57,10 +57,13 @@ different incarnation, ``read_set`` raises SessionExpired instead of
 validating against less than the session read.
 
 Bounded memory, never silent loss: a new key beyond
-``max_entries_per_session`` and a new session beyond ``max_sessions`` (after
-expiring idle ones) raise LimitExceeded and change nothing. Sessions are kept
-in an OrderedDict ordered by last activity, so the TTL sweep only ever looks
-at the front.
+``max_entries_per_session`` raises LimitExceeded and changes nothing. A new
+session beyond ``max_sessions`` first expires idle ones, then *evicts* the
+least recently active record: its incarnation is gone, so that session's next
+commit fails closed with SessionExpired exactly as after a TTL expiry. (Refusing
+new sessions instead would let one client that opens enough sessions lock every
+other agent out until the TTL runs out.) Sessions are kept in an OrderedDict
+ordered by last activity, so the TTL sweep and eviction only look at the front.
 
 The log is not thread-safe; a shard drives it from one event loop.
 """
@@ -140,6 +143,7 @@ class DeliveryLog:
         self._next_incarnation = first_incarnation
         self._entry_count = 0
         self._expired_count = 0
+        self._evicted_count = 0
 
     # ------------------------------------------------------------------ reads
 
@@ -152,8 +156,9 @@ class DeliveryLog:
         sequence number given to this delivery.
 
         Raises LimitExceeded, changing nothing, if ``key`` is new to the
-        session and the session is at ``max_entries_per_session``, or if a
-        record must be created and ``max_sessions`` records are live.
+        session and the session is at ``max_entries_per_session``. A record
+        created when ``max_sessions`` records are live evicts the least
+        recently active one (which then fails closed).
         """
         _check_version(version)
         now = self._clock()
@@ -432,11 +437,13 @@ class DeliveryLog:
         return count
 
     def stats(self) -> dict[str, int]:
-        """Counters: live ``sessions`` records, logged ``entries``, sessions ``expired`` so far."""
+        """Counters: live ``sessions`` records, logged ``entries``, sessions ``expired``
+        (idle past the TTL) and ``evicted`` (over ``max_sessions``) so far."""
         return {
             "sessions": len(self._sessions),
             "entries": self._entry_count,
             "expired": self._expired_count,
+            "evicted": self._evicted_count,
         }
 
     # --------------------------------------------------------------- internal
@@ -458,16 +465,11 @@ class DeliveryLog:
     ) -> _SessionRecord:
         if len(self._sessions) >= self._max_sessions:
             self.expire_idle(now)
-            if enforce_cap and len(self._sessions) >= self._max_sessions:
-                raise LimitExceeded(
-                    f"this shard tracks {len(self._sessions)} sessions (limit"
-                    f" {self._max_sessions}) and none has been idle for over"
-                    f" {self._ttl:g}s; cannot start tracking session {session}."
-                    " Drop finished sessions or raise max_sessions",
-                    session=str(session),
-                    sessions=len(self._sessions),
-                    limit=self._max_sessions,
-                )
+            while enforce_cap and len(self._sessions) >= self._max_sessions:
+                # The most idle session goes; its next commit fails closed (SessionExpired).
+                oldest = next(iter(self._sessions))
+                self._remove(oldest, self._sessions[oldest])
+                self._evicted_count += 1
         rec = _SessionRecord(self._next_incarnation, now)
         self._next_incarnation += 1
         self._sessions[session] = rec  # newest activity: goes to the end
@@ -514,8 +516,8 @@ class DeliveryLog:
             return self._restarted(session, incarnation)
         return SessionExpired(
             f"session {session} has no record on this shard: incarnation {incarnation}"
-            " expired after idling past the TTL or was dropped; its reads here are no"
-            " longer tracked",
+            " expired after idling past the TTL, was evicted over the session cap or"
+            " was dropped; its reads here are no longer tracked",
             session=str(session),
             incarnation=incarnation,
             reason="no_record",

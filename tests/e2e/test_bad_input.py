@@ -118,6 +118,15 @@ BAD_CALLS = {
         commit_args(w={TARGET: value(1), "trailing/": value(2)}),
         "InvalidRequest",
     ),
+    "commit: a key under the reserved .sbus/ prefix": (
+        "commit",
+        commit_args(w={TARGET: value(1), ".sbus/" + TARGET: value({"created_at": "x"})}),
+        "InvalidRequest",
+    ),
+    "commit: a delete under the reserved .sbus/ prefix": ("commit", commit_args(w={".sbus/x": None}), "InvalidRequest"),
+    "commit: a rollback under the reserved .sbus/ prefix": (
+        "commit", commit_args(w={}, rb={".sbus/x": 0}), "InvalidRequest",
+    ),
     "commit: expect version is a str": ("commit", commit_args(e={TARGET: "0"}), "InvalidRequest"),
     "commit: negative expect": ("commit", commit_args(e={TARGET: -1}), "InvalidRequest"),
     "commit: bad scope": ("commit", commit_args(sc="global"), "InvalidRequest"),

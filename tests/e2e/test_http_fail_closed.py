@@ -53,13 +53,18 @@ async def test_native_agent_after_kill9_of_up_gets_session_expired_until_reset(c
     await asyncio.to_thread(server.wait_serving)
     key = keys_on_shard(1, "fc/n")[0]
     async with aiohttp.ClientSession(base_url=f"http://{server.http_address}") as http:
+        st, opened = await call(http, "POST", "/v1/session", json={"agent": "n-1"})
+        assert st == 200 and opened["session_token"]
         assert (await call(http, "POST", "/v1/commit", json={"agent": "w", "writes": {key: 1}}))[0] == 200
         assert (await call(http, "GET", f"/v1/keys/{key}", params={"agent": "n-1"}))[0] == 200
         await restart(server)
         for _ in range(2):  # refused every time: the native API does not reset by itself
             st, out = await call(http, "POST", "/v1/commit", json={"agent": "n-1", "writes": {"fc/other": 1}})
             assert (st, out["error"]) == (410, "SessionExpired"), out
-        assert (await call(http, "POST", "/v1/reset", json={"agent": "n-1"}))[0] == 200
+        # the token outlived the crash (journaled): the owner's reset clears the session
+        st, out = await call(http, "POST", "/v1/reset",
+                             json={"agent": "n-1", "session_token": opened["session_token"]})
+        assert (st, out["next_commit_refused"]) == (200, False), out
         assert (await call(http, "POST", "/v1/commit", json={"agent": "n-1", "writes": {"fc/other": 1}}))[0] == 200
 
 

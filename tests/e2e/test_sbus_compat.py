@@ -290,8 +290,9 @@ def test_create_get_commit_and_version_numbering(sbus: SbusHttp):
     assert [(h["version"], h["value"]) for h in sbus.history(key)] == [
         (1, "first draft"), (2, "second draft"), (3, "third draft"),
     ]
-    listed = [s for s in ok(sbus.request("GET", "/shards"))["shards"] if s["key"] == key]
-    assert [(s["version"], s["content"]) for s in listed] == [(2, "third draft")]
+    listed = ok(sbus.request("GET", "/shards"))
+    assert key in listed["shards"] and all(isinstance(k, str) for k in listed["shards"])  # keys, as S-Bus
+    assert listed["count"] == len(listed["shards"])
 
     refused(sbus.get(f"{key}-missing", agent="writer"), 404, "ShardNotFound")
     missing = refused(sbus.commit(f"{key}-missing", 0, "x", "writer"), 404, "ShardNotFound")
@@ -438,21 +439,35 @@ def test_rollback(sbus: SbusHttp):
 def test_session_reset_and_untracked_reads(sbus: SbusHttp):
     x, y = two_shard_keys("session", sbus)
     agent, other = f"a{next(_names)}", f"b{next(_names)}"
+    opened = ok(sbus.session(agent))  # a session nobody uses yet: its opener gets the token
+    assert opened["status"] == "created" and opened["session_token"] and not opened["next_commit_refused"]
     ok(sbus.get(x, agent))
     ok(sbus.get(y, agent))
     ok(sbus.commit(y, 0, "y by other", other))
     refused(sbus.commit(x, 0, "stale", agent), 409, "CrossShardStale")
 
-    assert ok(sbus.session(agent)) == {"agent_id": agent, "status": "created"}
+    again = ok(sbus.request("POST", "/session", {"agent_id": agent, "session_token": opened["session_token"]}))
+    assert again == {"agent_id": agent, "status": "created", "session_token": opened["session_token"],
+                     "next_commit_refused": False}
     # the reset dropped y@0 from the agent's reads: the commit depends on nothing stale now
     assert ok(sbus.commit(x, 0, "after reset", agent))["new_version"] == 1
+
+    # without the token (anyone can name any agent) the reads go too, but the next commit
+    # is refused rather than passing on reads the agent no longer has
+    ok(sbus.get(y, agent))
+    ok(sbus.commit(y, 1, "y again by other", other))
+    assert ok(sbus.session(agent))["next_commit_refused"] is True
+    body = refused(sbus.commit(x, 1, "on a stale y", agent), 410, "SessionExpired")
+    assert "session_token" in body["detail"]
+    assert ok(sbus.commit(x, 1, "told; read set afresh", agent))["new_version"] == 2
+    ok(sbus.commit(y, 2, "y once more", other))
 
     # a GET without agent_id is a peek: it is not part of anybody's read set
     peeker = f"p{next(_names)}"
     ok(sbus.get(x, peeker))
     ok(sbus.get(y))
-    ok(sbus.commit(y, 1, "y again", other))
-    assert ok(sbus.commit(x, 1, "peeked y only", peeker))["new_version"] == 2
+    ok(sbus.commit(y, 3, "y again", other))
+    assert ok(sbus.commit(x, 2, "peeked y only", peeker))["new_version"] == 3
 
 
 def test_delivery_log_register_keeps_read_time_versions(sbus: SbusHttp):
@@ -541,20 +556,24 @@ def test_admin_routes_work_with_admin(admin_sbus: SbusHttp):
     assert ok(sbus.request("GET", "/shards")) == {"shards": [], "count": 0}
     stats = sbus.stats()
     assert (stats["total_shards"], stats["total_commits"], stats["total_conflicts"]) == (0, 0, 0)
+    assert ok(sbus.request("GET", "/admin/delivery-log"))["total_deliveries"] == 0  # every read log empty
     refused(sbus.get(x, agent), 404, "ShardNotFound")
 
-    # created again, x continues from its tombstone: nobody's old read of x can pass
+    # as in S-Bus, x created again starts at version 0 and the agents' read logs are empty
+    # (oribus versions never go back: only the S-Bus numbering restarts from the key's base)
     recreated = ok(sbus.create(x, "reborn"), 201)
-    assert recreated["version"] == 3  # 0 created, 1 committed, 2 deleted by the reset
-    body = refused(sbus.commit(x, 3, "from x@1", agent), 409, "VersionMismatch")
-    assert (body["key"], body["current_version"]) == (x, 3)
+    assert recreated["version"] == 0
+    body = refused(sbus.commit(x, 1, "from x@1", agent), 409, "VersionMismatch")
+    assert (body["key"], body["current_version"]) == (x, 0)
     assert ok(sbus.get(x))["content"] == "reborn"
+    # the history keeps what came before (the reset's delete is a tombstone)
+    assert [h["value"] for h in sbus.history(x)] == [f"c0:{x}", "unchecked", None, "reborn"]
 
     # the admin's own earlier deletes are not reads: a second reset works, and so do creates
-    ok(sbus.commit(x, 3, "changed", "admin-c"))
+    ok(sbus.commit(x, 0, "changed", "admin-c"))
     assert ok(sbus.request("POST", "/admin/reset", {})) == {"cleared": 1}
-    assert ok(sbus.create(y, "y reborn"), 201)["version"] == 4
-    assert ok(sbus.request("GET", "/shards"))["count"] == 1
+    assert ok(sbus.create(y, "y reborn"), 201)["version"] == 0
+    assert ok(sbus.request("GET", "/shards")) == {"shards": [y], "count": 1}
 
 
 # ---- concurrency: the S-Bus agent loop with a stale injector, audited ---------------------------
@@ -878,11 +897,15 @@ def run_agent_loop(sbus: SbusHttp, name: str, agents: int = N_AGENTS, steps: int
                                      r.sent, r.received))
         return r.body["version"]
 
+    tokens: dict[str, str] = {}  # agent -> the session_token its first POST /session gave
+
     def reset(agent: str, log: dict[str, int]) -> bool:
-        r = sbus.session(agent)
-        if r.status != 200 or r.body != {"agent_id": agent, "status": "created"}:
+        r = sbus.request("POST", "/session", {"agent_id": agent, "session_token": tokens.get(agent)})
+        if (r.status != 200 or r.body.get("status") != "created" or r.body.get("next_commit_refused")
+                or not r.body.get("session_token")):
             fail(f"POST /session {agent}: {r.status} {r.body}")
             return False
+        tokens[agent] = r.body["session_token"]
         log.clear()
         return True
 

@@ -43,6 +43,17 @@ async def served(data_dir):
     await engine.close()
 
 
+@pytest.fixture
+async def admin_served(data_dir):
+    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
+    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", admin=True))
+    await gw.start()
+    async with aiohttp.ClientSession(base_url=gw.url) as http:
+        yield engine, gw, http
+    await gw.stop()
+    await engine.close()
+
+
 async def call(http, method, path, **kw):
     async with http.request(method, path, **kw) as r:
         body = await r.read()
@@ -143,20 +154,80 @@ async def test_watch_streams_server_sent_events(served):
 
 
 async def test_forget_and_reset(served):
+    """The session's owner (the token POST /v1/session gave) forgets and resets as asked."""
     _, _, http = served
+    st, opened = await call(http, "POST", "/v1/session", json={"agent": "eve"})
+    assert st == 200 and opened["session_token"] and opened["next_commit_refused"] is False
+    mine = {"agent": "eve", "session_token": opened["session_token"]}
     await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"f/a": 1, "f/b": 1}})
     await call(http, "POST", "/v1/get", json={"agent": "eve", "keys": ["f/a", "f/b"]})
     await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"f/a": 2, "f/b": 2}})
     assert (await call(http, "POST", "/v1/commit", json={"agent": "eve", "writes": {"f/c": 1}}))[0] == 409
-    assert (await call(http, "POST", "/v1/forget", json={"agent": "eve", "keys": ["f/a"]}))[0] == 200
+    st, out = await call(http, "POST", "/v1/forget", json={**mine, "keys": ["f/a"]})
+    assert (st, out) == (200, {"ok": True, "next_commit_refused": False})
     st, out = await call(http, "POST", "/v1/commit", json={"agent": "eve", "writes": {"f/c": 1}})
     assert st == 409 and [s[0] for s in out["stale"]] == ["f/b"]
-    assert (await call(http, "POST", "/v1/reset", json={"agent": "eve"}))[0] == 200
+    st, out = await call(http, "POST", "/v1/reset", json=mine)
+    assert (st, out) == (200, {"ok": True, "next_commit_refused": False})
     assert (await call(http, "POST", "/v1/commit", json={"agent": "eve", "writes": {"f/c": 1}}))[0] == 200
+    # nobody can claim a session in use: a second open gets no token (and marks it, as any
+    # reset without the token does)
+    st, again = await call(http, "POST", "/v1/session", json={"agent": "eve"})
+    assert st == 200 and again["session_token"] is None
 
 
-async def test_sessions_view_marks_stale_reads(served):
+@pytest.mark.parametrize("route", ["reset", "forget", "session"])
+async def test_a_reset_by_another_caller_never_lets_a_stale_commit_pass(served, route):
+    """The hardening issue's scenario: the victim reads k (v1), another agent writes k (v2),
+    an attacker resets (or forgets, or re-opens) the victim's session by name, and the
+    victim commits on its stale read: refused (410, saying why), never accepted."""
     _, _, http = served
+    await call(http, "POST", "/v1/commit", json={"agent": "setup", "writes": {"r/k": "v1"}})
+    st, out = await call(http, "POST", "/v1/get", json={"agent": "victim", "keys": ["r/k"]})
+    assert st == 200 and out["items"][0]["version"] == 1
+    assert (await call(http, "POST", "/v1/commit", json={"agent": "other", "writes": {"r/k": "v2"}}))[0] == 200
+    body = {"agent": "victim", **({"keys": ["r/k"]} if route == "forget" else {})}
+    st, out = await call(http, "POST", f"/v1/{route}", json=body)
+    assert st == 200 and out["next_commit_refused"] is True
+    if route == "session":
+        assert out["session_token"] is None  # the attacker did not get to own the session either
+    st, out = await call(http, "POST", "/v1/commit",
+                         json={"agent": "victim", "writes": {"r/out": "from v1"}, "expect": {"r/out": 0}})
+    assert st == 410 and out["error"] == "SessionExpired", out
+    assert "did not present its session_token" in out["message"]
+    st, out = await call(http, "GET", "/v1/keys/r/out", params={"agent": "x", "record": "false"})
+    assert out["version"] == 0  # nothing was written
+    # the victim was told; it re-reads what its work depends on, and goes on
+    await call(http, "POST", "/v1/get", json={"agent": "victim", "keys": ["r/k"]})
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "victim", "writes": {"r/out": "from v2"}})
+    assert st == 200, out
+    # a wrong token proves nothing either
+    await call(http, "POST", "/v1/commit", json={"agent": "other", "writes": {"r/k": "v3"}})
+    st, out = await call(http, "POST", "/v1/reset", json={"agent": "victim", "session_token": "guess"})
+    assert out["next_commit_refused"] is True
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "victim", "writes": {"r/out": "stale"}})
+    assert st == 410
+
+
+async def test_a_reset_before_any_read_costs_nothing(served):
+    """Resetting a session that tracks no reads has nothing to protect: no refusal follows."""
+    _, _, http = served
+    st, out = await call(http, "POST", "/v1/reset", json={"agent": "fresh"})
+    assert out == {"ok": True, "next_commit_refused": False}
+    assert (await call(http, "POST", "/v1/commit", json={"agent": "fresh", "writes": {"fr/a": 1}}))[0] == 200
+
+
+async def test_sessions_view_is_admin_only(served):
+    _, _, http = served
+    await call(http, "POST", "/v1/get", json={"agent": "frank", "keys": ["sv/a"]})
+    st, out = await call(http, "GET", "/v1/sessions")
+    assert st == 403 and out["error"] == "Forbidden" and "frank" not in json.dumps(out)
+
+
+async def test_sessions_view_marks_stale_reads(admin_served):
+    _, _, http = admin_served
+    st, out = await call(http, "GET", "/v1/sessions", params={"limit": "0"})
+    assert (st, out["error"]) == (400, "InvalidRequest")
     await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"sv/a": 1, "sv/b": 1}})
     await call(http, "POST", "/v1/get", json={"agent": "frank", "keys": ["sv/a", "sv/b"]})
     await call(http, "POST", "/v1/commit", json={"agent": "s", "writes": {"sv/b": 2}})

@@ -16,6 +16,7 @@ from oribus.types import SessionRef
 A = SessionRef("alice", "run-1")
 B = SessionRef("bob", "run-1")
 C = SessionRef("carol", "run-1")
+D = SessionRef("dave", "run-1")
 
 
 class FakeClock:
@@ -233,7 +234,7 @@ def test_drop_removes_the_record_and_fails_closed():
     with pytest.raises(SessionExpired, match="recreated|not 1"):
         log.read_set(A, incarnation=1)
     assert log.read_set(A, incarnation=3) == {"y": 1}
-    assert log.stats() == {"sessions": 2, "entries": 2, "expired": 0}
+    assert log.stats() == {"sessions": 2, "entries": 2, "expired": 0, "evicted": 0}
 
 
 # ---------------------------------------------------------------- incarnations / fail closed
@@ -248,7 +249,7 @@ def test_ttl_expiry_is_lazy_and_fails_closed():
     with pytest.raises(SessionExpired, match="idle") as e:
         log.read_set(A, incarnation=1)
     assert e.value.details["reason"] == "ttl"
-    assert log.stats() == {"sessions": 0, "entries": 0, "expired": 1}
+    assert log.stats() == {"sessions": 0, "entries": 0, "expired": 1, "evicted": 0}
 
 
 def test_read_after_expiry_creates_a_new_incarnation_and_old_one_fails():
@@ -397,7 +398,7 @@ def test_record_many_over_the_cap_is_all_or_nothing():
     with pytest.raises(LimitExceeded):
         log.record_many(B, [("a", 1), ("b", 1), ("c", 1), ("d", 1)])
     assert log.incarnation_of(B) is None
-    assert log.stats() == {"sessions": 1, "entries": 3, "expired": 0}
+    assert log.stats() == {"sessions": 1, "entries": 3, "expired": 0, "evicted": 0}
     assert log.record(B, "a", 1) == (2, 1)
 
 
@@ -413,21 +414,23 @@ def test_advance_may_exceed_the_per_session_cap():
     assert log.stats()["entries"] == 4
 
 
-def test_session_cap_raises_when_no_session_is_idle():
+def test_session_cap_evicts_the_most_idle_session_which_then_fails_closed():
+    """A full log never refuses a new session (one client opening many would lock every
+    other agent out until the TTL ran out): the least recently active record goes, and
+    that session's next commit fails closed."""
     log, clock = make_log(ttl=10, max_sessions=2)
     log.record(A, "x", 1)
     log.record(B, "x", 1)
     clock.advance(5)
-    with pytest.raises(LimitExceeded, match="sessions") as e:
-        log.record(C, "x", 1)
-    assert e.value.details["limit"] == 2
-    with pytest.raises(LimitExceeded):
-        log.record_many(C, [("x", 1)])
-    assert log.incarnation_of(C) is None
-    assert log.stats() == {"sessions": 2, "entries": 2, "expired": 0}
-    # The refused creations used no incarnation number.
-    log.drop(B)
+    log.record(A, "y", 1)  # A active again: B is now the most idle
     assert log.record(C, "x", 1) == (3, 1)
+    assert log.stats() == {"sessions": 2, "entries": 3, "expired": 0, "evicted": 1}
+    with pytest.raises(SessionExpired, match="evicted"):
+        log.read_set(B, incarnation=2)
+    assert log.read_set(A, incarnation=1) == {"x": 1, "y": 1}
+    assert log.record_many(D, [("x", 1)]) == (4, 1)  # record_many evicts alike (C, idle since A's check)
+    with pytest.raises(SessionExpired):
+        log.read_set(C, incarnation=3)
 
 
 def test_session_cap_expires_idle_sessions_to_make_room():
@@ -437,7 +440,7 @@ def test_session_cap_expires_idle_sessions_to_make_room():
     log.record(B, "x", 1)
     clock.advance(6)  # A idle 12s, B idle 6s
     assert log.record(C, "x", 1) == (3, 1)
-    assert log.stats() == {"sessions": 2, "entries": 2, "expired": 1}
+    assert log.stats() == {"sessions": 2, "entries": 2, "expired": 1, "evicted": 0}
     with pytest.raises(SessionExpired):
         log.read_set(A, incarnation=1)
     assert log.read_set(B, incarnation=2) == {"x": 1}
@@ -448,8 +451,8 @@ def test_advance_may_exceed_the_session_cap():
     log.record(A, "x", 1)
     assert log.advance(B, {"y": 1}) == 2
     assert log.stats()["sessions"] == 2
-    with pytest.raises(LimitExceeded):
-        log.record(C, "x", 1)
+    assert log.record(C, "x", 1) == (3, 1)  # back under the cap: both older records went
+    assert log.stats()["sessions"] == 1 and log.stats()["evicted"] == 2
 
 
 def test_sequence_space_exhaustion_raises_instead_of_wrapping():
@@ -493,14 +496,14 @@ def test_expire_idle_sweeps_only_idle_sessions():
     log.record(C, "x", 1)
     clock.advance(4)  # A idle 12s, B 8s, C 4s
     assert log.expire_idle() == 1
-    assert log.stats() == {"sessions": 2, "entries": 3, "expired": 1}
+    assert log.stats() == {"sessions": 2, "entries": 3, "expired": 1, "evicted": 0}
     assert log.expire_idle() == 0
     # An explicit time: B idle 11s, C idle 7s.
     assert log.expire_idle(now=clock.now + 3) == 1
     assert log.incarnation_of(B) is None
     assert log.incarnation_of(C) == 3
     assert log.expire_idle(now=clock.now + 100) == 1
-    assert log.stats() == {"sessions": 0, "entries": 0, "expired": 3}
+    assert log.stats() == {"sessions": 0, "entries": 0, "expired": 3, "evicted": 0}
 
 
 def test_expire_idle_respects_activity_order_not_creation_order():
@@ -520,10 +523,10 @@ def test_stats_count_entries_across_operations():
     log.record_many(A, [("a", 1), ("b", 1)])
     log.record(B, "a", 1)
     log.advance(B, {"a": 2, "c": 1})
-    assert log.stats() == {"sessions": 2, "entries": 4, "expired": 0}
+    assert log.stats() == {"sessions": 2, "entries": 4, "expired": 0, "evicted": 0}
     log.forget(A, ["a"])
     log.reset(B)
-    assert log.stats() == {"sessions": 2, "entries": 1, "expired": 0}
+    assert log.stats() == {"sessions": 2, "entries": 1, "expired": 0, "evicted": 0}
 
 
 def test_keys_are_shared_with_the_caller_not_copied():
@@ -590,6 +593,7 @@ class DeliveryLogMachine(RuleBasedStateMachine):
         self.sessions: dict[SessionRef, _ModelSession] = {}
         self.next_inc = 1
         self.expired = 0
+        self.evicted = 0
         self.known_incs: dict[SessionRef, list[int]] = {s: [] for s in SESSIONS}
 
     # -- model helpers
@@ -606,8 +610,9 @@ class DeliveryLogMachine(RuleBasedStateMachine):
         if len(self.sessions) >= MAX_SESSIONS:
             for other in list(self.sessions):
                 self._live(other)
-            if enforce and len(self.sessions) >= MAX_SESSIONS:
-                return None
+            while enforce and len(self.sessions) >= MAX_SESSIONS:
+                del self.sessions[next(iter(self.sessions))]  # the least recently active
+                self.evicted += 1
         m = _ModelSession(self.next_inc, self.clock.now)
         self.known_incs[s].append(self.next_inc)
         self.next_inc += 1
@@ -744,6 +749,7 @@ class DeliveryLogMachine(RuleBasedStateMachine):
             "sessions": len(self.sessions),
             "entries": sum(len(m.entries) for m in self.sessions.values()),
             "expired": self.expired,
+            "evicted": self.evicted,
         }
 
 

@@ -178,7 +178,7 @@ class HttpGateway:
             raise RequestError(422, "InvalidRequest", "body must be a JSON object")
         return body
 
-    async def commit_unread(self, req: CommitRequest) -> CommitResult:
+    async def commit_unread(self, req: CommitRequest, *, may_write_reserved: bool = False) -> CommitResult:
         """Commit on behalf of the server itself (S-Bus key creation, admin reset, a
         dashboard rollback): it depends on no read, only on its ``expect``.
 
@@ -190,7 +190,7 @@ class HttpGateway:
         req.scope = Scope.TRANSACTION
         req.since = {}
         req.complete_tokens = True
-        result = await self.bus.commit(req)
+        result = await self.bus.commit(req, may_write_reserved=may_write_reserved)
         keys = [*req.writes, *req.rollback]
         with contextlib.suppress(OribusError):  # best effort: TTL expiry drops them anyway
             await self.bus.forget(req.session, keys)

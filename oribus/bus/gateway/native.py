@@ -7,7 +7,14 @@ against them (session scope by default; ``"scope": "transaction"`` with the
 ``seqs`` a read returned as ``since`` checks only the reads made since).
 Values are JSON (bytes as ``{"$bytes": base64}``, see ``values.py``).
 Errors use the codes of every other transport, with the HTTP statuses of
-``errors.HTTP_STATUS``. The document describing all of it is served at
+``errors.HTTP_STATUS``.
+
+Until agents authenticate, ``POST /v1/session`` hands a ``session_token`` to
+whoever opens a session nobody uses yet; ``/v1/reset`` and ``/v1/forget`` with
+it clear the reads as asked. Without it the session's reads are dropped too,
+but the session is marked so that its next commit fails closed (410), since
+the caller may not be the agent that made them (``sessions.py``).
+``/v1/sessions`` lists every agent's reads: admin only. The document describing all of it is served at
 ``/v1/openapi.json`` (``openapi.py``; kept in ``specs/openapi.json``).
 """
 
@@ -22,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from oribus.bus.coordinator import CommitRequest
-from oribus.bus.gateway.app import LOG_FIELDS
+from oribus.bus.gateway.app import LOG_FIELDS, RequestError
 from oribus.bus.gateway.errors import error_body, json_response
 from oribus.bus.gateway.values import from_json, to_json
 from oribus.errors import InvalidRequest, OribusError
@@ -65,6 +72,11 @@ def _versions(body: dict, name: str) -> dict[str, int]:
     return m
 
 
+def _client(request: web.Request) -> str:
+    """The address a session is used from (its per-client cap)."""
+    return request.remote or ""
+
+
 def _int_query(request: web.Request, name: str, default: int | None) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":
@@ -103,6 +115,7 @@ class NativeRoutes:
         r.add_get("/v1/history/{key:.+}", self.history)
         r.add_post("/v1/forget", self.forget)
         r.add_post("/v1/reset", self.reset)
+        r.add_post("/v1/session", self.open_session)
         r.add_get("/v1/watch", self.watch)
         r.add_get("/v1/stats", self.stats)
         r.add_get("/v1/sessions", self.sessions)
@@ -116,7 +129,7 @@ class NativeRoutes:
 
     async def _read(self, request: web.Request, session: tuple[str, str], keys: list, record: bool) -> dict:
         request[LOG_FIELDS]["agent"] = session[0]
-        got = await self.bus.read(session, keys, record, durable_session=record)
+        got = await self.bus.read(session, keys, record, durable_session=record, client=_client(request))
         return {"items": [_item(i) for i in got.items], "seqs": {str(s): q for s, q in got.seqs.items()}}
 
     async def get_one(self, request: web.Request) -> web.Response:
@@ -180,7 +193,7 @@ class NativeRoutes:
             complete_tokens=True,
         )
         request[LOG_FIELDS].update(agent=session[0], commit_id=req.commit_id)
-        result = await self.bus.commit(req, durable_session=True)
+        result = await self.bus.commit(req, durable_session=True, client=_client(request))
         return json_response({"commit_id": result.commit_id, "versions": result.versions,
                               "two_phase": result.two_phase})
 
@@ -192,19 +205,34 @@ class NativeRoutes:
         if not req.rollback:
             raise InvalidRequest("versions must name at least one key", field="versions")
         request[LOG_FIELDS].update(agent=session[0], commit_id=req.commit_id)
-        result = await self.bus.commit(req, durable_session=True)
+        result = await self.bus.commit(req, durable_session=True, client=_client(request))
         return json_response({"commit_id": result.commit_id, "versions": result.versions,
                               "two_phase": result.two_phase})
 
+    def _owns(self, body: dict, session: tuple[str, str]) -> bool:
+        return self.bus.sessions.is_owner(session, _get(body, "session_token", str, None))
+
     async def forget(self, request: web.Request) -> web.Response:
         body = await self.gw.body(request)
-        await self.bus.forget(_session(body), _get(body, "keys", list))
-        return json_response({"ok": True})
+        session = _session(body)
+        marked = await self.bus.forget(session, _get(body, "keys", list), caller_owns=self._owns(body, session))
+        return json_response({"ok": True, "next_commit_refused": marked})
 
     async def reset(self, request: web.Request) -> web.Response:
         body = await self.gw.body(request)
-        await self.bus.reset(_session(body))
-        return json_response({"ok": True})
+        session = _session(body)
+        marked = await self.bus.reset(session, caller_owns=self._owns(body, session))
+        return json_response({"ok": True, "next_commit_refused": marked})
+
+    async def open_session(self, request: web.Request) -> web.Response:
+        """Start a session afresh; a session nobody uses yet gets its ``session_token``."""
+        body = await self.gw.body(request)
+        session = _session(body)
+        owns = self._owns(body, session)
+        marked = await self.bus.reset(session, caller_owns=owns)
+        token = body["session_token"] if owns else await self.bus.open_session(session, _client(request))
+        return json_response({"agent": session[0], "session": session[1], "session_token": token,
+                              "next_commit_refused": marked})
 
     # ---- views -------------------------------------------------------------------------
 
@@ -212,6 +240,8 @@ class NativeRoutes:
         return json_response(await self.bus.stats())
 
     async def sessions(self, request: web.Request) -> web.Response:
+        if not self.gw.config.admin:  # every agent's reads: not for every caller
+            raise RequestError(403, "Forbidden", "GET /v1/sessions is an admin route (start the server with --admin)")
         limit = _int_query(request, "limit", 50)
         if not 1 <= limit <= 10_000:
             raise InvalidRequest("limit must be 1..10000", field="limit")

@@ -87,13 +87,21 @@ def document() -> dict[str, Any]:
         by_status.setdefault(status, []).append(cls.code)
     by_status.setdefault(404, []).append("NotFound")
     by_status.setdefault(413, []).append("BodyTooLarge")
+    by_status.setdefault(403, []).append("Forbidden")
     responses = {
         f"E{status}": _json(_ref("Error"), "error: " + ", ".join(codes))
         for status, codes in sorted(by_status.items())
     }
     body = lambda name: {"required": True, "content": {"application/json": {"schema": _ref(name)}}}  # noqa: E731
     inline = lambda schema: {"required": True, "content": {"application/json": {"schema": schema}}}  # noqa: E731
-    session_body = {"type": "object", "required": ["agent"], "properties": dict(_SESSION_FIELDS)}
+    owner = {"session_token": {"type": "string", "description": "what POST /v1/session gave when the "
+                               "session was opened; without it the session is marked and its next commit "
+                               "is refused (410)"}}
+    session_body = {"type": "object", "required": ["agent"], "properties": {**_SESSION_FIELDS, **owner}}
+    cleared = _json({"type": "object", "properties": {
+        "ok": {"type": "boolean"},
+        "next_commit_refused": {"type": "boolean", "description": "the caller did not prove it owns the "
+                                "session: its next commit fails closed (410 SessionExpired)"}}})
     paths = {
         "/v1/keys/{key}": {"get": {
             "summary": "Read one key (a delivery to the session unless record=false)",
@@ -144,13 +152,21 @@ def document() -> dict[str, Any]:
         "/v1/forget": {"post": {
             "summary": "Drop deliveries of some keys from the session's read set",
             "requestBody": inline({"type": "object", "required": ["agent", "keys"], "properties": {
-                **_SESSION_FIELDS, "keys": {"type": "array", "items": {"type": "string"}}}}),
-            "responses": {"200": _json({"type": "object"}), **_errors(400, 503)},
+                **_SESSION_FIELDS, **owner, "keys": {"type": "array", "items": {"type": "string"}}}}),
+            "responses": {"200": cleared, **_errors(400, 503)},
         }},
         "/v1/reset": {"post": {
             "summary": "Drop every delivery of the session (start a new read set)",
             "requestBody": inline(session_body),
-            "responses": {"200": _json({"type": "object"}), **_errors(400, 503)},
+            "responses": {"200": cleared, **_errors(400, 503)},
+        }},
+        "/v1/session": {"post": {
+            "summary": "Start the session afresh (as /v1/reset); a session nobody uses yet gets a "
+                       "session_token proving ownership to later resets and forgets",
+            "requestBody": inline(session_body),
+            "responses": {"200": _json({"type": "object", "properties": {
+                **_SESSION_FIELDS, "session_token": {"type": ["string", "null"]},
+                "next_commit_refused": {"type": "boolean"}}}), **_errors(400, 503)},
         }},
         "/v1/watch": {"get": {
             "summary": "Server-Sent Events: committed changes under a prefix",
@@ -166,9 +182,10 @@ def document() -> dict[str, Any]:
         "/v1/stats": {"get": {"summary": "Counters of the bus and its shards",
                               "responses": {"200": _json({"type": "object"}), **_errors(503)}}},
         "/v1/sessions": {"get": {
-            "summary": "Recently active sessions with their read sets, each read marked stale or current",
+            "summary": "Recently active sessions with their read sets, each read marked stale or current "
+                       "(admin only)",
             "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
-            "responses": {"200": _json({"type": "object"}), **_errors(400, 503)},
+            "responses": {"200": _json({"type": "object"}), **_errors(400, 403, 503)},
         }},
         "/v1/openapi.json": {"get": {"summary": "This document",
                                      "responses": {"200": _json({"type": "object"})}}},

@@ -8,15 +8,22 @@ Mapping (S-Bus calls a key a "shard"):
   stale to it; an agent that never read is checked against nothing, never
   against less than it read). The session is durable (journaled by the bus).
 * versions: S-Bus numbers a key from 0 at creation; oribus from 1 (0 means
-  absent). Every version crossing this API is shifted: S-Bus ``v`` is oribus
-  ``v + 1``. A key deleted through the native API and created again here
-  continues from its tombstone's version.
+  absent) and never reuses a version (a key deleted and created again
+  continues from its tombstone, so no earlier read can match again). The
+  creation records the key's *base* — its oribus version just before the
+  creation (0 for a new key, the tombstone's version otherwise) — and every
+  version crossing this API is shifted by it: S-Bus ``v`` is oribus
+  ``v + base + 1``. So a key created again (after ``/admin/reset`` or a delete
+  through ``/v1``) starts at 0, as in S-Bus.
 * content: the key's value (a string for S-Bus clients; other JSON values
   written by SDK agents are returned as they are).
 * metadata S-Bus returns but oribus does not keep per version — ``goal_tag``,
   ``created_at`` and ``id`` (sha256 of the initial content, as in S-Bus) — is
-  written atomically with the key at creation under ``.sbus/<key>`` and
-  cached here (it never changes while the key lives). ``owner`` is null
+  written atomically with the key at creation under ``.sbus/<key>`` (a reserved
+  prefix: only this module writes there, ``bus.RESERVED_PREFIXES``), with the
+  base. It is read with each request rather than cached, so every bus
+  replica numbers a re-created key alike; a malformed record (written by an
+  older version, or damaged) is read as missing fields, never as an error. ``owner`` is null
   between commits (as in S-Bus, whose owner token is only held inside a
   commit); ``last_writer`` names the agent of the current version.
   ``attempt_count`` / ``conflict_count`` count this gateway's commits since
@@ -27,12 +34,17 @@ Mapping (S-Bus calls a key a "shard"):
   ShardAlreadyExists); a refused commit also lists every offending key under
   ``stale`` (S-Bus reports only the first). A 410 starts the agent's read set
   afresh, as an expired S-Bus session does: re-read what the work depends on.
+* ``GET /shards`` lists key strings, as S-Bus does.
 * admin routes exist only with ``admin`` enabled; otherwise every one is 403.
+  ``/admin/reset`` makes the visible state S-Bus's: every key absent (the
+  next creation starts at version 0) and every session's read log empty.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 import time
 import uuid
 from collections import OrderedDict
@@ -41,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from oribus.bus.bus import MAX_KEYS_PER_REQUEST, RESERVED_PREFIXES, check_writable
 from oribus.bus.coordinator import CommitRequest
 from oribus.bus.gateway.app import LOG_FIELDS
 from oribus.bus.gateway.errors import json_response
@@ -59,6 +72,7 @@ if TYPE_CHECKING:
 
 SESSION_ID = "sbus"
 META_PREFIX = ".sbus/"
+assert META_PREFIX in RESERVED_PREFIXES
 _SYSTEM = ("system", "sbus-create")  # creates keys; reads nothing, so nothing to validate
 _PEEK = ("oribus", "sbus-peek")  # peeks record nothing
 _ADMIN = ("admin", "sbus-admin")
@@ -107,6 +121,29 @@ def _key(value: Any) -> str:
         raise SbusError(400, "InvalidRequest", e.message) from None
 
 
+def _clean_meta(raw: Any) -> dict:
+    """The well-formed fields of a metadata record; anything else is left out.
+
+    The record is written only by ``create_shard``, but one written by an older
+    version or damaged must not fail the key's reads: a missing field falls
+    back to its default (no goal tag, the content's hash, base 0).
+    """
+    if not isinstance(raw, dict):
+        return {}
+    meta: dict[str, Any] = {}
+    for name in ("goal_tag", "id"):
+        if isinstance(raw.get(name), str):
+            meta[name] = raw[name]
+    created = raw.get("created_at")
+    if isinstance(created, int | float) and not isinstance(created, bool) and math.isfinite(created) \
+            and 0 < created < 253402300800:  # before year 10000: iso() can render it
+        meta["created_at"] = float(created)
+    base = raw.get("base")
+    if isinstance(base, int) and not isinstance(base, bool) and 0 <= base < (1 << 62):
+        meta["base"] = base
+    return meta
+
+
 def _version(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << 63) - 1:
         raise SbusError(422, "InvalidRequest", f"{name} must be an integer in 0..2**63-2")
@@ -117,7 +154,6 @@ class SbusRoutes:
     def __init__(self, gateway: HttpGateway) -> None:
         self.gw = gateway
         self.bus = gateway.bus
-        self._meta: OrderedDict[str, dict] = OrderedDict()  # key -> {"goal_tag","created_at","id"}
         self._per_key: OrderedDict[str, list[int]] = OrderedDict()  # key -> [attempts, conflicts]
         self.counters = {"commits": 0, "conflicts": 0, "cross_shard_stale": 0, "session_expired": 0}
 
@@ -177,22 +213,21 @@ class SbusRoutes:
 
     # ---- the shard object --------------------------------------------------------------
 
-    async def _meta_of(self, key: str) -> dict:
-        meta = self._meta.get(key)
-        if meta is not None:
-            self._meta.move_to_end(key)
-            return meta
-        got = await self.bus.read(_PEEK, [META_PREFIX + key], record=False)
-        raw = decode_value(got.items[0].value)
-        meta = raw if isinstance(raw, dict) else {}
-        if meta:
-            self._remember_meta(key, meta)
-        return meta
+    async def _metas(self, keys: list[str]) -> dict[str, dict]:
+        """Each key's metadata record (``_clean_meta``), ``{}`` for a key without one."""
+        keys = list(dict.fromkeys(keys))
+        got = await self.bus.read(_PEEK, [META_PREFIX + k for k in keys], record=False)
+        out = {}
+        for key, item in zip(keys, got.items, strict=True):
+            try:
+                raw = decode_value(item.value)
+            except Exception:  # noqa: BLE001 - an undecodable record reads as none
+                raw = None
+            out[key] = _clean_meta(raw)
+        return out
 
-    def _remember_meta(self, key: str, meta: dict) -> None:
-        self._meta[key] = meta
-        if len(self._meta) > 100_000:
-            self._meta.popitem(last=False)
+    async def _meta_of(self, key: str) -> dict:
+        return (await self._metas([key]))[key]
 
     def _counts(self, key: str) -> list[int]:
         c = self._per_key.get(key)
@@ -205,7 +240,7 @@ class SbusRoutes:
     def _shard_object(self, key: str, item: Any, meta: dict) -> dict:
         attempts, conflicts = self._per_key.get(key, (0, 0))
         updated = item.committed_at or meta.get("created_at") or 0.0
-        version = item.version - 1
+        version = item.version - meta.get("base", 0) - 1
         return {
             "key": key,
             "id": meta.get("id") or hashlib.sha256(key.encode()).hexdigest(),
@@ -226,6 +261,10 @@ class SbusRoutes:
     async def create_shard(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         key = _key(_field(body, "key", kind=str))
+        try:
+            check_writable(key)  # the creation below may write reserved keys: refuse them here
+        except InvalidRequest as e:
+            raise SbusError(400, "InvalidRequest", e.message, **e.details) from None
         content = _field(body, "content", kind=str)
         goal_tag = _field(body, "goal_tag", kind=str, required=False, default="")
         self._check_delta(key, content)
@@ -233,7 +272,8 @@ class SbusRoutes:
         if current.value is not None:
             raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key)
         now = time.time()
-        meta = {"goal_tag": goal_tag, "created_at": now, "id": hashlib.sha256(content.encode()).hexdigest()}
+        meta = {"goal_tag": goal_tag, "created_at": now, "id": hashlib.sha256(content.encode()).hexdigest(),
+                "base": current.version}  # S-Bus numbering restarts at 0 from here
         max_bytes = self.bus.max_value_bytes
         req = CommitRequest(
             session=_SYSTEM,
@@ -244,12 +284,12 @@ class SbusRoutes:
         )
         request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
-            result = await self.gw.commit_unread(req)  # earlier creates are not reads of this one
+            # earlier creates are not reads of this one; the metadata key is reserved
+            result = await self.gw.commit_unread(req, may_write_reserved=True)
         except Conflict as e:
             if any(s.key == key for s in e.stale):
                 raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
             raise
-        self._remember_meta(key, meta)
         item = type(current)(key, req.writes[key], result.versions[key], "system", now)
         return json_response(self._shard_object(key, item, meta), 201)
 
@@ -258,22 +298,23 @@ class SbusRoutes:
         agent = _agent(request.query.get("agent_id"), required=False)
         request[LOG_FIELDS]["agent"] = agent
         if agent:
-            got = await self.bus.read((agent, SESSION_ID), [key], record=True, detail=True, durable_session=True)
+            read = self.bus.read((agent, SESSION_ID), [key], record=True, detail=True, durable_session=True,
+                                 client=request.remote or "")
         else:
-            got = await self.bus.read(_PEEK, [key], record=False, detail=True)
+            read = self.bus.read(_PEEK, [key], record=False, detail=True)
+        got, meta = await asyncio.gather(read, self._meta_of(key))
         item = got.items[0]
         if item.value is None:
             raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
-        return json_response(self._shard_object(key, item, await self._meta_of(key)))
+        return json_response(self._shard_object(key, item, meta))
 
     async def list_shards(self, request: web.Request) -> web.Response:
-        shards = []
+        """Every live key (S-Bus returns key strings; ``GET /shard/{key}`` gives the object)."""
+        shards: list[str] = []
         after = ""
         while True:
             page = await self.bus.scan("", after, 1000)
-            for item in page:
-                if not item.key.startswith(META_PREFIX):
-                    shards.append(self._shard_object(item.key, item, await self._meta_of(item.key)))
+            shards.extend(i.key for i in page if not i.key.startswith(RESERVED_PREFIXES))
             if len(page) < 1000:
                 break
             after = page[-1].key
@@ -293,81 +334,97 @@ class SbusRoutes:
         agent = _agent(body.get("agent_id"))
         _field(body, "rationale", kind=(str, type(None)), required=False)
         raw_rs = _field(body, "read_set", kind=(list, type(None)), required=False) or []
-        read_set: dict[str, int] = {}
+        claimed: dict[str, int] = {}  # key -> S-Bus version at read
         for entry in raw_rs:
             if not isinstance(entry, dict):
                 raise SbusError(422, "InvalidRequest", "read_set entries must be {key, version_at_read}")
             k = _key(_field(entry, "key", kind=str))
             v = _version(_field(entry, "version_at_read", kind=int), "version_at_read")
-            if read_set.get(k, v + 1) != v + 1:  # two versions of one key: one of them is stale
+            if claimed.get(k, v) != v:  # two versions of one key: one of them is stale
                 raise SbusError(409, "CrossShardStale", f"read_set lists {k!r} at two versions",
                                 key=k, version_at_read=v)
-            read_set[k] = v + 1
+            claimed[k] = v
         self._check_delta(key, delta)
         request[LOG_FIELDS]["agent"] = agent
         value = encode_value(delta, self.bus.max_value_bytes)  # too large: refused, not an attempt
         # S-Bus commits only to existing keys. A deleted key's tombstone has a version too, so
         # the expected version alone could bring it back: look first. (If it is deleted after
         # this look, its version moves on and the expectation refuses the commit.)
-        if (await self.bus.read(_PEEK, [key], record=False)).items[0].value is None:
+        peek, metas = await asyncio.gather(self.bus.read(_PEEK, [key], record=False),
+                                           self._metas([key, *claimed]))
+        if peek.items[0].value is None:
             raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+        bases = {k: m.get("base", 0) for k, m in metas.items()}
         counts = self._counts(key)
         counts[0] += 1
         req = CommitRequest(
             session=(agent, SESSION_ID),
             commit_id=uuid.uuid4().hex,
             writes={key: value},
-            expect={key: expected + 1},
-            read_set=read_set,
+            expect={key: expected + bases[key] + 1},
+            read_set={k: v + bases[k] + 1 for k, v in claimed.items()},
             complete_tokens=True,
         )
         request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
-            result = await self.bus.commit(req, durable_session=True)
+            result = await self.bus.commit(req, durable_session=True, client=request.remote or "")
         except Conflict as e:
             counts[1] += 1
             self.counters["conflicts"] += 1
-            raise self._refusal(key, e) from None
+            raise await self._refusal(key, e, bases) from None
         except SessionExpired as e:
             self.counters["session_expired"] += 1
             await self.bus.reset((agent, SESSION_ID))  # as in S-Bus: the next reads start afresh
             raise SbusError(410, "SessionExpired", f"session expired for agent '{agent}': {e.message}",
                             agent_id=agent) from None
         self.counters["commits"] += 1
-        meta = await self._meta_of(key)
-        return json_response({"new_version": result.versions[key] - 1,
-                              "shard_id": meta.get("id") or hashlib.sha256(key.encode()).hexdigest()})
+        return json_response({"new_version": result.versions[key] - bases[key] - 1,
+                              "shard_id": metas[key].get("id") or hashlib.sha256(key.encode()).hexdigest()})
 
-    def _refusal(self, key: str, e: Conflict) -> SbusError:
-        """S-Bus's error for a refused commit: the written key first, then the others."""
+    async def _refusal(self, key: str, e: Conflict, bases: dict[str, int]) -> SbusError:
+        """S-Bus's error for a refused commit: the written key first, then the others.
+
+        Versions are shown in S-Bus numbering (``bases``: keys whose base is known;
+        the others' are read). A read of the key from before it was created again
+        is shown as version -1.
+        """
+        missing = [s.key for s in e.stale if s.key not in bases]
+        if missing:
+            bases = {**bases, **{k: m.get("base", 0) for k, m in (await self._metas(missing)).items()}}
+
+        def sbus_version(k: str, v: int) -> int:
+            return max(-1, v - bases[k] - 1)
+
         stale = [
-            {"key": s.key, "version_at_read": None if s.version is None else s.version - 1,
-             "current_version": s.current - 1, "reason": s.reason}
+            {"key": s.key, "version_at_read": None if s.version is None else sbus_version(s.key, s.version),
+             "current_version": sbus_version(s.key, s.current), "reason": s.reason}
             for s in e.stale
         ]
+        by_key = {(s.key, s.reason): row for s, row in zip(e.stale, stale, strict=True)}
         mine = [s for s in e.stale if s.key == key]
         others = [s for s in e.stale if s.key != key]
         for s in mine + others:
             if s.current == 0:
                 return SbusError(404, "ShardNotFound", f"shard not found: key={s.key}", key=s.key, stale=stale)
         if mine and mine[0].reason in ("expected_version", "stale_read"):
-            s = mine[0]
+            row = by_key[(key, mine[0].reason)]
             return SbusError(
                 409, "VersionMismatch",
-                f"version mismatch on key={key}: expected={None if s.version is None else s.version - 1} "
-                f"found={s.current - 1}",
-                key=key, expected_version=None if s.version is None else s.version - 1,
-                current_version=s.current - 1, stale=stale,
+                f"version mismatch on key={key}: expected={row['version_at_read']} "
+                f"found={row['current_version']}",
+                key=key, expected_version=row["version_at_read"],
+                current_version=row["current_version"], stale=stale,
             )
         stale_reads = [s for s in others if s.reason == "stale_read"]
         if stale_reads:
-            s = stale_reads[0]
+            row = by_key[(stale_reads[0].key, "stale_read")]
             self.counters["cross_shard_stale"] += 1
             return SbusError(
                 409, "CrossShardStale",
-                f"cross-shard stale read: key={s.key} version_at_read={s.version - 1} "
-                f"current_version={s.current - 1}",
-                key=s.key, version_at_read=s.version - 1, current_version=s.current - 1, stale=stale,
+                f"cross-shard stale read: key={row['key']} version_at_read={row['version_at_read']} "
+                f"current_version={row['current_version']}",
+                key=row["key"], version_at_read=row["version_at_read"],
+                current_version=row["current_version"], stale=stale,
             )
         if isinstance(e, Aborted) and not e.stale:
             return SbusError(409, "TokenConflict", f"commit aborted: {e.message}", key=key, stale=stale)
@@ -381,28 +438,43 @@ class SbusRoutes:
         target = _version(_field(body, "target_version", kind=int), "target_version")
         agent = _agent(body.get("agent_id"))
         request[LOG_FIELDS]["agent"] = agent
-        req = CommitRequest(session=(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
-                            rollback={key: target + 1}, complete_tokens=True)
-        request[LOG_FIELDS]["commit_id"] = req.commit_id
-        current = (await self.bus.read(_PEEK, [key], record=False)).items[0]
-        if current.value is None:
+        peek, meta = await asyncio.gather(self.bus.read(_PEEK, [key], record=False), self._meta_of(key))
+        if peek.items[0].value is None:
             raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+        base = meta.get("base", 0)
+        req = CommitRequest(session=(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
+                            rollback={key: target + base + 1}, complete_tokens=True)
+        request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
-            await self.bus.commit(req, durable_session=True)
+            await self.bus.commit(req, durable_session=True, client=request.remote or "")
         except InvalidRequest as e:
             if "version" in e.details:
                 raise SbusError(404, "VersionNotFound", e.message, key=key, target_version=target) from None
             raise
         except Conflict as e:
-            raise self._refusal(key, e) from None
+            raise await self._refusal(key, e, {key: base}) from None
         item = (await self.bus.read(_PEEK, [key], record=False, detail=True)).items[0]
-        return json_response(self._shard_object(key, item, await self._meta_of(key)))
+        return json_response(self._shard_object(key, item, meta))
 
     async def session(self, request: web.Request) -> web.Response:
+        """Start the agent's session afresh (as S-Bus), with oribus's ownership rule.
+
+        A session nobody uses yet gets a ``session_token``; a later ``POST /session``
+        with it clears the agent's reads as S-Bus does. Without it (anyone can name
+        any agent) the reads are dropped and the session is marked, so its next
+        commit is refused with 410 SessionExpired rather than passing on reads it
+        no longer has (``next_commit_refused``).
+        """
         body = await self._body(request)
         agent = _agent(body.get("agent_id"))
-        await self.bus.reset((agent, SESSION_ID))
-        return json_response({"agent_id": agent, "status": "created"})
+        token = _field(body, "session_token", kind=(str, type(None)), required=False)
+        session = (agent, SESSION_ID)
+        owns = self.bus.sessions.is_owner(session, token)
+        marked = await self.bus.reset(session, caller_owns=owns)
+        if not owns:
+            token = await self.bus.open_session(session, request.remote or "")
+        return json_response({"agent_id": agent, "status": "created", "session_token": token,
+                              "next_commit_refused": marked})
 
     async def register_deliveries(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -414,7 +486,7 @@ class SbusRoutes:
         if not keys:
             return json_response({"ok": True, "registered": 0, "skipped_existing": [], "skipped_no_shard": []})
         got = await self.bus.read((agent, SESSION_ID), list(dict.fromkeys(keys)), record=True,
-                                  only_new=True, durable_session=True)
+                                  only_new=True, durable_session=True, client=request.remote or "")
         skipped = set(got.skipped)
         missing = [i.key for i in got.items if i.value is None and i.key not in skipped]
         registered = [i.key for i in got.items if i.value is not None and i.key not in skipped]
@@ -476,17 +548,26 @@ class SbusRoutes:
     # ---- admin -------------------------------------------------------------------------
 
     async def admin_reset(self, request: web.Request) -> web.Response:
-        """Delete every key (versions keep increasing: a session that read one is refused)."""
+        """S-Bus's reset: every key absent and every session's read log empty.
+
+        First every session's deliveries are dropped (``Bus.reset_every_session``),
+        then every key is deleted — in one atomic commit per page of up to
+        ``MAX_KEYS_PER_REQUEST`` keys, until a scan finds none. In that order, a
+        read made while the reset runs is of a version the deletes then make
+        stale, so a commit depending on it is refused; nothing read before the
+        reset can pass as current afterwards either (oribus versions never go
+        back; only the S-Bus numbering restarts, from each key's base).
+        """
+        await self.bus.reset_every_session()
         cleared = 0
         while True:
-            page = await self.bus.scan("", "", 500)
+            page = await self.bus.scan("", "", MAX_KEYS_PER_REQUEST)
             if not page:
                 break
             req = CommitRequest(session=_ADMIN, commit_id=uuid.uuid4().hex,
                                 writes={i.key: None for i in page})
-            await self.gw.commit_unread(req)
-            cleared += sum(1 for i in page if not i.key.startswith(META_PREFIX))
-        self._meta.clear()
+            await self.gw.commit_unread(req, may_write_reserved=True)
+            cleared += sum(1 for i in page if not i.key.startswith(RESERVED_PREFIXES))
         self._per_key.clear()
         for k in self.counters:
             self.counters[k] = 0
@@ -502,13 +583,17 @@ class SbusRoutes:
         return json_response({"ok": True, "ori_enabled": self.bus.validation_enabled})
 
     async def admin_delivery_log(self, request: web.Request) -> web.Response:
-        views = await self.bus.session_views(10_000)
+        views = [v for v in await self.bus.session_views(10_000) if v["session"] == SESSION_ID]
+        keys = sorted({r["key"] for v in views for r in v["reads"]})
+        bases: dict[str, int] = {}
+        for i in range(0, len(keys), MAX_KEYS_PER_REQUEST):
+            metas = await self._metas(keys[i:i + MAX_KEYS_PER_REQUEST])
+            bases.update((k, m.get("base", 0)) for k, m in metas.items())
         agents: dict[str, dict] = {}
         for v in views:
-            if v["session"] != SESSION_ID:
-                continue
             agents[v["agent"]] = {
-                r["key"]: {"version": r["version"] - 1, "current_version": r["current"] - 1,
+                r["key"]: {"version": max(-1, r["version"] - bases[r["key"]] - 1),
+                           "current_version": max(-1, r["current"] - bases[r["key"]] - 1),
                            "stale": r["stale"], "age_secs": v["idle_seconds"]}
                 for r in v["reads"]
             }
