@@ -5,7 +5,7 @@ build step, nothing loaded from elsewhere) polls the feed once a second and
 draws it. The feed, one JSON object::
 
     {"now": <epoch s>, "admin": bool, "uptime_seconds": float,
-     "shards":   [{"shard", "up", "epoch", "keys", "prepared", "dlog_sessions",
+     "shards":   [{"shard", "up", "epoch" (a string), "keys", "prepared", "dlog_sessions",
                    "dlog_entries", "wal_fsyncs", "watchers", "error"}, ...],
      "bus":      {"commits", "conflicts", "commits_1pc", "commits_2pc", "aborts_2pc",
                   "sessions", "durable_sessions", "validation"},
@@ -23,9 +23,10 @@ once a second into a ring buffer (``RateSeries``); hot keys are counted from
 a live watch over every key (``Bus.watch("")``), with exponential decay so
 that the list follows the recent load (``HotKeys``); keys under ``.sbus/``
 (the S-Bus gateway's metadata) are not counted. Both run in one background
-task started by the first dashboard request (an idle server pays nothing)
-and cancelled by ``close()``. Commits made before that request are in the
-totals but not in the rates or the hot keys.
+task started with the gateway (``start()``: the page shows the commits made
+before anyone opened it) and cancelled by ``close()``. A shard's epoch is
+sent as a string: it is a nanosecond clock, beyond the integers a JavaScript
+number holds exactly.
 
 Rollback from the page goes through ``POST /dashboard/rollback`` — a
 rollback commit by the session ``("dashboard", "dashboard")`` that depends
@@ -158,7 +159,7 @@ def _shard_row(sid: int, st: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "shard": sid,
         "up": bool(st.get("up")),
-        "epoch": st.get("epoch"),
+        "epoch": None if st.get("epoch") is None else str(st["epoch"]),  # beyond 2**53: exact only as text
         "keys": st.get("keys"),
         "prepared": st.get("prepared"),
         "dlog_sessions": dlog.get("sessions"),
@@ -190,14 +191,12 @@ class DashboardRoutes:
     # ---- routes ------------------------------------------------------------------------
 
     async def page(self, request: web.Request) -> web.Response:
-        await self._ensure_running()
         if self._page is None:
             self._page = resources.files(__package__).joinpath("dashboard.html").read_bytes()
         return web.Response(body=self._page, content_type="text/html", charset="utf-8",
                             headers=_PAGE_HEADERS)
 
     async def state(self, request: web.Request) -> web.Response:
-        await self._ensure_running()
         now = time.time()
         counters = dict(self.bus.coordinator.counters)
         health = await self.gw.shard_health()
@@ -264,9 +263,10 @@ class DashboardRoutes:
 
     # ---- the background task: rate samples and hot keys -------------------------------
 
-    async def _ensure_running(self) -> None:
-        """Start the sampler on the first request. The watch is subscribed before this
-        returns, so every commit made after the first answer is counted."""
+    async def start(self) -> None:
+        """Start the sampler and the hot-key watch, before the gateway takes requests: the
+        watch is subscribed before this returns, so every commit made through the gateway is
+        counted and the page shows them on its first load. Idempotent."""
         if self._task is not None or self._closed:
             return
         async with self._start_lock:
