@@ -34,7 +34,7 @@ async def post(url: str, body: dict, headers: dict[str, str]) -> tuple[int, dict
 
 
 async def test_rebound_host_is_refused_on_a_non_loopback_address(start_gateway):
-    gw = await start_gateway(listen="0.0.0.0:0", hosts=("oribus.internal",))
+    gw = await start_gateway(listen="0.0.0.0:0", hosts=("oribus.internal", ".svc.cluster.local"))
     port = gw.address.rsplit(":", 1)[1]
     url = f"http://127.0.0.1:{port}/v1/commit"
     # a page at evil.example whose DNS name now points at the gateway: same origin to the browser
@@ -42,10 +42,13 @@ async def test_rebound_host_is_refused_on_a_non_loopback_address(start_gateway):
                                  {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
     assert (status, body["error"]) == (421, "UnknownHost"), body
     assert "--http-host" in body["message"]
+    for host in (f"svc.cluster.local.evil.example:{port}", f"evilsvc.cluster.local:{port}", "oribus.internal.evil"):
+        status, body, _ = await post(url, {"agent": "m", "writes": {"rebind/k": 1}}, {"Host": host})
+        assert (status, body["error"]) == (421, "UnknownHost"), (host, body)
     read = await gw.bus.read(("check", "check"), ["rebind/k"], record=False)
     assert read.items[0].version == 0
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"oribus.internal:{port}", f"[::1]:{port}",
-                 f"10.1.2.3:{port}"):
+                 f"10.1.2.3:{port}", f"oribus-bus.dev.svc.cluster.local:{port}", "svc.cluster.local"):
         status, body, _ = await post(url, {"agent": "m", "writes": {"rebind/ok": host}}, {"Host": host})
         assert status == 200, (host, body)
 

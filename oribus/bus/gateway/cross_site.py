@@ -16,7 +16,8 @@ the gateway (which has no authentication). Three checks, run before any route
   (sandboxed frames, local files) is foreign.
 * **Host** — when the gateway listens on a non-loopback address, a ``Host``
   that is not a loopback name, an IP address, this machine's name or one of
-  ``hosts`` gets 421: a page whose DNS name was re-pointed at the gateway
+  ``hosts`` (``.example.com`` also matches its subdomains; ``*`` turns the
+  check off) gets 421: a page whose DNS name was re-pointed at the gateway
   (DNS rebinding) sends its own name, which no check above would catch
   because to the browser the page and the gateway are the same origin.
 """
@@ -79,8 +80,9 @@ class CrossSiteGuard:
     """The three checks, configured from ``GatewayConfig`` (``allow_origins``, ``hosts``, ``listen``)."""
 
     def __init__(self, listen_host: str, hosts: Iterable[str], allow_origins: Iterable[str]) -> None:
-        self.check_host = not is_loopback(listen_host)
         names = {n.strip().lower().strip("[]") for n in hosts if n.strip()}
+        self.check_host = not is_loopback(listen_host) and "*" not in names
+        self.host_suffixes = tuple(n for n in names if n.startswith("."))
         if listen_host not in ("", "0.0.0.0", "::"):
             names.add(listen_host.lower().strip("[]"))
         names.add(socket.gethostname().lower())  # no DNS lookup (getfqdn) at startup: it can hang
@@ -145,4 +147,5 @@ class CrossSiteGuard:
         if parsed is None:
             return False
         host = parsed[1]
-        return is_loopback(host) or _is_ip(host) or host in self.host_names
+        return (is_loopback(host) or _is_ip(host) or host in self.host_names
+                or host.endswith(self.host_suffixes) or f".{host}" in self.host_suffixes)
