@@ -172,7 +172,7 @@ def test_dashboard_shows_live_state_and_rolls_back(
     cluster: Cluster, tmp_path: Path, browser: WebDriver
 ) -> None:
     server = serve(cluster, tmp_path, admin=True)
-    # the feed answers (its sampler and hot-key watch run from the start of the gateway)
+    # the first dashboard request starts the hot-key watch
     assert ok(http(server, "GET", "/dashboard/state"))["admin"] is True
 
     # S-Bus traffic: two keys created; alice and bob read HOT; bob commits it four times

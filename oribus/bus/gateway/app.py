@@ -128,7 +128,6 @@ class HttpGateway:
             raise InvalidRequest(f"--http must be HOST:PORT, not {self.config.listen!r}")
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
-        await self.dashboard.start()  # counts every commit from the first request on
         loop = asyncio.get_running_loop()
         cfg = self.config
         server = runner.server
@@ -142,10 +141,10 @@ class HttpGateway:
         try:
             listener = await loop.create_server(new_connection, host.strip("[]"), int(port), reuse_address=True)
         except OSError:
-            await self.dashboard.close()
             await runner.cleanup()
             raise
         self._runner, self._listener = runner, listener
+        self.dashboard.start()
         sock = listener.sockets[0]
         self._address = f"{host}:{sock.getsockname()[1]}"
         log.info("http gateway serving on %s", self._address)
