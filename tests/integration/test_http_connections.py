@@ -135,11 +135,11 @@ async def test_http2_preface_logs_one_warning_and_no_traceback(start_gateway, ca
     w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + settings)
     got, _ = await closed_within(r, 5)
     w.close()
+    _no_errors(caplog)
     assert got.startswith(b"HTTP/1.1 400 ") and b"gRPC port" in got, got
     warnings = [rec.getMessage() for rec in caplog.records if "HTTP/2" in rec.getMessage()]
     assert len(warnings) == 1 and "point gRPC clients at the gRPC port" in warnings[0], warnings
     assert "127.0.0.1:" in warnings[0]
-    _no_errors(caplog)
     await commit_ok(gw, "after/preface")
 
 
@@ -151,6 +151,6 @@ async def test_grpc_client_on_the_http_port_gets_a_clear_error(start_gateway, ca
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await call(b"", timeout=3, wait_for_ready=False)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+    _no_errors(caplog)
     warnings = [rec for rec in caplog.records if "HTTP/2 (gRPC?) connection preface" in rec.getMessage()]
     assert warnings and all(rec.levelno == logging.WARNING for rec in warnings)
-    _no_errors(caplog)
