@@ -76,6 +76,41 @@ async def test_partial_headers_are_closed_after_the_header_timeout(start_gateway
     await commit_ok(gw, "after/slowloris")
 
 
+async def test_900_unfinished_requests_are_all_closed_and_the_server_serves_again(start_gateway, caplog):
+    """The reported flood: 900 connections with unfinished headers or bodies, against the
+    default connection cap (512): the excess is refused at once, the rest closed after the
+    header or body timeout, with one log line for the cap; then a normal client is served."""
+    caplog.set_level(logging.INFO, logger="oribus.http")
+    gw = await start_gateway(**SHORT)
+    cap = GatewayConfig.max_connections
+    body = b'{"agent": "slow", "writes": {"slow/flood": 1}}'
+    conns = []
+    for i in range(900):
+        r, w = await connect(gw)
+        if i % 2:
+            w.write(partial_header(gw.address))
+        else:
+            w.write(f"POST /v1/commit HTTP/1.1\r\nHost: {gw.address}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+        conns.append((r, w))
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(closed_within(r, 10) for r, _ in conns))
+    elapsed = time.monotonic() - t0
+    refused = [got for got, _ in results if got.startswith(b"HTTP/1.1 503 ")]
+    timed_out_bodies = [got for got, _ in results if got.startswith(b"HTTP/1.1 408 ")]
+    assert len(refused) == 900 - cap, len(refused)
+    assert len(timed_out_bodies) == cap // 2, len(timed_out_bodies)  # every admitted unfinished body
+    assert elapsed < 4.0, elapsed
+    assert [rec.getMessage() for rec in caplog.records if "cap reached" in rec.getMessage()] == [
+        f"HTTP connection cap reached: {cap} connections open; new connections get 503 and are closed "
+        "until some close (max_connections)"]
+    assert gw.connections.open == 0
+    for _, w in conns:
+        w.close()
+    await commit_ok(gw, "after/flood-900")
+    assert (await gw.bus.read(("check", "check"), ["slow/flood"], record=False)).items[0].version == 0
+
+
 async def test_idle_connection_is_closed_after_the_idle_timeout(start_gateway):
     gw = await start_gateway(**SHORT)
     r, w = await connect(gw)

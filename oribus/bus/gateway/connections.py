@@ -106,6 +106,8 @@ class GuardedConnection(web.RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            return  # refused at the cap: closing
         if not self._seen_bytes and data:
             self._seen_bytes = True
             if data.startswith(HTTP2_PREFACE_START):

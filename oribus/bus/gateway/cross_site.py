@@ -20,6 +20,7 @@ the gateway (which has no authentication). Three checks, run before any route
   check off) gets 421: a page whose DNS name was re-pointed at the gateway
   (DNS rebinding) sends its own name, which no check above would catch
   because to the browser the page and the gateway are the same origin.
+  A request without Host (HTTP/1.0) is not checked: browsers always send one.
 """
 
 from __future__ import annotations
@@ -80,11 +81,12 @@ class CrossSiteGuard:
     """The three checks, configured from ``GatewayConfig`` (``allow_origins``, ``hosts``, ``listen``)."""
 
     def __init__(self, listen_host: str, hosts: Iterable[str], allow_origins: Iterable[str]) -> None:
+        listen_host = listen_host.lower().strip("[]")
         names = {n.strip().lower().strip("[]") for n in hosts if n.strip()}
         self.check_host = not is_loopback(listen_host) and "*" not in names
         self.host_suffixes = tuple(n for n in names if n.startswith("."))
         if listen_host not in ("", "0.0.0.0", "::"):
-            names.add(listen_host.lower().strip("[]"))
+            names.add(listen_host)
         names.add(socket.gethostname().lower())  # no DNS lookup (getfqdn) at startup: it can hang
         self.host_names = frozenset(names)
         origins = [o.strip() for o in allow_origins if o.strip()]
