@@ -311,8 +311,8 @@ def _http_options(p: argparse.ArgumentParser) -> None:
                    help="a web origin (scheme://host:port, or *) whose pages may call the HTTP API; repeatable")
     p.add_argument("--http-host", action="append", default=[], metavar="NAME",
                    help="a DNS name clients use for the HTTP address (.example.com: and its subdomains; *: any), "
-                        "checked against Host when --http is not loopback (loopback names, IPs and the "
-                        "machine's name are always accepted); repeatable")
+                        "checked against Host when --http is not loopback (loopback names, IPs, names without a "
+                        "dot and the machine's name are always accepted); repeatable")
     p.add_argument("--http-max-connections", type=int, default=GatewayConfig.max_connections,
                    help="open HTTP connections; past it new ones get 503 and are closed")
 

@@ -303,6 +303,7 @@ return {lastRight: last.right, sectionRight: box.right, viewport: document.docum
 """
 
 
+@pytest.mark.slow
 def test_dashboard_first_load_shows_earlier_commits_exact_epochs_at_1400px(
     cluster: Cluster, tmp_path: Path, browser: WebDriver
 ) -> None:

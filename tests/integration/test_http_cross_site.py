@@ -48,7 +48,7 @@ async def test_rebound_host_is_refused_on_a_non_loopback_address(start_gateway):
     read = await gw.bus.read(("check", "check"), ["rebind/k"], record=False)
     assert read.items[0].version == 0
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"oribus.internal:{port}", f"[::1]:{port}",
-                 f"10.1.2.3:{port}", f"oribus-bus.dev.svc.cluster.local:{port}", "svc.cluster.local"):
+                 f"10.1.2.3:{port}", f"oribus-bus.dev.svc.cluster.local:{port}", "svc.cluster.local", f"oribus-bus:{port}"):
         status, body, _ = await post(url, {"agent": "m", "writes": {"rebind/ok": host}}, {"Host": host})
         assert status == 200, (host, body)
 

@@ -55,7 +55,7 @@ class GatewayConfig:
     # Browsers (specs/http.md, "Browsers"): cross_site.py
     allow_origins: tuple[str, ...] = ()  # web origins besides the gateway's own that may call it ("*": any)
     hosts: tuple[str, ...] = ()  # Host names accepted on a non-loopback listen address, besides loopback
-    #   names, IP addresses and this machine's name (against DNS rebinding); ".a.b": a.b and its subdomains
+    #   names, IPs, dotless names and this machine's name (against DNS rebinding); ".a.b": and subdomains
     # Connections (specs/http.md, "Connections"): connections.py
     header_timeout: float = 10.0  # seconds from a request's first byte to its last header line
     body_timeout: float = 30.0  # seconds to receive a whole body once a route reads it (then 408)

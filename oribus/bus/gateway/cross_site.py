@@ -15,7 +15,8 @@ the gateway (which has no authentication). Three checks, run before any route
   headers and their preflights (``OPTIONS``) are answered. ``Origin: null``
   (sandboxed frames, local files) is foreign.
 * **Host** — when the gateway listens on a non-loopback address, a ``Host``
-  that is not a loopback name, an IP address, this machine's name or one of
+  that is not a loopback name, an IP address, a name without a dot, this
+  machine's name or one of
   ``hosts`` (``.example.com`` also matches its subdomains; ``*`` turns the
   check off) gets 421: a page whose DNS name was re-pointed at the gateway
   (DNS rebinding) sends its own name, which no check above would catch
@@ -149,5 +150,7 @@ class CrossSiteGuard:
         if parsed is None:
             return False
         host = parsed[1]
-        return (is_loopback(host) or _is_ip(host) or host in self.host_names
+        # A name without a dot cannot be in public DNS, so no attacker's page can be served
+        # under it first (compose services, Kubernetes Service short names).
+        return (is_loopback(host) or _is_ip(host) or "." not in host or host in self.host_names
                 or host.endswith(self.host_suffixes) or f".{host}" in self.host_suffixes)
