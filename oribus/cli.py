@@ -49,7 +49,9 @@ def _gateway_config(args: argparse.Namespace):
 
     if args.no_http:
         return None
-    return GatewayConfig(listen=args.http, admin=args.admin, sbus_max_delta=args.sbus_max_delta)
+    return GatewayConfig(listen=args.http, admin=args.admin, sbus_max_delta=args.sbus_max_delta,
+                         allow_origins=tuple(args.http_allow_origin), hosts=tuple(args.http_host),
+                         max_connections=args.http_max_connections)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -296,7 +298,7 @@ def _tls_option(p: argparse.ArgumentParser) -> None:
 
 
 def _http_options(p: argparse.ArgumentParser) -> None:
-    from oribus.bus.gateway import DEFAULT_HTTP
+    from oribus.bus.gateway import DEFAULT_HTTP, GatewayConfig
 
     p.add_argument("--http", default=DEFAULT_HTTP,
                    help="HTTP address (S-Bus routes, /v1 API, /metrics, dashboard) as HOST:PORT")
@@ -305,6 +307,14 @@ def _http_options(p: argparse.ArgumentParser) -> None:
                    help="enable /admin/* routes and rollback from the dashboard (403 otherwise)")
     p.add_argument("--sbus-max-delta", type=int, default=0,
                    help="S-Bus DeltaTooLarge limit in characters (0: only the value size limit)")
+    p.add_argument("--http-allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (scheme://host:port, or *) whose pages may call the HTTP API; repeatable")
+    p.add_argument("--http-host", action="append", default=[], metavar="NAME",
+                   help="a DNS name clients use for the HTTP address (.example.com: and its subdomains; *: any), "
+                        "checked against Host when --http is not loopback (loopback names, IPs, names without a "
+                        "dot and the machine's name are always accepted); repeatable")
+    p.add_argument("--http-max-connections", type=int, default=GatewayConfig.max_connections,
+                   help="open HTTP connections; past it new ones get 503 and are closed")
 
 
 def build_parser() -> argparse.ArgumentParser:

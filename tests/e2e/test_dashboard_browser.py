@@ -172,7 +172,7 @@ def test_dashboard_shows_live_state_and_rolls_back(
     cluster: Cluster, tmp_path: Path, browser: WebDriver
 ) -> None:
     server = serve(cluster, tmp_path, admin=True)
-    # the first dashboard request starts the sampler and the hot-key watch
+    # the first dashboard request starts the hot-key watch
     assert ok(http(server, "GET", "/dashboard/state"))["admin"] is True
 
     # S-Bus traffic: two keys created; alice and bob read HOT; bob commits it four times
@@ -290,3 +290,46 @@ def test_dashboard_without_admin_is_read_only(
     status, body = http(server, "POST", "/dashboard/rollback", {"key": key, "version": 1})
     assert status == 403 and body["code"] == "Forbidden", (status, body)
     assert key_now(server, key)["version"] == 2
+
+
+# Where the Shards table ends and whether the page lets one see all of it.
+_SHARDS_FIT = """
+const table = document.getElementById("shards-table");
+const section = document.getElementById("shards-section");
+const last = table.querySelector("thead th:last-child").getBoundingClientRect();
+const box = section.getBoundingClientRect();
+return {lastRight: last.right, sectionRight: box.right, viewport: document.documentElement.clientWidth,
+        pageScroll: document.documentElement.scrollWidth};
+"""
+
+
+@pytest.mark.slow
+def test_dashboard_first_load_shows_earlier_commits_exact_epochs_at_1400px(
+    cluster: Cluster, tmp_path: Path, browser: WebDriver
+) -> None:
+    """Commits made before anyone opened the page are in the rate chart and the hot keys on
+    its first render; shard epochs (nanosecond clocks, beyond JavaScript's 2**53) are shown
+    exactly; at 1400 px wide the Shards table is whole inside its panel."""
+    server = serve(cluster, tmp_path, admin=False)  # nothing has asked for the dashboard yet
+    hot, cold = "early/hot", "early/cold"
+    for i in range(3):
+        ok(http(server, "POST", "/v1/commit", {"agent": "erin", "writes": {hot: i}}))
+    ok(http(server, "POST", "/v1/commit", {"agent": "erin", "writes": {cold: "x"}}))
+    time.sleep(1.5)  # a rate sample (one a second) after the commits
+    epochs = {str(s["shard"]): s["epoch"] for s in ok(http(server, "GET", "/v1/stats"))["shards"]}
+    assert all(e > 2**53 for e in epochs.values()), epochs  # a float cannot hold them
+
+    browser.set_window_size(1400, 900)
+    try:
+        browser.get(f"http://{server.http_address}/")
+        wait_for(browser, "the first render", lambda d: d.find_element(By.ID, "last-updated").get_attribute("data-ts"))
+        page = snapshot(browser)
+        assert page["hot"][:2] == [{"key": hot, "writes": "3"}, {"key": cold, "writes": "1"}], page["hot"]
+        assert page["chart"]["commitsWindow"] == "4", page["chart"]
+        assert page["chart"]["commitsLine"].strip(), "no commit line drawn"
+        assert {s["shard"]: s["cells"]["epoch"] for s in page["shards"]} == {k: str(e) for k, e in epochs.items()}
+        fit = browser.execute_script(_SHARDS_FIT)
+        assert fit["lastRight"] <= fit["sectionRight"] <= fit["viewport"], fit
+        assert fit["pageScroll"] <= fit["viewport"], fit
+    finally:
+        browser.set_window_size(1500, 1900)

@@ -439,3 +439,62 @@ def test_unencodable_session_names_are_refused(cluster, tmp_path, mode):
     if status != 200:
         wrong.append(("commit after", status, got))
     assert wrong == []
+
+
+# ---- requests a web page on another site can make a browser send (specs/http.md, "Browsers") ----
+
+EVIL = {"Origin": "http://evil.example"}
+TEXT = {"Content-Type": "text/plain"}
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+# (method, path, body, headers, status, error code)
+CROSS_SITE = {
+    "commit: text/plain from evil.example": ("POST", "/commit/v2", commit(), {**TEXT, **EVIL}, 403,
+                                             "CrossOriginRefused"),
+    "commit: JSON from evil.example": ("POST", "/commit/v2", commit(), EVIL, 403, "CrossOriginRefused"),
+    "commit: Origin null": ("POST", "/commit/v2", commit(), {"Origin": "null"}, 403, "CrossOriginRefused"),
+    "commit: text/plain": ("POST", "/commit/v2", commit(), TEXT, 415, "UnsupportedMediaType"),
+    "commit: a form": ("POST", "/commit", commit(), FORM, 415, "UnsupportedMediaType"),
+    "create: multipart": ("POST", "/shard", create(), {"Content-Type": "multipart/form-data; boundary=x"},
+                          415, "UnsupportedMediaType"),
+    "v1 commit: text/plain;charset=UTF-8": ("POST", "/v1/commit", native(),
+                                            {"Content-Type": "text/plain;charset=UTF-8"}, 415,
+                                            "UnsupportedMediaType"),
+    "v1 commit: from evil.example": ("POST", "/v1/commit", native(), EVIL, 403, "CrossOriginRefused"),
+    "tracked read from evil.example": ("GET", f"/shard/{TARGET}?agent_id=mallory", NO_BODY, EVIL, 403,
+                                       "CrossOriginRefused"),
+    "dashboard rollback from evil.example": ("POST", "/dashboard/rollback", {"key": TARGET, "version": 1},
+                                             {**TEXT, **EVIL}, 403, "CrossOriginRefused"),
+}
+
+
+@pytest.mark.parametrize("method, path, body, headers, status, code", CROSS_SITE.values(), ids=CROSS_SITE.keys())
+def test_cross_site_request_is_refused_and_changes_nothing(address, method, path, body, headers, status, code):
+    before = snapshot(address)
+    got_status, got = call(address, method, path, body, headers=headers)
+    assert got_status == status, got
+    assert isinstance(got, dict) and got.get("error") == code, got
+    assert snapshot(address) == before
+    check_good_commit(address)
+
+
+def test_json_without_content_type_and_same_origin_requests_are_served(address):
+    """S-Bus agents send JSON bodies without a Content-Type; the dashboard sends its own Origin."""
+    status, got = call(address, "GET", f"/shard/{GOOD}?agent_id=plain-agent")
+    assert status == 200, got
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("POST", "/commit/v2", body=json.dumps({
+            "key": GOOD, "expected_version": got["version"], "delta": "no header", "agent_id": "plain-agent"}))
+        response = conn.getresponse()
+        assert response.status == 200, response.read()
+        response.read()
+    finally:
+        conn.close()
+    status, got = call(address, "GET", f"/shard/{GOOD}?agent_id=plain-agent")
+    assert (status, got["content"]) == (200, "no header")
+    status, done = call(address, "POST", "/commit/v2", {
+        "key": GOOD, "expected_version": got["version"], "delta": "same origin", "agent_id": "plain-agent"},
+        headers={"Origin": f"http://{address}", "Content-Type": "application/json; charset=utf-8"})
+    assert status == 200, done

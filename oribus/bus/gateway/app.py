@@ -31,6 +31,8 @@ from aiohttp import web
 from oribus.bus.bus import Bus
 from oribus.bus.coordinator import CommitRequest, CommitResult
 from oribus.bus.directory import UnregisteredShard
+from oribus.bus.gateway.connections import ConnectionCap, GuardedConnection
+from oribus.bus.gateway.cross_site import CrossSiteGuard
 from oribus.bus.gateway.errors import error_response, json_response, request_error
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Scope
@@ -39,6 +41,7 @@ log = logging.getLogger("oribus.http")
 
 DEFAULT_HTTP = "127.0.0.1:7780"
 LOG_FIELDS = web.RequestKey("log_fields", dict)  # what a route adds to its log line (agent, commit_id)
+CLOSE_AFTER = web.RequestKey("close_after", bool)  # the connection cannot carry another request (body cut off)
 
 
 @dataclass
@@ -49,6 +52,15 @@ class GatewayConfig:
     sbus_max_delta: int = 0  # S-Bus DeltaTooLarge limit in characters (0: only the value size limit)
     history_limit: int = 100  # versions kept per key (S-Bus delta_log_depth is capped by it)
     ready_timeout: float = 2.0  # seconds a shard has to answer /readyz
+    # Browsers (specs/http.md, "Browsers"): cross_site.py
+    allow_origins: tuple[str, ...] = ()  # web origins besides the gateway's own that may call it ("*": any)
+    hosts: tuple[str, ...] = ()  # Host names accepted on a non-loopback listen address, besides loopback
+    #   names, IPs, dotless names and this machine's name (against DNS rebinding); ".a.b": and subdomains
+    # Connections (specs/http.md, "Connections"): connections.py
+    header_timeout: float = 10.0  # seconds from a request's first byte to its last header line
+    body_timeout: float = 30.0  # seconds to receive a whole body once a route reads it (then 408)
+    idle_timeout: float = 60.0  # seconds a connection may wait for its next (or first) request
+    max_connections: int = 512  # open connections; past it new ones get 503 and are closed at once
 
 
 def _no_constant(name: str) -> None:
@@ -78,7 +90,9 @@ class HttpGateway:
                 "HTTP sessions could not stay fail-closed across a restart"
             )
         self.bus = bus
-        self.config = config or GatewayConfig()
+        self.config = config = config or GatewayConfig()
+        self.cross_site = CrossSiteGuard(config.listen.rpartition(":")[0], config.hosts, config.allow_origins)
+        self.connections = ConnectionCap(config.max_connections)
         self.started_at = time.time()
         self.app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._middleware])
         self.sbus = sbus.SbusRoutes(self)
@@ -91,6 +105,7 @@ class HttpGateway:
         self.native.register(self.app.router)
         self.dashboard.register(self.app.router)
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._address: str | None = None
         self._closing = False
 
@@ -113,20 +128,33 @@ class HttpGateway:
             raise InvalidRequest(f"--http must be HOST:PORT, not {self.config.listen!r}")
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
-        site = web.TCPSite(runner, host, int(port), reuse_address=True)
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        server = runner.server
+        assert server is not None
+
+        def new_connection() -> GuardedConnection:
+            return GuardedConnection(
+                server, loop=loop, cap=self.connections, header_timeout=cfg.header_timeout,
+                keepalive_timeout=cfg.idle_timeout, lingering_time=cfg.body_timeout, access_log=None)
+
         try:
-            await site.start()
+            listener = await loop.create_server(new_connection, host.strip("[]"), int(port), reuse_address=True)
         except OSError:
             await runner.cleanup()
             raise
-        self._runner = runner
-        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self._runner, self._listener = runner, listener
+        self.dashboard.start()
+        sock = listener.sockets[0]
         self._address = f"{host}:{sock.getsockname()[1]}"
         log.info("http gateway serving on %s", self._address)
 
     async def stop(self) -> None:
         self._closing = True
         await self.dashboard.close()
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()  # no new connections; open ones are shut down by the runner
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -138,7 +166,8 @@ class HttpGateway:
         t0 = time.perf_counter()
         request[LOG_FIELDS] = fields = {}
         try:
-            response = await handler(request)
+            refused = self.cross_site.refusal(request)
+            response = refused if refused is not None else await handler(request)
         except RequestError as e:
             response = request_error(e.status, e.code, e.message, **e.details)
         except OribusError as e:
@@ -156,6 +185,10 @@ class HttpGateway:
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
             response = request_error(500, "Internal", "internal error (logged by the server)")
+        if not response.prepared:  # a streamed response (watch) sent its headers already
+            if request.get(CLOSE_AFTER):
+                response.force_close()
+            response.headers.update(self.cross_site.cors_headers(request))
         if log.isEnabledFor(logging.INFO):
             log.info(json.dumps({
                 "event": "http", "method": request.method, "path": request.path,
@@ -164,8 +197,14 @@ class HttpGateway:
         return response
 
     async def body(self, request: web.Request) -> dict[str, Any]:
-        """The request's JSON object body, or RequestError (400 syntax, 422 not an object)."""
-        raw = await request.read()
+        """The request's JSON object body, or RequestError (400 syntax, 422 not an object,
+        408 not received within ``body_timeout``)."""
+        try:
+            raw = await asyncio.wait_for(request.read(), self.config.body_timeout)
+        except TimeoutError:
+            request[CLOSE_AFTER] = True  # the rest of the body is still on its way: not a request boundary
+            raise RequestError(408, "RequestTimeout",
+                               f"the request body did not arrive within {self.config.body_timeout:g} s") from None
         if not raw:
             raise RequestError(400, "InvalidRequest", "a JSON object body is required")
         try:

@@ -5,7 +5,7 @@ build step, nothing loaded from elsewhere) polls the feed once a second and
 draws it. The feed, one JSON object::
 
     {"now": <epoch s>, "admin": bool, "uptime_seconds": float,
-     "shards":   [{"shard", "up", "epoch", "keys", "prepared", "dlog_sessions",
+     "shards":   [{"shard", "up", "epoch" (a string), "keys", "prepared", "dlog_sessions",
                    "dlog_entries", "wal_fsyncs", "watchers", "error"}, ...],
      "bus":      {"commits", "conflicts", "commits_1pc", "commits_2pc", "aborts_2pc",
                   "sessions", "durable_sessions", "validation"},
@@ -22,10 +22,15 @@ rates are the coordinator's counters (``Bus.coordinator.counters``) sampled
 once a second into a ring buffer (``RateSeries``); hot keys are counted from
 a live watch over every key (``Bus.watch("")``), with exponential decay so
 that the list follows the recent load (``HotKeys``); keys under ``.sbus/``
-(the S-Bus gateway's metadata) are not counted. Both run in one background
-task started by the first dashboard request (an idle server pays nothing)
-and cancelled by ``close()``. Commits made before that request are in the
-totals but not in the rates or the hot keys.
+(the S-Bus gateway's metadata) are not counted. The sampler starts with the
+gateway (a dict read a second), so the chart shows commits made before anyone
+opened the page; the watch starts on the first dashboard request (an
+unwatched server does not stream every change to itself) with a replay of
+the last ``HOT_REPLAY`` seconds of history (``Bus.watch(since=...)``), each
+write counted at its commit time, so the first answer lists the keys written
+before. Both are cancelled by ``close()``. A shard's epoch is sent as a
+string: it is a nanosecond clock, beyond the integers a JavaScript number
+holds exactly.
 
 Rollback from the page goes through ``POST /dashboard/rollback`` — a
 rollback commit by the session ``("dashboard", "dashboard")`` that depends
@@ -66,6 +71,7 @@ HOT_HALF_LIFE = 60.0  # seconds for a key's write count to lose half its weight
 HOT_TRACKED = 2_000  # keys whose counts are kept; past it the coldest half is dropped
 HOT_SHOWN = 15  # keys the feed lists
 SESSIONS_SHOWN = 50  # most recently active sessions the feed lists
+HOT_REPLAY = 5 * HOT_HALF_LIFE  # seconds of history the hot keys start from (older writes weigh < 1/32)
 WATCH_RETRY = 1.0  # seconds before the hot-key watch resubscribes after it ended or failed
 HIDDEN_PREFIXES = (".sbus/",)  # gateway metadata, not agents' state
 DASHBOARD_SESSION = ("dashboard", "dashboard")  # the session rollbacks from the page commit as
@@ -128,14 +134,19 @@ class HotKeys:
         return entry[0] * math.pow(0.5, max(0.0, now - entry[1]) / self.half_life)
 
     def add(self, key: str, now: float) -> None:
+        """Count a write made at ``now``; writes may come out of order (a replay merged
+        from several shards): an earlier one adds its weight as seen from the stamp."""
         entry = self._keys.get(key)
         if entry is None:
             if len(self._keys) >= self.tracked:
                 self._prune(now)
             self._keys[key] = [1.0, now, 1]
             return
-        entry[0] = self._decayed(entry, now) + 1.0
-        entry[1] = now
+        if now >= entry[1]:
+            entry[0] = self._decayed(entry, now) + 1.0
+            entry[1] = now
+        else:
+            entry[0] += math.pow(0.5, (entry[1] - now) / self.half_life)
         entry[2] += 1
 
     def _prune(self, now: float) -> None:
@@ -158,7 +169,7 @@ def _shard_row(sid: int, st: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "shard": sid,
         "up": bool(st.get("up")),
-        "epoch": st.get("epoch"),
+        "epoch": None if st.get("epoch") is None else str(st["epoch"]),  # beyond 2**53: exact only as text
         "keys": st.get("keys"),
         "prepared": st.get("prepared"),
         "dlog_sessions": dlog.get("sessions"),
@@ -178,7 +189,8 @@ class DashboardRoutes:
         self.watch_error: str | None = None  # why the hot-key watch is not running, if it is not
         self._watching = False
         self._page: bytes | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the hot-key watch
+        self._sampler: asyncio.Task[None] | None = None
         self._start_lock = asyncio.Lock()
         self._closed = False
 
@@ -262,26 +274,35 @@ class DashboardRoutes:
         return json_response({"commit_id": result.commit_id, "key": key, "restored": version,
                               "version": result.versions[key], "versions": result.versions})
 
-    # ---- the background task: rate samples and hot keys -------------------------------
+    # ---- the background tasks: rate samples and hot keys ------------------------------
+
+    def start(self) -> None:
+        """Start sampling the coordinator's counters with the gateway (a dict read a second,
+        no I/O), so that the chart shows the commits made before anyone opened the page."""
+        if self._sampler is not None or self._closed:
+            return
+        self._sample()
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_forever())
 
     async def _ensure_running(self) -> None:
-        """Start the sampler on the first request. The watch is subscribed before this
-        returns, so every commit made after the first answer is counted."""
+        """Start the hot-key watch on the first dashboard request (an unwatched server does
+        not stream every change). It begins with a replay of the last ``HOT_REPLAY`` seconds
+        of history, so the first answer already lists the keys written before; it is
+        subscribed before this returns, so every later commit is counted too."""
         if self._task is not None or self._closed:
             return
         async with self._start_lock:
             if self._task is not None or self._closed:
                 return
-            stream = await self._subscribe()
-            self._sample()
-            self._task = asyncio.get_running_loop().create_task(self._run(stream))
+            stream = await self._subscribe(since=time.time() - HOT_REPLAY)
+            self._task = asyncio.get_running_loop().create_task(self._count_changes(stream))
 
-    async def _subscribe(self) -> AsyncIterator[Change] | None:
+    async def _subscribe(self, since: float | None = None) -> AsyncIterator[Change] | None:
         from oribus.bus.watch import ensure_subscribed
 
         stream = None
         try:
-            stream = self.bus.watch("")  # live changes only: no replay of the history
+            stream = self.bus.watch("", since=since)  # since None: live changes only
             await asyncio.wait_for(ensure_subscribed(stream), self.gw.config.ready_timeout)
         except Exception as e:  # noqa: BLE001 - counted as "not watching"; retried later
             await _close_stream(stream)
@@ -296,9 +317,6 @@ class DashboardRoutes:
         c = self.bus.coordinator.counters
         self.rates.sample(time.time(), c.get("commits_1pc", 0) + c.get("commits_2pc", 0), c.get("conflicts", 0))
 
-    async def _run(self, stream: AsyncIterator[Change] | None) -> None:
-        await asyncio.gather(self._sample_forever(), self._count_changes(stream))
-
     async def _sample_forever(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
@@ -308,14 +326,14 @@ class DashboardRoutes:
             self._sample()
 
     async def _count_changes(self, stream: AsyncIterator[Change] | None) -> None:
-        """Count every committed write per key; resubscribe (live only) when the watch ends
-        or fails — a lagged watch loses counts, never the dashboard."""
+        """Count every committed write per key, at its commit time; resubscribe (live only)
+        when the watch ends or fails — a lagged watch loses counts, never the dashboard."""
         while True:
             if stream is not None:
                 try:
                     async for change in stream:
                         if not change.key.startswith(HIDDEN_PREFIXES):
-                            self.hot.add(change.key, time.time())
+                            self.hot.add(change.key, min(change.committed_at, time.time()))
                     self.watch_error = "the watch ended (a shard shut down); resubscribing"
                 except Exception as e:  # noqa: BLE001 - whatever ended it, watch again
                     self.watch_error = f"{type(e).__name__}: {e}; resubscribing"
@@ -327,11 +345,12 @@ class DashboardRoutes:
 
     async def close(self) -> None:
         self._closed = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._task, self._sampler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._sampler = None
 
 
 async def _close_stream(stream: object) -> None:
