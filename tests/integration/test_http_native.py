@@ -222,6 +222,9 @@ async def test_sessions_view_is_admin_only(served):
     await call(http, "POST", "/v1/get", json={"agent": "frank", "keys": ["sv/a"]})
     st, out = await call(http, "GET", "/v1/sessions")
     assert st == 403 and out["error"] == "Forbidden" and "frank" not in json.dumps(out)
+    st, out = await call(http, "GET", "/dashboard/state")  # nor through the dashboard's feed
+    assert st == 200 and out["sessions"] == [] and "--admin" in out["sessions_error"]
+    assert "frank" not in json.dumps(out)
 
 
 async def test_sessions_view_marks_stale_reads(admin_served):
