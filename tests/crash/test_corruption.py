@@ -28,6 +28,7 @@ import pytest
 
 import oribus
 from oribus.meta.slots import StaticSlotMap
+from oribus.shards.manifest import ShardManifest, write_manifest
 from oribus.shards.wal import HEADER_SIZE, decode_record, list_segments
 from oribus.shards.wal.record import FrameStatus
 from oribus.shards.wal.segment import SEGMENT_HEADER_SIZE
@@ -99,6 +100,14 @@ def wal_dir(data: Path, shard: int) -> Path:
     return data / f"shard-{shard:04d}" / "wal"
 
 
+def as_if_crashed(data: Path) -> None:
+    """Leave each shard's MANIFEST as a crash before the clean close would: with the
+    high-water mark the shard wrote when it opened the new directory (LSN 0). A torn
+    tail is a write the crash interrupted, so the mark never covers it."""
+    for shard in range(SHARDS):
+        write_manifest(data / f"shard-{shard:04d}", ShardManifest(shard, 0))
+
+
 def flip_byte(path: Path, offset: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[offset] ^= 0xFF
@@ -147,6 +156,7 @@ CUTS = {
 @pytest.mark.parametrize("cut", list(CUTS.values()), ids=list(CUTS))
 async def test_torn_last_record_is_cut_and_everything_before_it_survives(data_dir: Path, cut) -> None:
     commits = await commit_puts(data_dir, 30)
+    as_if_crashed(data_dir)
     last = frames(wal_dir(data_dir, 0))[-1]
     size = last.end - last.offset
     keep = {"half": (HEADER_SIZE + size) // 2}.get(cut, cut)
@@ -179,6 +189,7 @@ async def test_zero_bytes_after_the_last_record_are_dropped(data_dir: Path, zero
 
 async def test_torn_record_followed_by_zeros_is_a_torn_tail(data_dir: Path) -> None:
     commits = await commit_puts(data_dir, 30)
+    as_if_crashed(data_dir)
     last = frames(wal_dir(data_dir, 0))[-1]
     with open(last.path, "r+b") as f:
         f.truncate(last.offset + HEADER_SIZE + 1)

@@ -32,7 +32,12 @@ from oribus.shards.wal.segment import (
     parse_segment_name,
     segment_name,
 )
-from oribus.shards.wal.snapshot import load_latest_snapshot, snapshot_name, write_snapshot
+from oribus.shards.wal.snapshot import (
+    latest_snapshot_lsn,
+    load_latest_snapshot,
+    snapshot_name,
+    write_snapshot,
+)
 from oribus.shards.wal.writer import Wal, WalConfig
 
 __all__ = [
@@ -50,6 +55,7 @@ __all__ = [
     "decode_record",
     "encode_record",
     "iter_records",
+    "latest_snapshot_lsn",
     "list_segments",
     "load_latest_snapshot",
     "parse_segment_name",
