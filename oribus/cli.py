@@ -215,7 +215,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
-    from oribus.shards.wal import repair_wal
+    from oribus.shards.repair import repair_shard
 
     data = Path(args.data_dir)
     wal_dirs = sorted(p for p in data.glob("shard-*/wal") if p.is_dir())
@@ -225,11 +225,13 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"no WAL directories under {data}", file=sys.stderr)
         return 2
     for d in wal_dirs:
-        actions = repair_wal(d)
-        for a in actions:
+        report = repair_shard(d.parent)
+        if args.json:
+            _print({"wal_dir": str(d), **report.to_dict()})
+            continue
+        for a in report.actions:
             print(f"{d}: {a}")
-        if not actions:
-            print(f"{d}: intact")
+        print(f"{d}: {report.summary()}")
     return 0
 
 
@@ -394,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")
     p.add_argument("--data-dir", required=True, help="an engine data dir, or one shard's dir")
+    p.add_argument("--json", action="store_true", help="print one JSON report per WAL directory")
     p.set_defaults(fn=_cmd_repair)
 
     p = sub.add_parser("certs", help="certificates for mutual TLS")

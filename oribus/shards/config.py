@@ -8,6 +8,9 @@ from pathlib import Path
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.shards.wal import WalConfig
 
+WAL_DIR = "wal"  # below a shard's data_dir
+SNAPSHOT_DIR = "snapshots"  # below a shard's data_dir
+
 
 @dataclass
 class ShardConfig:
@@ -36,8 +39,8 @@ class ShardConfig:
 
     @property
     def wal_dir(self) -> Path:
-        return self.data_dir / "wal"
+        return self.data_dir / WAL_DIR
 
     @property
     def snapshot_dir(self) -> Path:
-        return self.data_dir / "snapshots"
+        return self.data_dir / SNAPSHOT_DIR

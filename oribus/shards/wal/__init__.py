@@ -23,7 +23,7 @@ from oribus.shards.wal.record import (
     encode_record,
     iter_records,
 )
-from oribus.shards.wal.repair import repair_wal
+from oribus.shards.wal.repair import DroppedRecord, WalRepair, repair_wal
 from oribus.shards.wal.segment import (
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
@@ -47,11 +47,13 @@ __all__ = [
     "SEGMENT_MAGIC",
     "Damage",
     "Decoded",
+    "DroppedRecord",
     "FrameStatus",
     "ScanResult",
     "Segment",
     "Wal",
     "WalConfig",
+    "WalRepair",
     "decode_record",
     "encode_record",
     "iter_records",
