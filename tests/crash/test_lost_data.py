@@ -12,6 +12,8 @@ Each commit is a one-key put with its own commit id, one WAL record each.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -119,3 +121,29 @@ async def test_new_and_older_data_directories_still_open(data_dir: Path) -> None
     assert await count_present(data_dir, 30) == 30
     assert manifest.exists()
     assert '"durable_lsn": 30' in manifest.read_text()
+
+
+async def test_the_mark_rises_with_new_segments_and_snapshots_before_any_close(data_dir: Path) -> None:
+    """A crash skips the clean close, so the mark must already cover most of the log."""
+    manifest = data_dir / "shard-0000" / "MANIFEST"
+
+    def mark() -> int:
+        return json.loads(manifest.read_text())["durable_lsn"]
+
+    async with oribus.open_local(data_dir, agent="seed", segment_bytes=2048) as bus:
+        for i in range(COMMITS):
+            await bus.session(session_id=f"s{i}").commit({f"lost/key-{i}": i}, commit_id=f"c{i:03d}")
+        segments = list_segments(data_dir / "shard-0000" / "wal")
+        assert len(segments) >= 3
+        assert mark() == segments[-1].first_lsn - 1, "the mark follows the last new segment"
+    assert mark() == COMMITS, "a clean close raises the mark to the end of the log"
+
+    async with oribus.open_local(data_dir / "other", agent="seed", snapshot_every_records=50) as bus:
+        for i in range(100):  # the last snapshot comes after the last commit: no new segment follows it
+            await bus.session(session_id=f"s{i}").commit({f"lost/key-{i}": i}, commit_id=f"c{i:03d}")
+        other = data_dir / "other" / "shard-0000" / "MANIFEST"
+        for _ in range(100):  # snapshots are written in the background
+            if json.loads(other.read_text())["durable_lsn"] >= 100:
+                break
+            await asyncio.sleep(0.05)
+        assert json.loads(other.read_text())["durable_lsn"] >= 100, "the mark follows the snapshots"
