@@ -147,9 +147,9 @@ class Shard(ShardService):
                 raise
             snapshot = f"snapshot at LSN {replay_from - 1}" if snap is not None else f"no snapshot in {cfg.snapshot_dir}"
             raise DataCorrupted(
-                f"shard {cfg.shard_id}: data is missing: {e.message} ({snapshot}; {cfg.data_dir}/MANIFEST "
-                f"records LSN {required} as durable). Restore the files, or start the shard from what "
-                f"is left with --allow-empty (unsafe_allow_empty), losing those commits",
+                f"shard {cfg.shard_id}: data is missing: {e.message} (per {cfg.data_dir}/MANIFEST; {snapshot}). "
+                f"Restore the files, or start the shard from what is left with --allow-empty "
+                f"(unsafe_allow_empty), losing those commits",
                 shard=cfg.shard_id, **e.details,
             ) from e
         self.wal = wal
