@@ -23,6 +23,7 @@ import pytest
 import oribus
 from oribus.errors import InvalidRequest
 from oribus.shards.config import ShardConfig
+from oribus.shards.repair import repair_shard
 from oribus.shards.shard import Shard
 from oribus.shards.wal import list_segments
 
@@ -147,3 +148,17 @@ async def test_the_mark_rises_with_new_segments_and_snapshots_before_any_close(d
                 break
             await asyncio.sleep(0.05)
         assert json.loads(other.read_text())["durable_lsn"] >= 100, "the mark follows the snapshots"
+
+
+async def test_repair_accepts_the_loss_of_a_last_segment_and_reports_it(data_dir: Path) -> None:
+    options = {"segment_bytes": 2048}
+    await commit_puts(data_dir, **options)
+    segments = list_segments(data_dir / "shard-0000" / "wal")
+    segments[-1].path.unlink()
+    kept = segments[-1].first_lsn - 1
+
+    report = repair_shard(data_dir / "shard-0000")
+    assert (report.wal.kept, report.dropped, report.missing) == (kept, COMMITS - kept, COMMITS - kept)
+    assert any(f"from LSN {COMMITS} to {kept}" in a for a in report.actions), report.actions
+    assert f"dropped {COMMITS - kept}" in report.summary()
+    assert await count_present(data_dir, **options) == kept
