@@ -529,6 +529,19 @@ async def test_repair_moves_a_segment_whose_header_and_first_record_are_damaged(
     await wal.close()
 
 
+async def test_repair_after_a_missing_segment_reports_its_records_as_unreadable(tmp_path):
+    segments = await build_log(tmp_path, 100)
+    gone = segments[2]
+    gone.path.unlink()
+    report = repair_wal(tmp_path)
+    assert report.last_lsn == gone.first_lsn - 1 and report.dropped == 100 - report.last_lsn
+    assert report.unreadable == list(range(gone.first_lsn, segments[3].first_lsn))
+    assert [r.lsn for r in report.found] == list(range(segments[3].first_lsn, 101))
+    wal, got = replay(tmp_path)
+    assert got == expected(1, gone.first_lsn - 1)
+    await wal.close()
+
+
 async def test_repair_reports_the_records_it_cuts_from_the_middle_of_a_segment(tmp_path):
     segments = await build_log(tmp_path, 100)
     target = segments[2].path

@@ -180,19 +180,21 @@ def _find_dropped(report: WalRepair, damaged: Segment, offset: int, later: list[
     on, then every later segment."""
     next_lsn = report.last_lsn + 1
     highest = report.last_lsn
-    data = damaged.path.read_bytes()
-    if len(data) > offset:
-        highest = next_lsn  # the damaged bytes held at least the next record
-    for segment, start in [(damaged, offset), *((s, SEGMENT_HEADER_SIZE) for s in later)]:
-        data = segment.path.read_bytes() if segment is not damaged else data
-        from_lsn = max(next_lsn, segment.first_lsn) if segment is not damaged else next_lsn
+    for segment in [damaged, *later]:
+        data = segment.path.read_bytes()
+        start = offset if segment is damaged else SEGMENT_HEADER_SIZE
+        if start > SEGMENT_HEADER_SIZE:  # records of this segment were kept: it goes on from them
+            from_lsn = next_lsn
+        else:
+            # a segment given up whole: its name says which LSNs it started with (a missing
+            # segment before it took the ones in between)
+            from_lsn = max(next_lsn, segment.first_lsn)
+        # the segment's name says the records before it existed; its bytes held at least one
+        highest = max(highest, segment.first_lsn - 1, from_lsn if len(data) > start else 0)
         for record in _salvage(data, start, from_lsn):
             report.found.append(record)
             next_lsn = record.lsn + 1
             highest = max(highest, record.lsn)
-        if segment is not damaged:
-            # a later segment's name says which LSNs it started with, even if none is readable
-            highest = max(highest, segment.first_lsn)
     report.dropped = highest - report.last_lsn
 
 
