@@ -15,7 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +166,33 @@ async def test_repair_accepts_the_loss_of_a_last_segment_and_reports_it(data_dir
     assert any(f"from LSN {COMMITS} to {kept}" in a for a in report.actions), report.actions
     assert f"dropped {COMMITS - kept}" in report.summary()
     assert await count_present(data_dir, **options) == kept
+
+
+_CHILD = """
+import asyncio, sys
+import oribus
+
+async def main(data):
+    async with oribus.open_local(data, agent="seed", segment_bytes=2048) as bus:
+        for i in range(200):
+            cid = f"c{i:03d}"
+            await bus.session(session_id=cid).commit({f"lost/key-{i}": {"c": cid}}, commit_id=cid)
+            print(cid, flush=True)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hit", [1, 3])
+async def test_kill_while_replacing_the_manifest_loses_nothing(data_dir: Path, hit: int) -> None:
+    env = {**os.environ, "ORIBUS_FAILPOINTS": f"manifest.before_rename=kill@{hit}"}
+    child = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", _CHILD, str(data_dir)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    acknowledged = child.stdout.split()
+    async with oribus.open_local(data_dir, agent="check", segment_bytes=2048) as bus:
+        items = await bus.get_many([f"lost/key-{i}" for i in range(len(acknowledged))])
+    assert [item.value["c"] for item in items.values()] == acknowledged
