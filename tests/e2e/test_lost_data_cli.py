@@ -73,3 +73,21 @@ async def test_up_without_a_shard_directory_refuses_unless_allowed_empty(cluster
     async with oribus.connect(server.address, agent="reader") as s:
         assert (await s.get("cli-lost/1")).version == 0
     assert server.stop() == 0
+
+
+async def test_up_with_shard_processes_passes_allow_empty_to_them(cluster, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    await seed(data)
+    (segment,) = list_segments(data / "shard-0000" / "wal")
+    segment.path.unlink()
+
+    server = cluster.add(up(tmp_path, data, processes=True, shards=1)).start()
+    refused = await asyncio.to_thread(refusal, server)  # the shard process's refusal, in up's log
+    assert refused["expected_lsn"] == COMMITS and refused["found_lsn"] == 0
+
+    server.args.append("--allow-empty")
+    server.start()
+    await asyncio.to_thread(server.wait_serving)
+    async with oribus.connect(server.address, agent="reader") as s:
+        assert (await s.get("cli-lost/1")).version == 0
+    assert server.stop() == 0
