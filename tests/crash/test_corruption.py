@@ -19,6 +19,7 @@ the tests can tell which commits a damaged byte takes away.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -133,9 +134,9 @@ def assert_all_present(commits: list[Committed], found: set[str]) -> None:
     assert not missing, f"acknowledged commits lost: {missing}"
 
 
-def repair(data: Path) -> subprocess.CompletedProcess:
+def repair(data: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "oribus.cli", "repair", "--data-dir", str(data)],
+        [sys.executable, "-m", "oribus.cli", "repair", "--data-dir", str(data), *options],
         capture_output=True, text=True, timeout=60,
     )
 
@@ -243,6 +244,48 @@ async def test_flipped_byte_is_refused_then_repaired(data_dir: Path, where: str)
     assert again.returncode == 0 and "intact" in again.stdout, again.stdout
     more = await commit_puts(data_dir, 5, start=200, **options)
     assert_all_present(kept + more, await present(data_dir, **options))
+
+
+@pytest.mark.parametrize("byte", [0, 8], ids=["magic", "first-lsn"])
+async def test_flipped_segment_header_byte_is_repaired_keeping_every_record(data_dir: Path, byte: int) -> None:
+    commits = await commit_puts(data_dir, 200)
+    for shard in range(SHARDS):
+        segments = list_segments(wal_dir(data_dir, shard))
+        assert len(segments) == 1, "the scenario is a log of one segment per shard"
+        flip_byte(segments[0].path, byte)
+    with pytest.raises(oribus.DataCorrupted, match="segment"):
+        await oribus.open_local(data_dir, shards=SHARDS)
+
+    done = repair(data_dir, "--json")
+    assert done.returncode == 0, done.stderr
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["wal_dir"] for r in reports] == [str(wal_dir(data_dir, s)) for s in range(SHARDS)]
+    for r in reports:
+        assert (r["kept"], r["dropped"], r["dropped_commit_ids"]) == (100, 0, []), r
+        assert any("rewrote the header" in a for a in r["actions"]), r
+    assert_all_present(commits, await present(data_dir))
+    assert len(list(data_dir.rglob("*.wal.broken"))) == SHARDS, "the damaged files are kept"
+
+
+async def test_repair_reports_the_commit_ids_of_the_records_it_drops(data_dir: Path) -> None:
+    commits = await commit_puts(data_dir, 200)
+    log = frames(wal_dir(data_dir, 0))
+    victim = log[50]
+    flip_byte(victim.path, victim.offset + HEADER_SIZE + 2)  # a byte of the body: CRC mismatch
+
+    done = repair(data_dir)
+    assert done.returncode == 0, done.stderr
+    dropped = [f.commit_id for f in log[51:]]  # readable after the damage; the victim's is not
+    summary = next(line for line in done.stdout.splitlines() if line.startswith(f"{wal_dir(data_dir, 0)}: kept"))
+    assert f"kept 50 records (log ends at LSN {victim.lsn - 1}), dropped {len(log) - 50}" in summary, summary
+    assert f"commit ids of the dropped records: {', '.join(dropped)}" in summary, summary
+    assert "1 dropped records could not be read" in summary, summary
+    assert done.stdout.splitlines()[-1] == f"{wal_dir(data_dir, 1)}: intact"
+
+    lost = {f.commit_id for f in log[50:]}
+    found = await present(data_dir)
+    assert_all_present([c for c in commits if c.commit_id not in lost], found)
+    assert not (found & lost)
 
 
 async def test_repair_of_intact_data_changes_nothing(data_dir: Path) -> None:
