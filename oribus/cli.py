@@ -58,7 +58,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from oribus.bus.cluster import LocalCluster, run_until_signalled
 
     cluster = LocalCluster(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
-                           http=_gateway_config(args), tls=_tls(args))
+                           http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty)
     _run(run_until_signalled(cluster))
     return 0
 
@@ -100,10 +100,13 @@ def _shard_id(raw: str) -> int:
 
 def _cmd_shard(args: argparse.Namespace) -> int:
     from oribus.meta.cluster import ClaimRefused
+    from oribus.shards.config import ShardConfig
     from oribus.shards.server import ClaimLost, run_shard_server
 
+    shard_id = _shard_id(args.id)
+    config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=True) if args.allow_empty else None
     try:
-        _run(run_shard_server(_shard_id(args.id), Path(args.data_dir), args.listen,
+        _run(run_shard_server(shard_id, Path(args.data_dir), args.listen, config=config,
                               ready_file=Path(args.ready_file) if args.ready_file else None,
                               tls=_tls(args), meta=_meta(args), advertise=args.advertise,
                               claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait))
@@ -217,7 +220,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
-    from oribus.shards.wal import repair_wal
+    from oribus.shards.repair import repair_shard
 
     data = Path(args.data_dir)
     wal_dirs = sorted(p for p in data.glob("shard-*/wal") if p.is_dir())
@@ -227,11 +230,13 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"no WAL directories under {data}", file=sys.stderr)
         return 2
     for d in wal_dirs:
-        actions = repair_wal(d)
-        for a in actions:
+        report = repair_shard(d.parent)
+        if args.json:
+            _print({"wal_dir": str(d), **report.to_dict()})
+            continue
+        for a in report.actions:
             print(f"{d}: {a}")
-        if not actions:
-            print(f"{d}: intact")
+        print(f"{d}: {report.summary()}")
     return 0
 
 
@@ -291,6 +296,12 @@ def _cluster_options(p: argparse.ArgumentParser, required: bool = False) -> None
                    help="seconds a server's etcd lease outlives its last keep-alive")
 
 
+def _allow_empty_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-empty", action="store_true",
+                   help="UNSAFE: open a shard whose data is lost (directory, WAL or snapshot gone) from "
+                        "what is left, possibly empty, instead of refusing; its lost commits are gone")
+
+
 def _tls_option(p: argparse.ArgumentParser) -> None:
     if not any(a.dest == "tls_dir" for a in p._actions):
         p.add_argument("--tls-dir", help="mutual TLS: a directory with ca.crt, server.*, client.* "
@@ -331,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shards of a new data directory (default: 1, or 2 with --processes; "
                         "an existing one keeps its own)")
     p.add_argument("--processes", action="store_true", help="run each shard as its own process over gRPC")
+    _allow_empty_option(p)
     _http_options(p)
     _tls_option(p)
     p.set_defaults(fn=_cmd_up)
@@ -343,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", help="write the bound address here once serving")
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
+    _allow_empty_option(p)
     _cluster_options(p)
     _tls_option(p)
     p.set_defaults(fn=_cmd_shard)
@@ -404,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")
     p.add_argument("--data-dir", required=True, help="an engine data dir, or one shard's dir")
+    p.add_argument("--json", action="store_true", help="print one JSON report per WAL directory")
     p.set_defaults(fn=_cmd_repair)
 
     p = sub.add_parser("certs", help="certificates for mutual TLS")

@@ -101,6 +101,7 @@ class LocalCluster:
 
     def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0") -> list[str]:
         tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
+        allow_empty = ["--allow-empty"] if self.config.unsafe_allow_empty else []
         return [
             sys.executable, "-m", "oribus.cli", "shard",
             "--id", str(shard_id),
@@ -108,6 +109,7 @@ class LocalCluster:
             "--listen", listen,
             "--ready-file", str(ready_file),
             *tls,
+            *allow_empty,
         ]
 
     def spawn_shard(self, shard_id: int, listen: str = "127.0.0.1:0") -> subprocess.Popen:

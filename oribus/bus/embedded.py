@@ -10,6 +10,7 @@ coordinator went silent.
 Layout of the data directory::
 
     DATA/layout.json          {"format": 1, "shards": N, "slots": 4096}
+    DATA/shard-0000/MANIFEST  the shard's id and durable high-water mark (oribus.shards.manifest)
     DATA/shard-0000/wal/      WAL segments (oribus.shards.wal)
     DATA/shard-0000/snapshots/
     DATA/bus/sessions/        the bus's session journal (oribus.bus.session_journal)
@@ -29,12 +30,13 @@ from oribus.bus.bus import Bus
 from oribus.bus.recovery import Recovery
 from oribus.bus.session_journal import SessionJournal
 from oribus.delivery_log import DeliveryLogConfig
-from oribus.errors import InvalidRequest
+from oribus.errors import DataCorrupted, InvalidRequest
 from oribus.meta.slots import SLOTS, StaticSlotMap
 from oribus.shards.config import ShardConfig
+from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.shard import Shard
 from oribus.shards.txn import Txn
-from oribus.shards.wal import WalConfig
+from oribus.shards.wal import WalConfig, latest_snapshot_lsn, list_segments
 
 log = logging.getLogger("oribus.engine")
 
@@ -60,6 +62,9 @@ class EngineConfig:
     unsafe_no_fsync: bool = False  # acknowledge before data reaches the disk: loses commits on power loss
     maintenance_interval: float = 1.0  # seconds between background chores
     unsafe_disable_validation: bool = False  # demo/testing only: accepts stale commits (no ORI checks)
+    # Open even when a shard's data is lost (its directory, WAL or snapshot gone): start it
+    # from what is left, possibly empty, and log a WARNING. Off: such an open is refused.
+    unsafe_allow_empty: bool = False
     shard_overrides: dict = field(default_factory=dict)  # extra ShardConfig fields (tests)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,7 @@ class EngineConfig:
             ),
             txn_expiry_seconds=self.txn_expiry_seconds,
             unsafe_disable_validation=self.unsafe_disable_validation,
+            unsafe_allow_empty=self.unsafe_allow_empty,
         )
         return replace(cfg, **self.shard_overrides) if self.shard_overrides else cfg
 
@@ -123,8 +129,15 @@ def check_layout(cfg: EngineConfig) -> None:
                 f"{cfg.data_dir} holds data for {have['shards']} shards; it cannot be opened "
                 f"with {cfg.shards} (keys would map to other shards)"
             )
+        _check_shard_dirs(cfg)
         return
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    # Every shard directory gets its MANIFEST before layout.json exists, so a layout whose
+    # shard directory holds nothing means lost data, never a creation cut short.
+    for i in range(cfg.shards):
+        shard_dir = cfg.shard_config(i).data_dir
+        if read_manifest(shard_dir) is None:
+            write_manifest(shard_dir, ShardManifest(i), fsync=not cfg.unsafe_no_fsync)
     path = cfg.data_dir / LAYOUT_FILE
     want = {"format": 1, "shards": cfg.shards, "slots": SLOTS}
     tmp = path.with_suffix(".tmp")
@@ -138,6 +151,32 @@ def check_layout(cfg: EngineConfig) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _check_shard_dirs(cfg: EngineConfig) -> None:
+    """Refuse a data directory whose layout names a shard whose directory is gone or empty.
+
+    A shard directory holds a MANIFEST (or, if it predates manifests, WAL segments); the
+    shard itself then checks that its log reaches the manifest's mark (specs/engine.md).
+    """
+    for i in range(cfg.shards or 0):
+        shard = cfg.shard_config(i)
+        if not shard.data_dir.is_dir():
+            lost = f"directory {shard.data_dir} is missing"
+        elif read_manifest(shard.data_dir) is None and not list_segments(shard.wal_dir) \
+                and latest_snapshot_lsn(shard.snapshot_dir) is None:
+            lost = f"directory {shard.data_dir} holds no MANIFEST, WAL segment or snapshot"
+        else:
+            continue
+        if not cfg.unsafe_allow_empty:
+            raise DataCorrupted(
+                f"{cfg.data_dir / LAYOUT_FILE} names {cfg.shards} shards but shard {i}'s {lost}: its data "
+                f"is lost. Restore it, or start the shard empty with --allow-empty (unsafe_allow_empty), "
+                f"losing its commits",
+                path=str(shard.data_dir), shard=i,
+            )
+        log.warning("shard %d's %s: starting it empty because unsafe_allow_empty is set; "
+                    "its commits are lost", i, lost)
 
 
 class LocalEngine:

@@ -8,6 +8,9 @@ from pathlib import Path
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.shards.wal import WalConfig
 
+WAL_DIR = "wal"  # below a shard's data_dir
+SNAPSHOT_DIR = "snapshots"  # below a shard's data_dir
+
 
 @dataclass
 class ShardConfig:
@@ -26,14 +29,18 @@ class ShardConfig:
     # Demo/testing only: skip the ORI version checks, so commits based on stale reads are
     # ACCEPTED (locks stay). ``oribus demo`` uses it to show what validation prevents.
     unsafe_disable_validation: bool = False
+    # Open a shard whose data is lost (its MANIFEST says the log reached an LSN the WAL and
+    # snapshot no longer hold) by starting from what is left, possibly empty: the lost
+    # commits are gone for good. Off, such a shard refuses to open (DataCorrupted).
+    unsafe_allow_empty: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
 
     @property
     def wal_dir(self) -> Path:
-        return self.data_dir / "wal"
+        return self.data_dir / WAL_DIR
 
     @property
     def snapshot_dir(self) -> Path:
-        return self.data_dir / "snapshots"
+        return self.data_dir / SNAPSHOT_DIR

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import msgpack
 
 from oribus.delivery_log import DeliveryLog
-from oribus.errors import InvalidRequest, OribusError, Unavailable
+from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
 from oribus.failpoints import failpoint
 from oribus.protocol import (
     Change,
@@ -43,6 +44,7 @@ from oribus.protocol import (
     WatchRequest,
 )
 from oribus.shards.config import ShardConfig
+from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
 from oribus.shards.service import ShardService
 from oribus.shards.store import Entry, VersionedStore
@@ -70,6 +72,8 @@ class Shard(ShardService):
     open_wal = staticmethod(Wal.open)  # recovery scan + the append side (``Wal.open``'s signature)
     load_snapshot_file = staticmethod(load_latest_snapshot)  # (snapshot_dir) -> (lsn, raw) | None
     write_snapshot_file = staticmethod(write_snapshot)  # (snapshot_dir, lsn, raw); durable on return
+    read_manifest_file = staticmethod(read_manifest)  # (data_dir) -> ShardManifest | None
+    write_manifest_file = staticmethod(write_manifest)  # (data_dir, manifest, fsync=); atomic
 
     def __init__(self, config: ShardConfig, epoch: int) -> None:
         self.config = config
@@ -94,6 +98,8 @@ class Shard(ShardService):
         self._records_since_snapshot = 0
         self._snapshot_task: asyncio.Task | None = None
         self._closed = False
+        self._manifest = ShardManifest(config.shard_id)  # as on disk once recovered
+        self._manifest_lock = threading.Lock()  # raised from the WAL's flush thread and the loop
         self._watchers: set[Watcher] = set()
         self.counters = {"reads": 0, "commits_1pc": 0, "prepares": 0, "decisions": 0,
                          "conflicts": 0, "aborts": 0, "snapshots": 0, "replayed_records": 0,
@@ -110,6 +116,15 @@ class Shard(ShardService):
         cfg = self.config
         # (no mkdir of data_dir here: open_wal creates data_dir/wal, parents included, and
         # a missing snapshot directory reads as "no snapshot"; the simulator has no files)
+        manifest = self.read_manifest_file(cfg.data_dir)
+        if manifest is not None and manifest.shard_id != cfg.shard_id:
+            raise InvalidRequest(
+                f"{cfg.data_dir} holds the data of shard {manifest.shard_id} (its MANIFEST says so), "
+                f"not of shard {cfg.shard_id}: refusing to open it as shard {cfg.shard_id}",
+                shard=cfg.shard_id,
+            )
+        # The manifest's high-water mark tells a lost log from a new one (specs/engine.md).
+        required = manifest.durable_lsn if manifest is not None else 0
         snap = self.load_snapshot_file(cfg.snapshot_dir)
         replay_from = 1
         if snap is not None:
@@ -121,13 +136,64 @@ class Shard(ShardService):
             self.core.replay(rtype, body)
             self.counters["replayed_records"] += 1
 
-        self.wal = self.open_wal(
-            cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from, on_record=on_record,
-            metrics_label=str(cfg.shard_id),
-        )
+        try:
+            wal = self.open_wal(
+                cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from, on_record=on_record,
+                metrics_label=str(cfg.shard_id),
+                require_lsn=0 if cfg.unsafe_allow_empty else required,
+            )
+        except DataCorrupted as e:
+            if "expected_lsn" not in e.details:
+                raise
+            snapshot = f"snapshot at LSN {replay_from - 1}" if snap is not None else f"no snapshot in {cfg.snapshot_dir}"
+            raise DataCorrupted(
+                f"shard {cfg.shard_id}: data is missing: {e.message} (per {cfg.data_dir}/MANIFEST; {snapshot}). "
+                f"Restore the files, or start the shard from what is left with --allow-empty "
+                f"(unsafe_allow_empty), losing those commits",
+                shard=cfg.shard_id, **e.details,
+            ) from e
+        self.wal = wal
+        wal.on_new_segment = self._raise_durable_mark
+        if manifest is not None and wal.last_lsn < manifest.durable_lsn:
+            log.warning(
+                "shard %d: data is missing: the log ends at LSN %d but %s/MANIFEST records LSN %d as "
+                "durable; starting from what is left because unsafe_allow_empty is set: commits "
+                "%d..%d are lost", cfg.shard_id, wal.last_lsn, cfg.data_dir, manifest.durable_lsn,
+                wal.last_lsn + 1, manifest.durable_lsn,
+            )
+        # Recovery fsynced every replayed record, so the mark can move to the log's end
+        # (and is rewritten, lowered, after an unsafe_allow_empty open).
+        self._manifest = manifest if manifest is not None else ShardManifest(cfg.shard_id)
+        mark = self._durable_mark(wal.durable_lsn)
+        if manifest is None or mark != manifest.durable_lsn:
+            self._write_manifest(self._manifest.with_durable_lsn(mark))
         self._records_since_snapshot = self.counters["replayed_records"]
         if self.core.prepared:
             log.info("shard %d recovered %d prepared transactions", self.shard_id, len(self.core.prepared))
+
+    # ---- the manifest's high-water mark -----------------------------------------
+
+    def _durable_mark(self, lsn: int) -> int:
+        # Without fsync nothing is known durable: a power loss may legitimately take
+        # acknowledged records, and the shard must still open afterwards.
+        return 0 if self.config.wal.unsafe_no_fsync else lsn
+
+    def _write_manifest(self, manifest: ShardManifest) -> None:
+        """Replace the manifest (callers hold ``_manifest_lock`` once the WAL is open)."""
+        self.write_manifest_file(self.config.data_dir, manifest, fsync=not self.config.wal.unsafe_no_fsync)
+        self._manifest = manifest
+
+    def _raise_durable_mark(self, lsn: int) -> None:
+        """Record in the manifest that every record up to ``lsn`` is durable (never lowers it)."""
+        lsn = self._durable_mark(lsn)
+        with self._manifest_lock:
+            if lsn <= self._manifest.durable_lsn:
+                return
+            try:
+                self._write_manifest(self._manifest.with_durable_lsn(lsn))
+            except OSError:
+                # A lagging mark is still a true lower bound; the next snapshot or close retries.
+                log.exception("shard %d: could not update %s/MANIFEST", self.shard_id, self.config.data_dir)
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -228,6 +294,7 @@ class Shard(ShardService):
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.write_snapshot_file, self.config.snapshot_dir, low, raw)
         await loop.run_in_executor(None, wal.remove_segments_before, low + 1)
+        await loop.run_in_executor(None, self._raise_durable_mark, max(low, wal.durable_lsn))
         self.counters["snapshots"] += 1
         return low
 
@@ -517,3 +584,4 @@ class Shard(ShardService):
                 fut.set_result(None)
         if self.wal is not None:
             await self.wal.close()
+            await asyncio.get_running_loop().run_in_executor(None, self._raise_durable_mark, self.wal.durable_lsn)

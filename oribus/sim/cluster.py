@@ -139,7 +139,7 @@ class Fault:
 
 
 class SimShard(Shard):
-    """The real ``Shard``, on the simulated clock and disk: only its four seams differ."""
+    """The real ``Shard``, on the simulated clock and disk: only its seams differ."""
 
     def __init__(self, config: ShardConfig, epoch: int, disk: SimDisk, clock: Callable[[], float]) -> None:
         # set before Shard.__init__: the participant and the delivery log take the clock there
@@ -147,6 +147,8 @@ class SimShard(Shard):
         self.open_wal = disk.open_wal  # type: ignore[method-assign]
         self.load_snapshot_file = disk.load_snapshot  # type: ignore[method-assign]
         self.write_snapshot_file = disk.write_snapshot  # type: ignore[method-assign]
+        self.read_manifest_file = disk.read_manifest  # type: ignore[method-assign]
+        self.write_manifest_file = disk.write_manifest  # type: ignore[method-assign]
         super().__init__(config, epoch)
 
 

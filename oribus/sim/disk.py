@@ -1,11 +1,11 @@
 """The simulated disk of one shard: its WAL and snapshot, in memory, with crash semantics.
 
 ``SimDisk`` is what survives a crash of a simulated shard process. It hands
-the shard (through the ``Shard`` seams ``open_wal``, ``load_snapshot_file``
-and ``write_snapshot_file``) a ``SimWal`` with the API of
-``oribus.shards.wal.Wal`` that the shard uses — ``append``, ``await sync``,
+the shard (through the ``Shard`` seams ``open_wal``, ``load_snapshot_file``,
+``write_snapshot_file``, ``read_manifest_file`` and ``write_manifest_file``) a
+``SimWal`` with the API of ``oribus.shards.wal.Wal`` that the shard uses — ``append``, ``await sync``,
 ``last_lsn``, ``durable_lsn``, ``stats``, ``roll``,
-``remove_segments_before``, ``await close`` — and a snapshot slot.
+``remove_segments_before``, ``await close`` — a snapshot slot and a manifest slot.
 
 Records are encoded with the real frame codec (``encode_record``; replay
 decodes them with ``decode_record``), so a record the real WAL would refuse
@@ -42,7 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from oribus.errors import Unavailable
+from oribus.errors import DataCorrupted, Unavailable
+from oribus.shards.manifest import ShardManifest
 from oribus.shards.wal.record import FrameStatus, decode_record, encode_record
 from oribus.shards.wal.writer import GroupCommit
 
@@ -63,6 +64,7 @@ class SimDisk:
         self.config = config or DiskConfig()
         self.records: list[tuple[int, bytes]] = []  # (lsn, frame), durable, in LSN order
         self.snapshot: tuple[int, bytes] | None = None  # (lsn, raw state)
+        self.manifest: ShardManifest | None = None  # the shard's MANIFEST (written atomically)
         self.wal: SimWal | None = None  # the WAL of the running incarnation
         self.lost_records = 0  # appended (or in flight) but dropped by crashes
         self.fsyncs = 0
@@ -77,11 +79,15 @@ class SimDisk:
         replay_from_lsn: int = 1,
         on_record: Callable[[int, int, Any], None] | None = None,
         metrics_label: str = "",
+        require_lsn: int = 0,
     ) -> SimWal:
         """``Wal.open``: replay every durable record from ``replay_from_lsn`` on, then append."""
         if replay_from_lsn < 1:
             raise ValueError(f"replay_from_lsn must be >= 1, got {replay_from_lsn}")
         last = self.records[-1][0] if self.records else 0
+        if max(last, replay_from_lsn - 1) < require_lsn:  # as Wal.open: records were lost
+            raise DataCorrupted(f"{self.name}: the log ends at LSN {last}, LSN {require_lsn} was durable",
+                                expected_lsn=require_lsn, found_lsn=last)
         if on_record is not None:
             for lsn, frame in self.records:
                 if lsn < replay_from_lsn:
@@ -102,6 +108,12 @@ class SimDisk:
     def write_snapshot(self, directory: Any, lsn: int, raw: bytes) -> None:
         if self.snapshot is None or lsn >= self.snapshot[0]:
             self.snapshot = (lsn, raw)
+
+    def read_manifest(self, directory: Any) -> ShardManifest | None:
+        return self.manifest
+
+    def write_manifest(self, directory: Any, manifest: ShardManifest, *, fsync: bool = True) -> None:
+        self.manifest = manifest
 
     # ---- faults --------------------------------------------------------------------
 

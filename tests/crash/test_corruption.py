@@ -19,6 +19,7 @@ the tests can tell which commits a damaged byte takes away.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import pytest
 
 import oribus
 from oribus.meta.slots import StaticSlotMap
+from oribus.shards.manifest import ShardManifest, write_manifest
 from oribus.shards.wal import HEADER_SIZE, decode_record, list_segments
 from oribus.shards.wal.record import FrameStatus
 from oribus.shards.wal.segment import SEGMENT_HEADER_SIZE
@@ -99,6 +101,14 @@ def wal_dir(data: Path, shard: int) -> Path:
     return data / f"shard-{shard:04d}" / "wal"
 
 
+def as_if_crashed(data: Path) -> None:
+    """Leave each shard's MANIFEST as a crash before the clean close would: with the
+    high-water mark the shard wrote when it opened the new directory (LSN 0). A torn
+    tail is a write the crash interrupted, so the mark never covers it."""
+    for shard in range(SHARDS):
+        write_manifest(data / f"shard-{shard:04d}", ShardManifest(shard, 0))
+
+
 def flip_byte(path: Path, offset: int) -> None:
     raw = bytearray(path.read_bytes())
     raw[offset] ^= 0xFF
@@ -124,9 +134,9 @@ def assert_all_present(commits: list[Committed], found: set[str]) -> None:
     assert not missing, f"acknowledged commits lost: {missing}"
 
 
-def repair(data: Path) -> subprocess.CompletedProcess:
+def repair(data: Path, *options: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "oribus.cli", "repair", "--data-dir", str(data)],
+        [sys.executable, "-m", "oribus.cli", "repair", "--data-dir", str(data), *options],
         capture_output=True, text=True, timeout=60,
     )
 
@@ -147,6 +157,7 @@ CUTS = {
 @pytest.mark.parametrize("cut", list(CUTS.values()), ids=list(CUTS))
 async def test_torn_last_record_is_cut_and_everything_before_it_survives(data_dir: Path, cut) -> None:
     commits = await commit_puts(data_dir, 30)
+    as_if_crashed(data_dir)
     last = frames(wal_dir(data_dir, 0))[-1]
     size = last.end - last.offset
     keep = {"half": (HEADER_SIZE + size) // 2}.get(cut, cut)
@@ -179,6 +190,7 @@ async def test_zero_bytes_after_the_last_record_are_dropped(data_dir: Path, zero
 
 async def test_torn_record_followed_by_zeros_is_a_torn_tail(data_dir: Path) -> None:
     commits = await commit_puts(data_dir, 30)
+    as_if_crashed(data_dir)
     last = frames(wal_dir(data_dir, 0))[-1]
     with open(last.path, "r+b") as f:
         f.truncate(last.offset + HEADER_SIZE + 1)
@@ -232,6 +244,48 @@ async def test_flipped_byte_is_refused_then_repaired(data_dir: Path, where: str)
     assert again.returncode == 0 and "intact" in again.stdout, again.stdout
     more = await commit_puts(data_dir, 5, start=200, **options)
     assert_all_present(kept + more, await present(data_dir, **options))
+
+
+@pytest.mark.parametrize("byte", [0, 8], ids=["magic", "first-lsn"])
+async def test_flipped_segment_header_byte_is_repaired_keeping_every_record(data_dir: Path, byte: int) -> None:
+    commits = await commit_puts(data_dir, 200)
+    for shard in range(SHARDS):
+        segments = list_segments(wal_dir(data_dir, shard))
+        assert len(segments) == 1, "the scenario is a log of one segment per shard"
+        flip_byte(segments[0].path, byte)
+    with pytest.raises(oribus.DataCorrupted, match="segment"):
+        await oribus.open_local(data_dir, shards=SHARDS)
+
+    done = repair(data_dir, "--json")
+    assert done.returncode == 0, done.stderr
+    reports = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["wal_dir"] for r in reports] == [str(wal_dir(data_dir, s)) for s in range(SHARDS)]
+    for r in reports:
+        assert (r["kept"], r["dropped"], r["dropped_commit_ids"]) == (100, 0, []), r
+        assert any("rewrote the header" in a for a in r["actions"]), r
+    assert_all_present(commits, await present(data_dir))
+    assert len(list(data_dir.rglob("*.wal.broken"))) == SHARDS, "the damaged files are kept"
+
+
+async def test_repair_reports_the_commit_ids_of_the_records_it_drops(data_dir: Path) -> None:
+    commits = await commit_puts(data_dir, 200)
+    log = frames(wal_dir(data_dir, 0))
+    victim = log[50]
+    flip_byte(victim.path, victim.offset + HEADER_SIZE + 2)  # a byte of the body: CRC mismatch
+
+    done = repair(data_dir)
+    assert done.returncode == 0, done.stderr
+    dropped = [f.commit_id for f in log[51:]]  # readable after the damage; the victim's is not
+    summary = next(line for line in done.stdout.splitlines() if line.startswith(f"{wal_dir(data_dir, 0)}: kept"))
+    assert f"kept 50 records (log ends at LSN {victim.lsn - 1}), dropped {len(log) - 50}" in summary, summary
+    assert f"commit ids of the dropped records: {', '.join(dropped)}" in summary, summary
+    assert "1 dropped records could not be read" in summary, summary
+    assert done.stdout.splitlines()[-1] == f"{wal_dir(data_dir, 1)}: intact"
+
+    lost = {f.commit_id for f in log[50:]}
+    found = await present(data_dir)
+    assert_all_present([c for c in commits if c.commit_id not in lost], found)
+    assert not (found & lost)
 
 
 async def test_repair_of_intact_data_changes_nothing(data_dir: Path) -> None:

@@ -457,7 +457,7 @@ def snapshot_files(directory: Path) -> dict[str, bytes]:
 async def test_repair_leaves_an_intact_log_alone(tmp_path):
     await build_log(tmp_path, 80)
     before = snapshot_files(tmp_path)
-    assert repair_wal(tmp_path) == []
+    assert repair_wal(tmp_path).actions == []
     assert snapshot_files(tmp_path) == before
 
 
@@ -473,7 +473,7 @@ async def test_repair_truncates_at_the_damage_and_keeps_broken_copies(tmp_path):
     with pytest.raises(DataCorrupted):
         Wal.open(tmp_path)
 
-    actions = repair_wal(tmp_path)
+    actions = repair_wal(tmp_path).actions
     assert any(target.name in a and "copied" in a for a in actions)
     assert any(f"byte offset {start}" in a and "truncated" in a for a in actions)
     assert len(actions) == 2 + len(later)
@@ -487,18 +487,72 @@ async def test_repair_truncates_at_the_damage_and_keeps_broken_copies(tmp_path):
     assert got == expected(1, first_lost - 1)
     assert wal.append(1, "after repair") == first_lost
     await wal.close()
-    assert repair_wal(tmp_path) == []
+    assert repair_wal(tmp_path).actions == []
 
 
-async def test_repair_moves_a_segment_with_a_bad_header(tmp_path):
+@pytest.mark.parametrize("byte", [0, 7, 8, 15], ids=["magic-first", "magic-last", "lsn-first", "lsn-last"])
+async def test_repair_rewrites_a_damaged_segment_header_and_keeps_every_record(tmp_path, byte):
+    segments = await build_log(tmp_path, 100)
+    target = segments[3]
+    flip(target.path, byte)
+    damaged = target.path.read_bytes()
+    with pytest.raises(DataCorrupted):
+        Wal.open(tmp_path)
+
+    report = repair_wal(tmp_path)
+    assert report.actions[0].startswith(f"rewrote the header of {target.name}"), report.actions
+    assert len(report.actions) == 1, "nothing after the header is given up"
+    assert (report.kept, report.dropped, report.last_lsn) == (100, 0, 100)
+    assert (tmp_path / (target.name + ".broken")).read_bytes() == damaged
+    assert target.path.read_bytes()[:SEGMENT_HEADER_SIZE] == encode_segment_header(target.first_lsn)
+    wal, got = replay(tmp_path)
+    assert got == expected(1, 100)
+    await wal.close()
+    assert repair_wal(tmp_path).actions == []
+
+
+async def test_repair_moves_a_segment_whose_header_and_first_record_are_damaged(tmp_path):
     segments = await build_log(tmp_path, 100)
     target = segments[3]
     flip(target.path, 0)
-    actions = repair_wal(tmp_path)
-    assert actions[0].startswith(f"moved {target.name} to {target.name}.broken")
+    flip(target.path, SEGMENT_HEADER_SIZE + 20)  # nothing left to prove where the segment starts
+    report = repair_wal(tmp_path)
+    assert report.actions[0].startswith(f"moved {target.name} to {target.name}.broken")
     assert not target.path.exists()
+    assert report.last_lsn == target.first_lsn - 1 and report.kept == target.first_lsn - 1
+    # every later record is dropped and reported; all but the damaged one are still readable
+    assert report.dropped == 100 - report.last_lsn
+    assert report.unreadable == [target.first_lsn]
+    assert [(r.lsn, r.rtype, r.body) for r in report.found] == expected(target.first_lsn + 1, 100)
     wal, got = replay(tmp_path)
     assert got == expected(1, target.first_lsn - 1)
+    await wal.close()
+
+
+async def test_repair_after_a_missing_segment_reports_its_records_as_unreadable(tmp_path):
+    segments = await build_log(tmp_path, 100)
+    gone = segments[2]
+    gone.path.unlink()
+    report = repair_wal(tmp_path)
+    assert report.last_lsn == gone.first_lsn - 1 and report.dropped == 100 - report.last_lsn
+    assert report.unreadable == list(range(gone.first_lsn, segments[3].first_lsn))
+    assert [r.lsn for r in report.found] == list(range(segments[3].first_lsn, 101))
+    wal, got = replay(tmp_path)
+    assert got == expected(1, gone.first_lsn - 1)
+    await wal.close()
+
+
+async def test_repair_reports_the_records_it_cuts_from_the_middle_of_a_segment(tmp_path):
+    segments = await build_log(tmp_path, 100)
+    target = segments[2].path
+    start, _, lost = frames_of(target)[2]
+    flip(target, start + 1)  # the length field: the frame no longer ends where it did
+    report = repair_wal(tmp_path)
+    assert (report.last_lsn, report.kept, report.dropped) == (lost - 1, lost - 1, 100 - lost + 1)
+    assert report.unreadable == [lost]
+    assert [r.lsn for r in report.found] == list(range(lost + 1, 101))
+    wal, got = replay(tmp_path)
+    assert got == expected(1, lost - 1)
     await wal.close()
 
 
@@ -507,7 +561,7 @@ async def test_repair_does_not_overwrite_earlier_broken_files(tmp_path):
     last = segments[-1].path
     (tmp_path / (last.name + ".broken")).write_bytes(b"from an earlier repair")
     flip(last, frames_of(last)[0][0] + 19)
-    actions = repair_wal(tmp_path)
+    actions = repair_wal(tmp_path).actions
     assert any(f"{last.name}.broken.1" in a for a in actions)
     assert (tmp_path / (last.name + ".broken")).read_bytes() == b"from an earlier repair"
     wal, got = replay(tmp_path)

@@ -23,7 +23,7 @@ from oribus.shards.wal.record import (
     encode_record,
     iter_records,
 )
-from oribus.shards.wal.repair import repair_wal
+from oribus.shards.wal.repair import DroppedRecord, WalRepair, repair_wal
 from oribus.shards.wal.segment import (
     SEGMENT_HEADER_SIZE,
     SEGMENT_MAGIC,
@@ -32,7 +32,12 @@ from oribus.shards.wal.segment import (
     parse_segment_name,
     segment_name,
 )
-from oribus.shards.wal.snapshot import load_latest_snapshot, snapshot_name, write_snapshot
+from oribus.shards.wal.snapshot import (
+    latest_snapshot_lsn,
+    load_latest_snapshot,
+    snapshot_name,
+    write_snapshot,
+)
 from oribus.shards.wal.writer import Wal, WalConfig
 
 __all__ = [
@@ -42,14 +47,17 @@ __all__ = [
     "SEGMENT_MAGIC",
     "Damage",
     "Decoded",
+    "DroppedRecord",
     "FrameStatus",
     "ScanResult",
     "Segment",
     "Wal",
     "WalConfig",
+    "WalRepair",
     "decode_record",
     "encode_record",
     "iter_records",
+    "latest_snapshot_lsn",
     "list_segments",
     "load_latest_snapshot",
     "parse_segment_name",

@@ -112,6 +112,15 @@ def load_latest_snapshot(directory: str | os.PathLike) -> tuple[int, Any] | None
     return lsn, _read_snapshot(path, lsn)
 
 
+def latest_snapshot_lsn(directory: str | os.PathLike) -> int | None:
+    """The LSN of the newest snapshot file in ``directory`` (not read), None if there is none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    snapshots = _list_snapshots(directory)
+    return snapshots[-1][0] if snapshots else None
+
+
 def _list_snapshots(directory: Path) -> list[tuple[int, Path]]:
     found = []
     for entry in os.scandir(directory):

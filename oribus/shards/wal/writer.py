@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oribus.errors import OribusError, Unavailable
+from oribus.errors import DataCorrupted, OribusError, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import WAL_BATCH_RECORDS, WAL_FSYNC_SECONDS
 from oribus.shards.wal.reader import recover
@@ -91,6 +91,14 @@ class WalConfig:
 
     segment_bytes: int = 64 << 20  # roll to a new segment when the current one exceeds this
     unsafe_no_fsync: bool = False  # skip fsync: acknowledged commits can be lost on power failure
+
+
+def _missing_records(directory: Path, where: str, expected: int, found: int) -> DataCorrupted:
+    return DataCorrupted(
+        f"WAL in {directory} is missing records {found + 1}..{expected}: {where}, but every record "
+        f"up to LSN {expected} was durable",
+        path=str(directory), expected_lsn=expected, found_lsn=found, reason=where,
+    )
 
 
 def _fdatasync(fd: int) -> None:
@@ -193,6 +201,9 @@ class Wal(GroupCommit):
         self._fd: int | None = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND)
         self._active_size = os.fstat(self._fd).st_size
         self._roll_requested = False
+        # Called with the last LSN of a segment once it is fsynced and its successor exists
+        # (from the flush worker thread): the shard raises its manifest's high-water mark.
+        self.on_new_segment: Callable[[int], None] | None = None
 
         self._buffer: list[bytes] = []  # encoded frames not yet written, in LSN order
         self._last_lsn = last_lsn  # highest LSN appended
@@ -222,6 +233,7 @@ class Wal(GroupCommit):
         replay_from_lsn: int = 1,
         on_record: Callable[[int, int, Any], None] | None = None,
         metrics_label: str = "",
+        require_lsn: int = 0,
     ) -> Wal:
         """Open (or create) the WAL in ``directory``, replaying it through ``on_record``.
 
@@ -234,12 +246,21 @@ class Wal(GroupCommit):
         the log holds (``replay_from_lsn > last + 1``), the old segments are
         all covered by it and are deleted, so the log stays gap-free.
         ``metrics_label`` is the ``shard`` label of its metrics ("" exports none).
+
+        ``require_lsn``: the log is known to have held every record up to this
+        LSN (the shard manifest's high-water mark; ``replay_from_lsn - 1`` is
+        covered by the snapshot). If it ends below that, segment files were
+        lost: ``DataCorrupted`` (details ``expected_lsn``, ``found_lsn``) is
+        raised before any segment is created or deleted.
         """
         if replay_from_lsn < 1:
             raise ValueError(f"replay_from_lsn must be >= 1, got {replay_from_lsn}")
         config = config or WalConfig()
         fsync = not config.unsafe_no_fsync
         directory = Path(directory)
+        if require_lsn > replay_from_lsn - 1 and not directory.is_dir():
+            raise _missing_records(directory, "the WAL directory is missing", require_lsn,
+                                   replay_from_lsn - 1)
         directory.mkdir(parents=True, exist_ok=True)
         for path in remove_temp_segments(directory):
             log.info("removed interrupted segment creation %s", path)
@@ -248,6 +269,13 @@ class Wal(GroupCommit):
             directory, replay_from_lsn=replay_from_lsn, on_record=on_record, fsync=fsync
         )
         segments, last_lsn = result.segments, result.last_lsn
+        reaches = max(last_lsn, replay_from_lsn - 1)
+        if reaches < require_lsn:
+            where = (
+                f"the last segment {segments[-1].name} ends at LSN {last_lsn}"
+                if segments else "it holds no WAL segment"
+            )
+            raise _missing_records(directory, where, require_lsn, reaches)
         next_seq = segments[-1].seq + 1 if segments else 0
         if segments and replay_from_lsn > last_lsn + 1:
             log.warning(
@@ -467,6 +495,8 @@ class Wal(GroupCommit):
             self._segments.append(segment)
         self._next_seq += 1
         self._active_size = SEGMENT_HEADER_SIZE
+        if self.on_new_segment is not None:
+            self.on_new_segment(first_lsn - 1)
 
     def _release(self) -> None:
         """Close the active file; waits for a flush running in a worker thread."""
