@@ -100,6 +100,10 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     from oribus.meta.cluster import ClaimRefused
     from oribus.shards.server import ClaimLost, run_shard_server
 
+    if args.parent_fd is not None:  # a shard process of `oribus up --processes`: dies with it
+        from oribus.lifeline import die_with_parent
+
+        die_with_parent(args.parent_fd)
     try:
         _run(run_shard_server(_shard_id(args.id), Path(args.data_dir), args.listen,
                               ready_file=Path(args.ready_file) if args.ready_file else None,
@@ -215,6 +219,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from oribus.datadir_lock import DataDirLock
     from oribus.shards.wal import repair_wal
 
     data = Path(args.data_dir)
@@ -224,12 +231,16 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     if not wal_dirs:
         print(f"no WAL directories under {data}", file=sys.stderr)
         return 2
-    for d in wal_dirs:
-        actions = repair_wal(d)
-        for a in actions:
-            print(f"{d}: {a}")
-        if not actions:
-            print(f"{d}: intact")
+    # Never under a live process: lock the directory given and each shard's (DataDirLocked).
+    with contextlib.ExitStack() as locks:
+        for held in sorted({data, *(d.parent for d in wal_dirs)}):
+            locks.enter_context(DataDirLock.acquire(held, create=False))
+        for d in wal_dirs:
+            actions = repair_wal(d)
+            for a in actions:
+                print(f"{d}: {a}")
+            if not actions:
+                print(f"{d}: intact")
     return 0
 
 
@@ -333,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", help="write the bound address here once serving")
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
+    p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)  # oribus.lifeline
     _cluster_options(p)
     _tls_option(p)
     p.set_defaults(fn=_cmd_shard)
@@ -431,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clear message, not a traceback, for errors users can act on
-        from oribus.errors import OribusError
+        from oribus.errors import DataDirLocked, OribusError
 
+        if isinstance(e, DataDirLocked):  # a second server on one directory: refused, one line
+            print(f"oribus {args.command}: refused: {e.message}", file=sys.stderr)
+            return 3
         if isinstance(e, OribusError):
             print(json.dumps({"error": e.code, "message": e.message, **e.details}, default=_json_default),
                   file=sys.stderr)

@@ -23,6 +23,9 @@ in-memory table. Opening compacts the journal when it holds far more records
 than live entries: the live entries are appended to a new segment, made
 durable, and only then are the older segments removed, so a crash at any
 point replays to the same table.
+
+The directory is locked (``<dir>/LOCK``, ``oribus.datadir_lock``) before it is
+read, so a second bus on the same directory is refused with ``DataDirLocked``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from oribus.datadir_lock import DataDirLock
 from oribus.errors import LimitExceeded
 from oribus.protocol import Token
 from oribus.shards.wal import Wal, WalConfig, list_segments
@@ -45,8 +49,10 @@ RESET = 2
 class SessionJournal:
     """``await SessionJournal.open(dir)``; ``observe`` / ``reset`` return once durable."""
 
-    def __init__(self, wal: Wal, table: dict[SessionRef, dict[int, Token]], max_sessions: int) -> None:
+    def __init__(self, wal: Wal, table: dict[SessionRef, dict[int, Token]], max_sessions: int,
+                 dir_lock: DataDirLock | None = None) -> None:
         self._wal = wal
+        self._dir_lock = dir_lock  # released on close
         self.table = table  # the replayed state; SessionTable adopts it
         self.max_sessions = max_sessions
 
@@ -67,15 +73,24 @@ class SessionJournal:
                 table.pop(session, None)
 
         directory = Path(directory)
-        # Compaction removes a prefix of the log; it then starts at its first segment's LSN.
-        segments = list_segments(directory) if directory.is_dir() else []
-        first = segments[0].first_lsn if segments else 1
-        wal = Wal.open(directory, WalConfig(segment_bytes=16 << 20, unsafe_no_fsync=unsafe_no_fsync),
-                       replay_from_lsn=first, on_record=replay)
-        journal = cls(wal, table, max_sessions)
+        dir_lock = DataDirLock.acquire(directory)  # before reading: one bus per journal
+        try:
+            # Compaction removes a prefix of the log; it then starts at its first segment's LSN.
+            segments = list_segments(directory)
+            first = segments[0].first_lsn if segments else 1
+            wal = Wal.open(directory, WalConfig(segment_bytes=16 << 20, unsafe_no_fsync=unsafe_no_fsync),
+                           replay_from_lsn=first, on_record=replay)
+        except BaseException:
+            dir_lock.release()
+            raise
+        journal = cls(wal, table, max_sessions, dir_lock)
         live = sum(len(t) for t in table.values())
         if records > 4 * live + 1024:
-            await journal._compact()
+            try:
+                await journal._compact()
+            except BaseException:
+                await journal.close()
+                raise
         log.info("session journal %s: %d sessions (%d records replayed)", directory, len(table), records)
         return journal
 
@@ -105,4 +120,8 @@ class SessionJournal:
         await self._wal.sync(self._wal.append(RESET, {"s": list(session)}))
 
     async def close(self) -> None:
-        await self._wal.close()
+        try:
+            await self._wal.close()
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.release()
