@@ -135,3 +135,19 @@ def test_shard_processes_die_with_a_killed_up_and_a_restart_sees_every_commit(cl
     finally:
         for pid in first_children:  # survivors of a failed run are stopped by pid too
             _stop_pid(pid, 5)
+
+
+def test_a_surviving_shard_process_makes_a_restarted_up_refuse_instead_of_sharing(cluster, tmp_path):
+    data = tmp_path / "data"
+    server = cluster.add(up(tmp_path, data, processes=True, shards=1)).start().wait_serving()
+    with oribus.Client(server.address, agent="writer") as c:
+        c.put("survivor/k", "v1")
+    assert server.stop() == 0, server.log_tail()
+    # a shard process left running on up's shard directory (one that escaped its parent's death)
+    survivor = cluster.add(shard(tmp_path, 0, data / "shard-0000")).start().wait_serving()
+
+    server.start()
+    assert server.wait_exit(timeout=30) != 0, server.log_tail()
+    log = server.log_tail()
+    assert f"{data / 'shard-0000'} is in use by another process (pid {survivor.pid})" in log, log
+    survivor.wait_serving(timeout=2)  # untouched: it alone writes its WAL
