@@ -120,6 +120,11 @@ class LocalCluster:
         ]
 
     def spawn_shard(self, shard_id: int, listen: str = "127.0.0.1:0") -> subprocess.Popen:
+        """Start shard ``shard_id``'s process; it dies with this one (``oribus.lifeline``).
+
+        Call it from a thread that lives as long as the shard should (the event loop's):
+        the kernel's parent-death signal fires when the thread that forked the child ends.
+        """
         ready = self.config.data_dir / f".shard-{shard_id}.addr"
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()
