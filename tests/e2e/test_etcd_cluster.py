@@ -133,7 +133,7 @@ async def test_a_duplicate_shard_process_is_refused(cluster, tmp_path, etcd):
     wal = tmp_path / "shard-0" / "wal"
     before = sorted((p.name, p.stat().st_size) for p in wal.iterdir())
     # the same id from another machine (its own data directory: on this one's, the directory
-    # lock refuses it before the claim is even tried; test_datadir_lock.py covers that)
+    # lock refuses it before the claim is even tried; test_one_process_per_data_dir.py covers that)
     dup = cluster.add(cluster_shard(tmp_path, etcd.url, 0, name="dup", claim_wait=1,
                                     data_dir=tmp_path / "shard-0-dup")).start()
     code = await asyncio.to_thread(dup.wait_exit, 30)
