@@ -103,6 +103,10 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     from oribus.shards.config import ShardConfig
     from oribus.shards.server import ClaimLost, run_shard_server
 
+    if args.parent_fd is not None:  # a shard process of `oribus up --processes`: dies with it
+        from oribus.lifeline import die_with_parent
+
+        die_with_parent(args.parent_fd)
     shard_id = _shard_id(args.id)
     config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=True) if args.allow_empty else None
     try:
@@ -220,6 +224,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from oribus.datadir_lock import DataDirLock
     from oribus.shards.repair import repair_shard
 
     data = Path(args.data_dir)
@@ -229,14 +236,18 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     if not wal_dirs:
         print(f"no WAL directories under {data}", file=sys.stderr)
         return 2
-    for d in wal_dirs:
-        report = repair_shard(d.parent)
-        if args.json:
-            _print({"wal_dir": str(d), **report.to_dict()})
-            continue
-        for a in report.actions:
-            print(f"{d}: {a}")
-        print(f"{d}: {report.summary()}")
+    # Never under a live process: lock the directory given and each shard's (DataDirLocked).
+    with contextlib.ExitStack() as locks:
+        for held in sorted({data, *(d.parent for d in wal_dirs)}):
+            locks.enter_context(DataDirLock.acquire(held, create=False))
+        for d in wal_dirs:
+            report = repair_shard(d.parent)
+            if args.json:
+                _print({"wal_dir": str(d), **report.to_dict()})
+                continue
+            for a in report.actions:
+                print(f"{d}: {a}")
+            print(f"{d}: {report.summary()}")
     return 0
 
 
@@ -356,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
+    p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)  # oribus.lifeline
     _cluster_options(p)
     _tls_option(p)
     p.set_defaults(fn=_cmd_shard)
@@ -455,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a clear message, not a traceback, for errors users can act on
-        from oribus.errors import OribusError
+        from oribus.errors import DataDirLocked, OribusError
 
+        if isinstance(e, DataDirLocked):  # a second server on one directory: refused, one line
+            print(f"oribus {args.command}: refused: {e.message}", file=sys.stderr)
+            return 3
         if isinstance(e, OribusError):
             print(json.dumps({"error": e.code, "message": e.message, **e.details}, default=_json_default),
                   file=sys.stderr)

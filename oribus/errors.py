@@ -15,7 +15,9 @@ Every error any layer raises to a caller is one of these::
     ├── Unavailable                  a shard or the bus cannot be reached; retryable
     │   └── WatchLagged              a watcher fell behind its bounded queue and was cut off;
     │                                resume from the last version seen of each key
-    └── DataCorrupted                a WAL or snapshot failed its checksum where it must not
+    ├── DataCorrupted                a WAL or snapshot failed its checksum where it must not
+    └── DataDirLocked                another live process has the data directory open;
+                                     .details names the directory and the holder's pid
 
 Policy lives on the class: ``retryable`` says whether repeating the same
 request may succeed, ``code`` is the stable name used on every wire (gRPC
@@ -133,6 +135,17 @@ class DataCorrupted(OribusError):
     code = "DataCorrupted"
 
 
+class DataDirLocked(OribusError):
+    """Another live process holds the data directory's lock (``oribus.datadir_lock``).
+
+    Raised when opening, before anything in the directory is read: two processes
+    on one WAL would interleave their records. Not retryable: the holder does not
+    go away by itself. ``details``: ``directory`` and ``pid`` (None if unknown).
+    """
+
+    code = "DataDirLocked"
+
+
 _BY_CODE: dict[str, type[OribusError]] = {
     cls.code: cls
     for cls in (
@@ -147,6 +160,7 @@ _BY_CODE: dict[str, type[OribusError]] = {
         Unavailable,
         WatchLagged,
         DataCorrupted,
+        DataDirLocked,
     )
 }
 

@@ -99,6 +99,7 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "LimitExceeded": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "Unavailable": grpc.StatusCode.UNAVAILABLE,
     "DataCorrupted": grpc.StatusCode.DATA_LOSS,
+    "DataDirLocked": grpc.StatusCode.FAILED_PRECONDITION,
     "WatchLagged": grpc.StatusCode.UNAVAILABLE,
     "HistoryTruncated": grpc.StatusCode.OUT_OF_RANGE,
     "Internal": grpc.StatusCode.INTERNAL,

@@ -8,7 +8,9 @@ Two ways to host the shards:
   port, and the bus reaches them over gRPC — the cluster layout on one box.
 
 Either way the data directory has the embedded layout (``layout.json`` and
-``shard-NNNN/``), so one can switch between the two.
+``shard-NNNN/``), so one can switch between the two. In both, this process holds
+the data directory's lock (``DATA/LOCK``); with processes each shard process
+holds its own ``shard-NNNN/LOCK``, and dies with this one (``oribus.lifeline``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from oribus.bus.recovery import Recovery
 from oribus.bus.server import BusServer
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.shard_client import GrpcShardClient
+from oribus.datadir_lock import DataDirLock
 from oribus.errors import InvalidRequest, Unavailable
+from oribus.lifeline import ParentLifeline
 from oribus.meta.slots import StaticSlotMap
 from oribus.mux import stop_signal_event
 from oribus.tls import TlsConfig, channel_credentials, server_credentials
@@ -70,6 +74,8 @@ class LocalCluster:
         self.engine: LocalEngine | None = None
         self.server: BusServer | None = None
         self.shard_procs: dict[int, subprocess.Popen] = {}
+        self._dir_lock: DataDirLock | None = None  # DATA/LOCK with processes (the engine takes it otherwise)
+        self._lifeline: ParentLifeline | None = None  # shard processes stop when its write end closes
         self.shard_addresses: dict[int, str] = {}
         self._clients: list[GrpcShardClient] = []
 
@@ -99,9 +105,11 @@ class LocalCluster:
             await self.stop()
             raise
 
-    def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0") -> list[str]:
+    def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0",
+                      parent_fd: int | None = None) -> list[str]:
         tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
         allow_empty = ["--allow-empty"] if self.config.unsafe_allow_empty else []
+        lifeline = ["--parent-fd", str(parent_fd)] if parent_fd is not None else []
         return [
             sys.executable, "-m", "oribus.cli", "shard",
             "--id", str(shard_id),
@@ -110,13 +118,23 @@ class LocalCluster:
             "--ready-file", str(ready_file),
             *tls,
             *allow_empty,
+            *lifeline,
         ]
 
     def spawn_shard(self, shard_id: int, listen: str = "127.0.0.1:0") -> subprocess.Popen:
+        """Start shard ``shard_id``'s process; it dies with this one (``oribus.lifeline``).
+
+        Call it from a thread that lives as long as the shard should (the event loop's):
+        the kernel's parent-death signal fires when the thread that forked the child ends.
+        """
         ready = self.config.data_dir / f".shard-{shard_id}.addr"
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()
-        proc = subprocess.Popen(self.shard_command(shard_id, ready, listen), stdout=subprocess.DEVNULL)
+        if self._lifeline is None:
+            self._lifeline = ParentLifeline()
+        fd = self._lifeline.child_fd
+        proc = subprocess.Popen(self.shard_command(shard_id, ready, listen, parent_fd=fd),
+                                stdout=subprocess.DEVNULL, pass_fds=(fd,))
         self.shard_procs[shard_id] = proc
         return proc
 
@@ -135,7 +153,10 @@ class LocalCluster:
         return addr
 
     async def _start_processes(self) -> tuple[Bus, Recovery]:
-        await asyncio.get_running_loop().run_in_executor(None, check_layout, self.config)
+        loop = asyncio.get_running_loop()
+        # DATA/LOCK only: each shard process locks its own shard-NNNN/ (this process must not)
+        self._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, self.config.data_dir)
+        await loop.run_in_executor(None, check_layout, self.config)
         for i in range(self.config.shards):
             self.spawn_shard(i)
         shards = {}
@@ -179,6 +200,12 @@ class LocalCluster:
                 proc.kill()
                 proc.wait()
         self.shard_procs.clear()
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+        if self._dir_lock is not None:
+            self._dir_lock.release()
+            self._dir_lock = None
 
 
 async def run_until_signalled(cluster: LocalCluster) -> None:

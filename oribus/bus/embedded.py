@@ -9,8 +9,10 @@ coordinator went silent.
 
 Layout of the data directory::
 
+    DATA/LOCK                 flock held by the process that has DATA open (oribus.datadir_lock)
     DATA/layout.json          {"format": 1, "shards": N, "slots": 4096}
     DATA/shard-0000/MANIFEST  the shard's id and durable high-water mark (oribus.shards.manifest)
+    DATA/shard-0000/LOCK      the shard's own lock (a shard may run as its own process)
     DATA/shard-0000/wal/      WAL segments (oribus.shards.wal)
     DATA/shard-0000/snapshots/
     DATA/bus/sessions/        the bus's session journal (oribus.bus.session_journal)
@@ -29,6 +31,7 @@ from pathlib import Path
 from oribus.bus.bus import Bus
 from oribus.bus.recovery import Recovery
 from oribus.bus.session_journal import SessionJournal
+from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import DataCorrupted, InvalidRequest
 from oribus.meta.slots import SLOTS, StaticSlotMap
@@ -183,8 +186,9 @@ class LocalEngine:
     """A bus over in-process shards. Use ``await LocalEngine.open(config)`` and ``await close()``."""
 
     def __init__(self, config: EngineConfig, shards: dict[int, Shard],
-                 journal: SessionJournal | None = None) -> None:
+                 journal: SessionJournal | None = None, dir_lock: DataDirLock | None = None) -> None:
         self.config = config
+        self._dir_lock = dir_lock  # the data directory's lock, released on close
         self.shards = shards
         self.slot_map = StaticSlotMap(config.shards)
         self.journal = journal
@@ -201,10 +205,12 @@ class LocalEngine:
     @classmethod
     async def open(cls, config: EngineConfig) -> LocalEngine:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, check_layout, config)
+        # Before layout.json is read: a second process on this directory stops here.
+        dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
         shards: dict[int, Shard] = {}
         journal = None
         try:
+            await loop.run_in_executor(None, check_layout, config)
             for i in range(config.shards):
                 shards[i] = await Shard.open(config.shard_config(i))
             journal = await SessionJournal.open(config.session_journal_dir,
@@ -212,10 +218,15 @@ class LocalEngine:
         except BaseException:
             for s in shards.values():
                 await s.close()
+            dir_lock.release()
             raise
-        engine = cls(config, shards, journal)
-        await engine.recover_prepared(older_than=0.0)
-        await engine.release_settled()
+        engine = cls(config, shards, journal, dir_lock)
+        try:
+            await engine.recover_prepared(older_than=0.0)
+            await engine.release_settled()
+        except BaseException:
+            await engine.close()  # closes the shards and lets the directory go
+            raise
         engine._maintenance = loop.create_task(engine._maintain())
         return engine
 
@@ -249,7 +260,11 @@ class LocalEngine:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
-        for shard in self.shards.values():
-            await shard.close()
-        if self.journal is not None:
-            await self.journal.close()
+        try:
+            for shard in self.shards.values():
+                await shard.close()
+            if self.journal is not None:
+                await self.journal.close()
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.release()

@@ -37,6 +37,9 @@ the in-memory table. Opening compacts the journal when it holds far more
 records than live entries: the live entries (and the bit set, if any bit is
 set) are appended to a new segment, made durable, and only then are the
 older segments removed, so a crash at any point replays to the same state.
+
+The directory is locked (``<dir>/LOCK``, ``oribus.datadir_lock``) before it is
+read, so a second bus on the same directory is refused with ``DataDirLocked``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from oribus.datadir_lock import DataDirLock
 from oribus.protocol import Token
 from oribus.shards.wal import Wal, WalConfig, list_segments
 from oribus.types import SessionRef
@@ -73,8 +77,9 @@ class SessionJournal:
     then shows in ``table`` / ``acked`` / ``is_marked`` (one ``_apply`` for replay and
     live changes)."""
 
-    def __init__(self, wal: Wal) -> None:
+    def __init__(self, wal: Wal, dir_lock: DataDirLock | None = None) -> None:
         self._wal = wal
+        self._dir_lock = dir_lock  # released on close
         self.table: dict[SessionRef, dict[int, Token]] = {}  # SessionTable adopts it
         self.acked: set[SessionRef] = set()  # marked sessions refused once since (each has a table entry)
         self.owners: dict[SessionRef, bytes] = {}  # sha256 of each owned session's token (each has an entry)
@@ -92,17 +97,26 @@ class SessionJournal:
             pending.append((rtype, body))
 
         directory = Path(directory)
-        # Compaction removes a prefix of the log; it then starts at its first segment's LSN.
-        segments = list_segments(directory) if directory.is_dir() else []
-        first = segments[0].first_lsn if segments else 1
-        wal = Wal.open(directory, WalConfig(segment_bytes=16 << 20, unsafe_no_fsync=unsafe_no_fsync),
-                       replay_from_lsn=first, on_record=replay)
-        journal = cls(wal)
+        dir_lock = DataDirLock.acquire(directory)  # before reading: one bus per journal
+        try:
+            # Compaction removes a prefix of the log; it then starts at its first segment's LSN.
+            segments = list_segments(directory)
+            first = segments[0].first_lsn if segments else 1
+            wal = Wal.open(directory, WalConfig(segment_bytes=16 << 20, unsafe_no_fsync=unsafe_no_fsync),
+                           replay_from_lsn=first, on_record=replay)
+        except BaseException:
+            dir_lock.release()
+            raise
+        journal = cls(wal, dir_lock)
         for rtype, body in pending:
             journal._apply(rtype, body)
         live = sum(len(t) for t in journal.table.values()) + len(journal.acked) + len(journal.owners)
         if records > 4 * live + 1024:
-            await journal._compact()
+            try:
+                await journal._compact()
+            except BaseException:
+                await journal.close()
+                raise
         log.info("session journal %s: %d sessions (%d records replayed)", directory, len(journal.table), records)
         return journal
 
@@ -190,4 +204,8 @@ class SessionJournal:
         await self._write(MARKS, {"b": b""})
 
     async def close(self) -> None:
-        await self._wal.close()
+        try:
+            await self._wal.close()
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.release()

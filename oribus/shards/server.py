@@ -10,6 +10,7 @@ from typing import Any
 
 from oribus import wire
 from oribus.bus.watch import ensure_subscribed
+from oribus.datadir_lock import DataDirLock
 from oribus.errors import InvalidRequest, Unavailable
 from oribus.meta.cluster import ClaimRefused, ClusterMeta, ShardClaim
 from oribus.mux import GrpcListener, mux_handlers, stop_signal_event
@@ -28,8 +29,10 @@ class ShardServer:
     """
 
     def __init__(self, config: ShardConfig, listen: str, *, epoch: int | None = None,
-                 session_sweep_seconds: float = 5.0, tls: TlsConfig | None = None) -> None:
+                 session_sweep_seconds: float = 5.0, tls: TlsConfig | None = None,
+                 dir_lock: DataDirLock | None = None) -> None:
         self.config = config
+        self.dir_lock = dir_lock  # the data directory's lock if the caller took it (else Shard.open takes it)
         self.listen = listen
         self.tls = tls
         self.epoch = epoch
@@ -50,7 +53,7 @@ class ShardServer:
     async def start(self) -> None:
         # bad TLS files refuse the start before the shard is opened (the error names the file)
         credentials = server_credentials(self.tls) if self.tls is not None else None
-        self.shard = await Shard.open(self.config, epoch=self.epoch)
+        self.shard = await Shard.open(self.config, epoch=self.epoch, dir_lock=self.dir_lock)
         ops = {name: self._fenced(op) for name, op in wire.bind_ops(self.shard, wire.SHARD_OPS).items()}
         handler = mux_handlers(wire.SHARD_SERVICE, ops, watch=self._watch)
         self._listener = GrpcListener(self.listen, wire.SHARD_SERVICE, handler, credentials=credentials)
@@ -133,6 +136,9 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
                            claim_wait: float = 0.0) -> None:
     """Run until SIGINT/SIGTERM: the body of ``oribus shard``.
 
+    The data directory is locked first (``<data_dir>/LOCK``): while another live
+    process has it open, this one raises ``DataDirLocked`` and touches nothing.
+
     With ``meta`` (cluster mode) the shard id is claimed BEFORE the data is
     opened — a second process for the same id is refused (ClaimRefused) and
     never touches the WAL — and the claim's revision is the shard's epoch. The
@@ -144,6 +150,16 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
     live duplicate holds it for good; either way nothing is opened meanwhile.
     """
     cfg = config or ShardConfig(shard_id=shard_id, data_dir=data_dir)
+    # The data directory first: a second process on it is refused (DataDirLocked) before it
+    # claims the id in etcd or binds a port; held until this process ends.
+    with DataDirLock.acquire(cfg.data_dir) as dir_lock:
+        await _serve_shard(shard_id, cfg, listen, dir_lock, ready_file=ready_file, tls=tls, meta=meta,
+                           advertise=advertise, claim_wait=claim_wait)
+
+
+async def _serve_shard(shard_id: int, cfg: ShardConfig, listen: str, dir_lock: DataDirLock, *,
+                       ready_file: Path | None, tls: TlsConfig | None, meta: ClusterMeta | None,
+                       advertise: str | None, claim_wait: float) -> None:
     stop = stop_signal_event()
     claim = None
     if meta is not None:
@@ -151,7 +167,8 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
         if not 0 <= shard_id < cluster.shards:
             raise InvalidRequest(f"shard id {shard_id} is outside the cluster's 0..{cluster.shards - 1}")
         claim = await _claim(meta, shard_id, advertise or listen, claim_wait)
-    server = ShardServer(cfg, listen, tls=tls, epoch=claim.epoch if claim is not None and claim.epoch else None)
+    server = ShardServer(cfg, listen, tls=tls, epoch=claim.epoch if claim is not None and claim.epoch else None,
+                         dir_lock=dir_lock)
     try:
         await server.start()
         if claim is not None and meta is not None and advertise is None:

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import msgpack
 
+from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
 from oribus.failpoints import failpoint
@@ -91,6 +92,7 @@ class Shard(ShardService):
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
         self.wal: Wal | None = None
+        self._dir_lock: DataDirLock | None = None  # held (and released on close) when ``open`` took it
         self.resolver: Resolver | None = None
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._deciding: dict[str, asyncio.Future[TxnOutcome]] = {}
@@ -106,10 +108,24 @@ class Shard(ShardService):
                          "watches_lagged": 0}
 
     @classmethod
-    async def open(cls, config: ShardConfig, *, epoch: int | None = None) -> Shard:
-        """Recover from the latest snapshot and the WAL after it, then serve."""
+    async def open(cls, config: ShardConfig, *, epoch: int | None = None,
+                   dir_lock: DataDirLock | None = None) -> Shard:
+        """Lock ``config.data_dir``, recover from the latest snapshot and the WAL after it, then serve.
+
+        ``dir_lock``: the directory's lock, already taken by the caller (who then releases
+        it); without it the shard takes the lock itself, before reading anything, and
+        releases it on close. A directory another process holds raises ``DataDirLocked``.
+        """
         shard = cls(config, epoch if epoch is not None else time.time_ns())
-        await asyncio.get_running_loop().run_in_executor(None, shard._recover)
+        loop = asyncio.get_running_loop()
+        if dir_lock is None:
+            shard._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
+        try:
+            await loop.run_in_executor(None, shard._recover)
+        except BaseException:
+            if shard._dir_lock is not None:
+                shard._dir_lock.release()
+            raise
         return shard
 
     def _recover(self) -> None:
@@ -582,6 +598,11 @@ class Shard(ShardService):
         for fut in self._waiters.values():
             if not fut.done():
                 fut.set_result(None)
-        if self.wal is not None:
-            await self.wal.close()
-            await asyncio.get_running_loop().run_in_executor(None, self._raise_durable_mark, self.wal.durable_lsn)
+        try:
+            if self.wal is not None:
+                await self.wal.close()
+                await asyncio.get_running_loop().run_in_executor(None, self._raise_durable_mark,
+                                                                 self.wal.durable_lsn)
+        finally:
+            if self._dir_lock is not None:
+                self._dir_lock.release()

@@ -36,7 +36,8 @@ sessions = st.sampled_from(SESSIONS)
 
 
 def crash(bus: oribus.SyncSession) -> None:
-    """Stop the engine the way a killed process would: no flush, files just closed."""
+    """Stop the engine the way a killed process would: no flush, files just closed
+    (and so the data directory locks dropped, as the kernel drops a dead process's flocks)."""
     engine = bus._inner._owner
 
     async def _crash() -> None:
@@ -47,6 +48,9 @@ def crash(bus: oribus.SyncSession) -> None:
             shard._closed = True
             shard.wal._closed = True
             shard.wal._release()
+            shard._dir_lock.release()
+        engine.journal._dir_lock.release()
+        engine._dir_lock.release()
 
     bus._portal.call(_crash())
     bus._closed = True

@@ -132,7 +132,10 @@ async def test_a_duplicate_shard_process_is_refused(cluster, tmp_path, etcd):
     await asyncio.to_thread(first.wait_serving)
     wal = tmp_path / "shard-0" / "wal"
     before = sorted((p.name, p.stat().st_size) for p in wal.iterdir())
-    dup = cluster.add(cluster_shard(tmp_path, etcd.url, 0, name="dup", claim_wait=1)).start()
+    # the same id from another machine (its own data directory: on this one's, the directory
+    # lock refuses it before the claim is even tried; test_one_process_per_data_dir.py covers that)
+    dup = cluster.add(cluster_shard(tmp_path, etcd.url, 0, name="dup", claim_wait=1,
+                                    data_dir=tmp_path / "shard-0-dup")).start()
     code = await asyncio.to_thread(dup.wait_exit, 30)
     assert code == 3
     log = dup.log_tail()
@@ -190,7 +193,8 @@ async def test_etcd_down_servers_keep_serving_and_new_claims_are_refused(cluster
         await asyncio.sleep(LEASE_TTL * 2)  # longer than the leases: the keep-alives fail meanwhile
         for n in range(2, 12):  # the cluster keeps serving with the map it has
             acked.update(await w.commit({"down/a": n, "down/b": n, "down/c": n}))
-        late = cluster.add(cluster_shard(tmp_path, etcd.url, 1, name="late", claim_wait=1)).start()
+        late = cluster.add(cluster_shard(tmp_path, etcd.url, 1, name="late", claim_wait=1,
+                                         data_dir=tmp_path / "shard-1-late")).start()  # another machine
         assert await asyncio.to_thread(late.wait_exit, 30) != 0  # no claim without etcd
         assert "etcd is unreachable" in late.log_tail()
         etcd.start()

@@ -90,3 +90,15 @@ def test_cli_flags_reach_the_gateway_config():
     assert config.max_connections == 64
     defaults = _gateway_config(build_parser().parse_args(["up"]))
     assert (defaults.allow_origins, defaults.hosts, defaults.max_connections) == ((), (), 512)
+
+
+async def test_an_empty_post_is_served_whatever_type_its_client_labels_it(start_gateway):
+    # aiohttp labels an empty POST body application/octet-stream; a body to misread needs one
+    gw = await start_gateway(listen="127.0.0.1:0")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{gw.url}/session", headers={"Content-Type": "application/octet-stream"}) as r:
+            out = await r.json()  # it reaches the route, which says what the body lacks
+            assert (r.status, out["error"]) == (400, "InvalidRequest"), out
+        async with http.post(f"{gw.url}/session", data=b'{"agent_id": "x"}',
+                             headers={"Content-Type": "text/plain"}) as r:
+            assert r.status == 415, await r.text()

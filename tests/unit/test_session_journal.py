@@ -47,7 +47,7 @@ async def test_torn_tail_loses_only_the_unacknowledged_record(tmp_path):
     await j.observe(A, 0, (1, 1))
     await j.observe(B, 0, (1, 2))
     await j.close()
-    seg = sorted(p for p in tmp_path.iterdir() if p.is_file())[-1]
+    seg = sorted(tmp_path.glob("*.wal"))[-1]  # the last segment
     size = seg.stat().st_size
     with open(seg, "r+b") as f:  # cut the last record in half: a crash mid-write
         f.truncate(size - 5)

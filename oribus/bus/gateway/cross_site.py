@@ -8,7 +8,9 @@ the gateway (which has no authentication). Three checks, run before any route
   gets 415. Browsers send ``text/plain``, form types and multipart cross-site
   without a CORS preflight; ``application/json`` always needs one. A POST
   without Content-Type is accepted (S-Bus agents send JSON without the
-  header; a cross-site browser request without it still carries an Origin).
+  header; a cross-site browser request without it still carries an Origin),
+  and so is an empty one of any type (``POST /admin/reset`` from a client
+  library that labels an empty body ``application/octet-stream``).
 * **Origin** — a request whose ``Origin`` is not the gateway's own
   (scheme, host and port of the ``Host`` it was sent to) gets 403, unless the
   origin is listed in ``allow_origins`` (``*``: any); those also get the CORS
@@ -117,7 +119,7 @@ class CrossSiteGuard:
                     "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
                 })
         if request.method in BODY_METHODS and "Content-Type" in request.headers \
-                and request.content_type != JSON_TYPE:
+                and request.content_length != 0 and request.content_type != JSON_TYPE:
             return request_error(
                 415, "UnsupportedMediaType",
                 f"{request.method} bodies must be {JSON_TYPE}, not {request.headers['Content-Type']!r}",

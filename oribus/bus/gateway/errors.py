@@ -22,6 +22,7 @@ from oribus.errors import (
     Aborted,
     Conflict,
     DataCorrupted,
+    DataDirLocked,
     HistoryTruncated,
     InvalidRequest,
     LimitExceeded,
@@ -44,6 +45,7 @@ HTTP_STATUS: tuple[tuple[type[OribusError], int], ...] = (
     (WatchLagged, 503),
     (Unavailable, 503),
     (DataCorrupted, 500),
+    (DataDirLocked, 503),
     (OribusError, 500),
 )
 
