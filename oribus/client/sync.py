@@ -211,9 +211,11 @@ class SyncSession:
         self._owns_portal = owns_portal  # close() stops the loop thread too
         self._owner = owner or owns_portal  # close() releases the engine or connection: warn if never called
         self._closed = False
-        # watches open on this connection (its sessions' included): close() ends them, so a
-        # next() blocked in another thread returns even when the loop keeps running
+        # Watches open on this connection, its other sessions' included, and this session's own:
+        # close() ends them (all of them if it closes the connection), so a next() blocked in
+        # another thread returns even though the loop keeps running.
         self._watches: weakref.WeakSet[SyncWatch] = weakref.WeakSet() if watches is None else watches
+        self._own_watches: weakref.WeakSet[SyncWatch] = weakref.WeakSet()
 
     get = _forward("get", AsyncSession)
     get_many = _forward("get_many", AsyncSession)
@@ -255,6 +257,7 @@ class SyncSession:
         self._portal.call(inner.start())
         watch = SyncWatch(inner, self._portal)
         self._watches.add(watch)
+        self._own_watches.add(watch)
         return watch
 
     def run(self, fn: Callable[[SyncTransaction], T], *, retries: int = 20, policy: RetryPolicy | None = None) -> T:
@@ -284,7 +287,7 @@ class SyncSession:
         if self._closed:
             return
         self._closed = True
-        for watch in list(self._watches):
+        for watch in list(self._watches if self._owner else self._own_watches):
             if not watch.closed:
                 watch.close()
         self._portal.call(self._inner.close())

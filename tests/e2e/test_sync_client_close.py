@@ -69,3 +69,19 @@ def test_closing_sync_clients_prints_nothing(server):
 
 def test_closing_a_sync_client_ends_a_watch_blocked_in_another_thread(server):
     run_clients(server, 5, "reader")
+
+
+def test_closing_another_session_leaves_the_connection_s_watches_open(server):
+    import oribus
+
+    bus = oribus.Client(server.address, agent="closer")
+    try:
+        bus.put("sessions/plan", 1)
+        reviewer = bus.session(agent="reviewer")
+        mine, theirs = bus.watch("sessions/", from_version=0), reviewer.watch("sessions/", from_version=0)
+        reviewer.close()
+        assert theirs.closed and not mine.closed
+        assert next(mine).key == "sessions/plan"  # still delivers
+    finally:
+        bus.close()
+    assert mine.closed
