@@ -15,6 +15,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/oribus demo
 
+# Installs the Debian packages named in the shell variable $missing, without the packages they
+# only recommend, and says so in one line; apt's output is shown only if it fails.
+APT_INSTALL = \
+	if [ -z "$$missing" ]; then echo "system packages present: $(1)"; exit 0; fi; \
+	echo "installing$$missing ..."; log=$$(mktemp); \
+	if (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing) >$$log 2>&1; then \
+		rm -f $$log; echo "installed:$$missing"; \
+	else cat $$log; rm -f $$log; echo "apt-get install$$missing failed"; exit 1; fi
+
 # Debian packages the tests drive for real: etcd (cluster mode), headless Chromium
 # (the dashboard's browser test) and the SPIN model checker (the protocol model).
 system-deps:
@@ -23,10 +33,7 @@ system-deps:
 	command -v spin >/dev/null || missing="$$missing spin"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
-	if [ -n "$$missing" ]; then \
-		echo "installing$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call APT_INSTALL,etcd spin chromium chromedriver)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
@@ -46,7 +53,8 @@ soak: $(STAMP) system-deps
 # The commit protocol model (specs/PROTOCOL.md): SPIN verifies specs/model/oribus.pml
 # exhaustively and must find a counterexample in every specs/model/broken_*.pml.
 spec:
-	@command -v spin >/dev/null || (apt-get update -qq && apt-get install -y -qq spin)
+	@missing=""; command -v spin >/dev/null || missing=" spin"; \
+	$(call APT_INSTALL,spin)
 	$(PYTHON) specs/model/check.py --cycles
 
 lint: $(STAMP)
@@ -81,10 +89,7 @@ bench-deps:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/lib/postgresql/15/bin/postgres ] || missing="$$missing postgresql"; \
 	command -v etcd >/dev/null || missing="$$missing etcd-server"; \
-	if [ -n "$$missing" ]; then \
-		echo "installing$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call APT_INSTALL,redis-server postgresql etcd)
 
 clean:
 	rm -rf $(VENV) oribus-data .pytest_cache .hypothesis

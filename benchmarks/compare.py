@@ -294,7 +294,9 @@ async def run_all(args: argparse.Namespace, points: dict[str, Point], work: Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compare.py", description=__doc__.splitlines()[0],
+    # `oribus bench` runs this script and names itself in the usage line through ORIBUS_BENCH_PROG
+    p = argparse.ArgumentParser(prog=os.environ.get("ORIBUS_BENCH_PROG", "compare.py"),
+                                description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", nargs="+", default=list(DEFAULT_BACKENDS), choices=list(BACKENDS),
                    metavar="NAME", help=f"default: {' '.join(DEFAULT_BACKENDS)}")
@@ -315,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=20, help="retries of a refused step before giving up")
     p.add_argument("--shards", type=int,
                    help="shards of every oribus backend (default: each deployment's own, "
-                        "1 embedded and up, 2 with --processes)")
+                        "1 embedded and up, one per core with --processes)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, help="output directory (default benchmarks/results/<UTC time>)")
     p.add_argument("--work-dir", type=Path, help="where the servers' data directories go (default: TMPDIR)")

@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import base64
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,17 @@ def _run(coro: Any) -> Any:
         return uvloop.run(coro)
     except ImportError:  # pragma: no cover
         return asyncio.run(coro)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("oribus")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        import oribus
+
+        return oribus.__version__
 
 
 # ---- servers ----------------------------------------------------------------------------
@@ -183,7 +196,11 @@ def _cmd_put(args: argparse.Namespace) -> int:
     try:
         value = json.loads(args.json)
     except ValueError as e:
-        print(json.dumps({"error": "InvalidRequest", "message": f"value is not JSON: {e}"}), file=sys.stderr)
+        # a bare word is the usual slip: say how to store it as a JSON string
+        hint = shlex.quote(json.dumps(args.json))
+        message = (f"value must be JSON ({e}): to store the string {args.json}, quote it: "
+                   f"oribus put {shlex.quote(args.key)} {hint}")
+        print(json.dumps({"error": "InvalidRequest", "message": message}, ensure_ascii=False), file=sys.stderr)
         return 2
     with _client(args) as c:
         version = c.put(args.key, value, expect=args.expect)
@@ -296,7 +313,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               "repository. Run it from a clone of the repository (`make bench`, or "
               "`pip install -e '.[bench]'` then `oribus bench`).", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, str(script), *args.bench_args])
+    env = {**os.environ, "ORIBUS_BENCH_PROG": "oribus bench"}  # its usage line names this command
+    return subprocess.call([sys.executable, str(script), *args.bench_args], env=env)
 
 
 def _cluster_options(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -341,18 +359,23 @@ def _http_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oribus", description="A state bus for fleets of agents.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level (one line per HTTP request, with its commit id)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="run a bus and its shards on this machine")
-    p.add_argument("--data-dir", default="./oribus-data")
-    p.add_argument("--listen", default=DEFAULT_ADDR, help="gRPC address of the bus (HOST:PORT)")
+    p.add_argument("--data-dir", default="./oribus-data",
+                   help="where the bus and its shards keep their data (default: %(default)s)")
+    p.add_argument("--listen", default=DEFAULT_ADDR,
+                   help="gRPC address of the bus as HOST:PORT (default: %(default)s)")
     p.add_argument("--shards", type=int, default=None,
-                   help="shards of a new data directory (default: 1, or 2 with --processes; "
+                   help="shards of a new data directory (default: 1, or one per core with --processes; "
                         "an existing one keeps its own)")
-    p.add_argument("--processes", action="store_true", help="run each shard as its own process over gRPC")
+    p.add_argument("--processes", action="store_true",
+                   help="run each shard as its own process over gRPC (a new data directory gets one "
+                        "shard per core)")
     _allow_empty_option(p)
     _http_options(p)
     _tls_option(p)
@@ -361,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="run one shard server")
     p.add_argument("--id", required=True, help="the shard id, or 'ordinal' (the host name's -N suffix)")
     p.add_argument("--data-dir", required=True, help="this shard's own directory")
-    p.add_argument("--listen", default="127.0.0.1:0")
+    p.add_argument("--listen", default="127.0.0.1:0",
+                   help="gRPC address as HOST:PORT; port 0 picks a free one (default: %(default)s)")
     p.add_argument("--advertise", help="the address other servers reach this one at (default: --listen)")
     p.add_argument("--ready-file", help="write the bound address here once serving")
     p.add_argument("--claim-wait", type=float,
@@ -373,12 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_shard)
 
     p = sub.add_parser("bus", help="run a bus over shard servers")
-    p.add_argument("--listen", default=DEFAULT_ADDR)
+    p.add_argument("--listen", default=DEFAULT_ADDR,
+                   help="gRPC address of the bus as HOST:PORT (default: %(default)s)")
     p.add_argument("--shards", help="comma-separated shard addresses, shard 0 first (without --etcd)")
     p.add_argument("--advertise", help="gRPC address announced in etcd (default: the bound one)")
     p.add_argument("--advertise-http", help="HTTP address announced in etcd (default: the bound one)")
     p.add_argument("--data-dir", default="./oribus-data/bus",
-                   help="the bus's own state (the session journal of HTTP agents)")
+                   help="the bus's own state, the session journal of HTTP agents (default: %(default)s)")
     _cluster_options(p)
     _http_options(p)
     _tls_option(p)
@@ -386,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--addr", default=DEFAULT_ADDR)
-        p.add_argument("--agent", default="cli")
+        p.add_argument("--addr", default=DEFAULT_ADDR, help="the bus's gRPC address (default: %(default)s)")
+        p.add_argument("--agent", default="cli",
+                       help="the agent name the commands act as (default: %(default)s)")
         _tls_option(p)
         return p
 
@@ -401,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_put)
     p = client("history", "past versions of a key, newest first")
     p.add_argument("key")
-    p.add_argument("--limit", type=int)
+    p.add_argument("--limit", type=int, help="at most this many versions (default: all kept)")
     p.set_defaults(fn=_cmd_history)
     p = client("rollback", "restore a key to the value it had at VERSION")
     p.add_argument("key")
@@ -409,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_rollback)
     p = client("watch", "print committed changes under a prefix")
     p.add_argument("prefix", nargs="?", default="")
-    p.add_argument("--from-version", type=int)
+    p.add_argument("--from-version", type=int,
+                   help="first replay the kept changes after this version, then follow live ones "
+                        "(default: live changes only)")
     p.add_argument("--count", type=int, help="stop after this many changes")
     p.set_defaults(fn=_cmd_watch)
     p = client("stats", "counters of the bus and its shards")
@@ -444,8 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_certs_init)
 
     p = sub.add_parser("demo", help="run a fleet of agents on the embedded engine, with and without ORI")
-    p.add_argument("--data-dir", default="./oribus-data/demo")
-    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--data-dir", default="./oribus-data/demo", help="the demo's data (default: %(default)s)")
+    p.add_argument("--shards", type=int, default=2, help="shards of the demo's engine (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the data dir's existing contents")
     p.set_defaults(fn=_cmd_demo)
 

@@ -48,7 +48,10 @@ from oribus.tls import TlsConfig, channel_credentials, server_credentials
 
 log = logging.getLogger("oribus.cluster")
 
-PROCESS_SHARDS = 2  # shard processes of a new data directory: one per core of a small machine
+
+def process_shards() -> int:
+    """Shard processes of a new data directory under ``up --processes``: one per core."""
+    return os.cpu_count() or 2
 
 
 class LocalCluster:
@@ -59,7 +62,7 @@ class LocalCluster:
                  http: GatewayConfig | None = None, tls: TlsConfig | None = None, **engine_options) -> None:
         if shards is None:
             # a new directory: one in-process shard, or one shard process per core
-            shards = stored_shards(Path(data_dir)) or (PROCESS_SHARDS if processes else DEFAULT_SHARDS)
+            shards = stored_shards(Path(data_dir)) or (process_shards() if processes else DEFAULT_SHARDS)
         self.config = EngineConfig(data_dir=Path(data_dir), shards=shards, **engine_options)
         self.listen = listen
         # mutual TLS on every gRPC listener (bus, shard processes) and bus→shard client
@@ -220,9 +223,10 @@ async def run_until_signalled(cluster: LocalCluster) -> None:
         return
     stopping.cancel()
     starting.result()  # a failed start raises here (it already stopped what it started)
-    mode = "shard processes" if cluster.processes else "in-process shards"
+    n = cluster.config.shards
+    mode = ("shard process" if cluster.processes else "in-process shard") + ("s" if n != 1 else "")
     http = f", http on {cluster.gateway.url}" if cluster.gateway is not None else ""
-    print(f"oribus up: bus on {cluster.address}{http}, {cluster.config.shards} {mode}, "
+    print(f"oribus up: bus on {cluster.address}{http}, {n} {mode}, "
           f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)
     await stop.wait()
     print("oribus up: shutting down (draining, flushing)", flush=True)

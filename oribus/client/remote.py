@@ -138,15 +138,10 @@ def Client(  # noqa: N802 - a factory that reads like the class it returns
         with oribus.Client("127.0.0.1:7700", agent="planner") as bus:
             bus.put("plan", {"step": 1})
     """
-    portal = LoopThread()
+    portal = LoopThread.shared()  # not closed with the client: see LoopThread.shared
 
     async def make() -> AsyncSession:
         return connect(target, agent=agent, session_id=session_id, strict=strict, tls=tls,
                        credentials=credentials, timeout=timeout)
 
-    try:
-        session = portal.call(make())
-    except BaseException:  # e.g. unreadable TLS files: do not leave the loop thread behind
-        portal.stop()
-        raise
-    return SyncSession(session, portal, owns_portal=True)
+    return SyncSession(portal.call(make()), portal, owner=True)

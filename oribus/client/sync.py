@@ -13,8 +13,9 @@ import functools
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from oribus.client.retry import RetryPolicy
 from oribus.client.session import AsyncSession, Transaction
@@ -27,6 +28,24 @@ T = TypeVar("T")
 
 class LoopThread:
     """An asyncio loop (uvloop when available) in a daemon thread."""
+
+    _shared: ClassVar[LoopThread | None] = None
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> LoopThread:
+        """The loop every network client of the process runs on: started on first use, never closed.
+
+        grpc's asyncio layer cancels a closed channel's calls without waiting for them, and
+        delivers their last completions to the calls' loop some time later, from its own
+        poller. Were that loop closed by then, each would print a "RuntimeError: Event loop
+        is closed" traceback (when the next client's loop polls, or at exit); a loop that
+        lives as long as the process takes them harmlessly.
+        """
+        with cls._shared_lock:
+            if cls._shared is None:
+                cls._shared = cls()
+            return cls._shared
 
     def __init__(self) -> None:
         try:
@@ -128,6 +147,10 @@ class SyncWatch:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def last_seen(self) -> dict[str, int]:
         return self._inner.last_seen
 
@@ -147,6 +170,10 @@ class SyncWatch:
                     continue
                 fut.cancel()  # the loop stopped under us: the session was closed
                 more, event = False, None
+            except concurrent.futures.CancelledError:
+                if not self._closed:
+                    raise
+                more, event = False, None  # close() from another thread cancelled the network read
             if not more:
                 self._closed = True
                 raise StopIteration
@@ -177,11 +204,18 @@ class SyncSession:
                 tx.put("b", (tx.get("a").value or 0) + 1)
     """
 
-    def __init__(self, inner: AsyncSession, portal: LoopThread, *, owns_portal: bool = False) -> None:
+    def __init__(self, inner: AsyncSession, portal: LoopThread, *, owns_portal: bool = False,
+                 owner: bool = False, watches: weakref.WeakSet[SyncWatch] | None = None) -> None:
         self._inner = inner
         self._portal = portal
-        self._owns_portal = owns_portal
+        self._owns_portal = owns_portal  # close() stops the loop thread too
+        self._owner = owner or owns_portal  # close() releases the engine or connection: warn if never called
         self._closed = False
+        # Watches open on this connection, its other sessions' included, and this session's own:
+        # close() ends them (all of them if it closes the connection), so a next() blocked in
+        # another thread returns even though the loop keeps running.
+        self._watches: weakref.WeakSet[SyncWatch] = weakref.WeakSet() if watches is None else watches
+        self._own_watches: weakref.WeakSet[SyncWatch] = weakref.WeakSet()
 
     get = _forward("get", AsyncSession)
     get_many = _forward("get_many", AsyncSession)
@@ -207,7 +241,7 @@ class SyncSession:
         return self._inner.session_ref
 
     def session(self, agent: str | None = None, session_id: str | None = None, **kw: Any) -> SyncSession:
-        return SyncSession(self._inner.session(agent, session_id, **kw), self._portal)
+        return SyncSession(self._inner.session(agent, session_id, **kw), self._portal, watches=self._watches)
 
     def transaction(self) -> SyncTransaction:
         return SyncTransaction(self._inner.transaction(), self._portal)
@@ -221,7 +255,10 @@ class SyncSession:
         """
         inner = self._inner.watch(prefix, from_version, policy=policy)
         self._portal.call(inner.start())
-        return SyncWatch(inner, self._portal)
+        watch = SyncWatch(inner, self._portal)
+        self._watches.add(watch)
+        self._own_watches.add(watch)
+        return watch
 
     def run(self, fn: Callable[[SyncTransaction], T], *, retries: int = 20, policy: RetryPolicy | None = None) -> T:
         """Call ``fn(tx)`` in a fresh transaction and commit, retrying on Conflict (see AsyncSession.run)."""
@@ -250,6 +287,9 @@ class SyncSession:
         if self._closed:
             return
         self._closed = True
+        for watch in list(self._watches if self._owner else self._own_watches):
+            if not watch.closed:
+                watch.close()
         self._portal.call(self._inner.close())
         if self._owns_portal:
             self._portal.stop()
@@ -261,5 +301,5 @@ class SyncSession:
         self.close()
 
     def __del__(self) -> None:
-        if self._owns_portal and not self._closed:
+        if self._owner and not self._closed:
             warnings.warn("oribus sync session was never closed", ResourceWarning, stacklevel=1)

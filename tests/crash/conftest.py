@@ -1,6 +1,9 @@
-"""Crash tests: a place for their summary lines at the end of the pytest run."""
+"""Crash tests: progress lines while the sweep runs, and its summary at the end of the run."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 import pytest
 
@@ -11,6 +14,22 @@ _REPORT = pytest.StashKey[list[str]]()
 def crash_report(request: pytest.FixtureRequest) -> list[str]:
     """Lines appended here are printed in pytest's terminal summary (even with -q)."""
     return request.config.stash.setdefault(_REPORT, [])
+
+
+@pytest.fixture(scope="session")
+def crash_progress(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Writes a line to the terminal at once, even while pytest captures output: the sweep
+    runs for minutes inside one fixture, which would otherwise be silent."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:
+        if reporter is None:
+            return
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            reporter.write_line(line)
+
+    return say
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +68,7 @@ SHARD_COUNTS = (2, 3, 4)  # runs cycle through these engine sizes
 CALIBRATION_SEED = 1
 LATEST_HIT_FRACTION = 0.9  # the last armed hit, as a share of the calibrated hits
 PARALLEL = 2  # children at a time
+PROGRESS_LINES = 8  # progress lines the sweep prints while it runs
 CHILD_TIMEOUT = 60.0  # seconds; a healthy child takes about one
 # A few runs restart the workload after the first kill, armed again at the first
 # hit of one of these points, so the second kill lands inside recovery (which
@@ -266,12 +267,29 @@ class Sweep:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory: pytest.TempPathFactory, children: Children, crash_report: list[str]) -> Sweep:
+def sweep(tmp_path_factory: pytest.TempPathFactory, children: Children, crash_report: list[str],
+          crash_progress: Callable[[str], None]) -> Sweep:
     root = tmp_path_factory.mktemp("crash-sweep")
     started = time.monotonic()
+    crash_progress(f"crash sweep: calibrating the workload ({len(SHARD_COUNTS)} unarmed runs)")
     with ThreadPoolExecutor(PARALLEL) as pool:
         hits = calibrate(root, children, pool)
-        runs = list(pool.map(lambda r: execute(r, children), plan(root, hits)))
+        planned = plan(root, hits)
+        step = max(1, len(planned) // PROGRESS_LINES)
+        done = 0
+        lock = threading.Lock()
+
+        def execute_and_report(run: CrashRun) -> CrashRun:
+            nonlocal done
+            execute(run, children)
+            with lock:
+                done += 1
+                if done % step == 0 or done == len(planned):
+                    crash_progress(f"crash sweep: {done}/{len(planned)} armed runs checked, "
+                                   f"{time.monotonic() - started:.0f} s")
+            return run
+
+        runs = list(pool.map(execute_and_report, planned))
     result = Sweep(runs, time.monotonic() - started)
     summary = {
         "armed": len(runs),

@@ -33,6 +33,7 @@ from peers.oribus_embedded import OribusClient, OribusEmbedded  # noqa: E402
 from oribus import Conflict  # noqa: E402
 
 
+@pytest.mark.slow  # a whole (short) comparison run
 def test_compare_embedded_writes_results_and_passes_audit(tmp_path: Path) -> None:
     out = tmp_path / "out"
     t0 = time.monotonic()

@@ -757,3 +757,4 @@ DeliveryLogMachine.TestCase.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None
 )
 test_delivery_log_matches_model = DeliveryLogMachine.TestCase
+test_delivery_log_matches_model.pytestmark = [pytest.mark.slow]  # 300 examples of 40 steps
