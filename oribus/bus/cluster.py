@@ -99,11 +99,13 @@ class LocalCluster:
             else:
                 self.engine = await LocalEngine.open(self.config)
                 bus, recovery = self.engine.bus, None  # the engine runs its own recovery
-            self.server = BusServer(bus, self.listen, recovery=recovery, tls=self.tls)
-            await self.server.start()
+            # HTTP first: the gRPC health service says SERVING once the server starts, and
+            # what waits for it (process supervisors, tests) may then use the HTTP port too.
             if self.http_config is not None:
                 self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit))
                 await self.gateway.start()
+            self.server = BusServer(bus, self.listen, recovery=recovery, tls=self.tls)
+            await self.server.start()
         except BaseException:
             await self.stop()
             raise
@@ -224,7 +226,10 @@ async def run_until_signalled(cluster: LocalCluster) -> None:
     stopping.cancel()
     starting.result()  # a failed start raises here (it already stopped what it started)
     n = cluster.config.shards
-    mode = ("shard process" if cluster.processes else "in-process shard") + ("s" if n != 1 else "")
+    if cluster.processes:
+        mode = "shard process" if n == 1 else "shard processes"
+    else:
+        mode = "in-process shard" if n == 1 else "in-process shards"
     http = f", http on {cluster.gateway.url}" if cluster.gateway is not None else ""
     print(f"oribus up: bus on {cluster.address}{http}, {n} {mode}, "
           f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)

@@ -60,11 +60,13 @@ class StandaloneBus:
             self.directory = ShardDirectory(self.meta, shards, list(range(config.shards)), self._client)
             await self.directory.start(wait=self.ready_wait)
             self.bus = Bus(shards, slot_map.shard_for, session_journal=self._journal)
-            self.server = BusServer(self.bus, self.listen, recovery=Recovery(self.bus), tls=self.tls)
-            await self.server.start()
+            # HTTP first: the gRPC health service says SERVING once the server starts, and
+            # what waits for it (process supervisors, tests) may then use the HTTP port too.
             if self.http is not None:
                 self.gateway = HttpGateway(self.bus, self.http)
                 await self.gateway.start()
+            self.server = BusServer(self.bus, self.listen, recovery=Recovery(self.bus), tls=self.tls)
+            await self.server.start()
             host = socket.gethostname()
             http = self.advertise_http or (self.gateway.address if self.gateway else "")
             await self.meta.register_bus(BusRecord(f"{host}-{self.server.port}",

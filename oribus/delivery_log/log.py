@@ -356,6 +356,17 @@ class DeliveryLog:
         self._entry_count -= removed
         return removed
 
+    def reset_all(self) -> int:
+        """``reset`` every session at once (S-Bus ``/admin/reset``): every entry goes,
+        every record and incarnation stays. Returns how many sessions had entries."""
+        emptied = 0
+        for rec in self._sessions.values():
+            if rec.entries:
+                emptied += 1
+                rec.entries = {}
+        self._entry_count = 0
+        return emptied
+
     def drop(self, session: SessionRef) -> bool:
         """Remove the session's record entirely; returns whether it had one.
 

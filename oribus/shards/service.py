@@ -88,6 +88,11 @@ class ShardService(abc.ABC):
         this shard has no record of it."""
 
     @abc.abstractmethod
+    async def reset_every_session(self) -> int:
+        """``reset`` every session of the delivery log at once (S-Bus ``/admin/reset``);
+        records and tokens stay. Returns how many sessions had deliveries."""
+
+    @abc.abstractmethod
     async def stats(self) -> dict:
         """Counters for operators and benchmarks."""
 
@@ -165,6 +170,9 @@ class ShardServiceByCalls(ShardService):
 
     async def reset(self, session: SessionRef) -> Token | None:
         return await self._call("reset", session)
+
+    async def reset_every_session(self) -> int:
+        return await self._call("reset_every_session")
 
     async def stats(self) -> dict:
         return await self._call("stats")

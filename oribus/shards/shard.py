@@ -569,6 +569,9 @@ class Shard(ShardService):
         inc = self.dlog.incarnation_of(session)
         return None if inc is None else (self.epoch, inc)
 
+    async def reset_every_session(self) -> int:
+        return self.dlog.reset_all()
+
     async def stats(self) -> dict:
         wal = self.wal
         return {

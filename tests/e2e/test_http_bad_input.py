@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 from typing import Any
 
 import pytest
@@ -478,22 +479,38 @@ def test_cross_site_request_is_refused_and_changes_nothing(address, method, path
     check_good_commit(address)
 
 
-def test_json_without_content_type_and_same_origin_requests_are_served(address):
-    """S-Bus agents send JSON bodies without a Content-Type; the dashboard sends its own Origin."""
+def test_untyped_json_is_refused_and_typed_or_empty_same_origin_requests_are_served(address):
+    """A body must say it is JSON (browsers send untyped bodies cross-site without a preflight);
+    an empty POST passes untyped, as S-Bus's smoke test sends /admin/reset; the dashboard sends
+    its own Origin."""
     status, got = call(address, "GET", f"/shard/{GOOD}?agent_id=plain-agent")
     assert status == 200, got
     host, port = address.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request("POST", "/commit/v2", body=json.dumps({
-            "key": GOOD, "expected_version": got["version"], "delta": "no header", "agent_id": "plain-agent"}))
-        response = conn.getresponse()
-        assert response.status == 200, response.read()
-        response.read()
-    finally:
-        conn.close()
-    status, got = call(address, "GET", f"/shard/{GOOD}?agent_id=plain-agent")
-    assert (status, got["content"]) == (200, "no header")
+
+    def raw_post(path: str, body: bytes | None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.request("POST", path, body=body)  # http.client sends no Content-Type
+            response = conn.getresponse()
+            return response.status, json.loads(response.read() or b"{}")
+        finally:
+            conn.close()
+
+    status, out = raw_post("/commit/v2", json.dumps({
+        "key": GOOD, "expected_version": got["version"], "delta": "no header", "agent_id": "plain-agent"}).encode())
+    assert (status, out["error"]) == (415, "UnsupportedMediaType"), out
+    assert "Content-Type: application/json" in out["message"], out
+    status, now = call(address, "GET", f"/shard/{GOOD}?agent_id=plain-agent")
+    assert (status, now["version"], now["content"]) == (200, got["version"], got["content"])
+    status, out = raw_post("/admin/reset", None)  # empty and untyped: reaches the route (403 without --admin)
+    assert (status, out.get("error")) == (403, "Forbidden"), out
+    # as `curl -X POST URL` sends it: no Content-Length, no Content-Type, no body
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /admin/reset HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
     status, done = call(address, "POST", "/commit/v2", {
         "key": GOOD, "expected_version": got["version"], "delta": "same origin", "agent_id": "plain-agent"},
         headers={"Origin": f"http://{address}", "Content-Type": "application/json; charset=utf-8"})

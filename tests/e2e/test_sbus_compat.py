@@ -31,6 +31,7 @@ import http.client
 import itertools
 import json
 import random
+import socket
 import threading
 import time
 import urllib.parse
@@ -223,12 +224,10 @@ def sbus(server) -> SbusHttp:
     return SbusHttp(server.http_address)
 
 
-@pytest.fixture(scope="module")
-def admin_sbus(tmp_path_factory: pytest.TempPathFactory):
-    """``oribus up --admin`` (in-process shards), for the admin routes."""
+def _admin_server(tmp_path_factory: pytest.TempPathFactory, processes: bool):
     root = tmp_path_factory.mktemp("up-admin")
     c = Cluster()
-    server = c.add(up(root, root / "data", processes=False, admin=True, name="up-admin"))
+    server = c.add(up(root, root / "data", processes=processes, admin=True, name="up-admin"))
     _live.append(c)
     try:
         server.start().wait_serving()
@@ -236,6 +235,23 @@ def admin_sbus(tmp_path_factory: pytest.TempPathFactory):
     finally:
         _live.remove(c)
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def admin_sbus(tmp_path_factory: pytest.TempPathFactory):
+    """``oribus up --admin`` (in-process shards), for the admin routes."""
+    yield from _admin_server(tmp_path_factory, processes=False)
+
+
+@pytest.fixture(scope="module")
+def admin_sbus_processes(tmp_path_factory: pytest.TempPathFactory):
+    """``oribus up --admin --processes``."""
+    yield from _admin_server(tmp_path_factory, processes=True)
+
+
+@pytest.fixture(params=["up", "up --processes"])
+def any_admin_sbus(request: pytest.FixtureRequest) -> SbusHttp:
+    return request.getfixturevalue("admin_sbus_processes" if request.param == "up --processes" else "admin_sbus")
 
 
 def two_shard_keys(name: str, sbus: SbusHttp, content: str = "c0") -> tuple[str, str]:
@@ -1053,3 +1069,46 @@ def test_audit_flags_stale_commits_when_ori_is_off(admin_sbus: SbusHttp, request
         f"commits flagged stale by the audit"))
     assert result.anomalies == []
     assert len(result.stale_accepted) > 0, "the audit saw no stale commit with ORI off"
+
+
+def _curl_post_without_body(sbus: SbusHttp, path: str) -> Reply:
+    """``curl -sS -X POST URL``: no Content-Length, no Content-Type, no body."""
+    with socket.create_connection((sbus.host, sbus.port), timeout=30) as conn:
+        conn.sendall(f"POST {path} HTTP/1.1\r\nHost: {sbus.host}:{sbus.port}\r\n"
+                     "Accept: */*\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return Reply(int(head.split()[1]), json.loads(body) if body else None, 0.0, 0.0)
+
+
+def test_sbus_smoke_script_cases(any_admin_sbus: SbusHttp):
+    """S-Bus's own smoke test (test_proxy_cross_shard_stale.sh) step by step, as it sends
+    each request: a reset before each case, case A (a proxy-registered read made stale is
+    refused as CrossShardStale) and case B (without it, the same commit passes), twice."""
+    sbus = any_admin_sbus
+
+    def reset_and_create() -> None:
+        assert ok(_curl_post_without_body(sbus, "/admin/reset")).keys() == {"cleared"}
+        assert ok(sbus.request("GET", "/shards")) == {"shards": [], "count": 0}
+        for key in ("models_state", "orm_query"):
+            assert ok(sbus.create(key, "v0", "test"), 201)["version"] == 0
+
+    def case_a() -> None:
+        reset_and_create()
+        reg = ok(sbus.request("POST", "/delivery_log/register", {
+            "agent_id": "worker-demo", "session_id": "test", "shards_used": ["models_state"],
+            "source": "proxy", "timestamp_ms": 0}))
+        assert (reg["ok"], reg["registered"]) == (True, 1), reg
+        assert ok(sbus.commit("models_state", 0, "test-write", "other-agent", read_set=[]))["new_version"] == 1
+        body = refused(sbus.commit("orm_query", 0, "test-write", "worker-demo", read_set=[]), 409, "CrossShardStale")
+        assert (body["key"], body["version_at_read"], body["current_version"]) == ("models_state", 0, 1)
+
+    def case_b() -> None:
+        reset_and_create()
+        assert ok(sbus.commit("models_state", 0, "test-write", "other-agent", read_set=[]))["new_version"] == 1
+        assert ok(sbus.commit("orm_query", 0, "test-write", "worker-demo", read_set=[]))["new_version"] == 1
+
+    for case in (case_a, case_b, case_a, case_b):
+        case()

@@ -9,6 +9,8 @@ from processes import Cluster, up
 @pytest.mark.parametrize(("processes", "shards", "said"), [
     (False, 1, ", 1 in-process shard, "),
     (False, 2, ", 2 in-process shards, "),
+    (True, 1, ", 1 shard process, "),
+    (True, 2, ", 2 shard processes, "),
 ])
 def test_up_says_how_many_shards_it_runs(tmp_path, processes, shards, said):
     cluster = Cluster()

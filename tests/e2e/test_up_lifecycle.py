@@ -65,3 +65,4 @@ def test_up_that_cannot_listen_leaves_no_shard_behind(tmp_path):
         for pid in pids_serving(data):  # ours: they serve this test's data directory
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+

@@ -220,6 +220,20 @@ def test_reset_keeps_incarnation_and_sequence_counter():
     assert log.incarnation_of(C) is None
 
 
+def test_reset_all_empties_every_session_and_keeps_incarnations():
+    log, _ = make_log()
+    log.record_many(A, [("x", 1), ("y", 1)])
+    log.record(B, "x", 1)
+    log.record(C, "z", 1)
+    log.reset(C)
+    assert log.reset_all() == 2  # A and B had entries
+    assert [log.read_set(s, incarnation=log.incarnation_of(s)) for s in (A, B, C)] == [{}, {}, {}]
+    assert (log.incarnation_of(A), log.incarnation_of(B)) == (1, 2)
+    assert log.stats()["entries"] == 0 and log.stats()["sessions"] == 3
+    assert log.record(A, "x", 2)[0] == 1  # the same incarnation reads on
+    assert log.read_set(A, incarnation=1) == {"x": 2} and log.stats()["entries"] == 1
+
+
 def test_drop_removes_the_record_and_fails_closed():
     log, _ = make_log()
     log.record(A, "x", 1)

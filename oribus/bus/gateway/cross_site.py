@@ -4,13 +4,13 @@ A web page on another site can make the operator's browser send requests to
 the gateway (which has no authentication). Three checks, run before any route
 (``specs/http.md``, "Browsers"):
 
-* **Content-Type** — a POST with a body type other than ``application/json``
-  gets 415. Browsers send ``text/plain``, form types and multipart cross-site
-  without a CORS preflight; ``application/json`` always needs one. A POST
-  without Content-Type is accepted (S-Bus agents send JSON without the
-  header; a cross-site browser request without it still carries an Origin),
-  and so is an empty one of any type (``POST /admin/reset`` from a client
-  library that labels an empty body ``application/octet-stream``).
+* **Content-Type** — a POST with a body must declare ``application/json``;
+  any other type, or none, gets 415. Browsers send ``text/plain``, form types,
+  multipart and untyped bodies cross-site without a CORS preflight;
+  ``application/json`` always needs one. S-Bus's own server (axum's JSON
+  extractor) refuses an untyped body too, so its clients already send the
+  header. An empty POST (``POST /admin/reset``, as S-Bus's smoke test sends
+  it) has nothing to misread and passes whatever its type.
 * **Origin** — a request whose ``Origin`` is not the gateway's own
   (scheme, host and port of the ``Host`` it was sent to) gets 403, unless the
   origin is listed in ``allow_origins`` (``*``: any); those also get the CORS
@@ -118,12 +118,14 @@ class CrossSiteGuard:
                     "Access-Control-Allow-Headers": "Content-Type",
                     "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
                 })
-        if request.method in BODY_METHODS and "Content-Type" in request.headers \
-                and request.content_length != 0 and request.content_type != JSON_TYPE:
+        if request.method in BODY_METHODS and request.body_exists and request.content_type != JSON_TYPE:
+            declared = request.headers.get("Content-Type")
+            said = f"not {declared!r}" if declared is not None else "but it has no Content-Type"
             return request_error(
                 415, "UnsupportedMediaType",
-                f"{request.method} bodies must be {JSON_TYPE}, not {request.headers['Content-Type']!r}",
-                content_type=request.headers["Content-Type"])
+                f"{request.method} bodies must be {JSON_TYPE} (send the header "
+                f"'Content-Type: {JSON_TYPE}'), {said}",
+                content_type=declared)
         return None
 
     def cors_headers(self, request: web.Request) -> dict[str, str]:
