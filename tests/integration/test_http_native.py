@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from http_call import call
 
 from oribus.bus.bus import Bus
 from oribus.bus.embedded import EngineConfig, LocalEngine
@@ -30,34 +31,6 @@ from oribus.errors import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-async def served(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
-    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0"))
-    await gw.start()
-    async with aiohttp.ClientSession(base_url=gw.url) as http:
-        yield engine, gw, http
-    await gw.stop()
-    await engine.close()
-
-
-@pytest.fixture
-async def admin_served(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
-    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", admin=True))
-    await gw.start()
-    async with aiohttp.ClientSession(base_url=gw.url) as http:
-        yield engine, gw, http
-    await gw.stop()
-    await engine.close()
-
-
-async def call(http, method, path, **kw):
-    async with http.request(method, path, **kw) as r:
-        body = await r.read()
-        return r.status, (json.loads(body) if body[:1] in (b"{", b"[") else body.decode())
 
 
 async def test_reads_are_deliveries_and_stale_commits_are_refused(served):

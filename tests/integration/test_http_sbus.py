@@ -6,10 +6,9 @@ Each test reproduces a finding of the hardening issue as it was reported.
 
 from __future__ import annotations
 
-import json
-
 import aiohttp
 import pytest
+from http_call import call
 
 from oribus.bus.coordinator import CommitRequest
 from oribus.bus.embedded import EngineConfig, LocalEngine
@@ -17,23 +16,6 @@ from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.bus.sessions import SessionLimits
 from oribus.errors import InvalidRequest
 from oribus.types import encode_value
-
-
-@pytest.fixture
-async def served(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
-    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", admin=True))
-    await gw.start()
-    async with aiohttp.ClientSession(base_url=gw.url) as http:
-        yield engine, gw, http
-    await gw.stop()
-    await engine.close()
-
-
-async def call(http, method, path, **kw):
-    async with http.request(method, path, **kw) as r:
-        body = await r.read()
-        return r.status, (json.loads(body) if body[:1] in (b"{", b"[") else body.decode())
 
 
 async def every_key(http) -> list:
@@ -45,8 +27,8 @@ async def every_key(http) -> list:
 # ---- 6: the reserved .sbus/ namespace --------------------------------------------------------
 
 
-async def test_reserved_prefix_is_refused_on_every_write_path(served):
-    engine, _, http = served
+async def test_reserved_prefix_is_refused_on_every_write_path(admin_served):
+    engine, _, http = admin_served
     assert (await call(http, "POST", "/shard", json={"key": "zz", "content": "c"}))[0] == 201
     before = await every_key(http)
 
@@ -87,9 +69,9 @@ async def test_reserved_prefix_is_refused_on_every_write_path(served):
     ["not", "a", "map"],
     {"$bytes": "AAEC"},
 ])
-async def test_a_malformed_metadata_record_never_fails_a_read(served, record):
+async def test_a_malformed_metadata_record_never_fails_a_read(admin_served, record):
     """Written through the internal path (as an older version or damage could leave it)."""
-    _, gw, http = served
+    _, gw, http = admin_served
     assert (await call(http, "POST", "/shard", json={"key": "zz", "content": "c", "goal_tag": "g"}))[0] == 201
     raw = encode_value(record) if record != {"$bytes": "AAEC"} else encode_value(b"\x00\x01\x02")
     await gw.commit_unread(CommitRequest(session=("system", "test"), commit_id="m1", writes={".sbus/zz": raw}),
@@ -108,11 +90,11 @@ async def test_a_malformed_metadata_record_never_fails_a_read(served, record):
 # ---- 20: S-Bus's reset and listing ---------------------------------------------------------------
 
 
-async def test_sbus_smoke_cross_shard_stale_then_reset_then_again(served):
+async def test_sbus_smoke_cross_shard_stale_then_reset_then_again(admin_served):
     """S-Bus's own smoke test (test_proxy_cross_shard_stale.sh), its cases in a row with
     ``POST /admin/reset`` before each: a reset leaves every key absent (created again at
     version 0) and every agent's read log empty, as in S-Bus."""
-    _, _, http = served
+    _, _, http = admin_served
 
     async def commit(key, expected, agent):
         return await call(http, "POST", "/commit/v2", json={
@@ -152,10 +134,10 @@ async def test_sbus_smoke_cross_shard_stale_then_reset_then_again(served):
     await case_b()
 
 
-async def test_reads_made_before_a_reset_never_pass_as_current(served):
+async def test_reads_made_before_a_reset_never_pass_as_current(admin_served):
     """oribus versions never go back: only the S-Bus numbering restarts, from each key's base.
     An old read stays stale, and S-Bus rollback reaches only the key created again."""
-    engine, _, http = served
+    engine, _, http = admin_served
     await call(http, "POST", "/shard", json={"key": "doc", "content": "old"})
     await call(http, "POST", "/commit/v2", json={"key": "doc", "expected_version": 0, "delta": "old 1",
                                                   "agent_id": "w"})

@@ -1,0 +1,33 @@
+"""Integration fixtures: an embedded engine with its HTTP gateway on port 0 and a client."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+
+from oribus.bus.embedded import EngineConfig, LocalEngine
+from oribus.bus.gateway import GatewayConfig, HttpGateway
+
+
+async def _serve(data_dir, admin: bool):
+    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
+    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", admin=admin))
+    await gw.start()
+    async with aiohttp.ClientSession(base_url=gw.url) as http:
+        yield engine, gw, http
+    await gw.stop()
+    await engine.close()
+
+
+@pytest.fixture
+async def served(data_dir):
+    """(engine, gateway, client session) — two shards, no --admin."""
+    async for served in _serve(data_dir, admin=False):
+        yield served
+
+
+@pytest.fixture
+async def admin_served(data_dir):
+    """(engine, gateway, client session) — two shards, --admin."""
+    async for served in _serve(data_dir, admin=True):
+        yield served
