@@ -31,3 +31,22 @@ async def admin_served(data_dir):
     """(engine, gateway, client session) — two shards, --admin."""
     async for served in _serve(data_dir, admin=True):
         yield served
+
+
+@pytest.fixture
+async def start_gateway(data_dir):
+    """``await start_gateway(**GatewayConfig fields)``: gateways over one embedded engine (one
+    shard), listening on port 0 unless ``listen`` says otherwise; all stopped afterwards."""
+    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    gateways = []
+
+    async def start(**config) -> HttpGateway:
+        gw = HttpGateway(engine.bus, GatewayConfig(**{"listen": "127.0.0.1:0", **config}))
+        await gw.start()
+        gateways.append(gw)
+        return gw
+
+    yield start
+    for gw in gateways:
+        await gw.stop()
+    await engine.close()

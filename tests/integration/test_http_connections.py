@@ -14,27 +14,9 @@ import aiohttp
 import grpc
 import pytest
 
-from oribus.bus.embedded import EngineConfig, LocalEngine
 from oribus.bus.gateway import GatewayConfig, HttpGateway
 
 SHORT = {"header_timeout": 0.6, "body_timeout": 0.6, "idle_timeout": 1.5}
-
-
-@pytest.fixture
-async def start_gateway(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
-    gateways = []
-
-    async def start(**config) -> HttpGateway:
-        gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", **config))
-        await gw.start()
-        gateways.append(gw)
-        return gw
-
-    yield start
-    for gw in gateways:
-        await gw.stop()
-    await engine.close()
 
 
 async def connect(gw: HttpGateway) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

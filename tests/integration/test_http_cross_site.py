@@ -4,28 +4,8 @@ and the CLI flags that configure them (specs/http.md, "Browsers")."""
 from __future__ import annotations
 
 import aiohttp
-import pytest
 
-from oribus.bus.embedded import EngineConfig, LocalEngine
-from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.cli import _gateway_config, build_parser
-
-
-@pytest.fixture
-async def start_gateway(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
-    gateways = []
-
-    async def start(**config) -> HttpGateway:
-        gw = HttpGateway(engine.bus, GatewayConfig(**config))
-        await gw.start()
-        gateways.append(gw)
-        return gw
-
-    yield start
-    for gw in gateways:
-        await gw.stop()
-    await engine.close()
 
 
 async def post(url: str, body: dict, headers: dict[str, str]) -> tuple[int, dict, dict]:
