@@ -12,6 +12,8 @@
  *              intent waits), then commit: one phase on a single shard, or two phases
  *              with the decision recorded by compare-and-set on the primary; the session
  *              process is also the bus that coordinates its commit, and may crash;
+ *              YES votes carry the new versions, a finish may be lost, and the answer
+ *              names the new versions the coordinator learned;
  *   environment  the recovery sweep (and readers tired of waiting), which may resolve any
  *              prepared transaction through its primary at any moment ("anyone may abort
  *              through the primary"); background WAL flushes; shard crashes (memory and
@@ -19,7 +21,7 @@
  * Values are abstracted to versions.
  *
  * Configuration: 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default 1), shared by
- * the shards and the two 2PC coordinators:
+ * the shards, the two 2PC coordinators and lost finishes:
  *
  *   keys        K0 -> S0,   K1 -> S1,   K2 -> S1
  *   A (txn 0)   reads K0, K2 (S0 first)   writes K0, K2   2PC, primary S0
