@@ -34,6 +34,10 @@ Version order
     ``version-conflict``: two transactions (or two different values) claim
     the same version of a key. ``incompatible-order``: a list that is not a
     prefix of the key's longest list, or of the list at a higher version.
+Results
+    ``incomplete-result``: an ``ok`` transaction was told the new version of
+    some of its writes but not of all of them (a client that reports no
+    version at all is not held to this).
 
 ``info`` transactions (outcome unknown) count as committed only when some
 read or the final state holds one of their writes, or the final history
@@ -59,6 +63,7 @@ CATEGORIES = {
     "lost-write": "durability",
     "duplicate-commit": "idempotency",
     "version-gap": "version-order", "version-conflict": "version-order", "incompatible-order": "version-order",
+    "incomplete-result": "result",
 }
 ORI_KINDS = frozenset(k for k, c in CATEGORIES.items() if c == "ori")
 
@@ -339,6 +344,20 @@ class _Checker:
                     if t is not None and t.outcome == "fail":
                         self.report("G1a", f"{k}: the final history holds version {version} by commit {cid} of "
                                     f"{self.name(t)}, which failed ({t.error})", [t])
+
+    def check_results(self) -> None:
+        """incomplete-result: an acknowledged commit names the new version of some of its writes,
+        not of every one. A server that reports versions reports them all (PROTOCOL.md §5.5,
+        §5.7); a history whose client reports none (all null) keeps the old meaning of null."""
+        for t in self.txns:
+            if t.outcome != "ok":
+                continue
+            reported = sorted({op[1] for op in t.writes() if op[3] is not None})
+            missing = sorted({op[1] for op in t.writes() if op[3] is None} - set(reported))
+            if reported and missing:
+                self.report("incomplete-result",
+                            f"{self.name(t)} was acknowledged with the new version of {reported} "
+                            f"but not of {missing}, which it also wrote", [t])
 
     def version_claims(self) -> None:
         """Who wrote each version of each key; two claimants (or two values) of one version is a conflict."""
@@ -658,6 +677,7 @@ class _Checker:
         self.collect_observations()
         self.decide_committed()
         self.check_reads()
+        self.check_results()
         self.version_claims()
         self.list_orders()
         self.build_graph()
@@ -678,7 +698,7 @@ class _Checker:
             "edges": self.graph.edge_count(),
             "unverifiable_writes": self.unverifiable,
         }
-        # most telling first: cycles, then atomicity, durability, idempotency, version order
+        # most telling first: cycles, then atomicity, durability, idempotency, version order, results
         order = {c: i for i, c in enumerate(dict.fromkeys(CATEGORIES.values()))}
         anomalies = sorted(self.anomalies, key=lambda a: order.get(a.category, len(order)))
         return Report(anomalies, counts, self.notes)

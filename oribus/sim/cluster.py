@@ -594,7 +594,9 @@ def _incomplete_results(history: list[dict]) -> list[str]:
     """Acknowledged transactions that wrote a key without being told its new version.
 
     ``specs/history.md`` lets a history leave a write's version null when the server did not
-    report it; oribus always reports it (PROTOCOL.md §5.7), so here a null is a failure.
+    report it (``check`` flags only an ``ok`` with some versions and some nulls:
+    ``incomplete-result``); oribus always reports it (PROTOCOL.md §5.7), so here any null is a
+    failure, that of a transaction's only write too.
     """
     return [
         f"{ev['id']}: no version for {op[1]!r}"

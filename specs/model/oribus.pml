@@ -12,6 +12,8 @@
  *              intent waits), then commit: one phase on a single shard, or two phases
  *              with the decision recorded by compare-and-set on the primary; the session
  *              process is also the bus that coordinates its commit, and may crash;
+ *              YES votes carry the new versions, a finish may be lost, and the answer
+ *              names the new versions the coordinator learned;
  *   environment  the recovery sweep (and readers tired of waiting), which may resolve any
  *              prepared transaction through its primary at any moment ("anyone may abort
  *              through the primary"); background WAL flushes; shard crashes (memory and
@@ -19,7 +21,7 @@
  * Values are abstracted to versions.
  *
  * Configuration: 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default 1), shared by
- * the shards and the two 2PC coordinators:
+ * the shards, the two 2PC coordinators and lost finishes:
  *
  *   keys        K0 -> S0,   K1 -> S1,   K2 -> S1
  *   A (txn 0)   reads K0, K2 (S0 first)   writes K0, K2   2PC, primary S0
@@ -40,6 +42,8 @@
  *   BROKEN_NO_EPOCH         a participant ignores the session's epoch, so a restarted
  *                           shard validates against its now empty delivery log
  *   BROKEN_READ_THROUGH     reads do not wait for write intents
+ *   BROKEN_PARTIAL_ACK      YES votes carry no versions: the answer names the primary's
+ *                           new versions and those of the finishes that were answered
  */
 
 #ifndef MAXCRASH
@@ -113,6 +117,8 @@ byte cver[NK];          /* version written by the last txn whose commit point pa
 bit committed[NT];      /* the commit point passed: COMMITTED recorded (1PC or primary) */
 bit aborted[NT];        /* the primary recorded ABORTED */
 bit acked[NT];          /* the session was told its commit succeeded */
+bit partial_ack;        /* some acknowledged commit's answer lacked, or misstated, the new
+                           version of a key it wrote (I-7) */
 bit stale_commit;       /* some commit point passed with a stale read (I-1 broken) */
 bit partial_read;       /* some read saw part of a commit, or an uncommitted write (I-2) */
 
@@ -134,6 +140,7 @@ ltl no_stale_read_at_commit        { [] !stale_commit }
 ltl not_both_committed_and_aborted { [] INV_NOT_BOTH }
 ltl acknowledged_is_durable        { [] INV_ACK_DURABLE }
 ltl all_or_nothing_visibility      { [] (INV_VISIBLE && !partial_read) }
+ltl acknowledged_names_its_versions { [] !partial_ack }
 
 /*
  * fsync on shard s: every record appended so far becomes durable. Read locks of a
@@ -216,6 +223,56 @@ inline apply_and_unlock(t, s) {
         fi
     }
     unlock(t, s)
+}
+
+/*
+ * The coordinator learns the new versions of t's writes on shard s, as a vote, a decision
+ * or a finish reply carries them: the versions t's PREPARE (or one-phase) record fixed.
+ */
+inline report_versions(t, s) {
+    for (i : 0 .. NK - 1) {
+        if
+        :: SHARD(i) == s && BIT(WMASK(t), i) -> known[i] = tver[KT(t, i)]
+        :: else -> skip
+        fi
+    }
+}
+
+/*
+ * The answer to a commit whose decision is COMMITTED (§5.5, §5.7): it names the new version
+ * of every key t wrote, or, when one is not known, the client gets Unavailable (the commit
+ * stands; a retry with the same id learns them). I-7, at the moment of the answer: every
+ * version named is the one t's record installs (what apply_and_unlock and a restart's replay
+ * make current). The Unavailable branch is not reachable here (a YES vote always reports;
+ * it is the retry of §5.7, which the model does not make), so the check has teeth only in
+ * broken_partial_ack.pml.
+ */
+inline acknowledge(t) {
+    ok = 1;
+#ifndef BROKEN_PARTIAL_ACK
+    for (i : 0 .. NK - 1) {
+        if
+        :: BIT(WMASK(t), i) && known[i] == 0 -> ok = 0
+        :: else -> skip
+        fi
+    }
+#endif
+    if
+    :: ok ->
+        acked[t] = 1;
+        printf("EV %c: the client is told: committed, with versions K0:%d K1:%d K2:%d\n",
+               'A' + t, known[0], known[1], known[2]);
+        for (i : 0 .. NK - 1) {
+            if
+            :: BIT(WMASK(t), i) && known[i] != tver[KT(t, i)] -> partial_ack = 1
+            :: else -> skip
+            fi
+        }
+        assert(!partial_ack)
+    :: else ->
+        printf("EV %c: the client is told: Unavailable, committed without every new version\n", 'A' + t)
+    fi;
+    ok = 0
 }
 
 #ifdef BROKEN_NO_EPOCH
@@ -310,7 +367,13 @@ inline read_shard(t, s) {
 inline prepare(t, s) {
     d_step {
         if
-        :: vol[AT(s, t)] == PREPARED || vol[AT(s, t)] == COMMITTED -> vote = YES
+        :: vol[AT(s, t)] == PREPARED || vol[AT(s, t)] == COMMITTED ->
+            vote = YES;
+#ifndef BROKEN_PARTIAL_ACK
+            report_versions(t, s)
+#else
+            skip
+#endif
         :: vol[AT(s, t)] == ABORTED -> commit = 0; vote = NO
         :: else ->
             if
@@ -332,7 +395,14 @@ inline prepare(t, s) {
                     }
                     if
                     :: !has && s != PRIMARY(t) -> parts = parts & ~(1 << s); vote = NOTHING
-                    :: else -> vol[AT(s, t)] = PREPARED; fsync(s); vote = YES
+                    :: else ->
+                        vol[AT(s, t)] = PREPARED; fsync(s); vote = YES;
+                        /* a YES vote carries the new versions its write intents fix */
+#ifndef BROKEN_PARTIAL_ACK
+                        report_versions(t, s)
+#else
+                        skip
+#endif
                     fi
                 fi
             fi
@@ -408,6 +478,7 @@ inline finish_body(t, s, commit) {
 
 proctype Session(byte t) {
     byte i, u, seen, ok, has, vote, out, s, parts, prim;
+    byte known[NK];     /* the new version of each key as the coordinator learned it, 0 = not yet */
     bit commit;
 
     /* the reads, one request per shard */
@@ -462,7 +533,7 @@ proctype Session(byte t) {
             fi;
             printf("EV %c: one-phase commit on S%d: {vote:%d}\n", 'A' + t, s, out);
             if
-            :: out == COMMITTED -> acked[t] = 1
+            :: out == COMMITTED -> report_versions(t, s); acknowledge(t)
             :: else -> skip
             fi;
             i = 0; ok = 0
@@ -485,22 +556,47 @@ proctype Session(byte t) {
         :: else -> skip
         fi;
         MAY_CRASH;      /* the bus dies after phase one */
-        atomic { decide_body(t, prim, commit, out); i = 0 }
+        atomic {
+            decide_body(t, prim, commit, out);
+            /* the primary's answer carries its new versions */
+            if
+            :: out == COMMITTED -> report_versions(t, prim)
+            :: else -> skip
+            fi;
+            i = 0
+        }
         MAY_CRASH;      /* the bus dies after the commit point, before phase two */
         for (s : 0 .. NS - 1) {
             if
             :: s != prim && BIT(parts, s) ->
-                d_step { finish_body(t, s, (out == COMMITTED)); i = 0 }
+                if
+                :: d_step {
+                       finish_body(t, s, (out == COMMITTED));
+                       /* the finish reply carries the participant's new versions */
+                       if
+                       :: vol[AT(s, t)] == COMMITTED -> report_versions(t, s)
+                       :: else -> skip
+                       fi;
+                       i = 0
+                   }
+                /* the participant is unreachable (down, or the reply is lost): it stays
+                   PREPARED until the recovery sweep; the client is answered anyway (§5.5) */
+                :: d_step {
+                       crashes < MAXCRASH -> crashes++;
+                       printf("EV %c: finish on S%d is lost: S%d is unreachable\n", 'A' + t, s, s);
+                       quiet_flush(0); quiet_flush(1); i = 0
+                   }
+                fi
             :: else -> skip
             fi
         }
         if
         :: out == COMMITTED ->
             d_step {
-                acked[t] = 1;
-                printf("EV %c: the client is told: committed\n", 'A' + t);
                 /* I-3, at the moment of the answer */
-                assert(dur[AT(prim, t)] == COMMITTED)
+                assert(dur[AT(prim, t)] == COMMITTED);
+                acknowledge(t);
+                i = 0
             }
         :: else -> skip
         fi
@@ -512,6 +608,7 @@ gone:
         sessions_done++;
         for (i : 0 .. NK - 1) { dlog[KT(t, i)] = 0 }
         for (i : 0 .. NS - 1) { tok[TS(t, i)] = 0 }
+        for (i : 0 .. NK - 1) { known[i] = 0 }
         i = 0; u = 0; seen = 0; ok = 0; has = 0; out = 0; s = 0; parts = 0; prim = 0;
         commit = 0
     }

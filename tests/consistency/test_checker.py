@@ -333,6 +333,23 @@ def test_garbage_read() -> None:
     assert kinds(h.events) == {"garbage-read": 1}
 
 
+def test_acknowledged_commit_missing_a_written_version() -> None:
+    """Seen with ``oribus up --processes`` and shard kills: an agent's step wrote its update
+    ``u/1/3/65`` and its counter ``ctr/3`` (on another shard) and was acknowledged with
+    ``{'ctr/3': 65}``: the version of ``u/1/3/65`` was missing from the result."""
+    h = H()
+    h.txn(["w", "u/1/3/65", "step 65 of agent 1", None], ["w", "ctr/3", 65, 65])
+    found = check(h.events)
+    assert found.by_kind() == {"incomplete-result": 1}, found.summary()
+    assert "u/1/3/65" in found.anomalies[0].message and "ctr/3" in found.anomalies[0].message
+    # a client that reports no version at all, and a failed or unknown commit, are not held to it
+    h = H()
+    h.txn(["w", "u/1/3/66", "step 66 of agent 1", None], ["w", "ctr/3", 66, None])
+    h.txn(["w", "u/1/3/67", "step 67 of agent 1", None], ["w", "ctr/3", 67, None], outcome="fail")
+    h.txn(["append", "la/k1", 1, 1], ["append", "la/k1", 2, 1], ["append", "la/k2", 3, 1])
+    assert kinds(h.events) == {}
+
+
 def test_malformed_histories_are_refused(tmp_path: Path) -> None:
     with pytest.raises(HistoryError, match="not invoked"):
         check([{"type": "ok", "id": 1, "ops": []}])
@@ -461,6 +478,36 @@ async def test_two_phase_commit_applied_on_one_shard_is_flagged(tmp_path: Path) 
     _figures("2PC on one shard", report)
     found = report.by_kind()
     assert found.get("fractured-read") and found.get("lost-write"), report.summary()
+
+
+async def test_two_phase_commit_acknowledged_with_the_primary_versions_only_is_flagged(tmp_path: Path) -> None:
+    """The answer of a two-phase commit as it was before YES votes carried versions, when
+    every finish reply is lost: only the primary's new versions. The list-append workload
+    records what the answer named, so the checker sees the incomplete results."""
+    engine = await LocalEngine.open(EngineConfig(data_dir=tmp_path / "data", shards=3))
+    coordinator = engine.bus.coordinator
+    commit = coordinator.commit
+    trimmed = 0
+
+    async def primary_versions_only(req: Any) -> Any:
+        nonlocal trimmed
+        result = await commit(req)
+        if result.two_phase and result.versions:
+            primary = coordinator.shard_for(min(result.versions))
+            kept = {k: v for k, v in result.versions.items() if coordinator.shard_for(k) == primary}
+            trimmed += kept != result.versions
+            result.versions = kept
+        return result
+
+    try:
+        coordinator.commit = primary_versions_only
+        rec, _ = await _list_append_run(AsyncSession(engine.bus, "checker"), BROKEN_TXNS, seed=14)
+    finally:
+        await engine.close()
+    assert trimmed > 0
+    report = check(rec.events)
+    _figures("2PC answered with the primary's versions", report)
+    assert report.by_kind() == {"incomplete-result": trimmed}, report.summary()
 
 
 # ---- acknowledged before fsync, then power loss ------------------------------------------------

@@ -2,17 +2,19 @@
 
 The nemesis kill -9s and restarts, or SIGSTOPs and SIGCONTs, shard and bus
 processes at random (seeded) while clients run the agent-step workload (read 3
-keys, write one of them with its counter + 1, commit only if all 3 are
-unchanged) and the list-append workload (recorded as a history for the
+keys, write one of them with its counter + 1 and a new key recording the step,
+often on another shard, commit only if all 3 are unchanged) and the list-append workload (recorded as a history for the
 checker). Then every fault heals and the final state is checked:
 
 - agent-step: every kept version of every key holds the counter ``version - 1``
   (a stale commit would repeat or skip a counter: a lost update), every
   acknowledged commit id is in its key's history exactly once, no refused id
   is, and ids whose outcome the client could not know appear at most once;
+  every acknowledgement named the new versions of both keys it wrote;
 - list-append: ``oribus.checker.check`` over the recorded history and the
   final state (serializability cycles, atomicity, durability, idempotency,
-  version order) finds nothing.
+  version order, and ``incomplete-result``: an acknowledged commit that named
+  the new versions of only some of the keys it wrote) finds nothing.
 
 Bounded here (``NEMESIS_SECONDS``); ``make soak`` runs the same for longer.
 """
@@ -56,19 +58,25 @@ class AgentStep:
         self.acked_ids: dict[str, str] = {}  # acknowledged commit id -> the key it wrote
         self.refused: set[str] = set()
         self.unknown: set[str] = set()
+        self.unreported: list[str] = []  # acknowledged commits whose answer lacked a written key
         self.outcomes: Counter[str] = Counter()
         self.stop = asyncio.Event()
 
     async def client(self, n: int) -> None:
         rng = random.Random(self.seed * 1000 + n)
         async with oribus.connect(self.address, agent=f"step-{n}") as s:
+            steps = 0
             while not self.stop.is_set():
+                steps += 1
                 picks = rng.sample(self.keys, 3)
+                record = f"nem-step/{n}/{steps}"
                 tx = s.transaction()
                 try:
                     items = await tx.get_many(picks)
-                    tx.put(picks[0], {"n": items[picks[0]].value["n"] + 1})
-                    await tx.commit()
+                    counter = items[picks[0]].value["n"] + 1
+                    tx.put(picks[0], {"n": counter})
+                    tx.put(record, {"key": picks[0], "n": counter})
+                    versions = await tx.commit()
                 except Conflict:
                     self.refused.add(tx.commit_id)
                     self.outcomes["conflict"] += 1
@@ -84,6 +92,9 @@ class AgentStep:
                     await asyncio.sleep(0.1)
                     continue
                 self.acked_ids[tx.commit_id] = picks[0]
+                if picks[0] not in versions or record not in versions:
+                    self.unreported.append(f"{tx.commit_id} wrote {picks[0]} and {record}, "
+                                           f"acknowledged with {versions}")
                 self.outcomes["ok"] += 1
 
     async def audit(self, populate_ids: set[str]) -> list[str]:
@@ -145,6 +156,7 @@ async def test_agent_step_under_kills_and_pauses(cluster, tmp_path, etcd):
     print(f"\nnemesis: {kills} kills, {pauses} pauses in {NEMESIS_SECONDS:.0f}s; client outcomes "
           f"{dict(work.outcomes)}; {len(work.acked_ids)} acknowledged, {len(work.unknown)} unknown")
     assert problems == [], "\n".join(problems[:20])
+    assert work.unreported == [], work.unreported[:20]
     assert nemesis.faults >= 3, nemesis.events
     assert work.outcomes["ok"] > 50, work.outcomes
     assert sum(v for k, v in work.outcomes.items() if k not in ("ok", "conflict")) > 0, (
