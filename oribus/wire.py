@@ -530,6 +530,7 @@ SHARD_OPS: dict[str, Op] = {
     "forget": Op(lambda s, k: {"s": enc_session(s), "k": list(k)}, dec_keys_args, _none, _none),
     "reset": Op(lambda s: {"s": enc_session(s)}, lambda a: (dec_session_args(a),),
                 lambda t: None if t is None else list(t), _token_or_none),
+    "drop": Op(lambda s: {"s": enc_session(s)}, lambda a: (dec_session_args(a),), _none, _none),
     "reset_every_session": Op(lambda: {}, _dec_stats_args, _same, _same),
     "stats": Op(lambda: {}, _dec_stats_args, _same, _same),
     "expired": Op(lambda o: {"o": o}, _dec_older_than, enc_txn_refs, dec_txn_refs),

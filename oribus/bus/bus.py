@@ -264,22 +264,32 @@ class Bus:
         for k in keys:
             validate_key(k)
             by_shard.setdefault(self.shard_for(k), []).append(k)
-        await asyncio.gather(*(self.shards[s].forget(session, ks) for s, ks in by_shard.items()))
         if caller_owns or not by_shard:
+            await asyncio.gather(*(self.shards[s].forget(session, ks) for s, ks in by_shard.items()))
             return False
+        # Not the owner: the session's records go on those shards, so whichever bus holds its
+        # tokens (another replica included) refuses its next commit (SessionExpired).
+        await asyncio.gather(*(self.shards[s].drop(session) for s in by_shard))
         return await self.sessions.mark_lost_reads(
             session, "some of its reads were forgotten by a caller that did not present its session_token")
 
     async def reset(self, session: SessionRef, *, caller_owns: bool = True) -> bool:
         """Drop every delivery of the session on every shard, and its tokens.
 
-        ``caller_owns=False``: as for ``forget`` — the session is marked instead
-        of cleared, so its next commit fails closed. Returns whether it was marked.
+        ``caller_owns=False``: as for ``forget`` — the session's records are
+        dropped on the shards (a bus presenting its tokens gets SessionExpired) and
+        it is marked here, so its next commit fails closed on any bus. Returns
+        whether it was marked here.
         """
         _check_session(session)
         sids = list(self.shards)
+        if not caller_owns:
+            # The session's records go on every shard, so whichever bus holds its tokens
+            # (another replica, which this bus cannot mark) refuses its next commit too.
+            await asyncio.gather(*(self.shards[s].drop(session) for s in sids))
+            return await self.sessions.reset(session, caller_owns=False)
         now = await asyncio.gather(*(self.shards[s].reset(session) for s in sids))
-        return await self.sessions.reset(session, dict(zip(sids, now, strict=True)), caller_owns=caller_owns)
+        return await self.sessions.reset(session, dict(zip(sids, now, strict=True)))
 
     async def open_session(self, session: SessionRef, client: str = "") -> str | None:
         """A ``session_token`` proving ownership of a durable session nobody uses yet, else

@@ -88,6 +88,12 @@ class ShardService(abc.ABC):
         this shard has no record of it."""
 
     @abc.abstractmethod
+    async def drop(self, session: SessionRef) -> None:
+        """Remove the session's record: a commit presenting a token it was given fails with
+        SessionExpired, on every bus alike; its next read starts a new incarnation. For a
+        reset or forget by a caller that did not prove it owns the session (specs/http.md)."""
+
+    @abc.abstractmethod
     async def reset_every_session(self) -> int:
         """``reset`` every session of the delivery log at once (S-Bus ``/admin/reset``);
         records and tokens stay. Returns how many sessions had deliveries."""
@@ -170,6 +176,9 @@ class ShardServiceByCalls(ShardService):
 
     async def reset(self, session: SessionRef) -> Token | None:
         return await self._call("reset", session)
+
+    async def drop(self, session: SessionRef) -> None:
+        await self._call("drop", session)
 
     async def reset_every_session(self) -> int:
         return await self._call("reset_every_session")

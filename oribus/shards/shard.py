@@ -569,6 +569,9 @@ class Shard(ShardService):
         inc = self.dlog.incarnation_of(session)
         return None if inc is None else (self.epoch, inc)
 
+    async def drop(self, session: SessionRef) -> None:
+        self.dlog.drop(session)
+
     async def reset_every_session(self) -> int:
         return self.dlog.reset_all()
 

@@ -42,6 +42,11 @@ STOP_TIMEOUT = 20.0
 PR_SET_PDEATHSIG = 1
 
 
+def say(what: str) -> None:
+    """Progress on stderr (the report goes to stdout): what the session was doing if it hangs."""
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
 def die_with_parent() -> None:
     """In the child: SIGKILL when this runner dies, so nothing outlives a killed session."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -136,6 +141,7 @@ def _run_session(spec: dict) -> list[str]:
             if block["lang"] == "python":
                 path = cwd / f"block-{block['line']}.py"
                 path.write_text(block["code"])
+                say(f"{where}: running {path.name}")
                 r = subprocess.run([sys.executable, path.name], cwd=cwd, env=env, capture_output=True,
                                    text=True, timeout=COMMAND_TIMEOUT, preexec_fn=die_with_parent)
                 if r.returncode != 0 or r.stderr:
@@ -149,13 +155,16 @@ def _run_session(spec: dict) -> list[str]:
                     if any(t in (";", "&&", "||", "|", "&") or t.endswith(";") for t in argv):
                         failures.append(f"{where}: `{line}`: a long-running command must be a line of its own")
                         return failures
+                    say(f"{where}: starting `{line}`")
                     proc = Background(line, argv, kind, cwd, env, len(background))
                     background.append(proc)
                     problem = proc.wait_ready(cwd)
+                    say(f"{where}: `{line}` {'ready' if problem is None else 'failed'}")
                     if problem:
                         failures.append(f"{where}: `{line}` {problem}")
                         return failures
                     continue
+                say(f"{where}: running `{line}`")
                 r = subprocess.run(["sh", "-c", line], cwd=cwd, env=env, capture_output=True, text=True,
                                    timeout=COMMAND_TIMEOUT, preexec_fn=die_with_parent)
                 if r.returncode != 0 or "Traceback" in r.stderr:
@@ -165,6 +174,7 @@ def _run_session(spec: dict) -> list[str]:
         return failures
     finally:
         for proc in reversed(background):
+            say(f"stopping `{proc.line}`")
             problem = proc.stop()
             if problem:
                 failures.append(f"`{proc.line}` {problem}")

@@ -105,8 +105,14 @@ def test_readme_session_runs_as_written(session: list[Block], tmp_path: Path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its children die with it (PR_SET_PDEATHSIG)
+        out, err = proc.communicate()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted((tmp_path / "work").glob("background-*.log")))
+        pytest.fail(f"the session did not end within 240 s; its progress:\n{err[-3000:]}\n{logs}")
     finally:
-        if proc.poll() is None:  # its children die with it (PR_SET_PDEATHSIG)
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
