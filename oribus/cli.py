@@ -62,9 +62,13 @@ def _gateway_config(args: argparse.Namespace):
 
     if args.no_http:
         return None
+    from oribus.bus.sessions import SessionLimits
+
+    limits = SessionLimits(max_sessions=args.http_sessions, max_per_agent=args.http_sessions_per_agent,
+                           max_per_client=args.http_sessions_per_client)
     return GatewayConfig(listen=args.http, admin=args.admin, sbus_max_delta=args.sbus_max_delta,
                          allow_origins=tuple(args.http_allow_origin), hosts=tuple(args.http_host),
-                         max_connections=args.http_max_connections)
+                         max_connections=args.http_max_connections, session_limits=limits)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -337,6 +341,16 @@ def _tls_option(p: argparse.ArgumentParser) -> None:
                                          "(oribus certs init)")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
 def _http_options(p: argparse.ArgumentParser) -> None:
     from oribus.bus.gateway import DEFAULT_HTTP, GatewayConfig
 
@@ -355,6 +369,15 @@ def _http_options(p: argparse.ArgumentParser) -> None:
                         "dot and the machine's name are always accepted); repeatable")
     p.add_argument("--http-max-connections", type=int, default=GatewayConfig.max_connections,
                    help="open HTTP connections; past it new ones get 503 and are closed")
+    from oribus.bus.sessions import SessionLimits
+
+    caps = SessionLimits()
+    for flag, default, what in (("--http-sessions", caps.max_sessions, "in all"),
+                                ("--http-sessions-per-agent", caps.max_per_agent, "of one agent name"),
+                                ("--http-sessions-per-client", caps.max_per_client, "opened from one client address")):
+        p.add_argument(flag, type=_positive_int, default=default, metavar="N",
+                       help=f"HTTP agent sessions {what}; past it the most idle one is evicted and its next "
+                            "commit fails closed (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@ and the CLI flags that configure them (specs/http.md, "Browsers")."""
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
+from oribus.bus.sessions import SessionLimits
 from oribus.cli import _gateway_config, build_parser
 
 
@@ -63,13 +65,18 @@ async def test_allowed_origin_gets_cors_and_others_are_refused(start_gateway):
 def test_cli_flags_reach_the_gateway_config():
     args = build_parser().parse_args([
         "up", "--http", "0.0.0.0:7780", "--http-allow-origin", "http://a.example", "--http-allow-origin", "*",
-        "--http-host", "bus.example", "--http-max-connections", "64"])
+        "--http-host", "bus.example", "--http-max-connections", "64", "--http-sessions", "900",
+        "--http-sessions-per-agent", "7", "--http-sessions-per-client", "30"])
     config = _gateway_config(args)
     assert config.allow_origins == ("http://a.example", "*")
     assert config.hosts == ("bus.example",)
     assert config.max_connections == 64
+    assert config.session_limits == SessionLimits(max_sessions=900, max_per_agent=7, max_per_client=30)
     defaults = _gateway_config(build_parser().parse_args(["up"]))
     assert (defaults.allow_origins, defaults.hosts, defaults.max_connections) == ((), (), 512)
+    assert defaults.session_limits == SessionLimits()
+    with pytest.raises(SystemExit):  # argparse: "must be at least 1, not 0"
+        build_parser().parse_args(["up", "--http-sessions-per-agent", "0"])
 
 
 async def test_an_empty_post_is_served_whatever_type_its_client_labels_it(start_gateway):

@@ -162,8 +162,9 @@ async def test_reads_made_before_a_reset_never_pass_as_current(admin_served):
 @pytest.fixture
 async def small_caps(data_dir):
     engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2, max_sessions_per_shard=20))
-    engine.bus.sessions.limits = SessionLimits(max_sessions=40, max_per_agent=5, max_per_client=15)
-    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0"))
+    limits = SessionLimits(max_sessions=40, max_per_agent=5, max_per_client=15)
+    gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", session_limits=limits))  # --http-sessions...
+    assert engine.bus.sessions.limits == limits
     await gw.start()
     flooder = aiohttp.ClientSession(base_url=gw.url, connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0)))
     async with aiohttp.ClientSession(base_url=gw.url) as http, flooder:

@@ -34,6 +34,7 @@ from oribus.bus.directory import UnregisteredShard
 from oribus.bus.gateway.connections import ConnectionCap, GuardedConnection
 from oribus.bus.gateway.cross_site import CrossSiteGuard
 from oribus.bus.gateway.errors import error_response, json_response, request_error
+from oribus.bus.sessions import SessionLimits
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Scope
 
@@ -61,6 +62,9 @@ class GatewayConfig:
     body_timeout: float = 30.0  # seconds to receive a whole body once a route reads it (then 408)
     idle_timeout: float = 60.0  # seconds a connection may wait for its next (or first) request
     max_connections: int = 512  # open connections; past it new ones get 503 and are closed at once
+    # Caps on HTTP sessions, in all, per agent and per client address (specs/http.md); over
+    # one, the group's most idle session is evicted and fails closed. None: SessionLimits().
+    session_limits: SessionLimits | None = None
 
 
 def _no_constant(name: str) -> None:
@@ -91,6 +95,8 @@ class HttpGateway:
             )
         self.bus = bus
         self.config = config = config or GatewayConfig()
+        if config.session_limits is not None:  # HTTP agents are the bus's only durable sessions
+            bus.sessions.limits = config.session_limits
         self.cross_site = CrossSiteGuard(config.listen.rpartition(":")[0], config.hosts, config.allow_origins)
         self.connections = ConnectionCap(config.max_connections)
         self.started_at = time.time()
