@@ -9,11 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from processes import free_port
 
 
 class EtcdServer:
@@ -25,8 +21,8 @@ class EtcdServer:
             raise AssertionError("etcd is not installed: `make test` installs it (apt-get install etcd-server)")
         self.binary = binary
         self.data_dir = Path(data_dir)
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        self.client_port = free_port()
+        self.peer_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     @property

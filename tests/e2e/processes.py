@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,11 +25,39 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (what bind to port 0 hands out)."""
+    with contextlib.suppress(OSError, ValueError):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+_random = random.SystemRandom()  # parallel test runs do not draw the same sequence
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (bind port 0, read it, let it go)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on right now, below the kernel's ephemeral range.
+
+    Not a port 0 the kernel picked: between this call and the server's bind, a process
+    binding port 0 (the shard processes of ``up --processes``) or opening a connection could
+    be handed that very port. Below the range only another explicit pick can take it, and
+    none here repeats one.
+    """
+    low = max(1024, _EPHEMERAL_LOW - 12_000)
+    for _ in range(2_000):
+        port = _random.randrange(low, _EPHEMERAL_LOW)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}..{_EPHEMERAL_LOW - 1}")
 
 
 def oribus_command(*args: str) -> list[str]:
