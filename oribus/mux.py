@@ -436,8 +436,3 @@ def stop_signal_event() -> asyncio.Event:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     return stop
-
-
-async def wait_for_stop_signal() -> None:
-    """Return on SIGINT or SIGTERM (the servers' graceful shutdown)."""
-    await stop_signal_event().wait()

@@ -15,7 +15,7 @@ or "Ssl handshake failed".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -66,9 +66,6 @@ class TlsConfig:
         d = self.cert.parent
         same = TlsConfig.from_dir(d, ssl_target_name_override=self.ssl_target_name_override)
         return d if same == self else None
-
-    def with_target_name(self, name: str | None) -> TlsConfig:
-        return replace(self, ssl_target_name_override=name)
 
     def channel_options(self) -> list[tuple[str, str]]:
         """Extra gRPC channel options of a client (the target name override, if any)."""

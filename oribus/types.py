@@ -16,7 +16,8 @@ import msgpack
 from oribus.errors import InvalidRequest, ValueTooLarge
 
 MAX_KEY_BYTES = 1024
-DEFAULT_MAX_VALUE_BYTES = 1 << 20
+DEFAULT_MAX_VALUE_BYTES = 1 << 20  # largest encoded value a write may carry
+DEFAULT_HISTORY_LIMIT = 100  # versions kept per key (history and rollback reach)
 
 
 class _Delete:

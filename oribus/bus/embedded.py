@@ -40,6 +40,7 @@ from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.shard import Shard
 from oribus.shards.txn import Txn
 from oribus.shards.wal import WalConfig, latest_snapshot_lsn, list_segments
+from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
 
 log = logging.getLogger("oribus.engine")
 
@@ -54,8 +55,8 @@ class EngineConfig:
     # with, else DEFAULT_SHARDS. In one process the shards share one event loop, so more
     # than one buys no parallelism and turns multi-key commits into two-phase ones.
     shards: int | None = None
-    history_limit: int = 100  # versions kept per key
-    max_value_bytes: int = 1 << 20  # largest encoded value
+    history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value
     session_ttl_seconds: float = 3600.0  # idle sessions expire after this (their commits then fail closed)
     max_entries_per_session: int = 100_000  # deliveries per session per shard
     max_sessions_per_shard: int = 100_000  # live sessions per shard

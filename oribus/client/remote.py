@@ -23,7 +23,7 @@ from oribus.mux import MuxClient
 from oribus.protocol import Change, WatchRequest
 from oribus.shards.store import Entry
 from oribus.tls import TlsConfig, channel_credentials
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 
@@ -94,7 +94,7 @@ def connect(
     tls: TlsConfig | str | Path | None = None,
     credentials: grpc.ChannelCredentials | None = None,
     timeout: float = 30.0,
-    max_value_bytes: int = 1 << 20,
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
 ) -> AsyncSession:
     """Connect to a bus; returns the agent's session (close it, or use ``async with``).
 

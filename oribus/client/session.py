@@ -1,7 +1,7 @@
 """The client API: a session of one agent on a bus, and its transactions.
 
-The same classes serve the embedded engine (``oribus.open_local``) and, later,
-remote buses: they only call the bus methods ``read``, ``commit``,
+The same classes serve the embedded engine (``oribus.open_local``) and remote
+buses (``oribus.connect``): they only call the bus methods ``read``, ``commit``,
 ``history``, ``forget``, ``reset``, ``stats`` and ``watch``.
 """
 
@@ -21,6 +21,7 @@ from oribus.client.watch import WatchStream
 from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
 from oribus.protocol import Scope, Token
 from oribus.types import (
+    DEFAULT_MAX_VALUE_BYTES,
     DELETE,
     Item,
     SessionRef,
@@ -76,7 +77,7 @@ class AsyncSession:
         session_id: str | None = None,
         *,
         strict: bool = False,
-        max_value_bytes: int = 1 << 20,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         owner: Any = None,
     ) -> None:
         if not isinstance(agent, str) or not agent:

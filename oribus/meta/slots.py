@@ -11,8 +11,9 @@ import crc32c
 SLOTS = 4096
 
 
-def slot_of(key: str) -> int:
-    return crc32c.crc32c(key.encode("utf-8")) % SLOTS
+def slot_of(key: str, slots: int = SLOTS) -> int:
+    """The key's slot: CRC-32C of its UTF-8 bytes, mod the slot count."""
+    return crc32c.crc32c(key.encode("utf-8")) % slots
 
 
 class StaticSlotMap:
@@ -30,4 +31,4 @@ class StaticSlotMap:
         return list(range(self.shard_count))
 
     def shard_for(self, key: str) -> int:
-        return self._owner[crc32c.crc32c(key.encode("utf-8")) % self.slots]
+        return self._owner[slot_of(key, self.slots)]

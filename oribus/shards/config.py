@@ -7,6 +7,7 @@ from pathlib import Path
 
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.shards.wal import WalConfig
+from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
 
 WAL_DIR = "wal"  # below a shard's data_dir
 SNAPSHOT_DIR = "snapshots"  # below a shard's data_dir
@@ -16,8 +17,8 @@ SNAPSHOT_DIR = "snapshots"  # below a shard's data_dir
 class ShardConfig:
     shard_id: int  # which partition of the slot space this shard serves
     data_dir: Path  # this shard's own directory (WAL segments and snapshots live below it)
-    history_limit: int = 100  # versions kept per key (history and rollback reach)
-    max_value_bytes: int = 1 << 20  # largest encoded value a write may carry
+    history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key (history and rollback reach)
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value a write may carry
     wal: WalConfig = field(default_factory=WalConfig)  # segment size, unsafe_no_fsync
     snapshot_every_records: int = 200_000  # write a snapshot after this many WAL records
     delivery_log: DeliveryLogConfig = field(default_factory=DeliveryLogConfig)  # TTL and caps

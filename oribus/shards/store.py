@@ -15,7 +15,7 @@ import heapq
 from collections import deque
 from typing import Any, NamedTuple
 
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_HISTORY_LIMIT, SessionRef
 
 
 class Entry(NamedTuple):
@@ -39,7 +39,7 @@ class _History(deque):
 class VersionedStore:
     """key -> bounded history of Entry; the last entry is the current version."""
 
-    def __init__(self, history_limit: int = 100) -> None:
+    def __init__(self, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
         if history_limit < 1:
             raise ValueError("history_limit must be >= 1")
         self.history_limit = history_limit

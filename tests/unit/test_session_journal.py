@@ -8,7 +8,7 @@ import pytest
 
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sessions import SessionLimits, SessionTable
-from oribus.errors import SessionExpired
+from oribus.errors import SessionExpired, Unavailable
 
 A = ("agent-a", "sbus")
 B = ("agent-b", "sbus")
@@ -139,7 +139,7 @@ async def test_token_is_in_memory_only_after_it_is_durable(tmp_path, monkeypatch
         raise OSError(5, "EIO")
 
     monkeypatch.setattr(os, "fdatasync", broken)
-    with pytest.raises(Exception):  # noqa: B017 - the WAL reports Unavailable
+    with pytest.raises(Unavailable, match="EIO|fsync|sync"):  # the WAL reports the failed sync
         await table.observe_durably(A, 0, (1, 1))
     assert table.tokens(A) == {}  # a read whose token is not durable is not answered
     monkeypatch.undo()

@@ -37,6 +37,7 @@ from oribus.bus.gateway.errors import error_response, json_response, request_err
 from oribus.bus.sessions import SessionLimits
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Scope
+from oribus.types import DEFAULT_HISTORY_LIMIT
 
 log = logging.getLogger("oribus.http")
 
@@ -51,7 +52,7 @@ class GatewayConfig:
     admin: bool = False  # serve /admin/* and the dashboard's rollback; otherwise they answer 403
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
     sbus_max_delta: int = 0  # S-Bus DeltaTooLarge limit in characters (0: only the value size limit)
-    history_limit: int = 100  # versions kept per key (S-Bus delta_log_depth is capped by it)
+    history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key (S-Bus delta_log_depth is capped by it)
     ready_timeout: float = 2.0  # seconds a shard has to answer /readyz
     # Browsers (specs/http.md, "Browsers"): cross_site.py
     allow_origins: tuple[str, ...] = ()  # web origins besides the gateway's own that may call it ("*": any)
