@@ -1,7 +1,7 @@
 """Agent-step benchmark of the embedded engine, with a correctness audit.
 
-The workload is the one DESIGN.md ("Measured facts") compares oribus with
-Redis WATCH/MULTI, PostgreSQL SERIALIZABLE and etcd Txn on:
+The workload is the one oribus is compared on with Redis WATCH/MULTI,
+PostgreSQL SERIALIZABLE and etcd Txn (specs/ARCHITECTURE.md, "Measured costs"):
 
 - ``--keys`` keys (default 1000) are written first, each with ``{"n": 0}``;
 - ``--clients`` asyncio clients (default 32) each hold their own session

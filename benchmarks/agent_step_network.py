@@ -1,7 +1,7 @@
 """Agent-step benchmark through the network SDK, with the correctness audit.
 
-The workload is the one of ``benchmarks/agent_step.py`` (DESIGN.md,
-"Measured facts"): ``--keys`` keys (default 1000) each start at
+The workload is the one of ``benchmarks/agent_step.py`` (specs/ARCHITECTURE.md,
+"Measured costs"): ``--keys`` keys (default 1000) each start at
 ``{"n": 0}``; ``--clients`` sessions (default 32) loop over one step, a
 transaction that reads 3 distinct random keys with one ``get_many``, writes
 one of them with its counter plus one and commits; a refused commit

@@ -1,8 +1,8 @@
 """Many concurrent calls over one gRPC bidi stream, in batches (both ends).
 
-Python gRPC pays dearly per message (DESIGN.md: ~4.4k unary RPC/s against
-~13k stream messages/s, and far more when each message carries several
-calls). So each connection opens ONE bidi stream; every call gets an id; the
+Python gRPC pays dearly per message (specs/wire.md, "Services and methods":
+~4.4k unary RPC/s against ~13k stream messages/s, and far more when each
+message carries several calls). So each connection opens ONE bidi stream; every call gets an id; the
 writer sends whatever calls are pending as one message, and the other side
 answers in batches the same way. Frames are documented in ``oribus.wire``.
 

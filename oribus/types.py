@@ -1,6 +1,6 @@
 """Plain data types shared by every layer: keys, values, items, versions, sessions.
 
-Vocabulary (DESIGN.md): a *key* is UTF-8, 1..1024 bytes, ``/``-separated
+Vocabulary (specs/engine.md, "Data model"): a *key* is UTF-8, 1..1024 bytes, ``/``-separated
 namespaces; a *value* is any msgpack-serialisable object; a *version* is a
 per-key integer, 0 for an absent key, +1 for every committed write (delete and
 rollback included).

@@ -10,7 +10,8 @@ commit that nobody can tell had deliveries: it would pass with less
 validation. So for such sessions the bus writes each first (session, shard,
 token) it sees to this journal, durably, before the read is answered; after a
 restart the old token is still known, the shard's new epoch does not match,
-and the commit fails closed (DESIGN.md, "Sessions fail closed").
+and the commit fails closed (specs/PROTOCOL.md, "Sessions: scopes and failing
+closed").
 
 Some sessions must fail closed although the bus no longer tracks their reads:
 one evicted over a session cap, or reset (or forgotten) by a caller that did

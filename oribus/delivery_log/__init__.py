@@ -1,4 +1,4 @@
-"""Per-session read tracking of one shard (DESIGN.md, "The commit rule (ORI)").
+"""Per-session read tracking of one shard (specs/engine.md, "The commit rule (ORI)").
 
 ``DeliveryLog`` records which version of which key each session was given,
 rebuilds a session's read set for a commit (session or transaction scope),

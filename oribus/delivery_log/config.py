@@ -10,7 +10,8 @@ class DeliveryLogConfig:
     """Limits of a :class:`~oribus.delivery_log.DeliveryLog`.
 
     Every bound is enforced with a clear error or an explicit expiry, never by
-    silently dropping deliveries (DESIGN.md, "Sessions fail closed").
+    silently dropping deliveries (specs/PROTOCOL.md, "Sessions: scopes and
+    failing closed").
     """
 
     # Seconds a session may stay idle (no record, read-set check, advance,

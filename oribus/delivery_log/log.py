@@ -3,7 +3,7 @@
 A shard records a *delivery* ("key k at version v was returned to session s")
 at the moment it builds a read response. At commit time the log rebuilds the
 session's read set from those deliveries, so a plain client that never sends
-a read set is still checked (DESIGN.md, "The commit rule (ORI)"). This module
+a read set is still checked (specs/engine.md, "The commit rule (ORI)"). This module
 is sans-IO: no sockets, no tasks, no sleeps; time comes from an injected
 clock, so tests and the simulator drive it deterministically.
 
@@ -44,7 +44,8 @@ object (the very ``str`` the store holds as its dict key) so the log shares
 it instead of keeping its own copy; the log does not validate keys, the
 store already has.
 
-Scopes (DESIGN.md): ``read_set(session)`` is the *session* scope, every
+Scopes (specs/PROTOCOL.md, "Sessions: scopes and failing closed"):
+``read_set(session)`` is the *session* scope, every
 delivery still logged; ``read_set(session, since_seq=s)`` is the
 *transaction* scope, only deliveries with ``seq >= s``. Sequence numbers
 never go backwards within an incarnation (``reset`` and ``forget`` keep the
@@ -115,7 +116,8 @@ class DeliveryLog:
     Incarnations are unique only within one DeliveryLog. A shard that
     restarts starts a new, empty log whose counter starts over, so a number
     issued before the restart could be issued again afterwards. Pair the
-    incarnation with the shard's epoch (DESIGN.md, "Sessions fail closed"),
+    incarnation with the shard's epoch (specs/engine.md, "Sessions, deliveries,
+    tokens"),
     or seed ``first_incarnation`` from it, so that a pre-restart number never
     matches a post-restart record.
 

@@ -6,7 +6,8 @@ shell (``shard.py``) appends it, waits for the fsync and then calls the
 matching ``apply_*`` method. That split is what lets the same core run in
 the embedded engine, the gRPC server and the deterministic simulator.
 
-Validation is the ORI rule of DESIGN.md, for this shard's keys:
+Validation is the ORI rule (specs/engine.md, "The commit rule (ORI)"), for
+this shard's keys:
 
 1. every logged delivery in the commit's scope (the server's own record of
    what it returned to the session) must still be the current version, and

@@ -1,5 +1,6 @@
-"""A pure-Python reference model of the ORI commit rule (DESIGN.md), for one process.
+"""A pure-Python reference model of the ORI commit rule, for one process.
 
+The rule is stated in specs/engine.md, "The commit rule (ORI)".
 It knows nothing of WALs, locks or tokens: only keys with versioned values,
 per-session delivery logs per shard (with sequence numbers for transaction
 scope), and which sessions lost their deliveries in a restart. Every outcome
