@@ -57,8 +57,10 @@ spec:
 	$(call APT_INSTALL,spin)
 	$(PYTHON) specs/model/check.py --cycles
 
+# ruff, then the import layering (no client module imports the server, no shard the bus).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check oribus tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layering.py
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

@@ -25,8 +25,6 @@ from oribus.client import (
     WatchEvent,
     WatchStream,
     connect,
-    open_local,
-    open_local_sync,
 )
 from oribus.errors import (
     Aborted,
@@ -43,6 +41,7 @@ from oribus.errors import (
     ValueTooLarge,
     WatchLagged,
 )
+from oribus.local import open_local, open_local_sync
 from oribus.tls import TlsConfig
 
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 import msgpack
 
-from oribus.bus.coordinator import CommitRequest, CommitResult
+from oribus.contract import CommitRequest, CommitResult, Entry, ReadResult
 from oribus.errors import (
     DataCorrupted,
     InvalidRequest,
@@ -60,7 +60,6 @@ from oribus.protocol import (
     Vote,
     VoteKind,
 )
-from oribus.shards.store import Entry
 from oribus.types import SessionRef
 
 BUS_SERVICE = "oribus.v1.Bus"
@@ -247,7 +246,7 @@ def dec_read_args(a: Any) -> tuple[SessionRef, list[str], bool]:
     return dec_session(_need(a, "s", list)), keys, bool(_opt(a, "r", bool, True))
 
 
-def enc_read_result(r: Any) -> dict:
+def enc_read_result(r: ReadResult) -> dict:
     return {
         "i": [[i.key, i.value, i.version] for i in r.items],
         "t": {s: list(t) for s, t in r.tokens.items()},
@@ -255,9 +254,7 @@ def enc_read_result(r: Any) -> dict:
     }
 
 
-def dec_read_result(v: dict) -> Any:
-    from oribus.bus.bus import ReadResult
-
+def dec_read_result(v: dict) -> ReadResult:
     return ReadResult(
         [ReadItem(k, val, ver) for k, val, ver in v["i"]],
         {s: (t[0], t[1]) for s, t in v["t"].items()},

@@ -14,18 +14,16 @@ import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
 from time import perf_counter
 
-from oribus.bus.coordinator import CommitRequest, CommitResult, Coordinator
+from oribus.bus.coordinator import Coordinator
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sessions import SessionLimits, SessionTable
 from oribus.bus.watch import MergedWatch
+from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult, ShardService
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
 from oribus.metrics import OP_SECONDS, SESSION_EXPIRED
-from oribus.protocol import Change, ReadItem, ReadRequest, Scope, Token, WatchRequest
-from oribus.shards.service import ShardService
-from oribus.shards.store import Entry
+from oribus.protocol import Change, ReadItem, ReadRequest, Scope, WatchRequest
 from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
 
 log = logging.getLogger("oribus.bus")
@@ -55,15 +53,7 @@ def check_writable(key: str) -> None:
             )
 
 
-@dataclass(slots=True)
-class ReadResult:
-    items: list[ReadItem]  # in the order asked
-    tokens: dict[int, Token] = field(default_factory=dict)  # shard -> session token there
-    seqs: dict[int, int] = field(default_factory=dict)  # shard -> seq of the first delivery
-    skipped: list[str] = field(default_factory=list)  # only_new reads: keys already delivered
-
-
-class Bus:
+class Bus(BusService):
     """Routing, sessions and commits over a set of shards."""
 
     def __init__(

@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from oribus.contract import CommitRequest, CommitResult, ShardService
 from oribus.errors import (
     Aborted,
     Conflict,
@@ -35,38 +35,9 @@ from oribus.errors import (
 )
 from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS
 from oribus.protocol import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
-from oribus.shards.service import ShardService
 from oribus.shards.txn import Txn
-from oribus.types import SessionRef
 
 log = logging.getLogger("oribus.coordinator")
-
-
-@dataclass(slots=True)
-class CommitRequest:
-    session: SessionRef
-    commit_id: str
-    writes: dict[str, bytes | None] = field(default_factory=dict)  # encoded value; None = delete
-    rollback: dict[str, int] = field(default_factory=dict)  # key -> version to restore
-    expect: dict[str, int] = field(default_factory=dict)
-    read_set: dict[str, int] = field(default_factory=dict)  # explicit entries
-    scope: Scope = Scope.SESSION
-    since: dict[int, int] = field(default_factory=dict)  # transaction scope: shard -> first seq
-    tokens: dict[int, Token] = field(default_factory=dict)  # the session's tokens per shard
-    strict: bool = False
-    committed_at: float = 0.0
-    # The client tracks its tokens and sent all of them (the SDK does). When False and
-    # the bus knows nothing of the session, every shard validates (see Bus.commit).
-    complete_tokens: bool = False
-    broadcast: bool = False  # make every shard a participant (set by the bus)
-
-
-@dataclass(slots=True)
-class CommitResult:
-    commit_id: str
-    versions: dict[str, int]  # key -> new version
-    tokens: dict[int, Token]  # the session's tokens on the written shards
-    two_phase: bool
 
 
 def conflict_from(stale: list[Stale], commit_id: str) -> Conflict:

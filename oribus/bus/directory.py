@@ -21,12 +21,13 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 
+from oribus.contract import ShardService
 from oribus.errors import Unavailable
 from oribus.meta.cluster import ClusterMeta, ShardRecord
 from oribus.protocol import (
     Change,
 )
-from oribus.shards.service import ShardService, ShardServiceByCalls
+from oribus.shards.service import ShardServiceByCalls
 
 log = logging.getLogger("oribus.bus.directory")
 

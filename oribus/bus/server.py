@@ -8,7 +8,7 @@ import logging
 from oribus import wire
 from oribus.bus.bus import Bus
 from oribus.bus.recovery import Recovery
-from oribus.bus.watch import ensure_subscribed
+from oribus.contract import ensure_subscribed
 from oribus.mux import GrpcListener, mux_handlers
 from oribus.tls import TlsConfig, server_credentials
 

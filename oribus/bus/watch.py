@@ -18,18 +18,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 
+from oribus.contract import ensure_subscribed
 from oribus.protocol import Change
 
 MERGE_QUEUE_SIZE = 256  # changes handed over; the shards' own queues are the real buffer
 
 _END = object()  # a shard's stream ended
-
-
-async def ensure_subscribed(stream: object) -> None:
-    """Wait until ``stream`` is subscribed, for the streams that can tell (remote ones)."""
-    subscribed = getattr(stream, "subscribed", None)
-    if subscribed is not None:
-        await subscribed()
 
 
 class MergedWatch:

@@ -1,6 +1,9 @@
-"""The client API: sessions, transactions, sync and async, embedded or remote."""
+"""The client API: sessions, transactions, sync and async, over any ``BusService``.
 
-from oribus.client.local import open_local, open_local_sync
+The embedded engine is opened by ``oribus.open_local`` (``oribus.local``), which
+joins these sessions to an in-process bus; this package imports no server module.
+"""
+
 from oribus.client.remote import Client, RemoteBus, connect
 from oribus.client.retry import RetryPolicy
 from oribus.client.session import AsyncSession, Transaction
@@ -24,6 +27,4 @@ __all__ = [
     "Version",
     "WatchEvent",
     "WatchStream",
-    "open_local",
-    "open_local_sync",
 ]

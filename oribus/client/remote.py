@@ -15,21 +15,19 @@ from typing import Any
 import grpc
 
 from oribus import wire
-from oribus.bus.bus import ReadResult
-from oribus.bus.coordinator import CommitRequest, CommitResult
 from oribus.client.session import AsyncSession
 from oribus.client.sync import LoopThread, SyncSession
+from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult
 from oribus.mux import MuxClient
 from oribus.protocol import Change, WatchRequest
-from oribus.shards.store import Entry
 from oribus.tls import TlsConfig, channel_credentials
 from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef
 
 DEFAULT_ADDRESS = "127.0.0.1:7700"
 
 
-class BusByCalls(abc.ABC):
-    """The bus methods a session calls, each one call ``_call(op, *params)`` of
+class BusByCalls(BusService):
+    """The bus methods a session calls (``BusService``), each one call ``_call(op, *params)`` of
     ``wire.BUS_OPS``: the shape of every remote bus (gRPC, the simulated network),
     which differ only in how a call travels (and in watch)."""
 

@@ -14,10 +14,9 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from oribus.bus.bus import ReadResult
-from oribus.bus.coordinator import CommitRequest
 from oribus.client.retry import RetryPolicy
 from oribus.client.watch import WatchStream
+from oribus.contract import BusService, CommitRequest, ReadResult
 from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
 from oribus.protocol import Scope, Token
 from oribus.types import (
@@ -72,7 +71,7 @@ class AsyncSession:
 
     def __init__(
         self,
-        bus: Any,
+        bus: BusService,
         agent: str,
         session_id: str | None = None,
         *,

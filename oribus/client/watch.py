@@ -18,10 +18,9 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
-from oribus.bus.watch import ensure_subscribed
 from oribus.client.retry import RetryPolicy
+from oribus.contract import BusService, ensure_subscribed
 from oribus.errors import OribusError, Unavailable
 from oribus.protocol import Change, WatchRequest
 from oribus.types import WatchEvent, decode_value
@@ -56,7 +55,7 @@ class WatchStream:
 
     def __init__(
         self,
-        bus: Any,
+        bus: BusService,
         prefix: str = "",
         from_version: int | None = None,
         *,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from oribus import wire
-from oribus.bus.watch import ensure_subscribed
+from oribus.contract import ensure_subscribed
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import InvalidRequest, Unavailable
 from oribus.meta.cluster import ClaimRefused, ClusterMeta, ShardClaim

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import msgpack
 
+from oribus.contract import Entry, ShardService
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
@@ -47,8 +48,7 @@ from oribus.protocol import (
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
-from oribus.shards.service import ShardService
-from oribus.shards.store import Entry, VersionedStore
+from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, load_latest_snapshot, write_snapshot
 from oribus.shards.watch import Watcher, changes_of, plan_replay

@@ -13,21 +13,10 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any
 
+from oribus.contract import Entry
 from oribus.types import DEFAULT_HISTORY_LIMIT, SessionRef
-
-
-class Entry(NamedTuple):
-    """One version of one key as stored."""
-
-    version: int
-    value: bytes | None  # msgpack-encoded; None when deleted
-    deleted: bool
-    agent: str
-    session: str
-    commit_id: str
-    committed_at: float
 
 
 class _History(deque):

@@ -26,9 +26,10 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+from oribus.contract import Entry
 from oribus.errors import HistoryTruncated, OribusError, WatchLagged
 from oribus.protocol import Change, WatchRequest
-from oribus.shards.store import Entry, VersionedStore
+from oribus.shards.store import VersionedStore
 from oribus.shards.txn import Txn
 
 DEFAULT_QUEUE_LIMIT = 10_000

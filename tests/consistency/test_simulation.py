@@ -32,8 +32,8 @@ from pathlib import Path
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, Phase, find, given, settings
 
-from oribus.bus.coordinator import CommitRequest
 from oribus.checker import CATEGORIES
+from oribus.contract import CommitRequest
 from oribus.errors import Conflict, Unavailable
 from oribus.protocol import Scope, TxnState
 from oribus.sim.cluster import Fault, SimCluster, SimConfig, SimResult, random_faults, simulate

@@ -47,8 +47,8 @@ if str(HERE) not in sys.path:
 from workload import ENGINE_OPTIONS, KEYS  # noqa: E402
 
 import oribus  # noqa: E402
-from oribus.bus.coordinator import CommitRequest  # noqa: E402
 from oribus.bus.embedded import EngineConfig, LocalEngine  # noqa: E402
+from oribus.contract import CommitRequest  # noqa: E402
 from oribus.meta.slots import StaticSlotMap  # noqa: E402
 from oribus.types import SessionRef, encode_value  # noqa: E402
 

@@ -9,10 +9,10 @@ from http_call import call
 
 import oribus
 from oribus.bus.bus import Bus
-from oribus.bus.coordinator import CommitRequest
 from oribus.bus.embedded import EngineConfig, LocalEngine
 from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.bus.session_journal import SessionJournal
+from oribus.contract import CommitRequest
 from oribus.types import SessionRef
 
 S = SessionRef("http-agent", "s1")

@@ -10,10 +10,10 @@ import aiohttp
 import pytest
 from http_call import call
 
-from oribus.bus.coordinator import CommitRequest
 from oribus.bus.embedded import EngineConfig, LocalEngine
 from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.bus.sessions import SessionLimits
+from oribus.contract import CommitRequest
 from oribus.errors import InvalidRequest
 from oribus.types import encode_value
 

@@ -28,7 +28,7 @@ def keys_on_two_shards(engine: LocalEngine) -> tuple[str, str]:
 
 
 def txn_parts(engine: LocalEngine, txn_id: str, writes: dict[str, object]) -> dict[int, ShardTxn]:
-    from oribus.bus.coordinator import CommitRequest
+    from oribus.contract import CommitRequest
 
     req = CommitRequest(
         session=S,

@@ -29,12 +29,19 @@ from typing import Any
 from aiohttp import web
 
 from oribus.bus.bus import Bus
-from oribus.bus.coordinator import CommitRequest, CommitResult
 from oribus.bus.directory import UnregisteredShard
+from oribus.bus.gateway import dashboard, native, sbus
 from oribus.bus.gateway.connections import ConnectionCap, GuardedConnection
 from oribus.bus.gateway.cross_site import CrossSiteGuard
-from oribus.bus.gateway.errors import error_response, json_response, request_error
+from oribus.bus.gateway.errors import (
+    LOG_FIELDS,
+    RequestError,
+    error_response,
+    json_response,
+    request_error,
+)
 from oribus.bus.sessions import SessionLimits
+from oribus.contract import CommitRequest, CommitResult
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Scope
 from oribus.types import DEFAULT_HISTORY_LIMIT
@@ -42,7 +49,6 @@ from oribus.types import DEFAULT_HISTORY_LIMIT
 log = logging.getLogger("oribus.http")
 
 DEFAULT_HTTP = "127.0.0.1:7780"
-LOG_FIELDS = web.RequestKey("log_fields", dict)  # what a route adds to its log line (agent, commit_id)
 CLOSE_AFTER = web.RequestKey("close_after", bool)  # the connection cannot carry another request (body cut off)
 
 
@@ -72,23 +78,10 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN and Infinity by default
 
 
-class RequestError(Exception):
-    """A request the gateway refuses before asking the bus (bad JSON, wrong field types...)."""
-
-    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-
 class HttpGateway:
     """Serve ``bus`` over HTTP. ``await start()`` / ``await stop()`` (idempotent)."""
 
     def __init__(self, bus: Bus, config: GatewayConfig | None = None) -> None:
-        from oribus.bus.gateway import dashboard, native, sbus
-
         if bus.sessions.journal is None:
             raise InvalidRequest(
                 "the HTTP gateway needs the bus's session journal (a data directory): without it "

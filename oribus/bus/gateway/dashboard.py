@@ -54,9 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from oribus.bus.coordinator import CommitRequest
-from oribus.bus.gateway.app import LOG_FIELDS
-from oribus.bus.gateway.errors import json_response, request_error
+from oribus.bus.gateway.errors import LOG_FIELDS, json_response, request_error
+from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Change
 
@@ -301,8 +300,6 @@ class DashboardRoutes:
             self._task = asyncio.get_running_loop().create_task(self._count_changes(stream))
 
     async def _subscribe(self, since: float | None = None) -> AsyncIterator[Change] | None:
-        from oribus.bus.watch import ensure_subscribed
-
         stream = None
         try:
             stream = self.bus.watch("", since=since)  # since None: live changes only

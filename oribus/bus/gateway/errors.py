@@ -33,6 +33,22 @@ from oribus.errors import (
     WatchLagged,
 )
 
+# What a route adds to its request's log line (agent, commit_id). Here, not in app.py,
+# because the route modules set it and app.py imports the route modules.
+LOG_FIELDS = web.RequestKey("log_fields", dict)
+
+
+class RequestError(Exception):
+    """A request the gateway refuses before asking the bus (bad JSON, wrong field types...)."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
 # Most specific first: the first class an error is an instance of decides.
 HTTP_STATUS: tuple[tuple[type[OribusError], int], ...] = (
     (Aborted, 409),

@@ -28,10 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from oribus.bus.coordinator import CommitRequest
-from oribus.bus.gateway.app import LOG_FIELDS, RequestError
-from oribus.bus.gateway.errors import error_body, json_response
+from oribus.bus.gateway.errors import LOG_FIELDS, RequestError, error_body, json_response
 from oribus.bus.gateway.values import from_json, to_json
+from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.protocol import Scope
 from oribus.types import decode_value, encode_value
@@ -264,8 +263,6 @@ class NativeRoutes:
             except ValueError:
                 raise InvalidRequest("Last-Event-ID / since must be a commit time", field="since") from None
         stream = self.bus.watch(request.query.get("prefix", ""), from_version, since=since)
-        from oribus.bus.watch import ensure_subscribed
-
         await ensure_subscribed(stream)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",

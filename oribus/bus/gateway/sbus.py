@@ -54,9 +54,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from oribus.bus.bus import MAX_KEYS_PER_REQUEST, RESERVED_PREFIXES, check_writable
-from oribus.bus.coordinator import CommitRequest
-from oribus.bus.gateway.app import LOG_FIELDS
-from oribus.bus.gateway.errors import json_response
+from oribus.bus.gateway.errors import LOG_FIELDS, RequestError, json_response
+from oribus.contract import CommitRequest
 from oribus.errors import (
     Aborted,
     Conflict,
@@ -204,8 +203,6 @@ class SbusRoutes:
         return guarded
 
     async def _body(self, request: web.Request) -> dict:
-        from oribus.bus.gateway.app import RequestError
-
         try:
             return await self.gw.body(request)
         except RequestError as e:

@@ -1,4 +1,8 @@
-"""``open_local``: the embedded engine behind the client API, in this process."""
+"""``open_local``: the embedded engine behind the client API, in this process.
+
+Outside ``oribus.client`` because it joins the two sides: the SDK's sessions and
+the bus they run on, which the SDK itself never imports (tests/unit/test_layering.py).
+"""
 
 from __future__ import annotations
 
