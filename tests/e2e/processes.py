@@ -280,6 +280,21 @@ def bus(
     return server
 
 
+def two_shards_and_a_bus(cluster: Cluster, log_dir: Path, shard1_failpoints: str
+                         ) -> tuple[ServerProcess, ServerProcess, ServerProcess]:
+    """Shard servers 0 and 1 (shard 1 with ``ORIBUS_FAILPOINTS`` armed) and a bus over them,
+    started and serving: (shard 0, shard 1, bus)."""
+    s0 = cluster.add(shard(log_dir, 0, Path(log_dir) / "shard-0")).start()
+    s1 = cluster.add(shard(log_dir, 1, Path(log_dir) / "shard-1"))
+    s1.env = {"ORIBUS_FAILPOINTS": shard1_failpoints}
+    s1.start()
+    for s in (s0, s1):
+        s.wait_serving()
+    b = cluster.add(bus(log_dir, [s0.address, s1.address])).start()
+    b.wait_serving()
+    return s0, s1, b
+
+
 def cluster_shard(log_dir: Path, etcd_url: str, shard_id: int, *, port: int | None = None,
                   lease_ttl: int = 2, claim_wait: float | None = None, name: str | None = None,
                   data_dir: Path | None = None) -> ServerProcess:

@@ -29,7 +29,7 @@ from collections import Counter
 
 import pytest
 from conftest import keys_on_shard
-from processes import bus, shard
+from processes import bus, shard, two_shards_and_a_bus
 
 import oribus
 from oribus import OribusError, RetryPolicy, SessionExpired
@@ -254,14 +254,7 @@ async def test_primary_crash_after_its_commit_decision_is_never_partial(cluster,
     keys carry the commit (never only one of them), and the retried id reports
     success without applying twice.
     """
-    s0 = cluster.add(shard(tmp_path, 0, tmp_path / "shard-0")).start()
-    s1 = cluster.add(shard(tmp_path, 1, tmp_path / "shard-1"))
-    s1.env = {"ORIBUS_FAILPOINTS": "txn.after_decide=kill"}
-    s1.start()
-    for s in (s0, s1):
-        await asyncio.to_thread(s.wait_serving)
-    b = cluster.add(bus(tmp_path, [s0.address, s1.address])).start()
-    await asyncio.to_thread(b.wait_serving)
+    s0, s1, b = await asyncio.to_thread(two_shards_and_a_bus, cluster, tmp_path, "txn.after_decide=kill")
 
     a = keys_on_shard(0, "zz-decided/a")[0]
     k = keys_on_shard(1, "aa-decided/b")[0]  # the smallest written key: shard 1 is the primary

@@ -16,7 +16,7 @@ import time
 
 import pytest
 from conftest import keys_on_shard
-from processes import bus, shard
+from processes import two_shards_and_a_bus
 
 import oribus
 
@@ -24,14 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 async def test_commit_acknowledged_while_a_participant_dies_reports_all_versions(cluster, tmp_path):
-    s0 = cluster.add(shard(tmp_path, 0, tmp_path / "shard-0")).start()
-    s1 = cluster.add(shard(tmp_path, 1, tmp_path / "shard-1"))
-    s1.env = {"ORIBUS_FAILPOINTS": "txn.before_participant_commit=kill"}
-    s1.start()
-    for s in (s0, s1):
-        await asyncio.to_thread(s.wait_serving)
-    b = cluster.add(bus(tmp_path, [s0.address, s1.address])).start()
-    await asyncio.to_thread(b.wait_serving)
+    s0, s1, b = await asyncio.to_thread(two_shards_and_a_bus, cluster, tmp_path, "txn.before_participant_commit=kill")
 
     ctr = keys_on_shard(0, "ctr")[0]  # the smallest written key: shard 0 is the primary
     row = keys_on_shard(1, "u/1")[0]

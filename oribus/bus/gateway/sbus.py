@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from oribus.bus.bus import MAX_KEYS_PER_REQUEST, RESERVED_PREFIXES, check_writable
-from oribus.bus.gateway.errors import LOG_FIELDS, RequestError, json_response
+from oribus.bus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response
 from oribus.contract import CommitRequest
 from oribus.errors import (
     Aborted,
@@ -186,8 +186,6 @@ class SbusRoutes:
             except InvalidRequest as e:
                 return json_response({"error": "InvalidRequest", "detail": e.message, **e.details}, 400)
             except OribusError as e:
-                from oribus.bus.gateway.errors import http_status
-
                 return json_response({"error": e.code, "detail": e.message}, http_status(e))
 
         route.__name__ = handler.__name__
