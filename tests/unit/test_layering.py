@@ -112,3 +112,96 @@ def test_the_check_sees_function_level_and_relative_imports():
               "if TYPE_CHECKING:\n    from oribus.bus.gateway.app import HttpGateway\n")
     modules = {m for _, m in _imports(source, ["oribus", "client"])}
     assert modules == {"oribus.bus.bus.Bus", "oribus.bus", "oribus.sim", "oribus.shards.store"}
+
+
+# ---- the import graph by package, printed in layers (``make layers``) ----------------------
+
+
+def _group(module: str) -> str:
+    """The node a module counts under: its subpackage of oribus (``oribus.bus``), or the
+    top-level module itself (``oribus.types``)."""
+    return ".".join(module.split(".")[:2])
+
+
+def import_graph() -> dict[str, set[str]]:
+    """node -> the nodes it imports (at run time), over every module of the package."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        node = _group(_module_name(path))
+        graph.setdefault(node, set())
+        for _, module in _imports(path.read_text(encoding="utf-8"), _package_of(path)):
+            target = _group(module)
+            if module == "oribus" or target == node:
+                continue
+            # ``from oribus.x import name`` names a module or a member; either way it is node x
+            graph[node].add(target)
+    for targets in list(graph.values()):
+        for t in targets:
+            graph.setdefault(t, set())
+    return graph
+
+
+def layers(graph: dict[str, set[str]]) -> tuple[list[list[str]], list[list[str]]]:
+    """The graph's layers bottom-up (a node sits one above the highest node it imports) and
+    its import cycles (strongly connected components of more than one node), each cycle
+    counted as one node."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def connect(v: str) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            components.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    component_of = {v: i for i, c in enumerate(components) for v in c}
+    level: dict[int, int] = {}
+    for i, component in enumerate(components):  # Tarjan emits components dependencies-first
+        deps = {component_of[w] for v in component for w in graph[v]} - {i}
+        level[i] = 1 + max((level[d] for d in deps), default=-1)
+    rows: list[list[str]] = [[] for _ in range(1 + max(level.values(), default=-1))]
+    for i, component in enumerate(components):
+        rows[level[i]].append(" ⇄ ".join(component) if len(component) > 1 else component[0])
+    return [sorted(r) for r in rows], [c for c in components if len(c) > 1]
+
+
+def test_the_packages_form_layers_without_cycles():
+    _, cycles = layers(import_graph())
+    assert not cycles, f"import cycles between packages: {cycles}"
+
+
+def main() -> None:
+    graph = import_graph()
+    rows, cycles = layers(graph)
+    short = lambda n: n.removeprefix("oribus.")  # noqa: E731
+    print(f"{sum(len(t) for t in graph.values())} imports between {len(graph)} packages and "
+          f"top-level modules of {PACKAGE}; layer 0 imports nothing of oribus")
+    for depth in range(len(rows) - 1, -1, -1):
+        print(f"  layer {depth:2}: " + ", ".join(short(n) for n in rows[depth]))
+    print(f"cycles: {len(cycles)}" + "".join(f"\n  {' ⇄ '.join(map(short, c))}" for c in cycles))
+    violations = layering_violations()
+    print(f"upward imports: {len(violations)}" + "".join(f"\n  {v}" for v in violations))
+
+
+if __name__ == "__main__":
+    main()
