@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast crash lint bench bench-full bench-deps soak spec system-deps clean
+.PHONY: demo test test-fast crash lint layers bench bench-full bench-deps soak spec system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ spec:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check oribus tests benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layering.py
+
+# The import graph by package, bottom-up, with any cycle or upward import.
+layers: $(STAMP)
+	$(PY) tests/unit/test_layering.py
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
