@@ -36,7 +36,7 @@ from agent_step import Window, audit, client, key_name, percentile, populate  # 
 
 import oribus  # noqa: E402
 from oribus import SessionExpired, Unavailable  # noqa: E402
-from oribus.meta.cluster import ClusterConfig  # noqa: E402
+from oribus.meta.cluster_meta import ClusterConfig  # noqa: E402
 
 
 def free_port() -> int:

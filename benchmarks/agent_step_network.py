@@ -103,7 +103,7 @@ from agent_step import (  # noqa: E402
 
 import oribus  # noqa: E402
 from oribus import AsyncSession, OribusError, Unavailable  # noqa: E402
-from oribus.mux import CHANNEL_OPTIONS  # noqa: E402
+from oribus.rpc.wire import CHANNEL_OPTIONS  # noqa: E402
 
 try:
     import uvloop

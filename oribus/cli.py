@@ -58,7 +58,7 @@ def _version() -> str:
 
 
 def _gateway_config(args: argparse.Namespace):
-    from oribus.bus.gateway import GatewayConfig
+    from oribus.gateway import GatewayConfig
 
     if args.no_http:
         return None
@@ -72,9 +72,9 @@ def _gateway_config(args: argparse.Namespace):
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from oribus.bus.cluster import LocalCluster, run_until_signalled
+    from oribus.hosts.up import UpHost, run_until_signalled
 
-    cluster = LocalCluster(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
+    cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty)
     _run(run_until_signalled(cluster))
     return 0
@@ -116,9 +116,9 @@ def _shard_id(raw: str) -> int:
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from oribus.meta.cluster import ClaimRefused
+    from oribus.hosts.shard import ClaimLost, run_shard_server
+    from oribus.meta.cluster_meta import ClaimRefused
     from oribus.shards.config import ShardConfig
-    from oribus.shards.server import ClaimLost, run_shard_server
 
     if args.parent_fd is not None:  # a shard process of `oribus up --processes`: dies with it
         from oribus.lifeline import die_with_parent
@@ -141,8 +141,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_bus(args: argparse.Namespace) -> int:
-    from oribus.bus.standalone import run_bus
-    from oribus.meta.cluster import StaticMeta
+    from oribus.hosts.bus import run_bus
+    from oribus.meta.cluster_meta import StaticMeta
 
     meta = _meta(args)
     if meta is None:
@@ -157,7 +157,7 @@ def _cmd_bus(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster_init(args: argparse.Namespace) -> int:
-    from oribus.meta.cluster import ClusterConfig
+    from oribus.meta.cluster_meta import ClusterConfig
     from oribus.meta.slots import StaticSlotMap
 
     if args.shards < 1:
@@ -352,7 +352,7 @@ def _positive_int(text: str) -> int:
 
 
 def _http_options(p: argparse.ArgumentParser) -> None:
-    from oribus.bus.gateway import DEFAULT_HTTP, GatewayConfig
+    from oribus.gateway import DEFAULT_HTTP, GatewayConfig
 
     p.add_argument("--http", default=DEFAULT_HTTP,
                    help="HTTP address (S-Bus routes, /v1 API, /metrics, dashboard) as HOST:PORT")

@@ -6,12 +6,12 @@ through ``BusService`` and the messages below; a bus reaches a shard only throug
 ``oribus.shards.shard.Shard``, the gRPC and simulated shard clients) import this
 module, never one another, so the layers import only downwards (tests/unit/test_layering.py).
 
-The bus-to-shard messages stay in ``oribus.protocol``: they are the shard protocol of
+The bus-to-shard messages stay in ``oribus.messages``: they are the shard protocol of
 specs/PROTOCOL.md, one module read beside that spec and shared with the sans-IO
 participant, which needs none of the client side. This module adds what sits one level up -- the client-to-bus messages
 (``CommitRequest``, ``CommitResult``, ``ReadResult``), the stored ``Entry`` that
 history returns on both levels, and the two service interfaces -- and imports only
-``oribus.types``, ``oribus.errors``, ``oribus.protocol`` and the standard library.
+``oribus.types``, ``oribus.errors``, ``oribus.messages`` and the standard library.
 The errors' wire codes are the ``code`` of each class of ``oribus.errors``, the one
 error tree.
 """
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from oribus.protocol import (
+from oribus.messages import (
     Change,
     ReadItem,
     ReadReply,
@@ -97,7 +97,7 @@ class BusService(abc.ABC):
     """The bus as a session sees it: the methods ``AsyncSession`` and ``WatchStream`` call.
 
     Implemented in-process by ``oribus.bus.bus.Bus`` and over the network by the gRPC
-    client (``oribus.client.remote.RemoteBus``) and the simulated one, with the same
+    client (``oribus.rpc.bus_client.RemoteBus``) and the simulated one, with the same
     semantics, so a remote session has exactly the embedded API.
     """
 

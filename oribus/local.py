@@ -10,9 +10,9 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-from oribus.bus.embedded import EngineConfig, LocalEngine
 from oribus.client.session import AsyncSession
 from oribus.client.sync import LoopThread, SyncSession
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
 
 
 class _Opening:
@@ -26,7 +26,7 @@ class _Opening:
         self._session: AsyncSession | None = None
 
     async def _open(self) -> AsyncSession:
-        engine = await LocalEngine.open(self._config)
+        engine = await EmbeddedEngine.open(self._config)
         return AsyncSession(
             engine.bus,
             self._agent,

@@ -22,8 +22,8 @@ from oribus.bus.sessions import SessionLimits, SessionTable
 from oribus.bus.watch import MergedWatch
 from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult, ShardService
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
+from oribus.messages import Change, ReadItem, ReadRequest, Scope, WatchRequest
 from oribus.metrics import OP_SECONDS, SESSION_EXPIRED
-from oribus.protocol import Change, ReadItem, ReadRequest, Scope, WatchRequest
 from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
 
 log = logging.getLogger("oribus.bus")

@@ -33,8 +33,8 @@ from oribus.errors import (
     Stale,
     Unavailable,
 )
+from oribus.messages import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
 from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS
-from oribus.protocol import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
 from oribus.shards.txn import Txn
 
 log = logging.getLogger("oribus.coordinator")

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from oribus.datadir_lock import DataDirLock
-from oribus.protocol import Token
+from oribus.messages import Token
 from oribus.shards.wal import Wal, WalConfig, list_segments
 from oribus.types import SessionRef
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from oribus.bus.session_journal import SessionJournal
 from oribus.errors import SessionExpired
-from oribus.protocol import Token
+from oribus.messages import Token
 from oribus.types import SessionRef
 
 

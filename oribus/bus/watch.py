@@ -19,7 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 
 from oribus.contract import ensure_subscribed
-from oribus.protocol import Change
+from oribus.messages import Change
 
 MERGE_QUEUE_SIZE = 256  # changes handed over; the shards' own queues are the real buffer
 

@@ -4,11 +4,12 @@ The embedded engine is opened by ``oribus.open_local`` (``oribus.local``), which
 joins these sessions to an in-process bus; this package imports no server module.
 """
 
-from oribus.client.remote import Client, RemoteBus, connect
+from oribus.client.remote import Client, connect
 from oribus.client.retry import RetryPolicy
 from oribus.client.session import AsyncSession, Transaction
 from oribus.client.sync import SyncSession, SyncTransaction, SyncWatch
 from oribus.client.watch import WatchStream
+from oribus.rpc.bus_client import RemoteBus
 from oribus.types import DELETE, Item, SessionRef, Version, WatchEvent
 
 __all__ = [

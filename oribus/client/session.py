@@ -18,7 +18,8 @@ from oribus.client.retry import RetryPolicy
 from oribus.client.watch import WatchStream
 from oribus.contract import BusService, CommitRequest, ReadResult
 from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
-from oribus.protocol import Scope, Token
+from oribus.messages import Scope, Token
+from oribus.rpc.wire import MAX_MESSAGE_BYTES
 from oribus.types import (
     DEFAULT_MAX_VALUE_BYTES,
     DELETE,
@@ -29,7 +30,6 @@ from oribus.types import (
     encode_value,
     validate_key,
 )
-from oribus.wire import MAX_MESSAGE_BYTES
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from oribus.client.retry import RetryPolicy
 from oribus.contract import BusService, ensure_subscribed
 from oribus.errors import OribusError, Unavailable
-from oribus.protocol import Change, WatchRequest
+from oribus.messages import Change, WatchRequest
 from oribus.types import WatchEvent, decode_value
 
 RESUME_MARGIN_SECONDS = 10.0

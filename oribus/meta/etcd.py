@@ -34,7 +34,7 @@ import aetcd
 import aetcd.exceptions
 
 from oribus.errors import InvalidRequest, Unavailable
-from oribus.meta.cluster import (
+from oribus.meta.cluster_meta import (
     BusRecord,
     ClaimRefused,
     ClusterConfig,

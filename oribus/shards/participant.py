@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import InvalidRequest, SessionExpired, Stale
-from oribus.protocol import (
+from oribus.messages import (
     ReadItem,
     ReadReply,
     ReadRequest,
@@ -394,8 +394,9 @@ class Participant:
             return TxnOutcome(TxnState.ABORTED)
         return self.outcome(txn_id)
 
-    def cancel_one_phase(self, txn_id: str) -> None:
-        """A one-phase commit whose record could not be made durable: forget it entirely."""
+    def cancel_unlogged(self, txn_id: str) -> None:
+        """A transaction whose record could not be made durable (a one-phase commit, or a
+        prepare whose PREPARE record failed): forget it entirely and release its locks."""
         txn = self.prepared.pop(txn_id, None)
         if txn is not None:
             self._unlock(txn)

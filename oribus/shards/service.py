@@ -12,7 +12,7 @@ import abc
 from typing import Any
 
 from oribus.contract import Entry, ShardService
-from oribus.protocol import (
+from oribus.messages import (
     ReadItem,
     ReadReply,
     ReadRequest,
@@ -28,12 +28,12 @@ from oribus.types import SessionRef
 
 class ShardServiceByCalls(ShardService):
     """A ShardService whose every operation is one call ``_call(op, *params)`` of
-    ``wire.SHARD_OPS``: the shape of every remote implementation (gRPC, the simulated
+    ``oribus.rpc.shard_codec.SHARD_OPS``: the shape of every remote implementation (gRPC, the simulated
     network), which differ only in how a call travels (and in watch)."""
 
     @abc.abstractmethod
     async def _call(self, op: str, *params: Any) -> Any:
-        """Send one call of ``wire.SHARD_OPS`` and return its decoded result."""
+        """Send one call of ``oribus.rpc.shard_codec.SHARD_OPS`` and return its decoded result."""
 
     async def read(self, req: ReadRequest) -> ReadReply:
         return await self._call("read", req)

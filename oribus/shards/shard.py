@@ -31,7 +31,7 @@ from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
 from oribus.failpoints import failpoint
-from oribus.protocol import (
+from oribus.messages import (
     Change,
     ReadItem,
     ReadReply,
@@ -67,7 +67,7 @@ class Shard(ShardService):
 
     # Seams for the deterministic simulator (``oribus.sim``): it runs this very class on a
     # virtual clock and an in-memory disk by replacing these per instance, before
-    # ``__init__`` (``oribus.sim.cluster.SimShard``). Real shards keep these defaults:
+    # ``__init__`` (``oribus.sim.harness.SimShard``). Real shards keep these defaults:
     # the monotonic clock and the WAL and snapshot files below ``data_dir``.
     clock: Callable[[], float] = staticmethod(time.monotonic)  # deadlines, transaction ages, session TTL
     open_wal = staticmethod(Wal.open)  # recovery scan + the append side (``Wal.open``'s signature)
@@ -230,7 +230,7 @@ class Shard(ShardService):
         try:
             return self._append(record)
         except BaseException as e:
-            self.core.cancel_one_phase(txn_id)
+            self.core.cancel_unlogged(txn_id)
             self._resolved(txn_id)
             if isinstance(e, OribusError):
                 raise
@@ -385,7 +385,7 @@ class Shard(ShardService):
         except BaseException:
             # The shard's WAL is poisoned: it never acknowledges again, never apply.
             self._unapplied.discard(lsn)
-            self.core.cancel_one_phase(txn_id)
+            self.core.cancel_unlogged(txn_id)
             self._resolved(txn_id)
             raise
         outcome = self._apply_commit(txn_id)

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from oribus.protocol import TxnState, Write
+from oribus.messages import TxnState, Write
 from oribus.types import SessionRef
 
 

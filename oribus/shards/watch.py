@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from oribus.contract import Entry
 from oribus.errors import HistoryTruncated, OribusError, WatchLagged
-from oribus.protocol import Change, WatchRequest
+from oribus.messages import Change, WatchRequest
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import Txn
 

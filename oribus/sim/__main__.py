@@ -19,7 +19,7 @@ import random
 import sys
 import time
 
-from oribus.sim.cluster import SimConfig, SimResult, random_faults, simulate
+from oribus.sim import SimConfig, SimResult, random_faults, simulate
 from oribus.sim.disk import DiskConfig
 from oribus.sim.network import ALL_OPS
 

@@ -2,13 +2,13 @@
 
 ``SimShardClient`` is a ``ShardService`` like the in-process ``Shard`` and
 ``GrpcShardClient``; ``SimBusClient`` is the client side of a bus, like
-``oribus.client.remote.RemoteBus``. Both turn every call into messages on a
+``oribus.rpc.bus_client.RemoteBus``. Both turn every call into messages on a
 ``SimNetwork``:
 
     caller ──request──▶ server process ──(runs the real handler)──reply──▶ caller
 
 Messages travel exactly as they would over gRPC: parameters and results are
-encoded with the wire tables (``oribus.wire.SHARD_OPS`` / ``BUS_OPS``) and
+encoded with the wire tables (``oribus.rpc.shard_codec.SHARD_OPS`` / ``bus_codec.BUS_OPS``) and
 msgpack, so the two ends share no object, and errors cross as their wire
 form (``OribusError.to_dict`` / ``error_from_dict``).
 
@@ -47,16 +47,16 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from oribus import wire
-from oribus.client.remote import BusByCalls
 from oribus.errors import InvalidRequest, OribusError, Unavailable
-from oribus.protocol import (
+from oribus.messages import (
     Change,
 )
+from oribus.rpc import bus_codec, grpc_status, shard_codec, wire
+from oribus.rpc.bus_client import BusByCalls
 from oribus.shards.service import ShardServiceByCalls
 from oribus.sim.loop import Process, current_process
 
-ALL_OPS = frozenset({*wire.SHARD_OPS, *wire.BUS_OPS})
+ALL_OPS = frozenset({*shard_codec.SHARD_OPS, *bus_codec.BUS_OPS})
 # Requests that change a session's delivery log are not duplicated by default. The log
 # keeps one delivery per key and the protocol assumes each of these runs at most once (as
 # over gRPC, where nothing re-sends them): a duplicated ``read`` executed after a newer
@@ -177,9 +177,9 @@ class SimNetwork:
             raise Unavailable(f"{op} on {dst.name} timed out; its outcome is unknown") from None
         finally:
             dst.pending.pop(call_id, None)
-        status, body = wire.unpack(raw)
-        if status == wire.ERROR:
-            wire.raise_error(body)
+        outcome, body = wire.unpack(raw)
+        if outcome == wire.ERROR:
+            grpc_status.raise_error(body)
         return o.dec_result(body)
 
     def _deliver(self, call_id: int, src_name: str, dst: Endpoint, process: Process, o: wire.Op,
@@ -244,7 +244,7 @@ class SimShardClient(ShardServiceByCalls):
         self.endpoint = endpoint
 
     async def _call(self, op: str, *params: Any) -> Any:
-        return await self.network.call(self.src, self.endpoint, wire.SHARD_OPS, op, *params)
+        return await self.network.call(self.src, self.endpoint, shard_codec.SHARD_OPS, op, *params)
 
     def watch(
         self,
@@ -266,7 +266,7 @@ class SimBusClient(BusByCalls):
         self.endpoint = endpoint
 
     async def _call(self, op: str, *params: Any) -> Any:
-        return await self.network.call(self.src, self.endpoint, wire.BUS_OPS, op, *params)
+        return await self.network.call(self.src, self.endpoint, bus_codec.BUS_OPS, op, *params)
 
     def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[Change]:
         raise InvalidRequest("watch is not simulated")

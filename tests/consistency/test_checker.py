@@ -32,7 +32,6 @@ from typing import Any
 import pytest
 
 import oribus
-from oribus.bus.embedded import EngineConfig, LocalEngine
 from oribus.checker import (
     HistoryError,
     Recorder,
@@ -43,6 +42,7 @@ from oribus.checker import (
 )
 from oribus.checker.check import ORI_KINDS
 from oribus.client.session import AsyncSession
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
 
 CLIENTS = 8
 ENGINE_TXNS = 1500
@@ -465,7 +465,7 @@ class PrimaryOnlyCommits:
 
 
 async def test_two_phase_commit_applied_on_one_shard_is_flagged(tmp_path: Path) -> None:
-    engine = await LocalEngine.open(EngineConfig(data_dir=tmp_path / "data", shards=3))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=tmp_path / "data", shards=3))
     try:
         broken = {sid: PrimaryOnlyCommits(s) for sid, s in engine.bus.shards.items()}
         engine.bus.shards.update(broken)  # the coordinator and recovery share this dict
@@ -484,7 +484,7 @@ async def test_two_phase_commit_acknowledged_with_the_primary_versions_only_is_f
     """The answer of a two-phase commit as it was before YES votes carried versions, when
     every finish reply is lost: only the primary's new versions. The list-append workload
     records what the answer named, so the checker sees the incomplete results."""
-    engine = await LocalEngine.open(EngineConfig(data_dir=tmp_path / "data", shards=3))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=tmp_path / "data", shards=3))
     coordinator = engine.bus.coordinator
     commit = coordinator.commit
     trimmed = 0

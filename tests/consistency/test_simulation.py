@@ -35,8 +35,8 @@ from hypothesis import HealthCheck, Phase, find, given, settings
 from oribus.checker import CATEGORIES
 from oribus.contract import CommitRequest
 from oribus.errors import Conflict, Unavailable
-from oribus.protocol import Scope, TxnState
-from oribus.sim.cluster import Fault, SimCluster, SimConfig, SimResult, random_faults, simulate
+from oribus.messages import Scope, TxnState
+from oribus.sim import Fault, SimCluster, SimConfig, SimResult, random_faults, simulate
 from oribus.sim.disk import DiskConfig
 from oribus.sim.loop import run
 from oribus.types import encode_value

@@ -47,8 +47,8 @@ if str(HERE) not in sys.path:
 from workload import ENGINE_OPTIONS, KEYS  # noqa: E402
 
 import oribus  # noqa: E402
-from oribus.bus.embedded import EngineConfig, LocalEngine  # noqa: E402
 from oribus.contract import CommitRequest  # noqa: E402
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig  # noqa: E402
 from oribus.meta.slots import StaticSlotMap  # noqa: E402
 from oribus.types import SessionRef, encode_value  # noqa: E402
 
@@ -106,7 +106,7 @@ def engine_config(data_dir: str | Path, shards: int) -> EngineConfig:
     )
 
 
-async def dump_state(engine: LocalEngine, keys: list[str]) -> tuple[State, dict[str, Any]]:
+async def dump_state(engine: EmbeddedEngine, keys: list[str]) -> tuple[State, dict[str, Any]]:
     """Every key's full history (oldest first) and its current item, through the public API.
 
     A key that cannot be read (e.g. still locked by a transaction recovery
@@ -228,12 +228,12 @@ def _wrong_value(inv: dict, key: str, entry: EntryTuple, versions: dict[int, Ent
     return None
 
 
-async def _prepared_count(engine: LocalEngine) -> int:
+async def _prepared_count(engine: EmbeddedEngine) -> int:
     stats = await engine.bus.stats()
     return sum(s["prepared"] for s in stats["shards"])
 
 
-async def _stored_keys(engine: LocalEngine) -> int:
+async def _stored_keys(engine: EmbeddedEngine) -> int:
     stats = await engine.bus.stats()
     return sum(s["keys"] for s in stats["shards"])
 
@@ -249,7 +249,7 @@ async def check_recovery(data_dir: str | Path, journal_path: str | Path, shards:
         "done": journal.done,
     }
 
-    engine = await LocalEngine.open(config)
+    engine = await EmbeddedEngine.open(config)
     try:
         if (n := await _prepared_count(engine)) != 0:
             bad.append(f"(d) {n} transactions are still prepared after recovery")
@@ -261,7 +261,7 @@ async def check_recovery(data_dir: str | Path, journal_path: str | Path, shards:
     finally:
         await engine.close()
 
-    engine = await LocalEngine.open(config)
+    engine = await EmbeddedEngine.open(config)
     try:
         if (n := await _prepared_count(engine)) != 0:
             bad.append(f"(d) {n} transactions are prepared after the second reopen")
@@ -273,7 +273,7 @@ async def check_recovery(data_dir: str | Path, journal_path: str | Path, shards:
     finally:
         await engine.close()
 
-    engine = await LocalEngine.open(config)
+    engine = await EmbeddedEngine.open(config)
     try:
         third, _ = await dump_state(engine, KEYS)
         probe_keys = _one_key_per_shard(shards)
@@ -294,7 +294,7 @@ def _one_key_per_shard(shards: int) -> list[str]:
     return [found[s] for s in sorted(found)]
 
 
-async def _check_new_commit(engine: LocalEngine, shards: int) -> list[str]:
+async def _check_new_commit(engine: EmbeddedEngine, shards: int) -> list[str]:
     """A commit spanning every shard succeeds after recovery and is readable at once."""
     keys = _one_key_per_shard(shards)
     session = oribus.AsyncSession(engine.bus, "after-recovery")
@@ -333,7 +333,7 @@ async def check_expired_session(data_dir: str | Path, journal_path: str | Path, 
         writes={key: encode_value({"c": "stale-session-probe"})},
         tokens=tokens,
     )
-    engine = await LocalEngine.open(engine_config(data_dir, shards))
+    engine = await EmbeddedEngine.open(engine_config(data_dir, shards))
     try:
         try:
             await engine.bus.commit(request)

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from processes import health_status, run_cli
 
 import oribus
-from oribus import wire
+from oribus.rpc import wire
 
 CALL = wire.method_path(wire.BUS_SERVICE, wire.CALL)
 STREAM = wire.method_path(wire.BUS_SERVICE, wire.STREAM)

@@ -17,7 +17,7 @@ from grpc import aio
 from processes import up
 
 import oribus
-from oribus import wire
+from oribus.rpc import wire
 
 
 async def test_commit_cancelled_by_a_disconnecting_client_is_not_resurrected(cluster, tmp_path):

@@ -18,7 +18,7 @@ from processes import ServerProcess, cluster_shard, free_port, run_cli
 
 import oribus
 from oribus import SessionExpired, Unavailable
-from oribus.meta.cluster import BusRecord, ClusterConfig
+from oribus.meta.cluster_meta import BusRecord, ClusterConfig
 from oribus.meta.etcd import EtcdMeta
 
 SHARDS = 3

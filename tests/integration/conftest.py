@@ -5,12 +5,12 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from oribus.bus.embedded import EngineConfig, LocalEngine
-from oribus.bus.gateway import GatewayConfig, HttpGateway
+from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
 
 
 async def _serve(data_dir, admin: bool):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=2))
     gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", admin=admin))
     await gw.start()
     async with aiohttp.ClientSession(base_url=gw.url) as http:
@@ -37,7 +37,7 @@ async def admin_served(data_dir):
 async def start_gateway(data_dir):
     """``await start_gateway(**GatewayConfig fields)``: gateways over one embedded engine (one
     shard), listening on port 0 unless ``listen`` says otherwise; all stopped afterwards."""
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=1))
     gateways = []
 
     async def start(**config) -> HttpGateway:

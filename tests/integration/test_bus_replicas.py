@@ -9,17 +9,17 @@ from http_call import call
 
 import oribus
 from oribus.bus.bus import Bus
-from oribus.bus.embedded import EngineConfig, LocalEngine
-from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.bus.session_journal import SessionJournal
 from oribus.contract import CommitRequest
+from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
 from oribus.types import SessionRef
 
 S = SessionRef("http-agent", "s1")
 
 
 async def test_replica_that_never_saw_the_session_still_validates(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=3))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=3))
     try:
         replica_a = engine.bus
         replica_b = Bus(dict(engine.shards), engine.slot_map.shard_for)
@@ -42,7 +42,7 @@ async def test_replica_that_never_saw_the_session_still_validates(data_dir):
 
 
 async def test_sdk_sessions_carry_their_tokens_to_any_replica(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=3))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=3))
     try:
         replica_b = Bus(dict(engine.shards), engine.slot_map.shard_for)
         agent_a = oribus.AsyncSession(engine.bus, "agent", "run-1")
@@ -62,7 +62,7 @@ async def test_a_reset_through_another_replica_never_lets_a_stale_commit_pass(da
     """HTTP agents stay on one bus replica (sessionAffinity: ClientIP), an attacker's requests
     reach another: a reset (or forget, or re-open) of the victim's session there, without its
     session_token, must make the victim's next commit on its own replica fail closed too."""
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=2))
     journal_b = await SessionJournal.open(tmp_path / "bus-b" / "sessions")
     replica_b = Bus(dict(engine.shards), engine.slot_map.shard_for, session_journal=journal_b)
     gateways = [HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0")),

@@ -7,16 +7,16 @@ import asyncio
 import pytest
 
 import oribus
-from oribus.bus.cluster import LocalCluster
 from oribus.certs import init_certs
-from oribus.client.remote import RemoteBus
+from oribus.hosts.up import UpHost
+from oribus.rpc.bus_client import RemoteBus
 from oribus.tls import TlsConfig
 
 
 @pytest.fixture
 async def tls_cluster(tmp_path):
     init_certs(tmp_path / "tls")
-    cluster = LocalCluster(tmp_path / "data", listen="127.0.0.1:0", shards=2,
+    cluster = UpHost(tmp_path / "data", listen="127.0.0.1:0", shards=2,
                            tls=TlsConfig.from_dir(tmp_path / "tls"))
     await cluster.start()
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from oribus.bus.cluster import LocalCluster
 from oribus.cli import build_parser, main
+from oribus.hosts.up import UpHost
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,6 +85,6 @@ def test_put_of_an_unquoted_string_says_how_to_quote_it(capsys):
 
 def test_up_processes_starts_one_shard_per_core(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
-    assert LocalCluster(tmp_path / "p", processes=True).config.shards == 3
-    assert LocalCluster(tmp_path / "e").config.shards == 1
-    assert LocalCluster(tmp_path / "n", processes=True, shards=5).config.shards == 5
+    assert UpHost(tmp_path / "p", processes=True).config.shards == 3
+    assert UpHost(tmp_path / "e").config.shards == 1
+    assert UpHost(tmp_path / "n", processes=True, shards=5).config.shards == 5

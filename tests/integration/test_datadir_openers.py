@@ -12,10 +12,10 @@ import os
 import pytest
 
 import oribus
-from oribus.bus.cluster import LocalCluster
-from oribus.bus.embedded import EngineConfig
 from oribus.bus.session_journal import SessionJournal
 from oribus.datadir_lock import DataDirLock
+from oribus.hosts.embedded import EngineConfig
+from oribus.hosts.up import UpHost
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
 
@@ -49,7 +49,7 @@ async def test_a_shard_lets_its_directory_go_on_close_and_on_a_failed_open(tmp_p
 
 @pytest.mark.slow  # starts a shard process
 async def test_up_processes_holds_the_top_directory_and_each_shard_process_its_own(tmp_path):
-    cluster = LocalCluster(tmp_path / "data", listen="127.0.0.1:0", shards=1, processes=True)
+    cluster = UpHost(tmp_path / "data", listen="127.0.0.1:0", shards=1, processes=True)
     await cluster.start()
     try:
         with pytest.raises(oribus.DataDirLocked) as refused:

@@ -9,7 +9,7 @@ import pytest
 
 import oribus
 from oribus import DELETE, Conflict, InvalidRequest, SessionExpired
-from oribus.bus.cluster import LocalCluster
+from oribus.hosts.up import UpHost
 
 
 def bus_engine(session: oribus.AsyncSession):
@@ -317,9 +317,9 @@ async def test_a_new_data_dir_gets_one_shard_by_default(data_dir, tmp_path):
         await bus.commit({"a": 1, "b": 2, "c": 3})
     assert json.loads((data_dir / "layout.json").read_text())["shards"] == 1
     # oribus up: the same for in-process shards, one process per core with --processes
-    assert LocalCluster(tmp_path / "up").config.shards == 1
-    assert LocalCluster(tmp_path / "procs", processes=True).config.shards == 2
-    assert LocalCluster(data_dir, processes=True).config.shards == 1  # an existing one keeps its own
+    assert UpHost(tmp_path / "up").config.shards == 1
+    assert UpHost(tmp_path / "procs", processes=True).config.shards == 2
+    assert UpHost(data_dir, processes=True).config.shards == 1  # an existing one keeps its own
 
 
 async def test_a_damaged_layout_file_is_refused_by_name(data_dir):

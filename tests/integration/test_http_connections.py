@@ -14,7 +14,7 @@ import aiohttp
 import grpc
 import pytest
 
-from oribus.bus.gateway import GatewayConfig, HttpGateway
+from oribus.gateway import GatewayConfig, HttpGateway
 
 SHORT = {"header_timeout": 0.6, "body_timeout": 0.6, "idle_timeout": 1.5}
 

@@ -12,12 +12,7 @@ import pytest
 from http_call import call
 
 from oribus.bus.bus import Bus
-from oribus.bus.embedded import EngineConfig, LocalEngine
-from oribus.bus.gateway import GatewayConfig, HttpGateway
-from oribus.bus.gateway.errors import http_status
-from oribus.bus.gateway.openapi import document
 from oribus.bus.session_journal import SessionJournal
-from oribus.bus.shard_client import GrpcShardClient
 from oribus.errors import (
     Aborted,
     Conflict,
@@ -29,6 +24,11 @@ from oribus.errors import (
     ValueTooLarge,
     WatchLagged,
 )
+from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.gateway.errors import http_status
+from oribus.gateway.openapi import document
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
+from oribus.rpc.shard_client import GrpcShardClient
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -236,7 +236,7 @@ async def test_health_and_readiness(served):
 
 
 async def test_readyz_reports_an_unreachable_shard(data_dir, tmp_path):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=1))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"  # nobody listens here once the socket is closed
@@ -266,7 +266,7 @@ async def test_readyz_reports_an_unreachable_shard(data_dir, tmp_path):
 
 
 async def test_gateway_refuses_to_run_without_a_session_journal(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=1))
     try:
         bare = Bus(dict(engine.shards), engine.slot_map.shard_for)
         with pytest.raises(InvalidRequest, match="journal"):
@@ -280,7 +280,7 @@ async def test_openapi_is_served_kept_in_specs_and_covers_every_route(served):
     st, served_doc = await call(http, "GET", "/v1/openapi.json")
     assert st == 200 and served_doc == document()
     kept = json.loads((REPO / "specs" / "openapi.json").read_text())
-    assert kept == document(), "specs/openapi.json is out of date: python -m oribus.bus.gateway.openapi"
+    assert kept == document(), "specs/openapi.json is out of date: python -m oribus.gateway.openapi"
     routes = {r.resource.canonical.replace("{key:.+}", "{key}") for r in gw.app.router.routes()
               if r.resource is not None and r.resource.canonical.startswith("/v1/")}
     assert routes == set(served_doc["paths"])
@@ -294,9 +294,9 @@ def test_one_http_status_table():
 
 
 async def test_readyz_waits_for_every_shard_to_be_registered(data_dir, tmp_path):
-    from oribus.bus.directory import UnregisteredShard
+    from oribus.meta.directory import UnregisteredShard
 
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=1))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=1))
     journal = await SessionJournal.open(tmp_path / "journal")
     bus = Bus({0: engine.shards[0], 1: UnregisteredShard(1)}, lambda k: 0, session_journal=journal)
     gw = HttpGateway(bus, GatewayConfig(listen="127.0.0.1:0"))

@@ -10,11 +10,11 @@ import aiohttp
 import pytest
 from http_call import call
 
-from oribus.bus.embedded import EngineConfig, LocalEngine
-from oribus.bus.gateway import GatewayConfig, HttpGateway
 from oribus.bus.sessions import SessionLimits
 from oribus.contract import CommitRequest
 from oribus.errors import InvalidRequest
+from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
 from oribus.types import encode_value
 
 
@@ -161,7 +161,7 @@ async def test_reads_made_before_a_reset_never_pass_as_current(admin_served):
 
 @pytest.fixture
 async def small_caps(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2, max_sessions_per_shard=20))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=2, max_sessions_per_shard=20))
     limits = SessionLimits(max_sessions=40, max_per_agent=5, max_per_client=15)
     gw = HttpGateway(engine.bus, GatewayConfig(listen="127.0.0.1:0", session_limits=limits))  # --http-sessions...
     assert engine.bus.sessions.limits == limits

@@ -9,14 +9,14 @@ import msgpack
 import pytest
 
 import oribus
-from oribus.bus.embedded import EngineConfig, LocalEngine
-from oribus.protocol import ShardTxn, TxnState, VoteKind
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
+from oribus.messages import ShardTxn, TxnState, VoteKind
 from oribus.types import SessionRef
 
 S = SessionRef("coord", "c1")
 
 
-def keys_on_two_shards(engine: LocalEngine) -> tuple[str, str]:
+def keys_on_two_shards(engine: EmbeddedEngine) -> tuple[str, str]:
     by_shard: dict[int, str] = {}
     i = 0
     while len(by_shard) < 2:
@@ -27,7 +27,7 @@ def keys_on_two_shards(engine: LocalEngine) -> tuple[str, str]:
     return a, b
 
 
-def txn_parts(engine: LocalEngine, txn_id: str, writes: dict[str, object]) -> dict[int, ShardTxn]:
+def txn_parts(engine: EmbeddedEngine, txn_id: str, writes: dict[str, object]) -> dict[int, ShardTxn]:
     from oribus.contract import CommitRequest
 
     req = CommitRequest(
@@ -39,16 +39,16 @@ def txn_parts(engine: LocalEngine, txn_id: str, writes: dict[str, object]) -> di
     return engine.bus.coordinator.split(req)
 
 
-async def prepare_all(engine: LocalEngine, parts: dict[int, ShardTxn]) -> list[VoteKind]:
+async def prepare_all(engine: EmbeddedEngine, parts: dict[int, ShardTxn]) -> list[VoteKind]:
     """Phase one on every participant, as a coordinator would; returns the votes."""
     return [(await engine.shards[sid].prepare(st)).kind for sid, st in parts.items()]
 
 
-async def open_engine(data_dir, **kw) -> LocalEngine:
-    return await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2, **kw))
+async def open_engine(data_dir, **kw) -> EmbeddedEngine:
+    return await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=2, **kw))
 
 
-async def value_of(engine: LocalEngine, key: str):
+async def value_of(engine: EmbeddedEngine, key: str):
     r = await engine.bus.read(SessionRef("reader", "r"), [key])
     raw = r.items[0].value
     return None if raw is None else msgpack.unpackb(raw)

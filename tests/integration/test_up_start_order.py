@@ -13,8 +13,8 @@ import socket
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from oribus.bus.cluster import LocalCluster
-from oribus.bus.gateway import GatewayConfig, HttpGateway
+from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.up import UpHost
 
 
 def _free_port() -> int:
@@ -42,7 +42,7 @@ async def test_the_http_port_listens_before_grpc_says_serving(data_dir, monkeypa
 
     monkeypatch.setattr(HttpGateway, "start", slow_start)
     grpc_port, http_port = _free_port(), _free_port()
-    cluster = LocalCluster(data_dir, listen=f"127.0.0.1:{grpc_port}",
+    cluster = UpHost(data_dir, listen=f"127.0.0.1:{grpc_port}",
                            http=GatewayConfig(listen=f"127.0.0.1:{http_port}"))
     starting = asyncio.create_task(cluster.start())
     try:

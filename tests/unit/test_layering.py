@@ -1,10 +1,17 @@
 """The package's layers import only downwards.
 
-The SDK (``oribus/client/``) speaks to a bus through ``oribus.contract`` and never
-imports a server module; the wire codec, the shards and the delivery log never
-import the bus; the contract itself sits just above ``types``, ``errors`` and
-``protocol``. Every ``import`` / ``from ... import`` of an ``oribus`` module is
-checked, at module level and inside functions alike (not those only for annotations).
+From the top (specs/ARCHITECTURE.md, "Which layer may import which"): the entry points (``cli``, ``demo``,
+``local``, ``sim``); the process hosts (``hosts/``); the SDK (``client/``) and the
+transports (``gateway/``, ``rpc/``); the bus's logic (``bus/``) and the cluster metadata
+(``meta/``); the shards (``shards/``, ``delivery_log/``); the contract, the messages and
+the basic types. The SDK speaks to a bus through ``oribus.contract`` and the client half
+of ``rpc/`` and never imports a server module; the bus reaches its shards only through
+``ShardService`` (no transport, no host); nothing below the bus imports it. Every
+``import`` / ``from ... import`` of an ``oribus`` module is checked, at module level and
+inside functions alike (not those only for annotations).
+
+``python tests/unit/test_layering.py`` (``make layers``) prints the import graph by
+package in layers, its cycles and any upward import.
 """
 
 from __future__ import annotations
@@ -12,28 +19,49 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import oribus
 
 PACKAGE = Path(oribus.__file__).parent
 
-# (files the rule covers, as paths relative to the package, "" for all of it; forbidden modules)
+# (files the rule covers, as paths relative to the package; forbidden modules)
+ENTRY_POINTS = ("oribus.cli", "oribus.demo", "oribus.local", "oribus.sim")
+SERVER_RPC = ("oribus.rpc.bus_server", "oribus.rpc.shard_server", "oribus.rpc.shard_client",
+              "oribus.rpc.shard_codec")
 RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
-    (("client/",), ("oribus.bus", "oribus.shards", "oribus.sim")),
-    (("wire.py", "shards/", "delivery_log/", "contract"), ("oribus.bus",)),
+    # the SDK: the contract, the messages and the client half of rpc, nothing of a server
+    (("client/",), ("oribus.bus", "oribus.shards", "oribus.delivery_log", "oribus.meta", "oribus.hosts",
+                    "oribus.gateway", *SERVER_RPC, *ENTRY_POINTS)),
+    # the transports serve a bus or a shard but never start one, nor speak HTTP/gRPC to each other
+    (("rpc/",), ("oribus.hosts", "oribus.gateway", "oribus.client", *ENTRY_POINTS)),
+    (("gateway/",), ("oribus.hosts", "oribus.rpc", "oribus.client", *ENTRY_POINTS)),
+    # only the two servers of rpc/ import what they serve
+    (("rpc/wire.py", "rpc/grpc_status.py", "rpc/bus_codec.py", "rpc/shard_codec.py", "rpc/mux_client.py",
+      "rpc/mux_server.py", "rpc/bus_client.py", "rpc/shard_client.py"), ("oribus.bus",)),
+    (("hosts/",), ("oribus.client", *ENTRY_POINTS)),
+    # the bus's logic reaches its shards through ShardService only
+    (("bus/",), ("oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client", "oribus.meta",
+                 *ENTRY_POINTS)),
+    (("meta/",), ("oribus.bus", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
+                  *ENTRY_POINTS)),
+    (("shards/", "delivery_log/", "messages", "contract"),
+     ("oribus.bus", "oribus.meta", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
+      *ENTRY_POINTS)),
 ]
 # The contract may import only these (and the standard library).
-CONTRACT_ALLOWED = ("oribus.types", "oribus.errors", "oribus.protocol", "oribus.contract")
+CONTRACT_ALLOWED = ("oribus.types", "oribus.errors", "oribus.messages", "oribus.contract")
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def _module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _package_of(path: Path) -> list[str]:
-    package = _module_name(path).split(".")
+def _package_of(path: Path, root: Path = PACKAGE) -> list[str]:
+    package = _module_name(path, root).split(".")
     if path.name != "__init__.py":
         package.pop()
     return package
@@ -59,7 +87,7 @@ def _imports(source: str, package: list[str]) -> list[tuple[int, str]]:
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
-            # ``from oribus import wire`` imports the module oribus.wire
+            # ``from oribus.rpc import wire`` imports the module oribus.rpc.wire
             found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
     return [(line, m) for line, m in found if m == "oribus" or m.startswith("oribus.")]
 
@@ -73,17 +101,17 @@ def _covered(rel: str, scopes: tuple[str, ...]) -> bool:
                rel.startswith(s + ".") for s in scopes)
 
 
-def layering_violations() -> list[str]:
+def layering_violations(package: Path = PACKAGE) -> list[str]:
     violations = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(PACKAGE).as_posix()
-        for line, module in _imports(path.read_text(encoding="utf-8"), _package_of(path)):
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package).as_posix()
+        for line, module in _imports(path.read_text(encoding="utf-8"), _package_of(path, package)):
             for scopes, forbidden in RULES:
                 if _covered(rel, scopes) and any(_under(module, f) for f in forbidden):
                     violations.append(f"oribus/{rel}:{line} imports {module}")
             # the gateway's app imports its route modules, so they must not import it back
-            if (rel.startswith("bus/gateway/") and rel not in ("bus/gateway/app.py", "bus/gateway/__init__.py")
-                    and _under(module, "oribus.bus.gateway.app")):
+            if (rel.startswith("gateway/") and rel not in ("gateway/app.py", "gateway/__init__.py")
+                    and _under(module, "oribus.gateway.app")):
                 violations.append(f"oribus/{rel}:{line} imports {module} (an import loop with the app)")
             if _covered(rel, ("contract",)) and not any(_under(module, a) for a in CONTRACT_ALLOWED):
                 violations.append(f"oribus/{rel}:{line} imports {module} (the contract imports only "
@@ -102,6 +130,24 @@ def test_no_upward_imports():
     assert not violations, "upward imports:\n" + "\n".join(violations)
 
 
+@pytest.mark.parametrize(("rel", "source"), [
+    ("client/session.py", "from oribus.bus.bus import Bus\n"),
+    ("client/remote.py", "from oribus.rpc.shard_client import GrpcShardClient\n"),
+    ("bus/bus.py", "def f():\n    from oribus.rpc import bus_server\n"),
+    ("rpc/wire.py", "from ..bus import coordinator\n"),
+    ("shards/shard.py", "import oribus.meta.cluster_meta\n"),
+    ("gateway/native.py", "from oribus.gateway.app import LOG_FIELDS\n"),
+    ("contract.py", "from oribus.tls import TlsConfig\n"),
+])
+def test_each_rule_reports_what_it_forbids(tmp_path, rel, source):
+    root = tmp_path / "oribus"
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).write_text(source)
+    (root / "client" / "ok.py").parent.mkdir(parents=True, exist_ok=True)
+    (root / "client" / "ok.py").write_text("from oribus.contract import BusService\nfrom oribus.rpc import wire\n")
+    assert [v.split(":")[0] for v in layering_violations(root)] == [f"oribus/{rel}"]
+
+
 def test_the_check_sees_function_level_and_relative_imports():
     # the collector must not miss the forms an upward import can take
     source = ("import json\n"
@@ -109,7 +155,7 @@ def test_the_check_sees_function_level_and_relative_imports():
               "from oribus import bus\n"
               "import oribus.sim\n"
               "from ..shards import store\n"
-              "if TYPE_CHECKING:\n    from oribus.bus.gateway.app import HttpGateway\n")
+              "if TYPE_CHECKING:\n    from oribus.gateway.app import HttpGateway\n")
     modules = {m for _, m in _imports(source, ["oribus", "client"])}
     assert modules == {"oribus.bus.bus.Bus", "oribus.bus", "oribus.sim", "oribus.shards.store"}
 

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from oribus import Conflict, SessionExpired
-from oribus.bus.embedded import EngineConfig, LocalEngine
 from oribus.bus.metrics import render_bus_metrics
 from oribus.client.session import AsyncSession
+from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
 from oribus.metrics import REGISTRY, SIZE_BUCKETS, Registry, format_value
 from oribus.shards.wal import Wal
 
@@ -211,7 +211,7 @@ async def test_wal_observes_batches_under_its_label(tmp_path):
 # ---- a real engine ---------------------------------------------------------------
 
 
-def keys_on_two_shards(engine: LocalEngine) -> tuple[str, str]:
+def keys_on_two_shards(engine: EmbeddedEngine) -> tuple[str, str]:
     by_shard: dict[int, str] = {}
     i = 0
     while len(by_shard) < 2:
@@ -227,7 +227,7 @@ def deltas(before: Samples, after: Samples, *names: tuple[str, dict]) -> list[fl
 
 
 async def test_engine_counts_commits_conflicts_aborts_and_fsyncs(data_dir):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=2))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=2))
     try:
         a, b = keys_on_two_shards(engine)
         shard_a = str(engine.slot_map.shard_for(a))
@@ -283,7 +283,7 @@ async def test_engine_counts_commits_conflicts_aborts_and_fsyncs(data_dir):
 
 
 async def test_engine_counts_session_expired(data_dir):
-    engine = await LocalEngine.open(
+    engine = await EmbeddedEngine.open(
         EngineConfig(data_dir=data_dir, shards=2, session_ttl_seconds=0.2)
     )
     try:
@@ -301,7 +301,7 @@ async def test_engine_counts_session_expired(data_dir):
 
 
 async def test_a_failing_or_hung_shard_is_reported_down(data_dir, monkeypatch):
-    engine = await LocalEngine.open(EngineConfig(data_dir=data_dir, shards=3))
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=data_dir, shards=3))
     try:
         async def broken() -> dict:
             raise OSError("shard unreachable")

@@ -6,7 +6,7 @@ import pytest
 
 from oribus.delivery_log import DeliveryLog, DeliveryLogConfig
 from oribus.errors import InvalidRequest, SessionExpired
-from oribus.protocol import ReadRequest, Scope, ShardTxn, TxnState, VoteKind
+from oribus.messages import ReadRequest, Scope, ShardTxn, TxnState, VoteKind
 from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import InvalidTransition, RecordType, Txn, is_transition_valid

@@ -15,7 +15,7 @@ from oribus.errors import (
     WatchLagged,
     error_from_dict,
 )
-from oribus.protocol import Change, WatchRequest
+from oribus.messages import Change, WatchRequest
 from oribus.shards.store import VersionedStore
 from oribus.shards.watch import Watcher, plan_replay
 from oribus.types import SessionRef, encode_value

@@ -23,13 +23,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 
 from oribus.contract import ShardService
 from oribus.errors import Unavailable
-from oribus.meta.cluster import ClusterMeta, ShardRecord
-from oribus.protocol import (
+from oribus.messages import (
     Change,
 )
+from oribus.meta.cluster_meta import ClusterMeta, ShardRecord
 from oribus.shards.service import ShardServiceByCalls
 
-log = logging.getLogger("oribus.bus.directory")
+log = logging.getLogger("oribus.meta.directory")
 
 ClientFactory = Callable[[ShardRecord], ShardService]
 

@@ -27,23 +27,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from oribus.bus.bus import Bus
-from oribus.bus.embedded import (
+from oribus.bus.session_journal import SessionJournal
+from oribus.bus.sweep import TxnSweep
+from oribus.datadir_lock import DataDirLock
+from oribus.errors import InvalidRequest, Unavailable
+from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.embedded import (
     DEFAULT_SHARDS,
+    EmbeddedEngine,
     EngineConfig,
-    LocalEngine,
     check_layout,
     stored_shards,
 )
-from oribus.bus.gateway import GatewayConfig, HttpGateway
-from oribus.bus.recovery import Recovery
-from oribus.bus.server import BusServer
-from oribus.bus.session_journal import SessionJournal
-from oribus.bus.shard_client import GrpcShardClient
-from oribus.datadir_lock import DataDirLock
-from oribus.errors import InvalidRequest, Unavailable
+from oribus.hosts.lifecycle import stop_signal_event
 from oribus.lifeline import ParentLifeline
 from oribus.meta.slots import StaticSlotMap
-from oribus.mux import stop_signal_event
+from oribus.rpc.bus_server import BusServer
+from oribus.rpc.shard_client import GrpcShardClient
 from oribus.tls import TlsConfig, channel_credentials, server_credentials
 
 log = logging.getLogger("oribus.cluster")
@@ -54,7 +54,7 @@ def process_shards() -> int:
     return os.cpu_count() or 2
 
 
-class LocalCluster:
+class UpHost:
     """Bus + N shards on this machine. ``await start()``, ``await stop()``."""
 
     def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int | None = None,
@@ -74,7 +74,7 @@ class LocalCluster:
         self._journal: SessionJournal | None = None
         self.processes = processes
         self.start_timeout = start_timeout
-        self.engine: LocalEngine | None = None
+        self.engine: EmbeddedEngine | None = None
         self.server: BusServer | None = None
         self.shard_procs: dict[int, subprocess.Popen] = {}
         self._dir_lock: DataDirLock | None = None  # DATA/LOCK with processes (the engine takes it otherwise)
@@ -95,16 +95,16 @@ class LocalCluster:
                 channel_credentials(self.tls)
         try:
             if self.processes:
-                bus, recovery = await self._start_processes()
+                bus, sweep = await self._start_processes()
             else:
-                self.engine = await LocalEngine.open(self.config)
-                bus, recovery = self.engine.bus, None  # the engine runs its own recovery
+                self.engine = await EmbeddedEngine.open(self.config)
+                bus, sweep = self.engine.bus, None  # the engine runs its own sweep
             # HTTP first: the gRPC health service says SERVING once the server starts, and
             # what waits for it (process supervisors, tests) may then use the HTTP port too.
             if self.http_config is not None:
                 self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit))
                 await self.gateway.start()
-            self.server = BusServer(bus, self.listen, recovery=recovery, tls=self.tls)
+            self.server = BusServer(bus, self.listen, sweep=sweep, tls=self.tls)
             await self.server.start()
         except BaseException:
             await self.stop()
@@ -157,7 +157,7 @@ class LocalCluster:
         self.shard_addresses[shard_id] = addr
         return addr
 
-    async def _start_processes(self) -> tuple[Bus, Recovery]:
+    async def _start_processes(self) -> tuple[Bus, TxnSweep]:
         loop = asyncio.get_running_loop()
         # DATA/LOCK only: each shard process locks its own shard-NNNN/ (this process must not)
         self._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, self.config.data_dir)
@@ -174,9 +174,9 @@ class LocalCluster:
                                                   unsafe_no_fsync=self.config.unsafe_no_fsync)
         bus = Bus(shards, slot_map.shard_for, max_value_bytes=self.config.max_value_bytes,
                   session_journal=self._journal)
-        recovery = Recovery(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
+        sweep = TxnSweep(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
                             interval=self.config.maintenance_interval)
-        return bus, recovery
+        return bus, sweep
 
     async def stop(self) -> None:
         """Drain the bus, flush and close the shards (SIGTERM to shard processes). Idempotent."""
@@ -213,7 +213,7 @@ class LocalCluster:
             self._dir_lock = None
 
 
-async def run_until_signalled(cluster: LocalCluster) -> None:
+async def run_until_signalled(cluster: UpHost) -> None:
     stop = stop_signal_event()
     starting = asyncio.get_running_loop().create_task(cluster.start())
     stopping = asyncio.get_running_loop().create_task(stop.wait())

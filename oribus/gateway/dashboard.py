@@ -54,13 +54,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from oribus.bus.gateway.errors import LOG_FIELDS, json_response, request_error
 from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
-from oribus.protocol import Change
+from oribus.gateway.errors import LOG_FIELDS, json_response, request_error
+from oribus.messages import Change
 
 if TYPE_CHECKING:
-    from oribus.bus.gateway.app import HttpGateway
+    from oribus.gateway.app import HttpGateway
 
 log = logging.getLogger("oribus.http")
 

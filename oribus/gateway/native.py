@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from oribus.bus.gateway.errors import LOG_FIELDS, RequestError, error_body, json_response
-from oribus.bus.gateway.values import from_json, to_json
 from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
-from oribus.protocol import Scope
+from oribus.gateway.errors import LOG_FIELDS, RequestError, error_body, json_response
+from oribus.gateway.values import from_json, to_json
+from oribus.messages import Scope
 from oribus.types import decode_value, encode_value
 
 if TYPE_CHECKING:
-    from oribus.bus.gateway.app import HttpGateway
+    from oribus.gateway.app import HttpGateway
 
 DEFAULT_SESSION = "http"
 
@@ -120,7 +120,7 @@ class NativeRoutes:
         r.add_get("/v1/sessions", self.sessions)
 
     async def openapi(self, request: web.Request) -> web.Response:
-        from oribus.bus.gateway.openapi import document
+        from oribus.gateway.openapi import document
 
         return json_response(document())
 

@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from oribus.bus.bus import MAX_KEYS_PER_REQUEST, RESERVED_PREFIXES, check_writable
-from oribus.bus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response
 from oribus.contract import CommitRequest
 from oribus.errors import (
     Aborted,
@@ -64,10 +63,11 @@ from oribus.errors import (
     SessionExpired,
     ValueTooLarge,
 )
+from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response
 from oribus.types import decode_value, encode_value, validate_key
 
 if TYPE_CHECKING:
-    from oribus.bus.gateway.app import HttpGateway
+    from oribus.gateway.app import HttpGateway
 
 SESSION_ID = "sbus"
 META_PREFIX = ".sbus/"

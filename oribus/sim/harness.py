@@ -7,32 +7,14 @@ snapshots in memory; ``network.py``: messages)::
     client-0 ─┐                      ┌─▶ shard-0 process: Shard (SimDisk), session upkeep
     client-1 ─┼─▶ bus process ───────┼─▶ shard-1 process: ...
     ...       │   Bus, Coordinator,  └─▶ ...            (a shard resolving a transaction
-              ┘   Recovery sweep                          reaches the others the same way)
+              ┘   TxnSweep sweep                          reaches the others the same way)
 
 Every arrow is a ``SimNetwork`` message: the clients are ``AsyncSession``
 objects over a ``SimBusClient`` (as over ``oribus.connect``), the bus reaches
 its shards through ``SimShardClient`` (the third ``ShardService``).
 
-Faults (``Fault.kind``), each applied at ``at`` virtual seconds after the
-workload starts and undone ``duration`` seconds later:
-
-    crash          shard ``target`` dies: its tasks are cancelled, its memory (delivery
-                   log, locks, waiters) is gone, its WAL keeps only fsynced records plus
-                   ``int(amount)`` records of the batch being fsynced; calls in flight to
-                   it fail. It restarts after ``duration`` with a new epoch: Shard recovery
-                   replays the SimDisk, and sessions that had read from it fail closed.
-    crash_bus      the bus dies (every coordinator in flight: transactions stay prepared
-                   until the recovery sweep resolves them through their primary) and a
-                   fresh one (empty session table) starts after ``duration``
-    partition      every message to or from shard ``target`` is dropped (callers time out)
-    partition_bus  the same for the bus: clients and shards cannot reach it, nor it them
-    loss           each message is lost with probability ``amount``
-    duplicate      each request is delivered twice with probability ``amount`` (for the
-                   operations in ``NetworkConfig.duplicate_ops``)
-    pause          client ``target`` stalls (a slow agent) for ``duration``: if that is
-                   longer than the delivery-log TTL, its session expires on the shards,
-                   and a commit depending on reads made before the pause must fail with
-                   SessionExpired
+The faults (``Fault.kind``) are listed in ``oribus.sim.faults``; ``SimConfig`` is in
+``oribus.sim.config``, the register clients in ``oribus.sim.workload``.
 
 Time also expires leases on its own: a prepared transaction whose coordinator
 vanished is resolved by the bus's recovery sweep after ``txn_expiry_seconds``,
@@ -64,78 +46,24 @@ from typing import Any
 import oribus.client.session as client_session
 from oribus.bus.bus import Bus
 from oribus.bus.coordinator import Coordinator
-from oribus.bus.recovery import Recovery
+from oribus.bus.sweep import TxnSweep
 from oribus.checker import Recorder, Report, check, record_final, run_list_append
 from oribus.checker.history import READ
-from oribus.checker.listappend import record_failure, workload_keys
-from oribus.client.session import AsyncSession, Transaction
+from oribus.checker.listappend import workload_keys
+from oribus.client.session import AsyncSession
 from oribus.delivery_log import DeliveryLogConfig
-from oribus.errors import OribusError, SessionExpired, Unavailable
+from oribus.errors import OribusError, Unavailable
 from oribus.meta.slots import StaticSlotMap
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
-from oribus.sim.disk import DiskConfig, SimDisk
+from oribus.sim.config import SimConfig
+from oribus.sim.disk import SimDisk
+from oribus.sim.faults import Fault
 from oribus.sim.loop import Process, SimLoop, run
-from oribus.sim.network import Endpoint, NetworkConfig, SimBusClient, SimNetwork, SimShardClient
+from oribus.sim.network import Endpoint, SimBusClient, SimNetwork, SimShardClient
+from oribus.sim.workload import register_client
 
-FAULT_KINDS = ("crash", "crash_bus", "partition", "partition_bus", "loss", "duplicate", "pause")
 WALL_CLOCK_ORIGIN = 1_700_000_000.0  # virtual "unix time" at virtual second 0 (commit stamps)
-
-
-@dataclass
-class SimConfig:
-    """One simulated cluster and its workload (times are virtual seconds)."""
-
-    shards: int = 3  # shard processes
-    list_clients: int = 4  # list-append clients (transaction scope), one session each
-    register_clients: int = 1  # clients writing registers: rollbacks, session scope, forgets
-    list_keys: int = 6  # list-append keys (few: transactions conflict often)
-    register_keys: int = 3  # register keys
-    duration: float = 3.0  # virtual seconds the list-append clients run (register clients meanwhile)
-    txns: int | None = None  # ... or until this many list-append transactions were run in all
-    max_ops: int = 4  # micro-operations per list-append transaction
-    rollback_rate: float = 0.25  # register clients: share of operations that roll a key back
-    session_rate: float = 0.35  # register clients: share of writes made in session scope
-    forget_rate: float = 0.5  # before a session-scope write: chance to forget the other keys
-    network: NetworkConfig = field(default_factory=NetworkConfig)
-    disk: DiskConfig = field(default_factory=DiskConfig)
-    session_ttl_seconds: float = 2.0  # delivery-log TTL on every shard
-    txn_expiry_seconds: float = 1.0  # the recovery sweep resolves prepared transactions older than this
-    recovery_interval: float = 0.25  # seconds between recovery sweeps of the bus
-    read_wait_seconds: float = 0.3  # a read of a key under a write intent waits this long
-    lock_wait_seconds: float = 0.2  # a one-phase commit waits this long for locks
-    snapshot_every_records: int = 1 << 40  # snapshot cadence (default: never)
-    shard_resolver: bool = True  # a blocked read resolves the transaction through its primary
-    history_limit: int = 1 << 30  # keep every version: the final check reads whole histories
-    max_seconds: float = 600.0  # a workload running longer than this is stuck (liveness failure)
-    unsafe_disable_validation: bool = False  # BROKEN on purpose: shards accept stale commits
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One fault of a schedule (see the module docstring for the kinds)."""
-
-    at: float  # virtual seconds after the workload starts
-    kind: str
-    target: int = 0  # shard id (crash, partition) or client index (pause); taken modulo the count
-    duration: float = 0.5  # until the restart / heal / end of the window / end of the pause
-    amount: float = 0.0  # loss and duplicate: the probability; crash: in-flight records kept
-
-    def __post_init__(self) -> None:
-        if self.kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r}")
-
-    def describe(self) -> str:
-        what = {
-            "crash": f"crash shard {self.target} (keep {int(self.amount)} in-flight records)",
-            "crash_bus": "crash the bus",
-            "partition": f"partition shard {self.target}",
-            "partition_bus": "partition the bus",
-            "loss": f"lose {self.amount:.0%} of messages",
-            "duplicate": f"duplicate {self.amount:.0%} of requests",
-            "pause": f"pause client {self.target}",
-        }[self.kind]
-        return f"t={self.at:.3f}s {what} for {self.duration:.3f}s"
 
 
 class SimShard(Shard):
@@ -318,10 +246,10 @@ class SimCluster:
         process = Process(self.loop, "bus")
         shards = {i: SimShardClient(self.network, "bus", i, self.shard_endpoints[i]) for i in self.shard_endpoints}
         bus = Bus(shards, self.slot_map.shard_for, clock=self.wall_clock)  # commits stamped on virtual time
-        recovery = Recovery(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
+        sweep = TxnSweep(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
                             interval=self.config.recovery_interval)
         ep.process, ep.target = process, bus
-        process.spawn(recovery.run_forever())
+        process.spawn(sweep.run_forever())
         self.trace("start", "bus")
 
     def crash_bus(self) -> None:
@@ -529,7 +457,7 @@ async def _simulate(seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> 
     fault_tasks = [loop.create_task(cluster.inject(f, origin)) for f in sorted(faults, key=lambda f: f.at)]
     done = asyncio.Event()
     register_tasks = [
-        loop.create_task(_register_client(
+        loop.create_task(register_client(
             cluster.session(config.list_clients + j), recorder, f"r{j}", register_keys,
             random.Random(f"oribus-sim/{seed}/register/{j}"), config, done,
         ))
@@ -603,111 +531,3 @@ def _incomplete_results(history: list[dict]) -> list[str]:
         for ev in history if ev["type"] == "ok"
         for op in ev["ops"] if op[0] != READ and op[3] is None
     ]
-
-
-# ---- register clients: rollbacks, session scope, forgets ------------------------------------
-
-
-async def _register_client(
-    session: AsyncSession, recorder: Recorder, process: str, keys: list[str], rng: random.Random,
-    config: SimConfig, done: asyncio.Event,
-) -> None:
-    """Registers (``w`` ops, unique values) next to the list-append keys, written three ways:
-
-    * a transaction that reads the key and writes a new value (transaction scope);
-    * a rollback: pick an older version from the key's history, then a transaction that
-      reads the key and rolls it back (recorded as a write of the restored value);
-    * in session scope: ``get`` then ``commit`` — checked against every delivery the
-      session still has, so first (sometimes) ``forget`` the other keys.
-    """
-    counter = 0
-    while not done.is_set():
-        key = rng.choice(keys)
-        r = rng.random()
-        try:
-            if r < config.rollback_rate:
-                await _rollback(session, recorder, process, key, rng)
-            elif r < config.rollback_rate + config.session_rate:
-                counter += 1
-                if rng.random() < config.forget_rate:
-                    await session.forget([k for k in keys if k != key])
-                await _session_write(session, recorder, process, key, _value(process, counter))
-            else:
-                counter += 1
-                await _txn_write(session, recorder, process, key, _value(process, counter))
-        except OribusError:
-            pass  # a history or forget call failed before anything was recorded
-        await asyncio.sleep(rng.uniform(0.0, 0.01))
-
-
-def _value(process: str, counter: int) -> str:
-    return f"{process}-{counter}"
-
-
-async def _read_then_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any,
-                           stage: Callable[[Transaction], None]) -> None:
-    """A transaction that reads ``key``, then ``stage``s a change that leaves it holding ``value``."""
-    tx = session.transaction()
-    tid = recorder.invoke(process, list(session.session_ref), [["r", key, None], ["w", key, value]])
-    try:
-        item = await tx.get(key)
-        stage(tx)
-        versions = await tx.commit()
-    except OribusError as e:
-        record_failure(recorder, tid, e, tx.sent, tx.commit_id)
-        if isinstance(e, SessionExpired):
-            await session.reset_session()
-        return
-    recorder.ok(tid, [["r", key, item.value, item.version], ["w", key, value, versions.get(key)]], tx.commit_id)
-
-
-async def _txn_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any) -> None:
-    await _read_then_write(session, recorder, process, key, value, lambda tx: tx.put(key, value))
-
-
-async def _rollback(session: AsyncSession, recorder: Recorder, process: str, key: str, rng: random.Random) -> None:
-    versions = [v for v in await session.history(key) if not v.deleted and v.value is not None]
-    if len(versions) < 2:
-        return
-    target = rng.choice(versions[1:])  # not the newest: a rollback that changes something
-    await _read_then_write(session, recorder, process, key, target.value,
-                           lambda tx: tx.rollback(key, target.version))
-
-
-async def _session_write(session: AsyncSession, recorder: Recorder, process: str, key: str, value: Any) -> None:
-    commit_id = client_session.new_commit_id()
-    tid = recorder.invoke(process, list(session.session_ref), [["r", key, None], ["w", key, value]])
-    sent = False
-    try:
-        item = await session.get(key)
-        sent = True
-        versions = await session.commit({key: value}, commit_id=commit_id)
-    except OribusError as e:
-        record_failure(recorder, tid, e, sent, commit_id)
-        if isinstance(e, SessionExpired):
-            await session.reset_session()
-        return
-    recorder.ok(tid, [["r", key, item.value, item.version], ["w", key, value, versions.get(key)]], commit_id)
-
-
-# ---- random schedules (the soak run; the tests draw theirs with hypothesis) -------------------
-
-
-def random_faults(rng: random.Random, config: SimConfig, count: int) -> list[Fault]:
-    """``count`` faults at random times of the workload, of every kind."""
-    faults = []
-    clients = config.list_clients + config.register_clients
-    for _ in range(count):
-        kind = rng.choice(FAULT_KINDS)
-        at = rng.uniform(0.0, config.duration)
-        if kind in ("loss", "duplicate"):
-            faults.append(Fault(at, kind, 0, rng.uniform(0.05, 1.0), rng.choice((0.02, 0.1, 0.3))))
-        elif kind == "pause":
-            faults.append(Fault(at, kind, rng.randrange(clients),
-                                rng.uniform(0.1, 2.5 * config.session_ttl_seconds)))
-        elif kind == "crash":
-            faults.append(Fault(at, kind, rng.randrange(config.shards), rng.uniform(0.0, 0.5),
-                                float(rng.choice((0, 0, 1, 3)))))
-        else:
-            faults.append(Fault(at, kind, rng.randrange(config.shards), rng.uniform(0.0, 0.5)))
-    return faults

@@ -15,20 +15,20 @@ import socket
 from pathlib import Path
 
 from oribus.bus.bus import Bus
-from oribus.bus.directory import ShardDirectory
-from oribus.bus.gateway import GatewayConfig, HttpGateway
-from oribus.bus.recovery import Recovery
-from oribus.bus.server import BusServer
 from oribus.bus.session_journal import SessionJournal
-from oribus.bus.shard_client import GrpcShardClient
-from oribus.meta.cluster import BusRecord, ClusterMeta, ShardRecord
-from oribus.mux import stop_signal_event
+from oribus.bus.sweep import TxnSweep
+from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.lifecycle import stop_signal_event
+from oribus.meta.cluster_meta import BusRecord, ClusterMeta, ShardRecord
+from oribus.meta.directory import ShardDirectory
+from oribus.rpc.bus_server import BusServer
+from oribus.rpc.shard_client import GrpcShardClient
 from oribus.tls import TlsConfig
 
-log = logging.getLogger("oribus.bus.standalone")
+log = logging.getLogger("oribus.hosts.bus")
 
 
-class StandaloneBus:
+class BusHost:
     """``await start()`` / ``await stop()``: the bus, its gRPC service and its HTTP gateway."""
 
     def __init__(self, meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None = None,
@@ -65,7 +65,7 @@ class StandaloneBus:
             if self.http is not None:
                 self.gateway = HttpGateway(self.bus, self.http)
                 await self.gateway.start()
-            self.server = BusServer(self.bus, self.listen, recovery=Recovery(self.bus), tls=self.tls)
+            self.server = BusServer(self.bus, self.listen, sweep=TxnSweep(self.bus), tls=self.tls)
             await self.server.start()
             host = socket.gethostname()
             http = self.advertise_http or (self.gateway.address if self.gateway else "")
@@ -94,7 +94,7 @@ async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: Gatew
                   tls: TlsConfig | None = None, advertise: str | None = None,
                   advertise_http: str | None = None) -> None:
     stop = stop_signal_event()
-    bus = StandaloneBus(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
+    bus = BusHost(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
                         advertise_http=advertise_http)
     try:
         await bus.start()

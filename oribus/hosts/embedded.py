@@ -1,6 +1,6 @@
 """The embedded engine: a bus and N shards in this process, no network hop.
 
-``LocalEngine.open(path, shards=N)`` recovers every shard from its snapshot
+``EmbeddedEngine.open(path, shards=N)`` recovers every shard from its snapshot
 and WAL, resolves transactions left prepared by a coordinator that died (in
 one process the coordinator died with the shards, so each is asked of its
 primary, which aborts any that has no outcome), and runs two background
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from oribus.bus.bus import Bus
-from oribus.bus.recovery import Recovery
 from oribus.bus.session_journal import SessionJournal
+from oribus.bus.sweep import TxnSweep
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import DataCorrupted, InvalidRequest
@@ -183,8 +183,8 @@ def _check_shard_dirs(cfg: EngineConfig) -> None:
                     "its commits are lost", i, lost)
 
 
-class LocalEngine:
-    """A bus over in-process shards. Use ``await LocalEngine.open(config)`` and ``await close()``."""
+class EmbeddedEngine:
+    """A bus over in-process shards. Use ``await EmbeddedEngine.open(config)`` and ``await close()``."""
 
     def __init__(self, config: EngineConfig, shards: dict[int, Shard],
                  journal: SessionJournal | None = None, dir_lock: DataDirLock | None = None) -> None:
@@ -195,7 +195,7 @@ class LocalEngine:
         self.journal = journal
         self.bus = Bus(dict(shards), self.slot_map.shard_for, max_value_bytes=config.max_value_bytes,
                        session_journal=journal)
-        self.recovery = Recovery(
+        self.sweep = TxnSweep(
             self.bus, txn_expiry_seconds=config.txn_expiry_seconds, interval=config.maintenance_interval
         )
         self._maintenance: asyncio.Task | None = None
@@ -204,7 +204,7 @@ class LocalEngine:
             shard.resolver = self._resolve
 
     @classmethod
-    async def open(cls, config: EngineConfig) -> LocalEngine:
+    async def open(cls, config: EngineConfig) -> EmbeddedEngine:
         loop = asyncio.get_running_loop()
         # Before layout.json is read: a second process on this directory stops here.
         dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
@@ -236,11 +236,11 @@ class LocalEngine:
 
     async def recover_prepared(self, older_than: float) -> int:
         """Resolve prepared transactions older than ``older_than`` seconds. Returns how many."""
-        return await self.recovery.resolve_expired(older_than)
+        return await self.sweep.resolve_expired(older_than)
 
     async def release_settled(self) -> int:
         """Release kept decisions that no participant still waits for. Returns how many."""
-        return await self.recovery.release_settled()
+        return await self.sweep.release_settled()
 
     async def _maintain(self) -> None:
         while not self._closed:
@@ -248,7 +248,7 @@ class LocalEngine:
             try:
                 for shard in self.shards.values():
                     shard.expire_sessions()
-                await self.recovery.run_once()
+                await self.sweep.run_once()
             except Exception:
                 log.exception("maintenance failed")
 

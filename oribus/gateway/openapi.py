@@ -2,7 +2,7 @@
 
 Built here, next to the routes, and kept in ``specs/openapi.json``; a test
 checks that the two are the same and that every ``/v1`` route is described.
-Regenerate the file with ``python -m oribus.bus.gateway.openapi > specs/openapi.json``.
+Regenerate the file with ``python -m oribus.gateway.openapi > specs/openapi.json``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from oribus.bus.gateway.errors import HTTP_STATUS
+from oribus.gateway.errors import HTTP_STATUS
 
 
 def _ref(name: str) -> dict:

@@ -1,5 +1,5 @@
 """The bus's HTTP gateway: S-Bus compatible routes, the native /v1 API, metrics, dashboard."""
 
-from oribus.bus.gateway.app import DEFAULT_HTTP, GatewayConfig, HttpGateway
+from oribus.gateway.app import DEFAULT_HTTP, GatewayConfig, HttpGateway
 
 __all__ = ["DEFAULT_HTTP", "GatewayConfig", "HttpGateway"]

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from aiohttp import web
 from yarl import URL
 
-from oribus.bus.gateway.errors import request_error
+from oribus.gateway.errors import request_error
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

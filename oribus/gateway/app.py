@@ -29,21 +29,21 @@ from typing import Any
 from aiohttp import web
 
 from oribus.bus.bus import Bus
-from oribus.bus.directory import UnregisteredShard
-from oribus.bus.gateway import dashboard, native, sbus
-from oribus.bus.gateway.connections import ConnectionCap, GuardedConnection
-from oribus.bus.gateway.cross_site import CrossSiteGuard
-from oribus.bus.gateway.errors import (
+from oribus.bus.sessions import SessionLimits
+from oribus.contract import CommitRequest, CommitResult
+from oribus.errors import InvalidRequest, OribusError
+from oribus.gateway import dashboard, native, sbus
+from oribus.gateway.connections import ConnectionCap, GuardedConnection
+from oribus.gateway.cross_site import CrossSiteGuard
+from oribus.gateway.errors import (
     LOG_FIELDS,
     RequestError,
     error_response,
     json_response,
     request_error,
 )
-from oribus.bus.sessions import SessionLimits
-from oribus.contract import CommitRequest, CommitResult
-from oribus.errors import InvalidRequest, OribusError
-from oribus.protocol import Scope
+from oribus.messages import Scope
+from oribus.meta.directory import UnregisteredShard
 from oribus.types import DEFAULT_HISTORY_LIMIT
 
 log = logging.getLogger("oribus.http")

@@ -7,12 +7,12 @@ from typing import Any
 
 import grpc
 
-from oribus import wire
-from oribus.mux import MuxClient
-from oribus.protocol import (
+from oribus.messages import (
     Change,
     WatchRequest,
 )
+from oribus.rpc import shard_codec, wire
+from oribus.rpc.mux_client import MuxClient
 from oribus.shards.service import ShardServiceByCalls
 from oribus.tls import TlsConfig, channel_credentials
 
@@ -32,11 +32,11 @@ class GrpcShardClient(ShardServiceByCalls):
 
     async def _call(self, op: str, *params: Any) -> Any:
         if self.epoch:
-            o = wire.SHARD_OPS[op]
+            o = shard_codec.SHARD_OPS[op]
             args = o.enc_args(*params)
-            args[wire.FENCE] = self.epoch
+            args[shard_codec.FENCE] = self.epoch
             return o.dec_result(await self.mux.call(op, args))
-        return await self.mux.call_op(wire.SHARD_OPS, op, *params)
+        return await self.mux.call_op(shard_codec.SHARD_OPS, op, *params)
 
     def watch(
         self,

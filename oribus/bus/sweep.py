@@ -15,10 +15,10 @@ import logging
 from oribus.bus.bus import Bus
 from oribus.errors import OribusError
 
-log = logging.getLogger("oribus.recovery")
+log = logging.getLogger("oribus.bus.sweep")
 
 
-class Recovery:
+class TxnSweep:
     def __init__(self, bus: Bus, *, txn_expiry_seconds: float = 10.0, interval: float = 1.0) -> None:
         self.bus = bus
         self.txn_expiry_seconds = txn_expiry_seconds
@@ -31,7 +31,7 @@ class Recovery:
             try:
                 txns = await shard.expired(older_than)
             except OribusError as e:
-                log.info("shard %d unreachable for recovery: %s", sid, e)
+                log.info("shard %d unreachable for the sweep: %s", sid, e)
                 continue
             for txn in txns:
                 try:
@@ -73,5 +73,5 @@ class Recovery:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("recovery pass failed")
+                log.exception("sweep of abandoned transactions failed")
             await asyncio.sleep(self.interval)

@@ -1,0 +1,82 @@
+"""A bus reached over gRPC: ``RemoteBus``, the ``BusService`` behind ``oribus.connect``.
+
+``BusByCalls`` offers the bus methods a session calls (read, commit, history, forget,
+reset, stats) as calls of ``bus_codec.BUS_OPS``; ``RemoteBus`` sends them over one
+multiplexed gRPC stream (``oribus.rpc.mux_client``), so a remote session has exactly the
+embedded API and semantics. The simulated network has its own ``BusByCalls``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult
+from oribus.messages import Change, WatchRequest
+from oribus.rpc import bus_codec, wire
+from oribus.rpc.mux_client import MuxClient
+from oribus.tls import TlsConfig, channel_credentials
+from oribus.types import SessionRef
+
+DEFAULT_ADDRESS = "127.0.0.1:7700"
+
+
+class BusByCalls(BusService):
+    """The bus methods a session calls (``BusService``), each one call ``_call(op, *params)`` of
+    ``bus_codec.BUS_OPS``: the shape of every remote bus (gRPC, the simulated network),
+    which differ only in how a call travels (and in watch)."""
+
+    @abc.abstractmethod
+    async def _call(self, op: str, *params: Any) -> Any:
+        """Send one call of ``bus_codec.BUS_OPS`` and return its decoded result."""
+
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
+        return await self._call("read", session, keys, record)
+
+    async def commit(self, req: CommitRequest) -> CommitResult:
+        return await self._call("commit", req)
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        return await self._call("history", key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str]) -> None:
+        await self._call("forget", session, keys)
+
+    async def reset(self, session: SessionRef) -> None:
+        await self._call("reset", session)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+
+class RemoteBus(BusByCalls):
+    """A bus reached over gRPC at ``target`` (``HOST:PORT``); over mutual TLS with ``tls``."""
+
+    def __init__(self, target: str = DEFAULT_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout: float = 30.0, tls: TlsConfig | str | Path | None = None) -> None:
+        self.target = target
+        cfg = TlsConfig.of(tls)
+        if cfg is not None and credentials is None:
+            credentials = channel_credentials(cfg)
+        self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout,
+                             options=cfg.channel_options() if cfg is not None else ())
+
+    async def _call(self, op: str, *params: Any) -> Any:
+        return await self.mux.call_op(bus_codec.BUS_OPS, op, *params)
+
+    def watch(
+        self,
+        prefix: str = "",
+        from_version: int | None = None,
+        *,
+        after: Mapping[str, int] | None = None,
+        since: float | None = None,
+    ) -> AsyncIterator[Change]:
+        return self.mux.watch(WatchRequest(prefix, from_version, dict(after or {}), since))
+
+    async def close(self) -> None:
+        await self.mux.close()

@@ -1,0 +1,130 @@
+"""The operations of ``oribus.v1.Bus`` (client → bus): ``BUS_OPS`` and their encodings.
+
+Each op is a ``BusService`` method of the same name; the frames that carry them and the
+helpers shared with the shard service are in ``oribus.rpc.wire``, the shapes in
+``specs/wire.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from oribus.contract import CommitRequest, CommitResult, ReadResult
+from oribus.errors import (
+    InvalidRequest,
+)
+from oribus.messages import (
+    ReadItem,
+    Scope,
+)
+from oribus.rpc.wire import (
+    Op,
+    dec_entries,
+    dec_history_args,
+    dec_keys_args,
+    dec_no_args,
+    dec_read_args,
+    dec_session,
+    dec_session_args,
+    dec_tokens,
+    dec_writes,
+    enc_entries,
+    enc_read_args,
+    enc_session,
+    int_int_map,
+    need,
+    opt,
+    same,
+    str_int_map,
+    to_none,
+)
+
+
+def _decodable(writes: dict[str, bytes | None]) -> dict[str, bytes | None]:
+    """Refuse a value that is not exactly one msgpack object (the bus's entry point).
+
+    The SDK encodes values itself, but a raw client could store bytes that every
+    reader's SDK then fails to decode; such a commit is malformed and changes nothing.
+    """
+    for k, raw in writes.items():
+        if raw is None:
+            continue
+        try:
+            msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as e:  # msgpack raises several unrelated types
+            raise InvalidRequest(f"value of {k!r} is not one msgpack-encoded object: {e}", key=k) from None
+    return writes
+
+
+def enc_read_result(r: ReadResult) -> dict:
+    return {
+        "i": [[i.key, i.value, i.version] for i in r.items],
+        "t": {s: list(t) for s, t in r.tokens.items()},
+        "q": dict(r.seqs),
+    }
+
+
+def dec_read_result(v: dict) -> ReadResult:
+    return ReadResult(
+        [ReadItem(k, val, ver) for k, val, ver in v["i"]],
+        {s: (t[0], t[1]) for s, t in v["t"].items()},
+        dict(v["q"]),
+    )
+
+
+def enc_commit_request(r: CommitRequest) -> dict:
+    return {
+        "s": enc_session(r.session),
+        "id": r.commit_id,
+        "w": r.writes,
+        "rb": r.rollback,
+        "e": r.expect,
+        "r": r.read_set,
+        "sc": r.scope.value,
+        "since": r.since,
+        "t": {s: list(t) for s, t in r.tokens.items()},
+        "st": r.strict,
+        "ct": r.complete_tokens,
+    }
+
+
+def dec_commit_request(a: Any) -> CommitRequest:
+    scope = opt(a, "sc", str, "session")
+    try:
+        sc = Scope(scope)
+    except ValueError:
+        raise InvalidRequest(f"scope must be 'session' or 'transaction', not {scope!r}") from None
+    return CommitRequest(
+        session=dec_session(need(a, "s", list)),
+        commit_id=need(a, "id", str),
+        writes=_decodable(dec_writes(opt(a, "w", dict, {}))),
+        rollback=str_int_map(opt(a, "rb", dict, {}), "rollback"),
+        expect=str_int_map(opt(a, "e", dict, {}), "expect"),
+        read_set=str_int_map(opt(a, "r", dict, {}), "read_set"),
+        scope=sc,
+        since=int_int_map(opt(a, "since", dict, {}), "since"),
+        tokens=dec_tokens(opt(a, "t", dict, {})),
+        strict=bool(opt(a, "st", bool, False)),
+        complete_tokens=bool(opt(a, "ct", bool, False)),
+    )
+
+
+def enc_commit_result(r: CommitResult) -> dict:
+    return {"id": r.commit_id, "v": r.versions, "t": {s: list(t) for s, t in r.tokens.items()}, "2pc": r.two_phase}
+
+
+def dec_commit_result(v: dict) -> CommitResult:
+    return CommitResult(v["id"], dict(v["v"]), {s: (t[0], t[1]) for s, t in v["t"].items()}, v["2pc"])
+
+
+# Operations of oribus.v1.Bus: each is a Bus method of the same name.
+BUS_OPS: dict[str, Op] = {
+    "read": Op(enc_read_args, dec_read_args, enc_read_result, dec_read_result),
+    "commit": Op(enc_commit_request, lambda a: (dec_commit_request(a),), enc_commit_result, dec_commit_result),
+    "history": Op(lambda k, n=None: {"k": k, "n": n}, dec_history_args, enc_entries, dec_entries),
+    "forget": Op(lambda s, k: {"s": enc_session(s), "k": list(k)}, dec_keys_args, to_none, to_none),
+    "reset": Op(lambda s: {"s": enc_session(s)}, lambda a: (dec_session_args(a),), to_none, to_none),
+    "stats": Op(lambda: {}, dec_no_args, same, same),
+}

@@ -1,0 +1,228 @@
+"""The operations of ``oribus.v1.Shard`` (bus → shard): ``SHARD_OPS`` and their encodings.
+
+Each op is a ``ShardService`` method of the same name (the messages of
+``oribus.messages``); every call may carry ``FENCE``, the epoch the caller expects.
+The frames are in ``oribus.rpc.wire``, the shapes in ``specs/wire.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from oribus.errors import (
+    InvalidRequest,
+)
+from oribus.messages import (
+    ReadItem,
+    ReadReply,
+    ReadRequest,
+    Scope,
+    ShardTxn,
+    TxnOutcome,
+    TxnState,
+    TxnStatus,
+    Vote,
+    VoteKind,
+)
+from oribus.rpc.wire import (
+    Op,
+    dec_entries,
+    dec_history_args,
+    dec_keys_args,
+    dec_no_args,
+    dec_read_args,
+    dec_session,
+    dec_session_args,
+    dec_stale,
+    dec_writes,
+    enc_entries,
+    enc_read_args,
+    enc_session,
+    need,
+    opt,
+    same,
+    str_int_map,
+    to_none,
+    token_or_none,
+)
+
+
+def enc_read_request(r: ReadRequest) -> dict:
+    a = enc_read_args(r.session, r.keys, r.record)
+    if r.detail:
+        a["d"] = True
+    if r.only_new:
+        a["n"] = True
+    return a
+
+
+def dec_read_request(a: Any) -> ReadRequest:
+    s, keys, record = dec_read_args(a)
+    return ReadRequest(s, keys, record, bool(opt(a, "d", bool, False)), bool(opt(a, "n", bool, False)))
+
+
+def enc_items(items: list[ReadItem]) -> list:
+    """[key, value, version] per item, plus [agent, committed_at] when it carries detail."""
+    return [
+        [i.key, i.value, i.version, i.agent, i.committed_at] if i.agent or i.committed_at
+        else [i.key, i.value, i.version]
+        for i in items
+    ]
+
+
+def dec_items(v: list) -> list[ReadItem]:
+    return [ReadItem(*i) for i in v]
+
+
+def enc_read_reply(r: ReadReply) -> list:
+    if r.skipped:
+        return [enc_items(r.items), list(r.token), r.seq, r.skipped]
+    return [enc_items(r.items), list(r.token), r.seq]
+
+
+def dec_read_reply(v: list) -> ReadReply:
+    items, token, seq, *skipped = v
+    return ReadReply(dec_items(items), (token[0], token[1]), seq, list(skipped[0]) if skipped else [])
+
+
+def dec_scan_args(a: Any) -> tuple[str, str, int]:
+    limit = opt(a, "n", int, 1000)
+    if limit < 1 or limit > 10_000:
+        raise InvalidRequest("scan limit must be 1..10000")
+    return opt(a, "p", str, ""), opt(a, "a", str, ""), limit
+
+
+def enc_sessions(v: list) -> list:
+    return [[list(s), entries, idle] for s, entries, idle in v]
+
+
+def dec_sessions(v: list) -> list:
+    return [((s[0], s[1]), dict(entries), idle) for s, entries, idle in v]
+
+
+def _dec_limit(a: Any) -> tuple:
+    limit = opt(a, "n", int, 100)
+    if limit < 1 or limit > 10_000:
+        raise InvalidRequest("limit must be 1..10000")
+    return (limit,)
+
+
+def enc_shard_txn(t: ShardTxn) -> dict:
+    return {
+        "id": t.txn_id,
+        "s": enc_session(t.session),
+        "w": t.writes,
+        "rb": t.rollback,
+        "e": t.expect,
+        "r": t.read_set,
+        "sc": t.scope.value,
+        "q": t.since_seq,
+        "t": None if t.token is None else list(t.token),
+        "st": t.strict,
+        "ps": list(t.participants),
+        "p": t.primary,
+        "at": t.committed_at,
+    }
+
+
+def dec_shard_txn(a: Any) -> ShardTxn:
+    token = opt(a, "t", list, None)
+    if token is not None and not (len(token) == 2 and all(isinstance(x, int) for x in token)):
+        raise InvalidRequest("token must be [epoch, incarnation]")
+    try:
+        scope = Scope(opt(a, "sc", str, "session"))
+    except ValueError:
+        raise InvalidRequest("bad scope") from None
+    return ShardTxn(
+        txn_id=need(a, "id", str),
+        session=dec_session(need(a, "s", list)),
+        writes=dec_writes(opt(a, "w", dict, {})),
+        rollback=str_int_map(opt(a, "rb", dict, {}), "rollback"),
+        expect=str_int_map(opt(a, "e", dict, {}), "expect"),
+        read_set=str_int_map(opt(a, "r", dict, {}), "read_set"),
+        scope=scope,
+        since_seq=opt(a, "q", int, None),
+        token=token_or_none(token),
+        strict=bool(opt(a, "st", bool, False)),
+        participants=tuple(opt(a, "ps", list, [])),
+        primary=opt(a, "p", int, 0),
+        committed_at=float(opt(a, "at", (int, float), 0.0)),
+    )
+
+
+def enc_vote(v: Vote) -> list:
+    return [v.kind.value, [list(s) for s in v.stale], v.versions]
+
+
+def dec_vote(v: list) -> Vote:
+    return Vote(VoteKind(v[0]), dec_stale(v[1]), dict(v[2]))
+
+
+def enc_outcome(o: TxnOutcome) -> list:
+    return [o.state.value, o.versions, [list(s) for s in o.stale], None if o.token is None else list(o.token)]
+
+
+def dec_outcome(v: list) -> TxnOutcome:
+    return TxnOutcome(TxnState(v[0]), dict(v[1]), dec_stale(v[2]), token_or_none(v[3]))
+
+
+def enc_status(s: TxnStatus) -> list:
+    return [None if s.state is None else s.state.value, s.primary, list(s.participants), s.age]
+
+
+def dec_status(v: list) -> TxnStatus:
+    return TxnStatus(None if v[0] is None else TxnState(v[0]), v[1], tuple(v[2]), v[3])
+
+
+def dec_txn_args(a: Any) -> tuple[str, bool]:
+    return need(a, "i", str), bool(opt(a, "c", bool, False))
+
+
+def enc_txn_refs(txns: list) -> list:
+    return [[t.txn_id, t.primary, list(t.participants)] for t in txns]
+
+
+def dec_txn_refs(v: list) -> list:
+    from oribus.messages import TxnRef
+
+    return [TxnRef(i, p, tuple(ps)) for i, p, ps in v]
+
+
+def _txn_args(txn_id: str, commit: bool = False) -> dict:
+    return {"i": txn_id, "c": commit}
+
+
+def _dec_txn_id(a: Any) -> tuple:
+    return (need(a, "i", str),)
+
+
+def _dec_older_than(a: Any) -> tuple:
+    return (float(need(a, "o", (int, float))),)
+
+
+# A shard call may carry the epoch the caller expects the shard to be at (cluster mode:
+# the epoch of its claim in etcd); a shard at another epoch refuses it (Unavailable).
+FENCE = "@epoch"
+
+
+# Operations of oribus.v1.Shard: each is a ShardService method of the same name.
+SHARD_OPS: dict[str, Op] = {
+    "read": Op(enc_read_request, lambda a: (dec_read_request(a),), enc_read_reply, dec_read_reply),
+    "scan": Op(lambda p="", a="", n=1000: {"p": p, "a": a, "n": n}, dec_scan_args, enc_items, dec_items),
+    "sessions": Op(lambda n=100: {"n": n}, _dec_limit, enc_sessions, dec_sessions),
+    "prepare": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
+    "commit_one_phase": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
+    "decide": Op(_txn_args, dec_txn_args, enc_outcome, dec_outcome),
+    "finish": Op(_txn_args, dec_txn_args, enc_outcome, dec_outcome),
+    "release": Op(_txn_args, _dec_txn_id, to_none, to_none),
+    "status": Op(_txn_args, _dec_txn_id, enc_status, dec_status),
+    "history": Op(lambda k, n=None: {"k": k, "n": n}, dec_history_args, enc_entries, dec_entries),
+    "forget": Op(lambda s, k: {"s": enc_session(s), "k": list(k)}, dec_keys_args, to_none, to_none),
+    "reset": Op(lambda s: {"s": enc_session(s)}, lambda a: (dec_session_args(a),),
+                lambda t: None if t is None else list(t), token_or_none),
+    "drop": Op(lambda s: {"s": enc_session(s)}, lambda a: (dec_session_args(a),), to_none, to_none),
+    "reset_every_session": Op(lambda: {}, dec_no_args, same, same),
+    "stats": Op(lambda: {}, dec_no_args, same, same),
+    "expired": Op(lambda o: {"o": o}, _dec_older_than, enc_txn_refs, dec_txn_refs),
+    "unreleased": Op(lambda: {}, dec_no_args, enc_txn_refs, dec_txn_refs),
+}

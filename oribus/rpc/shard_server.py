@@ -1,0 +1,109 @@
+"""One Shard behind gRPC (``oribus.v1.Shard``), epoch-fenced, with its session upkeep; ``oribus shard`` runs it (``oribus.hosts.shard``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from oribus.contract import ensure_subscribed
+from oribus.datadir_lock import DataDirLock
+from oribus.errors import Unavailable
+from oribus.rpc import shard_codec, wire
+from oribus.rpc.mux_server import GrpcListener, mux_handlers
+from oribus.shards.config import ShardConfig
+from oribus.shards.shard import Shard
+from oribus.tls import TlsConfig, server_credentials
+
+log = logging.getLogger("oribus.shard.server")
+
+
+class ShardServer:
+    """Serve one shard on ``listen`` (``HOST:PORT``; port 0 picks a free port).
+
+    With ``tls`` it serves mutual TLS only: the bus must present a client
+    certificate signed by the same CA.
+    """
+
+    def __init__(self, config: ShardConfig, listen: str, *, epoch: int | None = None,
+                 session_sweep_seconds: float = 5.0, tls: TlsConfig | None = None,
+                 dir_lock: DataDirLock | None = None) -> None:
+        self.config = config
+        self.dir_lock = dir_lock  # the data directory's lock if the caller took it (else Shard.open takes it)
+        self.listen = listen
+        self.tls = tls
+        self.epoch = epoch
+        self.session_sweep_seconds = session_sweep_seconds
+        self.shard: Shard | None = None
+        self._listener: GrpcListener | None = None
+        self._sweeper: asyncio.Task | None = None
+        self.fenced: str = ""  # why this process may no longer serve its shard ("" while it may)
+
+    @property
+    def port(self) -> int:
+        return self._listener.port if self._listener is not None else 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def start(self) -> None:
+        # bad TLS files refuse the start before the shard is opened (the error names the file)
+        credentials = server_credentials(self.tls) if self.tls is not None else None
+        self.shard = await Shard.open(self.config, epoch=self.epoch, dir_lock=self.dir_lock)
+        ops = {name: self._fenced(op) for name, op in wire.bind_ops(self.shard, shard_codec.SHARD_OPS).items()}
+        handler = mux_handlers(wire.SHARD_SERVICE, ops, watch=self._watch)
+        self._listener = GrpcListener(self.listen, wire.SHARD_SERVICE, handler, credentials=credentials)
+        try:
+            await self._listener.start()
+        except BaseException:
+            await self.shard.close()
+            raise
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        log.info("shard %d serving on %s (epoch %d)", self.config.shard_id, self.address, self.shard.epoch)
+
+    def fence(self, reason: str) -> None:
+        """Refuse every request from now on (the claim on this shard id is lost)."""
+        self.fenced = reason
+
+    def _fenced(self, handler: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        """Check the fencing token: a request naming another epoch is for another process."""
+        shard = self.shard
+        assert shard is not None
+
+        async def fenced(args: Any) -> Any:
+            if self.fenced:
+                raise Unavailable(f"shard {shard.shard_id}: {self.fenced}", shard=shard.shard_id)
+            expected = args.get(shard_codec.FENCE) if isinstance(args, dict) else None
+            if expected is not None and expected != shard.epoch:
+                raise Unavailable(
+                    f"shard {shard.shard_id} is at epoch {shard.epoch}, the caller expects epoch {expected}: "
+                    "one of the two has a stale view of the cluster; refusing",
+                    shard=shard.shard_id, epoch=shard.epoch, expected=expected,
+                )
+            return await handler(args)
+
+        fenced.__name__ = handler.__name__
+        return fenced
+
+    async def _watch(self, req):
+        """The stream of one Watch RPC, subscribed before the server acknowledges it."""
+        stream = self.shard.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        await ensure_subscribed(stream)
+        return stream
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.session_sweep_seconds)
+            if self.shard is not None:
+                self.shard.expire_sessions()
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop serving (letting calls in flight finish), then flush and close the shard."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._listener is not None:
+            await self._listener.stop(grace)
+        if self.shard is not None:
+            await self.shard.close()

@@ -1,0 +1,232 @@
+"""The wire contract — the single source of service names, frames and shared encodings.
+
+oribus speaks gRPC with msgpack bodies (no protobuf). Two services::
+
+    oribus.v1.Bus     client -> bus      (SDK, CLI)
+    oribus.v1.Shard   bus    -> shard    (cluster mode; in-process shards skip the wire)
+
+Each service has the same three methods:
+
+    Stream  bidi stream   messages are BATCHES of calls / replies, multiplexed by call id:
+                          one stream per connection carries every concurrent call, so a
+                          transaction costs a few frames, not a few gRPC messages
+    Call    unary         one call in, one reply out (CLI, tools, health probes)
+    Watch   server stream request {"p": prefix, "f": from_version}; replies are batches
+                          of changes (``messages.Change.to_wire``)
+
+Frames (msgpack)::
+
+    request batch   [[call_id, op, args], ...]
+    reply batch     [[call_id, 0, result], ...]            success
+                    [[call_id, 1, error], ...]             error = OribusError.to_dict()
+    unary Call      request [call_id, op, args] -> reply [call_id, status, payload]
+
+A frame that cannot be decoded fails the whole RPC with INVALID_ARGUMENT (the
+server stays up); a well-formed call with bad arguments gets an InvalidRequest
+error reply and changes nothing.
+
+Beside this module: ``oribus.rpc.bus_codec`` (``BUS_OPS``) and ``oribus.rpc.shard_codec``
+(``SHARD_OPS``) list each service's operations and encode their arguments and results;
+``oribus.rpc.grpc_status`` maps errors to gRPC status codes and back. The shapes are
+documented in ``specs/wire.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+
+from oribus.contract import Entry
+from oribus.errors import (
+    InvalidRequest,
+    Stale,
+)
+from oribus.types import SessionRef
+
+BUS_SERVICE = "oribus.v1.Bus"
+SHARD_SERVICE = "oribus.v1.Shard"
+STREAM, CALL, WATCH = "Stream", "Call", "Watch"
+
+MAX_MESSAGE_BYTES = 64 << 20  # a batch may carry several maximal values
+# gRPC options of both ends: messages up to that size, keepalive pings on idle connections
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+OK, ERROR = 0, 1
+
+
+def method_path(service: str, method: str) -> str:
+    return f"/{service}/{method}"
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(raw: bytes) -> Any:
+    """Decode a message; raises InvalidRequest on anything that is not msgpack."""
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise InvalidRequest(f"malformed message: {e}") from None
+
+
+# ---- argument helpers (server side: validate shapes, raise InvalidRequest) ---------------
+
+
+def need(args: Any, name: str, types: type | tuple[type, ...]) -> Any:
+    if not isinstance(args, dict):
+        raise InvalidRequest("arguments must be a map")
+    if name not in args:
+        raise InvalidRequest(f"missing argument {name!r}")
+    v = args[name]
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in _as_tuple(types)):
+        raise InvalidRequest(f"argument {name!r} has the wrong type ({type(v).__name__})")
+    return v
+
+
+def opt(args: dict, name: str, types: type | tuple[type, ...], default: Any) -> Any:
+    if name not in args or args[name] is None:
+        return default
+    return need(args, name, types)
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def enc_session(s: SessionRef) -> list:
+    return [s[0], s[1]]
+
+
+def dec_session(v: Any) -> SessionRef:
+    if not (isinstance(v, list | tuple) and len(v) == 2 and all(isinstance(p, str) for p in v)):
+        raise InvalidRequest("session must be [agent, session_id]")
+    return SessionRef(v[0], v[1])
+
+
+def str_int_map(v: Any, what: str) -> dict[str, int]:
+    if not isinstance(v, dict):
+        raise InvalidRequest(f"{what} must be a map of key -> version")
+    for k, n in v.items():
+        if not isinstance(k, str) or not isinstance(n, int) or isinstance(n, bool):
+            raise InvalidRequest(f"{what} must map str keys to int versions")
+    return v
+
+
+def int_int_map(v: Any, what: str) -> dict[int, int]:
+    if not isinstance(v, dict) or not all(
+        isinstance(k, int) and isinstance(n, int) for k, n in v.items()
+    ):
+        raise InvalidRequest(f"{what} must map shard ids to ints")
+    return v
+
+
+def dec_tokens(v: Any) -> dict[int, tuple[int, int]]:
+    if not isinstance(v, dict):
+        raise InvalidRequest("tokens must be a map of shard -> [epoch, incarnation]")
+    out = {}
+    for k, t in v.items():
+        if not (isinstance(k, int) and isinstance(t, list | tuple) and len(t) == 2
+                and all(isinstance(x, int) for x in t)):
+            raise InvalidRequest("tokens must be a map of shard -> [epoch, incarnation]")
+        out[k] = (t[0], t[1])
+    return out
+
+
+def dec_writes(v: Any) -> dict[str, bytes | None]:
+    if not isinstance(v, dict):
+        raise InvalidRequest("writes must be a map of key -> encoded value (bin) or nil")
+    for k, raw in v.items():
+        if not isinstance(k, str) or not (raw is None or isinstance(raw, bytes)):
+            raise InvalidRequest("writes must be a map of key -> encoded value (bin) or nil")
+    return v
+
+
+def dec_stale(v: list) -> list[Stale]:
+    return [Stale(*s) for s in v]
+
+
+def token_or_none(v: Any) -> tuple[int, int] | None:
+    return None if v is None else (v[0], v[1])
+
+
+# ---- encodings both services use -----------------------------------------------------------
+
+
+def enc_read_args(session: SessionRef, keys: list[str], record: bool) -> dict:
+    return {"s": enc_session(session), "k": list(keys), "r": record}
+
+
+def dec_read_args(a: Any) -> tuple[SessionRef, list[str], bool]:
+    keys = need(a, "k", list)
+    return dec_session(need(a, "s", list)), keys, bool(opt(a, "r", bool, True))
+
+
+def enc_entries(entries: list[Entry]) -> list:
+    return [list(e) for e in entries]
+
+
+def dec_entries(v: list) -> list[Entry]:
+    return [Entry(*e) for e in v]
+
+
+def dec_history_args(a: Any) -> tuple[str, int | None]:
+    return need(a, "k", str), opt(a, "n", int, None)
+
+
+def dec_keys_args(a: Any) -> tuple[SessionRef, list[str]]:
+    return dec_session(need(a, "s", list)), need(a, "k", list)
+
+
+def dec_session_args(a: Any) -> SessionRef:
+    return dec_session(need(a, "s", list))
+
+
+def to_none(_: Any) -> None:
+    return None
+
+
+def same(v: Any) -> Any:
+    return v
+
+
+def dec_no_args(a: Any) -> tuple:
+    return ()
+
+
+class Op:
+    """How one operation crosses the wire: client encodes params, server decodes them,
+    server encodes the result, client decodes it."""
+
+    __slots__ = ("dec_args", "dec_result", "enc_args", "enc_result")
+
+    def __init__(self, enc_args, dec_args, enc_result, dec_result) -> None:  # noqa: ANN001
+        self.enc_args = enc_args  # client: *params -> wire
+        self.dec_args = dec_args  # server: wire -> tuple of params (raises InvalidRequest)
+        self.enc_result = enc_result  # server: result -> wire
+        self.dec_result = dec_result  # client: wire -> result
+
+
+def bind_ops(target: Any, table: dict[str, Op]) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+    """Server side: op name -> handler(wire args) -> wire result, calling ``target.<op>``."""
+
+    def bind(name: str, op: Op) -> Callable[[Any], Awaitable[Any]]:
+        method = getattr(target, name)
+
+        async def handler(args: Any) -> Any:
+            return op.enc_result(await method(*op.dec_args(args)))
+
+        handler.__name__ = name
+        return handler
+
+    return {name: bind(name, op) for name, op in table.items()}
+

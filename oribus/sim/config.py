@@ -1,0 +1,37 @@
+"""``SimConfig``: one simulated cluster and its workload, in virtual seconds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from oribus.sim.disk import DiskConfig
+from oribus.sim.network import NetworkConfig
+
+
+@dataclass
+class SimConfig:
+    """One simulated cluster and its workload (times are virtual seconds)."""
+
+    shards: int = 3  # shard processes
+    list_clients: int = 4  # list-append clients (transaction scope), one session each
+    register_clients: int = 1  # clients writing registers: rollbacks, session scope, forgets
+    list_keys: int = 6  # list-append keys (few: transactions conflict often)
+    register_keys: int = 3  # register keys
+    duration: float = 3.0  # virtual seconds the list-append clients run (register clients meanwhile)
+    txns: int | None = None  # ... or until this many list-append transactions were run in all
+    max_ops: int = 4  # micro-operations per list-append transaction
+    rollback_rate: float = 0.25  # register clients: share of operations that roll a key back
+    session_rate: float = 0.35  # register clients: share of writes made in session scope
+    forget_rate: float = 0.5  # before a session-scope write: chance to forget the other keys
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    session_ttl_seconds: float = 2.0  # delivery-log TTL on every shard
+    txn_expiry_seconds: float = 1.0  # the recovery sweep resolves prepared transactions older than this
+    recovery_interval: float = 0.25  # seconds between recovery sweeps of the bus
+    read_wait_seconds: float = 0.3  # a read of a key under a write intent waits this long
+    lock_wait_seconds: float = 0.2  # a one-phase commit waits this long for locks
+    snapshot_every_records: int = 1 << 40  # snapshot cadence (default: never)
+    shard_resolver: bool = True  # a blocked read resolves the transaction through its primary
+    history_limit: int = 1 << 30  # keep every version: the final check reads whole histories
+    max_seconds: float = 600.0  # a workload running longer than this is stuck (liveness failure)
+    unsafe_disable_validation: bool = False  # BROKEN on purpose: shards accept stale commits
