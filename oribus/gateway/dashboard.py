@@ -50,7 +50,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from aiohttp import web
 
@@ -58,6 +58,7 @@ from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.gateway.errors import LOG_FIELDS, json_response, request_error
 from oribus.messages import Change
+from oribus.types import SessionRef
 
 if TYPE_CHECKING:
     from oribus.gateway.app import HttpGateway
@@ -73,7 +74,7 @@ SESSIONS_SHOWN = 50  # most recently active sessions the feed lists
 HOT_REPLAY = 5 * HOT_HALF_LIFE  # seconds of history the hot keys start from (older writes weigh < 1/32)
 WATCH_RETRY = 1.0  # seconds before the hot-key watch resubscribes after it ended or failed
 HIDDEN_PREFIXES = (".sbus/",)  # gateway metadata, not agents' state
-DASHBOARD_SESSION = ("dashboard", "dashboard")  # the session rollbacks from the page commit as
+DASHBOARD_SESSION = SessionRef("dashboard", "dashboard")  # the session rollbacks from the page commit as
 
 # The page loads nothing from anywhere: inline script and style only, fetches to this server.
 _PAGE_HEADERS = {
@@ -179,6 +180,10 @@ def _shard_row(sid: int, st: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_version(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class DashboardRoutes:
     def __init__(self, gateway: HttpGateway) -> None:
         self.gw = gateway
@@ -259,11 +264,10 @@ class DashboardRoutes:
         key, version, expect = body.get("key"), body.get("version"), body.get("expect")
         if not isinstance(key, str) or not key:
             raise InvalidRequest("'key' (non-empty string) is required", field="key")
-        for name, v in (("version", version), ("expect", expect)):
-            if v is None and name == "expect":
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidRequest(f"'{name}' must be an int >= 0", field=name)
+        if not _is_version(version):
+            raise InvalidRequest("'version' must be an int >= 0", field="version")
+        if expect is not None and not _is_version(expect):
+            raise InvalidRequest("'expect' must be an int >= 0", field="expect")
         req = CommitRequest(
             session=DASHBOARD_SESSION,
             commit_id=uuid.uuid4().hex,

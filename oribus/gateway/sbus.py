@@ -64,7 +64,7 @@ from oribus.errors import (
     ValueTooLarge,
 )
 from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response
-from oribus.types import decode_value, encode_value, validate_key
+from oribus.types import SessionRef, decode_value, encode_value, validate_key
 
 if TYPE_CHECKING:
     from oribus.gateway.app import HttpGateway
@@ -72,9 +72,9 @@ if TYPE_CHECKING:
 SESSION_ID = "sbus"
 META_PREFIX = ".sbus/"
 assert META_PREFIX in RESERVED_PREFIXES
-_SYSTEM = ("system", "sbus-create")  # creates keys; reads nothing, so nothing to validate
-_PEEK = ("oribus", "sbus-peek")  # peeks record nothing
-_ADMIN = ("admin", "sbus-admin")
+_SYSTEM = SessionRef("system", "sbus-create")  # creates keys; reads nothing, so nothing to validate
+_PEEK = SessionRef("oribus", "sbus-peek")  # peeks record nothing
+_ADMIN = SessionRef("admin", "sbus-admin")
 
 
 def iso(ts: float) -> str:
@@ -293,7 +293,7 @@ class SbusRoutes:
         agent = _agent(request.query.get("agent_id"), required=False)
         request[LOG_FIELDS]["agent"] = agent
         if agent:
-            read = self.bus.read((agent, SESSION_ID), [key], record=True, detail=True, durable_session=True,
+            read = self.bus.read(SessionRef(agent, SESSION_ID), [key], record=True, detail=True, durable_session=True,
                                  client=request.remote or "")
         else:
             read = self.bus.read(_PEEK, [key], record=False, detail=True)
@@ -353,7 +353,7 @@ class SbusRoutes:
         counts = self._counts(key)
         counts[0] += 1
         req = CommitRequest(
-            session=(agent, SESSION_ID),
+            session=SessionRef(agent, SESSION_ID),
             commit_id=uuid.uuid4().hex,
             writes={key: value},
             expect={key: expected + bases[key] + 1},
@@ -369,7 +369,7 @@ class SbusRoutes:
             raise await self._refusal(key, e, bases) from None
         except SessionExpired as e:
             self.counters["session_expired"] += 1
-            await self.bus.reset((agent, SESSION_ID))  # as in S-Bus: the next reads start afresh
+            await self.bus.reset(SessionRef(agent, SESSION_ID))  # as in S-Bus: the next reads start afresh
             raise SbusError(410, "SessionExpired", f"session expired for agent '{agent}': {e.message}",
                             agent_id=agent) from None
         self.counters["commits"] += 1
@@ -437,7 +437,7 @@ class SbusRoutes:
         if peek.items[0].value is None:
             raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
         base = meta.get("base", 0)
-        req = CommitRequest(session=(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
+        req = CommitRequest(session=SessionRef(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
                             rollback={key: target + base + 1}, complete_tokens=True)
         request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
@@ -463,7 +463,7 @@ class SbusRoutes:
         body = await self._body(request)
         agent = _agent(body.get("agent_id"))
         token = _field(body, "session_token", kind=(str, type(None)), required=False)
-        session = (agent, SESSION_ID)
+        session = SessionRef(agent, SESSION_ID)
         owns = self.bus.sessions.is_owner(session, token)
         marked = await self.bus.reset(session, caller_owns=owns)
         if not owns:
@@ -480,7 +480,7 @@ class SbusRoutes:
         keys = [_key(k) for k in used]
         if not keys:
             return json_response({"ok": True, "registered": 0, "skipped_existing": [], "skipped_no_shard": []})
-        got = await self.bus.read((agent, SESSION_ID), list(dict.fromkeys(keys)), record=True,
+        got = await self.bus.read(SessionRef(agent, SESSION_ID), list(dict.fromkeys(keys)), record=True,
                                   only_new=True, durable_session=True, client=request.remote or "")
         skipped = set(got.skipped)
         missing = [i.key for i in got.items if i.value is None and i.key not in skipped]
