@@ -17,7 +17,14 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from oribus.client.sync import SyncSession
+    from oribus.gateway import GatewayConfig
+    from oribus.meta.cluster_meta import ClusterMeta
+    from oribus.meta.etcd import EtcdMeta
+    from oribus.tls import TlsConfig
 
 DEFAULT_ADDR = "127.0.0.1:7700"
 
@@ -57,7 +64,7 @@ def _version() -> str:
 # ---- servers ----------------------------------------------------------------------------
 
 
-def _gateway_config(args: argparse.Namespace):
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig | None:
     from oribus.gateway import GatewayConfig
 
     if args.no_http:
@@ -80,7 +87,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tls(args: argparse.Namespace):
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
     """``--tls-dir``: mutual TLS on every gRPC listener and client of the command, or None."""
     if not getattr(args, "tls_dir", None):
         return None
@@ -91,7 +98,7 @@ def _tls(args: argparse.Namespace):
     return cfg
 
 
-def _meta(args: argparse.Namespace):
+def _meta(args: argparse.Namespace) -> EtcdMeta | None:
     """The cluster metadata named on the command line: etcd, or None."""
     if not getattr(args, "etcd", None):
         return None
@@ -144,7 +151,7 @@ def _cmd_bus(args: argparse.Namespace) -> int:
     from oribus.hosts.bus import run_bus
     from oribus.meta.cluster_meta import StaticMeta
 
-    meta = _meta(args)
+    meta: ClusterMeta | None = _meta(args)
     if meta is None:
         addrs = [a.strip() for a in (args.shards or "").split(",") if a.strip()]
         if not addrs:
@@ -164,6 +171,9 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
         print("--shards must be >= 1", file=sys.stderr)
         return 2
     meta = _meta(args)
+    if meta is None:
+        print("oribus cluster init needs --etcd URL", file=sys.stderr)
+        return 2
 
     async def main() -> bool:
         try:
@@ -180,7 +190,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
 # ---- clients ----------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> SyncSession:
     import oribus
 
     return oribus.Client(args.addr, agent=args.agent, tls=args.tls_dir)
