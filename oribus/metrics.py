@@ -206,7 +206,7 @@ class Family(Generic[M]):
         self.name = name
         self.help = help
         self.labelnames = tuple(labelnames)
-        self._make = make
+        self._make: Callable[[], M] = make
         self._by_call: dict[tuple, M] = {}  # labels() kwargs as passed -> child
         self._children: dict[tuple[str, ...], tuple[str, M]] = {}  # values -> (label text, child)
 

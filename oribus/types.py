@@ -99,11 +99,11 @@ def validate_key(key: object) -> str:
     """Return ``key`` if it is a valid key, else raise InvalidRequest saying why."""
     if type(key) is str and key in _valid_keys:
         return key
-    _check_key(key)
+    checked = _check_key(key)
     if len(_valid_keys) >= _VALID_KEYS_CACHE:
         _valid_keys.clear()
-    _valid_keys.add(key)  # type: ignore[arg-type]
-    return key  # type: ignore[return-value]
+    _valid_keys.add(checked)
+    return checked
 
 
 # Keys already found valid: each layer checks keys at its boundary, and the same
@@ -112,7 +112,8 @@ _VALID_KEYS_CACHE = 1 << 16
 _valid_keys: set[str] = set()
 
 
-def _check_key(key: object) -> None:
+def _check_key(key: object) -> str:
+    """``key`` itself if it is a valid key, else InvalidRequest saying why."""
     if not isinstance(key, str):
         raise InvalidRequest(f"key must be a str, not {type(key).__name__}", key=repr(key)[:80])
     try:
@@ -129,6 +130,7 @@ def _check_key(key: object) -> None:
         raise InvalidRequest(
             "key namespaces must be non-empty ('a/b', not '/a', 'a/' or 'a//b')", key=key[:80]
         )
+    return key
 
 
 def validate_prefix(prefix: object) -> str:

@@ -32,7 +32,7 @@ MAX_KEYS_PER_REQUEST = 10_000
 _READ_SECONDS = OP_SECONDS.labels(op="read")
 _COMMIT_SECONDS = OP_SECONDS.labels(op="commit")
 _HISTORY_SECONDS = OP_SECONDS.labels(op="history")
-_VIEW_SESSION = ("oribus", "view")  # peeks for operator views record nothing
+_VIEW_SESSION = SessionRef("oribus", "view")  # peeks for operator views record nothing
 # A shard that has not answered its stats call in this long is reported down.
 SHARD_STATS_TIMEOUT_SECONDS = 2.0
 
@@ -58,7 +58,7 @@ class Bus(BusService):
 
     def __init__(
         self,
-        shards: dict[int, ShardService],
+        shards: Mapping[int, ShardService],
         shard_for: Callable[[str], int],
         *,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
@@ -76,11 +76,22 @@ class Bus(BusService):
 
     # ---- reads -----------------------------------------------------------------
 
-    async def read(self, session: SessionRef, keys: list[str], record: bool = True, **options: bool) -> ReadResult:
-        """Read ``keys`` for ``session`` (see ``_read`` for ``options``), timed for /metrics."""
+    async def read(
+        self,
+        session: SessionRef,
+        keys: list[str],
+        record: bool = True,
+        *,
+        detail: bool = False,
+        only_new: bool = False,
+        durable_session: bool = False,
+        client: str = "",
+    ) -> ReadResult:
+        """Read ``keys`` for ``session`` (the options as for ``_read``), timed for /metrics."""
         t0 = perf_counter()
         try:
-            return await self._read(session, keys, record, **options)
+            return await self._read(session, keys, record, detail=detail, only_new=only_new,
+                                    durable_session=durable_session, client=client)
         finally:
             _READ_SECONDS.observe(perf_counter() - t0)
 
@@ -376,14 +387,16 @@ class Bus(BusService):
         Off accepts stale commits: for baselines in experiments only. Possible
         only for shards in this process (a shard server is configured at start).
         """
+        cores = []
         for sid, shard in self.shards.items():
             if not hasattr(shard, "core"):
                 raise InvalidRequest(
                     f"validation can only be switched at run time for in-process shards; shard {sid} "
                     "is a server (start it with unsafe_disable_validation instead)"
                 )
-        for shard in self.shards.values():
-            shard.core.unsafe_disable_validation = not enabled  # type: ignore[attr-defined]
+            cores.append(shard.core)
+        for core in cores:
+            core.unsafe_disable_validation = not enabled
         log.warning("ORI validation switched %s on every shard", "ON" if enabled else "OFF (unsafe)")
 
     @property

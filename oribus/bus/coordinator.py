@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from oribus.contract import CommitRequest, CommitResult, ShardService
 from oribus.errors import (
@@ -33,9 +33,8 @@ from oribus.errors import (
     Stale,
     Unavailable,
 )
-from oribus.messages import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
+from oribus.messages import Scope, ShardTxn, Token, TxnOutcome, TxnRef, TxnState, VoteKind
 from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS
-from oribus.shards.txn import Txn
 
 log = logging.getLogger("oribus.coordinator")
 
@@ -84,7 +83,7 @@ def _never_committed(results: list) -> bool:
 class Coordinator:
     """Runs commits over a set of shards reached through ShardService."""
 
-    def __init__(self, shards: dict[int, ShardService], shard_for: Callable[[str], int]) -> None:
+    def __init__(self, shards: Mapping[int, ShardService], shard_for: Callable[[str], int]) -> None:
         self.shards = shards
         self.shard_for = shard_for
         self._background: set[asyncio.Task] = set()
@@ -123,14 +122,14 @@ class Coordinator:
             return st
 
         shard_for = self.shard_for
-        for k, v in req.writes.items():
-            part(shard_for(k)).writes[k] = v
-        for k, v in req.rollback.items():
-            part(shard_for(k)).rollback[k] = v
-        for k, v in req.expect.items():
-            part(shard_for(k)).expect[k] = v
-        for k, v in req.read_set.items():
-            part(shard_for(k)).read_set[k] = v
+        for k, value in req.writes.items():
+            part(shard_for(k)).writes[k] = value
+        for k, version in req.rollback.items():
+            part(shard_for(k)).rollback[k] = version
+        for k, version in req.expect.items():
+            part(shard_for(k)).expect[k] = version
+        for k, version in req.read_set.items():
+            part(shard_for(k)).read_set[k] = version
         # shards where the session's read set lives, even when nothing is written there
         if req.scope is Scope.SESSION:
             for shard_id in req.tokens:
@@ -265,10 +264,11 @@ class Coordinator:
         except OribusError as e:
             log.info("release of %s on shard %d deferred: %s", commit_id, primary, e)
 
-    async def recover(self, shard_id: int, txn: Txn) -> TxnState:
+    async def recover(self, shard_id: int, txn: TxnRef) -> TxnState:
         """Resolve a prepared transaction found on ``shard_id`` through its primary."""
         primary = self._shard(txn.primary)
         status = await primary.status(txn.txn_id)
+        state: TxnState
         if status.state in (TxnState.COMMITTED, TxnState.ABORTED):
             state = status.state
         else:
@@ -287,7 +287,7 @@ class Coordinator:
         log.info("recovered transaction %s on shard %d: %s", txn.txn_id, shard_id, state.value)
         return state
 
-    async def release_settled(self, primary_id: int, txn: Txn) -> bool:
+    async def release_settled(self, primary_id: int, txn: TxnRef) -> bool:
         """Release a kept decision once no participant still has the transaction prepared."""
         statuses = await asyncio.gather(
             *(self._shard(s).status(txn.txn_id) for s in txn.participants if s != primary_id),

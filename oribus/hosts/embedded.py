@@ -34,11 +34,11 @@ from oribus.bus.sweep import TxnSweep
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import DataCorrupted, InvalidRequest
+from oribus.messages import TxnRef
 from oribus.meta.slots import SLOTS, StaticSlotMap
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.shard import Shard
-from oribus.shards.txn import Txn
 from oribus.shards.wal import WalConfig, latest_snapshot_lsn, list_segments
 from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
 
@@ -191,6 +191,7 @@ class EmbeddedEngine:
         self.config = config
         self._dir_lock = dir_lock  # the data directory's lock, released on close
         self.shards = shards
+        assert config.shards is not None, "check_layout resolves the shard count first"
         self.slot_map = StaticSlotMap(config.shards)
         self.journal = journal
         self.bus = Bus(dict(shards), self.slot_map.shard_for, max_value_bytes=config.max_value_bytes,
@@ -212,6 +213,7 @@ class EmbeddedEngine:
         journal = None
         try:
             await loop.run_in_executor(None, check_layout, config)
+            assert config.shards is not None  # check_layout resolved it
             for i in range(config.shards):
                 shards[i] = await Shard.open(config.shard_config(i))
             journal = await SessionJournal.open(config.session_journal_dir,
@@ -231,7 +233,7 @@ class EmbeddedEngine:
         engine._maintenance = loop.create_task(engine._maintain())
         return engine
 
-    async def _resolve(self, shard_id: int, txn: Txn) -> None:
+    async def _resolve(self, shard_id: int, txn: TxnRef) -> None:
         await self.bus.coordinator.recover(shard_id, txn)
 
     async def recover_prepared(self, older_than: float) -> int:

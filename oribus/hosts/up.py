@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from oribus.bus.bus import Bus
 from oribus.bus.session_journal import SessionJournal
@@ -59,7 +60,7 @@ class UpHost:
 
     def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int | None = None,
                  processes: bool = False, start_timeout: float = 30.0,
-                 http: GatewayConfig | None = None, tls: TlsConfig | None = None, **engine_options) -> None:
+                 http: GatewayConfig | None = None, tls: TlsConfig | None = None, **engine_options: Any) -> None:
         if shards is None:
             # a new directory: one in-process shard, or one shard process per core
             shards = stored_shards(Path(data_dir)) or (process_shards() if processes else DEFAULT_SHARDS)
@@ -162,9 +163,10 @@ class UpHost:
         # DATA/LOCK only: each shard process locks its own shard-NNNN/ (this process must not)
         self._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, self.config.data_dir)
         await loop.run_in_executor(None, check_layout, self.config)
+        assert self.config.shards is not None  # check_layout resolved it
         for i in range(self.config.shards):
             self.spawn_shard(i)
-        shards = {}
+        shards: dict[int, GrpcShardClient] = {}
         for i in range(self.config.shards):
             client = GrpcShardClient(i, await self.wait_ready(i), tls=self.tls)
             self._clients.append(client)

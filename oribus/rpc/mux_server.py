@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ Handler = Callable[[Any], Awaitable[Any]]
 WatchHandler = Callable[[WatchRequest], Awaitable[AsyncIterator[Change]]]
 
 
-async def _dispatch(ops: dict[str, Handler], call_id: Any, op: Any, args: Any) -> list:
+async def _dispatch(ops: Mapping[str, Handler], call_id: Any, op: Any, args: Any) -> list:
     try:
         fn = ops.get(op) if isinstance(op, str) else None
         if fn is None:
@@ -52,7 +52,7 @@ def _frames(raw: bytes) -> list:
 
 
 def mux_handlers(
-    service: str, ops: dict[str, Handler], watch: WatchHandler | None = None
+    service: str, ops: Mapping[str, Handler], watch: WatchHandler | None = None
 ) -> grpc.GenericRpcHandler:
     """gRPC handlers of ``service``: Stream (batched calls), Call (unary) and Watch."""
 
@@ -88,8 +88,9 @@ def mux_handlers(
                     replies.clear()
                     yield wire.pack(batch)
                 if reader.done():
-                    if reader.exception() is not None:
-                        raise reader.exception()  # type: ignore[misc]
+                    error = reader.exception()
+                    if error is not None:
+                        raise error
                     if not running and not replies:
                         return
                     if running:
@@ -120,7 +121,7 @@ def mux_handlers(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         stream: Any = None
         try:
-            stream = await watch(req)  # type: ignore[misc]
+            stream = await watch(req)
             yield wire.pack([])  # subscribed: the client may now rely on seeing every later change
             async for change in stream:
                 yield wire.pack([change.to_wire()])

@@ -33,7 +33,7 @@ documented in ``specs/wire.md``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -209,14 +209,15 @@ class Op:
 
     __slots__ = ("dec_args", "dec_result", "enc_args", "enc_result")
 
-    def __init__(self, enc_args, dec_args, enc_result, dec_result) -> None:  # noqa: ANN001
+    def __init__(self, enc_args: Callable[..., Any], dec_args: Callable[[Any], tuple],
+                 enc_result: Callable[[Any], Any], dec_result: Callable[[Any], Any]) -> None:
         self.enc_args = enc_args  # client: *params -> wire
         self.dec_args = dec_args  # server: wire -> tuple of params (raises InvalidRequest)
         self.enc_result = enc_result  # server: result -> wire
         self.dec_result = dec_result  # client: wire -> result
 
 
-def bind_ops(target: Any, table: dict[str, Op]) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+def bind_ops(target: Any, table: Mapping[str, Op]) -> dict[str, Callable[[Any], Awaitable[Any]]]:
     """Server side: op name -> handler(wire args) -> wire result, calling ``target.<op>``."""
 
     def bind(name: str, op: Op) -> Callable[[Any], Awaitable[Any]]:

@@ -19,10 +19,11 @@ from oribus.contract import Entry
 from oribus.types import DEFAULT_HISTORY_LIMIT, SessionRef
 
 
-class _History(deque):
+class _History(deque[Entry]):
     """A key's versions, oldest first, remembering the canonical key object."""
 
     __slots__ = ("key",)
+    key: str
 
 
 class VersionedStore:
