@@ -19,7 +19,7 @@ error tree.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,6 +35,7 @@ from oribus.messages import (
     TxnRef,
     TxnStatus,
     Vote,
+    WatchRequest,
 )
 from oribus.types import SessionRef
 
@@ -129,16 +130,9 @@ class BusService(abc.ABC):
         """Counters for operators and benchmarks."""
 
     @abc.abstractmethod
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        """Changes of keys under ``prefix`` on every shard, each key's in version order
-        (the replay as for ``ShardService.watch``)."""
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        """Changes of keys under ``request.prefix`` on every shard, each key's in version
+        order (the replay as for ``ShardService.watch``)."""
 
 
 class ShardService(abc.ABC):
@@ -228,17 +222,11 @@ class ShardService(abc.ABC):
         """Commit decisions this shard keeps as primary until their participants applied them."""
 
     @abc.abstractmethod
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        """Changes of keys under ``prefix``: first the kept versions asked for, then live ones.
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        """Changes of keys under ``request.prefix``: first the kept versions asked for, then
+        live ones.
 
-        The replay (see ``protocol.WatchRequest``) gives, per key in version
+        The replay (see ``oribus.messages.WatchRequest``) gives, per key in version
         order, every kept version after ``after[key]`` / ``from_version`` (or
         committed since ``since``); then every change is streamed as it becomes
         visible, with no gap or duplicate between the two parts. Raises

@@ -13,7 +13,8 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from time import perf_counter
 
 from oribus.bus.coordinator import Coordinator
@@ -297,33 +298,24 @@ class Bus(BusService):
         await self.sessions.clear_marks()
         return sum(emptied)
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        """Changes of keys under ``prefix`` on every shard, merged; each key's in version order.
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        """Changes of keys under ``request.prefix`` on every shard, merged; each key's in
+        version order.
 
-        ``from_version``: first replay every kept version after it of every key
-        (None: live changes only). ``after`` (key -> last version seen) and
-        ``since`` serve resuming watchers (see ``protocol.WatchRequest``).
-        In-process shards register the watch before this returns, so every
-        change made visible afterwards is streamed. A watch records no
-        delivery: it belongs to no session.
+        ``request.from_version``: first replay every kept version after it of every key
+        (None: live changes only). ``after`` (key -> last version seen) and ``since``
+        serve resuming watchers (see ``oribus.messages.WatchRequest``); each shard is
+        sent the part of ``after`` it owns. In-process shards register the watch before
+        this returns, so every change made visible afterwards is streamed. A watch
+        records no delivery: it belongs to no session.
         """
-        req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
         after_by_shard: dict[int, dict[str, int]] = {}
-        for k, v in req.after.items():
+        for k, v in request.after.items():
             after_by_shard.setdefault(self.shard_for(k), {})[k] = v
         streams: list[AsyncIterator[Change]] = []
         try:
             for sid, shard in self.shards.items():
-                streams.append(
-                    shard.watch(req.prefix, req.from_version, after=after_by_shard.get(sid), since=req.since)
-                )
+                streams.append(shard.watch(replace(request, after=after_by_shard.get(sid, {}))))
         except BaseException:
             for s in streams:
                 close = getattr(s, "close", None)  # in-process watchers detach at once

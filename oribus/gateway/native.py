@@ -32,7 +32,7 @@ from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.gateway.errors import LOG_FIELDS, RequestError, error_body, json_response
 from oribus.gateway.values import from_json, to_json
-from oribus.messages import Scope
+from oribus.messages import Scope, WatchRequest
 from oribus.types import decode_value, encode_value
 
 if TYPE_CHECKING:
@@ -262,7 +262,7 @@ class NativeRoutes:
                 since = float(last)
             except ValueError:
                 raise InvalidRequest("Last-Event-ID / since must be a commit time", field="since") from None
-        stream = self.bus.watch(request.query.get("prefix", ""), from_version, since=since)
+        stream = self.bus.watch(WatchRequest(request.query.get("prefix", ""), from_version, since=since))
         await ensure_subscribed(stream)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",

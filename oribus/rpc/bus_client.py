@@ -9,7 +9,7 @@ embedded API and semantics. The simulated network has its own ``BusByCalls``.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +68,8 @@ class RemoteBus(BusByCalls):
     async def _call(self, op: str, *params: Any) -> Any:
         return await self.mux.call_op(bus_codec.BUS_OPS, op, *params)
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        return self.mux.watch(WatchRequest(prefix, from_version, dict(after or {}), since))
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        return self.mux.watch(request)
 
     async def close(self) -> None:
         await self.mux.close()

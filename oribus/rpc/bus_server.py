@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 from oribus.bus.bus import Bus
 from oribus.bus.sweep import TxnSweep
 from oribus.contract import ensure_subscribed
+from oribus.messages import Change, WatchRequest
 from oribus.rpc import bus_codec, wire
 from oribus.rpc.mux_server import GrpcListener, mux_handlers
 from oribus.tls import TlsConfig, server_credentials
@@ -52,9 +54,9 @@ class BusServer:
             self._sweep_task = asyncio.get_running_loop().create_task(self.sweep.run_forever())
         log.info("bus serving on %s", self.address)
 
-    async def _watch(self, req):
+    async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         """The stream of one Watch RPC, subscribed before the server acknowledges it."""
-        stream = self.bus.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        stream = self.bus.watch(req)
         await ensure_subscribed(stream)
         return stream
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from oribus.contract import ensure_subscribed
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import Unavailable
+from oribus.messages import Change, WatchRequest
 from oribus.rpc import shard_codec, wire
 from oribus.rpc.mux_server import GrpcListener, mux_handlers
 from oribus.shards.config import ShardConfig
@@ -87,9 +88,10 @@ class ShardServer:
         fenced.__name__ = handler.__name__
         return fenced
 
-    async def _watch(self, req):
+    async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         """The stream of one Watch RPC, subscribed before the server acknowledges it."""
-        stream = self.shard.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        assert self.shard is not None  # opened before the listener serves
+        stream = self.shard.watch(req)
         await ensure_subscribed(stream)
         return stream
 

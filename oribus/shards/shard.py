@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgpack
 
@@ -515,14 +515,7 @@ class Shard(ShardService):
 
     # ---- watch -----------------------------------------------------------------------
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         """Replay the kept versions asked for, then stream changes as they become visible.
 
         Registration and the replay plan happen now, in one step (see
@@ -530,14 +523,13 @@ class Shard(ShardService):
         returns is streamed.
         """
         self._check_open()
-        req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
         watcher = Watcher(
-            prefix, shard_id=self.shard_id, limit=self.config.watch_queue_limit,
+            request.prefix, shard_id=self.shard_id, limit=self.config.watch_queue_limit,
             detach=self._detach_watcher,
         )
         self._watchers.add(watcher)  # subscribe first: from here on every visible change is queued
         try:
-            watcher.set_replay(plan_replay(self.store, req))
+            watcher.set_replay(plan_replay(self.store, request))
         except BaseException:
             self._watchers.discard(watcher)
             raise
