@@ -1,6 +1,14 @@
 """S-Bus compatible routes: unmodified S-Bus agents and harnesses work against oribus.
 
-Mapping (S-Bus calls a key a "shard"):
+S-Bus calls a key a "shard": its routes (``/shard/{key}``, ``/shards``) and
+fields (``shards``, ``total_shards``, ``shard_id``, ``shards_used``,
+``ShardNotFound``) keep S-Bus's names, for compatibility, but everything in
+this module is named after what it handles, a key (``create_key``,
+``read_key``, ``list_keys``). Where this module says shard, it means what it
+means everywhere else in oribus: a partition of the keys, served by a shard
+server.
+
+Mapping:
 
 * session: agent ``A`` is the oribus session ``(A, "sbus")``. Its GETs are
   deliveries; its commits are checked against everything it read (the full
@@ -123,7 +131,7 @@ def _key(value: Any) -> str:
 def _clean_meta(raw: Any) -> dict:
     """The well-formed fields of a metadata record; anything else is left out.
 
-    The record is written only by ``create_shard``, but one written by an older
+    The record is written only by ``create_key``, but one written by an older
     version or damaged must not fail the key's reads: a missing field falls
     back to its default (no goal tag, the content's hash, base 0).
     """
@@ -154,13 +162,14 @@ class SbusRoutes:
         self.gw = gateway
         self.bus = gateway.bus
         self._per_key: OrderedDict[str, list[int]] = OrderedDict()  # key -> [attempts, conflicts]
+        # named as the /stats fields they feed (S-Bus's CrossShardStale: another key read stale)
         self.counters = {"commits": 0, "conflicts": 0, "cross_shard_stale": 0, "session_expired": 0}
 
     def register(self, router: web.UrlDispatcher) -> None:
         r = router
-        r.add_post("/shard", self._wrap(self.create_shard))
-        r.add_get("/shard/{key:.+}", self._wrap(self.get_shard))
-        r.add_get("/shards", self._wrap(self.list_shards))
+        r.add_post("/shard", self._wrap(self.create_key))
+        r.add_get("/shard/{key:.+}", self._wrap(self.read_key))
+        r.add_get("/shards", self._wrap(self.list_keys))
         r.add_post("/commit", self._wrap(self.commit))
         r.add_post("/commit/v2", self._wrap(self.commit))
         r.add_post("/rollback", self._wrap(self.rollback))
@@ -206,7 +215,7 @@ class SbusRoutes:
         except RequestError as e:
             raise SbusError(e.status, e.code, e.message) from None
 
-    # ---- the shard object --------------------------------------------------------------
+    # ---- a key as S-Bus shows it --------------------------------------------------------
 
     async def _metas(self, keys: list[str]) -> dict[str, dict]:
         """Each key's metadata record (``_clean_meta``), ``{}`` for a key without one."""
@@ -232,7 +241,8 @@ class SbusRoutes:
                 self._per_key.popitem(last=False)
         return c
 
-    def _shard_object(self, key: str, item: Any, meta: dict) -> dict:
+    def _key_object(self, key: str, item: Any, meta: dict) -> dict:
+        """The JSON object S-Bus returns for a key, its versions in S-Bus numbering."""
         attempts, conflicts = self._per_key.get(key, (0, 0))
         updated = item.committed_at or meta.get("created_at") or 0.0
         version = item.version - meta.get("base", 0) - 1
@@ -253,7 +263,8 @@ class SbusRoutes:
 
     # ---- routes ------------------------------------------------------------------------
 
-    async def create_shard(self, request: web.Request) -> web.Response:
+    async def create_key(self, request: web.Request) -> web.Response:
+        """``POST /shard``: create a key with its first value and S-Bus metadata (409 if it exists)."""
         body = await self._body(request)
         key = _key(_field(body, "key", kind=str))
         try:
@@ -286,9 +297,10 @@ class SbusRoutes:
                 raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
             raise
         item = type(current)(key, req.writes[key], result.versions[key], "system", now)
-        return json_response(self._shard_object(key, item, meta), 201)
+        return json_response(self._key_object(key, item, meta), 201)
 
-    async def get_shard(self, request: web.Request) -> web.Response:
+    async def read_key(self, request: web.Request) -> web.Response:
+        """``GET /shard/{key}``: the key's object; with ``agent_id``, a read recorded for that agent."""
         key = _key(request.match_info["key"])
         agent = _agent(request.query.get("agent_id"), required=False)
         request[LOG_FIELDS]["agent"] = agent
@@ -301,19 +313,20 @@ class SbusRoutes:
         item = got.items[0]
         if item.value is None:
             raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
-        return json_response(self._shard_object(key, item, meta))
+        return json_response(self._key_object(key, item, meta))
 
-    async def list_shards(self, request: web.Request) -> web.Response:
-        """Every live key (S-Bus returns key strings; ``GET /shard/{key}`` gives the object)."""
-        shards: list[str] = []
+    async def list_keys(self, request: web.Request) -> web.Response:
+        """``GET /shards``: every live key (S-Bus returns key strings; ``GET /shard/{key}`` gives the
+        object)."""
+        keys: list[str] = []
         after = ""
         while True:
             page = await self.bus.scan("", after, 1000)
-            shards.extend(i.key for i in page if not i.key.startswith(RESERVED_PREFIXES))
+            keys.extend(i.key for i in page if not i.key.startswith(RESERVED_PREFIXES))
             if len(page) < 1000:
                 break
             after = page[-1].key
-        return json_response({"shards": shards, "count": len(shards)})
+        return json_response({"shards": keys, "count": len(keys)})
 
     def _check_delta(self, key: str, delta: str) -> None:
         limit = self.gw.config.sbus_max_delta
@@ -449,7 +462,7 @@ class SbusRoutes:
         except Conflict as e:
             raise await self._refusal(key, e, {key: base}) from None
         item = (await self.bus.read(_PEEK, [key], record=False, detail=True)).items[0]
-        return json_response(self._shard_object(key, item, meta))
+        return json_response(self._key_object(key, item, meta))
 
     async def session(self, request: web.Request) -> web.Response:
         """Start the agent's session afresh (as S-Bus), with oribus's ownership rule.
@@ -535,8 +548,7 @@ class SbusRoutes:
             "wal_enabled": True,
             "delivery_log": {"agents": t["agents"], "deliveries": t["deliveries"]},
             "bus": dict(self.bus.coordinator.counters),
-            # oribus shard servers (an S-Bus "shard" is a key): the totals above count
-            # only those that answer
+            # oribus's shard servers: the totals above count only those that answer
             "servers": t["servers"],
         })
 
