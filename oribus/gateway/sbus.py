@@ -40,7 +40,9 @@ Mapping:
   statuses (409 VersionMismatch / CrossShardStale / TokenConflict, 404
   ShardNotFound, 413 DeltaTooLarge, 410 SessionExpired, 409
   ShardAlreadyExists); a refused commit also lists every offending key under
-  ``stale`` (S-Bus reports only the first). A 410 starts the agent's read set
+  ``stale`` (S-Bus reports only the first). A code that stands for an oribus
+  error, and any other oribus error a route raises, takes its status from the
+  one table (``gateway/errors.py``; ``SBUS_ERRORS``). A 410 starts the agent's read set
   afresh, as an expired S-Bus session does: re-read what the work depends on.
 * ``GET /shards`` lists key strings, as S-Bus does.
 * admin routes exist only with ``admin`` enabled; otherwise every one is 403.
@@ -71,7 +73,7 @@ from oribus.errors import (
     SessionExpired,
     ValueTooLarge,
 )
-from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response
+from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response, status_of
 from oribus.types import decode_value, encode_value, validate_key
 
 if TYPE_CHECKING:
@@ -89,13 +91,59 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+# Every code S-Bus routes refuse with, and what it stands for. A code for one of oribus's
+# errors answers with that error's status from the one table (gateway/errors.py), so an
+# S-Bus route and /v1 never disagree on it; the others are refusals oribus has no error for.
+SBUS_ERRORS: dict[str, type[OribusError] | int] = {
+    "VersionMismatch": Conflict,  # the written key is not at the expected version
+    "CrossShardStale": Conflict,  # another key the agent read has changed since
+    "TokenConflict": Conflict,  # a key locked by a concurrent commit, or the commit aborted
+    "ShardAlreadyExists": Conflict,  # POST /shard of a key that exists
+    "SessionExpired": SessionExpired,
+    "DeltaTooLarge": ValueTooLarge,
+    "InvalidRequest": InvalidRequest,
+    "ShardNotFound": 404,  # the key does not exist
+    "VersionNotFound": 404,  # rollback to a version the key does not keep
+    "Forbidden": 403,  # an admin route without --admin
+}
+
+
+def sbus_status(code: str) -> int:
+    """The status S-Bus answers ``code`` with (``SBUS_ERRORS``)."""
+    meaning = SBUS_ERRORS[code]
+    return meaning if isinstance(meaning, int) else status_of(meaning)
+
+
 class SbusError(Exception):
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+    """A refusal in S-Bus's shape: ``{"error": code, "detail": message, **extra}``.
+
+    ``status`` defaults to the code's (``SBUS_ERRORS``).
+    """
+
+    def __init__(self, code: str, detail: str, *, status: int | None = None, **extra: Any) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+        self.code, self.detail, self.extra = code, detail, extra
+        self.status = sbus_status(code) if status is None else status
+
+    @classmethod
+    def of(cls, e: OribusError) -> SbusError:
+        """An oribus error that no route turned into one of S-Bus's: its status from the one
+        table, its code as S-Bus names it (a too large value is S-Bus's DeltaTooLarge); a
+        refused request's details (the key or field) at the top level, as S-Bus's own
+        refusals carry theirs."""
+        error = cls("DeltaTooLarge" if isinstance(e, ValueTooLarge) else e.code, e.message, status=http_status(e))
+        if isinstance(e, InvalidRequest):
+            error.extra = dict(e.details)
+        return error
 
     def response(self) -> web.Response:
         return json_response({"error": self.code, "detail": self.detail, **self.extra}, self.status)
+
+
+def _malformed(detail: str) -> SbusError:
+    """A body S-Bus cannot deserialize (a missing field, a wrong type): S-Bus's server (axum)
+    answers 422 for it, where oribus's InvalidRequest is 400."""
+    return SbusError("InvalidRequest", detail, status=422)
 
 
 def _field(body: dict, *names: str, kind: type | tuple[type, ...], required: bool = True, default: Any = None) -> Any:
@@ -104,20 +152,20 @@ def _field(body: dict, *names: str, kind: type | tuple[type, ...], required: boo
             v = body[name]
             if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
                 want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-                raise SbusError(422, "InvalidRequest", f"field {name!r} must be {want}, not {type(v).__name__}")
+                raise _malformed(f"field {name!r} must be {want}, not {type(v).__name__}")
             return v
     if required:
-        raise SbusError(422, "InvalidRequest", f"missing field {names[0]!r}")
+        raise _malformed(f"missing field {names[0]!r}")
     return default
 
 
 def _agent(value: Any, required: bool = True) -> str:
     if value is None or value == "":
         if required:
-            raise SbusError(422, "InvalidRequest", "missing field 'agent_id'")
+            raise _malformed("missing field 'agent_id'")
         return ""
     if not isinstance(value, str) or len(value) > 256 or any("\ud800" <= c <= "\udfff" for c in value):
-        raise SbusError(422, "InvalidRequest", "agent_id must be a UTF-8 string of at most 256 characters")
+        raise _malformed("agent_id must be a UTF-8 string of at most 256 characters")
     return value
 
 
@@ -125,7 +173,7 @@ def _key(value: Any) -> str:
     try:
         return validate_key(value)
     except InvalidRequest as e:
-        raise SbusError(400, "InvalidRequest", e.message) from None
+        raise SbusError("InvalidRequest", e.message) from None
 
 
 def _clean_meta(raw: Any) -> dict:
@@ -153,7 +201,7 @@ def _clean_meta(raw: Any) -> dict:
 
 def _version(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << 63) - 1:
-        raise SbusError(422, "InvalidRequest", f"{name} must be an integer in 0..2**63-2")
+        raise _malformed(f"{name} must be an integer in 0..2**63-2")
     return value
 
 
@@ -188,14 +236,8 @@ class SbusRoutes:
                 return await handler(request)
             except SbusError as e:
                 return e.response()
-            except SessionExpired as e:
-                return json_response({"error": "SessionExpired", "detail": e.message}, 410)
-            except ValueTooLarge as e:
-                return json_response({"error": "DeltaTooLarge", "detail": e.message, **e.details}, 413)
-            except InvalidRequest as e:
-                return json_response({"error": "InvalidRequest", "detail": e.message, **e.details}, 400)
             except OribusError as e:
-                return json_response({"error": e.code, "detail": e.message}, http_status(e))
+                return SbusError.of(e).response()
 
         route.__name__ = handler.__name__
         return route
@@ -203,7 +245,7 @@ class SbusRoutes:
     def _admin(self, handler: Any) -> Any:
         async def guarded(request: web.Request) -> web.StreamResponse:
             if not self.gw.config.admin:
-                raise SbusError(403, "Forbidden", "admin endpoints are disabled (start the server with --admin)")
+                raise SbusError("Forbidden", "admin endpoints are disabled (start the server with --admin)")
             return await handler(request)
 
         guarded.__name__ = handler.__name__
@@ -213,7 +255,7 @@ class SbusRoutes:
         try:
             return await self.gw.body(request)
         except RequestError as e:
-            raise SbusError(e.status, e.code, e.message) from None
+            raise SbusError(e.code, e.message, status=e.status) from None
 
     # ---- a key as S-Bus shows it --------------------------------------------------------
 
@@ -270,13 +312,13 @@ class SbusRoutes:
         try:
             check_writable(key)  # the creation below may write reserved keys: refuse them here
         except InvalidRequest as e:
-            raise SbusError(400, "InvalidRequest", e.message, **e.details) from None
+            raise SbusError("InvalidRequest", e.message, **e.details) from None
         content = _field(body, "content", kind=str)
         goal_tag = _field(body, "goal_tag", kind=str, required=False, default="")
         self._check_delta(key, content)
         current = (await self.bus.read(_PEEK, [key], record=False)).items[0]
         if current.value is not None:
-            raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key)
+            raise SbusError("ShardAlreadyExists", f"shard already exists: key={key}", key=key)
         now = time.time()
         meta = {"goal_tag": goal_tag, "created_at": now, "id": hashlib.sha256(content.encode()).hexdigest(),
                 "base": current.version}  # S-Bus numbering restarts at 0 from here
@@ -294,7 +336,7 @@ class SbusRoutes:
             result = await self.gw.commit_unread(req, may_write_reserved=True)
         except Conflict as e:
             if any(s.key == key for s in e.stale):
-                raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
+                raise SbusError("ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
             raise
         item = type(current)(key, req.writes[key], result.versions[key], "system", now)
         return json_response(self._key_object(key, item, meta), 201)
@@ -312,7 +354,7 @@ class SbusRoutes:
         got, meta = await asyncio.gather(read, self._meta_of(key))
         item = got.items[0]
         if item.value is None:
-            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+            raise SbusError("ShardNotFound", f"shard not found: key={key}", key=key)
         return json_response(self._key_object(key, item, meta))
 
     async def list_keys(self, request: web.Request) -> web.Response:
@@ -331,7 +373,7 @@ class SbusRoutes:
     def _check_delta(self, key: str, delta: str) -> None:
         limit = self.gw.config.sbus_max_delta
         if limit and len(delta) > limit:
-            raise SbusError(413, "DeltaTooLarge", f"delta too large: key={key} len={len(delta)} max={limit}",
+            raise SbusError("DeltaTooLarge", f"delta too large: key={key} len={len(delta)} max={limit}",
                             key=key, len=len(delta), max=limit)
 
     async def commit(self, request: web.Request) -> web.Response:
@@ -345,11 +387,11 @@ class SbusRoutes:
         claimed: dict[str, int] = {}  # key -> S-Bus version at read
         for entry in raw_rs:
             if not isinstance(entry, dict):
-                raise SbusError(422, "InvalidRequest", "read_set entries must be {key, version_at_read}")
+                raise _malformed("read_set entries must be {key, version_at_read}")
             k = _key(_field(entry, "key", kind=str))
             v = _version(_field(entry, "version_at_read", kind=int), "version_at_read")
             if claimed.get(k, v) != v:  # two versions of one key: one of them is stale
-                raise SbusError(409, "CrossShardStale", f"read_set lists {k!r} at two versions",
+                raise SbusError("CrossShardStale", f"read_set lists {k!r} at two versions",
                                 key=k, version_at_read=v)
             claimed[k] = v
         self._check_delta(key, delta)
@@ -361,7 +403,7 @@ class SbusRoutes:
         peek, metas = await asyncio.gather(self.bus.read(_PEEK, [key], record=False),
                                            self._metas([key, *claimed]))
         if peek.items[0].value is None:
-            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+            raise SbusError("ShardNotFound", f"shard not found: key={key}", key=key)
         bases = {k: m.get("base", 0) for k, m in metas.items()}
         counts = self._counts(key)
         counts[0] += 1
@@ -383,7 +425,7 @@ class SbusRoutes:
         except SessionExpired as e:
             self.counters["session_expired"] += 1
             await self.bus.reset((agent, SESSION_ID))  # as in S-Bus: the next reads start afresh
-            raise SbusError(410, "SessionExpired", f"session expired for agent '{agent}': {e.message}",
+            raise SbusError("SessionExpired", f"session expired for agent '{agent}': {e.message}",
                             agent_id=agent) from None
         self.counters["commits"] += 1
         return json_response({"new_version": result.versions[key] - bases[key] - 1,
@@ -413,11 +455,11 @@ class SbusRoutes:
         others = [s for s in e.stale if s.key != key]
         for s in mine + others:
             if s.current == 0:
-                return SbusError(404, "ShardNotFound", f"shard not found: key={s.key}", key=s.key, stale=stale)
+                return SbusError("ShardNotFound", f"shard not found: key={s.key}", key=s.key, stale=stale)
         if mine and mine[0].reason in ("expected_version", "stale_read"):
             row = by_key[(key, mine[0].reason)]
             return SbusError(
-                409, "VersionMismatch",
+                "VersionMismatch",
                 f"version mismatch on key={key}: expected={row['version_at_read']} "
                 f"found={row['current_version']}",
                 key=key, expected_version=row["version_at_read"],
@@ -428,16 +470,16 @@ class SbusRoutes:
             row = by_key[(stale_reads[0].key, "stale_read")]
             self.counters["cross_shard_stale"] += 1
             return SbusError(
-                409, "CrossShardStale",
+                "CrossShardStale",
                 f"cross-shard stale read: key={row['key']} version_at_read={row['version_at_read']} "
                 f"current_version={row['current_version']}",
                 key=row["key"], version_at_read=row["version_at_read"],
                 current_version=row["current_version"], stale=stale,
             )
         if isinstance(e, Aborted) and not e.stale:
-            return SbusError(409, "TokenConflict", f"commit aborted: {e.message}", key=key, stale=stale)
+            return SbusError("TokenConflict", f"commit aborted: {e.message}", key=key, stale=stale)
         s = e.stale[0]
-        return SbusError(409, "TokenConflict",
+        return SbusError("TokenConflict",
                          f"token conflict on key={s.key}: another commit holds it", key=s.key, stale=stale)
 
     async def rollback(self, request: web.Request) -> web.Response:
@@ -448,7 +490,7 @@ class SbusRoutes:
         request[LOG_FIELDS]["agent"] = agent
         peek, meta = await asyncio.gather(self.bus.read(_PEEK, [key], record=False), self._meta_of(key))
         if peek.items[0].value is None:
-            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+            raise SbusError("ShardNotFound", f"shard not found: key={key}", key=key)
         base = meta.get("base", 0)
         req = CommitRequest(session=(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
                             rollback={key: target + base + 1}, complete_tokens=True)
@@ -457,7 +499,7 @@ class SbusRoutes:
             await self.bus.commit(req, durable_session=True, client=request.remote or "")
         except InvalidRequest as e:
             if "version" in e.details:
-                raise SbusError(404, "VersionNotFound", e.message, key=key, target_version=target) from None
+                raise SbusError("VersionNotFound", e.message, key=key, target_version=target) from None
             raise
         except Conflict as e:
             raise await self._refusal(key, e, {key: base}) from None
@@ -488,7 +530,7 @@ class SbusRoutes:
         body = await self._body(request)
         agent = _agent(body.get("agent_id"))
         if agent == "":
-            raise SbusError(400, "InvalidRequest", "agent_id is empty")
+            raise SbusError("InvalidRequest", "agent_id is empty")
         used = _field(body, "shards_used", kind=list)
         keys = [_key(k) for k in used]
         if not keys:
