@@ -37,7 +37,7 @@ from oribus.messages import (
     Vote,
     WatchRequest,
 )
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
 
 class Entry(NamedTuple):
@@ -146,7 +146,7 @@ class ShardService(abc.ABC):
         """Read keys, recording each as a delivery to the session."""
 
     @abc.abstractmethod
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         """Live keys under ``prefix`` after ``after`` in key order, with detail; no delivery.
 
         Like a read it never shows a key under a write intent before its
@@ -154,7 +154,9 @@ class ShardService(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+    async def sessions(
+        self, limit: int = DEFAULT_SESSIONS_LISTED
+    ) -> list[tuple[SessionRef, dict[str, int], float]]:
         """Up to ``limit`` live sessions of the delivery log, most recently active first:
         (session, {key: version delivered}, seconds idle). A view; touches nothing."""
 

@@ -25,11 +25,18 @@ from oribus.contract import BusService, CommitRequest, CommitResult, Entry, Read
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
 from oribus.messages import Change, ReadItem, ReadRequest, Scope, WatchRequest
 from oribus.metrics import OP_SECONDS, SESSION_EXPIRED
-from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
+from oribus.types import (
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_SCAN_LIMIT,
+    DEFAULT_SESSIONS_LISTED,
+    MAX_KEYS_PER_REQUEST,
+    MAX_VERSION,
+    SessionRef,
+    validate_key,
+)
 
 log = logging.getLogger("oribus.bus")
 
-MAX_KEYS_PER_REQUEST = 10_000
 _READ_SECONDS = OP_SECONDS.labels(op="read")
 _COMMIT_SECONDS = OP_SECONDS.labels(op="commit")
 _HISTORY_SECONDS = OP_SECONDS.labels(op="history")
@@ -324,16 +331,16 @@ class Bus(BusService):
             raise
         return streams[0] if len(streams) == 1 else MergedWatch(streams)
 
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         """Live keys under ``prefix`` after ``after``, in key order, from every shard; no delivery."""
         if not isinstance(prefix, str) or not isinstance(after, str):
             raise InvalidRequest("prefix and after must be str")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
-            raise InvalidRequest("limit must be an int in 1..10000")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_KEYS_PER_REQUEST:
+            raise InvalidRequest(f"limit must be an int in 1..{MAX_KEYS_PER_REQUEST}")
         pages = await asyncio.gather(*(s.scan(prefix, after, limit) for s in self.shards.values()))
         return heapq.nsmallest(limit, (i for page in pages for i in page), key=lambda i: i.key)
 
-    async def session_views(self, limit: int = 100) -> list[dict]:
+    async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED) -> list[dict]:
         """The most recently active sessions on every shard with each delivered key marked
         current or stale (for operators; a peek that records nothing)."""
         per_shard = await asyncio.gather(*(s.sessions(limit) for s in self.shards.values()))
@@ -437,4 +444,3 @@ def _utf8(s: str) -> bool:
     return True
 
 
-MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack int64

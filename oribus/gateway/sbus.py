@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from oribus.bus.bus import MAX_KEYS_PER_REQUEST, RESERVED_PREFIXES, check_writable
+from oribus.bus.bus import RESERVED_PREFIXES, check_writable
 from oribus.contract import CommitRequest
 from oribus.errors import (
     Aborted,
@@ -74,7 +74,15 @@ from oribus.errors import (
     ValueTooLarge,
 )
 from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response, status_of
-from oribus.types import decode_value, encode_value, validate_key
+from oribus.types import (
+    DEFAULT_SCAN_LIMIT,
+    MAX_KEYS_PER_REQUEST,
+    MAX_SESSIONS_LISTED,
+    MAX_VERSION,
+    decode_value,
+    encode_value,
+    validate_key,
+)
 
 if TYPE_CHECKING:
     from oribus.gateway.app import HttpGateway
@@ -200,7 +208,8 @@ def _clean_meta(raw: Any) -> dict:
 
 
 def _version(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << 63) - 1:
+    # below MAX_VERSION: the key's oribus version is at least one more
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_VERSION:
         raise _malformed(f"{name} must be an integer in 0..2**63-2")
     return value
 
@@ -363,9 +372,9 @@ class SbusRoutes:
         keys: list[str] = []
         after = ""
         while True:
-            page = await self.bus.scan("", after, 1000)
+            page = await self.bus.scan("", after, DEFAULT_SCAN_LIMIT)
             keys.extend(i.key for i in page if not i.key.startswith(RESERVED_PREFIXES))
-            if len(page) < 1000:
+            if len(page) < DEFAULT_SCAN_LIMIT:
                 break
             after = page[-1].key
         return json_response({"shards": keys, "count": len(keys)})
@@ -568,9 +577,9 @@ class SbusRoutes:
         keys = 0
         after = META_PREFIX
         while True:
-            page = await self.bus.shards[shard_id].scan(META_PREFIX, after, 10_000)
+            page = await self.bus.shards[shard_id].scan(META_PREFIX, after, MAX_KEYS_PER_REQUEST)
             keys += len(page)
-            if len(page) < 10_000:
+            if len(page) < MAX_KEYS_PER_REQUEST:
                 return keys
             after = page[-1].key
 
@@ -632,7 +641,7 @@ class SbusRoutes:
         return json_response({"ok": True, "ori_enabled": self.bus.validation_enabled})
 
     async def admin_delivery_log(self, request: web.Request) -> web.Response:
-        views = [v for v in await self.bus.session_views(10_000) if v["session"] == SESSION_ID]
+        views = [v for v in await self.bus.session_views(MAX_SESSIONS_LISTED) if v["session"] == SESSION_ID]
         keys = sorted({r["key"] for v in views for r in v["reads"]})
         bases: dict[str, int] = {}
         for i in range(0, len(keys), MAX_KEYS_PER_REQUEST):

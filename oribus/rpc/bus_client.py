@@ -22,8 +22,6 @@ from oribus.rpc.mux_client import MuxClient
 from oribus.tls import TlsConfig, channel_credentials
 from oribus.types import SessionRef
 
-DEFAULT_ADDRESS = "127.0.0.1:7700"
-
 
 class BusByCalls(BusService):
     """The bus methods a session calls (``BusService``), each one call ``_call(op, *params)`` of
@@ -56,8 +54,8 @@ class BusByCalls(BusService):
 class RemoteBus(BusByCalls):
     """A bus reached over gRPC at ``target`` (``HOST:PORT``); over mutual TLS with ``tls``."""
 
-    def __init__(self, target: str = DEFAULT_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0, tls: TlsConfig | str | Path | None = None) -> None:
+    def __init__(self, target: str = wire.DEFAULT_BUS_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout: float = wire.DEFAULT_CALL_TIMEOUT, tls: TlsConfig | str | Path | None = None) -> None:
         self.target = target
         cfg = TlsConfig.of(tls)
         if cfg is not None and credentials is None:

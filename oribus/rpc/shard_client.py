@@ -18,7 +18,7 @@ class GrpcShardClient(ShardServiceByCalls):
     """One shard server at ``target``, all calls multiplexed over one stream."""
 
     def __init__(self, shard_id: int, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0, epoch: int = 0, tls: TlsConfig | None = None) -> None:
+                 timeout: float = wire.DEFAULT_CALL_TIMEOUT, epoch: int = 0, tls: TlsConfig | None = None) -> None:
         self.shard_id = shard_id
         self.target = target
         self.epoch = epoch  # cluster mode: the epoch of the shard's claim, sent with every call

@@ -52,7 +52,7 @@ from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, load_latest_snapshot, write_snapshot
 from oribus.shards.watch import Watcher, changes_of, plan_replay
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
 _SCAN_SESSION = ("oribus", "scan")  # scans record nothing; a read needs some session
 
@@ -537,7 +537,7 @@ class Shard(ShardService):
 
     # ---- other operations ----------------------------------------------------------
 
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         self._check_open()
         keys = self.store.live_keys_page(prefix, after, limit)
         if not keys:
@@ -546,7 +546,9 @@ class Shard(ShardService):
         reply = await self.read(ReadRequest(_SCAN_SESSION, keys, record=False, detail=True))
         return [i for i in reply.items if i.value is not None]
 
-    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+    async def sessions(
+        self, limit: int = DEFAULT_SESSIONS_LISTED
+    ) -> list[tuple[SessionRef, dict[str, int], float]]:
         return self.dlog.recent_sessions(limit)
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
