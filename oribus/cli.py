@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from oribus.meta.etcd import EtcdMeta
     from oribus.tls import TlsConfig
 
-DEFAULT_ADDR = "127.0.0.1:7700"
+from oribus.rpc.wire import DEFAULT_BUS_ADDRESS
 
 
 def _json_default(o: Any) -> Any:
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run a bus and its shards on this machine")
     p.add_argument("--data-dir", default="./oribus-data",
                    help="where the bus and its shards keep their data (default: %(default)s)")
-    p.add_argument("--listen", default=DEFAULT_ADDR,
+    p.add_argument("--listen", default=DEFAULT_BUS_ADDRESS,
                    help="gRPC address of the bus as HOST:PORT (default: %(default)s)")
     p.add_argument("--shards", type=int, default=None,
                    help="shards of a new data directory (default: 1, or one per core with --processes; "
@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_shard)
 
     p = sub.add_parser("bus", help="run a bus over shard servers")
-    p.add_argument("--listen", default=DEFAULT_ADDR,
+    p.add_argument("--listen", default=DEFAULT_BUS_ADDRESS,
                    help="gRPC address of the bus as HOST:PORT (default: %(default)s)")
     p.add_argument("--shards", help="comma-separated shard addresses, shard 0 first (without --etcd)")
     p.add_argument("--advertise", help="gRPC address announced in etcd (default: the bound one)")
@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--addr", default=DEFAULT_ADDR, help="the bus's gRPC address (default: %(default)s)")
+        p.add_argument("--addr", default=DEFAULT_BUS_ADDRESS, help="the bus's gRPC address (default: %(default)s)")
         p.add_argument("--agent", default="cli",
                        help="the agent name the commands act as (default: %(default)s)")
         _tls_option(p)

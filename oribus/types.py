@@ -15,9 +15,15 @@ import msgpack
 
 from oribus.errors import InvalidRequest, ValueTooLarge
 
+# The data model's limits and defaults, defined here once and imported everywhere else.
 MAX_KEY_BYTES = 1024
+MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack int64
 DEFAULT_MAX_VALUE_BYTES = 1 << 20  # largest encoded value a write may carry
 DEFAULT_HISTORY_LIMIT = 100  # versions kept per key (history and rollback reach)
+MAX_KEYS_PER_REQUEST = 10_000  # keys one read or commit may name, and one scan may return
+DEFAULT_SCAN_LIMIT = 1000  # keys a scan returns when not told how many
+MAX_SESSIONS_LISTED = 10_000  # sessions one listing (an operator's view) may return
+DEFAULT_SESSIONS_LISTED = 100  # sessions a listing returns when not told how many
 
 
 class _Delete:

@@ -20,13 +20,13 @@ draws it. The feed, one JSON object::
 Where the numbers come from, without touching the bus: commit and conflict
 rates are the coordinator's counters (``Bus.coordinator.counters``) sampled
 once a second into a ring buffer (``RateSeries``); hot keys are counted from
-a live watch over every key (``Bus.watch("")``), with exponential decay so
+a live watch over every key (``Bus.watch(WatchRequest(""))``), with exponential decay so
 that the list follows the recent load (``HotKeys``); keys under ``.sbus/``
 (the S-Bus gateway's metadata) are not counted. The sampler starts with the
 gateway (a dict read a second), so the chart shows commits made before anyone
 opened the page; the watch starts on the first dashboard request (an
 unwatched server does not stream every change to itself) with a replay of
-the last ``HOT_REPLAY`` seconds of history (``Bus.watch(since=...)``), each
+the last ``HOT_REPLAY`` seconds of history (``WatchRequest(since=...)``), each
 write counted at its commit time, so the first answer lists the keys written
 before. Both are cancelled by ``close()``. A shard's epoch is sent as a
 string: it is a nanosecond clock, beyond the integers a JavaScript number
@@ -57,7 +57,7 @@ from aiohttp import web
 from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.gateway.errors import LOG_FIELDS, json_response, request_error
-from oribus.messages import Change
+from oribus.messages import Change, WatchRequest
 from oribus.types import SessionRef
 
 if TYPE_CHECKING:
@@ -306,7 +306,7 @@ class DashboardRoutes:
     async def _subscribe(self, since: float | None = None) -> AsyncIterator[Change] | None:
         stream = None
         try:
-            stream = self.bus.watch("", since=since)  # since None: live changes only
+            stream = self.bus.watch(WatchRequest("", since=since))  # since None: live changes only
             await asyncio.wait_for(ensure_subscribed(stream), self.gw.config.ready_timeout)
         except Exception as e:  # noqa: BLE001 - counted as "not watching"; retried later
             await _close_stream(stream)

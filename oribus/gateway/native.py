@@ -32,13 +32,15 @@ from oribus.contract import CommitRequest, Entry, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.gateway.errors import LOG_FIELDS, RequestError, error_body, json_response
 from oribus.gateway.values import from_json, to_json
-from oribus.messages import ReadItem, Scope
-from oribus.types import SessionRef, decode_value, encode_value
+from oribus.messages import ReadItem, Scope, WatchRequest
+from oribus.types import MAX_SESSIONS_LISTED, SessionRef, decode_value, encode_value
 
 if TYPE_CHECKING:
     from oribus.gateway.app import HttpGateway
 
 DEFAULT_SESSION = "http"
+KEYS_PAGE = 100  # keys GET /v1/keys lists when not told how many
+SESSIONS_PAGE = 50  # sessions GET /v1/sessions lists when not told how many
 
 
 def _get(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
@@ -146,7 +148,7 @@ class NativeRoutes:
         return json_response(await self._read(request, _session(body), keys, record))
 
     async def list_keys(self, request: web.Request) -> web.Response:
-        limit = _int_query(request, "limit", 100)
+        limit = _int_query(request, "limit", KEYS_PAGE)
         items = await self.bus.scan(request.query.get("prefix", ""), request.query.get("after", ""), limit)
         return json_response({
             "items": [{**_item(i), "agent": i.agent, "committed_at": i.committed_at} for i in items],
@@ -244,9 +246,9 @@ class NativeRoutes:
     async def sessions(self, request: web.Request) -> web.Response:
         if not self.gw.config.admin:  # every agent's reads: not for every caller
             raise RequestError(403, "Forbidden", "GET /v1/sessions is an admin route (start the server with --admin)")
-        limit = _int_query(request, "limit", 50)
-        if not 1 <= limit <= 10_000:
-            raise InvalidRequest("limit must be 1..10000", field="limit")
+        limit = _int_query(request, "limit", SESSIONS_PAGE)
+        if not 1 <= limit <= MAX_SESSIONS_LISTED:
+            raise InvalidRequest(f"limit must be 1..{MAX_SESSIONS_LISTED}", field="limit")
         return json_response({"sessions": await self.bus.session_views(limit)})
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
@@ -265,7 +267,7 @@ class NativeRoutes:
                 since = float(last)
             except ValueError:
                 raise InvalidRequest("Last-Event-ID / since must be a commit time", field="since") from None
-        stream = self.bus.watch(request.query.get("prefix", ""), from_version, since=since)
+        stream = self.bus.watch(WatchRequest(request.query.get("prefix", ""), from_version, since=since))
         await ensure_subscribed(stream)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",

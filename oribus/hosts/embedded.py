@@ -46,6 +46,8 @@ log = logging.getLogger("oribus.engine")
 
 LAYOUT_FILE = "layout.json"
 DEFAULT_SHARDS = 1  # a new embedded data directory (``oribus up --processes``: 2)
+# A shard's own defaults (ShardConfig, DeliveryLogConfig, WalConfig): the engine's are these.
+_SHARD_DEFAULTS = ShardConfig(shard_id=0, data_dir=Path("."))
 
 
 @dataclass
@@ -57,12 +59,14 @@ class EngineConfig:
     shards: int | None = None
     history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value
-    session_ttl_seconds: float = 3600.0  # idle sessions expire after this (their commits then fail closed)
-    max_entries_per_session: int = 100_000  # deliveries per session per shard
-    max_sessions_per_shard: int = 100_000  # live sessions per shard
-    segment_bytes: int = 64 << 20  # WAL segment size
-    snapshot_every_records: int = 200_000  # WAL records between snapshots
-    txn_expiry_seconds: float = 10.0  # prepared transactions older than this are resolved
+    # idle sessions expire after this (their commits then fail closed)
+    session_ttl_seconds: float = _SHARD_DEFAULTS.delivery_log.ttl_seconds
+    max_entries_per_session: int = _SHARD_DEFAULTS.delivery_log.max_entries_per_session  # per session per shard
+    max_sessions_per_shard: int = _SHARD_DEFAULTS.delivery_log.max_sessions  # live sessions per shard
+    segment_bytes: int = _SHARD_DEFAULTS.wal.segment_bytes  # WAL segment size
+    snapshot_every_records: int = _SHARD_DEFAULTS.snapshot_every_records  # WAL records between snapshots
+    # prepared transactions older than this are resolved
+    txn_expiry_seconds: float = _SHARD_DEFAULTS.txn_expiry_seconds
     unsafe_no_fsync: bool = False  # acknowledge before data reaches the disk: loses commits on power loss
     maintenance_interval: float = 1.0  # seconds between background chores
     unsafe_disable_validation: bool = False  # demo/testing only: accepts stale commits (no ORI checks)

@@ -43,6 +43,7 @@ from oribus.hosts.embedded import (
 from oribus.hosts.lifecycle import stop_signal_event
 from oribus.lifeline import ParentLifeline
 from oribus.meta.slots import StaticSlotMap
+from oribus.rpc import wire
 from oribus.rpc.bus_server import BusServer
 from oribus.rpc.shard_client import GrpcShardClient
 from oribus.tls import TlsConfig, channel_credentials, server_credentials
@@ -58,7 +59,7 @@ def process_shards() -> int:
 class UpHost:
     """Bus + N shards on this machine. ``await start()``, ``await stop()``."""
 
-    def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int | None = None,
+    def __init__(self, data_dir: Path, *, listen: str = wire.DEFAULT_BUS_ADDRESS, shards: int | None = None,
                  processes: bool = False, start_timeout: float = 30.0,
                  http: GatewayConfig | None = None, tls: TlsConfig | None = None, **engine_options: Any) -> None:
         if shards is None:

@@ -56,7 +56,7 @@ class BusServer:
 
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         """The stream of one Watch RPC, subscribed before the server acknowledges it."""
-        stream = self.bus.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        stream = self.bus.watch(req)
         await ensure_subscribed(stream)
         return stream
 

@@ -46,7 +46,7 @@ class MuxClient:
         service: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
-        timeout: float = 30.0,
+        timeout: float = wire.DEFAULT_CALL_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
-from oribus.messages import (
-    Change,
-    WatchRequest,
-)
+from oribus.messages import Change, WatchRequest
 from oribus.rpc import shard_codec, wire
 from oribus.rpc.mux_client import MuxClient
 from oribus.shards.service import ShardServiceByCalls
@@ -21,7 +18,7 @@ class GrpcShardClient(ShardServiceByCalls):
     """One shard server at ``target``, all calls multiplexed over one stream."""
 
     def __init__(self, shard_id: int, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0, epoch: int = 0, tls: TlsConfig | None = None) -> None:
+                 timeout: float = wire.DEFAULT_CALL_TIMEOUT, epoch: int = 0, tls: TlsConfig | None = None) -> None:
         self.shard_id = shard_id
         self.target = target
         self.epoch = epoch  # cluster mode: the epoch of the shard's claim, sent with every call
@@ -38,15 +35,8 @@ class GrpcShardClient(ShardServiceByCalls):
             return o.dec_result(await self.mux.call(op, args))
         return await self.mux.call_op(shard_codec.SHARD_OPS, op, *params)
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        return self.mux.watch(WatchRequest(prefix, from_version, dict(after or {}), since))
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        return self.mux.watch(request)
 
     async def close(self) -> None:
         await self.mux.close()

@@ -91,7 +91,7 @@ class ShardServer:
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         """The stream of one Watch RPC, subscribed before the server acknowledges it."""
         assert self.shard is not None, "start() opens the shard before it serves"
-        stream = self.shard.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        stream = self.shard.watch(req)
         await ensure_subscribed(stream)
         return stream
 

@@ -49,6 +49,11 @@ BUS_SERVICE = "oribus.v1.Bus"
 SHARD_SERVICE = "oribus.v1.Shard"
 STREAM, CALL, WATCH = "Stream", "Call", "Watch"
 
+# The bus's gRPC address when none is given: where ``oribus up`` and ``oribus bus`` listen
+# and where clients (``oribus.connect``, the command line) connect.
+DEFAULT_BUS_ADDRESS = "127.0.0.1:7700"
+DEFAULT_CALL_TIMEOUT = 30.0  # seconds a call waits for its reply before it fails with Unavailable
+
 MAX_MESSAGE_BYTES = 64 << 20  # a batch may carry several maximal values
 # gRPC options of both ends: messages up to that size, keepalive pings on idle connections
 CHANNEL_OPTIONS = [

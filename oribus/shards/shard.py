@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,7 +54,7 @@ from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, WalConfig, load_latest_snapshot, write_snapshot
 from oribus.shards.watch import Watcher, changes_of, plan_replay
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
 _SCAN_SESSION = SessionRef("oribus", "scan")  # scans record nothing; a read needs some session
 
@@ -551,14 +551,7 @@ class Shard(ShardService):
 
     # ---- watch -----------------------------------------------------------------------
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         """Replay the kept versions asked for, then stream changes as they become visible.
 
         Registration and the replay plan happen now, in one step (see
@@ -566,14 +559,13 @@ class Shard(ShardService):
         returns is streamed.
         """
         self._check_open()
-        req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
         watcher = Watcher(
-            prefix, shard_id=self.shard_id, limit=self.config.watch_queue_limit,
+            request.prefix, shard_id=self.shard_id, limit=self.config.watch_queue_limit,
             detach=self._detach_watcher,
         )
         self._watchers.add(watcher)  # subscribe first: from here on every visible change is queued
         try:
-            watcher.set_replay(plan_replay(self.store, req))
+            watcher.set_replay(plan_replay(self.store, request))
         except BaseException:
             self._watchers.discard(watcher)
             raise
@@ -581,7 +573,7 @@ class Shard(ShardService):
 
     # ---- other operations ----------------------------------------------------------
 
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         self._check_open()
         keys = self.store.live_keys_page(prefix, after, limit)
         if not keys:
@@ -590,7 +582,9 @@ class Shard(ShardService):
         reply = await self.read(ReadRequest(_SCAN_SESSION, keys, record=False, detail=True))
         return [i for i in reply.items if i.value is not None]
 
-    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+    async def sessions(
+        self, limit: int = DEFAULT_SESSIONS_LISTED
+    ) -> list[tuple[SessionRef, dict[str, int], float]]:
         return self.dlog.recent_sessions(limit)
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:

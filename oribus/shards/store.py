@@ -1,6 +1,6 @@
 """The versioned key/value store of one shard (in memory; the WAL makes it durable).
 
-Each key keeps its last H versions (``history_limit``, default 100), newest
+Each key keeps its last H versions (``history_limit``, ``types.DEFAULT_HISTORY_LIMIT``), newest
 last; the newest is the current value. A key that was never written reads as
 version 0 with no value; a delete is a version of its own with no value.
 
