@@ -23,6 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
+from oribus.bus.metrics import CommitMetrics
 from oribus.contract import CommitRequest, CommitResult, ShardService
 from oribus.errors import (
     Aborted,
@@ -34,7 +35,6 @@ from oribus.errors import (
     Unavailable,
 )
 from oribus.messages import Scope, ShardTxn, Token, TxnOutcome, TxnRef, TxnState, VoteKind
-from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS
 
 log = logging.getLogger("oribus.coordinator")
 
@@ -45,13 +45,6 @@ def conflict_from(stale: list[Stale], commit_id: str) -> Conflict:
     if not stale:
         return Aborted(f"transaction {commit_id} was aborted", commit_id=commit_id)
     return Conflict(stale=sorted(stale), commit_id=commit_id)
-
-
-def _counted(refusal: Conflict) -> Conflict:
-    """Count a refused commit in oribus_conflicts_total, once per distinct reason it names."""
-    for reason in {s.reason for s in refusal.stale} or ("aborted",):
-        CONFLICTS.labels(reason=reason).inc()
-    return refusal
 
 
 def _precedence(e: BaseException) -> int:
@@ -87,7 +80,17 @@ class Coordinator:
         self.shards = shards
         self.shard_for = shard_for
         self._background: set[asyncio.Task] = set()
-        self.counters = {"commits_1pc": 0, "commits_2pc": 0, "conflicts": 0, "aborts_2pc": 0}
+        self.metrics = CommitMetrics()  # what this coordinator counts, once (/metrics and stats)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """commits_1pc, commits_2pc, conflicts, aborts_2pc: read from ``metrics``."""
+        return self.metrics.stats()
+
+    def _refused(self, refusal: Conflict) -> Conflict:
+        """Count a refused commit (and, on /metrics, each distinct reason it names)."""
+        self.metrics.refused(s.reason for s in refusal.stale)
+        return refusal
 
     def _shard(self, shard_id: int) -> ShardService:
         try:
@@ -156,10 +159,8 @@ class Coordinator:
             (shard_id, st), = parts.items()
             out = await self._shard(shard_id).commit_one_phase(st)
             if out.state is not TxnState.COMMITTED:
-                self.counters["conflicts"] += 1
-                raise _counted(conflict_from(out.stale, req.commit_id))
-            self.counters["commits_1pc"] += 1
-            COMMITS_1PC.inc()
+                raise self._refused(conflict_from(out.stale, req.commit_id))
+            self.metrics.commits_1pc.inc()
             return CommitResult(req.commit_id, out.versions, {shard_id: out.token} if out.token else {}, False)
         return await self._two_phase(req.commit_id, parts)
 
@@ -210,12 +211,10 @@ class Coordinator:
             *(self._shard(s).finish(commit_id, committed) for s in others), return_exceptions=True
         )
         if not committed:
-            self.counters["aborts_2pc"] += 1
-            ABORTS.inc()
+            self.metrics.aborts_2pc.inc()
             if error is not None:
                 raise error
-            self.counters["conflicts"] += 1
-            raise _counted(conflict_from(stale, commit_id))
+            raise self._refused(conflict_from(stale, commit_id))
         # Every participant's new versions are known from its YES (or COMMITTED) vote: its
         # write intents fixed them at prepare time, so a participant that dies before
         # answering its finish still has them reported (PROTOCOL.md §5.3).
@@ -254,8 +253,7 @@ class Coordinator:
             task = asyncio.get_running_loop().create_task(self._release(primary, commit_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        self.counters["commits_2pc"] += 1
-        COMMITS_2PC.inc()
+        self.metrics.commits_2pc.inc()
         return CommitResult(commit_id, versions, tokens, True)
 
     async def _release(self, primary: int, commit_id: str) -> None:

@@ -21,7 +21,6 @@ Layout of the data directory::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from oribus.bus.sweep import TxnSweep
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import DataCorrupted, InvalidRequest
+from oribus.hosts.lifecycle import Teardown
 from oribus.messages import TxnRef
 from oribus.meta.slots import SLOTS, StaticSlotMap
 from oribus.shards.config import ShardConfig
@@ -191,9 +191,10 @@ class EmbeddedEngine:
     """A bus over in-process shards. Use ``await EmbeddedEngine.open(config)`` and ``await close()``."""
 
     def __init__(self, config: EngineConfig, shards: dict[int, Shard],
-                 journal: SessionJournal | None = None, dir_lock: DataDirLock | None = None) -> None:
+                 journal: SessionJournal | None = None, dir_lock: DataDirLock | None = None,
+                 teardown: Teardown | None = None) -> None:
         self.config = config
-        self._dir_lock = dir_lock  # the data directory's lock, released on close
+        self._dir_lock = dir_lock  # the data directory's lock (released by the teardown)
         self.shards = shards
         assert config.shards is not None, "check_layout resolves the shard count first"
         self.slot_map = StaticSlotMap(config.shards)
@@ -203,6 +204,9 @@ class EmbeddedEngine:
         self.sweep = TxnSweep(
             self.bus, txn_expiry_seconds=config.txn_expiry_seconds, interval=config.maintenance_interval
         )
+        # what open() started, stopped by close() in reverse: the lock, the shards, the journal,
+        # the background chores
+        self._teardown = teardown or Teardown(log)
         self._maintenance: asyncio.Task | None = None
         self._closed = False
         for shard in shards.values():
@@ -211,30 +215,25 @@ class EmbeddedEngine:
     @classmethod
     async def open(cls, config: EngineConfig) -> EmbeddedEngine:
         loop = asyncio.get_running_loop()
-        # Before layout.json is read: a second process on this directory stops here.
-        dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
-        shards: dict[int, Shard] = {}
-        journal = None
-        try:
+        teardown = Teardown(log)
+        async with teardown.stop_on_error():
+            # Before layout.json is read: a second process on this directory stops here.
+            dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
+            teardown.push("data directory lock", dir_lock.release)
             await loop.run_in_executor(None, check_layout, config)
             assert config.shards is not None  # check_layout resolved it
+            shards: dict[int, Shard] = {}
             for i in range(config.shards):
                 shards[i] = await Shard.open(config.shard_config(i))
+                teardown.push(f"shard {i}", shards[i].close)
             journal = await SessionJournal.open(config.session_journal_dir,
                                                 unsafe_no_fsync=config.unsafe_no_fsync)
-        except BaseException:
-            for s in shards.values():
-                await s.close()
-            dir_lock.release()
-            raise
-        engine = cls(config, shards, journal, dir_lock)
-        try:
+            teardown.push("session journal", journal.close)
+            engine = cls(config, shards, journal, dir_lock, teardown)
             await engine.recover_prepared(older_than=0.0)
             await engine.release_settled()
-        except BaseException:
-            await engine.close()  # closes the shards and lets the directory go
-            raise
-        engine._maintenance = loop.create_task(engine._maintain())
+            engine._maintenance = loop.create_task(engine._maintain())
+            teardown.push_task("maintenance", engine._maintenance)
         return engine
 
     async def _resolve(self, shard_id: int, txn: TxnRef) -> None:
@@ -259,19 +258,6 @@ class EmbeddedEngine:
                 log.exception("maintenance failed")
 
     async def close(self) -> None:
-        """Stop background work, flush and close every shard. Idempotent."""
-        if self._closed:
-            return
+        """Stop background work, flush and close every shard, let the directory go. Idempotent."""
         self._closed = True
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
-        try:
-            for shard in self.shards.values():
-                await shard.close()
-            if self.journal is not None:
-                await self.journal.close()
-        finally:
-            if self._dir_lock is not None:
-                self._dir_lock.release()
+        await self._teardown.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -103,8 +104,11 @@ class ShardServer:
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving (letting calls in flight finish), then flush and close the shard."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         if self._listener is not None:
             await self._listener.stop(grace)
         if self.shard is not None:
