@@ -30,6 +30,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# This runner asks servers for their gRPC health and forks its children (a preexec_fn sets
+# their parent-death signal). With gRPC's fork support on, its fork handler restarts gRPC's
+# poller in the forked child, then Popen closes the child's descriptors before exec, the
+# poller's epoll among them, and the child aborts ("epoll_wait error: Bad file descriptor",
+# exit -6) before it runs the command. Nothing of gRPC is used between fork and exec here:
+# turn the handlers off, before grpc is imported, for this process only.
+FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
+INHERITED_FORK_SUPPORT = os.environ.get(FORK_SUPPORT)
+os.environ[FORK_SUPPORT] = "false"
+
 from processes import health_status  # noqa: E402
 
 from oribus.rpc.wire import DEFAULT_BUS_ADDRESS  # noqa: E402
@@ -133,6 +143,9 @@ def _run_session(spec: dict) -> list[str]:
     cwd = Path(spec["dir"])
     cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop(FORK_SUPPORT)  # the commands run as a reader's would
+    if INHERITED_FORK_SUPPORT is not None:
+        env[FORK_SUPPORT] = INHERITED_FORK_SUPPORT
     failures: list[str] = []
     background: list[Background] = []
     try:
