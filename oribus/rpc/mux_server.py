@@ -11,44 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from oribus.errors import InvalidRequest, OribusError
-from oribus.messages import Change, WatchRequest
+from oribus.messages import WatchRequest
 from oribus.rpc import grpc_status, wire
 
-log = logging.getLogger("oribus.rpc.mux_server")
-
-Handler = Callable[[Any], Awaitable[Any]]
-# returns the (already subscribed) stream of changes of one watch
-WatchHandler = Callable[[WatchRequest], Awaitable[AsyncIterator[Change]]]
-
-
-async def _dispatch(ops: dict[str, Handler], call_id: Any, op: Any, args: Any) -> list:
-    try:
-        fn = ops.get(op) if isinstance(op, str) else None
-        if fn is None:
-            raise InvalidRequest(f"unknown operation {op!r}")
-        return [call_id, wire.OK, await fn(args)]
-    except OribusError as e:
-        return [call_id, wire.ERROR, e.to_dict()]
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # a bug must not take the server down: answer it
-        log.exception("operation %s failed", op)
-        return [call_id, wire.ERROR, grpc_status.error_payload(e)]
-
-
-def _frames(raw: bytes) -> list:
-    batch = wire.unpack(raw)
-    if not isinstance(batch, list) or not all(isinstance(f, list) and len(f) == 3 for f in batch):
-        raise InvalidRequest("a request batch is a list of [call_id, op, args]")
-    return batch
+Handler = wire.Handler
+WatchHandler = wire.WatchHandler
 
 
 def mux_handlers(
@@ -65,13 +39,13 @@ def mux_handlers(
         loop = asyncio.get_running_loop()
 
         async def run(frame: list) -> None:
-            replies.append(await _dispatch(ops, *frame))
+            replies.append(await wire.dispatch(ops, *frame))
             wake.set()
 
         async def read_all() -> None:
             try:
                 async for raw in request_iterator:
-                    for frame in _frames(raw):
+                    for frame in wire.request_batch(wire.unpack(raw)):
                         t = loop.create_task(run(frame))
                         running.add(t)
                         t.add_done_callback(running.discard)
@@ -109,7 +83,7 @@ def mux_handlers(
                 raise InvalidRequest("a call is [call_id, op, args]")
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
-        return wire.pack(await _dispatch(ops, *frame))
+        return wire.pack(await wire.dispatch(ops, *frame))
 
     async def watch_stream(raw: bytes, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         if watch is None:

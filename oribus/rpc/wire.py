@@ -33,7 +33,9 @@ documented in ``specs/wire.md``.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -41,9 +43,13 @@ import msgpack
 from oribus.contract import Entry
 from oribus.errors import (
     InvalidRequest,
+    OribusError,
     Stale,
 )
+from oribus.messages import Change, WatchRequest
 from oribus.types import SessionRef
+
+log = logging.getLogger("oribus.rpc.wire")
 
 BUS_SERVICE = "oribus.v1.Bus"
 SHARD_SERVICE = "oribus.v1.Shard"
@@ -61,6 +67,12 @@ CHANNEL_OPTIONS = [
 ]
 
 OK, ERROR = 0, 1
+
+# Server side, whatever the transport: an operation's handler takes the call's wire args and
+# returns its wire result (``bind_ops``); a watch handler returns the (already subscribed)
+# stream of changes of one watch.
+Handler = Callable[[Any], Awaitable[Any]]
+WatchHandler = Callable[[WatchRequest], Awaitable[AsyncIterator[Change]]]
 
 
 def method_path(service: str, method: str) -> str:
@@ -230,3 +242,30 @@ def bind_ops(target: Any, table: dict[str, Op]) -> dict[str, Callable[[Any], Awa
 
     return {name: bind(name, op) for name, op in table.items()}
 
+
+
+# ---- the server end of a call, whatever the transport ----------------------------------------
+
+
+def request_batch(batch: Any) -> list:
+    """A decoded request message, checked to be ``[[call_id, op, args], ...]``."""
+    if not isinstance(batch, list) or not all(isinstance(f, list) and len(f) == 3 for f in batch):
+        raise InvalidRequest("a request batch is a list of [call_id, op, args]")
+    return batch
+
+
+async def dispatch(ops: dict[str, Handler], call_id: Any, op: Any, args: Any) -> list:
+    """Run one call; its reply ``[call_id, status, payload]``. Never raises but for cancellation:
+    an error is the reply's payload (an unexpected exception an ``Internal`` error)."""
+    try:
+        fn = ops.get(op) if isinstance(op, str) else None
+        if fn is None:
+            raise InvalidRequest(f"unknown operation {op!r}")
+        return [call_id, OK, await fn(args)]
+    except OribusError as e:
+        return [call_id, ERROR, e.to_dict()]
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # a bug must not take the server down: answer it
+        log.exception("operation %s failed", op)
+        return [call_id, ERROR, OribusError(f"internal error: {type(e).__name__}: {e}").to_dict()]
