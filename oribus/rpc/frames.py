@@ -28,9 +28,9 @@ which, e.g. ``WatchLagged``); the server closes the connection after it. A
 connection that ends without one, or a watch without its nil, was lost: the
 client fails what it had in flight with ``Unavailable``.
 
-Errors here: a frame over the limit or one whose body is not msgpack raises
-``InvalidRequest`` (``FrameError``); the server answers it with the error map
-and closes only that connection.
+Errors here: a frame over the limit or one whose body is not msgpack is a
+``FrameError`` (an ``InvalidRequest``); the server answers it with the error map
+and closes only that connection, after handling the frames before it.
 """
 
 from __future__ import annotations
@@ -105,14 +105,17 @@ class FrameReader:
     """Cuts a byte stream into frame bodies, whatever the chunks it arrives in.
 
     ``feed(data)`` returns the bodies completed by ``data`` (possibly none); a
-    partial frame waits for the next chunk. A length over ``limit`` raises
-    ``FrameError`` at once, before its body arrives.
+    partial frame waits for the next chunk. A length over ``limit`` is refused at
+    once, before its body arrives: ``feed`` returns the frames before it and sets
+    ``error`` (a ``FrameError``); the stream is unusable from there on (every later
+    ``feed`` raises it), so the caller handles those frames, then the error.
     """
 
-    __slots__ = ("_buffer", "limit")
+    __slots__ = ("_buffer", "error", "limit")
 
     def __init__(self, limit: int = MAX_FRAME_BYTES) -> None:
         self.limit = limit
+        self.error: FrameError | None = None
         self._buffer = bytearray()
 
     @property
@@ -121,6 +124,8 @@ class FrameReader:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
+        if self.error is not None:
+            raise self.error
         buf = self._buffer
         if buf:
             buf += data
@@ -133,7 +138,9 @@ class FrameReader:
         while end - pos >= 4:
             (size,) = unpack_from(view, pos)
             if size > limit:
-                raise FrameError(f"a frame of {size} bytes is over the limit of {limit} bytes")
+                self.error = FrameError(f"a frame of {size} bytes is over the limit of {limit} bytes")
+                buf.clear()
+                return bodies
             stop = pos + 4 + size
             if stop > end:
                 break

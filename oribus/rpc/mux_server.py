@@ -26,9 +26,16 @@ WatchHandler = wire.WatchHandler
 
 
 def mux_handlers(
-    service: str, ops: dict[str, Handler], watch: WatchHandler | None = None
+    service: str, ops: dict[str, Handler], watch: WatchHandler | None = None,
+    counters: dict[str, int] | None = None,
 ) -> grpc.GenericRpcHandler:
-    """gRPC handlers of ``service``: Stream (batched calls), Call (unary) and Watch."""
+    """gRPC handlers of ``service``: Stream (batched calls), Call (unary) and Watch.
+
+    ``counters``, if given, counts the Stream's ``calls``, ``messages_in`` and ``messages_out``
+    (how well the callers' calls are batched)."""
+    counted = counters if counters is not None else {}
+    for name in ("calls", "messages_in", "messages_out"):
+        counted.setdefault(name, 0)
 
     async def stream(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         # Calls run concurrently as tasks; their replies are yielded in batches: whatever
@@ -45,7 +52,10 @@ def mux_handlers(
         async def read_all() -> None:
             try:
                 async for raw in request_iterator:
-                    for frame in wire.request_batch(wire.unpack(raw)):
+                    batch = wire.request_batch(wire.unpack(raw))
+                    counted["messages_in"] += 1
+                    counted["calls"] += len(batch)
+                    for frame in batch:
                         t = loop.create_task(run(frame))
                         running.add(t)
                         t.add_done_callback(running.discard)
@@ -60,6 +70,7 @@ def mux_handlers(
                 if replies:
                     batch = replies[:]
                     replies.clear()
+                    counted["messages_out"] += 1
                     yield wire.pack(batch)
                 if reader.done():
                     if reader.exception() is not None:

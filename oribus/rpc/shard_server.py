@@ -47,6 +47,7 @@ class ShardServer:
         self.shard: Shard | None = None
         self._listener: GrpcListener | None = None
         self._stream: StreamListener | None = None
+        self._grpc_counters: dict[str, int] = {}  # the gRPC Stream's calls and messages
         self._sweeper: asyncio.Task | None = None
         self.fenced: str = ""  # why this process may no longer serve its shard ("" while it may)
 
@@ -70,7 +71,7 @@ class ShardServer:
         self.shard = await Shard.open(self.config, epoch=self.epoch, dir_lock=self.dir_lock)
         ops = {name: self._fenced(op) for name, op in wire.bind_ops(self.shard, shard_codec.SHARD_OPS).items()}
         ops["stats"] = self._fenced(self._stats)
-        handler = mux_handlers(wire.SHARD_SERVICE, ops, watch=self._watch)
+        handler = mux_handlers(wire.SHARD_SERVICE, ops, watch=self._watch, counters=self._grpc_counters)
         self._listener = GrpcListener(self.listen, wire.SHARD_SERVICE, handler, credentials=credentials)
         if self.stream_listen:
             self._stream = StreamListener(self.stream_listen, wire.SHARD_SERVICE, ops, watch=self._watch,
@@ -90,12 +91,13 @@ class ShardServer:
                  self.shard.epoch)
 
     async def _stats(self, args: Any) -> Any:
-        """The shard's stats plus its stream listener's counters (calls and frames each way:
-        how well the bus's calls are batched)."""
+        """The shard's stats plus its listeners' counters (calls and messages each way: how
+        well the bus's calls are batched), under ``transport``."""
         out = await self.shard.stats()  # type: ignore[union-attr]
+        transport = {"grpc": dict(self._grpc_counters)}
         if self._stream is not None:
-            out = {**out, "stream": dict(self._stream.counters)}
-        return out
+            transport["stream"] = dict(self._stream.counters)
+        return {**out, "transport": transport}
 
     def fence(self, reason: str) -> None:
         """Refuse every request from now on (the claim on this shard id is lost)."""

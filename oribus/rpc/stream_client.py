@@ -224,6 +224,8 @@ class _Connection(asyncio.Protocol):
                     self.on_frame(value)
                 if self.error is not None:
                     return
+            if self.reader.error is not None:  # after the frames that came before it
+                raise self.reader.error
         except frames.FrameError as e:
             self.abort(Unavailable(f"{self.client.target} sent a frame this client cannot read: {e.message}"))
 
@@ -288,6 +290,7 @@ class _Calls(_Connection):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._counters = client.counters
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # one per connection: a Packer is not shared
 
     def submit(self, call_id: int, op: str, args: Any, timeout: float) -> asyncio.Future:
         if self.error is not None:
@@ -311,7 +314,7 @@ class _Calls(_Connection):
             return
         batch, self.outbox = self.outbox, []
         try:
-            body = msgpack.packb(batch, use_bin_type=True)
+            body = self._pack(batch)
         except Exception:  # noqa: BLE001 - an argument msgpack cannot encode: find it below
             body = b""
         if not body or len(body) > self.client.max_frame_bytes:
@@ -329,7 +332,7 @@ class _Calls(_Connection):
         size = 0
         for call in batch:
             try:
-                packed = msgpack.packb(call, use_bin_type=True)
+                packed = self._pack(call)
             except Exception as e:  # noqa: BLE001
                 self._fail_call(call[0], InvalidRequest(f"{call[1]}: arguments that cannot be encoded: {e}"))
                 continue

@@ -107,7 +107,9 @@ class _ServerConnection(asyncio.Protocol):
         self._flush_soon = False
         self._watch_task: asyncio.Task | None = None
         self._drained: asyncio.Future | None = None  # set while the transport's buffer is full
+        self._eof = False  # the client sent all it will send: close once its calls are answered
         self._counters = listener.counters
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # one per connection: a Packer is not shared
 
     # -- the connection's life ------------------------------------------------------------
 
@@ -125,6 +127,18 @@ class _ServerConnection(asyncio.Protocol):
             self._drained.set_result(None)
         # calls in flight run to their end (their replies are dropped): a lost reply, not a
         # handler cut short half-way
+
+    def eof_received(self) -> bool:
+        # A client that half-closes (sends its calls, then EOF) still gets their replies.
+        if self.kind == frames.CALLS and self.running:
+            self._eof = True
+            return True  # keep our side open until the calls are answered
+        return False
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        if self._eof and not self.running:
+            self.close()
 
     def close(self, error: OribusError | None = None) -> None:
         """Send what is pending (and ``error``, if any), then close. Cancels the watch and, once
@@ -179,6 +193,8 @@ class _ServerConnection(asyncio.Protocol):
                     raise InvalidRequest("a watch connection takes no frame after its hello")
                 if self.closed:
                     return
+            if self.reader.error is not None:  # after the frames that came before it
+                raise self.reader.error
         except OribusError as e:
             self._refuse(e)
         except Exception as e:  # a bug must not take the server down: close this connection
@@ -210,7 +226,7 @@ class _ServerConnection(asyncio.Protocol):
                 continue
             task = self.loop.create_task(self._run(call_id, op, args))
             self.running.add(task)
-            task.add_done_callback(self.running.discard)
+            task.add_done_callback(self._call_done)
 
     async def _run(self, call_id: Any, op: Any, args: Any) -> None:
         self._reply(await wire.dispatch(self.listener.ops, call_id, op, args))
@@ -231,7 +247,7 @@ class _ServerConnection(asyncio.Protocol):
             return
         batch, self.outbox = self.outbox, []
         try:
-            body = msgpack.packb(batch, use_bin_type=True)
+            body = self._pack(batch)
         except Exception:  # noqa: BLE001 - a result msgpack cannot encode: find it below
             body = b""
         bodies = [body] if body and len(body) <= self.listener.max_frame_bytes else self._pack_one_by_one(batch)
@@ -248,7 +264,7 @@ class _ServerConnection(asyncio.Protocol):
         size = 0
         for item in batch:
             try:
-                packed = msgpack.packb(item, use_bin_type=True)
+                packed = self._pack(item)
                 if len(packed) > limit:
                     raise InvalidRequest(f"a reply of {len(packed)} bytes is over the frame limit of "
                                          f"{self.listener.max_frame_bytes} bytes; ask for less")
@@ -258,7 +274,7 @@ class _ServerConnection(asyncio.Protocol):
                 err = e if isinstance(e, OribusError) else OribusError(
                     f"internal error: a result that cannot be encoded: {e}")
                 log.error("the reply to call %r is replaced by an error: %s", item[0], err.message)
-                packed = msgpack.packb([item[0], wire.ERROR, err.to_dict()], use_bin_type=True)
+                packed = self._pack([item[0], wire.ERROR, err.to_dict()])
             if parts and size + len(packed) > limit:
                 bodies.append(frames.array_header(len(parts)) + b"".join(parts))
                 parts, size = [], 0
