@@ -66,6 +66,9 @@ def mux_handlers(
         try:
             while True:
                 await wake.wait()
+                if len(running) > wire.BUSY_CALLS:  # busy: let more replies join (wire.HOLD_TURNS)
+                    for _ in range(wire.HOLD_TURNS):
+                        await asyncio.sleep(0)
                 wake.clear()
                 if replies:
                     batch = replies[:]

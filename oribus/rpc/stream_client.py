@@ -9,7 +9,8 @@ over gRPC (``oribus.rpc.wire``), so the operation tables (``SHARD_OPS``) and the
 epoch on every call (``shard_codec.FENCE``) are the same too.
 
 ``StreamClient``  ``await call(op, args)``. Calls made in one turn of the event
-                  loop leave as one frame (one write); replies come back in
+                  loop leave as one frame (one write; a busy connection holds it
+                  a few more turns, ``wire.HOLD_TURNS``); replies come back in
                   batches the same way. Timeouts: one timer per connection,
                   armed for the earliest deadline, not a ``wait_for`` per call.
                   A broken connection fails every call in flight with
@@ -301,14 +302,19 @@ class _Calls(_Connection):
         self.outbox.append([call_id, op, args])
         if not self._flush_soon:
             self._flush_soon = True
-            self.loop.call_soon(self._flush)
+            # busy: hold the frame a few loop turns so more calls join it (wire.HOLD_TURNS)
+            turns = wire.HOLD_TURNS if len(self.pending) > wire.BUSY_CALLS else 0
+            self.loop.call_soon(self._flush, turns)
         if self._timer is None or deadline < self._timer_at:
             self._arm(deadline)
         return fut
 
     # -- sending: one write per loop turn ---------------------------------------------------
 
-    def _flush(self) -> None:
+    def _flush(self, hold: int = 0) -> None:
+        if hold:
+            self.loop.call_soon(self._flush, hold - 1)
+            return
         self._flush_soon = False
         if self.error is not None or not self.outbox:
             return

@@ -5,7 +5,8 @@ wrapped as the service needs, e.g. epoch-fenced by ``ShardServer``) and the same
 watch handler, over the frames of ``oribus.rpc.frames``:
 
 * a ``calls`` connection runs each call of a request batch as a task; the
-  replies ready in one turn of the event loop leave as one frame (one write);
+  replies ready in one turn of the event loop leave as one frame (one write;
+  with many calls running, a few turns more: ``wire.HOLD_TURNS``);
 * a ``watch`` connection subscribes, answers the hello once subscribed, then
   sends the changes (those of one loop turn in one frame) and nil at the end.
 
@@ -239,9 +240,14 @@ class _ServerConnection(asyncio.Protocol):
         self.outbox.append(item)
         if not self._flush_soon:
             self._flush_soon = True
-            self.loop.call_soon(self._flush)
+            # busy: hold the frame a few loop turns so more replies join it (wire.HOLD_TURNS)
+            turns = wire.HOLD_TURNS if len(self.running) > wire.BUSY_CALLS else 0
+            self.loop.call_soon(self._flush, turns)
 
-    def _flush(self) -> None:
+    def _flush(self, hold: int = 0) -> None:
+        if hold:
+            self.loop.call_soon(self._flush, hold - 1)
+            return
         self._flush_soon = False
         if self.closed or not self.outbox:
             return

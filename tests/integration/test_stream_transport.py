@@ -21,7 +21,7 @@ from oribus.errors import (
     WatchLagged,
 )
 from oribus.messages import Change, WatchRequest
-from oribus.rpc import frames
+from oribus.rpc import frames, wire
 from oribus.rpc.stream_client import StreamClient, split_address
 from oribus.rpc.stream_server import StreamListener
 from oribus.tls import TlsConfig, client_ssl_context, server_ssl_context
@@ -58,6 +58,11 @@ class Ops:
             await asyncio.sleep(args)
             return "slept"
 
+        async def turns(args):  # answers after ``args`` turns of the event loop
+            for _ in range(args):
+                await asyncio.sleep(0)
+            return args
+
         async def big(args):
             return b"x" * args
 
@@ -65,7 +70,7 @@ class Ops:
             return object()
 
         return {"echo": echo, "conflict": conflict, "bug": bug, "wait": wait, "sleep": sleep, "big": big,
-                "unencodable": unencodable}
+                "unencodable": unencodable, "turns": turns}
 
 
 def change(key: str, version: int) -> Change:
@@ -140,6 +145,41 @@ async def test_calls_of_one_loop_turn_share_one_frame_each_way(client, server):
     assert client.counters["messages_out"] - before_out == 1
     assert server.counters["messages_out"] - before_in == 1  # the echoes finish in one turn too
     assert server.counters["calls"] == 201
+
+
+async def calls_one_turn_apart(client, n: int) -> list:
+    """``n`` echo calls, each started one loop turn after the previous one."""
+    calls = []
+    for i in range(n):
+        calls.append(asyncio.ensure_future(client.call("echo", i)))
+        await asyncio.sleep(0)
+    return await asyncio.gather(*calls)
+
+
+async def test_an_idle_connection_sends_on_the_next_loop_turn(client):
+    await client.call("echo", 0)
+    sent = client.counters["messages_out"]
+    assert await calls_one_turn_apart(client, 3) == [0, 1, 2]
+    assert client.counters["messages_out"] - sent == 3  # one sequential caller never waits
+
+
+async def test_a_busy_connection_holds_its_frame_so_later_calls_join_it(client, server):
+    """Batching that survives two-phase traffic: with many calls in flight, calls made over the
+    next few loop turns leave in one frame."""
+    ops = server.test_ops
+    waiting = [asyncio.ensure_future(client.call("wait", None)) for _ in range(wire.BUSY_CALLS + 1)]
+    while ops.started < len(waiting):
+        await asyncio.sleep(0.01)
+    assert wire.HOLD_TURNS >= 2
+    sent = client.counters["messages_out"]
+    assert await calls_one_turn_apart(client, 3) == [0, 1, 2]
+    assert client.counters["messages_out"] - sent == 1
+    # ... and the server, with those calls still running, holds replies ready a turn apart
+    replied = server.counters["messages_out"]
+    assert await asyncio.gather(*(client.call("turns", n) for n in range(3))) == [0, 1, 2]
+    assert server.counters["messages_out"] - replied == 1
+    ops.release.set()
+    assert await asyncio.gather(*waiting) == ["released"] * len(waiting)
 
 
 async def test_a_call_times_out_alone_and_the_connection_stays(server):
