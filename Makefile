@@ -57,9 +57,11 @@ spec:
 	$(call APT_INSTALL,spin)
 	$(PYTHON) specs/model/check.py --cycles
 
-# ruff, then the import layering (no client module imports the server, no shard the bus).
+# ruff, then mypy over oribus ([tool.mypy] in pyproject.toml: no error allowed), then the
+# import layering (no client module imports the server, no shard the bus).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check oribus tests benchmarks
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_layering.py
 
 # The import graph by package, bottom-up, with any cycle or upward import.

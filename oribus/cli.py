@@ -17,9 +17,16 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_ADDR = "127.0.0.1:7700"
+if TYPE_CHECKING:
+    from oribus.client.sync import SyncSession
+    from oribus.gateway import GatewayConfig
+    from oribus.meta.cluster_meta import ClusterMeta
+    from oribus.meta.etcd import EtcdMeta
+    from oribus.tls import TlsConfig
+
+from oribus.rpc.wire import DEFAULT_BUS_ADDRESS
 
 
 def _json_default(o: Any) -> Any:
@@ -57,7 +64,7 @@ def _version() -> str:
 # ---- servers ----------------------------------------------------------------------------
 
 
-def _gateway_config(args: argparse.Namespace):
+def _gateway_config(args: argparse.Namespace) -> GatewayConfig | None:
     from oribus.gateway import GatewayConfig
 
     if args.no_http:
@@ -81,7 +88,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tls(args: argparse.Namespace):
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
     """``--tls-dir``: mutual TLS on every gRPC listener and client of the command, or None."""
     if not getattr(args, "tls_dir", None):
         return None
@@ -92,7 +99,7 @@ def _tls(args: argparse.Namespace):
     return cfg
 
 
-def _meta(args: argparse.Namespace):
+def _meta(args: argparse.Namespace) -> EtcdMeta | None:
     """The cluster metadata named on the command line: etcd, or None."""
     if not getattr(args, "etcd", None):
         return None
@@ -146,7 +153,7 @@ def _cmd_bus(args: argparse.Namespace) -> int:
     from oribus.hosts.bus import run_bus
     from oribus.meta.cluster_meta import StaticMeta
 
-    meta = _meta(args)
+    meta: ClusterMeta | None = _meta(args)
     if meta is None:
         addrs = [a.strip() for a in (args.shards or "").split(",") if a.strip()]
         if not addrs:
@@ -167,6 +174,9 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
         print("--shards must be >= 1", file=sys.stderr)
         return 2
     meta = _meta(args)
+    if meta is None:
+        print("oribus cluster init needs --etcd URL", file=sys.stderr)
+        return 2
 
     async def main() -> bool:
         try:
@@ -183,7 +193,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
 # ---- clients ----------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace):
+def _client(args: argparse.Namespace) -> SyncSession:
     import oribus
 
     return oribus.Client(args.addr, agent=args.agent, tls=args.tls_dir)
@@ -403,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run a bus and its shards on this machine")
     p.add_argument("--data-dir", default="./oribus-data",
                    help="where the bus and its shards keep their data (default: %(default)s)")
-    p.add_argument("--listen", default=DEFAULT_ADDR,
+    p.add_argument("--listen", default=DEFAULT_BUS_ADDRESS,
                    help="gRPC address of the bus as HOST:PORT (default: %(default)s)")
     p.add_argument("--shards", type=int, default=None,
                    help="shards of a new data directory (default: 1, or one per core with --processes; "
@@ -440,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_shard)
 
     p = sub.add_parser("bus", help="run a bus over shard servers")
-    p.add_argument("--listen", default=DEFAULT_ADDR,
+    p.add_argument("--listen", default=DEFAULT_BUS_ADDRESS,
                    help="gRPC address of the bus as HOST:PORT (default: %(default)s)")
     p.add_argument("--shards", help="comma-separated shard addresses, shard 0 first (without --etcd); each is "
                                     "the gRPC address, optionally +STREAM_ADDRESS (HOST:7801+HOST:7802)")
@@ -456,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--addr", default=DEFAULT_ADDR, help="the bus's gRPC address (default: %(default)s)")
+        p.add_argument("--addr", default=DEFAULT_BUS_ADDRESS, help="the bus's gRPC address (default: %(default)s)")
         p.add_argument("--agent", default="cli",
                        help="the agent name the commands act as (default: %(default)s)")
         _tls_option(p)

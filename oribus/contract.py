@@ -19,7 +19,7 @@ error tree.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -35,8 +35,9 @@ from oribus.messages import (
     TxnRef,
     TxnStatus,
     Vote,
+    WatchRequest,
 )
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
 
 class Entry(NamedTuple):
@@ -129,16 +130,9 @@ class BusService(abc.ABC):
         """Counters for operators and benchmarks."""
 
     @abc.abstractmethod
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        """Changes of keys under ``prefix`` on every shard, each key's in version order
-        (the replay as for ``ShardService.watch``)."""
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        """Changes of keys under ``request.prefix`` on every shard, each key's in version
+        order (the replay as for ``ShardService.watch``)."""
 
 
 class ShardService(abc.ABC):
@@ -152,7 +146,7 @@ class ShardService(abc.ABC):
         """Read keys, recording each as a delivery to the session."""
 
     @abc.abstractmethod
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         """Live keys under ``prefix`` after ``after`` in key order, with detail; no delivery.
 
         Like a read it never shows a key under a write intent before its
@@ -160,7 +154,9 @@ class ShardService(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+    async def sessions(
+        self, limit: int = DEFAULT_SESSIONS_LISTED
+    ) -> list[tuple[SessionRef, dict[str, int], float]]:
         """Up to ``limit`` live sessions of the delivery log, most recently active first:
         (session, {key: version delivered}, seconds idle). A view; touches nothing."""
 
@@ -228,17 +224,11 @@ class ShardService(abc.ABC):
         """Commit decisions this shard keeps as primary until their participants applied them."""
 
     @abc.abstractmethod
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        """Changes of keys under ``prefix``: first the kept versions asked for, then live ones.
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        """Changes of keys under ``request.prefix``: first the kept versions asked for, then
+        live ones.
 
-        The replay (see ``protocol.WatchRequest``) gives, per key in version
+        The replay (see ``oribus.messages.WatchRequest``) gives, per key in version
         order, every kept version after ``after[key]`` / ``from_version`` (or
         committed since ``since``); then every change is streamed as it becomes
         visible, with no gap or duplicate between the two parts. Raises

@@ -145,9 +145,9 @@ class CountingRetryPolicy(oribus.RetryPolicy):
 
     tally: Tally = field(default_factory=Tally)
 
-    def retry_transaction(self, error: BaseException) -> bool:  # type: ignore[override]
+    def retry_transaction(self, error: BaseException) -> bool:
         self.tally.refused(error)
-        retry = oribus.RetryPolicy.retry_transaction(error)
+        retry = super().retry_transaction(error)
         self.tally.retries += retry
         return retry
 

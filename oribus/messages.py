@@ -15,8 +15,8 @@ Messages (bus → shard, reply):
     status(txn_id)               → TxnStatus        a participant asks the primary
     history(key, limit)          → list[Version]
     forget(session, keys) / reset(session)
-    watch(prefix, from_version, after, since) → stream of Change
-                                 replay kept versions, then live ones (fields: WatchRequest)
+    watch(WatchRequest)          → stream of Change
+                                 replay kept versions, then live ones
 
 A watch is answered from the moment it is registered: every change that
 becomes visible after that is streamed, and the replay covers what the request
@@ -25,6 +25,7 @@ asks of the kept history before it (see ``oribus.shards.watch``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
@@ -185,7 +186,7 @@ class Change:
         return cls(key, version, value, deleted, agent, session, commit_id, float(committed_at))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class WatchRequest:
     """What a watch replays before it streams live changes.
 
@@ -195,22 +196,28 @@ class WatchRequest:
     with none of them the key is watched live only. Versions that would be needed
     but are no longer kept fail the watch (HistoryTruncated), never skipped.
 
+    Built once where a watch enters (the SDK's ``WatchStream``, an HTTP route, a
+    server decoding the wire) and passed unchanged through ``BusService.watch`` and
+    ``ShardService.watch``. The constructor validates every field — raising
+    InvalidRequest — so a WatchRequest that exists is well formed; it keeps its own
+    copy of ``after``.
+
     Wire form: ``{"p": prefix, "f": from_version, "a": {key: version}, "s": since}``.
     """
 
     prefix: str = ""
     from_version: int | None = None  # replay every version > this of every key (None: none)
-    after: dict[str, int] = field(default_factory=dict)  # per key: replay versions > this
+    after: Mapping[str, int] = field(default_factory=dict)  # per key: replay versions > this
     since: float | None = None  # keys not in ``after`` (and no from_version): commit time >= this
 
-    def validate(self) -> WatchRequest:
-        """Raise InvalidRequest unless every field is well formed; returns self."""
+    def __post_init__(self) -> None:
         validate_prefix(self.prefix)
         if self.from_version is not None and not _is_version(self.from_version):
             raise InvalidRequest("from_version must be None or an int >= 0")
-        if not isinstance(self.after, dict):
+        if not isinstance(self.after, Mapping):
             raise InvalidRequest("after must be a mapping of key -> version")
-        for k, v in self.after.items():
+        after = dict(self.after)  # a copy: the caller's later changes do not reach the request
+        for k, v in after.items():
             validate_key(k)
             if not k.startswith(self.prefix):
                 raise InvalidRequest(f"key {k!r} of after is not under the prefix {self.prefix!r}", key=k)
@@ -220,17 +227,17 @@ class WatchRequest:
             not isinstance(self.since, int | float) or isinstance(self.since, bool) or self.since != self.since
         ):
             raise InvalidRequest("since must be None or a time in seconds since the epoch")
-        return self
+        object.__setattr__(self, "after", after)  # frozen: the one assignment, at construction
 
     def to_wire(self) -> dict[str, Any]:
-        return {"p": self.prefix, "f": self.from_version, "a": self.after, "s": self.since}
+        return {"p": self.prefix, "f": self.from_version, "a": dict(self.after), "s": self.since}
 
     @classmethod
     def from_wire(cls, raw: Any) -> WatchRequest:
         if not isinstance(raw, dict):
             raise InvalidRequest('a watch request is {"p": prefix, "f": from_version, "a": after, "s": since}')
         after = raw.get("a")
-        return cls(raw.get("p", ""), raw.get("f"), {} if after is None else after, raw.get("s")).validate()
+        return cls(raw.get("p", ""), raw.get("f"), {} if after is None else after, raw.get("s"))
 
 
 def _is_version(v: object) -> bool:

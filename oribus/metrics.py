@@ -11,8 +11,8 @@ returns a ``Family`` whose ``labels(op="read")`` gives the child for that label
 set. The child is created (and its label text formatted and escaped) on the
 first call only and cached, so code on a hot path binds its children once::
 
-    COMMITS = REGISTRY.counter("oribus_commits_total", "Commits.", labelnames=("kind",))
-    ONE_PHASE = COMMITS.labels(kind="1pc")    # at import time
+    COMMITS = registry.counter("oribus_commits_total", "Commits.", labelnames=("kind",))
+    ONE_PHASE = COMMITS.labels(kind="1pc")    # once, when the owner is built
     ONE_PHASE.inc()                           # per commit: one integer add
 
     with OP_SECONDS.labels(op="read").time():
@@ -35,8 +35,9 @@ one writer at a time, so that does not happen; a render that runs while a
 worker observes may show a ``_sum`` one observation ahead of its buckets,
 which Prometheus tolerates. (Not safe on a free-threaded build.)
 
-The metrics oribus itself exports are declared at the bottom of this module;
-the per-shard gauges of a bus are computed at scrape time in
+The process-wide metrics oribus exports are declared at the bottom of this
+module. What a bus counts (commits, conflicts, aborts) lives in a registry of
+that bus's own, and its per-shard gauges are computed at scrape time: both in
 ``oribus.bus.metrics``.
 """
 
@@ -206,7 +207,7 @@ class Family(Generic[M]):
         self.name = name
         self.help = help
         self.labelnames = tuple(labelnames)
-        self._make = make
+        self._make: Callable[[], M] = make
         self._by_call: dict[tuple, M] = {}  # labels() kwargs as passed -> child
         self._children: dict[tuple[str, ...], tuple[str, M]] = {}  # values -> (label text, child)
 
@@ -324,24 +325,6 @@ REGISTRY = Registry()
 # ---- the metrics oribus exports -------------------------------------------------------
 # Children that code increments on a hot path are bound here once, which also makes
 # every expected series show up as 0 before its first event.
-
-COMMITS = REGISTRY.counter(
-    "oribus_commits_total", "Commits that became visible, by protocol.", ("kind",)
-)
-COMMITS_1PC = COMMITS.labels(kind="1pc")
-COMMITS_2PC = COMMITS.labels(kind="2pc")
-
-CONFLICTS = REGISTRY.counter(
-    "oribus_conflicts_total",
-    "Commits refused with Conflict or Aborted; a refusal counts once per distinct reason "
-    "among its stale keys (\"aborted\" when it names none).",
-    ("reason",),
-)
-CONFLICT_REASONS = ("stale_read", "expected_version", "locked", "aborted")
-for _reason in CONFLICT_REASONS:
-    CONFLICTS.labels(reason=_reason)
-
-ABORTS = REGISTRY.counter("oribus_aborts_total", "Two-phase transactions decided abort.")
 
 SESSION_EXPIRED = REGISTRY.counter(
     "oribus_session_expired_total", "Commits refused with SessionExpired by a shard."

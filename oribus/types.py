@@ -15,9 +15,15 @@ import msgpack
 
 from oribus.errors import InvalidRequest, ValueTooLarge
 
+# The data model's limits and defaults, defined here once and imported everywhere else.
 MAX_KEY_BYTES = 1024
+MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack int64
 DEFAULT_MAX_VALUE_BYTES = 1 << 20  # largest encoded value a write may carry
 DEFAULT_HISTORY_LIMIT = 100  # versions kept per key (history and rollback reach)
+MAX_KEYS_PER_REQUEST = 10_000  # keys one read or commit may name, and one scan may return
+DEFAULT_SCAN_LIMIT = 1000  # keys a scan returns when not told how many
+MAX_SESSIONS_LISTED = 10_000  # sessions one listing (an operator's view) may return
+DEFAULT_SESSIONS_LISTED = 100  # sessions a listing returns when not told how many
 
 
 class _Delete:
@@ -99,11 +105,11 @@ def validate_key(key: object) -> str:
     """Return ``key`` if it is a valid key, else raise InvalidRequest saying why."""
     if type(key) is str and key in _valid_keys:
         return key
-    _check_key(key)
+    checked = _check_key(key)
     if len(_valid_keys) >= _VALID_KEYS_CACHE:
         _valid_keys.clear()
-    _valid_keys.add(key)  # type: ignore[arg-type]
-    return key  # type: ignore[return-value]
+    _valid_keys.add(checked)
+    return checked
 
 
 # Keys already found valid: each layer checks keys at its boundary, and the same
@@ -112,7 +118,8 @@ _VALID_KEYS_CACHE = 1 << 16
 _valid_keys: set[str] = set()
 
 
-def _check_key(key: object) -> None:
+def _check_key(key: object) -> str:
+    """``key`` itself if it is a valid key, else InvalidRequest saying why."""
     if not isinstance(key, str):
         raise InvalidRequest(f"key must be a str, not {type(key).__name__}", key=repr(key)[:80])
     try:
@@ -129,6 +136,7 @@ def _check_key(key: object) -> None:
         raise InvalidRequest(
             "key namespaces must be non-empty ('a/b', not '/a', 'a/' or 'a//b')", key=key[:80]
         )
+    return key
 
 
 def validate_prefix(prefix: object) -> str:

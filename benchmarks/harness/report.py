@@ -93,8 +93,9 @@ def write_markdown(doc: dict, path: Path) -> None:
         *(targets.markdown(doc["targets"]) if doc.get("targets") else []),
         "## Base points",
         "",
-        "| workload | backend | commit/s | conflicts/s | retries/commit | gave up | p50 ms | p95 ms | p99 ms | audit |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| workload | backend | commit/s | CPU ms/commit | conflicts/s | retries/commit | gave up | p50 ms | p95 ms | "
+        "p99 ms | audit |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for sc in doc["scenarios"]:
         if sc["param"] is not None:
@@ -105,10 +106,10 @@ def write_markdown(doc: dict, path: Path) -> None:
             if r is None:
                 continue
             if r["status"] != "ok":
-                out.append(f"| {sc['name']} | {_label(doc, b)} | {r['status']}: {r['reason'][:80]} |||||||| |")
+                out.append(f"| {sc['name']} | {_label(doc, b)} | {r['status']}: {r['reason'][:80]} ||||||||| |")
                 continue
             out.append(f"| {sc['name']} | {_label(doc, b)} | {_fmt_rate(r['committed_per_s'])} | "
-                       f"{_fmt_rate(r['conflicts_per_s'])} | {r['retries_per_commit']:.3f} | {r['gave_up']} | "
+                       f"{_cpu_per_op(r)} | {_fmt_rate(r['conflicts_per_s'])} | {r['retries_per_commit']:.3f} | {r['gave_up']} | "
                        f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
                        f"{_audit_text(r)} |")
 
@@ -145,18 +146,23 @@ def write_markdown(doc: dict, path: Path) -> None:
 
     out += ["", "## Every run", "",
             "| backend | point | commit/s | confl/s | retries/commit | gave up | errors | p50 ms | p95 ms | "
-            "p99 ms | populate s | client CPU | load | audit |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+            "p99 ms | populate s | CPU ms/op | client CPU | server CPU | other CPU | load | audit |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in doc["runs"]:
         if r["status"] != "ok":
             out.append(f"| {_label(doc, r['backend'])} | {Point(**r['point']).label()} | {r['status']}: {r['reason'][:100]} "
-                       "|||||||||||")
+                       "||||||||||||||")
             continue
         out.append(f"| {_label(doc, r['backend'])} | {Point(**r['point']).label()} | {_fmt_rate(r['committed_per_s'])} | "
                    f"{_fmt_rate(r['conflicts_per_s'])} | {r['retries_per_commit']:.3f} | {r['gave_up']} | "
                    f"{r['errors']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
-                   f"{r['populate_seconds']:.1f} | {r['client_cpu']:.0%} | {r['load_average']:.1f} | "
+                   f"{r['populate_seconds']:.1f} | {_cpu_per_op(r)} | {r['client_cpu']:.0%} | "
+                   f"{r.get('server_cpu', 0.0):.0%} | {r.get('other_cpu', 0.0):.0%} | {r['load_average']:.1f} | "
                    f"{_audit_text(r)} |")
+    out += ["", "CPU ms/op: the CPU time the client process and the server processes spent in the "
+            "measured window per committed step (per read step for read-only), from /proc; client, "
+            "server and other CPU are cores busy on average (other: everything else on the machine; "
+            "a high value there means the run shared the machine).", ""]
     out += ["", "A point is its workload and what differs from the default (32 clients, 1000 keys, "
             "3 reads, 100-byte values, uniform picks, a session per client); results.json has "
             "every parameter. For read-only, commit/s counts completed read steps.", ""]
@@ -264,3 +270,8 @@ def write_json(doc: dict, path: Path) -> None:
         return o
 
     path.write_text(json.dumps(clean(doc), indent=1) + "\n")
+
+
+def _cpu_per_op(r: dict) -> str:
+    v = r.get("cpu_ms_per_op", 0.0)
+    return f"{v:.2f}" if v else "–"

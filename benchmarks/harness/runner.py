@@ -25,6 +25,7 @@ from agent_step import percentile
 from peers.base import Backend, Client
 
 from harness.audit import AuditReport, History, audit
+from harness.cpu import CpuMeter
 from harness.workloads import KeyPicker, Point, key_name
 
 CDF_POINTS = 100  # latency quantiles kept per run for the CDF plot
@@ -65,6 +66,9 @@ class RunResult:
     populate_seconds: float = 0.0
     load_average: float = 0.0  # 1-minute load average at the end of the window
     client_cpu: float = 0.0  # CPU seconds per second of this process during the window
+    server_cpu: float = 0.0  # CPU seconds per second of the server processes during the window
+    other_cpu: float = 0.0  # CPU seconds per second used by everything else on the machine
+    cpu_ms_per_op: float = 0.0  # client + server CPU milliseconds per committed step (or read)
     audit: dict = field(default_factory=dict)
 
     @property
@@ -190,13 +194,18 @@ async def run_point(backend: Backend, point: Point, opts: RunOptions,
         tasks = [asyncio.create_task(worker(i, c, point, picker, w, history, opts))
                  for i, c in enumerate(clients)]
         await _watch(tasks, opts.warmup, "warmup", w, phase)
-        cpu0 = sum(os.times()[:2])
+        cpu = CpuMeter(backend.server_sessions())
+        cpu.start()
         w.measuring = True
         started = time.perf_counter()
         await _watch(tasks, opts.duration, "measure", w, phase)
         w.measuring = False
         result.duration = time.perf_counter() - started
-        result.client_cpu = (sum(os.times()[:2]) - cpu0) / result.duration
+        cpu.stop()
+        result.client_cpu = cpu.client / result.duration
+        result.server_cpu = cpu.server / result.duration
+        result.other_cpu = cpu.other / result.duration
+        result.cpu_ms_per_op = (cpu.client + cpu.server) * 1e3 / w.committed if w.committed else 0.0
         result.load_average = os.getloadavg()[0]
         w.stopping = True
         phase("drain", 0.0)

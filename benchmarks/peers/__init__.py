@@ -14,7 +14,8 @@ etcd                    etcd 3.4 Txn comparing the mod revision of every key rea
 
 Not in the default set: ``postgres-ssi`` (SERIALIZABLE with plain reads: SSI
 may commit a step after a key it read was overwritten, see
-``postgres_serializable``), and two deliberately broken clients that exist
+``postgres_serializable``), ``redis-always-pyparser`` (redis-py's own reply parser
+instead of hiredis: the slower client an older run used), and two deliberately broken clients that exist
 only to prove the audit catches them: ``redis-always-nowatch`` and
 ``oribus-embedded-blind``.
 """
@@ -77,6 +78,7 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     # not run unless named
     "postgres-ssi": _postgres("none"),
     "redis-always-nowatch": _redis("always", unsafe_skip_watch=True),
+    "redis-always-pyparser": _redis("always", parser="python"),
     "oribus-embedded-blind": lambda **kw: _oribus_embedded(unsafe_blind_write=True, **kw),
 }
 DEFAULT_BACKENDS = ["oribus-embedded", "oribus-up", "oribus-procs", "redis-always", "redis-everysec",

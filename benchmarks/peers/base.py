@@ -114,6 +114,13 @@ class Backend(ABC):
     async def read_counters(self, keys: Sequence[str]) -> list[int | None]:
         """The counter of every key as the backend holds it now (None: key missing)."""
 
+    def server_sessions(self) -> set[int]:
+        """Session ids of the backend's server processes (each started in a session of its
+        own), for their CPU time; empty when the backend runs in the harness's process."""
+        server = getattr(self, "server", None)
+        proc = getattr(server, "proc", None)
+        return {proc.pid} if proc is not None and proc.poll() is None else set()
+
     @abstractmethod
     async def describe(self) -> dict:
         """Version, how it was started and the durability settings read back from it."""

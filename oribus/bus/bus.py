@@ -14,6 +14,7 @@ import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from time import perf_counter
 
 from oribus.bus.coordinator import Coordinator
@@ -24,15 +25,22 @@ from oribus.contract import BusService, CommitRequest, CommitResult, Entry, Read
 from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
 from oribus.messages import Change, ReadItem, ReadRequest, Scope, WatchRequest
 from oribus.metrics import OP_SECONDS, SESSION_EXPIRED
-from oribus.types import DEFAULT_MAX_VALUE_BYTES, SessionRef, validate_key
+from oribus.types import (
+    DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_SCAN_LIMIT,
+    DEFAULT_SESSIONS_LISTED,
+    MAX_KEYS_PER_REQUEST,
+    MAX_VERSION,
+    SessionRef,
+    validate_key,
+)
 
 log = logging.getLogger("oribus.bus")
 
-MAX_KEYS_PER_REQUEST = 10_000
 _READ_SECONDS = OP_SECONDS.labels(op="read")
 _COMMIT_SECONDS = OP_SECONDS.labels(op="commit")
 _HISTORY_SECONDS = OP_SECONDS.labels(op="history")
-_VIEW_SESSION = ("oribus", "view")  # peeks for operator views record nothing
+_VIEW_SESSION = SessionRef("oribus", "view")  # peeks for operator views record nothing
 # A shard that has not answered its stats call in this long is reported down.
 SHARD_STATS_TIMEOUT_SECONDS = 2.0
 
@@ -58,7 +66,7 @@ class Bus(BusService):
 
     def __init__(
         self,
-        shards: dict[int, ShardService],
+        shards: Mapping[int, ShardService],
         shard_for: Callable[[str], int],
         *,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
@@ -76,11 +84,22 @@ class Bus(BusService):
 
     # ---- reads -----------------------------------------------------------------
 
-    async def read(self, session: SessionRef, keys: list[str], record: bool = True, **options: bool) -> ReadResult:
-        """Read ``keys`` for ``session`` (see ``_read`` for ``options``), timed for /metrics."""
+    async def read(
+        self,
+        session: SessionRef,
+        keys: list[str],
+        record: bool = True,
+        *,
+        detail: bool = False,
+        only_new: bool = False,
+        durable_session: bool = False,
+        client: str = "",
+    ) -> ReadResult:
+        """Read ``keys`` for ``session`` (the options as for ``_read``), timed for /metrics."""
         t0 = perf_counter()
         try:
-            return await self._read(session, keys, record, **options)
+            return await self._read(session, keys, record, detail=detail, only_new=only_new,
+                                    durable_session=durable_session, client=client)
         finally:
             _READ_SECONDS.observe(perf_counter() - t0)
 
@@ -297,33 +316,24 @@ class Bus(BusService):
         await self.sessions.clear_marks()
         return sum(emptied)
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        """Changes of keys under ``prefix`` on every shard, merged; each key's in version order.
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        """Changes of keys under ``request.prefix`` on every shard, merged; each key's in
+        version order.
 
-        ``from_version``: first replay every kept version after it of every key
-        (None: live changes only). ``after`` (key -> last version seen) and
-        ``since`` serve resuming watchers (see ``protocol.WatchRequest``).
-        In-process shards register the watch before this returns, so every
-        change made visible afterwards is streamed. A watch records no
-        delivery: it belongs to no session.
+        ``request.from_version``: first replay every kept version after it of every key
+        (None: live changes only). ``after`` (key -> last version seen) and ``since``
+        serve resuming watchers (see ``oribus.messages.WatchRequest``); each shard is
+        sent the part of ``after`` it owns. In-process shards register the watch before
+        this returns, so every change made visible afterwards is streamed. A watch
+        records no delivery: it belongs to no session.
         """
-        req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
         after_by_shard: dict[int, dict[str, int]] = {}
-        for k, v in req.after.items():
+        for k, v in request.after.items():
             after_by_shard.setdefault(self.shard_for(k), {})[k] = v
         streams: list[AsyncIterator[Change]] = []
         try:
             for sid, shard in self.shards.items():
-                streams.append(
-                    shard.watch(req.prefix, req.from_version, after=after_by_shard.get(sid), since=req.since)
-                )
+                streams.append(shard.watch(replace(request, after=after_by_shard.get(sid, {}))))
         except BaseException:
             for s in streams:
                 close = getattr(s, "close", None)  # in-process watchers detach at once
@@ -332,16 +342,16 @@ class Bus(BusService):
             raise
         return streams[0] if len(streams) == 1 else MergedWatch(streams)
 
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         """Live keys under ``prefix`` after ``after``, in key order, from every shard; no delivery."""
         if not isinstance(prefix, str) or not isinstance(after, str):
             raise InvalidRequest("prefix and after must be str")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10_000:
-            raise InvalidRequest("limit must be an int in 1..10000")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_KEYS_PER_REQUEST:
+            raise InvalidRequest(f"limit must be an int in 1..{MAX_KEYS_PER_REQUEST}")
         pages = await asyncio.gather(*(s.scan(prefix, after, limit) for s in self.shards.values()))
         return heapq.nsmallest(limit, (i for page in pages for i in page), key=lambda i: i.key)
 
-    async def session_views(self, limit: int = 100) -> list[dict]:
+    async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED) -> list[dict]:
         """The most recently active sessions on every shard with each delivered key marked
         current or stale (for operators; a peek that records nothing)."""
         per_shard = await asyncio.gather(*(s.sessions(limit) for s in self.shards.values()))
@@ -376,14 +386,16 @@ class Bus(BusService):
         Off accepts stale commits: for baselines in experiments only. Possible
         only for shards in this process (a shard server is configured at start).
         """
+        cores = []
         for sid, shard in self.shards.items():
             if not hasattr(shard, "core"):
                 raise InvalidRequest(
                     f"validation can only be switched at run time for in-process shards; shard {sid} "
                     "is a server (start it with unsafe_disable_validation instead)"
                 )
-        for shard in self.shards.values():
-            shard.core.unsafe_disable_validation = not enabled  # type: ignore[attr-defined]
+            cores.append(shard.core)
+        for core in cores:
+            core.unsafe_disable_validation = not enabled
         log.warning("ORI validation switched %s on every shard", "ON" if enabled else "OFF (unsafe)")
 
     @property
@@ -445,4 +457,3 @@ def _utf8(s: str) -> bool:
     return True
 
 
-MAX_VERSION = (1 << 63) - 1  # versions travel as msgpack int64

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+from oribus.bus.metrics import CommitMetrics
 from oribus.contract import CommitRequest, CommitResult, ShardService
 from oribus.errors import (
     Aborted,
@@ -33,9 +34,7 @@ from oribus.errors import (
     Stale,
     Unavailable,
 )
-from oribus.messages import Scope, ShardTxn, Token, TxnOutcome, TxnState, VoteKind
-from oribus.metrics import ABORTS, COMMITS_1PC, COMMITS_2PC, CONFLICTS
-from oribus.shards.txn import Txn
+from oribus.messages import Scope, ShardTxn, Token, TxnOutcome, TxnRef, TxnState, VoteKind
 
 log = logging.getLogger("oribus.coordinator")
 
@@ -46,13 +45,6 @@ def conflict_from(stale: list[Stale], commit_id: str) -> Conflict:
     if not stale:
         return Aborted(f"transaction {commit_id} was aborted", commit_id=commit_id)
     return Conflict(stale=sorted(stale), commit_id=commit_id)
-
-
-def _counted(refusal: Conflict) -> Conflict:
-    """Count a refused commit in oribus_conflicts_total, once per distinct reason it names."""
-    for reason in {s.reason for s in refusal.stale} or ("aborted",):
-        CONFLICTS.labels(reason=reason).inc()
-    return refusal
 
 
 def _precedence(e: BaseException) -> int:
@@ -84,11 +76,21 @@ def _never_committed(results: list) -> bool:
 class Coordinator:
     """Runs commits over a set of shards reached through ShardService."""
 
-    def __init__(self, shards: dict[int, ShardService], shard_for: Callable[[str], int]) -> None:
+    def __init__(self, shards: Mapping[int, ShardService], shard_for: Callable[[str], int]) -> None:
         self.shards = shards
         self.shard_for = shard_for
         self._background: set[asyncio.Task] = set()
-        self.counters = {"commits_1pc": 0, "commits_2pc": 0, "conflicts": 0, "aborts_2pc": 0}
+        self.metrics = CommitMetrics()  # what this coordinator counts, once (/metrics and stats)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """commits_1pc, commits_2pc, conflicts, aborts_2pc: read from ``metrics``."""
+        return self.metrics.stats()
+
+    def _refused(self, refusal: Conflict) -> Conflict:
+        """Count a refused commit (and, on /metrics, each distinct reason it names)."""
+        self.metrics.refused(s.reason for s in refusal.stale)
+        return refusal
 
     def _shard(self, shard_id: int) -> ShardService:
         try:
@@ -123,14 +125,14 @@ class Coordinator:
             return st
 
         shard_for = self.shard_for
-        for k, v in req.writes.items():
-            part(shard_for(k)).writes[k] = v
-        for k, v in req.rollback.items():
-            part(shard_for(k)).rollback[k] = v
-        for k, v in req.expect.items():
-            part(shard_for(k)).expect[k] = v
-        for k, v in req.read_set.items():
-            part(shard_for(k)).read_set[k] = v
+        for k, value in req.writes.items():
+            part(shard_for(k)).writes[k] = value
+        for k, version in req.rollback.items():
+            part(shard_for(k)).rollback[k] = version
+        for k, version in req.expect.items():
+            part(shard_for(k)).expect[k] = version
+        for k, version in req.read_set.items():
+            part(shard_for(k)).read_set[k] = version
         # shards where the session's read set lives, even when nothing is written there
         if req.scope is Scope.SESSION:
             for shard_id in req.tokens:
@@ -157,10 +159,8 @@ class Coordinator:
             (shard_id, st), = parts.items()
             out = await self._shard(shard_id).commit_one_phase(st)
             if out.state is not TxnState.COMMITTED:
-                self.counters["conflicts"] += 1
-                raise _counted(conflict_from(out.stale, req.commit_id))
-            self.counters["commits_1pc"] += 1
-            COMMITS_1PC.inc()
+                raise self._refused(conflict_from(out.stale, req.commit_id))
+            self.metrics.commits_1pc.inc()
             return CommitResult(req.commit_id, out.versions, {shard_id: out.token} if out.token else {}, False)
         return await self._two_phase(req.commit_id, parts)
 
@@ -211,12 +211,10 @@ class Coordinator:
             *(self._shard(s).finish(commit_id, committed) for s in others), return_exceptions=True
         )
         if not committed:
-            self.counters["aborts_2pc"] += 1
-            ABORTS.inc()
+            self.metrics.aborts_2pc.inc()
             if error is not None:
                 raise error
-            self.counters["conflicts"] += 1
-            raise _counted(conflict_from(stale, commit_id))
+            raise self._refused(conflict_from(stale, commit_id))
         # Every participant's new versions are known from its YES (or COMMITTED) vote: its
         # write intents fixed them at prepare time, so a participant that dies before
         # answering its finish still has them reported (PROTOCOL.md §5.3).
@@ -255,8 +253,7 @@ class Coordinator:
             task = asyncio.get_running_loop().create_task(self._release(primary, commit_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        self.counters["commits_2pc"] += 1
-        COMMITS_2PC.inc()
+        self.metrics.commits_2pc.inc()
         return CommitResult(commit_id, versions, tokens, True)
 
     async def _release(self, primary: int, commit_id: str) -> None:
@@ -265,10 +262,11 @@ class Coordinator:
         except OribusError as e:
             log.info("release of %s on shard %d deferred: %s", commit_id, primary, e)
 
-    async def recover(self, shard_id: int, txn: Txn) -> TxnState:
+    async def recover(self, shard_id: int, txn: TxnRef) -> TxnState:
         """Resolve a prepared transaction found on ``shard_id`` through its primary."""
         primary = self._shard(txn.primary)
         status = await primary.status(txn.txn_id)
+        state: TxnState
         if status.state in (TxnState.COMMITTED, TxnState.ABORTED):
             state = status.state
         else:
@@ -287,7 +285,7 @@ class Coordinator:
         log.info("recovered transaction %s on shard %d: %s", txn.txn_id, shard_id, state.value)
         return state
 
-    async def release_settled(self, primary_id: int, txn: Txn) -> bool:
+    async def release_settled(self, primary_id: int, txn: TxnRef) -> bool:
         """Release a kept decision once no participant still has the transaction prepared."""
         statuses = await asyncio.gather(
             *(self._shard(s).status(txn.txn_id) for s in txn.participants if s != primary_id),

@@ -1,11 +1,17 @@
-"""The bus's /metrics page: the process registry plus per-shard gauges read at scrape time.
+"""What a bus counts, and its /metrics page.
 
-Counters and histograms (commits, conflicts, op latency, WAL fsyncs) are updated
-where the events happen and live in ``oribus.metrics.REGISTRY``. The gauges
-here describe state the shards own — keys, prepared transactions, the delivery
-log — so each scrape asks every shard for its ``stats()`` and renders them
-into a fresh ``Registry``: a shard that has gone away leaves no stale series
-behind, only ``oribus_shard_up{shard="N"} 0``.
+``CommitMetrics``: the coordinator's counts of commits (1PC, 2PC), refusals and
+two-phase aborts, each counted once, in a registry of the bus's own. /metrics
+renders that registry; ``Bus.stats()`` ("coordinator") and the dashboard read the
+same counters (``Coordinator.counters``), so the two never disagree. One per bus,
+not per process: a process that runs several buses (tests, bus replicas) shows on
+each bus's /metrics that bus's commits, as its stats do.
+
+The page: the bus's own registry, then the process registry (``oribus.metrics.REGISTRY``:
+op latency, WAL fsyncs, …, updated where the events happen), then gauges of state the
+shards own — keys, prepared transactions, the delivery log — which each scrape asks
+every shard's ``stats()`` for and renders into a fresh ``Registry``: a shard that has
+gone away leaves no stale series behind, only ``oribus_shard_up{shard="N"} 0``.
 
 Each shard is asked on its own, concurrently, with a timeout
 (``Bus.shard_stats``): one shard that is down or hung marks only itself down
@@ -15,17 +21,64 @@ instead of failing the whole page.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from oribus.bus.bus import SHARD_STATS_TIMEOUT_SECONDS, Bus
 from oribus.bus.sessions import CAPS
-from oribus.metrics import REGISTRY, Registry
+from oribus.metrics import REGISTRY, Counter, Registry
+
+if TYPE_CHECKING:  # bus.py imports this module (through the coordinator)
+    from oribus.bus.bus import Bus
 
 log = logging.getLogger("oribus.metrics")
 
+CONFLICT_REASONS = ("stale_read", "expected_version", "locked", "aborted")
 
-async def render_bus_metrics(bus: Bus, *, timeout: float = SHARD_STATS_TIMEOUT_SECONDS) -> str:
-    """``REGISTRY.render()`` followed by this bus's shard and session gauges (format 0.0.4)."""
-    answers = await bus.shard_stats(timeout)
+
+class CommitMetrics:
+    """The coordinator's counters, kept once: ``registry`` for /metrics, ``stats()`` for
+    ``Bus.stats()`` and the dashboard. Every series is there, at 0, before its first event."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        commits = self.registry.counter(
+            "oribus_commits_total", "Commits that became visible, by protocol.", ("kind",)
+        )
+        self.commits_1pc = commits.labels(kind="1pc")
+        self.commits_2pc = commits.labels(kind="2pc")
+        self.conflicts = self.registry.counter(
+            "oribus_conflicts_total",
+            "Commits refused with Conflict or Aborted; a refusal counts once per distinct reason "
+            "among its stale keys (\"aborted\" when it names none).",
+            ("reason",),
+        )
+        for reason in CONFLICT_REASONS:
+            self.conflicts.labels(reason=reason)
+        self.aborts_2pc = self.registry.counter("oribus_aborts_total", "Two-phase transactions decided abort.")
+        # Refused commits, once each: the "conflicts" of stats. Not a series of its own on
+        # /metrics, where oribus_conflicts_total counts a refusal once per reason it names.
+        self.refusals = Counter()
+
+    def refused(self, reasons: Iterable[str]) -> None:
+        """A commit refused with Conflict or Aborted, naming these reasons (none: "aborted")."""
+        self.refusals.inc()
+        for reason in set(reasons) or ("aborted",):
+            self.conflicts.labels(reason=reason).inc()
+
+    def stats(self) -> dict[str, int]:
+        """``{"commits_1pc", "commits_2pc", "conflicts", "aborts_2pc"}``: what ``stats`` shows."""
+        return {
+            "commits_1pc": int(self.commits_1pc.value),
+            "commits_2pc": int(self.commits_2pc.value),
+            "conflicts": int(self.refusals.value),
+            "aborts_2pc": int(self.aborts_2pc.value),
+        }
+
+
+async def render_bus_metrics(bus: Bus, *, timeout: float | None = None) -> str:
+    """The bus's commit counters, ``REGISTRY.render()``, then this bus's shard and session
+    gauges (format 0.0.4). ``timeout``: for each shard's stats call (None: the bus's default)."""
+    answers = await (bus.shard_stats() if timeout is None else bus.shard_stats(timeout))
 
     scrape = Registry()
     up = scrape.gauge("oribus_shard_up", "1 if the shard answered its stats call, else 0.", ("shard",))
@@ -60,7 +113,7 @@ async def render_bus_metrics(bus: Bus, *, timeout: float = SHARD_STATS_TIMEOUT_S
         dlog_sessions.labels(shard=shard_id).set(dlog.get("sessions", 0))
         dlog_evicted.labels(shard=shard_id).set(dlog.get("evicted", 0))
 
-    return REGISTRY.render() + scrape.render()
+    return bus.coordinator.metrics.registry.render() + REGISTRY.render() + scrape.render()
 
 
 def _session_caps(scrape: Registry, bus: Bus) -> None:

@@ -131,7 +131,7 @@ class SessionJournal:
                 for s in [s for s, t in self.table.items() if not t and s not in self.owners]:
                     del self.table[s]
             return
-        session = (body["s"][0], body["s"][1])
+        session = SessionRef(body["s"][0], body["s"][1])
         if rtype == OBSERVE:
             epoch, inc = body["t"]
             self.table.setdefault(session, {}).setdefault(body["h"], (epoch, inc))

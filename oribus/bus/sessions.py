@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from oribus.bus.session_journal import SessionJournal
@@ -165,7 +166,7 @@ class SessionTable:
         self._index(session, client)
         return token
 
-    async def reset(self, session: SessionRef, current: dict[int, Token | None] | None = None, *,
+    async def reset(self, session: SessionRef, current: Mapping[int, Token | None] | None = None, *,
                     caller_owns: bool = True) -> bool:
         """Forget the session's tokens after its deliveries were dropped on every shard.
 

@@ -23,7 +23,7 @@ from oribus.messages import Change
 
 MERGE_QUEUE_SIZE = 256  # changes handed over; the shards' own queues are the real buffer
 
-_END = object()  # a shard's stream ended
+_END = None  # queued when a shard's stream ended
 
 
 class MergedWatch:
@@ -31,7 +31,7 @@ class MergedWatch:
 
     def __init__(self, streams: Sequence[AsyncIterator[Change]], queue_size: int | None = None) -> None:
         self._streams = list(streams)
-        self._queue: asyncio.Queue[object] = asyncio.Queue(queue_size or MERGE_QUEUE_SIZE)
+        self._queue: asyncio.Queue[Change | BaseException | None] = asyncio.Queue(queue_size or MERGE_QUEUE_SIZE)
         self._pumps: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
@@ -72,7 +72,7 @@ class MergedWatch:
         if isinstance(item, BaseException):
             await self.aclose()
             raise item
-        return item  # type: ignore[return-value]
+        return item
 
     async def aclose(self) -> None:
         """Stop every shard's stream. A pending ``__anext__`` ends with StopAsyncIteration."""

@@ -369,9 +369,9 @@ class _Checker:
         if self.final is not None:
             for k, entries in self.final.history.items():
                 for version, cid, _ in entries:
-                    t = self.by_commit.get(cid) if cid else None
-                    if t is not None and t.id in self.committed:
-                        claims[k][version].setdefault(t.id, "the final history")
+                    writer = self.by_commit.get(cid) if cid else None
+                    if writer is not None and writer.id in self.committed:
+                        claims[k][version].setdefault(writer.id, "the final history")
         values: dict[tuple[str, int], dict[Any, str]] = defaultdict(dict)
         for k, observations in self.obs.items():
             for o in observations:
@@ -633,7 +633,7 @@ class _Checker:
             above = [o for o in observations if o.version is not None and o.version > state[1]]
             writes_above = [(t, v) for t, v in written.get(k, ()) if v > state[1]]
             if above or writes_above:
-                top = max([o.version for o in above] + [v for _, v in writes_above])
+                top = max([o.version for o in above if o.version is not None] + [v for _, v in writes_above])
                 self.report("version-gap", f"{k}: version {top} was observed but the final version is {state[1]}",
                             [o.reader for o in above if o.reader][:5] + [t for t, _ in writes_above][:5])
         # every committed write is in the final state
@@ -650,13 +650,13 @@ class _Checker:
                     elif _canon(arg) not in final_elements[k]:
                         lost[k].append(t)
                     continue
-                entries = commit_at.get(k, {})
+                kept = commit_at.get(k, {})
                 if version is None:
                     if t.commit_id and t.commit_id in commits_in.get(k, ()):
                         continue
                     self.unverifiable += 1
-                elif version in entries:
-                    if t.commit_id is not None and entries[version] is not None and entries[version] != t.commit_id:
+                elif version in kept:
+                    if t.commit_id is not None and kept[version] is not None and kept[version] != t.commit_id:
                         lost[k].append(t)
                 elif state is not None and version > state[1]:
                     lost[k].append(t)

@@ -12,20 +12,21 @@ import grpc
 
 from oribus.client.session import AsyncSession
 from oribus.client.sync import LoopThread, SyncSession
-from oribus.rpc.bus_client import DEFAULT_ADDRESS, RemoteBus
+from oribus.rpc.bus_client import RemoteBus
+from oribus.rpc.wire import DEFAULT_BUS_ADDRESS, DEFAULT_CALL_TIMEOUT
 from oribus.tls import TlsConfig
 from oribus.types import DEFAULT_MAX_VALUE_BYTES
 
 
 def connect(
-    target: str = DEFAULT_ADDRESS,
+    target: str = DEFAULT_BUS_ADDRESS,
     *,
     agent: str = "agent",
     session_id: str | None = None,
     strict: bool = False,
     tls: TlsConfig | str | Path | None = None,
     credentials: grpc.ChannelCredentials | None = None,
-    timeout: float = 30.0,
+    timeout: float = DEFAULT_CALL_TIMEOUT,
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
 ) -> AsyncSession:
     """Connect to a bus; returns the agent's session (close it, or use ``async with``).
@@ -53,14 +54,14 @@ def connect(
 
 
 def Client(  # noqa: N802 - a factory that reads like the class it returns
-    target: str = DEFAULT_ADDRESS,
+    target: str = DEFAULT_BUS_ADDRESS,
     *,
     agent: str = "agent",
     session_id: str | None = None,
     strict: bool = False,
     tls: TlsConfig | str | Path | None = None,
     credentials: grpc.ChannelCredentials | None = None,
-    timeout: float = 30.0,
+    timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> SyncSession:
     """The synchronous client: the same methods as ``connect``'s session, without ``await``.
     ``tls`` as for ``connect``.

@@ -18,8 +18,7 @@ class RetryPolicy:
         """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
         return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** min(attempt, 16))))
 
-    @staticmethod
-    def retry_transaction(error: BaseException) -> bool:
+    def retry_transaction(self, error: BaseException) -> bool:
         """May a fresh transaction (which re-reads everything) succeed after ``error``?"""
         if isinstance(error, Conflict | SessionExpired):
             return True

@@ -12,7 +12,7 @@ import itertools
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from oribus.client.retry import RetryPolicy
 from oribus.client.watch import WatchStream
@@ -50,6 +50,12 @@ MAX_COMMIT_BYTES = MAX_MESSAGE_BYTES - (1 << 20)
 _SAME_ID_RETRIES = 3
 
 
+class Closable(Protocol):
+    """What a session may own and close with itself: the remote bus, or the embedded engine."""
+
+    async def close(self) -> None: ...
+
+
 class AsyncSession:
     """One agent's session on a bus: reads are deliveries, commits are checked against them.
 
@@ -77,7 +83,7 @@ class AsyncSession:
         *,
         strict: bool = False,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-        owner: Any = None,
+        owner: Closable | None = None,
     ) -> None:
         if not isinstance(agent, str) or not agent:
             raise InvalidRequest("agent must be a non-empty str")
@@ -135,8 +141,8 @@ class AsyncSession:
 
     def _observe(self, tokens: Mapping[int, Token], into: dict[int, Token]) -> None:
         # keep the FIRST token per shard: a changed one means deliveries were lost
-        for sid, tok in tokens.items():
-            into.setdefault(sid, tuple(tok))  # type: ignore[arg-type]
+        for sid, (epoch, incarnation) in tokens.items():
+            into.setdefault(sid, (epoch, incarnation))
 
     async def _read(self, keys: list[str]) -> ReadResult:
         result = await self._bus.read(self.session_ref, keys)

@@ -21,7 +21,7 @@ from oribus.client.retry import RetryPolicy
 from oribus.client.session import AsyncSession, Transaction
 from oribus.client.watch import WatchStream
 from oribus.errors import OribusError, Unavailable
-from oribus.types import WatchEvent
+from oribus.types import SessionRef, WatchEvent
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ class LoopThread:
         try:
             import uvloop
 
-            self.loop = uvloop.new_event_loop()
+            self.loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
         except ImportError:  # pragma: no cover
             self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="oribus-loop", daemon=True)
@@ -123,11 +123,12 @@ class SyncTransaction:
 _LOOP_CHECK_SECONDS = 0.5
 
 
-async def _next_or_end(stream: WatchStream) -> tuple[bool, WatchEvent | None]:
+async def _next_or_end(stream: WatchStream) -> WatchEvent | None:
+    """The stream's next event, or None once it has ended."""
     try:
-        return True, await stream.__anext__()
+        return await stream.__anext__()
     except StopAsyncIteration:
-        return False, None
+        return None
 
 
 class SyncWatch:
@@ -164,20 +165,20 @@ class SyncWatch:
         fut = self._portal.submit(_next_or_end(self._inner))
         while True:
             try:
-                more, event = fut.result(timeout=_LOOP_CHECK_SECONDS)
+                event = fut.result(timeout=_LOOP_CHECK_SECONDS)
             except concurrent.futures.TimeoutError:
                 if self._portal.loop.is_running():
                     continue
                 fut.cancel()  # the loop stopped under us: the session was closed
-                more, event = False, None
+                event = None
             except concurrent.futures.CancelledError:
                 if not self._closed:
                     raise
-                more, event = False, None  # close() from another thread cancelled the network read
-            if not more:
+                event = None  # close() from another thread cancelled the network read
+            if event is None:
                 self._closed = True
                 raise StopIteration
-            return event  # type: ignore[return-value]
+            return event
 
     def close(self) -> None:
         """Stop watching; a ``next()`` blocked in another thread ends. Idempotent."""
@@ -237,7 +238,7 @@ class SyncSession:
         return self._inner.session_id
 
     @property
-    def session_ref(self):
+    def session_ref(self) -> SessionRef:
         return self._inner.session_ref
 
     def session(self, agent: str | None = None, session_id: str | None = None, **kw: Any) -> SyncSession:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from oribus.client.retry import RetryPolicy
 from oribus.contract import BusService, ensure_subscribed
@@ -61,16 +62,22 @@ class WatchStream:
         *,
         policy: RetryPolicy | None = None,
     ) -> None:
-        WatchRequest(prefix, from_version).validate()
+        self.request = WatchRequest(prefix, from_version)  # validated here, before any call
         self._bus = bus
-        self.prefix = prefix
-        self.from_version = from_version
         self.policy = policy or DEFAULT_WATCH_RETRY
         self._stream: AsyncIterator[Change] | None = None
         self._seen: dict[str, int] = {}  # key -> last version delivered
         self._started_at: float | None = None
         self._failures = 0  # consecutive breaks without a change delivered
         self._closed = False
+
+    @property
+    def prefix(self) -> str:
+        return self.request.prefix
+
+    @property
+    def from_version(self) -> int | None:
+        return self.request.from_version
 
     @property
     def last_seen(self) -> dict[str, int]:
@@ -147,15 +154,10 @@ class WatchStream:
             try:
                 if self._started_at is None:
                     began = time.time()
-                    self._stream = self._bus.watch(self.prefix, self.from_version)
+                    self._stream = self._bus.watch(self.request)
                     self._started_at = began
                 else:
-                    since = None
-                    if self.from_version is None:
-                        since = self._started_at - RESUME_MARGIN_SECONDS
-                    self._stream = self._bus.watch(
-                        self.prefix, self.from_version, after=dict(self._seen), since=since
-                    )
+                    self._stream = self._bus.watch(self._resume_request())
                 await ensure_subscribed(self._stream)
                 return
             except Unavailable as e:
@@ -163,6 +165,15 @@ class WatchStream:
             except OribusError:
                 await self.aclose()
                 raise
+
+    def _resume_request(self) -> WatchRequest:
+        """The watch again after a break: each key seen after its last version delivered;
+        with no ``from_version``, the others from when the watch began (less the margin)."""
+        since = None
+        if self.request.from_version is None:
+            assert self._started_at is not None
+            since = self._started_at - RESUME_MARGIN_SECONDS
+        return replace(self.request, after=self._seen, since=since)
 
     async def _backoff(self, error: OribusError) -> None:
         self._failures += 1

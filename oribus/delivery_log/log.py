@@ -98,7 +98,7 @@ class _SessionRecord:
 
 def _check_version(version: object) -> None:
     # A negative or non-int version would corrupt the packed entry.
-    if version.__class__ is not int or version < 0:  # type: ignore[operator]
+    if version.__class__ is not int or version < 0:
         raise InvalidRequest(f"version must be a non-negative int, got {version!r}")
 
 
@@ -406,7 +406,7 @@ class DeliveryLog:
         """Up to ``limit`` live sessions, most recently active first, each with its
         logged ``{key: version}`` and seconds idle. Does not count as activity."""
         now = self._clock()
-        found = []
+        found: list[tuple[SessionRef, dict[str, int], float]] = []
         for session, rec in reversed(self._sessions.items()):
             if len(found) >= limit:
                 break

@@ -164,7 +164,8 @@ class HttpGateway:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         t0 = time.perf_counter()
-        request[LOG_FIELDS] = fields = {}
+        fields: dict[str, str] = {}  # what the route adds to the log line
+        request[LOG_FIELDS] = fields
         try:
             refused = self.cross_site.refusal(request)
             response = refused if refused is not None else await handler(request)

@@ -92,6 +92,8 @@ class GuardedConnection(web.RequestHandler):
             # Never registered with aiohttp: refused, closed, and anything the client sends ignored.
             self._force_close = True
             self._manager = None
+            # asyncio types it a BaseTransport; a stream server's can write (uvloop's is no
+            # asyncio.WriteTransport subclass, so an isinstance check would skip it)
             transport.write(OVER_CAPACITY)  # type: ignore[attr-defined]
             transport.close()
             return

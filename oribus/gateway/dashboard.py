@@ -20,13 +20,13 @@ draws it. The feed, one JSON object::
 Where the numbers come from, without touching the bus: commit and conflict
 rates are the coordinator's counters (``Bus.coordinator.counters``) sampled
 once a second into a ring buffer (``RateSeries``); hot keys are counted from
-a live watch over every key (``Bus.watch("")``), with exponential decay so
+a live watch over every key (``Bus.watch(WatchRequest(""))``), with exponential decay so
 that the list follows the recent load (``HotKeys``); keys under ``.sbus/``
 (the S-Bus gateway's metadata) are not counted. The sampler starts with the
 gateway (a dict read a second), so the chart shows commits made before anyone
 opened the page; the watch starts on the first dashboard request (an
 unwatched server does not stream every change to itself) with a replay of
-the last ``HOT_REPLAY`` seconds of history (``Bus.watch(since=...)``), each
+the last ``HOT_REPLAY`` seconds of history (``WatchRequest(since=...)``), each
 write counted at its commit time, so the first answer lists the keys written
 before. Both are cancelled by ``close()``. A shard's epoch is sent as a
 string: it is a nanosecond clock, beyond the integers a JavaScript number
@@ -50,14 +50,15 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from aiohttp import web
 
 from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.gateway.errors import LOG_FIELDS, json_response, request_error
-from oribus.messages import Change
+from oribus.messages import Change, WatchRequest
+from oribus.types import SessionRef
 
 if TYPE_CHECKING:
     from oribus.gateway.app import HttpGateway
@@ -73,7 +74,7 @@ SESSIONS_SHOWN = 50  # most recently active sessions the feed lists
 HOT_REPLAY = 5 * HOT_HALF_LIFE  # seconds of history the hot keys start from (older writes weigh < 1/32)
 WATCH_RETRY = 1.0  # seconds before the hot-key watch resubscribes after it ended or failed
 HIDDEN_PREFIXES = (".sbus/",)  # gateway metadata, not agents' state
-DASHBOARD_SESSION = ("dashboard", "dashboard")  # the session rollbacks from the page commit as
+DASHBOARD_SESSION = SessionRef("dashboard", "dashboard")  # the session rollbacks from the page commit as
 
 # The page loads nothing from anywhere: inline script and style only, fetches to this server.
 _PAGE_HEADERS = {
@@ -179,6 +180,10 @@ def _shard_row(sid: int, st: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _is_version(v: object) -> TypeGuard[int]:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 class DashboardRoutes:
     def __init__(self, gateway: HttpGateway) -> None:
         self.gw = gateway
@@ -259,11 +264,10 @@ class DashboardRoutes:
         key, version, expect = body.get("key"), body.get("version"), body.get("expect")
         if not isinstance(key, str) or not key:
             raise InvalidRequest("'key' (non-empty string) is required", field="key")
-        for name, v in (("version", version), ("expect", expect)):
-            if v is None and name == "expect":
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidRequest(f"'{name}' must be an int >= 0", field=name)
+        if not _is_version(version):
+            raise InvalidRequest("'version' must be an int >= 0", field="version")
+        if expect is not None and not _is_version(expect):
+            raise InvalidRequest("'expect' must be an int >= 0", field="expect")
         req = CommitRequest(
             session=DASHBOARD_SESSION,
             commit_id=uuid.uuid4().hex,
@@ -302,7 +306,7 @@ class DashboardRoutes:
     async def _subscribe(self, since: float | None = None) -> AsyncIterator[Change] | None:
         stream = None
         try:
-            stream = self.bus.watch("", since=since)  # since None: live changes only
+            stream = self.bus.watch(WatchRequest("", since=since))  # since None: live changes only
             await asyncio.wait_for(ensure_subscribed(stream), self.gw.config.ready_timeout)
         except Exception as e:  # noqa: BLE001 - counted as "not watching"; retried later
             await _close_stream(stream)

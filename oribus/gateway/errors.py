@@ -9,6 +9,10 @@ with the code repeated under ``error`` for clients that only look there::
 Requests the gateway cannot parse (malformed JSON, missing fields, wrong types,
 oversized bodies, unknown routes) get the same shape with the codes below;
 nothing reaches the bus for them.
+
+The S-Bus routes answer in S-Bus's shape (``oribus.gateway.sbus``), but an oribus
+error gets its status from this table there too, and so does each S-Bus code that
+stands for an oribus error (``sbus.SBUS_ERRORS``).
 """
 
 from __future__ import annotations
@@ -66,11 +70,16 @@ HTTP_STATUS: tuple[tuple[type[OribusError], int], ...] = (
 )
 
 
-def http_status(e: OribusError) -> int:
+def status_of(error_class: type[OribusError]) -> int:
+    """The HTTP status of an error class: that of the first entry it is a subclass of."""
     for cls, status in HTTP_STATUS:
-        if isinstance(e, cls):
+        if issubclass(error_class, cls):
             return status
     return 500
+
+
+def http_status(e: OribusError) -> int:
+    return status_of(type(e))
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

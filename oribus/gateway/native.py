@@ -24,21 +24,23 @@ import asyncio
 import contextlib
 import json
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
-from oribus.contract import CommitRequest, ensure_subscribed
+from oribus.contract import CommitRequest, Entry, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.gateway.errors import LOG_FIELDS, RequestError, error_body, json_response
 from oribus.gateway.values import from_json, to_json
-from oribus.messages import Scope
-from oribus.types import decode_value, encode_value
+from oribus.messages import ReadItem, Scope, WatchRequest
+from oribus.types import MAX_SESSIONS_LISTED, SessionRef, decode_value, encode_value
 
 if TYPE_CHECKING:
     from oribus.gateway.app import HttpGateway
 
 DEFAULT_SESSION = "http"
+KEYS_PAGE = 100  # keys GET /v1/keys lists when not told how many
+SESSIONS_PAGE = 50  # sessions GET /v1/sessions lists when not told how many
 
 
 def _get(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ..., ) -> Any:
@@ -53,14 +55,14 @@ def _get(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ..
     return v
 
 
-def _session(src: Any) -> tuple[str, str]:
+def _session(src: Any) -> SessionRef:
     agent = src.get("agent")
     session = src.get("session") or DEFAULT_SESSION
     if not isinstance(agent, str) or not agent:
         raise InvalidRequest("an 'agent' (non-empty string) is required", field="agent")
     if not isinstance(session, str):
         raise InvalidRequest("'session' must be a string", field="session")
-    return agent, session
+    return SessionRef(agent, session)
 
 
 def _versions(body: dict, name: str) -> dict[str, int]:
@@ -76,7 +78,10 @@ def _client(request: web.Request) -> str:
     return request.remote or ""
 
 
-def _int_query(request: web.Request, name: str, default: int | None) -> int | None:
+_Default = TypeVar("_Default", int, None)
+
+
+def _int_query(request: web.Request, name: str, default: _Default) -> int | _Default:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
@@ -86,11 +91,11 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
         raise InvalidRequest(f"query parameter {name!r} must be an integer", field=name) from None
 
 
-def _item(i: Any) -> dict:
+def _item(i: ReadItem) -> dict:
     return {"key": i.key, "value": to_json(decode_value(i.value)), "version": i.version}
 
 
-def _entry(e: Any) -> dict:
+def _entry(e: Entry) -> dict:
     return {
         "version": e.version, "value": None if e.deleted else to_json(decode_value(e.value)),
         "deleted": e.deleted, "agent": e.agent, "session": e.session,
@@ -126,7 +131,7 @@ class NativeRoutes:
 
     # ---- reads -------------------------------------------------------------------------
 
-    async def _read(self, request: web.Request, session: tuple[str, str], keys: list, record: bool) -> dict:
+    async def _read(self, request: web.Request, session: SessionRef, keys: list, record: bool) -> dict:
         request[LOG_FIELDS]["agent"] = session[0]
         got = await self.bus.read(session, keys, record, durable_session=record, client=_client(request))
         return {"items": [_item(i) for i in got.items], "seqs": {str(s): q for s, q in got.seqs.items()}}
@@ -143,7 +148,7 @@ class NativeRoutes:
         return json_response(await self._read(request, _session(body), keys, record))
 
     async def list_keys(self, request: web.Request) -> web.Response:
-        limit = _int_query(request, "limit", 100)
+        limit = _int_query(request, "limit", KEYS_PAGE)
         items = await self.bus.scan(request.query.get("prefix", ""), request.query.get("after", ""), limit)
         return json_response({
             "items": [{**_item(i), "agent": i.agent, "committed_at": i.committed_at} for i in items],
@@ -208,7 +213,7 @@ class NativeRoutes:
         return json_response({"commit_id": result.commit_id, "versions": result.versions,
                               "two_phase": result.two_phase})
 
-    def _owns(self, body: dict, session: tuple[str, str]) -> bool:
+    def _owns(self, body: dict, session: SessionRef) -> bool:
         return self.bus.sessions.is_owner(session, _get(body, "session_token", str, None))
 
     async def forget(self, request: web.Request) -> web.Response:
@@ -241,9 +246,9 @@ class NativeRoutes:
     async def sessions(self, request: web.Request) -> web.Response:
         if not self.gw.config.admin:  # every agent's reads: not for every caller
             raise RequestError(403, "Forbidden", "GET /v1/sessions is an admin route (start the server with --admin)")
-        limit = _int_query(request, "limit", 50)
-        if not 1 <= limit <= 10_000:
-            raise InvalidRequest("limit must be 1..10000", field="limit")
+        limit = _int_query(request, "limit", SESSIONS_PAGE)
+        if not 1 <= limit <= MAX_SESSIONS_LISTED:
+            raise InvalidRequest(f"limit must be 1..{MAX_SESSIONS_LISTED}", field="limit")
         return json_response({"sessions": await self.bus.session_views(limit)})
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
@@ -262,7 +267,7 @@ class NativeRoutes:
                 since = float(last)
             except ValueError:
                 raise InvalidRequest("Last-Event-ID / since must be a commit time", field="since") from None
-        stream = self.bus.watch(request.query.get("prefix", ""), from_version, since=since)
+        stream = self.bus.watch(WatchRequest(request.query.get("prefix", ""), from_version, since=since))
         await ensure_subscribed(stream)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",

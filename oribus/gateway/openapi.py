@@ -11,6 +11,8 @@ import json
 from typing import Any
 
 from oribus.gateway.errors import HTTP_STATUS
+from oribus.gateway.native import KEYS_PAGE, SESSIONS_PAGE
+from oribus.types import MAX_KEYS_PER_REQUEST
 
 
 def _ref(name: str) -> dict:
@@ -114,7 +116,7 @@ def document() -> dict[str, Any]:
         "/v1/get": {"post": {
             "summary": "Read several keys at once",
             "requestBody": inline({"type": "object", "required": ["agent", "keys"], "properties": {
-                **_SESSION_FIELDS, "keys": {"type": "array", "items": {"type": "string"}, "maxItems": 10000},
+                **_SESSION_FIELDS, "keys": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_KEYS_PER_REQUEST},
                 "record": {"type": "boolean", "default": True}}}),
             "responses": {"200": _json({"type": "object", "properties": {
                 "items": {"type": "array", "items": _ref("Item")}, "seqs": _ref("Seqs")}}),
@@ -124,8 +126,8 @@ def document() -> dict[str, Any]:
             "summary": "List live keys in key order (records no delivery)",
             "parameters": [{"name": "prefix", "in": "query", "schema": {"type": "string"}},
                            {"name": "after", "in": "query", "schema": {"type": "string"}},
-                           {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 100,
-                                                                       "minimum": 1, "maximum": 10000}}],
+                           {"name": "limit", "in": "query", "schema": {"type": "integer", "default": KEYS_PAGE,
+                                                                       "minimum": 1, "maximum": MAX_KEYS_PER_REQUEST}}],
             "responses": {"200": _json({"type": "object", "properties": {
                 "items": {"type": "array", "items": _ref("Item")},
                 "next_after": {"type": ["string", "null"]}}}), **_errors(400, 503)},
@@ -184,7 +186,7 @@ def document() -> dict[str, Any]:
         "/v1/sessions": {"get": {
             "summary": "Recently active sessions with their read sets, each read marked stale or current "
                        "(admin only)",
-            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
+            "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": SESSIONS_PAGE}}],
             "responses": {"200": _json({"type": "object"}), **_errors(400, 403, 503)},
         }},
         "/v1/openapi.json": {"get": {"summary": "This document",

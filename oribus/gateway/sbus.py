@@ -1,6 +1,14 @@
 """S-Bus compatible routes: unmodified S-Bus agents and harnesses work against oribus.
 
-Mapping (S-Bus calls a key a "shard"):
+S-Bus calls a key a "shard": its routes (``/shard/{key}``, ``/shards``) and
+fields (``shards``, ``total_shards``, ``shard_id``, ``shards_used``,
+``ShardNotFound``) keep S-Bus's names, for compatibility, but everything in
+this module is named after what it handles, a key (``create_key``,
+``read_key``, ``list_keys``). Where this module says shard, it means what it
+means everywhere else in oribus: a partition of the keys, served by a shard
+server.
+
+Mapping:
 
 * session: agent ``A`` is the oribus session ``(A, "sbus")``. Its GETs are
   deliveries; its commits are checked against everything it read (the full
@@ -32,7 +40,9 @@ Mapping (S-Bus calls a key a "shard"):
   statuses (409 VersionMismatch / CrossShardStale / TokenConflict, 404
   ShardNotFound, 413 DeltaTooLarge, 410 SessionExpired, 409
   ShardAlreadyExists); a refused commit also lists every offending key under
-  ``stale`` (S-Bus reports only the first). A 410 starts the agent's read set
+  ``stale`` (S-Bus reports only the first). A code that stands for an oribus
+  error, and any other oribus error a route raises, takes its status from the
+  one table (``gateway/errors.py``; ``SBUS_ERRORS``). A 410 starts the agent's read set
   afresh, as an expired S-Bus session does: re-read what the work depends on.
 * ``GET /shards`` lists key strings, as S-Bus does.
 * admin routes exist only with ``admin`` enabled; otherwise every one is 403.
@@ -53,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from oribus.bus.bus import MAX_KEYS_PER_REQUEST, RESERVED_PREFIXES, check_writable
+from oribus.bus.bus import RESERVED_PREFIXES, check_writable
 from oribus.contract import CommitRequest
 from oribus.errors import (
     Aborted,
@@ -63,8 +73,17 @@ from oribus.errors import (
     SessionExpired,
     ValueTooLarge,
 )
-from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response
-from oribus.types import decode_value, encode_value, validate_key
+from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response, status_of
+from oribus.types import (
+    DEFAULT_SCAN_LIMIT,
+    MAX_KEYS_PER_REQUEST,
+    MAX_SESSIONS_LISTED,
+    MAX_VERSION,
+    SessionRef,
+    decode_value,
+    encode_value,
+    validate_key,
+)
 
 if TYPE_CHECKING:
     from oribus.gateway.app import HttpGateway
@@ -72,22 +91,68 @@ if TYPE_CHECKING:
 SESSION_ID = "sbus"
 META_PREFIX = ".sbus/"
 assert META_PREFIX in RESERVED_PREFIXES
-_SYSTEM = ("system", "sbus-create")  # creates keys; reads nothing, so nothing to validate
-_PEEK = ("oribus", "sbus-peek")  # peeks record nothing
-_ADMIN = ("admin", "sbus-admin")
+_SYSTEM = SessionRef("system", "sbus-create")  # creates keys; reads nothing, so nothing to validate
+_PEEK = SessionRef("oribus", "sbus-peek")  # peeks record nothing
+_ADMIN = SessionRef("admin", "sbus-admin")
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
 
+# Every code S-Bus routes refuse with, and what it stands for. A code for one of oribus's
+# errors answers with that error's status from the one table (gateway/errors.py), so an
+# S-Bus route and /v1 never disagree on it; the others are refusals oribus has no error for.
+SBUS_ERRORS: dict[str, type[OribusError] | int] = {
+    "VersionMismatch": Conflict,  # the written key is not at the expected version
+    "CrossShardStale": Conflict,  # another key the agent read has changed since
+    "TokenConflict": Conflict,  # a key locked by a concurrent commit, or the commit aborted
+    "ShardAlreadyExists": Conflict,  # POST /shard of a key that exists
+    "SessionExpired": SessionExpired,
+    "DeltaTooLarge": ValueTooLarge,
+    "InvalidRequest": InvalidRequest,
+    "ShardNotFound": 404,  # the key does not exist
+    "VersionNotFound": 404,  # rollback to a version the key does not keep
+    "Forbidden": 403,  # an admin route without --admin
+}
+
+
+def sbus_status(code: str) -> int:
+    """The status S-Bus answers ``code`` with (``SBUS_ERRORS``)."""
+    meaning = SBUS_ERRORS[code]
+    return meaning if isinstance(meaning, int) else status_of(meaning)
+
+
 class SbusError(Exception):
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+    """A refusal in S-Bus's shape: ``{"error": code, "detail": message, **extra}``.
+
+    ``status`` defaults to the code's (``SBUS_ERRORS``).
+    """
+
+    def __init__(self, code: str, detail: str, *, status: int | None = None, **extra: Any) -> None:
         super().__init__(detail)
-        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+        self.code, self.detail, self.extra = code, detail, extra
+        self.status = sbus_status(code) if status is None else status
+
+    @classmethod
+    def of(cls, e: OribusError) -> SbusError:
+        """An oribus error that no route turned into one of S-Bus's: its status from the one
+        table, its code as S-Bus names it (a too large value is S-Bus's DeltaTooLarge); a
+        refused request's details (the key or field) at the top level, as S-Bus's own
+        refusals carry theirs."""
+        error = cls("DeltaTooLarge" if isinstance(e, ValueTooLarge) else e.code, e.message, status=http_status(e))
+        if isinstance(e, InvalidRequest):
+            error.extra = dict(e.details)
+        return error
 
     def response(self) -> web.Response:
         return json_response({"error": self.code, "detail": self.detail, **self.extra}, self.status)
+
+
+def _malformed(detail: str) -> SbusError:
+    """A body S-Bus cannot deserialize (a missing field, a wrong type): S-Bus's server (axum)
+    answers 422 for it, where oribus's InvalidRequest is 400."""
+    return SbusError("InvalidRequest", detail, status=422)
 
 
 def _field(body: dict, *names: str, kind: type | tuple[type, ...], required: bool = True, default: Any = None) -> Any:
@@ -96,20 +161,20 @@ def _field(body: dict, *names: str, kind: type | tuple[type, ...], required: boo
             v = body[name]
             if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
                 want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-                raise SbusError(422, "InvalidRequest", f"field {name!r} must be {want}, not {type(v).__name__}")
+                raise _malformed(f"field {name!r} must be {want}, not {type(v).__name__}")
             return v
     if required:
-        raise SbusError(422, "InvalidRequest", f"missing field {names[0]!r}")
+        raise _malformed(f"missing field {names[0]!r}")
     return default
 
 
 def _agent(value: Any, required: bool = True) -> str:
     if value is None or value == "":
         if required:
-            raise SbusError(422, "InvalidRequest", "missing field 'agent_id'")
+            raise _malformed("missing field 'agent_id'")
         return ""
     if not isinstance(value, str) or len(value) > 256 or any("\ud800" <= c <= "\udfff" for c in value):
-        raise SbusError(422, "InvalidRequest", "agent_id must be a UTF-8 string of at most 256 characters")
+        raise _malformed("agent_id must be a UTF-8 string of at most 256 characters")
     return value
 
 
@@ -117,13 +182,13 @@ def _key(value: Any) -> str:
     try:
         return validate_key(value)
     except InvalidRequest as e:
-        raise SbusError(400, "InvalidRequest", e.message) from None
+        raise SbusError("InvalidRequest", e.message) from None
 
 
 def _clean_meta(raw: Any) -> dict:
     """The well-formed fields of a metadata record; anything else is left out.
 
-    The record is written only by ``create_shard``, but one written by an older
+    The record is written only by ``create_key``, but one written by an older
     version or damaged must not fail the key's reads: a missing field falls
     back to its default (no goal tag, the content's hash, base 0).
     """
@@ -144,8 +209,9 @@ def _clean_meta(raw: Any) -> dict:
 
 
 def _version(value: Any, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << 63) - 1:
-        raise SbusError(422, "InvalidRequest", f"{name} must be an integer in 0..2**63-2")
+    # below MAX_VERSION: the key's oribus version is at least one more
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < MAX_VERSION:
+        raise _malformed(f"{name} must be an integer in 0..2**63-2")
     return value
 
 
@@ -154,13 +220,14 @@ class SbusRoutes:
         self.gw = gateway
         self.bus = gateway.bus
         self._per_key: OrderedDict[str, list[int]] = OrderedDict()  # key -> [attempts, conflicts]
+        # named as the /stats fields they feed (S-Bus's CrossShardStale: another key read stale)
         self.counters = {"commits": 0, "conflicts": 0, "cross_shard_stale": 0, "session_expired": 0}
 
     def register(self, router: web.UrlDispatcher) -> None:
         r = router
-        r.add_post("/shard", self._wrap(self.create_shard))
-        r.add_get("/shard/{key:.+}", self._wrap(self.get_shard))
-        r.add_get("/shards", self._wrap(self.list_shards))
+        r.add_post("/shard", self._wrap(self.create_key))
+        r.add_get("/shard/{key:.+}", self._wrap(self.read_key))
+        r.add_get("/shards", self._wrap(self.list_keys))
         r.add_post("/commit", self._wrap(self.commit))
         r.add_post("/commit/v2", self._wrap(self.commit))
         r.add_post("/rollback", self._wrap(self.rollback))
@@ -179,14 +246,8 @@ class SbusRoutes:
                 return await handler(request)
             except SbusError as e:
                 return e.response()
-            except SessionExpired as e:
-                return json_response({"error": "SessionExpired", "detail": e.message}, 410)
-            except ValueTooLarge as e:
-                return json_response({"error": "DeltaTooLarge", "detail": e.message, **e.details}, 413)
-            except InvalidRequest as e:
-                return json_response({"error": "InvalidRequest", "detail": e.message, **e.details}, 400)
             except OribusError as e:
-                return json_response({"error": e.code, "detail": e.message}, http_status(e))
+                return SbusError.of(e).response()
 
         route.__name__ = handler.__name__
         return route
@@ -194,7 +255,7 @@ class SbusRoutes:
     def _admin(self, handler: Any) -> Any:
         async def guarded(request: web.Request) -> web.StreamResponse:
             if not self.gw.config.admin:
-                raise SbusError(403, "Forbidden", "admin endpoints are disabled (start the server with --admin)")
+                raise SbusError("Forbidden", "admin endpoints are disabled (start the server with --admin)")
             return await handler(request)
 
         guarded.__name__ = handler.__name__
@@ -204,9 +265,9 @@ class SbusRoutes:
         try:
             return await self.gw.body(request)
         except RequestError as e:
-            raise SbusError(e.status, e.code, e.message) from None
+            raise SbusError(e.code, e.message, status=e.status) from None
 
-    # ---- the shard object --------------------------------------------------------------
+    # ---- a key as S-Bus shows it --------------------------------------------------------
 
     async def _metas(self, keys: list[str]) -> dict[str, dict]:
         """Each key's metadata record (``_clean_meta``), ``{}`` for a key without one."""
@@ -232,7 +293,8 @@ class SbusRoutes:
                 self._per_key.popitem(last=False)
         return c
 
-    def _shard_object(self, key: str, item: Any, meta: dict) -> dict:
+    def _key_object(self, key: str, item: Any, meta: dict) -> dict:
+        """The JSON object S-Bus returns for a key, its versions in S-Bus numbering."""
         attempts, conflicts = self._per_key.get(key, (0, 0))
         updated = item.committed_at or meta.get("created_at") or 0.0
         version = item.version - meta.get("base", 0) - 1
@@ -253,19 +315,20 @@ class SbusRoutes:
 
     # ---- routes ------------------------------------------------------------------------
 
-    async def create_shard(self, request: web.Request) -> web.Response:
+    async def create_key(self, request: web.Request) -> web.Response:
+        """``POST /shard``: create a key with its first value and S-Bus metadata (409 if it exists)."""
         body = await self._body(request)
         key = _key(_field(body, "key", kind=str))
         try:
             check_writable(key)  # the creation below may write reserved keys: refuse them here
         except InvalidRequest as e:
-            raise SbusError(400, "InvalidRequest", e.message, **e.details) from None
+            raise SbusError("InvalidRequest", e.message, **e.details) from None
         content = _field(body, "content", kind=str)
         goal_tag = _field(body, "goal_tag", kind=str, required=False, default="")
         self._check_delta(key, content)
         current = (await self.bus.read(_PEEK, [key], record=False)).items[0]
         if current.value is not None:
-            raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key)
+            raise SbusError("ShardAlreadyExists", f"shard already exists: key={key}", key=key)
         now = time.time()
         meta = {"goal_tag": goal_tag, "created_at": now, "id": hashlib.sha256(content.encode()).hexdigest(),
                 "base": current.version}  # S-Bus numbering restarts at 0 from here
@@ -283,42 +346,44 @@ class SbusRoutes:
             result = await self.gw.commit_unread(req, may_write_reserved=True)
         except Conflict as e:
             if any(s.key == key for s in e.stale):
-                raise SbusError(409, "ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
+                raise SbusError("ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
             raise
         item = type(current)(key, req.writes[key], result.versions[key], "system", now)
-        return json_response(self._shard_object(key, item, meta), 201)
+        return json_response(self._key_object(key, item, meta), 201)
 
-    async def get_shard(self, request: web.Request) -> web.Response:
+    async def read_key(self, request: web.Request) -> web.Response:
+        """``GET /shard/{key}``: the key's object; with ``agent_id``, a read recorded for that agent."""
         key = _key(request.match_info["key"])
         agent = _agent(request.query.get("agent_id"), required=False)
         request[LOG_FIELDS]["agent"] = agent
         if agent:
-            read = self.bus.read((agent, SESSION_ID), [key], record=True, detail=True, durable_session=True,
+            read = self.bus.read(SessionRef(agent, SESSION_ID), [key], record=True, detail=True, durable_session=True,
                                  client=request.remote or "")
         else:
             read = self.bus.read(_PEEK, [key], record=False, detail=True)
         got, meta = await asyncio.gather(read, self._meta_of(key))
         item = got.items[0]
         if item.value is None:
-            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
-        return json_response(self._shard_object(key, item, meta))
+            raise SbusError("ShardNotFound", f"shard not found: key={key}", key=key)
+        return json_response(self._key_object(key, item, meta))
 
-    async def list_shards(self, request: web.Request) -> web.Response:
-        """Every live key (S-Bus returns key strings; ``GET /shard/{key}`` gives the object)."""
-        shards: list[str] = []
+    async def list_keys(self, request: web.Request) -> web.Response:
+        """``GET /shards``: every live key (S-Bus returns key strings; ``GET /shard/{key}`` gives the
+        object)."""
+        keys: list[str] = []
         after = ""
         while True:
-            page = await self.bus.scan("", after, 1000)
-            shards.extend(i.key for i in page if not i.key.startswith(RESERVED_PREFIXES))
-            if len(page) < 1000:
+            page = await self.bus.scan("", after, DEFAULT_SCAN_LIMIT)
+            keys.extend(i.key for i in page if not i.key.startswith(RESERVED_PREFIXES))
+            if len(page) < DEFAULT_SCAN_LIMIT:
                 break
             after = page[-1].key
-        return json_response({"shards": shards, "count": len(shards)})
+        return json_response({"shards": keys, "count": len(keys)})
 
     def _check_delta(self, key: str, delta: str) -> None:
         limit = self.gw.config.sbus_max_delta
         if limit and len(delta) > limit:
-            raise SbusError(413, "DeltaTooLarge", f"delta too large: key={key} len={len(delta)} max={limit}",
+            raise SbusError("DeltaTooLarge", f"delta too large: key={key} len={len(delta)} max={limit}",
                             key=key, len=len(delta), max=limit)
 
     async def commit(self, request: web.Request) -> web.Response:
@@ -332,11 +397,11 @@ class SbusRoutes:
         claimed: dict[str, int] = {}  # key -> S-Bus version at read
         for entry in raw_rs:
             if not isinstance(entry, dict):
-                raise SbusError(422, "InvalidRequest", "read_set entries must be {key, version_at_read}")
+                raise _malformed("read_set entries must be {key, version_at_read}")
             k = _key(_field(entry, "key", kind=str))
             v = _version(_field(entry, "version_at_read", kind=int), "version_at_read")
             if claimed.get(k, v) != v:  # two versions of one key: one of them is stale
-                raise SbusError(409, "CrossShardStale", f"read_set lists {k!r} at two versions",
+                raise SbusError("CrossShardStale", f"read_set lists {k!r} at two versions",
                                 key=k, version_at_read=v)
             claimed[k] = v
         self._check_delta(key, delta)
@@ -348,12 +413,12 @@ class SbusRoutes:
         peek, metas = await asyncio.gather(self.bus.read(_PEEK, [key], record=False),
                                            self._metas([key, *claimed]))
         if peek.items[0].value is None:
-            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+            raise SbusError("ShardNotFound", f"shard not found: key={key}", key=key)
         bases = {k: m.get("base", 0) for k, m in metas.items()}
         counts = self._counts(key)
         counts[0] += 1
         req = CommitRequest(
-            session=(agent, SESSION_ID),
+            session=SessionRef(agent, SESSION_ID),
             commit_id=uuid.uuid4().hex,
             writes={key: value},
             expect={key: expected + bases[key] + 1},
@@ -369,8 +434,8 @@ class SbusRoutes:
             raise await self._refusal(key, e, bases) from None
         except SessionExpired as e:
             self.counters["session_expired"] += 1
-            await self.bus.reset((agent, SESSION_ID))  # as in S-Bus: the next reads start afresh
-            raise SbusError(410, "SessionExpired", f"session expired for agent '{agent}': {e.message}",
+            await self.bus.reset(SessionRef(agent, SESSION_ID))  # as in S-Bus: the next reads start afresh
+            raise SbusError("SessionExpired", f"session expired for agent '{agent}': {e.message}",
                             agent_id=agent) from None
         self.counters["commits"] += 1
         return json_response({"new_version": result.versions[key] - bases[key] - 1,
@@ -400,11 +465,11 @@ class SbusRoutes:
         others = [s for s in e.stale if s.key != key]
         for s in mine + others:
             if s.current == 0:
-                return SbusError(404, "ShardNotFound", f"shard not found: key={s.key}", key=s.key, stale=stale)
+                return SbusError("ShardNotFound", f"shard not found: key={s.key}", key=s.key, stale=stale)
         if mine and mine[0].reason in ("expected_version", "stale_read"):
             row = by_key[(key, mine[0].reason)]
             return SbusError(
-                409, "VersionMismatch",
+                "VersionMismatch",
                 f"version mismatch on key={key}: expected={row['version_at_read']} "
                 f"found={row['current_version']}",
                 key=key, expected_version=row["version_at_read"],
@@ -415,16 +480,16 @@ class SbusRoutes:
             row = by_key[(stale_reads[0].key, "stale_read")]
             self.counters["cross_shard_stale"] += 1
             return SbusError(
-                409, "CrossShardStale",
+                "CrossShardStale",
                 f"cross-shard stale read: key={row['key']} version_at_read={row['version_at_read']} "
                 f"current_version={row['current_version']}",
                 key=row["key"], version_at_read=row["version_at_read"],
                 current_version=row["current_version"], stale=stale,
             )
         if isinstance(e, Aborted) and not e.stale:
-            return SbusError(409, "TokenConflict", f"commit aborted: {e.message}", key=key, stale=stale)
+            return SbusError("TokenConflict", f"commit aborted: {e.message}", key=key, stale=stale)
         s = e.stale[0]
-        return SbusError(409, "TokenConflict",
+        return SbusError("TokenConflict",
                          f"token conflict on key={s.key}: another commit holds it", key=s.key, stale=stale)
 
     async def rollback(self, request: web.Request) -> web.Response:
@@ -435,21 +500,21 @@ class SbusRoutes:
         request[LOG_FIELDS]["agent"] = agent
         peek, meta = await asyncio.gather(self.bus.read(_PEEK, [key], record=False), self._meta_of(key))
         if peek.items[0].value is None:
-            raise SbusError(404, "ShardNotFound", f"shard not found: key={key}", key=key)
+            raise SbusError("ShardNotFound", f"shard not found: key={key}", key=key)
         base = meta.get("base", 0)
-        req = CommitRequest(session=(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
+        req = CommitRequest(session=SessionRef(agent, SESSION_ID), commit_id=uuid.uuid4().hex,
                             rollback={key: target + base + 1}, complete_tokens=True)
         request[LOG_FIELDS]["commit_id"] = req.commit_id
         try:
             await self.bus.commit(req, durable_session=True, client=request.remote or "")
         except InvalidRequest as e:
             if "version" in e.details:
-                raise SbusError(404, "VersionNotFound", e.message, key=key, target_version=target) from None
+                raise SbusError("VersionNotFound", e.message, key=key, target_version=target) from None
             raise
         except Conflict as e:
             raise await self._refusal(key, e, {key: base}) from None
         item = (await self.bus.read(_PEEK, [key], record=False, detail=True)).items[0]
-        return json_response(self._shard_object(key, item, meta))
+        return json_response(self._key_object(key, item, meta))
 
     async def session(self, request: web.Request) -> web.Response:
         """Start the agent's session afresh (as S-Bus), with oribus's ownership rule.
@@ -463,7 +528,7 @@ class SbusRoutes:
         body = await self._body(request)
         agent = _agent(body.get("agent_id"))
         token = _field(body, "session_token", kind=(str, type(None)), required=False)
-        session = (agent, SESSION_ID)
+        session = SessionRef(agent, SESSION_ID)
         owns = self.bus.sessions.is_owner(session, token)
         marked = await self.bus.reset(session, caller_owns=owns)
         if not owns:
@@ -475,12 +540,12 @@ class SbusRoutes:
         body = await self._body(request)
         agent = _agent(body.get("agent_id"))
         if agent == "":
-            raise SbusError(400, "InvalidRequest", "agent_id is empty")
+            raise SbusError("InvalidRequest", "agent_id is empty")
         used = _field(body, "shards_used", kind=list)
         keys = [_key(k) for k in used]
         if not keys:
             return json_response({"ok": True, "registered": 0, "skipped_existing": [], "skipped_no_shard": []})
-        got = await self.bus.read((agent, SESSION_ID), list(dict.fromkeys(keys)), record=True,
+        got = await self.bus.read(SessionRef(agent, SESSION_ID), list(dict.fromkeys(keys)), record=True,
                                   only_new=True, durable_session=True, client=request.remote or "")
         skipped = set(got.skipped)
         missing = [i.key for i in got.items if i.value is None and i.key not in skipped]
@@ -513,9 +578,9 @@ class SbusRoutes:
         keys = 0
         after = META_PREFIX
         while True:
-            page = await self.bus.shards[shard_id].scan(META_PREFIX, after, 10_000)
+            page = await self.bus.shards[shard_id].scan(META_PREFIX, after, MAX_KEYS_PER_REQUEST)
             keys += len(page)
-            if len(page) < 10_000:
+            if len(page) < MAX_KEYS_PER_REQUEST:
                 return keys
             after = page[-1].key
 
@@ -535,8 +600,7 @@ class SbusRoutes:
             "wal_enabled": True,
             "delivery_log": {"agents": t["agents"], "deliveries": t["deliveries"]},
             "bus": dict(self.bus.coordinator.counters),
-            # oribus shard servers (an S-Bus "shard" is a key): the totals above count
-            # only those that answer
+            # oribus's shard servers: the totals above count only those that answer
             "servers": t["servers"],
         })
 
@@ -578,7 +642,7 @@ class SbusRoutes:
         return json_response({"ok": True, "ori_enabled": self.bus.validation_enabled})
 
     async def admin_delivery_log(self, request: web.Request) -> web.Response:
-        views = [v for v in await self.bus.session_views(10_000) if v["session"] == SESSION_ID]
+        views = [v for v in await self.bus.session_views(MAX_SESSIONS_LISTED) if v["session"] == SESSION_ID]
         keys = sorted({r["key"] for v in views for r in v["reads"]})
         bases: dict[str, int] = {}
         for i in range(0, len(keys), MAX_KEYS_PER_REQUEST):

@@ -11,6 +11,7 @@ as it runs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from pathlib import Path
@@ -19,7 +20,7 @@ from oribus.bus.bus import Bus
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
 from oribus.gateway import GatewayConfig, HttpGateway
-from oribus.hosts.lifecycle import stop_signal_event
+from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.meta.cluster_meta import BusRecord, ClusterMeta, ShardRecord
 from oribus.meta.directory import ShardDirectory
 from oribus.rpc.bus_server import BusServer
@@ -49,49 +50,45 @@ class BusHost:
         self.server: BusServer | None = None
         self.gateway: HttpGateway | None = None
         self.directory: ShardDirectory | None = None
-        self._journal: SessionJournal | None = None
+        self._teardown = Teardown(log)  # what start() started, stopped in reverse by stop()
 
     def _client(self, rec: ShardRecord) -> RemoteShardClient:
         return shard_client(rec.shard_id, rec.address, rec.stream, transport=self.shard_transport,
                             epoch=rec.epoch, tls=self.tls)
 
     async def start(self) -> None:
-        try:
+        """Open the journal, follow the shards, serve HTTP and gRPC, announce the bus; on
+        failure, stop whatever was started."""
+        async with self._teardown.stop_on_error():
             config = await self.meta.config()
             slot_map = config.slot_map()
-            self._journal = await SessionJournal.open(self.data_dir / "sessions")
+            journal = await SessionJournal.open(self.data_dir / "sessions")
+            self._teardown.push("session journal", journal.close)
             shards: dict = {}
             self.directory = ShardDirectory(self.meta, shards, list(range(config.shards)), self._client)
             await self.directory.start(wait=self.ready_wait)
-            self.bus = Bus(shards, slot_map.shard_for, session_journal=self._journal)
+            self._teardown.push("shard directory", self.directory.stop)
+            self.bus = Bus(shards, slot_map.shard_for, session_journal=journal)
             # HTTP first: the gRPC health service says SERVING once the server starts, and
             # what waits for it (process supervisors, tests) may then use the HTTP port too.
             if self.http is not None:
                 self.gateway = HttpGateway(self.bus, self.http)
                 await self.gateway.start()
-            self.server = BusServer(self.bus, self.listen, sweep=TxnSweep(self.bus), tls=self.tls)
+                self._teardown.push("HTTP gateway", self.gateway.stop)
+            self.server = BusServer(self.bus, self.listen, tls=self.tls)
             await self.server.start()
+            self._teardown.push("gRPC server", self.server.stop, graceful=True)
+            # resolves transactions whose coordinator died; in the background: serving does not wait
+            self._teardown.push_task("transaction sweep", asyncio.create_task(TxnSweep(self.bus).run_forever()))
             host = socket.gethostname()
             http = self.advertise_http or (self.gateway.address if self.gateway else "")
+            # the record lives as long as the metadata's connection (ClusterMeta.close ends it)
             await self.meta.register_bus(BusRecord(f"{host}-{self.server.port}",
                                                    self.advertise or self.server.address, http))
-        except BaseException:
-            await self.stop()
-            raise
 
-    async def stop(self) -> None:
-        if self.gateway is not None:
-            await self.gateway.stop()
-            self.gateway = None
-        if self.server is not None:
-            await self.server.stop()
-            self.server = None
-        if self.directory is not None:
-            await self.directory.stop()
-            self.directory = None
-        if self._journal is not None:
-            await self._journal.close()
-            self._journal = None
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop what ``start`` started, last started first. Idempotent."""
+        await self._teardown.stop(grace)
 
 
 async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None,
@@ -99,15 +96,13 @@ async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: Gatew
                   advertise_http: str | None = None, shard_transport: str = DEFAULT_TRANSPORT) -> None:
     stop = stop_signal_event()
     bus = BusHost(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
-                        advertise_http=advertise_http, shard_transport=shard_transport)
-    try:
+                  advertise_http=advertise_http, shard_transport=shard_transport)
+    async with Teardown(log) as teardown:
+        teardown.push("cluster metadata", meta.close)  # with etcd: the bus's record goes with it
+        teardown.push("bus", bus.stop)  # stops what a failed start left too
         await bus.start()
         where = f", http on {bus.gateway.url}" if bus.gateway is not None else ""
         assert bus.server is not None and bus.directory is not None
         print(f"oribus bus listening on {bus.server.address}{where} over "
               f"{len(bus.directory.shards)} shards", flush=True)
         await stop.wait()
-    finally:
-        await bus.stop()
-        await meta.close()
-

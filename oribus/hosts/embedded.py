@@ -21,7 +21,6 @@ Layout of the data directory::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -34,11 +33,12 @@ from oribus.bus.sweep import TxnSweep
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import DataCorrupted, InvalidRequest
+from oribus.hosts.lifecycle import Teardown
+from oribus.messages import TxnRef
 from oribus.meta.slots import SLOTS, StaticSlotMap
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.shard import Shard
-from oribus.shards.txn import Txn
 from oribus.shards.wal import WalConfig, latest_snapshot_lsn, list_segments
 from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
 
@@ -46,6 +46,8 @@ log = logging.getLogger("oribus.engine")
 
 LAYOUT_FILE = "layout.json"
 DEFAULT_SHARDS = 1  # a new embedded data directory (``oribus up --processes``: 2)
+# A shard's own defaults (ShardConfig, DeliveryLogConfig, WalConfig): the engine's are these.
+_SHARD_DEFAULTS = ShardConfig(shard_id=0, data_dir=Path("."))
 
 
 @dataclass
@@ -57,12 +59,14 @@ class EngineConfig:
     shards: int | None = None
     history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value
-    session_ttl_seconds: float = 3600.0  # idle sessions expire after this (their commits then fail closed)
-    max_entries_per_session: int = 100_000  # deliveries per session per shard
-    max_sessions_per_shard: int = 100_000  # live sessions per shard
-    segment_bytes: int = 64 << 20  # WAL segment size
-    snapshot_every_records: int = 200_000  # WAL records between snapshots
-    txn_expiry_seconds: float = 10.0  # prepared transactions older than this are resolved
+    # idle sessions expire after this (their commits then fail closed)
+    session_ttl_seconds: float = _SHARD_DEFAULTS.delivery_log.ttl_seconds
+    max_entries_per_session: int = _SHARD_DEFAULTS.delivery_log.max_entries_per_session  # per session per shard
+    max_sessions_per_shard: int = _SHARD_DEFAULTS.delivery_log.max_sessions  # live sessions per shard
+    segment_bytes: int = _SHARD_DEFAULTS.wal.segment_bytes  # WAL segment size
+    snapshot_every_records: int = _SHARD_DEFAULTS.snapshot_every_records  # WAL records between snapshots
+    # prepared transactions older than this are resolved
+    txn_expiry_seconds: float = _SHARD_DEFAULTS.txn_expiry_seconds
     unsafe_no_fsync: bool = False  # acknowledge before data reaches the disk: loses commits on power loss
     maintenance_interval: float = 1.0  # seconds between background chores
     unsafe_disable_validation: bool = False  # demo/testing only: accepts stale commits (no ORI checks)
@@ -187,10 +191,12 @@ class EmbeddedEngine:
     """A bus over in-process shards. Use ``await EmbeddedEngine.open(config)`` and ``await close()``."""
 
     def __init__(self, config: EngineConfig, shards: dict[int, Shard],
-                 journal: SessionJournal | None = None, dir_lock: DataDirLock | None = None) -> None:
+                 journal: SessionJournal | None = None, dir_lock: DataDirLock | None = None,
+                 teardown: Teardown | None = None) -> None:
         self.config = config
-        self._dir_lock = dir_lock  # the data directory's lock, released on close
+        self._dir_lock = dir_lock  # the data directory's lock (released by the teardown)
         self.shards = shards
+        assert config.shards is not None, "check_layout resolves the shard count first"
         self.slot_map = StaticSlotMap(config.shards)
         self.journal = journal
         self.bus = Bus(dict(shards), self.slot_map.shard_for, max_value_bytes=config.max_value_bytes,
@@ -198,6 +204,9 @@ class EmbeddedEngine:
         self.sweep = TxnSweep(
             self.bus, txn_expiry_seconds=config.txn_expiry_seconds, interval=config.maintenance_interval
         )
+        # what open() started, stopped by close() in reverse: the lock, the shards, the journal,
+        # the background chores
+        self._teardown = teardown or Teardown(log)
         self._maintenance: asyncio.Task | None = None
         self._closed = False
         for shard in shards.values():
@@ -206,32 +215,28 @@ class EmbeddedEngine:
     @classmethod
     async def open(cls, config: EngineConfig) -> EmbeddedEngine:
         loop = asyncio.get_running_loop()
-        # Before layout.json is read: a second process on this directory stops here.
-        dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
-        shards: dict[int, Shard] = {}
-        journal = None
-        try:
+        teardown = Teardown(log)
+        async with teardown.stop_on_error():
+            # Before layout.json is read: a second process on this directory stops here.
+            dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
+            teardown.push("data directory lock", dir_lock.release)
             await loop.run_in_executor(None, check_layout, config)
+            assert config.shards is not None  # check_layout resolved it
+            shards: dict[int, Shard] = {}
             for i in range(config.shards):
                 shards[i] = await Shard.open(config.shard_config(i))
+                teardown.push(f"shard {i}", shards[i].close)
             journal = await SessionJournal.open(config.session_journal_dir,
                                                 unsafe_no_fsync=config.unsafe_no_fsync)
-        except BaseException:
-            for s in shards.values():
-                await s.close()
-            dir_lock.release()
-            raise
-        engine = cls(config, shards, journal, dir_lock)
-        try:
+            teardown.push("session journal", journal.close)
+            engine = cls(config, shards, journal, dir_lock, teardown)
             await engine.recover_prepared(older_than=0.0)
             await engine.release_settled()
-        except BaseException:
-            await engine.close()  # closes the shards and lets the directory go
-            raise
-        engine._maintenance = loop.create_task(engine._maintain())
+            engine._maintenance = loop.create_task(engine._maintain())
+            teardown.push_task("maintenance", engine._maintenance)
         return engine
 
-    async def _resolve(self, shard_id: int, txn: Txn) -> None:
+    async def _resolve(self, shard_id: int, txn: TxnRef) -> None:
         await self.bus.coordinator.recover(shard_id, txn)
 
     async def recover_prepared(self, older_than: float) -> int:
@@ -253,19 +258,6 @@ class EmbeddedEngine:
                 log.exception("maintenance failed")
 
     async def close(self) -> None:
-        """Stop background work, flush and close every shard. Idempotent."""
-        if self._closed:
-            return
+        """Stop background work, flush and close every shard, let the directory go. Idempotent."""
         self._closed = True
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
-        try:
-            for shard in self.shards.values():
-                await shard.close()
-            if self.journal is not None:
-                await self.journal.close()
-        finally:
-            if self._dir_lock is not None:
-                self._dir_lock.release()
+        await self._teardown.stop()

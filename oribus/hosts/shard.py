@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import InvalidRequest
-from oribus.hosts.lifecycle import stop_signal_event
+from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.meta.cluster_meta import ClaimRefused, ClusterMeta, ShardClaim
 from oribus.rpc.shard_server import ShardServer
 from oribus.shards.config import ShardConfig
@@ -103,31 +104,25 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
     live duplicate holds it for good; either way nothing is opened meanwhile.
     """
     cfg = config or ShardConfig(shard_id=shard_id, data_dir=data_dir)
-    # The data directory first: a second process on it is refused (DataDirLocked) before it
-    # claims the id in etcd or binds a port; held until this process ends.
-    with DataDirLock.acquire(cfg.data_dir) as dir_lock:
-        await _serve_shard(shard_id, cfg, listen, dir_lock, ready_file=ready_file, tls=tls, meta=meta,
-                           advertise=advertise, claim_wait=claim_wait, stream_listen=stream_listen,
-                           advertise_stream=advertise_stream)
-
-
-async def _serve_shard(shard_id: int, cfg: ShardConfig, listen: str, dir_lock: DataDirLock, *,
-                       ready_file: Path | None, tls: TlsConfig | None, meta: ClusterMeta | None,
-                       advertise: str | None, claim_wait: float, stream_listen: str | None,
-                       advertise_stream: str | None) -> None:
-    stop = stop_signal_event()
     bind_stream = stream_listen_address(listen, stream_listen, advertise, advertise_stream)
-    claim = None
-    if meta is not None:
-        cluster = await meta.config()
-        if not 0 <= shard_id < cluster.shards:
-            raise InvalidRequest(f"shard id {shard_id} is outside the cluster's 0..{cluster.shards - 1}")
+    async with Teardown(log) as teardown:  # stops what was started, last first, however this ends
+        # The data directory first: a second process on it is refused (DataDirLocked) before it
+        # claims the id in etcd or binds a port; held until the shard has stopped.
+        dir_lock = DataDirLock.acquire(cfg.data_dir)
+        teardown.push("data directory lock", dir_lock.release)
+        stop = stop_signal_event()
+        claim = None
         claimed_stream = advertise_stream if bind_stream is not None and advertise_stream is not None else ""
-        claim = await _claim(meta, shard_id, advertise or listen, claimed_stream, claim_wait)
-    server = ShardServer(cfg, listen, tls=tls, epoch=claim.epoch if claim is not None and claim.epoch else None,
-                         dir_lock=dir_lock, stream_listen=bind_stream)
-    try:
+        if meta is not None:
+            cluster = await meta.config()
+            if not 0 <= shard_id < cluster.shards:
+                raise InvalidRequest(f"shard id {shard_id} is outside the cluster's 0..{cluster.shards - 1}")
+            claim = await _claim(meta, shard_id, advertise or listen, claimed_stream, claim_wait)
+            teardown.push(f"claim on shard {shard_id}", _releaser(meta, claim))
+        server = ShardServer(cfg, listen, tls=tls, epoch=claim.epoch if claim is not None and claim.epoch else None,
+                             dir_lock=dir_lock, stream_listen=bind_stream)
         await server.start()
+        teardown.push("shard server", server.stop, graceful=True)
         stream = advertised_stream(server.stream_address, advertise, advertise_stream)
         if claim is not None and meta is not None and (advertise is None or stream != claimed_stream):
             await meta.update_address(claim, advertise or server.address, stream)  # the bound ports
@@ -149,7 +144,13 @@ async def _serve_shard(shard_id: int, cfg: ShardConfig, listen: str, dir_lock: D
         if claim is not None and claim.lost.is_set():
             server.fence(claim.reason)
             raise ClaimLost(claim.reason)
-    finally:
-        await server.stop()
-        if claim is not None and meta is not None and not claim.lost.is_set():
+
+
+def _releaser(meta: ClusterMeta, claim: ShardClaim) -> Callable[[], Awaitable[None]]:
+    """The claim's stop step: give it up, unless it is already lost (someone else may hold it)."""
+
+    async def release() -> None:
+        if not claim.lost.is_set():
             await meta.release(claim)
+
+    return release

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from oribus.bus.bus import Bus
 from oribus.bus.session_journal import SessionJournal
@@ -40,14 +41,17 @@ from oribus.hosts.embedded import (
     check_layout,
     stored_shards,
 )
-from oribus.hosts.lifecycle import stop_signal_event
+from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.lifeline import ParentLifeline
 from oribus.meta.slots import StaticSlotMap
+from oribus.rpc import wire
 from oribus.rpc.bus_server import BusServer
 from oribus.rpc.shard_client import DEFAULT_TRANSPORT, RemoteShardClient, shard_client
 from oribus.tls import TlsConfig, channel_credentials, server_credentials
 
 log = logging.getLogger("oribus.cluster")
+
+SHARD_STOP_SECONDS = 15.0  # a shard process has this long to drain and flush after SIGTERM, then it is killed
 
 
 def process_shards() -> int:
@@ -58,10 +62,10 @@ def process_shards() -> int:
 class UpHost:
     """Bus + N shards on this machine. ``await start()``, ``await stop()``."""
 
-    def __init__(self, data_dir: Path, *, listen: str = "127.0.0.1:7700", shards: int | None = None,
+    def __init__(self, data_dir: Path, *, listen: str = wire.DEFAULT_BUS_ADDRESS, shards: int | None = None,
                  processes: bool = False, start_timeout: float = 30.0,
                  http: GatewayConfig | None = None, tls: TlsConfig | None = None,
-                 shard_transport: str = DEFAULT_TRANSPORT, **engine_options) -> None:
+                 shard_transport: str = DEFAULT_TRANSPORT, **engine_options: Any) -> None:
         if shards is None:
             # a new directory: one in-process shard, or one shard process per core
             shards = stored_shards(Path(data_dir)) or (process_shards() if processes else DEFAULT_SHARDS)
@@ -73,18 +77,18 @@ class UpHost:
             raise InvalidRequest("shard processes take their TLS files as a directory: use TlsConfig.from_dir")
         self.http_config = http  # None: no HTTP gateway
         self.gateway: HttpGateway | None = None
-        self._journal: SessionJournal | None = None
         self.processes = processes
         self.shard_transport = shard_transport  # with processes: how the bus calls them ("stream" or "grpc")
         self.start_timeout = start_timeout
         self.engine: EmbeddedEngine | None = None
         self.server: BusServer | None = None
         self.shard_procs: dict[int, subprocess.Popen] = {}
-        self._dir_lock: DataDirLock | None = None  # DATA/LOCK with processes (the engine takes it otherwise)
         self._lifeline: ParentLifeline | None = None  # shard processes stop when its write end closes
         self.shard_addresses: dict[int, str] = {}  # gRPC listeners of the shard processes
         self.shard_streams: dict[int, str] = {}  # their stream listeners
-        self._clients: list[RemoteShardClient] = []
+        # what start() started, stopped in reverse by stop(); with processes it holds DATA/LOCK
+        # (the engine takes it otherwise)
+        self._teardown = Teardown(log)
 
     @property
     def address(self) -> str:
@@ -97,22 +101,24 @@ class UpHost:
             server_credentials(self.tls)
             if self.processes:
                 channel_credentials(self.tls)
-        try:
+        async with self._teardown.stop_on_error():
             if self.processes:
                 bus, sweep = await self._start_processes()
             else:
                 self.engine = await EmbeddedEngine.open(self.config)
+                self._teardown.push("embedded engine", self.engine.close)
                 bus, sweep = self.engine.bus, None  # the engine runs its own sweep
             # HTTP first: the gRPC health service says SERVING once the server starts, and
             # what waits for it (process supervisors, tests) may then use the HTTP port too.
             if self.http_config is not None:
                 self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit))
                 await self.gateway.start()
-            self.server = BusServer(bus, self.listen, sweep=sweep, tls=self.tls)
+                self._teardown.push("HTTP gateway", self.gateway.stop)
+            self.server = BusServer(bus, self.listen, tls=self.tls)
             await self.server.start()
-        except BaseException:
-            await self.stop()
-            raise
+            self._teardown.push("gRPC server", self.server.stop, graceful=True)
+            if sweep is not None:  # in the background: serving does not wait for it
+                self._teardown.push_task("transaction sweep", asyncio.create_task(sweep.run_forever()))
 
     def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0",
                       parent_fd: int | None = None) -> list[str]:
@@ -141,6 +147,9 @@ class UpHost:
             ready.unlink()
         if self._lifeline is None:
             self._lifeline = ParentLifeline()
+            self._teardown.push("shard processes' lifeline", self._close_lifeline)
+            # the processes stop before their lifeline closes (which would stop them ungracefully)
+            self._teardown.push("shard processes", self._stop_shard_processes)
         fd = self._lifeline.child_fd
         proc = subprocess.Popen(self.shard_command(shard_id, ready, listen, parent_fd=fd),
                                 stdout=subprocess.DEVNULL, pass_fds=(fd,))
@@ -165,58 +174,52 @@ class UpHost:
     async def _start_processes(self) -> tuple[Bus, TxnSweep]:
         loop = asyncio.get_running_loop()
         # DATA/LOCK only: each shard process locks its own shard-NNNN/ (this process must not)
-        self._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, self.config.data_dir)
+        dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, self.config.data_dir)
+        self._teardown.push("data directory lock", dir_lock.release)
         await loop.run_in_executor(None, check_layout, self.config)
+        assert self.config.shards is not None  # check_layout resolved it
         for i in range(self.config.shards):
             self.spawn_shard(i)
-        shards = {}
+        shards: dict[int, RemoteShardClient] = {}
         for i in range(self.config.shards):
             address = await self.wait_ready(i)
             client = shard_client(i, address, self.shard_streams[i], transport=self.shard_transport, tls=self.tls)
-            self._clients.append(client)
+            self._teardown.push(f"client of shard {i}", client.close)
             shards[i] = client
         slot_map = StaticSlotMap(self.config.shards)
-        self._journal = await SessionJournal.open(self.config.session_journal_dir,
-                                                  unsafe_no_fsync=self.config.unsafe_no_fsync)
+        journal = await SessionJournal.open(self.config.session_journal_dir,
+                                            unsafe_no_fsync=self.config.unsafe_no_fsync)
+        self._teardown.push("session journal", journal.close)
         bus = Bus(shards, slot_map.shard_for, max_value_bytes=self.config.max_value_bytes,
-                  session_journal=self._journal)
+                  session_journal=journal)
         sweep = TxnSweep(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
-                            interval=self.config.maintenance_interval)
+                         interval=self.config.maintenance_interval)
         return bus, sweep
 
-    async def stop(self) -> None:
-        """Drain the bus, flush and close the shards (SIGTERM to shard processes). Idempotent."""
-        if self.gateway is not None:
-            await self.gateway.stop()
-            self.gateway = None
-        if self.server is not None:
-            await self.server.stop()
-            self.server = None
-        for c in self._clients:
-            await c.close()
-        self._clients.clear()
-        if self.engine is not None:
-            await self.engine.close()
-            self.engine = None
-        if self._journal is not None:
-            await self._journal.close()
-            self._journal = None
-        for proc in self.shard_procs.values():
+    async def _stop_shard_processes(self) -> None:
+        """SIGTERM to every shard process (each drains and flushes), then wait for them all;
+        one that has not exited within ``SHARD_STOP_SECONDS`` is killed."""
+        procs, self.shard_procs = self.shard_procs, {}
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.shard_procs.values():
+        for proc in procs.values():
             try:
-                await asyncio.get_running_loop().run_in_executor(None, proc.wait, 15)
+                await asyncio.get_running_loop().run_in_executor(None, proc.wait, SHARD_STOP_SECONDS)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.shard_procs.clear()
+
+    def _close_lifeline(self) -> None:
         if self._lifeline is not None:
             self._lifeline.close()
             self._lifeline = None
-        if self._dir_lock is not None:
-            self._dir_lock.release()
-            self._dir_lock = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop what ``start`` started, last started first: the gRPC server (calls in flight get
+        ``grace`` seconds), the HTTP gateway, then the shards — flushed and closed in this
+        process, or SIGTERM to their processes — and the data directory's lock. Idempotent."""
+        await self._teardown.stop(grace)
 
 
 async def run_until_signalled(cluster: UpHost) -> None:

@@ -20,13 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 
 from oribus.contract import ShardService
 from oribus.errors import Unavailable
-from oribus.messages import (
-    Change,
-)
+from oribus.messages import Change, WatchRequest
 from oribus.meta.cluster_meta import ClusterMeta, ShardRecord
 from oribus.shards.service import ShardServiceByCalls
 
@@ -48,8 +46,7 @@ class UnregisteredShard(ShardServiceByCalls):
     async def _call(self, op: str, *params: object) -> object:
         raise self._down()
 
-    def watch(self, prefix: str = "", from_version: int | None = None, *,
-              after: Mapping[str, int] | None = None, since: float | None = None) -> AsyncIterator[Change]:
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         raise self._down()
 
     async def close(self) -> None:

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import aetcd
 import aetcd.exceptions
@@ -46,6 +47,7 @@ from oribus.meta.cluster_meta import (
 )
 
 log = logging.getLogger("oribus.meta.etcd")
+T = TypeVar("T")
 
 DEFAULT_CLUSTER = "oribus"
 
@@ -116,7 +118,7 @@ class EtcdMeta(ClusterMeta):
             return client
         raise Unavailable("etcd is unreachable: " + "; ".join(errors), endpoints=len(self.endpoints))
 
-    async def _call(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """One etcd call; a connection failure drops the client so the next call reconnects."""
         client = await self._etcd()
         try:
@@ -141,7 +143,7 @@ class EtcdMeta(ClusterMeta):
         key = self._key("config")
         value = json.dumps(config.to_dict()).encode()
 
-        async def txn(c: aetcd.Client):
+        async def txn(c: aetcd.Client) -> Any:
             return await c.transaction(
                 compare=[c.transactions.create(key) == 0],
                 success=[c.transactions.put(key, value)],
@@ -190,7 +192,7 @@ class EtcdMeta(ClusterMeta):
         try:
             while True:
                 try:
-                    now = await self.shards()
+                    now: dict[int, ShardRecord] | None = await self.shards()
                 except Unavailable as e:
                     log.error("etcd unreachable, keeping the shard map I have: %s", e.message)
                     now = last
@@ -230,7 +232,7 @@ class EtcdMeta(ClusterMeta):
         key = self._key("shards", shard_id)
         value = _shard_value(address, stream)
 
-        async def txn(c: aetcd.Client):
+        async def txn(c: aetcd.Client) -> Any:
             return await c.transaction(
                 compare=[c.transactions.create(key) == 0],
                 success=[c.transactions.put(key, value, lease=lease)],
@@ -291,7 +293,7 @@ class EtcdMeta(ClusterMeta):
         key = self._key("shards", claim.shard_id)
         value = _shard_value(address, stream)
 
-        async def txn(c: aetcd.Client):  # only while the claim is still ours (same create revision)
+        async def txn(c: aetcd.Client) -> Any:  # only while the claim is still ours (same create revision)
             return await c.transaction(
                 compare=[c.transactions.create(key) == claim.epoch],
                 success=[c.transactions.put(key, value, lease=lease)],
@@ -333,7 +335,11 @@ class EtcdMeta(ClusterMeta):
             await self._put_bus(record)
             return True
 
-        await self._refresh(lambda: self._bus_lease.id, expired,
+        def lease_id() -> int:
+            assert self._bus_lease is not None  # _put_bus took it before this task started
+            return self._bus_lease.id
+
+        await self._refresh(lease_id, expired,
                             lambda: f"cannot refresh the registration of bus {record.bus_id}")
 
     async def buses(self) -> dict[str, BusRecord]:
@@ -351,9 +357,10 @@ class EtcdMeta(ClusterMeta):
             self._keepalives.pop(sid).cancel()
         if self._bus_keepalive is not None:
             self._bus_keepalive.cancel()
-        if self._bus_lease is not None:
+        lease = self._bus_lease
+        if lease is not None:
             with contextlib.suppress(Exception):
-                await self._call(lambda c: c.revoke_lease(self._bus_lease.id))
+                await self._call(lambda c: c.revoke_lease(lease.id))
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.close()

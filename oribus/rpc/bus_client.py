@@ -9,7 +9,7 @@ embedded API and semantics. The simulated network has its own ``BusByCalls``.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,6 @@ from oribus.rpc import bus_codec, wire
 from oribus.rpc.mux_client import MuxClient
 from oribus.tls import TlsConfig, channel_credentials
 from oribus.types import SessionRef
-
-DEFAULT_ADDRESS = "127.0.0.1:7700"
 
 
 class BusByCalls(BusService):
@@ -56,8 +54,8 @@ class BusByCalls(BusService):
 class RemoteBus(BusByCalls):
     """A bus reached over gRPC at ``target`` (``HOST:PORT``); over mutual TLS with ``tls``."""
 
-    def __init__(self, target: str = DEFAULT_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0, tls: TlsConfig | str | Path | None = None) -> None:
+    def __init__(self, target: str = wire.DEFAULT_BUS_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
+                 timeout: float = wire.DEFAULT_CALL_TIMEOUT, tls: TlsConfig | str | Path | None = None) -> None:
         self.target = target
         cfg = TlsConfig.of(tls)
         if cfg is not None and credentials is None:
@@ -68,15 +66,8 @@ class RemoteBus(BusByCalls):
     async def _call(self, op: str, *params: Any) -> Any:
         return await self.mux.call_op(bus_codec.BUS_OPS, op, *params)
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        return self.mux.watch(WatchRequest(prefix, from_version, dict(after or {}), since))
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        return self.mux.watch(request)
 
     async def close(self) -> None:
         await self.mux.close()

@@ -28,9 +28,9 @@ which, e.g. ``WatchLagged``); the server closes the connection after it. A
 connection that ends without one, or a watch without its nil, was lost: the
 client fails what it had in flight with ``Unavailable``.
 
-Errors here: a frame over the limit or one whose body is not msgpack is a
-``FrameError`` (an ``InvalidRequest``); the server answers it with the error map
-and closes only that connection, after handling the frames before it.
+Errors here: a frame over the limit or one whose body is not msgpack is an
+``InvalidRequest``; the server answers it with the error map and closes only that
+connection, after handling the frames before it.
 """
 
 from __future__ import annotations
@@ -49,10 +49,6 @@ MAX_FRAME_BYTES = wire.MAX_MESSAGE_BYTES  # the same limit as a gRPC message
 MAGIC = "oribus-stream"
 VERSION = 1
 CALLS, WATCH = "calls", "watch"
-
-
-class FrameError(InvalidRequest):
-    """A frame that cannot be read: over the size limit, or not msgpack."""
 
 
 def frame(body: bytes) -> bytes:
@@ -98,7 +94,7 @@ def unpack_body(body: bytes) -> Any:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types
-        raise FrameError(f"malformed frame: {e}") from None
+        raise InvalidRequest(f"malformed frame: {e}") from None
 
 
 class FrameReader:
@@ -107,7 +103,7 @@ class FrameReader:
     ``feed(data)`` returns the bodies completed by ``data`` (possibly none); a
     partial frame waits for the next chunk. A length over ``limit`` is refused at
     once, before its body arrives: ``feed`` returns the frames before it and sets
-    ``error`` (a ``FrameError``); the stream is unusable from there on (every later
+    ``error`` (an ``InvalidRequest``); the stream is unusable from there on (every later
     ``feed`` raises it), so the caller handles those frames, then the error.
     """
 
@@ -115,7 +111,7 @@ class FrameReader:
 
     def __init__(self, limit: int = MAX_FRAME_BYTES) -> None:
         self.limit = limit
-        self.error: FrameError | None = None
+        self.error: InvalidRequest | None = None
         self._buffer = bytearray()
 
     @property
@@ -132,13 +128,13 @@ class FrameReader:
             view: bytes | bytearray = buf
         else:
             view = data  # the usual case: the chunk starts with a frame header, no copy first
-        bodies = []
+        bodies: list[bytes] = []
         pos, end = 0, len(view)
         unpack_from, limit = LENGTH.unpack_from, self.limit
         while end - pos >= 4:
             (size,) = unpack_from(view, pos)
             if size > limit:
-                self.error = FrameError(f"a frame of {size} bytes is over the limit of {limit} bytes")
+                self.error = InvalidRequest(f"a frame of {size} bytes is over the limit of {limit} bytes")
                 buf.clear()
                 return bodies
             stop = pos + 4 + size

@@ -8,6 +8,7 @@ inside a reply frame (``[call_id, ERROR, payload]``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -45,7 +46,10 @@ def error_from_grpc(e: grpc.RpcError) -> OribusError:
     code = e.code() if hasattr(e, "code") else None
     details = (e.details() if hasattr(e, "details") else None) or str(e)
     trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
-    for k, v in trailing or ():
+    # grpc's stubs type the items as a class of their own; grpc itself returns (key,
+    # value) pairs (its MetadataType) or None, and grpc.aio's Metadata yields pairs.
+    pairs: Iterable[tuple[str, str | bytes]] = trailing or ()  # type: ignore[assignment]
+    for k, v in pairs:
         if k == "oribus-error":  # the server named the exact error class
             return error_from_dict({"code": v, "message": details})
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):

@@ -22,7 +22,7 @@ import collections
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -47,7 +47,7 @@ class MuxClient:
         service: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
-        timeout: float = 30.0,
+        timeout: float = wire.DEFAULT_CALL_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
@@ -56,7 +56,7 @@ class MuxClient:
         self._credentials = credentials  # None: plaintext; else TLS (oribus.tls.channel_credentials)
         self._options = [*wire.CHANNEL_OPTIONS, *options]  # e.g. grpc.ssl_target_name_override
         self._channel: aio.Channel | None = None
-        self._call: Any = None
+        self._call: aio.StreamStreamCall[bytes, bytes] | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._outbox: list[list] = []
         self._wake = asyncio.Event()
@@ -90,7 +90,7 @@ class MuxClient:
                 return
             if self._closed:
                 raise Unavailable(f"connection to {self.target} is closed")
-            stream = self.channel.stream_stream(wire.method_path(self.service, wire.STREAM))
+            stream: aio.StreamStreamMultiCallable[bytes, bytes] = self.channel.stream_stream(wire.method_path(self.service, wire.STREAM))
             self._call = stream()
             self.counters["reconnects"] += 1
             call = self._call
@@ -118,7 +118,7 @@ class MuxClient:
             return payload
         grpc_status.raise_error(payload)
 
-    async def _writer(self, call: Any) -> None:
+    async def _writer(self, call: aio.StreamStreamCall[bytes, bytes]) -> None:
         try:
             while True:
                 await self._wake.wait()
@@ -136,12 +136,13 @@ class MuxClient:
         except Exception as e:
             self._broken(call, e)
 
-    async def _reader(self, call: Any) -> None:
+    async def _reader(self, call: aio.StreamStreamCall[bytes, bytes]) -> None:
         try:
             while True:
                 raw = await call.read()
                 if raw is aio.EOF:
                     raise Unavailable(f"{self.target} closed the stream")
+                assert isinstance(raw, bytes)  # no deserializer: bytes (grpc's stubs type EOF as object)
                 self.counters["messages_in"] += 1
                 for call_id, status, payload in wire.unpack(raw):
                     fut = self._pending.get(call_id)
@@ -152,7 +153,7 @@ class MuxClient:
         except Exception as e:
             self._broken(call, e)
 
-    def _broken(self, call: Any, e: BaseException) -> None:
+    def _broken(self, call: aio.StreamStreamCall[bytes, bytes], e: BaseException) -> None:
         if self._call is not call:
             return
         self._call = None
@@ -173,7 +174,7 @@ class MuxClient:
         with contextlib.suppress(Exception):
             call.cancel()
 
-    async def call_op(self, table: dict[str, wire.Op], op: str, *params: Any) -> Any:
+    async def call_op(self, table: Mapping[str, wire.Op], op: str, *params: Any) -> Any:
         """Call ``op`` of an operation table (bus_codec.BUS_OPS / SHARD_OPS) with Python params."""
         o = table[op]
         return o.dec_result(await self.call(op, o.enc_args(*params)))
@@ -210,13 +211,13 @@ class RemoteWatch:
     def __init__(self, client: MuxClient, request: WatchRequest) -> None:
         self._client = client
         self._request = request
-        self._call: Any = None
+        self._call: aio.UnaryStreamCall[bytes, bytes] | None = None
         self._buffer: collections.deque = collections.deque()
 
     async def subscribed(self) -> None:
         if self._call is not None:
             return
-        method = self._client.channel.unary_stream(wire.method_path(self._client.service, wire.WATCH))
+        method: aio.UnaryStreamMultiCallable[bytes, bytes] = self._client.channel.unary_stream(wire.method_path(self._client.service, wire.WATCH))
         self._call = method(wire.pack(self._request.to_wire()))
         try:
             self._buffer.extend(await self._read())  # the acknowledgement (normally empty)
@@ -224,6 +225,7 @@ class RemoteWatch:
             raise Unavailable(f"the watch on {self._client.target} ended before it was subscribed") from None
 
     async def _read(self) -> list:
+        assert self._call is not None, "subscribed() starts the call"
         try:
             raw = await self._call.read()
         except grpc.RpcError as e:
@@ -233,6 +235,7 @@ class RemoteWatch:
             raise err from None
         if raw is aio.EOF:
             raise StopAsyncIteration
+        assert isinstance(raw, bytes)  # as in MuxClient._reader
         return wire.unpack(raw)
 
     def __aiter__(self) -> RemoteWatch:

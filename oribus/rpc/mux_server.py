@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
@@ -26,7 +26,7 @@ WatchHandler = wire.WatchHandler
 
 
 def mux_handlers(
-    service: str, ops: dict[str, Handler], watch: WatchHandler | None = None,
+    service: str, ops: Mapping[str, Handler], watch: WatchHandler | None = None,
     counters: dict[str, int] | None = None,
 ) -> grpc.GenericRpcHandler:
     """gRPC handlers of ``service``: Stream (batched calls), Call (unary) and Watch.
@@ -76,8 +76,9 @@ def mux_handlers(
                     counted["messages_out"] += 1
                     yield wire.pack(batch)
                 if reader.done():
-                    if reader.exception() is not None:
-                        raise reader.exception()  # type: ignore[misc]
+                    error = reader.exception()
+                    if error is not None:
+                        raise error
                     if not running and not replies:
                         return
                     if running:
@@ -108,7 +109,7 @@ def mux_handlers(
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         stream: Any = None
         try:
-            stream = await watch(req)  # type: ignore[misc]
+            stream = await watch(req)
             yield wire.pack([])  # subscribed: the client may now rely on seeing every later change
             async for change in stream:
                 yield wire.pack([change.to_wire()])

@@ -9,16 +9,13 @@ picks one for a shard whose server may offer both.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
 
 from oribus.errors import InvalidRequest
-from oribus.messages import (
-    Change,
-    WatchRequest,
-)
+from oribus.messages import Change, WatchRequest
 from oribus.rpc import shard_codec, wire
 from oribus.rpc.mux_client import MuxClient
 from oribus.rpc.stream_client import StreamClient
@@ -60,15 +57,8 @@ class RemoteShardClient(ShardServiceByCalls):
             args[shard_codec.FENCE] = self.epoch
         return o.dec_result(await self.connection.call(op, args))
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
-        return self.connection.watch(WatchRequest(prefix, from_version, dict(after or {}), since))
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        return self.connection.watch(request)
 
     async def close(self) -> None:
         await self.connection.close()
@@ -80,7 +70,7 @@ class GrpcShardClient(RemoteShardClient):
     transport = "grpc"
 
     def __init__(self, shard_id: int, target: str, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = 30.0, epoch: int = 0, tls: TlsConfig | None = None) -> None:
+                 timeout: float = wire.DEFAULT_CALL_TIMEOUT, epoch: int = 0, tls: TlsConfig | None = None) -> None:
         if tls is not None and credentials is None:  # mutual TLS: present the client certificate
             credentials = channel_credentials(tls)
         self.mux = MuxClient(target, wire.SHARD_SERVICE, credentials=credentials, timeout=timeout,
@@ -93,7 +83,7 @@ class StreamShardClient(RemoteShardClient):
 
     transport = "stream"
 
-    def __init__(self, shard_id: int, target: str, *, timeout: float = 30.0, epoch: int = 0,
+    def __init__(self, shard_id: int, target: str, *, timeout: float = wire.DEFAULT_CALL_TIMEOUT, epoch: int = 0,
                  tls: TlsConfig | None = None) -> None:
         context = client_ssl_context(tls) if tls is not None else None
         server_name = tls.ssl_target_name_override if tls is not None else None
@@ -103,7 +93,7 @@ class StreamShardClient(RemoteShardClient):
 
 
 def shard_client(shard_id: int, address: str, stream_address: str = "", *, transport: str = DEFAULT_TRANSPORT,
-                 epoch: int = 0, tls: TlsConfig | None = None, timeout: float = 30.0) -> RemoteShardClient:
+                 epoch: int = 0, tls: TlsConfig | None = None, timeout: float = wire.DEFAULT_CALL_TIMEOUT) -> RemoteShardClient:
     """A client of the shard server whose gRPC listener is ``address`` and stream listener
     ``stream_address`` ("" if it has none): over the stream when ``transport`` is "stream"
     and the server has one, else over gRPC."""

@@ -45,6 +45,12 @@ from oribus.rpc.wire import (
     to_none,
     token_or_none,
 )
+from oribus.types import (
+    DEFAULT_SCAN_LIMIT,
+    DEFAULT_SESSIONS_LISTED,
+    MAX_KEYS_PER_REQUEST,
+    MAX_SESSIONS_LISTED,
+)
 
 
 def enc_read_request(r: ReadRequest) -> dict:
@@ -86,9 +92,9 @@ def dec_read_reply(v: list) -> ReadReply:
 
 
 def dec_scan_args(a: Any) -> tuple[str, str, int]:
-    limit = opt(a, "n", int, 1000)
-    if limit < 1 or limit > 10_000:
-        raise InvalidRequest("scan limit must be 1..10000")
+    limit = opt(a, "n", int, DEFAULT_SCAN_LIMIT)
+    if limit < 1 or limit > MAX_KEYS_PER_REQUEST:
+        raise InvalidRequest(f"scan limit must be 1..{MAX_KEYS_PER_REQUEST}")
     return opt(a, "p", str, ""), opt(a, "a", str, ""), limit
 
 
@@ -101,9 +107,9 @@ def dec_sessions(v: list) -> list:
 
 
 def _dec_limit(a: Any) -> tuple:
-    limit = opt(a, "n", int, 100)
-    if limit < 1 or limit > 10_000:
-        raise InvalidRequest("limit must be 1..10000")
+    limit = opt(a, "n", int, DEFAULT_SESSIONS_LISTED)
+    if limit < 1 or limit > MAX_SESSIONS_LISTED:
+        raise InvalidRequest(f"limit must be 1..{MAX_SESSIONS_LISTED}")
     return (limit,)
 
 
@@ -208,8 +214,8 @@ FENCE = "@epoch"
 # Operations of oribus.v1.Shard: each is a ShardService method of the same name.
 SHARD_OPS: dict[str, Op] = {
     "read": Op(enc_read_request, lambda a: (dec_read_request(a),), enc_read_reply, dec_read_reply),
-    "scan": Op(lambda p="", a="", n=1000: {"p": p, "a": a, "n": n}, dec_scan_args, enc_items, dec_items),
-    "sessions": Op(lambda n=100: {"n": n}, _dec_limit, enc_sessions, dec_sessions),
+    "scan": Op(lambda p="", a="", n=DEFAULT_SCAN_LIMIT: {"p": p, "a": a, "n": n}, dec_scan_args, enc_items, dec_items),
+    "sessions": Op(lambda n=DEFAULT_SESSIONS_LISTED: {"n": n}, _dec_limit, enc_sessions, dec_sessions),
     "prepare": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
     "commit_one_phase": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
     "decide": Op(_txn_args, dec_txn_args, enc_outcome, dec_outcome),

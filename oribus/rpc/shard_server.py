@@ -9,13 +9,15 @@ told ``--shard-transport grpc``, and for the standard health service the probes 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from oribus.contract import ensure_subscribed
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import Unavailable
+from oribus.messages import Change, WatchRequest
 from oribus.rpc import shard_codec, wire
 from oribus.rpc.mux_server import GrpcListener, mux_handlers
 from oribus.rpc.stream_server import StreamListener
@@ -93,7 +95,8 @@ class ShardServer:
     async def _stats(self, args: Any) -> Any:
         """The shard's stats plus its listeners' counters (calls and messages each way: how
         well the bus's calls are batched), under ``transport``."""
-        out = await self.shard.stats()  # type: ignore[union-attr]
+        assert self.shard is not None, "start() opens the shard before it serves"
+        out = await self.shard.stats()
         transport = {"grpc": dict(self._grpc_counters)}
         if self._stream is not None:
             transport["stream"] = dict(self._stream.counters)
@@ -123,9 +126,10 @@ class ShardServer:
         fenced.__name__ = handler.__name__
         return fenced
 
-    async def _watch(self, req):
+    async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         """The stream of one Watch RPC, subscribed before the server acknowledges it."""
-        stream = self.shard.watch(req.prefix, req.from_version, after=req.after, since=req.since)
+        assert self.shard is not None, "start() opens the shard before it serves"
+        stream = self.shard.watch(req)
         await ensure_subscribed(stream)
         return stream
 
@@ -137,8 +141,11 @@ class ShardServer:
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving (letting calls in flight finish), then flush and close the shard."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
         stops = [listener.stop(grace) for listener in (self._listener, self._stream) if listener is not None]
         await asyncio.gather(*stops)
         if self.shard is not None:

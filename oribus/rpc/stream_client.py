@@ -227,7 +227,7 @@ class _Connection(asyncio.Protocol):
                     return
             if self.reader.error is not None:  # after the frames that came before it
                 raise self.reader.error
-        except frames.FrameError as e:
+        except InvalidRequest as e:  # a frame this side cannot read (frames.FrameReader, unpack_body)
             self.abort(Unavailable(f"{self.client.target} sent a frame this client cannot read: {e.message}"))
 
     def _answer(self, value: Any) -> None:
@@ -410,9 +410,10 @@ class _Calls(_Connection):
             self._timer = None
         pending, self.pending = self.pending, {}
         self.outbox.clear()
+        error = self.error or Unavailable(f"connection to {self.client.target} ended")
         for fut, _, _ in pending.values():
             if not fut.done():
-                fut.set_exception(self.error)
+                fut.set_exception(error)
         if self.client._conn is self:  # noqa: SLF001 - the next call connects again
             self.client._conn = None  # noqa: SLF001
 

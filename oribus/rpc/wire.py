@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -54,6 +54,11 @@ log = logging.getLogger("oribus.rpc.wire")
 BUS_SERVICE = "oribus.v1.Bus"
 SHARD_SERVICE = "oribus.v1.Shard"
 STREAM, CALL, WATCH = "Stream", "Call", "Watch"
+
+# The bus's gRPC address when none is given: where ``oribus up`` and ``oribus bus`` listen
+# and where clients (``oribus.connect``, the command line) connect.
+DEFAULT_BUS_ADDRESS = "127.0.0.1:7700"
+DEFAULT_CALL_TIMEOUT = 30.0  # seconds a call waits for its reply before it fails with Unavailable
 
 MAX_MESSAGE_BYTES = 64 << 20  # a batch may carry several maximal values
 # gRPC options of both ends: messages up to that size, keepalive pings on idle connections
@@ -233,14 +238,15 @@ class Op:
 
     __slots__ = ("dec_args", "dec_result", "enc_args", "enc_result")
 
-    def __init__(self, enc_args, dec_args, enc_result, dec_result) -> None:  # noqa: ANN001
+    def __init__(self, enc_args: Callable[..., Any], dec_args: Callable[[Any], tuple],
+                 enc_result: Callable[[Any], Any], dec_result: Callable[[Any], Any]) -> None:
         self.enc_args = enc_args  # client: *params -> wire
         self.dec_args = dec_args  # server: wire -> tuple of params (raises InvalidRequest)
         self.enc_result = enc_result  # server: result -> wire
         self.dec_result = dec_result  # client: wire -> result
 
 
-def bind_ops(target: Any, table: dict[str, Op]) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+def bind_ops(target: Any, table: Mapping[str, Op]) -> dict[str, Callable[[Any], Awaitable[Any]]]:
     """Server side: op name -> handler(wire args) -> wire result, calling ``target.<op>``."""
 
     def bind(name: str, op: Op) -> Callable[[Any], Awaitable[Any]]:
@@ -266,7 +272,7 @@ def request_batch(batch: Any) -> list:
     return batch
 
 
-async def dispatch(ops: dict[str, Handler], call_id: Any, op: Any, args: Any) -> list:
+async def dispatch(ops: Mapping[str, Handler], call_id: Any, op: Any, args: Any) -> list:
     """Run one call; its reply ``[call_id, status, payload]``. Never raises but for cancellation:
     an error is the reply's payload (an unexpected exception an ``Internal`` error)."""
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.shards.wal import WalConfig
+from oribus.shards.watch import DEFAULT_QUEUE_LIMIT
 from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
 
 WAL_DIR = "wal"  # below a shard's data_dir
@@ -26,7 +27,7 @@ class ShardConfig:
     lock_wait_seconds: float = 1.0  # how long a one-phase commit waits for conflicting locks
     txn_expiry_seconds: float = 10.0  # a prepared transaction older than this is resolved via its primary
     max_resolved_txns: int = 100_000  # outcomes kept for idempotent retries of a commit id
-    watch_queue_limit: int = 10_000  # live changes queued per watcher; a fuller one is cut off (WatchLagged)
+    watch_queue_limit: int = DEFAULT_QUEUE_LIMIT  # live changes queued per watcher; a fuller one is cut off
     # Demo/testing only: skip the ORI version checks, so commits based on stale reads are
     # ACCEPTED (locks stay). ``oribus demo`` uses it to show what validation prevents.
     unsafe_disable_validation: bool = False

@@ -49,6 +49,7 @@ from oribus.messages import (
 )
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
+from oribus.types import SessionRef
 
 WalRecord = tuple[int, dict]
 
@@ -316,7 +317,9 @@ class Participant:
 
     def begin_one_phase(self, st: ShardTxn) -> Known | Refused | Pending:
         """Validate and lock; after ``Pending.record`` is durable call ``apply_commit``."""
-        return self._begin(st, one_phase=True)
+        result = self._begin(st, one_phase=True)
+        assert not isinstance(result, Nothing), "a one-phase commit always holds its writes"
+        return result
 
     # ---- two-phase commit --------------------------------------------------------
 
@@ -351,7 +354,8 @@ class Participant:
         """
         txn = self.known(txn_id)
         if txn is not None and txn.resolved:
-            return txn.state, None  # type: ignore[return-value]
+            assert txn.state is not None  # resolved: COMMITTED or ABORTED
+            return txn.state, None
         if txn is None or not commit:
             return TxnState.ABORTED, (int(RecordType.ABORT), {"i": txn_id})
         return TxnState.COMMITTED, (int(RecordType.COMMIT), {"i": txn_id})
@@ -382,7 +386,7 @@ class Participant:
         """Release a prepared transaction, or leave an ABORTED tombstone for an unknown one."""
         txn = self.known(txn_id)
         if txn is None:
-            txn = Txn(txn_id, ("", ""))  # type: ignore[arg-type]
+            txn = Txn(txn_id, SessionRef("", ""))
             txn.transition(TxnState.ABORTED)
             self._remember(txn)
             return TxnOutcome(TxnState.ABORTED)
@@ -409,7 +413,8 @@ class Participant:
         if txn.state is TxnState.COMMITTED:
             inc = self.dlog.incarnation_of(txn.session)
             return TxnOutcome(TxnState.COMMITTED, txn.versions, token=None if inc is None else (self.epoch, inc))
-        return TxnOutcome(txn.state)  # type: ignore[arg-type]
+        assert txn.state is not None  # every known transaction has a state
+        return TxnOutcome(txn.state)
 
     def _remember(self, txn: Txn, *, released: bool = False) -> None:
         if (

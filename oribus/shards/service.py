@@ -23,7 +23,7 @@ from oribus.messages import (
     TxnStatus,
     Vote,
 )
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
 
 class ShardServiceByCalls(ShardService):
@@ -38,10 +38,12 @@ class ShardServiceByCalls(ShardService):
     async def read(self, req: ReadRequest) -> ReadReply:
         return await self._call("read", req)
 
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         return await self._call("scan", prefix, after, limit)
 
-    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+    async def sessions(
+        self, limit: int = DEFAULT_SESSIONS_LISTED
+    ) -> list[tuple[SessionRef, dict[str, int], float]]:
         return await self._call("sessions", limit)
 
     async def prepare(self, txn: ShardTxn) -> Vote:

@@ -22,7 +22,9 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 import msgpack
 
@@ -50,16 +52,48 @@ from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
-from oribus.shards.wal import Wal, load_latest_snapshot, write_snapshot
+from oribus.shards.wal import Wal, WalConfig, load_latest_snapshot, write_snapshot
 from oribus.shards.watch import Watcher, changes_of, plan_replay
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
-_SCAN_SESSION = ("oribus", "scan")  # scans record nothing; a read needs some session
+_SCAN_SESSION = SessionRef("oribus", "scan")  # scans record nothing; a read needs some session
 
 log = logging.getLogger("oribus.shard")
 
-# Asks a transaction's primary for its outcome and finishes it here.
-Resolver = Callable[[int, Txn], Awaitable[None]]
+# Asks a transaction's primary for its outcome and finishes it here (``Coordinator.recover``).
+Resolver = Callable[[int, TxnRef], Awaitable[object]]
+
+
+class ShardWal(Protocol):
+    """The append side of a WAL as a shard uses it: ``Wal``, or the simulator's ``SimWal``."""
+
+    on_new_segment: Callable[[int], None] | None  # called with a full segment's last LSN
+
+    @property
+    def last_lsn(self) -> int: ...
+    @property
+    def durable_lsn(self) -> int: ...
+    @property
+    def stats(self) -> dict[str, float]: ...
+    def append(self, rtype: int, body: Any) -> int: ...
+    async def sync(self, lsn: int | None = None) -> None: ...
+    def roll(self) -> None: ...
+    def remove_segments_before(self, lsn: int) -> int: ...
+    async def close(self) -> None: ...
+
+
+class WalOpener(Protocol):
+    """``Wal.open``: the recovery scan through ``on_record``, then the append side."""
+
+    def __call__(self, directory: Path, config: WalConfig | None = None, *, replay_from_lsn: int = 1,
+                 on_record: Callable[[int, int, Any], None] | None = None, metrics_label: str = "",
+                 require_lsn: int = 0) -> ShardWal: ...
+
+
+class ManifestWriter(Protocol):
+    """``write_manifest``: atomic, fsynced unless ``fsync=False``."""
+
+    def __call__(self, shard_dir: Path, manifest: ShardManifest, /, *, fsync: bool = True) -> None: ...
 
 
 class Shard(ShardService):
@@ -70,11 +104,12 @@ class Shard(ShardService):
     # ``__init__`` (``oribus.sim.harness.SimShard``). Real shards keep these defaults:
     # the monotonic clock and the WAL and snapshot files below ``data_dir``.
     clock: Callable[[], float] = staticmethod(time.monotonic)  # deadlines, transaction ages, session TTL
-    open_wal = staticmethod(Wal.open)  # recovery scan + the append side (``Wal.open``'s signature)
-    load_snapshot_file = staticmethod(load_latest_snapshot)  # (snapshot_dir) -> (lsn, raw) | None
-    write_snapshot_file = staticmethod(write_snapshot)  # (snapshot_dir, lsn, raw); durable on return
-    read_manifest_file = staticmethod(read_manifest)  # (data_dir) -> ShardManifest | None
-    write_manifest_file = staticmethod(write_manifest)  # (data_dir, manifest, fsync=); atomic
+    open_wal: WalOpener = staticmethod(Wal.open)  # recovery scan + the append side
+    # (snapshot_dir) -> (lsn, raw) | None
+    load_snapshot_file: Callable[[Path], tuple[int, Any] | None] = staticmethod(load_latest_snapshot)
+    write_snapshot_file: Callable[[Path, int, Any], object] = staticmethod(write_snapshot)  # durable on return
+    read_manifest_file: Callable[[Path], ShardManifest | None] = staticmethod(read_manifest)  # (data_dir)
+    write_manifest_file: ManifestWriter = staticmethod(write_manifest)  # (data_dir, manifest, fsync=); atomic
 
     def __init__(self, config: ShardConfig, epoch: int) -> None:
         self.config = config
@@ -91,7 +126,7 @@ class Shard(ShardService):
             clock=self.clock,
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
-        self.wal: Wal | None = None
+        self.wal: ShardWal | None = None
         self._dir_lock: DataDirLock | None = None  # held (and released on close) when ``open`` took it
         self.resolver: Resolver | None = None
         self._waiters: dict[str, asyncio.Future[None]] = {}
@@ -213,7 +248,7 @@ class Shard(ShardService):
 
     # ---- helpers ---------------------------------------------------------------
 
-    def _check_open(self) -> Wal:
+    def _check_open(self) -> ShardWal:
         if self._closed or self.wal is None:
             raise Unavailable(f"shard {self.shard_id} is closed", shard=self.shard_id)
         return self.wal
@@ -248,10 +283,10 @@ class Shard(ShardService):
         watchers never see an aborted or refused write.
         """
         txn = self.core.known(txn_id)
-        applying = txn is not None and txn.state is TxnState.PREPARED
+        applying = txn if txn is not None and txn.state is TxnState.PREPARED else None
         outcome = self.core.apply_commit(txn_id)
-        if applying and self._watchers and outcome.state is TxnState.COMMITTED:
-            self._publish(changes_of(txn))  # type: ignore[arg-type]
+        if applying is not None and self._watchers and outcome.state is TxnState.COMMITTED:
+            self._publish(changes_of(applying))
         return outcome
 
     def _publish(self, changes: list[Change]) -> None:
@@ -275,7 +310,8 @@ class Shard(ShardService):
         loop = asyncio.get_running_loop()
         futs = []
         for t in txn_ids:
-            if self.core.known(t) is None or self.core.known(t).resolved:  # type: ignore[union-attr]
+            known = self.core.known(t)
+            if known is None or known.resolved:
                 continue
             fut = self._waiters.get(t)
             if fut is None:
@@ -344,7 +380,7 @@ class Shard(ShardService):
             txn = self.core.prepared.get(t)
             if txn is not None and not txn.one_phase and self.resolver is not None:
                 with contextlib.suppress(OribusError):
-                    await self.resolver(self.shard_id, txn)
+                    await self.resolver(self.shard_id, TxnRef(txn.txn_id, txn.primary, txn.participants))
 
     # ---- commits -----------------------------------------------------------------
 
@@ -515,14 +551,7 @@ class Shard(ShardService):
 
     # ---- watch -----------------------------------------------------------------------
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         """Replay the kept versions asked for, then stream changes as they become visible.
 
         Registration and the replay plan happen now, in one step (see
@@ -530,14 +559,13 @@ class Shard(ShardService):
         returns is streamed.
         """
         self._check_open()
-        req = WatchRequest(prefix, from_version, dict(after or {}), since).validate()
         watcher = Watcher(
-            prefix, shard_id=self.shard_id, limit=self.config.watch_queue_limit,
+            request.prefix, shard_id=self.shard_id, limit=self.config.watch_queue_limit,
             detach=self._detach_watcher,
         )
         self._watchers.add(watcher)  # subscribe first: from here on every visible change is queued
         try:
-            watcher.set_replay(plan_replay(self.store, req))
+            watcher.set_replay(plan_replay(self.store, request))
         except BaseException:
             self._watchers.discard(watcher)
             raise
@@ -545,7 +573,7 @@ class Shard(ShardService):
 
     # ---- other operations ----------------------------------------------------------
 
-    async def scan(self, prefix: str = "", after: str = "", limit: int = 1000) -> list[ReadItem]:
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         self._check_open()
         keys = self.store.live_keys_page(prefix, after, limit)
         if not keys:
@@ -554,7 +582,9 @@ class Shard(ShardService):
         reply = await self.read(ReadRequest(_SCAN_SESSION, keys, record=False, detail=True))
         return [i for i in reply.items if i.value is not None]
 
-    async def sessions(self, limit: int = 100) -> list[tuple[SessionRef, dict[str, int], float]]:
+    async def sessions(
+        self, limit: int = DEFAULT_SESSIONS_LISTED
+    ) -> list[tuple[SessionRef, dict[str, int], float]]:
         return self.dlog.recent_sessions(limit)
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:

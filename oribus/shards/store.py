@@ -1,6 +1,6 @@
 """The versioned key/value store of one shard (in memory; the WAL makes it durable).
 
-Each key keeps its last H versions (``history_limit``, default 100), newest
+Each key keeps its last H versions (``history_limit``, ``types.DEFAULT_HISTORY_LIMIT``), newest
 last; the newest is the current value. A key that was never written reads as
 version 0 with no value; a delete is a version of its own with no value.
 
@@ -19,10 +19,11 @@ from oribus.contract import Entry
 from oribus.types import DEFAULT_HISTORY_LIMIT, SessionRef
 
 
-class _History(deque):
+class _History(deque[Entry]):
     """A key's versions, oldest first, remembering the canonical key object."""
 
     __slots__ = ("key",)
+    key: str
 
 
 class VersionedStore:

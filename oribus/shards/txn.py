@@ -122,6 +122,7 @@ class Txn:
         if self.state is TxnState.PREPARED:
             return [self.state.value, self.prepare_body()]
         # resolved transactions keep only what idempotent retries and recovery need
+        assert self.state is not None, f"transaction {self.txn_id} is snapshotted before it has a state"
         body = {
             "i": self.txn_id,
             "s": list(self.session),

@@ -32,7 +32,7 @@ from oribus.messages import Change, WatchRequest
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import Txn
 
-DEFAULT_QUEUE_LIMIT = 10_000
+DEFAULT_QUEUE_LIMIT = 10_000  # live changes queued per watcher; a fuller one is cut off (WatchLagged)
 
 
 def change_from_entry(key: str, e: Entry) -> Change:

@@ -153,6 +153,7 @@ class SimWal(GroupCommit):
         self._closed = False
         self._records = 0
         self._batches = 0
+        self.on_new_segment: Callable[[int], None] | None = None  # never called: no segments here
 
     @property
     def stats(self) -> dict[str, float]:

@@ -71,12 +71,12 @@ class SimShard(Shard):
 
     def __init__(self, config: ShardConfig, epoch: int, disk: SimDisk, clock: Callable[[], float]) -> None:
         # set before Shard.__init__: the participant and the delivery log take the clock there
-        self.clock = clock  # type: ignore[method-assign]
-        self.open_wal = disk.open_wal  # type: ignore[method-assign]
-        self.load_snapshot_file = disk.load_snapshot  # type: ignore[method-assign]
-        self.write_snapshot_file = disk.write_snapshot  # type: ignore[method-assign]
-        self.read_manifest_file = disk.read_manifest  # type: ignore[method-assign]
-        self.write_manifest_file = disk.write_manifest  # type: ignore[method-assign]
+        self.clock = clock
+        self.open_wal = disk.open_wal
+        self.load_snapshot_file = disk.load_snapshot
+        self.write_snapshot_file = disk.write_snapshot
+        self.read_manifest_file = disk.read_manifest
+        self.write_manifest_file = disk.write_manifest
         super().__init__(config, epoch)
 
 

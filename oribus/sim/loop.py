@@ -44,9 +44,11 @@ import asyncio
 import contextvars
 import selectors
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from concurrent.futures import Executor
+from typing import Any, TypeVar, TypeVarTuple
 
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 _process: contextvars.ContextVar[Process | None] = contextvars.ContextVar("oribus_sim_process", default=None)
 
@@ -161,7 +163,7 @@ class SimLoop(asyncio.SelectorEventLoop):
     def _advance(self, seconds: float) -> None:
         self._now += seconds
 
-    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    def run_in_executor(self, executor: Executor | None, func: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
         """Run ``func(*args)`` now, on this thread; return a done future with its result."""
         fut: asyncio.Future[T] = self.create_future()
         try:
@@ -172,7 +174,7 @@ class SimLoop(asyncio.SelectorEventLoop):
             fut.set_exception(e)
         return fut
 
-    def create_task(self, coro: Any, *, name: str | None = None, context: contextvars.Context | None = None) -> asyncio.Task:
+    def create_task(self, coro: Any, *, name: object = None, context: contextvars.Context | None = None) -> asyncio.Task:
         task = super().create_task(coro, name=name, context=context)
         owner = context.get(_process) if context is not None else _process.get()
         if owner is not None:

@@ -48,14 +48,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from oribus.errors import InvalidRequest, OribusError, Unavailable
-from oribus.messages import (
-    Change,
-)
+from oribus.messages import Change, WatchRequest
 from oribus.rpc import bus_codec, grpc_status, shard_codec, wire
 from oribus.rpc.bus_client import BusByCalls
 from oribus.shards.service import ShardServiceByCalls
@@ -259,14 +257,7 @@ class SimShardClient(ShardServiceByCalls):
     async def _call(self, op: str, *params: Any) -> Any:
         return await self.network.call(self.src, self.endpoint, shard_codec.SHARD_OPS, op, *params)
 
-    def watch(
-        self,
-        prefix: str = "",
-        from_version: int | None = None,
-        *,
-        after: Mapping[str, int] | None = None,
-        since: float | None = None,
-    ) -> AsyncIterator[Change]:
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         raise InvalidRequest("watch is not simulated")
 
 
@@ -281,5 +272,5 @@ class SimBusClient(BusByCalls):
     async def _call(self, op: str, *params: Any) -> Any:
         return await self.network.call(self.src, self.endpoint, bus_codec.BUS_OPS, op, *params)
 
-    def watch(self, *args: Any, **kwargs: Any) -> AsyncIterator[Change]:
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         raise InvalidRequest("watch is not simulated")

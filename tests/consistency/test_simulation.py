@@ -268,7 +268,7 @@ def test_retried_commit_id_never_commits_past_an_earlier_abort() -> None:
         client = cluster.session(1)._bus
         req = CommitRequest(
             session=("agent-1", "retrier"), commit_id="T",
-            writes={a: encode_value("a1", 1 << 20), b: encode_value("b1", 1 << 20)},
+            writes={a: encode_value("a1"), b: encode_value("b1")},
             expect={b: 0},  # stale on shard 1: its vote is NO
             scope=Scope.TRANSACTION, complete_tokens=True,
         )
@@ -313,7 +313,7 @@ def test_refused_commit_id_stays_refused() -> None:
         await other.put("x", "v1")
         assert (await agent.get("x")).version == 1
         await other.put("x", "v2")  # the agent's read is stale now
-        req = agent._request("C", writes={"x": encode_value("from v1", 1 << 20)})
+        req = agent._request("C", writes={"x": encode_value("from v1")})
         try:
             await agent._bus.commit(req)
             raise AssertionError("a stale commit passed")
@@ -358,7 +358,7 @@ def test_acknowledged_two_phase_commit_reports_every_written_version() -> None:
         participant.finish = die_before_finishing
         req = CommitRequest(
             session=("agent-1", "writer"), commit_id="T",
-            writes={a: encode_value("a1", 1 << 20), b: encode_value("b1", 1 << 20)},
+            writes={a: encode_value("a1"), b: encode_value("b1")},
             scope=Scope.TRANSACTION, complete_tokens=True,
         )
         result = await cluster.session(1)._bus.commit(req)
@@ -392,7 +392,7 @@ def test_retried_commit_id_reports_every_written_version() -> None:
         client = cluster.session(1)._bus
         req = CommitRequest(
             session=("agent-1", "retrier"), commit_id="T",
-            writes={a: encode_value("a1", 1 << 20), b: encode_value("b1", 1 << 20)},
+            writes={a: encode_value("a1"), b: encode_value("b1")},
             scope=Scope.TRANSACTION, complete_tokens=True,
         )
         try:

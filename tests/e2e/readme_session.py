@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from processes import health_status  # noqa: E402
 
-from oribus.cli import DEFAULT_ADDR  # noqa: E402
+from oribus.rpc.wire import DEFAULT_BUS_ADDRESS  # noqa: E402
 
 SERVERS = {"up", "shard", "bus"}
 SERVING = 1  # grpc.health.v1.HealthCheckResponse.SERVING
@@ -92,7 +92,7 @@ class Background:
     def wait_ready(self, cwd: Path) -> str | None:
         """None once ready; else what went wrong."""
         deadline = time.monotonic() + START_TIMEOUT
-        address = option(self.argv, "--listen", DEFAULT_ADDR)
+        address = option(self.argv, "--listen", DEFAULT_BUS_ADDRESS)
         tls = option(self.argv, "--tls-dir")
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

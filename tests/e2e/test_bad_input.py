@@ -22,6 +22,7 @@ from processes import health_status, run_cli
 
 import oribus
 from oribus.rpc import wire
+from oribus.types import DEFAULT_MAX_VALUE_BYTES
 
 CALL = wire.method_path(wire.BUS_SERVICE, wire.CALL)
 STREAM = wire.method_path(wire.BUS_SERVICE, wire.STREAM)
@@ -30,7 +31,7 @@ WATCH = wire.method_path(wire.BUS_SERVICE, wire.WATCH)
 SESSION = ["mallory", "s1"]
 TARGET = "bad-input/target"  # every bad call aims at this key; it must stay absent
 SENTINEL = "bad-input/sentinel"  # written once before; must keep its value and version
-ONE_MIB = 1 << 20
+VALUE_LIMIT = DEFAULT_MAX_VALUE_BYTES  # the servers run with the default
 
 
 def pack(obj) -> bytes:
@@ -139,12 +140,12 @@ BAD_CALLS = {
     ),
     "commit: value over 1 MiB": (
         "commit",
-        commit_args(w={TARGET: value(b"x" * (ONE_MIB + 1))}),
+        commit_args(w={TARGET: value(b"x" * (VALUE_LIMIT + 1))}),
         "ValueTooLarge",
     ),
     "commit: oversized value next to a good one": (
         "commit",
-        commit_args(w={SENTINEL: value("overwritten"), TARGET: value([0] * (ONE_MIB + 64))}),
+        commit_args(w={SENTINEL: value("overwritten"), TARGET: value([0] * (VALUE_LIMIT + 64))}),
         "ValueTooLarge",
     ),
     "commit: value bytes that are not msgpack": (
@@ -237,11 +238,11 @@ def test_bad_arguments_get_an_error_reply(server, channel, case):
 
 
 def test_value_too_large_says_how_large(server, channel):
-    raw = value(b"\x01" * ONE_MIB)  # a bin of exactly 1 MiB: with its header, just over
+    raw = value(b"\x01" * VALUE_LIMIT)  # a bin of exactly the limit: with its header, just over
     size = len(raw)
     _, status, error = unary(channel, pack([1, "commit", fresh(commit_args(w={TARGET: raw}))]))
     assert status == wire.ERROR and error["code"] == "ValueTooLarge"
-    assert error["details"]["size"] == size and error["details"]["limit"] == ONE_MIB
+    assert error["details"]["size"] == size and error["details"]["limit"] == VALUE_LIMIT
     assert_nothing_changed(server)
 
 
@@ -290,7 +291,7 @@ def test_bad_calls_in_a_stream_batch_get_error_replies(server, channel):
 
 def test_oversized_value_in_a_stream_is_refused(server, channel):
     frames = stream(
-        channel, [pack([[5, "commit", fresh(commit_args(w={TARGET: value("y" * (ONE_MIB + 1))}))]])]
+        channel, [pack([[5, "commit", fresh(commit_args(w={TARGET: value("y" * (VALUE_LIMIT + 1))}))]])]
     )
     assert len(frames) == 1
     call_id, status, error = frames[0]

@@ -22,11 +22,14 @@ from typing import Any
 import pytest
 from processes import up
 
+from oribus.gateway import GatewayConfig
+from oribus.types import DEFAULT_MAX_VALUE_BYTES
+
 TARGET = "bad/target"  # every bad request aims at it; it must stay at version 0, "t0"
 SENTINEL = "bad/sentinel"  # a key for read_set entries; never changes
 GOOD = "bad/good"  # the good commit after every case writes it
-ONE_MIB = 1 << 20
-MAX_BODY = 4 << 20  # the gateway's default --max-body
+VALUE_LIMIT = DEFAULT_MAX_VALUE_BYTES  # the servers run with the default
+MAX_BODY = GatewayConfig.max_body_bytes  # the servers run with the default
 NO_BODY = object()
 
 
@@ -241,9 +244,9 @@ CASES = {
     "commit: body over --max-body": ("POST", "/commit/v2", b'{"delta": "' + b"x" * MAX_BODY + b'"}', 413,
                                      "BodyTooLarge"),
     "create: body over --max-body": ("POST", "/shard", b" " * (MAX_BODY + 1), 413, "BodyTooLarge"),
-    "commit: delta over the value limit": ("POST", "/commit/v2", commit(delta="x" * (ONE_MIB + 1)), 413,
+    "commit: delta over the value limit": ("POST", "/commit/v2", commit(delta="x" * (VALUE_LIMIT + 1)), 413,
                                            "DeltaTooLarge"),
-    "create: content over the value limit": ("POST", "/shard", create(content="x" * (ONE_MIB + 1)), 413,
+    "create: content over the value limit": ("POST", "/shard", create(content="x" * (VALUE_LIMIT + 1)), 413,
                                              "DeltaTooLarge"),
     # ---- unknown routes, wrong methods
     "unknown route": ("GET", "/nope", NO_BODY, 404, "NotFound"),
@@ -299,7 +302,7 @@ CASES = {
                                            400, "InvalidRequest"),
     "v1 commit: bad $bytes": ("POST", "/v1/commit", native(writes={TARGET: {"$bytes": "!!"}}), 400,
                               "InvalidRequest"),
-    "v1 commit: value over the limit": ("POST", "/v1/commit", native(writes={TARGET: "x" * (ONE_MIB + 1)}),
+    "v1 commit: value over the limit": ("POST", "/v1/commit", native(writes={TARGET: "x" * (VALUE_LIMIT + 1)}),
                                         413, "ValueTooLarge"),
     "v1 commit: body over --max-body": ("POST", "/v1/commit", b"[" + b" " * MAX_BODY + b"]", 413,
                                         "BodyTooLarge"),
@@ -377,7 +380,7 @@ def test_sbus_max_delta(cluster, tmp_path):
     assert status == 201, got
 
     before = snapshot(address)
-    for delta in ("d" * 101, "d" * (ONE_MIB + 1)):
+    for delta in ("d" * 101, "d" * (VALUE_LIMIT + 1)):
         status, got = call(address, "POST", "/commit/v2",
                            {"key": "delta/k", "expected_version": 0, "delta": delta, "agent_id": "a"})
         assert (status, got["error"], got["key"], got["len"], got["max"]) == (

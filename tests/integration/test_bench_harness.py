@@ -25,6 +25,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from harness.audit import History, audit  # noqa: E402
+from harness.cpu import CpuMeter, session_cpu_seconds  # noqa: E402
 from harness.runner import RunOptions, run_point  # noqa: E402
 from harness.workloads import KeyPicker, Point, key_name  # noqa: E402
 from peers.base import Outcome  # noqa: E402
@@ -62,6 +63,8 @@ def test_compare_embedded_writes_results_and_passes_audit(tmp_path: Path) -> Non
         assert r["committed"] > 0 and r["committed_per_s"] > 0
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert len(r["latency_cdf_ms"]) == 101
+        # the embedded engine runs in the harness's process: its CPU is the client's
+        assert r["cpu_ms_per_op"] > 0 and r["client_cpu"] > 0 and r["server_cpu"] == 0
     step = runs["agent-step/0"]
     assert step["audit"]["acknowledged"] >= step["committed"]
     assert step["audit"]["lost_updates"] == step["audit"]["stale_commits"] == 0
@@ -76,6 +79,36 @@ def test_compare_embedded_writes_results_and_passes_audit(tmp_path: Path) -> Non
     machine = (out / "machine.md").read_text()
     assert "CPU:" in machine and "fdatasync" in machine and "oribus-embedded" in machine
     assert not list(tmp_path.glob("oribus-compare-*")), "the work directory was left behind"
+
+
+def test_cpu_meter_counts_a_server_session_and_nothing_else() -> None:
+    # a busy child in a session of its own (as ServerProcess starts servers), an idle one,
+    # and one that ends during the window (its CPU must not count negative)
+    spin = "while True: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    brief = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+    try:
+        time.sleep(0.3)  # all past their start-up
+        meter = CpuMeter({busy.pid})
+        idle_meter = CpuMeter({idle.pid})
+        ended_meter = CpuMeter({brief.pid})
+        for m in (meter, idle_meter, ended_meter):
+            m.start()
+        brief.kill()
+        brief.wait()
+        time.sleep(0.6)
+        for m in (meter, idle_meter, ended_meter):
+            m.stop()
+    finally:
+        for p in (busy, idle, brief):
+            p.kill()
+            p.wait()
+    assert meter.server > 0.1  # most of 0.6 s of spinning, shared with whatever else runs
+    assert idle_meter.server < 0.05
+    assert ended_meter.server == 0.0
+    assert session_cpu_seconds({idle.pid}) == 0.0  # gone: nothing left to count
+    assert meter.other >= 0.0
 
 
 # ---- the audit catches what a broken backend does ------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import oribus
 from oribus.certs import init_certs
 from oribus.hosts.up import UpHost
+from oribus.messages import WatchRequest
 from oribus.rpc.bus_client import RemoteBus
 from oribus.tls import TlsConfig
 
@@ -43,6 +44,6 @@ async def test_a_plain_client_is_refused(tls_cluster):
     remote = RemoteBus(cluster.address, timeout=5)  # a raw watch: the SDK's would retry
     try:
         with pytest.raises(oribus.Unavailable, match="requires TLS"):
-            await remote.watch("tls/").subscribed()
+            await remote.watch(WatchRequest("tls/")).subscribed()
     finally:
         await remote.close()

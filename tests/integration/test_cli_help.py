@@ -83,6 +83,12 @@ def test_put_of_an_unquoted_string_says_how_to_quote_it(capsys):
     assert err["message"].endswith("""to store the string hello, quote it: oribus put k '"hello"'""")
 
 
+def test_cluster_init_without_an_etcd_address_says_so(capsys):
+    # --etcd is required, but an empty one names no cluster: a clear refusal, not a traceback
+    assert main(["cluster", "init", "--shards", "2", "--etcd", ""]) == 2
+    assert capsys.readouterr().err.strip() == "oribus cluster init needs --etcd URL"
+
+
 def test_up_processes_starts_one_shard_per_core(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
     assert UpHost(tmp_path / "p", processes=True).config.shards == 3

@@ -10,6 +10,7 @@ import pytest
 import oribus
 from oribus import DELETE, Conflict, InvalidRequest, SessionExpired
 from oribus.hosts.up import UpHost
+from oribus.types import DEFAULT_MAX_VALUE_BYTES
 
 
 def bus_engine(session: oribus.AsyncSession):
@@ -355,7 +356,7 @@ async def test_a_commit_over_the_request_limit_is_refused_clearly(data_dir):
     from oribus.client.session import MAX_COMMIT_BYTES
 
     async with oribus.open_local(data_dir, shards=1, agent="big") as b:
-        value = b"x" * ((1 << 20) - 64)  # just under the value limit each
+        value = b"x" * (DEFAULT_MAX_VALUE_BYTES - 64)  # just under the value limit each
         n = MAX_COMMIT_BYTES // len(value) + 1
         with pytest.raises(InvalidRequest, match="split it"):
             await b.commit({f"big/{i}": value for i in range(n)})

@@ -182,6 +182,17 @@ async def test_a_reset_by_another_caller_never_lets_a_stale_commit_pass(served, 
     assert st == 410
 
 
+async def test_a_refusal_names_the_session_as_agent_slash_session(served):
+    """An HTTP session is named in errors as every other session is (agent/session)."""
+    _, _, http = served
+    await call(http, "POST", "/v1/get", json={"agent": "named", "session": "s1", "keys": ["n/k"]})
+    st, out = await call(http, "POST", "/v1/reset", json={"agent": "named", "session": "s1"})
+    assert out["next_commit_refused"] is True  # not the owner: marked
+    st, out = await call(http, "POST", "/v1/commit", json={"agent": "named", "session": "s1", "writes": {"n/k": 1}})
+    assert st == 410 and out["details"]["session"] == "named/s1", out
+    assert out["message"].startswith("session named/s1 may have lost reads"), out
+
+
 async def test_a_reset_before_any_read_costs_nothing(served):
     """Resetting a session that tracks no reads has nothing to protect: no refusal follows."""
     _, _, http = served

@@ -11,7 +11,7 @@ from oribus.bus.bus import Bus
 from oribus.certs import init_certs
 from oribus.client.session import AsyncSession
 from oribus.errors import Unavailable
-from oribus.messages import ReadRequest
+from oribus.messages import ReadRequest, WatchRequest
 from oribus.meta.slots import StaticSlotMap
 from oribus.rpc.shard_client import GrpcShardClient, StreamShardClient, shard_client
 from oribus.rpc.shard_server import ShardServer
@@ -52,7 +52,7 @@ async def test_a_bus_over_stream_listeners(tmp_path):
     a, b = keys_on(0, 1)[0], keys_on(1, 1)[0]
     try:
         s = AsyncSession(bus, "agent")
-        watch = bus.watch("k/")
+        watch = bus.watch(WatchRequest("k/"))
         first = asyncio.ensure_future(watch.__anext__())
         await asyncio.sleep(0.1)  # the watch subscribes on both shards
         assert await s.put(a, 1) == 1  # one phase

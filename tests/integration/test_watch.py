@@ -12,6 +12,7 @@ import pytest
 import oribus
 from oribus import DELETE, Conflict, HistoryTruncated, WatchEvent, WatchLagged
 from oribus.bus import watch as bus_watch
+from oribus.messages import WatchRequest
 
 # ---- helpers -----------------------------------------------------------------------------
 
@@ -286,7 +287,7 @@ async def test_slow_watcher_is_cut_off_without_blocking_commits(data_dir):
     async with oribus.open_local(
         data_dir, shards=1, agent="w", shard_overrides={"watch_queue_limit": 20}
     ) as bus:
-        raw = bus_of(bus).watch("s/")  # the bus's own stream: no resuming
+        raw = bus_of(bus).watch(WatchRequest("s/"))  # the bus's own stream: no resuming
         start = time.monotonic()
         for i in range(100):
             await bus.put(f"s/k{i % 5}", i)  # nobody consumes: commits must not wait
@@ -359,7 +360,7 @@ async def test_resume_uses_per_key_positions(data_dir):
         for v in range(30):
             await bus.put("q/busy", v)
         await bus.put("q/quiet", "x")
-        raw = bus_of(bus).watch("q/", None, after={"q/busy": 28, "q/quiet": 1})
+        raw = bus_of(bus).watch(WatchRequest("q/", after={"q/busy": 28, "q/quiet": 1}))
         await bus.put("q/quiet", "y")
         got = [await asyncio.wait_for(raw.__anext__(), 5) for _ in range(3)]
         await raw.aclose()
@@ -369,7 +370,7 @@ async def test_resume_uses_per_key_positions(data_dir):
         ]
         # a global from_version of 1 would need q/busy's versions 2.., long gone
         with pytest.raises(HistoryTruncated):
-            bus_of(bus).watch("q/", 1)
+            bus_of(bus).watch(WatchRequest("q/", 1))
 
 
 # ---- closing ---------------------------------------------------------------------------------------

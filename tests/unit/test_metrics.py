@@ -319,3 +319,68 @@ async def test_a_failing_or_hung_shard_is_reported_down(data_dir, monkeypatch):
         assert ("oribus_keys", frozenset({("shard", "0")})) in s
     finally:
         await engine.close()
+
+
+# ---- stats and /metrics: one count ----------------------------------------------
+
+STATS_TO_SERIES = {  # the coordinator's stats key -> the /metrics series it is counted in
+    "commits_1pc": ("oribus_commits_total", {"kind": "1pc"}),
+    "commits_2pc": ("oribus_commits_total", {"kind": "2pc"}),
+    "aborts_2pc": ("oribus_aborts_total", {}),
+}
+
+
+async def counts(engine: EmbeddedEngine) -> tuple[dict[str, int], dict[str, float]]:
+    """(the stats' "coordinator" counters, the same counts read from /metrics). A refusal
+    naming one reason counts once in oribus_conflicts_total, as in stats' "conflicts"."""
+    stats = (await engine.bus.stats())["coordinator"]
+    page = parse(await render_bus_metrics(engine.bus))
+    series = {key: value(page, name, **labels) for key, (name, labels) in STATS_TO_SERIES.items()}
+    series["conflicts"] = sum(v for (name, _), v in page.items() if name == "oribus_conflicts_total")
+    return stats, series
+
+
+async def test_each_commit_and_refusal_moves_stats_and_metrics_alike(tmp_path):
+    engine = await EmbeddedEngine.open(EngineConfig(data_dir=tmp_path / "a", shards=2))
+    other = await EmbeddedEngine.open(EngineConfig(data_dir=tmp_path / "b", shards=2))
+    try:
+        a, b = keys_on_two_shards(engine)
+        reader = AsyncSession(engine.bus, "reader")
+
+        async def one_phase() -> None:
+            await AsyncSession(engine.bus, "w1").put(a, 1)
+
+        async def conflict() -> None:
+            with pytest.raises(Conflict):  # expected_version: one reason
+                await AsyncSession(engine.bus, "w2").put(a, 9, expect=7)
+
+        async def two_phase() -> None:
+            await reader.get_many([a, b])
+            await AsyncSession(engine.bus, "w3").commit({a: 2, b: 2})
+
+        async def two_phase_refused() -> None:  # stale_read on both shards: aborted at 2PC
+            with pytest.raises(Conflict):
+                await reader.commit({a: 3, b: 3})
+
+        async def on_another_bus() -> None:  # same process, another bus: counted there only
+            await AsyncSession(other.bus, "w4").commit({a: 1, b: 1})
+
+        steps = [
+            (one_phase, {"commits_1pc": 1}),
+            (conflict, {"conflicts": 1}),
+            (two_phase, {"commits_2pc": 1}),
+            (two_phase_refused, {"conflicts": 1, "aborts_2pc": 1}),
+            (on_another_bus, {}),
+        ]
+        for step, moved in steps:
+            stats0, series0 = await counts(engine)
+            await step()
+            stats1, series1 = await counts(engine)
+            expected = {key: moved.get(key, 0) for key in ("commits_1pc", "commits_2pc", "conflicts", "aborts_2pc")}
+            assert {k: stats1[k] - stats0[k] for k in expected} == expected, step.__name__
+            assert {k: series1[k] - series0[k] for k in expected} == expected, step.__name__
+        assert (await other.bus.stats())["coordinator"]["commits_2pc"] == 1
+        assert set(stats1) == {"commits_1pc", "commits_2pc", "conflicts", "aborts_2pc"}
+    finally:
+        await other.close()
+        await engine.close()

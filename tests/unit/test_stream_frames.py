@@ -54,15 +54,14 @@ def test_an_oversized_frame_is_refused_from_its_header() -> None:
     assert [frames.unpack_body(b) for b in reader.feed(frames.pack_frame([1]) + frames.LENGTH.pack(101))] == [[1]]
     assert "101 bytes is over the limit of 100" in reader.error.message
     assert reader.buffered == 0  # nothing more is kept ...
-    with pytest.raises(frames.FrameError):
+    with pytest.raises(InvalidRequest):
         reader.feed(frames.pack_frame([2]))  # ... nor read: the stream is unusable
-    assert issubclass(frames.FrameError, InvalidRequest)
 
 
 def test_garbage_is_not_a_frame() -> None:
     reader = frames.FrameReader()
     (body,) = reader.feed(frames.frame(b"\xc1\xc1\xc1"))  # 0xc1 is never used by msgpack
-    with pytest.raises(frames.FrameError, match="malformed frame"):
+    with pytest.raises(InvalidRequest, match="malformed frame"):
         frames.unpack_body(body)
     # random bytes read as a length over the limit: refused, not buffered without end
     reader = frames.FrameReader()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import FrozenInstanceError, replace
+from typing import Any
 
 import pytest
 
@@ -55,19 +57,37 @@ def test_watch_request_round_trips_and_validates():
     req = WatchRequest("team/", 4, {"team/a": 2}, 99.0)
     assert WatchRequest.from_wire(req.to_wire()) == req
     assert WatchRequest.from_wire({"p": "x/"}) == WatchRequest("x/")
-    for bad in (
-        WatchRequest(5),  # type: ignore[arg-type]
-        WatchRequest("a\x00"),
-        WatchRequest("p/", True),  # type: ignore[arg-type]
-        WatchRequest("p/", -1),
-        WatchRequest("p/", after={"q/x": 1}),  # not under the prefix
-        WatchRequest("p/", after={"p/x": -2}),
-        WatchRequest("p/", since=float("nan")),
-    ):
+    bad_fields: list[dict[str, Any]] = [
+        {"prefix": 5},
+        {"prefix": "a\x00"},
+        {"prefix": "p/", "from_version": True},
+        {"prefix": "p/", "from_version": -1},
+        {"prefix": "p/", "after": {"q/x": 1}},  # not under the prefix
+        {"prefix": "p/", "after": {"p/x": -2}},
+        {"prefix": "p/", "after": [("p/x", 1)]},
+        {"prefix": "p/", "since": float("nan")},
+    ]
+    for fields in bad_fields:  # the constructor refuses it, and so does every way in
         with pytest.raises(InvalidRequest):
-            bad.validate()
+            WatchRequest(**fields)
+        with pytest.raises(InvalidRequest):
+            replace(WatchRequest("p/"), **fields)
+        wire = {"p": fields["prefix"], "f": fields.get("from_version"), "a": fields.get("after"),
+                "s": fields.get("since")}
+        with pytest.raises(InvalidRequest):
+            WatchRequest.from_wire(wire)
     with pytest.raises(InvalidRequest):
         WatchRequest.from_wire(["p/"])
+
+
+def test_watch_request_keeps_its_own_after():
+    seen = {"p/a": 1}
+    req = WatchRequest("p/", after=seen)
+    seen["p/a"] = 7
+    seen["p/b"] = 2
+    assert req.after == {"p/a": 1}
+    with pytest.raises(FrozenInstanceError):
+        req.prefix = "q/"  # type: ignore[misc]
 
 
 def test_new_errors_sit_in_the_tree_and_round_trip():
@@ -169,8 +189,8 @@ class ScriptedBus:
         self.scripts = list(scripts)
         self.calls: list[tuple] = []
 
-    def watch(self, prefix, from_version=None, *, after=None, since=None):
-        self.calls.append((prefix, from_version, after, since))
+    def watch(self, request: WatchRequest):
+        self.calls.append(request)
         script = self.scripts.pop(0)
         if isinstance(script, Exception):
             raise script
@@ -204,7 +224,7 @@ async def test_stream_resumes_from_last_seen_per_key_and_skips_repeats():
     stream = WatchStream(bus, "p/", 0, policy=FAST)
     got = [(ev.key, ev.version, ev.value) async for ev in stream]
     assert got == [("p/a", 1, 1), ("p/b", 1, 1), ("p/a", 2, 2), ("p/a", 3, 3), ("p/c", 1, 1)]
-    assert bus.calls == [("p/", 0, None, None), ("p/", 0, {"p/a": 2, "p/b": 1}, None)]
+    assert bus.calls == [WatchRequest("p/", 0), WatchRequest("p/", 0, {"p/a": 2, "p/b": 1})]
     assert stream.last_seen == {"p/a": 3, "p/b": 1, "p/c": 1}
 
 
@@ -214,9 +234,9 @@ async def test_live_stream_resumes_unseen_keys_from_when_it_began():
     await stream.start()
     began = stream._started_at
     assert [ev.version async for ev in stream] == [5]
-    _, from_version, after, since = bus.calls[1]
-    assert from_version is None and after == {"p/a": 5}
-    assert since == pytest.approx(began - RESUME_MARGIN_SECONDS)
+    resumed = bus.calls[1]
+    assert resumed.prefix == "p/" and resumed.from_version is None and resumed.after == {"p/a": 5}
+    assert resumed.since == pytest.approx(began - RESUME_MARGIN_SECONDS)
 
 
 async def test_stream_gives_up_after_bounded_retries():

@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from oribus.errors import DataCorrupted, OribusError, Unavailable
+from oribus.errors import DataCorrupted, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import WAL_BATCH_RECORDS, WAL_FSYNC_SECONDS
 from oribus.shards.wal.reader import recover
@@ -270,7 +270,7 @@ class Wal(GroupCommit):
 
         self._flush: asyncio.Future[None] | None = None  # the flush in flight
         self._flusher: FlushThread | None = None  # started by the first flush, stopped by close()
-        self._failed: OribusError | None = None
+        self._failed: Unavailable | None = None
         self._closed = False
 
         self._fsyncs = 0

@@ -1,0 +1,83 @@
+"""CPU time from /proc: what a run cost, per operation, for the client and the servers.
+
+Throughput on a shared machine moves with whatever else runs; the CPU seconds a run's own
+processes spend per committed operation hardly do. So every run also reports:
+
+- the client's CPU (this process: the workers, and the embedded engine when it runs here);
+- the servers' CPU: every process of the server's session (each server is started in a
+  session of its own, ``ServerProcess``/``start_new_session``), children included —
+  PostgreSQL's backends, ``oribus up --processes``'s shard processes;
+- the CPU everything else on the machine used meanwhile, from ``/proc/stat``: a run taken
+  while other work ran shows it there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: str) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # gone meanwhile
+        return None
+    # the command name is in parentheses and may hold spaces: split after its last ')'
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def session_cpu_ticks(session_ids: set[int]) -> dict[int, int]:
+    """pid -> user + system CPU ticks (with the children it has waited for) of every live
+    process in one of ``session_ids``."""
+    ticks = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        f = _stat_fields(pid)
+        # after "pid (comm) ": state ppid pgrp session ... utime(12) stime(13) cutime(14) cstime(15)
+        if f is None or int(f[3]) not in session_ids:
+            continue
+        ticks[int(pid)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return ticks
+
+
+def session_cpu_seconds(session_ids: set[int]) -> float:
+    return sum(session_cpu_ticks(session_ids).values()) / TICK
+
+
+def own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent not idle since boot (``/proc/stat``)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user/nice
+    return (sum(values[:8]) - idle) / TICK
+
+
+class CpuMeter:
+    """CPU used between ``start()`` and ``stop()`` by this process, by the server sessions
+    and by everything else."""
+
+    def __init__(self, server_sessions: set[int]) -> None:
+        self.sessions = server_sessions
+        self.client = self.server = self.other = 0.0
+
+    def start(self) -> None:
+        self._own = own_cpu_seconds()
+        self._servers = session_cpu_ticks(self.sessions) if self.sessions else {}
+        self._busy = machine_busy_seconds()
+
+    def stop(self) -> None:
+        self.client = own_cpu_seconds() - self._own
+        # per process: one that ended meanwhile is not counted (its time since start() is
+        # lost, an undercount), one that started meanwhile counts whole
+        now = session_cpu_ticks(self.sessions) if self.sessions else {}
+        self.server = sum(t - self._servers.get(pid, 0) for pid, t in now.items()) / TICK
+        self.other = max(0.0, machine_busy_seconds() - self._busy - self.client - self.server)
