@@ -37,6 +37,8 @@ from oribus.errors import InvalidRequest, OribusError, Unavailable, error_from_d
 from oribus.messages import Change, WatchRequest
 from oribus.rpc import frames, grpc_status, wire
 
+CONNECT_TIMEOUT = 10.0  # seconds to connect, handshake (TLS) and have the hello answered
+
 
 def split_address(address: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port)."""
@@ -55,8 +57,8 @@ class StreamClient:
     """
 
     def __init__(self, target: str, service: str, *, ssl: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None, timeout: float = 30.0,
-                 connect_timeout: float = 10.0, max_frame_bytes: int = frames.MAX_FRAME_BYTES) -> None:
+                 server_hostname: str | None = None, timeout: float = wire.DEFAULT_CALL_TIMEOUT,
+                 connect_timeout: float = CONNECT_TIMEOUT, max_frame_bytes: int = frames.MAX_FRAME_BYTES) -> None:
         self.target = target
         self.service = service
         self.timeout = timeout  # seconds a call waits for its reply before Unavailable
