@@ -169,6 +169,7 @@ class Server:
             self.address,
             "--shards",
             str(self.shards),
+            "--no-http",  # not measured here; its default port may be taken by anything else
         ]
         if self.processes:
             cmd.append("--processes")
