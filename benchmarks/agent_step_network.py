@@ -31,7 +31,11 @@ Figures, for the measured window: committed transactions per second,
 conflicts, latency of committed transactions (first read to acknowledged
 commit: p50/p95/p99), and the wire cost per committed transaction from the
 ``MuxClient`` counters of the clients' connections: calls, gRPC messages
-client→bus and bus→client. Also reported: the WAL group commit and the
+client→bus and bus→client; between the bus and its shard processes, the calls
+per message each way (the shard servers' transport counters, stream or gRPC);
+the CPU time per committed transaction of every process together (this one
+and the servers, from ``/proc``: robust to other work on the machine, unlike
+the rate). Also reported: the WAL group commit and the
 1PC/2PC split from the server's ``stats()``, the CPU used by this process and
 by the server processes during the window (2 cores: clients and servers
 compete for them), the CPU used by everything else on the machine (other
@@ -50,7 +54,7 @@ Usage::
 
     .venv/bin/python benchmarks/agent_step_network.py [--modes inproc processes]
         [--layouts one many many-tcp] [--shards 2] [--clients 32] [--keys 1000]
-        [--duration 10] [--warmup 2] [--json out.json] [--keep]
+        [--duration 10] [--warmup 2] [--json out.json] [--keep] [--shard-transport stream|grpc]
         [--py-spy SECONDS [--py-spy-native]] [--cprofile-server]
 
 ``--py-spy SECONDS`` records the server processes with py-spy during the
@@ -135,10 +139,12 @@ class Server:
         processes: bool,
         log_path: Path,
         cprofile_out: Path | None = None,
+        shard_transport: str | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.shards = shards
         self.processes = processes
+        self.shard_transport = shard_transport  # None: the server's default
         self.log_path = log_path
         self.cprofile_out = cprofile_out
         self.port = 0
@@ -163,9 +169,12 @@ class Server:
             self.address,
             "--shards",
             str(self.shards),
+            "--no-http",  # not measured here; its default port may be taken by anything else
         ]
         if self.processes:
             cmd.append("--processes")
+            if self.shard_transport:
+                cmd += ["--shard-transport", self.shard_transport]
         return cmd
 
     async def start(self, timeout: float = 60.0) -> None:
@@ -352,6 +361,7 @@ class RunConfig:
     py_spy: float = 0.0  # seconds of py-spy recording of the server during the window
     py_spy_native: bool = False  # with native (C) frames
     cprofile: bool = False
+    shard_transport: str | None = None  # processes: --shard-transport of oribus up (None: its default)
 
 
 @dataclass
@@ -377,6 +387,10 @@ class RunResult:
     msgs_out_per_tx: float  # gRPC messages client→bus per committed transaction
     msgs_in_per_tx: float  # gRPC messages bus→client per committed transaction
     calls_per_msg_out: float  # calls batched into one client→bus message
+    shard_calls_per_msg: float  # bus→shard: calls per message the shards received (0: in-process)
+    shard_replies_per_msg: float  # shard→bus: replies per message the shards sent
+    shard_transport: str  # how the bus reached its shard processes ("stream", "grpc", "" in-process)
+    cpu_ms_per_tx: float  # CPU milliseconds per committed transaction, every process together
     wal_fsyncs: int
     records_per_fsync: float
     wal_records_per_tx: float  # WAL records (all shards) per committed transaction
@@ -400,6 +414,20 @@ def counters_of(sessions: list[AsyncSession]) -> dict[str, int]:
     """The MuxClient counters summed over the distinct connections of ``sessions``."""
     muxes = {id(s._bus.mux): s._bus.mux for s in sessions}  # noqa: SLF001 - the SDK exposes no accessor
     return {c: sum(m.counters[c] for m in muxes.values()) for c in COUNTERS}
+
+
+def shard_links(stats: dict) -> tuple[str, dict[str, int]]:
+    """(transport, summed counters) of the shard servers' listeners: the one that carried calls."""
+    totals: dict[str, dict[str, int]] = {}
+    for shard in stats["shards"]:
+        for name, counters in (shard.get("transport") or {}).items():
+            t = totals.setdefault(name, {})
+            for k, v in counters.items():
+                t[k] = t.get(k, 0) + int(v)
+    if not totals:
+        return "", {}
+    name = max(totals, key=lambda n: totals[n].get("calls", 0))
+    return name, totals[name]
 
 
 def server_cpu(server: Server) -> dict[int, float]:
@@ -529,6 +557,7 @@ async def run_one(cfg: RunConfig, work: Path) -> RunResult:
         cfg.mode == "processes",
         work / "server.log",
         cprofile_out=work / "server.prof" if cfg.cprofile else None,
+        shard_transport=cfg.shard_transport,
     )
     keys = [key_name(i) for i in range(cfg.keys)]
     w = Window(cfg.keys)
@@ -622,6 +651,12 @@ async def run_one(cfg: RunConfig, work: Path) -> RunResult:
     per = max(w.committed, 1)
     d = {c: n1[c] - n0[c] for c in COUNTERS}
     names = {pid: ("bus" if pid == bus_pid else f"shard-{pid}") for pid in srv1}
+    link, l1 = shard_links(stats1)
+    _, l0 = shard_links(stats0)
+    link_calls = l1.get("calls", 0) - l0.get("calls", 0)
+    link_in = l1.get("messages_in", 0) - l0.get("messages_in", 0)
+    link_out = l1.get("messages_out", 0) - l0.get("messages_out", 0)
+    cpu_all = (me1 - me0) + sum(srv1[p] - srv0.get(p, 0.0) for p in srv1)
     return RunResult(
         mode=cfg.mode,
         layout=cfg.layout,
@@ -644,6 +679,10 @@ async def run_one(cfg: RunConfig, work: Path) -> RunResult:
         msgs_out_per_tx=d["messages_out"] / per,
         msgs_in_per_tx=d["messages_in"] / per,
         calls_per_msg_out=d["calls"] / d["messages_out"] if d["messages_out"] else 0.0,
+        shard_calls_per_msg=link_calls / link_in if link_in else 0.0,
+        shard_replies_per_msg=link_calls / link_out if link_out else 0.0,
+        shard_transport=link if cfg.mode == "processes" else "",
+        cpu_ms_per_tx=cpu_all / per * 1e3,
         wal_fsyncs=f1 - f0,
         records_per_fsync=(r1 - r0) / (f1 - f0) if f1 > f0 else 0.0,
         wal_records_per_tx=(r1 - r0) / per,
@@ -698,6 +737,8 @@ COLUMNS = [  # title, format, RunResult field (None: computed in row_cells)
     ("out/tx", "{:.2f}", "msgs_out_per_tx"),
     ("in/tx", "{:.2f}", "msgs_in_per_tx"),
     ("calls/msg", "{:.1f}", "calls_per_msg_out"),
+    ("b>s calls/msg", "{}", None),
+    ("cpu ms/tx", "{:.2f}", "cpu_ms_per_tx"),
     ("rec/tx", "{:.2f}", "wal_records_per_tx"),
     ("rec/fsync", "{:.1f}", "records_per_fsync"),
     ("2pc%", "{:.0%}", None),
@@ -716,6 +757,9 @@ def row_cells(r: RunResult) -> list[str]:
         elif title == "2pc%":
             total = r.commits_1pc + r.commits_2pc
             value = r.commits_2pc / total if total else 0.0
+        elif title == "b>s calls/msg":
+            value = (f"{r.shard_transport} {r.shard_calls_per_msg:.1f}/{r.shard_replies_per_msg:.1f}"
+                     if r.shard_transport else "-")
         elif title == "cpu srv":
             value = "+".join(f"{v:.0%}" for v in r.server_cpu.values())
         elif title == "audit":
@@ -734,6 +778,8 @@ def print_table(results: list[RunResult]) -> None:
     print(
         "conns: oribus.connect calls carrying the sessions / TCP connections from this process to "
         "the bus (the audit's own connection included); out/in: gRPC messages client->bus / bus->client; "
+        "b>s calls/msg: bus->shard transport, calls per message bus->shard / replies per message shard->bus; "
+        "cpu ms/tx: CPU milliseconds per committed transaction of every process together (clients and servers); "
         "rec/tx: WAL records per committed transaction (all shards); "
         "cpu: CPU seconds per second of window (cpu srv: bus process + shard processes; "
         "cpu other: the rest of the machine, kernel included: other work disturbs the figures)"
@@ -795,6 +841,12 @@ def main() -> None:
         "--py-spy-native", action="store_true", help="with --py-spy: include native (C) frames"
     )
     parser.add_argument(
+        "--shard-transport",
+        choices=("stream", "grpc"),
+        default=None,
+        help="processes: how the bus calls its shard processes (default: oribus up's own default)",
+    )
+    parser.add_argument(
         "--cprofile-server",
         action="store_true",
         help="run the server under cProfile and print its top functions",
@@ -829,6 +881,7 @@ def main() -> None:
                 py_spy=args.py_spy,
                 py_spy_native=args.py_spy_native,
                 cprofile=args.cprofile_server,
+                shard_transport=args.shard_transport,
             )
             print(f"  running {mode}, layout {layout} ...", flush=True)
             try:

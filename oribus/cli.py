@@ -82,7 +82,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from oribus.hosts.up import UpHost, run_until_signalled
 
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
-                           http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty)
+                           http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
+                           shard_transport=args.shard_transport)
     _run(run_until_signalled(cluster))
     return 0
 
@@ -137,7 +138,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         _run(run_shard_server(shard_id, Path(args.data_dir), args.listen, config=config,
                               ready_file=Path(args.ready_file) if args.ready_file else None,
                               tls=_tls(args), meta=_meta(args), advertise=args.advertise,
-                              claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait))
+                              claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait,
+                              stream_listen=args.stream_listen, advertise_stream=args.advertise_stream))
     except ClaimRefused as e:
         print(f"oribus shard: refused: {e}", file=sys.stderr)
         return 3
@@ -159,7 +161,8 @@ def _cmd_bus(args: argparse.Namespace) -> int:
             return 2
         meta = StaticMeta(addrs)
     _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args),
-                 advertise=args.advertise, advertise_http=args.advertise_http))
+                 advertise=args.advertise, advertise_http=args.advertise_http,
+                 shard_transport=args.shard_transport))
     return 0
 
 
@@ -351,6 +354,15 @@ def _tls_option(p: argparse.ArgumentParser) -> None:
                                          "(oribus certs init)")
 
 
+def _shard_transport_option(p: argparse.ArgumentParser) -> None:
+    from oribus.rpc.shard_client import DEFAULT_TRANSPORT, TRANSPORTS
+
+    p.add_argument("--shard-transport", choices=TRANSPORTS, default=DEFAULT_TRANSPORT,
+                   help="how the bus calls its shards: stream (length-prefixed msgpack over TCP/TLS, "
+                        "for shards that advertise a stream listener; the others over gRPC) or grpc "
+                        "(default: %(default)s)")
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -407,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shards of a new data directory (default: 1, or one per core with --processes; "
                         "an existing one keeps its own)")
     p.add_argument("--processes", action="store_true",
-                   help="run each shard as its own process over gRPC (a new data directory gets one "
-                        "shard per core)")
+                   help="run each shard as its own process (a new data directory gets one shard per core)")
+    _shard_transport_option(p)
     _allow_empty_option(p)
     _http_options(p)
     _tls_option(p)
@@ -420,7 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:0",
                    help="gRPC address as HOST:PORT; port 0 picks a free one (default: %(default)s)")
     p.add_argument("--advertise", help="the address other servers reach this one at (default: --listen)")
-    p.add_argument("--ready-file", help="write the bound address here once serving")
+    p.add_argument("--stream-listen", metavar="HOST:PORT",
+                   help="address of the stream listener the bus uses (port 0 picks a free one; 'off': none); "
+                        "default: the host of --listen on a free port, or none with --advertise unless "
+                        "--advertise-stream is given")
+    p.add_argument("--advertise-stream", metavar="HOST:PORT",
+                   help="the address the bus reaches the stream listener at (default: as bound, or the host of "
+                        "--advertise with the bound port)")
+    p.add_argument("--ready-file", help="write the bound address here once serving (the gRPC one, then the "
+                                        "stream one on a second line)")
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
@@ -432,11 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bus", help="run a bus over shard servers")
     p.add_argument("--listen", default=DEFAULT_BUS_ADDRESS,
                    help="gRPC address of the bus as HOST:PORT (default: %(default)s)")
-    p.add_argument("--shards", help="comma-separated shard addresses, shard 0 first (without --etcd)")
+    p.add_argument("--shards", help="comma-separated shard addresses, shard 0 first (without --etcd); each is "
+                                    "the gRPC address, optionally +STREAM_ADDRESS (HOST:7801+HOST:7802)")
     p.add_argument("--advertise", help="gRPC address announced in etcd (default: the bound one)")
     p.add_argument("--advertise-http", help="HTTP address announced in etcd (default: the bound one)")
     p.add_argument("--data-dir", default="./oribus-data/bus",
                    help="the bus's own state, the session journal of HTTP agents (default: %(default)s)")
+    _shard_transport_option(p)
     _cluster_options(p)
     _http_options(p)
     _tls_option(p)

@@ -1,4 +1,4 @@
-"""TLS settings of gRPC listeners and clients (the files ``oribus certs init`` writes).
+"""TLS settings of gRPC and stream listeners and clients (the files ``oribus certs init`` writes).
 
 With TLS every gRPC listener (bus, shards) presents ``server.crt`` and, by
 default, requires mutual TLS: a client must present a certificate signed by
@@ -15,6 +15,7 @@ or "Ssl handshake failed".
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,33 @@ def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
     ca = _read(cfg.ca, "CA certificate")
     cert_pem, key_pem = _load_pair(cfg.client_cert or cfg.cert, cfg.client_key or cfg.key, "client")
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key_pem, certificate_chain=cert_pem)
+
+
+def server_ssl_context(cfg: TlsConfig, require_client_cert: bool = True) -> ssl.SSLContext:
+    """The same as ``server_credentials`` for a listener of the ``ssl`` module (the stream
+    transport, ``oribus.rpc.stream_server``): ``cfg.cert``, and with ``require_client_cert``
+    only clients presenting a certificate signed by ``cfg.ca``."""
+    ca = _read(cfg.ca, "CA certificate")
+    _load_pair(cfg.cert, cfg.key, "server")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.cert, cfg.key)
+    ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_ssl_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """The same as ``channel_credentials`` for a client of the ``ssl`` module: trust
+    ``cfg.ca`` (and check the server's name), present the client certificate."""
+    ca = _read(cfg.ca, "CA certificate")
+    cert, key = cfg.client_cert or cfg.cert, cfg.client_key or cfg.key
+    _load_pair(cert, key, "client")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies the server's certificate and name
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 # What gRPC's terse connection errors mean on a TLS channel: (fragment of the error text,

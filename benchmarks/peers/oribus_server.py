@@ -3,7 +3,7 @@
 The server is a real ``python -m oribus.cli up`` subprocess on a free
 loopback port, with ``--shards`` shards (1, 2 shard processes) and its data in the
 run's directory; with ``processes=True`` every shard is its own process and
-the bus reaches it over gRPC (2PC between processes). It is started through
+the bus reaches it over the stream transport (2PC between processes). It is started through
 ``agent_step_network.Server``, which waits until the server both answers and
 has installed its signal handlers, and stops the whole process group.
 ``reset`` stops it and starts a new one on an empty data directory.

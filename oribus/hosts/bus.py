@@ -3,7 +3,8 @@
 The shards come from the cluster metadata: a fixed list of addresses
 (``StaticMeta``, ``--shards``) or etcd (``EtcdMeta``, ``--etcd``), followed by a
 ``ShardDirectory`` so a restarted or moved shard is picked up with its new
-epoch. The bus's own state (the session journal of HTTP agents) lives in
+epoch. The bus calls a shard over its stream listener when its record has one
+(``--shard-transport stream``, the default), else over gRPC. The bus's own state (the session journal of HTTP agents) lives in
 ``data_dir``. With etcd the bus announces itself under ``buses/`` for as long
 as it runs.
 """
@@ -23,7 +24,7 @@ from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.meta.cluster_meta import BusRecord, ClusterMeta, ShardRecord
 from oribus.meta.directory import ShardDirectory
 from oribus.rpc.bus_server import BusServer
-from oribus.rpc.shard_client import GrpcShardClient
+from oribus.rpc.shard_client import DEFAULT_TRANSPORT, RemoteShardClient, shard_client
 from oribus.tls import TlsConfig
 
 log = logging.getLogger("oribus.hosts.bus")
@@ -34,7 +35,8 @@ class BusHost:
 
     def __init__(self, meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None = None,
                  tls: TlsConfig | None = None, ready_wait: float = 10.0,
-                 advertise: str | None = None, advertise_http: str | None = None) -> None:
+                 advertise: str | None = None, advertise_http: str | None = None,
+                 shard_transport: str = DEFAULT_TRANSPORT) -> None:
         self.meta = meta
         self.data_dir = Path(data_dir)
         self.listen = listen
@@ -43,14 +45,16 @@ class BusHost:
         self.ready_wait = ready_wait
         self.advertise = advertise  # the addresses announced in the metadata (default: the bound ones)
         self.advertise_http = advertise_http
+        self.shard_transport = shard_transport  # "stream" (where a shard has a stream listener) or "grpc"
         self.bus: Bus | None = None
         self.server: BusServer | None = None
         self.gateway: HttpGateway | None = None
         self.directory: ShardDirectory | None = None
         self._teardown = Teardown(log)  # what start() started, stopped in reverse by stop()
 
-    def _client(self, rec: ShardRecord) -> GrpcShardClient:
-        return GrpcShardClient(rec.shard_id, rec.address, epoch=rec.epoch, tls=self.tls)
+    def _client(self, rec: ShardRecord) -> RemoteShardClient:
+        return shard_client(rec.shard_id, rec.address, rec.stream, transport=self.shard_transport,
+                            epoch=rec.epoch, tls=self.tls)
 
     async def start(self) -> None:
         """Open the journal, follow the shards, serve HTTP and gRPC, announce the bus; on
@@ -89,10 +93,10 @@ class BusHost:
 
 async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None,
                   tls: TlsConfig | None = None, advertise: str | None = None,
-                  advertise_http: str | None = None) -> None:
+                  advertise_http: str | None = None, shard_transport: str = DEFAULT_TRANSPORT) -> None:
     stop = stop_signal_event()
     bus = BusHost(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
-                  advertise_http=advertise_http)
+                  advertise_http=advertise_http, shard_transport=shard_transport)
     async with Teardown(log) as teardown:
         teardown.push("cluster metadata", meta.close)  # with etcd: the bus's record goes with it
         teardown.push("bus", bus.stop)  # stops what a failed start left too

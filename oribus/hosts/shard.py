@@ -3,6 +3,17 @@
 Locks the data directory, claims the shard id in the cluster metadata (cluster mode),
 serves the shard (``oribus.rpc.shard_server.ShardServer``) until SIGINT/SIGTERM or until
 the claim is lost, then stops and releases the claim.
+
+The shard serves gRPC on ``listen`` and the stream transport (what the bus uses by default,
+``oribus.rpc.stream_server``) on ``stream_listen``; its claim and its ready file carry both
+addresses. Which stream listener, by default (``stream_listen_address``):
+
+* no ``advertise``: one on the host of ``listen``, on a free port, advertised as bound;
+* with ``advertise`` (the shard is reached through an address of the network's own, a
+  Kubernetes Service, a NAT): one only if ``stream_listen`` or ``advertise_stream`` says
+  where, advertised at ``advertise_stream`` (default: the host of ``advertise`` with the
+  bound port). Otherwise none: a firewall that lets only the gRPC port through must not
+  leave the bus trying a port it cannot reach; the bus then uses gRPC.
 """
 
 from __future__ import annotations
@@ -23,12 +34,40 @@ from oribus.tls import TlsConfig
 log = logging.getLogger("oribus.hosts.shard")
 
 
-async def _claim(meta: ClusterMeta, shard_id: int, address: str, wait: float) -> ShardClaim:
+NO_STREAM = "off"  # --stream-listen off: serve gRPC only
+
+
+def stream_listen_address(listen: str, stream_listen: str | None, advertise: str | None,
+                          advertise_stream: str | None) -> str | None:
+    """Where the stream listener binds (None: no stream listener), by the rules of the module docstring."""
+    if stream_listen == NO_STREAM:
+        return None
+    if stream_listen is not None:
+        return stream_listen
+    if advertise is not None and advertise_stream is None:
+        return None
+    port = advertise_stream.rsplit(":", 1)[1] if advertise_stream is not None else "0"
+    return f"{listen.rsplit(':', 1)[0]}:{port}"
+
+
+def advertised_stream(bound: str, advertise: str | None, advertise_stream: str | None) -> str:
+    """The stream address a shard announces: ``advertise_stream``, else the host of ``advertise``
+    with the bound port, else the bound address ("" without a listener)."""
+    if not bound:
+        return ""
+    if advertise_stream is not None:
+        return advertise_stream
+    if advertise is not None:
+        return f"{advertise.rsplit(':', 1)[0]}:{bound.rsplit(':', 1)[1]}"
+    return bound
+
+
+async def _claim(meta: ClusterMeta, shard_id: int, address: str, stream: str, wait: float) -> ShardClaim:
     deadline = asyncio.get_running_loop().time() + wait
     told = False
     while True:
         try:
-            return await meta.claim_shard(shard_id, address)
+            return await meta.claim_shard(shard_id, address, stream)
         except ClaimRefused as e:
             if asyncio.get_running_loop().time() >= deadline:
                 raise
@@ -45,7 +84,8 @@ class ClaimLost(Exception):
 async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_file: Path | None = None,
                            config: ShardConfig | None = None, tls: TlsConfig | None = None,
                            meta: ClusterMeta | None = None, advertise: str | None = None,
-                           claim_wait: float = 0.0) -> None:
+                           claim_wait: float = 0.0, stream_listen: str | None = None,
+                           advertise_stream: str | None = None) -> None:
     """Run until SIGINT/SIGTERM: the body of ``oribus shard``.
 
     The data directory is locked first (``<data_dir>/LOCK``): while another live
@@ -54,14 +94,17 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
     With ``meta`` (cluster mode) the shard id is claimed BEFORE the data is
     opened — a second process for the same id is refused (ClaimRefused) and
     never touches the WAL — and the claim's revision is the shard's epoch. The
-    claim is advertised at ``advertise`` (default: the bound address). If the
-    claim is lost the server is fenced, stops, and ClaimLost is raised.
+    claim is advertised at ``advertise`` (default: the bound address), with the
+    stream listener's address (``advertised_stream``). If the claim is lost the
+    server is fenced, stops, and ClaimLost is raised. The ready file gets the
+    gRPC address on its first line and the stream address, if any, on the second.
 
     ``claim_wait``: how long to keep trying while another claim holds the id —
     after a kill -9 the dead process's lease lives on for up to its TTL, and a
     live duplicate holds it for good; either way nothing is opened meanwhile.
     """
     cfg = config or ShardConfig(shard_id=shard_id, data_dir=data_dir)
+    bind_stream = stream_listen_address(listen, stream_listen, advertise, advertise_stream)
     async with Teardown(log) as teardown:  # stops what was started, last first, however this ends
         # The data directory first: a second process on it is refused (DataDirLocked) before it
         # claims the id in etcd or binds a port; held until the shard has stopped.
@@ -69,26 +112,29 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
         teardown.push("data directory lock", dir_lock.release)
         stop = stop_signal_event()
         claim = None
+        claimed_stream = advertise_stream if bind_stream is not None and advertise_stream is not None else ""
         if meta is not None:
             cluster = await meta.config()
             if not 0 <= shard_id < cluster.shards:
                 raise InvalidRequest(f"shard id {shard_id} is outside the cluster's 0..{cluster.shards - 1}")
-            claim = await _claim(meta, shard_id, advertise or listen, claim_wait)
+            claim = await _claim(meta, shard_id, advertise or listen, claimed_stream, claim_wait)
             teardown.push(f"claim on shard {shard_id}", _releaser(meta, claim))
         server = ShardServer(cfg, listen, tls=tls, epoch=claim.epoch if claim is not None and claim.epoch else None,
-                             dir_lock=dir_lock)
+                             dir_lock=dir_lock, stream_listen=bind_stream)
         await server.start()
         teardown.push("shard server", server.stop, graceful=True)
-        if claim is not None and meta is not None and advertise is None:
-            await meta.update_address(claim, server.address)
+        stream = advertised_stream(server.stream_address, advertise, advertise_stream)
+        if claim is not None and meta is not None and (advertise is None or stream != claimed_stream):
+            await meta.update_address(claim, advertise or server.address, stream)  # the bound ports
         if stop.is_set():
             return
         if ready_file is not None:
             tmp = ready_file.with_suffix(".tmp")
-            tmp.write_text(server.address)
+            tmp.write_text(server.address + (f"\n{stream}" if stream else ""))
             tmp.replace(ready_file)
         epoch = server.shard.epoch if server.shard is not None else 0
-        print(f"oribus shard {shard_id} listening on {server.address} (epoch {epoch})", flush=True)
+        streaming = f" and {server.stream_address} (stream, advertised as {stream})" if stream else ""
+        print(f"oribus shard {shard_id} listening on {server.address}{streaming} (epoch {epoch})", flush=True)
         waits = {asyncio.ensure_future(stop.wait())}
         if claim is not None:
             waits.add(asyncio.ensure_future(claim.lost.wait()))

@@ -4,8 +4,9 @@ Two ways to host the shards:
 
 * in-process (default): the embedded engine (no network hop between bus and
   shards) with the client-facing gRPC service in front of it;
-* ``processes=True``: each shard is its own ``oribus shard`` process on a free
-  port, and the bus reaches them over gRPC — the cluster layout on one box.
+* ``processes=True``: each shard is its own ``oribus shard`` process on free
+  ports, and the bus reaches them over the stream transport (``shard_transport``
+  "grpc": over gRPC) — the cluster layout on one box.
 
 Either way the data directory has the embedded layout (``layout.json`` and
 ``shard-NNNN/``), so one can switch between the two. In both, this process holds
@@ -45,7 +46,7 @@ from oribus.lifeline import ParentLifeline
 from oribus.meta.slots import StaticSlotMap
 from oribus.rpc import wire
 from oribus.rpc.bus_server import BusServer
-from oribus.rpc.shard_client import GrpcShardClient
+from oribus.rpc.shard_client import DEFAULT_TRANSPORT, RemoteShardClient, shard_client
 from oribus.tls import TlsConfig, channel_credentials, server_credentials
 
 log = logging.getLogger("oribus.cluster")
@@ -63,7 +64,8 @@ class UpHost:
 
     def __init__(self, data_dir: Path, *, listen: str = wire.DEFAULT_BUS_ADDRESS, shards: int | None = None,
                  processes: bool = False, start_timeout: float = 30.0,
-                 http: GatewayConfig | None = None, tls: TlsConfig | None = None, **engine_options: Any) -> None:
+                 http: GatewayConfig | None = None, tls: TlsConfig | None = None,
+                 shard_transport: str = DEFAULT_TRANSPORT, **engine_options: Any) -> None:
         if shards is None:
             # a new directory: one in-process shard, or one shard process per core
             shards = stored_shards(Path(data_dir)) or (process_shards() if processes else DEFAULT_SHARDS)
@@ -76,12 +78,14 @@ class UpHost:
         self.http_config = http  # None: no HTTP gateway
         self.gateway: HttpGateway | None = None
         self.processes = processes
+        self.shard_transport = shard_transport  # with processes: how the bus calls them ("stream" or "grpc")
         self.start_timeout = start_timeout
         self.engine: EmbeddedEngine | None = None
         self.server: BusServer | None = None
         self.shard_procs: dict[int, subprocess.Popen] = {}
         self._lifeline: ParentLifeline | None = None  # shard processes stop when its write end closes
-        self.shard_addresses: dict[int, str] = {}
+        self.shard_addresses: dict[int, str] = {}  # gRPC listeners of the shard processes
+        self.shard_streams: dict[int, str] = {}  # their stream listeners
         # what start() started, stopped in reverse by stop(); with processes it holds DATA/LOCK
         # (the engine takes it otherwise)
         self._teardown = Teardown(log)
@@ -162,8 +166,9 @@ class UpHost:
             if time.monotonic() > deadline:
                 raise Unavailable(f"shard {shard_id} did not start within {self.start_timeout}s")
             await asyncio.sleep(0.05)
-        addr = ready.read_text().strip()
+        addr, _, stream = ready.read_text().strip().partition("\n")
         self.shard_addresses[shard_id] = addr
+        self.shard_streams[shard_id] = stream.strip()
         return addr
 
     async def _start_processes(self) -> tuple[Bus, TxnSweep]:
@@ -175,9 +180,10 @@ class UpHost:
         assert self.config.shards is not None  # check_layout resolved it
         for i in range(self.config.shards):
             self.spawn_shard(i)
-        shards: dict[int, GrpcShardClient] = {}
+        shards: dict[int, RemoteShardClient] = {}
         for i in range(self.config.shards):
-            client = GrpcShardClient(i, await self.wait_ready(i), tls=self.tls)
+            address = await self.wait_ready(i)
+            client = shard_client(i, address, self.shard_streams[i], transport=self.shard_transport, tls=self.tls)
             self._teardown.push(f"client of shard {i}", client.close)
             shards[i] = client
         slot_map = StaticSlotMap(self.config.shards)

@@ -3,7 +3,7 @@
 What a cluster's metadata says::
 
     ClusterConfig   how many shards, the slot count, and which shard owns each slot
-    ShardRecord     a running shard server: its address and its epoch
+    ShardRecord     a running shard server: its addresses (gRPC, stream) and its epoch
     BusRecord       a running bus: its gRPC and HTTP addresses
 
 Two implementations: ``StaticMeta`` (embedded mode and ``oribus bus --shards``:
@@ -64,8 +64,15 @@ class SlotMap:
 @dataclass(frozen=True)
 class ShardRecord:
     shard_id: int
-    address: str
+    address: str  # its gRPC listener
     epoch: int  # 0: not known from the metadata (static mode)
+    stream: str = ""  # its stream listener (oribus.rpc.stream_server); "": none, the bus uses gRPC
+
+
+def parse_shard_address(entry: str) -> tuple[str, str]:
+    """``GRPC_ADDRESS[+STREAM_ADDRESS]`` (an entry of ``oribus bus --shards``) as (gRPC, stream)."""
+    grpc_address, _, stream = entry.strip().partition("+")
+    return grpc_address.strip(), stream.strip()
 
 
 @dataclass(frozen=True)
@@ -103,12 +110,13 @@ class ClusterMeta(abc.ABC):
         """The registered shards now, then again after every change (whole maps)."""
 
     @abc.abstractmethod
-    async def claim_shard(self, shard_id: int, address: str) -> ShardClaim:
-        """Claim ``shard_id`` for this process; ClaimRefused if it is held."""
+    async def claim_shard(self, shard_id: int, address: str, stream: str = "") -> ShardClaim:
+        """Claim ``shard_id`` for this process, served at ``address`` (gRPC) and ``stream``
+        ("": no stream listener); ClaimRefused if it is held."""
 
     @abc.abstractmethod
-    async def update_address(self, claim: ShardClaim, address: str) -> None:
-        """Change the address of a held claim (its epoch stays)."""
+    async def update_address(self, claim: ShardClaim, address: str, stream: str = "") -> None:
+        """Change the addresses of a held claim (its epoch stays)."""
 
     @abc.abstractmethod
     async def release(self, claim: ShardClaim) -> None:
@@ -123,11 +131,15 @@ class ClusterMeta(abc.ABC):
 
 
 class StaticMeta(ClusterMeta):
-    """A fixed cluster: shard ``i`` at ``addresses[i]``; nothing changes, nothing to claim."""
+    """A fixed cluster: shard ``i`` at ``addresses[i]``; nothing changes, nothing to claim.
+
+    An address is the shard's gRPC listener, optionally followed by ``+`` and its stream
+    listener (``parse_shard_address``): ``10.0.0.5:7801+10.0.0.5:7802``.
+    """
 
     def __init__(self, addresses: list[str]) -> None:
         self._config = ClusterConfig(len(addresses))
-        self._shards = {i: ShardRecord(i, a, 0) for i, a in enumerate(addresses)}
+        self._shards = {i: ShardRecord(i, *_addresses(a)) for i, a in enumerate(addresses)}
 
     async def config(self) -> ClusterConfig:
         return self._config
@@ -139,10 +151,10 @@ class StaticMeta(ClusterMeta):
         yield dict(self._shards)
         await asyncio.Event().wait()  # never changes
 
-    async def claim_shard(self, shard_id: int, address: str) -> ShardClaim:
+    async def claim_shard(self, shard_id: int, address: str, stream: str = "") -> ShardClaim:
         return ShardClaim(shard_id, 0)
 
-    async def update_address(self, claim: ShardClaim, address: str) -> None:
+    async def update_address(self, claim: ShardClaim, address: str, stream: str = "") -> None:
         pass
 
     async def release(self, claim: ShardClaim) -> None:
@@ -153,3 +165,8 @@ class StaticMeta(ClusterMeta):
 
     async def close(self) -> None:
         pass
+
+
+def _addresses(entry: str) -> tuple[str, int, str]:
+    grpc_address, stream = parse_shard_address(entry)
+    return grpc_address, 0, stream

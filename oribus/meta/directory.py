@@ -1,8 +1,9 @@
 """Where each shard is: the bus's view of the cluster metadata (cluster mode).
 
 ``ShardDirectory`` follows ``ClusterMeta.watch_shards()`` and keeps the bus's
-shard table in step: one ``GrpcShardClient`` per shard id, created for the
-address and **epoch** of the shard's current claim. When a shard's claim
+shard table in step: one client per shard id (``oribus.rpc.shard_client``: over
+the shard's stream listener if its record has one, else gRPC), created for the
+addresses and **epoch** of the shard's current claim. When a shard's claim
 changes (a restart claims again with a new epoch, or the address moves) the
 client is replaced, so every later call goes to the new process and carries
 its epoch (the shard refuses a call naming another epoch). Sessions that had
@@ -97,7 +98,8 @@ class ShardDirectory:
             self.shards[sid] = self.factory(rec)
             self.records[sid] = rec
             self.changes += 1
-            log.warning("shard %d is now %s at epoch %d", sid, rec.address, rec.epoch)
+            log.warning("shard %d is now %s%s at epoch %d", sid, rec.address,
+                        f" (stream {rec.stream})" if rec.stream else "", rec.epoch)
             close = getattr(old, "close", None)
             if close is not None:
                 with contextlib.suppress(Exception):

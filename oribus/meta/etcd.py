@@ -3,7 +3,9 @@
 Layout, all under ``/oribus/<cluster>/``::
 
     config           {"format": 1, "shards": N, "slots": 4096, "owners": [...]}  (cluster init)
-    shards/<id>      {"address": "host:port", "epoch": <create revision>}  held by the shard's lease
+    shards/<id>      {"address": "host:port", "stream": "host:port"}       held by the shard's lease
+                     (the gRPC and stream listeners; "stream" absent: none, the bus uses
+                     gRPC; the epoch is the key's create revision)
     buses/<id>       {"address": "host:port", "http": "host:port"}         held by the bus's lease
 
 Values are JSON. A claim is one transaction — "if ``shards/<id>`` does not
@@ -64,6 +66,11 @@ def parse_endpoints(urls: str) -> list[tuple[str, int]]:
     if not out:
         raise InvalidRequest("no etcd endpoint given")
     return out
+
+
+def _shard_value(address: str, stream: str) -> bytes:
+    """A shard's record; without a stream listener it is what older versions wrote."""
+    return json.dumps({"address": address, "stream": stream} if stream else {"address": address}).encode()
 
 
 class EtcdMeta(ClusterMeta):
@@ -173,7 +180,7 @@ class EtcdMeta(ClusterMeta):
             try:
                 sid = int(kv.key[len(prefix):].decode())
                 d = json.loads(kv.value)
-                out[sid] = ShardRecord(sid, d["address"], int(kv.create_revision))
+                out[sid] = ShardRecord(sid, d["address"], int(kv.create_revision), str(d.get("stream") or ""))
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring malformed shard record %r", kv.key)
         return out
@@ -217,13 +224,13 @@ class EtcdMeta(ClusterMeta):
                 log.debug("etcd watch broke (%s); polling until it is back", e)
             await asyncio.sleep(self.poll_seconds)
 
-    async def claim_shard(self, shard_id: int, address: str) -> ShardClaim:
+    async def claim_shard(self, shard_id: int, address: str, stream: str = "") -> ShardClaim:
         try:
             lease = await self._call(lambda c: c.lease(self.lease_ttl))
         except Unavailable as e:
             raise ClaimRefused(f"cannot claim shard {shard_id}: {e.message}") from e
         key = self._key("shards", shard_id)
-        value = json.dumps({"address": address}).encode()
+        value = _shard_value(address, stream)
 
         async def txn(c: aetcd.Client) -> Any:
             return await c.transaction(
@@ -281,10 +288,10 @@ class EtcdMeta(ClusterMeta):
                 continue
             failing_since = None
 
-    async def update_address(self, claim: ShardClaim, address: str) -> None:
+    async def update_address(self, claim: ShardClaim, address: str, stream: str = "") -> None:
         lease = self._leases[claim.shard_id]
         key = self._key("shards", claim.shard_id)
-        value = json.dumps({"address": address}).encode()
+        value = _shard_value(address, stream)
 
         async def txn(c: aetcd.Client) -> Any:  # only while the claim is still ours (same create revision)
             return await c.transaction(

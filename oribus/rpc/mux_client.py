@@ -3,8 +3,9 @@
 Python gRPC pays dearly per message (specs/wire.md, "Services and methods":
 ~4.4k unary RPC/s against ~13k stream messages/s, and far more when each
 message carries several calls). So each connection opens ONE bidi stream; every call gets an id; the
-writer sends whatever calls are pending as one message, and the other side
-answers in batches the same way. Frames are documented in ``oribus.rpc.wire``.
+writer sends whatever calls are pending as one message (holding it a few loop turns
+when the stream is busy: ``wire.HOLD_TURNS``), and the other side answers in batches
+the same way. Frames are documented in ``oribus.rpc.wire``.
 
 ``MuxClient``   client end: ``await call(op, args)``; reconnects lazily after a
                 failure; every call in flight when the stream breaks fails with
@@ -121,6 +122,9 @@ class MuxClient:
         try:
             while True:
                 await self._wake.wait()
+                if len(self._pending) > wire.BUSY_CALLS:  # busy: let more calls join (wire.HOLD_TURNS)
+                    for _ in range(wire.HOLD_TURNS):
+                        await asyncio.sleep(0)
                 self._wake.clear()
                 if not self._outbox:
                     continue

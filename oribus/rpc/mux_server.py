@@ -11,50 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from oribus.errors import InvalidRequest, OribusError
-from oribus.messages import Change, WatchRequest
+from oribus.messages import WatchRequest
 from oribus.rpc import grpc_status, wire
 
-log = logging.getLogger("oribus.rpc.mux_server")
-
-Handler = Callable[[Any], Awaitable[Any]]
-# returns the (already subscribed) stream of changes of one watch
-WatchHandler = Callable[[WatchRequest], Awaitable[AsyncIterator[Change]]]
-
-
-async def _dispatch(ops: Mapping[str, Handler], call_id: Any, op: Any, args: Any) -> list:
-    try:
-        fn = ops.get(op) if isinstance(op, str) else None
-        if fn is None:
-            raise InvalidRequest(f"unknown operation {op!r}")
-        return [call_id, wire.OK, await fn(args)]
-    except OribusError as e:
-        return [call_id, wire.ERROR, e.to_dict()]
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # a bug must not take the server down: answer it
-        log.exception("operation %s failed", op)
-        return [call_id, wire.ERROR, grpc_status.error_payload(e)]
-
-
-def _frames(raw: bytes) -> list:
-    batch = wire.unpack(raw)
-    if not isinstance(batch, list) or not all(isinstance(f, list) and len(f) == 3 for f in batch):
-        raise InvalidRequest("a request batch is a list of [call_id, op, args]")
-    return batch
+Handler = wire.Handler
+WatchHandler = wire.WatchHandler
 
 
 def mux_handlers(
-    service: str, ops: Mapping[str, Handler], watch: WatchHandler | None = None
+    service: str, ops: Mapping[str, Handler], watch: WatchHandler | None = None,
+    counters: dict[str, int] | None = None,
 ) -> grpc.GenericRpcHandler:
-    """gRPC handlers of ``service``: Stream (batched calls), Call (unary) and Watch."""
+    """gRPC handlers of ``service``: Stream (batched calls), Call (unary) and Watch.
+
+    ``counters``, if given, counts the Stream's ``calls``, ``messages_in`` and ``messages_out``
+    (how well the callers' calls are batched)."""
+    counted = counters if counters is not None else {}
+    for name in ("calls", "messages_in", "messages_out"):
+        counted.setdefault(name, 0)
 
     async def stream(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         # Calls run concurrently as tasks; their replies are yielded in batches: whatever
@@ -65,13 +46,16 @@ def mux_handlers(
         loop = asyncio.get_running_loop()
 
         async def run(frame: list) -> None:
-            replies.append(await _dispatch(ops, *frame))
+            replies.append(await wire.dispatch(ops, *frame))
             wake.set()
 
         async def read_all() -> None:
             try:
                 async for raw in request_iterator:
-                    for frame in _frames(raw):
+                    batch = wire.request_batch(wire.unpack(raw))
+                    counted["messages_in"] += 1
+                    counted["calls"] += len(batch)
+                    for frame in batch:
                         t = loop.create_task(run(frame))
                         running.add(t)
                         t.add_done_callback(running.discard)
@@ -82,10 +66,14 @@ def mux_handlers(
         try:
             while True:
                 await wake.wait()
+                if len(running) > wire.BUSY_CALLS:  # busy: let more replies join (wire.HOLD_TURNS)
+                    for _ in range(wire.HOLD_TURNS):
+                        await asyncio.sleep(0)
                 wake.clear()
                 if replies:
                     batch = replies[:]
                     replies.clear()
+                    counted["messages_out"] += 1
                     yield wire.pack(batch)
                 if reader.done():
                     error = reader.exception()
@@ -110,7 +98,7 @@ def mux_handlers(
                 raise InvalidRequest("a call is [call_id, op, args]")
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
-        return wire.pack(await _dispatch(ops, *frame))
+        return wire.pack(await wire.dispatch(ops, *frame))
 
     async def watch_stream(raw: bytes, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         if watch is None:

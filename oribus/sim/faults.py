@@ -20,6 +20,10 @@ workload starts and undone ``duration`` seconds later:
                    longer than the delivery-log TTL, its session expires on the shards,
                    and a commit depending on reads made before the pause must fail with
                    SessionExpired
+    reset          the connections to shard ``target`` break again and again for
+                   ``duration`` (a flapping link or proxy): each time, every call in flight
+                   to it fails with Unavailable while the shard lives on and may still
+                   run a request that was on its way (``SimNetwork.reset``)
 
 The harness (``oribus.sim.harness.SimCluster.inject``) applies them; the tests draw their
 schedules with hypothesis, the soak run with ``random_faults``.
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 
 from oribus.sim.config import SimConfig
 
-FAULT_KINDS = ("crash", "crash_bus", "partition", "partition_bus", "loss", "duplicate", "pause")
+FAULT_KINDS = ("crash", "crash_bus", "partition", "partition_bus", "loss", "duplicate", "pause", "reset")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Fault:
             "loss": f"lose {self.amount:.0%} of messages",
             "duplicate": f"duplicate {self.amount:.0%} of requests",
             "pause": f"pause client {self.target}",
+            "reset": f"reset the connections to shard {self.target}",
         }[self.kind]
         return f"t={self.at:.3f}s {what} for {self.duration:.3f}s"
 

@@ -136,7 +136,7 @@ class SimCluster:
         self.config = config or SimConfig()
         self.slot_map = StaticSlotMap(self.config.shards)
         self.events: list[tuple] = []  # the trace: (virtual time, kind, *details)
-        self.counters = {"faults": 0, "crashes": 0, "bus_crashes": 0, "lost_records": 0}
+        self.counters = {"faults": 0, "crashes": 0, "bus_crashes": 0, "lost_records": 0, "resets": 0}
         self._epoch = 0
         self._windows: dict[str, list[float]] = {"loss": [], "duplicate": []}
         self._clients: dict[int, _ClientConnection] = {}
@@ -314,6 +314,16 @@ class SimCluster:
                 finally:
                     window.remove(fault.amount)
                     self._set_rates()
+            elif fault.kind == "reset":
+                ep = self.shard_endpoints[shard_id]
+                end = self.loop.time() + fault.duration
+                while True:
+                    self.network.reset(ep)
+                    self.counters["resets"] += 1
+                    gap = self.network.rng.uniform(0.002, 0.05)
+                    if self.loop.time() + gap > end:
+                        break
+                    await asyncio.sleep(gap)
             elif fault.kind == "pause" and self._clients:
                 indices = sorted(self._clients)
                 client = self._clients[indices[fault.target % len(indices)]]
@@ -507,6 +517,7 @@ async def _simulate(seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> 
         "lost": net["lost"],
         "duplicated": net["duplicated"],
         "timeouts": net["timeouts"],
+        "calls_reset": net["reset"],  # calls in flight failed by a crash or a connection reset
         "errors": dict(sorted(Counter(e["error"] for e in history if e["type"] in ("fail", "info")).items())),
         "virtual_seconds": loop.time(),
     }

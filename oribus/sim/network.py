@@ -30,7 +30,12 @@ What the network does to a message, decided by its seeded ``random.Random``:
 * **crash** — calls in flight to a process that dies fail at once with
   ``Unavailable`` (the connection is reset), and calls to a process that is
   down fail after one delay (connection refused); a dead process sends
-  nothing.
+  nothing;
+* **reset** — the connections to a live process break (``reset``): its calls
+  in flight fail at once with ``Unavailable``, as the stream transport fails
+  every call of a connection it loses (a frame one end could not read, a
+  proxy or NAT dropping it); the process lives on, a request already on its
+  way may still run, and its reply is dropped (the outcome is unknown).
 
 Messages a process sends to itself (a shard resolving through its own
 primary role) are delivered reliably, with a delay.
@@ -117,12 +122,20 @@ class SimNetwork:
 
     def server_died(self, endpoint: Endpoint) -> None:
         """Fail every call in flight to ``endpoint`` (its connections were reset)."""
+        self._fail_pending(endpoint, "it crashed")
+
+    def reset(self, endpoint: Endpoint) -> None:
+        """Break every connection to ``endpoint``, whose process lives on: its calls in flight
+        fail now; a request already on its way may still run (its reply is then dropped)."""
+        self._fail_pending(endpoint, "the connection broke")
+
+    def _fail_pending(self, endpoint: Endpoint, why: str) -> None:
         pending, endpoint.pending = endpoint.pending, {}
         for call_id, fut in pending.items():
             if not fut.done():
                 self.counters["reset"] += 1
                 self.trace("reset", call_id, endpoint.name)
-                fut.set_exception(Unavailable(f"connection to {endpoint.name} was reset (it crashed)"))
+                fut.set_exception(Unavailable(f"connection to {endpoint.name} was reset ({why})"))
 
     # ---- calls --------------------------------------------------------------------
 

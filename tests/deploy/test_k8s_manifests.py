@@ -467,6 +467,9 @@ def test_shards_are_a_statefulset_whose_ordinal_is_the_shard_id(overlay: str) ->
         assert flag(argv, "--id") == "ordinal" and name.endswith(f"-{i}")
         assert flag(argv, "--advertise") == f"{name}.{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:7801"
         assert flag(argv, "--listen") == "0.0.0.0:7801"
+        # the stream listener the bus calls, advertised under the same stable name
+        assert flag(argv, "--stream-listen") == "0.0.0.0:7802"
+        assert flag(argv, "--advertise-stream") == f"{name}.{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local:7802"
         # the WAL lives on the pod's own persistent volume
         (claim,) = spec["volumeClaimTemplates"]
         (mount,) = [m for m in shard["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
@@ -474,6 +477,8 @@ def test_shards_are_a_statefulset_whose_ordinal_is_the_shard_id(overlay: str) ->
         assert Path(flag(argv, "--data-dir")).is_relative_to(mount["mountPath"])
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert {"containerPort": 7801, "name": "grpc"} in shard["ports"]
+    assert {"containerPort": 7802, "name": "stream"} in shard["ports"]
+    assert {(p["name"], p["port"]) for p in svc["spec"]["ports"]} == {("grpc", 7801), ("stream", 7802)}
     pdb = one(docs, "PodDisruptionBudget", "oribus-shard")
     assert pdb["spec"]["maxUnavailable"] == 1 and selects(pdb["spec"]["selector"], pod_labels(sts))
     (term,) = pod_template(sts)["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
@@ -521,11 +526,12 @@ def test_network_policies_admit_exactly_the_planned_connections(overlay: str) ->
         ("bus", 7700): clients,
         ("bus", 7780): clients,
         ("shard", 7801): {"bus"},
+        ("shard", 7802): {"bus"},
         ("etcd", 2379): {"shard", "bus", "init"},
         ("etcd", 2380): {"etcd"},
     }
     for dst in ("bus", "shard", "etcd", "init"):
-        for port in (7700, 7780, 7801, 2379, 2380, 2381, 22):
+        for port in (7700, 7780, 7801, 7802, 2379, 2380, 2381, 22):
             admitted = {src for src in pods if allowed(docs, pods[src], pods[dst], port)}
             assert admitted == planned.get((dst, port), set()), f"to {dst}:{port}"
 
@@ -570,7 +576,7 @@ def test_image_is_multi_stage_slim_non_root_with_the_oribus_entry_point() -> Non
     last = {instr: rest for instr, rest in runtime}
     assert last["USER"].split(":")[0] == "10001"
     assert last["ENTRYPOINT"] == '["oribus"]'
-    assert set(last["EXPOSE"].split()) == {"7700", "7780", "7801"}
+    assert set(last["EXPOSE"].split()) == {"7700", "7780", "7801", "7802"}
     assert any(i == "COPY" and "--from=" in r and "/opt/venv" in r for i, r in runtime)
     assert not re.search(r"\[[^]]*\b(test|dev)\b", (ROOT / "Dockerfile").read_text()), "no test/dev extras"
     # the manifests run the image as the user it was built for
@@ -692,7 +698,7 @@ def test_probe_script_answers_for_a_real_shard_under_tls(tmp_path: Path) -> None
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "the shard did not start"
             time.sleep(0.05)
-        port = int(ready.read_text().rsplit(":", 1)[1])
+        port = int(ready.read_text().splitlines()[0].rsplit(":", 1)[1])  # the gRPC address
         for extra in ((), ("--service", "oribus.v1.Shard")):
             got = run_probe(port, tls, *extra)
             assert got.returncode == 0, got.stderr

@@ -128,7 +128,13 @@ class ServerProcess:
         self.children: list[int] = []  # pids of processes it started (``up --processes``)
         self.http_address: str | None = None  # HOST:PORT of its HTTP gateway, if it serves one
         self.tls_dir: Path | None = None  # its --tls-dir: health checks then use mutual TLS
+        self.stream_address: str | None = None  # a shard's stream listener, when pinned (``shard``)
         self.starts = 0
+
+    @property
+    def shard_address(self) -> str:
+        """How ``oribus bus --shards`` names this shard: ``GRPC[+STREAM]``."""
+        return f"{self.address}+{self.stream_address}" if self.stream_address else self.address
 
     @property
     def pid(self) -> int:
@@ -259,18 +265,24 @@ def up(
 
 
 def shard(
-    log_dir: Path, shard_id: int, data_dir: Path, port: int | None = None, verbose: bool = False
+    log_dir: Path, shard_id: int, data_dir: Path, port: int | None = None, verbose: bool = False,
+    stream: bool = True,
 ) -> ServerProcess:
-    """``oribus shard`` on a fixed address, so that it can be restarted at the same one."""
+    """``oribus shard`` on fixed addresses (gRPC, and the stream listener unless ``stream`` is
+    False), so that it can be restarted at the same ones."""
     address = f"127.0.0.1:{port or free_port()}"
-    args = ["shard", "--id", str(shard_id), "--data-dir", str(data_dir), "--listen", address]
-    return ServerProcess(f"shard-{shard_id}", ["-v", *args] if verbose else args, log_dir, address)
+    stream_address = f"127.0.0.1:{free_port()}" if stream else None
+    args = ["shard", "--id", str(shard_id), "--data-dir", str(data_dir), "--listen", address,
+            "--stream-listen", stream_address or "off"]
+    server = ServerProcess(f"shard-{shard_id}", ["-v", *args] if verbose else args, log_dir, address)
+    server.stream_address = stream_address
+    return server
 
 
 def bus(
     log_dir: Path, shard_addresses: list[str], port: int | None = None, verbose: bool = False
 ) -> ServerProcess:
-    """``oribus bus`` over shard servers (shard 0 first)."""
+    """``oribus bus`` over shard servers (shard 0 first; each ``ServerProcess.shard_address``)."""
     address = f"127.0.0.1:{port or free_port()}"
     http = f"127.0.0.1:{free_port()}"
     args = ["bus", "--listen", address, "--shards", ",".join(shard_addresses),
@@ -290,7 +302,7 @@ def two_shards_and_a_bus(cluster: Cluster, log_dir: Path, shard1_failpoints: str
     s1.start()
     for s in (s0, s1):
         s.wait_serving()
-    b = cluster.add(bus(log_dir, [s0.address, s1.address])).start()
+    b = cluster.add(bus(log_dir, [s0.shard_address, s1.shard_address])).start()
     b.wait_serving()
     return s0, s1, b
 

@@ -316,7 +316,7 @@ def test_bad_watch_request_is_invalid_argument(server, channel, raw):
 def test_bad_input_on_a_shard_process(up_processes):
     """The shard service behind ``up --processes`` refuses garbage the same way and stays up."""
     data = Path(up_processes.args[up_processes.args.index("--data-dir") + 1])
-    addr = (data / ".shard-0.addr").read_text().strip()  # where ``up`` found its shard 0
+    addr = (data / ".shard-0.addr").read_text().splitlines()[0]  # where ``up`` found its shard 0 (gRPC)
     call = wire.method_path(wire.SHARD_SERVICE, wire.CALL)
     key = keys_on_shard(0, "bad-input/shard")[0]
     with grpc.insecure_channel(addr) as ch:
@@ -350,3 +350,40 @@ def test_cli_put_with_bad_key_fails_clearly(server):
     assert err["error"] == "InvalidRequest" and "key" in err["message"]
     assert "Traceback" not in r.stderr
     assert_nothing_changed(server)
+
+
+def test_bad_input_on_a_shard_stream_listener(up_processes):
+    """The stream listener the bus calls refuses garbage by closing that connection only, answers
+    well-formed calls with bad arguments with InvalidRequest, and stays up."""
+    import socket
+
+    from oribus.rpc import frames
+
+    data = Path(up_processes.args[up_processes.args.index("--data-dir") + 1])
+    host, port = (data / ".shard-0.addr").read_text().splitlines()[1].rsplit(":", 1)
+    key = keys_on_shard(0, "bad-input/stream")[0]
+    hello = frames.pack_frame(frames.hello(wire.SHARD_SERVICE, frames.CALLS))
+
+    def exchange(*chunks: bytes) -> list:
+        """Send ``chunks`` on a fresh connection; every frame until the server closes it."""
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for c in chunks:
+                sock.sendall(c)
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return [frames.unpack_body(b) for b in frames.FrameReader().feed(data)]
+
+    for garbage in (b"\xc1\xc1\xc1\xc1\xc1", frames.frame(b"\xc1"), frames.LENGTH.pack(1 << 31),
+                    hello + frames.pack_frame({"not": "a batch"}), hello + frames.LENGTH.pack(1 << 31)):
+        got = exchange(garbage)
+        assert got[-1]["code"] == "InvalidRequest", got
+    bad = {"id": "t1", "s": SESSION, "w": {key: 1}}  # a value that is not encoded bytes
+    answer, replies = exchange(hello, frames.pack_frame([[1, "prepare", bad], [2, "stats", {}]]))
+    assert answer == []
+    by_id = {r[0]: r for r in replies}
+    assert by_id[1][1] == wire.ERROR and by_id[1][2]["code"] == "InvalidRequest"
+    assert by_id[2][1] == wire.OK and by_id[2][2]["prepared"] == 0
+    with oribus.Client(up_processes.address, agent="checker") as c:
+        assert c.get(key).version == 0

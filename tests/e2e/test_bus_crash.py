@@ -40,7 +40,7 @@ async def test_kill_bus_clients_reconnect_and_nothing_applies_twice(cluster, tmp
         ]
         for s in shards:
             await asyncio.to_thread(s.wait_serving)
-        victim = cluster.add(bus(tmp_path, [s.address for s in shards])).start()
+        victim = cluster.add(bus(tmp_path, [s.shard_address for s in shards])).start()
     await asyncio.to_thread(victim.wait_serving)
     addr = victim.address
 

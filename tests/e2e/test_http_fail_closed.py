@@ -73,7 +73,7 @@ async def test_bus_restart_alone_still_catches_a_stale_read(cluster, tmp_path):
     shards = [cluster.add(shard(tmp_path, i, tmp_path / f"shard-{i}")).start() for i in range(2)]
     for s in shards:
         await asyncio.to_thread(s.wait_serving)
-    front = cluster.add(bus(tmp_path, [s.address for s in shards])).start()
+    front = cluster.add(bus(tmp_path, [s.shard_address for s in shards])).start()
     await asyncio.to_thread(front.wait_serving)
     read_key, write_key = keys_on_shard(0, "fc/r")[0], keys_on_shard(1, "fc/w")[0]
     async with aiohttp.ClientSession(base_url=f"http://{front.http_address}") as http:

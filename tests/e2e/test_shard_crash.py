@@ -73,7 +73,7 @@ async def test_kill_shard_during_two_phase_traffic(cluster, tmp_path):
     s1 = cluster.add(shard(tmp_path, 1, tmp_path / "shard-1", verbose=True)).start()
     for s in (s0, s1):
         await asyncio.to_thread(s.wait_serving)
-    b = cluster.add(bus(tmp_path, [s0.address, s1.address])).start()
+    b = cluster.add(bus(tmp_path, [s0.shard_address, s1.shard_address])).start()
     await asyncio.to_thread(b.wait_serving)
 
     left = keys_on_shard(0, "bank/acct", PER_SHARD)

@@ -33,7 +33,7 @@ async def test_kill9_of_a_shard_is_named_by_readyz_and_stats(cluster, tmp_path):
     s1 = cluster.add(shard(tmp_path, 1, tmp_path / "shard-1")).start()
     for s in (s0, s1):
         await asyncio.to_thread(s.wait_serving)
-    b = cluster.add(bus(tmp_path, [s0.address, s1.address])).start()
+    b = cluster.add(bus(tmp_path, [s0.shard_address, s1.shard_address])).start()
     await asyncio.to_thread(b.wait_serving)
     a, z = keys_on_shard(0, "down/a")[0], keys_on_shard(1, "down/z")[0]
 

@@ -127,15 +127,16 @@ def test_a_tls_shard_refuses_a_plain_bus_and_serves_a_tls_one(cluster, tmp_path,
     s.tls_dir = certs
     s.start().wait_serving()
 
-    plain = cluster.add(bus(tmp_path, [s.address]))
+    plain = cluster.add(bus(tmp_path, [s.shard_address]))
     plain.start().wait_serving()
     with oribus.Client(plain.address, agent="a", timeout=TIMEOUT) as c:
         with pytest.raises(Unavailable) as info:
             c.get("tls/k")
-    # the bus's shard client could not reach the shard; the error names the shard and TLS
-    assert s.address in info.value.message and "requires TLS" in info.value.message, info.value.message
+    # the bus's shard client could not reach the shard; the error names the shard (the stream
+    # address the bus calls it at) and TLS
+    assert s.stream_address in info.value.message and "requires TLS" in info.value.message, info.value.message
 
-    secure = bus(tmp_path, [s.address])
+    secure = bus(tmp_path, [s.shard_address])
     secure.name = "bus-tls"
     secure.args += ["--tls-dir", str(certs)]
     secure.args[secure.args.index("--data-dir") + 1] = str(tmp_path / "bus-tls-data")

@@ -215,7 +215,7 @@ class Claims(StaticMeta):
         self.claimed: list[ShardClaim] = []
         self.released: list[ShardClaim] = []
 
-    async def claim_shard(self, shard_id: int, address: str) -> ShardClaim:
+    async def claim_shard(self, shard_id: int, address: str, stream: str = "") -> ShardClaim:
         claim = ShardClaim(shard_id, 7)
         self.claimed.append(claim)
         return claim

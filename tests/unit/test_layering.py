@@ -28,7 +28,7 @@ PACKAGE = Path(oribus.__file__).parent
 # (files the rule covers, as paths relative to the package; forbidden modules)
 ENTRY_POINTS = ("oribus.cli", "oribus.demo", "oribus.local", "oribus.sim")
 SERVER_RPC = ("oribus.rpc.bus_server", "oribus.rpc.shard_server", "oribus.rpc.shard_client",
-              "oribus.rpc.shard_codec")
+              "oribus.rpc.shard_codec", "oribus.rpc.stream_server")
 RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     # the SDK: the contract, the messages and the client half of rpc, nothing of a server
     (("client/",), ("oribus.bus", "oribus.shards", "oribus.delivery_log", "oribus.meta", "oribus.hosts",
@@ -38,7 +38,8 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     (("gateway/",), ("oribus.hosts", "oribus.rpc", "oribus.client", *ENTRY_POINTS)),
     # only the two servers of rpc/ import what they serve
     (("rpc/wire.py", "rpc/grpc_status.py", "rpc/bus_codec.py", "rpc/shard_codec.py", "rpc/mux_client.py",
-      "rpc/mux_server.py", "rpc/bus_client.py", "rpc/shard_client.py"), ("oribus.bus",)),
+      "rpc/mux_server.py", "rpc/bus_client.py", "rpc/shard_client.py", "rpc/frames.py", "rpc/stream_client.py",
+      "rpc/stream_server.py"), ("oribus.bus",)),
     (("hosts/",), ("oribus.client", *ENTRY_POINTS)),
     # the bus's logic reaches its shards through ShardService only
     (("bus/",), ("oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client", "oribus.meta",

@@ -249,6 +249,32 @@ async def test_cancelled_waiter_does_not_cancel_the_flush(tmp_path, monkeypatch)
     await wal.close()
 
 
+async def test_flushes_run_on_the_wals_own_thread_until_close(tmp_path, monkeypatch):
+    """One flush thread per WAL (not the loop's default executor), the same for every flush,
+    and gone once the WAL is closed."""
+    threads = []
+
+    def record_thread(fd: int) -> None:
+        threads.append(threading.current_thread())
+        REAL_FDATASYNC(fd)
+
+    monkeypatch.setattr(os, "fdatasync", record_thread)
+    wal = Wal.open(tmp_path / "a")
+    other = Wal.open(tmp_path / "b")
+    for i in range(3):
+        await wal.sync(wal.append(1, {"i": i}))
+    await other.sync(other.append(1, {}))
+    mine, theirs = set(threads[:3]), threads[3]
+    assert len(mine) == 1 and theirs not in mine
+    (flusher,) = mine
+    assert flusher.name.startswith("wal-flush") and flusher.is_alive()
+    wal.append(1, {"last": True})
+    await wal.close()  # the last record is flushed on that thread too, then it ends
+    assert threads[4] is flusher and not flusher.is_alive()
+    await other.close()
+    assert len(await read_back(tmp_path / "a")) == 4
+
+
 async def test_unsafe_no_fsync_never_fsyncs(tmp_path, monkeypatch):
     def forbidden(fd: int) -> None:
         raise AssertionError("fdatasync called with unsafe_no_fsync")

@@ -13,8 +13,9 @@ Group commit
 ------------
 ``append`` only encodes the record and adds it to an in-memory buffer; it
 never touches the disk. ``sync`` makes records durable. At most one flush is
-in flight: it takes the whole buffer, and in a worker thread writes it with
-one ``os.write`` and makes it durable with one ``os.fdatasync``. Every
+in flight: it takes the whole buffer, and in the WAL's own flush thread
+(``FlushThread``) writes it with one ``os.write`` and makes it durable with
+one ``os.fdatasync``. Every
 ``sync`` that arrives while a flush runs waits for that flush and then, if
 its record was appended too late to be part of it, starts the next one,
 which takes everything appended in the meantime. So under load one fsync
@@ -48,6 +49,12 @@ encoded; ``wal.after_append`` right after a batch is written (before its
 fsync); ``wal.before_fsync`` and ``wal.after_fsync`` around the fsync (hit
 even when ``unsafe_no_fsync`` skips it, so crash tests see the same points).
 
+Why a thread of its own rather than the loop's default executor: the hand-off
+is on the path of every commit (each group of commits waits for one flush), and
+a queue and one ``call_soon_threadsafe`` per flush cost less than the
+executor's futures, work items and wrapping, on a thread whose caches stay
+warm (``benchmarks/wal_handoff.py``: CPU per flush, both hand-offs).
+
 Metrics (``oribus.metrics``): with a ``metrics_label`` (the shard sets its id),
 every batch observes ``oribus_wal_batch_records`` and every fsync
 ``oribus_wal_fsync_seconds`` under ``shard=<label>``. They are observed in the
@@ -60,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import threading
 import time
 import warnings
@@ -106,6 +114,56 @@ def _fdatasync(fd: int) -> None:
     # without fdatasync (macOS) fall back to fsync.
     sync = getattr(os, "fdatasync", None) or os.fsync
     sync(fd)
+
+
+class FlushThread:
+    """The thread that runs one WAL's flushes, one at a time, handing each result back to the
+    event loop that asked for it (``submit`` returns an asyncio future). ``stop()`` runs what
+    was submitted, then ends the thread; idempotent."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        self._stopped = False
+
+    def submit(self, fn: Callable[[], None]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((fn, fut, loop))
+        return fut
+
+    def stop(self, wait: bool = True) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._jobs.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, fut, loop = job
+            error = None
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiters
+                error = e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+
+def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 
 class GroupCommit:
@@ -171,7 +229,7 @@ class Wal(GroupCommit):
         await wal.close()
 
     ``append`` and ``sync`` are meant to be called from one event loop; the
-    disk work runs in the loop's default executor.
+    disk work runs in the WAL's flush thread (``FlushThread``).
     """
 
     def __init__(
@@ -211,6 +269,7 @@ class Wal(GroupCommit):
         self._durable_lsn = last_lsn  # highest LSN known fsynced
 
         self._flush: asyncio.Future[None] | None = None  # the flush in flight
+        self._flusher: FlushThread | None = None  # started by the first flush, stopped by close()
         self._failed: Unavailable | None = None
         self._closed = False
 
@@ -393,8 +452,11 @@ class Wal(GroupCommit):
             if flush is not None and not flush.done():
                 await asyncio.wait({flush})
             if self._failed is None and self._buffer:
-                await asyncio.get_running_loop().run_in_executor(None, self._drain)
+                await self._flush_thread().submit(self._drain)
         finally:
+            if self._flusher is not None:
+                self._flusher.stop()
+                self._flusher = None
             self._release()
 
     async def __aenter__(self) -> Wal:
@@ -413,6 +475,8 @@ class Wal(GroupCommit):
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             warnings.warn(f"unclosed Wal in {self._directory}", ResourceWarning, stacklevel=1)
+            if self._flusher is not None:
+                self._flusher.stop(wait=False)
             self._release()
 
     # -- internals -------------------------------------------------------------
@@ -423,8 +487,13 @@ class Wal(GroupCommit):
         if self._closed:
             raise Unavailable("wal is closed", path=str(self._directory))
 
+    def _flush_thread(self) -> FlushThread:
+        if self._flusher is None:
+            self._flusher = FlushThread(f"wal-flush {self._directory.parent.name}")
+        return self._flusher
+
     def _start_flush(self) -> asyncio.Future[None]:
-        flush = asyncio.get_running_loop().run_in_executor(None, self._drain)
+        flush = self._flush_thread().submit(self._drain)
         self._flush = flush
         flush.add_done_callback(self._flush_done)
         return flush

@@ -1,0 +1,149 @@
+"""The frames of the stream transport (``stream_client``, ``stream_server``): sans-IO.
+
+A connection is a byte stream (TCP, optionally TLS through the ``ssl`` module)
+carrying length-prefixed msgpack frames, both ways::
+
+    offset  size  field
+    0       4     length   unsigned, big-endian: the size of the body in bytes
+                           (at most ``MAX_FRAME_BYTES``; a larger length is refused
+                           before any of its body is read)
+    4       n     body     one msgpack value
+
+The first frame a client sends is its hello; the server answers it, then the
+connection carries one kind of traffic until it closes::
+
+    hello     ["oribus-stream", 1, service, "calls"]
+              ["oribus-stream", 1, service, "watch", watch_request]
+    answer    []                 accepted (for a watch: subscribed, every later change follows)
+              {"code", ...}      refused: the error (``OribusError.to_dict``), then the close
+
+    calls     client -> server   [[call_id, op, args], ...]           as the gRPC Stream
+              server -> client   [[call_id, status, payload], ...]    (``oribus.rpc.wire``)
+    watch     server -> client   [change, ...]                        (``Change.to_wire``)
+                                 nil                                  the watch ended normally
+
+On either kind, a map from the server is an error about the whole connection
+(a frame it could not read, an unknown service, a failed watch: its code says
+which, e.g. ``WatchLagged``); the server closes the connection after it. A
+connection that ends without one, or a watch without its nil, was lost: the
+client fails what it had in flight with ``Unavailable``.
+
+Errors here: a frame over the limit or one whose body is not msgpack is an
+``InvalidRequest``; the server answers it with the error map and closes only that
+connection, after handling the frames before it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from oribus.errors import InvalidRequest
+from oribus.rpc import wire
+
+LENGTH = struct.Struct(">I")  # the frame header: the body's length, unsigned 32-bit big-endian
+MAX_FRAME_BYTES = wire.MAX_MESSAGE_BYTES  # the same limit as a gRPC message
+
+MAGIC = "oribus-stream"
+VERSION = 1
+CALLS, WATCH = "calls", "watch"
+
+
+def frame(body: bytes) -> bytes:
+    """One frame: the length header, then ``body``."""
+    return LENGTH.pack(len(body)) + body
+
+
+def pack_frame(value: Any) -> bytes:
+    return frame(wire.pack(value))
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` elements: a batch is this header followed by
+    its elements, each packed on its own."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def hello(service: str, kind: str, request: Any = None) -> list:
+    return [MAGIC, VERSION, service, kind] if kind == CALLS else [MAGIC, VERSION, service, kind, request]
+
+
+def check_hello(value: Any, service: str) -> tuple[str, Any]:
+    """(kind, watch request or None) of a client's first frame; InvalidRequest if it is not a hello
+    for ``service`` in a version this side speaks."""
+    if not (isinstance(value, list) and len(value) >= 4 and value[0] == MAGIC):
+        raise InvalidRequest("the first frame of a connection must be an oribus-stream hello")
+    if value[1] != VERSION:
+        raise InvalidRequest(f"oribus-stream version {value[1]!r} is not spoken here (only {VERSION})")
+    if value[2] != service:
+        raise InvalidRequest(f"this server serves {service}, not {value[2]!r}")
+    if value[3] == CALLS and len(value) == 4:
+        return CALLS, None
+    if value[3] == WATCH and len(value) == 5:
+        return WATCH, value[4]
+    raise InvalidRequest(f"unknown connection kind {value[3]!r}")
+
+
+def unpack_body(body: bytes) -> Any:
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise InvalidRequest(f"malformed frame: {e}") from None
+
+
+class FrameReader:
+    """Cuts a byte stream into frame bodies, whatever the chunks it arrives in.
+
+    ``feed(data)`` returns the bodies completed by ``data`` (possibly none); a
+    partial frame waits for the next chunk. A length over ``limit`` is refused at
+    once, before its body arrives: ``feed`` returns the frames before it and sets
+    ``error`` (an ``InvalidRequest``); the stream is unusable from there on (every later
+    ``feed`` raises it), so the caller handles those frames, then the error.
+    """
+
+    __slots__ = ("_buffer", "error", "limit")
+
+    def __init__(self, limit: int = MAX_FRAME_BYTES) -> None:
+        self.limit = limit
+        self.error: InvalidRequest | None = None
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a frame (a partial frame)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.error is not None:
+            raise self.error
+        buf = self._buffer
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data  # the usual case: the chunk starts with a frame header, no copy first
+        bodies: list[bytes] = []
+        pos, end = 0, len(view)
+        unpack_from, limit = LENGTH.unpack_from, self.limit
+        while end - pos >= 4:
+            (size,) = unpack_from(view, pos)
+            if size > limit:
+                self.error = InvalidRequest(f"a frame of {size} bytes is over the limit of {limit} bytes")
+                buf.clear()
+                return bodies
+            stop = pos + 4 + size
+            if stop > end:
+                break
+            bodies.append(bytes(view[pos + 4:stop]))
+            pos = stop
+        if view is buf:
+            del buf[:pos]
+        elif pos < end:
+            buf += view[pos:]
+        return bodies

@@ -1,0 +1,325 @@
+"""The server end of the stream transport: a service's operations over TCP (or TLS), in batches.
+
+``StreamListener`` serves the same handlers as ``mux_handlers`` (``wire.bind_ops``,
+wrapped as the service needs, e.g. epoch-fenced by ``ShardServer``) and the same
+watch handler, over the frames of ``oribus.rpc.frames``:
+
+* a ``calls`` connection runs each call of a request batch as a task; the
+  replies ready in one turn of the event loop leave as one frame (one write;
+  with many calls running, a few turns more: ``wire.HOLD_TURNS``);
+* a ``watch`` connection subscribes, answers the hello once subscribed, then
+  sends the changes (those of one loop turn in one frame) and nil at the end.
+
+A frame that cannot be read (over the size limit, not msgpack, not a batch, a
+bad hello) is answered with the error map and closes that connection only; the
+listener and every other connection go on. An operation that raises an
+unexpected exception is answered with an ``Internal`` error (``wire.dispatch``).
+A call whose connection is lost runs to its end; its reply is dropped (to the
+caller, a lost reply: ``Unavailable``, outcome unknown).
+
+With an ``ssl`` context (``oribus.tls.server_ssl_context``) the listener speaks
+TLS only and, by default, refuses a client without a certificate from the CA.
+The client end is ``oribus.rpc.stream_client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from typing import Any
+
+import msgpack
+
+from oribus.errors import InvalidRequest, OribusError, Unavailable
+from oribus.messages import WatchRequest
+from oribus.rpc import frames, wire
+from oribus.rpc.stream_client import split_address
+
+log = logging.getLogger("oribus.rpc.stream_server")
+
+
+class StreamListener:
+    """Serve ``ops`` (and ``watch``) of ``service`` on ``listen`` (``HOST:PORT``; port 0 picks one).
+
+    ``await start()``; ``await stop(grace)`` stops accepting, answers calls that
+    arrive meanwhile with ``Unavailable``, lets calls in flight finish for
+    ``grace`` seconds, then closes every connection.
+    """
+
+    def __init__(self, listen: str, service: str, ops: dict[str, wire.Handler],
+                 watch: wire.WatchHandler | None = None, *, ssl: ssl.SSLContext | None = None,
+                 max_frame_bytes: int = frames.MAX_FRAME_BYTES) -> None:
+        self.listen = listen
+        self.service = service
+        self.ops = ops
+        self.watch = watch
+        self.max_frame_bytes = max_frame_bytes
+        self.port = 0
+        self.stopping = False
+        self._host, self._port = split_address(listen)
+        self._ssl = ssl
+        self._server: asyncio.AbstractServer | None = None
+        self.connections: set[_ServerConnection] = set()
+        self.counters = {"connections": 0, "calls": 0, "messages_in": 0, "messages_out": 0, "refused": 0}
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_server(lambda: _ServerConnection(self), self._host or None,
+                                                    self._port, ssl=self._ssl, reuse_port=False)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {self.listen}: {e.strerror or e}") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Idempotent."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        self.stopping = True
+        server.close()
+        running = {t for c in self.connections for t in c.running}
+        if running and grace > 0:
+            await asyncio.wait(running, timeout=grace)
+        for conn in list(self.connections):
+            conn.close(Unavailable(f"{self.service} at {self.address} is stopping"))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+class _ServerConnection(asyncio.Protocol):
+    """One client's connection: its hello, then its calls or its watch."""
+
+    def __init__(self, listener: StreamListener) -> None:
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.reader = frames.FrameReader(listener.max_frame_bytes)
+        self.kind: str | None = None  # None until the hello: frames.CALLS or frames.WATCH
+        self.running: set[asyncio.Task] = set()  # calls in flight
+        self.outbox: list = []  # replies (or changes) of this loop turn, sent by _flush
+        self.closed = False
+        self._flush_soon = False
+        self._watch_task: asyncio.Task | None = None
+        self._drained: asyncio.Future | None = None  # set while the transport's buffer is full
+        self._eof = False  # the client sent all it will send: close once its calls are answered
+        self._counters = listener.counters
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # one per connection: a Packer is not shared
+
+    # -- the connection's life ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.listener.connections.add(self)
+        self._counters["connections"] += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.connections.discard(self)
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        # calls in flight run to their end (their replies are dropped): a lost reply, not a
+        # handler cut short half-way
+
+    def eof_received(self) -> bool:
+        # A client that half-closes (sends its calls, then EOF) still gets their replies.
+        if self.kind == frames.CALLS and self.running:
+            self._eof = True
+            return True  # keep our side open until the calls are answered
+        return False
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        if self._eof and not self.running:
+            self.close()
+
+    def close(self, error: OribusError | None = None) -> None:
+        """Send what is pending (and ``error``, if any), then close. Cancels the watch and, once
+        the listener stops, the calls still running."""
+        if self.closed:
+            return
+        self._flush()
+        if error is not None:
+            self._write(error.to_dict())
+        self.closed = True
+        if self._watch_task is not None and self._watch_task is not asyncio.current_task():
+            self._watch_task.cancel()
+        if self.listener.stopping:
+            for t in list(self.running):
+                t.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _refuse(self, error: OribusError) -> None:
+        """A frame this server cannot take: say why and close this connection only."""
+        self._counters["refused"] += 1
+        peer = self.transport.get_extra_info("peername") if self.transport is not None else None
+        log.warning("closing the connection of %s: %s", peer, error.message)
+        self.close(error)
+
+    def pause_writing(self) -> None:
+        # the client does not read its replies: stop reading its calls until it does
+        if self.transport is not None and self.kind == frames.CALLS:
+            self.transport.pause_reading()
+        self._drained = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self.kind == frames.CALLS and not self.closed:
+            self.transport.resume_reading()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        self._drained = None
+
+    # -- frames in ------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            for body in self.reader.feed(data):
+                value = frames.unpack_body(body)
+                if self.kind == frames.CALLS:
+                    self._calls(value)
+                elif self.kind is None:
+                    self._hello(value)
+                else:
+                    raise InvalidRequest("a watch connection takes no frame after its hello")
+                if self.closed:
+                    return
+            if self.reader.error is not None:  # after the frames that came before it
+                raise self.reader.error
+        except OribusError as e:
+            self._refuse(e)
+        except Exception as e:  # a bug must not take the server down: close this connection
+            log.exception("reading a frame failed")
+            self._refuse(OribusError(f"internal error: {type(e).__name__}: {e}"))
+
+    def _hello(self, value: Any) -> None:
+        kind, request = frames.check_hello(value, self.listener.service)
+        if self.listener.stopping:
+            raise Unavailable(f"{self.listener.service} at {self.listener.address} is stopping")
+        if kind == frames.CALLS:
+            self.kind = frames.CALLS
+            self._write([])
+            return
+        if self.listener.watch is None:
+            raise InvalidRequest("watch is not served here")
+        self.kind = frames.WATCH
+        self._watch_task = self.loop.create_task(self._serve_watch(WatchRequest.from_wire(request)))
+
+    def _calls(self, value: Any) -> None:
+        batch = wire.request_batch(value)
+        self._counters["messages_in"] += 1
+        self._counters["calls"] += len(batch)
+        stopping = self.listener.stopping
+        for call_id, op, args in batch:
+            if stopping:
+                self._reply([call_id, wire.ERROR, Unavailable(
+                    f"{self.listener.service} at {self.listener.address} is stopping").to_dict()])
+                continue
+            task = self.loop.create_task(self._run(call_id, op, args))
+            self.running.add(task)
+            task.add_done_callback(self._call_done)
+
+    async def _run(self, call_id: Any, op: Any, args: Any) -> None:
+        self._reply(await wire.dispatch(self.listener.ops, call_id, op, args))
+
+    # -- frames out: one write per loop turn ----------------------------------------------
+
+    def _reply(self, item: Any) -> None:
+        if self.closed:
+            return
+        self.outbox.append(item)
+        if not self._flush_soon:
+            self._flush_soon = True
+            # busy: hold the frame a few loop turns so more replies join it (wire.HOLD_TURNS)
+            turns = wire.HOLD_TURNS if len(self.running) > wire.BUSY_CALLS else 0
+            self.loop.call_soon(self._flush, turns)
+
+    def _flush(self, hold: int = 0) -> None:
+        if hold:
+            self.loop.call_soon(self._flush, hold - 1)
+            return
+        self._flush_soon = False
+        if self.closed or not self.outbox:
+            return
+        batch, self.outbox = self.outbox, []
+        try:
+            body = self._pack(batch)
+        except Exception:  # noqa: BLE001 - a result msgpack cannot encode: find it below
+            body = b""
+        bodies = [body] if body and len(body) <= self.listener.max_frame_bytes else self._pack_one_by_one(batch)
+        for body in bodies:
+            self.transport.write(frames.LENGTH.pack(len(body)) + body)  # type: ignore[union-attr]
+            self._counters["messages_out"] += 1
+
+    def _pack_one_by_one(self, batch: list) -> list[bytes]:
+        """The slow path: the items of a batch encoded one by one, in frames under the limit. A
+        reply that cannot be encoded or is over the limit alone becomes an error reply naming why."""
+        limit = self.listener.max_frame_bytes - 8  # room for the array header
+        bodies: list[bytes] = []
+        parts: list[bytes] = []
+        size = 0
+        for item in batch:
+            try:
+                packed = self._pack(item)
+                if len(packed) > limit:
+                    raise InvalidRequest(f"a reply of {len(packed)} bytes is over the frame limit of "
+                                         f"{self.listener.max_frame_bytes} bytes; ask for less")
+            except Exception as e:  # noqa: BLE001
+                if self.kind != frames.CALLS:
+                    raise
+                err = e if isinstance(e, OribusError) else OribusError(
+                    f"internal error: a result that cannot be encoded: {e}")
+                log.error("the reply to call %r is replaced by an error: %s", item[0], err.message)
+                packed = self._pack([item[0], wire.ERROR, err.to_dict()])
+            if parts and size + len(packed) > limit:
+                bodies.append(frames.array_header(len(parts)) + b"".join(parts))
+                parts, size = [], 0
+            parts.append(packed)
+            size += len(packed)
+        if parts:
+            bodies.append(frames.array_header(len(parts)) + b"".join(parts))
+        return bodies
+
+    def _write(self, value: Any) -> None:
+        """One frame now (the hello's answer, the end of a watch, an error)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frames.pack_frame(value))
+
+    # -- a watch -----------------------------------------------------------------------------
+
+    async def _serve_watch(self, request: WatchRequest) -> None:
+        stream: Any = None
+        try:
+            stream = await self.listener.watch(request)  # type: ignore[misc]
+            self._write([])  # subscribed: every change made visible from now on follows
+            async for change in stream:
+                if self.closed:
+                    return
+                self._reply(change.to_wire())
+                if self._drained is not None:  # the client reads slowly: wait for it
+                    await self._drained
+            self._flush()
+            self._write(None)
+            self.close()
+        except OribusError as e:
+            self.close(e)  # e.g. WatchLagged, HistoryTruncated: the client raises the same class
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("watch failed")
+            self.close(OribusError(f"internal error: {type(e).__name__}: {e}"))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
