@@ -35,7 +35,7 @@ from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import DataCorrupted, InvalidRequest
 from oribus.meta.slots import SLOTS, StaticSlotMap
-from oribus.shards.config import ShardConfig
+from oribus.shards.config import DEFAULT_READ_LEASE_SECONDS, ShardConfig
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.shard import Shard
 from oribus.shards.txn import Txn
@@ -63,6 +63,11 @@ class EngineConfig:
     segment_bytes: int = 64 << 20  # WAL segment size
     snapshot_every_records: int = 200_000  # WAL records between snapshots
     txn_expiry_seconds: float = 10.0  # prepared transactions older than this are resolved
+    # Read-only participants (specs/PROTOCOL.md §5.8): the lease a validation holds its read
+    # locks for, and the bound on clock error between processes. Every process of this engine
+    # runs on this machine's one clock (in-process shards, or `oribus up --processes`): 0.
+    read_lease_seconds: float = DEFAULT_READ_LEASE_SECONDS
+    clock_skew_seconds: float = 0.0
     unsafe_no_fsync: bool = False  # acknowledge before data reaches the disk: loses commits on power loss
     maintenance_interval: float = 1.0  # seconds between background chores
     unsafe_disable_validation: bool = False  # demo/testing only: accepts stale commits (no ORI checks)
@@ -93,6 +98,12 @@ class EngineConfig:
                 max_sessions=self.max_sessions_per_shard,
             ),
             txn_expiry_seconds=self.txn_expiry_seconds,
+            read_lease_seconds=self.read_lease_seconds,
+            clock_skew_seconds=self.clock_skew_seconds,
+            # In one process a shard never restarts without its coordinators and writers, and
+            # no message outlives them: no lease can be relied on across a restart (§5.8).
+            # (Shard processes of `oribus up --processes` run `oribus shard`: grace on.)
+            restart_grace=False,
             unsafe_disable_validation=self.unsafe_disable_validation,
             unsafe_allow_empty=self.unsafe_allow_empty,
         )

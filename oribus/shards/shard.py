@@ -11,6 +11,12 @@ commit (bounded). Durability rules it keeps:
 * a participant's COMMIT/ABORT after the decision need not wait: if it is lost,
   recovery finds the transaction PREPARED and asks the primary again.
 
+A read-only participant's validation (``validate``) writes nothing and waits for
+nothing: its read locks are a lease in memory (specs/PROTOCOL.md §5.8). A
+writer blocked by a lease waits at most until the lease ends on its own; the
+restart grace (no new write intent for a while after the shard starts) is the
+participant's, counted from this object's creation.
+
 Snapshots are taken at a low-water LSN (below every record appended but not
 yet applied); replay from there is idempotent (see ``store.apply``).
 """
@@ -32,6 +38,7 @@ from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
 from oribus.failpoints import failpoint
 from oribus.messages import (
+    LEASE_EXPIRED,
     Change,
     ReadItem,
     ReadReply,
@@ -43,11 +50,12 @@ from oribus.messages import (
     TxnState,
     TxnStatus,
     Vote,
+    VoteKind,
     WatchRequest,
 )
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
-from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
+from oribus.shards.participant import Blocked, Known, Late, Leased, Participant, Pending, Refused
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, load_latest_snapshot, write_snapshot
@@ -69,7 +77,8 @@ class Shard(ShardService):
     # virtual clock and an in-memory disk by replacing these per instance, before
     # ``__init__`` (``oribus.sim.harness.SimShard``). Real shards keep these defaults:
     # the monotonic clock and the WAL and snapshot files below ``data_dir``.
-    clock: Callable[[], float] = staticmethod(time.monotonic)  # deadlines, transaction ages, session TTL
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # deadlines, transaction ages, session TTL, leases
+    wall_clock: Callable[[], float] = staticmethod(time.time)  # compared with read leases' deadlines (§5.8)
     open_wal = staticmethod(Wal.open)  # recovery scan + the append side (``Wal.open``'s signature)
     load_snapshot_file = staticmethod(load_latest_snapshot)  # (snapshot_dir) -> (lsn, raw) | None
     write_snapshot_file = staticmethod(write_snapshot)  # (snapshot_dir, lsn, raw); durable on return
@@ -89,6 +98,10 @@ class Shard(ShardService):
             self.dlog,
             max_resolved=config.max_resolved_txns,
             clock=self.clock,
+            wall_clock=self.wall_clock,
+            read_lease_seconds=config.read_lease_seconds,
+            clock_skew_seconds=config.clock_skew_seconds,
+            restart_grace=config.restart_grace,
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
         self.wal: Wal | None = None
@@ -105,7 +118,8 @@ class Shard(ShardService):
         self._watchers: set[Watcher] = set()
         self.counters = {"reads": 0, "commits_1pc": 0, "prepares": 0, "decisions": 0,
                          "conflicts": 0, "aborts": 0, "snapshots": 0, "replayed_records": 0,
-                         "watches_lagged": 0}
+                         "watches_lagged": 0, "validations": 0, "leases_past_deadline": 0,
+                         "refused_in_grace": 0}
 
     @classmethod
     async def open(cls, config: ShardConfig, *, epoch: int | None = None,
@@ -275,7 +289,11 @@ class Shard(ShardService):
         loop = asyncio.get_running_loop()
         futs = []
         for t in txn_ids:
-            if self.core.known(t) is None or self.core.known(t).resolved:  # type: ignore[union-attr]
+            left = self.core.lease_left(t)
+            if left is not None:
+                # a read-only participant's lease: released by its coordinator, or over by itself
+                timeout = min(timeout, left)
+            elif self.core.known(t) is None or self.core.known(t).resolved:  # type: ignore[union-attr]
                 continue
             fut = self._waiters.get(t)
             if fut is None:
@@ -352,10 +370,19 @@ class Shard(ShardService):
         self._check_open()
         deadline = self.clock() + self.config.lock_wait_seconds
         while True:
-            result = self.core.begin_one_phase(txn)
+            result = self._begin_one_phase(txn)
+            if isinstance(result, Late):
+                # The read leases it relies on may have ended (PROTOCOL.md §5.8): refused for
+                # good, with a tombstone as for a Conflict below.
+                self.counters["leases_past_deadline"] += 1
+                self.core.apply_abort(txn.txn_id)
+                log.info("shard %d refused %s: its read leases' deadline %.3f passed (wall clock %.3f, "
+                         "skew bound %gs)", self.shard_id, txn.txn_id, result.deadline, result.now,
+                         self.config.clock_skew_seconds)
+                return TxnOutcome(TxnState.ABORTED, reason=LEASE_EXPIRED)
             if isinstance(result, Refused):
                 left = deadline - self.clock()
-                if result.only_locked and left > 0:
+                if result.only_locked and left > 0 and self.core.may_wait(txn, result.blockers):
                     await self._wait_for(result.blockers, left)
                     continue
                 self.counters["conflicts"] += 1
@@ -395,6 +422,13 @@ class Shard(ShardService):
         self._maybe_snapshot()
         return outcome
 
+    def _begin_one_phase(self, txn: ShardTxn) -> Known | Refused | Pending | Late:
+        try:
+            return self.core.begin_one_phase(txn)
+        except Unavailable:
+            self.counters["refused_in_grace"] += 1
+            raise
+
     async def _known_outcome(self, txn: Txn) -> TxnOutcome:
         """A retried commit id: wait if it is still in flight, then report its outcome."""
         deadline = self.clock() + self.config.read_wait_seconds
@@ -406,7 +440,11 @@ class Shard(ShardService):
 
     async def prepare(self, txn: ShardTxn) -> Vote:
         self._check_open()
-        result = self.core.prepare(txn)
+        try:
+            result = self.core.prepare(txn)
+        except Unavailable:
+            self.counters["refused_in_grace"] += 1
+            raise
         if isinstance(result, Pending):
             lsn = self._append_or_release(txn.txn_id, result.record)
             await self._durable(lsn)
@@ -416,15 +454,48 @@ class Shard(ShardService):
             self.counters["conflicts"] += 1
         return self.core.vote_for(result)
 
-    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+    async def validate(self, txn: ShardTxn) -> Vote:
+        """A read-only participant (PROTOCOL.md §5.8): validate, lease the read locks, vote."""
+        self._check_open()
+        result = self.core.validate_reads(txn)
+        self.counters["validations"] += 1
+        if isinstance(result, Leased):
+            return Vote(VoteKind.YES, lease=result.seconds)
+        if isinstance(result, Refused):
+            self.counters["conflicts"] += 1
+        return self.core.vote_for(result)
+
+    async def release_lease(self, txn_id: str) -> None:
+        self._check_open()
+        if self.core.release_lease(txn_id):
+            self._resolved(txn_id)  # wake the writers waiting for it
+
+    async def withdraw(self, txn_id: str) -> TxnOutcome:
+        """The coordinator will not commit ``txn_id`` here (a read-only participant refused).
+
+        A known id answers its outcome — waiting for a one-phase commit still in flight —
+        so a retry whose earlier attempt committed is told so; an unknown one gets an
+        ABORTED tombstone, so a copy of an earlier attempt still on its way can no longer
+        commit (in memory, as a refused one-phase commit's: after a restart such a copy is
+        past its deadline or inside the restart grace, PROTOCOL.md §5.8).
+        """
+        self._check_open()
+        txn = self.core.known(txn_id)
+        if txn is not None:
+            return await self._known_outcome(txn)
+        return self.core.apply_abort(txn_id)
+
+    async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:
         self._check_open()
         running = self._deciding.get(txn_id)
         if running is not None:
             await asyncio.shield(running)
             return self.core.outcome(txn_id)
-        state, record = self.core.begin_decide(txn_id, commit)
+        state, record, reason = self.core.begin_decide(txn_id, commit, deadline)
         if record is None:
             return self.core.outcome(txn_id)
+        if reason:
+            self.counters["leases_past_deadline"] += 1
         fut: asyncio.Future[TxnOutcome] = asyncio.get_running_loop().create_future()
         self._deciding[txn_id] = fut
         try:
@@ -441,7 +512,10 @@ class Shard(ShardService):
         # this caller still waits, so it is carried out even if the caller is cancelled (a
         # bus whose connection drops). Left half done, the WAL would say COMMITTED while a
         # later abort of the still-PREPARED transaction released the other participants.
-        return await asyncio.shield(self._carry_out_decision(txn_id, state, lsn, fut))
+        outcome = await asyncio.shield(self._carry_out_decision(txn_id, state, lsn, fut))
+        if reason and outcome.state is TxnState.ABORTED:
+            outcome.reason = reason
+        return outcome
 
     async def _carry_out_decision(
         self, txn_id: str, state: TxnState, lsn: int, fut: asyncio.Future[TxnOutcome]
@@ -582,6 +656,8 @@ class Shard(ShardService):
             "epoch": self.epoch,
             "keys": len(self.store),
             "prepared": len(self.core.prepared),
+            "leases": len(self.core.leases),
+            "restart_grace_left": round(self.core.grace_left(), 3),
             "delivery_log": self.dlog.stats(),
             "wal": dict(wal.stats) if wal is not None else {},
             "watchers": len(self._watchers),

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seed] if args.seed is not None else range(args.first_seed, args.first_seed + args.seeds)
     started = time.monotonic()
     totals = {"runs": 0, "transactions": 0, "committed_checked": 0, "faults": 0, "crashes": 0,
-              "bus_crashes": 0, "lost_records": 0, "messages": 0, "lost": 0, "duplicated": 0,
+              "reader_crashes": 0, "bus_crashes": 0, "lost_records": 0, "messages": 0, "lost": 0, "duplicated": 0,
               "virtual_seconds": 0.0}
     failed: list[int] = []
     for seed in seeds:
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"oribus.sim: {totals['runs']} runs, {totals['transactions']} transactions "
         f"({totals['committed_checked']} committed and checked), {totals['faults']} faults injected "
-        f"({totals['crashes']} shard crashes, {totals['bus_crashes']} bus crashes, {totals['lost_records']} "
+        f"({totals['crashes']} shard crashes, {totals['reader_crashes']} of them while a commit in flight "
+        f"relied on the shard's read lease, {totals['bus_crashes']} bus crashes, {totals['lost_records']} "
         f"unsynced WAL records lost), {totals['messages']} messages ({totals['lost']} lost, "
         f"{totals['duplicated']} duplicated), {totals['virtual_seconds']:.0f} virtual s in {wall:.1f} s; "
         f"{len(failed)} failing seeds{': ' + ', '.join(map(str, failed)) if failed else ''}"
