@@ -450,3 +450,101 @@ def test_retried_commit_id_reports_every_written_version() -> None:
     partial, full = run(scenario())
     assert partial == {}, f"a retry was acknowledged with an incomplete versions map: {partial}"
     assert len(full) == 2 and set(full.values()) == {1}, full
+
+
+# ---- 5. read-only participants (PROTOCOL.md §5.8) -------------------------------------------------
+
+
+def test_a_read_only_shard_writes_nothing_and_its_lease_ends_after_the_outcome() -> None:
+    """One writer, one read-only participant: a validation (no record) and a one-phase commit on
+    the writer (one record), and the lease is gone once the answer is in."""
+
+    async def scenario() -> tuple[dict, dict, dict[str, int]]:
+        cluster = SimCluster(5, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        writer = cluster.session(0)
+        await writer.commit({a: "a0", b: "b0"})
+        before = {i: dict(cluster.disks[i].wal.stats) for i in (0, 1)}
+        tx = cluster.session(1).transaction()
+        await tx.get_many([a, b])  # reads on both shards
+        tx.put(b, "b1")  # writes on shard 1 only: shard 0 is read-only
+        versions = await tx.commit()
+        await asyncio.sleep(0.01)  # the release is not waited for
+        after = {i: dict(cluster.disks[i].wal.stats) for i in (0, 1)}
+        leases = {i: len(cluster.shard(i).core.leases) for i in (0, 1)}
+        return before, after, {"versions": versions, "leases": leases,
+                               "validations": cluster.shard(0).counters["validations"]}
+
+    before, after, seen = run(scenario())
+    assert list(seen["versions"].values()) == [2]
+    assert after[0]["records"] == before[0]["records"]  # the read-only shard logged nothing
+    assert after[1]["records"] == before[1]["records"] + 1  # the writer: one COMMIT_ONE_PHASE
+    assert seen["validations"] == 1 and seen["leases"] == {0: 0, 1: 0}
+
+
+def test_a_retry_whose_attempt_committed_is_answered_committed_though_its_reads_are_stale_now() -> None:
+    """A read-only participant keeps no record, so it refuses the retry of a commit id whose first
+    attempt committed (its read is stale by then); the coordinator withdraws the id at the writer
+    before answering and learns it committed: the retry is answered with the first attempt's
+    versions, and nothing is applied twice."""
+
+    async def scenario() -> tuple[dict[str, int], int, object]:
+        cluster = SimCluster(6, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        await cluster.session(0).commit({a: "a0", b: "b0"})
+        agent, other = cluster.session(1), cluster.session(2)
+        await agent.get_many([a, b])
+        writer = cluster.shard(1)
+        commit_one_phase = writer.commit_one_phase
+
+        async def commit_then_lose_the_answer(txn):  # noqa: ANN001, ANN202
+            await commit_one_phase(txn)  # committed, durably ...
+            raise Unavailable("the answer is lost")  # ... and the bus never hears of it
+
+        writer.commit_one_phase = commit_then_lose_the_answer
+        req = agent._request("T", writes={b: encode_value("b1", 1 << 20)})
+        try:
+            await agent._bus.commit(req)
+            raise AssertionError("attempt 1 cannot be acknowledged: its answer was lost")
+        except Unavailable:
+            pass
+        writer.commit_one_phase = commit_one_phase
+        await asyncio.sleep(0.01)
+        await cluster.shard(0).release_lease("T")  # (it is kept while the outcome is unknown)
+        await other.put(a, "a1")  # the agent's read of a is stale now
+        retried = await agent._bus.commit(req)  # the same commit id
+        history = await other.history(b)
+        return retried.versions, len(history), cluster.shard(1).core.known("T").state
+
+    versions, kept, state = run(scenario())
+    assert state is TxnState.COMMITTED
+    assert list(versions.values()) == [2], versions
+    assert kept == 2  # b0 and b1: applied once
+
+
+def test_a_read_only_refusal_leaves_a_tombstone_at_the_writer() -> None:
+    """A read-only participant refuses (a stale read): the writer gets a tombstone for the id
+    before the client hears Conflict, so a late copy of the commit can no longer commit there."""
+
+    async def scenario() -> tuple[object, object]:
+        cluster = SimCluster(7, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        agent, other = cluster.session(1), cluster.session(2)
+        await agent.get_many([a, b])
+        await other.put(a, "moved")  # stale on the read-only shard 0
+        req = agent._request("T", writes={b: encode_value("b1", 1 << 20)})
+        try:
+            await agent._bus.commit(req)
+            raise AssertionError("a stale read committed")
+        except Conflict as e:
+            refusal = e
+        part = cluster.bus_endpoint.target.coordinator.split(req)[1]  # the writer's part
+        late = await cluster.shard(1).commit_one_phase(part)
+        return refusal, late
+
+    refusal, late = run(scenario())
+    assert any(s.reason == "stale_read" for s in refusal.stale)
+    assert late.state is TxnState.ABORTED  # the tombstone answers the late copy
