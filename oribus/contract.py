@@ -182,9 +182,10 @@ class ShardService(abc.ABC):
         """End a read-only participant's lease now (the commit's outcome is known)."""
 
     @abc.abstractmethod
-    async def withdraw(self, txn_id: str) -> TxnOutcome:
-        """The coordinator will not commit ``txn_id`` here: answer its outcome if this shard
-        knows the id (a retry whose earlier attempt committed), else leave an ABORTED tombstone."""
+    async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
+        """The coordinator will not commit ``txn`` here: answer its outcome if this shard knows
+        the id (a retry whose earlier attempt committed), else leave an ABORTED tombstone and
+        answer what this shard's checks refuse (raising SessionExpired or InvalidRequest)."""
 
     @abc.abstractmethod
     async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:

@@ -269,24 +269,35 @@ class Coordinator:
         sent = self.clock()
         votes = await self._validate(parts, readers)
         refusal, for_good = self._refusal(votes, commit_id)
+        st = parts[writer]
         if refusal is not None:
             if not for_good:
                 # nothing refused for good: the outcome of this id is whatever an earlier attempt
                 # made it; leases (if any) run out, the client retries with the same id
                 raise refusal
             # Refused for good: the writer must not commit this id later (a copy of an earlier
-            # attempt in flight), and may already have (a retry): ask it before answering.
-            out = await self._shard(writer).withdraw(commit_id)
+            # attempt in flight), and may already have (a retry): ask it before answering. Its
+            # own refusal joins the answer, which names every offending key of every participant.
+            try:
+                out = await self._shard(writer).withdraw(st)
+            except (SessionExpired, InvalidRequest) as e:
+                out, votes_and_writer = None, [*votes, e]
+            else:
+                votes_and_writer = [*votes, Vote(VoteKind.NO, stale=out.stale)]
             self._release_leases(commit_id, readers, votes)
-            if out.state is TxnState.COMMITTED:
+            if out is not None and out.state is TxnState.COMMITTED:
                 return self._one_phase_result(commit_id, writer, out)
+            refusal, _ = self._refusal(votes_and_writer, commit_id)
             self.counters["conflicts"] += 1
             if isinstance(refusal, Conflict):
                 raise _counted(refusal)
-            raise refusal
-        st = parts[writer]
+            raise refusal  # type: ignore[misc]
         st.deadline = self._deadline(sent, votes)
-        out = await self._shard(writer).commit_one_phase(st)  # Unavailable: outcome unknown, keep the leases
+        try:
+            out = await self._shard(writer).commit_one_phase(st)  # Unavailable: outcome unknown, keep the leases
+        except (SessionExpired, InvalidRequest):
+            self._release_leases(commit_id, readers, votes)  # refused for good (and tombstoned)
+            raise
         self._release_leases(commit_id, readers, votes)
         if out.state is not TxnState.COMMITTED:
             self.counters["conflicts"] += 1

@@ -84,6 +84,11 @@ async def _serve_shard(shard_id: int, cfg: ShardConfig, listen: str, dir_lock: D
         await server.start()
         if claim is not None and meta is not None and advertise is None:
             await meta.update_address(claim, server.address)
+        # ready (the ready file, the banner, SERVING) once it takes writes: after its restart grace
+        ready, stopping = asyncio.ensure_future(server.ready()), asyncio.ensure_future(stop.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
         if stop.is_set():
             return
         if ready_file is not None:

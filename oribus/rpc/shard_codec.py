@@ -245,7 +245,7 @@ SHARD_OPS: dict[str, Op] = {
     "validate": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
     "release_lease": Op(_txn_args, _dec_txn_id, to_none, to_none),
     "commit_one_phase": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
-    "withdraw": Op(_txn_args, _dec_txn_id, enc_outcome, dec_outcome),
+    "withdraw": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
     "decide": Op(_decide_args, _dec_decide_args, enc_outcome, dec_outcome),
     "finish": Op(_txn_args, dec_txn_args, enc_outcome, dec_outcome),
     "release": Op(_txn_args, _dec_txn_id, to_none, to_none),

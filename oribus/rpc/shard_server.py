@@ -38,6 +38,7 @@ class ShardServer:
         self.shard: Shard | None = None
         self._listener: GrpcListener | None = None
         self._sweeper: asyncio.Task | None = None
+        self._ready: asyncio.Task | None = None  # reports SERVING once the restart grace is over
         self.fenced: str = ""  # why this process may no longer serve its shard ("" while it may)
 
     @property
@@ -55,13 +56,31 @@ class ShardServer:
         ops = {name: self._fenced(op) for name, op in wire.bind_ops(self.shard, shard_codec.SHARD_OPS).items()}
         handler = mux_handlers(wire.SHARD_SERVICE, ops, watch=self._watch)
         self._listener = GrpcListener(self.listen, wire.SHARD_SERVICE, handler, credentials=credentials)
+        grace = self.shard.core.grace_left()
         try:
-            await self._listener.start()
+            # During its restart grace the shard serves reads, validations and what prepared
+            # transactions need, but takes no write (PROTOCOL.md §5.8): not ready until then.
+            await self._listener.start(serving=grace == 0)
         except BaseException:
             await self.shard.close()
             raise
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+        if grace:
+            log.info("shard %d takes no write for %.2fs (restart grace: read leases it may have granted "
+                     "before it started)", self.config.shard_id, grace)
+            self._ready = loop.create_task(self._serving_after(grace))
         log.info("shard %d serving on %s (epoch %d)", self.config.shard_id, self.address, self.shard.epoch)
+
+    async def _serving_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self._listener is not None:
+            await self._listener.serving()
+
+    async def ready(self) -> None:
+        """Return once the shard takes writes (its restart grace is over) and says so."""
+        if self._ready is not None:
+            await asyncio.shield(self._ready)
 
     def fence(self, reason: str) -> None:
         """Refuse every request from now on (the claim on this shard id is lost)."""
@@ -103,6 +122,8 @@ class ShardServer:
         """Stop serving (letting calls in flight finish), then flush and close the shard."""
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._ready is not None:
+            self._ready.cancel()
         if self._listener is not None:
             await self._listener.stop(grace)
         if self.shard is not None:

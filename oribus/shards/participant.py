@@ -426,6 +426,24 @@ class Participant:
         lease.keys |= keys
         return Leased(seconds)
 
+    def withdraw(self, st: ShardTxn) -> Known | Refused:
+        """The coordinator will not commit ``st`` here (a read-only participant refused it).
+
+        A known id answers from its record (a retry whose earlier attempt committed). Otherwise
+        the id gets an ABORTED tombstone first — a copy of an earlier attempt still on its way
+        can then no longer commit — and the part is checked as ``prepare`` would check it, so
+        the refusal names every offending key of every participant, in the usual order:
+        SessionExpired, InvalidRequest (raised), then the keys (``Refused``).
+        """
+        seen = self.known(st.txn_id)
+        if seen is not None:
+            return Known(seen)
+        self.apply_abort(st.txn_id)
+        logged = self._logged_read_set(st)
+        self._resolve_writes(st)
+        stale, blockers, _ = self.validate(st, logged)
+        return Refused(stale, blockers)
+
     def release_lease(self, txn_id: str) -> bool:
         """End a lease now (the coordinator knows the outcome). False if there was none."""
         lease = self.leases.pop(txn_id, None)

@@ -56,8 +56,8 @@ class ShardServiceByCalls(ShardService):
     async def release_lease(self, txn_id: str) -> None:
         await self._call("release_lease", txn_id)
 
-    async def withdraw(self, txn_id: str) -> TxnOutcome:
-        return await self._call("withdraw", txn_id)
+    async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
+        return await self._call("withdraw", txn)
 
     async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:
         return await self._call("decide", txn_id, commit, deadline)

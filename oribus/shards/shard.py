@@ -35,7 +35,7 @@ import msgpack
 from oribus.contract import Entry, ShardService
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
-from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
+from oribus.errors import DataCorrupted, InvalidRequest, OribusError, SessionExpired, Unavailable
 from oribus.failpoints import failpoint
 from oribus.messages import (
     LEASE_EXPIRED,
@@ -370,7 +370,14 @@ class Shard(ShardService):
         self._check_open()
         deadline = self.clock() + self.config.lock_wait_seconds
         while True:
-            result = self._begin_one_phase(txn)
+            try:
+                result = self._begin_one_phase(txn)
+            except (SessionExpired, InvalidRequest):
+                if txn.deadline is not None:
+                    # Read-only participants hold leases for it and will be released: a copy
+                    # of an earlier attempt still on its way must not commit after that.
+                    self.core.apply_abort(txn.txn_id)
+                raise
             if isinstance(result, Late):
                 # The read leases it relies on may have ended (PROTOCOL.md §5.8): refused for
                 # good, with a tombstone as for a Conflict below.
@@ -470,20 +477,21 @@ class Shard(ShardService):
         if self.core.release_lease(txn_id):
             self._resolved(txn_id)  # wake the writers waiting for it
 
-    async def withdraw(self, txn_id: str) -> TxnOutcome:
-        """The coordinator will not commit ``txn_id`` here (a read-only participant refused).
+    async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
+        """The coordinator will not commit ``txn`` here (a read-only participant refused).
 
         A known id answers its outcome — waiting for a one-phase commit still in flight —
         so a retry whose earlier attempt committed is told so; an unknown one gets an
         ABORTED tombstone, so a copy of an earlier attempt still on its way can no longer
         commit (in memory, as a refused one-phase commit's: after a restart such a copy is
-        past its deadline or inside the restart grace, PROTOCOL.md §5.8).
+        past its deadline or inside the restart grace, PROTOCOL.md §5.8), and the answer
+        names what this shard's own checks refuse (``Participant.withdraw``).
         """
         self._check_open()
-        txn = self.core.known(txn_id)
-        if txn is not None:
-            return await self._known_outcome(txn)
-        return self.core.apply_abort(txn_id)
+        result = self.core.withdraw(txn)
+        if isinstance(result, Known):
+            return await self._known_outcome(result.txn)
+        return TxnOutcome(TxnState.ABORTED, stale=result.stale)
 
     async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:
         self._check_open()

@@ -24,7 +24,8 @@ import time
 
 import pytest
 from conftest import keys_on_shard
-from processes import bus, shard
+from grpc_health.v1 import health_pb2
+from processes import bus, health_status, shard
 
 import oribus
 from oribus import Unavailable
@@ -78,10 +79,16 @@ async def test_a_read_only_shard_killed_between_validation_and_commit(cluster, t
 
         s0.kill9()  # the lease is gone with the process
         await c0.close()
-        s0.start()
-        await wait_serving(s0)
+        s0.start()  # it answers at once, but says SERVING only once its grace is over
         c0 = GrpcShardClient(0, s0.address)
-        assert (await c0.stats())["restart_grace_left"] > 0
+        while True:
+            try:
+                grace = (await c0.stats())["restart_grace_left"]
+                break
+            except Unavailable:
+                await asyncio.sleep(0.05)
+        assert grace > 0
+        assert health_status(s0.address) != health_pb2.HealthCheckResponse.SERVING
 
         # a conflicting write during the grace (once the bus has reconnected): refused, not applied
         while True:
@@ -103,9 +110,9 @@ async def test_a_read_only_shard_killed_between_validation_and_commit(cluster, t
         assert time.time() < deadline
         assert (await admin.get(r)).version == 1  # what X read is what there was at its commit point
 
-        # once the grace is over the write goes through
-        while (await c0.stats())["restart_grace_left"] > 0:
-            await asyncio.sleep(0.1)
+        # once the grace is over the shard says it serves, and the write goes through
+        await wait_serving(s0)
+        assert (await c0.stats())["restart_grace_left"] == 0
         assert await other.commit({r: "overwritten"}) == {r: 2}
     finally:
         await c0.close()

@@ -226,3 +226,23 @@ def test_vote_for_a_lease():
     write(p, "w", "k")
     assert p.vote_for(p.validate_reads(st)).kind is VoteKind.NO
     assert p.vote_for(Nothing()).kind is VoteKind.NOTHING
+
+
+def test_withdraw_answers_a_known_id_or_leaves_a_tombstone_and_names_what_is_wrong():
+    c = Clocks()
+    p = make(c)
+    write(p, "done", "x")
+    assert isinstance(p.withdraw(ShardTxn(txn_id="done", session=B, writes={"x": b"\x01"})), Known)
+    # unknown: a tombstone first, then this shard's own refusal (here a stale read)
+    st = validation(p, "w")
+    write(p, "moved", "k")
+    st.writes = {"y": b"\x01"}
+    r = p.withdraw(st)
+    assert isinstance(r, Refused) and [s.reason for s in r.stale] == ["stale_read"]
+    assert p.known("w").state is TxnState.ABORTED
+    assert isinstance(p.begin_one_phase(st), Known)  # a late copy finds the tombstone
+    # SessionExpired still comes first, after the tombstone is down
+    other = make(c, epoch=9)
+    with pytest.raises(SessionExpired):
+        other.withdraw(ShardTxn(txn_id="z", session=A, token=(7, 1), writes={"y": b"\x01"}))
+    assert other.known("z").state is TxnState.ABORTED
