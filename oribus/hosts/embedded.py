@@ -259,6 +259,7 @@ class EmbeddedEngine:
             try:
                 for shard in self.shards.values():
                     shard.expire_sessions()
+                    shard.expire_leases()
                 await self.sweep.run_once()
             except Exception:
                 log.exception("maintenance failed")

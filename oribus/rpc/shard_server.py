@@ -117,6 +117,7 @@ class ShardServer:
             await asyncio.sleep(self.session_sweep_seconds)
             if self.shard is not None:
                 self.shard.expire_sessions()
+                self.shard.expire_leases()
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving (letting calls in flight finish), then flush and close the shard."""

@@ -301,6 +301,8 @@ class Shard(ShardService):
             futs.append(fut)
         if futs:
             await asyncio.wait(futs, timeout=timeout)
+        for t in self.core.expire_leases():  # leases over by themselves: wake who waits for them
+            self._resolved(t)
 
     def _maybe_snapshot(self) -> None:
         if (
@@ -674,6 +676,13 @@ class Shard(ShardService):
 
     def expire_sessions(self) -> int:
         return self.dlog.expire_idle()
+
+    def expire_leases(self) -> int:
+        """End the read leases whose time is over (a writer's check does it too, lazily)."""
+        ended = self.core.expire_leases()
+        for t in ended:
+            self._resolved(t)
+        return len(ended)
 
     async def close(self) -> None:
         """Flush the WAL and stop. Idempotent."""

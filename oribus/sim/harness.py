@@ -236,6 +236,7 @@ class SimCluster:
         while True:
             await asyncio.sleep(self.config.recovery_interval)
             shard.expire_sessions()
+            shard.expire_leases()
 
     def crash_shard(self, shard_id: int, keep_in_flight: int = 0) -> None:
         """Kill shard ``shard_id`` now: unsynced WAL records are lost (see ``SimDisk.crash``)."""

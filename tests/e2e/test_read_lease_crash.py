@@ -164,7 +164,6 @@ async def test_one_writer_leaves_no_record_on_the_read_only_shard_and_a_late_com
         vote = await c0.validate(ShardTxn(txn_id="Y", session=session, token=read0.token))
         assert vote.kind is VoteKind.YES
         await asyncio.sleep(vote.lease + 0.2)
-        assert (await c0.stats())["leases"] == 1  # over, but nothing asked for its keys yet
         late = await c1.commit_one_phase(ShardTxn(
             txn_id="Y", session=session, token=read1.token, writes={w: encode_value("late", 1 << 20)},
             participants=(1,), primary=1, deadline=sent + vote.lease,
