@@ -38,11 +38,13 @@ def config_for(seed: int, duration: float) -> SimConfig:
     )
 
 
-def run_seed(seed: int, duration: float, faults: int | None, *, duplicate_all: bool = False) -> SimResult:
+def run_seed(seed: int, duration: float, faults: int | None, *, duplicate_all: bool = False,
+             no_restart_grace: bool = False) -> SimResult:
     rng = random.Random(f"oribus-sim/{seed}/faults")
     config = config_for(seed, duration)
     if duplicate_all:
         config.network.duplicate_ops = ALL_OPS
+    config.unsafe_no_restart_grace = no_restart_grace
     count = rng.randint(0, max(1, int(duration * 3))) if faults is None else faults
     return simulate(seed, config, random_faults(rng, config, count))
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wall", type=float, help="stop starting new seeds after this many wall-clock seconds")
     p.add_argument("--duplicate-all", action="store_true",
                    help="also duplicate reads, forgets and resets (see network.AT_MOST_ONCE_OPS)")
+    p.add_argument("--unsafe-no-restart-grace", action="store_true",
+                   help="BROKEN on purpose: restarted shards take writes at once, though they lost the read "
+                        "leases they had granted (some seeds should then fail)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every run's summary")
     args = p.parse_args(argv)
     if os.environ.get("PYTHONHASHSEED") is None:
@@ -75,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         if args.max_wall is not None and time.monotonic() - started > args.max_wall:
             break
-        result = run_seed(seed, args.duration, args.faults, duplicate_all=args.duplicate_all)
+        result = run_seed(seed, args.duration, args.faults, duplicate_all=args.duplicate_all,
+                          no_restart_grace=args.unsafe_no_restart_grace)
         totals["runs"] += 1
         for k in totals:
             if k != "runs":
