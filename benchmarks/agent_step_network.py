@@ -163,6 +163,7 @@ class Server:
             self.address,
             "--shards",
             str(self.shards),
+            "--no-http",  # gRPC only: the HTTP port would be the default one, which another run may hold
         ]
         if self.processes:
             cmd.append("--processes")
