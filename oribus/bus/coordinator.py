@@ -261,7 +261,8 @@ class Coordinator:
         if any(isinstance(v, Vote) and v.kind is VoteKind.NO for v in votes):
             stale = [s for v in votes if isinstance(v, Vote) for s in v.stale]
             return conflict_from(stale, commit_id), True
-        return error, False  # type: ignore[return-value]
+        assert error is None or isinstance(error, OribusError)
+        return error, False
 
     async def _one_writer(self, commit_id: str, parts: dict[int, ShardTxn], writer: int,
                           readers: list[int]) -> CommitResult:
@@ -278,20 +279,24 @@ class Coordinator:
             # Refused for good: the writer must not commit this id later (a copy of an earlier
             # attempt in flight), and may already have (a retry): ask it before answering. Its
             # own refusal joins the answer, which names every offending key of every participant.
+            writer_said: TxnOutcome | OribusError
             try:
-                out = await self._shard(writer).withdraw(st)
+                writer_said = await self._shard(writer).withdraw(st)
             except (SessionExpired, InvalidRequest) as e:
-                out, votes_and_writer = None, [*votes, e]
-            else:
-                votes_and_writer = [*votes, Vote(VoteKind.NO, stale=out.stale)]
+                writer_said = e
             self._release_leases(commit_id, readers, votes)
-            if out is not None and out.state is TxnState.COMMITTED:
-                return self._one_phase_result(commit_id, writer, out)
+            if isinstance(writer_said, TxnOutcome):
+                if writer_said.state is TxnState.COMMITTED:
+                    return self._one_phase_result(commit_id, writer, writer_said)
+                votes_and_writer = [*votes, Vote(VoteKind.NO, stale=writer_said.stale)]
+            else:
+                votes_and_writer = [*votes, writer_said]
             refusal, _ = self._refusal(votes_and_writer, commit_id)
+            assert refusal is not None  # a read-only participant refused for good
             self.counters["conflicts"] += 1
             if isinstance(refusal, Conflict):
                 raise _counted(refusal)
-            raise refusal  # type: ignore[misc]
+            raise refusal
         st.deadline = self._deadline(sent, votes)
         try:
             out = await self._shard(writer).commit_one_phase(st)  # Unavailable: outcome unknown, keep the leases

@@ -164,7 +164,7 @@ def _dec_deadline(d: Any) -> float | None:
 
 
 def enc_vote(v: Vote) -> list:
-    out = [v.kind.value, [list(s) for s in v.stale], v.versions]
+    out: list[Any] = [v.kind.value, [list(s) for s in v.stale], v.versions]
     if v.lease:
         out.append(v.lease)  # a read-only participant's lease, in seconds
     return out
@@ -175,7 +175,8 @@ def dec_vote(v: list) -> Vote:
 
 
 def enc_outcome(o: TxnOutcome) -> list:
-    out = [o.state.value, o.versions, [list(s) for s in o.stale], None if o.token is None else list(o.token)]
+    out: list[Any] = [o.state.value, o.versions, [list(s) for s in o.stale],
+                      None if o.token is None else list(o.token)]
     if o.reason:
         out.append(o.reason)
     return out
