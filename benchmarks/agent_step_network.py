@@ -409,6 +409,11 @@ class RunResult:
     load_average: float = 0.0
     profile: str = ""
 
+    @property
+    def server_cpu_ms_per_tx(self) -> float:
+        """CPU milliseconds of the server processes (bus and shards) per committed transaction."""
+        return sum(self.server_cpu.values()) / self.committed_per_s * 1e3 if self.committed_per_s else 0.0
+
 
 def counters_of(sessions: list[AsyncSession]) -> dict[str, int]:
     """The MuxClient counters summed over the distinct connections of ``sessions``."""
@@ -740,11 +745,13 @@ COLUMNS = [  # title, format, RunResult field (None: computed in row_cells)
     ("b>s calls/msg", "{}", None),
     ("cpu ms/tx", "{:.2f}", "cpu_ms_per_tx"),
     ("rec/tx", "{:.2f}", "wal_records_per_tx"),
+    ("fsync/tx", "{:.2f}", "fsyncs_per_tx"),
     ("rec/fsync", "{:.1f}", "records_per_fsync"),
     ("2pc%", "{:.0%}", None),
     ("cpu cli", "{:.0%}", "client_cpu"),
     ("cpu srv", "{}", None),
     ("cpu other", "{:.0%}", "other_cpu"),
+    ("srv ms/tx", "{:.2f}", "server_cpu_ms_per_tx"),
     ("audit", "{}", None),
 ]
 
@@ -782,7 +789,9 @@ def print_table(results: list[RunResult]) -> None:
         "cpu ms/tx: CPU milliseconds per committed transaction of every process together (clients and servers); "
         "rec/tx: WAL records per committed transaction (all shards); "
         "cpu: CPU seconds per second of window (cpu srv: bus process + shard processes; "
-        "cpu other: the rest of the machine, kernel included: other work disturbs the figures)"
+        "cpu other: the rest of the machine, kernel included: other work disturbs the figures); "
+        "srv ms/tx, all ms/tx: CPU milliseconds per committed transaction of the server processes, "
+        "and of the servers and the clients together (from /proc: robust to other work on the machine)"
     )
     for r in results:
         status = "ok" if r.audit_ok else "FAILED"
@@ -903,7 +912,7 @@ def main() -> None:
             "fsync": True,
             "warmup": args.warmup,
             "profiled": profiled,
-            "results": [asdict(r) for r in results],
+            "results": [{**asdict(r), "server_cpu_ms_per_tx": r.server_cpu_ms_per_tx} for r in results],
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {args.json}")

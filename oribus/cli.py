@@ -83,7 +83,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
-                           shard_transport=args.shard_transport)
+                           shard_transport=args.shard_transport, read_lease_seconds=args.read_lease)
     _run(run_until_signalled(cluster))
     return 0
 
@@ -133,7 +133,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
         die_with_parent(args.parent_fd)
     shard_id = _shard_id(args.id)
-    config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=True) if args.allow_empty else None
+    config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=args.allow_empty,
+                         read_lease_seconds=args.read_lease, clock_skew_seconds=args.clock_skew)
     try:
         _run(run_shard_server(shard_id, Path(args.data_dir), args.listen, config=config,
                               ready_file=Path(args.ready_file) if args.ready_file else None,
@@ -348,6 +349,40 @@ def _allow_empty_option(p: argparse.ArgumentParser) -> None:
                         "what is left, possibly empty, instead of refusing; its lost commits are gone")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text}")
+    return v
+
+
+def _read_lease_option(p: argparse.ArgumentParser, *, skew: bool) -> None:
+    from oribus.shards.config import DEFAULT_CLOCK_SKEW_SECONDS, DEFAULT_READ_LEASE_SECONDS
+
+    p.add_argument("--read-lease", type=_positive_seconds, default=DEFAULT_READ_LEASE_SECONDS, metavar="SECONDS",
+                   help="how long a shard that only validates a commit's reads holds its read locks; a shard "
+                        "also takes no write for this long (plus twice the clock skew) after it starts "
+                        "(default: %(default)s)")
+    if skew:
+        p.add_argument("--clock-skew", type=_seconds, default=DEFAULT_CLOCK_SKEW_SECONDS, metavar="SECONDS",
+                       help="bound on the difference between this machine's clock and any bus's: a commit "
+                            "relying on read locks of other shards is refused this long before their deadline "
+                            "(0 when every bus runs on this machine; default: %(default)s)")
+
+
 def _tls_option(p: argparse.ArgumentParser) -> None:
     if not any(a.dest == "tls_dir" for a in p._actions):
         p.add_argument("--tls-dir", help="mutual TLS: a directory with ca.crt, server.*, client.* "
@@ -422,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each shard as its own process (a new data directory gets one shard per core)")
     _shard_transport_option(p)
     _allow_empty_option(p)
+    _read_lease_option(p, skew=False)  # one machine, one clock: no skew
     _http_options(p)
     _tls_option(p)
     p.set_defaults(fn=_cmd_up)
@@ -444,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
+    _read_lease_option(p, skew=True)
     p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)  # oribus.lifeline
     _cluster_options(p)
     _tls_option(p)

@@ -169,8 +169,24 @@ class ShardService(abc.ABC):
         """A transaction that touches only this shard: validate, lock, log, apply."""
 
     @abc.abstractmethod
-    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
-        """On the primary: record the outcome durably (the commit point)."""
+    async def validate(self, txn: ShardTxn) -> Vote:
+        """A read-only participant: validate this shard's part and hold its read locks for a
+        lease, in memory (no record); YES carries the lease's seconds (PROTOCOL.md §5.8)."""
+
+    @abc.abstractmethod
+    async def release_lease(self, txn_id: str) -> None:
+        """End a read-only participant's lease now (the commit's outcome is known)."""
+
+    @abc.abstractmethod
+    async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
+        """The coordinator will not commit ``txn`` here: answer its outcome if this shard knows
+        the id (a retry whose earlier attempt committed), else leave an ABORTED tombstone and
+        answer what this shard's checks refuse (raising SessionExpired or InvalidRequest)."""
+
+    @abc.abstractmethod
+    async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:
+        """On the primary: record the outcome durably (the commit point); a commit past
+        ``deadline`` (the read leases', PROTOCOL.md §5.8) less the skew bound aborts instead."""
 
     @abc.abstractmethod
     async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:

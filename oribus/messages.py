@@ -8,10 +8,13 @@ passes the objects themselves.
 
 Messages (bus → shard, reply):
     read(ReadRequest)            → ReadReply        read keys, record deliveries
-    prepare(ShardTxn)            → Vote             2PC phase one (validate, lock, log)
+    prepare(ShardTxn)            → Vote             2PC phase one on a writer (validate, lock, log)
+    validate(ShardTxn)           → Vote             a read-only participant: validate, lease read locks
+    release_lease(txn_id)        → None             end a read-only participant's lease
     commit_one_phase(ShardTxn)   → TxnOutcome       1PC: validate, lock, log, apply
-    decide(txn_id, commit)       → TxnOutcome       on the primary: the commit point
-    finish(txn_id, commit)       → None             phase two on the other participants
+    withdraw(txn_id)             → TxnOutcome       the coordinator will not commit it: its outcome, or a tombstone
+    decide(txn_id, commit, deadline) → TxnOutcome   on the primary: the commit point
+    finish(txn_id, commit)       → None             phase two on the other writers
     status(txn_id)               → TxnStatus        a participant asks the primary
     history(key, limit)          → list[Version]
     forget(session, keys) / reset(session)
@@ -93,9 +96,12 @@ class ShardTxn:
     since_seq: int | None = None  # transaction scope: deliveries with seq >= this (None: none)
     token: Token | None = None  # the session's token for this shard, if it has one
     strict: bool = False  # refuse blind writes
-    participants: tuple[int, ...] = ()
+    participants: tuple[int, ...] = ()  # the writers: the shards that keep a record of it
     primary: int = 0
     committed_at: float = 0.0  # commit time stamped by the coordinator (seconds since epoch)
+    # The read leases' deadline (the coordinator's wall clock, seconds since the epoch): a
+    # one-phase commit point refuses past it less the clock-skew bound (PROTOCOL.md §5.8).
+    deadline: float | None = None
 
     @property
     def written_keys(self) -> list[str]:
@@ -115,6 +121,7 @@ class Vote:
     stale: list[Stale] = field(default_factory=list)
     versions: dict[str, int] = field(default_factory=dict)  # YES, COMMITTED: this shard's new versions
     error: dict[str, Any] | None = None  # a refusal that is not a conflict (SessionExpired, ...)
+    lease: float = 0.0  # a read-only participant's YES: seconds its read lease lasts
 
 
 class TxnState(StrEnum):
@@ -129,6 +136,11 @@ class TxnOutcome:
     versions: dict[str, int] = field(default_factory=dict)  # key -> new version (committed)
     stale: list[Stale] = field(default_factory=list)  # why it aborted
     token: Token | None = None  # the session's token on this shard after the commit
+    reason: str = ""  # why it aborted when no key is stale: LEASE_EXPIRED, or ""
+
+
+# TxnOutcome.reason of a commit point refused because the read leases' deadline passed
+LEASE_EXPIRED = "lease_expired"
 
 
 class TxnRef(NamedTuple):

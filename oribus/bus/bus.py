@@ -73,14 +73,15 @@ class Bus(BusService):
         max_sessions: int = 1_000_000,
         session_journal: SessionJournal | None = None,
         session_limits: SessionLimits | None = None,  # caps on durable (HTTP) sessions
-        clock: Callable[[], float] = time.time,  # stamps commits (the simulation passes virtual time)
+        clock: Callable[[], float] = time.time,  # stamps commits and read leases' deadlines (the simulation passes virtual time)
+        monotonic: Callable[[], float] = time.monotonic,  # elapsed time of a commit that writes nothing
     ) -> None:
         self.clock = clock
         self.shards = shards
         self.shard_for = shard_for
         self.max_value_bytes = max_value_bytes
         self.sessions = SessionTable(max_sessions, session_journal, session_limits)
-        self.coordinator = Coordinator(shards, shard_for)
+        self.coordinator = Coordinator(shards, shard_for, clock=clock, monotonic=monotonic)
 
     # ---- reads -----------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from oribus.errors import DataCorrupted, InvalidRequest
 from oribus.hosts.lifecycle import Teardown
 from oribus.messages import TxnRef
 from oribus.meta.slots import SLOTS, StaticSlotMap
-from oribus.shards.config import ShardConfig
+from oribus.shards.config import DEFAULT_READ_LEASE_SECONDS, ShardConfig
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.shard import Shard
 from oribus.shards.wal import WalConfig, latest_snapshot_lsn, list_segments
@@ -67,6 +67,11 @@ class EngineConfig:
     snapshot_every_records: int = _SHARD_DEFAULTS.snapshot_every_records  # WAL records between snapshots
     # prepared transactions older than this are resolved
     txn_expiry_seconds: float = _SHARD_DEFAULTS.txn_expiry_seconds
+    # Read-only participants (specs/PROTOCOL.md §5.8): the lease a validation holds its read
+    # locks for, and the bound on clock error between processes. Every process of this engine
+    # runs on this machine's one clock (in-process shards, or `oribus up --processes`): 0.
+    read_lease_seconds: float = DEFAULT_READ_LEASE_SECONDS
+    clock_skew_seconds: float = 0.0
     unsafe_no_fsync: bool = False  # acknowledge before data reaches the disk: loses commits on power loss
     maintenance_interval: float = 1.0  # seconds between background chores
     unsafe_disable_validation: bool = False  # demo/testing only: accepts stale commits (no ORI checks)
@@ -97,6 +102,12 @@ class EngineConfig:
                 max_sessions=self.max_sessions_per_shard,
             ),
             txn_expiry_seconds=self.txn_expiry_seconds,
+            read_lease_seconds=self.read_lease_seconds,
+            clock_skew_seconds=self.clock_skew_seconds,
+            # In one process a shard never restarts without its coordinators and writers, and
+            # no message outlives them: no lease can be relied on across a restart (§5.8).
+            # (Shard processes of `oribus up --processes` run `oribus shard`: grace on.)
+            restart_grace=False,
             unsafe_disable_validation=self.unsafe_disable_validation,
             unsafe_allow_empty=self.unsafe_allow_empty,
         )
@@ -253,6 +264,7 @@ class EmbeddedEngine:
             try:
                 for shard in self.shards.values():
                     shard.expire_sessions()
+                    shard.expire_leases()
                 await self.sweep.run_once()
             except Exception:
                 log.exception("maintenance failed")

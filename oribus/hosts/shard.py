@@ -126,6 +126,11 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
         stream = advertised_stream(server.stream_address, advertise, advertise_stream)
         if claim is not None and meta is not None and (advertise is None or stream != claimed_stream):
             await meta.update_address(claim, advertise or server.address, stream)  # the bound ports
+        # ready (the ready file, the banner, SERVING) once it takes writes: after its restart grace
+        ready, stopping = asyncio.ensure_future(server.ready()), asyncio.ensure_future(stop.wait())
+        await asyncio.wait({ready, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        stopping.cancel()
         if stop.is_set():
             return
         if ready_file is not None:

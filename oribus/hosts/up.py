@@ -125,6 +125,9 @@ class UpHost:
         tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
         allow_empty = ["--allow-empty"] if self.config.unsafe_allow_empty else []
         lifeline = ["--parent-fd", str(parent_fd)] if parent_fd is not None else []
+        # the bus and every shard process read this machine's one clock: no skew (§5.8)
+        leases = ["--read-lease", repr(self.config.read_lease_seconds),
+                  "--clock-skew", repr(self.config.clock_skew_seconds)]
         return [
             sys.executable, "-m", "oribus.cli", "shard",
             "--id", str(shard_id),
@@ -133,6 +136,7 @@ class UpHost:
             "--ready-file", str(ready_file),
             *tls,
             *allow_empty,
+            *leases,
             *lifeline,
         ]
 

@@ -137,7 +137,8 @@ class GrpcListener:
     """A gRPC server for one oribus service plus standard health checking.
 
     ``await start()`` binds ``listen`` (port 0 picks a free port) and reports
-    SERVING for "" and the service; ``await stop(grace)`` reports NOT_SERVING,
+    SERVING for "" and the service (``start(serving=False)``: NOT_SERVING until
+    ``await serving()``); ``await stop(grace)`` reports NOT_SERVING,
     lets calls in flight finish for ``grace`` seconds, and closes. With
     ``credentials`` (``oribus.tls.server_credentials``) it serves TLS only.
     """
@@ -158,7 +159,7 @@ class GrpcListener:
     def address(self) -> str:
         return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self, *, serving: bool = True) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         # no SO_REUSEPORT: a second server on a taken address must fail, not share it
@@ -172,9 +173,18 @@ class GrpcListener:
         if not self.port:
             raise OSError(f"cannot listen on {self.listen}")
         await server.start()
-        for name in ("", self.service):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._server = server
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", self.service):
+            await self._health.set(name, status)
+
+    async def serving(self) -> None:
+        """Report SERVING from now on (after ``start(serving=False)``)."""
+        from grpc_health.v1 import health_pb2
+
+        if self._server is not None:
+            for name in ("", self.service):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._server is not None:

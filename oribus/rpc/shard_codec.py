@@ -7,6 +7,7 @@ The frames are in ``oribus.rpc.wire``, the shapes in ``specs/wire.md``.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from oribus.errors import (
@@ -114,7 +115,7 @@ def _dec_limit(a: Any) -> tuple:
 
 
 def enc_shard_txn(t: ShardTxn) -> dict:
-    return {
+    a = {
         "id": t.txn_id,
         "s": enc_session(t.session),
         "w": t.writes,
@@ -129,6 +130,9 @@ def enc_shard_txn(t: ShardTxn) -> dict:
         "p": t.primary,
         "at": t.committed_at,
     }
+    if t.deadline is not None:
+        a["dl"] = t.deadline
+    return a
 
 
 def dec_shard_txn(a: Any) -> ShardTxn:
@@ -153,23 +157,40 @@ def dec_shard_txn(a: Any) -> ShardTxn:
         participants=tuple(opt(a, "ps", list, [])),
         primary=opt(a, "p", int, 0),
         committed_at=float(opt(a, "at", (int, float), 0.0)),
+        deadline=_dec_deadline(opt(a, "dl", (int, float), None)),
     )
 
 
+def _dec_deadline(d: Any) -> float | None:
+    if d is None:
+        return None
+    if isinstance(d, bool) or not math.isfinite(d):
+        raise InvalidRequest("a deadline is a finite number of seconds since the epoch")
+    return float(d)
+
+
 def enc_vote(v: Vote) -> list:
-    return [v.kind.value, [list(s) for s in v.stale], v.versions]
+    out: list[Any] = [v.kind.value, [list(s) for s in v.stale], v.versions]
+    if v.lease:
+        out.append(v.lease)  # a read-only participant's lease, in seconds
+    return out
 
 
 def dec_vote(v: list) -> Vote:
-    return Vote(VoteKind(v[0]), dec_stale(v[1]), dict(v[2]))
+    return Vote(VoteKind(v[0]), dec_stale(v[1]), dict(v[2]), lease=float(v[3]) if len(v) > 3 else 0.0)
 
 
 def enc_outcome(o: TxnOutcome) -> list:
-    return [o.state.value, o.versions, [list(s) for s in o.stale], None if o.token is None else list(o.token)]
+    out: list[Any] = [o.state.value, o.versions, [list(s) for s in o.stale],
+                      None if o.token is None else list(o.token)]
+    if o.reason:
+        out.append(o.reason)
+    return out
 
 
 def dec_outcome(v: list) -> TxnOutcome:
-    return TxnOutcome(TxnState(v[0]), dict(v[1]), dec_stale(v[2]), token_or_none(v[3]))
+    return TxnOutcome(TxnState(v[0]), dict(v[1]), dec_stale(v[2]), token_or_none(v[3]),
+                      reason=str(v[4]) if len(v) > 4 else "")
 
 
 def enc_status(s: TxnStatus) -> list:
@@ -182,6 +203,17 @@ def dec_status(v: list) -> TxnStatus:
 
 def dec_txn_args(a: Any) -> tuple[str, bool]:
     return need(a, "i", str), bool(opt(a, "c", bool, False))
+
+
+def _decide_args(txn_id: str, commit: bool = False, deadline: float | None = None) -> dict:
+    a: dict = {"i": txn_id, "c": commit}
+    if deadline is not None:
+        a["d"] = deadline
+    return a
+
+
+def _dec_decide_args(a: Any) -> tuple[str, bool, float | None]:
+    return need(a, "i", str), bool(opt(a, "c", bool, False)), _dec_deadline(opt(a, "d", (int, float), None))
 
 
 def enc_txn_refs(txns: list) -> list:
@@ -217,8 +249,11 @@ SHARD_OPS: dict[str, Op] = {
     "scan": Op(lambda p="", a="", n=DEFAULT_SCAN_LIMIT: {"p": p, "a": a, "n": n}, dec_scan_args, enc_items, dec_items),
     "sessions": Op(lambda n=DEFAULT_SESSIONS_LISTED: {"n": n}, _dec_limit, enc_sessions, dec_sessions),
     "prepare": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
+    "validate": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
+    "release_lease": Op(_txn_args, _dec_txn_id, to_none, to_none),
     "commit_one_phase": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
-    "decide": Op(_txn_args, dec_txn_args, enc_outcome, dec_outcome),
+    "withdraw": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
+    "decide": Op(_decide_args, _dec_decide_args, enc_outcome, dec_outcome),
     "finish": Op(_txn_args, dec_txn_args, enc_outcome, dec_outcome),
     "release": Op(_txn_args, _dec_txn_id, to_none, to_none),
     "status": Op(_txn_args, _dec_txn_id, enc_status, dec_status),

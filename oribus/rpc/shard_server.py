@@ -51,6 +51,7 @@ class ShardServer:
         self._stream: StreamListener | None = None
         self._grpc_counters: dict[str, int] = {}  # the gRPC Stream's calls and messages
         self._sweeper: asyncio.Task | None = None
+        self._ready: asyncio.Task | None = None  # reports SERVING once the restart grace is over
         self.fenced: str = ""  # why this process may no longer serve its shard ("" while it may)
 
     @property
@@ -78,16 +79,24 @@ class ShardServer:
         if self.stream_listen:
             self._stream = StreamListener(self.stream_listen, wire.SHARD_SERVICE, ops, watch=self._watch,
                                           ssl=context)
+        grace = self.shard.core.grace_left()
         try:
+            # During its restart grace the shard serves reads, validations and what prepared
+            # transactions need, but takes no write (PROTOCOL.md §5.8): not ready until then.
             if self._stream is not None:
                 await self._stream.start()
-            await self._listener.start()
+            await self._listener.start(serving=grace == 0)
         except BaseException:
             if self._stream is not None:
                 await self._stream.stop(0)
             await self.shard.close()
             raise
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        loop = asyncio.get_running_loop()
+        self._sweeper = loop.create_task(self._sweep())
+        if grace:
+            log.info("shard %d takes no write for %.2fs (restart grace: read leases it may have granted "
+                     "before it started)", self.config.shard_id, grace)
+            self._ready = loop.create_task(self._serving_after(grace))
         stream = f" and {self.stream_address} (stream)" if self._stream is not None else ""
         log.info("shard %d serving on %s (gRPC)%s (epoch %d)", self.config.shard_id, self.address, stream,
                  self.shard.epoch)
@@ -101,6 +110,16 @@ class ShardServer:
         if self._stream is not None:
             transport["stream"] = dict(self._stream.counters)
         return {**out, "transport": transport}
+
+    async def _serving_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if self._listener is not None:
+            await self._listener.serving()
+
+    async def ready(self) -> None:
+        """Return once the shard takes writes (its restart grace is over) and says so."""
+        if self._ready is not None:
+            await asyncio.shield(self._ready)
 
     def fence(self, reason: str) -> None:
         """Refuse every request from now on (the claim on this shard id is lost)."""
@@ -138,6 +157,7 @@ class ShardServer:
             await asyncio.sleep(self.session_sweep_seconds)
             if self.shard is not None:
                 self.shard.expire_sessions()
+                self.shard.expire_leases()
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop serving (letting calls in flight finish), then flush and close the shard."""
@@ -146,6 +166,8 @@ class ShardServer:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+        if self._ready is not None:
+            self._ready.cancel()
         stops = [listener.stop(grace) for listener in (self._listener, self._stream) if listener is not None]
         await asyncio.gather(*stops)
         if self.shard is not None:

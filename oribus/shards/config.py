@@ -6,11 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from oribus.delivery_log import DeliveryLogConfig
+from oribus.errors import InvalidRequest
 from oribus.shards.wal import WalConfig
 from oribus.shards.watch import DEFAULT_QUEUE_LIMIT
 from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
 
 WAL_DIR = "wal"  # below a shard's data_dir
+DEFAULT_READ_LEASE_SECONDS = 2.0  # a read-only participant's lease (H)
+# ε across machines (NTP keeps clocks within milliseconds); 0 is exact on one machine
+DEFAULT_CLOCK_SKEW_SECONDS = 0.25
 SNAPSHOT_DIR = "snapshots"  # below a shard's data_dir
 
 
@@ -26,6 +30,14 @@ class ShardConfig:
     read_wait_seconds: float = 5.0  # how long a read waits for a transaction holding a write intent
     lock_wait_seconds: float = 1.0  # how long a one-phase commit waits for conflicting locks
     txn_expiry_seconds: float = 10.0  # a prepared transaction older than this is resolved via its primary
+    # Read-only participants (specs/PROTOCOL.md §5.8): how long a validation holds its read
+    # locks (the lease H), and the bound ε on clock error between this shard and any bus.
+    read_lease_seconds: float = DEFAULT_READ_LEASE_SECONDS
+    clock_skew_seconds: float = DEFAULT_CLOCK_SKEW_SECONDS
+    # Refuse new write intents for read_lease_seconds + 2 * clock_skew_seconds after start:
+    # leases granted before a crash were lost with it. Off only where every coordinator and
+    # every writer lives and dies in this shard's process (the embedded engine).
+    restart_grace: bool = True
     max_resolved_txns: int = 100_000  # outcomes kept for idempotent retries of a commit id
     watch_queue_limit: int = DEFAULT_QUEUE_LIMIT  # live changes queued per watcher; a fuller one is cut off
     # Demo/testing only: skip the ORI version checks, so commits based on stale reads are
@@ -38,6 +50,10 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if not self.read_lease_seconds > 0:
+            raise InvalidRequest(f"read_lease_seconds must be > 0, not {self.read_lease_seconds!r}")
+        if not self.clock_skew_seconds >= 0:
+            raise InvalidRequest(f"clock_skew_seconds must be >= 0, not {self.clock_skew_seconds!r}")
 
     @property
     def wal_dir(self) -> Path:

@@ -23,6 +23,23 @@ A token (epoch, incarnation) proves the session's deliveries here are the
 ones it saw: a different epoch means this shard restarted and lost them; a
 different incarnation means the session expired. Either refuses the commit
 with SessionExpired — it never passes with a smaller read set.
+
+Read-only participants (specs/PROTOCOL.md §5.8). A shard that writes nothing
+for a commit is not prepared but validated (``validate_reads``): the same
+checks, then read locks held in memory for a **lease** of
+``read_lease_seconds`` on this shard's monotonic clock — no record, no fsync.
+An expired lease no longer blocks a writer; ``release_lease`` ends one at
+once. Three rules make that safe although a crash loses the leases:
+
+* the commit point of a commit that relies on leases (a one-phase commit here,
+  or the primary's decision) refuses it when this shard's wall clock is past
+  the leases' deadline less ``clock_skew_seconds`` (``Late``);
+* a shard refuses every new write intent (``Unavailable``) until
+  ``read_lease_seconds + 2 * clock_skew_seconds`` have passed since it was
+  created — any lease its previous life granted has ended by then (the
+  restart grace, off only where one process holds every shard and every
+  coordinator);
+* the coordinator releases leases only once the outcome is known.
 """
 
 from __future__ import annotations
@@ -33,8 +50,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from oribus.delivery_log import DeliveryLog
-from oribus.errors import InvalidRequest, SessionExpired, Stale
+from oribus.errors import InvalidRequest, SessionExpired, Stale, Unavailable
 from oribus.messages import (
+    LEASE_EXPIRED,
     ReadItem,
     ReadReply,
     ReadRequest,
@@ -93,6 +111,29 @@ class Known:
     txn: Txn
 
 
+@dataclass(slots=True)
+class Late:
+    """The commit point is past the read leases' deadline (less the skew bound): refused."""
+
+    deadline: float  # the coordinator's wall clock, seconds since the epoch
+    now: float  # this shard's wall clock when it refused
+
+
+@dataclass(slots=True)
+class Leased:
+    """A read-only participant validated and holds read locks for ``seconds``."""
+
+    seconds: float
+
+
+@dataclass(slots=True)
+class Lease:
+    """The read locks a read-only participant holds for one transaction, in memory only."""
+
+    keys: set[str]
+    expires: float  # on the participant's monotonic clock
+
+
 class Participant:
     """Validation, locking and transaction records of one shard."""
 
@@ -105,6 +146,10 @@ class Participant:
         *,
         max_resolved: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        read_lease_seconds: float = 2.0,
+        clock_skew_seconds: float = 0.0,
+        restart_grace: bool = False,  # the shard passes ShardConfig.restart_grace (on by default)
         unsafe_disable_validation: bool = False,
     ) -> None:
         self.shard_id = shard_id
@@ -124,7 +169,18 @@ class Participant:
         # forgotten commit would be presumed aborted there — a partial commit.
         self.decisions: dict[str, Txn] = {}
         self.write_locks: dict[str, str] = {}  # key -> txn id (write intent)
-        self.read_locks: dict[str, set[str]] = {}  # key -> txn ids
+        self.read_locks: dict[str, set[str]] = {}  # key -> txn ids (prepared ones', and leases')
+        # Read-only participants (PROTOCOL.md §5.8): leases by txn id, in the order they end
+        # (a renewal moves one to the back; one ending a little later than its place is
+        # only held a little longer, which is safe).
+        self.wall_clock = wall_clock  # deadlines are the coordinator's wall clock
+        self.read_lease_seconds = read_lease_seconds
+        self.clock_skew_seconds = clock_skew_seconds
+        self.leases: OrderedDict[str, Lease] = OrderedDict()
+        # The restart grace: no new write intent before this (monotonic clock); a lease this
+        # shard's previous life granted may still be relied on by a commit until then.
+        grace = read_lease_seconds + 2 * clock_skew_seconds if restart_grace else 0.0
+        self.writes_refused_until = clock() + grace
 
     # ---- reads -----------------------------------------------------------------
 
@@ -277,7 +333,7 @@ class Participant:
     def known(self, txn_id: str) -> Txn | None:
         return self.prepared.get(txn_id) or self.decisions.get(txn_id) or self.resolved.get(txn_id)
 
-    def _begin(self, st: ShardTxn, *, one_phase: bool) -> Known | Refused | Pending | Nothing:
+    def _begin(self, st: ShardTxn, *, one_phase: bool) -> Known | Refused | Pending | Nothing | Late:
         seen = self.known(st.txn_id)
         if seen is not None:
             return Known(seen)
@@ -285,6 +341,12 @@ class Participant:
         # then InvalidRequest (e.g. a rollback target out of history), then Conflict.
         logged = self._logged_read_set(st)
         writes = self._resolve_writes(st)
+        if writes:
+            self.check_no_grace()
+        if one_phase and st.deadline is not None and self.past_deadline(st.deadline):
+            return Late(st.deadline, self.wall_clock())
+        if self.leases:
+            self.expire_leases()
         stale, blockers, logged = self.validate(st, logged)
         if stale:
             return Refused(stale, blockers)
@@ -315,17 +377,145 @@ class Participant:
 
     # ---- one-phase commit --------------------------------------------------------
 
-    def begin_one_phase(self, st: ShardTxn) -> Known | Refused | Pending:
-        """Validate and lock; after ``Pending.record`` is durable call ``apply_commit``."""
-        result = self._begin(st, one_phase=True)
-        assert not isinstance(result, Nothing), "a one-phase commit always holds its writes"
-        return result
+    def begin_one_phase(self, st: ShardTxn) -> Known | Refused | Pending | Late:
+        """Validate and lock; after ``Pending.record`` is durable call ``apply_commit``.
+
+        With ``st.deadline`` (read-only participants hold leases for it) this step is the
+        commit point: past the deadline less the skew bound it is refused (``Late``).
+        """
+        return self._begin(st, one_phase=True)  # type: ignore[return-value]
 
     # ---- two-phase commit --------------------------------------------------------
 
     def prepare(self, st: ShardTxn) -> Known | Refused | Pending | Nothing:
         """Phase one: validate, lock (no-wait), and hand back the PREPARE record."""
-        return self._begin(st, one_phase=False)
+        return self._begin(st, one_phase=False)  # type: ignore[return-value]
+
+    # ---- read-only participants: leases (PROTOCOL.md §5.8) -------------------------
+
+    def validate_reads(self, st: ShardTxn) -> Refused | Leased | Nothing:
+        """Validate a part that writes nothing and hold its read locks for a lease.
+
+        The checks and their order are those of ``prepare`` (SessionExpired, then
+        InvalidRequest, then Conflict); nothing waits and nothing is logged. A second
+        validation of the same id (a retry) validates again and extends the lease: the
+        keys are the union, the end the later one — a lease is never shortened, so an
+        earlier attempt still in flight stays covered.
+        """
+        logged = self._logged_read_set(st)
+        if st.written_keys:
+            raise InvalidRequest(
+                f"transaction {st.txn_id}: a read-only validation on shard {self.shard_id} "
+                "carries writes", shard=self.shard_id,
+            )
+        stale, blockers, logged = self.validate(st, logged)
+        if stale:
+            return Refused(stale, blockers)
+        keys = {self.store.intern(k) for k in (*logged, *st.read_set, *st.expect)}
+        if not keys:
+            return Nothing()  # only the token was checked: nothing to hold
+        seconds = self.read_lease_seconds
+        expires = self.clock() + seconds
+        lease = self.leases.pop(st.txn_id, None)
+        if lease is None:
+            lease = Lease(set(), expires)
+        lease.expires = max(lease.expires, expires)
+        self.leases[st.txn_id] = lease  # to the back: it ends after those granted before
+        me = st.txn_id
+        for k in keys - lease.keys:
+            self.read_locks.setdefault(k, set()).add(me)
+        lease.keys |= keys
+        return Leased(seconds)
+
+    def withdraw(self, st: ShardTxn) -> Known | Refused:
+        """The coordinator will not commit ``st`` here (a read-only participant refused it).
+
+        A known id answers from its record (a retry whose earlier attempt committed). Otherwise
+        the id gets an ABORTED tombstone first — a copy of an earlier attempt still on its way
+        can then no longer commit — and the part is checked as ``prepare`` would check it, so
+        the refusal names every offending key of every participant, in the usual order:
+        SessionExpired, InvalidRequest (raised), then the keys (``Refused``).
+        """
+        seen = self.known(st.txn_id)
+        if seen is not None:
+            return Known(seen)
+        self.apply_abort(st.txn_id)
+        logged = self._logged_read_set(st)
+        self._resolve_writes(st)
+        stale, blockers, _ = self.validate(st, logged)
+        return Refused(stale, blockers)
+
+    def release_lease(self, txn_id: str) -> bool:
+        """End a lease now (the coordinator knows the outcome). False if there was none."""
+        lease = self.leases.pop(txn_id, None)
+        if lease is None:
+            return False
+        self._unlock_lease(txn_id, lease)
+        return True
+
+    def expire_leases(self) -> list[str]:
+        """End every lease whose time has passed; returns their transaction ids."""
+        now = self.clock()
+        ended = []
+        while self.leases:
+            txn_id, lease = next(iter(self.leases.items()))
+            if lease.expires > now:
+                break
+            del self.leases[txn_id]
+            self._unlock_lease(txn_id, lease)
+            ended.append(txn_id)
+        return ended
+
+    def lease_left(self, txn_id: str) -> float | None:
+        """Seconds until a lease ends on its own (None: no such lease)."""
+        lease = self.leases.get(txn_id)
+        return None if lease is None else max(0.0, lease.expires - self.clock())
+
+    def _unlock_lease(self, txn_id: str, lease: Lease) -> None:
+        for k in lease.keys:
+            holders = self.read_locks.get(k)
+            if holders is not None:
+                holders.discard(txn_id)
+                if not holders:
+                    del self.read_locks[k]
+
+    def may_wait(self, st: ShardTxn, blockers: set[str]) -> bool:
+        """May a one-phase commit blocked by ``blockers`` wait for them (wait-die)?
+
+        A commit with a deadline holds read leases on other shards while it waits here, and
+        a lease holder may itself be waiting, at its own writer, for one of those leases: a
+        deadlock until the lock wait runs out, both refused. Write intents never wait for
+        anything (a one-phase commit takes them at its commit point, a prepared transaction
+        waits only for its decision), so only leases can close such a cycle. A commit
+        therefore waits for a lease only if its id is smaller than the holder's, and is
+        refused at once otherwise: along any chain of waits the ids increase, so no chain
+        comes back to where it started. A commit without a deadline holds nothing elsewhere
+        and may wait for anything.
+        """
+        if st.deadline is None:
+            return True
+        me = st.txn_id
+        return not any(b in self.leases and b < me for b in blockers)
+
+    def past_deadline(self, deadline: float) -> bool:
+        """Is this shard's wall clock past ``deadline`` less the skew bound (PROTOCOL.md §5.8)?"""
+        return self.wall_clock() > deadline - self.clock_skew_seconds
+
+    def grace_left(self) -> float:
+        """Seconds of the restart grace still to run (0 once it is over)."""
+        return max(0.0, self.writes_refused_until - self.clock())
+
+    def check_no_grace(self) -> None:
+        """Refuse a new write intent during the restart grace (PROTOCOL.md §5.8)."""
+        if self.writes_refused_until and self.clock() < self.writes_refused_until:
+            left = self.writes_refused_until - self.clock()
+            raise Unavailable(
+                f"shard {self.shard_id} started less than {self.read_lease_seconds + 2 * self.clock_skew_seconds:g}s "
+                f"ago and takes no write for {left:.2f}s more: read leases it granted before it "
+                "restarted may still be relied on; retry",
+                shard=self.shard_id, retry_after=round(left, 3),
+            )
+        self.writes_refused_until = 0.0  # over for good: the clock is not read again
 
     def vote_for(self, result: Known | Refused | Pending | Nothing) -> Vote:
         if isinstance(result, Refused):
@@ -344,21 +534,27 @@ class Participant:
             return Vote(VoteKind.YES, versions=txn.versions)
         return Vote(VoteKind.NO, stale=[Stale(k, None, self.store.version(k), "aborted") for k in txn.writes])
 
-    def begin_decide(self, txn_id: str, commit: bool) -> tuple[TxnState, WalRecord | None]:
+    def begin_decide(
+        self, txn_id: str, commit: bool, deadline: float | None = None
+    ) -> tuple[TxnState, WalRecord | None, str]:
         """On the primary: the commit point. A compare-and-set PREPARED -> COMMITTED/ABORTED.
 
-        Returns the state the transaction will have and the record to make
-        durable (None when nothing changes). A commit of a transaction that is
-        not prepared here is refused: it becomes (or stays) ABORTED, so a late
-        commit can never follow an abort.
+        Returns the state the transaction will have, the record to make durable
+        (None when nothing changes) and why it aborts when asked to commit
+        (``LEASE_EXPIRED``, or ""). A commit of a transaction that is not
+        prepared here is refused: it becomes (or stays) ABORTED, so a late
+        commit can never follow an abort. So is a commit past ``deadline`` less
+        the skew bound: the read leases it relies on may have ended (§5.8).
         """
         txn = self.known(txn_id)
         if txn is not None and txn.resolved:
             assert txn.state is not None  # resolved: COMMITTED or ABORTED
-            return txn.state, None
+            return txn.state, None, ""
         if txn is None or not commit:
-            return TxnState.ABORTED, (int(RecordType.ABORT), {"i": txn_id})
-        return TxnState.COMMITTED, (int(RecordType.COMMIT), {"i": txn_id})
+            return TxnState.ABORTED, (int(RecordType.ABORT), {"i": txn_id}), ""
+        if deadline is not None and self.past_deadline(deadline):
+            return TxnState.ABORTED, (int(RecordType.ABORT), {"i": txn_id}), LEASE_EXPIRED
+        return TxnState.COMMITTED, (int(RecordType.COMMIT), {"i": txn_id}), ""
 
     # ---- outcomes (after the record is durable, or on replay) -----------------------
 

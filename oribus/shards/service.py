@@ -52,8 +52,17 @@ class ShardServiceByCalls(ShardService):
     async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
         return await self._call("commit_one_phase", txn)
 
-    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
-        return await self._call("decide", txn_id, commit)
+    async def validate(self, txn: ShardTxn) -> Vote:
+        return await self._call("validate", txn)
+
+    async def release_lease(self, txn_id: str) -> None:
+        await self._call("release_lease", txn_id)
+
+    async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
+        return await self._call("withdraw", txn)
+
+    async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:
+        return await self._call("decide", txn_id, commit, deadline)
 
     async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
         return await self._call("finish", txn_id, commit)

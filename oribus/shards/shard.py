@@ -11,6 +11,12 @@ commit (bounded). Durability rules it keeps:
 * a participant's COMMIT/ABORT after the decision need not wait: if it is lost,
   recovery finds the transaction PREPARED and asks the primary again.
 
+A read-only participant's validation (``validate``) writes nothing and waits for
+nothing: its read locks are a lease in memory (specs/PROTOCOL.md §5.8). A
+writer blocked by a lease waits at most until the lease ends on its own; the
+restart grace (no new write intent for a while after the shard starts) is the
+participant's, counted from this object's creation.
+
 Snapshots are taken at a low-water LSN (below every record appended but not
 yet applied); replay from there is idempotent (see ``store.apply``).
 """
@@ -31,9 +37,10 @@ import msgpack
 from oribus.contract import Entry, ShardService
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
-from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
+from oribus.errors import DataCorrupted, InvalidRequest, OribusError, SessionExpired, Unavailable
 from oribus.failpoints import failpoint
 from oribus.messages import (
+    LEASE_EXPIRED,
     Change,
     ReadItem,
     ReadReply,
@@ -45,11 +52,12 @@ from oribus.messages import (
     TxnState,
     TxnStatus,
     Vote,
+    VoteKind,
     WatchRequest,
 )
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
-from oribus.shards.participant import Blocked, Known, Participant, Pending, Refused
+from oribus.shards.participant import Blocked, Known, Late, Leased, Participant, Pending, Refused
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, WalConfig, load_latest_snapshot, write_snapshot
@@ -103,7 +111,8 @@ class Shard(ShardService):
     # virtual clock and an in-memory disk by replacing these per instance, before
     # ``__init__`` (``oribus.sim.harness.SimShard``). Real shards keep these defaults:
     # the monotonic clock and the WAL and snapshot files below ``data_dir``.
-    clock: Callable[[], float] = staticmethod(time.monotonic)  # deadlines, transaction ages, session TTL
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # deadlines, transaction ages, session TTL, leases
+    wall_clock: Callable[[], float] = staticmethod(time.time)  # compared with read leases' deadlines (§5.8)
     open_wal: WalOpener = staticmethod(Wal.open)  # recovery scan + the append side
     # (snapshot_dir) -> (lsn, raw) | None
     load_snapshot_file: Callable[[Path], tuple[int, Any] | None] = staticmethod(load_latest_snapshot)
@@ -124,6 +133,10 @@ class Shard(ShardService):
             self.dlog,
             max_resolved=config.max_resolved_txns,
             clock=self.clock,
+            wall_clock=self.wall_clock,
+            read_lease_seconds=config.read_lease_seconds,
+            clock_skew_seconds=config.clock_skew_seconds,
+            restart_grace=config.restart_grace,
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
         self.wal: ShardWal | None = None
@@ -140,7 +153,8 @@ class Shard(ShardService):
         self._watchers: set[Watcher] = set()
         self.counters = {"reads": 0, "commits_1pc": 0, "prepares": 0, "decisions": 0,
                          "conflicts": 0, "aborts": 0, "snapshots": 0, "replayed_records": 0,
-                         "watches_lagged": 0}
+                         "watches_lagged": 0, "validations": 0, "leases_past_deadline": 0,
+                         "refused_in_grace": 0}
 
     @classmethod
     async def open(cls, config: ShardConfig, *, epoch: int | None = None,
@@ -310,8 +324,11 @@ class Shard(ShardService):
         loop = asyncio.get_running_loop()
         futs = []
         for t in txn_ids:
-            known = self.core.known(t)
-            if known is None or known.resolved:
+            left = self.core.lease_left(t)
+            if left is not None:
+                # a read-only participant's lease: released by its coordinator, or over by itself
+                timeout = min(timeout, left)
+            elif (known := self.core.known(t)) is None or known.resolved:
                 continue
             fut = self._waiters.get(t)
             if fut is None:
@@ -319,6 +336,8 @@ class Shard(ShardService):
             futs.append(fut)
         if futs:
             await asyncio.wait(futs, timeout=timeout)
+        for t in self.core.expire_leases():  # leases over by themselves: wake who waits for them
+            self._resolved(t)
 
     def _maybe_snapshot(self) -> None:
         if (
@@ -388,10 +407,26 @@ class Shard(ShardService):
         self._check_open()
         deadline = self.clock() + self.config.lock_wait_seconds
         while True:
-            result = self.core.begin_one_phase(txn)
+            try:
+                result = self._begin_one_phase(txn)
+            except (SessionExpired, InvalidRequest):
+                if txn.deadline is not None:
+                    # Read-only participants hold leases for it and will be released: a copy
+                    # of an earlier attempt still on its way must not commit after that.
+                    self.core.apply_abort(txn.txn_id)
+                raise
+            if isinstance(result, Late):
+                # The read leases it relies on may have ended (PROTOCOL.md §5.8): refused for
+                # good, with a tombstone as for a Conflict below.
+                self.counters["leases_past_deadline"] += 1
+                self.core.apply_abort(txn.txn_id)
+                log.info("shard %d refused %s: its read leases' deadline %.3f passed (wall clock %.3f, "
+                         "skew bound %gs)", self.shard_id, txn.txn_id, result.deadline, result.now,
+                         self.config.clock_skew_seconds)
+                return TxnOutcome(TxnState.ABORTED, reason=LEASE_EXPIRED)
             if isinstance(result, Refused):
                 left = deadline - self.clock()
-                if result.only_locked and left > 0:
+                if result.only_locked and left > 0 and self.core.may_wait(txn, result.blockers):
                     await self._wait_for(result.blockers, left)
                     continue
                 self.counters["conflicts"] += 1
@@ -431,6 +466,13 @@ class Shard(ShardService):
         self._maybe_snapshot()
         return outcome
 
+    def _begin_one_phase(self, txn: ShardTxn) -> Known | Refused | Pending | Late:
+        try:
+            return self.core.begin_one_phase(txn)
+        except Unavailable:
+            self.counters["refused_in_grace"] += 1
+            raise
+
     async def _known_outcome(self, txn: Txn) -> TxnOutcome:
         """A retried commit id: wait if it is still in flight, then report its outcome."""
         deadline = self.clock() + self.config.read_wait_seconds
@@ -442,7 +484,11 @@ class Shard(ShardService):
 
     async def prepare(self, txn: ShardTxn) -> Vote:
         self._check_open()
-        result = self.core.prepare(txn)
+        try:
+            result = self.core.prepare(txn)
+        except Unavailable:
+            self.counters["refused_in_grace"] += 1
+            raise
         if isinstance(result, Pending):
             lsn = self._append_or_release(txn.txn_id, result.record)
             await self._durable(lsn)
@@ -452,15 +498,49 @@ class Shard(ShardService):
             self.counters["conflicts"] += 1
         return self.core.vote_for(result)
 
-    async def decide(self, txn_id: str, commit: bool) -> TxnOutcome:
+    async def validate(self, txn: ShardTxn) -> Vote:
+        """A read-only participant (PROTOCOL.md §5.8): validate, lease the read locks, vote."""
+        self._check_open()
+        result = self.core.validate_reads(txn)
+        self.counters["validations"] += 1
+        if isinstance(result, Leased):
+            return Vote(VoteKind.YES, lease=result.seconds)
+        if isinstance(result, Refused):
+            self.counters["conflicts"] += 1
+        return self.core.vote_for(result)
+
+    async def release_lease(self, txn_id: str) -> None:
+        self._check_open()
+        if self.core.release_lease(txn_id):
+            self._resolved(txn_id)  # wake the writers waiting for it
+
+    async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
+        """The coordinator will not commit ``txn`` here (a read-only participant refused).
+
+        A known id answers its outcome — waiting for a one-phase commit still in flight —
+        so a retry whose earlier attempt committed is told so; an unknown one gets an
+        ABORTED tombstone, so a copy of an earlier attempt still on its way can no longer
+        commit (in memory, as a refused one-phase commit's: after a restart such a copy is
+        past its deadline or inside the restart grace, PROTOCOL.md §5.8), and the answer
+        names what this shard's own checks refuse (``Participant.withdraw``).
+        """
+        self._check_open()
+        result = self.core.withdraw(txn)
+        if isinstance(result, Known):
+            return await self._known_outcome(result.txn)
+        return TxnOutcome(TxnState.ABORTED, stale=result.stale)
+
+    async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:
         self._check_open()
         running = self._deciding.get(txn_id)
         if running is not None:
             await asyncio.shield(running)
             return self.core.outcome(txn_id)
-        state, record = self.core.begin_decide(txn_id, commit)
+        state, record, reason = self.core.begin_decide(txn_id, commit, deadline)
         if record is None:
             return self.core.outcome(txn_id)
+        if reason:
+            self.counters["leases_past_deadline"] += 1
         fut: asyncio.Future[TxnOutcome] = asyncio.get_running_loop().create_future()
         self._deciding[txn_id] = fut
         try:
@@ -477,7 +557,10 @@ class Shard(ShardService):
         # this caller still waits, so it is carried out even if the caller is cancelled (a
         # bus whose connection drops). Left half done, the WAL would say COMMITTED while a
         # later abort of the still-PREPARED transaction released the other participants.
-        return await asyncio.shield(self._carry_out_decision(txn_id, state, lsn, fut))
+        outcome = await asyncio.shield(self._carry_out_decision(txn_id, state, lsn, fut))
+        if reason and outcome.state is TxnState.ABORTED:
+            outcome.reason = reason
+        return outcome
 
     async def _carry_out_decision(
         self, txn_id: str, state: TxnState, lsn: int, fut: asyncio.Future[TxnOutcome]
@@ -612,6 +695,8 @@ class Shard(ShardService):
             "epoch": self.epoch,
             "keys": len(self.store),
             "prepared": len(self.core.prepared),
+            "leases": len(self.core.leases),
+            "restart_grace_left": round(self.core.grace_left(), 3),
             "delivery_log": self.dlog.stats(),
             "wal": dict(wal.stats) if wal is not None else {},
             "watchers": len(self._watchers),
@@ -620,6 +705,13 @@ class Shard(ShardService):
 
     def expire_sessions(self) -> int:
         return self.dlog.expire_idle()
+
+    def expire_leases(self) -> int:
+        """End the read leases whose time is over (a writer's check does it too, lazily)."""
+        ended = self.core.expire_leases()
+        for t in ended:
+            self._resolved(t)
+        return len(ended)
 
     async def close(self) -> None:
         """Flush the WAL and stop. Idempotent."""

@@ -38,11 +38,13 @@ def config_for(seed: int, duration: float) -> SimConfig:
     )
 
 
-def run_seed(seed: int, duration: float, faults: int | None, *, duplicate_all: bool = False) -> SimResult:
+def run_seed(seed: int, duration: float, faults: int | None, *, duplicate_all: bool = False,
+             no_restart_grace: bool = False) -> SimResult:
     rng = random.Random(f"oribus-sim/{seed}/faults")
     config = config_for(seed, duration)
     if duplicate_all:
         config.network.duplicate_ops = ALL_OPS
+    config.unsafe_no_restart_grace = no_restart_grace
     count = rng.randint(0, max(1, int(duration * 3))) if faults is None else faults
     return simulate(seed, config, random_faults(rng, config, count))
 
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wall", type=float, help="stop starting new seeds after this many wall-clock seconds")
     p.add_argument("--duplicate-all", action="store_true",
                    help="also duplicate reads, forgets and resets (see network.AT_MOST_ONCE_OPS)")
+    p.add_argument("--unsafe-no-restart-grace", action="store_true",
+                   help="BROKEN on purpose: restarted shards take writes at once, though they lost the read "
+                        "leases they had granted (some seeds should then fail)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every run's summary")
     args = p.parse_args(argv)
     if os.environ.get("PYTHONHASHSEED") is None:
@@ -69,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seed] if args.seed is not None else range(args.first_seed, args.first_seed + args.seeds)
     started = time.monotonic()
     totals = {"runs": 0, "transactions": 0, "committed_checked": 0, "faults": 0, "crashes": 0,
-              "bus_crashes": 0, "lost_records": 0, "messages": 0, "lost": 0, "duplicated": 0,
+              "reader_crashes": 0, "bus_crashes": 0, "lost_records": 0, "messages": 0, "lost": 0, "duplicated": 0,
               "virtual_seconds": 0.0}
     failed: list[int] = []
     for seed in seeds:
         if args.max_wall is not None and time.monotonic() - started > args.max_wall:
             break
-        result = run_seed(seed, args.duration, args.faults, duplicate_all=args.duplicate_all)
+        result = run_seed(seed, args.duration, args.faults, duplicate_all=args.duplicate_all,
+                          no_restart_grace=args.unsafe_no_restart_grace)
         totals["runs"] += 1
         for k in totals:
             if k != "runs":
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"oribus.sim: {totals['runs']} runs, {totals['transactions']} transactions "
         f"({totals['committed_checked']} committed and checked), {totals['faults']} faults injected "
-        f"({totals['crashes']} shard crashes, {totals['bus_crashes']} bus crashes, {totals['lost_records']} "
+        f"({totals['crashes']} shard crashes, {totals['reader_crashes']} of them while a commit in flight "
+        f"relied on the shard's read lease, {totals['bus_crashes']} bus crashes, {totals['lost_records']} "
         f"unsynced WAL records lost), {totals['messages']} messages ({totals['lost']} lost, "
         f"{totals['duplicated']} duplicated), {totals['virtual_seconds']:.0f} virtual s in {wall:.1f} s; "
         f"{len(failed)} failing seeds{': ' + ', '.join(map(str, failed)) if failed else ''}"

@@ -35,3 +35,11 @@ class SimConfig:
     history_limit: int = 1 << 30  # keep every version: the final check reads whole histories
     max_seconds: float = 600.0  # a workload running longer than this is stuck (liveness failure)
     unsafe_disable_validation: bool = False  # BROKEN on purpose: shards accept stale commits
+    # Read-only participants (specs/PROTOCOL.md §5.8): the lease, short so that faults outlast
+    # it, and the clock-skew bound ε: every process's wall clock is off by a fixed amount
+    # drawn from the seed within ±ε/2 (so any two differ by at most ε).
+    read_lease_seconds: float = 0.3
+    clock_skew_seconds: float = 0.02
+    # BROKEN on purpose: a restarted shard takes new writes at once, though it lost the read
+    # leases it had granted (the shards are separate processes here: the grace is needed).
+    unsafe_no_restart_grace: bool = False

@@ -64,14 +64,17 @@ from oribus.sim.network import Endpoint, SimBusClient, SimNetwork, SimShardClien
 from oribus.sim.workload import register_client
 
 WALL_CLOCK_ORIGIN = 1_700_000_000.0  # virtual "unix time" at virtual second 0 (commit stamps)
+_COMMIT_POINTS = frozenset({"commit_one_phase", "decide"})  # the calls that reach a commit point
 
 
 class SimShard(Shard):
     """The real ``Shard``, on the simulated clock and disk: only its seams differ."""
 
-    def __init__(self, config: ShardConfig, epoch: int, disk: SimDisk, clock: Callable[[], float]) -> None:
+    def __init__(self, config: ShardConfig, epoch: int, disk: SimDisk, clock: Callable[[], float],
+                 wall_clock: Callable[[], float]) -> None:
         # set before Shard.__init__: the participant and the delivery log take the clock there
         self.clock = clock
+        self.wall_clock = wall_clock
         self.open_wal = disk.open_wal
         self.load_snapshot_file = disk.load_snapshot
         self.write_snapshot_file = disk.write_snapshot
@@ -136,11 +139,18 @@ class SimCluster:
         self.config = config or SimConfig()
         self.slot_map = StaticSlotMap(self.config.shards)
         self.events: list[tuple] = []  # the trace: (virtual time, kind, *details)
-        self.counters = {"faults": 0, "crashes": 0, "bus_crashes": 0, "lost_records": 0, "resets": 0}
+        self.counters = {"faults": 0, "crashes": 0, "reader_crashes": 0, "bus_crashes": 0, "lost_records": 0,
+                         "resets": 0}
         self._epoch = 0
         self._windows: dict[str, list[float]] = {"loss": [], "duplicate": []}
         self._clients: dict[int, _ClientConnection] = {}
         self.loop: SimLoop | None = None
+        # Each process's wall clock is off by a fixed amount within ±ε/2 (read leases'
+        # deadlines are compared across processes, PROTOCOL.md §5.8): often at the edges.
+        rng = random.Random(f"oribus-sim/{seed}/clocks")
+        half = self.config.clock_skew_seconds / 2
+        self.clock_offsets = {name: rng.choice((-half, half, rng.uniform(-half, half)))
+                              for name in ["bus", *(f"shard-{i}" for i in range(self.config.shards))]}
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -162,6 +172,10 @@ class SimCluster:
         for i in range(cfg.shards):
             await self.restart_shard(i)
         self.restart_bus()
+        # A shard takes no write during its restart grace after any start, the first one too
+        # (PROTOCOL.md §5.8): the cluster is ready for clients once that is over.
+        if not cfg.unsafe_no_restart_grace:
+            await asyncio.sleep(cfg.read_lease_seconds + 2 * cfg.clock_skew_seconds)
 
     def trace(self, kind: str, *details: Any) -> None:
         now = self.loop.time() if self.loop is not None else 0.0
@@ -187,6 +201,9 @@ class SimCluster:
             read_wait_seconds=cfg.read_wait_seconds,
             lock_wait_seconds=cfg.lock_wait_seconds,
             txn_expiry_seconds=cfg.txn_expiry_seconds,
+            read_lease_seconds=cfg.read_lease_seconds,
+            clock_skew_seconds=cfg.clock_skew_seconds,
+            restart_grace=not cfg.unsafe_no_restart_grace,
             unsafe_disable_validation=cfg.unsafe_disable_validation,
         )
 
@@ -205,7 +222,8 @@ class SimCluster:
         self._epoch += 1
         name = f"shard-{shard_id}"
         process = Process(self.loop, name)
-        shard = SimShard(self.shard_config(shard_id), self._epoch, self.disks[shard_id], self.loop.time)
+        shard = SimShard(self.shard_config(shard_id), self._epoch, self.disks[shard_id], self.loop.time,
+                         self.wall_clock_of(name))
         shard._recover()  # what Shard.open does (it would pick a wall-clock epoch)
         if self.config.shard_resolver:
             peers = {j: SimShardClient(self.network, name, j, self.shard_endpoints[j]) for j in self.shard_endpoints}
@@ -219,6 +237,7 @@ class SimCluster:
         while True:
             await asyncio.sleep(self.config.recovery_interval)
             shard.expire_sessions()
+            shard.expire_leases()
 
     def crash_shard(self, shard_id: int, keep_in_flight: int = 0) -> None:
         """Kill shard ``shard_id`` now: unsynced WAL records are lost (see ``SimDisk.crash``)."""
@@ -245,7 +264,8 @@ class SimCluster:
         assert self.loop is not None
         process = Process(self.loop, "bus")
         shards = {i: SimShardClient(self.network, "bus", i, self.shard_endpoints[i]) for i in self.shard_endpoints}
-        bus = Bus(shards, self.slot_map.shard_for, clock=self.wall_clock)  # commits stamped on virtual time
+        # commits stamped, and read leases' deadlines taken, on the bus's (skewed) virtual wall clock
+        bus = Bus(shards, self.slot_map.shard_for, clock=self.wall_clock_of("bus"), monotonic=self.loop.time)
         sweep = TxnSweep(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
                             interval=self.config.recovery_interval)
         ep.process, ep.target = process, bus
@@ -266,6 +286,13 @@ class SimCluster:
     def wall_clock(self) -> float:
         assert self.loop is not None
         return WALL_CLOCK_ORIGIN + self.loop.time()
+
+    def wall_clock_of(self, name: str) -> Callable[[], float]:
+        """The wall clock of process ``name``: virtual time, off by its fixed offset."""
+        offset = self.clock_offsets[name]
+        loop = self.loop
+        assert loop is not None
+        return lambda: WALL_CLOCK_ORIGIN + loop.time() + offset
 
     # ---- clients --------------------------------------------------------------------------
 
@@ -295,6 +322,17 @@ class SimCluster:
             if fault.kind == "crash":
                 self.crash_shard(shard_id, int(fault.amount))
                 await asyncio.sleep(fault.duration)
+            elif fault.kind == "crash_reader":
+                # a read-only participant dies while a commit relying on its lease is on its way
+                # to its writer, and the network holds that commit back (PROTOCOL.md §5.8)
+                commits = await self._lease_relied_on(shard_id)
+                if commits:
+                    self.counters["reader_crashes"] += 1
+                    self.crash_shard(shard_id)
+                    for call_id in commits:
+                        self.network.hold(call_id, fault.amount)
+                    self.trace("hold", commits, fault.amount)
+                    await asyncio.sleep(fault.duration)
             elif fault.kind == "crash_bus":
                 self.crash_bus()
                 await asyncio.sleep(fault.duration)
@@ -305,6 +343,13 @@ class SimCluster:
                     await asyncio.sleep(fault.duration)
                 finally:
                     self.network.heal(name)
+            elif fault.kind == "slow":
+                name = f"shard-{shard_id}"
+                self.network.slow[name] = max(self.network.slow.get(name, 0.0), fault.amount)
+                try:
+                    await asyncio.sleep(fault.duration)
+                finally:
+                    self.network.slow.pop(name, None)
             elif fault.kind in ("loss", "duplicate"):
                 window = self._windows[fault.kind]
                 window.append(fault.amount)
@@ -329,15 +374,32 @@ class SimCluster:
                 client = self._clients[indices[fault.target % len(indices)]]
                 client.paused_until = max(client.paused_until, self.loop.time() + fault.duration)
         finally:
-            if fault.kind == "crash":
+            if fault.kind in ("crash", "crash_reader"):
                 await self.restart_shard(shard_id)
             elif fault.kind == "crash_bus":
                 self.restart_bus()
             self.trace("fault-end", fault.kind, fault.target)
 
+    async def _lease_relied_on(self, shard_id: int, patience: float = 0.5) -> list[int]:
+        """Wait (at most ``patience`` virtual seconds) until shard ``shard_id`` holds a read lease
+        of a transaction whose commit point is on its way to another shard (a one-phase commit
+        or a decision in flight); returns those calls' ids (none if that did not come in time)."""
+        assert self.loop is not None
+        others = [ep for i, ep in self.shard_endpoints.items() if i != shard_id]
+        until = self.loop.time() + patience
+        while self.loop.time() < until:
+            shard = self.shard(shard_id)
+            if shard is not None:
+                calls = [c for t in shard.core.leases for ep in others for c in ep.in_flight(t, _COMMIT_POINTS)]
+                if calls:
+                    return calls
+            await asyncio.sleep(0.0001)
+        return []
+
     async def heal_all(self) -> None:
         """End every fault: reconnect, restore the base rates, restart what is down, unpause."""
         self.network.heal()
+        self.network.slow.clear()
         for w in self._windows.values():
             w.clear()
         self._set_rates()

@@ -27,6 +27,11 @@ What the network does to a message, decided by its seeded ``random.Random``:
   all but ``AT_MOST_ONCE_OPS``, see there);
 * **partition** — every message to or from an isolated process is dropped
   (callers time out);
+* **hold** — a request already on its way is held back and delivered later
+  (``hold``; a message the asynchronous network delays for long);
+* **slow** — every message to or from a slowed process takes ``slow[name]``
+  seconds more (a congested link or a stalled process: everything it is part of
+  reorders behind everything else);
 * **crash** — calls in flight to a process that dies fail at once with
   ``Unavailable`` (the connection is reset), and calls to a process that is
   down fail after one delay (connection refused); a dead process sends
@@ -92,6 +97,12 @@ class Endpoint:
     process: Process | None = None
     target: Any = None
     pending: dict[int, asyncio.Future] = field(default_factory=dict)  # calls in flight to it
+    calls: dict[int, tuple[str, str]] = field(default_factory=dict)  # in flight: (op, what it is about)
+
+    def in_flight(self, label: str, ops: frozenset[str] | set[str]) -> list[int]:
+        """The calls of one of ``ops`` about ``label`` (``_label``) on their way to it, unanswered."""
+        return [c for c, (op, what) in self.calls.items()
+                if what == label and op in ops and c in self.pending and not self.pending[c].done()]
 
 
 class SimNetwork:
@@ -104,6 +115,8 @@ class SimNetwork:
         self.config = config
         self.trace = trace
         self.isolated: set[str] = set()  # names of partitioned processes/endpoints
+        self.slow: dict[str, float] = {}  # name -> extra seconds every message to or from it takes
+        self.held: dict[int, float] = {}  # call id -> virtual time before which its request is not delivered
         self._ids = itertools.count(1)
         self.counters = {"messages": 0, "lost": 0, "duplicated": 0, "refused": 0, "reset": 0,
                          "timeouts": 0}
@@ -113,6 +126,10 @@ class SimNetwork:
 
     def isolate(self, name: str) -> None:
         self.isolated.add(name)
+
+    def hold(self, call_id: int, seconds: float) -> None:
+        """Deliver the request of call ``call_id`` (still on its way) ``seconds`` from now at the earliest."""
+        self.held[call_id] = self.loop.time() + seconds
 
     def heal(self, name: str | None = None) -> None:
         if name is None:
@@ -131,6 +148,7 @@ class SimNetwork:
 
     def _fail_pending(self, endpoint: Endpoint, why: str) -> None:
         pending, endpoint.pending = endpoint.pending, {}
+        endpoint.calls = {}
         for call_id, fut in pending.items():
             if not fut.done():
                 self.counters["reset"] += 1
@@ -148,8 +166,9 @@ class SimNetwork:
             return "lost"
         return "ok"
 
-    def _delay(self) -> float:
-        return self.rng.uniform(self.config.min_delay, self.config.max_delay)
+    def _delay(self, src: str = "", dst: str = "") -> float:
+        extra = max(self.slow.get(src, 0.0), self.slow.get(dst, 0.0)) if self.slow else 0.0
+        return self.rng.uniform(self.config.min_delay, self.config.max_delay) + extra
 
     async def call(self, src_name: str, dst: Endpoint, table: dict[str, wire.Op], op: str, *params: Any) -> Any:
         """Send ``op(*params)`` from the current process to ``dst``; return the decoded result."""
@@ -167,18 +186,20 @@ class SimNetwork:
             await asyncio.sleep(self._delay())
             raise Unavailable(f"connection to {dst.name} refused (it is down)")
         dst.pending[call_id] = fut
+        label = _label(params)
+        dst.calls[call_id] = (op, label)
         fate = self._fate(src_name, dst.name)
         copies = 1
         if (fate == "ok" and self.config.duplicate and op in self.config.duplicate_ops
                 and src_name != dst.name and self.rng.random() < self.config.duplicate):
             copies = 2
             self.counters["duplicated"] += 1
-        self.trace("send", call_id, src_name, dst.name, op, fate, copies, _label(params))
+        self.trace("send", call_id, src_name, dst.name, op, fate, copies, label)
         if fate != "ok":
             self.counters["lost"] += 1
         else:
             for _ in range(copies):
-                self.loop.call_later(self._delay(), self._deliver, call_id, src_name, dst, dst.process,
+                self.loop.call_later(self._delay(src_name, dst.name), self._deliver, call_id, src_name, dst, dst.process,
                                      o, op, payload, fut)
         try:
             raw = await asyncio.wait_for(fut, self.config.call_timeout)
@@ -188,6 +209,7 @@ class SimNetwork:
             raise Unavailable(f"{op} on {dst.name} timed out; its outcome is unknown") from None
         finally:
             dst.pending.pop(call_id, None)
+            dst.calls.pop(call_id, None)
         outcome, body = wire.unpack(raw)
         if outcome == wire.ERROR:
             grpc_status.raise_error(body)
@@ -197,6 +219,11 @@ class SimNetwork:
                  op: str, payload: bytes, fut: asyncio.Future) -> None:
         if dst.process is not process or not process.alive:
             return  # the process it was sent to is gone (the reset already failed the call)
+        until = self.held.pop(call_id, None)
+        if until is not None and until > self.loop.time():  # held back: it arrives later
+            self.loop.call_later(until - self.loop.time(), self._deliver, call_id, src_name, dst, process,
+                                 o, op, payload, fut)
+            return
         target = dst.target
         process.spawn(self._serve(call_id, src_name, dst, target, o, op, payload, fut))
 
@@ -219,7 +246,7 @@ class SimNetwork:
         if fate != "ok":
             self.counters["lost"] += 1
             return
-        self.loop.call_later(self._delay(), _answer, fut, raw)
+        self.loop.call_later(self._delay(dst.name, src_name), _answer, fut, raw)
 
 
 def _label(params: tuple) -> str:

@@ -61,7 +61,8 @@ _CODE = re.compile(r"\{(\w+):(\d+)\}")
 _WORDS = {
     "state": {0: "nothing", 1: "PREPARED", 2: "COMMITTED", 3: "ABORTED"},
     "vote": {2: "COMMITTED", 11: "YES", 12: "NO (Conflict)", 13: "NO (SessionExpired)",
-             14: "NOTHING"},
+             14: "NOTHING", 15: "Unavailable (restart grace)", 16: "Aborted (deadline passed)"},
+    "mask": {1: "A", 2: "B", 3: "A, B", 4: "C", 5: "A, C", 6: "B, C", 7: "A, B, C"},
     "ask": {0: "asked to abort", 1: "asked to commit"},
     "durable": {0: " (not yet fsynced)", 1: ""},
 }

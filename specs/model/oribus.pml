@@ -9,28 +9,41 @@
  *              and one record per transaction, both in memory (vol) and in the fsynced
  *              prefix of the WAL (dur);
  *   sessions   read (each read recorded as a delivery; a read of a key under a write
- *              intent waits), then commit: one phase on a single shard, or two phases
- *              with the decision recorded by compare-and-set on the primary; the session
- *              process is also the bus that coordinates its commit, and may crash;
- *              YES votes carry the new versions, a finish may be lost, and the answer
- *              names the new versions the coordinator learned;
+ *              intent waits), then commit: one phase on a single shard; with one writer
+ *              and read-only participants, validations that take read leases (in memory,
+ *              no record) and then one phase on the writer with a deadline (§5.8); or
+ *              two phases among writers with the decision recorded by compare-and-set on
+ *              the primary; the session process is also the bus that coordinates its
+ *              commit, and may crash; YES votes carry the new versions, a finish may be
+ *              lost, and the answer names the new versions the coordinator learned;
  *   environment  the recovery sweep (and readers tired of waiting), which may resolve any
  *              prepared transaction through its primary at any moment ("anyone may abort
- *              through the primary"); background WAL flushes; shard crashes (memory and
- *              delivery log lost, new epoch, recovery from the durable log).
+ *              through the primary"); background WAL flushes; shard crashes (memory,
+ *              delivery log and leases lost, new epoch, recovery from the durable log, a
+ *              restart grace refusing new write intents); time passing a deadline, after
+ *              which leases end on their own and restart graces may end.
  * Values are abstracted to versions.
  *
+ * Time, abstractly. §5.8 proves three orderings from the clock assumption: a commit point
+ * that honours a deadline comes before it (in real time), a lease ends on its own only
+ * after it, and a restart grace ends only after the deadline of every lease the shard
+ * granted before it started. The model keeps exactly those: the ghost mask `late` says
+ * whose deadline has passed; the environment may set it at any moment while something
+ * still depends on it; a commit point refuses once it is set; lease expiry and the end of
+ * a grace are enabled only after it. Everything else about clocks is abstracted away.
+ *
  * Configuration: 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default 1), shared by
- * the shards, the two 2PC coordinators and lost finishes:
+ * the shards, the coordinators of A and B, and lost finishes:
  *
  *   keys        K0 -> S0,   K1 -> S1,   K2 -> S1
- *   A (txn 0)   reads K0, K2 (S0 first)   writes K0, K2   2PC, primary S0
- *   B (txn 1)   reads K2, K0 (S1 first)   writes K1       2PC, primary S1; S0 only
- *                                                          validates and read-locks K0
- *   C (txn 2)   reads K1                  writes K2       1PC on S1
+ *   A (txn 0)   reads K0, K2 (S0 first)   writes K0, K2   2PC among writers, primary S0
+ *   B (txn 1)   reads K1, K0 (S1 first)   writes K2       one writer (S1); S0 read-only:
+ *                                                          a lease on K0, then 1PC on S1
+ *   C (txn 2)   reads K2                  writes K1       1PC on S1
  *
- * A's writes span both shards (a partial commit would show) and B reads both of them
- * (stale reads across shards); B and C are a write skew on S1; A and C write the same
+ * A's writes span both shards (a partial commit would show); A and B are a write skew
+ * across shards (A reads K2 and writes K0, B reads K0 — on its read-only participant, held
+ * only by a lease — and writes K2); B and C are a write skew on S1; A and B write the same
  * key; A, B and C all contend for S1.
  *
  * Deliberately broken variants, each of which must yield a counterexample (-D at spin -a;
@@ -44,6 +57,9 @@
  *   BROKEN_READ_THROUGH     reads do not wait for write intents
  *   BROKEN_PARTIAL_ACK      YES votes carry no versions: the answer names the primary's
  *                           new versions and those of the finishes that were answered
+ *   BROKEN_NO_RESTART_GRACE a restarted shard takes new write intents at once, though it
+ *                           lost the read leases it had granted
+ *   BROKEN_NO_DEADLINE      the commit point ignores the deadline of the read leases
  */
 
 #ifndef MAXCRASH
@@ -70,13 +86,16 @@
 #define NO        12    /* a conflict: stale read or lock held (a 1PC answers Conflict) */
 #define EXPIRED   13    /* SessionExpired: the token's epoch is not the shard's */
 #define NOTHING   14    /* a non-primary with nothing to write or lock: out of phase two */
+#define GRACE     15    /* Unavailable: the shard is in its restart grace (a new write intent) */
+#define LATE      16    /* Aborted: the commit point is past the deadline of the leases */
 
 /* Protocol events are printed as "EV ..." lines when a trail is replayed (pan -r); check.py
    spells out the {state:n} and {vote:n} codes. A search executes no printf. */
 
 #define SHARD(k)    ((k) == 0 -> 0 : 1)
-#define RMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 5 : 2))    /* keys read:    bit k = Kk */
-#define WMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 2 : 4))    /* keys written: bit k = Kk */
+#define RMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 3 : 4))    /* keys read:    bit k = Kk */
+#define WMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 4 : 2))    /* keys written: bit k = Kk */
+#define WSHARDS(t)  ((t) == 0 -> 3 : 2)                      /* its writers, as a shard mask */
 #define FIRST(t)    ((t) == 0 -> 0 : 1)                      /* the shard read first */
 #define BIT(m, k)   (((m) >> (k)) & 1)
 #define KEYS_ON(s)  ((s) == 0 -> 1 : 6)                      /* keys of a shard, as a mask */
@@ -100,6 +119,8 @@ byte dur[NS * NT];      /* the same record in the fsynced prefix of the WAL */
 byte tver[NT * NK];     /* version a txn writes to a key (its PREPARE / 1PC record) */
 byte prl[NT];           /* keys a txn read-locks (its PREPARE record) */
 byte epoch[NS];         /* new on every start of a shard */
+byte ls[NS];            /* read leases a shard holds, in memory only: bitmask of txns */
+bit grace[NS];          /* the shard restarted and takes no new write intent yet (§5.8) */
 /*
  * Delivery log: version + 1 delivered to a session, 0 = none. A shard keeps it in memory
  * only: an entry counts on shard s only while s is still in the epoch the session's
@@ -112,6 +133,10 @@ byte dlog[NT * NK];
 byte tok[NT * NS];      /* the first token (epoch + 1) a session got from a shard */
 byte crashes;           /* crashes so far, of shards and coordinators */
 byte sessions_done;
+/* ---- time: whose deadlines have passed (see "Time, abstractly" above) ------------------ */
+byte late;              /* bitmask of txns whose deadline D (less the skew bound) has passed */
+byte infl;              /* txns holding a deadline whose commit point is still to come */
+byte gwait[NS];         /* the txns whose leases shard s granted before its last start */
 /* ---- ghosts: they observe and never steer --------------------------------------------- */
 byte cver[NK];          /* version written by the last txn whose commit point passed */
 bit committed[NT];      /* the commit point passed: COMMITTED recorded (1PC or primary) */
@@ -275,6 +300,15 @@ inline acknowledge(t) {
     ok = 0
 }
 
+/* a new write intent of t on s is refused during s's restart grace (§5.8) */
+#define IN_GRACE(t, s) (grace[s] && (WMASK(t) & KEYS_ON(s)) != 0)
+/* the commit point refuses a commit whose deadline has passed (§5.8) */
+#ifdef BROKEN_NO_DEADLINE
+#define PAST_DEADLINE(t) 0
+#else
+#define PAST_DEADLINE(t) BIT(late, t)
+#endif
+
 #ifdef BROKEN_NO_EPOCH
 #define TOKEN_OK(t, s) 1
 #else
@@ -308,6 +342,49 @@ inline validate(t, s) {
         :: else -> skip
         fi
     }
+}
+
+/*
+ * A read-only participant s validates t (§5.8): the token, the ORI rule, then read locks on
+ * what it validated, held in memory as a lease (no record, no fsync) — or NOTHING to hold.
+ * A refusal clears commit; a lease granted sets lease (the commit gets a deadline).
+ */
+inline validate_ro(t, s) {
+    d_step {
+        if
+        :: !TOKEN_OK(t, s) -> commit = 0; vote = EXPIRED
+        :: else ->
+            validate(t, s);
+            if
+            :: !ok -> commit = 0; vote = NO
+            :: else ->
+                has = 0;
+                for (i : 0 .. NK - 1) {
+                    if
+                    :: SHARD(i) == s && LOGGED(t, i) -> has = 1; rl[i] = rl[i] | (1 << t)
+                    :: else -> skip
+                    fi
+                }
+                if
+                :: has -> ls[s] = ls[s] | (1 << t); infl = infl | (1 << t); lease = 1; vote = YES
+                :: else -> vote = NOTHING
+                fi
+            fi
+        fi;
+        printf("EV %c: validate on S%d (read-only): {vote:%d}\n", 'A' + t, s, vote);
+        i = 0; has = 0; ok = 0; vote = 0
+    }
+}
+
+/* t's leases on the read-only participants in ro end (released, or run out) */
+inline end_leases(t, ro) {
+    for (u : 0 .. NS - 1) {
+        if
+        :: BIT(ro, u) && BIT(ls[u], t) -> ls[u] = ls[u] & ~(1 << t); unlock(t, u)
+        :: else -> skip
+        fi
+    }
+    u = 0
 }
 
 /*
@@ -378,6 +455,7 @@ inline prepare(t, s) {
         :: else ->
             if
             :: !TOKEN_OK(t, s) -> commit = 0; vote = EXPIRED
+            :: IN_GRACE(t, s) -> commit = 0; vote = GRACE
             :: else ->
                 validate(t, s);
                 if
@@ -477,9 +555,9 @@ inline finish_body(t, s, commit) {
     fi
 
 proctype Session(byte t) {
-    byte i, u, seen, ok, has, vote, out, s, parts, prim;
+    byte i, u, seen, ok, has, vote, out, s, parts, prim, ro;
     byte known[NK];     /* the new version of each key as the coordinator learned it, 0 = not yet */
-    bit commit;
+    bit commit, lease;
 
     /* the reads, one request per shard */
     read_shard(t, FIRST(t));
@@ -504,7 +582,8 @@ proctype Session(byte t) {
             fi
         }
         i = 0;
-        prim = PRIMARY(t)
+        prim = PRIMARY(t);
+        ro = parts & ~WSHARDS(t)
     }
 
     if
@@ -514,6 +593,7 @@ proctype Session(byte t) {
             s = (parts == 1 -> 0 : 1);
             if
             :: !TOKEN_OK(t, s) -> out = EXPIRED
+            :: TOKEN_OK(t, s) && IN_GRACE(t, s) -> out = GRACE
             :: else ->
                 validate(t, s);
                 if
@@ -538,8 +618,56 @@ proctype Session(byte t) {
             fi;
             i = 0; ok = 0
         }
+    :: ro != 0 ->
+        /* one writer (prim) and read-only participants (§5.8): validate on each read-only
+           participant (a lease), then one phase on the writer with the deadline */
+        commit = 1;
+        for (s : 0 .. NS - 1) {
+            if
+            :: BIT(ro, s) -> validate_ro(t, s)
+            :: else -> skip
+            fi
+        }
+        MAY_CRASH;      /* the bus dies after the validations: the leases run out on their own */
+        d_step {
+            s = prim;
+            if
+            :: !commit -> out = NO      /* withdrawn at the writer (a tombstone), not sent */
+            :: commit && !TOKEN_OK(t, s) -> out = EXPIRED
+            :: commit && TOKEN_OK(t, s) && IN_GRACE(t, s) -> out = GRACE
+            :: commit && TOKEN_OK(t, s) && !IN_GRACE(t, s) && lease && PAST_DEADLINE(t) -> out = LATE
+            :: else ->
+                validate(t, s);
+                if
+                :: ok ->
+                    for (i : 0 .. NK - 1) {
+                        if
+                        :: BIT(WMASK(t), i) -> tver[KT(t, i)] = ver[i] + 1
+                        :: else -> skip
+                        fi
+                    }
+                    vol[AT(s, t)] = COMMITTED; fsync(s);
+                    commit_point(t);
+                    apply_and_unlock(t, s);
+                    out = COMMITTED
+                :: else -> out = NO
+                fi
+            fi;
+            infl = infl & ~(1 << t);
+            printf("EV %c: one-phase commit on the writer S%d: {vote:%d}\n", 'A' + t, s, out);
+            if
+            :: out == COMMITTED -> report_versions(t, s); acknowledge(t)
+            :: else -> skip
+            fi;
+            i = 0; ok = 0
+        }
+        MAY_CRASH;      /* the bus dies before it releases the leases: they run out */
+        d_step {
+            end_leases(t, ro);
+            printf("EV %c: the leases are released\n", 'A' + t)
+        }
     :: else ->
-        /* two phases: prepare everywhere, decide on the primary, finish elsewhere */
+        /* two phases among the writers: prepare, decide on the primary, finish elsewhere */
         commit = 1;
         /* the bus sends the prepares concurrently: they may land in either order */
         if
@@ -609,8 +737,9 @@ gone:
         for (i : 0 .. NK - 1) { dlog[KT(t, i)] = 0 }
         for (i : 0 .. NS - 1) { tok[TS(t, i)] = 0 }
         for (i : 0 .. NK - 1) { known[i] = 0 }
+        infl = infl & ~(1 << t);
         i = 0; u = 0; seen = 0; ok = 0; has = 0; out = 0; s = 0; parts = 0; prim = 0;
-        commit = 0
+        ro = 0; commit = 0; lease = 0
     }
 }
 
@@ -618,7 +747,14 @@ gone:
 inline crash_shard(s) {
     crashes++;
     epoch[s]++;
-    printf("EV S%d crashes: memory and delivery log lost; restarts from its fsynced WAL\n", s);
+    printf("EV S%d crashes: memory, delivery log and leases lost; restarts from its fsynced WAL\n", s);
+    /* the leases it granted are gone with its memory (the read locks are rebuilt below from
+       PREPARE records only); it restarts in its grace, which lasts past their deadlines */
+    gwait[s] = ls[s] | gwait[s];
+    ls[s] = 0;
+#ifndef BROKEN_NO_RESTART_GRACE
+    grace[s] = 1;
+#endif
     for (i : 0 .. NT - 1) { vol[AT(s, i)] = dur[AT(s, i)] }
     for (i : 0 .. NK - 1) {
         if
@@ -659,6 +795,21 @@ inline resolve(x) {
     s = 0; t = 0; prim = 0; out = 0; i = 0
 }
 
+/* deadlines something depends on: a commit point to come, a lease held, a grace waiting */
+#define LATE_WANTED (infl | ls[0] | ls[1] | gwait[0] | gwait[1])
+
+/* the leases in mask x on shard s run out */
+inline expire(x, s) {
+    for (t : 0 .. NT - 1) {
+        if
+        :: BIT(x, t) -> ls[s] = ls[s] & ~(1 << t); unlock(t, s)
+        :: else -> skip
+        fi
+    }
+    printf("EV S%d: the lease of {mask:%d} runs out\n", s, x);
+    t = 0; x = 0; i = 0
+}
+
 #define ANY_PREPARED \
     (vol[0] == PREPARED || vol[1] == PREPARED || vol[2] == PREPARED || \
      vol[3] == PREPARED || vol[4] == PREPARED || vol[5] == PREPARED)
@@ -687,10 +838,23 @@ end:
     :: d_step { crashes < MAXCRASH && UNSYNCED(1) -> fsync(1); i = 0; printf("EV S1 flushes\n") }
     :: d_step { crashes < MAXCRASH -> crash_shard(0) }
     :: d_step { crashes < MAXCRASH -> crash_shard(1) }
-    :: sessions_done == NT && !ANY_PREPARED -> break
+    /* time passes every deadline something still waits for (§5.8: a deadline is real time) */
+    :: d_step {
+           (LATE_WANTED & ~late) != 0 ->
+           late = late | LATE_WANTED;
+           printf("EV time passes the deadline of {mask:%d}\n", late)
+       }
+    /* a lease whose deadline has passed ends on its own */
+    :: d_step { (ls[0] & late) != 0 -> x = ls[0] & late; expire(x, 0) }
+    :: d_step { (ls[1] & late) != 0 -> x = ls[1] & late; expire(x, 1) }
+    /* a restart grace ends once the deadline of every lease granted before has passed */
+    :: d_step { grace[0] && (gwait[0] & ~late) == 0 -> grace[0] = 0; gwait[0] = 0; printf("EV S0's restart grace ends\n") }
+    :: d_step { grace[1] && (gwait[1] & ~late) == 0 -> grace[1] = 0; gwait[1] = 0; printf("EV S1's restart grace ends\n") }
+    :: sessions_done == NT && !ANY_PREPARED && ls[0] == 0 && ls[1] == 0 -> break
     od;
     /* quiescent: every decision applied everywhere, nothing of an undecided txn visible */
     atomic {
+        assert(ls[0] == 0 && ls[1] == 0);
         for (i : 0 .. NK - 1) {
             assert(wl[i] == 0 && rl[i] == 0);
             assert(ver[i] == cver[i])

@@ -3,17 +3,21 @@
 Bus, shards, coordinator and recovery run their real code over the simulated
 network, disk and clock (``oribus.sim``). Hypothesis draws the workload (list-
 append transactions, register writes in both scopes, rollbacks, forgets) and
-the fault schedule (shard and bus crashes that lose unsynced WAL records,
-partitions, message loss and duplication, paused clients whose sessions
-expire), and every recorded history goes through ``oribus.checker``.
+the fault schedule (shard and bus crashes that lose unsynced WAL records, crashes of a
+shard whose read lease a commit in flight relies on, partitions, slow links,
+message loss and duplication, paused clients whose sessions expire), and every
+recorded history goes through ``oribus.checker``. Every process's wall clock
+is off by up to the clock-skew bound.
 
 1. The same seed gives the same run, event for event (in this process, and in
    another one with the same PYTHONHASHSEED); another seed gives another run.
 2. Generated schedules find no anomaly, leave no transaction unresolved, never
    get stuck, and acknowledge no commit without the new version of every key it wrote.
-3. The simulation is able to fail: with validation off, or with a disk that
-   acknowledges before its fsync, it finds anomalies, and hypothesis shrinks
-   the failing schedule to a minimal one, printed below.
+3. The simulation is able to fail: with validation off, with a disk that
+   acknowledges before its fsync, or with shards that take writes at once
+   after a restart (no restart grace for the read leases they lost), it finds
+   anomalies, and hypothesis shrinks the failing schedule to a minimal one,
+   printed below.
 4. The engine bugs it found stay fixed (deterministic regression scenarios).
 
 ``ORIBUS_SIM_EXAMPLES`` sets how many generated runs (2) makes (default 50);
@@ -54,6 +58,12 @@ faults = st.one_of(
               target=st.integers(0, 3), duration=spans),
     st.builds(Fault, at=millis, kind=st.sampled_from(["loss", "duplicate"]), duration=spans,
               amount=st.sampled_from([0.05, 0.2, 0.5])),
+    # a read-only participant dies while a commit relying on its lease is held back on its
+    # way to the writer (PROTOCOL.md §5.8); a slowed shard
+    st.builds(Fault, at=millis, kind=st.just("crash_reader"), target=st.integers(0, 3),
+              duration=st.sampled_from([0.0, 0.05, 0.3]), amount=st.sampled_from([0.05, 0.2, 0.5])),
+    st.builds(Fault, at=millis, kind=st.just("slow"), target=st.integers(0, 3), duration=spans,
+              amount=st.sampled_from([0.01, 0.1, 0.4])),
     # a pause beyond the 2 s session TTL must end in SessionExpired, never in a pass
     st.builds(Fault, at=millis, kind=st.just("pause"), target=st.integers(0, 7),
               duration=st.integers(100, 5000).map(lambda ms: ms / 1000)),
@@ -202,8 +212,10 @@ def test_catches_disabled_validation(capsys) -> None:  # noqa: ANN001 - pytest f
 def test_catches_acknowledging_before_fsync(capsys) -> None:  # noqa: ANN001 - pytest fixture
     """A disk that acknowledges before its fsync loses acknowledged commits in a crash:
     the durability check must find them, and hypothesis shrinks the schedule that shows it."""
+    # every key on one shard, so no read lease is ever relied on: a short one keeps the restart
+    # grace after each crash from hiding what the lost commits leave behind
     config = SimConfig(shards=2, list_clients=3, register_clients=0, list_keys=3, duration=0.6,
-                       disk=DiskConfig(unsafe_ack_before_fsync=True))
+                       disk=DiskConfig(unsafe_ack_before_fsync=True), read_lease_seconds=0.01)
     crash = st.builds(Fault, at=st.integers(0, 600).map(lambda ms: ms / 1000), kind=st.just("crash"),
                       target=st.integers(0, 1), duration=st.integers(0, 300).map(lambda ms: ms / 1000))
     noise = st.one_of(crash, faults)
@@ -212,8 +224,10 @@ def test_catches_acknowledging_before_fsync(capsys) -> None:  # noqa: ANN001 - p
         seed, schedule = example
         return bool(simulate(seed, config, schedule).report.of_kind("lost-write"))
 
+    # every restart still takes no write for a moment (the restart grace), which leaves less of
+    # the short run to show what a lost commit left behind: search longer than FIND does
     seed, schedule = find(st.tuples(st.integers(0, 1000), st.lists(noise, min_size=1, max_size=6)),
-                          loses_acknowledged, settings=FIND)
+                          loses_acknowledged, settings=settings(FIND, max_examples=150))
     result = simulate(seed, config, schedule)
     with capsys.disabled():
         print(f"\nack before fsync, shrunk to seed {seed} with {len(schedule)} fault(s): "
@@ -225,6 +239,39 @@ def test_catches_acknowledging_before_fsync(capsys) -> None:  # noqa: ANN001 - p
     config.disk = DiskConfig()
     honest = simulate(seed, config, schedule)
     assert honest.ok, _explain(honest)
+
+
+def _reader_crash_schedule(seed: int) -> list[Fault]:
+    """Eight times in a second, shard 1 dies while it holds the read lease of a commit on its way
+    to shard 0, which the network holds back for 50-250 ms; the shard restarts at once or soon."""
+    rng = random.Random(f"reader-crash/{seed}")
+    return [Fault(rng.uniform(0, 0.9), "crash_reader", 1, rng.uniform(0, 0.1), rng.uniform(0.05, 0.25))
+            for _ in range(8)]
+
+
+def test_catches_missing_restart_grace(capsys) -> None:  # noqa: ANN001 - pytest fixture
+    """Shards that take writes at once after a restart, though they lost the read leases they
+    had granted: a commit held back on its way to its writer then commits on a read another
+    commit overwrote meanwhile, and the checker must see the cycle (PROTOCOL.md §5.8). With
+    the grace, the very same runs are clean."""
+    # two shards: la/k8 and la/k9 on shard 0, the other keys on shard 1, so a transaction that
+    # reads on shard 1 and appends on shard 0 leaves shard 1 read-only, under a lease
+    config = SimConfig(shards=2, list_clients=8, register_clients=0, list_keys=10, max_ops=3,
+                       duration=1.0, unsafe_no_restart_grace=True)
+    for seed in range(60):
+        broken = simulate(seed, config, _reader_crash_schedule(seed))
+        if any(CATEGORIES.get(a.kind) == "ori" for a in broken.report.anomalies):
+            break
+    else:
+        raise AssertionError("no seed of 60 showed the hole a restart without grace opens")
+    assert broken.counters["reader_crashes"] > 0
+    with capsys.disabled():
+        print(f"\nno restart grace: seed {seed} of the reader-crash schedule -> {broken.report.by_kind()}")
+        print("  " + broken.report.anomalies[0].message)
+    config.unsafe_no_restart_grace = False
+    honest = simulate(seed, config, _reader_crash_schedule(seed))
+    assert honest.ok, _explain(honest)
+    assert honest.counters["reader_crashes"] > 0
 
 
 def test_soak_entry_point_runs() -> None:
@@ -240,7 +287,8 @@ def test_soak_entry_point_runs() -> None:
 def test_random_faults_cover_every_kind() -> None:
     config = SimConfig()
     kinds = {f.kind for f in random_faults(random.Random(3), config, 200)}
-    assert kinds == {"crash", "crash_bus", "partition", "partition_bus", "loss", "duplicate", "pause", "reset"}
+    assert kinds == {"crash", "crash_reader", "crash_bus", "partition", "partition_bus", "slow", "loss",
+                     "duplicate", "pause", "reset"}
 
 
 # ---- 4. engine bugs the simulation found ---------------------------------------------------------
@@ -383,8 +431,8 @@ def test_retried_commit_id_reports_every_written_version() -> None:
         primary = cluster.shard(0)
         decide = primary.decide
 
-        async def decide_then_crash(txn_id, commit):  # noqa: ANN001, ANN202
-            await decide(txn_id, commit)  # T is COMMITTED, durably
+        async def decide_then_crash(txn_id, commit, deadline=None):  # noqa: ANN001, ANN202
+            await decide(txn_id, commit, deadline)  # T is COMMITTED, durably
             cluster.crash_shard(0)  # ... and the process dies before it answers
             raise asyncio.CancelledError
 
@@ -414,3 +462,101 @@ def test_retried_commit_id_reports_every_written_version() -> None:
     partial, full = run(scenario())
     assert partial == {}, f"a retry was acknowledged with an incomplete versions map: {partial}"
     assert len(full) == 2 and set(full.values()) == {1}, full
+
+
+# ---- 5. read-only participants (PROTOCOL.md §5.8) -------------------------------------------------
+
+
+def test_a_read_only_shard_writes_nothing_and_its_lease_ends_after_the_outcome() -> None:
+    """One writer, one read-only participant: a validation (no record) and a one-phase commit on
+    the writer (one record), and the lease is gone once the answer is in."""
+
+    async def scenario() -> tuple[dict, dict, dict[str, int]]:
+        cluster = SimCluster(5, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        writer = cluster.session(0)
+        await writer.commit({a: "a0", b: "b0"})
+        before = {i: dict(cluster.disks[i].wal.stats) for i in (0, 1)}
+        tx = cluster.session(1).transaction()
+        await tx.get_many([a, b])  # reads on both shards
+        tx.put(b, "b1")  # writes on shard 1 only: shard 0 is read-only
+        versions = await tx.commit()
+        await asyncio.sleep(0.01)  # the release is not waited for
+        after = {i: dict(cluster.disks[i].wal.stats) for i in (0, 1)}
+        leases = {i: len(cluster.shard(i).core.leases) for i in (0, 1)}
+        return before, after, {"versions": versions, "leases": leases,
+                               "validations": cluster.shard(0).counters["validations"]}
+
+    before, after, seen = run(scenario())
+    assert list(seen["versions"].values()) == [2]
+    assert after[0]["records"] == before[0]["records"]  # the read-only shard logged nothing
+    assert after[1]["records"] == before[1]["records"] + 1  # the writer: one COMMIT_ONE_PHASE
+    assert seen["validations"] == 1 and seen["leases"] == {0: 0, 1: 0}
+
+
+def test_a_retry_whose_attempt_committed_is_answered_committed_though_its_reads_are_stale_now() -> None:
+    """A read-only participant keeps no record, so it refuses the retry of a commit id whose first
+    attempt committed (its read is stale by then); the coordinator withdraws the id at the writer
+    before answering and learns it committed: the retry is answered with the first attempt's
+    versions, and nothing is applied twice."""
+
+    async def scenario() -> tuple[dict[str, int], int, object]:
+        cluster = SimCluster(6, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        await cluster.session(0).commit({a: "a0", b: "b0"})
+        agent, other = cluster.session(1), cluster.session(2)
+        await agent.get_many([a, b])
+        writer = cluster.shard(1)
+        commit_one_phase = writer.commit_one_phase
+
+        async def commit_then_lose_the_answer(txn):  # noqa: ANN001, ANN202
+            await commit_one_phase(txn)  # committed, durably ...
+            raise Unavailable("the answer is lost")  # ... and the bus never hears of it
+
+        writer.commit_one_phase = commit_then_lose_the_answer
+        req = agent._request("T", writes={b: encode_value("b1", 1 << 20)})
+        try:
+            await agent._bus.commit(req)
+            raise AssertionError("attempt 1 cannot be acknowledged: its answer was lost")
+        except Unavailable:
+            pass
+        writer.commit_one_phase = commit_one_phase
+        await asyncio.sleep(0.01)
+        await cluster.shard(0).release_lease("T")  # (it is kept while the outcome is unknown)
+        await other.put(a, "a1")  # the agent's read of a is stale now
+        retried = await agent._bus.commit(req)  # the same commit id
+        history = await other.history(b)
+        return retried.versions, len(history), cluster.shard(1).core.known("T").state
+
+    versions, kept, state = run(scenario())
+    assert state is TxnState.COMMITTED
+    assert list(versions.values()) == [2], versions
+    assert kept == 2  # b0 and b1: applied once
+
+
+def test_a_read_only_refusal_leaves_a_tombstone_at_the_writer() -> None:
+    """A read-only participant refuses (a stale read): the writer gets a tombstone for the id
+    before the client hears Conflict, so a late copy of the commit can no longer commit there."""
+
+    async def scenario() -> tuple[object, object]:
+        cluster = SimCluster(7, SimConfig(shards=2, register_clients=0))
+        await cluster.start()
+        a, b = _two_shard_keys(cluster)
+        agent, other = cluster.session(1), cluster.session(2)
+        await agent.get_many([a, b])
+        await other.put(a, "moved")  # stale on the read-only shard 0
+        req = agent._request("T", writes={b: encode_value("b1", 1 << 20)})
+        try:
+            await agent._bus.commit(req)
+            raise AssertionError("a stale read committed")
+        except Conflict as e:
+            refusal = e
+        part = cluster.bus_endpoint.target.coordinator.split(req)[1]  # the writer's part
+        late = await cluster.shard(1).commit_one_phase(part)
+        return refusal, late
+
+    refusal, late = run(scenario())
+    assert any(s.reason == "stale_read" for s in refusal.stale)
+    assert late.state is TxnState.ABORTED  # the tombstone answers the late copy

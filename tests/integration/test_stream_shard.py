@@ -37,8 +37,9 @@ def keys_on(shard_id: int, n: int, prefix: str = "k") -> list[str]:
 async def start_shards(tmp_path, tls: TlsConfig | None = None, epoch: int | None = None) -> list[ShardServer]:
     servers = []
     for i in range(2):
-        s = ShardServer(ShardConfig(i, tmp_path / f"shard-{i}"), "127.0.0.1:0", stream_listen="127.0.0.1:0",
-                        tls=tls, epoch=epoch)
+        # new shards that never granted a read lease: no restart grace to wait out
+        config = ShardConfig(i, tmp_path / f"shard-{i}", restart_grace=False)
+        s = ShardServer(config, "127.0.0.1:0", stream_listen="127.0.0.1:0", tls=tls, epoch=epoch)
         await s.start()
         servers.append(s)
     return servers

@@ -135,12 +135,12 @@ def test_idempotent_one_phase_retry():
 
 def test_decide_is_compare_and_set_with_tombstones():
     p = make()
-    state, rec = p.begin_decide("never-prepared", True)
-    assert state is TxnState.ABORTED and rec[0] == RecordType.ABORT
+    state, rec, reason = p.begin_decide("never-prepared", True)
+    assert state is TxnState.ABORTED and rec[0] == RecordType.ABORT and reason == ""
     p.apply_abort("never-prepared")
     late = p.prepare(ShardTxn(txn_id="never-prepared", session=A, writes={"k": b"1"}))
     assert p.vote_for(late).kind is VoteKind.NO
-    assert p.begin_decide("never-prepared", True) == (TxnState.ABORTED, None)
+    assert p.begin_decide("never-prepared", True) == (TxnState.ABORTED, None, "")
 
 
 def test_transaction_scope_uses_deliveries_since_begin():
@@ -183,7 +183,7 @@ def test_kept_decision_is_released_and_release_replays():
     p = make()
     st = ShardTxn(txn_id="d1", session=A, writes={"k": b"1"}, participants=(0, 1), primary=0)
     prep = p.prepare(st)
-    state, rec = p.begin_decide("d1", True)
+    state, rec, _ = p.begin_decide("d1", True)
     p.apply_commit("d1")
     assert "d1" in p.decisions  # primary of a multi-shard commit: kept outside the LRU
     assert p.release("d1") and "d1" not in p.decisions and p.known("d1").state is TxnState.COMMITTED
