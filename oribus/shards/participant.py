@@ -383,13 +383,17 @@ class Participant:
         With ``st.deadline`` (read-only participants hold leases for it) this step is the
         commit point: past the deadline less the skew bound it is refused (``Late``).
         """
-        return self._begin(st, one_phase=True)  # type: ignore[return-value]
+        result = self._begin(st, one_phase=True)
+        assert not isinstance(result, Nothing), "a one-phase commit always takes part"
+        return result
 
     # ---- two-phase commit --------------------------------------------------------
 
     def prepare(self, st: ShardTxn) -> Known | Refused | Pending | Nothing:
         """Phase one: validate, lock (no-wait), and hand back the PREPARE record."""
-        return self._begin(st, one_phase=False)  # type: ignore[return-value]
+        result = self._begin(st, one_phase=False)
+        assert not isinstance(result, Late), "only a commit point checks the deadline"
+        return result
 
     # ---- read-only participants: leases (PROTOCOL.md §5.8) -------------------------
 
