@@ -209,6 +209,8 @@ class _Connection(asyncio.Protocol):
         self.cause: OribusError | None = None  # ... and the error the server named, if it named one
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio types it a BaseTransport; a stream connection's can write (uvloop's is no
+        # asyncio.WriteTransport subclass, so an isinstance check would refuse it)
         self.transport = transport  # type: ignore[assignment]
 
     def write_frame(self, value: Any) -> None:

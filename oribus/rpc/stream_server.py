@@ -115,6 +115,8 @@ class _ServerConnection(asyncio.Protocol):
     # -- the connection's life ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio types it a BaseTransport; a stream connection's can write (uvloop's is no
+        # asyncio.WriteTransport subclass, so an isinstance check would refuse it)
         self.transport = transport  # type: ignore[assignment]
         self.listener.connections.add(self)
         self._counters["connections"] += 1
