@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
-from time import perf_counter
 
 from oribus.bus.coordinator import Coordinator
 from oribus.bus.session_journal import SessionJournal
@@ -96,26 +95,8 @@ class Bus(BusService):
         durable_session: bool = False,
         client: str = "",
     ) -> ReadResult:
-        """Read ``keys`` for ``session`` (the options as for ``_read``), timed for /metrics."""
-        t0 = perf_counter()
-        try:
-            return await self._read(session, keys, record, detail=detail, only_new=only_new,
-                                    durable_session=durable_session, client=client)
-        finally:
-            _READ_SECONDS.observe(perf_counter() - t0)
-
-    async def _read(
-        self,
-        session: SessionRef,
-        keys: list[str],
-        record: bool = True,
-        *,
-        detail: bool = False,
-        only_new: bool = False,
-        durable_session: bool = False,
-        client: str = "",
-    ) -> ReadResult:
-        """Read ``keys`` for ``session``; each owning shard records the deliveries.
+        """Read ``keys`` for ``session`` (timed for /metrics); each owning shard records the
+        deliveries.
 
         ``detail``: items also carry who committed each version and when.
         ``only_new``: record only keys the session has not been given yet.
@@ -123,42 +104,43 @@ class Bus(BusService):
         session's tokens are journaled before this returns (``SessionJournal``).
         ``client``: the address a durable session is used from (its per-client cap).
         """
-        _check_session(session)
-        if not isinstance(keys, list | tuple):
-            raise InvalidRequest("keys must be a list of str")
-        if len(keys) > MAX_KEYS_PER_REQUEST:
-            raise InvalidRequest(f"at most {MAX_KEYS_PER_REQUEST} keys per read")
-        by_shard: dict[int, list[str]] = {}
-        for k in keys:
-            validate_key(k)
-            by_shard.setdefault(self.shard_for(k), []).append(k)
-        if not by_shard:
-            return ReadResult([])
-        if len(by_shard) == 1:
-            (sid, ks), = by_shard.items()
-            replies = [(sid, await self.shards[sid].read(ReadRequest(session, ks, record, detail, only_new)))]
-        else:
-            sids = list(by_shard)
-            got = await asyncio.gather(
-                *(self.shards[s].read(ReadRequest(session, by_shard[s], record, detail, only_new))
-                  for s in sids)
-            )
-            replies = list(zip(sids, got, strict=True))
-        found: dict[str, ReadItem] = {}
-        result = ReadResult([])
-        for sid, reply in replies:
-            for item in reply.items:
-                found[item.key] = item
-            result.skipped.extend(reply.skipped)
-            if record:
-                result.tokens[sid] = reply.token
-                result.seqs[sid] = reply.seq
-                if durable_session:
-                    await self.sessions.observe_durably(session, sid, reply.token, client)
-                else:
-                    self.sessions.observe(session, sid, reply.token)
-        result.items = [found[k] for k in keys]
-        return result
+        with _READ_SECONDS.time():
+            _check_session(session)
+            if not isinstance(keys, list | tuple):
+                raise InvalidRequest("keys must be a list of str")
+            if len(keys) > MAX_KEYS_PER_REQUEST:
+                raise InvalidRequest(f"at most {MAX_KEYS_PER_REQUEST} keys per read")
+            by_shard: dict[int, list[str]] = {}
+            for k in keys:
+                validate_key(k)
+                by_shard.setdefault(self.shard_for(k), []).append(k)
+            if not by_shard:
+                return ReadResult([])
+            if len(by_shard) == 1:
+                (sid, ks), = by_shard.items()
+                replies = [(sid, await self.shards[sid].read(ReadRequest(session, ks, record, detail, only_new)))]
+            else:
+                sids = list(by_shard)
+                got = await asyncio.gather(
+                    *(self.shards[s].read(ReadRequest(session, by_shard[s], record, detail, only_new))
+                      for s in sids)
+                )
+                replies = list(zip(sids, got, strict=True))
+            found: dict[str, ReadItem] = {}
+            result = ReadResult([])
+            for sid, reply in replies:
+                for item in reply.items:
+                    found[item.key] = item
+                result.skipped.extend(reply.skipped)
+                if record:
+                    result.tokens[sid] = reply.token
+                    result.seqs[sid] = reply.seq
+                    if durable_session:
+                        await self.sessions.observe_durably(session, sid, reply.token, client)
+                    else:
+                        self.sessions.observe(session, sid, reply.token)
+            result.items = [found[k] for k in keys]
+            return result
 
     # ---- commits -------------------------------------------------------------------
 
@@ -169,15 +151,13 @@ class Bus(BusService):
         ``may_write_reserved``: only for the server's own metadata writes (the
         gateway's S-Bus key creation and reset); no transport sets it.
         """
-        t0 = perf_counter()
-        try:
-            return await self._commit(req, durable_session=durable_session,
-                                      may_write_reserved=may_write_reserved, client=client)
-        except SessionExpired:
-            SESSION_EXPIRED.inc()
-            raise
-        finally:
-            _COMMIT_SECONDS.observe(perf_counter() - t0)
+        with _COMMIT_SECONDS.time():
+            try:
+                return await self._commit(req, durable_session=durable_session,
+                                          may_write_reserved=may_write_reserved, client=client)
+            except SessionExpired:
+                SESSION_EXPIRED.inc()
+                raise
 
     async def _commit(self, req: CommitRequest, *, durable_session: bool = False,
                       may_write_reserved: bool = False, client: str = "") -> CommitResult:
@@ -248,11 +228,8 @@ class Bus(BusService):
     # ---- the rest ------------------------------------------------------------------
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
-        t0 = perf_counter()
-        try:
+        with _HISTORY_SECONDS.time():
             return await self._history(key, limit)
-        finally:
-            _HISTORY_SECONDS.observe(perf_counter() - t0)
 
     async def _history(self, key: str, limit: int | None = None) -> list[Entry]:
         validate_key(key)

@@ -115,6 +115,14 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def shard_pids(data_dir: Path) -> list[int]:
+    """Live ``oribus shard`` processes whose command line names ``data_dir`` (those ``up``
+    started for it)."""
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and "oribus.cli shard " in (cmd := _cmdline(int(p.name)))
+            and str(data_dir) in cmd and _alive(int(p.name))]
+
+
 class ServerProcess:
     """One ``python -m oribus.cli ...`` server; output goes to ``log_path``."""
 
@@ -292,13 +300,14 @@ def bus(
     return server
 
 
-def two_shards_and_a_bus(cluster: Cluster, log_dir: Path, shard1_failpoints: str
+def two_shards_and_a_bus(cluster: Cluster, log_dir: Path, shard1_failpoints: str = ""
                          ) -> tuple[ServerProcess, ServerProcess, ServerProcess]:
-    """Shard servers 0 and 1 (shard 1 with ``ORIBUS_FAILPOINTS`` armed) and a bus over them,
-    started and serving: (shard 0, shard 1, bus)."""
+    """Shard servers 0 and 1 (shard 1 with ``ORIBUS_FAILPOINTS`` armed, if given) and a bus
+    over them, started and serving: (shard 0, shard 1, bus)."""
     s0 = cluster.add(shard(log_dir, 0, Path(log_dir) / "shard-0")).start()
     s1 = cluster.add(shard(log_dir, 1, Path(log_dir) / "shard-1"))
-    s1.env = {"ORIBUS_FAILPOINTS": shard1_failpoints}
+    if shard1_failpoints:
+        s1.env = {"ORIBUS_FAILPOINTS": shard1_failpoints}
     s1.start()
     for s in (s0, s1):
         s.wait_serving()

@@ -18,7 +18,7 @@ import time
 import aiohttp
 import pytest
 from conftest import keys_on_shard
-from processes import bus, run_cli, shard
+from processes import run_cli, two_shards_and_a_bus
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,7 @@ async def call(http: aiohttp.ClientSession, method: str, path: str, **kw) -> tup
 
 
 async def test_kill9_of_a_shard_is_named_by_readyz_and_stats(cluster, tmp_path):
-    s0 = cluster.add(shard(tmp_path, 0, tmp_path / "shard-0")).start()
-    s1 = cluster.add(shard(tmp_path, 1, tmp_path / "shard-1")).start()
-    for s in (s0, s1):
-        await asyncio.to_thread(s.wait_serving)
-    b = cluster.add(bus(tmp_path, [s0.shard_address, s1.shard_address])).start()
-    await asyncio.to_thread(b.wait_serving)
+    s0, s1, b = await asyncio.to_thread(two_shards_and_a_bus, cluster, tmp_path)
     a, z = keys_on_shard(0, "down/a")[0], keys_on_shard(1, "down/z")[0]
 
     async with aiohttp.ClientSession(base_url=f"http://{b.http_address}") as http:

@@ -15,7 +15,7 @@ import ssl
 
 import pytest
 from conftest import keys_on_shard
-from processes import bus, shard, up
+from processes import shard, two_shards_and_a_bus, up
 
 import oribus
 from oribus import Unavailable
@@ -53,12 +53,7 @@ async def test_up_processes_goes_over_the_stream(cluster, tmp_path):
 
 
 async def test_a_killed_shard_fails_the_calls_in_flight_and_serves_again_once_restarted(cluster, tmp_path):
-    s0 = cluster.add(shard(tmp_path, 0, tmp_path / "shard-0")).start()
-    s1 = cluster.add(shard(tmp_path, 1, tmp_path / "shard-1")).start()
-    for s in (s0, s1):
-        await asyncio.to_thread(s.wait_serving)
-    b = cluster.add(bus(tmp_path, [s0.shard_address, s1.shard_address])).start()
-    await asyncio.to_thread(b.wait_serving)
+    s0, s1, b = await asyncio.to_thread(two_shards_and_a_bus, cluster, tmp_path)
     key = keys_on_shard(1, "kill/k")[0]
     async with oribus.connect(b.address, agent="agent", timeout=TIMEOUT) as sdk:
         assert await sdk.put(key, 1) == 1

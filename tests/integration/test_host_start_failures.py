@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from e2e.processes import shard_pids
 
 import oribus
 from oribus.datadir_lock import DataDirLock
@@ -141,20 +142,6 @@ async def test_up_whose_gateway_fails_to_stop_still_closes_its_engine(data_dir, 
                for r in caplog.records)
 
 
-def shard_processes(data: Path) -> list[int]:
-    """Live processes whose command line names ``data`` as an ``oribus shard``'s."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().split(")")[-1].split()[0]
-            if "oribus.cli shard " in cmd and str(data) in cmd and state != "Z":
-                found.append(int(proc.name))
-    return found
-
-
 @pytest.mark.slow  # starts shard processes
 async def test_up_processes_whose_second_shard_process_fails_stops_the_first(data_dir):
     await damage_shard(data_dir, 1, shards=2)
@@ -173,7 +160,7 @@ async def test_up_processes_whose_second_shard_process_fails_stops_the_first(dat
             await up.start()
         assert len(spawned) == 2 and spawned[1].returncode not in (None, 0)
         assert spawned[0].poll() is not None, "shard 0's process outlived the failed start"
-        assert shard_processes(data_dir) == []
+        assert shard_pids(data_dir) == []
         assert [p for p in engine_locks(data_dir, 2)[:3] if held(p)] == []  # DATA and each shard's
     finally:
         for proc in spawned:
