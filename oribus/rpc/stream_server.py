@@ -4,7 +4,8 @@
 wrapped as the service needs, e.g. epoch-fenced by ``ShardServer``) and the same
 watch handler, over the frames of ``oribus.rpc.frames``:
 
-* a ``calls`` connection runs each call of a request batch as a task; the
+* a ``calls`` connection runs each call of a request batch at once, up to its
+  first wait, and the rest of a call that waits as a task (``wire.start_eagerly``); the
   replies ready in one turn of the event loop leave as one frame (one write;
   with many calls running, a few turns more: ``wire.HOLD_TURNS``);
 * a ``watch`` connection subscribes, answers the hello once subscribed, then
@@ -227,9 +228,11 @@ class _ServerConnection(asyncio.Protocol):
                 self._reply([call_id, wire.ERROR, Unavailable(
                     f"{self.listener.service} at {self.listener.address} is stopping").to_dict()])
                 continue
-            task = self.loop.create_task(self._run(call_id, op, args))
-            self.running.add(task)
-            task.add_done_callback(self._call_done)
+            # most calls never wait: run them now, a task only for the rest of one that does
+            task = wire.start_eagerly(self.loop, self._run(call_id, op, args))
+            if task is not None:
+                self.running.add(task)
+                task.add_done_callback(self._call_done)
 
     async def _run(self, call_id: Any, op: Any, args: Any) -> None:
         self._reply(await wire.dispatch(self.listener.ops, call_id, op, args))

@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any
 
 import msgpack
@@ -263,6 +264,49 @@ def bind_ops(target: Any, table: Mapping[str, Op]) -> dict[str, Callable[[Any], 
 
 
 # ---- the server end of a call, whatever the transport ----------------------------------------
+
+
+@types.coroutine
+def _rest_of(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """The rest of ``coro``, whose first step already ran and yielded ``yielded`` (what it
+    waits for): passes every later yield to the task that runs this, and every value or
+    exception (a cancellation) the task sends back in, as ``await`` does."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 - thrown in by the task (a cancellation): pass it on
+            try:
+                yielded = coro.throw(e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> asyncio.Task | None:
+    """Run ``coro`` at once, up to its first wait; None if it finished (nothing waited), else the
+    task that runs the rest.
+
+    Most calls a server runs never wait (a read or a validation of unlocked keys): a task per
+    call (what ``create_task`` costs, then a loop turn to start it) is then pure overhead.
+    Exceptions are the coroutine's own business: ``dispatch`` answers them, never raises.
+    """
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return None
+
+    async def rest() -> Any:
+        return await _rest_of(coro, yielded)
+
+    return loop.create_task(rest())
+
 
 
 def request_batch(batch: Any) -> list:
