@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -105,6 +106,7 @@ class RemoteBus(BusByCalls):
                              options=self._tls.channel_options() if self._tls is not None else ())
         self.stream: StreamClient | None = None  # set once the calls go over the stream transport
         self._switch: asyncio.Task | None = None  # auto: the endpoints question in flight
+        self._closing: set[asyncio.Task] = set()  # streams given up, being closed
         self._settled = transport == "grpc"  # auto: endpoints asked and answered
         if transport == "stream":
             self.stream = self._stream_client(target)
@@ -139,7 +141,9 @@ class RemoteBus(BusByCalls):
     def _forget_stream(self) -> None:
         stream, self.stream, self._settled = self.stream, None, False
         if stream is not None:
-            asyncio.get_running_loop().create_task(stream.close())
+            closing = asyncio.get_running_loop().create_task(stream.close())
+            self._closing.add(closing)  # a strong reference until it is done
+            closing.add_done_callback(self._closing.discard)
 
     async def _settle(self) -> None:
         """``auto``: ask the bus for its endpoints (once, whoever asks first) and switch."""
@@ -174,6 +178,9 @@ class RemoteBus(BusByCalls):
                         "calls stay on gRPC", self.target, address, e.message)
             self._settled = True
             return
+        except BaseException:  # closed meanwhile (cancelled): leave nothing open
+            await stream.close()
+            raise
         self.stream = stream
         self._settled = True
 
@@ -193,8 +200,13 @@ class RemoteBus(BusByCalls):
         return _WatchAfterSettling(self, request)
 
     async def close(self) -> None:
-        if self._switch is not None:
-            self._switch.cancel()
+        switch = self._switch
+        if switch is not None:
+            switch.cancel()
+            with contextlib.suppress(BaseException):
+                await switch
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self.stream is not None:
             await self.stream.close()
         await self.mux.close()
