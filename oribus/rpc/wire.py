@@ -34,6 +34,7 @@ documented in ``specs/wire.md``.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
@@ -297,15 +298,17 @@ def start_eagerly(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any
     call (what ``create_task`` costs, then a loop turn to start it) is then pure overhead.
     Exceptions are the coroutine's own business: ``dispatch`` answers them, never raises.
     """
+    # in a context of its own, as a task would run it: what it sets (a contextvar) stays its own
+    context = contextvars.copy_context()
     try:
-        yielded = coro.send(None)
+        yielded = context.run(coro.send, None)
     except StopIteration:
         return None
 
     async def rest() -> Any:
         return await _rest_of(coro, yielded)
 
-    return loop.create_task(rest())
+    return loop.create_task(rest(), context=context)
 
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -78,3 +79,19 @@ async def test_a_value_sent_back_after_a_wait_is_the_awaited_result():
 
     task = wire.start_eagerly(asyncio.get_running_loop(), reads())
     assert task is not None and await task == 42
+
+
+async def test_what_a_call_sets_in_its_context_stays_its_own_across_its_wait():
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="outside")
+    seen = []
+
+    async def call(name: str) -> None:
+        var.set(name)
+        await asyncio.sleep(0)
+        seen.append((name, var.get()))
+
+    loop = asyncio.get_running_loop()
+    tasks = [wire.start_eagerly(loop, call(n)) for n in ("a", "b")]
+    assert var.get() == "outside"  # the caller's context is untouched
+    await asyncio.gather(*tasks)
+    assert seen == [("a", "a"), ("b", "b")]
