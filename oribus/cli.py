@@ -413,6 +413,13 @@ def _client_stream_option(p: argparse.ArgumentParser, *, advertise: bool) -> Non
                             "they reached the bus at)")
 
 
+def _otel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--otel", action="store_true",
+                   help="export traces of reads and commits over OTLP/HTTP to $OTEL_EXPORTER_OTLP_ENDPOINT "
+                        "(default http://localhost:4318; setting the variable turns this on too); needs "
+                        "the otel extra: pip install 'oribus[otel]'")
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -476,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     _read_lease_option(p, skew=False)  # one machine, one clock: no skew
     _http_options(p)
     _tls_option(p)
+    _otel_option(p)
     p.set_defaults(fn=_cmd_up)
 
     p = sub.add_parser("shard", help="run one shard server")
@@ -500,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)  # oribus.lifeline
     _cluster_options(p)
     _tls_option(p)
+    _otel_option(p)
     p.set_defaults(fn=_cmd_shard)
 
     p = sub.add_parser("bus", help="run a bus over shard servers")
@@ -516,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(p)
     _http_options(p)
     _tls_option(p)
+    _otel_option(p)
     p.set_defaults(fn=_cmd_bus)
 
     def client(name: str, help: str) -> argparse.ArgumentParser:
@@ -600,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(args.verbose, args.log_json)
     try:
+        _tracing(args)
         return args.fn(args)
     except KeyboardInterrupt:
         return 130
@@ -616,7 +627,28 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError):  # e.g. the address is taken
             print(f"oribus {args.command}: {e}", file=sys.stderr)
             return 1
+        if isinstance(e, ImportError) and "oribus[otel]" in str(e):
+            print(f"oribus {args.command}: {e}", file=sys.stderr)
+            return 2
         raise
+    finally:
+        from oribus import tracing
+
+        tracing.shutdown()  # what is buffered is exported before the process ends
+
+
+def _tracing(args: argparse.Namespace) -> None:
+    """A server's spans (``--otel``, or ``OTEL_EXPORTER_OTLP_ENDPOINT`` set): exported over OTLP/HTTP.
+    ``--otel`` without the variable sets it to the default collector address, so the shard
+    processes ``up --processes`` starts export there too."""
+    if args.command not in ("up", "bus", "shard"):
+        return
+    from oribus import tracing
+
+    if args.otel and not os.environ.get(tracing.ENDPOINT_ENV):
+        os.environ[tracing.ENDPOINT_ENV] = "http://localhost:4318"
+    service = f"oribus-shard-{args.id}" if args.command == "shard" else f"oribus-{args.command}"
+    tracing.enable_from_environment(service, force=args.otel)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 
+from oribus import tracing
 from oribus.bus.coordinator import Coordinator
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sessions import SessionLimits, SessionTable
 from oribus.bus.watch import MergedWatch
 from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult, ShardService
-from oribus.errors import InvalidRequest, SessionExpired, ValueTooLarge
+from oribus.errors import InvalidRequest, OribusError, SessionExpired, ValueTooLarge
 from oribus.messages import Change, ReadItem, ReadRequest, Scope, WatchRequest
 from oribus.metrics import OP_SECONDS, SESSION_EXPIRED
 from oribus.types import (
@@ -104,7 +105,7 @@ class Bus(BusService):
         session's tokens are journaled before this returns (``SessionJournal``).
         ``client``: the address a durable session is used from (its per-client cap).
         """
-        with _READ_SECONDS.time():
+        with _READ_SECONDS.time(), tracing.span("oribus.bus.read") as span:
             _check_session(session)
             if not isinstance(keys, list | tuple):
                 raise InvalidRequest("keys must be a list of str")
@@ -114,6 +115,9 @@ class Bus(BusService):
             for k in keys:
                 validate_key(k)
                 by_shard.setdefault(self.shard_for(k), []).append(k)
+            if span is not None:
+                span.set_attributes({"oribus.agent": session.agent, "oribus.session": session.session_id,
+                                     "oribus.keys": len(keys), "oribus.shards": sorted(by_shard)})
             if not by_shard:
                 return ReadResult([])
             if len(by_shard) == 1:
@@ -151,12 +155,19 @@ class Bus(BusService):
         ``may_write_reserved``: only for the server's own metadata writes (the
         gateway's S-Bus key creation and reset); no transport sets it.
         """
-        with _COMMIT_SECONDS.time():
+        with _COMMIT_SECONDS.time(), tracing.span("oribus.bus.commit") as span:
+            if span is not None and isinstance(req.session, SessionRef):
+                span.set_attributes({"oribus.agent": req.session.agent, "oribus.session": req.session.session_id,
+                                     "oribus.commit_id": str(req.commit_id)})
             try:
                 return await self._commit(req, durable_session=durable_session,
                                           may_write_reserved=may_write_reserved, client=client)
-            except SessionExpired:
+            except SessionExpired as e:
                 SESSION_EXPIRED.inc()
+                tracing.refused(span, e)
+                raise
+            except OribusError as e:
+                tracing.refused(span, e)
                 raise
 
     async def _commit(self, req: CommitRequest, *, durable_session: bool = False,
@@ -228,7 +239,9 @@ class Bus(BusService):
     # ---- the rest ------------------------------------------------------------------
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
-        with _HISTORY_SECONDS.time():
+        with _HISTORY_SECONDS.time(), tracing.span("oribus.bus.history") as span:
+            if span is not None and isinstance(key, str):
+                span.set_attribute("oribus.key", key)
             return await self._history(key, limit)
 
     async def _history(self, key: str, limit: int | None = None) -> list[Entry]:

@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 
+from oribus import tracing
 from oribus.bus.metrics import CommitMetrics
 from oribus.contract import CommitRequest, CommitResult, ShardService
 from oribus.errors import (
@@ -209,6 +210,7 @@ class Coordinator:
             return CommitResult(req.commit_id, {}, {}, False)
         if len(parts) == 1:
             (shard_id, st), = parts.items()
+            tracing.annotate(shards=[shard_id], commit_path="1pc")
             out = await self._shard(shard_id).commit_one_phase(st)
             if out.state is not TxnState.COMMITTED:
                 raise self._refused(conflict_from(out.stale, req.commit_id))
@@ -217,9 +219,12 @@ class Coordinator:
         writers = [s for s, st in parts.items() if st.written_keys]
         readers = [s for s in parts if s not in writers]
         if not writers:
+            tracing.annotate(shards=sorted(parts), commit_path="read-only")
             return await self._read_only(req.commit_id, parts)
         if len(writers) == 1 and readers:
+            tracing.annotate(shards=sorted(parts), commit_path="one-writer")
             return await self._one_writer(req.commit_id, parts, writers[0], readers)
+        tracing.annotate(shards=sorted(parts), commit_path="2pc")
         return await self._two_phase(req.commit_id, parts, writers, readers)
 
     # ---- read-only participants (PROTOCOL.md §5.8) -------------------------------------

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol, TypeVar
 
+from oribus import tracing
 from oribus.client.retry import RetryPolicy
 from oribus.client.watch import WatchStream
 from oribus.contract import BusService, CommitRequest, ReadResult
@@ -145,9 +146,16 @@ class AsyncSession:
             into.setdefault(sid, (epoch, incarnation))
 
     async def _read(self, keys: list[str]) -> ReadResult:
-        result = await self._bus.read(self.session_ref, keys)
+        with tracing.span("oribus.read", client=True) as span:
+            if span is not None:
+                span.set_attributes(self._span_attributes(keys=len(keys)))
+            result = await self._bus.read(self.session_ref, keys)
         self._observe(result.tokens, self._tokens)
         return result
+
+    def _span_attributes(self, **more: Any) -> dict[str, Any]:
+        return {"oribus.agent": self.session_ref.agent, "oribus.session": self.session_ref.session_id,
+                **{"oribus." + k: v for k, v in more.items()}}
 
     async def get(self, key: str) -> Item:
         """Read one key (recorded as a delivery). Absent keys read as version 0, value None."""
@@ -198,15 +206,22 @@ class AsyncSession:
                 size=size, limit=MAX_COMMIT_BYTES,
             )
         policy = RetryPolicy()
-        for attempt in range(_SAME_ID_RETRIES + 1):
-            try:
-                result = await self._bus.commit(req)
-                break
-            except Unavailable:
-                # the outcome may be unknown: retry the SAME commit id (never applied twice)
-                if attempt == _SAME_ID_RETRIES:
+        with tracing.span("oribus.commit", client=True) as span:
+            if span is not None:
+                span.set_attributes(self._span_attributes(commit_id=req.commit_id,
+                                                          keys=len(req.writes) + len(req.rollback)))
+            for attempt in range(_SAME_ID_RETRIES + 1):
+                try:
+                    result = await self._bus.commit(req)
+                    break
+                except Unavailable:
+                    # the outcome may be unknown: retry the SAME commit id (never applied twice)
+                    if attempt == _SAME_ID_RETRIES:
+                        raise
+                    await asyncio.sleep(policy.delay(attempt + 3))
+                except OribusError as e:
+                    tracing.refused(span, e)
                     raise
-                await asyncio.sleep(policy.delay(attempt + 3))
         self._observe(result.tokens, self._tokens)
         return dict(result.versions)
 
@@ -304,7 +319,10 @@ class AsyncSession:
 
     async def history(self, key: str, limit: int | None = None) -> list[Version]:
         """Past versions of ``key``, newest first (reading history is not a delivery)."""
-        entries = await self._bus.history(key, limit)
+        with tracing.span("oribus.history", client=True) as span:
+            if span is not None:
+                span.set_attributes(self._span_attributes(key=key))
+            entries = await self._bus.history(key, limit)
         return [
             Version(e.version, decode_value(e.value), e.agent, e.session, e.commit_id, e.committed_at, e.deleted)
             for e in entries
@@ -379,7 +397,10 @@ class Transaction:
     async def _read(self, keys: list[str]) -> ReadResult:
         self._check_open()
         s = self._session
-        result = await s._bus.read(s.session_ref, keys)
+        with tracing.span("oribus.read", client=True) as span:
+            if span is not None:
+                span.set_attributes(s._span_attributes(keys=len(keys), commit_id=self.commit_id))
+            result = await s._bus.read(s.session_ref, keys)
         s._observe(result.tokens, s._tokens)
         s._observe(result.tokens, self._tokens)
         for sid, seq in result.seqs.items():

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from oribus import tracing
 from oribus.bus.bus import Bus
 from oribus.bus.sessions import SessionLimits
 from oribus.contract import CommitRequest, CommitResult
@@ -168,7 +169,15 @@ class HttpGateway:
         request[LOG_FIELDS] = fields
         try:
             refused = self.cross_site.refusal(request)
-            response = refused if refused is not None else await handler(request)
+            if refused is not None:
+                response = refused
+            elif tracing.on() and "traceparent" in request.headers:
+                # the caller's span (W3C trace context) is the parent of the bus's spans
+                with tracing.remote_parent({"traceparent": request.headers["traceparent"],
+                                            "tracestate": request.headers.get("tracestate", "")}):
+                    response = await handler(request)
+            else:
+                response = await handler(request)
         except RequestError as e:
             response = request_error(e.status, e.code, e.message, **e.details)
         except OribusError as e:

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from oribus import tracing
 from oribus.contract import (
     BusService,
     CommitRequest,
@@ -128,11 +129,13 @@ class RemoteBus(BusByCalls):
     async def _call(self, op: str, *params: Any) -> Any:
         if not self._settled:
             await self._settle()
+        o = bus_codec.BUS_OPS[op]
+        args = tracing.inject(o.enc_args(*params))  # the SDK's span, parent of the bus's
         stream = self.stream
         if stream is None:
-            return await self.mux.call_op(bus_codec.BUS_OPS, op, *params)
+            return o.dec_result(await self.mux.call(op, args))
         try:
-            return await stream.call_op(bus_codec.BUS_OPS, op, *params)
+            return o.dec_result(await stream.call(op, args))
         except Unavailable:
             if self.transport == "auto" and self.stream is stream and not stream.connected:
                 self._forget_stream()  # the connection is gone: the next call asks the bus where it is now

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from oribus import tracing
 from oribus.errors import InvalidRequest
 from oribus.messages import Change, WatchRequest
 from oribus.rpc import shard_codec, wire
@@ -55,7 +56,7 @@ class RemoteShardClient(ShardServiceByCalls):
         args = o.enc_args(*params)
         if self.epoch:
             args[shard_codec.FENCE] = self.epoch
-        return o.dec_result(await self.connection.call(op, args))
+        return o.dec_result(await self.connection.call(op, tracing.inject(args)))
 
     def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         return self.connection.watch(request)

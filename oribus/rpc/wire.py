@@ -42,6 +42,7 @@ from typing import Any
 
 import msgpack
 
+from oribus import tracing
 from oribus.contract import Entry
 from oribus.errors import (
     InvalidRequest,
@@ -255,7 +256,11 @@ def bind_ops(target: Any, table: Mapping[str, Op]) -> dict[str, Callable[[Any], 
         method = getattr(target, name)
 
         async def handler(args: Any) -> Any:
-            return op.enc_result(await method(*op.dec_args(args)))
+            carrier = tracing.carrier_of(args)  # None while tracing is off
+            if carrier is None:
+                return op.enc_result(await method(*op.dec_args(args)))
+            with tracing.remote_parent(carrier):  # the caller's span is the parent of ours
+                return op.enc_result(await method(*op.dec_args(args)))
 
         handler.__name__ = name
         return handler

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from oribus import tracing
 from oribus.contract import Entry, ShardService
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
@@ -372,6 +373,7 @@ class Shard(ShardService):
 
     # ---- reads -----------------------------------------------------------------
 
+    @tracing.traced_shard_call("read")
     async def read(self, req: ReadRequest) -> ReadReply:
         self._check_open()
         deadline = self.clock() + self.config.read_wait_seconds
@@ -404,6 +406,7 @@ class Shard(ShardService):
 
     # ---- commits -----------------------------------------------------------------
 
+    @tracing.traced_shard_call("commit_one_phase")
     async def commit_one_phase(self, txn: ShardTxn) -> TxnOutcome:
         self._check_open()
         deadline = self.clock() + self.config.lock_wait_seconds
@@ -499,6 +502,7 @@ class Shard(ShardService):
             raise Unavailable(f"transaction {txn.txn_id} is still in progress", shard=self.shard_id)
         return self.core.outcome(txn.txn_id)
 
+    @tracing.traced_shard_call("prepare")
     async def prepare(self, txn: ShardTxn) -> Vote:
         self._check_open()
         try:
@@ -515,6 +519,7 @@ class Shard(ShardService):
             self.counters["conflicts"] += 1
         return self.core.vote_for(result)
 
+    @tracing.traced_shard_call("validate")
     async def validate(self, txn: ShardTxn) -> Vote:
         """A read-only participant (PROTOCOL.md §5.8): validate, lease the read locks, vote."""
         self._check_open()
@@ -526,11 +531,13 @@ class Shard(ShardService):
             self.counters["conflicts"] += 1
         return self.core.vote_for(result)
 
+    @tracing.traced_shard_call("release_lease")
     async def release_lease(self, txn_id: str) -> None:
         self._check_open()
         if self.core.release_lease(txn_id):
             self._resolved(txn_id)  # wake the writers waiting for it
 
+    @tracing.traced_shard_call("withdraw")
     async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
         """The coordinator will not commit ``txn`` here (a read-only participant refused).
 
@@ -547,6 +554,7 @@ class Shard(ShardService):
             return await self._known_outcome(result.txn)
         return TxnOutcome(TxnState.ABORTED, stale=result.stale)
 
+    @tracing.traced_shard_call("decide")
     async def decide(self, txn_id: str, commit: bool, deadline: float | None = None) -> TxnOutcome:
         self._check_open()
         running = self._deciding.get(txn_id)
@@ -606,6 +614,7 @@ class Shard(ShardService):
         finally:
             self._deciding.pop(txn_id, None)
 
+    @tracing.traced_shard_call("finish")
     async def finish(self, txn_id: str, commit: bool) -> TxnOutcome:
         self._check_open()
         txn = self.core.known(txn_id)
