@@ -47,8 +47,9 @@ export async function freePort() {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export class Server {
-  constructor({ shards = 1, dataDir, extra = [] } = {}) {
+  constructor({ shards = 1, dataDir, extra = [], env = {} } = {}) {
     this.shards = shards;
+    this.env = env; // extra environment of the next start (e.g. ORIBUS_FAILPOINTS), then cleared
     this.extra = extra;
     this.dataDir = dataDir ?? mkdtempSync(join(tmpdir(), "oribus-ts-"));
     this.ownDir = dataDir === undefined;
@@ -67,7 +68,8 @@ export class Server {
     const log = openSync(this.logPath, "a");
     const args = ["up", "--data-dir", join(this.dataDir, "data"), "--listen", this.grpc, "--http", this.http,
       "--shards", String(this.shards), ...this.extra];
-    this.proc = spawn(oribusBin(), args, { stdio: ["ignore", log, log] });
+    this.proc = spawn(oribusBin(), args, { stdio: ["ignore", log, log], env: { ...process.env, ...this.env } });
+    this.env = {};
     closeSync(log);
     const proc = this.proc;
     const deadline = Date.now() + timeout;
