@@ -157,6 +157,11 @@ export class Session {
     if (token !== undefined) this.opening = Promise.resolve();
   }
 
+  /** @internal refuse blind writes (connect's `strict`) */
+  get strict(): boolean {
+    return this.bus.strict;
+  }
+
   /** What the bus gave when this session was opened: keep it to resume the session (`connect`'s `token`). */
   get sessionToken(): string | undefined {
     return this.token;
@@ -482,7 +487,7 @@ export class Transaction {
     this.body = {
       commit_id: this.commitId, scope: "transaction", writes: w.writes, deletes: w.deletes,
       rollback: { ...this.rollbacks }, expect: { ...this.expects }, read_set: { ...this.reads },
-      since: { ...this.since },
+      since: { ...this.since }, strict: this.session.strict,
     };
     this.versions = await this.session.send("/v1/commit", this.body);
     return this.versions;

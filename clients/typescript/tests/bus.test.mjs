@@ -190,9 +190,21 @@ test("bad input gets the typed error and changes nothing", async () => {
   await assert.rejects(owner.put("small", 2), (e) => e instanceof SessionExpired && e.status === 410);
   assert.equal(await owner.put("small", 2), 2);
 
-  // a watch from a version older than the kept history
+  // a watch from a version older than the kept history (the last 100 versions)
+  const long = bus.session({ agent: "long" });
+  for (let i = 0; i < 102; i++) await long.put("long/history", i);
+  const truncated = bus.watch("long/", { fromVersion: 0 });
+  await assert.rejects(truncated.start(), (e) => e instanceof HistoryTruncated && e.status === 410);
   const stats = await bus.stats();
   assert.ok(stats.shards);
+
+  // strict: a blind write (a key neither read nor expected) is refused
+  const strict = await connect(server.url, { agent: "strict", strict: true });
+  const blind = (e) => e instanceof Conflict && e.stale[0].key === "blind" && e.stale[0].reason === "blind_write";
+  await assert.rejects(strict.put("blind", 1), blind);
+  await assert.rejects(strict.transaction(async (tx) => tx.put("blind", 1)), blind);
+  await strict.get("blind");
+  assert.equal(await strict.put("blind", 1), 1);
 
   // nobody listening
   const nowhere = `http://127.0.0.1:${await freePort()}`;
@@ -200,5 +212,4 @@ test("bad input gets the typed error and changes nothing", async () => {
   const closed = await connect(server.url, { agent: "closing" });
   await closed.close();
   await assert.rejects(closed.get("small"), InvalidRequest);
-  void HistoryTruncated;
 });
