@@ -56,7 +56,7 @@ export class Http {
     if (timeout !== null) signals.push(AbortSignal.timeout(timeout));
     try {
       return await this.fetchImpl(this.base + path, {
-        method, headers, body, signal: signals.length === 1 ? signals[0] : AbortSignal.any(signals),
+        method, headers, body, signal: signals.length === 1 ? signals[0] : anySignal(signals),
       });
     } catch (e) {
       if (init.signal?.aborted) throw e; // the caller's own abort, not a failure of the bus
@@ -82,6 +82,20 @@ export class Http {
     if (!response.ok) throw errorFromResponse(response.status, parsed ?? { message: text.slice(0, 500) || `HTTP ${response.status}` });
     return parsed as T;
   }
+}
+
+/** Aborted when any of `signals` is (AbortSignal.any, which Node has from 20.3 only). */
+function anySignal(signals: AbortSignal[]): AbortSignal {
+  if (typeof AbortSignal.any === "function") return AbortSignal.any(signals);
+  const controller = new AbortController();
+  for (const s of signals) {
+    if (s.aborted) {
+      controller.abort(s.reason);
+      break;
+    }
+    s.addEventListener("abort", () => controller.abort(s.reason), { once: true });
+  }
+  return controller.signal;
 }
 
 export function describe(e: unknown): string {
