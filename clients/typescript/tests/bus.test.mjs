@@ -213,3 +213,63 @@ test("bad input gets the typed error and changes nothing", async () => {
   await closed.close();
   await assert.rejects(closed.get("small"), InvalidRequest);
 });
+
+test("a commit whose answer is lost is sent again with its commit id and applied once", async () => {
+  const sent = [];
+  let lose = 1; // the first commit reaches the bus, which applies it; its answer never arrives
+  const lossy = async (url, init) => {
+    const response = await fetch(url, init);
+    if (String(url).endsWith("/v1/commit")) {
+      sent.push(JSON.parse(init.body).commit_id);
+      if (lose-- > 0) {
+        await response.arrayBuffer();
+        throw new TypeError("fetch failed (the connection dropped after the request was sent)");
+      }
+    }
+    return response;
+  };
+  const agent = await connect(server.url, { agent: "lossy", fetch: lossy });
+  assert.equal(await agent.put("lossy/once", "v"), 1);
+  assert.equal(sent.length, 2);
+  assert.equal(sent[0], sent[1], "the retry used another commit id");
+  const history = await agent.history("lossy/once");
+  assert.deepEqual(history.map((v) => [v.version, v.commitId]), [[1, sent[0]]]);
+
+  // run(): the answer of its transaction's commit is lost on every resend of the same-id
+  // retries, then settles: still applied once, and run returns fn's result
+  lose = 4;
+  sent.length = 0;
+  const result = await agent.run(async (tx) => {
+    const cur = await tx.get("lossy/counter");
+    tx.put("lossy/counter", (cur.value ?? 0) + 1);
+    return "ran";
+  });
+  assert.equal(result, "ran");
+  assert.ok(sent.length >= 5 && sent.every((id) => id === sent[0]), sent.join(" "));
+  assert.deepEqual(await agent.get("lossy/counter"), { key: "lossy/counter", value: 1, version: 1 });
+});
+
+test("close() or an aborted signal ends a watch that waits for changes", async () => {
+  const watch = bus.watch("quiet/");
+  await watch.start();
+  const ended = (async () => {
+    for await (const ch of watch) assert.fail(`no change was made: ${ch.key}`);
+    return "ended";
+  })();
+  setTimeout(() => watch.close(), 50);
+  assert.equal(await ended, "ended");
+
+  const controller = new AbortController();
+  const aborted = bus.watch("quiet/", { signal: controller.signal });
+  const seen = [];
+  const done = (async () => {
+    for await (const ch of aborted) {
+      seen.push(ch.version);
+      controller.abort();
+    }
+  })();
+  await aborted.start();
+  await bus.session({ agent: "quiet" }).put("quiet/k", 1);
+  await done;
+  assert.deepEqual(seen, [1]);
+});
