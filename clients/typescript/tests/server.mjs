@@ -46,6 +46,16 @@ export async function freePort() {
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// Servers still running when this process exits (a test failed before its `after`): SIGKILL by pid.
+const live = new Set();
+process.on("exit", () => {
+  for (const proc of live) {
+    try {
+      process.kill(proc.pid, "SIGKILL");
+    } catch { /* already gone */ }
+  }
+});
+
 export class Server {
   constructor({ shards = 1, dataDir, extra = [], env = {} } = {}) {
     this.shards = shards;
@@ -72,6 +82,8 @@ export class Server {
     this.env = {};
     closeSync(log);
     const proc = this.proc;
+    live.add(proc);
+    proc.once("exit", () => live.delete(proc));
     const deadline = Date.now() + timeout;
     while (Date.now() < deadline) {
       if (proc.exitCode !== null || proc.signalCode !== null) {
