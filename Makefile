@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast crash lint layers bench bench-full bench-deps soak spec system-deps clean
+.PHONY: demo test test-fast test-typescript typescript-deps crash lint layers bench bench-full bench-deps soak spec system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,20 @@ system-deps:
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	$(call APT_INSTALL,etcd spin chromium chromedriver)
 
-test: $(STAMP) system-deps
+test: $(STAMP) system-deps typescript-deps
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The TypeScript SDK (clients/typescript) needs Node 20+ and npm; its locked dev dependencies
+# (TypeScript) are installed when node_modules is missing. The suite runs its tests
+# (tests/e2e/test_typescript_sdk.py: build, then npm test); test-typescript runs them alone.
+TS_DIR := clients/typescript
+typescript-deps:
+	@if ! command -v npm >/dev/null; then echo "npm not found: the TypeScript SDK's tests will be skipped"; \
+	elif [ -d $(TS_DIR)/node_modules ]; then echo "TypeScript SDK dependencies present"; \
+	else cd $(TS_DIR) && npm ci --no-audit --no-fund; fi
+
+test-typescript: $(STAMP) typescript-deps
+	cd $(TS_DIR) && npm run build && ORIBUS_BIN=$(CURDIR)/$(VENV)/bin/oribus npm test
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m 'not slow' tests
