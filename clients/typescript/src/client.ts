@@ -45,6 +45,12 @@ export interface ConnectOptions extends HttpOptions {
    * The `sessionToken` of an earlier connection of this session: it resumes that session
    * (its reads stay) and proves it is its owner when it resets or forgets.
    */
+  sessionToken?: string;
+  /**
+   * The agent's credential, sent as `Authorization: Bearer <token>` with every request
+   * (default: `$ORIBUS_TOKEN` where the runtime has an environment). A bus without agent
+   * authentication ignores it.
+   */
   token?: string;
   /** Refuse blind writes (keys neither read nor expected). */
   strict?: boolean;
@@ -162,7 +168,7 @@ export class Session {
     return this.bus.strict;
   }
 
-  /** What the bus gave when this session was opened: keep it to resume the session (`connect`'s `token`). */
+  /** What the bus gave when this session was opened: keep it to resume the session (`connect`'s `sessionToken`). */
   get sessionToken(): string | undefined {
     return this.token;
   }
@@ -190,8 +196,8 @@ export class Session {
   }
 
   /** Another session on the same bus (another agent, or another run of this one). */
-  session(options: { agent?: string; session?: string; token?: string } = {}): Session {
-    return new Session(this.bus, options.agent ?? this.agent, options.session, options.token);
+  session(options: { agent?: string; session?: string; sessionToken?: string } = {}): Session {
+    return new Session(this.bus, options.agent ?? this.agent, options.session, options.sessionToken);
   }
 
   // ---- reads ---------------------------------------------------------------------------
@@ -517,16 +523,25 @@ export class Transaction {
  */
 export async function connect(url: string, options: ConnectOptions): Promise<Session> {
   if (!options || typeof options !== "object") throw new InvalidRequest("connect needs options with an agent");
+  const token = options.token ?? envToken();
+  const headers = token === undefined ? options.headers : { ...options.headers, authorization: `Bearer ${token}` };
   const bus: Bus = {
-    http: new Http(url, options),
+    http: new Http(url, { ...options, headers }),
     retry: retryPolicy(options.retry ?? {}),
     strict: options.strict ?? false,
     watches: new Set(),
     closed: false,
   };
-  const session = new Session(bus, options.agent, options.session, options.token);
+  const session = new Session(bus, options.agent, options.session, options.sessionToken);
   await session.open();
   return session;
+}
+
+/** `$ORIBUS_TOKEN`, where the runtime has an environment (Node, Bun, Deno with --allow-env). */
+function envToken(): string | undefined {
+  const proc = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process;
+  const value = proc?.env?.ORIBUS_TOKEN;
+  return value ? value : undefined;
 }
 
 export type { WatchEvent, WatchOptions };

@@ -75,3 +75,22 @@ test("values: bytes travel as {$bytes}, what JSON cannot carry is refused", () =
   }
   assert.throws(() => toWire({ deep: [1, undefined] }), /value.deep\[1\] is undefined/);
 });
+
+test("the agent's token goes with every request as a bearer credential, from the option or $ORIBUS_TOKEN", async () => {
+  const { connect } = await import("../dist/index.js");
+  const seen = [];
+  const fakeFetch = async (url, init) => {
+    seen.push(init.headers.authorization);
+    return new Response(JSON.stringify({ agent: "a", session: "s", session_token: "st" }),
+                        { status: 200, headers: { "content-type": "application/json" } });
+  };
+  await connect("http://127.0.0.1:1", { agent: "a", token: "given", fetch: fakeFetch });
+  process.env.ORIBUS_TOKEN = "from-env";
+  try {
+    await connect("http://127.0.0.1:1", { agent: "a", fetch: fakeFetch });
+  } finally {
+    delete process.env.ORIBUS_TOKEN;
+  }
+  await connect("http://127.0.0.1:1", { agent: "a", fetch: fakeFetch });
+  assert.deepEqual(seen, ["Bearer given", "Bearer from-env", undefined]);
+});
