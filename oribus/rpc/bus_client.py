@@ -1,7 +1,7 @@
 """A bus reached over gRPC: ``RemoteBus``, the ``BusService`` behind ``oribus.connect``.
 
 ``BusByCalls`` offers the bus methods a session calls (read, commit, history, forget,
-reset, stats) as calls of ``bus_codec.BUS_OPS``; ``RemoteBus`` sends them over one
+reset, stats, scan) as calls of ``bus_codec.BUS_OPS``; ``RemoteBus`` sends them over one
 multiplexed gRPC stream (``oribus.rpc.mux_client``), so a remote session has exactly the
 embedded API and semantics. The simulated network has its own ``BusByCalls``.
 """
@@ -16,11 +16,11 @@ from typing import Any
 import grpc
 
 from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult
-from oribus.messages import Change, WatchRequest
+from oribus.messages import Change, ReadItem, WatchRequest
 from oribus.rpc import bus_codec, wire
 from oribus.rpc.mux_client import MuxClient
 from oribus.tls import TlsConfig, channel_credentials
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, SessionRef
 
 
 class BusByCalls(BusService):
@@ -49,6 +49,9 @@ class BusByCalls(BusService):
 
     async def stats(self) -> dict:
         return await self._call("stats")
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
+        return await self._call("scan", prefix, after, limit)
 
 
 class RemoteBus(BusByCalls):
