@@ -18,11 +18,11 @@ import contextlib
 import json
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import oribus
 from oribus.client import AsyncSession
-from oribus.errors import OribusError
 from oribus.integrations.mcp.sessions import SessionPool
 
 # Seconds an HTTP session may go unused before the SDK's session manager ends it; its
@@ -97,9 +97,19 @@ async def serve_http(pool: SessionPool, host: str, port: int) -> None:
 
     from oribus.integrations.mcp.server import build_server
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn would re-raise SIGTERM once stopped, ending the process before the bus
+            # is closed: ``serve`` handles the signals instead
+            yield
+
     app = build_server(pool).streamable_http_app(session_idle_timeout=HTTP_SESSION_IDLE_SECONDS, host=host)
-    config = uvicorn.Config(HandshakeRevisionsOnly(app), host=host, port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    server = Server(uvicorn.Config(HandshakeRevisionsOnly(app), host=host, port=port, log_level="warning",
+                                   lifespan="on"))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
 
     async def announce() -> None:
         while not server.started and not server.should_exit:
@@ -144,9 +154,5 @@ def main(args: argparse.Namespace) -> int:
     if args.agent == "":
         print("oribus mcp: --agent must not be empty", file=sys.stderr)
         return 2
-    try:
-        asyncio.run(serve(args))
-    except OribusError as e:
-        print(json.dumps({"error": e.code, "message": e.message, **e.details}, default=str), file=sys.stderr)
-        return 1
+    asyncio.run(serve(args))  # an oribus error (a locked data directory, ...) is the command line's to report
     return 0
