@@ -107,6 +107,7 @@ async def test_two_stdio_clients_race_on_one_key_of_a_bus(up_embedded):
     async with oribus.connect(up_embedded.address) as bus:
         assert [(v.version, v.value) for v in await bus.history("stdio/plan")] == [
             (2, "after the refusal"), (1, winner)]
+        assert [(i.key, i.version) for i in await bus.scan("stdio/")] == [("stdio/plan", 2)]  # the SDK's scan, remote
 
 
 async def test_two_http_sessions_race_on_one_key_of_a_bus(up_embedded, tmp_path):

@@ -378,3 +378,10 @@ async def test_scan_lists_live_keys_by_prefix_in_pages_without_recording_a_read(
     assert await bus.commit({"team/z": 7}) == {"team/z": 3}
     with pytest.raises(InvalidRequest):
         await bus.scan("team/", limit=0)
+
+
+def test_the_sync_session_scans_too(data_dir):
+    with oribus.open_local_sync(data_dir, agent="a") as bus:
+        bus.commit({"p/1": 1, "p/2": 2, "q": 3})
+        assert [(i.key, i.value) for i in bus.scan("p/", limit=1)] == [("p/1", 1)]
+        assert [i.key for i in bus.scan("p/", after="p/1")] == ["p/2"]

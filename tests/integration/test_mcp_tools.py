@@ -8,6 +8,7 @@ tests/e2e/test_mcp.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -245,3 +246,17 @@ async def test_bad_calls_are_tool_errors_and_the_server_goes_on(bus):
 def test_values_the_bus_holds_but_json_has_not_are_shown_as_json():
     assert results.jsonable({"b": b"\x00\xff", 1: (1, 2), "n": None}) == {
         "b": {"$bytes": "AP8="}, "1": [1, 2], "n": None}
+
+
+async def test_an_expired_session_is_a_tool_error_that_resets_it(data_dir):
+    async with oribus.open_local(data_dir, agent="oribus-mcp", session_ttl_seconds=0.2) as bus:
+        async with client(bus, "alice") as c:
+            await call(c, "read", key="k")
+            await asyncio.sleep(0.3)
+            r = await refused(c, "commit", writes={"k": 1})
+            assert r.structured_content["error"] == "SessionExpired"
+            assert "read again every key" in r.structured_content["advice"]
+            assert (await bus.get("k")).version == 0
+            # reset: once the model has read what it depends on again, its commit is checked and goes through
+            await call(c, "read", key="k")
+            assert await call(c, "commit", writes={"k": 1}) == {"committed": True, "versions": {"k": 1}}
