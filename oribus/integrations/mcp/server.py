@@ -96,16 +96,23 @@ def build_server(pool: SessionPool, *, name: str = "oribus") -> MCPServer:
     async def serve(ctx: Context, act: Callable[[SessionState], Awaitable[CallToolResult]]) -> CallToolResult:
         try:
             state = await pool.for_request(_mcp_session_id(ctx), _client_name(ctx))
+        except OribusError as e:
+            return results.failure(e)
+        try:
             try:
                 return await act(state)
             except Conflict as e:
-                return await _refused(state, e)
-            except SessionExpired as e:
-                # Part of what this session read may be lost: a commit cannot be checked
-                # against it, so start over from a clean session (specs/PROTOCOL.md §3).
+                return await _refused(state, e)  # its reads may raise too: handled below
+        except SessionExpired as e:
+            # Part of what this session read may be lost: a commit cannot be checked
+            # against it, so start over from a clean session (specs/PROTOCOL.md §3).
+            try:
                 await state.session.reset_session()
-                return results.failure(e, "The session was reset: read again every key your next commit "
-                                          "depends on, then commit.")
+            except OribusError as reset_failed:
+                return results.failure(e, f"Resetting the session failed too ({reset_failed.message}): "
+                                          "try again later.")
+            return results.failure(e, "The session was reset: read again every key your next commit "
+                                      "depends on, then commit.")
         except OribusError as e:
             return results.failure(e)
 
