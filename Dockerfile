@@ -41,6 +41,6 @@ WORKDIR /var/lib/oribus
 # Numeric, so Kubernetes can check runAsNonRoot against the image.
 USER 10001:10001
 # 7700 bus gRPC, 7780 bus HTTP, 7801 shard gRPC
-EXPOSE 7700 7780 7801 7802
+EXPOSE 7700 7701 7780 7801 7802
 ENTRYPOINT ["oribus"]
 CMD ["up", "--listen", "0.0.0.0:7700", "--http", "0.0.0.0:7780", "--data-dir", "/var/lib/oribus/data"]

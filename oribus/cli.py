@@ -83,7 +83,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
-                           shard_transport=args.shard_transport, read_lease_seconds=args.read_lease)
+                           shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,
+                           stream_listen=args.stream_listen)
     _run(run_until_signalled(cluster))
     return 0
 
@@ -163,7 +164,8 @@ def _cmd_bus(args: argparse.Namespace) -> int:
         meta = StaticMeta(addrs)
     _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args),
                  advertise=args.advertise, advertise_http=args.advertise_http,
-                 shard_transport=args.shard_transport))
+                 shard_transport=args.shard_transport, stream_listen=args.stream_listen,
+                 advertise_stream=args.advertise_stream))
     return 0
 
 
@@ -398,6 +400,19 @@ def _shard_transport_option(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
 
 
+def _client_stream_option(p: argparse.ArgumentParser, *, advertise: bool) -> None:
+    """The bus's stream listener for clients (the Python SDK switches to it from gRPC)."""
+    where = ("the host of --listen on a free port, or none with --advertise unless --advertise-stream is given"
+             if advertise else "the host of --listen on a free port")
+    p.add_argument("--stream-listen", metavar="HOST:PORT",
+                   help="address of the stream listener clients may use beside gRPC (port 0 picks a free one; "
+                        f"'off': none); default: {where}")
+    if advertise:
+        p.add_argument("--advertise-stream", metavar="HOST:PORT",
+                       help="the stream address clients are told to use (default: the bound port on the host "
+                            "they reached the bus at)")
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -455,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "an existing one keeps its own)")
     p.add_argument("--processes", action="store_true",
                    help="run each shard as its own process (a new data directory gets one shard per core)")
+    _client_stream_option(p, advertise=False)
     _shard_transport_option(p)
     _allow_empty_option(p)
     _read_lease_option(p, skew=False)  # one machine, one clock: no skew
@@ -495,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise-http", help="HTTP address announced in etcd (default: the bound one)")
     p.add_argument("--data-dir", default="./oribus-data/bus",
                    help="the bus's own state, the session journal of HTTP agents (default: %(default)s)")
+    _client_stream_option(p, advertise=True)
     _shard_transport_option(p)
     _cluster_options(p)
     _http_options(p)

@@ -4,7 +4,7 @@
 row                     what                                                         durable
 ======================  ===========================================================  =======
 oribus-embedded         ``oribus.open_local`` in the harness process, 1 shard        yes
-oribus-up               ``oribus up`` (bus + 1 in-process shard), SDK over gRPC      yes
+oribus-up               ``oribus up`` (bus + 1 in-process shard), the SDK's default  yes
 oribus-procs            ``oribus up --processes`` (2 shard processes)                yes
 redis-always            Redis 7 WATCH/MULTI/EXEC, ``appendfsync always``             yes
 redis-everysec          the same with ``appendfsync everysec``                       NO
@@ -14,7 +14,8 @@ etcd                    etcd 3.4 Txn comparing the mod revision of every key rea
 
 Not in the default set: ``postgres-ssi`` (SERIALIZABLE with plain reads: SSI
 may commit a step after a key it read was overwritten, see
-``postgres_serializable``), ``redis-always-pyparser`` (redis-py's own reply parser
+``postgres_serializable``), ``oribus-up-grpc`` and ``oribus-procs-grpc`` (the SDK kept on
+gRPC, what a client without the stream transport gets), ``redis-always-pyparser`` (redis-py's own reply parser
 instead of hiredis: the slower client an older run used), and two deliberately broken clients that exist
 only to prove the audit catches them: ``redis-always-nowatch`` and
 ``oribus-embedded-blind``.
@@ -33,11 +34,11 @@ def _oribus_embedded(**kw) -> Backend:
     return OribusEmbedded(**kw)
 
 
-def _oribus_server(processes: bool) -> Callable[..., Backend]:
+def _oribus_server(processes: bool, transport: str = "auto") -> Callable[..., Backend]:
     def make(**kw) -> Backend:
         from peers.oribus_server import OribusServer
 
-        return OribusServer(processes=processes, **kw)
+        return OribusServer(processes=processes, transport=transport, **kw)
 
     return make
 
@@ -79,6 +80,8 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "postgres-ssi": _postgres("none"),
     "redis-always-nowatch": _redis("always", unsafe_skip_watch=True),
     "redis-always-pyparser": _redis("always", parser="python"),
+    "oribus-up-grpc": _oribus_server(False, "grpc"),
+    "oribus-procs-grpc": _oribus_server(True, "grpc"),
     "oribus-embedded-blind": lambda **kw: _oribus_embedded(unsafe_blind_write=True, **kw),
 }
 DEFAULT_BACKENDS = ["oribus-embedded", "oribus-up", "oribus-procs", "redis-always", "redis-everysec",
@@ -89,7 +92,7 @@ def default_shards(name: str) -> int:
     """What a user of that deployment gets by default: ``open_local`` and ``oribus up`` create
     one shard (in one process more add two-phase commits, not parallelism), ``oribus up
     --processes`` one shard process per core of this machine (2)."""
-    return 2 if name == "oribus-procs" else 1
+    return 2 if name.startswith("oribus-procs") else 1
 
 
 def make_backend(name: str, *, shards: int | None = None, install: bool = True) -> Backend:

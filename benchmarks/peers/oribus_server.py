@@ -13,8 +13,10 @@ a commit is acknowledged; no ``unsafe`` option exists on that command line
 (the command is recorded in the results).
 
 The clients: one ``oribus.connect`` for all workers (the SDK multiplexes
-every session's calls over one gRPC stream, in batches); one session per
-agent index. The step is the embedded one (``OribusClient``).
+every session's calls over one connection, in batches: the bus's stream
+transport, which the SDK switches to by default, or with ``transport="grpc"``
+(the ``-grpc`` rows) one gRPC stream); one session per agent index. The step
+is the embedded one (``OribusClient``).
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ from agent_step_network import Server  # noqa: E402 - benchmarks/ is on the path
 
 
 class OribusServer(OribusBackend):
-    def __init__(self, processes: bool = False, shards: int = 1) -> None:
-        super().__init__("oribus-procs" if processes else "oribus-up", shards)
+    def __init__(self, processes: bool = False, shards: int = 1, transport: str = "auto") -> None:
+        name = "oribus-procs" if processes else "oribus-up"
+        super().__init__(name if transport == "auto" else f"{name}-{transport}", shards)
         self.processes = processes
+        self.transport = transport
         self.server: Server | None = None
 
     async def _open(self) -> AsyncSession:
         self.server = Server(self.data_dir, self.shards, self.processes, self.work / "server.log")
         await self.server.start()
-        return oribus.connect(self.server.address, agent="loader")
+        return oribus.connect(self.server.address, agent="loader", transport=self.transport)
 
     async def _close(self) -> None:
         if self.server is not None:
@@ -47,6 +51,11 @@ class OribusServer(OribusBackend):
             if code not in (0, None):
                 raise RuntimeError(f"{self.name} exited with {code} on SIGTERM:\n{self.server.log_tail()}")
             self.server = None
+
+    def _transport_used(self) -> str:
+        """What the SDK's calls went over ("stream" or "grpc"), as the client reports it."""
+        remote = getattr(self.bus, "_bus", None)
+        return str(getattr(remote, "using", self.transport))
 
     async def describe(self) -> dict:
         return {
@@ -57,5 +66,6 @@ class OribusServer(OribusBackend):
             "shard_processes": self.processes,
             "durable": True,
             "command": " ".join(self.server.command()[1:]),
-            "client": "oribus.connect (gRPC), one connection multiplexing every worker's sessions",
+            "client": f"oribus.connect ({self._transport_used()}), one connection multiplexing every worker's "
+                      "sessions",
         }

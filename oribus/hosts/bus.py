@@ -21,6 +21,7 @@ from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
 from oribus.gateway import GatewayConfig, HttpGateway
 from oribus.hosts.lifecycle import Teardown, stop_signal_event
+from oribus.hosts.shard import stream_listen_address
 from oribus.meta.cluster_meta import BusRecord, ClusterMeta, ShardRecord
 from oribus.meta.directory import ShardDirectory
 from oribus.rpc.bus_server import BusServer
@@ -36,7 +37,8 @@ class BusHost:
     def __init__(self, meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None = None,
                  tls: TlsConfig | None = None, ready_wait: float = 10.0,
                  advertise: str | None = None, advertise_http: str | None = None,
-                 shard_transport: str = DEFAULT_TRANSPORT) -> None:
+                 shard_transport: str = DEFAULT_TRANSPORT, stream_listen: str | None = None,
+                 advertise_stream: str | None = None) -> None:
         self.meta = meta
         self.data_dir = Path(data_dir)
         self.listen = listen
@@ -46,6 +48,10 @@ class BusHost:
         self.advertise = advertise  # the addresses announced in the metadata (default: the bound ones)
         self.advertise_http = advertise_http
         self.shard_transport = shard_transport  # "stream" (where a shard has a stream listener) or "grpc"
+        # the clients' stream listener (oribus.hosts.shard.stream_listen_address: a free port on the
+        # host of listen, or none behind an advertised address unless told where)
+        self.stream_listen = stream_listen_address(listen, stream_listen, advertise, advertise_stream)
+        self.advertise_stream = advertise_stream
         self.bus: Bus | None = None
         self.server: BusServer | None = None
         self.gateway: HttpGateway | None = None
@@ -75,7 +81,8 @@ class BusHost:
                 self.gateway = HttpGateway(self.bus, self.http)
                 await self.gateway.start()
                 self._teardown.push("HTTP gateway", self.gateway.stop)
-            self.server = BusServer(self.bus, self.listen, tls=self.tls)
+            self.server = BusServer(self.bus, self.listen, tls=self.tls, stream_listen=self.stream_listen,
+                                    advertise_stream=self.advertise_stream)
             await self.server.start()
             self._teardown.push("gRPC server", self.server.stop, graceful=True)
             # resolves transactions whose coordinator died; in the background: serving does not wait
@@ -93,16 +100,19 @@ class BusHost:
 
 async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None,
                   tls: TlsConfig | None = None, advertise: str | None = None,
-                  advertise_http: str | None = None, shard_transport: str = DEFAULT_TRANSPORT) -> None:
+                  advertise_http: str | None = None, shard_transport: str = DEFAULT_TRANSPORT,
+                  stream_listen: str | None = None, advertise_stream: str | None = None) -> None:
     stop = stop_signal_event()
     bus = BusHost(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
-                  advertise_http=advertise_http, shard_transport=shard_transport)
+                  advertise_http=advertise_http, shard_transport=shard_transport,
+                  stream_listen=stream_listen, advertise_stream=advertise_stream)
     async with Teardown(log) as teardown:
         teardown.push("cluster metadata", meta.close)  # with etcd: the bus's record goes with it
         teardown.push("bus", bus.stop)  # stops what a failed start left too
         await bus.start()
         where = f", http on {bus.gateway.url}" if bus.gateway is not None else ""
         assert bus.server is not None and bus.directory is not None
-        print(f"oribus bus listening on {bus.server.address}{where} over "
+        stream = f" (stream {bus.server.stream_address})" if bus.server.stream_address else ""
+        print(f"oribus bus listening on {bus.server.address}{stream}{where} over "
               f"{len(bus.directory.shards)} shards", flush=True)
         await stop.wait()

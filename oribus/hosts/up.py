@@ -42,6 +42,7 @@ from oribus.hosts.embedded import (
     stored_shards,
 )
 from oribus.hosts.lifecycle import Teardown, stop_signal_event
+from oribus.hosts.shard import stream_listen_address
 from oribus.lifeline import ParentLifeline
 from oribus.meta.slots import StaticSlotMap
 from oribus.rpc import wire
@@ -65,12 +66,15 @@ class UpHost:
     def __init__(self, data_dir: Path, *, listen: str = wire.DEFAULT_BUS_ADDRESS, shards: int | None = None,
                  processes: bool = False, start_timeout: float = 30.0,
                  http: GatewayConfig | None = None, tls: TlsConfig | None = None,
-                 shard_transport: str = DEFAULT_TRANSPORT, **engine_options: Any) -> None:
+                 shard_transport: str = DEFAULT_TRANSPORT, stream_listen: str | None = None,
+                 **engine_options: Any) -> None:
         if shards is None:
             # a new directory: one in-process shard, or one shard process per core
             shards = stored_shards(Path(data_dir)) or (process_shards() if processes else DEFAULT_SHARDS)
         self.config = EngineConfig(data_dir=Path(data_dir), shards=shards, **engine_options)
         self.listen = listen
+        # the clients' stream listener: a free port on the host of listen unless told ('off': none)
+        self.stream_listen = stream_listen_address(listen, stream_listen, None, None)
         # mutual TLS on every gRPC listener (bus, shard processes) and bus→shard client
         self.tls = tls
         if tls is not None and processes and tls.directory is None:
@@ -114,7 +118,7 @@ class UpHost:
                 self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit))
                 await self.gateway.start()
                 self._teardown.push("HTTP gateway", self.gateway.stop)
-            self.server = BusServer(bus, self.listen, tls=self.tls)
+            self.server = BusServer(bus, self.listen, tls=self.tls, stream_listen=self.stream_listen)
             await self.server.start()
             self._teardown.push("gRPC server", self.server.stop, graceful=True)
             if sweep is not None:  # in the background: serving does not wait for it
@@ -244,7 +248,9 @@ async def run_until_signalled(cluster: UpHost) -> None:
     else:
         mode = "in-process shard" if n == 1 else "in-process shards"
     http = f", http on {cluster.gateway.url}" if cluster.gateway is not None else ""
-    print(f"oribus up: bus on {cluster.address}{http}, {n} {mode}, "
+    assert cluster.server is not None
+    stream = f" (stream {cluster.server.stream_address})" if cluster.server.stream_address else ""
+    print(f"oribus up: bus on {cluster.address}{stream}{http}, {n} {mode}, "
           f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)
     await stop.wait()
     print("oribus up: shutting down (draining, flushing)", flush=True)

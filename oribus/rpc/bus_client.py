@@ -1,26 +1,56 @@
-"""A bus reached over gRPC: ``RemoteBus``, the ``BusService`` behind ``oribus.connect``.
+"""A bus reached over the network: ``RemoteBus``, the ``BusService`` behind ``oribus.connect``.
 
 ``BusByCalls`` offers the bus methods a session calls (read, commit, history, forget,
-reset, stats, scan) as calls of ``bus_codec.BUS_OPS``; ``RemoteBus`` sends them over one
-multiplexed gRPC stream (``oribus.rpc.mux_client``), so a remote session has exactly the
-embedded API and semantics. The simulated network has its own ``BusByCalls``.
+reset, stats, scan) as calls of ``bus_codec.BUS_OPS``; ``RemoteBus`` sends them over one of
+two transports carrying the same calls and replies, so a remote session has exactly the
+embedded API and semantics whichever it uses:
+
+``grpc``    one multiplexed gRPC stream (``oribus.rpc.mux_client``): what every client
+            and tool speaks, served by every bus;
+``stream``  one connection of the stream transport (``oribus.rpc.stream_client``:
+            length-prefixed msgpack frames over TCP or TLS), several times cheaper per
+            call; ``target`` is then the bus's stream address;
+``auto``    (the default) gRPC first, to ask the bus for its ``endpoints``; when it has a
+            stream listener the client can reach, every later call goes over it, else
+            over gRPC (a client that cannot reach it logs why, once). A call that finds
+            the stream broken fails with Unavailable, as over gRPC, and the next call
+            asks again, so a restarted bus is found on its new port.
+
+The simulated network has its own ``BusByCalls``.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult
+from oribus.contract import (
+    BusService,
+    CommitRequest,
+    CommitResult,
+    Entry,
+    ReadResult,
+    ensure_subscribed,
+)
+from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.messages import Change, ReadItem, WatchRequest
 from oribus.rpc import bus_codec, wire
 from oribus.rpc.mux_client import MuxClient
-from oribus.tls import TlsConfig, channel_credentials
+from oribus.rpc.stream_client import CONNECT_TIMEOUT, StreamClient, split_address
+from oribus.tls import TlsConfig, channel_credentials, client_ssl_context
 from oribus.types import DEFAULT_SCAN_LIMIT, SessionRef
+
+log = logging.getLogger("oribus.rpc.bus_client")
+
+TRANSPORTS = ("auto", "grpc", "stream")
+DEFAULT_TRANSPORT = "auto"
+SWITCH_TIMEOUT = 2.0  # seconds ``auto`` gives the stream listener to answer before it stays on gRPC
 
 
 class BusByCalls(BusService):
@@ -55,22 +85,150 @@ class BusByCalls(BusService):
 
 
 class RemoteBus(BusByCalls):
-    """A bus reached over gRPC at ``target`` (``HOST:PORT``); over mutual TLS with ``tls``."""
+    """A bus reached at ``target`` (``HOST:PORT``) over ``transport`` (see the module
+    docstring); over mutual TLS with ``tls``. ``credentials`` (gRPC channel credentials
+    of one's own) keep every call on gRPC under ``auto``: the stream transport takes
+    its TLS from ``tls``."""
 
     def __init__(self, target: str = wire.DEFAULT_BUS_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
-                 timeout: float = wire.DEFAULT_CALL_TIMEOUT, tls: TlsConfig | str | Path | None = None) -> None:
+                 timeout: float = wire.DEFAULT_CALL_TIMEOUT, tls: TlsConfig | str | Path | None = None,
+                 transport: str = DEFAULT_TRANSPORT) -> None:
+        if transport not in TRANSPORTS:
+            raise InvalidRequest(f"the transport is one of {', '.join(TRANSPORTS)}, not {transport!r}")
+        if transport == "stream" and credentials is not None:
+            raise InvalidRequest("gRPC credentials do not apply to the stream transport: pass tls= instead")
         self.target = target
-        cfg = TlsConfig.of(tls)
-        if cfg is not None and credentials is None:
-            credentials = channel_credentials(cfg)
+        self.transport = transport
+        self.timeout = timeout
+        self._tls = TlsConfig.of(tls)
+        if self._tls is not None and credentials is None:
+            credentials = channel_credentials(self._tls)
+        self._custom_credentials = credentials is not None and self._tls is None
         self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout,
-                             options=cfg.channel_options() if cfg is not None else ())
+                             options=self._tls.channel_options() if self._tls is not None else ())
+        self.stream: StreamClient | None = None  # set once the calls go over the stream transport
+        self._switch: asyncio.Task | None = None  # auto: the endpoints question in flight
+        self._settled = transport == "grpc"  # auto: endpoints asked and answered
+        if transport == "stream":
+            self.stream = self._stream_client(target)
+            self._settled = True
+
+    @property
+    def using(self) -> str:
+        """The transport calls go over now: "grpc" or "stream" ("auto" until it is known)."""
+        if self.stream is not None:
+            return "stream"
+        return "grpc" if self._settled else "auto"
+
+    def _stream_client(self, target: str, connect_timeout: float | None = None) -> StreamClient:
+        tls = self._tls
+        return StreamClient(target, wire.BUS_SERVICE, ssl=client_ssl_context(tls) if tls is not None else None,
+                            server_hostname=tls.ssl_target_name_override if tls is not None else None,
+                            timeout=self.timeout, connect_timeout=connect_timeout or CONNECT_TIMEOUT)
 
     async def _call(self, op: str, *params: Any) -> Any:
-        return await self.mux.call_op(bus_codec.BUS_OPS, op, *params)
+        if not self._settled:
+            await self._settle()
+        stream = self.stream
+        if stream is None:
+            return await self.mux.call_op(bus_codec.BUS_OPS, op, *params)
+        try:
+            return await stream.call_op(bus_codec.BUS_OPS, op, *params)
+        except Unavailable:
+            if self.transport == "auto" and self.stream is stream and not stream.connected:
+                self._forget_stream()  # the connection is gone: the next call asks the bus where it is now
+            raise
+
+    def _forget_stream(self) -> None:
+        stream, self.stream, self._settled = self.stream, None, False
+        if stream is not None:
+            asyncio.get_running_loop().create_task(stream.close())
+
+    async def _settle(self) -> None:
+        """``auto``: ask the bus for its endpoints (once, whoever asks first) and switch."""
+        task = self._switch
+        if task is None:
+            task = self._switch = asyncio.get_running_loop().create_task(self._ask_endpoints())
+            task.add_done_callback(lambda _: setattr(self, "_switch", None))
+        await asyncio.shield(task)
+
+    async def _ask_endpoints(self) -> None:
+        if self._custom_credentials:
+            self._settled = True
+            return
+        try:
+            advertised = await self.mux.call_op(bus_codec.SERVER_OPS, "endpoints")
+        except Unavailable:
+            raise  # the bus is down or unreachable: this call fails as it would over gRPC
+        except OribusError as e:  # a bus that predates the endpoints question
+            log.debug("bus at %s does not say its endpoints (%s): calls stay on gRPC", self.target, e)
+            self._settled = True
+            return
+        if not advertised:
+            self._settled = True
+            return
+        address = self._reachable(advertised)
+        stream = self._stream_client(address, connect_timeout=min(SWITCH_TIMEOUT, self.timeout))
+        try:
+            await stream.connect()
+        except OribusError as e:
+            await stream.close()
+            log.warning("the bus at %s offers its stream transport at %s, which this client cannot use (%s); "
+                        "calls stay on gRPC", self.target, address, e.message)
+            self._settled = True
+            return
+        self.stream = stream
+        self._settled = True
+
+    def _reachable(self, advertised: str) -> str:
+        """The stream address to dial: ``:PORT`` means the host this client reached the bus at."""
+        if advertised.startswith(":"):
+            host, _ = split_address(self.target)
+            host = f"[{host}]" if ":" in host else host
+            return f"{host}{advertised}"
+        return advertised
 
     def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
-        return self.mux.watch(request)
+        if self.stream is not None:
+            return self.stream.watch(request)
+        if self._settled:
+            return self.mux.watch(request)
+        return _WatchAfterSettling(self, request)
 
     async def close(self) -> None:
+        if self._switch is not None:
+            self._switch.cancel()
+        if self.stream is not None:
+            await self.stream.close()
         await self.mux.close()
+
+
+class _WatchAfterSettling:
+    """A watch opened before ``auto`` knew its transport: it asks first, then watches over
+    whichever transport the calls use."""
+
+    def __init__(self, bus: RemoteBus, request: WatchRequest) -> None:
+        self._bus = bus
+        self._request = request
+        self._inner: AsyncIterator[Change] | None = None
+
+    async def subscribed(self) -> None:
+        if self._inner is None:
+            await self._bus._settle()  # noqa: SLF001 - the watch belongs to the bus's transport
+            self._inner = self._bus.watch(self._request)
+        await ensure_subscribed(self._inner)
+
+    def __aiter__(self) -> _WatchAfterSettling:
+        return self
+
+    async def __anext__(self) -> Change:
+        await self.subscribed()
+        assert self._inner is not None
+        return await self._inner.__anext__()
+
+    async def aclose(self) -> None:
+        inner = self._inner
+        if inner is not None:
+            close = getattr(inner, "aclose", None)
+            if close is not None:
+                await close()

@@ -123,6 +123,17 @@ def dec_commit_result(v: dict) -> CommitResult:
     return CommitResult(v["id"], dict(v["v"]), {s: (t[0], t[1]) for s, t in v["t"].items()}, v["2pc"])
 
 
+def enc_endpoints(stream: str) -> dict:
+    return {"stream": stream}
+
+
+def dec_endpoints(v: Any) -> str:
+    """The bus's stream address from an ``endpoints`` reply: "" for none (a bus that serves
+    gRPC only), ``:PORT`` for the port on the host the client reached the bus at."""
+    stream = v.get("stream", "") if isinstance(v, dict) else ""
+    return stream if isinstance(stream, str) else ""
+
+
 # Operations of oribus.v1.Bus: each is a Bus method of the same name.
 BUS_OPS: dict[str, Op] = {
     "read": Op(enc_read_args, dec_read_args, enc_read_result, dec_read_result),
@@ -132,4 +143,10 @@ BUS_OPS: dict[str, Op] = {
     "reset": Op(lambda s: {"s": enc_session(s)}, lambda a: (dec_session_args(a),), to_none, to_none),
     "stats": Op(lambda: {}, dec_no_args, same, same),
     "scan": Op(lambda p="", a="", n=DEFAULT_SCAN_LIMIT: {"p": p, "a": a, "n": n}, dec_scan_args, enc_items, dec_items),
+}
+
+# What the bus process serves beside BUS_OPS, answered by the server rather than the Bus:
+# ``endpoints``, the other listeners a client may switch to (the stream transport).
+SERVER_OPS: dict[str, Op] = {
+    "endpoints": Op(lambda: {}, dec_no_args, enc_endpoints, dec_endpoints),
 }

@@ -75,6 +75,11 @@ class StreamClient:
         self.counters = {"calls": 0, "messages_out": 0, "messages_in": 0, "reconnects": 0}
 
     @property
+    def connected(self) -> bool:
+        """Whether the calls connection is open (it opens again on the next call when not)."""
+        return self._conn is not None
+
+    @property
     def secure(self) -> bool:
         return self._ssl is not None
 
@@ -98,6 +103,12 @@ class StreamClient:
         """Call ``op`` of an operation table (``SHARD_OPS``) with Python params."""
         o = table[op]
         return o.dec_result(await self.call(op, o.enc_args(*params)))
+
+    async def connect(self) -> None:
+        """Open the calls connection now (calls open it when they need it): Unavailable, with
+        the reason, if the server cannot be reached or refuses the hello."""
+        if self._conn is None:
+            await self._connection()
 
     def watch(self, request: WatchRequest) -> StreamWatch:
         """A watch over its own connection: an async iterator of Change."""

@@ -85,6 +85,7 @@ class ShardWal(Protocol):
     def stats(self) -> dict[str, float]: ...
     def append(self, rtype: int, body: Any) -> int: ...
     async def sync(self, lsn: int | None = None) -> None: ...
+    def when_durable(self, lsn: int, callback: Callable[[BaseException | None], None]) -> None: ...
     def roll(self) -> None: ...
     def remove_segments_before(self, lsn: int) -> int: ...
     async def close(self) -> None: ...
@@ -445,26 +446,42 @@ class Shard(ShardService):
         lsn = self._append_or_release(txn.txn_id, result.record)
         self._unapplied.add(lsn)
         # The record is in the WAL buffer now: the next flush makes it durable whether or
-        # not this caller still waits. So the commit is carried out even if the caller is
-        # cancelled (a client that disconnects mid-commit); dropping it here would let a
-        # restart replay it over later commits of the same versions, losing those.
-        return await asyncio.shield(self._complete_one_phase(txn.txn_id, lsn))
-
-    async def _complete_one_phase(self, txn_id: str, lsn: int) -> TxnOutcome:
+        # not this caller still waits. So the commit is carried out by the flush's completion,
+        # even if the caller is cancelled (a client that disconnects mid-commit); dropping it
+        # here would let a restart replay it over later commits of the same versions, losing
+        # those. A cancelled caller cancels only its own wait.
+        done: asyncio.Future[TxnOutcome] = asyncio.get_running_loop().create_future()
         try:
-            await self._durable(lsn)
-        except BaseException:
-            # The shard's WAL is poisoned: it never acknowledges again, never apply.
+            self._check_open().when_durable(lsn, lambda error: self._complete_one_phase(txn.txn_id, lsn, error, done))
+        except Exception as e:  # noqa: BLE001 - the WAL failed or closed meanwhile: answered through done
+            self._complete_one_phase(txn.txn_id, lsn, e, done)
+        return await done
+
+    def _complete_one_phase(self, txn_id: str, lsn: int, error: BaseException | None,
+                            done: asyncio.Future[TxnOutcome]) -> None:
+        """The one-phase commit's record is durable (``error`` None): apply it and answer ``done``;
+        or the WAL failed: it never acknowledges again, so never apply."""
+        if error is not None:
             self._unapplied.discard(lsn)
             self.core.cancel_unlogged(txn_id)
             self._resolved(txn_id)
-            raise
-        outcome = self._apply_commit(txn_id)
-        self._unapplied.discard(lsn)
-        self._resolved(txn_id)
+            if not done.done():
+                done.set_exception(error)
+            return
+        try:
+            outcome = self._apply_commit(txn_id)
+        except Exception as e:  # noqa: BLE001 - a bug in applying: the caller gets it, the flush goes on
+            log.exception("shard %d: applying the one-phase commit of %s failed", self.shard_id, txn_id)
+            if not done.done():
+                done.set_exception(e)
+            return
+        finally:
+            self._unapplied.discard(lsn)
+            self._resolved(txn_id)
         self.counters["commits_1pc"] += 1
         self._maybe_snapshot()
-        return outcome
+        if not done.done():
+            done.set_result(outcome)
 
     def _begin_one_phase(self, txn: ShardTxn) -> Known | Refused | Pending | Late:
         try:

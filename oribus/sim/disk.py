@@ -26,8 +26,9 @@ one if its record came too late. ``durable_lsn`` moves only when an fsync
 returns, and ``sync(lsn)`` returns only once it covers ``lsn``.
 
 ``unsafe_ack_before_fsync`` (a deliberately broken disk, for testing the
-tests): ``sync`` starts a flush but returns at once — an acknowledged record
-may then be lost by a crash, the bug the durability check must catch.
+tests): ``sync`` and ``when_durable`` start a flush but report the record durable at
+once — an acknowledged record may then be lost by a crash, the bug the durability
+check must catch.
 
 Snapshots are written atomically (the real ``write_snapshot`` fsyncs before
 it returns), so ``write_snapshot`` replaces the slot at once; a crash never
@@ -174,6 +175,16 @@ class SimWal(GroupCommit):
         if self._durable_lsn < target and (self._flush is None or self._flush.done()):
             self._start_flush()
         # BROKEN on purpose: acknowledges what a crash may still take away
+
+    def when_durable(self, lsn: int, callback: Callable[[BaseException | None], None]) -> None:
+        if not self._disk.config.unsafe_ack_before_fsync:
+            return super().when_durable(lsn, callback)
+        target = self._sync_target(lsn)
+        if self._durable_lsn < target and (self._flush is None or self._flush.done()):
+            self._start_flush()
+        # BROKEN on purpose, as sync: called back before the record is durable
+        asyncio.get_running_loop().call_soon(callback, None)
+        return None
 
     def roll(self) -> None:
         """Segments are not simulated: nothing to roll."""

@@ -497,16 +497,18 @@ def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str)
     bus = container(dep, "bus")
     argv = command_line(docs, dep, bus, pod_names(dep)[0])
     assert flag(argv, "--listen") == "0.0.0.0:7700" and flag(argv, "--http") == "0.0.0.0:7780"
+    assert flag(argv, "--stream-listen") == "0.0.0.0:7701"  # fixed: the Service forwards it
     assert bus["readinessProbe"]["httpGet"] == {"path": "/readyz?routable=1", "port": "http"}
     assert bus["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert {"name": "http", "containerPort": 7780} in bus["ports"]
     assert {"name": "grpc", "containerPort": 7700} in bus["ports"]
+    assert {"name": "stream", "containerPort": 7701} in bus["ports"]
     # the session journal of HTTP agents lives in the pod (see deploy/k8s/base/bus.yaml)
     (mount,) = [m for m in bus["volumeMounts"] if Path(flag(argv, "--data-dir")).is_relative_to(m["mountPath"])]
     (vol,) = [v for v in pod_template(dep)["spec"]["volumes"] if v["name"] == mount["name"]]
     assert "emptyDir" in vol
     svc = one(docs, "Service", "oribus-bus")
-    assert {(p["name"], p["port"]) for p in svc["spec"]["ports"]} == {("grpc", 7700), ("http", 7780)}
+    assert {(p["name"], p["port"]) for p in svc["spec"]["ports"]} == {("grpc", 7700), ("stream", 7701), ("http", 7780)}
     assert svc["spec"]["sessionAffinity"] == "ClientIP"
 
 
@@ -524,6 +526,7 @@ def test_network_policies_admit_exactly_the_planned_connections(overlay: str) ->
     clients = {"client"} if overlay == "overlays/prod" else set(pods)
     planned = {
         ("bus", 7700): clients,
+        ("bus", 7701): clients,
         ("bus", 7780): clients,
         ("shard", 7801): {"bus"},
         ("shard", 7802): {"bus"},
@@ -531,7 +534,7 @@ def test_network_policies_admit_exactly_the_planned_connections(overlay: str) ->
         ("etcd", 2380): {"etcd"},
     }
     for dst in ("bus", "shard", "etcd", "init"):
-        for port in (7700, 7780, 7801, 7802, 2379, 2380, 2381, 22):
+        for port in (7700, 7701, 7780, 7801, 7802, 2379, 2380, 2381, 22):
             admitted = {src for src in pods if allowed(docs, pods[src], pods[dst], port)}
             assert admitted == planned.get((dst, port), set()), f"to {dst}:{port}"
 
@@ -576,7 +579,7 @@ def test_image_is_multi_stage_slim_non_root_with_the_oribus_entry_point() -> Non
     last = {instr: rest for instr, rest in runtime}
     assert last["USER"].split(":")[0] == "10001"
     assert last["ENTRYPOINT"] == '["oribus"]'
-    assert set(last["EXPOSE"].split()) == {"7700", "7780", "7801", "7802"}
+    assert set(last["EXPOSE"].split()) == {"7700", "7701", "7780", "7801", "7802"}
     assert any(i == "COPY" and "--from=" in r and "/opt/venv" in r for i, r in runtime)
     assert not re.search(r"\[[^]]*\b(test|dev)\b", (ROOT / "Dockerfile").read_text()), "no test/dev extras"
     # the manifests run the image as the user it was built for

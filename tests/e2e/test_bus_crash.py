@@ -30,8 +30,11 @@ WRITERS = 4
 COMMITS = 40
 
 
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
 @pytest.mark.parametrize("layout", ["up", "bus-process"])
-async def test_kill_bus_clients_reconnect_and_nothing_applies_twice(cluster, tmp_path, layout):
+async def test_kill_bus_clients_reconnect_and_nothing_applies_twice(cluster, tmp_path, layout, transport):
+    """``auto``: the clients' calls go over the bus's stream listener, which comes back on
+    another port; ``grpc``: what every other client speaks."""
     if layout == "up":
         victim = cluster.add(up(tmp_path, tmp_path / "data", processes=False)).start()
     else:
@@ -50,7 +53,7 @@ async def test_kill_bus_clients_reconnect_and_nothing_applies_twice(cluster, tmp
         w: (keys_on_shard(0, f"busk/{w}/a")[0], keys_on_shard(1, f"busk/{w}/b")[0])
         for w in range(WRITERS)
     }
-    sessions = [oribus.connect(addr, agent=f"writer-{w}") for w in range(WRITERS)]
+    sessions = [oribus.connect(addr, agent=f"writer-{w}", transport=transport) for w in range(WRITERS)]
     crashed = asyncio.Event()
 
     async def writer(w: int) -> None:
@@ -104,6 +107,7 @@ async def test_kill_bus_clients_reconnect_and_nothing_applies_twice(cluster, tmp
             # the same client objects work after the crash (reads too)
             for w, s in enumerate(sessions):
                 assert (await s.get(keys[w][0])).value == COMMITS - 1
+                assert s._bus.using == ("stream" if transport == "auto" else "grpc")  # noqa: SLF001
         finally:
             await check.close()
     finally:
@@ -121,7 +125,7 @@ async def test_kill_bus_clients_reconnect_and_nothing_applies_twice(cluster, tmp
             assert len(ids) == len(set(ids)), f"{k}: an id applied twice: {ids}"
             assert ids == acked[w], f"{k}: history {ids} != acknowledged {acked[w]}"
             assert [h.value for h in reversed(histories[k])] == list(range(COMMITS))
-    print(f"\nbus crash ({layout}): back in {recovered_in:.1f}s, client errors {dict(seen)}")
+    print(f"\nbus crash ({layout}, {transport}): back in {recovered_in:.1f}s, client errors {dict(seen)}")
 
 
 async def test_run_applies_its_function_once_when_the_commit_outcome_is_unknown(cluster, tmp_path):

@@ -407,3 +407,85 @@ async def test_stats_report_fsync_timing(tmp_path):
     assert stats["avg_fsync_seconds"] > 0
     assert stats["avg_records_per_fsync"] == 1
     await wal.close()
+
+
+# ---- when_durable: the callback hand-off of one-phase commits -----------------------------
+
+
+async def test_when_durable_calls_back_in_order_once_fsynced(tmp_path, monkeypatch):
+    """Records appended while a flush is in flight are called back by the next flush, in
+    order, only once fsynced; one flush calls back every record it covered."""
+    gate = BlockingFdatasync()
+    monkeypatch.setattr(os, "fdatasync", gate)
+    wal = Wal.open(tmp_path)
+    called: list[tuple[int, object, int]] = []
+
+    def waiter(lsn: int):
+        return lambda error: called.append((lsn, error, wal.durable_lsn))
+
+    first = wal.append(1, "a")
+    wal.when_durable(first, waiter(first))
+    await gate.wait_entered()  # the first flush holds "a" and is blocked in its fsync
+    late = [wal.append(1, i) for i in range(5)]
+    for lsn in late:
+        wal.when_durable(lsn, waiter(lsn))
+    await asyncio.sleep(0.05)
+    assert called == []  # nothing is durable yet
+    gate.release.set()
+    for _ in range(200):
+        if len(called) == 6:
+            break
+        await asyncio.sleep(0.01)
+    assert [lsn for lsn, _, _ in called] == [first, *late]
+    assert all(error is None and durable >= lsn for lsn, error, durable in called)
+    assert gate.calls == 2  # the five late records shared one fsync
+    await wal.close()
+
+
+async def test_when_durable_hands_a_failed_fsync_to_every_waiter(tmp_path, monkeypatch):
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "simulated I/O error")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    wal = Wal.open(tmp_path)
+    errors: list = []
+    for i in range(10):
+        wal.when_durable(wal.append(1, i), errors.append)
+    for _ in range(200):
+        if len(errors) == 10:
+            break
+        await asyncio.sleep(0.01)
+    assert len(errors) == 10 and all(isinstance(e, Unavailable) for e in errors)
+    assert "wal write failed" in str(errors[0]) and wal.durable_lsn == 0
+    with pytest.raises(Unavailable):  # a poisoned WAL refuses at once, calling nothing back
+        wal.when_durable(wal.last_lsn, errors.append)
+    assert len(errors) == 10
+    await wal.close()
+
+
+async def test_a_failing_durability_callback_does_not_strand_the_others(tmp_path, caplog):
+    wal = Wal.open(tmp_path)
+    called: list[int] = []
+
+    def broken(error: object) -> None:
+        raise RuntimeError("a broken caller")
+
+    a = wal.append(1, "a")
+    wal.when_durable(a, broken)
+    b = wal.append(1, "b")
+    wal.when_durable(b, lambda error: called.append(b))
+    await wal.sync()
+    await asyncio.sleep(0)
+    assert called == [b]
+    assert "durability callback failed" in caplog.text
+    await wal.close()
+
+
+async def test_when_durable_refuses_an_lsn_not_appended_and_a_closed_wal(tmp_path):
+    wal = Wal.open(tmp_path)
+    with pytest.raises(ValueError, match="last appended LSN is 0"):
+        wal.when_durable(1, lambda error: None)
+    lsn = wal.append(1, "x")
+    await wal.close()
+    with pytest.raises(Unavailable, match="closed"):
+        wal.when_durable(lsn, lambda error: None)

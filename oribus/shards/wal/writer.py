@@ -65,6 +65,7 @@ batches one at a time, so each histogram child has one writer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import queue
@@ -166,10 +167,14 @@ def _settle(fut: asyncio.Future[None], error: BaseException | None) -> None:
         fut.set_exception(error)
 
 
+DurableCallback = Callable[[BaseException | None], None]
+
+
 class GroupCommit:
     """Group commit, shared by the WAL and its simulated twin (``oribus.sim.disk``): at
     most one flush in flight, taking every record buffered so far; ``sync`` waits for
-    flushes until its record is durable, starting the next one when it came too late.
+    flushes until its record is durable, starting the next one when it came too late;
+    ``when_durable`` does the same for a callback, without a task or a future per caller.
     A subclass keeps ``_last_lsn``, ``_durable_lsn``, ``_flush`` and ``_failed`` and
     provides ``_check_usable`` and ``_start_flush``."""
 
@@ -177,6 +182,7 @@ class GroupCommit:
     _durable_lsn: int
     _flush: asyncio.Future[None] | None
     _failed: Unavailable | None
+    _durable_waiters: collections.deque[tuple[int, DurableCallback]] | None = None
 
     @property
     def last_lsn(self) -> int:
@@ -198,18 +204,70 @@ class GroupCommit:
     async def sync(self, lsn: int | None = None) -> None:
         """Return once every record up to ``lsn`` (default: ``last_lsn``) is written and fsynced.
 
-        Raises ``Unavailable`` if the WAL failed to write (now or earlier).
+        Raises ``Unavailable`` if the WAL failed to write (now or earlier). A cancelled
+        caller cancels only its own wait, never the flush other callers depend on.
         """
         target = self._sync_target(lsn)
-        while self._durable_lsn < target:
-            if self._failed is not None:
-                raise self._failed
+        if self._durable_lsn >= target:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.when_durable(target, lambda error: _settle(done, error))
+        await done
+
+    def when_durable(self, lsn: int, callback: DurableCallback) -> None:
+        """Call ``callback(None)`` once every record up to ``lsn`` is written and fsynced, or
+        ``callback(error)`` once the WAL cannot make it so (the error ``sync`` would raise).
+
+        Raises at once, without calling back, a failed or closed WAL or an LSN not appended.
+        Callbacks run on the event loop, from the completion of the flush that made them
+        durable, in the order they were registered (one registered after a higher LSN waits
+        for that one's flush: register right after ``append``). One flush calls back every
+        record it covered: no task, no shield, no future per waiter.
+        """
+        target = self._sync_target(lsn)
+        waiters = self._durable_waiters
+        if waiters is None:
+            waiters = self._durable_waiters = collections.deque()
+        waiters.append((target, callback))
+        if len(waiters) == 1:  # the others are armed already: the next completion sees this one
+            self._arm_durable_waiters()
+
+    def _arm_durable_waiters(self) -> None:
+        """Have the flush in flight, or a new one, call back the waiters when it completes."""
+        try:
+            self._check_usable()
             flush = self._flush
             if flush is None or flush.done():
                 flush = self._start_flush()
-            # shield: a cancelled waiter must not cancel the flush other
-            # waiters depend on. The flush's error reaches every waiter here.
-            await asyncio.shield(flush)
+        except Exception as e:  # noqa: BLE001 - handed to the waiters
+            self._fail_durable_waiters(e)
+            return
+        flush.add_done_callback(self._call_durable_waiters)
+
+    def _call_durable_waiters(self, flush: asyncio.Future[None]) -> None:
+        waiters = self._durable_waiters
+        if not waiters:
+            return
+        if self._failed is not None:
+            self._fail_durable_waiters(self._failed)
+            return
+        durable = self._durable_lsn
+        while waiters and waiters[0][0] <= durable:
+            _, callback = waiters.popleft()
+            try:
+                callback(None)
+            except Exception:  # one caller's failure must not strand the others
+                log.exception("a WAL durability callback failed")
+        if waiters:  # appended after that flush took the buffer: the next one has them
+            self._arm_durable_waiters()
+
+    def _fail_durable_waiters(self, error: BaseException) -> None:
+        waiters, self._durable_waiters = self._durable_waiters, None
+        for _, callback in waiters or ():
+            try:
+                callback(error)
+            except Exception:  # one caller's failure must not strand the others
+                log.exception("a WAL durability callback failed")
 
     def _check_usable(self) -> None:
         raise NotImplementedError
