@@ -2,8 +2,8 @@
 
 Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
 Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
-``rollback``, ``watch``, ``stats``. Tools: ``demo``, ``repair``, ``check``, ``certs init``,
-``bench`` (runs the repository's ``benchmarks/compare.py``).
+``rollback``, ``watch``, ``stats``; ``mcp`` serves the bus to MCP clients (stdio or HTTP).
+Tools: ``demo``, ``repair``, ``check``, ``certs init``, ``bench`` (runs the repository's ``benchmarks/compare.py``).
 With ``--tls-dir`` (servers and clients) every gRPC connection is mutual TLS.
 """
 
@@ -595,6 +595,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2, help="shards of the demo's engine (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the data dir's existing contents")
     p.set_defaults(fn=_cmd_demo)
+
+    # oribus mcp: the options and the server live in oribus/integrations/mcp (extra oribus[mcp])
+    from oribus.integrations.mcp.options import add_arguments as _mcp_arguments
+
+    p = sub.add_parser("mcp", help="serve the bus to MCP clients: tools to read, commit, watch (stdio, or --http)")
+    _mcp_arguments(p)
+
+    def _cmd_mcp(args: argparse.Namespace) -> int:
+        from oribus.integrations.mcp.run import main as serve_mcp
+
+        return serve_mcp(args)
+
+    p.set_defaults(fn=_cmd_mcp)
 
     # Every argument goes to benchmarks/compare.py as is ("oribus bench --help" prints its help).
     p = sub.add_parser("bench", help="compare oribus with Redis, PostgreSQL and etcd (benchmarks/compare.py)",

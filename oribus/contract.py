@@ -130,6 +130,11 @@ class BusService(abc.ABC):
         """Counters for operators and benchmarks."""
 
     @abc.abstractmethod
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
+        """Live keys under ``prefix`` after ``after`` on every shard, in key order, at most
+        ``limit``, with detail (the agent and time of each version); no delivery."""
+
+    @abc.abstractmethod
     def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         """Changes of keys under ``request.prefix`` on every shard, each key's in version
         order (the replay as for ``ShardService.watch``)."""

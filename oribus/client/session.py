@@ -2,7 +2,7 @@
 
 The same classes serve the embedded engine (``oribus.open_local``) and remote
 buses (``oribus.connect``): they only call the bus methods ``read``, ``commit``,
-``history``, ``forget``, ``reset``, ``stats`` and ``watch``.
+``history``, ``forget``, ``reset``, ``stats``, ``scan`` and ``watch``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from oribus.messages import Scope, Token
 from oribus.rpc.wire import MAX_MESSAGE_BYTES
 from oribus.types import (
     DEFAULT_MAX_VALUE_BYTES,
+    DEFAULT_SCAN_LIMIT,
     DELETE,
     Item,
     SessionRef,
@@ -352,6 +353,19 @@ class AsyncSession:
                     print(ch.key, ch.version, ch.value)
         """
         return WatchStream(self._bus, prefix, from_version, policy=policy)
+
+    async def scan(self, prefix: str = "", *, after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[Item]:
+        """Live keys under ``prefix`` after ``after``, in key order, at most ``limit`` (a page:
+        pass the last key as ``after`` for the next). Listing is not reading: it records no
+        delivery, so a commit does not depend on what a scan showed. Example::
+
+            page = await bus.scan("team-a/")
+            while page:
+                ...
+                page = await bus.scan("team-a/", after=page[-1].key)
+        """
+        items = await self._bus.scan(prefix, after, limit)
+        return [Item(i.key, decode_value(i.value), i.version) for i in items]
 
     async def stats(self) -> dict:
         return await self._bus.stats()

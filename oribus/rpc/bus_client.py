@@ -1,7 +1,7 @@
 """A bus reached over the network: ``RemoteBus``, the ``BusService`` behind ``oribus.connect``.
 
 ``BusByCalls`` offers the bus methods a session calls (read, commit, history, forget,
-reset, stats) as calls of ``bus_codec.BUS_OPS``; ``RemoteBus`` sends them over one of
+reset, stats, scan) as calls of ``bus_codec.BUS_OPS``; ``RemoteBus`` sends them over one of
 two transports carrying the same calls and replies, so a remote session has exactly the
 embedded API and semantics whichever it uses:
 
@@ -41,12 +41,12 @@ from oribus.contract import (
     ensure_subscribed,
 )
 from oribus.errors import InvalidRequest, OribusError, Unavailable
-from oribus.messages import Change, WatchRequest
+from oribus.messages import Change, ReadItem, WatchRequest
 from oribus.rpc import bus_codec, wire
 from oribus.rpc.mux_client import MuxClient
 from oribus.rpc.stream_client import CONNECT_TIMEOUT, StreamClient, split_address
 from oribus.tls import TlsConfig, channel_credentials, client_ssl_context
-from oribus.types import SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT, SessionRef
 
 log = logging.getLogger("oribus.rpc.bus_client")
 
@@ -81,6 +81,9 @@ class BusByCalls(BusService):
 
     async def stats(self) -> dict:
         return await self._call("stats")
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
+        return await self._call("scan", prefix, after, limit)
 
 
 class RemoteBus(BusByCalls):

@@ -23,14 +23,17 @@ from oribus.rpc.wire import (
     Op,
     dec_entries,
     dec_history_args,
+    dec_items,
     dec_keys_args,
     dec_no_args,
     dec_read_args,
+    dec_scan_args,
     dec_session,
     dec_session_args,
     dec_tokens,
     dec_writes,
     enc_entries,
+    enc_items,
     enc_read_args,
     enc_session,
     int_int_map,
@@ -40,6 +43,7 @@ from oribus.rpc.wire import (
     str_int_map,
     to_none,
 )
+from oribus.types import DEFAULT_SCAN_LIMIT
 
 
 def _decodable(writes: dict[str, bytes | None]) -> dict[str, bytes | None]:
@@ -138,6 +142,7 @@ BUS_OPS: dict[str, Op] = {
     "forget": Op(lambda s, k: {"s": enc_session(s), "k": list(k)}, dec_keys_args, to_none, to_none),
     "reset": Op(lambda s: {"s": enc_session(s)}, lambda a: (dec_session_args(a),), to_none, to_none),
     "stats": Op(lambda: {}, dec_no_args, same, same),
+    "scan": Op(lambda p="", a="", n=DEFAULT_SCAN_LIMIT: {"p": p, "a": a, "n": n}, dec_scan_args, enc_items, dec_items),
 }
 
 # What the bus process serves beside BUS_OPS, answered by the server rather than the Bus:

@@ -14,7 +14,6 @@ from oribus.errors import (
     InvalidRequest,
 )
 from oribus.messages import (
-    ReadItem,
     ReadReply,
     ReadRequest,
     Scope,
@@ -29,14 +28,17 @@ from oribus.rpc.wire import (
     Op,
     dec_entries,
     dec_history_args,
+    dec_items,
     dec_keys_args,
     dec_no_args,
     dec_read_args,
+    dec_scan_args,
     dec_session,
     dec_session_args,
     dec_stale,
     dec_writes,
     enc_entries,
+    enc_items,
     enc_read_args,
     enc_session,
     need,
@@ -49,7 +51,6 @@ from oribus.rpc.wire import (
 from oribus.types import (
     DEFAULT_SCAN_LIMIT,
     DEFAULT_SESSIONS_LISTED,
-    MAX_KEYS_PER_REQUEST,
     MAX_SESSIONS_LISTED,
 )
 
@@ -68,19 +69,6 @@ def dec_read_request(a: Any) -> ReadRequest:
     return ReadRequest(s, keys, record, bool(opt(a, "d", bool, False)), bool(opt(a, "n", bool, False)))
 
 
-def enc_items(items: list[ReadItem]) -> list:
-    """[key, value, version] per item, plus [agent, committed_at] when it carries detail."""
-    return [
-        [i.key, i.value, i.version, i.agent, i.committed_at] if i.agent or i.committed_at
-        else [i.key, i.value, i.version]
-        for i in items
-    ]
-
-
-def dec_items(v: list) -> list[ReadItem]:
-    return [ReadItem(*i) for i in v]
-
-
 def enc_read_reply(r: ReadReply) -> list:
     if r.skipped:
         return [enc_items(r.items), list(r.token), r.seq, r.skipped]
@@ -90,13 +78,6 @@ def enc_read_reply(r: ReadReply) -> list:
 def dec_read_reply(v: list) -> ReadReply:
     items, token, seq, *skipped = v
     return ReadReply(dec_items(items), (token[0], token[1]), seq, list(skipped[0]) if skipped else [])
-
-
-def dec_scan_args(a: Any) -> tuple[str, str, int]:
-    limit = opt(a, "n", int, DEFAULT_SCAN_LIMIT)
-    if limit < 1 or limit > MAX_KEYS_PER_REQUEST:
-        raise InvalidRequest(f"scan limit must be 1..{MAX_KEYS_PER_REQUEST}")
-    return opt(a, "p", str, ""), opt(a, "a", str, ""), limit
 
 
 def enc_sessions(v: list) -> list:

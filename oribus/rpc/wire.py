@@ -49,8 +49,8 @@ from oribus.errors import (
     OribusError,
     Stale,
 )
-from oribus.messages import Change, WatchRequest
-from oribus.types import SessionRef
+from oribus.messages import Change, ReadItem, WatchRequest
+from oribus.types import DEFAULT_SCAN_LIMIT, MAX_KEYS_PER_REQUEST, SessionRef
 
 log = logging.getLogger("oribus.rpc.wire")
 
@@ -213,6 +213,26 @@ def dec_entries(v: list) -> list[Entry]:
 
 def dec_history_args(a: Any) -> tuple[str, int | None]:
     return need(a, "k", str), opt(a, "n", int, None)
+
+
+def enc_items(items: list[ReadItem]) -> list:
+    """[key, value, version] per item, plus [agent, committed_at] when it carries detail."""
+    return [
+        [i.key, i.value, i.version, i.agent, i.committed_at] if i.agent or i.committed_at
+        else [i.key, i.value, i.version]
+        for i in items
+    ]
+
+
+def dec_items(v: list) -> list[ReadItem]:
+    return [ReadItem(*i) for i in v]
+
+
+def dec_scan_args(a: Any) -> tuple[str, str, int]:
+    limit = opt(a, "n", int, DEFAULT_SCAN_LIMIT)
+    if limit < 1 or limit > MAX_KEYS_PER_REQUEST:
+        raise InvalidRequest(f"scan limit must be 1..{MAX_KEYS_PER_REQUEST}")
+    return opt(a, "p", str, ""), opt(a, "a", str, ""), limit
 
 
 def dec_keys_args(a: Any) -> tuple[SessionRef, list[str]]:

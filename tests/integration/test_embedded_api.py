@@ -361,3 +361,27 @@ async def test_a_commit_over_the_request_limit_is_refused_clearly(data_dir):
         with pytest.raises(InvalidRequest, match="split it"):
             await b.commit({f"big/{i}": value for i in range(n)})
         assert (await b.get("big/0")).version == 0  # nothing was sent
+
+
+async def test_scan_lists_live_keys_by_prefix_in_pages_without_recording_a_read(bus):
+    await bus.commit({"team/a": 1, "team/b": 2, "team/c": 3, "teamx": 0, "other/a": 9})
+    await bus.delete("team/b")
+    assert [(i.key, i.value, i.version) for i in await bus.scan("team/")] == [("team/a", 1, 1), ("team/c", 3, 1)]
+    first = await bus.scan("team", limit=2)
+    assert [i.key for i in first] == ["team/a", "team/c"]
+    assert [i.key for i in await bus.scan("team", after=first[-1].key)] == ["teamx"]
+    # a scan is not a delivery: another agent's write after it does not refuse this commit
+    other = bus.session(agent="other")
+    await other.put("team/z", 5)
+    assert [i.key for i in await bus.scan("team/")] == ["team/a", "team/c", "team/z"]
+    await other.put("team/z", 6)
+    assert await bus.commit({"team/z": 7}) == {"team/z": 3}
+    with pytest.raises(InvalidRequest):
+        await bus.scan("team/", limit=0)
+
+
+def test_the_sync_session_scans_too(data_dir):
+    with oribus.open_local_sync(data_dir, agent="a") as bus:
+        bus.commit({"p/1": 1, "p/2": 2, "q": 3})
+        assert [(i.key, i.value) for i in bus.scan("p/", limit=1)] == [("p/1", 1)]
+        assert [i.key for i in bus.scan("p/", after="p/1")] == ["p/2"]

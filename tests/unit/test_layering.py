@@ -46,6 +46,9 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
                  *ENTRY_POINTS)),
     (("meta/",), ("oribus.bus", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
                   *ENTRY_POINTS)),
+    # the integrations reach a bus through the public SDK only (oribus.connect, oribus.open_local)
+    (("integrations/",), ("oribus.bus", "oribus.shards", "oribus.delivery_log", "oribus.meta", "oribus.hosts",
+                          "oribus.gateway", *SERVER_RPC, "oribus.cli", "oribus.demo", "oribus.sim")),
     (("shards/", "delivery_log/", "messages", "contract"),
      ("oribus.bus", "oribus.meta", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
       *ENTRY_POINTS)),
@@ -139,6 +142,7 @@ def test_no_upward_imports():
     ("shards/shard.py", "import oribus.meta.cluster_meta\n"),
     ("gateway/native.py", "from oribus.gateway.app import LOG_FIELDS\n"),
     ("contract.py", "from oribus.tls import TlsConfig\n"),
+    ("integrations/mcp/server.py", "from oribus.hosts.embedded import EmbeddedEngine\n"),
 ])
 def test_each_rule_reports_what_it_forbids(tmp_path, rel, source):
     root = tmp_path / "oribus"
