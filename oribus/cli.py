@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gRPC address as HOST:PORT; port 0 picks a free one (default: %(default)s)")
     p.add_argument("--advertise", help="the address other servers reach this one at (default: --listen)")
     p.add_argument("--stream-listen", metavar="HOST:PORT",
-                   help="address of the stream listener the bus uses (port 0 picks a free one; 'off': none); "
+                   help="address of the stream listener the bus uses: HOST:PORT (port 0 picks a free one), "
+                        "unix:PATH (a Unix-domain socket, for a bus on the same machine) or 'off' (none); "
                         "default: the host of --listen on a free port, or none with --advertise unless "
                         "--advertise-stream is given")
     p.add_argument("--advertise-stream", metavar="HOST:PORT",

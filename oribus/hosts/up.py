@@ -20,9 +20,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -90,6 +92,7 @@ class UpHost:
         self._lifeline: ParentLifeline | None = None  # shard processes stop when its write end closes
         self.shard_addresses: dict[int, str] = {}  # gRPC listeners of the shard processes
         self.shard_streams: dict[int, str] = {}  # their stream listeners
+        self._socket_dir: Path | None = None  # where their Unix sockets are
         # what start() started, stopped in reverse by stop(); with processes it holds DATA/LOCK
         # (the engine takes it otherwise)
         self._teardown = Teardown(log)
@@ -124,6 +127,15 @@ class UpHost:
             if sweep is not None:  # in the background: serving does not wait for it
                 self._teardown.push_task("transaction sweep", asyncio.create_task(sweep.run_forever()))
 
+    def shard_socket(self, shard_id: int) -> str:
+        """Where shard ``shard_id``'s process serves the stream transport: a Unix-domain socket in
+        a private directory of this process (same machine: cheaper than TCP over loopback)."""
+        if self._socket_dir is None:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="oribus-"))  # mode 0700: this user only
+            self._teardown.push("shard sockets' directory",
+                                lambda: shutil.rmtree(self._socket_dir or "", ignore_errors=True))
+        return f"unix:{self._socket_dir / f'shard-{shard_id}.sock'}"
+
     def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0",
                       parent_fd: int | None = None) -> list[str]:
         tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
@@ -132,11 +144,13 @@ class UpHost:
         # the bus and every shard process read this machine's one clock: no skew (§5.8)
         leases = ["--read-lease", repr(self.config.read_lease_seconds),
                   "--clock-skew", repr(self.config.clock_skew_seconds)]
+        stream = ["--stream-listen", self.shard_socket(shard_id) if self.shard_transport == "stream" else "off"]
         return [
             sys.executable, "-m", "oribus.cli", "shard",
             "--id", str(shard_id),
             "--data-dir", str(self.config.shard_config(shard_id).data_dir),
             "--listen", listen,
+            *stream,
             "--ready-file", str(ready_file),
             *tls,
             *allow_empty,
@@ -186,6 +200,7 @@ class UpHost:
         self._teardown.push("data directory lock", dir_lock.release)
         await loop.run_in_executor(None, check_layout, self.config)
         assert self.config.shards is not None  # check_layout resolved it
+        self.shard_socket(0)  # its directory is removed after the processes stop (teardown order)
         for i in range(self.config.shards):
             self.spawn_shard(i)
         shards: dict[int, RemoteShardClient] = {}

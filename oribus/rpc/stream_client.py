@@ -19,6 +19,10 @@ epoch on every call (``shard_codec.FENCE``) are the same too.
 ``StreamWatch``   one watch, on a connection of its own, subscribed before
                   ``subscribed()`` returns.
 
+An address is ``HOST:PORT`` (TCP) or ``unix:PATH`` (a Unix-domain socket: on one machine,
+about a third less CPU per round trip than TCP over loopback, which runs the whole TCP
+stack of both ends in every write).
+
 The server end is ``oribus.rpc.stream_server``.
 """
 
@@ -38,6 +42,19 @@ from oribus.messages import Change, WatchRequest
 from oribus.rpc import frames, grpc_status, wire
 
 CONNECT_TIMEOUT = 10.0  # seconds to connect, handshake (TLS) and have the hello answered
+
+
+UNIX = "unix:"  # the prefix of a Unix-domain socket's address: ``unix:/run/oribus/shard-0.sock``
+
+
+def unix_path(address: str) -> str | None:
+    """The socket path of a ``unix:PATH`` address; None for ``HOST:PORT``."""
+    if not address.startswith(UNIX):
+        return None
+    path = address[len(UNIX):]
+    if not path:
+        raise InvalidRequest(f"a Unix socket address is unix:PATH, not {address!r}")
+    return path
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -64,9 +81,10 @@ class StreamClient:
         self.timeout = timeout  # seconds a call waits for its reply before Unavailable
         self.connect_timeout = min(connect_timeout, timeout)
         self.max_frame_bytes = max_frame_bytes
-        self._host, self._port = split_address(target)
+        self._path = unix_path(target)  # a Unix-domain socket (the same machine), or TCP
+        self._host, self._port = ("", 0) if self._path is not None else split_address(target)
         self._ssl = ssl
-        self._server_hostname = (server_hostname or self._host) if ssl is not None else None
+        self._server_hostname = (server_hostname or self._host or "localhost") if ssl is not None else None
         self._conn: _Calls | None = None
         self._attempt: asyncio.Task | None = None  # the connection being opened, shared by its waiters
         self._ids = itertools.count(1)
@@ -145,8 +163,12 @@ class StreamClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: conn, self._host, self._port, ssl=self._ssl,
-                                             server_hostname=self._server_hostname)
+                if self._path is not None:
+                    await loop.create_unix_connection(lambda: conn, self._path, ssl=self._ssl,
+                                                      server_hostname=self._server_hostname)
+                else:
+                    await loop.create_connection(lambda: conn, self._host, self._port, ssl=self._ssl,
+                                                 server_hostname=self._server_hostname)
                 conn.write_frame(hello)
                 await conn.welcomed
         except TimeoutError:

@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import socket
 import ssl
+import stat
 from typing import Any
 
 import msgpack
@@ -36,7 +40,7 @@ import msgpack
 from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.messages import WatchRequest
 from oribus.rpc import frames, wire
-from oribus.rpc.stream_client import split_address
+from oribus.rpc.stream_client import split_address, unix_path
 
 log = logging.getLogger("oribus.rpc.stream_server")
 
@@ -59,7 +63,8 @@ class StreamListener:
         self.max_frame_bytes = max_frame_bytes
         self.port = 0
         self.stopping = False
-        self._host, self._port = split_address(listen)
+        self._path = unix_path(listen)
+        self._host, self._port = ("", 0) if self._path is not None else split_address(listen)
         self._ssl = ssl
         self._server: asyncio.AbstractServer | None = None
         self.connections: set[_ServerConnection] = set()
@@ -67,11 +72,19 @@ class StreamListener:
 
     @property
     def address(self) -> str:
+        if self._path is not None:
+            return self.listen
         return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
+            if self._path is not None:
+                _remove_stale_socket(self._path)
+                self._server = await loop.create_unix_server(lambda: _ServerConnection(self), self._path,
+                                                             ssl=self._ssl)
+                os.chmod(self._path, 0o600)  # this user's processes only, like the data it serves
+                return
             self._server = await loop.create_server(lambda: _ServerConnection(self), self._host or None,
                                                     self._port, ssl=self._ssl, reuse_port=False)
         except OSError as e:
@@ -92,6 +105,27 @@ class StreamListener:
             conn.close(Unavailable(f"{self.service} at {self.address} is stopping"))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self._path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file left by a listener that is gone (it crashed) would make the bind fail.
+    One that still answers belongs to a live listener: refused, as a taken port is."""
+    if not os.path.exists(path):
+        return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another process listens on {path}")
 
 
 class _ServerConnection(asyncio.Protocol):

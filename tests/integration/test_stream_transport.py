@@ -5,7 +5,11 @@ watches, and mutual TLS."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
 import ssl
+import stat
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -518,3 +522,86 @@ async def test_the_server_name_is_checked(tls_server, certs):
             await c.call("echo", 1)
     finally:
         await c.close()
+
+
+# ---- Unix-domain sockets -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def socket_path(tmp_path_factory):
+    # short: a Unix socket's path is limited to ~107 bytes, pytest's temporary paths are long
+    d = Path(tempfile.mkdtemp(prefix="oribus-test-"))
+    yield d / "s.sock"
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def test_calls_and_a_watch_over_a_unix_socket(socket_path):
+    listener = StreamListener(f"unix:{socket_path}", SERVICE, Ops().table(), watch=watch_handler)
+    await listener.start()
+    try:
+        assert listener.address == f"unix:{socket_path}"
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o600  # this user's processes only
+        c = StreamClient(listener.address, SERVICE, timeout=5.0)
+        try:
+            assert await asyncio.gather(*(c.call("echo", i) for i in range(50))) == list(range(50))
+            watch = c.watch(WatchRequest("w/", from_version=2))
+            await watch.subscribed()
+            assert [(ch.key, ch.version) async for ch in watch] == [("w/k", 1), ("w/k", 2)]
+        finally:
+            await c.close()
+    finally:
+        await listener.stop(0)
+    assert not socket_path.exists()  # removed when the listener stops
+
+
+async def test_a_stale_socket_file_is_replaced_and_a_live_one_refused(socket_path):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(socket_path))  # a listener that crashed leaves its file behind
+    stale.close()
+    first = StreamListener(f"unix:{socket_path}", SERVICE, Ops().table())
+    await first.start()
+    try:
+        second = StreamListener(f"unix:{socket_path}", SERVICE, Ops().table())
+        with pytest.raises(OSError, match="another process listens on"):
+            await second.start()
+        c = StreamClient(first.address, SERVICE, timeout=5.0)
+        try:
+            assert await c.call("echo", "still the first") == "still the first"
+        finally:
+            await c.close()
+    finally:
+        await first.stop(0)
+    socket_path.write_text("not a socket")
+    with pytest.raises(OSError, match="exists and is not a socket"):
+        await StreamListener(f"unix:{socket_path}", SERVICE, Ops().table()).start()
+
+
+async def test_mutual_tls_over_a_unix_socket(socket_path, certs):
+    cfg = TlsConfig.from_dir(certs)
+    listener = StreamListener(f"unix:{socket_path}", SERVICE, Ops().table(), ssl=server_ssl_context(cfg))
+    await listener.start()
+    try:
+        c = StreamClient(listener.address, SERVICE, ssl=client_ssl_context(cfg), timeout=5.0)
+        try:
+            assert await c.call("echo", "over TLS") == "over TLS"
+        finally:
+            await c.close()
+        plain = StreamClient(listener.address, SERVICE, timeout=5.0)
+        try:
+            with pytest.raises(Unavailable):
+                await plain.call("echo", "no TLS")
+        finally:
+            await plain.close()
+    finally:
+        await listener.stop(0)
+
+
+async def test_nothing_listening_on_a_unix_socket_is_unavailable(socket_path):
+    c = StreamClient(f"unix:{socket_path}", SERVICE, timeout=2.0)
+    try:
+        with pytest.raises(Unavailable):
+            await c.call("echo", 1)
+    finally:
+        await c.close()
+    with pytest.raises(InvalidRequest, match="unix:PATH"):
+        StreamClient("unix:", SERVICE)
