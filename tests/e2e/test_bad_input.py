@@ -360,13 +360,21 @@ def test_bad_input_on_a_shard_stream_listener(up_processes):
     from oribus.rpc import frames
 
     data = Path(up_processes.args[up_processes.args.index("--data-dir") + 1])
-    host, port = (data / ".shard-0.addr").read_text().splitlines()[1].rsplit(":", 1)
+    address = (data / ".shard-0.addr").read_text().splitlines()[1]
+    assert address.startswith("unix:")  # up --processes: the shards' stream listeners are Unix sockets
+    path = address.removeprefix("unix:")
     key = keys_on_shard(0, "bad-input/stream")[0]
     hello = frames.pack_frame(frames.hello(wire.SHARD_SERVICE, frames.CALLS))
 
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+        return sock
+
     def exchange(*chunks: bytes) -> list:
         """Send ``chunks`` on a fresh connection; every frame until the server closes it."""
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with connect() as sock:
             for c in chunks:
                 sock.sendall(c)
             sock.shutdown(socket.SHUT_WR)

@@ -5,12 +5,15 @@
 // (Conflict: the worker's context is stale) and the worker reads the plan again.
 //
 //   oribus up                                   # in another terminal (HTTP on 127.0.0.1:7780)
-//   node examples/plan-agents.mjs [URL]         # after `npm run build` in clients/typescript
+//   node examples/plan-agents.mjs [URL [THINK_MS]]   # after `npm run build` in clients/typescript
 //
 // The last line printed is a JSON summary: {"steps", "done", "conflicts"}.
 import { connect, Conflict } from "../dist/index.js";
 
 const url = process.argv[2] ?? process.env.ORIBUS_URL ?? "http://127.0.0.1:7780";
+// how long the worker thinks about a step (default 200 ms): the planner's revision lands in
+// that window, which is what makes the bus refuse the worker's stale claim
+const THINK_MS = Number(process.argv[3] ?? 200);
 const run = Date.now().toString(36); // keys of this run: the example can run again on the same bus
 const PLAN = `demo/${run}/plan`;
 const RESULTS = `demo/${run}/results/`;
@@ -71,7 +74,7 @@ async function workerAgent() {
       await sleep(20); // nothing to do until the planner adds a step or closes the plan
       continue;
     }
-    await sleep(200); // thinking about the step, as a model call would
+    await sleep(THINK_MS); // thinking about the step, as a model call would
     try {
       await worker.commit({ [PLAN]: withStep(plan, step.id, { status: "doing", owner: "worker" }) });
     } catch (e) {
