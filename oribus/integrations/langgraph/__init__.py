@@ -5,8 +5,9 @@
   ``CheckpointRaced`` naming the checkpoint it raced (or, with
   ``on_race="rebase"``, lands on top of it).
 - ``OribusStore``: a ``BaseStore``. A put of an item the same task (or thread) got
-  earlier is refused with ``oribus.Conflict`` if the item changed since, so two
-  branches that read-modify-write one memory cannot silently lose an update.
+  earlier is refused with ``ItemChanged`` (an ``oribus.Conflict``) if the item
+  changed since, so two branches that read-modify-write one memory cannot
+  silently lose an update.
 
 Example::
 
@@ -19,5 +20,6 @@ Example::
 """
 
 from oribus.integrations.langgraph.saver import CheckpointRaced, OribusSaver, RacePolicy
+from oribus.integrations.langgraph.store import ItemChanged, OribusStore
 
-__all__ = ["CheckpointRaced", "OribusSaver", "RacePolicy"]
+__all__ = ["CheckpointRaced", "ItemChanged", "OribusSaver", "OribusStore", "RacePolicy"]

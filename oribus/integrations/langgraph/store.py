@@ -1,0 +1,375 @@
+"""``OribusStore``: LangGraph long-term memory where a read-modify-write cannot lose an update.
+
+LangGraph's stores take the last ``put``: two branches of a graph that both read
+a memory item, change it and put it back leave only one change, silently. Here
+every read of an item (``get``, ``search``) is remembered per *reader* — the
+asyncio task, or the thread for the synchronous methods; LangGraph runs each
+node in one — and a later ``put`` or ``delete`` of that item by the same reader
+commits only if the item is still at the version the reader got: the put's
+oribus transaction expects that version, so the commit's ORI check refuses it
+otherwise (``ItemChanged``, an ``oribus.Conflict``: read again and redo the
+change — a node's ``RetryPolicy(retry_on=oribus.Conflict)`` does exactly that).
+A put of an item the reader never got is a plain last-writer-wins put, as in
+LangGraph.
+
+TTL (``supports_ttl``): an item put with ``ttl`` minutes expires that long after
+its last write or (``refresh_ttl``) read; expired items are never returned and
+``sweep_ttl``/``asweep_ttl`` deletes them. A refresh is written to a key of its
+own beside the item, so it changes no item version and refuses nobody's put.
+
+Key layout: ``oribus.integrations.langgraph.keys``. Semantic search (an
+``index`` with embeddings) is not supported: ``query`` is ignored, as by
+LangGraph's in-memory store without an index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from langgraph.store.base import (
+    BaseStore,
+    GetOp,
+    Item,
+    ListNamespacesOp,
+    MatchCondition,
+    Op,
+    PutOp,
+    Result,
+    SearchItem,
+    SearchOp,
+    TTLConfig,
+    validate_op_namespace,
+)
+
+from oribus.client import AsyncSession, RetryPolicy
+from oribus.errors import Conflict, InvalidRequest
+from oribus.integrations.langgraph.connection import Bus, LoopBridge, RotatingSession, open_bus
+from oribus.integrations.langgraph.keys import StoreKeys
+from oribus.types import MAX_KEYS_PER_REQUEST
+
+# Transaction retries when a commit was refused for a key other than the item itself (the
+# namespace's key list or the namespace registry, which concurrent puts of other items change).
+_RETRIES = 20
+_READ_CHUNK = MAX_KEYS_PER_REQUEST // 4
+
+
+class ItemChanged(Conflict):
+    """A put or delete of a store item was refused: it changed since this reader got it.
+
+    ``details``: ``namespace``, ``key``, ``read`` (the version this reader got) and
+    ``current``. Get the item again and redo the change.
+    """
+
+    def __init__(self, namespace: tuple[str, ...], key: str, read: int, current: int) -> None:
+        super().__init__(
+            f"store item {key!r} in {namespace!r} changed since this task read it (read version "
+            f"{read}, now {current}): get it again and redo the change",
+            namespace=list(namespace), key=key, read=read, current=current)
+        self.namespace = namespace
+        self.key = key
+
+
+Reader = Any  # an asyncio.Task or a threading.Thread: whoever made the reads
+
+
+class _Sweeper:
+    """The reader the TTL sweep deletes as."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _stamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    """LangGraph's filter rule: equal values, nested dicts matched key by key, and the
+    operators $eq, $ne, $gt, $gte, $lt, $lte."""
+    if isinstance(wanted, dict):
+        if any(k.startswith("$") for k in wanted):
+            return all(_compare(value, op, operand) for op, operand in wanted.items())
+        return isinstance(value, dict) and all(_matches(value.get(k), v) for k, v in wanted.items())
+    return bool(value == wanted)
+
+
+def _compare(value: Any, op: str, operand: Any) -> bool:
+    if op == "$eq":
+        return bool(value == operand)
+    if op == "$ne":
+        return bool(value != operand)
+    if value is None:
+        return False
+    if op == "$gt":
+        return float(value) > float(operand)
+    if op == "$gte":
+        return float(value) >= float(operand)
+    if op == "$lt":
+        return float(value) < float(operand)
+    if op == "$lte":
+        return float(value) <= float(operand)
+    raise ValueError(f"unsupported filter operator {op!r}")
+
+
+def _namespace_matches(condition: MatchCondition, namespace: tuple[str, ...]) -> bool:
+    path = condition.path
+    if len(namespace) < len(path):
+        return False
+    pairs = zip(namespace, path, strict=False) if condition.match_type == "prefix" \
+        else zip(reversed(namespace), reversed(path), strict=False)
+    return all(p == "*" or n == p for n, p in pairs)
+
+
+class OribusStore(BaseStore):
+    """A LangGraph store on oribus: a put after a get of the same item is checked by ORI.
+
+    Example::
+
+        import oribus
+        from oribus.integrations.langgraph import OribusStore
+
+        async with oribus.open_local("./data", agent="graphs") as bus:
+            store = OribusStore(bus)
+            graph = builder.compile(store=store)
+
+    ``bus``: an oribus session (as for ``OribusSaver``); ``root``: the key prefix;
+    ``ttl``: LangGraph's ``TTLConfig`` (``default_ttl`` in minutes, ``refresh_on_read``).
+    """
+
+    supports_ttl = True
+
+    def __init__(self, bus: Bus, *, root: str = "lgs", ttl: TTLConfig | None = None) -> None:
+        self._bridge = LoopBridge(bus)
+        self._sessions = RotatingSession(self._bridge.session)
+        self.keys = StoreKeys(root)
+        self.ttl_config = ttl
+        # what each reader got: item key -> version (forgotten with the reader)
+        self._reads: weakref.WeakKeyDictionary[Reader, dict[str, int]] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    @asynccontextmanager
+    async def from_conn_string(cls, conn: str, *, agent: str = "langgraph", root: str = "lgs",
+                               ttl: TTLConfig | None = None, **options: Any) -> AsyncIterator[OribusStore]:
+        """A store on a bus it opens and closes (``conn`` as for ``OribusSaver.from_conn_string``)."""
+        async with open_bus(conn, agent=agent, **options) as bus:
+            yield cls(bus, root=root, ttl=ttl)
+
+    # ---- readers -----------------------------------------------------------------------
+
+    def _reads_of(self, reader: Reader) -> dict[str, int]:
+        reads = self._reads.get(reader)
+        if reads is None:
+            reads = self._reads[reader] = {}
+        return reads
+
+    @staticmethod
+    def _async_reader() -> Reader:
+        return asyncio.current_task() or threading.current_thread()
+
+    # ---- batch -------------------------------------------------------------------------
+
+    async def abatch(self, ops: Iterable[Op]) -> list[Result]:
+        self._bridge.bind()
+        return await self._batch(list(ops), self._async_reader())
+
+    def batch(self, ops: Iterable[Op]) -> list[Result]:
+        return self._bridge.call(self._batch(list(ops), threading.current_thread()))
+
+    async def _batch(self, ops: list[Op], reader: Reader) -> list[Result]:
+        for op in ops:
+            validate_op_namespace(op)
+        results: list[Result] = []
+        for op in ops:
+            if isinstance(op, GetOp):
+                found = await self._read_items([(tuple(op.namespace), op.key)], reader, op.refresh_ttl)
+                results.append(found[0])
+            elif isinstance(op, SearchOp):
+                results.append(await self._search(op, reader))
+            elif isinstance(op, ListNamespacesOp):
+                results.append(await self._list_namespaces(op))
+            elif isinstance(op, PutOp):
+                await self._put(op, reader)
+                results.append(None)
+            else:
+                raise ValueError(f"unknown store operation {type(op).__name__}")
+        return results
+
+    # ---- reads -------------------------------------------------------------------------
+
+    async def _read_items(self, wanted: Sequence[tuple[tuple[str, ...], str]], reader: Reader,
+                          refresh: bool) -> list[Item | None]:
+        """The items (None: absent or expired), each read recorded for ``reader``."""
+        keys = self.keys
+        item_keys = [keys.item(ns, k) for ns, k in wanted]
+        out: list[Item | None] = []
+        reads = self._reads_of(reader)
+        now = _now()
+        refreshes: dict[str, dict[str, float]] = {}
+        for start in range(0, len(item_keys), _READ_CHUNK):
+            chunk = item_keys[start:start + _READ_CHUNK]
+            ttl_keys = [f"{k}/ttl" for k in chunk]
+            got = await self._sessions.for_reading(2 * len(chunk)).get_many([*chunk, *ttl_keys])
+            for (ns, key), ik in zip(wanted[start:start + _READ_CHUNK], chunk, strict=True):
+                entry = got[ik]
+                reads[ik] = entry.version
+                record = entry.value
+                if record is None or self._expired(record, got[f"{ik}/ttl"].value, now):
+                    out.append(None)
+                    continue
+                if refresh and record.get("ttl"):
+                    refreshes[f"{ik}/ttl"] = {"expires_at": now + record["ttl"] * 60}
+                out.append(Item(value=record["value"], key=key, namespace=ns,
+                                created_at=_stamp(record["created_at"]), updated_at=_stamp(record["updated_at"])))
+        if refreshes:
+            tx = self._sessions.for_reading(0).transaction()  # blind writes: never refused
+            for k, v in refreshes.items():
+                tx.put(k, v)
+            await tx.commit()
+        return out
+
+    @staticmethod
+    def _expired(record: dict[str, Any], refreshed: dict[str, Any] | None, now: float) -> bool:
+        if record.get("expires_at") is None:
+            return False
+        expires = max(record["expires_at"], (refreshed or {}).get("expires_at") or 0)
+        return bool(expires <= now)
+
+    async def _namespaces(self) -> list[tuple[str, ...]]:
+        registry = (await self._sessions.for_reading(1).get(self.keys.namespaces)).value or []
+        return [tuple(ns) for ns in registry]
+
+    async def _search(self, op: SearchOp, reader: Reader) -> list[SearchItem]:
+        prefix = tuple(op.namespace_prefix)
+        namespaces = [ns for ns in await self._namespaces() if ns[:len(prefix)] == prefix]
+        if not namespaces:
+            return []
+        indexes = await self._sessions.for_reading(len(namespaces)).get_many(
+            [self.keys.namespace(ns) for ns in namespaces])
+        wanted = [(ns, k) for ns in namespaces
+                  for k in (indexes[self.keys.namespace(ns)].value or {}).get("keys", [])]
+        items = [i for i in await self._read_items(wanted, reader, op.refresh_ttl) if i is not None]
+        if op.filter:
+            filt = op.filter
+            items = [i for i in items if all(_matches(i.value.get(k), v) for k, v in filt.items())]
+        items.sort(key=lambda i: i.updated_at, reverse=True)
+        return [SearchItem(namespace=i.namespace, key=i.key, value=i.value, created_at=i.created_at,
+                           updated_at=i.updated_at) for i in items[op.offset:op.offset + op.limit]]
+
+    async def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
+        namespaces = [ns for ns in await self._namespaces()
+                      if all(_namespace_matches(c, ns) for c in op.match_conditions or ())]
+        if op.max_depth is not None:
+            namespaces = sorted({ns[:op.max_depth] for ns in namespaces})
+        return namespaces[op.offset:op.offset + op.limit]
+
+    # ---- writes ------------------------------------------------------------------------
+
+    async def _put(self, op: PutOp, reader: Reader) -> None:
+        keys = self.keys
+        ns, key = tuple(op.namespace), op.key
+        if op.value is not None and not isinstance(op.value, dict):
+            raise InvalidRequest(f"a store value must be a dict, not {type(op.value).__name__}")
+        item_key, index_key = keys.item(ns, key), keys.namespace(ns)
+        reads = self._reads_of(reader)
+
+        async def attempt(session: AsyncSession) -> dict[str, int]:
+            tx = session.transaction()
+            got = await tx.get_many([item_key, index_key])
+            current = got[item_key]
+            read = reads.get(item_key)
+            if read is not None:
+                if current.version != read:
+                    raise ItemChanged(ns, key, read, current.version)
+                tx.expect(item_key, read)  # and the commit refuses it if it changes now
+            item_keys: list[str] = list((got[index_key].value or {}).get("keys", []))
+            now = _now()
+            if op.value is None:
+                tx.delete(item_key)
+                tx.delete(f"{item_key}/ttl")
+                if key in item_keys:
+                    item_keys.remove(key)
+                    if item_keys:
+                        tx.put(index_key, {"keys": item_keys})
+                    else:
+                        tx.delete(index_key)
+                        await self._unregister(tx, ns)
+            else:
+                created = (current.value or {}).get("created_at", now)
+                ttl = op.ttl
+                tx.put(item_key, {"value": dict(op.value), "created_at": created, "updated_at": now,
+                                  "ttl": ttl, "expires_at": now + ttl * 60 if ttl else None})
+                tx.delete(f"{item_key}/ttl")
+                if key not in item_keys:
+                    if not item_keys:
+                        await self._register(tx, ns)
+                    bisect.insort(item_keys, key)
+                    tx.put(index_key, {"keys": item_keys})
+            return await tx.commit()
+
+        versions = await self._retrying(attempt, item_key, ns, key, reads)
+        reads[item_key] = versions[item_key]
+
+    async def _register(self, tx: Any, ns: tuple[str, ...]) -> None:
+        registry = (await tx.get(self.keys.namespaces)).value or []
+        if list(ns) not in registry:
+            bisect.insort(registry, list(ns))
+            tx.put(self.keys.namespaces, registry)
+
+    async def _unregister(self, tx: Any, ns: tuple[str, ...]) -> None:
+        registry = (await tx.get(self.keys.namespaces)).value or []
+        if list(ns) in registry:
+            registry.remove(list(ns))
+            tx.put(self.keys.namespaces, registry)
+
+    async def _retrying(self, attempt: Callable[[AsyncSession], Any], item_key: str,
+                        ns: tuple[str, ...], key: str, reads: dict[str, int]) -> Any:
+        policy = RetryPolicy(retries=_RETRIES)
+        for n in range(_RETRIES + 1):
+            try:
+                return await attempt(self._sessions.for_reading(3))
+            except ItemChanged:
+                raise
+            except Conflict as e:
+                stale = {s.key: s for s in e.stale}
+                if item_key in stale and item_key in reads:
+                    raise ItemChanged(ns, key, reads[item_key], stale[item_key].current) from e
+                if n == _RETRIES:
+                    raise
+                await asyncio.sleep(policy.delay(n))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ---- TTL -------------------------------------------------------------------------
+
+    async def asweep_ttl(self) -> int:
+        """Delete every expired item; returns how many."""
+        self._bridge.bind()
+        expired: list[tuple[tuple[str, ...], str]] = []
+        now = _now()
+        for ns in await self._namespaces():
+            index = (await self._sessions.for_reading(1).get(self.keys.namespace(ns))).value or {}
+            item_keys = [self.keys.item(ns, k) for k in index.get("keys", [])]
+            for start in range(0, len(item_keys), _READ_CHUNK):
+                chunk = item_keys[start:start + _READ_CHUNK]
+                got = await self._sessions.for_reading(2 * len(chunk)).get_many(
+                    [*chunk, *(f"{k}/ttl" for k in chunk)])
+                for k, ik in zip(index["keys"][start:start + _READ_CHUNK], chunk, strict=True):
+                    record = got[ik].value
+                    if record is not None and self._expired(record, got[f"{ik}/ttl"].value, now):
+                        expired.append((ns, k))
+        sweeper = _Sweeper()  # a reader of its own, which read nothing: plain deletes
+        for ns, k in expired:
+            await self._put(PutOp(ns, k, None), sweeper)
+        return len(expired)
+
+    def sweep_ttl(self) -> int:
+        """Delete every expired item; returns how many (the sync face of ``asweep_ttl``)."""
+        return self._bridge.call(self.asweep_ttl())
