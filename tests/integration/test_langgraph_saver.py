@@ -94,6 +94,36 @@ async def test_the_second_run_to_extend_a_checkpoint_is_refused_naming_the_winne
     assert [t.checkpoint["id"] async for t in first.alist(generate_config("t"))] == [winner, root]
 
 
+async def test_another_reader_handed_the_parent_later_does_not_make_it_fresh(bus):
+    """Runs are tasks: while two race, a third task (a UI listing the history) is handed the
+    contested parent at the thread's new head; the losing run is still refused."""
+    saver = OribusSaver(bus)
+    root = await put(saver, "t", None, 0)
+    both_read, a_stored, listed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    loaded = []
+
+    async def run(name: str) -> str:
+        assert await newest(saver, "t") == root
+        loaded.append(name)
+        if len(loaded) == 2:
+            both_read.set()
+        await both_read.wait()
+        if name == "a":
+            stored = await put(saver, "t", root, 1)
+            a_stored.set()
+            return stored
+        await listed.wait()
+        return await put(saver, "t", root, 1)
+
+    async def ui() -> None:
+        await a_stored.wait()
+        assert [t.checkpoint["id"] async for t in saver.alist(generate_config("t"))][-1] == root
+        listed.set()
+
+    a, b, _ = await asyncio.gather(run("a"), run("b"), ui(), return_exceptions=True)
+    assert isinstance(b, CheckpointRaced) and b.newest_id == a
+
+
 async def test_a_race_inside_the_commit_window_is_refused_by_the_commit(bus, monkeypatch):
     """The other run commits between this put's read of the head and its commit: oribus
     refuses the commit (the head it read changed), the put reads again and reports the race."""

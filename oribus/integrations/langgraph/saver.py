@@ -9,8 +9,8 @@ against the thread's head, which the put reads in the same oribus transaction
 as it writes, so the commit's ORI check covers the read:
 
 - the parent is the thread's newest checkpoint: the put lands;
-- the parent is older, and the thread has not moved since this saver handed that
-  checkpoint out (``get_tuple``, ``list`` or the put that stored it): a deliberate
+- the parent is older, and the thread has not moved since this run was handed that
+  checkpoint (by ``get_tuple``, ``list`` or the put that stored it): a deliberate
   fork (time travel, ``update_state`` on a past checkpoint) — the put lands;
 - otherwise another run extended the thread after this one read it: a race. By
   default (``on_race="reject"``) the put raises ``CheckpointRaced``, naming the
@@ -18,7 +18,13 @@ as it writes, so the commit's ORI check covers the read:
   child of the newest one instead; a callable decides case by case.
 
 A put without a parent (the first checkpoint of a thread, or a deliberately new
-line) is not a race. Two puts that pass these checks concurrently cannot both
+line) is not a race.
+
+"This run": what a run was handed is kept in a context variable, so it follows
+LangGraph's run into the tasks (or threads) it starts for its puts, and another
+caller reading the same checkpoint later (a UI listing the history while two
+runs race) cannot make a stale parent look fresh. A read from a task (or
+thread) other than the one whose memory it inherited starts a memory of its own. Two puts that pass these checks concurrently cannot both
 commit against the same head: oribus refuses the second (it read a head that
 changed), which then reads the head again and is judged as above.
 
@@ -30,9 +36,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, Literal, cast
 
 from langchain_core.runnables import RunnableConfig
@@ -59,7 +67,7 @@ from oribus.types import MAX_KEYS_PER_REQUEST
 RaceDecision = Literal["reject", "rebase"]
 RacePolicy = RaceDecision | Callable[["CheckpointRaced"], RaceDecision]
 
-# How many checkpoint ids this saver remembers with the head version it saw them at
+# How many checkpoint ids one run's memory keeps with the head version it was handed them at
 # (the fork-or-race test above); beyond it the oldest are forgotten, and a put extending
 # a forgotten non-newest checkpoint counts as a race.
 _SEEN_LIMIT = 10_000
@@ -94,6 +102,37 @@ class CheckpointRaced(Conflict):
         self.checkpoint_id = checkpoint_id
         self.parent_id = parent_id
         self.newest_id = newest_id
+
+
+class RunMemory:
+    """The checkpoints one run was handed: (thread, namespace, id) -> the head's version then."""
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner  # the task (or thread) that made the first read
+        self.heads: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+
+    def remember(self, thread_id: str, ns: str, checkpoint_id: str, head_version: int) -> None:
+        key = (thread_id, ns, checkpoint_id)
+        self.heads[key] = head_version
+        self.heads.move_to_end(key)
+        while len(self.heads) > _SEEN_LIMIT:
+            self.heads.popitem(last=False)
+
+    def head_version(self, thread_id: str, ns: str, checkpoint_id: str) -> int | None:
+        return self.heads.get((thread_id, ns, checkpoint_id))
+
+    def forget_thread(self, thread_id: str) -> None:
+        for key in [k for k in self.heads if k[0] == thread_id]:
+            del self.heads[key]
+
+
+def _owner() -> object:
+    """Who is reading: the asyncio task, else the thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return task or threading.current_thread()
 
 
 def _where(config: RunnableConfig) -> tuple[str, str, str | None]:
@@ -141,8 +180,8 @@ class OribusSaver(BaseCheckpointSaver[str]):
         self._sessions = RotatingSession(self._bridge.session)
         self._on_race = on_race
         self.keys = CheckpointKeys(root)
-        # (thread, ns, checkpoint id) -> version of the thread head when this saver handed it out
-        self._seen: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        # what the current run was handed (module docstring, "This run")
+        self._memory: ContextVar[RunMemory | None] = ContextVar(f"oribus_saver_{id(self)}", default=None)
 
     @classmethod
     @asynccontextmanager
@@ -155,12 +194,14 @@ class OribusSaver(BaseCheckpointSaver[str]):
 
     # ---- what the saver remembers of heads it handed out -----------------------------
 
-    def _remember(self, thread_id: str, ns: str, checkpoint_id: str, head_version: int) -> None:
-        key = (thread_id, ns, checkpoint_id)
-        self._seen[key] = head_version
-        self._seen.move_to_end(key)
-        while len(self._seen) > _SEEN_LIMIT:
-            self._seen.popitem(last=False)
+    def _run_memory(self, *, reading: bool) -> RunMemory:
+        """The current run's memory; a read by another task (or thread) than the one whose
+        memory this context inherited starts a memory of its own."""
+        memory = self._memory.get()
+        if memory is None or (reading and memory.owner is not _owner()):
+            memory = RunMemory(_owner())
+            self._memory.set(memory)
+        return memory
 
     def _decide(self, race: CheckpointRaced) -> RaceDecision:
         decision = self._on_race(race) if callable(self._on_race) else self._on_race
@@ -181,6 +222,9 @@ class OribusSaver(BaseCheckpointSaver[str]):
 
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         self._bridge.bind()
+        return await self._get_tuple(config, self._run_memory(reading=True))
+
+    async def _get_tuple(self, config: RunnableConfig, memory: RunMemory) -> CheckpointTuple | None:
         thread_id, ns, checkpoint_id = _where(config)
         head_key = self.keys.head(thread_id, ns)
         if checkpoint_id is None:
@@ -199,7 +243,7 @@ class OribusSaver(BaseCheckpointSaver[str]):
         tup, versions = tuples[0]
         if extra:
             head_version = versions[head_key]
-        self._remember(thread_id, ns, checkpoint_id, head_version)
+        memory.remember(thread_id, ns, checkpoint_id, head_version)
         return tup
 
     async def _load_tuples(self, thread_id: str, ns: str, ids: Sequence[str], extra: Sequence[str] = ()
@@ -249,6 +293,12 @@ class OribusSaver(BaseCheckpointSaver[str]):
                     before: RunnableConfig | None = None, limit: int | None = None,
                     ) -> AsyncIterator[CheckpointTuple]:
         self._bridge.bind()
+        async for tup in self._list(config, filter, before, limit, self._run_memory(reading=True)):
+            yield tup
+
+    async def _list(self, config: RunnableConfig | None, filter: dict[str, Any] | None,
+                    before: RunnableConfig | None, limit: int | None, memory: RunMemory,
+                    ) -> AsyncIterator[CheckpointTuple]:
         keys = self.keys
         session = self._sessions.for_reading(1)
         only_id: str | None = None
@@ -290,7 +340,7 @@ class OribusSaver(BaseCheckpointSaver[str]):
                                                         for k, v in filter.items())):
                     continue
                 head_version = head_items[keys.head(t, ns)].version
-                self._remember(t, ns, cid, head_version)
+                memory.remember(t, ns, cid, head_version)
                 yield found
                 if remaining is not None:
                     remaining -= 1
@@ -302,6 +352,10 @@ class OribusSaver(BaseCheckpointSaver[str]):
     async def aput(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
                    new_versions: ChannelVersions) -> RunnableConfig:
         self._bridge.bind()
+        return await self._put(config, checkpoint, metadata, new_versions, self._run_memory(reading=False))
+
+    async def _put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
+                   new_versions: ChannelVersions, memory: RunMemory) -> RunnableConfig:
         keys = self.keys
         thread_id, ns, parent_id = _where(config)
         checkpoint_id = checkpoint["id"]
@@ -327,7 +381,7 @@ class OribusSaver(BaseCheckpointSaver[str]):
             newest = ids[-1] if ids else None
             record["parent"] = parent_id
             if parent_id is not None and newest != parent_id and (
-                    self._seen.get((thread_id, ns, parent_id)) != head.version):
+                    memory.head_version(thread_id, ns, parent_id) != head.version):
                 race = CheckpointRaced(thread_id, ns, checkpoint_id, parent_id, newest)
                 if self._decide(race) == "reject":
                     raise race
@@ -349,7 +403,7 @@ class OribusSaver(BaseCheckpointSaver[str]):
             return await tx.commit()
 
         versions = await self._retrying(attempt)
-        self._remember(thread_id, ns, checkpoint_id, versions[head_key])
+        memory.remember(thread_id, ns, checkpoint_id, versions[head_key])
         return _config(thread_id, ns, checkpoint_id)
 
     async def _retrying(self, attempt: Callable[[AsyncSession], Any]) -> Any:
@@ -398,6 +452,9 @@ class OribusSaver(BaseCheckpointSaver[str]):
 
     async def adelete_thread(self, thread_id: str) -> None:
         self._bridge.bind()
+        await self._delete_thread(thread_id, self._run_memory(reading=False))
+
+    async def _delete_thread(self, thread_id: str, memory: RunMemory) -> None:
         keys = self.keys
         thread_id = str(thread_id)
         thread_key = keys.thread(thread_id)
@@ -436,31 +493,36 @@ class OribusSaver(BaseCheckpointSaver[str]):
 
         if namespaces:
             await self._retrying(attempt)
-        for seen in [k for k in self._seen if k[0] == thread_id]:
-            del self._seen[seen]
+        memory.forget_thread(thread_id)
 
     # ---- the synchronous face (LangGraph's graph.invoke) -------------------------------
 
+    # The memory is taken here, in the caller's context: the coroutine runs on the session's
+    # loop, in a task (and context) of its own.
+
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
-        return self._bridge.call(self.aget_tuple(config))
+        return self._bridge.call(self._get_tuple(config, self._run_memory(reading=True)))
 
     def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
              before: RunnableConfig | None = None, limit: int | None = None) -> Iterator[CheckpointTuple]:
+        memory = self._run_memory(reading=True)
+
         async def collect() -> list[CheckpointTuple]:
-            return [t async for t in self.alist(config, filter=filter, before=before, limit=limit)]
+            return [t async for t in self._list(config, filter, before, limit, memory)]
 
         return iter(self._bridge.call(collect()))
 
     def put(self, config: RunnableConfig, checkpoint: Checkpoint, metadata: CheckpointMetadata,
             new_versions: ChannelVersions) -> RunnableConfig:
-        return self._bridge.call(self.aput(config, checkpoint, metadata, new_versions))
+        return self._bridge.call(
+            self._put(config, checkpoint, metadata, new_versions, self._run_memory(reading=False)))
 
     def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]], task_id: str,
                    task_path: str = "") -> None:
         self._bridge.call(self.aput_writes(config, writes, task_id, task_path))
 
     def delete_thread(self, thread_id: str) -> None:
-        self._bridge.call(self.adelete_thread(thread_id))
+        self._bridge.call(self._delete_thread(thread_id, self._run_memory(reading=False)))
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """Channel versions as sortable strings: a zero-padded counter, then a random
