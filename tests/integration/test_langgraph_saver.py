@@ -170,6 +170,23 @@ async def test_a_deliberate_fork_from_an_older_checkpoint_is_not_a_race(bus):
         await put(saver, "t", c_old, 2)
 
 
+async def test_list_across_namespaces_and_threads(bus):
+    saver = OribusSaver(bus)
+    for thread in ("t1", "t2"):
+        for ns in ("", "child:1"):
+            config = generate_config(thread, checkpoint_ns=ns)
+            await saver.aput(config, generate_checkpoint(), generate_metadata(source=f"{thread}/{ns}"), {})
+    sources = [t.metadata["source"] async for t in saver.alist({"configurable": {"thread_id": "t1"}})]
+    assert sorted(sources) == ["t1/", "t1/child:1"]
+    assert [t.metadata["source"] async for t in saver.alist(
+        {"configurable": {"thread_id": "t1", "checkpoint_ns": None}})] == sources
+    everything = [t.metadata["source"] async for t in saver.alist(None)]
+    assert sorted(everything) == ["t1/", "t1/child:1", "t2/", "t2/child:1"]
+    assert [t.metadata["source"] async for t in saver.alist(None, filter={"source": "t2/"})] == ["t2/"]
+    await saver.adelete_thread("t1")
+    assert sorted([t.metadata["source"] async for t in saver.alist(None)]) == ["t2/", "t2/child:1"]
+
+
 async def test_parentless_puts_are_not_races(bus):
     saver = OribusSaver(bus)
     ids = [await put(saver, "t", None, i) for i in range(3)]

@@ -230,6 +230,19 @@ async def test_a_change_inside_the_commit_window_is_refused_by_the_commit(bus, s
     assert (await other.aget(("mem",), "fact")).value == {"n": 50}
 
 
+async def test_a_search_hands_out_only_the_items_it_returns(bus, store):
+    other = OribusStore(bus.session(agent="other"))
+    await store.aput(("s",), "shown", {"kind": "a"})
+    await store.aput(("s",), "hidden", {"kind": "b"})
+    fresh = OribusStore(bus.session(agent="reader"))
+    assert [h.key for h in await fresh.asearch(("s",), filter={"kind": "a"})] == ["shown"]
+    await other.aput(("s",), "shown", {"kind": "a", "edited": True})
+    await other.aput(("s",), "hidden", {"kind": "b", "edited": True})
+    await fresh.aput(("s",), "hidden", {"kind": "b", "mine": True})  # never given to it: a plain put
+    with pytest.raises(ItemChanged):
+        await fresh.aput(("s",), "shown", {"kind": "a", "mine": True})
+
+
 async def test_readers_are_tasks(store):
     """Two tasks of one store: each is checked against what it read itself."""
     await store.aput(("mem",), "x", {"n": 0})

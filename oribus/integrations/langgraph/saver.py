@@ -28,7 +28,12 @@ thread) other than the one whose memory it inherited starts a memory of its own.
 commit against the same head: oribus refuses the second (it read a head that
 changed), which then reads the head again and is judged as above.
 
-Key layout: ``oribus.integrations.langgraph.keys``.
+Key layout: ``oribus.integrations.langgraph.keys``. Limits that follow from it:
+each channel value, and the pending writes of one checkpoint together, are one
+oribus value (``max_value_bytes``, 1 MiB by default); the head of a thread
+namespace lists its checkpoint ids and is rewritten by every put, so a put costs
+time linear in the thread's length (about 25,000 checkpoints fit the limit;
+``delete_thread`` starts a thread over).
 """
 
 from __future__ import annotations
@@ -310,8 +315,8 @@ class OribusSaver(BaseCheckpointSaver[str]):
         conf = (config or {}).get("configurable") or {}
         # the namespaces to list: the config's, else every namespace of each thread
         heads: list[tuple[str, str]] = []
-        if config is not None and "checkpoint_ns" in conf:
-            heads = [(threads[0], str(conf.get("checkpoint_ns") or ""))]
+        if config is not None and conf.get("checkpoint_ns") is not None:
+            heads = [(threads[0], str(conf["checkpoint_ns"]))]
         elif threads:
             registry = await self._sessions.for_reading(len(threads)).get_many(
                 [keys.thread(t) for t in threads])

@@ -19,7 +19,9 @@ own beside the item, so it changes no item version and refuses nobody's put.
 
 Key layout: ``oribus.integrations.langgraph.keys``. Semantic search (an
 ``index`` with embeddings) is not supported: ``query`` is ignored, as by
-LangGraph's in-memory store without an index.
+LangGraph's in-memory store without an index. A search reads every item under
+its namespace prefix (filters are applied here, not on the bus): keep the
+namespaces a search covers small.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from langgraph.store.base import (
     BaseStore,
@@ -78,6 +80,13 @@ class ItemChanged(Conflict):
 
 
 Reader = Any  # an asyncio.Task or a threading.Thread: whoever made the reads
+
+
+class _Fetched(NamedTuple):
+    key: str  # the item's oribus key
+    item: Item | None  # None: absent or expired
+    version: int
+    ttl: float | None  # minutes
 
 
 class _Sweeper:
@@ -190,8 +199,9 @@ class OribusStore(BaseStore):
         results: list[Result] = []
         for op in ops:
             if isinstance(op, GetOp):
-                found = await self._read_items([(tuple(op.namespace), op.key)], reader, op.refresh_ttl)
-                results.append(found[0])
+                (found,) = await self._fetch([(tuple(op.namespace), op.key)])
+                await self._hand_out([found], reader, op.refresh_ttl)  # absent too: a put then expects it absent
+                results.append(found.item)
             elif isinstance(op, SearchOp):
                 results.append(await self._search(op, reader))
             elif isinstance(op, ListNamespacesOp):
@@ -205,36 +215,40 @@ class OribusStore(BaseStore):
 
     # ---- reads -------------------------------------------------------------------------
 
-    async def _read_items(self, wanted: Sequence[tuple[tuple[str, ...], str]], reader: Reader,
-                          refresh: bool) -> list[Item | None]:
-        """The items (None: absent or expired), each read recorded for ``reader``."""
+    async def _fetch(self, wanted: Sequence[tuple[tuple[str, ...], str]]) -> list[_Fetched]:
+        """The items (None: absent or expired) with their versions and TTLs, read but not
+        yet handed out (``_hand_out``)."""
         keys = self.keys
         item_keys = [keys.item(ns, k) for ns, k in wanted]
-        out: list[Item | None] = []
-        reads = self._reads_of(reader)
+        out: list[_Fetched] = []
         now = _now()
-        refreshes: dict[str, dict[str, float]] = {}
         for start in range(0, len(item_keys), _READ_CHUNK):
             chunk = item_keys[start:start + _READ_CHUNK]
-            ttl_keys = [f"{k}/ttl" for k in chunk]
-            got = await self._sessions.for_reading(2 * len(chunk)).get_many([*chunk, *ttl_keys])
+            got = await self._sessions.for_reading(2 * len(chunk)).get_many([*chunk, *(f"{k}/ttl" for k in chunk)])
             for (ns, key), ik in zip(wanted[start:start + _READ_CHUNK], chunk, strict=True):
-                entry = got[ik]
-                reads[ik] = entry.version
-                record = entry.value
-                if record is None or self._expired(record, got[f"{ik}/ttl"].value, now):
-                    out.append(None)
-                    continue
-                if refresh and record.get("ttl"):
-                    refreshes[f"{ik}/ttl"] = {"expires_at": now + record["ttl"] * 60}
-                out.append(Item(value=record["value"], key=key, namespace=ns,
-                                created_at=_stamp(record["created_at"]), updated_at=_stamp(record["updated_at"])))
+                record = got[ik].value
+                item = None
+                if record is not None and not self._expired(record, got[f"{ik}/ttl"].value, now):
+                    item = Item(value=record["value"], key=key, namespace=ns,
+                                created_at=_stamp(record["created_at"]), updated_at=_stamp(record["updated_at"]))
+                out.append(_Fetched(ik, item, got[ik].version, (record or {}).get("ttl")))
+        return out
+
+    async def _hand_out(self, fetched: Sequence[_Fetched], reader: Reader, refresh: bool) -> None:
+        """Remember what ``reader`` was given (a later put of it is checked against it), and
+        refresh the TTL of the items given."""
+        reads = self._reads_of(reader)
+        now = _now()
+        refreshes = {}
+        for f in fetched:
+            reads[f.key] = f.version
+            if refresh and f.item is not None and f.ttl:
+                refreshes[f"{f.key}/ttl"] = {"expires_at": now + f.ttl * 60}
         if refreshes:
             tx = self._sessions.for_reading(0).transaction()  # blind writes: never refused
             for k, v in refreshes.items():
                 tx.put(k, v)
             await tx.commit()
-        return out
 
     @staticmethod
     def _expired(record: dict[str, Any], refreshed: dict[str, Any] | None, now: float) -> bool:
@@ -256,13 +270,15 @@ class OribusStore(BaseStore):
             [self.keys.namespace(ns) for ns in namespaces])
         wanted = [(ns, k) for ns in namespaces
                   for k in (indexes[self.keys.namespace(ns)].value or {}).get("keys", [])]
-        items = [i for i in await self._read_items(wanted, reader, op.refresh_ttl) if i is not None]
+        hits = [(f, f.item) for f in await self._fetch(wanted) if f.item is not None]
         if op.filter:
             filt = op.filter
-            items = [i for i in items if all(_matches(i.value.get(k), v) for k, v in filt.items())]
-        items.sort(key=lambda i: i.updated_at, reverse=True)
+            hits = [(f, i) for f, i in hits if all(_matches(i.value.get(k), v) for k, v in filt.items())]
+        hits.sort(key=lambda hit: hit[1].updated_at, reverse=True)
+        page = hits[op.offset:op.offset + op.limit]
+        await self._hand_out([f for f, _ in page], reader, op.refresh_ttl)  # only what the reader was given
         return [SearchItem(namespace=i.namespace, key=i.key, value=i.value, created_at=i.created_at,
-                           updated_at=i.updated_at) for i in items[op.offset:op.offset + op.limit]]
+                           updated_at=i.updated_at) for _, i in page]
 
     async def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
         namespaces = [ns for ns in await self._namespaces()
