@@ -302,6 +302,35 @@ async def test_parallel_branches_with_the_in_memory_store_one_silently_wins():
     assert (await memory.aget(("team",), "counter")).value == {"n": 1}  # one increment lost
 
 
+async def test_parallel_branches_of_a_sync_graph(data_dir):
+    """graph.invoke runs the branches in threads, each node in a context of its own."""
+    attempts: Counter[str] = Counter()
+    both_read = threading.Barrier(2)
+
+    def branch(name: str):
+        def node(state: Counted, *, store: BaseStore) -> dict:
+            attempts[name] += 1
+            item = store.get(("team",), "counter")
+            if attempts[name] == 1:
+                both_read.wait(timeout=10)
+                if name == "b":
+                    threading.Event().wait(0.05)
+            store.put(("team",), "counter", {"n": (item.value["n"] if item else 0) + 1})
+            return {"done": [name]}
+        return node
+
+    retry = RetryPolicy(retry_on=oribus.Conflict, initial_interval=0.01, max_attempts=5)
+    graph = (StateGraph(Counted)
+             .add_node("a", branch("a"), retry_policy=retry).add_node("b", branch("b"), retry_policy=retry)
+             .add_edge(START, "a").add_edge(START, "b").add_edge("a", END).add_edge("b", END))
+    with oribus.open_local_sync(data_dir, agent="graphs", unsafe_no_fsync=True) as bus:
+        store = OribusStore(bus)
+        done = await asyncio.to_thread(lambda: graph.compile(store=store).invoke({"done": []}))
+        assert sorted(done["done"]) == ["a", "b"]
+        assert sorted(attempts.values()) == [1, 2]
+        assert store.get(("team",), "counter").value == {"n": 2}
+
+
 async def test_sync_methods(data_dir):
     with oribus.open_local_sync(data_dir, agent="graphs", unsafe_no_fsync=True) as bus:
         store = OribusStore(bus)

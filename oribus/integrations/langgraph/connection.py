@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -115,6 +116,18 @@ class RotatingSession:
             self._current = self._base.session()
             self._keys_read = keys
         return self._current
+
+
+def current_reader() -> object:
+    """Who is reading: the asyncio task, else the thread."""
+    return _current_task() or threading.current_thread()
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

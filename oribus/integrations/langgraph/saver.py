@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
-import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -65,7 +64,13 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from oribus.client import AsyncSession, RetryPolicy
 from oribus.errors import Conflict
-from oribus.integrations.langgraph.connection import Bus, LoopBridge, RotatingSession, open_bus
+from oribus.integrations.langgraph.connection import (
+    Bus,
+    LoopBridge,
+    RotatingSession,
+    current_reader,
+    open_bus,
+)
 from oribus.integrations.langgraph.keys import CheckpointKeys
 from oribus.types import MAX_KEYS_PER_REQUEST
 
@@ -131,15 +136,6 @@ class RunMemory:
             del self.heads[key]
 
 
-def _owner() -> object:
-    """Who is reading: the asyncio task, else the thread."""
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:
-        task = None
-    return task or threading.current_thread()
-
-
 def _where(config: RunnableConfig) -> tuple[str, str, str | None]:
     """(thread id, checkpoint namespace, checkpoint id or None) of a config."""
     conf = config.get("configurable") or {}
@@ -203,8 +199,8 @@ class OribusSaver(BaseCheckpointSaver[str]):
         """The current run's memory; a read by another task (or thread) than the one whose
         memory this context inherited starts a memory of its own."""
         memory = self._memory.get()
-        if memory is None or (reading and memory.owner is not _owner()):
-            memory = RunMemory(_owner())
+        if memory is None or (reading and memory.owner is not current_reader()):
+            memory = RunMemory(current_reader())
             self._memory.set(memory)
         return memory
 

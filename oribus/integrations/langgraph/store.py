@@ -2,9 +2,9 @@
 
 LangGraph's stores take the last ``put``: two branches of a graph that both read
 a memory item, change it and put it back leave only one change, silently. Here
-every read of an item (``get``, ``search``) is remembered per *reader* — the
-asyncio task, or the thread for the synchronous methods; LangGraph runs each
-node in one — and a later ``put`` or ``delete`` of that item by the same reader
+every item a read (``get``, ``search``) returns is remembered per *reader* — the
+asyncio task, or for the synchronous methods the thread's task context; LangGraph
+runs each node in one — and a later ``put`` or ``delete`` of that item by the same reader
 commits only if the item is still at the version the reader got: the put's
 oribus transaction expects that version, so the commit's ORI check refuses it
 otherwise (``ItemChanged``, an ``oribus.Conflict``: read again and redo the
@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -53,7 +52,13 @@ from langgraph.store.base import (
 
 from oribus.client import AsyncSession, RetryPolicy
 from oribus.errors import Conflict, InvalidRequest
-from oribus.integrations.langgraph.connection import Bus, LoopBridge, RotatingSession, open_bus
+from oribus.integrations.langgraph.connection import (
+    Bus,
+    LoopBridge,
+    RotatingSession,
+    current_reader,
+    open_bus,
+)
 from oribus.integrations.langgraph.keys import StoreKeys
 from oribus.types import MAX_KEYS_PER_REQUEST
 
@@ -79,7 +84,12 @@ class ItemChanged(Conflict):
         self.key = key
 
 
-Reader = Any  # an asyncio.Task or a threading.Thread: whoever made the reads
+class _Reads:
+    """What one reader was given: item key -> version."""
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner  # the task (or thread) it belongs to
+        self.versions: dict[str, int] = {}
 
 
 class _Fetched(NamedTuple):
@@ -89,8 +99,6 @@ class _Fetched(NamedTuple):
     ttl: float | None  # minutes
 
 
-class _Sweeper:
-    """The reader the TTL sweep deletes as."""
 
 
 def _now() -> float:
@@ -161,8 +169,8 @@ class OribusStore(BaseStore):
         self._sessions = RotatingSession(self._bridge.session)
         self.keys = StoreKeys(root)
         self.ttl_config = ttl
-        # what each reader got: item key -> version (forgotten with the reader)
-        self._reads: weakref.WeakKeyDictionary[Reader, dict[str, int]] = weakref.WeakKeyDictionary()
+        # what the current reader was given, in a context variable: it goes with the task
+        self._reads: ContextVar[_Reads | None] = ContextVar(f"oribus_store_{id(self)}", default=None)
 
     @classmethod
     @asynccontextmanager
@@ -174,40 +182,41 @@ class OribusStore(BaseStore):
 
     # ---- readers -----------------------------------------------------------------------
 
-    def _reads_of(self, reader: Reader) -> dict[str, int]:
-        reads = self._reads.get(reader)
-        if reads is None:
-            reads = self._reads[reader] = {}
-        return reads
-
-    @staticmethod
-    def _async_reader() -> Reader:
-        return asyncio.current_task() or threading.current_thread()
+    def _reader(self) -> dict[str, int]:
+        """What the current reader was given. A context inherits its parent's variables (a
+        task its creator's, LangGraph's node contexts the run's): a reader other than the
+        one those reads belong to starts its own."""
+        reads = self._reads.get()
+        if reads is None or reads.owner is not current_reader():
+            reads = _Reads(current_reader())
+            self._reads.set(reads)
+        return reads.versions
 
     # ---- batch -------------------------------------------------------------------------
 
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         self._bridge.bind()
-        return await self._batch(list(ops), self._async_reader())
+        return await self._batch(list(ops), self._reader())
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
-        return self._bridge.call(self._batch(list(ops), threading.current_thread()))
+        # the reader is taken here, in the caller's context: the call runs on the session's loop
+        return self._bridge.call(self._batch(list(ops), self._reader()))
 
-    async def _batch(self, ops: list[Op], reader: Reader) -> list[Result]:
+    async def _batch(self, ops: list[Op], reads: dict[str, int]) -> list[Result]:
         for op in ops:
             validate_op_namespace(op)
         results: list[Result] = []
         for op in ops:
             if isinstance(op, GetOp):
                 (found,) = await self._fetch([(tuple(op.namespace), op.key)])
-                await self._hand_out([found], reader, op.refresh_ttl)  # absent too: a put then expects it absent
+                await self._hand_out([found], reads, op.refresh_ttl)  # absent too: a put then expects it absent
                 results.append(found.item)
             elif isinstance(op, SearchOp):
-                results.append(await self._search(op, reader))
+                results.append(await self._search(op, reads))
             elif isinstance(op, ListNamespacesOp):
                 results.append(await self._list_namespaces(op))
             elif isinstance(op, PutOp):
-                await self._put(op, reader)
+                await self._put(op, reads)
                 results.append(None)
             else:
                 raise ValueError(f"unknown store operation {type(op).__name__}")
@@ -234,10 +243,9 @@ class OribusStore(BaseStore):
                 out.append(_Fetched(ik, item, got[ik].version, (record or {}).get("ttl")))
         return out
 
-    async def _hand_out(self, fetched: Sequence[_Fetched], reader: Reader, refresh: bool) -> None:
-        """Remember what ``reader`` was given (a later put of it is checked against it), and
+    async def _hand_out(self, fetched: Sequence[_Fetched], reads: dict[str, int], refresh: bool) -> None:
+        """Remember what the reader was given (a later put of it is checked against it), and
         refresh the TTL of the items given."""
-        reads = self._reads_of(reader)
         now = _now()
         refreshes = {}
         for f in fetched:
@@ -261,7 +269,7 @@ class OribusStore(BaseStore):
         registry = (await self._sessions.for_reading(1).get(self.keys.namespaces)).value or []
         return [tuple(ns) for ns in registry]
 
-    async def _search(self, op: SearchOp, reader: Reader) -> list[SearchItem]:
+    async def _search(self, op: SearchOp, reads: dict[str, int]) -> list[SearchItem]:
         prefix = tuple(op.namespace_prefix)
         namespaces = [ns for ns in await self._namespaces() if ns[:len(prefix)] == prefix]
         if not namespaces:
@@ -276,7 +284,7 @@ class OribusStore(BaseStore):
             hits = [(f, i) for f, i in hits if all(_matches(i.value.get(k), v) for k, v in filt.items())]
         hits.sort(key=lambda hit: hit[1].updated_at, reverse=True)
         page = hits[op.offset:op.offset + op.limit]
-        await self._hand_out([f for f, _ in page], reader, op.refresh_ttl)  # only what the reader was given
+        await self._hand_out([f for f, _ in page], reads, op.refresh_ttl)  # only what the reader was given
         return [SearchItem(namespace=i.namespace, key=i.key, value=i.value, created_at=i.created_at,
                            updated_at=i.updated_at) for _, i in page]
 
@@ -289,13 +297,12 @@ class OribusStore(BaseStore):
 
     # ---- writes ------------------------------------------------------------------------
 
-    async def _put(self, op: PutOp, reader: Reader) -> None:
+    async def _put(self, op: PutOp, reads: dict[str, int]) -> None:
         keys = self.keys
         ns, key = tuple(op.namespace), op.key
         if op.value is not None and not isinstance(op.value, dict):
             raise InvalidRequest(f"a store value must be a dict, not {type(op.value).__name__}")
         item_key, index_key = keys.item(ns, key), keys.namespace(ns)
-        reads = self._reads_of(reader)
 
         async def attempt(session: AsyncSession) -> dict[str, int]:
             tx = session.transaction()
@@ -381,9 +388,8 @@ class OribusStore(BaseStore):
                     record = got[ik].value
                     if record is not None and self._expired(record, got[f"{ik}/ttl"].value, now):
                         expired.append((ns, k))
-        sweeper = _Sweeper()  # a reader of its own, which read nothing: plain deletes
         for ns, k in expired:
-            await self._put(PutOp(ns, k, None), sweeper)
+            await self._put(PutOp(ns, k, None), {})  # as a reader that read nothing: plain deletes
         return len(expired)
 
     def sweep_ttl(self) -> int:
