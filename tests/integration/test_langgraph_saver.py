@@ -35,16 +35,17 @@ def conformance_factory(conn: str, name: str, **options):
 async def run_conformance(factory) -> dict[str, tuple[int, int]]:
     report = await validate(factory)
     report.print_report()
-    assert report.passed_all_base(), {k: r.failures for k, r in report.results.items()}
+    assert report.passed_all_base() and report.passed_all(), {k: r.failures for k, r in report.results.items()}
     counts = {k: (r.tests_passed, r.tests_failed) for k, r in report.results.items() if r.detected}
-    assert set(counts) == {c.value for c in BASE_CAPABILITIES}
+    # every base capability, and of the optional ones copy_thread
+    assert set(counts) == {c.value for c in BASE_CAPABILITIES} | {"copy_thread"}
     return counts
 
 
 async def test_conformance_suite_embedded(data_dir):
     counts = await run_conformance(conformance_factory(str(data_dir), "OribusSaver (embedded)", unsafe_no_fsync=True))
-    # LangGraph's suite (langgraph-checkpoint-conformance 0.0.2) has 58 base tests
-    assert sum(p for p, _ in counts.values()) >= 58 and not any(f for _, f in counts.values())
+    # LangGraph's suite (langgraph-checkpoint-conformance 0.0.2): 58 base tests, 8 of copy_thread
+    assert sum(p for p, _ in counts.values()) >= 66 and not any(f for _, f in counts.values())
 
 
 async def test_conformance_suite_over_the_network(tmp_path):
@@ -52,7 +53,7 @@ async def test_conformance_suite_over_the_network(tmp_path):
     await cluster.start()
     try:
         counts = await run_conformance(conformance_factory(cluster.address, "OribusSaver (remote)"))
-        assert sum(p for p, _ in counts.values()) >= 58
+        assert sum(p for p, _ in counts.values()) >= 66
     finally:
         await cluster.stop()
 
@@ -185,6 +186,24 @@ async def test_list_across_namespaces_and_threads(bus):
     assert [t.metadata["source"] async for t in saver.alist(None, filter={"source": "t2/"})] == ["t2/"]
     await saver.adelete_thread("t1")
     assert sorted([t.metadata["source"] async for t in saver.alist(None)]) == ["t2/", "t2/child:1"]
+
+
+async def test_a_copied_thread_continues_on_its_own(bus):
+    saver = OribusSaver(bus)
+    c0 = await put(saver, "src", None, 0)
+    c1 = await put(saver, "src", c0, 1)
+    await saver.aput_writes(generate_config("src", checkpoint_id=c1), [("ch", "w")], "task")
+    await saver.acopy_thread("src", "dst")
+    copied = await saver.aget_tuple(generate_config("dst"))
+    assert copied.checkpoint["id"] == c1 and copied.checkpoint["channel_values"] == {"step": 1}
+    assert copied.pending_writes == [("task", "ch", "w")]
+    assert copied.parent_config["configurable"] == {"thread_id": "dst", "checkpoint_ns": "", "checkpoint_id": c0}
+    c2 = await put(saver, "dst", c1, 2)  # the copy is extended ...
+    assert await newest(saver, "src") == c1  # ... and the source is not
+    assert await newest(saver, "dst") == c2
+    await saver.adelete_thread("src")
+    assert (await saver.aget_tuple(generate_config("dst", checkpoint_id=c0))).checkpoint["channel_values"] == {
+        "step": 0}
 
 
 async def test_parentless_puts_are_not_races(bus):

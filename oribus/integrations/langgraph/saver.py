@@ -45,7 +45,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.base import (
@@ -62,7 +62,7 @@ from langgraph.checkpoint.base import (
 )
 from langgraph.checkpoint.serde.base import SerializerProtocol
 
-from oribus.client import AsyncSession, RetryPolicy
+from oribus.client import DELETE, AsyncSession, RetryPolicy
 from oribus.errors import Conflict
 from oribus.integrations.langgraph.connection import (
     Bus,
@@ -136,6 +136,12 @@ class RunMemory:
             del self.heads[key]
 
 
+class _ThreadContents(NamedTuple):
+    thread_id: str
+    # namespace -> (checkpoint ids ascending, id -> checkpoint record, id -> pending writes)
+    namespaces: dict[str, tuple[list[str], dict[str, Any], dict[str, Any]]]
+
+
 def _where(config: RunnableConfig) -> tuple[str, str, str | None]:
     """(thread id, checkpoint namespace, checkpoint id or None) of a config."""
     conf = config.get("configurable") or {}
@@ -150,6 +156,9 @@ def _config(thread_id: str, ns: str, checkpoint_id: str) -> RunnableConfig:
 
 class OribusSaver(BaseCheckpointSaver[str]):
     """A LangGraph checkpointer on oribus, refusing a second run's extension of a thread.
+
+    Sync and async: ``get_tuple``, ``list``, ``put``, ``put_writes``, ``delete_thread``,
+    ``copy_thread`` (``delete_for_runs`` and ``prune`` are not implemented).
 
     Example::
 
@@ -370,7 +379,8 @@ class OribusSaver(BaseCheckpointSaver[str]):
             "checkpoint": self._dump(stored),
             "metadata": self._dump(get_checkpoint_metadata(config, metadata)),
             "parent": parent_id,
-            "blobs": list(blobs),  # the blob keys this checkpoint introduced (delete_thread)
+            # the channel values this checkpoint introduced (delete_thread, copy_thread)
+            "blobs": [[ch, str(version)] for ch, version in new_versions.items()],
         }
         head_key, thread_key = keys.head(thread_id, ns), keys.thread(thread_id)
 
@@ -455,31 +465,54 @@ class OribusSaver(BaseCheckpointSaver[str]):
         self._bridge.bind()
         await self._delete_thread(thread_id, self._run_memory(reading=False))
 
+    async def _thread(self, thread_id: str) -> _ThreadContents:
+        """Everything stored for one thread, read (not in a transaction) namespace by namespace."""
+        keys = self.keys
+        namespaces = ((await self._sessions.for_reading(1).get(keys.thread(thread_id))).value or {}).get("ns", [])
+        heads = await self._sessions.for_reading(len(namespaces)).get_many(
+            [keys.head(thread_id, ns) for ns in namespaces]) if namespaces else {}
+        contents = _ThreadContents(thread_id, {})
+        for ns in namespaces:
+            ids = (heads[keys.head(thread_id, ns)].value or {}).get("ids", [])
+            records: dict[str, Any] = {}
+            writes: dict[str, Any] = {}
+            for start in range(0, len(ids), MAX_KEYS_PER_REQUEST // 4):
+                chunk = ids[start:start + MAX_KEYS_PER_REQUEST // 4]
+                wanted = [*(keys.checkpoint(thread_id, ns, i) for i in chunk),
+                          *(keys.writes(thread_id, ns, i) for i in chunk)]
+                got = await self._sessions.for_reading(len(wanted)).get_many(wanted)
+                for i in chunk:
+                    records[i] = got[keys.checkpoint(thread_id, ns, i)].value
+                    writes[i] = got[keys.writes(thread_id, ns, i)].value
+            contents.namespaces[ns] = (ids, records, writes)
+        return contents
+
+    def _blob_keys(self, thread_id: str, ns: str, record: dict[str, Any] | None) -> list[str]:
+        """The channel values a checkpoint introduced (its record lists them)."""
+        return [self.keys.blob(thread_id, ns, ch, v) for ch, v in (record or {}).get("blobs", [])]
+
+    async def _write_in_chunks(self, writes: dict[str, Any]) -> None:
+        """Plain writes (``oribus.DELETE`` deletes), a bounded number per commit."""
+        items = list(writes.items())
+        for start in range(0, len(items), MAX_KEYS_PER_REQUEST // 2):
+            tx = self._sessions.for_reading(0).transaction()
+            for k, v in items[start:start + MAX_KEYS_PER_REQUEST // 2]:
+                tx.put(k, v)
+            await tx.commit()
+
     async def _delete_thread(self, thread_id: str, memory: RunMemory) -> None:
         keys = self.keys
         thread_id = str(thread_id)
-        thread_key = keys.thread(thread_id)
-        session = self._sessions.for_reading(1)
-        namespaces = ((await session.get(thread_key)).value or {}).get("ns", [])
-        heads = await self._sessions.for_reading(len(namespaces)).get_many(
-            [keys.head(thread_id, ns) for ns in namespaces])
-        data: list[str] = []
-        for ns in namespaces:
-            ids = (heads[keys.head(thread_id, ns)].value or {}).get("ids", [])
-            records = [keys.checkpoint(thread_id, ns, i) for i in ids]
-            for start in range(0, len(records), MAX_KEYS_PER_REQUEST // 2):
-                chunk = records[start:start + MAX_KEYS_PER_REQUEST // 2]
-                got = await self._sessions.for_reading(len(chunk)).get_many(chunk)
-                for k in chunk:
-                    data += [k, *((got[k].value or {}).get("blobs", []))]
-            data += [keys.writes(thread_id, ns, i) for i in ids]
+        contents = await self._thread(thread_id)
+        data: dict[str, Any] = {}
+        for ns, (ids, records, _) in contents.namespaces.items():
+            for i in ids:
+                for k in [keys.checkpoint(thread_id, ns, i), keys.writes(thread_id, ns, i),
+                          *self._blob_keys(thread_id, ns, records[i])]:
+                    data[k] = DELETE
         # The checkpoints go first; the heads and registries last, in one commit, so a
         # reader sees the thread either whole or gone (a listing skips missing records).
-        for start in range(0, len(data), MAX_KEYS_PER_REQUEST // 2):
-            tx = self._sessions.for_reading(0).transaction()
-            for k in data[start:start + MAX_KEYS_PER_REQUEST // 2]:
-                tx.delete(k)
-            await tx.commit()
+        await self._write_in_chunks(data)
 
         async def attempt(session: AsyncSession) -> None:
             tx = session.transaction()
@@ -487,14 +520,63 @@ class OribusSaver(BaseCheckpointSaver[str]):
             if thread_id in threads:
                 threads.remove(thread_id)
                 tx.put(keys.threads, threads)
-            for ns in namespaces:
+            for ns in contents.namespaces:
                 tx.delete(keys.head(thread_id, ns))
-            tx.delete(thread_key)
+            tx.delete(keys.thread(thread_id))
             await tx.commit()
 
-        if namespaces:
+        if contents.namespaces:
             await self._retrying(attempt)
         memory.forget_thread(thread_id)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy every checkpoint, channel value and pending write of one thread to another
+        (the target keeps what it had; its heads gain the copied ids)."""
+        self._bridge.bind()
+        keys = self.keys
+        src, dst = str(source_thread_id), str(target_thread_id)
+        contents = await self._thread(src)
+        if not contents.namespaces:
+            return
+        blob_keys = [k for ns, (ids, records, _) in contents.namespaces.items() for i in ids
+                     for k in self._blob_keys(src, ns, records[i])]
+        blobs: dict[str, Any] = {}
+        for start in range(0, len(blob_keys), MAX_KEYS_PER_REQUEST // 2):
+            chunk = blob_keys[start:start + MAX_KEYS_PER_REQUEST // 2]
+            got = await self._sessions.for_reading(len(chunk)).get_many(chunk)
+            blobs.update({k: got[k].value for k in chunk})
+        data: dict[str, Any] = {}
+        for ns, (ids, records, writes) in contents.namespaces.items():
+            for i in ids:
+                if records[i] is None:
+                    continue
+                data[keys.checkpoint(dst, ns, i)] = records[i]
+                if writes[i] is not None:
+                    data[keys.writes(dst, ns, i)] = writes[i]
+                for (ch, v), k in zip(records[i].get("blobs", []), self._blob_keys(src, ns, records[i]),
+                                      strict=True):
+                    if blobs.get(k) is not None:
+                        data[keys.blob(dst, ns, ch, v)] = blobs[k]
+        # the data first, then the target's heads and registries in one commit
+        await self._write_in_chunks(data)
+
+        async def attempt(session: AsyncSession) -> None:
+            tx = session.transaction()
+            heads = [keys.head(dst, ns) for ns in contents.namespaces]
+            got = await tx.get_many([keys.thread(dst), keys.threads, *heads])
+            for ns, (ids, records, _) in contents.namespaces.items():
+                merged = set((got[keys.head(dst, ns)].value or {}).get("ids", []))
+                merged.update(i for i in ids if records[i] is not None)
+                tx.put(keys.head(dst, ns), {"ids": sorted(merged)})
+            namespaces = set((got[keys.thread(dst)].value or {}).get("ns", [])) | set(contents.namespaces)
+            tx.put(keys.thread(dst), {"ns": sorted(namespaces)})
+            threads = got[keys.threads].value or []
+            if dst not in threads:
+                bisect.insort(threads, dst)
+                tx.put(keys.threads, threads)
+            await tx.commit()
+
+        await self._retrying(attempt)
 
     # ---- the synchronous face (LangGraph's graph.invoke) -------------------------------
 
@@ -524,6 +606,9 @@ class OribusSaver(BaseCheckpointSaver[str]):
 
     def delete_thread(self, thread_id: str) -> None:
         self._bridge.call(self._delete_thread(thread_id, self._run_memory(reading=False)))
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        self._bridge.call(self.acopy_thread(source_thread_id, target_thread_id))
 
     def get_next_version(self, current: str | None, channel: None) -> str:
         """Channel versions as sortable strings: a zero-padded counter, then a random
