@@ -308,3 +308,11 @@ async def test_from_conn_string_refuses_what_is_neither_address_nor_directory():
     with pytest.raises(oribus.InvalidRequest):
         async with OribusSaver.from_conn_string(""):
             pass
+
+
+async def test_a_strict_session_still_stores_checkpoints(data_dir):
+    """The saver writes keys it never read (a new checkpoint): its own sessions are not strict."""
+    async with oribus.open_local(data_dir, agent="graphs", strict=True, unsafe_no_fsync=True) as bus:
+        saver = OribusSaver(bus)
+        root = await put(saver, "t", None, 0)
+        assert await newest(saver, "t") == root

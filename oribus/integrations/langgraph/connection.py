@@ -101,19 +101,20 @@ class RotatingSession:
     long-lived saver would reach the per-session cap. A transaction in flight keeps the
     session it started on; the old session's records expire with the bus's session TTL.
     Its own session (same agent, its own session id) also keeps the integration's reads
-    out of the read set of the caller's session.
+    out of the read set of the caller's session. It is never ``strict``: the integration
+    writes keys it did not read (a new checkpoint, its channel values) by design.
     """
 
     def __init__(self, base: AsyncSession) -> None:
         self._base = base
-        self._current = base.session()
+        self._current = base.session(strict=False)
         self._keys_read = 0
 
     def for_reading(self, keys: int) -> AsyncSession:
         """The session to read ``keys`` keys with (rotated first if it has read enough)."""
         self._keys_read += keys
         if self._keys_read > ROTATE_AFTER_KEYS:
-            self._current = self._base.session()
+            self._current = self._base.session(strict=False)
             self._keys_read = keys
         return self._current
 
