@@ -50,7 +50,7 @@ from langgraph.store.base import (
     validate_op_namespace,
 )
 
-from oribus.client import AsyncSession, RetryPolicy
+from oribus.client import AsyncSession, RetryPolicy, Transaction
 from oribus.errors import Conflict, InvalidRequest
 from oribus.integrations.langgraph.connection import (
     Bus,
@@ -341,13 +341,13 @@ class OribusStore(BaseStore):
         versions = await self._retrying(attempt, item_key, ns, key, reads)
         reads[item_key] = versions[item_key]
 
-    async def _register(self, tx: Any, ns: tuple[str, ...]) -> None:
+    async def _register(self, tx: Transaction, ns: tuple[str, ...]) -> None:
         registry = (await tx.get(self.keys.namespaces)).value or []
         if list(ns) not in registry:
             bisect.insort(registry, list(ns))
             tx.put(self.keys.namespaces, registry)
 
-    async def _unregister(self, tx: Any, ns: tuple[str, ...]) -> None:
+    async def _unregister(self, tx: Transaction, ns: tuple[str, ...]) -> None:
         registry = (await tx.get(self.keys.namespaces)).value or []
         if list(ns) in registry:
             registry.remove(list(ns))
