@@ -46,17 +46,15 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
                  *ENTRY_POINTS)),
     (("meta/",), ("oribus.bus", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
                   *ENTRY_POINTS)),
-    # the integrations reach a bus through the public SDK only (oribus.connect, oribus.open_local)
-    (("integrations/",), ("oribus.bus", "oribus.shards", "oribus.delivery_log", "oribus.meta", "oribus.hosts",
-                          "oribus.gateway", *SERVER_RPC, "oribus.cli", "oribus.demo", "oribus.sim")),
     (("shards/", "delivery_log/", "messages", "contract"),
      ("oribus.bus", "oribus.meta", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
       *ENTRY_POINTS)),
 ]
 # The contract may import only these (and the standard library).
 CONTRACT_ALLOWED = ("oribus.types", "oribus.errors", "oribus.messages", "oribus.contract")
-# The integrations (LangGraph, ...) are clients like any other: the public SDK and the
-# contract's types, never the bus, the shards, the transports' insides or a host.
+# The integrations (MCP, LangGraph, ...) are clients like any other: the public SDK and the
+# contract's types (an allow-list: nothing else), never the bus, the shards, the transports'
+# insides or a host.
 INTEGRATIONS_ALLOWED = ("oribus.client", "oribus.errors", "oribus.types", "oribus.contract",
                         "oribus.integrations")
 
