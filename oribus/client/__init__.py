@@ -10,9 +10,11 @@ from oribus.client.session import AsyncSession, Transaction
 from oribus.client.sync import SyncSession, SyncTransaction, SyncWatch
 from oribus.client.watch import WatchStream
 from oribus.rpc.bus_client import RemoteBus
+from oribus.rpc.wire import DEFAULT_BUS_ADDRESS
 from oribus.types import DELETE, Item, SessionRef, Version, WatchEvent
 
 __all__ = [
+    "DEFAULT_BUS_ADDRESS",
     "Client",
     "RemoteBus",
     "connect",

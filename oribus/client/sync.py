@@ -242,6 +242,16 @@ class SyncSession:
     def session_ref(self) -> SessionRef:
         return self._inner.session_ref
 
+    @property
+    def async_session(self) -> AsyncSession:
+        """The async session behind this one (use it only on ``loop``)."""
+        return self._inner
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop, running in its own thread, that this session's calls run on."""
+        return self._portal.loop
+
     def session(self, agent: str | None = None, session_id: str | None = None, **kw: Any) -> SyncSession:
         return SyncSession(self._inner.session(agent, session_id, **kw), self._portal, watches=self._watches)
 

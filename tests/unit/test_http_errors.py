@@ -24,12 +24,14 @@ Table = tuple[tuple[type[OribusError], int], ...]
 
 
 def error_tree() -> list[type[OribusError]]:
-    """Every error class oribus defines (those of other modules, such as this one, left out)."""
+    """Every error class oribus defines (those of other modules, such as this one, left out,
+    and those of the integrations: clients of the SDK, their errors never cross a wire)."""
     found: list[type[OribusError]] = []
     todo: list[type[OribusError]] = [OribusError]
     while todo:
         cls = todo.pop()
-        if cls.__module__.startswith("oribus.") and cls not in found:
+        if (cls.__module__.startswith("oribus.") and not cls.__module__.startswith("oribus.integrations.")
+                and cls not in found):
             found.append(cls)
         todo.extend(cls.__subclasses__())
     return found

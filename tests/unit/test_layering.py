@@ -46,15 +46,17 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
                  *ENTRY_POINTS)),
     (("meta/",), ("oribus.bus", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
                   *ENTRY_POINTS)),
-    # the integrations reach a bus through the public SDK only (oribus.connect, oribus.open_local)
-    (("integrations/",), ("oribus.bus", "oribus.shards", "oribus.delivery_log", "oribus.meta", "oribus.hosts",
-                          "oribus.gateway", *SERVER_RPC, "oribus.cli", "oribus.demo", "oribus.sim")),
     (("shards/", "delivery_log/", "messages", "contract"),
      ("oribus.bus", "oribus.meta", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
       *ENTRY_POINTS)),
 ]
 # The contract may import only these (and the standard library).
 CONTRACT_ALLOWED = ("oribus.types", "oribus.errors", "oribus.messages", "oribus.contract")
+# The integrations (MCP, LangGraph, ...) are clients like any other: the public SDK and the
+# contract's types (an allow-list: nothing else), never the bus, the shards, the transports'
+# insides or a host.
+INTEGRATIONS_ALLOWED = ("oribus.client", "oribus.errors", "oribus.types", "oribus.contract",
+                        "oribus.integrations")
 
 
 def _module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -117,6 +119,10 @@ def layering_violations(package: Path = PACKAGE) -> list[str]:
             if (rel.startswith("gateway/") and rel not in ("gateway/app.py", "gateway/__init__.py")
                     and _under(module, "oribus.gateway.app")):
                 violations.append(f"oribus/{rel}:{line} imports {module} (an import loop with the app)")
+            if (_covered(rel, ("integrations/",)) and module != "oribus"
+                    and not any(_under(module, a) for a in INTEGRATIONS_ALLOWED)):
+                violations.append(f"oribus/{rel}:{line} imports {module} (an integration imports only "
+                                  "the public SDK: oribus, oribus.client, oribus.errors, oribus.types)")
             if _covered(rel, ("contract",)) and not any(_under(module, a) for a in CONTRACT_ALLOWED):
                 violations.append(f"oribus/{rel}:{line} imports {module} (the contract imports only "
                                   f"{', '.join(CONTRACT_ALLOWED[:3])})")
@@ -143,6 +149,9 @@ def test_no_upward_imports():
     ("gateway/native.py", "from oribus.gateway.app import LOG_FIELDS\n"),
     ("contract.py", "from oribus.tls import TlsConfig\n"),
     ("integrations/mcp/server.py", "from oribus.hosts.embedded import EmbeddedEngine\n"),
+    ("integrations/langgraph/saver.py", "from oribus.rpc.bus_client import RemoteBus\n"),
+    ("integrations/langgraph/store.py", "from oribus.hosts.embedded import EmbeddedEngine\n"),
+    ("integrations/langgraph/keys.py", "from oribus.local import open_local\n"),
 ])
 def test_each_rule_reports_what_it_forbids(tmp_path, rel, source):
     root = tmp_path / "oribus"

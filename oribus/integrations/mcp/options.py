@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from oribus.rpc.wire import DEFAULT_BUS_ADDRESS
+from oribus.client import DEFAULT_BUS_ADDRESS
 
 
 def http_address(text: str) -> tuple[str, int]:
