@@ -79,6 +79,9 @@
  *   BROKEN_NO_RESTART_GRACE a restarted shard takes new write intents at once, though it
  *                           lost the read leases it had granted
  *   BROKEN_NO_DEADLINE      the commit point ignores the deadline of the read leases
+ *   BROKEN_EARLY_RELEASE    the coordinator releases the read leases before the commit
+ *                           point (once the validations, or phase one, are done) instead
+ *                           of once the outcome is known
  */
 
 #ifndef MAXCRASH
@@ -622,6 +625,19 @@ inline finish_body(t, s, commit) {
     :: skip \
     fi
 
+#ifdef BROKEN_EARLY_RELEASE
+/* the leases are released as soon as they are granted, before the commit point */
+#define EARLY_RELEASE \
+    if \
+    :: lease -> \
+        d_step { \
+            end_leases(t, ro); \
+            printf("EV %c: the leases are released, before the commit point\n", 'A' + t) \
+        } \
+    :: else -> skip \
+    fi
+#endif
+
 proctype Session(byte t) {
     byte i, u, seen, ok, has, vote, out, s, parts, prim, ro;
     byte known[NK];     /* the new version of each key as the coordinator learned it, 0 = not yet */
@@ -708,6 +724,9 @@ proctype Session(byte t) {
             fi
         }
         MAY_CRASH;      /* the bus dies after the validations: the leases run out on their own */
+#ifdef BROKEN_EARLY_RELEASE
+        EARLY_RELEASE;
+#endif
         d_step {
             s = prim;
             if
@@ -791,6 +810,9 @@ proctype Session(byte t) {
            }
         :: todo == 0 -> break
         od;
+#endif
+#ifdef BROKEN_EARLY_RELEASE
+        EARLY_RELEASE;
 #endif
         MAY_CRASH;      /* the bus dies after phase one: leases run out, the sweep resolves */
         atomic {
