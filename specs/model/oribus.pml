@@ -13,9 +13,12 @@
  *              and read-only participants, validations that take read leases (in memory,
  *              no record) and then one phase on the writer with a deadline (§5.8); or
  *              two phases among writers with the decision recorded by compare-and-set on
- *              the primary; the session process is also the bus that coordinates its
- *              commit, and may crash; YES votes carry the new versions, a finish may be
- *              lost, and the answer names the new versions the coordinator learned;
+ *              the primary (in configuration RO_2PC with a read-only participant too,
+ *              validated among the prepares, its deadline checked by that compare-and-set,
+ *              its lease released after the decision); the session process is also the
+ *              bus that coordinates its commit, and may crash; YES votes carry the new
+ *              versions, a finish may be lost, and the answer names the new versions the
+ *              coordinator learned;
  *   environment  the recovery sweep (and readers tired of waiting), which may resolve any
  *              prepared transaction through its primary at any moment ("anyone may abort
  *              through the primary"); background WAL flushes; shard crashes (memory,
@@ -32,8 +35,8 @@
  * still depends on it; a commit point refuses once it is set; lease expiry and the end of
  * a grace are enabled only after it. Everything else about clocks is abstracted away.
  *
- * Configuration: 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default 1), shared by
- * the shards, the coordinators of A and B, and lost finishes:
+ * Configuration (the default one): 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default
+ * 1), shared by the shards, the coordinators of A and B, and lost finishes:
  *
  *   keys        K0 -> S0,   K1 -> S1,   K2 -> S1
  *   A (txn 0)   reads K0, K2 (S0 first)   writes K0, K2   2PC among writers, primary S0
