@@ -22,6 +22,13 @@ property alone (built with ``-DONLY_LTL``, which turns the model's own assertion
 A counterexample means pan reports errors > 0 and writes a trail; the trail is replayed
 and its ``EV`` lines (the protocol events) are printed.
 
+The model has two configurations (``CONFIGS``), each checked in full: ``default`` (3
+sessions, 2 shards), and ``ro_2pc`` (``-DRO_2PC``: a third shard, read only by a two-phase
+commit among two writers, and written by another transaction). A broken variant is searched
+in the configurations its ``configs:`` line names (``default`` alone without one); in
+``ro_2pc`` its counterexample must also go through that configuration's transaction shape
+(``SHAPE``: the two-phase commit's lease on its read-only participant, then its commit point).
+
 With ``--shortest`` the broken variants are searched with ``-i`` (iterative shortening:
 a shortest counterexample, a few seconds more each). Build artefacts go to a temporary
 directory (``--keep DIR`` copies the trails out). The exit status is 0 when every
@@ -51,8 +58,16 @@ MODEL = HERE / "oribus.pml"
 CC = os.environ.get("CC", "gcc")
 SEARCH_DEPTH = 20_000  # the model's deepest path is a few hundred steps
 
+# the model's configurations and the spin -D flags that select them
+CONFIGS: dict[str, list[str]] = {"default": [], "ro_2pc": ["-DRO_2PC"]}
+# what every counterexample found in a configuration must show (each an EV line's start)
+SHAPE: dict[str, list[str]] = {
+    "ro_2pc": ["A: validate on S2 (read-only): YES", "A: commit point"],
+}
+
 _LTL = re.compile(r"^\s*ltl\s+(\w+)\s*\{", re.M)
 _EXPECT = re.compile(r"expect:\s*(\w+)")
+_CONFIGS_LINE = re.compile(r"configs:\s*(\w+(?:[ \t]+\w+)*)")
 _ERRORS = re.compile(r"depth reached (\d+), errors: (\d+)")
 _STATES = re.compile(r"^\s*(\d+) states, stored", re.M)
 _TRANSITIONS = re.compile(r"^\s*(\d+) transitions", re.M)
@@ -76,6 +91,7 @@ class Run:
     check: str  # "assertions", "ltl" or "cycles"
     prop: str | None  # the ltl property, for check == "ltl"
     expect: str  # "verified" or "counterexample"
+    config: str = "default"  # a key of CONFIGS
     states: int = 0
     transitions: int = 0
     depth: int = 0
@@ -103,29 +119,43 @@ def ltl_names(model: Path) -> list[str]:
     return _LTL.findall(model.read_text())
 
 
+def broken_configs(text: str) -> list[str]:
+    """The configurations a broken variant is searched in: its ``configs:`` line, or default."""
+    m = _CONFIGS_LINE.search(text)
+    return m.group(1).split() if m else ["default"]
+
+
 def plan(crashes: int | None, cycles: bool) -> list[Build]:
     extra = [] if crashes is None else [f"-DMAXCRASH={crashes}"]
     names = ltl_names(MODEL)
-    builds = [
-        Build(MODEL, extra, ["-O2", "-DSAFETY", "-DNOCLAIM"],
-              [Run(MODEL.name, "assertions", None, "verified")]),
-        Build(MODEL, extra, ["-O2"],
-              [Run(MODEL.name, "ltl", name, "verified") for name in names]),
-    ]
-    if cycles:
-        builds.append(Build(MODEL, extra, ["-O2", "-DNP", "-DNOCLAIM"],
-                            [Run(MODEL.name, "cycles", None, "verified")]))
+    builds = []
+    for config, defines in CONFIGS.items():
+        flags = [*extra, *defines]
+        builds += [
+            Build(MODEL, flags, ["-O2", "-DSAFETY", "-DNOCLAIM"],
+                  [Run(MODEL.name, "assertions", None, "verified", config)]),
+            Build(MODEL, flags, ["-O2"],
+                  [Run(MODEL.name, "ltl", name, "verified", config) for name in names]),
+        ]
+        if cycles:
+            builds.append(Build(MODEL, flags, ["-O2", "-DNP", "-DNOCLAIM"],
+                                [Run(MODEL.name, "cycles", None, "verified", config)]))
     for broken in sorted(HERE.glob("broken_*.pml")):
-        m = _EXPECT.search(broken.read_text())
+        text = broken.read_text()
+        m = _EXPECT.search(text)
         if m is None:
             raise SystemExit(f"{broken.name}: no 'expect: <ltl property>' line")
         if m.group(1) not in names:
             raise SystemExit(f"{broken.name}: expects {m.group(1)!r}, which oribus.pml does not define")
-        # the searches stop at the first error and are small: compile fast, not optimised
-        builds.append(Build(broken, extra, ["-O0", "-DSAFETY", "-DNOCLAIM"],
-                            [Run(broken.name, "assertions", None, "counterexample")]))
-        builds.append(Build(broken, [*extra, "-DONLY_LTL"], ["-O0"],
-                            [Run(broken.name, "ltl", m.group(1), "counterexample")]))
+        for config in broken_configs(text):
+            if config not in CONFIGS:
+                raise SystemExit(f"{broken.name}: names {config!r}, not a configuration of the model")
+            flags = [*extra, *CONFIGS[config]]
+            # the searches stop at the first error and are small: compile fast, not optimised
+            builds.append(Build(broken, flags, ["-O0", "-DSAFETY", "-DNOCLAIM"],
+                                [Run(broken.name, "assertions", None, "counterexample", config)]))
+            builds.append(Build(broken, [*flags, "-DONLY_LTL"], ["-O0"],
+                                [Run(broken.name, "ltl", m.group(1), "counterexample", config)]))
     return builds
 
 
@@ -180,7 +210,8 @@ def search(build: Build, run: Run, workdir: Path, hash_bits: int, keep: Path | N
                 break
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
-            name = f"{build.model.stem}.{run.check}{'.' + run.prop if run.prop else ''}.trail"
+            name = (f"{build.model.stem}.{run.config}.{run.check}"
+                    f"{'.' + run.prop if run.prop else ''}.trail")
             shutil.copy(trail, keep / name)
     decide(run, text)
 
@@ -220,6 +251,10 @@ def decide(run: Run, text: str) -> None:
         run.problem = "the broken variant produced no counterexample"
     elif not run.trail:
         run.problem = "pan reported an error but wrote no trail"
+    elif missing := [ev for ev in SHAPE.get(run.config, [])
+                     if not any(e.startswith(ev) for e in run.events)]:
+        run.problem = (f"the counterexample does not go through the {run.config} shape "
+                       f"(no event {missing[0]!r})")
     run.ok = run.problem is None
 
 
@@ -245,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
               "(Debian: apt-get install spin gcc, or `make spec`)", file=sys.stderr)
         return 2
 
-    # about 2.0 million states with one crash, 12.3 million with two
+    # at most 1.5 million states with one crash, 12.3 million with two
     hash_bits = args.hash_bits or (22 if (args.crashes or 1) <= 1 else 24)
     builds = plan(args.crashes, args.cycles)
     started = time.monotonic()
@@ -277,7 +312,7 @@ def report(runs: list[Run], ok: bool, total: float) -> None:
         what = r.check if r.prop is None else f"ltl {r.prop}"
         verdict = "ok" if r.ok else "FAILED"
         outcome = "verified" if r.errors == 0 else f"counterexample ({len(r.events)} events)"
-        print(f"{r.model:28} {what:40} {r.states:>10,} states {r.transitions:>11,} transitions "
+        print(f"{r.model:28} {r.config:8} {what:40} {r.states:>10,} states {r.transitions:>11,} transitions "
               f"errors {r.errors:<2} {r.seconds:6.2f} s  {outcome:28} {verdict}")
         if r.expect == "counterexample" and r.events:
             for ev in r.events:

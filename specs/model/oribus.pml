@@ -13,9 +13,12 @@
  *              and read-only participants, validations that take read leases (in memory,
  *              no record) and then one phase on the writer with a deadline (§5.8); or
  *              two phases among writers with the decision recorded by compare-and-set on
- *              the primary; the session process is also the bus that coordinates its
- *              commit, and may crash; YES votes carry the new versions, a finish may be
- *              lost, and the answer names the new versions the coordinator learned;
+ *              the primary (in configuration RO_2PC with a read-only participant too,
+ *              validated among the prepares, its deadline checked by that compare-and-set,
+ *              its lease released after the decision); the session process is also the
+ *              bus that coordinates its commit, and may crash; YES votes carry the new
+ *              versions, a finish may be lost, and the answer names the new versions the
+ *              coordinator learned;
  *   environment  the recovery sweep (and readers tired of waiting), which may resolve any
  *              prepared transaction through its primary at any moment ("anyone may abort
  *              through the primary"); background WAL flushes; shard crashes (memory,
@@ -32,8 +35,8 @@
  * still depends on it; a commit point refuses once it is set; lease expiry and the end of
  * a grace are enabled only after it. Everything else about clocks is abstracted away.
  *
- * Configuration: 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default 1), shared by
- * the shards, the coordinators of A and B, and lost finishes:
+ * Configuration (the default one): 3 sessions, 2 shards, 3 keys, MAXCRASH crashes (default
+ * 1), shared by the shards, the coordinators of A and B, and lost finishes:
  *
  *   keys        K0 -> S0,   K1 -> S1,   K2 -> S1
  *   A (txn 0)   reads K0, K2 (S0 first)   writes K0, K2   2PC among writers, primary S0
@@ -45,6 +48,25 @@
  * across shards (A reads K2 and writes K0, B reads K0 — on its read-only participant, held
  * only by a lease — and writes K2); B and C are a write skew on S1; A and B write the same
  * key; A, B and C all contend for S1.
+ *
+ * Configuration RO_2PC (-DRO_2PC at spin -a; check.py runs it as a second configuration):
+ * two phases among several writers WITH a read-only participant. A third shard S2 holds K3,
+ * which A only reads and B writes:
+ *
+ *   keys        K0 -> S0,   K1 -> S1,   K2 -> S1,   K3 -> S2
+ *   A (txn 0)   reads K0, K2, K3 (S0, S1, S2)   writes K0, K2   2PC among the writers S0
+ *                                                               and S1, primary S0; S2
+ *                                                               read-only: a lease on K3
+ *   B (txn 1)   reads K3                        writes K3       1PC on S2
+ *   C (txn 2)   reads K2                        writes K1       1PC on S1 (as above)
+ *
+ * The bus sends A's prepares and its validation on S2 at once, so they land in any of the
+ * six orders; the primary's compare-and-set refuses A's commit once A's deadline has
+ * passed (§5.4, §5.8 rule 3); the lease is released once the outcome is known, or runs out
+ * when the bus dies first; S2 may crash after granting it (the lease is lost, S2 gets a new
+ * epoch and a restart grace). B writing K3 after A read it is the stale read the lease,
+ * the deadline and S2's grace must keep from A's commit point. Here A is the only
+ * transaction with a lease, so a counterexample to I-8 is one through this shape.
  *
  * Deliberately broken variants, each of which must yield a counterexample (-D at spin -a;
  * specs/model/broken_*.pml define one each and include this file):
@@ -60,6 +82,9 @@
  *   BROKEN_NO_RESTART_GRACE a restarted shard takes new write intents at once, though it
  *                           lost the read leases it had granted
  *   BROKEN_NO_DEADLINE      the commit point ignores the deadline of the read leases
+ *   BROKEN_EARLY_RELEASE    the coordinator releases the read leases before the commit
+ *                           point (once the validations, or phase one, are done) instead
+ *                           of once the outcome is known
  */
 
 #ifndef MAXCRASH
@@ -71,8 +96,13 @@
 #define assert(e) skip
 #endif
 
+#ifndef RO_2PC
 #define NS 2            /* shards */
 #define NK 3            /* keys */
+#else
+#define NS 3            /* shards: S2 holds K3, which A only reads and B writes */
+#define NK 4            /* keys */
+#endif
 #define NT 3            /* transactions = sessions (one commit attempt each) */
 
 /* a shard's record of a transaction (oribus/shards/txn.py) */
@@ -92,19 +122,34 @@
 /* Protocol events are printed as "EV ..." lines when a trail is replayed (pan -r); check.py
    spells out the {state:n} and {vote:n} codes. A search executes no printf. */
 
+#ifndef RO_2PC
 #define SHARD(k)    ((k) == 0 -> 0 : 1)
 #define RMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 3 : 4))    /* keys read:    bit k = Kk */
 #define WMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 4 : 2))    /* keys written: bit k = Kk */
 #define WSHARDS(t)  ((t) == 0 -> 3 : 2)                      /* its writers, as a shard mask */
 #define FIRST(t)    ((t) == 0 -> 0 : 1)                      /* the shard read first */
-#define BIT(m, k)   (((m) >> (k)) & 1)
 #define KEYS_ON(s)  ((s) == 0 -> 1 : 6)                      /* keys of a shard, as a mask */
+#else
+#define SHARD(k)    ((k) == 0 -> 0 : ((k) == 3 -> 2 : 1))
+#define RMASK(t)    ((t) == 0 -> 13 : ((t) == 1 -> 8 : 4))   /* keys read:    bit k = Kk */
+#define WMASK(t)    ((t) == 0 -> 5 : ((t) == 1 -> 8 : 2))    /* keys written: bit k = Kk */
+#define WSHARDS(t)  ((t) == 0 -> 3 : ((t) == 1 -> 4 : 2))    /* its writers, as a shard mask */
+#define KEYS_ON(s)  ((s) == 0 -> 1 : ((s) == 1 -> 6 : 8))    /* keys of a shard, as a mask */
+#endif
+#define BIT(m, k)   (((m) >> (k)) & 1)
 /* the primary: the shard of the smallest written key */
-#define PRIMARY(t)  (BIT(WMASK(t), 0) -> SHARD(0) : (BIT(WMASK(t), 1) -> SHARD(1) : SHARD(2)))
+#define PRIMARY(t)  (BIT(WMASK(t), 0) -> SHARD(0) : (BIT(WMASK(t), 1) -> SHARD(1) : \
+                     (BIT(WMASK(t), 2) -> SHARD(2) : SHARD(3))))
 /* the same, spelled without ?: expressions, which an ltl formula would read as implications */
 #define PRIMARY_0   0
+#ifndef RO_2PC
 #define PRIMARY_1   1
+#else
+#define PRIMARY_1   2
+#endif
 #define PRIMARY_2   1
+/* a single writer: its writers' shard mask has one bit */
+#define ONE_WRITER(t) ((WSHARDS(t) & (WSHARDS(t) - 1)) == 0)
 
 #define AT(s, t)    ((s) * NT + (t))    /* a shard's record of a transaction */
 #define KT(t, k)    ((t) * NK + (k))    /* a (transaction, key) pair */
@@ -159,7 +204,11 @@ bit partial_read;       /* some read saw part of a commit, or an uncommitted wri
 #define INV_NOT_BOTH      (NOT_BOTH(0) && NOT_BOTH(1) && NOT_BOTH(2))
 #define INV_ACK_DURABLE   (ACK_DURABLE(0, PRIMARY_0) && ACK_DURABLE(1, PRIMARY_1) && \
                            ACK_DURABLE(2, PRIMARY_2))
+#ifndef RO_2PC
 #define INV_VISIBLE       (VISIBLE(0) && VISIBLE(1) && VISIBLE(2))
+#else
+#define INV_VISIBLE       (VISIBLE(0) && VISIBLE(1) && VISIBLE(2) && VISIBLE(3))
+#endif
 
 ltl no_stale_read_at_commit        { [] !stale_commit }
 ltl not_both_committed_and_aborted { [] INV_NOT_BOTH }
@@ -204,6 +253,12 @@ inline quiet_flush(s) {
     :: else -> skip
     fi
 }
+
+#ifndef RO_2PC
+#define QUIET_FLUSH_ALL quiet_flush(0); quiet_flush(1)
+#else
+#define QUIET_FLUSH_ALL quiet_flush(0); quiet_flush(1); quiet_flush(2)
+#endif
 
 /* I-1: at a commit point every key the session read still has the version it read */
 inline commit_point(t) {
@@ -285,8 +340,13 @@ inline acknowledge(t) {
     if
     :: ok ->
         acked[t] = 1;
+#ifndef RO_2PC
         printf("EV %c: the client is told: committed, with versions K0:%d K1:%d K2:%d\n",
                'A' + t, known[0], known[1], known[2]);
+#else
+        printf("EV %c: the client is told: committed, with versions K0:%d K1:%d K2:%d K3:%d\n",
+               'A' + t, known[0], known[1], known[2], known[3]);
+#endif
         for (i : 0 .. NK - 1) {
             if
             :: BIT(WMASK(t), i) && known[i] != tver[KT(t, i)] -> partial_ack = 1
@@ -349,8 +409,7 @@ inline validate(t, s) {
  * what it validated, held in memory as a lease (no record, no fsync) — or NOTHING to hold.
  * A refusal clears commit; a lease granted sets lease (the commit gets a deadline).
  */
-inline validate_ro(t, s) {
-    d_step {
+inline validate_ro_body(t, s) {
         if
         :: !TOKEN_OK(t, s) -> commit = 0; vote = EXPIRED
         :: else ->
@@ -373,7 +432,10 @@ inline validate_ro(t, s) {
         fi;
         printf("EV %c: validate on S%d (read-only): {vote:%d}\n", 'A' + t, s, vote);
         i = 0; has = 0; ok = 0; vote = 0
-    }
+}
+
+inline validate_ro(t, s) {
+    d_step { validate_ro_body(t, s) }
 }
 
 /* t's leases on the read-only participants in ro end (released, or run out) */
@@ -392,12 +454,15 @@ inline end_leases(t, ro) {
  * then returns the current versions and records them as deliveries; the first token
  * from s is kept. Checks I-2 as a reader sees it.
  */
+#define WAITS(t, s, k) (SHARD(k) == s && BIT(RMASK(t), k) && wl[k] != 0)
 inline read_shard(t, s) {
     d_step {
 #ifndef BROKEN_READ_THROUGH
-        !((SHARD(0) == s && BIT(RMASK(t), 0) && wl[0] != 0) ||
-          (SHARD(1) == s && BIT(RMASK(t), 1) && wl[1] != 0) ||
-          (SHARD(2) == s && BIT(RMASK(t), 2) && wl[2] != 0));
+        !(WAITS(t, s, 0) || WAITS(t, s, 1) || WAITS(t, s, 2)
+#ifdef RO_2PC
+          || WAITS(t, s, 3)
+#endif
+        );
 #endif
         for (i : 0 .. NK - 1) {
             if
@@ -441,8 +506,7 @@ inline read_shard(t, s) {
  * A NO (or SessionExpired) clears commit; a NOTHING vote (a non-primary with nothing to
  * write or lock) takes s out of phase two.
  */
-inline prepare(t, s) {
-    d_step {
+inline prepare_body(t, s) {
         if
         :: vol[AT(s, t)] == PREPARED || vol[AT(s, t)] == COMMITTED ->
             vote = YES;
@@ -487,15 +551,20 @@ inline prepare(t, s) {
         fi;
         printf("EV %c: prepare on S%d: votes {vote:%d}\n", 'A' + t, s, vote);
         i = 0; has = 0; ok = 0; vote = 0
-    }
+}
+
+inline prepare(t, s) {
+    d_step { prepare_body(t, s) }
 }
 
 /*
  * The decision on the primary p: compare-and-set PREPARED -> COMMITTED, anything else ->
  * ABORTED (a tombstone if p never prepared t), fsynced. This record is the commit point
- * (§5.4). out is t's state on p afterwards.
+ * (§5.4). A commit whose read leases' deadline has passed (past: the commit has a deadline
+ * and PAST_DEADLINE holds) is refused and recorded ABORTED (§5.8 rule 3). out is t's state
+ * on p afterwards.
  */
-inline decide_body(t, p, commit, out) {
+inline decide_body(t, p, commit, past, out) {
     if
 #ifdef BROKEN_NO_CAS
     /* the outcome is written without comparing: a late commit overwrites an abort */
@@ -505,7 +574,7 @@ inline decide_body(t, p, commit, out) {
         apply_and_unlock(t, p)
 #endif
     :: vol[AT(p, t)] == COMMITTED || vol[AT(p, t)] == ABORTED -> skip
-    :: commit && vol[AT(p, t)] == PREPARED ->
+    :: commit && vol[AT(p, t)] == PREPARED && !(past) ->
         vol[AT(p, t)] = COMMITTED;
 #ifndef BROKEN_EARLY_ACK
         fsync(p);
@@ -513,6 +582,11 @@ inline decide_body(t, p, commit, out) {
         commit_point(t);
         apply_and_unlock(t, p)
     :: else ->
+        if
+        :: commit && vol[AT(p, t)] == PREPARED ->
+            printf("EV %c: primary S%d refuses the commit: past the deadline of its leases\n", 'A' + t, p)
+        :: else -> skip
+        fi;
         if
         :: vol[AT(p, t)] == PREPARED -> unlock(t, p)
         :: else -> skip
@@ -549,22 +623,46 @@ inline finish_body(t, s, commit) {
     if \
     :: d_step { crashes < MAXCRASH -> crashes++; \
                 printf("EV %c: the bus coordinating its commit crashes\n", 'A' + t); \
-                quiet_flush(0); quiet_flush(1); i = 0 }; \
+                QUIET_FLUSH_ALL; i = 0 }; \
        goto gone \
     :: skip \
     fi
+
+#ifdef BROKEN_EARLY_RELEASE
+/* the leases are released as soon as they are granted, before the commit point */
+#define EARLY_RELEASE \
+    if \
+    :: lease -> \
+        d_step { \
+            end_leases(t, ro); \
+            printf("EV %c: the leases are released, before the commit point\n", 'A' + t) \
+        } \
+    :: else -> skip \
+    fi
+#endif
 
 proctype Session(byte t) {
     byte i, u, seen, ok, has, vote, out, s, parts, prim, ro;
     byte known[NK];     /* the new version of each key as the coordinator learned it, 0 = not yet */
     bit commit, lease;
+#ifdef RO_2PC
+    byte todo;          /* the participants phase one has not reached yet */
+#endif
 
     /* the reads, one request per shard */
+#ifndef RO_2PC
     read_shard(t, FIRST(t));
     if
     :: t != 2 -> read_shard(t, 1 - FIRST(t))
     :: else -> skip
     fi;
+#else
+    if
+    :: t == 0 -> read_shard(t, 0); read_shard(t, 1); read_shard(t, 2)
+    :: t == 1 -> read_shard(t, 2)
+    :: t == 2 -> read_shard(t, 1)
+    fi;
+#endif
 
     /* participants: the shards written, and every shard the session holds a token for */
     atomic {
@@ -587,10 +685,10 @@ proctype Session(byte t) {
     }
 
     if
-    :: parts == 1 || parts == 2 ->
+    :: (parts & (parts - 1)) == 0 ->
         /* one phase (§5.2): validate, lock, append, fsync, apply; one step here */
         d_step {
-            s = (parts == 1 -> 0 : 1);
+            s = (parts == 1 -> 0 : (parts == 2 -> 1 : 2));
             if
             :: !TOKEN_OK(t, s) -> out = EXPIRED
             :: TOKEN_OK(t, s) && IN_GRACE(t, s) -> out = GRACE
@@ -618,7 +716,7 @@ proctype Session(byte t) {
             fi;
             i = 0; ok = 0
         }
-    :: ro != 0 ->
+    :: ro != 0 && ONE_WRITER(t) ->
         /* one writer (prim) and read-only participants (§5.8): validate on each read-only
            participant (a lease), then one phase on the writer with the deadline */
         commit = 1;
@@ -629,6 +727,9 @@ proctype Session(byte t) {
             fi
         }
         MAY_CRASH;      /* the bus dies after the validations: the leases run out on their own */
+#ifdef BROKEN_EARLY_RELEASE
+        EARLY_RELEASE;
+#endif
         d_step {
             s = prim;
             if
@@ -669,6 +770,7 @@ proctype Session(byte t) {
     :: else ->
         /* two phases among the writers: prepare, decide on the primary, finish elsewhere */
         commit = 1;
+#ifndef RO_2PC
         /* the bus sends the prepares concurrently: they may land in either order */
         if
         :: s = 0
@@ -683,9 +785,43 @@ proctype Session(byte t) {
         :: BIT(parts, s) -> prepare(t, s)
         :: else -> skip
         fi;
-        MAY_CRASH;      /* the bus dies after phase one */
+#else
+        /* the bus sends the prepares to the writers and the validations to the read-only
+           participants concurrently (§5.3, §5.8): they land in any order */
+        todo = parts;
+        do
+        :: d_step {
+               BIT(todo, 0) -> todo = todo & ~1;
+               if
+               :: BIT(ro, 0) -> validate_ro_body(t, 0)
+               :: else -> prepare_body(t, 0)
+               fi
+           }
+        :: d_step {
+               BIT(todo, 1) -> todo = todo & ~2;
+               if
+               :: BIT(ro, 1) -> validate_ro_body(t, 1)
+               :: else -> prepare_body(t, 1)
+               fi
+           }
+        :: d_step {
+               BIT(todo, 2) -> todo = todo & ~4;
+               if
+               :: BIT(ro, 2) -> validate_ro_body(t, 2)
+               :: else -> prepare_body(t, 2)
+               fi
+           }
+        :: todo == 0 -> break
+        od;
+#endif
+#ifdef BROKEN_EARLY_RELEASE
+        EARLY_RELEASE;
+#endif
+        MAY_CRASH;      /* the bus dies after phase one: leases run out, the sweep resolves */
         atomic {
-            decide_body(t, prim, commit, out);
+            /* the decision, with the deadline when a lease was granted (§5.4, §5.8) */
+            decide_body(t, prim, commit, (lease && PAST_DEADLINE(t)), out);
+            infl = infl & ~(1 << t);
             /* the primary's answer carries its new versions */
             if
             :: out == COMMITTED -> report_versions(t, prim)
@@ -694,9 +830,20 @@ proctype Session(byte t) {
             i = 0
         }
         MAY_CRASH;      /* the bus dies after the commit point, before phase two */
+#ifdef RO_2PC
+        /* the outcome is known: the leases are released (§5.8 rule 4) */
+        if
+        :: lease ->
+            d_step {
+                end_leases(t, ro);
+                printf("EV %c: the leases are released\n", 'A' + t)
+            }
+        :: else -> skip
+        fi;
+#endif
         for (s : 0 .. NS - 1) {
             if
-            :: s != prim && BIT(parts, s) ->
+            :: s != prim && BIT(parts, s) && !BIT(ro, s) ->
                 if
                 :: d_step {
                        finish_body(t, s, (out == COMMITTED));
@@ -712,7 +859,7 @@ proctype Session(byte t) {
                 :: d_step {
                        crashes < MAXCRASH -> crashes++;
                        printf("EV %c: finish on S%d is lost: S%d is unreachable\n", 'A' + t, s, s);
-                       quiet_flush(0); quiet_flush(1); i = 0
+                       QUIET_FLUSH_ALL; i = 0
                    }
                 fi
             :: else -> skip
@@ -779,7 +926,7 @@ inline crash_shard(s) {
         :: else -> skip
         fi
     }
-    quiet_flush(0); quiet_flush(1);
+    QUIET_FLUSH_ALL;
     i = 0; u = 0
 }
 
@@ -790,13 +937,19 @@ inline crash_shard(s) {
 inline resolve(x) {
     s = x / NT; t = x % NT; prim = PRIMARY(t);
     printf("EV recovery: %c is PREPARED on S%d; asks its primary S%d\n", 'A' + t, s, prim);
-    decide_body(t, prim, 0, out);
+    decide_body(t, prim, 0, 0, out);
     finish_body(t, s, (out == COMMITTED));
     s = 0; t = 0; prim = 0; out = 0; i = 0
 }
 
 /* deadlines something depends on: a commit point to come, a lease held, a grace waiting */
+#ifndef RO_2PC
 #define LATE_WANTED (infl | ls[0] | ls[1] | gwait[0] | gwait[1])
+#define NO_LEASE    (ls[0] == 0 && ls[1] == 0)
+#else
+#define LATE_WANTED (infl | ls[0] | ls[1] | ls[2] | gwait[0] | gwait[1] | gwait[2])
+#define NO_LEASE    (ls[0] == 0 && ls[1] == 0 && ls[2] == 0)
+#endif
 
 /* the leases in mask x on shard s run out */
 inline expire(x, s) {
@@ -810,9 +963,16 @@ inline expire(x, s) {
     t = 0; x = 0; i = 0
 }
 
+#ifndef RO_2PC
 #define ANY_PREPARED \
     (vol[0] == PREPARED || vol[1] == PREPARED || vol[2] == PREPARED || \
      vol[3] == PREPARED || vol[4] == PREPARED || vol[5] == PREPARED)
+#else
+#define ANY_PREPARED \
+    (vol[0] == PREPARED || vol[1] == PREPARED || vol[2] == PREPARED || \
+     vol[3] == PREPARED || vol[4] == PREPARED || vol[5] == PREPARED || \
+     vol[6] == PREPARED || vol[7] == PREPARED || vol[8] == PREPARED)
+#endif
 #define UNSYNCED(s) \
     (vol[AT(s, 0)] != dur[AT(s, 0)] || vol[AT(s, 1)] != dur[AT(s, 1)] || \
      vol[AT(s, 2)] != dur[AT(s, 2)])
@@ -831,6 +991,11 @@ end:
            :: vol[3] == PREPARED -> x = 3
            :: vol[4] == PREPARED -> x = 4
            :: vol[5] == PREPARED -> x = 5
+#ifdef RO_2PC
+           :: vol[6] == PREPARED -> x = 6
+           :: vol[7] == PREPARED -> x = 7
+           :: vol[8] == PREPARED -> x = 8
+#endif
            fi;
            d_step { resolve(x); x = 0 }
        }
@@ -838,6 +1003,10 @@ end:
     :: d_step { crashes < MAXCRASH && UNSYNCED(1) -> fsync(1); i = 0; printf("EV S1 flushes\n") }
     :: d_step { crashes < MAXCRASH -> crash_shard(0) }
     :: d_step { crashes < MAXCRASH -> crash_shard(1) }
+#ifdef RO_2PC
+    :: d_step { crashes < MAXCRASH && UNSYNCED(2) -> fsync(2); i = 0; printf("EV S2 flushes\n") }
+    :: d_step { crashes < MAXCRASH -> crash_shard(2) }
+#endif
     /* time passes every deadline something still waits for (§5.8: a deadline is real time) */
     :: d_step {
            (LATE_WANTED & ~late) != 0 ->
@@ -847,14 +1016,20 @@ end:
     /* a lease whose deadline has passed ends on its own */
     :: d_step { (ls[0] & late) != 0 -> x = ls[0] & late; expire(x, 0) }
     :: d_step { (ls[1] & late) != 0 -> x = ls[1] & late; expire(x, 1) }
+#ifdef RO_2PC
+    :: d_step { (ls[2] & late) != 0 -> x = ls[2] & late; expire(x, 2) }
+#endif
     /* a restart grace ends once the deadline of every lease granted before has passed */
     :: d_step { grace[0] && (gwait[0] & ~late) == 0 -> grace[0] = 0; gwait[0] = 0; printf("EV S0's restart grace ends\n") }
     :: d_step { grace[1] && (gwait[1] & ~late) == 0 -> grace[1] = 0; gwait[1] = 0; printf("EV S1's restart grace ends\n") }
-    :: sessions_done == NT && !ANY_PREPARED && ls[0] == 0 && ls[1] == 0 -> break
+#ifdef RO_2PC
+    :: d_step { grace[2] && (gwait[2] & ~late) == 0 -> grace[2] = 0; gwait[2] = 0; printf("EV S2's restart grace ends\n") }
+#endif
+    :: sessions_done == NT && !ANY_PREPARED && NO_LEASE -> break
     od;
     /* quiescent: every decision applied everywhere, nothing of an undecided txn visible */
     atomic {
-        assert(ls[0] == 0 && ls[1] == 0);
+        assert(NO_LEASE);
         for (i : 0 .. NK - 1) {
             assert(wl[i] == 0 && rl[i] == 0);
             assert(ver[i] == cver[i])
