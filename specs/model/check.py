@@ -29,6 +29,10 @@ in the configurations its ``configs:`` line names (``default`` alone without one
 ``ro_2pc`` its counterexample must also go through that configuration's transaction shape
 (``SHAPE``: the two-phase commit's lease on its read-only participant, then its commit point).
 
+A second model, ``replication.pml`` (one replica group, ``specs/replication.md``), is
+checked the same way with its own variants, ``broken_repl_*.pml`` (one configuration; no
+cycle search: its members run for ever by design).
+
 With ``--shortest`` the broken variants are searched with ``-i`` (iterative shortening:
 a shortest counterexample, a few seconds more each). Build artefacts go to a temporary
 directory (``--keep DIR`` copies the trails out). The exit status is 0 when every
@@ -54,7 +58,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODEL = HERE / "oribus.pml"
+MODEL = HERE / "oribus.pml"  # the commit protocol
+REPLICATION = HERE / "replication.pml"  # one replica group (specs/replication.md)
+REPLICATION_VARIANTS = "broken_repl_"  # the prefix of the replication model's broken variants
 CC = os.environ.get("CC", "gcc")
 SEARCH_DEPTH = 20_000  # the model's deepest path is a few hundred steps
 
@@ -125,37 +131,51 @@ def broken_configs(text: str) -> list[str]:
     return m.group(1).split() if m else ["default"]
 
 
+def variants(model: Path) -> list[Path]:
+    """The broken variants of ``model``: ``broken_repl_*.pml`` for the replication model, every
+    other ``broken_*.pml`` for the commit protocol's."""
+    every = sorted(HERE.glob("broken_*.pml"))
+    repl = [p for p in every if p.name.startswith(REPLICATION_VARIANTS)]
+    return repl if model == REPLICATION else [p for p in every if p not in repl]
+
+
+def configs_of(model: Path) -> dict[str, list[str]]:
+    return CONFIGS if model == MODEL else {"default": []}
+
+
 def plan(crashes: int | None, cycles: bool) -> list[Build]:
     extra = [] if crashes is None else [f"-DMAXCRASH={crashes}"]
-    names = ltl_names(MODEL)
     builds = []
-    for config, defines in CONFIGS.items():
-        flags = [*extra, *defines]
-        builds += [
-            Build(MODEL, flags, ["-O2", "-DSAFETY", "-DNOCLAIM"],
-                  [Run(MODEL.name, "assertions", None, "verified", config)]),
-            Build(MODEL, flags, ["-O2"],
-                  [Run(MODEL.name, "ltl", name, "verified", config) for name in names]),
-        ]
-        if cycles:
-            builds.append(Build(MODEL, flags, ["-O2", "-DNP", "-DNOCLAIM"],
-                                [Run(MODEL.name, "cycles", None, "verified", config)]))
-    for broken in sorted(HERE.glob("broken_*.pml")):
-        text = broken.read_text()
-        m = _EXPECT.search(text)
-        if m is None:
-            raise SystemExit(f"{broken.name}: no 'expect: <ltl property>' line")
-        if m.group(1) not in names:
-            raise SystemExit(f"{broken.name}: expects {m.group(1)!r}, which oribus.pml does not define")
-        for config in broken_configs(text):
-            if config not in CONFIGS:
-                raise SystemExit(f"{broken.name}: names {config!r}, not a configuration of the model")
-            flags = [*extra, *CONFIGS[config]]
-            # the searches stop at the first error and are small: compile fast, not optimised
-            builds.append(Build(broken, flags, ["-O0", "-DSAFETY", "-DNOCLAIM"],
-                                [Run(broken.name, "assertions", None, "counterexample", config)]))
-            builds.append(Build(broken, [*flags, "-DONLY_LTL"], ["-O0"],
-                                [Run(broken.name, "ltl", m.group(1), "counterexample", config)]))
+    for model in (MODEL, REPLICATION):
+        names = ltl_names(model)
+        configs = configs_of(model)
+        for config, defines in configs.items():
+            flags = [*extra, *defines]
+            builds += [
+                Build(model, flags, ["-O2", "-DSAFETY", "-DNOCLAIM"],
+                      [Run(model.name, "assertions", None, "verified", config)]),
+                Build(model, flags, ["-O2"],
+                      [Run(model.name, "ltl", name, "verified", config) for name in names]),
+            ]
+            if cycles and model == MODEL:  # the replication model's members run forever by design
+                builds.append(Build(model, flags, ["-O2", "-DNP", "-DNOCLAIM"],
+                                    [Run(model.name, "cycles", None, "verified", config)]))
+        for broken in variants(model):
+            text = broken.read_text()
+            m = _EXPECT.search(text)
+            if m is None:
+                raise SystemExit(f"{broken.name}: no 'expect: <ltl property>' line")
+            if m.group(1) not in names:
+                raise SystemExit(f"{broken.name}: expects {m.group(1)!r}, which {model.name} does not define")
+            for config in broken_configs(text):
+                if config not in configs:
+                    raise SystemExit(f"{broken.name}: names {config!r}, not a configuration of {model.name}")
+                flags = [*extra, *configs[config]]
+                # the searches stop at the first error and are small: compile fast, not optimised
+                builds.append(Build(broken, flags, ["-O0", "-DSAFETY", "-DNOCLAIM"],
+                                    [Run(broken.name, "assertions", None, "counterexample", config)]))
+                builds.append(Build(broken, [*flags, "-DONLY_LTL"], ["-O0"],
+                                    [Run(broken.name, "ltl", m.group(1), "counterexample", config)]))
     return builds
 
 
@@ -251,7 +271,8 @@ def decide(run: Run, text: str) -> None:
         run.problem = "the broken variant produced no counterexample"
     elif not run.trail:
         run.problem = "pan reported an error but wrote no trail"
-    elif missing := [ev for ev in SHAPE.get(run.config, [])
+    elif missing := [ev for ev in (SHAPE.get(run.config, []) if not run.model.startswith(
+            ("replication", REPLICATION_VARIANTS)) else [])
                      if not any(e.startswith(ev) for e in run.events)]:
         run.problem = (f"the counterexample does not go through the {run.config} shape "
                        f"(no event {missing[0]!r})")

@@ -1,4 +1,5 @@
-"""The commit protocol model (specs/model/) under the SPIN model checker.
+"""The protocol models (specs/model/) under the SPIN model checker: the commit protocol's and
+the replica group's (``replication.pml``, its variants ``broken_repl_*.pml``).
 
 ``specs/model/check.py`` searches ``oribus.pml`` exhaustively (its assertions, then each
 ``ltl`` property) in each of its configurations — the default one and ``ro_2pc`` (a
@@ -84,6 +85,25 @@ def test_correct_model_verifies_exhaustively(checked: tuple[int, dict], config: 
         assert r["ok"], r["problem"]
     # every property was checked over the same, whole state space
     assert len({r["states"] for r in runs}) == 1
+
+
+REPLICATION_LTL = re.findall(r"^\s*ltl\s+(\w+)\s*\{", (MODEL_DIR / "replication.pml").read_text(), re.M)
+
+
+def test_replication_model_verifies_exhaustively(checked: tuple[int, dict]) -> None:
+    """One replica group (specs/replication.md): no acknowledged record lost, reads current."""
+    _, results = checked
+    runs = _runs(results, "replication.pml", "default")
+    assert REPLICATION_LTL, "replication.pml defines no ltl property"
+    assert sorted((r["check"], r["prop"] or "") for r in runs) == sorted(
+        [("assertions", "")] + [("ltl", name) for name in REPLICATION_LTL]
+    )
+    for r in runs:
+        assert r["errors"] == 0 and r["complete"] and r["states"] > 0 and r["ok"], r
+    assert len({r["states"] for r in runs}) == 1
+    assert {v for v, _ in CASES if v.startswith("broken_repl_")} >= {
+        "broken_repl_ack_before_majority.pml", "broken_repl_elect_any.pml", "broken_repl_no_fence.pml",
+        "broken_repl_learner_votes.pml", "broken_repl_no_term_start.pml", "broken_repl_no_lease.pml"}
 
 
 @pytest.mark.parametrize(("variant", "config"), CASES)
