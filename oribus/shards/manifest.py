@@ -45,12 +45,20 @@ MANIFEST_FORMAT = 1
 class ShardManifest:
     shard_id: int  # the shard this directory holds data for
     durable_lsn: int = 0  # the log (with the snapshot) reaches at least this LSN
+    # The restart grace the read leases of this shard's earlier lives may need (PROTOCOL.md
+    # §5.8): the largest read_lease_seconds + 2 * clock_skew_seconds a life ran with that
+    # may still have a lease out. 0 in a manifest written before it was kept.
+    grace_seconds: float = 0.0
 
     def with_durable_lsn(self, lsn: int) -> ShardManifest:
         return replace(self, durable_lsn=lsn)
 
+    def with_grace(self, seconds: float) -> ShardManifest:
+        return replace(self, grace_seconds=seconds)
+
     def to_json(self) -> dict:
-        return {"format": MANIFEST_FORMAT, "shard": self.shard_id, "durable_lsn": self.durable_lsn}
+        return {"format": MANIFEST_FORMAT, "shard": self.shard_id, "durable_lsn": self.durable_lsn,
+                "grace": self.grace_seconds}
 
 
 def manifest_path(shard_dir: str | os.PathLike) -> Path:
@@ -68,12 +76,14 @@ def read_manifest(shard_dir: str | os.PathLike) -> ShardManifest | None:
         have = json.loads(raw)
         if not isinstance(have, dict) or have.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"unknown format in {have!r}")
-        shard, lsn = have["shard"], have["durable_lsn"]
+        shard, lsn, grace = have["shard"], have["durable_lsn"], have.get("grace", 0.0)
         if type(shard) is not int or type(lsn) is not int or shard < 0 or lsn < 0:
             raise ValueError(f"bad shard or durable_lsn in {have!r}")
+        if type(grace) not in (int, float) or not 0 <= grace < float("inf"):
+            raise ValueError(f"bad grace in {have!r}")
     except (ValueError, KeyError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataCorrupted(f"shard manifest {path} is unreadable: {e}", path=str(path)) from e
-    return ShardManifest(shard, lsn)
+    return ShardManifest(shard, lsn, float(grace))
 
 
 def write_manifest(shard_dir: str | os.PathLike, manifest: ShardManifest, *, fsync: bool = True) -> None:

@@ -180,7 +180,15 @@ class Participant:
         # The restart grace: no new write intent before this (monotonic clock); a lease this
         # shard's previous life granted may still be relied on by a commit until then.
         grace = read_lease_seconds + 2 * clock_skew_seconds if restart_grace else 0.0
-        self.writes_refused_until = clock() + grace
+        self._started = clock()
+        self.writes_refused_until = self._started + grace
+
+    def require_grace(self, seconds: float) -> None:
+        """Make the restart grace last at least ``seconds`` from this life's start: an earlier life
+        may have granted longer leases than this one's configuration does (the shard's MANIFEST
+        keeps their bound)."""
+        if self.writes_refused_until:
+            self.writes_refused_until = max(self.writes_refused_until, self._started + seconds)
 
     # ---- reads -----------------------------------------------------------------
 

@@ -151,6 +151,8 @@ class Shard(ShardService):
         self._snapshot_task: asyncio.Task | None = None
         self._closed = False
         self._manifest = ShardManifest(config.shard_id)  # as on disk once recovered
+        self._grace_to_lower = False  # the MANIFEST's grace bound is above this life's own
+        self._lower_grace: asyncio.TimerHandle | None = None
         self._manifest_lock = threading.Lock()  # raised from the WAL's flush thread and the loop
         self._watchers: set[Watcher] = set()
         self.counters = {"reads": 0, "commits_1pc": 0, "prepares": 0, "decisions": 0,
@@ -177,6 +179,9 @@ class Shard(ShardService):
             if shard._dir_lock is not None:
                 shard._dir_lock.release()
             raise
+        if shard._grace_to_lower:
+            shard._lower_grace = loop.call_later(
+                shard.core.grace_left(), lambda: loop.run_in_executor(None, shard._lower_grace_bound))
         return shard
 
     def _recover(self) -> None:
@@ -232,11 +237,40 @@ class Shard(ShardService):
         # (and is rewritten, lowered, after an unsafe_allow_empty open).
         self._manifest = manifest if manifest is not None else ShardManifest(cfg.shard_id)
         mark = self._durable_mark(wal.durable_lsn)
-        if manifest is None or mark != manifest.durable_lsn:
-            self._write_manifest(self._manifest.with_durable_lsn(mark))
+        # The restart grace covers the longest lease any earlier life may still have out, not
+        # only this life's configuration (an operator may have lowered read_lease_seconds):
+        # the bound is kept in the MANIFEST, fsynced before this life grants any lease.
+        own = self.grace_needed()
+        earlier = self._manifest.grace_seconds
+        if cfg.restart_grace and earlier > own:
+            self.core.require_grace(earlier)
+            log.info("shard %d: restart grace %.2fs (an earlier life ran with longer read leases than "
+                     "this one's %.2fs)", cfg.shard_id, earlier, own)
+        bound = max(own, earlier)
+        if manifest is None or mark != manifest.durable_lsn or bound != manifest.grace_seconds:
+            self._write_manifest(self._manifest.with_durable_lsn(mark).with_grace(bound))
+        self._grace_to_lower = bound > own
         self._records_since_snapshot = self.counters["replayed_records"]
         if self.core.prepared:
             log.info("shard %d recovered %d prepared transactions", self.shard_id, len(self.core.prepared))
+
+    def grace_needed(self) -> float:
+        """The restart grace the leases this life grants need: ``H + 2ε`` (0 without a grace)."""
+        cfg = self.config
+        return cfg.read_lease_seconds + 2 * cfg.clock_skew_seconds if cfg.restart_grace else 0.0
+
+    def _lower_grace_bound(self) -> None:
+        """Once this life's restart grace is over, every lease of an earlier life has ended: the
+        MANIFEST's bound comes down to this life's own (runs in a worker thread)."""
+        if self._closed:
+            return
+        with self._manifest_lock:
+            if self._manifest.grace_seconds > self.grace_needed():
+                try:
+                    self._write_manifest(self._manifest.with_grace(self.grace_needed()))
+                except OSError:  # a bound kept too high only makes the next grace longer
+                    log.exception("shard %d: could not lower the grace bound in %s/MANIFEST",
+                                  self.shard_id, self.config.data_dir)
 
     # ---- the manifest's high-water mark -----------------------------------------
 
@@ -747,6 +781,8 @@ class Shard(ShardService):
             with contextlib.suppress(Exception):
                 await self._snapshot_task
         self._closed = True
+        if self._lower_grace is not None:
+            self._lower_grace.cancel()
         for watcher in list(self._watchers):
             watcher.end()
         for fut in self._waiters.values():
