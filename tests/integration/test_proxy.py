@@ -384,3 +384,18 @@ async def test_the_answer_ends_only_after_its_references_are_recorded(rig, path,
             assert chunk, "the stream ended without its terminal event"
             seen += chunk
         assert await delivered(rig.bus, "w16") == {"team/budget": 1}
+
+
+def test_key_map_file(tmp_path):
+    from oribus.errors import InvalidRequest
+    from oribus.integrations.proxy import load_key_map
+
+    good = tmp_path / "keys.json"
+    good.write_text(json.dumps({"sk-a": "planner", "sk-b": {"agent": "critic", "session": "run-1"}}))
+    assert load_key_map(good) == {"sk-a": ("planner", "http"), "sk-b": ("critic", "run-1")}
+    for bad in ("[1]", '{"sk": 3}', '{"sk": {"session": "s"}}', '{"sk": {"agent": "a", "session": ""}}', "{"):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(InvalidRequest, match="bad.json"):
+            load_key_map(tmp_path / "bad.json")
+    with pytest.raises(InvalidRequest, match="missing.json"):
+        load_key_map(tmp_path / "missing.json")

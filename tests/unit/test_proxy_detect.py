@@ -31,7 +31,9 @@ def test_names_are_whole_tokens():
     assert ix.find(["see team/plan."]) == [Ref("team/plan", 1, "name")]
     assert ix.find(['{"key": "team/plan"}', "(team/budget)"]) == [Ref("team/budget", 4, "name"),
                                                                  Ref("team/plan", 1, "name")]
-    assert ix.find(["team/plans team/plan2 team/plan/x xteam/plan team plan"]) == []
+    assert ix.find(["**team/plan**", "_team/budget_'s owner"]) == [Ref("team/budget", 4, "name"),
+                                                                  Ref("team/plan", 1, "name")]
+    assert ix.find(["team/plans team/plan2 team/plan/x xteam/plan team plan docs/team/plan.md"]) == []
 
 
 def test_values_match_re_indented_and_in_any_key_order():
@@ -40,6 +42,7 @@ def test_values_match_re_indented_and_in_any_key_order():
     assert ix.find([f"we have {json.dumps(stored, indent=1)} now"]) == [Ref("team/plan", 1, "value")]
     assert ix.find([json.dumps(stored, indent=4, sort_keys=True)]) == [Ref("team/plan", 1, "value")]
     assert ix.find([json.dumps({**stored, "owner": "reviewer"})]) == []
+    assert ix.find([f"in Python: {stored}"]) == [Ref("team/plan", 1, "value")]  # str(dict), single quotes
     assert ix.find(["The budget is\n  14,500 EUR, approved on Monday. ok"]) == [Ref("team/budget", 4, "value")]
     assert ix.find(["The budget is 14,600 EUR, approved on Monday."]) == []
 

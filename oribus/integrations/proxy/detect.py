@@ -6,26 +6,31 @@ returns the ``Ref``s a text makes:
 
 - **by name**: a token of the text equal to a live key. Tokens are runs of characters
   other than white space, quotes, brackets and ``,;|``; trailing ``.:!?`` are not part of
-  a token (a key ending a sentence). A key containing white space is never found by
+  a token (a key ending a sentence), nor are markdown's ``*_~`` around it. A key containing white space is never found by
   name, and a key that is an ordinary word ("plan") matches that word wherever it is
   written: prefer keys with a namespace ("team-a/plan"), or serve only such prefixes.
 - **by value**: a fingerprint of a version of a key occurs in the text. Text and
   fingerprints are compared with every white-space character removed, so re-indented
   or re-wrapped JSON still matches. A value's fingerprints are its compact JSON (a
-  string value: the string itself), the same with sorted keys, and each string inside
+  string value: the string itself), the same with sorted keys, the value as Python
+  prints it (``str(value)``, what an f-string pastes), and each string inside
   it of at least ``MIN_FIELD_CHARS`` characters (a field pasted on its own). A
   fingerprint shorter than ``MIN_VALUE_CHARS`` is not kept: short values ("done", 3)
   occur everywhere and are found by their key's name or not at all. A fingerprint of at
   most ``WHOLE_UP_TO`` characters must occur whole; a longer one also matches when a
-  fragment of it of at least ``FRAGMENT_WINDOWS`` aligned windows occurs (part of a
+  fragment of it spanning ``FRAGMENT_WINDOWS`` of its windows occurs (part of a
   long document pasted). The version a value reference names is the newest version
   whose fingerprint matched — the current one when the text matches it too, since
   successive versions often share most of their content.
 
-How it scans: each fingerprint is cut into windows of ``WINDOW`` characters at offsets
-0, ``WINDOW``, 2·``WINDOW``…; the text is looked up window by window at every offset
-(one dict lookup per character of text), and the candidates it hits are confirmed
-(``in`` for whole fingerprints, the count of distinct windows for fragments).
+How it scans: windows of ``WINDOW`` characters start at every *anchor* character
+(``_ANCHOR``: ``e``, ``0``, ``"``, ``:``, about one character in eight of prose or JSON)
+of each fingerprint, and are indexed with their position; the text is looked up at its
+own anchors only, so the same run of characters gives the same windows wherever it lies.
+Each hit places a fingerprint in the text (a window shared by more than ``MAX_HOLDERS``
+fingerprints places none); a whole fingerprint is confirmed by comparing it there, a
+fragment by ``FRAGMENT_WINDOWS`` hits placing it at the same spot. A
+fingerprint without an anchored window (a number without a 0) is searched for whole.
 
 What is text: ``request_texts`` and ``response_texts`` take every string of a JSON body
 (OpenAI chat completions and responses, Anthropic messages: messages, system prompts,
@@ -47,7 +52,10 @@ WINDOW = 16
 MIN_VALUE_CHARS = 16  # shorter fingerprints are not kept (see the module docstring)
 MIN_FIELD_CHARS = 32  # a string inside a structured value is a fingerprint of its own from this length
 WHOLE_UP_TO = 256  # fingerprints up to this length match only whole
-FRAGMENT_WINDOWS = 8  # a longer one matches on this many of its windows (128 characters)
+FRAGMENT_WINDOWS = 8  # a longer one matches on this many of its windows, in place (about 70 characters)
+# A window that many fingerprints share (a JSON schema's field names, a stock phrase) places
+# none of them: it tells nothing apart and would cost a step per holder on every occurrence.
+MAX_HOLDERS = 32
 DEFAULT_VERSIONS_KEPT = 8  # versions of each key fingerprinted
 DEFAULT_MAX_KEYS = 200_000  # keys indexed at most (the rest are not found)
 
@@ -55,13 +63,17 @@ DEFAULT_MAX_KEYS = 200_000  # keys indexed at most (the rest are not found)
 _SKIPPED_MEMBERS = frozenset({"data", "b64_json", "image_url", "signature", "encrypted_content", "media_type",
                               "role", "type", "id", "object", "model", "system_fingerprint"})
 _TOKEN = re.compile(r"[^\s\"'`()\[\]{}<>,;|]+")
-_TRAILING = ".:!?*_~"
-_SPACE = re.compile(r"\s+")
+_AROUND = "*_~"  # markdown emphasis around a token
+_TRAILING = ".:!?"
+# Where windows start, in a fingerprint and in a text alike: at these characters, so a shared
+# run of text yields the same windows wherever it lies (content-defined, about one character
+# in eight of prose or JSON). A text is looked up only there, not at every character.
+_ANCHOR = re.compile(r'[e0":]')
 
 
 def squeeze(text: str) -> str:
     """``text`` without white space: how texts and fingerprints are compared."""
-    return _SPACE.sub("", text)
+    return "".join(text.split())
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +99,7 @@ def fingerprints(value: Any) -> list[str]:
                                        sort_keys=True)))
         except (TypeError, ValueError):  # keys json cannot sort (mixed types): the first form only
             pass
+        out.add(squeeze(repr(value)))  # as Python prints it: an f-string of the value
         for s in _strings(value):
             if len(s) >= MIN_FIELD_CHARS:
                 out.add(squeeze(s))
@@ -111,7 +124,7 @@ class _Print:
     key: str
     version: int
     text: str
-    windows: int  # aligned windows of ``text``
+    windows: list[tuple[int, str]]  # (position, window) of each anchored window of ``text``
 
 
 @dataclass(slots=True)
@@ -119,6 +132,12 @@ class _Versions:
     current: int = 0
     deleted: bool = False
     prints: deque[tuple[int, list[int]]] = field(default_factory=deque)  # (version, fingerprint ids), oldest first
+
+
+def _anchored(text: str) -> list[tuple[int, str]]:
+    """The windows of ``text`` that start at an anchor character (see the module docstring)."""
+    end = len(text) - WINDOW
+    return [(at, text[at:at + WINDOW]) for m in _ANCHOR.finditer(text, 0, end + 1) if (at := m.start()) <= end]
 
 
 class KeyIndex:
@@ -136,7 +155,8 @@ class KeyIndex:
         self.names: set[str] = set()  # live keys
         self._keys: dict[str, _Versions] = {}
         self._prints: dict[int, _Print] = {}
-        self._windows: dict[str, list[tuple[int, int]]] = {}  # window -> (fingerprint id, window number)
+        self._windows: dict[str, list[tuple[int, int]]] = {}  # window -> (fingerprint id, its position there)
+        self._plain: set[int] = set()  # fingerprints without an anchored window: searched whole
         self._next_id = 0
         self.full = False  # max_keys reached: later keys are not indexed
 
@@ -182,16 +202,17 @@ class KeyIndex:
     def _add_print(self, key: str, version: int, text: str) -> int:
         i = self._next_id
         self._next_id += 1
-        n = max(1, len(text) // WINDOW)
-        self._prints[i] = _Print(key, version, text, n)
-        for w in range(n):
-            self._windows.setdefault(text[w * WINDOW:(w + 1) * WINDOW], []).append((i, w))
+        p = self._prints[i] = _Print(key, version, text, _anchored(text))
+        if not p.windows:
+            self._plain.add(i)
+        for at, window in p.windows:
+            self._windows.setdefault(window, []).append((i, at))
         return i
 
     def _drop_print(self, i: int) -> None:
         p = self._prints.pop(i)
-        for w in range(p.windows):
-            window = p.text[w * WINDOW:(w + 1) * WINDOW]
+        self._plain.discard(i)
+        for window in {w for _, w in p.windows}:
             held = self._windows.get(window)
             if held is None:
                 continue
@@ -210,7 +231,7 @@ class KeyIndex:
             if not text:
                 continue
             for tok in _TOKEN.findall(text):
-                key = tok.rstrip(_TRAILING)
+                key = tok.strip(_AROUND).rstrip(_TRAILING)
                 if key in self.names and key not in names:
                     names[key] = Ref(key, self.current(key), "name")
             for key, version in self._values_in(squeeze(text)):
@@ -221,23 +242,33 @@ class KeyIndex:
         return refs
 
     def _values_in(self, text: str) -> Iterator[tuple[str, int]]:
-        if len(text) < MIN_VALUE_CHARS or not self._windows:
+        if len(text) < MIN_VALUE_CHARS:
             return
         windows = self._windows
-        hits: dict[int, set[int]] = {}
-        for at in range(len(text) - WINDOW + 1):
+        placed: dict[tuple[int, int], int] = {}  # (fingerprint, where it would start in text) -> windows there
+        for m in _ANCHOR.finditer(text, 0, len(text) - WINDOW + 1):
+            at = m.start()
             held = windows.get(text[at:at + WINDOW])
-            if held is not None:
-                for i, w in held:
-                    hits.setdefault(i, set()).add(w)
-        for i, seen in hits.items():
+            if held is not None and len(held) <= MAX_HOLDERS:
+                for i, pos in held:
+                    k = (i, at - pos)
+                    placed[k] = placed.get(k, 0) + 1
+        matched: set[int] = set()
+        for (i, start), n in placed.items():
+            if i in matched:
+                continue
             p = self._prints[i]
             if len(p.text) <= WHOLE_UP_TO:
-                found = len(seen) == p.windows and p.text in text
+                found = text.startswith(p.text, start) if start >= 0 else False
             else:
-                found = len(seen) >= min(FRAGMENT_WINDOWS, p.windows)
+                found = n >= min(FRAGMENT_WINDOWS, len(p.windows))
             if found:
-                yield p.key, p.version
+                matched.add(i)
+        for i in self._plain:
+            if self._prints[i].text in text:
+                matched.add(i)
+        for i in matched:
+            yield self._prints[i].key, self._prints[i].version
 
 
 # ---- the texts of a request or an answer ---------------------------------------------------
