@@ -399,3 +399,33 @@ def test_key_map_file(tmp_path):
             load_key_map(tmp_path / "bad.json")
     with pytest.raises(InvalidRequest, match="missing.json"):
         load_key_map(tmp_path / "missing.json")
+
+
+async def test_only_the_agents_own_headers_go_upstream(rig):
+    await rig.http.post(rig.url + "/v1/chat/completions", data=json.dumps(chat("hi")).encode(),
+                        headers={"Content-Type": "application/json", "X-Oribus-Agent": "w17"},
+                        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"))
+    sent = {k.lower() for k in rig.fake.headers[-1]}
+    assert not sent & {"accept", "accept-encoding", "user-agent", "x-oribus-agent"}, sent
+
+
+async def test_an_agent_that_hangs_up_mid_stream_still_has_its_reads_recorded(rig):
+    headers = {"Content-Type": "application/json", "X-Oribus-Agent": "w18", "X-Fake-Gate": "1",
+               "X-Fake-Pace": "0.05", "X-Fake-Reply": "a long answer in many pieces, " * 3}
+    resp = await rig.http.post(rig.url + "/v1/chat/completions", data=json.dumps(chat("use team/plan", True)).encode(),
+                               headers=headers)
+    assert await asyncio.wait_for(resp.content.readany(), 5)
+    resp.close()  # gone before the answer ended
+    rig.fake.release()
+    for _ in range(200):
+        if await delivered(rig.bus, "w18"):
+            break
+        await asyncio.sleep(0.02)
+    assert await delivered(rig.bus, "w18") == {"team/plan": 1}
+
+
+async def test_a_session_the_bus_refuses_is_not_kept(rig, caplog):
+    with caplog.at_level(logging.WARNING, "oribus.proxy"):
+        resp = await rig.post("/v1/chat/completions", chat("team/plan"), agent="a" * 300)
+    assert resp.status == 200
+    assert "not recorded" in caplog.text and rig.proxy.recorder.pending_sessions == 0

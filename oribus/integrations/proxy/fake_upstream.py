@@ -7,7 +7,8 @@ It answers with the text of the request's ``X-Fake-Reply`` header, else ``"Noted
 and the last user message's text; a streamed answer is cut into pieces of
 ``X-Fake-Chunk`` characters (default 8), one event each. Other test knobs, all headers:
 ``X-Fake-Gate`` (streams wait after their first event until ``release()``),
-``X-Fake-Break`` (a stream breaks off after its first event), ``X-Fake-Gzip`` (a whole
+``X-Fake-Break`` (a stream breaks off after its first event), ``X-Fake-Pace`` (seconds
+between the events of a stream), ``X-Fake-Gzip`` (a whole
 answer gzip-compressed), ``X-Fake-Status`` (answer with that status). Every request body
 it receives is kept in ``bodies``.
 
@@ -93,7 +94,10 @@ class FakeUpstream:
     async def _stream(self, request: web.Request, events: list[bytes]) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
+        pace = float(request.headers.get("X-Fake-Pace", "0"))
         for n, ev in enumerate(events):
+            if n and pace:
+                await asyncio.sleep(pace)
             await resp.write(ev)
             if n == 0:
                 if request.headers.get("X-Fake-Break"):

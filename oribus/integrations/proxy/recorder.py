@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from oribus.client.session import AsyncSession
 from oribus.client.watch import WatchStream
-from oribus.errors import OribusError
+from oribus.errors import InvalidRequest, OribusError
 from oribus.integrations.proxy.detect import KeyIndex, Ref
 from oribus.types import MAX_KEYS_PER_REQUEST, SessionRef
 
@@ -117,6 +117,8 @@ class DeliveryRecorder:
                 return
             try:
                 await asyncio.wait_for(self._apply(session, refs, later=False), self.timeout)
+            except InvalidRequest as e:  # not a session the bus takes (a name too long): nothing to keep
+                log.warning("references of %s not recorded: %s", session, e)
             except (OribusError, TimeoutError, OSError) as e:
                 self.counters.bus_errors += 1
                 log.warning("could not record %d references of session %s (%s: %s); kept, retried every %g s",
@@ -196,6 +198,8 @@ class DeliveryRecorder:
                                 "was unreachable"), self.timeout)
                         else:
                             await asyncio.wait_for(self._apply(session, p.refs, later=True), self.timeout)
+                    except InvalidRequest as e:
+                        log.warning("references of %s not recorded: %s", session, e)
                     except (OribusError, TimeoutError, OSError):
                         break  # still away: try again later, every session in its turn
                     del self._pending[session]
@@ -256,9 +260,10 @@ class IndexFeed:
                     await asyncio.wait_for(self._follow(watch), self.refresh_seconds)
                 finally:
                     await watch.aclose()
+                await asyncio.sleep(self.retry_seconds)  # the watch ended (the bus closed): not in a busy loop
             except TimeoutError:
                 continue  # time to scan again
-            except (OribusError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - the index keeps what it knew and the proxy serves on
                 log.warning("key index of prefix %r: %s: %s; retrying in %g s", prefix, type(e).__name__, e,
                             self.retry_seconds)
                 await asyncio.sleep(self.retry_seconds)

@@ -21,8 +21,7 @@ answer has its reads recorded first. Recording waits at most ``record_timeout`` 
 a bus that does not answer by then never fails the call (``recorder.py`` says what
 happens to those references).
 
-Errors of its own: an unreachable provider 502, one that does not answer within
-``upstream_timeout`` 504, a request body over ``max_body_bytes`` 413, each with a JSON
+Errors of its own: an unreachable provider 502, one silent for ``upstream_timeout`` 504, a request body over ``max_body_bytes`` 413, each with a JSON
 body ``{"error": {"type": "oribus_proxy_...", "message"}}``. A provider that breaks off
 a streamed answer has its connection to the agent broken off too. ``GET
 /.oribus/proxy/stats`` answers the proxy's counters (never forwarded).
@@ -60,6 +59,7 @@ _HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
     "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
 _API_KEY_HEADERS = ("x-api-key", "api-key")
+_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 
 
 @dataclass
@@ -72,7 +72,7 @@ class ProxyConfig:
     agent_header: str = DEFAULT_AGENT_HEADER  # names the calling agent
     key_map: Mapping[str, SessionRef] = field(default_factory=dict)  # API key -> (agent, session)
     record_timeout: float = 2.0  # seconds an answer's end waits for its recording
-    upstream_timeout: float = 600.0  # seconds for the provider's whole answer
+    upstream_timeout: float = 600.0  # seconds the provider may stay silent (before its answer, or within it)
     max_body_bytes: int = 32 << 20  # largest request body
     max_scan_bytes: int = 8 << 20  # an answer's bytes kept for scanning (beyond: not scanned)
 
@@ -148,8 +148,10 @@ class ProxyServer:
             return
         self._client = aiohttp.ClientSession(
             auto_decompress=False,  # answers pass byte for byte, compressed or not
-            timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout),
+            # a long answer may stream for many minutes: only silence is a timeout
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.config.upstream_timeout),
             connector=aiohttp.TCPConnector(limit=0),
+            skip_auto_headers=_AUTO_HEADERS,  # the agent's headers only, not the client library's defaults
         )
         app = web.Application(client_max_size=self.config.max_body_bytes)
         app.router.add_get(STATS_PATH, self._stats)
@@ -307,13 +309,19 @@ class ProxyServer:
                     await resp.write(chunk)
         except (TimeoutError, aiohttp.ClientPayloadError) as e:
             broken = e
+        except ConnectionResetError:  # the agent went away: it may have read part of the answer
+            sse.close()
+            await self._record(session, _merge(prompt, self._refs(sse.texts())))
+            return resp
         sse.close()
         await self._record(session, _merge(prompt, self._refs(sse.texts())))
-        for chunk in held:
-            await resp.write(chunk)
+        with contextlib.suppress(ConnectionResetError):
+            for chunk in held:
+                await resp.write(chunk)
+            if broken is None:
+                await resp.write_eof()
         if broken is not None:
             return self._broken_off(request, resp, broken)
-        await resp.write_eof()
         return resp
 
     def _broken_off(self, request: web.Request, resp: web.StreamResponse, e: BaseException) -> web.StreamResponse:
