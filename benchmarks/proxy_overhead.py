@@ -52,9 +52,11 @@ from oribus.integrations.proxy import (  # noqa: E402
 )
 from oribus.integrations.proxy.detect import Ref  # noqa: E402
 
-# Prose to fill prompts and values with: the words of the project's README (a few thousand).
-WORDS = sorted({w for w in (Path(__file__).resolve().parents[1] / "README.md").read_text().split()
-                if w.isalpha()})
+# Prose to fill prompts and values with: 3,000 made-up words of one to four English-like
+# syllables, the same on every run (a small vocabulary would repeat windows far more than prose).
+_SYLLABLES = [c + v for c in "bcdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ea", "ou")] + ["the", "and", "ing"]
+_WORDS_RNG = random.Random(1)
+WORDS = sorted({"".join(_WORDS_RNG.choice(_SYLLABLES) for _ in range(_WORDS_RNG.randint(1, 4))) for _ in range(3000)})
 NOUNS = ["plan", "budget", "schedule", "notes", "owner", "risks", "draft", "status", "review", "scope"]
 
 
