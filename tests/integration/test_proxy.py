@@ -201,6 +201,9 @@ async def test_session_header_and_key_map(rig):
     assert await delivered(rig.bus, "mapped-agent", "s1") == {"team/plan": 1}
     await rig.post("/v1/messages", messages("team/budget"), agent=None, x_api_key="sk-mapped")
     assert await delivered(rig.bus, "mapped-agent", "s1") == {"team/plan": 1, "team/budget": 1}
+    await rig.post("/v1/messages", messages("team/notes"), agent="claims-another", x_api_key="sk-mapped")
+    assert await delivered(rig.bus, "claims-another") == {}  # the key map wins over the header
+    assert "team/notes" in await delivered(rig.bus, "mapped-agent", "s1")
     before = rig.proxy.counters.unidentified
     await rig.post("/v1/chat/completions", chat("team/plan"), agent=None, Authorization="Bearer sk-unknown")
     assert rig.proxy.counters.unidentified == before + 1

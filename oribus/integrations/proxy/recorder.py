@@ -30,6 +30,17 @@ the one kept (it changed while the bus was away), or a queue that overflowed
 What this cannot cover, and is documented so: a commit of that agent that reaches the
 bus after it is back but before the retry (at most ``retry_seconds`` later), and the
 references kept by a proxy that stops before the bus is back.
+
+**Where the proxy's deliveries are checked.** A session-scope commit is checked on every
+shard the session holds a token for: the tokens its client sends (an SDK client sends
+those of its own reads) and those the bus keeps in its session table. The proxy's reads
+leave their tokens in the bus's table, not in the agent's client. So a shard on which
+only the proxy recorded is checked when the agent commits through the bus the proxy
+records on, as long as that bus keeps the session — not through another bus replica,
+nor after that bus restarted while its shards ran on (the table is in memory for SDK
+sessions; the journal of HTTP sessions holds only the agent's own tokens). Closing that
+needs the bus to journal the tokens of the proxy's reads, as it does for HTTP agents'
+reads: left to do.
 """
 
 from __future__ import annotations

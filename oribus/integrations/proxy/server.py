@@ -1,9 +1,9 @@
 """``oribus proxy``: the HTTP proxy between agents and their LLM provider.
 
-An agent points its OpenAI or Anthropic client at the proxy (``base_url``) and names
-itself with a header (``X-Oribus-Agent``, and ``X-Oribus-Session`` for its session id,
-default ``http``, the session ``/v1`` agents get), or is named by its API key in a key
-map. Every request goes to ``upstream`` + the request's path and query, and its answer
+An agent points its OpenAI or Anthropic client at the proxy (``base_url``) and is named
+by its API key in a key map (which a header cannot override), or names itself with a
+header (``X-Oribus-Agent``, and ``X-Oribus-Session`` for its session id, default ``http``,
+the session ``/v1`` agents get). Every request goes to ``upstream`` + the request's path and query, and its answer
 comes back, unchanged: the request body byte for byte with its headers (less the
 hop-by-hop ones and the proxy's own), the answer's status, headers and body byte for
 byte (still compressed if the provider compressed it). A streamed answer
@@ -180,11 +180,9 @@ class ProxyServer:
     # ---- who is calling -------------------------------------------------------------------
 
     def session_of(self, headers: Mapping[str, str]) -> SessionRef | None:
-        """The calling agent's session: the agent header (and the session header), else the
-        API key's entry in the key map, else None."""
-        agent = headers.get(self.config.agent_header, "").strip()
-        if agent:
-            return SessionRef(agent, headers.get(SESSION_HEADER, "").strip() or DEFAULT_SESSION)
+        """The calling agent's session: the API key's entry in the key map (it cannot be
+        claimed by naming another agent in a header), else the agent header (and the
+        session header), else None."""
         if self.config.key_map:
             auth = headers.get("Authorization", "")
             candidates = [auth[7:].strip()] if auth[:7].lower() == "bearer " else []
@@ -192,6 +190,9 @@ class ProxyServer:
             for key in candidates:
                 if key in self.config.key_map:
                     return self.config.key_map[key]
+        agent = headers.get(self.config.agent_header, "").strip()
+        if agent:
+            return SessionRef(agent, headers.get(SESSION_HEADER, "").strip() or DEFAULT_SESSION)
         return None
 
     # ---- forwarding ----------------------------------------------------------------------
