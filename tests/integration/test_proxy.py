@@ -432,3 +432,43 @@ async def test_a_session_the_bus_refuses_is_not_kept(rig, caplog):
         resp = await rig.post("/v1/chat/completions", chat("team/plan"), agent="a" * 300)
     assert resp.status == 200
     assert "not recorded" in caplog.text and rig.proxy.recorder.pending_sessions == 0
+
+
+async def test_oribus_proxy_command(tmp_path):
+    """``oribus proxy`` as an agent's operator runs it: over a bus at --addr, stopped by SIGTERM."""
+    import os
+    import signal
+    import sys
+
+    host = UpHost(tmp_path / "data", listen="127.0.0.1:0", shards=1)
+    await host.start()
+    proc = None
+    try:
+        async with FakeUpstream() as fake, oribus.connect(host.address, agent="setup") as bus, \
+                aiohttp.ClientSession() as http:
+            await bus.put("team/plan", PLAN)
+            (tmp_path / "keys.json").write_text(json.dumps({"sk-1": "cli-agent"}))
+            exe = os.path.join(os.path.dirname(sys.executable), "oribus")
+            proc = await asyncio.create_subprocess_exec(
+                exe, "proxy", "--listen", "127.0.0.1:0", "--upstream", fake.url, "--addr", host.address,
+                "--key-map", str(tmp_path / "keys.json"), stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            assert proc.stdout is not None
+            banner = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+            assert "oribus proxy listening on http://127.0.0.1:" in banner, banner
+            url = banner.split()[4]
+            resp = await http.post(url + "/v1/chat/completions", json=chat("Revise team/plan."),
+                                   headers={"Authorization": "Bearer sk-1"})
+            assert resp.status == 200
+            await bus.put("team/plan", {"steps": []})
+            with pytest.raises(Conflict):
+                await bus.session("cli-agent", "http").commit({"team/notes": "from the old plan"})
+            proc.send_signal(signal.SIGTERM)
+            rest = (await asyncio.wait_for(proc.stdout.read(), 30)).decode()
+            assert await proc.wait() == 0 and "Traceback" not in rest, rest
+            proc = None
+    finally:
+        if proc is not None:
+            proc.kill()
+            await proc.wait()
+        await host.stop()
