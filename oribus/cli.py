@@ -2,8 +2,9 @@
 
 Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
 Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
-``rollback``, ``watch``, ``stats``; ``mcp`` serves the bus to MCP clients (stdio or HTTP).
-Tools: ``demo``, ``repair``, ``check``, ``certs init``, ``bench`` (runs the repository's ``benchmarks/compare.py``).
+``rollback``, ``watch``, ``stats``; ``mcp`` serves the bus to MCP clients (stdio or HTTP);
+``proxy`` is the LLM-traffic proxy. Tools: ``demo``, ``repair``, ``check``, ``certs init``, ``bench``
+(runs the repository's ``benchmarks/compare.py``).
 With ``--tls-dir`` (servers and clients) every gRPC connection is mutual TLS.
 """
 
@@ -254,6 +255,34 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     with _client(args) as c:
         _print(c.stats())
+    return 0
+
+
+# ---- oribus proxy ---------------------------------------------------------------------------
+
+
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    """The LLM-traffic proxy (``oribus.integrations.proxy``) over the bus at ``--addr``, or an
+    embedded engine on ``--data-dir`` that this process then owns."""
+    import oribus
+    from oribus.hosts.lifecycle import stop_signal_event
+    from oribus.integrations.proxy import ProxyConfig, load_key_map, serve
+
+    host, _, port = args.listen.rpartition(":")
+    config = ProxyConfig(args.upstream, host=host or "127.0.0.1", port=int(port), agent_header=args.agent_header,
+                         key_map=load_key_map(args.key_map) if args.key_map else {},
+                         record_timeout=args.record_timeout)
+
+    async def main() -> None:
+        stop = stop_signal_event()
+        bus = (await oribus.open_local(args.data_dir, agent="oribus-proxy") if args.data_dir
+               else oribus.connect(args.addr, agent="oribus-proxy", tls=args.tls_dir))
+        try:
+            await serve(bus, config, args.prefix or [""], stop=stop)
+        finally:
+            await bus.close()
+
+    _run(main())
     return 0
 
 
@@ -562,6 +591,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_watch)
     p = client("stats", "counters of the bus and its shards")
     p.set_defaults(fn=_cmd_stats)
+
+    p = sub.add_parser("proxy", help="an LLM-traffic proxy recording the bus keys agents' prompts and answers show")
+    p.add_argument("--listen", default="127.0.0.1:7790", help="HOST:PORT to serve on (default: %(default)s)")
+    p.add_argument("--upstream", required=True, help="the provider's base URL, e.g. https://api.openai.com")
+    bus = p.add_mutually_exclusive_group()
+    bus.add_argument("--addr", default=DEFAULT_BUS_ADDRESS, help="the bus's gRPC address (default: %(default)s)")
+    bus.add_argument("--data-dir", help="run an embedded engine on this directory instead")
+    p.add_argument("--agent-header", default="X-Oribus-Agent", help="the header naming the agent (default: %(default)s)")
+    p.add_argument("--key-map", help='JSON file: {"<api key>": "agent" or {"agent": ..., "session": ...}}')
+    p.add_argument("--prefix", action="append", help="index only keys under this prefix (repeatable; default: all)")
+    p.add_argument("--record-timeout", type=float, default=2.0,
+                   help="seconds an answer's end waits for its deliveries to be recorded (default: %(default)s)")
+    _tls_option(p)
+    p.set_defaults(fn=_cmd_proxy)
 
     p = sub.add_parser("cluster", help="cluster metadata in etcd")
     csub = p.add_subparsers(dest="cluster_command", required=True)

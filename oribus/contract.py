@@ -103,8 +103,11 @@ class BusService(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
-        """Read keys in the order asked; with ``record`` each read is a delivery to the session."""
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True,
+                   only_new: bool = False) -> ReadResult:
+        """Read keys in the order asked; with ``record`` each read is a delivery to the session.
+        ``only_new``: record only keys that exist and that the session has not been given yet
+        (an earlier delivery is never overwritten); the others are listed in ``skipped``."""
 
     @abc.abstractmethod
     async def commit(self, req: CommitRequest) -> CommitResult:

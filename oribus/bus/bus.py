@@ -90,9 +90,9 @@ class Bus(BusService):
         session: SessionRef,
         keys: list[str],
         record: bool = True,
+        only_new: bool = False,
         *,
         detail: bool = False,
-        only_new: bool = False,
         durable_session: bool = False,
         client: str = "",
     ) -> ReadResult:

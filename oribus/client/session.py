@@ -12,6 +12,7 @@ import itertools
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from oribus import tracing
@@ -50,6 +51,15 @@ MAX_COMMIT_BYTES = MAX_MESSAGE_BYTES - (1 << 20)
 
 # How often a commit whose outcome is unknown (Unavailable) is retried with the same commit id.
 _SAME_ID_RETRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """What ``AsyncSession.register`` recorded."""
+
+    recorded: dict[str, Item]  # delivered now, at these (current) versions
+    skipped: list[str]  # the session held a delivery of these already: it stands
+    missing: list[str]  # no such key: nothing recorded
 
 
 class Closable(Protocol):
@@ -169,6 +179,31 @@ class AsyncSession:
         keys = list(dict.fromkeys(keys))
         result = await self._read(keys)
         return {i.key: Item(i.key, decode_value(i.value), i.version) for i in result.items}
+
+    async def register(self, keys: Iterable[str]) -> Registered:
+        """Record keys as delivered to this session unless it was given them already.
+
+        Skip-if-exists (S-Bus's ``/delivery_log/register``): a key the session holds a
+        delivery of keeps the version it was given, however old, so a later commit is
+        still checked against that version; keys that do not exist are not recorded.
+        For callers that learn what an agent saw elsewhere, such as ``oribus proxy``
+        (the keys an agent's LLM traffic named). Example::
+
+            got = await bus.register(["plan", "budget"])
+            got.recorded   # {"plan": Item(...)}: delivered now, at its current version
+            got.skipped    # ["budget"]: delivered before, that delivery stands
+        """
+        keys = list(dict.fromkeys(keys))
+        with tracing.span("oribus.register", client=True) as span:
+            if span is not None:
+                span.set_attributes(self._span_attributes(keys=len(keys)))
+            result = await self._bus.read(self.session_ref, keys, True, True)
+        self._observe(result.tokens, self._tokens)
+        skipped = set(result.skipped)
+        recorded = {i.key: Item(i.key, decode_value(i.value), i.version) for i in result.items
+                    if i.key not in skipped and i.value is not None}
+        missing = [i.key for i in result.items if i.key not in skipped and i.value is None]
+        return Registered(recorded, [k for k in keys if k in skipped], missing)
 
     # ---- commits -----------------------------------------------------------------
 

@@ -228,6 +228,7 @@ class SyncSession:
     forget = _forward("forget", AsyncSession)
     reset_session = _forward("reset_session", AsyncSession)
     stats = _forward("stats", AsyncSession)
+    register = _forward("register", AsyncSession)
     scan = _forward("scan", AsyncSession)
 
     @property

@@ -8,4 +8,6 @@ specs/ARCHITECTURE.md, "Which layer may import which"):
 
     integrations/mcp/         ``oribus mcp``: a Model Context Protocol server (extra ``oribus[mcp]``)
     integrations/langgraph/   ``OribusSaver`` (checkpointer) and ``OribusStore`` (extra ``oribus[langgraph]``)
+    integrations/proxy/       ``oribus proxy``: an HTTP proxy between agents and their LLM provider that
+                              records the keys their prompts and answers refer to as deliveries (no extra)
 """

@@ -64,8 +64,9 @@ class BusByCalls(BusService):
     async def _call(self, op: str, *params: Any) -> Any:
         """Send one call of ``bus_codec.BUS_OPS`` and return its decoded result."""
 
-    async def read(self, session: SessionRef, keys: list[str], record: bool = True) -> ReadResult:
-        return await self._call("read", session, keys, record)
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True,
+                   only_new: bool = False) -> ReadResult:
+        return await self._call("read", session, keys, record, only_new)
 
     async def commit(self, req: CommitRequest) -> CommitResult:
         return await self._call("commit", req)

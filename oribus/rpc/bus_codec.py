@@ -63,11 +63,14 @@ def _decodable(writes: dict[str, bytes | None]) -> dict[str, bytes | None]:
 
 
 def enc_read_result(r: ReadResult) -> dict:
-    return {
+    out = {
         "i": [[i.key, i.value, i.version] for i in r.items],
         "t": {s: list(t) for s, t in r.tokens.items()},
         "q": dict(r.seqs),
     }
+    if r.skipped:  # only_new reads: the keys the session had been given already
+        out["x"] = list(r.skipped)
+    return out
 
 
 def dec_read_result(v: dict) -> ReadResult:
@@ -75,6 +78,7 @@ def dec_read_result(v: dict) -> ReadResult:
         [ReadItem(k, val, ver) for k, val, ver in v["i"]],
         {s: (t[0], t[1]) for s, t in v["t"].items()},
         dict(v["q"]),
+        list(v.get("x", ())),
     )
 
 

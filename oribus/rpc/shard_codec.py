@@ -56,17 +56,15 @@ from oribus.types import (
 
 
 def enc_read_request(r: ReadRequest) -> dict:
-    a = enc_read_args(r.session, r.keys, r.record)
+    a = enc_read_args(r.session, r.keys, r.record, r.only_new)
     if r.detail:
         a["d"] = True
-    if r.only_new:
-        a["n"] = True
     return a
 
 
 def dec_read_request(a: Any) -> ReadRequest:
-    s, keys, record = dec_read_args(a)
-    return ReadRequest(s, keys, record, bool(opt(a, "d", bool, False)), bool(opt(a, "n", bool, False)))
+    s, keys, record, only_new = dec_read_args(a)
+    return ReadRequest(s, keys, record, bool(opt(a, "d", bool, False)), only_new)
 
 
 def enc_read_reply(r: ReadReply) -> list:

@@ -194,13 +194,16 @@ def token_or_none(v: Any) -> tuple[int, int] | None:
 # ---- encodings both services use -----------------------------------------------------------
 
 
-def enc_read_args(session: SessionRef, keys: list[str], record: bool) -> dict:
-    return {"s": enc_session(session), "k": list(keys), "r": record}
+def enc_read_args(session: SessionRef, keys: list[str], record: bool, only_new: bool = False) -> dict:
+    a = {"s": enc_session(session), "k": list(keys), "r": record}
+    if only_new:  # sent only when set: a read without it is the same message as before
+        a["n"] = True
+    return a
 
 
-def dec_read_args(a: Any) -> tuple[SessionRef, list[str], bool]:
+def dec_read_args(a: Any) -> tuple[SessionRef, list[str], bool, bool]:
     keys = need(a, "k", list)
-    return dec_session(need(a, "s", list)), keys, bool(opt(a, "r", bool, True))
+    return dec_session(need(a, "s", list)), keys, bool(opt(a, "r", bool, True)), bool(opt(a, "n", bool, False))
 
 
 def enc_entries(entries: list[Entry]) -> list:

@@ -138,3 +138,22 @@ async def test_bad_transport_choices_are_refused():
 
     with pytest.raises(InvalidRequest, match="tls= instead"):
         RemoteBus("127.0.0.1:1", transport="stream", credentials=grpc.local_channel_credentials())
+
+
+@pytest.mark.parametrize("transport", ["grpc", "stream"])
+async def test_register_and_scan_over_each_transport(host, transport):
+    """``register`` (a read recording only keys not delivered yet) and ``scan`` cross the
+    wire: an earlier, older delivery stands, and the commit is checked against it."""
+    target = host.address if transport == "grpc" else host.server.stream_address
+    async with oribus.connect(target, agent="a", transport=transport) as bus:
+        await bus.commit({"r/x": 1, "r/y": 2, "other": 3})
+        assert [(i.key, i.value, i.version) for i in await bus.scan("r/")] == [("r/x", 1, 1), ("r/y", 2, 1)]
+        assert [i.key for i in await bus.scan("r/", after="r/x", limit=1)] == ["r/y"]
+        agent = bus.session("agent", "s")
+        await agent.get("r/x")
+        await bus.put("r/x", 10)
+        got = await agent.register(["r/x", "r/y", "r/missing"])
+        assert got.skipped == ["r/x"] and list(got.recorded) == ["r/y"] and got.missing == ["r/missing"]
+        with pytest.raises(oribus.Conflict) as e:
+            await agent.commit({"other": 4})
+        assert [(s.key, s.version) for s in e.value.stale] == [("r/x", 1)]
