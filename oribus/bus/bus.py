@@ -102,7 +102,10 @@ class Bus(BusService):
         ``detail``: items also carry who committed each version and when.
         ``only_new``: record only keys the session has not been given yet.
         ``durable_session``: the client sends no tokens (HTTP agents), so the
-        session's tokens are journaled before this returns (``SessionJournal``).
+        session's tokens are journaled before this returns (``SessionJournal``). A read with
+        ``only_new`` (a registration: ``oribus proxy`` records what an agent saw elsewhere,
+        for a session whose own client never learns those tokens) is journaled too, so a
+        restarted bus still validates them when the agent's client commits.
         ``client``: the address a durable session is used from (its per-client cap).
         """
         with _READ_SECONDS.time(), tracing.span("oribus.bus.read") as span:
@@ -139,7 +142,7 @@ class Bus(BusService):
                 if record:
                     result.tokens[sid] = reply.token
                     result.seqs[sid] = reply.seq
-                    if durable_session:
+                    if durable_session or only_new:
                         await self.sessions.observe_durably(session, sid, reply.token, client)
                     else:
                         self.sessions.observe(session, sid, reply.token)

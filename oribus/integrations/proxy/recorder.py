@@ -34,13 +34,12 @@ references kept by a proxy that stops before the bus is back.
 **Where the proxy's deliveries are checked.** A session-scope commit is checked on every
 shard the session holds a token for: the tokens its client sends (an SDK client sends
 those of its own reads) and those the bus keeps in its session table. The proxy's reads
-leave their tokens in the bus's table, not in the agent's client. So a shard on which
-only the proxy recorded is checked when the agent commits through the bus the proxy
-records on, as long as that bus keeps the session — not through another bus replica,
-nor after that bus restarted while its shards ran on (the table is in memory for SDK
-sessions; the journal of HTTP sessions holds only the agent's own tokens). Closing that
-needs the bus to journal the tokens of the proxy's reads, as it does for HTTP agents'
-reads: left to do.
+leave their tokens in the bus's table, not in the agent's client; the bus journals them
+(a registration is journaled as an HTTP agent's read is), so a shard on which only the
+proxy recorded is checked when the agent commits through the bus the proxy records on,
+also after that bus restarted
+(tests/e2e/test_registered_reads_survive_a_bus_restart.py) — but not through another bus
+replica, whose journal is its own (as for HTTP agents: pin an agent to one bus).
 """
 
 from __future__ import annotations
