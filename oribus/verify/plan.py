@@ -16,6 +16,7 @@ shape a read of key 0), so the last of a few examples is kept.
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ def draw_mix(seed: int) -> Mix:
         from hypothesis import HealthCheck, Phase, given, settings
         from hypothesis import seed as hypothesis_seed
         from hypothesis import strategies as st
+        from hypothesis.configuration import set_hypothesis_home_dir
     except ImportError as e:  # pragma: no cover - the extra is part of every test set-up
         raise ImportError("oribus verify needs Hypothesis: pip install 'oribus[verify]'") from e
 
@@ -62,7 +64,14 @@ def draw_mix(seed: int) -> Mix:
     def collect(shapes: list[tuple[tuple[str, int], ...]], steps: list[tuple[int, int, int]], order: int) -> None:
         drawn.append(Mix(tuple(shapes), tuple(steps), order))
 
-    collect()
+    # Hypothesis caches what it learns under ./.hypothesis: not in the user's directory (read-only
+    # in the Kubernetes Job), in a temporary one
+    with tempfile.TemporaryDirectory(prefix="oribus-verify-") as home:
+        set_hypothesis_home_dir(home)
+        try:
+            collect()
+        finally:
+            set_hypothesis_home_dir(None)
     return drawn[-1]
 
 

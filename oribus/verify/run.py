@@ -161,7 +161,7 @@ async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment |
     mix = draw_mix(cfg.seed)
     workloads = [LIST_APPEND, AGENT_STEP] if cfg.workload == "both" else [cfg.workload]
     list_keys = KeyRing(f"{cfg.prefix}la/", cfg.keys if LIST_APPEND in workloads else 0)
-    step_keys = [f"{cfg.prefix}step/k{i}" for i in range(cfg.keys)] if AGENT_STEP in workloads else []
+    step_keys = KeyRing(f"{cfg.prefix}step/", cfg.keys if AGENT_STEP in workloads else 0)
     recorder = Recorder()
     started = time.monotonic()
     clients = Clients(mix, recorder, Limiter(cfg.rate), started + cfg.duration, list_keys, step_keys)
@@ -208,7 +208,7 @@ async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment |
             await s.close()
     if err.isatty():
         _line(err, "")
-    keys = list_keys.used + step_keys
+    keys = list_keys.used + step_keys.used
     final_error = await _final(addr, cfg, recorder, keys)
     elapsed = time.monotonic() - started
     events = recorder.events

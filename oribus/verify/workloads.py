@@ -4,14 +4,15 @@ Every transaction reads its keys first, then commits its writes in transaction
 scope (ORI checks exactly the reads made through the transaction), and is
 recorded around the call (``oribus.checker.Recorder``, ``specs/history.md``):
 
-- **list-append** (``la/k<i>.<generation>`` under the run's prefix): a shape of the
+- **list-append** (``la/k<i>.<generation>-<hash>`` under the run's prefix): a shape of the
   mix gives 1-4 reads and appends; an append puts the list it read with one unique
-  element (client number x 1,000,000 + counter) added. A key moves on to its next
-  generation after 128 appends (``KeyRing``), so lists stay short.
-- **agent-step** (``step/k<i>``): read three distinct keys, write the first two
+  element (client number x 1,000,000 + counter) added.
+- **agent-step** (``step/k<i>.<generation>-<hash>``): read three distinct keys, write the first two
   (often on two shards: a two-phase commit), each with a value naming the step
   (``{"step": "<client>-<n>"}``, unique, so a read says which write it saw);
   committed only if all three are unchanged, as an agent acting on what it read.
+
+A key moves on to its next generation after 64 planned writes (``KeyRing``).
 
 Outcomes: ``ok``; ``fail`` when the transaction certainly did not commit
 (Conflict, Aborted, SessionExpired, InvalidRequest, or it was never sent);
@@ -24,6 +25,7 @@ speaks ``/v1/get`` and ``/v1/commit`` (``specs/http.md``) with the read's
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import time
 from collections import Counter
@@ -210,31 +212,44 @@ class HttpExecutor:
 
 
 class KeyRing:
-    """The list-append keys: ``n`` slots, each moving on to a fresh key (``k<slot>.<generation>``)
-    once ``appends_per_key`` appends were planned on it, so that lists stay short (every read
-    records the whole list: without this a long run's history grows with the square of its
-    length, and so does checking it — Elle rotates keys for the same reason)."""
+    """A workload's keys: ``n`` slots, each moving on to a fresh key (``k<slot>.<generation>``)
+    once ``writes_per_key`` writes were planned on it. Lists stay short (every read records
+    the whole list: without this a long run's history grows with the square of its length,
+    and so does checking it — Elle rotates keys for the same reason), and every version of a
+    key stays in its kept history (``DEFAULT_HISTORY_LIMIT``, 100 versions; the writes in
+    flight when a key moves on add at most one per client), so the final read can check
+    every acknowledged write for durability."""
 
-    def __init__(self, prefix: str, n: int, appends_per_key: int = 128) -> None:
+    def __init__(self, prefix: str, n: int, writes_per_key: int = 64) -> None:
         self.prefix = prefix
-        self.appends_per_key = appends_per_key
+        self.writes_per_key = writes_per_key
         self._generation = [0] * n
         self._appends = [0] * n
-        self.used: list[str] = [self._name(i) for i in range(n)]
+        self._slots: dict[str, int] = {}
+        self._current = [self._name(i) for i in range(n)]
+        self.used: list[str] = list(self._current)
 
     def _name(self, slot: int) -> str:
-        return f"{self.prefix}k{slot}.{self._generation[slot]}"
+        # A hash in the name spreads the keys over the shards: names that differ only in a
+        # counter have CRC-32Cs (the slot hash, specs/engine.md) that differ only in a few
+        # bits, and fall on one or two shards: no cross-shard transactions to check.
+        name = f"k{slot}.{self._generation[slot]}"
+        key = f"{self.prefix}{name}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        self._slots[key] = slot
+        return key
 
     def current(self) -> list[str]:
-        return [self._name(i) for i in range(len(self._generation))]
+        return self._current
 
-    def appended(self, key: str) -> None:
-        slot = int(key[len(self.prefix) + 1:].split(".")[0])
+    def written(self, key: str) -> None:
+        slot = self._slots[key]
         self._appends[slot] += 1
-        if self._appends[slot] >= self.appends_per_key:
+        if self._appends[slot] >= self.writes_per_key:
             self._appends[slot] = 0
             self._generation[slot] += 1
-            self.used.append(self._name(slot))
+            self._current = list(self._current)  # a list handed out earlier stays as it was
+            self._current[slot] = self._name(slot)
+            self.used.append(self._current[slot])
 
 
 @dataclass
@@ -315,7 +330,7 @@ class Clients:
     limiter: Limiter
     deadline: float  # time.monotonic() after which no transaction starts
     list_keys: KeyRing
-    step_keys: list[str]
+    step_keys: KeyRing
     progress: Progress = field(default_factory=Progress)
     pause_after_failure: float = 0.05
 
@@ -335,12 +350,14 @@ class Clients:
                 break
             if workload == LIST_APPEND:
                 planned = plan_list_append(rng.choice(self.mix.shapes), self.list_keys.current(), next_element)
-                for op in planned.invoke:
-                    if op[0] == APPEND:
-                        self.list_keys.appended(op[1])
+                ring = self.list_keys
             else:
                 steps += 1
-                planned = plan_agent_step(rng.choice(self.mix.steps), self.step_keys, f"{process}-{steps}")
+                planned = plan_agent_step(rng.choice(self.mix.steps), self.step_keys.current(), f"{process}-{steps}")
+                ring = self.step_keys
+            for op in planned.invoke:
+                if op[0] != READ:
+                    ring.written(op[1])
             outcome = await run_one(ex, self.recorder, process, planned)
             self.progress.outcomes[outcome] += 1
             self.progress.outcomes[f"{workload}:{outcome}"] += 1

@@ -25,9 +25,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import SLOT_MAP
 from processes import bus, free_port, oribus_command, shard, up
 
 import oribus
+from oribus.verify.workloads import KeyRing
 
 SHORT = "5s"
 
@@ -63,7 +65,7 @@ async def test_a_healthy_deployment_passes_and_its_keys_are_removed(cluster, tmp
     assert check.returncode == 0, check.stdout
     # only the run's prefix was touched, and its keys are gone (their history stays)
     async with oribus.connect(server.address, agent="audit") as s:
-        for k in ("verify/healthy/la/k0.0", "verify/healthy/step/k0"):
+        for k in (KeyRing("verify/healthy/la/", 6).current()[0], KeyRing("verify/healthy/step/", 6).current()[0]):
             item = await s.get(k)
             assert item.value is None and item.version > 1, item
             assert len(await s.history(k)) > 1
@@ -75,7 +77,7 @@ async def test_keep_leaves_the_keys(cluster, tmp_path):
                "--workload", "list-append", "--prefix", "verify/kept/", "--keep", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stdout + r.stderr
     async with oribus.connect(server.address, agent="audit") as s:
-        assert isinstance((await s.get("verify/kept/la/k0.0")).value, list)
+        assert isinstance((await s.get(KeyRing("verify/kept/la/", 3).current()[0])).value, list)
 
 
 async def test_validation_switched_off_is_caught(cluster, tmp_path):
@@ -123,12 +125,16 @@ async def test_a_shard_without_fsync_that_loses_power_is_caught(cluster, tmp_pat
     b = cluster.add(bus(tmp_path, [s0.shard_address, s1.shard_address])).start().wait_serving()
     durable = _wal_sizes(tmp_path / "shard-1")
     assert durable
-    run = subprocess.Popen(oribus_command("verify", "--addr", b.address, "--duration", "9s", "--clients", "4",
+    assert {SLOT_MAP.shard_for(k) for k in KeyRing("verify/power/la/", 6).current()} == {0, 1}
+    run = subprocess.Popen(oribus_command("verify", "--addr", b.address, "--duration", "10s", "--clients", "4",
                                           "--keys", "6", "--workload", "list-append", "--seed", "4",
-                                          "--out", str(tmp_path / "out")),
+                                          "--prefix", "verify/power/", "--out", str(tmp_path / "out")),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4)
+        deadline = time.monotonic() + 30
+        while sum(_wal_sizes(tmp_path / "shard-1").values()) < sum(durable.values()) + 20_000:
+            assert time.monotonic() < deadline and run.poll() is None, "no commits reached shard 1"
+            time.sleep(0.2)
         s1.kill9()
         assert _lose_unsynced(tmp_path / "shard-1", durable) > 0
         s1.start().wait_serving()

@@ -58,12 +58,24 @@ def test_an_agent_step_reads_three_distinct_keys_and_writes_two():
 
 
 def test_a_list_key_moves_to_its_next_generation_after_enough_appends():
-    ring = KeyRing("p/la/", 2, appends_per_key=3)
-    assert ring.current() == ["p/la/k0.0", "p/la/k1.0"]
+    ring = KeyRing("p/la/", 2, writes_per_key=3)
+    k0, k1 = ring.current()
+    assert k0.startswith("p/la/k0.0-") and k1.startswith("p/la/k1.0-")
     for _ in range(3):
-        ring.appended("p/la/k1.0")
-    assert ring.current() == ["p/la/k0.0", "p/la/k1.1"]
-    assert ring.used == ["p/la/k0.0", "p/la/k1.0", "p/la/k1.1"]
+        ring.written(k1)
+    k1_next = ring.current()[1]
+    assert ring.current()[0] == k0 and k1_next.startswith("p/la/k1.1-")
+    assert ring.used == [k0, k1, k1_next]
+
+
+def test_the_keys_spread_over_the_shards():
+    """Names differing only in a counter share most CRC-32C bits, so most fall on one shard;
+    the hash in each name spreads them (else few transactions would span shards)."""
+    from oribus.meta.slots import StaticSlotMap
+
+    for shards in (2, 4):
+        owners = [StaticSlotMap(shards).shard_for(k) for k in KeyRing("verify/x/la/", 12).current()]
+        assert set(owners) == set(range(shards)), owners
 
 
 async def test_the_rate_limit_spaces_transaction_starts():
