@@ -196,7 +196,7 @@ async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment |
     try:
         if nemesis_task is not None:
             await nemesis_task
-        done, pending = await asyncio.wait(tasks, timeout=cfg.duration + DRAIN_TIMEOUT)
+        _, pending = await asyncio.wait(tasks, timeout=cfg.duration + DRAIN_TIMEOUT)
         for t in pending:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
