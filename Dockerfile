@@ -18,9 +18,10 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY oribus ./oribus
-# Only the runtime dependencies: the test and dev extras are not installed.
+# Only the runtime dependencies and `oribus verify`'s (Hypothesis): the test and dev extras
+# are not installed.
 RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels . \
- && /opt/venv/bin/pip install /wheels/oribus-*.whl
+ && /opt/venv/bin/pip install "$(echo /wheels/oribus-*.whl)[verify]"
 
 # ---- runtime: the venv on a slim Python, no build tools, not root
 FROM ${PYTHON_IMAGE} AS runtime

@@ -3,8 +3,9 @@
 Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
 Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
 ``rollback``, ``watch``, ``stats``; ``mcp`` serves the bus to MCP clients (stdio or HTTP);
-``proxy`` is the LLM-traffic proxy. Tools: ``demo``, ``repair``, ``check``, ``certs init``, ``bench``
-(runs the repository's ``benchmarks/compare.py``).
+``proxy`` is the LLM-traffic proxy. Tools: ``demo``, ``repair``, ``check``, ``verify`` (the
+consistency check of a live deployment), ``certs init``, ``bench`` (runs the repository's
+``benchmarks/compare.py``).
 With ``--tls-dir`` (servers and clients) every gRPC connection is mutual TLS.
 """
 
@@ -135,8 +136,11 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
         die_with_parent(args.parent_fd)
     shard_id = _shard_id(args.id)
+    from oribus.shards.wal import WalConfig
+
     config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=args.allow_empty,
-                         read_lease_seconds=args.read_lease, clock_skew_seconds=args.clock_skew)
+                         read_lease_seconds=args.read_lease, clock_skew_seconds=args.clock_skew,
+                         wal=WalConfig(unsafe_no_fsync=args.unsafe_no_fsync))
     try:
         _run(run_shard_server(shard_id, Path(args.data_dir), args.listen, config=config,
                               ready_file=Path(args.ready_file) if args.ready_file else None,
@@ -488,6 +492,56 @@ def _http_options(p: argparse.ArgumentParser) -> None:
                             "commit fails closed (default: %(default)s)")
 
 
+def _duration(text: str) -> float:
+    """``60``, ``60s``, ``2m``: seconds."""
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
+    try:
+        value = float(text[:-1]) * scale if scale else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 60s, 2m)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a duration must be positive, not {text!r}")
+    return value
+
+
+def _pids(text: str) -> list[int]:
+    try:
+        pids = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pids takes comma-separated process ids, not {text!r}") from None
+    if not pids or any(p <= 1 for p in pids):
+        raise argparse.ArgumentTypeError(f"--pids takes comma-separated process ids, not {text!r}")
+    return pids
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from oribus.verify import VerifyConfig, verify
+
+    if (args.addr is None) == (not args.start_local):
+        print("oribus verify needs --addr HOST:PORT (a running bus) or --start-local", file=sys.stderr)
+        return 2
+    if args.nemesis == "local" and not (args.pids or args.start_local):
+        print("oribus verify: --nemesis local needs --pids P1,P2,... (processes on this machine) "
+              "or --start-local", file=sys.stderr)
+        return 2
+    if args.pids and args.nemesis != "local":
+        print("oribus verify: --pids is for --nemesis local", file=sys.stderr)
+        return 2
+    if args.workload in ("agent-step", "both") and args.keys < 3:
+        print("oribus verify: the agent-step workload needs --keys 3 or more", file=sys.stderr)
+        return 2
+    if args.prefix is not None and (not args.prefix or args.prefix.startswith(".sbus/")):
+        print(f"oribus verify: --prefix {args.prefix!r} is empty or reserved", file=sys.stderr)
+        return 2
+    config = VerifyConfig(
+        addr=args.addr, http=args.http, tls_dir=args.tls_dir, duration=args.duration, clients=args.clients,
+        keys=args.keys, workload=args.workload, prefix=args.prefix, out=Path(args.out), seed=args.seed,
+        rate=args.rate, keep=args.keep, nemesis=args.nemesis, pids=args.pids or [],
+        start_local=args.start_local,
+    )
+    return int(_run(verify(config)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oribus", description="A state bus for fleets of agents.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -535,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
     _read_lease_option(p, skew=True)
+    p.add_argument("--unsafe-no-fsync", action="store_true",
+                   help="TESTING ONLY: acknowledge commits before they reach the disk; a power loss (or a "
+                        "crash that loses the page cache) loses them. `oribus verify` tests show it is caught")
     p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)  # oribus.lifeline
     _cluster_options(p)
     _tls_option(p)
@@ -617,6 +674,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("history", help="the history file (specs/history.md)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(fn=_cmd_check)
+
+    p = sub.add_parser("verify", help="check a live deployment's consistency: run workloads under a prefix of "
+                                      "its own, check the recorded history, report (exit 0: no anomaly)")
+    p.add_argument("--addr", help="the bus's gRPC address, HOST:PORT")
+    p.add_argument("--http", metavar="URL", help="the HTTP gateway's base URL (http://HOST:PORT): a quarter "
+                                                 "of the clients use the HTTP API")
+    p.add_argument("--tls-dir", help="mutual TLS for the gRPC connections (ca.crt, client.crt, client.key)")
+    p.add_argument("--duration", type=_duration, default=60.0, help="how long the workload runs (default: 60s)")
+    p.add_argument("--clients", type=_positive_int, default=16, help="concurrent clients (default: %(default)s)")
+    p.add_argument("--keys", type=_positive_int, default=12, help="keys per workload (default: %(default)s)")
+    p.add_argument("--workload", choices=["list-append", "agent-step", "both"], default="both",
+                   help="default: %(default)s")
+    p.add_argument("--prefix", help="every key the run touches is under it (default: verify/<run id>/)")
+    p.add_argument("--out", default="verify-out", help="where history.jsonl, report.json and report.html go "
+                                                      "(default: %(default)s)")
+    p.add_argument("--seed", type=int, help="the operation mix and every client's path; the same seed replays "
+                                            "them (default: random, printed)")
+    p.add_argument("--rate", type=float, default=0.0, help="at most this many transactions per second in all "
+                                                          "(default: no limit)")
+    p.add_argument("--keep", action="store_true", help="keep the run's keys (default: delete them at the end)")
+    p.add_argument("--nemesis", choices=["local"], help="faults while the workload runs: kill -9 and "
+                                                        "SIGSTOP/SIGCONT of --pids, on a schedule from --seed")
+    p.add_argument("--pids", type=_pids, help="comma-separated pids of this machine's oribus processes, for "
+                                              "--nemesis local (killed ones are not restarted)")
+    p.add_argument("--start-local", action="store_true",
+                   help="start an `oribus up --processes` on free ports in a temporary directory, verify it "
+                        "(with --nemesis local: kill -9, pause and restart it) and stop it")
+    p.set_defaults(fn=_cmd_verify)
 
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")
     p.add_argument("--data-dir", required=True, help="an engine data dir, or one shard's dir")

@@ -225,9 +225,12 @@ def test_catches_acknowledging_before_fsync(capsys) -> None:  # noqa: ANN001 - p
         return bool(simulate(seed, config, schedule).report.of_kind("lost-write"))
 
     # every restart still takes no write for a moment (the restart grace), which leaves less of
-    # the short run to show what a lost commit left behind: search longer than FIND does
+    # the short run to show what a lost commit left behind: search longer than FIND does. Hypothesis
+    # also draws integers from the constants of the modules loaded (oribus's and the tests'), so
+    # which examples come first changes with unrelated code: 150 examples stopped being enough
+    # in a run of the whole suite when oribus.verify was added.
     seed, schedule = find(st.tuples(st.integers(0, 1000), st.lists(noise, min_size=1, max_size=6)),
-                          loses_acknowledged, settings=settings(FIND, max_examples=150))
+                          loses_acknowledged, settings=settings(FIND, max_examples=400))
     result = simulate(seed, config, schedule)
     with capsys.disabled():
         print(f"\nack before fsync, shrunk to seed {seed} with {len(schedule)} fault(s): "

@@ -539,6 +539,53 @@ def test_network_policies_admit_exactly_the_planned_connections(overlay: str) ->
             assert admitted == planned.get((dst, port), set()), f"to {dst}:{port}"
 
 
+VERIFY_JOB = K8S / "examples" / "verify" / "verify-job.yaml"
+
+
+def verify_job() -> dict:
+    (job,) = [d for d in yaml.safe_load_all(VERIFY_JOB.read_text()) if d]
+    return job
+
+
+def test_the_verify_job_runs_oribus_verify_against_the_bus_service() -> None:
+    """The Job of deploy/k8s/examples/verify: a valid Job, hardened like every other pod, whose
+    `oribus verify` command line parses and names the bus Service's gRPC and HTTP ports."""
+    from oribus.cli import build_parser
+
+    job = verify_job()
+    assert job["kind"] == "Job"
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    spec = pod_template(job)["spec"]
+    assert spec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] == 0  # a verdict, not retried
+    (c,) = containers(job)
+    assert is_oribus(c) and "command" not in c
+    sc = {**spec["securityContext"], **c["securityContext"]}
+    assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and sc["allowPrivilegeEscalation"] is False
+    assert {"cpu", "memory"} <= set(c["resources"]["limits"]) and {"cpu", "memory"} <= set(c["resources"]["requests"])
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "verify"
+    out_mount = [m for m in c["volumeMounts"] if args.out.startswith(m["mountPath"])]
+    assert out_mount, "the reports go to a writable volume"
+    svc = one(render("overlays/dev"), "Service", "oribus-bus")
+    ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert args.addr == f"{svc['metadata']['name']}:{ports['grpc']}"
+    assert args.http == f"http://{svc['metadata']['name']}:{ports['http']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_network_policies_admit_the_verify_job_to_the_bus(overlay: str) -> None:
+    docs = render(overlay)
+    bus = pod_labels(one(docs, "Deployment", "oribus-bus"))
+    labels = pod_labels(verify_job())
+    for port in (7700, 7780):
+        assert allowed(docs, labels, bus, port), (overlay, port)
+    if overlay == "overlays/prod":  # it is the client label that admits it there
+        unlabelled = {k: v for k, v in labels.items() if k not in CLIENT_LABELS}
+        assert not allowed(docs, unlabelled, bus, 7700)
+
+
 def test_external_etcd_example_drops_the_bundled_etcd() -> None:
     docs = render("examples/external-etcd")
     assert not [d for d in docs if "etcd" in d["metadata"]["name"]]
