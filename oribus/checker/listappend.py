@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from oribus.checker.history import APPEND, READ, Recorder
@@ -62,20 +62,26 @@ def workload_keys(keys: int = DEFAULT_KEYS, prefix: str = DEFAULT_PREFIX) -> lis
 def plan_transaction(rng: random.Random, keys: Sequence[str], next_element: Any, max_ops: int = 4
                      ) -> list[list[Any]]:
     """1..max_ops micro-ops; the read a later append needs is inserted before it (see the module docstring)."""
+
+    def steps() -> Iterator[tuple[str, str]]:
+        for _ in range(rng.randint(1, max_ops)):
+            key = rng.choice(keys)
+            yield (READ if rng.random() < 0.5 else APPEND), key
+
+    return transaction_ops(steps(), next_element)
+
+
+def transaction_ops(steps: Iterable[tuple[str, str]], next_element: Any) -> list[list[Any]]:
+    """The micro-ops of a transaction's ``(kind, key)`` steps: a key is read at most once and
+    never after the transaction appended to it, and an append reads its key first."""
     ops: list[list[Any]] = []
     read: set[str] = set()
     appended: set[str] = set()
-    for _ in range(rng.randint(1, max_ops)):
-        key = rng.choice(keys)
-        if rng.random() < 0.5:
-            if key in read or key in appended:
-                continue  # a key is read once, and never after this transaction appended to it
+    for kind, key in steps:
+        if key not in read and key not in appended:
             ops.append([READ, key, None])
             read.add(key)
-        else:
-            if key not in read and key not in appended:
-                ops.append([READ, key, None])
-                read.add(key)
+        if kind == APPEND:
             ops.append([APPEND, key, next_element()])
             appended.add(key)
     return ops

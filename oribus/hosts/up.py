@@ -127,14 +127,19 @@ class UpHost:
             if sweep is not None:  # in the background: serving does not wait for it
                 self._teardown.push_task("transaction sweep", asyncio.create_task(sweep.run_forever()))
 
-    def shard_socket(self, shard_id: int) -> str:
-        """Where shard ``shard_id``'s process serves the stream transport: a Unix-domain socket in
-        a private directory of this process (same machine: cheaper than TCP over loopback)."""
+    def _socket_directory(self) -> Path:
+        """The private directory (mode 0700: this user only) of the shard processes' sockets,
+        made once and removed by the teardown after the processes it is pushed before."""
         if self._socket_dir is None:
-            self._socket_dir = Path(tempfile.mkdtemp(prefix="oribus-"))  # mode 0700: this user only
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="oribus-"))
             self._teardown.push("shard sockets' directory",
                                 lambda: shutil.rmtree(self._socket_dir or "", ignore_errors=True))
-        return f"unix:{self._socket_dir / f'shard-{shard_id}.sock'}"
+        return self._socket_dir
+
+    def shard_socket(self, shard_id: int) -> str:
+        """Where shard ``shard_id``'s process serves the stream transport: a Unix-domain socket
+        (same machine: cheaper than TCP over loopback)."""
+        return f"unix:{self._socket_directory() / f'shard-{shard_id}.sock'}"
 
     def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0",
                       parent_fd: int | None = None) -> list[str]:
@@ -200,7 +205,7 @@ class UpHost:
         self._teardown.push("data directory lock", dir_lock.release)
         await loop.run_in_executor(None, check_layout, self.config)
         assert self.config.shards is not None  # check_layout resolved it
-        self.shard_socket(0)  # its directory is removed after the processes stop (teardown order)
+        self._socket_directory()  # made before the processes start, so removed after they stop
         for i in range(self.config.shards):
             self.spawn_shard(i)
         shards: dict[int, RemoteShardClient] = {}

@@ -20,8 +20,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-READ = "r"
-APPEND = "append"
+from oribus.checker.history import APPEND, READ
+from oribus.checker.listappend import transaction_ops
+
 SHAPES = 48  # list-append shapes in the library
 STEPS = 32  # agent-step picks in the library
 KEY_SPACE = 1024  # key indices are drawn below this and taken modulo the run's key count
@@ -76,24 +77,9 @@ def draw_mix(seed: int) -> Mix:
 
 
 def list_append_ops(shape: tuple[tuple[str, int], ...], keys: list[str], next_element: Any) -> list[list[Any]]:
-    """A shape's micro-operations over ``keys``: a key is read at most once, never after the
-    transaction appended to it, and an append reads its key first (as ``checker.listappend``)."""
-    ops: list[list[Any]] = []
-    read: set[str] = set()
-    appended: set[str] = set()
-    for kind, index in shape:
-        key = keys[index % len(keys)]
-        if kind == READ:
-            if key not in read and key not in appended:
-                ops.append([READ, key, None])
-                read.add(key)
-            continue
-        if key not in read and key not in appended:
-            ops.append([READ, key, None])
-            read.add(key)
-        ops.append([APPEND, key, next_element()])
-        appended.add(key)
-    return ops
+    """A shape's micro-operations over ``keys``, by the rule of ``checker.listappend``: a key is
+    read at most once, never after the transaction appended to it, and an append reads its key first."""
+    return transaction_ops(((kind, keys[index % len(keys)]) for kind, index in shape), next_element)
 
 
 def step_keys(step: tuple[int, int, int], keys: list[str]) -> list[str]:
