@@ -18,7 +18,7 @@ and returns its ``Verdict``::
     async def counted(bus, finished):
         assert (await bus.get("counter")).value == finished
 
-Hypothesis shrinks a failing list of steps to a shortest one.
+Hypothesis shrinks a failing list of steps (deleting steps, then simplifying them).
 """
 
 from __future__ import annotations

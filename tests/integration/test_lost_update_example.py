@@ -10,6 +10,7 @@ import io
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -24,6 +25,7 @@ def load_example():
     return module
 
 
+@pytest.mark.slow  # a Hypothesis search and its shrinking: seconds
 def test_the_lost_update_is_found_and_shrunk_to_two_steps():
     example = load_example()
     # derandomized: the same search every time, so this test cannot flake

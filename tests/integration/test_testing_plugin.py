@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -59,6 +60,7 @@ def run_pytest(tmp_path: Path, source: str, *args: str, prelude: str = "") -> su
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # a pytest of its own, with Hypothesis and pytest-asyncio to import: seconds
 def test_oribus_history_fails_a_test_whose_engine_broke_its_promise(tmp_path: Path) -> None:
     r = run_pytest(tmp_path, AGENTS_FILE)
     out = r.stdout
