@@ -19,8 +19,9 @@ waiting bus call goes through) and, unless ``crashes = False``, ``stop_engine(cl
 (a crash, or a clean close, then a restart).
 After every run (its ``teardown``) every run goes to its end, then ``check`` runs and
 the recorded history is checked; any failure fails the run, and Hypothesis shrinks the
-interleaving (rules are named so that a shrunk run starts agents rather than restarts an idle engine). ``last_calls`` and ``last_steps`` keep what the last run
-did (after a failure: the shrunk one).
+interleaving (the rules are named so that a shrunk run starts agents rather than restarts
+an idle engine). ``last_calls`` and ``last_steps`` keep what the last run did (after a
+failure: the shrunk one).
 """
 
 from __future__ import annotations
