@@ -182,3 +182,10 @@ def test_the_machine_checks_the_history_after_every_run() -> None:
         raise AssertionError("the machine passed over an engine without validation")
     assert "G-single [ori]" in message, message
     assert len(BrokenEngine.last_steps) == 2, BrokenEngine.last_steps
+
+
+def test_pip_install_is_enough_for_pytest_to_find_the_plugin() -> None:
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
+    assert plugins.get("oribus") == "oribus.testing.plugin", plugins
