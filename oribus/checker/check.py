@@ -104,6 +104,14 @@ class Report:
     def of_kind(self, *kinds: str) -> list[Anomaly]:
         return [a for a in self.anomalies if a.kind in kinds]
 
+    def examples(self) -> dict[str, Anomaly]:
+        """One minimal example per anomaly kind: the one involving the fewest transactions."""
+        best: dict[str, Anomaly] = {}
+        for a in self.anomalies:
+            if a.kind not in best or len(a.ops) < len(best[a.kind].ops):
+                best[a.kind] = a
+        return best
+
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "counts": self.counts, "by_kind": self.by_kind(), "notes": self.notes,
                 "anomalies": [a.to_dict() for a in self.anomalies]}

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from oribus.checker import Anomaly, Report
+from oribus.checker import Report
 
 CONFLICT_CODES = ("Conflict", "Aborted", "VersionMismatch", "CrossShardStale", "TokenConflict")
 
@@ -59,15 +59,6 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return values[min(len(values) - 1, int(math.ceil(q * len(values))) - 1)] if values else 0.0
 
 
-def examples(report: Report) -> dict[str, Anomaly]:
-    """One minimal example per anomaly kind: the one involving the fewest transactions."""
-    best: dict[str, Anomaly] = {}
-    for a in report.anomalies:
-        if a.kind not in best or len(a.ops) < len(best[a.kind].ops):
-            best[a.kind] = a
-    return best
-
-
 def _short(value: Any) -> str:
     """A value for one line: a long list shows its ends and its length."""
     if isinstance(value, list) and len(value) > 6:
@@ -106,7 +97,7 @@ def summary(report: Report, info: Mapping[str, Any]) -> str:
     else:
         kinds = ", ".join(f"{k} x{n}" for k, n in report.by_kind().items())
         lines.append(f"anomalies: {len(report.anomalies)} ({kinds})")
-        for kind, a in sorted(examples(report).items()):
+        for kind, a in sorted(report.examples().items()):
             lines.append(f"  {kind} [{a.category}]: {a.message}")
             for t in a.ops[:4]:
                 lines.append(f"    {_describe_txn(t)}")
@@ -120,7 +111,7 @@ def to_json(report: Report, info: Mapping[str, Any], points: list[dict[str, Any]
         "ok": report.ok,
         "counts": report.counts,
         "by_kind": report.by_kind(),
-        "examples": {k: a.to_dict() for k, a in sorted(examples(report).items())},
+        "examples": {k: a.to_dict() for k, a in sorted(report.examples().items())},
         "anomalies": [a.to_dict() for a in report.anomalies],
         "notes": report.notes,
         "series": points,

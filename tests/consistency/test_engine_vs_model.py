@@ -23,6 +23,7 @@ from model import Model, ModelSession, ModelTxn, Outcome
 
 import oribus
 from oribus.meta.slots import StaticSlotMap
+from oribus.testing.interleave import crash as crash_engine
 
 SHARDS = 3
 HISTORY = 4
@@ -41,16 +42,7 @@ def crash(bus: oribus.SyncSession) -> None:
     engine = bus._inner._owner
 
     async def _crash() -> None:
-        if engine._maintenance is not None:
-            engine._maintenance.cancel()
-        engine._closed = True
-        for shard in engine.shards.values():
-            shard._closed = True
-            shard.wal._closed = True
-            shard.wal._release()
-            shard._dir_lock.release()
-        engine.journal._dir_lock.release()
-        engine._dir_lock.release()
+        crash_engine(engine)
 
     bus._portal.call(_crash())
     bus._closed = True

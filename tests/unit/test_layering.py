@@ -1,7 +1,7 @@
 """The package's layers import only downwards.
 
 From the top (specs/ARCHITECTURE.md, "Which layer may import which"): the entry points (``cli``, ``demo``,
-``local``, ``sim``, ``verify``); the process hosts (``hosts/``); the SDK (``client/``) and the
+``local``, ``sim``, ``verify``, ``testing``); the process hosts (``hosts/``); the SDK (``client/``) and the
 transports (``gateway/``, ``rpc/``); the bus's logic (``bus/``) and the cluster metadata
 (``meta/``); the shards (``shards/``, ``delivery_log/``); the contract, the messages and
 the basic types. The SDK speaks to a bus through ``oribus.contract`` and the client half
@@ -26,7 +26,7 @@ import oribus
 PACKAGE = Path(oribus.__file__).parent
 
 # (files the rule covers, as paths relative to the package; forbidden modules)
-ENTRY_POINTS = ("oribus.cli", "oribus.demo", "oribus.local", "oribus.sim", "oribus.verify")
+ENTRY_POINTS = ("oribus.cli", "oribus.demo", "oribus.local", "oribus.sim", "oribus.verify", "oribus.testing")
 SERVER_RPC = ("oribus.rpc.bus_server", "oribus.rpc.shard_server", "oribus.rpc.shard_client",
               "oribus.rpc.shard_codec", "oribus.rpc.stream_server")
 RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
