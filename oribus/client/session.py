@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from oribus import tracing
-from oribus.client.retry import RetryPolicy
+from oribus.client.retry import Backoff, RetryPolicy
 from oribus.client.watch import WatchStream
 from oribus.contract import BusService, CommitRequest, ReadResult
 from oribus.errors import Conflict, InvalidRequest, OribusError, SessionExpired, Unavailable
@@ -250,11 +250,11 @@ class AsyncSession:
                 try:
                     result = await self._bus.commit(req)
                     break
-                except Unavailable:
+                except Unavailable as e:
                     # the outcome may be unknown: retry the SAME commit id (never applied twice)
                     if attempt == _SAME_ID_RETRIES:
                         raise
-                    await asyncio.sleep(policy.delay(attempt + 3))
+                    await asyncio.sleep(policy.delay_after(e, attempt + 3))
                 except OribusError as e:
                     tracing.refused(span, e)
                     raise
@@ -311,11 +311,12 @@ class AsyncSession:
     ) -> T:
         """Call ``await fn(tx)`` in a fresh transaction and commit, retrying on Conflict.
 
-        Retries at most ``retries`` times with jittered exponential backoff;
+        Retries a conflict at most ``retries`` times with jittered exponential backoff, and
+        ``Unavailable`` for ``policy.unavailable_for`` seconds (a failover's length), waiting
+        what the server's ``retry_after`` asks where it gives one (``oribus.client.retry``);
         the last error is raised when they run out.
         """
-        policy = policy or RetryPolicy(retries=retries)
-        attempt = 0
+        backoff = Backoff(policy or RetryPolicy(retries=retries))
         while True:
             tx = self.transaction()
             try:
@@ -323,12 +324,12 @@ class AsyncSession:
                 await tx.commit()
                 return result
             except OribusError as e:
-                if isinstance(e, Unavailable) and tx.sent and await self._settle(tx, policy):
+                if isinstance(e, Unavailable) and tx.sent and await self._settle(tx, backoff.policy):
                     return result  # the commit did apply; only its answer was lost
-                if attempt >= policy.retries or not policy.retry_transaction(e):
+                delay = backoff.after(e)
+                if delay is None:
                     raise
-            await asyncio.sleep(policy.delay(attempt))
-            attempt += 1
+            await asyncio.sleep(delay)
 
     async def _settle(self, tx: Transaction, policy: RetryPolicy) -> bool:
         """Find out whether ``tx``'s commit applied by resending it (same commit id).
@@ -337,13 +338,15 @@ class AsyncSession:
         applied and a fresh transaction may start over. Starting over while the
         outcome is unknown could apply the same work twice.
         """
-        for attempt in range(policy.retries + 1):
-            await asyncio.sleep(policy.delay(attempt + 3))
+        backoff = Backoff(policy)
+        delay: float | None = policy.delay(3)
+        while delay is not None:
+            await asyncio.sleep(delay)
             try:
                 await tx.resend()
                 return True
-            except Unavailable:
-                continue
+            except Unavailable as e:
+                delay = backoff.after(e)
             except (Conflict, SessionExpired):
                 return False
         raise Unavailable(

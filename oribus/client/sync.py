@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, TypeVar
 
-from oribus.client.retry import RetryPolicy
+from oribus.client.retry import Backoff, RetryPolicy
 from oribus.client.session import AsyncSession, Transaction
 from oribus.client.watch import WatchStream
 from oribus.errors import OribusError, Unavailable
@@ -275,8 +275,7 @@ class SyncSession:
 
     def run(self, fn: Callable[[SyncTransaction], T], *, retries: int = 20, policy: RetryPolicy | None = None) -> T:
         """Call ``fn(tx)`` in a fresh transaction and commit, retrying on Conflict (see AsyncSession.run)."""
-        policy = policy or RetryPolicy(retries=retries)
-        attempt = 0
+        backoff = Backoff(policy or RetryPolicy(retries=retries))
         while True:
             tx = self.transaction()
             try:
@@ -287,13 +286,13 @@ class SyncSession:
                 if (
                     isinstance(e, Unavailable)
                     and tx._inner.sent
-                    and self._portal.call(self._inner._settle(tx._inner, policy))
+                    and self._portal.call(self._inner._settle(tx._inner, backoff.policy))
                 ):
                     return result  # the commit did apply; only its answer was lost
-                if attempt >= policy.retries or not policy.retry_transaction(e):
+                delay = backoff.after(e)
+                if delay is None:
                     raise
-            time.sleep(policy.delay(attempt))
-            attempt += 1
+            time.sleep(delay)
 
     def close(self) -> None:
         """Close the engine this session owns (if any) and its loop thread. Idempotent."""
