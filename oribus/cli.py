@@ -43,7 +43,12 @@ def _print(obj: Any) -> None:
     print(json.dumps(obj, default=_json_default, ensure_ascii=False))
 
 
-def _run(coro: Any) -> Any:
+def _run(coro: Any, *, serving: bool = False) -> Any:
+    """Run ``coro`` on uvloop; ``serving``: a server process (``oribus.hosts.heap``)."""
+    if serving:
+        from oribus.hosts.heap import serve_with_few_collections
+
+        serve_with_few_collections()
     try:
         import uvloop
 
@@ -87,7 +92,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
                            shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,
                            stream_listen=args.stream_listen)
-    _run(run_until_signalled(cluster))
+    _run(run_until_signalled(cluster), serving=True)
     return 0
 
 
@@ -146,7 +151,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
                               ready_file=Path(args.ready_file) if args.ready_file else None,
                               tls=_tls(args), meta=_meta(args), advertise=args.advertise,
                               claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait,
-                              stream_listen=args.stream_listen, advertise_stream=args.advertise_stream))
+                              stream_listen=args.stream_listen, advertise_stream=args.advertise_stream),
+             serving=True)
     except ClaimRefused as e:
         print(f"oribus shard: refused: {e}", file=sys.stderr)
         return 3
@@ -170,7 +176,7 @@ def _cmd_bus(args: argparse.Namespace) -> int:
     _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args),
                  advertise=args.advertise, advertise_http=args.advertise_http,
                  shard_transport=args.shard_transport, stream_listen=args.stream_listen,
-                 advertise_stream=args.advertise_stream))
+                 advertise_stream=args.advertise_stream), serving=True)
     return 0
 
 

@@ -185,6 +185,12 @@ class ShardService(abc.ABC):
     async def release_lease(self, txn_id: str) -> None:
         """End a read-only participant's lease now (the commit's outcome is known)."""
 
+    async def release_leases(self, txn_ids: list[str]) -> None:
+        """End several leases at once: what ``release_lease`` does for each, in one call (the
+        coordinator sends the releases of one loop turn together, one call per shard)."""
+        for txn_id in txn_ids:
+            await self.release_lease(txn_id)
+
     @abc.abstractmethod
     async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
         """The coordinator will not commit ``txn`` here: answer its outcome if this shard knows

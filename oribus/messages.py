@@ -11,6 +11,7 @@ Messages (bus → shard, reply):
     prepare(ShardTxn)            → Vote             2PC phase one on a writer (validate, lock, log)
     validate(ShardTxn)           → Vote             a read-only participant: validate, lease read locks
     release_lease(txn_id)        → None             end a read-only participant's lease
+    release_leases(txn_ids)      → None             end several (one call per shard per loop turn)
     commit_one_phase(ShardTxn)   → TxnOutcome       1PC: validate, lock, log, apply
     withdraw(txn_id)             → TxnOutcome       the coordinator will not commit it: its outcome, or a tombstone
     decide(txn_id, commit, deadline) → TxnOutcome   on the primary: the commit point

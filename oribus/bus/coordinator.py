@@ -130,6 +130,8 @@ class Coordinator:
         self.clock = clock
         self.monotonic = monotonic
         self._background: set[asyncio.Task] = set()
+        # leases to end, by shard, until the task sending them (_send_lease_releases) runs
+        self._lease_releases: dict[int, list[str]] = {}
         self.metrics = CommitMetrics()  # what this coordinator counts, once (/metrics and stats)
 
     @property
@@ -235,18 +237,28 @@ class Coordinator:
 
     def _release_leases(self, commit_id: str, readers: list[int], votes: list) -> None:
         """The outcome is known: end the leases granted, off the client's critical path (a lost
-        release only leaves a lease to run out)."""
+        release only leaves a lease to run out). The releases of one loop turn leave together,
+        one ``release_leases`` call per shard (the commits that one reply frame wakes finish in
+        the same turn): the first of a turn starts the task that sends them, which takes the
+        list when it runs, in the next turn."""
+        pending = self._lease_releases
         for s, v in zip(readers, votes, strict=True):
             if isinstance(v, Vote) and v.lease:
-                task = asyncio.get_running_loop().create_task(self._release_lease(s, commit_id))
+                ids = pending.get(s)
+                if ids is not None:
+                    ids.append(commit_id)
+                    continue
+                pending[s] = [commit_id]
+                task = asyncio.get_running_loop().create_task(self._send_lease_releases(s))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-    async def _release_lease(self, shard_id: int, commit_id: str) -> None:
+    async def _send_lease_releases(self, shard_id: int) -> None:
+        commit_ids = self._lease_releases.pop(shard_id)
         try:
-            await self._shard(shard_id).release_lease(commit_id)
+            await self._shard(shard_id).release_leases(commit_ids)
         except OribusError as e:
-            log.debug("release of the lease of %s on shard %d failed (it runs out): %s", commit_id, shard_id, e)
+            log.debug("release of %d lease(s) on shard %d failed (they run out): %s", len(commit_ids), shard_id, e)
 
     @staticmethod
     def _deadline(sent: float, votes: list) -> float | None:

@@ -213,6 +213,13 @@ def _dec_txn_id(a: Any) -> tuple:
     return (need(a, "i", str),)
 
 
+def _dec_txn_ids(a: Any) -> tuple:
+    ids = need(a, "i", list)
+    if not all(isinstance(i, str) for i in ids):
+        raise InvalidRequest("i must be a list of transaction ids (str)")
+    return (ids,)
+
+
 def _dec_older_than(a: Any) -> tuple:
     return (float(need(a, "o", (int, float))),)
 
@@ -230,6 +237,7 @@ SHARD_OPS: dict[str, Op] = {
     "prepare": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
     "validate": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_vote, dec_vote),
     "release_lease": Op(_txn_args, _dec_txn_id, to_none, to_none),
+    "release_leases": Op(lambda ids: {"i": list(ids)}, _dec_txn_ids, to_none, to_none),
     "commit_one_phase": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
     "withdraw": Op(enc_shard_txn, lambda a: (dec_shard_txn(a),), enc_outcome, dec_outcome),
     "decide": Op(_decide_args, _dec_decide_args, enc_outcome, dec_outcome),

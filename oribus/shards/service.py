@@ -58,6 +58,9 @@ class ShardServiceByCalls(ShardService):
     async def release_lease(self, txn_id: str) -> None:
         await self._call("release_lease", txn_id)
 
+    async def release_leases(self, txn_ids: list[str]) -> None:
+        await self._call("release_leases", txn_ids)
+
     async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
         return await self._call("withdraw", txn)
 

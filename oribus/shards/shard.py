@@ -571,6 +571,13 @@ class Shard(ShardService):
         if self.core.release_lease(txn_id):
             self._resolved(txn_id)  # wake the writers waiting for it
 
+    @tracing.traced_shard_call("release_leases")
+    async def release_leases(self, txn_ids: list[str]) -> None:
+        self._check_open()
+        for txn_id in txn_ids:
+            if self.core.release_lease(txn_id):
+                self._resolved(txn_id)
+
     @tracing.traced_shard_call("withdraw")
     async def withdraw(self, txn: ShardTxn) -> TxnOutcome:
         """The coordinator will not commit ``txn`` here (a read-only participant refused).

@@ -133,3 +133,27 @@ async def test_mutual_tls_on_the_stream_listener(tmp_path):
         await plain.close()
         for s in servers:
             await s.stop(0)
+
+
+async def test_a_read_only_participants_lease_ends_with_the_commit_over_the_stream(tmp_path):
+    servers = await start_shards(tmp_path)
+    clients = {i: shard_client(i, s.address, s.stream_address) for i, s in enumerate(servers)}
+    bus = Bus(dict(clients), SLOTS.shard_for)
+    a, b = keys_on(0, 1)[0], keys_on(1, 1)[0]
+    try:
+        s = AsyncSession(bus, "agent")
+        async with s.transaction() as tx:  # one writer (shard 1), shard 0 only validates
+            await tx.get_many([a, b])
+            tx.put(b, 1)
+        assert servers[1].shard.core.leases == {}
+        for _ in range(100):  # released by the bus's release_leases, long before it runs out
+            if not servers[0].shard.core.leases:
+                break
+            await asyncio.sleep(0.01)
+        assert servers[0].shard.core.leases == {} and not servers[0].shard.core.read_locks
+        assert servers[0].shard.counters["validations"] == 1
+    finally:
+        for c in clients.values():
+            await c.close()
+        for s in servers:
+            await s.stop(0)
