@@ -4,7 +4,8 @@ Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
 Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
 ``rollback``, ``watch``, ``stats``; ``mcp`` serves the bus to MCP clients (stdio or HTTP);
 ``proxy`` is the LLM-traffic proxy. Tools: ``demo``, ``repair``, ``check``, ``verify`` (the
-consistency check of a live deployment), ``certs init``, ``bench`` (runs the repository's
+consistency check of a live deployment), ``certs init``, ``auth`` (signing keys, tokens,
+revocation: ``oribus.auth.commands``), ``bench`` (runs the repository's
 ``benchmarks/compare.py``).
 With ``--tls-dir`` (servers and clients) every gRPC connection is mutual TLS.
 """
@@ -718,6 +719,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, help="validity of every certificate")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(fn=_cmd_certs_init)
+
+    from oribus.auth.commands import add_commands as _auth_commands
+
+    _auth_commands(sub)
 
     p = sub.add_parser("demo", help="run a fleet of agents on the embedded engine, with and without ORI")
     p.add_argument("--data-dir", default="./oribus-data/demo", help="the demo's data (default: %(default)s)")
