@@ -138,8 +138,7 @@ class Unauthenticated(OribusError):
 
     ``details["reason"]`` is one of ``missing``, ``malformed``, ``algorithm``,
     ``unknown_key``, ``signature``, ``issuer``, ``expired``, ``not_yet_valid``,
-    ``revoked``, ``unknown_role``, ``agent`` (the request names an agent the credential
-    may not act for). Not retryable: the same credential is refused again.
+    ``revoked``, ``unknown_role``. Not retryable: the same credential is refused again.
     """
 
     code = "Unauthenticated"
@@ -150,8 +149,9 @@ class Unauthenticated(OribusError):
 
 
 class PermissionDenied(OribusError):
-    """A verified identity asked for an operation its roles do not allow on a key, or for a
-    session another identity owns (specs/auth.md §4, §5). Nothing was done.
+    """A verified identity asked for an operation its roles do not allow on a key, named an
+    agent it may not act for, or used a session another identity owns (specs/auth.md §4,
+    §5). Nothing was done.
 
     ``details``: ``agent``, ``operation``, ``key`` (or ``session``) and ``rule`` (why: the
     roles held, or the session's owner). Never a value.
