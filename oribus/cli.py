@@ -4,7 +4,8 @@ Servers: ``up`` (bus + shards on this machine), ``shard``, ``bus``.
 Clients (talk to ``--addr``, print JSON): ``get``, ``put``, ``history``,
 ``rollback``, ``watch``, ``stats``; ``mcp`` serves the bus to MCP clients (stdio or HTTP);
 ``proxy`` is the LLM-traffic proxy. Tools: ``demo``, ``repair``, ``check``, ``verify`` (the
-consistency check of a live deployment), ``certs init``, ``bench`` (runs the repository's
+consistency check of a live deployment), ``certs init``, ``auth`` (signing keys, tokens,
+revocation: ``oribus.auth.commands``), ``bench`` (runs the repository's
 ``benchmarks/compare.py``).
 With ``--tls-dir`` (servers and clients) every gRPC connection is mutual TLS.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from oribus.auth import Authority
     from oribus.client.sync import SyncSession
     from oribus.gateway import GatewayConfig
     from oribus.meta.cluster_meta import ClusterMeta
@@ -91,9 +93,24 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
                            shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,
-                           stream_listen=args.stream_listen)
+                           stream_listen=args.stream_listen, authority=_authority(args))
     _run(run_until_signalled(cluster), serving=True)
     return 0
+
+
+def _authority(args: argparse.Namespace) -> Authority | None:
+    """``--auth D``: the auth directory every transport checks credentials against, or None."""
+    if not getattr(args, "auth", None):
+        return None
+    from oribus.auth import Authority
+
+    return Authority(args.auth)  # an unusable directory stops the server now, naming the file
+
+
+def _auth_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--auth", metavar="DIR",
+                   help="require a signed token (or an agent certificate) on every call, and apply "
+                        "DIR/policy.yaml's access rules; DIR is made by `oribus auth init` (specs/auth.md)")
 
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:
@@ -176,7 +193,7 @@ def _cmd_bus(args: argparse.Namespace) -> int:
     _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args),
                  advertise=args.advertise, advertise_http=args.advertise_http,
                  shard_transport=args.shard_transport, stream_listen=args.stream_listen,
-                 advertise_stream=args.advertise_stream), serving=True)
+                 advertise_stream=args.advertise_stream, authority=_authority(args)), serving=True)
     return 0
 
 
@@ -210,7 +227,7 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> SyncSession:
     import oribus
 
-    return oribus.Client(args.addr, agent=args.agent, tls=args.tls_dir)
+    return oribus.Client(args.addr, agent=args.agent, tls=args.tls_dir, token=args.token)
 
 
 def _item(i: Any) -> dict:
@@ -572,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     _read_lease_option(p, skew=False)  # one machine, one clock: no skew
     _http_options(p)
     _tls_option(p)
+    _auth_option(p)
     _otel_option(p)
     p.set_defaults(fn=_cmd_up)
 
@@ -618,6 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(p)
     _http_options(p)
     _tls_option(p)
+    _auth_option(p)
     _otel_option(p)
     p.set_defaults(fn=_cmd_bus)
 
@@ -626,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--addr", default=DEFAULT_BUS_ADDRESS, help="the bus's gRPC address (default: %(default)s)")
         p.add_argument("--agent", default="cli",
                        help="the agent name the commands act as (default: %(default)s)")
+        p.add_argument("--token", help="the agent's token for a bus run with --auth (default: $ORIBUS_TOKEN)")
         _tls_option(p)
         return p
 
@@ -724,6 +744,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, help="validity of every certificate")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(fn=_cmd_certs_init)
+
+    from oribus.auth.commands import add_commands as _auth_commands
+
+    _auth_commands(sub)
 
     p = sub.add_parser("demo", help="run a fleet of agents on the embedded engine, with and without ORI")
     p.add_argument("--data-dir", default="./oribus-data/demo", help="the demo's data (default: %(default)s)")

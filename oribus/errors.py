@@ -15,6 +15,10 @@ Every error any layer raises to a caller is one of these::
     ├── Unavailable                  a shard or the bus cannot be reached; retryable
     │   └── WatchLagged              a watcher fell behind its bounded queue and was cut off;
     │                                resume from the last version seen of each key
+    ├── Unauthenticated              no credential, or one the bus does not accept (malformed,
+    │                                expired, revoked, unknown key, bad signature): .reason says which
+    ├── PermissionDenied             a verified identity asked for what its roles do not allow:
+    │                                .details names the operation, the key and the rule
     ├── DataCorrupted                a WAL or snapshot failed its checksum where it must not
     └── DataDirLocked                another live process has the data directory open;
                                      .details names the directory and the holder's pid
@@ -129,6 +133,33 @@ class WatchLagged(Unavailable):
     code = "WatchLagged"
 
 
+class Unauthenticated(OribusError):
+    """The call carried no credential, or one the bus refuses (specs/auth.md §2, §6).
+
+    ``details["reason"]`` is one of ``missing``, ``malformed``, ``algorithm``,
+    ``unknown_key``, ``signature``, ``issuer``, ``expired``, ``not_yet_valid``,
+    ``revoked``, ``unknown_role``. Not retryable: the same credential is refused again.
+    """
+
+    code = "Unauthenticated"
+
+    @property
+    def reason(self) -> str:
+        return str(self.details.get("reason", ""))
+
+
+class PermissionDenied(OribusError):
+    """A verified identity asked for an operation its roles do not allow on a key, named an
+    agent it may not act for, or used a session another identity owns (specs/auth.md §4,
+    §5). Nothing was done.
+
+    ``details``: ``agent``, ``operation``, ``key`` (or ``session``) and ``rule`` (why: the
+    roles held, or the session's owner). Never a value.
+    """
+
+    code = "PermissionDenied"
+
+
 class DataCorrupted(OribusError):
     """A log or snapshot is damaged where recovery cannot safely continue."""
 
@@ -159,6 +190,8 @@ _BY_CODE: dict[str, type[OribusError]] = {
         LimitExceeded,
         Unavailable,
         WatchLagged,
+        Unauthenticated,
+        PermissionDenied,
         DataCorrupted,
         DataDirLocked,
     )

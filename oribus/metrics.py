@@ -347,3 +347,9 @@ WAL_BATCH_RECORDS = REGISTRY.histogram(
     ("shard",),
     buckets=SIZE_BUCKETS,
 )
+
+# Calls the access rules refused (specs/auth.md §6): reason is the Unauthenticated reason
+# or "denied" (a PermissionDenied); operation the bus operation asked for.
+AUTH_REFUSED = REGISTRY.counter(
+    "oribus_auth_refused_total", "Calls refused by authentication or the access rules.", ("reason", "operation")
+)

@@ -24,6 +24,11 @@ MAX_KEYS_PER_REQUEST = 10_000  # keys one read or commit may name, and one scan 
 DEFAULT_SCAN_LIMIT = 1000  # keys a scan returns when not told how many
 MAX_SESSIONS_LISTED = 10_000  # sessions one listing (an operator's view) may return
 DEFAULT_SESSIONS_LISTED = 100  # sessions a listing returns when not told how many
+# Key prefixes only the server itself writes: the HTTP gateway keeps S-Bus metadata
+# under ".sbus/<key>" (specs/http.md). A client write there could forge that metadata
+# or make it unreadable, so every write path (gRPC, /v1, S-Bus, rollback) refuses it
+# (``oribus.bus.bus.check_writable``), and no access rule grants it (``oribus.auth.rules``).
+RESERVED_PREFIXES = (".sbus/",)
 
 
 class _Delete:

@@ -31,6 +31,7 @@ from oribus.types import (
     DEFAULT_SESSIONS_LISTED,
     MAX_KEYS_PER_REQUEST,
     MAX_VERSION,
+    RESERVED_PREFIXES,
     SessionRef,
     validate_key,
 )
@@ -44,10 +45,6 @@ _VIEW_SESSION = SessionRef("oribus", "view")  # peeks for operator views record 
 # A shard that has not answered its stats call in this long is reported down.
 SHARD_STATS_TIMEOUT_SECONDS = 2.0
 
-# Key prefixes only the server itself writes: the HTTP gateway keeps S-Bus metadata
-# under ".sbus/<key>" (specs/http.md). A client write there could forge that metadata
-# or make it unreadable, so every write path (gRPC, /v1, S-Bus, rollback) refuses it.
-RESERVED_PREFIXES = (".sbus/",)
 
 
 def check_writable(key: str) -> None:

@@ -8,10 +8,12 @@ and semantics.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import grpc
 
+from oribus.auth.credential import ENV_TOKEN
 from oribus.client.session import AsyncSession
 from oribus.client.sync import LoopThread, SyncSession
 from oribus.rpc.bus_client import DEFAULT_TRANSPORT, RemoteBus
@@ -31,6 +33,7 @@ def connect(
     timeout: float = DEFAULT_CALL_TIMEOUT,
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
     transport: str = DEFAULT_TRANSPORT,
+    token: str | None = None,
 ) -> AsyncSession:
     """Connect to a bus; returns the agent's session (close it, or use ``async with``).
 
@@ -56,8 +59,18 @@ def connect(
     when this client can reach it, sends every later call over it (several times less CPU
     per call on both ends); "grpc" stays on gRPC; "stream" dials ``target`` as the bus's
     stream address, without gRPC.
+
+    ``token``: the agent's credential for a bus started with ``--auth`` (``oribus auth token``;
+    specs/auth.md), sent with every call; None reads ``ORIBUS_TOKEN`` from the environment.
+    A missing or refused token raises Unauthenticated; an operation the token's roles do
+    not allow raises PermissionDenied naming the key and the rule::
+
+        async with oribus.connect("bus:7700", agent="planner", token=os.environ["PLANNER_TOKEN"]) as bus: ...
     """
-    remote = RemoteBus(target, credentials=credentials, timeout=timeout, tls=tls, transport=transport)
+    if token is None:
+        token = os.environ.get(ENV_TOKEN) or None
+    remote = RemoteBus(target, credentials=credentials, timeout=timeout, tls=tls, transport=transport,
+                       token=token)
     return AsyncSession(remote, agent, session_id, strict=strict, max_value_bytes=max_value_bytes, owner=remote)
 
 
@@ -71,9 +84,10 @@ def Client(  # noqa: N802 - a factory that reads like the class it returns
     credentials: grpc.ChannelCredentials | None = None,
     timeout: float = DEFAULT_CALL_TIMEOUT,
     transport: str = DEFAULT_TRANSPORT,
+    token: str | None = None,
 ) -> SyncSession:
     """The synchronous client: the same methods as ``connect``'s session, without ``await``.
-    ``tls`` and ``transport`` as for ``connect``.
+    ``tls``, ``transport`` and ``token`` (default: ``ORIBUS_TOKEN``) as for ``connect``.
 
     Example::
 
@@ -84,6 +98,6 @@ def Client(  # noqa: N802 - a factory that reads like the class it returns
 
     async def make() -> AsyncSession:
         return connect(target, agent=agent, session_id=session_id, strict=strict, tls=tls,
-                       credentials=credentials, timeout=timeout, transport=transport)
+                       credentials=credentials, timeout=timeout, transport=transport, token=token)
 
     return SyncSession(portal.call(make()), portal, owner=True)

@@ -14,6 +14,12 @@ HTTP-specific lives here:
   gateway cannot parse never reach the bus.
 * logs: one JSON line per request on the ``oribus.http`` logger (method, path,
   status, milliseconds, agent, commit id) at INFO.
+* credentials (``authority``, ``--auth``; specs/auth.md): every route but the public ones
+  (``PUBLIC_PATHS``: health, readiness, metrics, the API document, the dashboard's static
+  page) needs ``Authorization: Bearer TOKEN`` — missing or refused: 401 with
+  ``WWW-Authenticate``. ``/v1`` routes then call ``GuardedBus``, which applies the rules per
+  key and per session (403); the S-Bus routes, ``/admin/*`` and the dashboard's feed and
+  rollback need the ``admin`` grant (S-Bus's own API names no per-key identity to check).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from typing import Any
 from aiohttp import web
 
 from oribus import tracing
+from oribus.auth import Authority, Operation
+from oribus.auth.credential import CREDENTIAL, bearer
 from oribus.bus.bus import Bus
+from oribus.bus.guarded import GuardedBus
 from oribus.bus.sessions import SessionLimits
 from oribus.contract import CommitRequest, CommitResult
 from oribus.errors import InvalidRequest, OribusError
@@ -51,6 +60,8 @@ log = logging.getLogger("oribus.http")
 
 DEFAULT_HTTP = "127.0.0.1:7780"
 CLOSE_AFTER = web.RequestKey("close_after", bool)  # the connection cannot carry another request (body cut off)
+# Under --auth, what answers without a credential: no key, no value, no session in any of them.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json", "/"})
 
 
 @dataclass
@@ -82,13 +93,16 @@ def _no_constant(name: str) -> None:
 class HttpGateway:
     """Serve ``bus`` over HTTP. ``await start()`` / ``await stop()`` (idempotent)."""
 
-    def __init__(self, bus: Bus, config: GatewayConfig | None = None) -> None:
+    def __init__(self, bus: Bus, config: GatewayConfig | None = None, *, authority: Authority | None = None) -> None:
         if bus.sessions.journal is None:
             raise InvalidRequest(
                 "the HTTP gateway needs the bus's session journal (a data directory): without it "
                 "HTTP sessions could not stay fail-closed across a restart"
             )
         self.bus = bus
+        self.authority = authority
+        # what the /v1 routes call: the bus itself, or behind the access rules (--auth)
+        self.api: Bus | GuardedBus = bus if authority is None else GuardedBus(bus, authority)
         self.config = config = config or GatewayConfig()
         if config.session_limits is not None:  # HTTP agents are the bus's only durable sessions
             bus.sessions.limits = config.session_limits
@@ -169,6 +183,8 @@ class HttpGateway:
         request[LOG_FIELDS] = fields
         try:
             refused = self.cross_site.refusal(request)
+            if refused is None and self.authority is not None and request.path not in PUBLIC_PATHS:
+                self._authenticate(request)
             if refused is not None:
                 response = refused
             elif tracing.on() and "traceparent" in request.headers:
@@ -205,6 +221,17 @@ class HttpGateway:
                 "status": response.status, "ms": round((time.perf_counter() - t0) * 1000, 3), **fields,
             }, ensure_ascii=False))
         return response
+
+    def _authenticate(self, request: web.Request) -> None:
+        """Under ``--auth``: the request's bearer token verified (Unauthenticated: 401) and set
+        for the route's bus calls; outside ``/v1``, the admin grant (PermissionDenied: 403)."""
+        assert self.authority is not None
+        token = bearer(request.headers.get("Authorization"))
+        identity = self.authority.authenticate(token, f"http {request.method} {request.path}")
+        request[LOG_FIELDS]["identity"] = identity.agent
+        CREDENTIAL.set(token)  # the handler runs in this task: GuardedBus reads it there
+        if not request.path.startswith("/v1/"):
+            self.authority.require(identity, Operation.ADMIN, op=f"{request.method} {request.path}")
 
     async def body(self, request: web.Request) -> dict[str, Any]:
         """The request's JSON object body, or RequestError (400 syntax, 422 not an object,

@@ -31,7 +31,9 @@ from oribus.errors import (
     InvalidRequest,
     LimitExceeded,
     OribusError,
+    PermissionDenied,
     SessionExpired,
+    Unauthenticated,
     Unavailable,
     ValueTooLarge,
     WatchLagged,
@@ -62,6 +64,8 @@ HTTP_STATUS: tuple[tuple[type[OribusError], int], ...] = (
     (HistoryTruncated, 410),
     (InvalidRequest, 400),
     (LimitExceeded, 429),
+    (Unauthenticated, 401),
+    (PermissionDenied, 403),
     (WatchLagged, 503),
     (Unavailable, 503),
     (DataCorrupted, 500),
@@ -97,7 +101,10 @@ def error_body(e: OribusError) -> dict[str, Any]:
 
 
 def error_response(e: OribusError) -> web.Response:
-    return json_response(error_body(e), http_status(e))
+    # RFC 6750 §3: a refused bearer token is answered with the challenge naming why
+    headers = ({"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{e.details.get("reason", "")}"'}
+               if isinstance(e, Unauthenticated) else None)
+    return json_response(error_body(e), http_status(e), headers)
 
 
 def request_error(status: int, code: str, message: str, **details: Any) -> web.Response:

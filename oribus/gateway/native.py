@@ -106,7 +106,7 @@ def _entry(e: Entry) -> dict:
 class NativeRoutes:
     def __init__(self, gateway: HttpGateway) -> None:
         self.gw = gateway
-        self.bus = gateway.bus
+        self.bus = gateway.api  # the bus, or behind the access rules (--auth)
 
     def register(self, router: web.UrlDispatcher) -> None:
         r = router
@@ -244,7 +244,8 @@ class NativeRoutes:
         return json_response(await self.bus.stats())
 
     async def sessions(self, request: web.Request) -> web.Response:
-        if not self.gw.config.admin:  # every agent's reads: not for every caller
+        # every agent's reads: not for every caller (under --auth each caller sees its own, admin all)
+        if not self.gw.config.admin and self.gw.authority is None:
             raise RequestError(403, "Forbidden", "GET /v1/sessions is an admin route (start the server with --admin)")
         limit = _int_query(request, "limit", SESSIONS_PAGE)
         if not 1 <= limit <= MAX_SESSIONS_LISTED:

@@ -16,10 +16,12 @@ import logging
 import socket
 from pathlib import Path
 
+from oribus.auth import Authority
 from oribus.bus.bus import Bus
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
 from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.exposure import warn_unauthenticated
 from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.hosts.shard import stream_listen_address
 from oribus.meta.cluster_meta import BusRecord, ClusterMeta, ShardRecord
@@ -38,8 +40,9 @@ class BusHost:
                  tls: TlsConfig | None = None, ready_wait: float = 10.0,
                  advertise: str | None = None, advertise_http: str | None = None,
                  shard_transport: str = DEFAULT_TRANSPORT, stream_listen: str | None = None,
-                 advertise_stream: str | None = None) -> None:
+                 advertise_stream: str | None = None, authority: Authority | None = None) -> None:
         self.meta = meta
+        self.authority = authority  # --auth: credentials and access rules on every transport
         self.data_dir = Path(data_dir)
         self.listen = listen
         self.http = http
@@ -78,12 +81,15 @@ class BusHost:
             # HTTP first: the gRPC health service says SERVING once the server starts, and
             # what waits for it (process supervisors, tests) may then use the HTTP port too.
             if self.http is not None:
-                self.gateway = HttpGateway(self.bus, self.http)
+                self.gateway = HttpGateway(self.bus, self.http, authority=self.authority)
                 await self.gateway.start()
                 self._teardown.push("HTTP gateway", self.gateway.stop)
             self.server = BusServer(self.bus, self.listen, tls=self.tls, stream_listen=self.stream_listen,
-                                    advertise_stream=self.advertise_stream)
+                                    advertise_stream=self.advertise_stream, authority=self.authority)
             await self.server.start()
+            if self.authority is None:
+                warn_unauthenticated([self.server.address, self.server.stream_address,
+                                      self.gateway.address if self.gateway is not None else ""])
             self._teardown.push("gRPC server", self.server.stop, graceful=True)
             # resolves transactions whose coordinator died; in the background: serving does not wait
             self._teardown.push_task("transaction sweep", asyncio.create_task(TxnSweep(self.bus).run_forever()))
@@ -101,11 +107,12 @@ class BusHost:
 async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: GatewayConfig | None,
                   tls: TlsConfig | None = None, advertise: str | None = None,
                   advertise_http: str | None = None, shard_transport: str = DEFAULT_TRANSPORT,
-                  stream_listen: str | None = None, advertise_stream: str | None = None) -> None:
+                  stream_listen: str | None = None, advertise_stream: str | None = None,
+                  authority: Authority | None = None) -> None:
     stop = stop_signal_event()
     bus = BusHost(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
                   advertise_http=advertise_http, shard_transport=shard_transport,
-                  stream_listen=stream_listen, advertise_stream=advertise_stream)
+                  stream_listen=stream_listen, advertise_stream=advertise_stream, authority=authority)
     async with Teardown(log) as teardown:
         teardown.push("cluster metadata", meta.close)  # with etcd: the bus's record goes with it
         teardown.push("bus", bus.stop)  # stops what a failed start left too

@@ -30,6 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from oribus.auth import Authority
 from oribus.bus.bus import Bus
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
@@ -43,6 +44,7 @@ from oribus.hosts.embedded import (
     check_layout,
     stored_shards,
 )
+from oribus.hosts.exposure import warn_unauthenticated
 from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.hosts.shard import stream_listen_address
 from oribus.lifeline import ParentLifeline
@@ -69,7 +71,7 @@ class UpHost:
                  processes: bool = False, start_timeout: float = 30.0,
                  http: GatewayConfig | None = None, tls: TlsConfig | None = None,
                  shard_transport: str = DEFAULT_TRANSPORT, stream_listen: str | None = None,
-                 **engine_options: Any) -> None:
+                 authority: Authority | None = None, **engine_options: Any) -> None:
         if shards is None:
             # a new directory: one in-process shard, or one shard process per core
             shards = stored_shards(Path(data_dir)) or (process_shards() if processes else DEFAULT_SHARDS)
@@ -82,6 +84,7 @@ class UpHost:
         if tls is not None and processes and tls.directory is None:
             raise InvalidRequest("shard processes take their TLS files as a directory: use TlsConfig.from_dir")
         self.http_config = http  # None: no HTTP gateway
+        self.authority = authority  # --auth: credentials and access rules on every transport
         self.gateway: HttpGateway | None = None
         self.processes = processes
         self.shard_transport = shard_transport  # with processes: how the bus calls them ("stream" or "grpc")
@@ -118,11 +121,16 @@ class UpHost:
             # HTTP first: the gRPC health service says SERVING once the server starts, and
             # what waits for it (process supervisors, tests) may then use the HTTP port too.
             if self.http_config is not None:
-                self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit))
+                self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit),
+                                           authority=self.authority)
                 await self.gateway.start()
                 self._teardown.push("HTTP gateway", self.gateway.stop)
-            self.server = BusServer(bus, self.listen, tls=self.tls, stream_listen=self.stream_listen)
+            self.server = BusServer(bus, self.listen, tls=self.tls, stream_listen=self.stream_listen,
+                                    authority=self.authority)
             await self.server.start()
+            if self.authority is None:
+                warn_unauthenticated([self.server.address, self.server.stream_address,
+                                      self.gateway.address if self.gateway is not None else ""])
             self._teardown.push("gRPC server", self.server.stop, graceful=True)
             if sweep is not None:  # in the background: serving does not wait for it
                 self._teardown.push_task("transaction sweep", asyncio.create_task(sweep.run_forever()))

@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from oribus import tracing
+from oribus.auth.credential import METADATA_KEY, authorization
 from oribus.contract import (
     BusService,
     CommitRequest,
@@ -95,7 +96,7 @@ class RemoteBus(BusByCalls):
 
     def __init__(self, target: str = wire.DEFAULT_BUS_ADDRESS, *, credentials: grpc.ChannelCredentials | None = None,
                  timeout: float = wire.DEFAULT_CALL_TIMEOUT, tls: TlsConfig | str | Path | None = None,
-                 transport: str = DEFAULT_TRANSPORT) -> None:
+                 transport: str = DEFAULT_TRANSPORT, token: str | None = None) -> None:
         if transport not in TRANSPORTS:
             raise InvalidRequest(f"the transport is one of {', '.join(TRANSPORTS)}, not {transport!r}")
         if transport == "stream" and credentials is not None:
@@ -103,12 +104,14 @@ class RemoteBus(BusByCalls):
         self.target = target
         self.transport = transport
         self.timeout = timeout
+        self.token = token  # the agent's credential, on every call (specs/auth.md §2)
         self._tls = TlsConfig.of(tls)
         if self._tls is not None and credentials is None:
             credentials = channel_credentials(self._tls)
         self._custom_credentials = credentials is not None and self._tls is None
         self.mux = MuxClient(target, wire.BUS_SERVICE, credentials=credentials, timeout=timeout,
-                             options=self._tls.channel_options() if self._tls is not None else ())
+                             options=self._tls.channel_options() if self._tls is not None else (),
+                             metadata=((METADATA_KEY, authorization(token)),) if token else ())
         self.stream: StreamClient | None = None  # set once the calls go over the stream transport
         self._switch: asyncio.Task | None = None  # auto: the endpoints question in flight
         self._closing: set[asyncio.Task] = set()  # streams given up, being closed
@@ -128,7 +131,8 @@ class RemoteBus(BusByCalls):
         tls = self._tls
         return StreamClient(target, wire.BUS_SERVICE, ssl=client_ssl_context(tls) if tls is not None else None,
                             server_hostname=tls.ssl_target_name_override if tls is not None else None,
-                            timeout=self.timeout, connect_timeout=connect_timeout or CONNECT_TIMEOUT)
+                            timeout=self.timeout, connect_timeout=connect_timeout or CONNECT_TIMEOUT,
+                            token=self.token)
 
     async def _call(self, op: str, *params: Any) -> Any:
         if not self._settled:

@@ -12,7 +12,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from oribus.auth import Authority
 from oribus.bus.bus import Bus
+from oribus.bus.guarded import GuardedBus
 from oribus.contract import ensure_subscribed
 from oribus.messages import Change, WatchRequest
 from oribus.rpc import bus_codec, wire
@@ -32,16 +34,20 @@ class BusServer:
 
     With ``tls`` both listeners serve mutual TLS only (clients need a certificate signed
     by the same CA); bad TLS files raise InvalidRequest here, naming the file.
+
+    With ``authority`` (``--auth``) every operation and watch goes through ``GuardedBus``:
+    the caller's token (gRPC metadata, or the stream hello) is checked, then the rules.
     """
 
     def __init__(self, bus: Bus, listen: str, *, tls: TlsConfig | None = None, stream_listen: str | None = None,
-                 advertise_stream: str | None = None) -> None:
+                 advertise_stream: str | None = None, authority: Authority | None = None) -> None:
         self.bus = bus
+        self.served: Bus | GuardedBus = bus if authority is None else GuardedBus(bus, authority)
         self.listen = listen
         self.tls = tls
         self.advertise_stream = advertise_stream
         self.grpc_counters: dict[str, int] = {}
-        ops = wire.bind_ops(bus, bus_codec.BUS_OPS)
+        ops = wire.bind_ops(self.served, bus_codec.BUS_OPS)
         ops["endpoints"] = self._endpoints
         self._listener = GrpcListener(
             listen,
@@ -95,7 +101,7 @@ class BusServer:
 
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         """The stream of one watch, subscribed before the server acknowledges it."""
-        stream = self.bus.watch(req)
+        stream = self.served.watch(req)
         await ensure_subscribed(stream)
         return stream
 

@@ -14,6 +14,8 @@ connection carries one kind of traffic until it closes::
 
     hello     ["oribus-stream", 1, service, "calls"]
               ["oribus-stream", 1, service, "watch", watch_request]
+              either one followed by {"token": T}: the caller's credential (specs/auth.md
+              §2), the identity of every call of the connection
     answer    []                 accepted (for a watch: subscribed, every later change follows)
               {"code", ...}      refused: the error (``OribusError.to_dict``), then the close
 
@@ -70,8 +72,20 @@ def array_header(n: int) -> bytes:
     return b"\xdd" + n.to_bytes(4, "big")
 
 
-def hello(service: str, kind: str, request: Any = None) -> list:
-    return [MAGIC, VERSION, service, kind] if kind == CALLS else [MAGIC, VERSION, service, kind, request]
+def hello(service: str, kind: str, request: Any = None, token: str | None = None) -> list:
+    value = [MAGIC, VERSION, service, kind] if kind == CALLS else [MAGIC, VERSION, service, kind, request]
+    if token:
+        value.append({"token": token})
+    return value
+
+
+def hello_token(value: list) -> str | None:
+    """The credential a checked hello carries, if any."""
+    last = value[-1]
+    if isinstance(last, dict):
+        token = last.get("token")
+        return token if isinstance(token, str) and token else None
+    return None
 
 
 def check_hello(value: Any, service: str) -> tuple[str, Any]:
@@ -83,9 +97,12 @@ def check_hello(value: Any, service: str) -> tuple[str, Any]:
         raise InvalidRequest(f"oribus-stream version {value[1]!r} is not spoken here (only {VERSION})")
     if value[2] != service:
         raise InvalidRequest(f"this server serves {service}, not {value[2]!r}")
-    if value[3] == CALLS and len(value) == 4:
+    options = len(value) > 4 and isinstance(value[-1], dict) and (value[3] == CALLS or len(value) == 6)
+    if options and not all(isinstance(k, str) for k in value[-1]):
+        raise InvalidRequest("a hello's options are a map of names")
+    if value[3] == CALLS and len(value) == 4 + options:
         return CALLS, None
-    if value[3] == WATCH and len(value) == 5:
+    if value[3] == WATCH and len(value) == 5 + options:
         return WATCH, value[4]
     raise InvalidRequest(f"unknown connection kind {value[3]!r}")
 

@@ -17,6 +17,8 @@ from oribus.errors import (
     DataCorrupted,
     InvalidRequest,
     OribusError,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
     error_from_dict,
 )
@@ -33,6 +35,8 @@ GRPC_STATUS: dict[str, grpc.StatusCode] = {
     "DataDirLocked": grpc.StatusCode.FAILED_PRECONDITION,
     "WatchLagged": grpc.StatusCode.UNAVAILABLE,
     "HistoryTruncated": grpc.StatusCode.OUT_OF_RANGE,
+    "Unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "PermissionDenied": grpc.StatusCode.PERMISSION_DENIED,
     "Internal": grpc.StatusCode.INTERNAL,
 }
 
@@ -58,6 +62,10 @@ def error_from_grpc(e: grpc.RpcError) -> OribusError:
         return InvalidRequest(details)
     if code is grpc.StatusCode.DATA_LOSS:
         return DataCorrupted(details)
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(details)
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(details)
     return OribusError(f"{code.name if code else 'UNKNOWN'}: {details}")
 
 

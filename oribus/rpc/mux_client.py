@@ -49,12 +49,14 @@ class MuxClient:
         credentials: grpc.ChannelCredentials | None = None,
         timeout: float = wire.DEFAULT_CALL_TIMEOUT,
         options: Sequence[tuple[str, Any]] = (),
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.target = target
         self.service = service
         self.timeout = timeout
         self._credentials = credentials  # None: plaintext; else TLS (oribus.tls.channel_credentials)
         self._options = [*wire.CHANNEL_OPTIONS, *options]  # e.g. grpc.ssl_target_name_override
+        self.metadata = tuple(metadata)  # sent with every RPC: the caller's credential (specs/auth.md §2)
         self._channel: aio.Channel | None = None
         self._call: aio.StreamStreamCall[bytes, bytes] | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -91,7 +93,7 @@ class MuxClient:
             if self._closed:
                 raise Unavailable(f"connection to {self.target} is closed")
             stream: aio.StreamStreamMultiCallable[bytes, bytes] = self.channel.stream_stream(wire.method_path(self.service, wire.STREAM))
-            self._call = stream()
+            self._call = stream(metadata=self.metadata or None)
             self.counters["reconnects"] += 1
             call = self._call
             self._tasks = [
@@ -218,7 +220,7 @@ class RemoteWatch:
         if self._call is not None:
             return
         method: aio.UnaryStreamMultiCallable[bytes, bytes] = self._client.channel.unary_stream(wire.method_path(self._client.service, wire.WATCH))
-        self._call = method(wire.pack(self._request.to_wire()))
+        self._call = method(wire.pack(self._request.to_wire()), metadata=self._client.metadata or None)
         try:
             self._buffer.extend(await self._read())  # the acknowledgement (normally empty)
         except StopAsyncIteration:

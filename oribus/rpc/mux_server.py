@@ -17,12 +17,22 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from oribus.auth.credential import CREDENTIAL, METADATA_KEY, bearer
 from oribus.errors import InvalidRequest, OribusError
 from oribus.messages import WatchRequest
 from oribus.rpc import grpc_status, wire
 
 Handler = wire.Handler
 WatchHandler = wire.WatchHandler
+
+
+def _take_credential(context: aio.ServicerContext) -> None:
+    """The call's bearer token (metadata ``authorization``) for the bus's guard, in this
+    RPC's context; the tasks it starts inherit it (specs/auth.md §2)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == METADATA_KEY and isinstance(value, str):
+            CREDENTIAL.set(bearer(value))
+            return
 
 
 def mux_handlers(
@@ -40,6 +50,7 @@ def mux_handlers(
     async def stream(request_iterator: Any, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         # Calls run concurrently as tasks; their replies are yielded in batches: whatever
         # finished while the previous batch was being sent goes out as one message.
+        _take_credential(context)
         replies: list[list] = []
         wake = asyncio.Event()
         running: set[asyncio.Task] = set()
@@ -92,6 +103,7 @@ def mux_handlers(
                 t.cancel()
 
     async def unary(raw: bytes, context: aio.ServicerContext) -> bytes:
+        _take_credential(context)
         try:
             frame = wire.unpack(raw)
             if not (isinstance(frame, list) and len(frame) == 3):
@@ -103,6 +115,7 @@ def mux_handlers(
     async def watch_stream(raw: bytes, context: aio.ServicerContext) -> AsyncIterator[bytes]:
         if watch is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "watch is not served here")
+        _take_credential(context)
         try:
             req = WatchRequest.from_wire(wire.unpack(raw))
         except InvalidRequest as e:

@@ -75,12 +75,14 @@ class StreamClient:
 
     def __init__(self, target: str, service: str, *, ssl: ssl.SSLContext | None = None,
                  server_hostname: str | None = None, timeout: float = wire.DEFAULT_CALL_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT, max_frame_bytes: int = frames.MAX_FRAME_BYTES) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, max_frame_bytes: int = frames.MAX_FRAME_BYTES,
+                 token: str | None = None) -> None:
         self.target = target
         self.service = service
         self.timeout = timeout  # seconds a call waits for its reply before Unavailable
         self.connect_timeout = min(connect_timeout, timeout)
         self.max_frame_bytes = max_frame_bytes
+        self.token = token  # the credential every hello carries (specs/auth.md §2)
         self._path = unix_path(target)  # a Unix-domain socket (the same machine), or TCP
         self._host, self._port = ("", 0) if self._path is not None else split_address(target)
         self._ssl = ssl
@@ -144,7 +146,7 @@ class StreamClient:
     async def _reconnect(self) -> _Calls:
         try:
             try:
-                conn = await self._open(_Calls(self), frames.hello(self.service, frames.CALLS))
+                conn = await self._open(_Calls(self), frames.hello(self.service, frames.CALLS, token=self.token))
             except OribusError as e:
                 if isinstance(e, Unavailable):
                     raise
@@ -533,7 +535,7 @@ class StreamWatch:
         if self._client._closed:  # noqa: SLF001
             raise Unavailable(f"connection to {self._client.target} is closed")
         conn = _Watch(self._client)
-        hello = frames.hello(self._client.service, frames.WATCH, self._request.to_wire())
+        hello = frames.hello(self._client.service, frames.WATCH, self._request.to_wire(), token=self._client.token)
         await self._client._open(conn, hello)  # noqa: SLF001
         self._client._watches.add(conn)  # noqa: SLF001
         self._conn = conn

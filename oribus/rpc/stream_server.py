@@ -37,6 +37,7 @@ from typing import Any
 
 import msgpack
 
+from oribus.auth.credential import CREDENTIAL
 from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.messages import WatchRequest
 from oribus.rpc import frames, wire
@@ -137,6 +138,7 @@ class _ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = frames.FrameReader(listener.max_frame_bytes)
         self.kind: str | None = None  # None until the hello: frames.CALLS or frames.WATCH
+        self.credential: str | None = None  # the hello's token: every call of the connection carries it
         self.running: set[asyncio.Task] = set()  # calls in flight
         self.outbox: list = []  # replies (or changes) of this loop turn, sent by _flush
         self.closed = False
@@ -241,6 +243,7 @@ class _ServerConnection(asyncio.Protocol):
 
     def _hello(self, value: Any) -> None:
         kind, request = frames.check_hello(value, self.listener.service)
+        self.credential = frames.hello_token(value)
         if self.listener.stopping:
             raise Unavailable(f"{self.listener.service} at {self.listener.address} is stopping")
         if kind == frames.CALLS:
@@ -269,6 +272,8 @@ class _ServerConnection(asyncio.Protocol):
                 task.add_done_callback(self._call_done)
 
     async def _run(self, call_id: Any, op: Any, args: Any) -> None:
+        if self.credential is not None:  # in this call's own context (wire.start_eagerly)
+            CREDENTIAL.set(self.credential)
         self._reply(await wire.dispatch(self.listener.ops, call_id, op, args))
 
     # -- frames out: one write per loop turn ----------------------------------------------
@@ -338,6 +343,8 @@ class _ServerConnection(asyncio.Protocol):
 
     async def _serve_watch(self, request: WatchRequest) -> None:
         stream: Any = None
+        if self.credential is not None:  # this task's own context
+            CREDENTIAL.set(self.credential)
         try:
             stream = await self.listener.watch(request)  # type: ignore[misc]
             self._write([])  # subscribed: every change made visible from now on follows

@@ -44,6 +44,10 @@ RULES: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     # the bus's logic reaches its shards through ShardService only
     (("bus/",), ("oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client", "oribus.meta",
                  *ENTRY_POINTS)),
+    # the auth core (identities, tokens, rules) is a foundation: the bus and the transports use it
+    (("auth/",), ("oribus.bus", "oribus.shards", "oribus.delivery_log", "oribus.meta", "oribus.rpc",
+                  "oribus.gateway", "oribus.client", "oribus.hosts", "oribus.contract", "oribus.messages",
+                  *ENTRY_POINTS)),
     (("meta/",), ("oribus.bus", "oribus.rpc", "oribus.hosts", "oribus.gateway", "oribus.client",
                   *ENTRY_POINTS)),
     (("shards/", "delivery_log/", "messages", "contract"),
@@ -148,6 +152,7 @@ def test_no_upward_imports():
     ("shards/shard.py", "import oribus.meta.cluster_meta\n"),
     ("gateway/native.py", "from oribus.gateway.app import LOG_FIELDS\n"),
     ("contract.py", "from oribus.tls import TlsConfig\n"),
+    ("auth/rules.py", "from oribus.bus.sessions import SessionTable\n"),
     ("integrations/mcp/server.py", "from oribus.hosts.embedded import EmbeddedEngine\n"),
     ("integrations/langgraph/saver.py", "from oribus.rpc.bus_client import RemoteBus\n"),
     ("integrations/langgraph/store.py", "from oribus.hosts.embedded import EmbeddedEngine\n"),

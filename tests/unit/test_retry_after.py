@@ -38,7 +38,7 @@ def test_unavailable_is_retried_for_a_time_not_a_count():
     clock = FakeClock()
     backoff = Backoff(RetryPolicy(retries=3, unavailable_for=20.0), clock=clock)
     waits = 0
-    while (delay := backoff.after(Unavailable("electing"))) is not None:
+    while backoff.after(Unavailable("electing")) is not None:
         waits += 1
         clock.now += 0.5
     assert waits == 40  # 20 s of 0.5 s steps, far past retries=3

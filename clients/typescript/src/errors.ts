@@ -11,6 +11,8 @@
  *     ├── LimitExceeded           a bounded resource is full
  *     ├── Unavailable             the bus cannot be reached, or answered 503; retryable
  *     │   └── WatchLagged         a watcher fell behind and was cut off (the watch resumes)
+ *     ├── Unauthenticated         no token, or one the bus refuses (401; details.reason says why)
+ *     ├── PermissionDenied        the token's roles do not allow it (403; names the key and the rule)
  *     ├── DataCorrupted           a log or snapshot failed its checksum
  *     └── DataDirLocked           another process has the data directory open
  *
@@ -124,6 +126,18 @@ export class WatchLagged extends Unavailable {
   }
 }
 
+export class Unauthenticated extends OribusError {
+  static override get defaultCode(): string {
+    return "Unauthenticated";
+  }
+}
+
+export class PermissionDenied extends OribusError {
+  static override get defaultCode(): string {
+    return "PermissionDenied";
+  }
+}
+
 export class DataCorrupted extends OribusError {
   static override get defaultCode(): string {
     return "DataCorrupted";
@@ -150,6 +164,8 @@ const BY_CODE: Record<string, ErrorClass> = {
   LimitExceeded,
   Unavailable,
   WatchLagged,
+  Unauthenticated,
+  PermissionDenied,
   DataCorrupted,
   DataDirLocked,
   // refusals of the gateway itself (specs/http.md, "Errors"): the request never reached the bus

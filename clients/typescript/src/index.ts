@@ -12,7 +12,8 @@ export { connect, DELETE, newCommitId, Session, Transaction } from "./client.js"
 export type { CommitOptions, ConnectOptions, Item, Version, Write } from "./client.js";
 export {
   Aborted, Conflict, DataCorrupted, DataDirLocked, errorFromResponse, HistoryTruncated, InvalidRequest,
-  LimitExceeded, OribusError, SessionExpired, Unavailable, ValueTooLarge, WatchLagged,
+  LimitExceeded, OribusError, PermissionDenied, SessionExpired, Unauthenticated, Unavailable, ValueTooLarge,
+  WatchLagged,
 } from "./errors.js";
 export type { Stale } from "./errors.js";
 export { DEFAULT_RETRY, type RetryPolicy } from "./retry.js";

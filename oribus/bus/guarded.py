@@ -1,0 +1,162 @@
+"""``GuardedBus``: the access rules enforced in front of a ``Bus`` (specs/auth.md §1, §4, §5).
+
+A bus started with ``--auth`` serves this instead of its ``Bus`` on every transport (the
+gRPC and stream listeners bind their operations to it; the HTTP gateway's ``/v1`` routes
+call it). Each operation, before it calls the bus — so before any shard is contacted:
+
+1. authenticates the call's credential (``oribus.auth.credential.CREDENTIAL``, set by the
+   transport): Unauthenticated if there is none or it is refused;
+2. checks the agent the request names: the identity's own, or one it may act for;
+3. checks the session's owner (``SessionOwners``) for everything that uses a session: a
+   recording read, a commit, forget, reset, opening it;
+4. checks every key the operation names (``oribus.auth.rules``): a read of a key the caller
+   may not read is refused whole (no delivery is recorded for any of its keys), a commit
+   with one forbidden key is refused whole (nothing is written), a watch is refused before
+   it subscribes. A scan leaves out the keys the caller may not read; the operators' list of
+   sessions shows the caller's own sessions, and only the keys it may read (admin: all).
+
+Bad input (a session that is not two strings, a key that is not one) is left to the bus,
+which refuses it before contacting a shard too: the guard only makes sure it checked
+something well-formed first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from oribus.auth import Authority, Identity, Operation, SessionOwners
+from oribus.auth.credential import CREDENTIAL
+from oribus.bus.bus import Bus, _check_session
+from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult
+from oribus.errors import InvalidRequest
+from oribus.messages import Change, ReadItem, WatchRequest
+from oribus.types import (
+    DEFAULT_SCAN_LIMIT,
+    DEFAULT_SESSIONS_LISTED,
+    SessionRef,
+    validate_key,
+    validate_prefix,
+)
+
+
+class GuardedBus(BusService):
+    """``bus`` behind ``authority``'s rules; the same operations, the same signatures."""
+
+    def __init__(self, bus: Bus, authority: Authority, owners: SessionOwners | None = None) -> None:
+        self.bus = bus
+        self.authority = authority
+        self.owners = owners if owners is not None else SessionOwners()
+
+    # ---- what the transports read besides the operations (no key, no session) -----------------
+
+    @property
+    def sessions(self) -> Any:
+        return self.bus.sessions
+
+    @property
+    def max_value_bytes(self) -> int:
+        return self.bus.max_value_bytes
+
+    @property
+    def validation_enabled(self) -> bool:
+        return self.bus.validation_enabled
+
+    # ---- the checks ------------------------------------------------------------------------------
+
+    def caller(self, op: str) -> Identity:
+        """The identity of the call in progress, or Unauthenticated."""
+        return self.authority.authenticate(CREDENTIAL.get(), op)
+
+    def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
+        _check_session(session)  # InvalidRequest before anything is recorded
+        agent = session[0]
+        if not self.authority.may_act_for(identity, agent):
+            raise self.authority.denied(identity, op, "", f"{identity.agent} may not act for agent {agent!r}")
+        owner = self.owners.claim(identity, session) if claim else self.owners.check(identity, session)
+        if owner is not None:
+            raise self.authority.denied(identity, op, "", f"session {agent}/{session[1]} belongs to {owner}")
+
+    def _keys(self, identity: Identity, operation: Operation, keys: Any, op: str) -> None:
+        if not isinstance(keys, list | tuple | dict):
+            raise InvalidRequest("keys must be a list of str")
+        for key in keys:
+            validate_key(key)
+            self.authority.require(identity, operation, key, op=op)
+
+    # ---- the operations -------------------------------------------------------------------------------
+
+    async def read(self, session: SessionRef, keys: list[str], record: bool = True, only_new: bool = False,
+                   **kw: Any) -> ReadResult:
+        identity = self.caller("read")
+        self._keys(identity, Operation.READ, keys, "read")
+        self._session(identity, session, "read", claim=record)
+        return await self.bus.read(session, keys, record, only_new, **kw)
+
+    async def commit(self, req: CommitRequest, **kw: Any) -> CommitResult:
+        identity = self.caller("commit")
+        if kw.get("may_write_reserved"):  # the server's own writes never come through here
+            raise InvalidRequest("may_write_reserved is not for callers")
+        for keys, operation in ((req.read_set, Operation.READ), (req.expect, Operation.READ),
+                                (req.writes, Operation.WRITE), (req.rollback, Operation.ROLLBACK)):
+            self._keys(identity, operation, keys, "commit")
+        self._session(identity, req.session, "commit")
+        return await self.bus.commit(req, **kw)
+
+    async def history(self, key: str, limit: int | None = None) -> list[Entry]:
+        identity = self.caller("history")
+        validate_key(key)
+        self.authority.require(identity, Operation.HISTORY, key, op="history")
+        return await self.bus.history(key, limit)
+
+    async def forget(self, session: SessionRef, keys: list[str], *, caller_owns: bool = True) -> bool:
+        identity = self.caller("forget")
+        self._session(identity, session, "forget")
+        return await self.bus.forget(session, keys)  # the credential proved it owns the session
+
+    async def reset(self, session: SessionRef, *, caller_owns: bool = True) -> bool:
+        identity = self.caller("reset")
+        self._session(identity, session, "reset")
+        return await self.bus.reset(session)
+
+    async def open_session(self, session: SessionRef, client: str = "") -> str | None:
+        identity = self.caller("open_session")
+        self._session(identity, session, "open_session")
+        return await self.bus.open_session(session, client)
+
+    async def stats(self) -> dict:
+        self.caller("stats")  # any identity: counters, no key and no value
+        return await self.bus.stats()
+
+    async def shard_stats(self, timeout: float | None = None) -> dict[int, dict]:
+        return await (self.bus.shard_stats() if timeout is None else self.bus.shard_stats(timeout))
+
+    async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
+        identity = self.caller("scan")
+        items = await self.bus.scan(prefix, after, limit)
+        return [i for i in items if self.authority.decide(identity, Operation.READ, i.key).allowed]
+
+    def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
+        identity = self.caller("watch")
+        validate_prefix(request.prefix)
+        self.authority.require(identity, Operation.WATCH, request.prefix, op="watch")
+        return self.bus.watch(request)
+
+    async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED) -> list[dict]:
+        identity = self.caller("sessions")
+        views = await self.bus.session_views(limit)
+        if self.authority.decide(identity, Operation.ADMIN).allowed:
+            return views
+        mine = [v for v in views if self.owners.visible(identity, SessionRef(v["agent"], v["session"]))]
+        for v in mine:
+            v["reads"] = [r for r in v["reads"] if self.authority.decide(identity, Operation.READ, r["key"]).allowed]
+        return mine
+
+    async def reset_every_session(self) -> int:
+        self.require_admin("reset_every_session")
+        return await self.bus.reset_every_session()
+
+    def require_admin(self, op: str) -> Identity:
+        identity = self.caller(op)
+        self.authority.require(identity, Operation.ADMIN, op=op)
+        return identity

@@ -1,0 +1,203 @@
+"""The access rules enforced by a real bus (``UpHost --auth``) on free loopback ports, on every
+transport: gRPC, the stream transport and HTTP ``/v1`` (specs/auth.md §1, §4, §5).
+
+An agent with a token for ``team/a/*`` cannot read, write, watch, see the history of or
+roll back ``team/b/x``, and the state is unchanged; a refused read leaves no delivery; a
+commit with one forbidden key changes nothing; a session belongs to the identity that
+used it first; refusals are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from http_call import call
+
+import oribus
+from oribus.auth import Authority
+from oribus.auth.keys import AuthDir, load_signing_key
+from oribus.auth.tokens import issue
+from oribus.cli import main
+from oribus.errors import PermissionDenied, Unauthenticated
+from oribus.gateway import GatewayConfig
+from oribus.hosts.up import UpHost
+
+POLICY = """
+roles:
+  team-a:
+    read: ["team/a/*"]
+    write: ["team/a/*"]
+    watch: ["team/a/*"]
+    history: ["team/a/*"]
+    rollback: ["team/a/*"]
+  ops:
+    read: ["*"]
+    write: ["*"]
+    watch: ["*"]
+    history: ["*"]
+    rollback: ["*"]
+    admin: true
+  boss:
+    read: ["team/*"]
+    write: ["team/*"]
+    act_for: ["*"]
+"""
+
+
+def mint(d: AuthDir, agent: str, *roles: str) -> str:
+    kid, key = load_signing_key(d)
+    return issue(key, kid, agent=agent, roles=roles, now=time.time(), ttl=600)
+
+
+@pytest.fixture
+async def bus(tmp_path):
+    main(["auth", "init", "--dir", str(tmp_path / "auth")])
+    d = AuthDir(tmp_path / "auth")
+    d.policy.write_text(POLICY)
+    host = UpHost(tmp_path / "data", listen="127.0.0.1:0", shards=2, authority=Authority(d.root),
+                  http=GatewayConfig(listen="127.0.0.1:0"))
+    await host.start()
+    try:
+        ops = mint(d, "ops", "ops")
+        async with oribus.connect(host.address, agent="ops", token=ops) as admin:
+            await admin.commit({"team/a/x": "a0", "team/b/x": "b0"})
+        yield host, d
+    finally:
+        await host.stop()
+
+
+async def state(host: UpHost, d: AuthDir) -> dict:
+    async with oribus.connect(host.address, agent="ops", token=mint(d, "ops", "ops")) as admin:
+        got = await admin.get_many(["team/a/x", "team/b/x"])
+        return {k: (v.value, v.version) for k, v in got.items()}
+
+
+@pytest.mark.parametrize("transport", ["grpc", "stream"])
+async def test_a_team_a_token_cannot_touch_team_b(bus, transport):
+    host, d = bus
+    before = await state(host, d)
+    target = host.server.stream_address if transport == "stream" else host.address
+    async with oribus.connect(target, agent="a1", token=mint(d, "a1", "team-a"), transport=transport) as a:
+        assert (await a.get("team/a/x")).value == "a0"  # its own prefix works
+        attempts = {
+            "read": lambda: a.get("team/b/x"),
+            "write": lambda: a.put("team/b/x", "evil"),
+            "history": lambda: a.history("team/b/x"),
+            "rollback": lambda: a.rollback({"team/b/x": 1}),
+        }
+        for op, attempt in attempts.items():
+            with pytest.raises(PermissionDenied) as e:
+                await attempt()
+            assert "team/b/x" in e.value.message, op
+            assert e.value.details["agent"] == "a1"
+        with pytest.raises(PermissionDenied):
+            async with a.watch("team/b/") as changes:
+                await asyncio.wait_for(changes.__anext__(), 5)
+        with pytest.raises(PermissionDenied):  # a watch on a prefix wider than its grant
+            async with a.watch("team/") as changes:
+                await asyncio.wait_for(changes.__anext__(), 5)
+        # a commit with one forbidden key is refused whole
+        with pytest.raises(PermissionDenied):
+            await a.commit({"team/a/x": "half", "team/b/x": "half"})
+    assert await state(host, d) == before
+
+
+@pytest.mark.parametrize("transport", ["grpc", "stream"])
+async def test_missing_and_refused_tokens(bus, transport):
+    host, d = bus
+    target = host.server.stream_address if transport == "stream" else host.address
+    async with oribus.connect(target, agent="a1", transport=transport, token="") as anon:
+        with pytest.raises(Unauthenticated) as e:
+            await anon.get("team/a/x")
+        assert e.value.reason == "missing"
+    kid, key = load_signing_key(d)
+    expired = issue(key, kid, agent="a1", roles=["team-a"], now=time.time() - 7200, ttl=60)
+    async with oribus.connect(target, agent="a1", transport=transport, token=expired) as old:
+        with pytest.raises(Unauthenticated) as e:
+            await old.get("team/a/x")
+        assert e.value.reason == "expired"
+
+
+async def test_the_agent_named_must_be_the_token_s(bus):
+    host, d = bus
+    async with oribus.connect(host.address, agent="a2", token=mint(d, "a1", "team-a")) as liar:
+        with pytest.raises(PermissionDenied, match="may not act for agent 'a2'"):
+            await liar.get("team/a/x")
+        with pytest.raises(PermissionDenied):
+            await liar.put("team/a/x", "as a2")
+    assert (await state(host, d))["team/a/x"] == ("a0", 1)
+
+
+async def test_a_session_belongs_to_the_identity_that_used_it_first(bus):
+    host, d = bus
+    boss = mint(d, "boss", "boss")
+    async with oribus.connect(host.address, agent="a1", session_id="s", token=mint(d, "a1", "team-a")) as a1:
+        await a1.get("team/a/x")
+        # the orchestrator may act for a1, but not in the session a1 opened
+        async with oribus.connect(host.address, agent="a1", session_id="s", token=boss) as intruder:
+            for attempt in (lambda: intruder.put("team/a/x", "boss"), intruder.reset_session,
+                            lambda: intruder.forget(["team/a/x"])):
+                with pytest.raises(PermissionDenied, match="belongs to a1"):
+                    await attempt()
+        # a session it opens for a1 is its own: a1 cannot use that one
+        async with oribus.connect(host.address, agent="a1", session_id="by-boss", token=boss) as b:
+            await b.put("team/a/x", "boss")
+        async with oribus.connect(host.address, agent="a1", session_id="by-boss",
+                                  token=mint(d, "a1", "team-a")) as a1_there:
+            with pytest.raises(PermissionDenied, match="belongs to boss"):
+                await a1_there.get("team/a/x")
+        await a1.get("team/a/x")  # its own session still works
+        await a1.put("team/a/x", "a1 again")
+
+
+async def test_http_bearer_401_403_and_unchanged_state(bus):
+    host, d = bus
+    before = await state(host, d)
+    a1 = {"Authorization": f"Bearer {mint(d, 'a1', 'team-a')}"}
+    async with aiohttp.ClientSession(f"http://{host.gateway.address}") as http:
+        st, out = await call(http, "GET", "/v1/keys/team/a/x", params={"agent": "a1"})
+        assert st == 401 and out["code"] == "Unauthenticated" and out["details"]["reason"] == "missing"
+        async with http.get("/v1/keys/team/a/x", params={"agent": "a1"}) as r:
+            assert r.headers["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+        st, out = await call(http, "GET", "/v1/keys/team/a/x", params={"agent": "a1"},
+                             headers={"Authorization": "Bearer nonsense"})
+        assert st == 401 and out["details"]["reason"] == "malformed"
+        st, out = await call(http, "GET", "/v1/keys/team/a/x", params={"agent": "a1"}, headers=a1)
+        assert st == 200 and out["value"] == "a0"
+        for method, path, kw in [
+            ("GET", "/v1/keys/team/b/x", {"params": {"agent": "a1"}}),
+            ("POST", "/v1/get", {"json": {"agent": "a1", "keys": ["team/a/x", "team/b/x"]}}),
+            ("POST", "/v1/commit", {"json": {"agent": "a1", "writes": {"team/a/x": 1, "team/b/x": 1}}}),
+            ("POST", "/v1/rollback", {"json": {"agent": "a1", "versions": {"team/b/x": 1}}}),
+            ("GET", "/v1/history/team/b/x", {}),
+            ("GET", "/v1/watch", {"params": {"prefix": "team/b/"}}),
+            ("POST", "/v1/reset", {"json": {"agent": "a2"}}),
+            ("GET", "/shard/team/b/x", {"params": {"agent_id": "a1"}}),  # S-Bus: admin only under --auth
+            ("GET", "/dashboard/state", {}),
+        ]:
+            st, out = await call(http, method, path, headers=a1, **kw)
+            assert st == 403 and out["code"] == "PermissionDenied", (path, st, out)
+        # the list of sessions: a1 sees its own, admin sees all
+        ops = {"Authorization": f"Bearer {mint(d, 'ops', 'ops')}"}
+        st, out = await call(http, "GET", "/v1/sessions", headers=a1)
+        assert st == 200 and {s["agent"] for s in out["sessions"]} == {"a1"}
+        st, out = await call(http, "GET", "/v1/sessions", headers=ops)
+        assert st == 200 and {"a1", "ops"} <= {s["agent"] for s in out["sessions"]}
+        st, metrics = await call(http, "GET", "/metrics")
+        assert st == 200 and 'oribus_auth_refused_total{reason="denied",operation="commit"}' in metrics
+        assert (await call(http, "GET", "/healthz"))[0] == 200  # public
+    assert await state(host, d) == before
+
+
+async def test_a_refused_read_leaves_no_delivery(bus):
+    host, d = bus
+    ops = mint(d, "ops", "ops")
+    async with oribus.connect(host.address, agent="a1", session_id="r", token=mint(d, "a1", "team-a")) as a1:
+        with pytest.raises(PermissionDenied):
+            await a1.get_many(["team/a/x", "team/b/x"])
+    async with aiohttp.ClientSession(f"http://{host.gateway.address}") as http:
+        st, out = await call(http, "GET", "/v1/sessions", headers={"Authorization": f"Bearer {ops}"})
+    assert st == 200
+    assert not [s for s in out["sessions"] if (s["agent"], s["session"]) == ("a1", "r") and s["reads"]]
