@@ -46,6 +46,11 @@ class Scope(StrEnum):
     TRANSACTION = "transaction"  # deliveries since the transaction began (SDK transactions)
 
 
+# Each enum's members by wire value, for the codecs: a dict lookup, where ``Scope(value)``
+# costs about 2 µs (EnumMeta.__call__), several times per commit.
+SCOPES: dict[str, Scope] = {s.value: s for s in Scope}
+
+
 @dataclass(slots=True)
 class ReadRequest:
     session: SessionRef
@@ -116,6 +121,9 @@ class VoteKind(StrEnum):
     NOTHING = "nothing"  # valid, and nothing to lock or write here: leave this shard out of phase two
 
 
+VOTE_KINDS: dict[str, VoteKind] = {k.value: k for k in VoteKind}
+
+
 @dataclass(slots=True)
 class Vote:
     kind: VoteKind
@@ -129,6 +137,9 @@ class TxnState(StrEnum):
     PREPARED = "prepared"
     COMMITTED = "committed"
     ABORTED = "aborted"
+
+
+TXN_STATES: dict[str, TxnState] = {t.value: t for t in TxnState}
 
 
 @dataclass(slots=True)

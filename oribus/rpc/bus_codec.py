@@ -16,8 +16,8 @@ from oribus.errors import (
     InvalidRequest,
 )
 from oribus.messages import (
+    SCOPES,
     ReadItem,
-    Scope,
 )
 from oribus.rpc.wire import (
     Op,
@@ -100,10 +100,9 @@ def enc_commit_request(r: CommitRequest) -> dict:
 
 def dec_commit_request(a: Any) -> CommitRequest:
     scope = opt(a, "sc", str, "session")
-    try:
-        sc = Scope(scope)
-    except ValueError:
-        raise InvalidRequest(f"scope must be 'session' or 'transaction', not {scope!r}") from None
+    sc = SCOPES.get(scope)
+    if sc is None:
+        raise InvalidRequest(f"scope must be 'session' or 'transaction', not {scope!r}")
     return CommitRequest(
         session=dec_session(need(a, "s", list)),
         commit_id=need(a, "id", str),

@@ -14,15 +14,15 @@ from oribus.errors import (
     InvalidRequest,
 )
 from oribus.messages import (
+    SCOPES,
+    TXN_STATES,
+    VOTE_KINDS,
     ReadReply,
     ReadRequest,
-    Scope,
     ShardTxn,
     TxnOutcome,
-    TxnState,
     TxnStatus,
     Vote,
-    VoteKind,
 )
 from oribus.rpc.wire import (
     Op,
@@ -118,10 +118,9 @@ def dec_shard_txn(a: Any) -> ShardTxn:
     token = opt(a, "t", list, None)
     if token is not None and not (len(token) == 2 and all(isinstance(x, int) for x in token)):
         raise InvalidRequest("token must be [epoch, incarnation]")
-    try:
-        scope = Scope(opt(a, "sc", str, "session"))
-    except ValueError:
-        raise InvalidRequest("bad scope") from None
+    scope = SCOPES.get(opt(a, "sc", str, "session"))
+    if scope is None:
+        raise InvalidRequest("bad scope")
     return ShardTxn(
         txn_id=need(a, "id", str),
         session=dec_session(need(a, "s", list)),
@@ -156,7 +155,7 @@ def enc_vote(v: Vote) -> list:
 
 
 def dec_vote(v: list) -> Vote:
-    return Vote(VoteKind(v[0]), dec_stale(v[1]), dict(v[2]), lease=float(v[3]) if len(v) > 3 else 0.0)
+    return Vote(VOTE_KINDS[v[0]], dec_stale(v[1]), dict(v[2]), lease=float(v[3]) if len(v) > 3 else 0.0)
 
 
 def enc_outcome(o: TxnOutcome) -> list:
@@ -168,7 +167,7 @@ def enc_outcome(o: TxnOutcome) -> list:
 
 
 def dec_outcome(v: list) -> TxnOutcome:
-    return TxnOutcome(TxnState(v[0]), dict(v[1]), dec_stale(v[2]), token_or_none(v[3]),
+    return TxnOutcome(TXN_STATES[v[0]], dict(v[1]), dec_stale(v[2]), token_or_none(v[3]),
                       reason=str(v[4]) if len(v) > 4 else "")
 
 
@@ -177,7 +176,7 @@ def enc_status(s: TxnStatus) -> list:
 
 
 def dec_status(v: list) -> TxnStatus:
-    return TxnStatus(None if v[0] is None else TxnState(v[0]), v[1], tuple(v[2]), v[3])
+    return TxnStatus(None if v[0] is None else TXN_STATES[v[0]], v[1], tuple(v[2]), v[3])
 
 
 def dec_txn_args(a: Any) -> tuple[str, bool]:
