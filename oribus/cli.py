@@ -551,7 +551,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"oribus verify: --prefix {args.prefix!r} is empty or reserved", file=sys.stderr)
         return 2
     config = VerifyConfig(
-        addr=args.addr, http=args.http, tls_dir=args.tls_dir, duration=args.duration, clients=args.clients,
+        addr=args.addr, http=args.http, tls_dir=args.tls_dir, token=args.token, duration=args.duration,
+        clients=args.clients,
         keys=args.keys, workload=args.workload, prefix=args.prefix, out=Path(args.out), seed=args.seed,
         rate=args.rate, keep=args.keep, nemesis=args.nemesis, pids=args.pids or [],
         start_local=args.start_local,
@@ -701,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", metavar="URL", help="the HTTP gateway's base URL (http://HOST:PORT): a quarter "
                                                  "of the clients use the HTTP API")
     p.add_argument("--tls-dir", help="mutual TLS for the gRPC connections (ca.crt, client.crt, client.key)")
+    p.add_argument("--token", default=os.environ.get("ORIBUS_TOKEN"),
+                   help="for a bus run with --auth: a token allowed to act for any agent (`oribus auth token "
+                        "--act-for '*'`), presented by every client (default: $ORIBUS_TOKEN)")
     p.add_argument("--duration", type=_duration, default=60.0, help="how long the workload runs (default: 60s)")
     p.add_argument("--clients", type=_positive_int, default=16, help="concurrent clients (default: %(default)s)")
     p.add_argument("--keys", type=_positive_int, default=12, help="keys per workload (default: %(default)s)")
