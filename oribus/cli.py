@@ -79,7 +79,8 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig | None:
                            max_per_client=args.http_sessions_per_client)
     return GatewayConfig(listen=args.http, admin=args.admin, sbus_max_delta=args.sbus_max_delta,
                          allow_origins=tuple(args.http_allow_origin), hosts=tuple(args.http_host),
-                         max_connections=args.http_max_connections, session_limits=limits)
+                         max_connections=args.http_max_connections, session_limits=limits,
+                         tls=_tls(args), mtls=args.http_mtls)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -498,6 +499,9 @@ def _http_options(p: argparse.ArgumentParser) -> None:
                         "dot and the machine's name are always accepted); repeatable")
     p.add_argument("--http-max-connections", type=int, default=GatewayConfig.max_connections,
                    help="open HTTP connections; past it new ones get 503 and are closed")
+    p.add_argument("--http-mtls", action="store_true",
+                   help="with --tls-dir (which makes the gateway serve HTTPS): require a client certificate "
+                        "signed by its CA on HTTP too")
     from oribus.bus.sessions import SessionLimits
 
     caps = SessionLimits()

@@ -54,6 +54,7 @@ from oribus.gateway.errors import (
 )
 from oribus.messages import Scope
 from oribus.meta.directory import UnregisteredShard
+from oribus.tls import TlsConfig, server_ssl_context
 from oribus.types import DEFAULT_HISTORY_LIMIT
 
 log = logging.getLogger("oribus.http")
@@ -84,6 +85,11 @@ class GatewayConfig:
     # Caps on HTTP sessions, in all, per agent and per client address (specs/http.md); over
     # one, the group's most idle session is evicted and fails closed. None: SessionLimits().
     session_limits: SessionLimits | None = None
+    # HTTPS (specs/auth.md §2): the server certificate and CA of --tls-dir, the same as gRPC's.
+    # A client certificate is checked against the CA when presented; ``mtls`` (--http-mtls)
+    # requires one. None: plain HTTP.
+    tls: TlsConfig | None = None
+    mtls: bool = False
 
 
 def _no_constant(name: str) -> None:
@@ -133,7 +139,7 @@ class HttpGateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.config.tls is not None else 'http'}://{self.address}"
 
     async def start(self) -> None:
         if self._runner is not None:
@@ -141,6 +147,10 @@ class HttpGateway:
         host, _, port = self.config.listen.rpartition(":")
         if not host or not port.isdigit():
             raise InvalidRequest(f"--http must be HOST:PORT, not {self.config.listen!r}")
+        if self.config.mtls and self.config.tls is None:
+            raise InvalidRequest("--http-mtls needs --tls-dir (the CA client certificates are checked against)")
+        # bad certificate files stop the gateway here, naming the file (oribus.tls)
+        ssl = server_ssl_context(self.config.tls, require_client_cert=self.config.mtls) if self.config.tls else None
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         loop = asyncio.get_running_loop()
@@ -154,7 +164,8 @@ class HttpGateway:
                 keepalive_timeout=cfg.idle_timeout, lingering_time=cfg.body_timeout, access_log=None)
 
         try:
-            listener = await loop.create_server(new_connection, host.strip("[]"), int(port), reuse_address=True)
+            listener = await loop.create_server(new_connection, host.strip("[]"), int(port), reuse_address=True,
+                                                ssl=ssl)
         except OSError:
             await runner.cleanup()
             raise
@@ -162,7 +173,7 @@ class HttpGateway:
         self.dashboard.start()
         sock = listener.sockets[0]
         self._address = f"{host}:{sock.getsockname()[1]}"
-        log.info("http gateway serving on %s", self._address)
+        log.info("http gateway serving on %s", self.url)
 
     async def stop(self) -> None:
         self._closing = True
