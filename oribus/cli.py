@@ -365,6 +365,14 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs_agent(args: argparse.Namespace) -> int:
+    from oribus.certs import issue_agent_cert
+
+    for path in issue_agent_cert(Path(args.dir), args.agent, args.role, days=args.days, force=args.force):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oribus.demo import run_demo
 
@@ -746,6 +754,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, help="validity of every certificate")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(fn=_cmd_certs_init)
+    p = certs.add_parser("agent", help="an agent's own client certificate (CN=agent:NAME, OU=role:R): its "
+                                       "identity on a bus run with --auth, without a token")
+    p.add_argument("--dir", required=True, help="a `certs init` directory (its ca.crt and ca.key sign it)")
+    p.add_argument("--agent", required=True)
+    p.add_argument("--role", action="append", required=True, help="a role of the bus's policy.yaml (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(fn=_cmd_certs_agent)
 
     from oribus.auth.commands import add_commands as _auth_commands
 

@@ -158,9 +158,14 @@ class Authority:
 
     # ---- the two questions -------------------------------------------------------------------
 
-    def authenticate(self, token: str | None, operation: str = "") -> Identity:
-        """The identity ``token`` proves, or Unauthenticated (counted and logged)."""
+    def authenticate(self, token: str | None, operation: str = "",
+                     certificate: tuple[str, tuple[str, ...]] | None = None) -> Identity:
+        """The identity ``token`` proves, or Unauthenticated (counted and logged). Without a
+        token, ``certificate`` — (agent, roles) of a client certificate ``CN=agent:NAME`` the
+        TLS handshake verified — is the identity, if its roles are in the policy."""
         self.maybe_reload()
+        if not token and certificate is not None:
+            return self._certificate_identity(certificate, operation)
         hit = self._cache.get(token) if token else None
         if hit is not None and hit.expires + LEEWAY_SECONDS >= self.clock():
             return hit
@@ -175,6 +180,14 @@ class Authority:
             self._cache.clear()
         self._cache[token] = identity  # type: ignore[index]  # verify refused an empty one
         return identity
+
+    def _certificate_identity(self, certificate: tuple[str, tuple[str, ...]], operation: str) -> Identity:
+        agent, roles = certificate
+        unknown = [r for r in roles if r not in self.policy.roles]
+        if not roles or unknown:
+            raise self.unauthenticated("unknown_role", operation, f"the certificate of agent {agent!r} names roles "
+                                       f"not in the policy: {unknown or 'none'}", agent)
+        return Identity(agent, roles)
 
     def decide(self, identity: Identity, operation: Operation, key: str = "") -> Decision:
         return decide(self.policy, identity, operation, key)

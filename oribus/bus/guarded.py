@@ -5,7 +5,8 @@ gRPC and stream listeners bind their operations to it; the HTTP gateway's ``/v1`
 call it). Each operation, before it calls the bus — so before any shard is contacted:
 
 1. authenticates the call's credential (``oribus.auth.credential.CREDENTIAL``, set by the
-   transport): Unauthenticated if there is none or it is refused;
+   transport; without a token, an agent's client certificate, ``CERTIFICATE``):
+   Unauthenticated if there is none or it is refused;
 2. checks the agent the request names: the identity's own, or one it may act for;
 3. checks the session's owner (``SessionOwners``) for everything that uses a session: a
    recording read, a commit, forget, reset, opening it;
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from oribus.auth import Authority, Identity, Operation, SessionOwners
-from oribus.auth.credential import CREDENTIAL
+from oribus.auth.credential import CERTIFICATE, CREDENTIAL
 from oribus.bus.bus import Bus, _check_session
 from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult
 from oribus.errors import InvalidRequest
@@ -66,7 +67,7 @@ class GuardedBus(BusService):
 
     def caller(self, op: str) -> Identity:
         """The identity of the call in progress, or Unauthenticated."""
-        return self.authority.authenticate(CREDENTIAL.get(), op)
+        return self.authority.authenticate(CREDENTIAL.get(), op, CERTIFICATE.get())
 
     def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
         _check_session(session)  # InvalidRequest before anything is recorded
