@@ -99,16 +99,17 @@ def _no_constant(name: str) -> None:
 class HttpGateway:
     """Serve ``bus`` over HTTP. ``await start()`` / ``await stop()`` (idempotent)."""
 
-    def __init__(self, bus: Bus, config: GatewayConfig | None = None, *, authority: Authority | None = None) -> None:
+    def __init__(self, bus: Bus, config: GatewayConfig | None = None, *, guarded: GuardedBus | None = None) -> None:
         if bus.sessions.journal is None:
             raise InvalidRequest(
                 "the HTTP gateway needs the bus's session journal (a data directory): without it "
                 "HTTP sessions could not stay fail-closed across a restart"
             )
         self.bus = bus
-        self.authority = authority
-        # what the /v1 routes call: the bus itself, or behind the access rules (--auth)
-        self.api: Bus | GuardedBus = bus if authority is None else GuardedBus(bus, authority)
+        # --auth: ``bus`` behind its access rules, the same GuardedBus the gRPC server serves
+        self.authority: Authority | None = guarded.authority if guarded is not None else None
+        # what the /v1 routes call: the bus itself, or behind the access rules
+        self.api: Bus | GuardedBus = bus if guarded is None else guarded
         self.config = config = config or GatewayConfig()
         if config.session_limits is not None:  # HTTP agents are the bus's only durable sessions
             bus.sessions.limits = config.session_limits
