@@ -16,7 +16,8 @@ HTTP-specific lives here:
   status, milliseconds, agent, commit id) at INFO.
 * credentials (``authority``, ``--auth``; specs/auth.md): every route but the public ones
   (``PUBLIC_PATHS``: health, readiness, metrics, the API document, the dashboard's static
-  page) needs ``Authorization: Bearer TOKEN`` — missing or refused: 401 with
+  page) needs ``Authorization: Bearer TOKEN``, or over HTTPS an agent's client certificate
+  (``oribus certs agent``) — missing or refused: 401 with
   ``WWW-Authenticate``. ``/v1`` routes then call ``GuardedBus``, which applies the rules per
   key and per session (403); the S-Bus routes, ``/admin/*`` and the dashboard's feed and
   rollback need the ``admin`` grant (S-Bus's own API names no per-key identity to check).
@@ -36,7 +37,7 @@ from aiohttp import web
 
 from oribus import tracing
 from oribus.auth import Authority, Operation
-from oribus.auth.credential import CREDENTIAL, bearer
+from oribus.auth.credential import CERTIFICATE, CREDENTIAL, agent_of_peercert, bearer
 from oribus.bus.bus import Bus
 from oribus.bus.guarded import GuardedBus
 from oribus.bus.sessions import SessionLimits
@@ -239,9 +240,14 @@ class HttpGateway:
         for the route's bus calls; outside ``/v1``, the admin grant (PermissionDenied: 403)."""
         assert self.authority is not None
         token = bearer(request.headers.get("Authorization"))
-        identity = self.authority.authenticate(token, f"http {request.method} {request.path}")
+        # without a token, over HTTPS, an agent's client certificate (CN=agent:NAME) may stand for one
+        certificate = None
+        if not token and request.transport is not None:
+            certificate = agent_of_peercert(request.transport.get_extra_info("peercert"))
+        identity = self.authority.authenticate(token, f"http {request.method} {request.path}", certificate)
         request[LOG_FIELDS]["identity"] = identity.agent
         CREDENTIAL.set(token)  # the handler runs in this task: GuardedBus reads it there
+        CERTIFICATE.set(certificate)
         if not request.path.startswith("/v1/"):
             self.authority.require(identity, Operation.ADMIN, op=f"{request.method} {request.path}")
 

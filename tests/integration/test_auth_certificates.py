@@ -96,3 +96,33 @@ def test_the_agent_certificate_names_the_agent_and_its_roles(tmp_path):
         issue_agent_cert(tmp_path, "planner", ["writer"])
     with pytest.raises(InvalidRequest, match="at least one role"):
         issue_agent_cert(tmp_path, "x", [])
+
+
+async def test_an_agent_certificate_is_an_identity_over_https(tmp_path):
+    import aiohttp
+
+    from oribus.gateway import GatewayConfig
+    from oribus.tls import client_ssl_context
+
+    certs = tmp_path / "tls"
+    init_certs(certs)
+    issue_agent_cert(certs, "a1", ["team-a"])
+    main(["auth", "init", "--dir", str(tmp_path / "auth")])
+    (tmp_path / "auth" / "policy.yaml").write_text(POLICY)
+    tls = TlsConfig.from_dir(certs)
+    host = UpHost(tmp_path / "data", listen="127.0.0.1:0", shards=1, tls=tls,
+                  http=GatewayConfig(listen="127.0.0.1:0", tls=tls), authority=Authority(tmp_path / "auth"))
+    await host.start()
+    try:
+        url = host.gateway.url
+        as_a1, plain = client_ssl_context(agent_tls(certs, "a1")), client_ssl_context(tls)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/v1/commit", ssl=as_a1,
+                                 json={"agent": "a1", "writes": {"team/a/x": 1}}) as r:
+                assert r.status == 200, await r.text()
+            async with http.get(f"{url}/v1/keys/team/b/x?agent=a1", ssl=as_a1) as r:
+                assert r.status == 403
+            async with http.get(f"{url}/v1/keys/team/a/x?agent=a1", ssl=plain) as r:
+                assert r.status == 401  # the deployment's own client certificate is no agent
+    finally:
+        await host.stop()
