@@ -11,6 +11,11 @@
     client.crt client.key   presented by every gRPC client (SDK, CLI, the bus
                             towards its shards); CN oribus-client, EKU clientAuth
 
+``oribus certs agent --dir D --agent NAME --role R [--role ...]`` adds an agent's own
+client certificate, ``agent-NAME.crt`` / ``agent-NAME.key``, signed by the same CA: subject
+``CN=agent:NAME`` with one ``OU=role:R`` per role, EKU clientAuth. A bus run with ``--auth``
+takes such a certificate as that agent's identity without a token (specs/auth.md §2).
+
 Keys are ECDSA P-256 in unencrypted PKCS#8 (what gRPC's BoringSSL reads).
 The CA is meant for one deployment: whoever holds ``ca.key`` can mint
 certificates every listener accepts, so it need not be shipped to servers.
@@ -60,9 +65,10 @@ def san_entry(host: str) -> x509.GeneralName:
         return x509.DNSName(host.lower())
 
 
-def _name(common_name: str) -> x509.Name:
+def _name(common_name: str, units: Iterable[str] = ()) -> x509.Name:
     return x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "oribus"),
+        *(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, u) for u in units),
         x509.NameAttribute(NameOID.COMMON_NAME, common_name),
     ])
 
@@ -75,6 +81,7 @@ def _issue(
     ca: bool = False,
     eku: list[x509.ObjectIdentifier] | None = None,
     sans: list[x509.GeneralName] | None = None,
+    units: Iterable[str] = (),
 ) -> _Issued:
     """A certificate for a fresh key; self-signed when ``issuer`` is None (the CA)."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -82,7 +89,7 @@ def _issue(
     signer = issuer.key if issuer is not None else key
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(subject))
+        .subject_name(_name(subject, units))
         .issuer_name(issuer.cert.subject if issuer is not None else _name(subject))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -174,3 +181,32 @@ def init_certs(
         _write(directory / cert_name, _cert_pem(issued), 0o644)
         written += [directory / cert_name, directory / key_name]
     return written
+
+
+AGENT_PREFIX = "agent:"  # the CN of an agent's certificate: agent:NAME
+ROLE_PREFIX = "role:"  # each of its OUs: role:R
+
+
+def issue_agent_cert(directory: Path | str, agent: str, roles: Iterable[str], *, days: int = DEFAULT_DAYS,
+                     force: bool = False) -> list[Path]:
+    """``agent-NAME.crt`` and ``.key`` in ``directory``, signed by its ``ca.crt`` / ``ca.key``."""
+    directory = Path(directory)
+    roles = list(roles)
+    if not agent or "/" in agent or len(agent) > 200 or not roles or not all(roles):
+        raise InvalidRequest("an agent certificate needs an agent name (no '/') and at least one role")
+    try:
+        ca_cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+        ca_key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
+    except (OSError, ValueError) as e:
+        raise InvalidRequest(f"cannot read the CA in {directory} (oribus certs init): {e}") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise InvalidRequest(f"{directory / CA_KEY} is not the ECDSA key `oribus certs init` writes")
+    cert_path, key_path = directory / f"agent-{agent}.crt", directory / f"agent-{agent}.key"
+    existing = [p for p in (cert_path, key_path) if p.exists()]
+    if existing and not force:
+        raise InvalidRequest(f"refusing to overwrite {', '.join(map(str, existing))} (use --force to replace them)")
+    issued = _issue(AGENT_PREFIX + agent, _Issued(ca_cert, ca_key), days, eku=[ExtendedKeyUsageOID.CLIENT_AUTH],
+                    units=[ROLE_PREFIX + r for r in roles])
+    _write(key_path, _key_pem(issued), 0o600)
+    _write(cert_path, _cert_pem(issued), 0o644)
+    return [cert_path, key_path]

@@ -84,7 +84,8 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig | None:
                            max_per_client=args.http_sessions_per_client)
     return GatewayConfig(listen=args.http, admin=args.admin, sbus_max_delta=args.sbus_max_delta,
                          allow_origins=tuple(args.http_allow_origin), hosts=tuple(args.http_host),
-                         max_connections=args.http_max_connections, session_limits=limits)
+                         max_connections=args.http_max_connections, session_limits=limits,
+                         tls=_tls(args), mtls=args.http_mtls)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -370,6 +371,14 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs_agent(args: argparse.Namespace) -> int:
+    from oribus.certs import issue_agent_cert
+
+    for path in issue_agent_cert(Path(args.dir), args.agent, args.role, days=args.days, force=args.force):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from oribus.demo import run_demo
 
@@ -504,6 +513,9 @@ def _http_options(p: argparse.ArgumentParser) -> None:
                         "dot and the machine's name are always accepted); repeatable")
     p.add_argument("--http-max-connections", type=int, default=GatewayConfig.max_connections,
                    help="open HTTP connections; past it new ones get 503 and are closed")
+    p.add_argument("--http-mtls", action="store_true",
+                   help="with --tls-dir (which makes the gateway serve HTTPS): require a client certificate "
+                        "signed by its CA on HTTP too")
     from oribus.bus.sessions import SessionLimits
 
     caps = SessionLimits()
@@ -557,7 +569,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"oribus verify: --prefix {args.prefix!r} is empty or reserved", file=sys.stderr)
         return 2
     config = VerifyConfig(
-        addr=args.addr, http=args.http, tls_dir=args.tls_dir, duration=args.duration, clients=args.clients,
+        addr=args.addr, http=args.http, tls_dir=args.tls_dir, token=args.token, duration=args.duration,
+        clients=args.clients,
         keys=args.keys, workload=args.workload, prefix=args.prefix, out=Path(args.out), seed=args.seed,
         rate=args.rate, keep=args.keep, nemesis=args.nemesis, pids=args.pids or [],
         start_local=args.start_local,
@@ -707,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", metavar="URL", help="the HTTP gateway's base URL (http://HOST:PORT): a quarter "
                                                  "of the clients use the HTTP API")
     p.add_argument("--tls-dir", help="mutual TLS for the gRPC connections (ca.crt, client.crt, client.key)")
+    p.add_argument("--token", default=os.environ.get("ORIBUS_TOKEN"),
+                   help="for a bus run with --auth: a token allowed to act for any agent (`oribus auth token "
+                        "--act-for '*'`), presented by every client (default: $ORIBUS_TOKEN)")
     p.add_argument("--duration", type=_duration, default=60.0, help="how long the workload runs (default: 60s)")
     p.add_argument("--clients", type=_positive_int, default=16, help="concurrent clients (default: %(default)s)")
     p.add_argument("--keys", type=_positive_int, default=12, help="keys per workload (default: %(default)s)")
@@ -744,6 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365, help="validity of every certificate")
     p.add_argument("--force", action="store_true", help="replace existing files")
     p.set_defaults(fn=_cmd_certs_init)
+    p = certs.add_parser("agent", help="an agent's own client certificate (CN=agent:NAME, OU=role:R): its "
+                                       "identity on a bus run with --auth, without a token")
+    p.add_argument("--dir", required=True, help="a `certs init` directory (its ca.crt and ca.key sign it)")
+    p.add_argument("--agent", required=True)
+    p.add_argument("--role", action="append", required=True, help="a role of the bus's policy.yaml (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(fn=_cmd_certs_agent)
 
     from oribus.auth.commands import add_commands as _auth_commands
 

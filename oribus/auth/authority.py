@@ -11,13 +11,12 @@ files' sizes and modification times with the last load, and reloads what changed
 rotated or retired key, a policy edit, a revocation take effect within a second, without a
 restart. A file that does not parse is logged and ignored: the previous keys, policy and
 revocations stay (fail closed; a broken revocation list must not un-revoke a token). The
-cache of verified tokens (by SHA-256 of the token, until its ``exp``) is emptied on every
+cache of verified tokens (by the token itself, until its ``exp``) is emptied on every
 reload.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -89,7 +88,10 @@ class Authority:
         self.policy = Policy()
         self.revoked: dict[str, int] = {}
         self.issuer = DEFAULT_ISSUER
-        self._cache: dict[bytes, Identity] = {}
+        # token -> identity: a str caches its hash, so a connection's later calls cost one lookup
+        self._cache: dict[str, Identity] = {}
+        # (roles, operation, key) -> allowed: the decisions made since the last reload
+        self._decided: dict[tuple[tuple[str, ...], Operation, str], bool] = {}
         self._seen: dict[str, tuple] = {}
         self._checked_at = 0.0
         self.reloads = 0
@@ -144,6 +146,7 @@ class Authority:
                 log.warning("auth: %s reloaded from %s", name, self.dir.root)
         if changed:
             self._cache.clear()
+            self._decided.clear()
             self.reloads += 1
 
     def maybe_reload(self) -> None:
@@ -155,11 +158,15 @@ class Authority:
 
     # ---- the two questions -------------------------------------------------------------------
 
-    def authenticate(self, token: str | None, operation: str = "") -> Identity:
-        """The identity ``token`` proves, or Unauthenticated (counted and logged)."""
+    def authenticate(self, token: str | None, operation: str = "",
+                     certificate: tuple[str, tuple[str, ...]] | None = None) -> Identity:
+        """The identity ``token`` proves, or Unauthenticated (counted and logged). Without a
+        token, ``certificate`` — (agent, roles) of a client certificate ``CN=agent:NAME`` the
+        TLS handshake verified — is the identity, if its roles are in the policy."""
         self.maybe_reload()
-        digest = hashlib.sha256(token.encode()).digest() if token else b""
-        hit = self._cache.get(digest) if token else None
+        if not token and certificate is not None:
+            return self._certificate_identity(certificate, operation)
+        hit = self._cache.get(token) if token else None
         if hit is not None and hit.expires + LEEWAY_SECONDS >= self.clock():
             return hit
         try:
@@ -171,8 +178,16 @@ class Authority:
             raise
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
-        self._cache[digest] = identity
+        self._cache[token] = identity  # type: ignore[index]  # verify refused an empty one
         return identity
+
+    def _certificate_identity(self, certificate: tuple[str, tuple[str, ...]], operation: str) -> Identity:
+        agent, roles = certificate
+        unknown = [r for r in roles if r not in self.policy.roles]
+        if not roles or unknown:
+            raise self.unauthenticated("unknown_role", operation, f"the certificate of agent {agent!r} names roles "
+                                       f"not in the policy: {unknown or 'none'}", agent)
+        return Identity(agent, roles)
 
     def decide(self, identity: Identity, operation: Operation, key: str = "") -> Decision:
         return decide(self.policy, identity, operation, key)
@@ -180,12 +195,22 @@ class Authority:
     def may_act_for(self, identity: Identity, agent: str) -> bool:
         return may_act_for(self.policy, identity, agent)
 
+    def allowed(self, identity: Identity, operation: Operation, key: str = "") -> bool:
+        """``decide(...).allowed``, remembered until the next reload: a decision depends only
+        on the roles, the operation and the key, and agents ask about the same keys again."""
+        memo = (identity.roles, operation, key)
+        hit = self._decided.get(memo)
+        if hit is None:
+            if len(self._decided) >= _CACHE_MAX:
+                self._decided.clear()
+            hit = self._decided[memo] = decide(self.policy, identity, operation, key).allowed
+        return hit
+
     def require(self, identity: Identity, operation: Operation, key: str = "", *, op: str = "") -> None:
         """PermissionDenied (counted and logged) unless ``identity`` may do ``operation`` on
         ``key``. ``op``: the bus operation asked for, for the count and the log."""
-        decision = decide(self.policy, identity, operation, key)
-        if not decision.allowed:
-            raise self.denied(identity, op or operation.value, key, decision.rule)
+        if not self.allowed(identity, operation, key):
+            raise self.denied(identity, op or operation.value, key, decide(self.policy, identity, operation, key).rule)
 
     def denied(self, identity: Identity, op: str, key: str, rule: str) -> PermissionDenied:
         """The PermissionDenied to raise for a refusal, counted and logged."""

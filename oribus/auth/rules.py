@@ -19,7 +19,6 @@ An operation is allowed when any of the identity's roles allows it. Reserved key
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -86,13 +85,13 @@ class SessionOwners:
     record settles the rest: a session an orchestrator opened for agent B is the
     orchestrator's, and one B opened is B's, whichever of the two comes second.
 
-    Bounded: past ``capacity`` the least recently used record is dropped, and the next user
-    of that session claims it again (as after a restart: the table is in memory).
+    Bounded: past ``capacity`` the oldest record is dropped, and the next user of that
+    session claims it again (as after a restart: the table is in memory).
     """
 
     def __init__(self, capacity: int = 1_000_000) -> None:
         self.capacity = capacity
-        self._owner: OrderedDict[SessionRef, str] = OrderedDict()
+        self._owner: dict[SessionRef, str] = {}  # in the order claimed
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -108,16 +107,13 @@ class SessionOwners:
 
     def claim(self, identity: Identity, session: SessionRef) -> str | None:
         """As ``check``; when allowed, records ``identity`` as the owner (if nobody was)."""
-        owner = self.check(identity, session)
-        if owner is not None:
-            return owner
-        if session in self._owner:
-            self._owner.move_to_end(session)
-        else:
+        owner = self._owner.get(session)
+        if owner is None:
             self._owner[session] = identity.agent
             if len(self._owner) > self.capacity:
-                self._owner.popitem(last=False)
-        return None
+                del self._owner[next(iter(self._owner))]
+            return None
+        return None if owner == identity.agent else owner
 
     def visible(self, identity: Identity, session: SessionRef) -> bool:
         """Whether a listing of sessions shows ``session`` to ``identity`` (its own)."""

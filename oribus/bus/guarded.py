@@ -5,7 +5,8 @@ gRPC and stream listeners bind their operations to it; the HTTP gateway's ``/v1`
 call it). Each operation, before it calls the bus — so before any shard is contacted:
 
 1. authenticates the call's credential (``oribus.auth.credential.CREDENTIAL``, set by the
-   transport): Unauthenticated if there is none or it is refused;
+   transport; without a token, an agent's client certificate, ``CERTIFICATE``):
+   Unauthenticated if there is none or it is refused;
 2. checks the agent the request names: the identity's own, or one it may act for;
 3. checks the session's owner (``SessionOwners``) for everything that uses a session: a
    recording read, a commit, forget, reset, opening it;
@@ -26,7 +27,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from oribus.auth import Authority, Identity, Operation, SessionOwners
-from oribus.auth.credential import CREDENTIAL
+from oribus.auth.credential import CERTIFICATE, CREDENTIAL
 from oribus.bus.bus import Bus, _check_session
 from oribus.contract import BusService, CommitRequest, CommitResult, Entry, ReadResult
 from oribus.errors import InvalidRequest
@@ -66,7 +67,7 @@ class GuardedBus(BusService):
 
     def caller(self, op: str) -> Identity:
         """The identity of the call in progress, or Unauthenticated."""
-        return self.authority.authenticate(CREDENTIAL.get(), op)
+        return self.authority.authenticate(CREDENTIAL.get(), op, CERTIFICATE.get())
 
     def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
         _check_session(session)  # InvalidRequest before anything is recorded
@@ -81,7 +82,8 @@ class GuardedBus(BusService):
         if not isinstance(keys, list | tuple | dict):
             raise InvalidRequest("keys must be a list of str")
         for key in keys:
-            validate_key(key)
+            if not isinstance(key, str):  # the rest of a key's form the bus checks, before any shard
+                validate_key(key)
             self.authority.require(identity, operation, key, op=op)
 
     # ---- the operations -------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ class GuardedBus(BusService):
     async def scan(self, prefix: str = "", after: str = "", limit: int = DEFAULT_SCAN_LIMIT) -> list[ReadItem]:
         identity = self.caller("scan")
         items = await self.bus.scan(prefix, after, limit)
-        return [i for i in items if self.authority.decide(identity, Operation.READ, i.key).allowed]
+        return [i for i in items if self.authority.allowed(identity, Operation.READ, i.key)]
 
     def watch(self, request: WatchRequest) -> AsyncIterator[Change]:
         identity = self.caller("watch")
@@ -145,11 +147,11 @@ class GuardedBus(BusService):
     async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED) -> list[dict]:
         identity = self.caller("sessions")
         views = await self.bus.session_views(limit)
-        if self.authority.decide(identity, Operation.ADMIN).allowed:
+        if self.authority.allowed(identity, Operation.ADMIN):
             return views
         mine = [v for v in views if self.owners.visible(identity, SessionRef(v["agent"], v["session"]))]
         for v in mine:
-            v["reads"] = [r for r in v["reads"] if self.authority.decide(identity, Operation.READ, r["key"]).allowed]
+            v["reads"] = [r for r in v["reads"] if self.authority.allowed(identity, Operation.READ, r["key"])]
         return mine
 
     async def reset_every_session(self) -> int:

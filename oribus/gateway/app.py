@@ -16,7 +16,8 @@ HTTP-specific lives here:
   status, milliseconds, agent, commit id) at INFO.
 * credentials (``authority``, ``--auth``; specs/auth.md): every route but the public ones
   (``PUBLIC_PATHS``: health, readiness, metrics, the API document, the dashboard's static
-  page) needs ``Authorization: Bearer TOKEN`` — missing or refused: 401 with
+  page) needs ``Authorization: Bearer TOKEN``, or over HTTPS an agent's client certificate
+  (``oribus certs agent``) — missing or refused: 401 with
   ``WWW-Authenticate``. ``/v1`` routes then call ``GuardedBus``, which applies the rules per
   key and per session (403); the S-Bus routes, ``/admin/*`` and the dashboard's feed and
   rollback need the ``admin`` grant (S-Bus's own API names no per-key identity to check).
@@ -36,7 +37,7 @@ from aiohttp import web
 
 from oribus import tracing
 from oribus.auth import Authority, Operation
-from oribus.auth.credential import CREDENTIAL, bearer
+from oribus.auth.credential import CERTIFICATE, CREDENTIAL, agent_of_peercert, bearer
 from oribus.bus.bus import Bus
 from oribus.bus.guarded import GuardedBus
 from oribus.bus.sessions import SessionLimits
@@ -54,6 +55,7 @@ from oribus.gateway.errors import (
 )
 from oribus.messages import Scope
 from oribus.meta.directory import UnregisteredShard
+from oribus.tls import TlsConfig, server_ssl_context
 from oribus.types import DEFAULT_HISTORY_LIMIT
 
 log = logging.getLogger("oribus.http")
@@ -84,6 +86,11 @@ class GatewayConfig:
     # Caps on HTTP sessions, in all, per agent and per client address (specs/http.md); over
     # one, the group's most idle session is evicted and fails closed. None: SessionLimits().
     session_limits: SessionLimits | None = None
+    # HTTPS (specs/auth.md §2): the server certificate and CA of --tls-dir, the same as gRPC's.
+    # A client certificate is checked against the CA when presented; ``mtls`` (--http-mtls)
+    # requires one. None: plain HTTP.
+    tls: TlsConfig | None = None
+    mtls: bool = False
 
 
 def _no_constant(name: str) -> None:
@@ -93,16 +100,17 @@ def _no_constant(name: str) -> None:
 class HttpGateway:
     """Serve ``bus`` over HTTP. ``await start()`` / ``await stop()`` (idempotent)."""
 
-    def __init__(self, bus: Bus, config: GatewayConfig | None = None, *, authority: Authority | None = None) -> None:
+    def __init__(self, bus: Bus, config: GatewayConfig | None = None, *, guarded: GuardedBus | None = None) -> None:
         if bus.sessions.journal is None:
             raise InvalidRequest(
                 "the HTTP gateway needs the bus's session journal (a data directory): without it "
                 "HTTP sessions could not stay fail-closed across a restart"
             )
         self.bus = bus
-        self.authority = authority
-        # what the /v1 routes call: the bus itself, or behind the access rules (--auth)
-        self.api: Bus | GuardedBus = bus if authority is None else GuardedBus(bus, authority)
+        # --auth: ``bus`` behind its access rules, the same GuardedBus the gRPC server serves
+        self.authority: Authority | None = guarded.authority if guarded is not None else None
+        # what the /v1 routes call: the bus itself, or behind the access rules
+        self.api: Bus | GuardedBus = bus if guarded is None else guarded
         self.config = config = config or GatewayConfig()
         if config.session_limits is not None:  # HTTP agents are the bus's only durable sessions
             bus.sessions.limits = config.session_limits
@@ -133,7 +141,7 @@ class HttpGateway:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"{'https' if self.config.tls is not None else 'http'}://{self.address}"
 
     async def start(self) -> None:
         if self._runner is not None:
@@ -141,6 +149,10 @@ class HttpGateway:
         host, _, port = self.config.listen.rpartition(":")
         if not host or not port.isdigit():
             raise InvalidRequest(f"--http must be HOST:PORT, not {self.config.listen!r}")
+        if self.config.mtls and self.config.tls is None:
+            raise InvalidRequest("--http-mtls needs --tls-dir (the CA client certificates are checked against)")
+        # bad certificate files stop the gateway here, naming the file (oribus.tls)
+        ssl = server_ssl_context(self.config.tls, require_client_cert=self.config.mtls) if self.config.tls else None
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         loop = asyncio.get_running_loop()
@@ -154,7 +166,8 @@ class HttpGateway:
                 keepalive_timeout=cfg.idle_timeout, lingering_time=cfg.body_timeout, access_log=None)
 
         try:
-            listener = await loop.create_server(new_connection, host.strip("[]"), int(port), reuse_address=True)
+            listener = await loop.create_server(new_connection, host.strip("[]"), int(port), reuse_address=True,
+                                                ssl=ssl)
         except OSError:
             await runner.cleanup()
             raise
@@ -162,7 +175,7 @@ class HttpGateway:
         self.dashboard.start()
         sock = listener.sockets[0]
         self._address = f"{host}:{sock.getsockname()[1]}"
-        log.info("http gateway serving on %s", self._address)
+        log.info("http gateway serving on %s", self.url)
 
     async def stop(self) -> None:
         self._closing = True
@@ -227,9 +240,14 @@ class HttpGateway:
         for the route's bus calls; outside ``/v1``, the admin grant (PermissionDenied: 403)."""
         assert self.authority is not None
         token = bearer(request.headers.get("Authorization"))
-        identity = self.authority.authenticate(token, f"http {request.method} {request.path}")
+        # without a token, over HTTPS, an agent's client certificate (CN=agent:NAME) may stand for one
+        certificate = None
+        if not token and request.transport is not None:
+            certificate = agent_of_peercert(request.transport.get_extra_info("peercert"))
+        identity = self.authority.authenticate(token, f"http {request.method} {request.path}", certificate)
         request[LOG_FIELDS]["identity"] = identity.agent
         CREDENTIAL.set(token)  # the handler runs in this task: GuardedBus reads it there
+        CERTIFICATE.set(certificate)
         if not request.path.startswith("/v1/"):
             self.authority.require(identity, Operation.ADMIN, op=f"{request.method} {request.path}")
 

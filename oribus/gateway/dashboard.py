@@ -32,6 +32,10 @@ before. Both are cancelled by ``close()``. A shard's epoch is sent as a
 string: it is a nanosecond clock, beyond the integers a JavaScript number
 holds exactly.
 
+Under ``--auth`` (specs/auth.md) the page asks for a token and sends it as
+``Authorization: Bearer`` with every request; the feed and the rollback need the admin
+grant (``HttpGateway._authenticate``): 401 without a token, 403 without the grant.
+
 Rollback from the page goes through ``POST /dashboard/rollback`` — a
 rollback commit by the session ``("dashboard", "dashboard")`` that depends
 only on the version the page showed (``HttpGateway.commit_unread``),

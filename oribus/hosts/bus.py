@@ -18,6 +18,7 @@ from pathlib import Path
 
 from oribus.auth import Authority
 from oribus.bus.bus import Bus
+from oribus.bus.guarded import GuardedBus
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
 from oribus.gateway import GatewayConfig, HttpGateway
@@ -80,12 +81,14 @@ class BusHost:
             self.bus = Bus(shards, slot_map.shard_for, session_journal=journal)
             # HTTP first: the gRPC health service says SERVING once the server starts, and
             # what waits for it (process supervisors, tests) may then use the HTTP port too.
+            # --auth: one guard for every transport (one record of each session's owner)
+            guarded = GuardedBus(self.bus, self.authority) if self.authority is not None else None
             if self.http is not None:
-                self.gateway = HttpGateway(self.bus, self.http, authority=self.authority)
+                self.gateway = HttpGateway(self.bus, self.http, guarded=guarded)
                 await self.gateway.start()
                 self._teardown.push("HTTP gateway", self.gateway.stop)
             self.server = BusServer(self.bus, self.listen, tls=self.tls, stream_listen=self.stream_listen,
-                                    advertise_stream=self.advertise_stream, authority=self.authority)
+                                    advertise_stream=self.advertise_stream, guarded=guarded)
             await self.server.start()
             if self.authority is None:
                 warn_unauthenticated([self.server.address, self.server.stream_address,

@@ -32,6 +32,7 @@ from typing import Any
 
 from oribus.auth import Authority
 from oribus.bus.bus import Bus
+from oribus.bus.guarded import GuardedBus
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
 from oribus.datadir_lock import DataDirLock
@@ -120,13 +121,15 @@ class UpHost:
                 bus, sweep = self.engine.bus, None  # the engine runs its own sweep
             # HTTP first: the gRPC health service says SERVING once the server starts, and
             # what waits for it (process supervisors, tests) may then use the HTTP port too.
+            # --auth: one guard for every transport (one record of each session's owner)
+            guarded = GuardedBus(bus, self.authority) if self.authority is not None else None
             if self.http_config is not None:
                 self.gateway = HttpGateway(bus, replace(self.http_config, history_limit=self.config.history_limit),
-                                           authority=self.authority)
+                                           guarded=guarded)
                 await self.gateway.start()
                 self._teardown.push("HTTP gateway", self.gateway.stop)
             self.server = BusServer(bus, self.listen, tls=self.tls, stream_listen=self.stream_listen,
-                                    authority=self.authority)
+                                    guarded=guarded)
             await self.server.start()
             if self.authority is None:
                 warn_unauthenticated([self.server.address, self.server.stream_address,

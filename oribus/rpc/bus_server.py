@@ -12,7 +12,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from oribus.auth import Authority
 from oribus.bus.bus import Bus
 from oribus.bus.guarded import GuardedBus
 from oribus.contract import ensure_subscribed
@@ -35,14 +34,16 @@ class BusServer:
     With ``tls`` both listeners serve mutual TLS only (clients need a certificate signed
     by the same CA); bad TLS files raise InvalidRequest here, naming the file.
 
-    With ``authority`` (``--auth``) every operation and watch goes through ``GuardedBus``:
-    the caller's token (gRPC metadata, or the stream hello) is checked, then the rules.
+    With ``guarded`` (``--auth``: ``bus`` behind its access rules) every operation and watch
+    goes through it: the caller's token (gRPC metadata, or the stream hello) or agent
+    certificate is checked, then the rules. The HTTP gateway gets the same ``GuardedBus``,
+    so that a session's owner is one record whatever transport its calls come over.
     """
 
     def __init__(self, bus: Bus, listen: str, *, tls: TlsConfig | None = None, stream_listen: str | None = None,
-                 advertise_stream: str | None = None, authority: Authority | None = None) -> None:
+                 advertise_stream: str | None = None, guarded: GuardedBus | None = None) -> None:
         self.bus = bus
-        self.served: Bus | GuardedBus = bus if authority is None else GuardedBus(bus, authority)
+        self.served: Bus | GuardedBus = bus if guarded is None else guarded
         self.listen = listen
         self.tls = tls
         self.advertise_stream = advertise_stream

@@ -80,10 +80,12 @@ def hello(service: str, kind: str, request: Any = None, token: str | None = None
 
 
 def hello_token(value: list) -> str | None:
-    """The credential a checked hello carries, if any."""
-    last = value[-1]
-    if isinstance(last, dict):
-        token = last.get("token")
+    """The credential a checked hello (``check_hello``) carries, if any: in the options map
+    after the kind (calls) or after the watch request (watch)."""
+    at = 4 if value[3] == CALLS else 5
+    options = value[at] if len(value) > at else None
+    if isinstance(options, dict):
+        token = options.get("token")
         return token if isinstance(token, str) and token else None
     return None
 

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from oribus.auth.credential import CREDENTIAL, METADATA_KEY, bearer
+from oribus.auth.credential import CERTIFICATE, CREDENTIAL, METADATA_KEY, agent_of_pem, bearer
 from oribus.errors import InvalidRequest, OribusError
 from oribus.messages import WatchRequest
 from oribus.rpc import grpc_status, wire
@@ -33,6 +33,10 @@ def _take_credential(context: aio.ServicerContext) -> None:
         if key == METADATA_KEY and isinstance(value, str):
             CREDENTIAL.set(bearer(value))
             return
+    # no token: a client certificate of an agent (CN=agent:NAME) may stand for one
+    for pem in (context.auth_context() or {}).get("x509_pem_cert", ()):
+        CERTIFICATE.set(agent_of_pem(pem))
+        return
 
 
 def mux_handlers(

@@ -37,7 +37,7 @@ from typing import Any
 
 import msgpack
 
-from oribus.auth.credential import CREDENTIAL
+from oribus.auth.credential import CERTIFICATE, CREDENTIAL, agent_of_peercert
 from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.messages import WatchRequest
 from oribus.rpc import frames, wire
@@ -139,6 +139,7 @@ class _ServerConnection(asyncio.Protocol):
         self.reader = frames.FrameReader(listener.max_frame_bytes)
         self.kind: str | None = None  # None until the hello: frames.CALLS or frames.WATCH
         self.credential: str | None = None  # the hello's token: every call of the connection carries it
+        self.certificate: tuple[str, tuple[str, ...]] | None = None  # an agent's client certificate (TLS)
         self.running: set[asyncio.Task] = set()  # calls in flight
         self.outbox: list = []  # replies (or changes) of this loop turn, sent by _flush
         self.closed = False
@@ -155,6 +156,8 @@ class _ServerConnection(asyncio.Protocol):
         # asyncio types it a BaseTransport; a stream connection's can write (uvloop's is no
         # asyncio.WriteTransport subclass, so an isinstance check would refuse it)
         self.transport = transport  # type: ignore[assignment]
+        # over TLS (the handshake is done by now): an agent's certificate, if the client has one
+        self.certificate = agent_of_peercert(transport.get_extra_info("peercert"))
         self.listener.connections.add(self)
         self._counters["connections"] += 1
 
@@ -274,6 +277,8 @@ class _ServerConnection(asyncio.Protocol):
     async def _run(self, call_id: Any, op: Any, args: Any) -> None:
         if self.credential is not None:  # in this call's own context (wire.start_eagerly)
             CREDENTIAL.set(self.credential)
+        elif self.certificate is not None:
+            CERTIFICATE.set(self.certificate)
         self._reply(await wire.dispatch(self.listener.ops, call_id, op, args))
 
     # -- frames out: one write per loop turn ----------------------------------------------
@@ -345,6 +350,8 @@ class _ServerConnection(asyncio.Protocol):
         stream: Any = None
         if self.credential is not None:  # this task's own context
             CREDENTIAL.set(self.credential)
+        elif self.certificate is not None:
+            CERTIFICATE.set(self.certificate)
         try:
             stream = await self.listener.watch(request)  # type: ignore[misc]
             self._write([])  # subscribed: every change made visible from now on follows

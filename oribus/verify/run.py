@@ -47,6 +47,9 @@ class VerifyConfig:
     addr: str | None  # the bus's gRPC address (None with start_local)
     http: str | None = None  # the HTTP gateway's base URL: a quarter of the clients go over HTTP
     tls_dir: str | None = None  # mutual TLS for the SDK's connections
+    # a bus run with --auth: the token every client presents (SDK and HTTP); its identity must
+    # be allowed to act for the run's agents (``oribus auth token --act-for '*'``)
+    token: str | None = None
     duration: float = 60.0  # seconds of workload
     clients: int = 16
     keys: int = 12  # keys per workload
@@ -73,7 +76,7 @@ def _line(stream: TextIO, text: str) -> None:
 
 async def _reach(cfg: VerifyConfig, addr: str, http: Any) -> None:
     try:
-        async with oribus.connect(addr, agent=f"verify-{cfg.run_id}", tls=cfg.tls_dir,
+        async with oribus.connect(addr, agent=f"verify-{cfg.run_id}", tls=cfg.tls_dir, token=cfg.token,
                                   timeout=REACH_TIMEOUT) as s:
             await asyncio.wait_for(s.get(f"{cfg.prefix}probe"), REACH_TIMEOUT)
     except (TimeoutError, OribusError, OSError) as e:
@@ -95,7 +98,7 @@ async def _final(addr: str, cfg: VerifyConfig, recorder: Recorder, keys: list[st
     deadline = time.monotonic() + FINAL_TIMEOUT
     while True:
         try:
-            async with oribus.connect(addr, agent=f"verify-{cfg.run_id}-final", tls=cfg.tls_dir) as s:
+            async with oribus.connect(addr, agent=f"verify-{cfg.run_id}-final", tls=cfg.tls_dir, token=cfg.token) as s:
                 await record_final(s, recorder, keys=keys)
             return None
         except OribusError as e:
@@ -109,7 +112,7 @@ async def _final(addr: str, cfg: VerifyConfig, recorder: Recorder, keys: list[st
 async def _remove(addr: str, cfg: VerifyConfig, keys: list[str]) -> str:
     """Delete the run's keys (their history stays: a delete is one more version)."""
     try:
-        async with oribus.connect(addr, agent=f"verify-{cfg.run_id}-cleanup", tls=cfg.tls_dir) as s:
+        async with oribus.connect(addr, agent=f"verify-{cfg.run_id}-cleanup", tls=cfg.tls_dir, token=cfg.token) as s:
             for i in range(0, len(keys), 64):
                 await s.commit({k: oribus.DELETE for k in keys[i:i + 64]})
     except OribusError as e:
@@ -143,7 +146,8 @@ async def verify(cfg: VerifyConfig, out: TextIO = sys.stdout, err: TextIO = sys.
             cfg.addr, cfg.http = local.address, cfg.http or local.http_url
             cfg.pids = [pid]
         assert cfg.addr is not None
-        async with aiohttp.ClientSession() as http:
+        headers = {"Authorization": f"Bearer {cfg.token}"} if cfg.token else None
+        async with aiohttp.ClientSession(headers=headers) as http:
             try:
                 await _reach(cfg, cfg.addr, http)
             except Unreachable as e:
@@ -177,7 +181,7 @@ async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment |
                               timeout=10.0)
             process = f"h{i}"
         else:
-            session = oribus.connect(addr, agent=f"verify-{cfg.run_id}-c{i}", tls=cfg.tls_dir)
+            session = oribus.connect(addr, agent=f"verify-{cfg.run_id}-c{i}", tls=cfg.tls_dir, token=cfg.token)
             sessions.append(session)
             ex = SdkExecutor(session)
             process = f"c{i}"

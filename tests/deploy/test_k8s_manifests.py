@@ -498,8 +498,11 @@ def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str)
     argv = command_line(docs, dep, bus, pod_names(dep)[0])
     assert flag(argv, "--listen") == "0.0.0.0:7700" and flag(argv, "--http") == "0.0.0.0:7780"
     assert flag(argv, "--stream-listen") == "0.0.0.0:7701"  # fixed: the Service forwards it
-    assert bus["readinessProbe"]["httpGet"] == {"path": "/readyz?routable=1", "port": "http"}
-    assert bus["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    # prod runs the bus with --tls-dir, so its gateway serves HTTPS only; dev stays plain HTTP
+    https = {"scheme": "HTTPS"} if "--tls-dir" in argv else {}
+    assert bool(https) == (overlay == "overlays/prod")
+    assert bus["readinessProbe"]["httpGet"] == {"path": "/readyz?routable=1", "port": "http", **https}
+    assert bus["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", **https}
     assert {"name": "http", "containerPort": 7780} in bus["ports"]
     assert {"name": "grpc", "containerPort": 7700} in bus["ports"]
     assert {"name": "stream", "containerPort": 7701} in bus["ports"]

@@ -333,3 +333,39 @@ def test_dashboard_first_load_shows_earlier_commits_exact_epochs_at_1400px(
         assert fit["pageScroll"] <= fit["viewport"], fit
     finally:
         browser.set_window_size(1500, 1900)
+
+
+def test_dashboard_under_auth_asks_for_a_token(cluster: Cluster, tmp_path: Path, browser: WebDriver) -> None:
+    """``oribus up --auth``: the page loads, the feed answers 401 until an admin token is given
+    in the page (then it is sent as ``Authorization: Bearer``); a token without the admin
+    grant is refused with 403; nothing of the state shows meanwhile."""
+    from processes import run_cli
+
+    auth = tmp_path / "auth"
+    assert run_cli("auth", "init", "--dir", str(auth)).returncode == 0
+
+    def token(agent: str, role: str) -> str:
+        done = run_cli("auth", "token", "--dir", str(auth), "--agent", agent, "--role", role)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    server = cluster.add(up(tmp_path, tmp_path / "data", processes=False))
+    server.args += ["--auth", str(auth)]
+    server.start().wait_serving()
+    browser.get(f"http://{server.http_address}/")
+    wait_for(browser, "a request for a token",
+             lambda d: d.find_element(By.ID, "conn-status").text.startswith("token needed"))
+    assert browser.find_element(By.ID, "last-updated").get_attribute("data-ts") == ""
+
+    def use(tok: str) -> None:
+        box = browser.find_element(By.ID, "token")
+        box.clear()
+        box.send_keys(tok)
+        browser.find_element(By.ID, "token-use").click()
+
+    use(token("reader", "writer"))  # no admin grant
+    wait_for(browser, "the refusal of a token without admin",
+             lambda d: d.find_element(By.ID, "conn-status").text.startswith("not allowed"))
+    use(token("ops", "admin"))
+    wait_for(browser, "the state feed", lambda d: d.find_element(By.ID, "last-updated").get_attribute("data-ts"))
+    assert snapshot(browser)["connection"] == "live"

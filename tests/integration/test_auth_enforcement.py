@@ -201,3 +201,22 @@ async def test_a_refused_read_leaves_no_delivery(bus):
         st, out = await call(http, "GET", "/v1/sessions", headers={"Authorization": f"Bearer {ops}"})
     assert st == 200
     assert not [s for s in out["sessions"] if (s["agent"], s["session"]) == ("a1", "r") and s["reads"]]
+
+
+async def test_a_session_s_owner_is_one_record_across_transports(bus):
+    """Claimed over the SDK, refused over HTTP to another identity that may act for the agent
+    (the gRPC server and the gateway share one guard)."""
+    host, d = bus
+    async with oribus.connect(host.address, agent="a1", session_id="x-t", token=mint(d, "a1", "team-a")) as a1:
+        await a1.get("team/a/x")
+    boss = {"Authorization": f"Bearer {mint(d, 'boss', 'boss')}"}
+    async with aiohttp.ClientSession(f"http://{host.gateway.address}") as http:
+        st, out = await call(http, "POST", "/v1/commit", headers=boss,
+                             json={"agent": "a1", "session": "x-t", "writes": {"team/a/x": "boss"}})
+        assert st == 403 and "belongs to a1" in out["message"], out
+        st, out = await call(http, "POST", "/v1/commit", headers=boss,
+                             json={"agent": "a1", "session": "boss-own", "writes": {"team/a/x": "boss"}})
+        assert st == 200, out
+    async with oribus.connect(host.address, agent="a1", session_id="boss-own", token=mint(d, "a1", "team-a")) as a1:
+        with pytest.raises(PermissionDenied, match="belongs to boss"):
+            await a1.get("team/a/x")

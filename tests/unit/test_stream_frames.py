@@ -88,3 +88,20 @@ def test_hello() -> None:
     ):
         with pytest.raises(InvalidRequest, match=match):
             frames.check_hello(bad, service)
+
+
+def test_a_hello_may_carry_a_token() -> None:
+    service = "oribus.v1.Bus"
+    calls = frames.hello(service, frames.CALLS, token="T")
+    watch = frames.hello(service, frames.WATCH, {"p": "a/", "token": "not the options"}, token="W")
+    assert frames.check_hello(calls, service) == (frames.CALLS, None) and frames.hello_token(calls) == "T"
+    assert frames.check_hello(watch, service) == (frames.WATCH, {"p": "a/", "token": "not the options"})
+    assert frames.hello_token(watch) == "W"
+    # without options, a watch request is not taken for them
+    bare = frames.hello(service, frames.WATCH, {"token": "X"})
+    assert frames.hello_token(bare) is None and frames.hello_token(frames.hello(service, frames.CALLS)) is None
+    for bad in (["oribus-stream", 1, service, "calls", {1: "x"}],
+                ["oribus-stream", 1, service, "calls", {"token": "T"}, {}],
+                ["oribus-stream", 1, service, "watch", {"p": ""}, "token"]):
+        with pytest.raises(InvalidRequest):
+            frames.check_hello(bad, service)

@@ -321,3 +321,21 @@ def test_a_bus_with_an_unusable_auth_directory_does_not_start(tmp_path):
     done = run_cli("up", "--data-dir", str(tmp_path / "data"), "--listen", f"127.0.0.1:{free_port()}",
                    "--no-http", "--auth", str(tmp_path / "auth"), timeout=60)
     assert done.returncode == 1 and "verification keys" in done.stderr
+
+
+# ---- the checker's workloads with auth on -------------------------------------------------------------------
+
+
+def test_verify_with_auth_finds_no_anomaly(bus, tmp_path):
+    """``oribus verify --token`` (SDK and HTTP clients, each its own agent, acted for by one
+    orchestrator token): 0 anomalies; without the token every client is refused."""
+    tok = cli("auth", "token", "--dir", str(bus.auth), "--agent", "verifier", "--role", "ops", "--act-for", "*")
+    common = ("--addr", bus.server.address, "--http", f"http://{bus.server.http_address}", "--duration", "5s",
+              "--clients", "4", "--seed", "7")
+    done = run_cli("verify", *common, "--token", tok, "--out", str(tmp_path / "with"), timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "with" / "report.json").read_text())
+    assert report["ok"] and report["anomalies"] == [], report["by_kind"]
+    assert sum(p["ok"] for p in report["series"]) > 0  # transactions committed, not all refused
+    refused = run_cli("verify", *common, "--out", str(tmp_path / "without"), timeout=180)
+    assert refused.returncode != 0 and "credential refused (missing)" in refused.stderr

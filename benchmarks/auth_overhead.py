@@ -1,0 +1,164 @@
+"""What ``--auth`` costs a bus: commits/s and server CPU per commit with and without it, in
+one run (issue 16: target ≤ 5% apart).
+
+Two ``oribus up`` processes (one in-process shard each, a fresh data directory each) are
+started on free loopback ports, one of them with ``--auth`` over a fresh auth directory.
+Rounds alternate between them (plain, auth, plain, auth, ...) so that drift in what else
+the machine runs falls on both alike. In a round, ``--clients`` asyncio clients in this
+process, each its own agent with its own token (``--auth`` side), loop over an agent step
+for ``--seconds``: read two keys of their own prefix, write one, commit. Reported per side:
+committed steps per second (the median over rounds) and the server process's CPU per
+commit (``/proc/<pid>/stat``, robust to other load), then the differences.
+
+Usage::
+
+    .venv/bin/python benchmarks/auth_overhead.py [--clients 16] [--seconds 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import oribus  # noqa: E402
+from oribus.auth.keys import AuthDir, load_signing_key  # noqa: E402
+from oribus.auth.tokens import issue  # noqa: E402
+from oribus.cli import main as oribus_main  # noqa: E402
+from oribus.errors import Conflict  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+POLICY = """roles:
+  agent:
+    read: ["bench/*"]
+    write: ["bench/*"]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+class Server:
+    def __init__(self, tmp: Path, name: str, auth: Path | None) -> None:
+        self.address = f"127.0.0.1:{free_port()}"
+        args = [sys.executable, "-m", "oribus.cli", "up", "--data-dir", str(tmp / name), "--listen", self.address,
+                "--shards", "1", "--no-http"]
+        if auth is not None:
+            args += ["--auth", str(auth)]
+        self.log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+
+    async def wait(self, token: str | None) -> None:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                async with oribus.connect(self.address, agent="agent-0", token=token, timeout=1.0) as s:
+                    await s.get("bench/probe")
+                return
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+async def round_(server: Server, tokens: list[str | None], seconds: float) -> tuple[float, float]:
+    """(commits/s, server CPU µs per commit) of one round."""
+    sessions = [oribus.connect(server.address, agent=f"agent-{i}", token=t) for i, t in enumerate(tokens)]
+    commits = 0
+    stop = False
+
+    async def step(i: int) -> None:
+        nonlocal commits
+        s = sessions[i]
+        keys = [f"bench/{i}/a", f"bench/{i}/b"]
+        while not stop:
+            got = await s.get_many(keys)
+            try:
+                await s.commit({keys[0]: (got[keys[0]].value or 0) + 1})
+                commits += 1
+            except Conflict:
+                pass
+
+    try:
+        await asyncio.gather(*(s.get("bench/warm") for s in sessions))  # connections open
+        cpu0, t0 = cpu_seconds(server.proc.pid), time.perf_counter()
+        tasks = [asyncio.create_task(step(i)) for i in range(len(sessions))]
+        await asyncio.sleep(seconds)
+        stop = True
+        await asyncio.gather(*tasks)
+        elapsed, cpu = time.perf_counter() - t0, cpu_seconds(server.proc.pid) - cpu0
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+    return commits / elapsed, cpu / max(commits, 1) * 1e6
+
+
+async def run(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="auth-overhead-") as d:
+        tmp = Path(d)
+        oribus_main(["auth", "init", "--dir", str(tmp / "auth")])
+        auth = AuthDir(tmp / "auth")
+        auth.policy.write_text(POLICY)
+        kid, key = load_signing_key(auth)
+        tokens: list[str | None] = [issue(key, kid, agent=f"agent-{i}", roles=["agent"], now=time.time(), ttl=3600)
+                                    for i in range(args.clients)]
+        plain, guarded = Server(tmp, "plain", None), Server(tmp, "auth", auth.root)
+        try:
+            await plain.wait(None)
+            await guarded.wait(tokens[0])
+            results: dict[str, list[tuple[float, float]]] = {"plain": [], "auth": []}
+            for _ in range(args.rounds):
+                results["plain"].append(await round_(plain, [None] * args.clients, args.seconds))
+                results["auth"].append(await round_(guarded, tokens, args.seconds))
+        finally:
+            plain.stop()
+            guarded.stop()
+    out: dict = {"clients": args.clients, "seconds": args.seconds, "rounds": args.rounds}
+    for side, rows in results.items():
+        out[side] = {"commits_per_s": round(statistics.median(r[0] for r in rows), 1),
+                     "server_cpu_us_per_commit": round(statistics.median(r[1] for r in rows), 1),
+                     "rounds": [[round(a, 1), round(b, 1)] for a, b in rows]}
+    out["throughput_change_pct"] = round((out["auth"]["commits_per_s"] / out["plain"]["commits_per_s"] - 1) * 100, 1)
+    out["cpu_per_commit_change_pct"] = round(
+        (out["auth"]["server_cpu_us_per_commit"] / out["plain"]["server_cpu_us_per_commit"] - 1) * 100, 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    print(json.dumps(asyncio.run(run(ap.parse_args())), indent=1))
+
+
+if __name__ == "__main__":
+    main()
