@@ -36,6 +36,7 @@ connection, after handling the frames before it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from typing import Any
 
 import msgpack
@@ -74,15 +75,16 @@ def hello(service: str, kind: str, request: Any = None) -> list:
     return [MAGIC, VERSION, service, kind] if kind == CALLS else [MAGIC, VERSION, service, kind, request]
 
 
-def check_hello(value: Any, service: str) -> tuple[str, Any]:
+def check_hello(value: Any, service: str | Collection[str]) -> tuple[str, Any]:
     """(kind, watch request or None) of a client's first frame; InvalidRequest if it is not a hello
-    for ``service`` in a version this side speaks."""
+    for ``service`` (or one of the services named) in a version this side speaks."""
     if not (isinstance(value, list) and len(value) >= 4 and value[0] == MAGIC):
         raise InvalidRequest("the first frame of a connection must be an oribus-stream hello")
     if value[1] != VERSION:
         raise InvalidRequest(f"oribus-stream version {value[1]!r} is not spoken here (only {VERSION})")
-    if value[2] != service:
-        raise InvalidRequest(f"this server serves {service}, not {value[2]!r}")
+    served = (service,) if isinstance(service, str) else tuple(service)
+    if value[2] not in served:
+        raise InvalidRequest(f"this server serves {', '.join(served)}, not {value[2]!r}")
     if value[3] == CALLS and len(value) == 4:
         return CALLS, None
     if value[3] == WATCH and len(value) == 5:
