@@ -17,10 +17,8 @@ only if its last position is the highest among them (ties: the lowest member id)
 otherwise it defers to the member that has it. A promise refused with a higher term means
 a newer election exists: the candidate abandons.
 
-``waive_grace`` is §10 rule 3 of ``PROTOCOL.md``: a new primary whose log is empty — the
-first primary of a brand-new group — waits no restart grace: had any earlier primary
-served (and so granted read leases), its committed ``TERM_START`` would be in the log of
-every majority's most complete member, the winner.
+The restart grace a new primary keeps (and its waiver for a brand-new group's first term)
+is the member's own business (``ReplicaMember.become_primary``).
 """
 
 from __future__ import annotations
@@ -106,7 +104,3 @@ def decide(replicas: int, me: int, my_last: Position, i_am_voter: bool, term: in
         return Decision(Outcome.TAKE_OVER, voters=len(voters))
     return Decision(Outcome.DEFER, to=best, voters=len(voters))
 
-
-def waive_grace(winner_last: Position) -> bool:
-    """Whether a new primary may skip the restart grace: only when its log is empty."""
-    return winner_last == (0, 0)

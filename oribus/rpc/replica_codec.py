@@ -10,7 +10,7 @@ Shapes (msgpack; a position is ``[term, lsn]``)::
 
     append            {"t": term, "p": primary, "pv": [term, lsn], "f": frames (bin),
                        "l": last_lsn, "c": commit_lsn}
-                      -> [ok, term, durable_lsn, [term, lsn], needs_snapshot]
+                      -> [ok, term, durable_lsn, [term, lsn], needs_snapshot, voter]
     promise           {"t": term, "c": candidate}
                       -> [granted, term, voter, [term, lsn]]
     install_snapshot  {"t": term, "p": primary, "l": lsn, "lt": last_term, "o": offset,
@@ -77,12 +77,12 @@ def dec_batch(a: Any) -> tuple[AppendBatch]:
 
 
 def enc_append_reply(r: AppendReply) -> list:
-    return [r.ok, r.term, r.durable_lsn, enc_position(r.last), r.needs_snapshot]
+    return [r.ok, r.term, r.durable_lsn, enc_position(r.last), r.needs_snapshot, r.voter]
 
 
 def dec_append_reply(v: Any) -> AppendReply:
-    ok, term, durable, last, needs = v
-    return AppendReply(bool(ok), int(term), int(durable), dec_position(last), bool(needs))
+    ok, term, durable, last, needs, voter = v
+    return AppendReply(bool(ok), int(term), int(durable), dec_position(last), bool(needs), bool(voter))
 
 
 def dec_promise_args(a: Any) -> tuple[int, int]:

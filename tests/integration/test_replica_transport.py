@@ -37,7 +37,7 @@ class FakeMember:
 
     async def install_snapshot(self, chunk: SnapshotChunk) -> AppendReply:
         self.seen.append(chunk)
-        return AppendReply(False, chunk.term + 1, 0, (0, 0), needs_snapshot=True)
+        return AppendReply(False, chunk.term + 1, 0, (0, 0), needs_snapshot=True, voter=False)
 
     async def status(self) -> MemberStatus:
         return MemberStatus(2, "follower", 7, True, (7, 40), primary=0, commit_lsn=39, applied_lsn=38)
@@ -76,7 +76,8 @@ async def test_every_replica_message_round_trips_beside_the_shard_service(served
         assert member.seen[-1] == heartbeat
         assert await peer.promise(6, 1) == PromiseReply(True, 6, True, (3, 17))
         chunk = SnapshotChunk(term=5, primary=0, lsn=100, last_term=4, offset=4096, data=b"snap", done=True)
-        assert await peer.install_snapshot(chunk) == AppendReply(False, 6, 0, (0, 0), needs_snapshot=True)
+        assert await peer.install_snapshot(chunk) == AppendReply(False, 6, 0, (0, 0), needs_snapshot=True,
+                                                                 voter=False)
         assert member.seen[-1] == chunk
         assert await peer.status() == MemberStatus(2, "follower", 7, True, (7, 40), 0, 39, 38)
         assert await peer.elect(6, 1) is True

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oribus.hosts.roles import Decision, Outcome, Role, RoleMachine, decide, majority, waive_grace
+from oribus.hosts.roles import Decision, Outcome, Role, RoleMachine, decide, majority
 from oribus.shards.replica.messages import PromiseReply
 
 
@@ -64,12 +64,6 @@ def test_the_winner_is_always_the_most_complete_promising_voter(me, my_last, my_
     assert winner in voters
     assert all(voters[winner] >= last for last in voters.values())
     assert all(m >= winner for m, last in voters.items() if last == voters[winner])
-
-
-def test_the_restart_grace_is_waived_only_for_an_empty_log():
-    assert waive_grace((0, 0))
-    assert not waive_grace((1, 1))  # the TERM_START of an earlier primary
-    assert not waive_grace((0, 7))  # records written before the shard was replicated
 
 
 def test_roles_move_only_along_their_edges():
