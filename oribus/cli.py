@@ -146,7 +146,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
                               ready_file=Path(args.ready_file) if args.ready_file else None,
                               tls=_tls(args), meta=_meta(args), advertise=args.advertise,
                               claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait,
-                              stream_listen=args.stream_listen, advertise_stream=args.advertise_stream))
+                              stream_listen=args.stream_listen, advertise_stream=args.advertise_stream,
+                              member=args.member))
     except ClaimRefused as e:
         print(f"oribus shard: refused: {e}", file=sys.stderr)
         return 3
@@ -181,6 +182,11 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     if args.shards < 1:
         print("--shards must be >= 1", file=sys.stderr)
         return 2
+    from oribus.meta.groups import REPLICA_COUNTS
+
+    if args.replicas not in REPLICA_COUNTS:
+        print(f"--replicas must be one of {', '.join(map(str, REPLICA_COUNTS))}", file=sys.stderr)
+        return 2
     meta = _meta(args)
     if meta is None:
         print("oribus cluster init needs --etcd URL", file=sys.stderr)
@@ -189,12 +195,12 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     async def main() -> bool:
         try:
             owners = tuple(StaticSlotMap(args.shards)._owner)
-            return await meta.init_cluster(ClusterConfig(args.shards, owners=owners))
+            return await meta.init_cluster(ClusterConfig(args.shards, owners=owners, replicas=args.replicas))
         finally:
             await meta.close()
 
     created = _run(main())
-    _print({"cluster": args.cluster, "shards": args.shards, "created": created})
+    _print({"cluster": args.cluster, "shards": args.shards, "replicas": args.replicas, "created": created})
     return 0
 
 
@@ -585,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--advertise with the bound port)")
     p.add_argument("--ready-file", help="write the bound address here once serving (the gRPC one, then the "
                                         "stream one on a second line)")
+    p.add_argument("--member", type=int, metavar="M",
+                   help="a replicated cluster (cluster init --replicas 3 or 5): this process's member id in the "
+                        "shard's group (default: the one its data directory names, else the lowest free one)")
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
@@ -667,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="cluster_command", required=True)
     p = csub.add_parser("init", help="create the cluster's configuration in etcd (idempotent)")
     p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--replicas", type=int, default=1,
+                   help="members of each shard's replica group: 1 (a single copy), 3 or 5 (survives the loss "
+                        "of 1 or 2 members, disk included); default: %(default)s")
     _cluster_options(p, required=True)
     p.set_defaults(fn=_cmd_cluster_init)
 
