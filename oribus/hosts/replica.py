@@ -20,7 +20,7 @@ What a member process does, in order:
    usually go first) and, if still absent, becomes a candidate. An ``elect`` call from a
    candidate that found this member the most complete makes it a candidate at once, in that
    candidate's term;
-4. **CANDIDATE**: moves the term register by CAS (a failed CAS: another election runs — back
+4. **CANDIDATE**: once a majority of voters answer (``_voters_reachable``), moves the term register by CAS (a failed CAS: another election runs — back
    to following), asks every member for a promise, and ``decide``s: take over (the etcd
    takeover transaction, then ``become_primary``: ``TERM_START`` committed on a majority,
    recovery as a restarted shard, the restart grace but for a brand-new group), defer to the
@@ -53,7 +53,7 @@ from oribus.contract import ensure_subscribed
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
 from oribus.hosts.lifecycle import Teardown, cancel_and_wait
-from oribus.hosts.roles import Outcome, Role, RoleMachine, decide
+from oribus.hosts.roles import Outcome, Role, RoleMachine, decide, majority
 from oribus.messages import Change, WatchRequest
 from oribus.meta.cluster_meta import ClaimRefused
 from oribus.meta.etcd import EtcdMeta
@@ -80,7 +80,8 @@ log = logging.getLogger("oribus.hosts.replica")
 
 ELECTION_STAGGER = 0.15  # seconds per member id a follower waits before it stands (ties go to low ids)
 NO_QUORUM_BACKOFF = 0.5  # seconds before a candidate that found no majority stands again
-SESSION_SWEEP_SECONDS = 5.0  # how often the primary expires idle sessions and leases
+SESSION_SWEEP_SECONDS = 5.0
+PEER_REFRESH_SECONDS = 0.5  # how often a primary reads the members' addresses from etcd  # how often the primary expires idle sessions and leases
 
 
 @dataclass
@@ -386,6 +387,11 @@ class ReplicaHost:
         """CANDIDATE: a term, the promises, the decision (§5)."""
         assert self.member is not None and self.lease is not None and self.peers is not None
         hint, self._elect_hint = self._elect_hint, 0
+        await self._refresh_peers()
+        if not hint and not await self._voters_reachable():
+            self.roles.move(Role.FOLLOWER)
+            await asyncio.sleep(NO_QUORUM_BACKOFF)
+            return
         if hint:
             term = hint if await self.groups.term(self.shard_id) == hint else 0
         else:
@@ -393,7 +399,6 @@ class ReplicaHost:
         if not term or await self.groups.primary(self.shard_id) is not None:
             self.roles.move(Role.FOLLOWER)  # another election moved the register, or a primary exists
             return
-        await self._refresh_peers()
         own = await self.member.promise(term, self.member_id)
         if not own.granted:
             self.roles.move(Role.FOLLOWER)
@@ -415,6 +420,24 @@ class ReplicaHost:
             self.member.set_promised_term(decision.newer_term)
         else:
             await asyncio.sleep(NO_QUORUM_BACKOFF)
+
+    async def _voters_reachable(self) -> bool:
+        """Whether a majority of voters (this one included) answer now — asked before the term
+        register is moved, so that a member alone does not move it again and again. It also
+        lets a new group form: its members open as voters only while the register is still 0
+        (``ReplicaMember.open``), so the first term is allocated only once a majority of them
+        have opened."""
+        assert self.peers is not None and self.member is not None
+
+        async def voter(member: int) -> bool:
+            assert self.peers is not None
+            try:
+                return (await self.peers.client(member).status()).voter
+            except OribusError:
+                return False
+
+        answers = await asyncio.gather(*(voter(p.member_id) for p in self.peers.peers))
+        return int(self.member.voter) + sum(answers) >= majority(self.replicas)
 
     async def _ask(self, member: int, term: int) -> tuple[int, PromiseReply | None]:
         assert self.peers is not None
@@ -455,6 +478,7 @@ class ReplicaHost:
         assert self.member is not None and self.lease is not None
         loop = asyncio.get_running_loop()
         next_sweep = loop.time() + SESSION_SWEEP_SECONDS
+        next_peers = loop.time() + PEER_REFRESH_SECONDS
         while True:
             if self._deposed.is_set():
                 await self._leave_primary("deposed by a higher term")
@@ -469,6 +493,10 @@ class ReplicaHost:
                 self.shard.expire_sessions()
                 self.shard.expire_leases()
                 next_sweep = loop.time() + SESSION_SWEEP_SECONDS
+            if loop.time() >= next_peers:  # a member that restarted elsewhere is shipped to there
+                next_peers = loop.time() + PEER_REFRESH_SECONDS
+                with contextlib.suppress(Unavailable):
+                    await self._refresh_peers()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._deposed.wait(), 0.05)
 
