@@ -19,7 +19,8 @@ process dies or stalls past the TTL, etcd drops all of them at once, which is wh
 an election (§5: only when ``primary`` is absent).
 
 - **Term** (§5 rule 1): ``next_term(shard, seen)`` writes ``seen + 1`` if the register
-  still holds ``seen`` (absent counts as 0); a failed CAS means another election started.
+  still holds ``seen`` (absent counts as 0) and no primary key exists; a failed CAS means
+  another election started (or ended).
 - **Takeover** (§5 rule 4): one transaction that compares the term register with ``t``
   and the absence of both ``primary`` and ``shards/<shard>``, and creates both, bound to
   the lease. At most one member can ever take over in a term, and a newer election that
@@ -175,14 +176,19 @@ class EtcdGroups:
         return 0 if got is None else int(got.value)
 
     async def next_term(self, shard: int, seen: int) -> int | None:
-        """Move the register from ``seen`` to ``seen + 1``; the new term, or None if it held
-        something else (another election moved it first)."""
-        key = self._key(shard, "term")
+        """Move the register from ``seen`` to ``seen + 1`` if no member is primary; the new
+        term, or None if it held something else (another election moved it first) or a
+        primary exists."""
+        key, primary = self._key(shard, "term"), self._key(shard, "primary")
         new = str(seen + 1).encode()
 
         async def txn(c: aetcd.Client) -> Any:
             same = (c.transactions.create(key) == 0) if seen == 0 else (c.transactions.value(key) == str(seen))
-            return await c.transaction(compare=[same], success=[c.transactions.put(key, new)], failure=[])
+            # only while nobody is primary: a candidate that saw the key absent a moment ago must
+            # not move the register past a primary that took over meanwhile (its followers would
+            # adopt the new term at their next start and depose it for nothing)
+            return await c.transaction(compare=[same, c.transactions.create(primary) == 0],
+                                       success=[c.transactions.put(key, new)], failure=[])
 
         ok, _ = await self.meta._call(txn)  # noqa: SLF001
         return seen + 1 if ok else None

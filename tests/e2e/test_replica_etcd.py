@@ -97,6 +97,11 @@ async def test_one_primary_per_term_and_the_buses_see_the_term_as_the_epoch(grou
         assert await groups.next_term(0, 1) == 2
         assert not await groups.take_over(0, 1, 0, a, address="h:1", stream="h:2")
         assert await groups.take_over(0, 2, 1, b, address="h:3", stream="h:4")
+        # while a primary serves, no election can move the register past it
+        assert await groups.next_term(0, 2) is None
+        assert await groups.term(0) == 2
+        await groups.resign(0, 2, 1)
+        assert await groups.take_over(0, 2, 1, b, address="h:3", stream="h:4")
         assert (await meta.shards())[0].epoch == 2
         # resigning in the wrong name or term touches nothing
         await groups.resign(0, 1, 1)
