@@ -67,7 +67,14 @@ from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import MANIFEST_FILE, ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Participant
-from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, Position, PromiseReply, SnapshotChunk
+from oribus.shards.replica.messages import (
+    AppendBatch,
+    AppendReply,
+    Peer,
+    Position,
+    PromiseReply,
+    SnapshotChunk,
+)
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
 from oribus.shards.replica.terms import Terms
 from oribus.shards.shard import Shard
@@ -75,7 +82,11 @@ from oribus.shards.store import VersionedStore
 from oribus.shards.wal import Wal, list_segments, load_latest_snapshot, scan_log, write_snapshot
 from oribus.shards.wal.record import TERM_START, split_frames
 from oribus.shards.wal.segment import fsync_directory
-from oribus.shards.wal.snapshot import decode_snapshot_file, latest_snapshot_file, latest_snapshot_lsn
+from oribus.shards.wal.snapshot import (
+    decode_snapshot_file,
+    latest_snapshot_file,
+    latest_snapshot_lsn,
+)
 
 log = logging.getLogger("oribus.replica")
 
@@ -94,9 +105,9 @@ class ReplicaShard(Shard):
     def __init__(self, config: ShardConfig, epoch: int, member: ReplicaMember, rwal: ReplicatedWal) -> None:
         self.member = member
         self.rwal = rwal
-        self.open_wal = self._replay_member_wal  # type: ignore[assignment]
-        self.read_manifest_file = lambda _d: member.manifest  # type: ignore[assignment]
-        self.write_manifest_file = member._write_shard_manifest  # type: ignore[assignment]
+        self.open_wal = self._replay_member_wal
+        self.read_manifest_file = lambda _d: member.manifest
+        self.write_manifest_file = member._write_shard_manifest
         super().__init__(config, epoch)
 
     def _replay_member_wal(self, directory: Path, config: Any = None, *, replay_from_lsn: int = 1,

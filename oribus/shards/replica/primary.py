@@ -19,9 +19,10 @@ Shipping
     ``recent_bytes``); older frames are read back from the segment files. Each follower has
     one task and one batch in flight: it sends everything the follower lacks from its next
     LSN (up to ``max_batch_bytes``) as one ``AppendBatch``, so under load a round trip carries
-    all that arrived meanwhile, as one fsync does. With nothing to send it sends an empty
-    batch (a heartbeat carrying ``commit_lsn``) every ``heartbeat_seconds``, and at once when
-    the commit index moved. ``Unavailable`` (or any connection error) is retried after a
+    all that arrived meanwhile, as one fsync does. Every batch carries ``commit_lsn``; with
+    nothing to send it sends an empty batch (a heartbeat) every ``heartbeat_seconds``, so a
+    follower learns the commit index with the next batch or within a heartbeat (it needs it
+    only to apply, never to acknowledge). ``Unavailable`` (or any connection error) is retried after a
     backoff doubling from ``retry_min_seconds`` to ``retry_max_seconds``; a refusal for a log
     mismatch moves the follower's next LSN back (to just after its last record, or to the
     start of the primary's term at the refused position) and resends; a follower that needs
@@ -263,8 +264,6 @@ class ReplicatedWal:
         if quorum >= self.term_start_lsn and quorum > self._commit_lsn:
             self._commit_lsn = quorum
             self._call_waiters()
-            for f in self.followers:  # followers apply up to it: tell them soon
-                f.wake.set()
 
     def _call_waiters(self) -> None:
         waiters = self._waiters
@@ -380,7 +379,7 @@ class ReplicatedWal:
                 await asyncio.sleep(self.options.retry_max_seconds)
 
     async def _send_batch(self, f: Follower) -> None:
-        if f.next_lsn > self._available_lsn and f.sent_commit >= self._commit_lsn:
+        if f.next_lsn > self._available_lsn:  # nothing to send: the next batch, or a heartbeat
             f.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(f.wake.wait(), self.options.heartbeat_seconds)
