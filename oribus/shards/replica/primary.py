@@ -59,6 +59,7 @@ from typing import Any
 
 from oribus.errors import Unavailable
 from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, SnapshotChunk
+from oribus.shards.replica.rules import commit_index, quorum_lsn, resend_from
 from oribus.shards.replica.terms import Terms
 from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
@@ -251,18 +252,14 @@ class ReplicatedWal:
 
     def quorum_lsn(self) -> int:
         """The highest LSN fsynced on a majority of the voters (this member included)."""
-        acks = [self.wal.durable_lsn] + [f.match_lsn for f in self.followers if f.voter]
-        if len(acks) < self.majority:
-            return 0
-        acks.sort(reverse=True)
-        return acks[self.majority - 1]
+        return quorum_lsn(self.wal.durable_lsn, [f.match_lsn for f in self.followers if f.voter], self.replicas)
 
     def _advance(self) -> None:
-        if self._deposed is not None or self._failed is not None or self.term_start_lsn is None:
+        if self._deposed is not None or self._failed is not None:
             return
-        quorum = self.quorum_lsn()
-        if quorum >= self.term_start_lsn and quorum > self._commit_lsn:
-            self._commit_lsn = quorum
+        commit = commit_index(self._commit_lsn, self.quorum_lsn(), self.term_start_lsn)
+        if commit > self._commit_lsn:
+            self._commit_lsn = commit
             self._call_waiters()
 
     def _call_waiters(self) -> None:
@@ -411,13 +408,7 @@ class ReplicatedWal:
         if reply.needs_snapshot:
             f.next_lsn = 0
             return
-        their_last = reply.last[1]
-        if their_last < prev:
-            nxt = their_last + 1
-        else:  # their record at prev is of another term: back to the start of ours there
-            first = self.terms.first_lsn_of(prev_term) if prev_term else None
-            nxt = first if first is not None and first < prev else prev
-        f.next_lsn = max(1, min(nxt, f.next_lsn - 1))
+        f.next_lsn = resend_from(self.terms, (prev_term, prev), reply.last[1], f.next_lsn)
 
     async def _send_snapshot(self, f: Follower) -> None:
         loop = asyncio.get_running_loop()
