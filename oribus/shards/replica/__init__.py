@@ -71,7 +71,14 @@ it raises ``Unavailable`` when the member cannot be reached.
 
 from oribus.shards.replica.direct import DirectNetwork, DirectPeer
 from oribus.shards.replica.member import ReplicaMember, ReplicaShard
-from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, Position, PromiseReply, SnapshotChunk
+from oribus.shards.replica.messages import (
+    AppendBatch,
+    AppendReply,
+    Peer,
+    Position,
+    PromiseReply,
+    SnapshotChunk,
+)
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
 from oribus.shards.replica.terms import Terms
 

@@ -67,15 +67,27 @@ from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import MANIFEST_FILE, ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Participant
-from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, Position, PromiseReply, SnapshotChunk
+from oribus.shards.replica.messages import (
+    AppendBatch,
+    AppendReply,
+    Peer,
+    Position,
+    PromiseReply,
+    SnapshotChunk,
+)
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
+from oribus.shards.replica.rules import may_promise, plan_append
 from oribus.shards.replica.terms import Terms
 from oribus.shards.shard import Shard
 from oribus.shards.store import VersionedStore
 from oribus.shards.wal import Wal, list_segments, load_latest_snapshot, scan_log, write_snapshot
-from oribus.shards.wal.record import TERM_START, split_frames
+from oribus.shards.wal.record import TERM_START
 from oribus.shards.wal.segment import fsync_directory
-from oribus.shards.wal.snapshot import decode_snapshot_file, latest_snapshot_file, latest_snapshot_lsn
+from oribus.shards.wal.snapshot import (
+    decode_snapshot_file,
+    latest_snapshot_file,
+    latest_snapshot_lsn,
+)
 
 log = logging.getLogger("oribus.replica")
 
@@ -94,9 +106,9 @@ class ReplicaShard(Shard):
     def __init__(self, config: ShardConfig, epoch: int, member: ReplicaMember, rwal: ReplicatedWal) -> None:
         self.member = member
         self.rwal = rwal
-        self.open_wal = self._replay_member_wal  # type: ignore[assignment]
-        self.read_manifest_file = lambda _d: member.manifest  # type: ignore[assignment]
-        self.write_manifest_file = member._write_shard_manifest  # type: ignore[assignment]
+        self.open_wal = self._replay_member_wal
+        self.read_manifest_file = lambda _d: member.manifest
+        self.write_manifest_file = member._write_shard_manifest
         super().__init__(config, epoch)
 
     def _replay_member_wal(self, directory: Path, config: Any = None, *, replay_from_lsn: int = 1,
@@ -387,10 +399,7 @@ class ReplicaMember:
         """Rules 1 and 2 of §3 (module docstring)."""
         async with self._lock:
             self._check_open()
-            if batch.term < self.promised_term:
-                self.counters["refused_term"] += 1
-                return self._reply(False)
-            if batch.term > self.promised_term or self.role != FOLLOWER:
+            if batch.term > self.promised_term or (self.role != FOLLOWER and batch.term >= self.promised_term):
                 if self.role != FOLLOWER:
                     if batch.term <= self._own_term():
                         raise Unavailable(f"member {self.member_id} is the primary of term {self._own_term()}")
@@ -401,36 +410,18 @@ class ReplicaMember:
 
     async def _append(self, batch: AppendBatch) -> AppendReply:
         wal = self._check_open()
-        prev_term, prev_lsn = batch.prev
-        floor = wal.first_lsn - 1  # records up to here are in the snapshot: committed, agreeing
-        if prev_lsn > wal.last_lsn or (prev_lsn >= floor and self.terms.term_at(prev_lsn) != prev_term):
-            self.counters["refused_mismatch"] += 1
+        plan = plan_append(batch, promised_term=self.promised_term, terms=self.terms,
+                           last_lsn=wal.last_lsn, floor=wal.first_lsn - 1)
+        if not plan.ok:
+            if plan.refusal == "damaged":
+                log.warning("shard %d member %d: refused a damaged batch from member %d: %s", self.shard_id,
+                            self.member_id, batch.primary, plan.detail)
+            self.counters["refused_term" if plan.refusal == "term" else "refused_mismatch"] += 1
             return self._reply(False)
-        try:
-            frames = split_frames(batch.frames, prev_lsn + 1)
-            if (frames[-1].lsn if frames else prev_lsn) != batch.last_lsn:
-                raise ValueError(f"the batch says it ends at LSN {batch.last_lsn}")
-        except ValueError as e:
-            log.warning("shard %d member %d: refused a damaged batch from member %d: %s", self.shard_id,
-                        self.member_id, batch.primary, e)
-            self.counters["refused_mismatch"] += 1
-            return self._reply(False)
-        term = prev_term
-        new_from = len(frames)
-        for i, f in enumerate(frames):
-            if f.rtype == TERM_START:
-                term = f.body["t"]
-            if f.lsn <= floor:
-                continue
-            if f.lsn > wal.last_lsn:
-                new_from = i
-                break
-            if self.terms.term_at(f.lsn) != term:  # a divergent tail starts here
-                await self._truncate_after(f.lsn - 1)
-                new_from = i
-                break
-        if new_from < len(frames):
-            appended = frames[new_from:]
+        if plan.truncate_after is not None:
+            await self._truncate_after(plan.truncate_after)
+        appended = plan.frames[plan.append_from:]
+        if appended:
             wal.append_frames(batch.frames[appended[0].start:])
             for f in appended:
                 if f.rtype == TERM_START:
@@ -506,10 +497,9 @@ class ReplicaMember:
         async with self._lock:
             self._check_open()
             self.counters["promises"] += 1
-            if not self.voter:
-                return PromiseReply(granted=False, term=self.promised_term, voter=False, last=self.last_position)
-            if term < self.promised_term:
-                return PromiseReply(granted=False, term=self.promised_term, voter=True, last=self.last_position)
+            if not may_promise(self.voter, self.promised_term, term):
+                return PromiseReply(granted=False, term=self.promised_term, voter=self.voter,
+                                    last=self.last_position)
             if term > self.promised_term:
                 if self.role != FOLLOWER and term > self._own_term():
                     await self._leave_primary(term)

@@ -19,9 +19,10 @@ Shipping
     ``recent_bytes``); older frames are read back from the segment files. Each follower has
     one task and one batch in flight: it sends everything the follower lacks from its next
     LSN (up to ``max_batch_bytes``) as one ``AppendBatch``, so under load a round trip carries
-    all that arrived meanwhile, as one fsync does. With nothing to send it sends an empty
-    batch (a heartbeat carrying ``commit_lsn``) every ``heartbeat_seconds``, and at once when
-    the commit index moved. ``Unavailable`` (or any connection error) is retried after a
+    all that arrived meanwhile, as one fsync does. Every batch carries ``commit_lsn``; with
+    nothing to send it sends an empty batch (a heartbeat) every ``heartbeat_seconds``, so a
+    follower learns the commit index with the next batch or within a heartbeat (it needs it
+    only to apply, never to acknowledge). ``Unavailable`` (or any connection error) is retried after a
     backoff doubling from ``retry_min_seconds`` to ``retry_max_seconds``; a refusal for a log
     mismatch moves the follower's next LSN back (to just after its last record, or to the
     start of the primary's term at the refused position) and resends; a follower that needs
@@ -58,6 +59,7 @@ from typing import Any
 
 from oribus.errors import Unavailable
 from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, SnapshotChunk
+from oribus.shards.replica.rules import commit_index, quorum_lsn, resend_from
 from oribus.shards.replica.terms import Terms
 from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
@@ -250,21 +252,15 @@ class ReplicatedWal:
 
     def quorum_lsn(self) -> int:
         """The highest LSN fsynced on a majority of the voters (this member included)."""
-        acks = [self.wal.durable_lsn] + [f.match_lsn for f in self.followers if f.voter]
-        if len(acks) < self.majority:
-            return 0
-        acks.sort(reverse=True)
-        return acks[self.majority - 1]
+        return quorum_lsn(self.wal.durable_lsn, [f.match_lsn for f in self.followers if f.voter], self.replicas)
 
     def _advance(self) -> None:
-        if self._deposed is not None or self._failed is not None or self.term_start_lsn is None:
+        if self._deposed is not None or self._failed is not None:
             return
-        quorum = self.quorum_lsn()
-        if quorum >= self.term_start_lsn and quorum > self._commit_lsn:
-            self._commit_lsn = quorum
+        commit = commit_index(self._commit_lsn, self.quorum_lsn(), self.term_start_lsn)
+        if commit > self._commit_lsn:
+            self._commit_lsn = commit
             self._call_waiters()
-            for f in self.followers:  # followers apply up to it: tell them soon
-                f.wake.set()
 
     def _call_waiters(self) -> None:
         waiters = self._waiters
@@ -380,7 +376,7 @@ class ReplicatedWal:
                 await asyncio.sleep(self.options.retry_max_seconds)
 
     async def _send_batch(self, f: Follower) -> None:
-        if f.next_lsn > self._available_lsn and f.sent_commit >= self._commit_lsn:
+        if f.next_lsn > self._available_lsn:  # nothing to send: the next batch, or a heartbeat
             f.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(f.wake.wait(), self.options.heartbeat_seconds)
@@ -412,13 +408,7 @@ class ReplicatedWal:
         if reply.needs_snapshot:
             f.next_lsn = 0
             return
-        their_last = reply.last[1]
-        if their_last < prev:
-            nxt = their_last + 1
-        else:  # their record at prev is of another term: back to the start of ours there
-            first = self.terms.first_lsn_of(prev_term) if prev_term else None
-            nxt = first if first is not None and first < prev else prev
-        f.next_lsn = max(1, min(nxt, f.next_lsn - 1))
+        f.next_lsn = resend_from(self.terms, (prev_term, prev), reply.last[1], f.next_lsn)
 
     async def _send_snapshot(self, f: Follower) -> None:
         loop = asyncio.get_running_loop()

@@ -99,7 +99,12 @@ from oribus.errors import DataCorrupted, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import WAL_BATCH_RECORDS, WAL_FSYNC_SECONDS
 from oribus.shards.wal.reader import recover
-from oribus.shards.wal.record import HEADER_SIZE, encode_record, frame_lsn, iter_records, split_frames
+from oribus.shards.wal.record import (
+    encode_record,
+    frame_lsn,
+    iter_records,
+    split_frames,
+)
 from oribus.shards.wal.segment import (
     SEGMENT_HEADER_SIZE,
     Segment,
