@@ -117,7 +117,9 @@ class UpHost:
         self.etcd = etcd  # the etcd of the groups (None: a private one, started by this process)
         self.lease_ttl = lease_ttl
         self.cluster_name = cluster_name
-        self.private_etcd: PrivateEtcd | None = None
+        # without an etcd, a private one (no etcd binary: refused here, before anything starts)
+        self.private_etcd = (PrivateEtcd(Path(data_dir) / ETCD_DIR) if replicas > 1 and etcd is None
+                             else None)
         self.groups: GroupSupervisor | None = None
         self.meta: EtcdMeta | None = None
         self.engine: EmbeddedEngine | None = None
@@ -287,7 +289,7 @@ class UpHost:
         await loop.run_in_executor(None, check_groups_layout, self.config.data_dir, shards, self.replicas)
         url = self.etcd
         if url is None:
-            self.private_etcd = PrivateEtcd(self.config.data_dir / ETCD_DIR)
+            assert self.private_etcd is not None  # __init__ made it
             await self.private_etcd.start()
             self._teardown.push("private etcd", self.private_etcd.stop)
             url = self.private_etcd.url
