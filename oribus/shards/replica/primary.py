@@ -63,7 +63,7 @@ from oribus.shards.replica.rules import commit_index, quorum_lsn, resend_from
 from oribus.shards.replica.terms import Terms
 from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
-from oribus.shards.wal.writer import DurableCallback, _settle
+from oribus.shards.wal.writer import DurableCallback, FrameCursor, _settle
 
 log = logging.getLogger("oribus.replica")
 
@@ -94,6 +94,7 @@ class Follower:
     sent_commit: int = -1  # the commit index the last accepted batch carried
     failures: int = 0  # calls failed in a row
     snapshots_sent: int = 0
+    cursor: FrameCursor | None = None  # where reading its frames back from disk continues
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -317,8 +318,10 @@ class ReplicatedWal:
         for f in self.followers:
             f.wake.set()
 
-    async def _frames(self, next_lsn: int) -> tuple[bytes, int]:
-        """Frames from ``next_lsn`` on (up to ``max_batch_bytes``) and the last LSN included."""
+    async def _frames(self, f: Follower) -> tuple[bytes, int]:
+        """Frames from the follower's next LSN on (up to ``max_batch_bytes``), and the last LSN
+        included: from the batches in memory, or else read back from the segment files."""
+        next_lsn = f.next_lsn
         if next_lsn > self._available_lsn:
             return b"", next_lsn - 1
         limit = self.options.max_batch_bytes
@@ -337,7 +340,10 @@ class ReplicatedWal:
                     last += 1
             return b"".join(parts), last
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.wal.read_frames, next_lsn, limit, self._available_lsn)
+        read = await loop.run_in_executor(None, self.wal.read_frames, next_lsn, limit, self._available_lsn,
+                                          f.cursor)
+        f.cursor = read.cursor
+        return read.data, read.last_lsn
 
     def _stop_tasks(self) -> None:
         self._stopped = True
@@ -382,7 +388,7 @@ class ReplicatedWal:
                 await asyncio.wait_for(f.wake.wait(), self.options.heartbeat_seconds)
             if self._stopped or f.next_lsn < self.wal.first_lsn:
                 return
-        frames, last = await self._frames(f.next_lsn)
+        frames, last = await self._frames(f)
         prev = f.next_lsn - 1
         batch = AppendBatch(term=self.term, primary=self.member_id, prev=(self.terms.term_at(prev), prev),
                             frames=frames, last_lsn=last, commit_lsn=self._commit_lsn)
