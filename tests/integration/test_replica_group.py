@@ -336,3 +336,16 @@ async def test_two_phase_records_are_replicated_and_a_prepared_transaction_survi
     assert "x1" in new.core.prepared  # resolved through its primary, as after a restart
     assert new.core.prepared["x1"].state is TxnState.PREPARED
     assert await values(new, ["f"]) == {"f": 2}
+
+
+async def test_the_primary_exports_quorum_wait_lag_and_takeovers(group: Group) -> None:
+    from oribus.metrics import REGISTRY, REPLICA_QUORUM_SECONDS, REPLICA_TAKEOVERS
+
+    waits, takeovers = REPLICA_QUORUM_SECONDS.labels(shard="0"), REPLICA_TAKEOVERS.labels(shard="0")
+    waits_before, takeovers_before = waits.count, takeovers.value
+    _, shard = await group.elect(0)
+    for i in range(3):
+        await commit(shard, put(f"c{i}", f"k{i}", i))
+    assert waits.count >= waits_before + 4  # the TERM_START and each commit
+    assert takeovers.value == takeovers_before + 1
+    assert 'oribus_replica_lag_records{shard="0",member="1"}' in REGISTRY.render()

@@ -70,6 +70,7 @@ from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
 from oribus.failpoints import failpoint
+from oribus.metrics import REPLICA_TAKEOVERS
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import MANIFEST_FILE, ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Participant
@@ -605,7 +606,8 @@ class ReplicaMember:
                 self._snapshot_task.cancel()
             rwal = ReplicatedWal(wal, self.terms, term=term, member_id=self.member_id, replicas=self.replicas,
                                  peers=peers, snapshot_source=self._snapshot_source,
-                                 on_deposed=self._deposed, options=self.options)
+                                 on_deposed=self._deposed, options=self.options,
+                                 metrics_label=str(self.shard_id))
             self.rwal = rwal
             self.role = STARTING
             rwal.start()
@@ -624,6 +626,7 @@ class ReplicaMember:
                     shard.core.writes_refused_until = shard.core.clock()
                 self.shard = shard
                 self.role = PRIMARY
+                REPLICA_TAKEOVERS.labels(shard=str(self.shard_id)).inc()
         except BaseException:
             async with self._lock:
                 if self.rwal is rwal:
