@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,7 @@ class ReplicaHost:
         self._grpc_counters: dict[str, int] = {}
         self._teardown = Teardown(log)
         self.failovers = 0  # times this member became primary
+        self.primary_since = 0.0  # wall-clock time it last began serving as primary (0: never)
         self.joined = asyncio.Event()
 
     # ---- start ---------------------------------------------------------------------------
@@ -471,6 +473,7 @@ class ReplicaHost:
         ops["stats"] = self._stats
         self._shard_ops = ops
         self.failovers += 1
+        self.primary_since = time.time()
         log.warning("shard %d member %d serves as primary of term %d", self.shard_id, self.member_id, term)
 
     async def _lead(self) -> None:
@@ -585,7 +588,8 @@ class ReplicaHost:
         if self._stream is not None:
             transport["stream"] = dict(self._stream.counters)
         replica = self.member.status() if self.member is not None else {}
-        return {**out, "transport": transport, "replica": {**replica, "failovers": self.failovers}}
+        return {**out, "transport": transport,
+                "replica": {**replica, "failovers": self.failovers, "primary_since": self.primary_since}}
 
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         self._serving({})
