@@ -221,6 +221,8 @@ class ReplicaHost:
             if not 0 <= self.shard_id < cluster.shards:
                 raise InvalidRequest(f"shard id {self.shard_id} is outside the cluster's 0..{cluster.shards - 1}")
             self.replicas = cluster.replicas
+            if self.config.member is not None and not 0 <= self.config.member < self.replicas:
+                raise InvalidRequest(f"member id {self.config.member} is outside the group's 0..{self.replicas - 1}")
             if self._dir_lock is None:
                 self._dir_lock = DataDirLock.acquire(self.config.shard.data_dir)
                 self._teardown.push("data directory lock", self._dir_lock.release)
