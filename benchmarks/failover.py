@@ -152,6 +152,7 @@ class Writer:
         self.last_ack = 0.0
         self.last_started = 0.0  # when the last acknowledged commit was first sent
         self.acks = 0
+        self.unavailable = 0  # answers Unavailable during the catch-up's load (a failover under load)
         self.stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -182,7 +183,17 @@ class Writer:
 
             async def one(i: int) -> None:
                 async with sem:
-                    self.acked.update(await s.commit({f"load/{i}": i}))
+                    commit_id = uuid.uuid4().hex
+                    while True:  # a failover under the load (a primary that missed its lease) is retried
+                        try:
+                            self.acked.update(await s.commit({f"load/{i}": i}, commit_id=commit_id))
+                            return
+                        except Unavailable:
+                            self.unavailable += 1
+                            await asyncio.sleep(0.05)
+                        except SessionExpired:
+                            await s.reset_session()
+                            commit_id = uuid.uuid4().hex
 
             await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -238,7 +249,10 @@ async def main(args: argparse.Namespace) -> dict:
         await writing
 
         # catch-up of a member that lost its disk
+        term_before_load = (await group.primary())[1]
         await writer.load(args.catchup_records)
+        # a primary that missed its lease under the load (no kill) is a failover too: counted
+        failovers_under_load = (await group.primary())[1] - term_before_load
         member, _ = await group.primary()
         follower = next(m for m in range(REPLICAS) if m != member)
         lead = await group.status(member)
@@ -262,6 +276,7 @@ async def main(args: argparse.Namespace) -> dict:
                 "failover_seconds": summary(failovers), "election_seconds": summary(elections),
                 "catchup": {"records": lead.commit_lsn, "seconds": round(seconds, 3),
                             "records_per_second": round(rate), "joined_after_seconds": round(joined, 3)},
+                "failovers_under_load": failovers_under_load, "unavailable_under_load": writer.unavailable,
                 "acknowledged_commits": len(writer.acked), "lost_acknowledged_commits": lost}
     finally:
         for p in procs:

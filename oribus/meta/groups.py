@@ -318,18 +318,21 @@ class EtcdGroups:
         with contextlib.suppress(Exception):
             await self.meta._call(txn)  # noqa: SLF001
 
-    async def watch(self, shard: int, poll_seconds: float = 1.0) -> AsyncIterator[None]:
-        """Yields once now, then after every change under ``groups/<shard>/`` (at least every
-        ``poll_seconds``: a broken watch costs a delay, never a missed change)."""
+    async def watch(self, shard: int, poll_seconds: float = 1.0) -> AsyncIterator[bool]:
+        """Yields True now, then True after every change under ``groups/<shard>/`` and False
+        every ``poll_seconds`` without one (the caller re-reads what it needs now and then
+        anyway: a broken watch then costs a delay, never a missed change)."""
         changed = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(
             self.meta._watch_prefix(self._key(shard, ""), changed))  # noqa: SLF001
         try:
+            yield True
             while True:
-                yield None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), poll_seconds)
+                fired = changed.is_set()
                 changed.clear()
+                yield fired
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
