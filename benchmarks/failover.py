@@ -98,7 +98,7 @@ class Group:
         self.streams = [f"127.0.0.1:{free_port()}" for _ in range(REPLICAS)]
         self.members = [
             Proc(f"member-{m}", oribus_cli(
-                "shard", "--id", "0", "--member", str(m), "--data-dir", str(self.data_dir(m)),
+                "-v", "shard", "--id", "0", "--member", str(m), "--data-dir", str(self.data_dir(m)),
                 "--listen", "127.0.0.1:0", "--stream-listen", self.streams[m], "--etcd", etcd_url,
                 "--lease-ttl", str(lease_ttl), "--read-lease", str(read_lease), "--clock-skew", "0.05"),
                 work / f"member-{m}.log")
@@ -110,6 +110,12 @@ class Group:
 
     def data_dir(self, member: int) -> Path:
         return self.work / f"member-{member}"
+
+    def check_alive(self) -> None:
+        """A member that ended by itself (not killed here) stops the run: it is a finding."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is not None:
+                raise RuntimeError(f"{m.name} exited by itself with code {m.proc.returncode}; see {m.log}")
 
     async def primary(self) -> tuple[int, int]:
         meta = EtcdMeta(self.etcd_url)
@@ -221,13 +227,16 @@ async def main(args: argparse.Namespace) -> dict:
             m.start()
         group.bus.start()
         while (await group.primary())[0] < 0:
+            group.check_alive()
             await asyncio.sleep(0.1)
         writer = Writer(group.bus_address)
         writing = asyncio.create_task(writer.run())
         while writer.acks < 20:
+            group.check_alive()
             await asyncio.sleep(0.05)
         failovers, elections = [], []
         for k in range(args.kills):
+            group.check_alive()
             member, term = await group.primary()
             before = writer.acks
             group.members[member].kill9()
