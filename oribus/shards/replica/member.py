@@ -35,7 +35,8 @@ Rules, as the design states them:
   (damaged files are moved aside to ``damaged-<ns>/``). An empty directory is a new member
   (a voter) only while the group has never had a term (``term_register`` 0): no record can
   have been committed then. A learner becomes a voter once an accepted batch shows it holds
-  the primary's log up to the primary's commit index, and records the flag (fsynced) before
+  the primary's log up to the primary's commit index, and that commit index covers the
+  primary's ``TERM_START`` (``rules.becomes_voter``), and records the flag (fsynced) before
   it answers anything as a voter.
 * a higher term seen while primary (in an append or a promise) deposes it: it stops
   acknowledging at once and steps down to follower (its ``Shard`` is closed), and
@@ -83,7 +84,7 @@ from oribus.shards.replica.messages import (
     SnapshotChunk,
 )
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
-from oribus.shards.replica.rules import may_promise, plan_append
+from oribus.shards.replica.rules import becomes_voter, may_promise, plan_append
 from oribus.shards.replica.terms import Terms
 from oribus.shards.shard import Shard
 from oribus.shards.store import VersionedStore
@@ -441,7 +442,7 @@ class ReplicaMember:
         if commit > self._commit_known:
             self._commit_known = commit
         self._apply_to(min(self._commit_known, wal.durable_lsn))
-        if not self.voter and matched >= batch.commit_lsn:
+        if becomes_voter(self.voter, self.terms, batch.term, matched, batch.commit_lsn):
             # Holds the serving primary's log up to its commit index: every acknowledged record (§7).
             failpoint("replica.before_voter")
             self._persist(voter=True)
