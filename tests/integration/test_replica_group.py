@@ -20,7 +20,7 @@ from oribus.shards.config import ShardConfig
 from oribus.shards.replica import DirectNetwork, ReplicaMember, ReplicationOptions
 from oribus.shards.shard import Shard
 from oribus.shards.txn import RecordType
-from oribus.shards.wal import Wal, WalConfig
+from oribus.shards.wal import WalConfig, list_segments, scan_log
 from oribus.types import SessionRef
 
 FAST = ReplicationOptions(heartbeat_seconds=0.02, retry_min_seconds=0.005, retry_max_seconds=0.05)
@@ -74,7 +74,7 @@ class Group:
         m = self.members.pop(i)
         await m.close()
 
-    async def elect(self, candidate: int) -> tuple[int, Shard]:
+    async def elect(self, candidate: int, timeout: float = 10.0) -> tuple[int, Shard]:
         """An election as §5 runs it: a new term, promises from a majority of the voters, the
         member with the highest last position takes over (ties: the lowest id)."""
         term = self.etcd.next_term()
@@ -91,7 +91,7 @@ class Group:
                 granted[i] = reply.last
         assert len(granted) > self.replicas // 2, f"no majority of promises for term {term}: {granted}"
         winner = max(granted, key=lambda i: (granted[i], -i))
-        shard = await asyncio.wait_for(self.members[winner].become_primary(term, self.peers(winner)), 10)
+        shard = await asyncio.wait_for(self.members[winner].become_primary(term, self.peers(winner)), timeout)
         return winner, shard
 
     def peers(self, me: int) -> list:
@@ -133,9 +133,10 @@ async def values(shard: Shard, keys: list[str]) -> dict[str, object]:
 
 
 def log_records(data_dir: Path) -> list[tuple[int, int, object]]:
+    """Every record a (closed) member's log holds, from its first segment on; changes nothing."""
     got: list = []
-    wal = Wal.open(data_dir / "wal", WalConfig(), on_record=lambda lsn, t, body: got.append((lsn, t, body)))
-    wal._release()
+    result = scan_log(list_segments(data_dir / "wal"), on_record=lambda lsn, t, body: got.append((lsn, t, body)))
+    assert result.damage is None, result.damage
     return got
 
 
