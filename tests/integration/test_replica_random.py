@@ -18,7 +18,10 @@ from oribus.errors import OribusError, Unavailable
 from oribus.shards.wal import WalConfig
 from oribus.shards.wal.record import TERM_START
 
-SEEDS = (1, 2, 3, 4)
+# 16 and 28 lose acknowledged commits within a few steps when a primary acknowledges on its own
+# fsync instead of a majority's (tried by hand: rules.quorum_lsn returning the primary's own
+# durable LSN); a run of seeds 10..40 passes and finds the same with three of them.
+SEEDS = (1, 2, 16, 28)
 STEPS = 50
 
 
