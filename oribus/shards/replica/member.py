@@ -422,9 +422,12 @@ class ReplicaMember:
                 if f.rtype == TERM_START:
                     self.terms.start(f.body["t"], f.lsn)
                 self._pending.append((f.lsn, f.rtype, f.body))
-            await wal.sync()
-        self.counters["appends"] += 1
         matched = batch.last_lsn
+        if wal.durable_lsn < matched:
+            # What it acknowledges is fsynced: the frames just appended, and any it already held
+            # whose fsync has not finished (an earlier append cancelled while it waited for it).
+            await wal.sync(matched)
+        self.counters["appends"] += 1
         commit = min(batch.commit_lsn, matched)
         if commit > self._commit_known:
             self._commit_known = commit
