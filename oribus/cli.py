@@ -94,7 +94,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
                            shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,
-                           stream_listen=args.stream_listen, authority=_authority(args))
+                           stream_listen=args.stream_listen, authority=_authority(args),
+                           replicas=args.replicas, etcd=args.etcd, lease_ttl=args.lease_ttl,
+                           cluster_name=args.cluster)
     _run(run_until_signalled(cluster), serving=True)
     return 0
 
@@ -159,6 +161,9 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
         die_with_parent(args.parent_fd)
     shard_id = _shard_id(args.id)
+    if args.member is not None and not args.etcd:
+        print("oribus shard: --member names a member of a replica group, which needs --etcd", file=sys.stderr)
+        return 2
     from oribus.shards.wal import WalConfig
 
     config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=args.allow_empty,
@@ -169,7 +174,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
                               ready_file=Path(args.ready_file) if args.ready_file else None,
                               tls=_tls(args), meta=_meta(args), advertise=args.advertise,
                               claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait,
-                              stream_listen=args.stream_listen, advertise_stream=args.advertise_stream),
+                              stream_listen=args.stream_listen, advertise_stream=args.advertise_stream,
+                              member=args.member),
              serving=True)
     except ClaimRefused as e:
         print(f"oribus shard: refused: {e}", file=sys.stderr)
@@ -205,6 +211,11 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     if args.shards < 1:
         print("--shards must be >= 1", file=sys.stderr)
         return 2
+    from oribus.meta.groups import REPLICA_COUNTS
+
+    if args.replicas not in REPLICA_COUNTS:
+        print(f"--replicas must be one of {', '.join(map(str, REPLICA_COUNTS))}", file=sys.stderr)
+        return 2
     meta = _meta(args)
     if meta is None:
         print("oribus cluster init needs --etcd URL", file=sys.stderr)
@@ -213,12 +224,12 @@ def _cmd_cluster_init(args: argparse.Namespace) -> int:
     async def main() -> bool:
         try:
             owners = tuple(StaticSlotMap(args.shards)._owner)
-            return await meta.init_cluster(ClusterConfig(args.shards, owners=owners))
+            return await meta.init_cluster(ClusterConfig(args.shards, owners=owners, replicas=args.replicas))
         finally:
             await meta.close()
 
     created = _run(main())
-    _print({"cluster": args.cluster, "shards": args.shards, "created": created})
+    _print({"cluster": args.cluster, "shards": args.shards, "replicas": args.replicas, "created": created})
     return 0
 
 
@@ -403,11 +414,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cluster_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from oribus.meta.cluster_meta import DEFAULT_LEASE_TTL
+
     p.add_argument("--etcd", required=required,
                    help="etcd endpoints (http://HOST:PORT, comma separated): cluster mode")
     p.add_argument("--cluster", default="oribus", help="the cluster's name (its prefix in etcd)")
-    p.add_argument("--lease-ttl", type=int, default=10,
-                   help="seconds a server's etcd lease outlives its last keep-alive")
+    p.add_argument("--lease-ttl", type=_positive_int, default=DEFAULT_LEASE_TTL,
+                   help="seconds a server's etcd lease outlives its last keep-alive (default: %(default)s); a "
+                        "replica group's failover takes about this long, and a shorter one fails over on "
+                        "shorter pauses too")
 
 
 def _allow_empty_option(p: argparse.ArgumentParser) -> None:
@@ -596,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "an existing one keeps its own)")
     p.add_argument("--processes", action="store_true",
                    help="run each shard as its own process (a new data directory gets one shard per core)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="with --processes: each shard is a replica group of this many member processes (3 or 5), "
+                        "elected through etcd and restarted when they die; default: 1 (or what the data "
+                        "directory holds)")
+    _cluster_options(p)
     _client_stream_option(p, advertise=False)
     _shard_transport_option(p)
     _allow_empty_option(p)
@@ -622,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--advertise with the bound port)")
     p.add_argument("--ready-file", help="write the bound address here once serving (the gRPC one, then the "
                                         "stream one on a second line)")
+    p.add_argument("--member", type=int, metavar="M",
+                   help="a replicated cluster (cluster init --replicas 3 or 5): this process's member id in the "
+                        "shard's group (default: the one its data directory names, else the lowest free one)")
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
@@ -706,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     csub = p.add_subparsers(dest="cluster_command", required=True)
     p = csub.add_parser("init", help="create the cluster's configuration in etcd (idempotent)")
     p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--replicas", type=int, default=1,
+                   help="members of each shard's replica group: 1 (a single copy), 3 or 5 (survives the loss "
+                        "of 1 or 2 members, disk included); default: %(default)s")
     _cluster_options(p, required=True)
     p.set_defaults(fn=_cmd_cluster_init)
 

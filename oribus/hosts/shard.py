@@ -85,7 +85,7 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
                            config: ShardConfig | None = None, tls: TlsConfig | None = None,
                            meta: ClusterMeta | None = None, advertise: str | None = None,
                            claim_wait: float = 0.0, stream_listen: str | None = None,
-                           advertise_stream: str | None = None) -> None:
+                           advertise_stream: str | None = None, member: int | None = None) -> None:
     """Run until SIGINT/SIGTERM: the body of ``oribus shard``.
 
     The data directory is locked first (``<data_dir>/LOCK``): while another live
@@ -98,6 +98,11 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
     stream listener's address (``advertised_stream``). If the claim is lost the
     server is fenced, stops, and ClaimLost is raised. The ready file gets the
     gRPC address on its first line and the stream address, if any, on the second.
+
+    If the cluster keeps each shard as a replica group (``replicas`` > 1 in its etcd
+    configuration), the process is one member of shard ``shard_id``'s group instead
+    (``oribus.hosts.replica``): member id ``member``, else the one its data directory names,
+    else the lowest free one; it learns its role from etcd.
 
     ``claim_wait``: how long to keep trying while another claim holds the id —
     after a kill -9 the dead process's lease lives on for up to its TTL, and a
@@ -117,6 +122,14 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
             cluster = await meta.config()
             if not 0 <= shard_id < cluster.shards:
                 raise InvalidRequest(f"shard id {shard_id} is outside the cluster's 0..{cluster.shards - 1}")
+            if cluster.replicas > 1:  # a member of the shard's replica group (oribus.hosts.replica)
+                await _run_member(cfg, meta, listen, stop, dir_lock, tls=tls, advertise=advertise,
+                                  stream_listen=bind_stream, advertise_stream=advertise_stream,
+                                  ready_file=ready_file, member=member)
+                return
+            if member is not None:
+                raise InvalidRequest(f"--member: cluster {getattr(meta, 'cluster', '')!r} keeps one copy of each "
+                                     "shard (replicas 1); there are no members")
             claim = await _claim(meta, shard_id, advertise or listen, claimed_stream, claim_wait)
             teardown.push(f"claim on shard {shard_id}", _releaser(meta, claim))
         server = ShardServer(cfg, listen, tls=tls, epoch=claim.epoch if claim is not None and claim.epoch else None,
@@ -149,6 +162,23 @@ async def run_shard_server(shard_id: int, data_dir: Path, listen: str, *, ready_
         if claim is not None and claim.lost.is_set():
             server.fence(claim.reason)
             raise ClaimLost(claim.reason)
+
+
+async def _run_member(cfg: ShardConfig, meta: ClusterMeta, listen: str, stop: asyncio.Event,
+                      dir_lock: DataDirLock, *, tls: TlsConfig | None, advertise: str | None,
+                      stream_listen: str | None, advertise_stream: str | None, ready_file: Path | None,
+                      member: int | None) -> None:
+    from oribus.hosts.replica import ReplicaConfig, run_replica_member
+    from oribus.meta.etcd import EtcdMeta
+
+    if not isinstance(meta, EtcdMeta):
+        raise InvalidRequest("a replica group's members need etcd (--etcd)")
+    if stream_listen is None:
+        raise InvalidRequest("a replica group's member needs a stream listener (its members replicate over it): "
+                             "give --stream-listen or --advertise-stream")
+    config = ReplicaConfig(cfg, listen, stream_listen, advertise=advertise or "",
+                           advertise_stream=advertise_stream or "", member=member, tls=tls, ready_file=ready_file)
+    await run_replica_member(config, meta, stop, dir_lock=dir_lock)
 
 
 def _releaser(meta: ClusterMeta, claim: ShardClaim) -> Callable[[], Awaitable[None]]:

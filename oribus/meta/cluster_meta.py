@@ -31,22 +31,31 @@ import crc32c
 
 from oribus.meta.slots import SLOTS, StaticSlotMap
 
+# seconds a claim in etcd outlives its holder's last keep-alive: how long a dead shard (or a
+# replica group's dead primary) holds its id before another process may take over
+DEFAULT_LEASE_TTL = 10
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
     shards: int
     slots: int = SLOTS
     owners: tuple[int, ...] = ()  # slot -> shard id; empty: contiguous ranges (StaticSlotMap)
+    replicas: int = 1  # members of each shard's replica group (1, 3 or 5; 1: a single copy)
 
     def slot_map(self) -> SlotMap:
         return SlotMap(self.owners or tuple(StaticSlotMap(self.shards, self.slots)._owner))
 
     def to_dict(self) -> dict:
-        return {"format": 1, "shards": self.shards, "slots": self.slots, "owners": list(self.owners)}
+        out = {"format": 1, "shards": self.shards, "slots": self.slots, "owners": list(self.owners)}
+        if self.replicas != 1:  # a single copy's config reads as it did before replica groups
+            out["replicas"] = self.replicas
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ClusterConfig:
-        return cls(int(d["shards"]), int(d.get("slots", SLOTS)), tuple(d.get("owners") or ()))
+        return cls(int(d["shards"]), int(d.get("slots", SLOTS)), tuple(d.get("owners") or ()),
+                   int(d.get("replicas", 1)))
 
 
 class SlotMap:
@@ -65,7 +74,7 @@ class SlotMap:
 class ShardRecord:
     shard_id: int
     address: str  # its gRPC listener
-    epoch: int  # 0: not known from the metadata (static mode)
+    epoch: int  # 0: not known from the metadata (static mode); a replica group's: its primary's term
     stream: str = ""  # its stream listener (oribus.rpc.stream_server); "": none, the bus uses gRPC
 
 

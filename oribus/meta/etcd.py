@@ -2,10 +2,13 @@
 
 Layout, all under ``/oribus/<cluster>/``::
 
-    config           {"format": 1, "shards": N, "slots": 4096, "owners": [...]}  (cluster init)
+    config           {"format": 1, "shards": N, "slots": 4096, "owners": [...], "replicas": R}
+                     (cluster init; "replicas" absent: 1)
     shards/<id>      {"address": "host:port", "stream": "host:port"}       held by the shard's lease
                      (the gRPC and stream listeners; "stream" absent: none, the bus uses
-                     gRPC; the epoch is the key's create revision)
+                     gRPC; the epoch is the key's create revision, or "epoch" when the
+                     record has it: a replica group's primary writes its term there)
+    groups/<id>/...  replica groups (R > 1): ``oribus.meta.groups``
     buses/<id>       {"address": "host:port", "http": "host:port"}         held by the bus's lease
 
 Values are JSON. A claim is one transaction — "if ``shards/<id>`` does not
@@ -38,6 +41,7 @@ import aetcd.exceptions
 
 from oribus.errors import InvalidRequest, Unavailable
 from oribus.meta.cluster_meta import (
+    DEFAULT_LEASE_TTL,
     BusRecord,
     ClaimRefused,
     ClusterConfig,
@@ -76,7 +80,7 @@ def _shard_value(address: str, stream: str) -> bytes:
 class EtcdMeta(ClusterMeta):
     """``EtcdMeta("http://127.0.0.1:2379", cluster="oribus")``; ``await close()`` when done."""
 
-    def __init__(self, endpoints: str, cluster: str = DEFAULT_CLUSTER, *, lease_ttl: int = 10,
+    def __init__(self, endpoints: str, cluster: str = DEFAULT_CLUSTER, *, lease_ttl: int = DEFAULT_LEASE_TTL,
                  timeout: float = 5.0, poll_seconds: float = 2.0) -> None:
         if not cluster or "/" in cluster:
             raise InvalidRequest("a cluster name is non-empty and has no '/'")
@@ -159,6 +163,11 @@ class EtcdMeta(ClusterMeta):
                 f"cluster {self.cluster!r} already exists with {existing.shards} shards; it cannot be "
                 f"initialised again with {config.shards} (keys would map to other shards)"
             )
+        if existing.replicas != config.replicas:
+            raise InvalidRequest(
+                f"cluster {self.cluster!r} already exists with {existing.replicas} replicas per shard; it "
+                f"cannot be initialised again with {config.replicas}"
+            )
         return False
 
     async def config(self) -> ClusterConfig:
@@ -180,7 +189,8 @@ class EtcdMeta(ClusterMeta):
             try:
                 sid = int(kv.key[len(prefix):].decode())
                 d = json.loads(kv.value)
-                out[sid] = ShardRecord(sid, d["address"], int(kv.create_revision), str(d.get("stream") or ""))
+                epoch = int(d["epoch"]) if "epoch" in d else int(kv.create_revision)
+                out[sid] = ShardRecord(sid, d["address"], epoch, str(d.get("stream") or ""))
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring malformed shard record %r", kv.key)
         return out

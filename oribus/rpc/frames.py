@@ -38,6 +38,7 @@ connection, after handling the frames before it.
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection
 from typing import Any
 
 import msgpack
@@ -90,15 +91,16 @@ def hello_token(value: list) -> str | None:
     return None
 
 
-def check_hello(value: Any, service: str) -> tuple[str, Any]:
+def check_hello(value: Any, service: str | Collection[str]) -> tuple[str, Any]:
     """(kind, watch request or None) of a client's first frame; InvalidRequest if it is not a hello
-    for ``service`` in a version this side speaks."""
+    for ``service`` (or one of the services named) in a version this side speaks."""
     if not (isinstance(value, list) and len(value) >= 4 and value[0] == MAGIC):
         raise InvalidRequest("the first frame of a connection must be an oribus-stream hello")
     if value[1] != VERSION:
         raise InvalidRequest(f"oribus-stream version {value[1]!r} is not spoken here (only {VERSION})")
-    if value[2] != service:
-        raise InvalidRequest(f"this server serves {service}, not {value[2]!r}")
+    served = (service,) if isinstance(service, str) else tuple(service)
+    if value[2] not in served:
+        raise InvalidRequest(f"this server serves {', '.join(served)}, not {value[2]!r}")
     options = len(value) > 4 and isinstance(value[-1], dict) and (value[3] == CALLS or len(value) == 6)
     if options and not all(isinstance(k, str) for k in value[-1]):
         raise InvalidRequest("a hello's options are a map of names")

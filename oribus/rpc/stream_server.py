@@ -18,6 +18,12 @@ unexpected exception is answered with an ``Internal`` error (``wire.dispatch``).
 A call whose connection is lost runs to its end; its reply is dropped (to the
 caller, a lost reply: ``Unavailable``, outcome unknown).
 
+One listener may serve more than one service (``more``: service name -> its
+operations): the hello names the service, and the connection carries that
+service's calls only. A shard process serves the bus's ``oribus.v1.Shard`` and
+its replica group's ``oribus.v1.Replica`` (``oribus.rpc.replica_codec``) on its
+one stream port.
+
 With an ``ssl`` context (``oribus.tls.server_ssl_context``) the listener speaks
 TLS only and, by default, refuses a client without a certificate from the CA.
 The client end is ``oribus.rpc.stream_client``.
@@ -33,6 +39,7 @@ import os
 import socket
 import ssl
 import stat
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
@@ -56,10 +63,13 @@ class StreamListener:
 
     def __init__(self, listen: str, service: str, ops: dict[str, wire.Handler],
                  watch: wire.WatchHandler | None = None, *, ssl: ssl.SSLContext | None = None,
-                 max_frame_bytes: int = frames.MAX_FRAME_BYTES) -> None:
+                 max_frame_bytes: int = frames.MAX_FRAME_BYTES,
+                 more: Mapping[str, Mapping[str, wire.Handler]] | None = None) -> None:
         self.listen = listen
         self.service = service
         self.ops = ops
+        # every service served here -> its operations (the watch is the main service's only)
+        self.services: dict[str, Mapping[str, wire.Handler]] = {**(more or {}), service: ops}
         self.watch = watch
         self.max_frame_bytes = max_frame_bytes
         self.port = 0
@@ -140,6 +150,7 @@ class _ServerConnection(asyncio.Protocol):
         self.kind: str | None = None  # None until the hello: frames.CALLS or frames.WATCH
         self.credential: str | None = None  # the hello's token: every call of the connection carries it
         self.certificate: tuple[str, tuple[str, ...]] | None = None  # an agent's client certificate (TLS)
+        self.ops: Mapping[str, wire.Handler] = listener.ops  # those of the service the hello named
         self.running: set[asyncio.Task] = set()  # calls in flight
         self.outbox: list = []  # replies (or changes) of this loop turn, sent by _flush
         self.closed = False
@@ -245,15 +256,16 @@ class _ServerConnection(asyncio.Protocol):
             self._refuse(OribusError(f"internal error: {type(e).__name__}: {e}"))
 
     def _hello(self, value: Any) -> None:
-        kind, request = frames.check_hello(value, self.listener.service)
+        kind, request = frames.check_hello(value, self.listener.services)
         self.credential = frames.hello_token(value)
         if self.listener.stopping:
             raise Unavailable(f"{self.listener.service} at {self.listener.address} is stopping")
         if kind == frames.CALLS:
             self.kind = frames.CALLS
+            self.ops = self.listener.services[value[2]]
             self._write([])
             return
-        if self.listener.watch is None:
+        if self.listener.watch is None or value[2] != self.listener.service:
             raise InvalidRequest("watch is not served here")
         self.kind = frames.WATCH
         self._watch_task = self.loop.create_task(self._serve_watch(WatchRequest.from_wire(request)))
@@ -279,7 +291,7 @@ class _ServerConnection(asyncio.Protocol):
             CREDENTIAL.set(self.credential)
         elif self.certificate is not None:
             CERTIFICATE.set(self.certificate)
-        self._reply(await wire.dispatch(self.listener.ops, call_id, op, args))
+        self._reply(await wire.dispatch(self.ops, call_id, op, args))
 
     # -- frames out: one write per loop turn ----------------------------------------------
 

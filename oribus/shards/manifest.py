@@ -13,6 +13,15 @@ shard's own directory, ``<shard dir>/MANIFEST``::
                  (in the WAL or a snapshot), so the log must reach at least
                  this far when the shard opens
 
+A member of a replica group (``oribus.shards.replica``) keeps three more fields there,
+fsynced before it acts on them (``specs/replication.md`` §2, §5, §7)::
+
+    member       the member id r of (shard, r) this directory belongs to
+    voter        false: a learner (its data was lost; it counts in no majority yet)
+    term         the highest term it promised: it refuses appends of lower terms
+
+An unreplicated shard writes none of them.
+
 ``durable_lsn`` is a lower bound, not the log's end: it is written when the
 shard is created or recovered, after each snapshot, when the WAL starts a
 new segment and at a clean close, never per commit. With ``unsafe_no_fsync``
@@ -49,6 +58,13 @@ class ShardManifest:
     # §5.8): the largest read_lease_seconds + 2 * clock_skew_seconds a life ran with that
     # may still have a lease out. 0 in a manifest written before it was kept.
     grace_seconds: float = 0.0
+    # A replica group's member (None: an unreplicated shard): its id, voter flag, promised term.
+    member: int | None = None
+    voter: bool = True
+    promised_term: int = 0
+
+    def with_member(self, member: int, voter: bool, promised_term: int) -> ShardManifest:
+        return replace(self, member=member, voter=voter, promised_term=promised_term)
 
     def with_durable_lsn(self, lsn: int) -> ShardManifest:
         return replace(self, durable_lsn=lsn)
@@ -57,8 +73,11 @@ class ShardManifest:
         return replace(self, grace_seconds=seconds)
 
     def to_json(self) -> dict:
-        return {"format": MANIFEST_FORMAT, "shard": self.shard_id, "durable_lsn": self.durable_lsn,
-                "grace": self.grace_seconds}
+        out: dict = {"format": MANIFEST_FORMAT, "shard": self.shard_id, "durable_lsn": self.durable_lsn,
+                     "grace": self.grace_seconds}
+        if self.member is not None:
+            out.update(member=self.member, voter=self.voter, term=self.promised_term)
+        return out
 
 
 def manifest_path(shard_dir: str | os.PathLike) -> Path:
@@ -81,9 +100,14 @@ def read_manifest(shard_dir: str | os.PathLike) -> ShardManifest | None:
             raise ValueError(f"bad shard or durable_lsn in {have!r}")
         if type(grace) not in (int, float) or not 0 <= grace < float("inf"):
             raise ValueError(f"bad grace in {have!r}")
+        member, voter, term = have.get("member"), have.get("voter", True), have.get("term", 0)
+        if member is not None and (type(member) is not int or member < 0 or type(voter) is not bool
+                                   or type(term) is not int or term < 0):
+            raise ValueError(f"bad member, voter or term in {have!r}")
     except (ValueError, KeyError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise DataCorrupted(f"shard manifest {path} is unreadable: {e}", path=str(path)) from e
-    return ShardManifest(shard, lsn, float(grace))
+    return ShardManifest(shard, lsn, float(grace), member, voter if member is not None else True,
+                         term if member is not None else 0)
 
 
 def write_manifest(shard_dir: str | os.PathLike, manifest: ShardManifest, *, fsync: bool = True) -> None:

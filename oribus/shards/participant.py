@@ -67,6 +67,7 @@ from oribus.messages import (
 )
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
+from oribus.shards.wal.record import TERM_START
 from oribus.types import SessionRef
 
 WalRecord = tuple[int, dict]
@@ -660,6 +661,8 @@ class Participant:
 
     def replay(self, rtype: int, body: dict) -> None:
         """Apply one WAL record during recovery (idempotent: records may precede the snapshot)."""
+        if rtype == TERM_START:  # a replica group's start of a term: no shard state
+            return
         txn_id = body["i"]
         seen = self.known(txn_id)
         if rtype == RecordType.PREPARE:

@@ -170,19 +170,23 @@ class Shard(ShardService):
         releases it on close. A directory another process holds raises ``DataDirLocked``.
         """
         shard = cls(config, epoch if epoch is not None else time.time_ns())
+        await shard._start(dir_lock)
+        return shard
+
+    async def _start(self, dir_lock: DataDirLock | None) -> None:
+        """``open`` after the constructor: lock (without ``dir_lock``), recover, schedule."""
         loop = asyncio.get_running_loop()
         if dir_lock is None:
-            shard._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, config.data_dir)
+            self._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, self.config.data_dir)
         try:
-            await loop.run_in_executor(None, shard._recover)
+            await loop.run_in_executor(None, self._recover)
         except BaseException:
-            if shard._dir_lock is not None:
-                shard._dir_lock.release()
+            if self._dir_lock is not None:
+                self._dir_lock.release()
             raise
-        if shard._grace_to_lower:
-            shard._lower_grace = loop.call_later(
-                shard.core.grace_left(), lambda: loop.run_in_executor(None, shard._lower_grace_bound))
-        return shard
+        if self._grace_to_lower:
+            self._lower_grace = loop.call_later(
+                self.core.grace_left(), lambda: loop.run_in_executor(None, self._lower_grace_bound))
 
     def _recover(self) -> None:
         cfg = self.config
@@ -386,6 +390,8 @@ class Shard(ShardService):
     async def _snapshot_bg(self) -> None:
         try:
             await self.snapshot()
+        except Unavailable as e:  # closed, failed, or (replicated) deposed: nothing to report but that
+            log.warning("shard %d: snapshot not written: %s", self.shard_id, e)
         except Exception:  # a failed snapshot loses nothing: the WAL still holds everything
             log.exception("shard %d: snapshot failed", self.shard_id)
         finally:
@@ -395,15 +401,27 @@ class Shard(ShardService):
         """Write a snapshot now and drop the WAL segments it covers. Returns its LSN."""
         wal = self._check_open()
         low = (min(self._unapplied) - 1) if self._unapplied else wal.last_lsn
-        raw = msgpack.packb(self.core.to_snapshot(), use_bin_type=True)
+        raw = msgpack.packb(self.snapshot_state(), use_bin_type=True)
+        reflected = wal.last_lsn  # the state holds effects of records up to here, no further
         wal.roll()
         self._records_since_snapshot = 0
         loop = asyncio.get_running_loop()
+        if self.replicated:
+            # A replica group's primary holds state of records not yet committed (a PREPARE's
+            # locks); a snapshot, which members may install and which outlives a failover,
+            # holds only committed state: wait until all it reflects is (specs/replication.md §7).
+            await wal.sync(reflected)
         await loop.run_in_executor(None, self.write_snapshot_file, self.config.snapshot_dir, low, raw)
         await loop.run_in_executor(None, wal.remove_segments_before, low + 1)
         await loop.run_in_executor(None, self._raise_durable_mark, max(low, wal.durable_lsn))
         self.counters["snapshots"] += 1
         return low
+
+    replicated = False  # a replica group's primary (``oribus.shards.replica.member``)
+
+    def snapshot_state(self) -> dict:
+        """What a snapshot holds: the participant's state (a replica group adds its terms)."""
+        return self.core.to_snapshot()
 
     # ---- reads -----------------------------------------------------------------
 

@@ -23,6 +23,8 @@ WAL record types written by the participant (bodies are msgpack maps):
     COMMIT           {"i"}                            a PREPARED transaction committed
     ABORT            {"i"}                            a PREPARED (or unknown) transaction aborted
     RELEASE          {"i"}                            the primary may forget a kept decision
+
+(Type 255, ``TERM_START``, belongs to replica groups: ``oribus.shards.wal.record``.)
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class AppendReply:
     durable_lsn: int  # ok: every record up to here is fsynced on the member
     last: Position  # the member's last position (not ok: where the primary resends from)
     needs_snapshot: bool = False  # the member lacks records the primary no longer keeps
+    voter: bool = True  # False: a learner, whose acknowledgements count in no majority (§7)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,16 @@ points to, by the 64 MiB sanity limit, or by running past the end of the file
 torn tail).
 
 The WAL treats the record type as an opaque byte: the shard defines what the
-types mean. Type 0 is reserved so that a run of zero bytes (a torn write on a
+types mean (``oribus.shards.txn.RecordType``: 1..5), with one exception kept
+here because a replica group's log shipping depends on it:
+
+    type 255  TERM_START  body {"t": term, "m": member id}
+
+A replicated shard's primary appends it before it serves a new term
+(``specs/replication.md`` §5): it is the first record of every term, so a
+member knows the term of each record it holds from the ``TERM_START`` records
+before it (``oribus.shards.replica.terms``). It changes no shard state; replay
+skips it. An unreplicated shard never writes one. Type 0 is reserved so that a run of zero bytes (a torn write on a
 filesystem that extended the file before writing the data) never decodes as
 a record even in the astronomically unlikely case its CRC matched.
 
@@ -78,6 +87,7 @@ MAX_BODY_BYTES = 64 << 20
 
 MIN_RECORD_TYPE = 1
 MAX_RECORD_TYPE = 255
+TERM_START = 255  # the first record of a replicated shard's term (docstring above)
 
 
 class FrameStatus(enum.Enum):
@@ -196,3 +206,44 @@ def iter_records(
                 return
         yield lsn, rtype, body, end
         offset = end
+
+
+class Frame(NamedTuple):
+    """One intact frame of a run of frames (``split_frames``)."""
+
+    lsn: int
+    rtype: int
+    body: Any  # None when bodies were not decoded
+    start: int  # offset of the frame in the buffer
+    end: int  # offset just past it
+
+
+def split_frames(buf: bytes, first_lsn: int, *, decode_bodies: bool = True) -> list[Frame]:
+    """Check a run of frames received from elsewhere (a replica group's primary) and split it.
+
+    Every frame must be intact (the checks of ``iter_records``, which recovery uses) and the
+    LSNs must run ``first_lsn``, ``first_lsn + 1``, ... to the end of ``buf``, with nothing
+    after the last frame; otherwise ``ValueError`` says what is wrong and where.
+    """
+    frames: list[Frame] = []
+    expected = first_lsn
+    offset = 0
+    decode_from = 0 if decode_bodies else 1 << 64
+    for lsn, rtype, body, end in iter_records(buf, 0, decode_from_lsn=decode_from):
+        if lsn != expected:
+            raise ValueError(f"frame at byte {offset} has LSN {lsn}, expected {expected}")
+        frames.append(Frame(lsn, rtype, body, offset, end))
+        expected = lsn + 1
+        offset = end
+    if offset != len(buf):
+        bad = decode_record(buf, offset)
+        raise ValueError(f"{bad.status.value} frame at byte {offset} (LSN {expected}): {bad.reason}")
+    return frames
+
+
+def frame_lsn(frame: bytes) -> int:
+    """The LSN field of one encoded frame (not checked)."""
+    return int(_LSN.unpack_from(frame, LSN_FIELD_OFFSET)[0])
+
+
+_LSN = struct.Struct("<Q")

@@ -131,13 +131,34 @@ def _list_snapshots(directory: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def _read_snapshot(path: Path, lsn: int) -> Any:
-    data = path.read_bytes()
+def latest_snapshot_file(directory: str | os.PathLike) -> tuple[int, bytes] | None:
+    """``(lsn, the file's bytes)`` of the newest snapshot (not checked), None if there is none:
+    what a replica group's primary sends a member that needs records it no longer keeps."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    snapshots = _list_snapshots(directory)
+    if not snapshots:
+        return None
+    lsn, path = snapshots[-1]
+    return lsn, path.read_bytes()
 
+
+def decode_snapshot_file(data: bytes, lsn: int, where: str = "received snapshot") -> Any:
+    """The state in a snapshot file's bytes, checked as ``load_latest_snapshot`` checks a
+    file (magic, LSN, length, CRC); ``DataCorrupted`` naming ``where`` otherwise."""
+    return _decode(data, lsn, where)
+
+
+def _read_snapshot(path: Path, lsn: int) -> Any:
+    return _decode(path.read_bytes(), lsn, str(path))
+
+
+def _decode(data: bytes, lsn: int, path: str) -> Any:
     def damaged(reason: str, offset: int) -> DataCorrupted:
         return DataCorrupted(
             f"snapshot corrupted: {reason} in {path} at byte offset {offset}",
-            path=str(path),
+            path=path,
             offset=offset,
             reason=reason,
         )

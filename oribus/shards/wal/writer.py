@@ -34,6 +34,24 @@ Segments roll over at batch boundaries: before a batch is written, if the
 active segment exceeds ``segment_bytes`` (or ``roll()`` asked for it), the
 old file is fsynced and closed and a new one is created (``segment.py``).
 
+Replica groups
+--------------
+What a replicated shard (``oribus.shards.replica``) needs of its log:
+
+* ``on_batch(first_lsn, frames)``: called in the flush thread with every batch of
+  encoded frames a flush takes, just before it is written (so a primary ships a batch
+  while its own fsync runs; it counts itself only at ``durable_lsn``). The batches are
+  exactly the group-commit batches, in LSN order.
+* ``append_frames(data)``: a follower buffers frames received from its primary, checked
+  with the recovery scan's code (``record.split_frames``: CRC, type, LSN ``last_lsn + 1``
+  on) and written byte for byte; ``sync`` then makes them durable as any append.
+* ``await truncate_after(lsn)``: cut the records after ``lsn`` (a divergent tail that was
+  never committed): later segments are deleted, the one holding ``lsn + 1`` is truncated
+  there, both fsynced with the directory.
+* ``read_frames(from_lsn, max_bytes, cursor=)``: the frames from ``from_lsn`` on as they are on
+  disk (a primary's catch-up of a lagging member); ``first_lsn`` is the oldest LSN the
+  log still holds (older ones are only in a snapshot).
+
 Failure
 -------
 If a write or fsync fails, every waiter receives ``Unavailable`` (chained to
@@ -75,13 +93,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from oribus.errors import DataCorrupted, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import WAL_BATCH_RECORDS, WAL_FSYNC_SECONDS
-from oribus.shards.wal.reader import recover
-from oribus.shards.wal.record import encode_record
+from oribus.shards.wal.reader import recover, scan_log
+from oribus.shards.wal.record import (
+    HEADER_SIZE,
+    encode_record,
+    frame_lsn,
+    iter_records,
+    split_frames,
+)
 from oribus.shards.wal.segment import (
     SEGMENT_HEADER_SIZE,
     Segment,
@@ -108,6 +132,33 @@ def _missing_records(directory: Path, where: str, expected: int, found: int) -> 
         f"up to LSN {expected} was durable",
         path=str(directory), expected_lsn=expected, found_lsn=found, reason=where,
     )
+
+
+class FrameCursor(NamedTuple):
+    """Where frame ``lsn`` begins on disk: segment ``seq``, byte ``offset`` (``read_frames``)."""
+
+    seq: int
+    offset: int
+    lsn: int
+
+
+class FrameRead(NamedTuple):
+    """What ``read_frames`` returns."""
+
+    data: bytes  # the frames, as on disk
+    last_lsn: int  # the last LSN in ``data`` (from_lsn - 1: none)
+    cursor: FrameCursor | None  # where the next read continues
+
+
+def _offset_of(data: bytes, lsn: int) -> int:
+    """The offset of frame ``lsn`` in a segment file's bytes (the end of its intact frames if
+    it holds no such frame)."""
+    offset = SEGMENT_HEADER_SIZE
+    for record_lsn, _rtype, _body, end in iter_records(data, SEGMENT_HEADER_SIZE, decode_from_lsn=1 << 64):
+        if record_lsn >= lsn:
+            break
+        offset = end
+    return offset
 
 
 def _fdatasync(fd: int) -> None:
@@ -320,6 +371,9 @@ class Wal(GroupCommit):
         # Called with the last LSN of a segment once it is fsynced and its successor exists
         # (from the flush worker thread): the shard raises its manifest's high-water mark.
         self.on_new_segment: Callable[[int], None] | None = None
+        # Called (flush thread) with (first LSN, frames) of every batch a flush takes, before
+        # it is written: a replicated primary ships it (module docstring, "Replica groups").
+        self.on_batch: Callable[[int, list[bytes]], None] | None = None
 
         self._buffer: list[bytes] = []  # encoded frames not yet written, in LSN order
         self._last_lsn = last_lsn  # highest LSN appended
@@ -461,6 +515,165 @@ class Wal(GroupCommit):
             self._last_lsn = lsn
         return lsn
 
+    def append_frames(self, data: bytes) -> list[tuple[int, int]]:
+        """Buffer frames received from a replica group's primary, unchanged; returns their
+        ``(lsn, rtype)``. They must be intact and numbered ``last_lsn + 1`` on
+        (``record.split_frames``, the recovery scan's checks): ``ValueError`` otherwise, and
+        nothing is buffered. ``sync`` makes them durable."""
+        self._check_usable()
+        with self._buffer_lock:
+            first = self._last_lsn + 1
+            frames = split_frames(data, first, decode_bodies=False)
+            if not frames:
+                return []
+            view = memoryview(data)
+            self._buffer.extend(bytes(view[f.start:f.end]) for f in frames)
+            self._last_lsn = frames[-1].lsn
+        return [(f.lsn, f.rtype) for f in frames]
+
+    def replay(self, from_lsn: int, on_record: Callable[[int, int, Any], None] | None) -> int:
+        """Hand every record from ``from_lsn`` to the last written to ``on_record`` again (a
+        replica group's new primary recovers its shard from its open log); ``DataCorrupted``
+        on damage. Returns how many were replayed."""
+        result = scan_log(self.segments, replay_from_lsn=from_lsn, on_record=on_record)
+        if result.damage is not None and not (result.damage.torn and result.last_lsn >= self._written_lsn):
+            raise result.damage.to_error()
+        return result.replayed
+
+    @property
+    def first_lsn(self) -> int:
+        """The oldest LSN the log holds, or would hold next (older ones only in a snapshot)."""
+        with self._segments_lock:
+            return self._segments[0].first_lsn
+
+    def read_frames(self, from_lsn: int, max_bytes: int = 1 << 20, upto_lsn: int | None = None,
+                    cursor: FrameCursor | None = None) -> FrameRead:
+        """The frames with LSN ``from_lsn`` .. ``upto_lsn`` (default: the last written) as
+        they are on disk, at most about ``max_bytes`` (at least one frame), with the last LSN
+        included (``from_lsn - 1``: none) and a cursor to the frame after it. Passing the
+        previous read's cursor continues there without scanning the segment again (a
+        lagging member is read through once, not once per batch). ``ValueError`` if
+        ``from_lsn`` is below ``first_lsn``. Blocking file reads: call it off the event loop."""
+        upto = self._written_lsn if upto_lsn is None else min(upto_lsn, self._written_lsn)
+        segments = self.segments
+        if from_lsn < segments[0].first_lsn:
+            raise ValueError(f"LSN {from_lsn} is below the log's first LSN {segments[0].first_lsn}")
+        if from_lsn > upto:
+            return FrameRead(b"", from_lsn - 1, cursor)
+        index = 0
+        while index + 1 < len(segments) and segments[index + 1].first_lsn <= from_lsn:
+            index += 1
+        offset = None
+        if cursor is not None and cursor.lsn == from_lsn and cursor.seq == segments[index].seq:
+            offset = cursor.offset
+        parts: list[bytes] = []
+        size = 0
+        last = from_lsn - 1
+        while index < len(segments):
+            segment = segments[index]
+            with open(segment.path, "rb") as f:
+                if offset is None:
+                    offset = _offset_of(f.read(), last + 1)
+                f.seek(offset)
+                want = max(max_bytes - size, 1 << 16)
+                chunk = f.read(want)
+                if len(chunk) >= HEADER_SIZE:  # a first frame larger than the read: read all of it
+                    whole = HEADER_SIZE + int.from_bytes(chunk[:4], "little")
+                    if whole > len(chunk):
+                        chunk += f.read(whole - len(chunk))
+            taken = 0
+            full = False
+            for lsn, _rtype, _body, end in iter_records(chunk, 0, decode_from_lsn=1 << 64):
+                if lsn != last + 1 or lsn > upto or (size and size + end - taken > max_bytes):
+                    full = True
+                    break
+                size += end - taken
+                taken = end
+                last = lsn
+            parts.append(chunk[:taken])
+            offset += taken
+            if full or last >= upto or len(chunk) >= want or index + 1 == len(segments):
+                break
+            index += 1
+            offset = SEGMENT_HEADER_SIZE
+        assert offset is not None  # the loop ran: from_lsn lies in segments[index]
+        return FrameRead(b"".join(parts), last, FrameCursor(segments[index].seq, offset, last + 1))
+
+    async def truncate_after(self, lsn: int) -> int:
+        """Remove every record after ``lsn`` (a divergent tail a replica group never
+        committed), durably; returns how many were removed. ``lsn`` may not be below
+        ``first_lsn - 1``. Waiters for removed records are failed with ``Unavailable``."""
+        self._check_usable()
+        if lsn >= self._last_lsn:
+            return 0
+        if lsn < self.first_lsn - 1:
+            raise ValueError(f"cannot truncate after LSN {lsn}: the log starts at {self.first_lsn}")
+        flush = self._flush
+        if flush is not None and not flush.done():
+            await asyncio.wait({flush})
+        removed = self._last_lsn - lsn
+        await self._flush_thread().submit(lambda: self._truncate(lsn))
+        waiters = self._durable_waiters
+        if waiters:
+            keep = collections.deque(w for w in waiters if w[0] <= lsn)
+            gone = [w for w in waiters if w[0] > lsn]
+            self._durable_waiters = keep
+            for _, callback in gone:
+                try:
+                    callback(Unavailable(f"record above LSN {lsn} was truncated", path=str(self._directory)))
+                except Exception:
+                    log.exception("a WAL durability callback failed")
+        return removed
+
+    def _truncate(self, lsn: int) -> None:
+        with self._io_lock:
+            if self._failed is not None:
+                raise self._failed
+            with self._buffer_lock:
+                self._buffer = [f for f in self._buffer if frame_lsn(f) <= lsn]
+                if lsn >= self._written_lsn:
+                    self._last_lsn = lsn
+                    return
+                self._buffer = []  # every buffered frame is above the written ones
+                self._last_lsn = lsn
+            try:
+                self._truncate_files(lsn)
+            except Exception as e:
+                error = Unavailable(f"wal truncation failed: {e!r}", path=str(self._directory))
+                self._failed = error
+                raise error from e
+
+    def _truncate_files(self, lsn: int) -> None:
+        with self._segments_lock:
+            index = 0
+            while index + 1 < len(self._segments) and self._segments[index + 1].first_lsn <= lsn + 1:
+                index += 1
+            doomed = self._segments[index + 1:]
+            keep = self._segments[index]
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for segment in reversed(doomed):  # last first: a crash leaves a gap-free prefix
+            os.unlink(segment.path)
+        data = keep.path.read_bytes()
+        cut = SEGMENT_HEADER_SIZE
+        for record_lsn, _rtype, _body, end in iter_records(data, SEGMENT_HEADER_SIZE, decode_from_lsn=1 << 64):
+            if record_lsn > lsn:
+                break
+            cut = end
+        fd = os.open(keep.path, os.O_WRONLY | os.O_APPEND)
+        os.ftruncate(fd, cut)
+        if self._fsync:
+            os.fsync(fd)
+            fsync_directory(self._directory)
+        self._fd = fd
+        with self._segments_lock:
+            self._segments = self._segments[: index + 1]
+        self._next_seq = keep.seq + 1
+        self._active_size = cut
+        self._written_lsn = lsn
+        self._durable_lsn = lsn  # what is left is fsynced (just now, if it was not yet)
+
     def sync_now(self) -> None:
         """Write and fsync everything buffered, on the calling thread.
 
@@ -572,6 +785,8 @@ class Wal(GroupCommit):
                 last_lsn = self._last_lsn
             if not frames:
                 return
+            if self.on_batch is not None:
+                self.on_batch(last_lsn - len(frames) + 1, frames)
             try:
                 self._write_batch(frames, last_lsn)
             except Exception as e:

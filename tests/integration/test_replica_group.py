@@ -1,0 +1,386 @@
+"""A replica group of three members over DirectPeers, in temp directories with real fsync
+(specs/replication.md): commits acknowledged only on a majority, failover to the most complete
+member with every acknowledged commit, a deposed primary that can no longer acknowledge, a
+divergent tail cut, a member that lost its disk rejoining as a learner, two-phase records
+replicated. Elections are driven as the cluster layer drives them through etcd: ``Etcd`` here
+is the term register (a counter moved by compare-and-set) and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from oribus.errors import InvalidRequest, Unavailable
+from oribus.messages import ReadRequest, ShardTxn, TxnState, VoteKind
+from oribus.shards.config import ShardConfig
+from oribus.shards.replica import DirectNetwork, ReplicaMember, ReplicationOptions
+from oribus.shards.shard import Shard
+from oribus.shards.txn import RecordType
+from oribus.shards.wal import WalConfig, list_segments, scan_log
+from oribus.types import SessionRef
+
+FAST = ReplicationOptions(heartbeat_seconds=0.02, retry_min_seconds=0.005, retry_max_seconds=0.05)
+SESSION = SessionRef("agent", "s")
+READER = SessionRef("check", "r")
+
+
+class Etcd:
+    """The group's term register: each election moves it by compare-and-set."""
+
+    def __init__(self) -> None:
+        self.term = 0
+
+    def next_term(self) -> int:
+        seen = self.term
+        assert self.term == seen  # the CAS: nobody moved it in between (one election at a time here)
+        self.term = seen + 1
+        return self.term
+
+
+class Group:
+    def __init__(self, root: Path, replicas: int = 3, options: ReplicationOptions = FAST, **config) -> None:
+        self.root = root
+        self.options = options
+        self.replicas = replicas
+        self.config = {"read_lease_seconds": 0.05, "clock_skew_seconds": 0.0, **config}
+        self.net = DirectNetwork()
+        self.etcd = Etcd()
+        self.members: dict[int, ReplicaMember] = {}
+        self.deposed: list[tuple[int, int]] = []
+
+    def data_dir(self, i: int) -> Path:
+        return self.root / f"member-{i}"
+
+    async def start(self, i: int) -> ReplicaMember:
+        cfg = ShardConfig(shard_id=0, data_dir=self.data_dir(i), **self.config)
+        m = await ReplicaMember.open(self.data_dir(i), 0, i, self.replicas, config=cfg,
+                                     term_register=self.etcd.term, options=self.options)
+        m.on_deposed = lambda term, i=i: self.deposed.append((i, term))
+        self.members[i] = m
+        self.net.add(m)
+        return m
+
+    async def start_all(self) -> None:
+        for i in range(self.replicas):
+            await self.start(i)
+
+    async def crash(self, i: int) -> None:
+        """The member's process stops: unreachable, its files as they are."""
+        self.net.remove(i)
+        m = self.members.pop(i)
+        await m.close()
+
+    async def elect(self, candidate: int, timeout: float = 10.0) -> tuple[int, Shard]:
+        """An election as §5 runs it: a new term, promises from a majority of the voters, the
+        member with the highest last position takes over (ties: the lowest id)."""
+        term = self.etcd.next_term()
+        granted = {}
+        for i in sorted(self.members):
+            try:
+                if i == candidate:
+                    reply = await self.members[i].promise(term, candidate)
+                else:
+                    reply = await self.net.peers(candidate, [i])[0].promise(term, candidate)
+            except Unavailable:
+                continue
+            if reply.granted:
+                granted[i] = reply.last
+        assert len(granted) > self.replicas // 2, f"no majority of promises for term {term}: {granted}"
+        winner = max(granted, key=lambda i: (granted[i], -i))
+        shard = await asyncio.wait_for(self.members[winner].become_primary(term, self.peers(winner)), timeout)
+        return winner, shard
+
+    def peers(self, me: int) -> list:
+        return self.net.peers(me, list(range(self.replicas)))  # down ones too: they come back
+
+    async def close(self) -> None:
+        for i in list(self.members):
+            await self.crash(i)
+
+
+@pytest.fixture
+async def group(tmp_path):
+    g = Group(tmp_path)
+    await g.start_all()
+    yield g
+    await g.close()
+
+
+def put(txn_id: str, key: str, value: object) -> ShardTxn:
+    return ShardTxn(txn_id=txn_id, session=SESSION, writes={key: msgpack.packb(value)})
+
+
+async def commit(shard: Shard, txn: ShardTxn, timeout: float = 10.0):
+    """Commit, retrying Unavailable (the restart grace of a new primary) until ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await asyncio.wait_for(shard.commit_one_phase(txn), deadline - loop.time())
+        except Unavailable:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
+async def values(shard: Shard, keys: list[str]) -> dict[str, object]:
+    reply = await shard.read(ReadRequest(READER, keys, record=False))
+    return {i.key: msgpack.unpackb(i.value) for i in reply.items if i.value is not None}
+
+
+def log_records(data_dir: Path) -> list[tuple[int, int, object]]:
+    """Every record a (closed) member's log holds, from its first segment on; changes nothing."""
+    got: list = []
+    result = scan_log(list_segments(data_dir / "wal"), on_record=lambda lsn, t, body: got.append((lsn, t, body)))
+    assert result.damage is None, result.damage
+    return got
+
+
+async def eventually(check, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_commit_is_acknowledged_only_once_a_majority_holds_it(group: Group) -> None:
+    _, shard = await group.elect(0)
+    assert (await commit(shard, put("c0", "k0", 0))).state is TxnState.COMMITTED
+
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)
+    pending = asyncio.ensure_future(shard.commit_one_phase(put("c1", "k1", 1)))
+    done, _ = await asyncio.wait({pending}, timeout=0.5)
+    assert not done, "acknowledged with only the primary's own fsync"
+    assert shard.wal.durable_lsn >= shard.wal.last_lsn  # it is fsynced here: only the majority is missing
+    assert shard.store.current("k1") is None  # nor applied: a failover could take it back
+
+    group.net.heal()
+    group.net.cut(0, 2)  # one follower is enough
+    assert (await asyncio.wait_for(pending, 5)).state is TxnState.COMMITTED
+    assert await values(shard, ["k1"]) == {"k1": 1}
+    assert (await commit(shard, put("c2", "k2", 2))).state is TxnState.COMMITTED
+
+
+async def test_a_slow_follower_does_not_hold_commits_back(group: Group) -> None:
+    _, shard = await group.elect(0)
+    group.net.pause(2)  # its calls hang (a stopped process)
+    for i in range(20):
+        assert (await asyncio.wait_for(commit(shard, put(f"c{i}", f"k{i}", i)), 5)).state is TxnState.COMMITTED
+    group.net.resume(2)
+    await eventually(lambda: group.members[2].durable_lsn == shard.wal.last_lsn)
+    await eventually(lambda: group.members[2].applied_lsn == shard.wal.last_lsn)
+
+
+async def test_a_follower_far_behind_is_sent_the_log_read_back_from_disk(tmp_path) -> None:
+    # nothing kept in memory for shipping, tiny batches and segments: every record it lacks
+    # is read back from the segment files, one batch after the other
+    options = ReplicationOptions(heartbeat_seconds=0.02, retry_min_seconds=0.005, retry_max_seconds=0.05,
+                                 recent_bytes=1, max_batch_bytes=300)
+    g = Group(tmp_path, options=options, wal=WalConfig(segment_bytes=1024))
+    await g.start_all()
+    try:
+        _, shard = await g.elect(0)
+        g.net.cut(0, 2)
+        for i in range(80):
+            await commit(shard, put(f"c{i}", f"k{i}", i))
+        assert len(shard.wal.wal.segments) > 3
+        g.net.heal()
+        await eventually(lambda: g.members[2].durable_lsn == shard.wal.last_lsn)
+        await g.crash(0)
+        assert log_records(g.data_dir(2)) == log_records(g.data_dir(0))
+    finally:
+        await g.close()
+
+
+async def test_after_the_primary_dies_the_most_complete_member_takes_over_with_every_commit(group: Group) -> None:
+    _, shard = await group.elect(0)
+    await commit(shard, put("c-all", "all", 1))
+    await eventually(lambda: group.members[2].durable_lsn == shard.wal.last_lsn)
+    group.net.cut(0, 2)  # member 2 falls behind: acknowledged commits are on 0 and 1 only
+    acknowledged = {}
+    for i in range(15):
+        await commit(shard, put(f"c{i}", f"k{i}", i))
+        acknowledged[f"k{i}"] = i
+    assert group.members[2].last_position < group.members[1].last_position
+    await group.crash(0)
+    group.net.heal()
+
+    # member 2 runs the election; member 1's log is further along, so member 1 takes over
+    winner, new = await group.elect(2)
+    assert winner == 1 and new.epoch == group.etcd.term == 2
+    assert await values(new, [*acknowledged, "all"]) == {**acknowledged, "all": 1}
+    assert (await commit(new, put("after", "after", 1))).state is TxnState.COMMITTED
+    await eventually(lambda: group.members[2].applied_lsn == new.wal.last_lsn)
+
+    # the old primary comes back as a follower of term 2 and catches up
+    old = await group.start(0)
+    assert old.promised_term == 2 and old.voter
+    await eventually(lambda: old.durable_lsn == new.wal.last_lsn)
+
+
+async def test_a_deposed_primary_never_acknowledges_again(group: Group) -> None:
+    _, old = await group.elect(0)
+    await commit(old, put("c0", "k0", 0))
+    await commit(old, put("c1", "k1", 1))
+    await eventually(lambda: all(m.durable_lsn == old.wal.last_lsn for m in group.members.values()))
+    group.net.cut(0, 1)  # member 0 still reaches member 2: with it, it would still be a majority
+
+    winner, new = await group.elect(1)  # promises from 1 and 2 (0 unreachable from 1); a tie: 1
+    assert winner == 1 and group.members[2].promised_term == 2
+    # member 2 promised term 2: it refuses member 0's batches, so nothing 0 appends commits
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(old.commit_one_phase(put("c2", "k2", 2)), 5)
+    await eventually(lambda: group.deposed == [(0, 2)])
+    await eventually(lambda: group.members[0].role == "follower")
+    # member 2 refused the old term's batch outright: it took nothing of it, cut nothing for it
+    assert group.members[2].counters["refused_term"] >= 1
+    assert group.members[2].counters["truncated_records"] == 0
+    assert await values(new, ["k0", "k1", "k2"]) == {"k0": 0, "k1": 1}
+    group.net.heal()
+    await eventually(lambda: group.members[0].durable_lsn == new.wal.last_lsn)
+
+
+async def test_the_old_primarys_divergent_tail_is_cut(group: Group) -> None:
+    _, old = await group.elect(0)
+    await commit(old, put("c0", "k0", 0))
+    await eventually(lambda: all(m.durable_lsn == old.wal.last_lsn for m in group.members.values()))
+    committed = old.wal.last_lsn
+    group.net.isolate(0)
+    stuck = [asyncio.ensure_future(old.commit_one_phase(put(f"lost{i}", f"lost{i}", i))) for i in range(3)]
+    await asyncio.sleep(0.1)
+    assert not any(t.done() for t in stuck)
+    assert old.wal.durable_lsn == committed + 3  # on member 0's disk only
+
+    winner, new = await group.elect(1)
+    assert winner == 1
+    await commit(new, put("c-new", "new", 1))
+    group.net.heal()  # member 0's next batch is refused (term 2): deposed, then it follows term 2
+    for t in stuck:
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(t, 5)
+    await eventually(lambda: group.members[0].role == "follower"
+                     and group.members[0].last_position == group.members[1].last_position)
+    assert group.members[0].counters["truncated_records"] == 3
+    assert group.members[0].terms.to_list() == [[1, 1], [2, committed + 1]]
+    await group.crash(0)
+    assert log_records(group.data_dir(0)) == log_records(group.data_dir(1))[: len(log_records(group.data_dir(0)))]
+    assert not any(r[1] == RecordType.COMMIT_ONE_PHASE and r[2]["i"].startswith("lost")
+                   for r in log_records(group.data_dir(0)))
+
+
+async def test_a_member_that_lost_its_disk_rejoins_as_a_learner_and_becomes_a_voter(tmp_path) -> None:
+    g = Group(tmp_path, snapshot_every_records=1_000_000, wal=WalConfig(segment_bytes=2048))
+    await g.start_all()
+    try:
+        _, shard = await g.elect(0)
+        for i in range(60):
+            await commit(shard, put(f"c{i}", f"k{i}", i))
+        await shard.snapshot()  # the primary drops the segments the snapshot covers
+        for i in range(60, 70):
+            await commit(shard, put(f"c{i}", f"k{i}", i))
+        assert shard.wal.wal.first_lsn > 1
+
+        await g.crash(2)
+        shutil.rmtree(g.data_dir(2))
+        learner = await g.start(2)
+        assert not learner.voter and learner.promised_term == 1
+        # a learner promises nothing: an election now cannot count it
+        assert not (await learner.promise(5, 1)).granted
+        await eventually(lambda: learner.voter)
+        assert learner.counters["snapshots_installed"] == 1
+        assert learner.durable_lsn >= shard.wal.commit_lsn
+        for i in range(70, 75):
+            await commit(shard, put(f"c{i}", f"k{i}", i))
+
+        # the rejoined member holds every acknowledged commit: it can be the one elected
+        await g.crash(0)
+        await g.crash(1)
+        await g.start(1)
+        g.members[1].set_promised_term(g.etcd.term)
+        winner, new = await g.elect(2)
+        assert winner in (1, 2)
+        keys = [f"k{i}" for i in range(75)]
+        assert await values(new, keys) == {f"k{i}": i for i in range(75)}
+    finally:
+        await g.close()
+
+
+async def test_two_phase_records_are_replicated_and_a_prepared_transaction_survives_failover(group: Group) -> None:
+    _, shard = await group.elect(0)
+    # this shard is a participant of a cross-shard transaction whose primary is shard 1
+    prepared = ShardTxn(txn_id="x1", session=SESSION, writes={"p": msgpack.packb(1)}, participants=(0, 1),
+                        primary=1)
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)
+    vote = asyncio.ensure_future(shard.prepare(prepared))
+    done, _ = await asyncio.wait({vote}, timeout=0.3)
+    assert not done, "voted YES before its PREPARE was on a majority"
+    group.net.heal()
+    assert (await asyncio.wait_for(vote, 5)).kind is VoteKind.YES
+
+    finished = ShardTxn(txn_id="x2", session=SESSION, writes={"f": msgpack.packb(2)}, participants=(0, 1),
+                        primary=1)
+    assert (await shard.prepare(finished)).kind is VoteKind.YES
+    assert (await shard.finish("x2", True)).state is TxnState.COMMITTED
+
+    kinds = {(r[1], r[2].get("i")) for r in log_records(group.data_dir(1)) if r[1] != 255}
+    assert {(RecordType.PREPARE, "x1"), (RecordType.PREPARE, "x2"), (RecordType.COMMIT, "x2")} <= kinds
+
+    await group.crash(0)
+    _, new = await group.elect(1)
+    assert "x1" in new.core.prepared  # resolved through its primary, as after a restart
+    assert new.core.prepared["x1"].state is TxnState.PREPARED
+    assert await values(new, ["f"]) == {"f": 2}
+
+
+async def test_the_primary_exports_quorum_wait_lag_and_takeovers(group: Group) -> None:
+    from oribus.metrics import REGISTRY, REPLICA_QUORUM_SECONDS, REPLICA_TAKEOVERS
+
+    waits, takeovers = REPLICA_QUORUM_SECONDS.labels(shard="0"), REPLICA_TAKEOVERS.labels(shard="0")
+    waits_before, takeovers_before = waits.count, takeovers.value
+    _, shard = await group.elect(0)
+    for i in range(3):
+        await commit(shard, put(f"c{i}", f"k{i}", i))
+    assert waits.count >= waits_before + 4  # the TERM_START and each commit
+    assert takeovers.value == takeovers_before + 1
+    assert 'oribus_replica_lag_records{shard="0",member="1"}' in REGISTRY.render()
+
+
+async def test_a_primary_that_promises_a_higher_term_stops_acknowledging_at_once(group: Group) -> None:
+    _, shard = await group.elect(0)
+    await commit(shard, put("c0", "k0", 0))
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)
+    pending = asyncio.ensure_future(shard.commit_one_phase(put("c1", "k1", 1)))
+    await asyncio.sleep(0.05)
+    # a candidate of term 2 reaches member 0 itself: its promise deposes it before it answers
+    reply = await group.members[0].promise(2, 1)
+    assert reply.granted and group.members[0].role == "follower"
+    group.net.heal()  # the followers would take term 1's batches again: nothing may come of it
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(pending, 5)
+    assert group.deposed == [(0, 2)]
+    with pytest.raises(Unavailable):
+        await shard.commit_one_phase(put("c2", "k2", 2))
+
+
+async def test_step_down_then_serve_again_in_a_later_term(group: Group) -> None:
+    _, shard = await group.elect(0)
+    await commit(shard, put("c0", "k0", 0))
+    await group.members[0].step_down()  # its lease ran out, say
+    assert group.members[0].role == "follower" and not group.members[0].is_primary
+    with pytest.raises(Unavailable):
+        await shard.commit_one_phase(put("c1", "k1", 1))
+    await group.members[0].step_down()  # a no-op for a follower
+    winner, again = await group.elect(0)
+    assert winner == 0 and again.epoch == 2
+    assert await values(again, ["k0"]) == {"k0": 0}
+    assert (await commit(again, put("c2", "k2", 2))).state is TxnState.COMMITTED
+    with pytest.raises(InvalidRequest):
+        await group.members[0].become_primary(3, group.peers(0))  # already the primary
