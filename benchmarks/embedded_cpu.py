@@ -8,7 +8,7 @@ too). ``--profile`` runs it under cProfile and prints the top functions by own t
 
 Usage::
 
-    .venv/bin/python benchmarks/embedded_cpu.py [--steps 20000] [--runs 3] [--shards 1] [--profile]
+    .venv/bin/python benchmarks/embedded_cpu.py [--steps 20000] [--runs 3] [--profile]
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ KEYS = 1000
 WORKERS = 32
 
 
-async def run(steps: int, profile: bool, shards: int = 1) -> tuple[float, float, int]:
+async def run(steps: int, profile: bool) -> tuple[float, float, int]:
     d = tempfile.mkdtemp(prefix="oribus-cpu-")
-    bus = await oribus.open_local(d, agent="loader", shards=shards)
+    bus = await oribus.open_local(d, agent="loader")
     try:
         keys = [f"k/{i}" for i in range(KEYS)]
         for i in range(0, KEYS, 100):
@@ -76,11 +76,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--shards", type=int, default=1,
-                    help="shards of the engine (2: cross-shard reads and one-writer commits, in one process)")
     args = ap.parse_args()
     for _ in range(args.runs):
-        cpu, rate, conflicts = uvloop.run(run(args.steps, args.profile, args.shards))
+        cpu, rate, conflicts = uvloop.run(run(args.steps, args.profile))
         print(f"{args.steps} steps, {conflicts} conflicts: {cpu:.1f} us CPU per step, {rate:,.0f} steps/s")
 
 

@@ -18,7 +18,6 @@ from dataclasses import replace
 
 from oribus import tracing
 from oribus.bus.coordinator import Coordinator
-from oribus.bus.fanout import fan_out
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sessions import SessionLimits, SessionTable
 from oribus.bus.watch import MergedWatch
@@ -126,8 +125,9 @@ class Bus(BusService):
                 replies = [(sid, await self.shards[sid].read(ReadRequest(session, ks, record, detail, only_new)))]
             else:
                 sids = list(by_shard)
-                got = await fan_out(
-                    [self.shards[s].read(ReadRequest(session, by_shard[s], record, detail, only_new)) for s in sids]
+                got = await asyncio.gather(
+                    *(self.shards[s].read(ReadRequest(session, by_shard[s], record, detail, only_new))
+                      for s in sids)
                 )
                 replies = list(zip(sids, got, strict=True))
             found: dict[str, ReadItem] = {}

@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable, Mapping
 
 from oribus import tracing
-from oribus.bus.fanout import fan_out
 from oribus.bus.metrics import CommitMetrics
 from oribus.contract import CommitRequest, CommitResult, ShardService
 from oribus.errors import (
@@ -233,7 +232,8 @@ class Coordinator:
     # ---- read-only participants (PROTOCOL.md §5.8) -------------------------------------
 
     async def _validate(self, parts: dict[int, ShardTxn], readers: list[int]) -> list:
-        return await fan_out([self._shard(s).validate(parts[s]) for s in readers], return_exceptions=True)
+        return await asyncio.gather(*(self._shard(s).validate(parts[s]) for s in readers),
+                                    return_exceptions=True)
 
     def _release_leases(self, commit_id: str, readers: list[int], votes: list) -> None:
         """The outcome is known: end the leases granted, off the client's critical path (a lost
