@@ -111,19 +111,38 @@ def _meta(args: argparse.Namespace) -> EtcdMeta | None:
     return EtcdMeta(args.etcd, args.cluster, lease_ttl=args.lease_ttl)
 
 
-def _shard_id(raw: str) -> int:
-    """``--id N``, or ``--id ordinal``: the number after the last '-' of the pod's name
-    (``$POD_NAME``, else the host name): a StatefulSet pod ``oribus-shard-2`` serves shard 2."""
+def _ordinal(raw: str, flag: str) -> int:
+    """A number, or ``ordinal``: the number after the last '-' of the pod's name (``$POD_NAME``,
+    else the host name), the pod's ordinal in its StatefulSet."""
     import os
     import socket
 
     if raw != "ordinal":
+        if not raw.isdigit():
+            raise SystemExit(f"{flag} {raw!r}: give a number, or 'ordinal'")
         return int(raw)
     host = os.environ.get("POD_NAME") or socket.gethostname()
     suffix = host.rsplit("-", 1)[-1]
     if not suffix.isdigit():
-        raise SystemExit(f"--id ordinal: host name {host!r} does not end in -<number>")
+        raise SystemExit(f"{flag} ordinal: host name {host!r} does not end in -<number>")
     return int(suffix)
+
+
+def _shard_id(raw: str) -> int:
+    """``--id N``, or ``--id ordinal``: a StatefulSet pod ``oribus-shard-2`` serves shard 2."""
+    return _ordinal(raw, "--id")
+
+
+def _member_id(raw: str | None) -> int | None:
+    """``--member M``, or ``--member ordinal``: pod ``oribus-shard-1-2`` of the StatefulSet of shard 1's
+    replica group (deploy/k8s/replica-group) is member 2, on every restart and on a new volume."""
+    return None if raw is None else _ordinal(raw, "--member")
+
+
+def _int_or_ordinal(text: str) -> str:
+    if text != "ordinal" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'ordinal'")
+    return text
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
@@ -147,7 +166,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
                               tls=_tls(args), meta=_meta(args), advertise=args.advertise,
                               claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait,
                               stream_listen=args.stream_listen, advertise_stream=args.advertise_stream,
-                              member=args.member))
+                              member=_member_id(args.member)))
     except ClaimRefused as e:
         print(f"oribus shard: refused: {e}", file=sys.stderr)
         return 3
@@ -591,9 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--advertise with the bound port)")
     p.add_argument("--ready-file", help="write the bound address here once serving (the gRPC one, then the "
                                         "stream one on a second line)")
-    p.add_argument("--member", type=int, metavar="M",
+    p.add_argument("--member", type=_int_or_ordinal, metavar="M",
                    help="a replicated cluster (cluster init --replicas 3 or 5): this process's member id in the "
-                        "shard's group (default: the one its data directory names, else the lowest free one)")
+                        "shard's group, or 'ordinal' (the host name's -N suffix: a StatefulSet pod's ordinal) "
+                        "(default: the one its data directory names, else the lowest free one)")
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
