@@ -549,6 +549,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print("oribus verify: --nemesis local needs --pids P1,P2,... (processes on this machine) "
               "or --start-local", file=sys.stderr)
         return 2
+    if args.replicas > 1 and not args.start_local:
+        print("oribus verify: --replicas is for --start-local (a deployment verify starts itself)", file=sys.stderr)
+        return 2
     if args.pids and args.nemesis != "local":
         print("oribus verify: --pids is for --nemesis local", file=sys.stderr)
         return 2
@@ -562,7 +565,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         addr=args.addr, http=args.http, tls_dir=args.tls_dir, duration=args.duration, clients=args.clients,
         keys=args.keys, workload=args.workload, prefix=args.prefix, out=Path(args.out), seed=args.seed,
         rate=args.rate, keep=args.keep, nemesis=args.nemesis, pids=args.pids or [],
-        start_local=args.start_local,
+        start_local=args.start_local, replicas=args.replicas,
     )
     return int(_run(verify(config)))
 
@@ -733,6 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-local", action="store_true",
                    help="start an `oribus up --processes` on free ports in a temporary directory, verify it "
                         "(with --nemesis local: kill -9, pause and restart it) and stop it")
+    p.add_argument("--replicas", type=int, choices=(1, 3, 5), default=1,
+                   help="with --start-local: run each shard as a replica group of this many members (oribus up "
+                        "--replicas, a 3 s lease TTL); --nemesis local then kills a primary and deletes its data, "
+                        "pauses a primary past its lease, kills a follower (default: %(default)s)")
     p.set_defaults(fn=_cmd_verify)
 
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")
