@@ -140,8 +140,10 @@ class Server:
         log_path: Path,
         cprofile_out: Path | None = None,
         shard_transport: str | None = None,
+        replicas: int = 1,
     ) -> None:
         self.data_dir = data_dir
+        self.replicas = replicas  # > 1: every shard a replica group (up --replicas; a private etcd)
         self.shards = shards
         self.processes = processes
         self.shard_transport = shard_transport  # None: the server's default
@@ -175,6 +177,8 @@ class Server:
             cmd.append("--processes")
             if self.shard_transport:
                 cmd += ["--shard-transport", self.shard_transport]
+            if self.replicas > 1:
+                cmd += ["--replicas", str(self.replicas)]
         return cmd
 
     async def start(self, timeout: float = 60.0) -> None:

@@ -86,7 +86,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
                            shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,
-                           stream_listen=args.stream_listen)
+                           stream_listen=args.stream_listen, replicas=args.replicas, etcd=args.etcd,
+                           lease_ttl=args.lease_ttl, cluster_name=args.cluster)
     _run(run_until_signalled(cluster))
     return 0
 
@@ -396,11 +397,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cluster_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    from oribus.meta.cluster_meta import DEFAULT_LEASE_TTL
+
     p.add_argument("--etcd", required=required,
                    help="etcd endpoints (http://HOST:PORT, comma separated): cluster mode")
     p.add_argument("--cluster", default="oribus", help="the cluster's name (its prefix in etcd)")
-    p.add_argument("--lease-ttl", type=int, default=10,
-                   help="seconds a server's etcd lease outlives its last keep-alive")
+    p.add_argument("--lease-ttl", type=_positive_int, default=DEFAULT_LEASE_TTL,
+                   help="seconds a server's etcd lease outlives its last keep-alive (default: %(default)s); a "
+                        "replica group's failover takes about this long, and a shorter one fails over on "
+                        "shorter pauses too")
 
 
 def _allow_empty_option(p: argparse.ArgumentParser) -> None:
@@ -588,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "an existing one keeps its own)")
     p.add_argument("--processes", action="store_true",
                    help="run each shard as its own process (a new data directory gets one shard per core)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="with --processes: each shard is a replica group of this many member processes (3 or 5), "
+                        "elected through etcd and restarted when they die; default: 1 (or what the data "
+                        "directory holds)")
+    _cluster_options(p)
     _client_stream_option(p, advertise=False)
     _shard_transport_option(p)
     _allow_empty_option(p)

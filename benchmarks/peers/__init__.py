@@ -6,13 +6,15 @@ row                     what                                                    
 oribus-embedded         ``oribus.open_local`` in the harness process, 1 shard        yes
 oribus-up               ``oribus up`` (bus + 1 in-process shard), the SDK's default  yes
 oribus-procs            ``oribus up --processes`` (2 shard processes)                yes
+oribus-procs-r3         each shard a group of 3 members (``--replicas 3``)           yes
 redis-always            Redis 7 WATCH/MULTI/EXEC, ``appendfsync always``             yes
 redis-everysec          the same with ``appendfsync everysec``                       NO
 postgres                PostgreSQL 15 SERIALIZABLE, reads ``FOR SHARE``              yes
 etcd                    etcd 3.4 Txn comparing the mod revision of every key read    yes
 ======================  ===========================================================  =======
 
-Not in the default set: ``postgres-ssi`` (SERIALIZABLE with plain reads: SSI
+Not in the default set: ``oribus-procs-r3`` (what replication costs: run it beside
+``oribus-procs``, same run, same machine), ``postgres-ssi`` (SERIALIZABLE with plain reads: SSI
 may commit a step after a key it read was overwritten, see
 ``postgres_serializable``), ``oribus-up-grpc`` and ``oribus-procs-grpc`` (the SDK kept on
 gRPC, what a client without the stream transport gets), ``redis-always-pyparser`` (redis-py's own reply parser
@@ -34,11 +36,11 @@ def _oribus_embedded(**kw) -> Backend:
     return OribusEmbedded(**kw)
 
 
-def _oribus_server(processes: bool, transport: str = "auto") -> Callable[..., Backend]:
+def _oribus_server(processes: bool, transport: str = "auto", replicas: int = 1) -> Callable[..., Backend]:
     def make(**kw) -> Backend:
         from peers.oribus_server import OribusServer
 
-        return OribusServer(processes=processes, transport=transport, **kw)
+        return OribusServer(processes=processes, transport=transport, replicas=replicas, **kw)
 
     return make
 
@@ -72,6 +74,7 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "oribus-embedded": _oribus_embedded,
     "oribus-up": _oribus_server(False),
     "oribus-procs": _oribus_server(True),
+    "oribus-procs-r3": _oribus_server(True, replicas=3),
     "redis-always": _redis("always"),
     "redis-everysec": _redis("everysec"),
     "postgres": _postgres("share"),

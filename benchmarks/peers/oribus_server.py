@@ -1,4 +1,6 @@
-"""oribus over the network: ``oribus up`` (bus + in-process shards) or ``oribus up --processes``.
+"""oribus over the network: ``oribus up`` (bus + in-process shards) or ``oribus up --processes``
+(``replicas=3``: ``--replicas 3``, every shard a group of three member processes whose
+commits wait for a majority's fsync).
 
 The server is a real ``python -m oribus.cli up`` subprocess on a free
 loopback port, with ``--shards`` shards (1, 2 shard processes) and its data in the
@@ -33,15 +35,17 @@ from agent_step_network import Server  # noqa: E402 - benchmarks/ is on the path
 
 
 class OribusServer(OribusBackend):
-    def __init__(self, processes: bool = False, shards: int = 1, transport: str = "auto") -> None:
-        name = "oribus-procs" if processes else "oribus-up"
+    def __init__(self, processes: bool = False, shards: int = 1, transport: str = "auto", replicas: int = 1) -> None:
+        name = ("oribus-procs" if processes else "oribus-up") + (f"-r{replicas}" if replicas > 1 else "")
         super().__init__(name if transport == "auto" else f"{name}-{transport}", shards)
         self.processes = processes
+        self.replicas = replicas
         self.transport = transport
         self.server: Server | None = None
 
     async def _open(self) -> AsyncSession:
-        self.server = Server(self.data_dir, self.shards, self.processes, self.work / "server.log")
+        self.server = Server(self.data_dir, self.shards, self.processes, self.work / "server.log",
+                             replicas=self.replicas)
         await self.server.start()
         return oribus.connect(self.server.address, agent="loader", transport=self.transport)
 
@@ -64,6 +68,7 @@ class OribusServer(OribusBackend):
             "durability": await self._durability("unsafe" in " ".join(self.server.command())),
             "shards": self.shards,
             "shard_processes": self.processes,
+            "replicas": self.replicas,
             "durable": True,
             "command": " ".join(self.server.command()[1:]),
             "client": f"oribus.connect ({self._transport_used()}), one connection multiplexing every worker's "

@@ -9,7 +9,13 @@ Two ways to host the shards:
   "grpc": over gRPC) — the cluster layout on one box.
 
 Either way the data directory has the embedded layout (``layout.json`` and
-``shard-NNNN/``), so one can switch between the two. In both, this process holds
+``shard-NNNN/``), so one can switch between the two.
+
+``processes=True, replicas=R`` (3 or 5): each shard is a replica group of ``R`` member
+processes (``oribus.hosts.up_groups``: its own layout under ``DATA/groups/``), elected
+through etcd — the one given, else a private one this process starts — and restarted when
+they die; the bus follows the groups' primaries through etcd as a cluster bus does
+(``oribus.meta.directory``). In both, this process holds
 the data directory's lock (``DATA/LOCK``); with processes each shard process
 holds its own ``shard-NNNN/LOCK``, and dies with this one (``oribus.lifeline``).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -45,7 +52,18 @@ from oribus.hosts.embedded import (
 )
 from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.hosts.shard import stream_listen_address
+from oribus.hosts.up_groups import (
+    ETCD_DIR,
+    GroupSupervisor,
+    PrivateEtcd,
+    check_groups_layout,
+    stored_groups,
+)
 from oribus.lifeline import ParentLifeline
+from oribus.meta.cluster_meta import DEFAULT_LEASE_TTL, ClusterConfig, ShardRecord
+from oribus.meta.directory import ShardDirectory
+from oribus.meta.etcd import DEFAULT_CLUSTER, EtcdMeta
+from oribus.meta.groups import check_replicas
 from oribus.meta.slots import StaticSlotMap
 from oribus.rpc import wire
 from oribus.rpc.bus_server import BusServer
@@ -69,7 +87,16 @@ class UpHost:
                  processes: bool = False, start_timeout: float = 30.0,
                  http: GatewayConfig | None = None, tls: TlsConfig | None = None,
                  shard_transport: str = DEFAULT_TRANSPORT, stream_listen: str | None = None,
-                 **engine_options: Any) -> None:
+                 replicas: int | None = None, etcd: str | None = None, lease_ttl: int = DEFAULT_LEASE_TTL,
+                 cluster_name: str = DEFAULT_CLUSTER, **engine_options: Any) -> None:
+        groups = stored_groups(Path(data_dir))
+        if replicas is None:
+            replicas = groups[1] if groups is not None else 1
+        check_replicas(replicas)
+        if replicas > 1 and not processes:
+            raise InvalidRequest("replica groups run as processes: add --processes")
+        if shards is None and groups is not None:
+            shards = groups[0]
         if shards is None:
             # a new directory: one in-process shard, or one shard process per core
             shards = stored_shards(Path(data_dir)) or (process_shards() if processes else DEFAULT_SHARDS)
@@ -86,6 +113,15 @@ class UpHost:
         self.processes = processes
         self.shard_transport = shard_transport  # with processes: how the bus calls them ("stream" or "grpc")
         self.start_timeout = start_timeout
+        self.replicas = replicas  # > 1: every shard is a replica group of this many member processes
+        self.etcd = etcd  # the etcd of the groups (None: a private one, started by this process)
+        self.lease_ttl = lease_ttl
+        self.cluster_name = cluster_name
+        # without an etcd, a private one (no etcd binary: refused here, before anything starts)
+        self.private_etcd = (PrivateEtcd(Path(data_dir) / ETCD_DIR) if replicas > 1 and etcd is None
+                             else None)
+        self.groups: GroupSupervisor | None = None
+        self.meta: EtcdMeta | None = None
         self.engine: EmbeddedEngine | None = None
         self.server: BusServer | None = None
         self.shard_procs: dict[int, subprocess.Popen] = {}
@@ -109,7 +145,9 @@ class UpHost:
             if self.processes:
                 channel_credentials(self.tls)
         async with self._teardown.stop_on_error():
-            if self.processes:
+            if self.processes and self.replicas > 1:
+                bus, sweep = await self._start_groups()
+            elif self.processes:
                 bus, sweep = await self._start_processes()
             else:
                 self.engine = await EmbeddedEngine.open(self.config)
@@ -224,6 +262,86 @@ class UpHost:
                          interval=self.config.maintenance_interval)
         return bus, sweep
 
+    def member_command(self, shard: int, member: int, directory: Path, etcd_url: str,
+                       parent_fd: int | None) -> list[str]:
+        """``oribus shard`` for member ``member`` of shard ``shard``'s group."""
+        tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
+        lifeline = ["--parent-fd", str(parent_fd)] if parent_fd is not None else []
+        stream = f"unix:{self._socket_directory() / f'shard-{shard}-member-{member}.sock'}"
+        return [
+            sys.executable, "-m", "oribus.cli", "shard", "--id", str(shard), "--member", str(member),
+            "--data-dir", str(directory), "--listen", "127.0.0.1:0", "--stream-listen", stream,
+            "--etcd", etcd_url, "--cluster", self.cluster_name, "--lease-ttl", str(self.lease_ttl),
+            # one machine, one clock: no skew between the members' leases (§5.8)
+            "--read-lease", repr(self.config.read_lease_seconds),
+            "--clock-skew", repr(self.config.clock_skew_seconds),
+            *tls, *lifeline,
+        ]
+
+    async def _start_groups(self) -> tuple[Bus, TxnSweep]:
+        """Replica groups: etcd (given or private), the member processes under supervision,
+        and a bus that follows their primaries through etcd."""
+        loop = asyncio.get_running_loop()
+        dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, self.config.data_dir)
+        self._teardown.push("data directory lock", dir_lock.release)
+        shards = self.config.shards
+        assert shards is not None  # resolved in __init__
+        await loop.run_in_executor(None, check_groups_layout, self.config.data_dir, shards, self.replicas)
+        url = self.etcd
+        if url is None:
+            assert self.private_etcd is not None  # __init__ made it
+            await self.private_etcd.start()
+            self._teardown.push("private etcd", self.private_etcd.stop)
+            url = self.private_etcd.url
+            print(f"oribus up: no --etcd given: started a private etcd at {url} (data in "
+                  f"{self.private_etcd.data_dir}, pid {self.private_etcd.proc.pid if self.private_etcd.proc else 0})",
+                  flush=True)
+        meta = self.meta = EtcdMeta(url, self.cluster_name, lease_ttl=self.lease_ttl)
+        self._teardown.push("cluster metadata", meta.close)
+        owners = tuple(StaticSlotMap(shards)._owner)
+        await meta.init_cluster(ClusterConfig(shards, owners=owners, replicas=self.replicas))
+        self._socket_directory()  # made before the processes start, so removed after they stop
+        if self._lifeline is None:
+            self._lifeline = ParentLifeline()
+            self._teardown.push("member processes' lifeline", self._close_lifeline)
+        fd = self._lifeline.child_fd
+        etcd_url = url
+        self.groups = GroupSupervisor(
+            self.config.data_dir, shards, self.replicas,
+            lambda shard, member, directory: self.member_command(shard, member, directory, etcd_url, fd),
+            pass_fds=(fd,))
+        groups = self.groups
+        self._teardown.push("member processes", lambda: groups.stop(SHARD_STOP_SECONDS))
+        groups.start_all()
+        self._teardown.push_task("member supervision", asyncio.create_task(groups.supervise()))
+        table: dict = {}
+
+        def client(rec: ShardRecord) -> RemoteShardClient:
+            return shard_client(rec.shard_id, rec.address, rec.stream, transport=self.shard_transport,
+                                epoch=rec.epoch, tls=self.tls)
+
+        directory = ShardDirectory(meta, table, list(range(shards)), client)
+        await directory.start()
+        self._teardown.push("shard directory", directory.stop)
+        deadline = time.monotonic() + self.start_timeout
+        while len(directory.records) < shards:  # every group has elected its first primary
+            for (shard, member), proc in groups.procs.items():
+                if proc.poll() is not None and proc.returncode in (2, 3):  # a usage error, or refused
+                    raise Unavailable(f"shard {shard} member {member} exited with code {proc.returncode}: see "
+                                      f"{groups.member_dir(shard, member).parent / f'member-{member}.log'}")
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(shards)) - set(directory.records))
+                raise Unavailable(f"shards {missing} elected no primary within {self.start_timeout}s")
+            await asyncio.sleep(0.05)
+        journal = await SessionJournal.open(self.config.session_journal_dir,
+                                            unsafe_no_fsync=self.config.unsafe_no_fsync)
+        self._teardown.push("session journal", journal.close)
+        bus = Bus(table, StaticSlotMap(shards).shard_for, max_value_bytes=self.config.max_value_bytes,
+                  session_journal=journal)
+        sweep = TxnSweep(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
+                         interval=self.config.maintenance_interval)
+        return bus, sweep
+
     async def _stop_shard_processes(self) -> None:
         """SIGTERM to every shard process (each drains and flushes), then wait for them all;
         one that has not exited within ``SHARD_STOP_SECONDS`` is killed."""
@@ -263,7 +381,9 @@ async def run_until_signalled(cluster: UpHost) -> None:
     stopping.cancel()
     starting.result()  # a failed start raises here (it already stopped what it started)
     n = cluster.config.shards
-    if cluster.processes:
+    if cluster.groups is not None:
+        mode = f"replica group{'s' if n != 1 else ''} of {cluster.replicas} member processes"
+    elif cluster.processes:
         mode = "shard process" if n == 1 else "shard processes"
     else:
         mode = "in-process shard" if n == 1 else "in-process shards"
@@ -272,6 +392,8 @@ async def run_until_signalled(cluster: UpHost) -> None:
     stream = f" (stream {cluster.server.stream_address})" if cluster.server.stream_address else ""
     print(f"oribus up: bus on {cluster.address}{stream}{http}, {n} {mode}, "
           f"data in {cluster.config.data_dir} (pid {os.getpid()})", flush=True)
+    if cluster.groups is not None:  # who is where, one JSON line: shard -> its members
+        print("oribus up: groups " + json.dumps(cluster.groups.describe()), flush=True)
     await stop.wait()
     print("oribus up: shutting down (draining, flushing)", flush=True)
     await cluster.stop()

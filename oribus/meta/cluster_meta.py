@@ -31,6 +31,10 @@ import crc32c
 
 from oribus.meta.slots import SLOTS, StaticSlotMap
 
+# seconds a claim in etcd outlives its holder's last keep-alive: how long a dead shard (or a
+# replica group's dead primary) holds its id before another process may take over
+DEFAULT_LEASE_TTL = 10
+
 
 @dataclass(frozen=True)
 class ClusterConfig:

@@ -41,6 +41,7 @@ import aetcd.exceptions
 
 from oribus.errors import InvalidRequest, Unavailable
 from oribus.meta.cluster_meta import (
+    DEFAULT_LEASE_TTL,
     BusRecord,
     ClaimRefused,
     ClusterConfig,
@@ -79,7 +80,7 @@ def _shard_value(address: str, stream: str) -> bytes:
 class EtcdMeta(ClusterMeta):
     """``EtcdMeta("http://127.0.0.1:2379", cluster="oribus")``; ``await close()`` when done."""
 
-    def __init__(self, endpoints: str, cluster: str = DEFAULT_CLUSTER, *, lease_ttl: int = 10,
+    def __init__(self, endpoints: str, cluster: str = DEFAULT_CLUSTER, *, lease_ttl: int = DEFAULT_LEASE_TTL,
                  timeout: float = 5.0, poll_seconds: float = 2.0) -> None:
         if not cluster or "/" in cluster:
             raise InvalidRequest("a cluster name is non-empty and has no '/'")

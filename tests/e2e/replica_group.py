@@ -39,51 +39,60 @@ def member_process(log_dir: Path, etcd_url: str, shard_id: int, member: int) -> 
 
 
 class ReplicaGroup:
-    def __init__(self, cluster: Cluster, log_dir: Path, etcd_url: str, replicas: int = 3) -> None:
+    """``shards`` replica groups of ``replicas`` members and a bus; ``members`` are shard 0's
+    (``groups[s]`` shard ``s``'s)."""
+
+    def __init__(self, cluster: Cluster, log_dir: Path, etcd_url: str, replicas: int = 3, shards: int = 1) -> None:
         self.cluster = cluster
         self.log_dir = Path(log_dir)
         self.etcd_url = etcd_url
         self.replicas = replicas
-        self.members = [cluster.add(member_process(log_dir, etcd_url, 0, m)) for m in range(replicas)]
+        self.shards = shards
+        self.groups = [[cluster.add(member_process(log_dir, etcd_url, s, m)) for m in range(replicas)]
+                       for s in range(shards)]
+        self.members = self.groups[0]
         self.bus: ServerProcess | None = None
 
-    def data_dir(self, member: int) -> Path:
-        return self.log_dir / f"shard-0-member-{member}"
+    def data_dir(self, member: int, shard: int = 0) -> Path:
+        return self.log_dir / f"shard-{shard}-member-{member}"
 
     async def start(self) -> ReplicaGroup:
-        r = run_cli("cluster", "init", "--etcd", self.etcd_url, "--shards", "1", "--replicas", str(self.replicas))
+        r = run_cli("cluster", "init", "--etcd", self.etcd_url, "--shards", str(self.shards), "--replicas",
+                    str(self.replicas))
         assert r.returncode == 0, r.stderr
-        for m in self.members:
+        everyone = [m for group in self.groups for m in group]
+        for m in everyone:
             m.start()
-        for m in self.members:
+        for m in everyone:
             await asyncio.to_thread(m.wait_serving)
         self.bus = self.cluster.add(cluster_bus(self.log_dir, self.etcd_url, lease_ttl=LEASE_TTL, http=False))
         self.bus.start()
         await asyncio.to_thread(self.bus.wait_serving)
-        await self.wait_primary()
+        for shard in range(self.shards):
+            await self.wait_primary(shard=shard)
         return self
 
-    async def primary(self) -> PrimaryRecord | None:
+    async def primary(self, shard: int = 0) -> PrimaryRecord | None:
         meta = EtcdMeta(self.etcd_url)
         try:
-            return await EtcdGroups(meta).primary(0)
+            return await EtcdGroups(meta).primary(shard)
         finally:
             await meta.close()
 
-    async def wait_primary(self, other_than: int = -1, timeout: float = 30.0) -> PrimaryRecord:
+    async def wait_primary(self, other_than: int = -1, timeout: float = 30.0, shard: int = 0) -> PrimaryRecord:
         """The primary once there is one (and it is not ``other_than``) and it serves."""
         deadline = time.monotonic() + timeout
         while True:
-            p = await self.primary()
+            p = await self.primary(shard)
             if p is not None and p.member != other_than:
-                status = await self.status(p.member)
+                status = await self.status(p.member, shard)
                 if status is not None and status.role == "primary" and status.term == p.term:
                     return p
             assert time.monotonic() < deadline, f"no primary within {timeout}s:\n{self.cluster.logs()}"
             await asyncio.sleep(0.1)
 
-    async def status(self, member: int) -> MemberStatus | None:
-        stream = self.members[member].stream_address
+    async def status(self, member: int, shard: int = 0) -> MemberStatus | None:
+        stream = self.groups[shard][member].stream_address
         assert stream is not None
         peer = StreamPeer(member, stream, timeout=2.0)
         try:
@@ -93,10 +102,10 @@ class ReplicaGroup:
         finally:
             await peer.close()
 
-    def restart(self, member: int, *, lose_data: bool = False) -> None:
-        proc = self.members[member]
+    def restart(self, member: int, *, lose_data: bool = False, shard: int = 0) -> None:
+        proc = self.groups[shard][member]
         if proc.running:
             proc.kill9()
         if lose_data:
-            shutil.rmtree(self.data_dir(member), ignore_errors=True)
+            shutil.rmtree(self.data_dir(member, shard), ignore_errors=True)
         proc.start()

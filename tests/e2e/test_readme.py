@@ -29,6 +29,8 @@ NOT_RUN = {
     "make demo": "make targets: `make test` runs this very suite",
     "oribus cluster init --etcd http://10.0.0.5:2379 --shards 3          # once per cluster (idempotent)":
         "a layout across machines (node-a, /var/lib/oribus); cluster mode runs in tests/e2e/test_etcd_cluster.py",
+    "oribus cluster init --etcd http://10.0.0.5:2379 --shards 3 --replicas 3   # once per cluster":
+        "a layout across machines (node-a, node-b, node-c); replica groups run in tests/e2e/test_replica_*.py",
     "kubectl -n oribus apply -f deploy/k8s/examples/verify/verify-job.yaml":
         "needs a Kubernetes cluster; the Job's manifest is checked in tests/deploy/test_k8s_manifests.py",
 }

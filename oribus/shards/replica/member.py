@@ -41,6 +41,11 @@ Rules, as the design states them:
   acknowledging at once and steps down to follower (its ``Shard`` is closed), and
   ``on_deposed(term)`` is called.
 
+Failpoints (``oribus.failpoints``): ``replica.before_truncate`` (the MANIFEST's mark lowered,
+the divergent tail not yet cut), ``replica.after_truncate``, ``replica.install_snapshot``
+(a snapshot's member has deleted its log and not yet written the snapshot),
+``replica.before_voter`` (a learner about to record that it is a voter).
+
 The member's logic has no sleeps or sockets: calls arrive through its methods (a stream
 server in a real group, ``DirectPeer`` in tests), and the primary's shipping is
 ``ReplicatedWal``'s tasks.
@@ -64,6 +69,8 @@ import msgpack
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
+from oribus.failpoints import failpoint
+from oribus.metrics import REPLICA_TAKEOVERS
 from oribus.shards.config import ShardConfig
 from oribus.shards.manifest import MANIFEST_FILE, ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Participant
@@ -436,6 +443,7 @@ class ReplicaMember:
         self._apply_to(min(self._commit_known, wal.durable_lsn))
         if not self.voter and matched >= batch.commit_lsn:
             # Holds the serving primary's log up to its commit index: every acknowledged record (§7).
+            failpoint("replica.before_voter")
             self._persist(voter=True)
             log.info("shard %d member %d: holds every record up to the commit index %d: now a voter",
                      self.shard_id, self.member_id, batch.commit_lsn)
@@ -454,7 +462,9 @@ class ReplicaMember:
         self.terms.truncate_after(lsn)
         if self._manifest.durable_lsn > lsn:
             self._persist(durable_lsn=self._mark(lsn))  # lowered first: the log may end here
+        failpoint("replica.before_truncate")
         await wal.truncate_after(lsn)
+        failpoint("replica.after_truncate")
         self.counters["truncated_records"] += removed
 
     def _apply_to(self, lsn: int) -> None:
@@ -559,6 +569,7 @@ class ReplicaMember:
                 os.unlink(segment.path)
             if cfg.wal_dir.is_dir():
                 fsync_directory(cfg.wal_dir)
+            failpoint("replica.install_snapshot")  # the log is gone, the snapshot not yet there
             write_snapshot(cfg.snapshot_dir, lsn, raw)
             self._load(0)
 
@@ -595,7 +606,8 @@ class ReplicaMember:
                 self._snapshot_task.cancel()
             rwal = ReplicatedWal(wal, self.terms, term=term, member_id=self.member_id, replicas=self.replicas,
                                  peers=peers, snapshot_source=self._snapshot_source,
-                                 on_deposed=self._deposed, options=self.options)
+                                 on_deposed=self._deposed, options=self.options,
+                                 metrics_label=str(self.shard_id))
             self.rwal = rwal
             self.role = STARTING
             rwal.start()
@@ -614,6 +626,7 @@ class ReplicaMember:
                     shard.core.writes_refused_until = shard.core.clock()
                 self.shard = shard
                 self.role = PRIMARY
+                REPLICA_TAKEOVERS.labels(shard=str(self.shard_id)).inc()
         except BaseException:
             async with self._lock:
                 if self.rwal is rwal:

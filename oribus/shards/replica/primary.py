@@ -36,6 +36,11 @@ Deposition
     ``append``, ``sync`` and ``when_durable`` raise it from then on, the followers' tasks
     stop, and ``on_deposed(term)`` is called once. A deposed primary never acknowledges.
 
+Metrics (``oribus.metrics``, with a ``metrics_label``: the shard id): every durability wait
+observes ``oribus_replica_quorum_wait_seconds{shard}`` when its record is committed, each
+accepted batch sets ``oribus_replica_lag_records{shard,member}``; the member counts
+``oribus_replica_takeovers_total{shard}`` when it begins serving a term.
+
 Usage (``ReplicaMember.become_primary`` does this)::
 
     rw = ReplicatedWal(wal, terms, term=t, member_id=me, replicas=3, peers=peers,
@@ -53,17 +58,19 @@ import contextlib
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from oribus.errors import Unavailable
+from oribus.metrics import REPLICA_LAG_RECORDS, REPLICA_QUORUM_SECONDS
 from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, SnapshotChunk
 from oribus.shards.replica.rules import commit_index, quorum_lsn, resend_from
 from oribus.shards.replica.terms import Terms
 from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
-from oribus.shards.wal.writer import DurableCallback, _settle
+from oribus.shards.wal.writer import DurableCallback, FrameCursor, _settle
 
 log = logging.getLogger("oribus.replica")
 
@@ -94,6 +101,7 @@ class Follower:
     sent_commit: int = -1  # the commit index the last accepted batch carried
     failures: int = 0  # calls failed in a row
     snapshots_sent: int = 0
+    cursor: FrameCursor | None = None  # where reading its frames back from disk continues
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -110,7 +118,7 @@ class ReplicatedWal:
     def __init__(self, wal: Wal, terms: Terms, *, term: int, member_id: int, replicas: int,
                  peers: Sequence[Peer], snapshot_source: Callable[[], tuple[int, bytes] | None] | None = None,
                  on_deposed: Callable[[int], None] | None = None,
-                 options: ReplicationOptions | None = None) -> None:
+                 options: ReplicationOptions | None = None, metrics_label: str = "") -> None:
         if replicas < 1:
             raise ValueError(f"a group has at least one member, not {replicas}")
         self.wal = wal
@@ -125,7 +133,11 @@ class ReplicatedWal:
         self.followers = [Follower(p, wal.last_lsn + 1) for p in peers if p.member_id != member_id]
         self.term_start_lsn: int | None = None  # this term's TERM_START (commits count from it)
         self._commit_lsn = 0
-        self._waiters: list[tuple[int, int, DurableCallback]] = []  # heap by LSN
+        self._waiters: list[tuple[int, int, float, DurableCallback]] = []  # heap by LSN; perf_counter at wait
+        self.metrics_label = metrics_label
+        self._quorum_seconds = REPLICA_QUORUM_SECONDS.labels(shard=metrics_label) if metrics_label else None
+        self._lag = {f.member_id: REPLICA_LAG_RECORDS.labels(shard=metrics_label, member=str(f.member_id))
+                     for f in self.followers} if metrics_label else {}
         self._seq = itertools.count()
         self._recent: collections.deque[tuple[int, list[bytes]]] = collections.deque()
         self._recent_bytes = 0
@@ -227,7 +239,7 @@ class ReplicatedWal:
         ``callback(error)`` once it cannot be acknowledged here (failed WAL, deposed, stopped)."""
         self._check_usable()
         self.wal.when_durable(lsn, self._local_durable)  # starts the flush; raises as Wal does
-        heapq.heappush(self._waiters, (lsn, next(self._seq), callback))
+        heapq.heappush(self._waiters, (lsn, next(self._seq), time.perf_counter(), callback))
         if lsn <= self._commit_lsn:
             self._call_waiters()
 
@@ -264,8 +276,12 @@ class ReplicatedWal:
 
     def _call_waiters(self) -> None:
         waiters = self._waiters
+        histogram = self._quorum_seconds
+        now = time.perf_counter() if histogram is not None else 0.0
         while waiters and waiters[0][0] <= self._commit_lsn:
-            _, _, callback = heapq.heappop(waiters)
+            _, _, started, callback = heapq.heappop(waiters)
+            if histogram is not None:
+                histogram.observe(now - started)
             try:
                 callback(None)
             except Exception:
@@ -280,7 +296,7 @@ class ReplicatedWal:
 
     def _fail_waiters(self, error: BaseException) -> None:
         waiters, self._waiters = self._waiters, []
-        for _, _, callback in sorted(waiters):
+        for *_, callback in sorted(waiters, key=lambda w: (w[0], w[1])):
             try:
                 callback(error)
             except Exception:
@@ -317,8 +333,10 @@ class ReplicatedWal:
         for f in self.followers:
             f.wake.set()
 
-    async def _frames(self, next_lsn: int) -> tuple[bytes, int]:
-        """Frames from ``next_lsn`` on (up to ``max_batch_bytes``) and the last LSN included."""
+    async def _frames(self, f: Follower) -> tuple[bytes, int]:
+        """Frames from the follower's next LSN on (up to ``max_batch_bytes``), and the last LSN
+        included: from the batches in memory, or else read back from the segment files."""
+        next_lsn = f.next_lsn
         if next_lsn > self._available_lsn:
             return b"", next_lsn - 1
         limit = self.options.max_batch_bytes
@@ -337,7 +355,10 @@ class ReplicatedWal:
                     last += 1
             return b"".join(parts), last
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.wal.read_frames, next_lsn, limit, self._available_lsn)
+        read = await loop.run_in_executor(None, self.wal.read_frames, next_lsn, limit, self._available_lsn,
+                                          f.cursor)
+        f.cursor = read.cursor
+        return read.data, read.last_lsn
 
     def _stop_tasks(self) -> None:
         self._stopped = True
@@ -382,7 +403,7 @@ class ReplicatedWal:
                 await asyncio.wait_for(f.wake.wait(), self.options.heartbeat_seconds)
             if self._stopped or f.next_lsn < self.wal.first_lsn:
                 return
-        frames, last = await self._frames(f.next_lsn)
+        frames, last = await self._frames(f)
         prev = f.next_lsn - 1
         batch = AppendBatch(term=self.term, primary=self.member_id, prev=(self.terms.term_at(prev), prev),
                             frames=frames, last_lsn=last, commit_lsn=self._commit_lsn)
@@ -400,6 +421,9 @@ class ReplicatedWal:
         f.voter = getattr(reply, "voter", True)
         if reply.ok:
             f.match_lsn = max(f.match_lsn, min(reply.durable_lsn, last))
+            gauge = self._lag.get(f.member_id)
+            if gauge is not None:
+                gauge.set(self.wal.last_lsn - f.match_lsn)
             f.next_lsn = max(f.next_lsn, last + 1)
             f.sent_commit = max(f.sent_commit, commit)
             self._advance()
