@@ -14,7 +14,8 @@ change pids, and primaries change with every failover.
   listener.
 
 A group is **healthy** when all its members run and answer as voters (none is catching up
-as a learner), and etcd's primary answers as the primary of that term: only then may a
+as a learner) holding at least what the primary knows committed, and etcd's primary answers
+as the primary of that term: only then may a
 fault hit it without exceeding what the group is built to survive (any minority).
 """
 
@@ -118,7 +119,10 @@ class GroupView:
         if not all(s.voter and s.role in ("follower", "primary") for s in self.statuses.values()):
             return False
         leader = self.statuses.get(self.primary.member)
-        return leader is not None and leader.role == "primary" and leader.term == self.primary.term
+        if leader is None or leader.role != "primary" or leader.term != self.primary.term:
+            return False
+        # and none lags: each holds what the primary last knew committed
+        return all(s.last[1] >= leader.commit_lsn for s in self.statuses.values())
 
     def primary_process(self) -> MemberProcess | None:
         return self.members.get(self.primary.member) if self.primary is not None else None
