@@ -421,7 +421,7 @@ def test_prod_shard_probes_check_grpc_health_over_mutual_tls() -> None:
     assert flag(shard["readinessProbe"]["exec"]["command"], "--service") == "oribus.v1.Shard"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_etcd_members_bootstrap_from_a_consistent_initial_cluster(overlay: str) -> None:
     """Every member's --initial-cluster lists all members, each exactly at the peer URL that
     member advertises (etcd refuses to start otherwise), reachable through the headless Service."""
@@ -448,7 +448,7 @@ def test_etcd_members_bootstrap_from_a_consistent_initial_cluster(overlay: str) 
     assert members == advertised
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_oribus_reaches_every_etcd_member(overlay: str) -> None:
     docs = render(overlay)
     sts = one(docs, "StatefulSet", "oribus-etcd")
@@ -605,7 +605,7 @@ def test_a_member_left_without_its_shard_id_refuses_to_start() -> None:
         _shard_id("set-by-the-overlay")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str) -> None:
     docs = render(overlay)
     dep = one(docs, "Deployment", "oribus-bus")
@@ -627,12 +627,13 @@ def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str)
     assert svc["spec"]["sessionAffinity"] == "ClientIP"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_network_policies_admit_exactly_the_planned_connections(overlay: str) -> None:
     docs = render(overlay)
     pods = {
         "bus": pod_labels(one(docs, "Deployment", "oribus-bus")),
-        "shard": pod_labels(one(docs, "StatefulSet", "oribus-shard")),
+        # replicated: a member of shard 0's group (the groups differ only by oribus.io/shard)
+        "shard": pod_labels(one(docs, "StatefulSet", "oribus-shard-0" if overlay == REPLICATED else "oribus-shard")),
         "etcd": pod_labels(one(docs, "StatefulSet", "oribus-etcd")),
         "init": pod_labels(one(docs, "Job", "oribus-cluster-init")),
         "client": dict(CLIENT_LABELS),
@@ -644,7 +645,8 @@ def test_network_policies_admit_exactly_the_planned_connections(overlay: str) ->
         ("bus", 7701): clients,
         ("bus", 7780): clients,
         ("shard", 7801): {"bus"},
-        ("shard", 7802): {"bus"},
+        # replicated: the members of a group ship their log to each other over the stream port
+        ("shard", 7802): {"bus", "shard"} if overlay == REPLICATED else {"bus"},
         ("etcd", 2379): {"shard", "bus", "init"},
         ("etcd", 2380): {"etcd"},
     }
@@ -689,7 +691,7 @@ def test_the_verify_job_runs_oribus_verify_against_the_bus_service() -> None:
     assert args.http == f"http://{svc['metadata']['name']}:{ports['http']}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_the_network_policies_admit_the_verify_job_to_the_bus(overlay: str) -> None:
     docs = render(overlay)
     bus = pod_labels(one(docs, "Deployment", "oribus-bus"))
