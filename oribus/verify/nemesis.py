@@ -27,7 +27,9 @@ member a voter, a primary serving), so that no fault ever takes more than a mino
 - ``kill-follower``: SIGKILL of a follower; ``oribus up`` starts it again.
 
 Each round hits the kinds in a seeded order, each once, on seeded groups. A group that is
-not healthy again within ``settle`` seconds is recorded (``unhealthy``) and skipped.
+not healthy again within ``settle`` seconds is recorded (``unhealthy``) and skipped. After a
+primary's fault, ``takeover`` records when etcd named its successor (``takeovers``: the
+failover times, which the summary gives as a median and a range).
 """
 
 from __future__ import annotations
@@ -154,6 +156,7 @@ class GroupNemesis:
     interval: float = 2.0  # at most this many seconds between a healed fault and the next
     settle: float = 60.0  # seconds a group has to be healthy again before it is hit
     events: list[dict[str, Any]] = field(default_factory=list)
+    takeovers: list[float] = field(default_factory=list)  # seconds from a primary's fault to its successor
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -174,34 +177,58 @@ class GroupNemesis:
 
     def describe(self) -> str:
         kinds = ", ".join(f"{n} {kind}" for kind, n in self.by_kind().items())
-        return (f"{self.faults} faults ({kinds}) on {self.groups.shards} replica groups of "
-                f"{self.groups.replicas}")
+        line = f"{self.faults} faults ({kinds}) on {self.groups.shards} replica groups of {self.groups.replicas}"
+        if self.takeovers:
+            t = sorted(self.takeovers)
+            line += (f"; a new primary {t[len(t) // 2]:.1f}s after a primary's fault (median; "
+                     f"{t[0]:.1f}-{t[-1]:.1f}s over {len(t)})")
+        return line
 
     async def kill_primary_wipe(self, view: GroupView) -> None:
         victim = view.primary_process()
         assert victim is not None
         if not _signal(victim.pid, signal.SIGKILL):
             return
+        hit = time.monotonic()
         await _wait_gone(victim.pid)
         # before `oribus up` starts it again (it waits RESTART_DELAY), so it finds nothing
         shutil.rmtree(victim.data_dir, ignore_errors=True)
         self._log("kill-primary-wipe", victim.name, victim.pid, f"term {view.primary.term if view.primary else 0}; "
                   f"deleted {victim.data_dir}")
+        await self._takeover(victim, hit)
 
     async def pause_primary(self, view: GroupView) -> None:
         victim = view.primary_process()
         assert victim is not None
         if not _signal(victim.pid, signal.SIGSTOP):
             return
+        hit = time.monotonic()
         down = self.lease_ttl + 1.5
         self._paused.add(victim.pid)
         self._log("pause-primary", victim.name, victim.pid, f"{down:.1f}s (lease TTL {self.lease_ttl:g}s)")
         try:
-            await asyncio.sleep(down)
+            watching = asyncio.create_task(self._takeover(victim, hit, down))
+            _, pending = await asyncio.wait({watching}, timeout=down)
+            for task in pending:
+                task.cancel()
+            await asyncio.sleep(max(0.0, hit + down - time.monotonic()))
         finally:
             _signal(victim.pid, signal.SIGCONT)
             self._paused.discard(victim.pid)
             self._log("resume", victim.name, victim.pid)
+
+    async def _takeover(self, victim: MemberProcess, hit: float, timeout: float | None = None) -> None:
+        """Log ``takeover`` once etcd names another member primary of the victim's group, with
+        the seconds since the fault (the failover time, bar the bus's next call)."""
+        deadline = hit + (self.settle if timeout is None else timeout)
+        while time.monotonic() < deadline:
+            view = await self.groups.view(victim.shard)
+            if view.primary is not None and view.primary.member != victim.member:
+                self._log("takeover", f"shard {victim.shard} member {view.primary.member}", 0,
+                          f"term {view.primary.term}, {time.monotonic() - hit:.2f}s after the fault")
+                self.takeovers.append(time.monotonic() - hit)
+                return
+            await asyncio.sleep(0.1)
 
     async def kill_follower(self, view: GroupView) -> None:
         victim: MemberProcess = self.rng.choice(view.followers())

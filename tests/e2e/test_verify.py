@@ -207,4 +207,8 @@ def test_start_local_replica_groups_survive_their_faults_and_verify_finds_nothin
     for e in events:
         if e["fault"] == "kill-primary-wipe":
             assert "deleted" in e["detail"] and e["pid"] > 1
+    # every primary lost (killed, or paused past its lease) had a successor named in etcd
+    primaries_hit = [e for e in events if e["fault"] in ("kill-primary-wipe", "pause-primary")]
+    assert len([e for e in events if e["fault"] == "takeover"]) == len(primaries_hit), events
+    assert "a new primary" in r.stdout
     assert report["counts"]["ok"] > 50 and report["counts"]["unverifiable_writes"] == 0
