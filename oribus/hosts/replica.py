@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,9 @@ log = logging.getLogger("oribus.hosts.replica")
 ELECTION_STAGGER = 0.15  # seconds per member id a follower waits before it stands (ties go to low ids)
 NO_QUORUM_BACKOFF = 0.5  # seconds before a candidate that found no majority stands again
 SESSION_SWEEP_SECONDS = 5.0
-PEER_REFRESH_SECONDS = 0.5  # how often a primary reads the members' addresses from etcd  # how often the primary expires idle sessions and leases
+PEER_REFRESH_SECONDS = 0.5
+FOLLOWER_TICK = 0.1  # how often a follower looks at its stagger, its lease and an elect call
+FOLLOWER_REREAD_SECONDS = 1.0  # how often a follower re-reads the group in etcd without a change  # how often a primary reads the members' addresses from etcd  # how often the primary expires idle sessions and leases
 
 
 @dataclass
@@ -190,6 +193,7 @@ class ReplicaHost:
         self._grpc_counters: dict[str, int] = {}
         self._teardown = Teardown(log)
         self.failovers = 0  # times this member became primary
+        self.primary_since = 0.0  # wall-clock time it last began serving as primary (0: never)
         self.joined = asyncio.Event()
 
     # ---- start ---------------------------------------------------------------------------
@@ -219,6 +223,8 @@ class ReplicaHost:
             if not 0 <= self.shard_id < cluster.shards:
                 raise InvalidRequest(f"shard id {self.shard_id} is outside the cluster's 0..{cluster.shards - 1}")
             self.replicas = cluster.replicas
+            if self.config.member is not None and not 0 <= self.config.member < self.replicas:
+                raise InvalidRequest(f"member id {self.config.member} is outside the group's 0..{self.replicas - 1}")
             if self._dir_lock is None:
                 self._dir_lock = DataDirLock.acquire(self.config.shard.data_dir)
                 self._teardown.push("data directory lock", self._dir_lock.release)
@@ -349,32 +355,30 @@ class ReplicaHost:
         stagger = ELECTION_STAGGER * self.member_id + random.uniform(0, ELECTION_STAGGER / 2)
         absent_since: float | None = None
         loop = asyncio.get_running_loop()
-        async for _ in self._group_changes():
-            if self._lease_lost():
-                self.roles.move(Role.JOINING)
-                return
-            if self._elect_hint:
-                self.roles.move(Role.CANDIDATE)
-                return
-            await self._refresh_peers()
-            primary = await self.groups.primary(self.shard_id)
-            self.primary_member = primary.member if primary is not None else -1
-            if primary is not None or not self.member.voter:
-                absent_since = None
-                continue
-            now = loop.time()
-            absent_since = absent_since if absent_since is not None else now
-            if now - absent_since >= stagger:
-                self.roles.move(Role.CANDIDATE)
-                return
-
-    async def _group_changes(self) -> AsyncIterator[None]:
-        """Wakes on every change of the group in etcd, and every 0.1 s at least (the stagger,
-        the lease and an ``elect`` call are looked at then)."""
-        watch = self.groups.watch(self.shard_id, poll_seconds=0.1)
+        read_at = -1.0
+        watch = self.groups.watch(self.shard_id, poll_seconds=FOLLOWER_TICK)
         try:
-            async for _ in watch:
-                yield None
+            async for changed in watch:
+                if self._lease_lost():
+                    self.roles.move(Role.JOINING)
+                    return
+                if self._elect_hint:
+                    self.roles.move(Role.CANDIDATE)
+                    return
+                now = loop.time()
+                # etcd is read on a change, while no primary is known, and every second anyway
+                if changed or absent_since is not None or now - read_at >= FOLLOWER_REREAD_SECONDS:
+                    read_at = now
+                    await self._refresh_peers()
+                    primary = await self.groups.primary(self.shard_id)
+                    self.primary_member = primary.member if primary is not None else -1
+                if self.primary_member >= 0 or not self.member.voter:
+                    absent_since = None
+                    continue
+                absent_since = absent_since if absent_since is not None else now
+                if now - absent_since >= stagger:
+                    self.roles.move(Role.CANDIDATE)
+                    return
         finally:
             await watch.aclose()  # type: ignore[attr-defined]
 
@@ -471,6 +475,7 @@ class ReplicaHost:
         ops["stats"] = self._stats
         self._shard_ops = ops
         self.failovers += 1
+        self.primary_since = time.time()
         log.warning("shard %d member %d serves as primary of term %d", self.shard_id, self.member_id, term)
 
     async def _lead(self) -> None:
@@ -484,7 +489,9 @@ class ReplicaHost:
                 await self._leave_primary("deposed by a higher term")
                 return
             if not self.lease.valid(self.skew):
-                await self._leave_primary("its primary lease ran out")
+                ago = self.lease.clock() - self.lease.acked_at
+                await self._leave_primary(f"its primary lease ran out (the last keep-alive etcd acknowledged "
+                                          f"was sent {ago:.2f}s ago; TTL {self.lease.ttl:g}s)")
                 return
             if not self.member.is_primary:
                 await self._leave_primary("the member stepped down")
@@ -585,7 +592,8 @@ class ReplicaHost:
         if self._stream is not None:
             transport["stream"] = dict(self._stream.counters)
         replica = self.member.status() if self.member is not None else {}
-        return {**out, "transport": transport, "replica": {**replica, "failovers": self.failovers}}
+        return {**out, "transport": transport,
+                "replica": {**replica, "failovers": self.failovers, "primary_since": self.primary_since}}
 
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         self._serving({})
