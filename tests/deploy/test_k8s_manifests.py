@@ -605,6 +605,18 @@ def test_a_member_left_without_its_shard_id_refuses_to_start() -> None:
         _shard_id("set-by-the-overlay")
 
 
+def test_member_ordinal_is_the_pod_name_s_last_number() -> None:
+    from oribus.cli import _member_id, build_parser
+
+    with mock.patch.dict("os.environ", {"POD_NAME": "oribus-shard-12-4"}):
+        assert _member_id("ordinal") == 4 and _member_id("2") == 2 and _member_id(None) is None
+    with mock.patch.dict("os.environ", {"POD_NAME": "a-shard-pod"}), \
+            pytest.raises(SystemExit, match="--member ordinal: host name 'a-shard-pod'"):
+        _member_id("ordinal")
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        build_parser().parse_args(["shard", "--id", "0", "--data-dir", "d", "--member", "first"])
+
+
 @pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str) -> None:
     docs = render(overlay)
