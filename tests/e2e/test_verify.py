@@ -195,7 +195,7 @@ def test_start_local_replica_groups_survive_their_faults_and_verify_finds_nothin
     """Every kind of the group nemesis hits (kill-primary-wipe, pause-primary, kill-follower: one
     of each per round, in a seeded order); each wiped primary's data directory is really gone."""
     out = tmp_path / "o"
-    r = verify("--start-local", "--replicas", "3", "--nemesis", "local", "--duration", "20s", "--clients", "6",
+    r = verify("--start-local", "--replicas", "3", "--nemesis", "local", "--duration", "30s", "--clients", "6",
                "--keys", "6", "--seed", "5", "--out", str(out), timeout=300)
     print(r.stdout, r.stderr[-3000:])
     assert r.returncode == 0, r.stdout + r.stderr
