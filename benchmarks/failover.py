@@ -278,8 +278,11 @@ async def main(args: argparse.Namespace) -> dict:
         print(f"catch-up: {lead.commit_lsn} records in {seconds:.2f}s ({rate:.0f} records/s) after joining "
               f"{joined:.2f}s after its start", file=sys.stderr)
 
+        got = {}
         async with oribus.connect(group.bus_address, agent="failover-checker") as check:
-            got = await check.get_many(sorted(writer.acked))
+            keys = sorted(writer.acked)
+            for i in range(0, len(keys), 5000):  # a read names at most 10000 keys
+                got.update(await check.get_many(keys[i:i + 5000]))
         lost = sum(1 for k, v in writer.acked.items() if got[k].version < v)
         return {"kills": args.kills, "lease_ttl": args.lease_ttl, "read_lease": args.read_lease,
                 "failover_seconds": summary(failovers), "election_seconds": summary(elections),

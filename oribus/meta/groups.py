@@ -155,6 +155,9 @@ class EtcdGroups:
                           e.message)
                 return
             failing.clear()
+            took = time.monotonic() - sent
+            if took > held.ttl / 4:  # what eats the primary lease: say so (etcd slow, or this process)
+                log.warning("etcd answered a keep-alive of lease %x after %.2fs (TTL %gs)", held.id, took, held.ttl)
             if reply is None or reply.TTL <= 0:
                 if not held.lost.is_set():
                     log.critical("lease %x expired in etcd: every claim bound to it is gone", held.id)
@@ -164,7 +167,11 @@ class EtcdGroups:
 
         try:
             while not held.lost.is_set():
+                due = time.monotonic() + period
                 await asyncio.sleep(period)
+                late = time.monotonic() - due
+                if late > held.ttl / 4:  # this process's event loop did not run for that long
+                    log.warning("keep-alive of lease %x sent %.2fs late: the event loop was busy", held.id, late)
                 if len(in_flight) < MAX_KEEPALIVES_IN_FLIGHT:
                     task = asyncio.get_running_loop().create_task(refresh(time.monotonic()))
                     in_flight.add(task)
