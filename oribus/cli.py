@@ -136,19 +136,38 @@ def _meta(args: argparse.Namespace) -> EtcdMeta | None:
     return EtcdMeta(args.etcd, args.cluster, lease_ttl=args.lease_ttl)
 
 
-def _shard_id(raw: str) -> int:
-    """``--id N``, or ``--id ordinal``: the number after the last '-' of the pod's name
-    (``$POD_NAME``, else the host name): a StatefulSet pod ``oribus-shard-2`` serves shard 2."""
+def _ordinal(raw: str, flag: str) -> int:
+    """A number, or ``ordinal``: the number after the last '-' of the pod's name (``$POD_NAME``,
+    else the host name), the pod's ordinal in its StatefulSet."""
     import os
     import socket
 
     if raw != "ordinal":
+        if not raw.isdigit():
+            raise SystemExit(f"{flag} {raw!r}: give a number, or 'ordinal'")
         return int(raw)
     host = os.environ.get("POD_NAME") or socket.gethostname()
     suffix = host.rsplit("-", 1)[-1]
     if not suffix.isdigit():
-        raise SystemExit(f"--id ordinal: host name {host!r} does not end in -<number>")
+        raise SystemExit(f"{flag} ordinal: host name {host!r} does not end in -<number>")
     return int(suffix)
+
+
+def _shard_id(raw: str) -> int:
+    """``--id N``, or ``--id ordinal``: a StatefulSet pod ``oribus-shard-2`` serves shard 2."""
+    return _ordinal(raw, "--id")
+
+
+def _member_id(raw: str | None) -> int | None:
+    """``--member M``, or ``--member ordinal``: pod ``oribus-shard-1-2`` of the StatefulSet of shard 1's
+    replica group (deploy/k8s/replica-group) is member 2, on every restart and on a new volume."""
+    return None if raw is None else _ordinal(raw, "--member")
+
+
+def _int_or_ordinal(text: str) -> str:
+    if text != "ordinal" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'ordinal'")
+    return text
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
@@ -175,7 +194,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
                               tls=_tls(args), meta=_meta(args), advertise=args.advertise,
                               claim_wait=args.lease_ttl * 2 + 1 if args.claim_wait is None else args.claim_wait,
                               stream_listen=args.stream_listen, advertise_stream=args.advertise_stream,
-                              member=args.member),
+                              member=_member_id(args.member)),
              serving=True)
     except ClaimRefused as e:
         print(f"oribus shard: refused: {e}", file=sys.stderr)
@@ -574,6 +593,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print("oribus verify: --nemesis local needs --pids P1,P2,... (processes on this machine) "
               "or --start-local", file=sys.stderr)
         return 2
+    if args.replicas > 1 and not args.start_local:
+        print("oribus verify: --replicas is for --start-local (a deployment verify starts itself)", file=sys.stderr)
+        return 2
     if args.pids and args.nemesis != "local":
         print("oribus verify: --pids is for --nemesis local", file=sys.stderr)
         return 2
@@ -588,7 +610,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         clients=args.clients,
         keys=args.keys, workload=args.workload, prefix=args.prefix, out=Path(args.out), seed=args.seed,
         rate=args.rate, keep=args.keep, nemesis=args.nemesis, pids=args.pids or [],
-        start_local=args.start_local,
+        start_local=args.start_local, replicas=args.replicas,
     )
     return int(_run(verify(config)))
 
@@ -642,9 +664,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--advertise with the bound port)")
     p.add_argument("--ready-file", help="write the bound address here once serving (the gRPC one, then the "
                                         "stream one on a second line)")
-    p.add_argument("--member", type=int, metavar="M",
+    p.add_argument("--member", type=_int_or_ordinal, metavar="M",
                    help="a replicated cluster (cluster init --replicas 3 or 5): this process's member id in the "
-                        "shard's group (default: the one its data directory names, else the lowest free one)")
+                        "shard's group, or 'ordinal' (the host name's -N suffix: a StatefulSet pod's ordinal) "
+                        "(default: the one its data directory names, else the lowest free one)")
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
@@ -769,6 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-local", action="store_true",
                    help="start an `oribus up --processes` on free ports in a temporary directory, verify it "
                         "(with --nemesis local: kill -9, pause and restart it) and stop it")
+    p.add_argument("--replicas", type=int, choices=(1, 3, 5), default=1,
+                   help="with --start-local: run each shard as a replica group of this many members (oribus up "
+                        "--replicas, a 3 s lease TTL); --nemesis local then kills a primary and deletes its data, "
+                        "pauses a primary past its lease, kills a follower (default: %(default)s)")
     p.set_defaults(fn=_cmd_verify)
 
     p = sub.add_parser("repair", help="truncate a damaged WAL at its first bad record (keeps .broken copies)")

@@ -4,6 +4,11 @@ It runs in a temporary directory on free loopback ports, with its output in
 ``up.log`` there. Because verify started it, the nemesis may kill -9 it and
 start it again on the same ports and data (its shard processes die with it:
 ``oribus.lifeline``), which it cannot do for processes it was only given.
+
+With ``replicas`` > 1 (``--replicas 3``) it is ``oribus up --processes --replicas R`` with a
+short lease TTL (``GROUP_LEASE_TTL``, so that failovers take seconds): each shard a replica
+group of member processes that ``oribus up`` restarts when they die, over the private etcd
+it starts. The nemesis then hits the members, not ``oribus up`` (``GroupNemesis``).
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+GROUP_LEASE_TTL = 3  # seconds: the members' etcd lease, hence about how long a failover takes
+
+
 class LocalDeployment:
     """``oribus up --processes`` on free ports in a temporary directory."""
 
-    def __init__(self, shards: int = 2) -> None:
+    def __init__(self, shards: int = 2, replicas: int = 1, lease_ttl: int = GROUP_LEASE_TTL) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="oribus-verify-"))
         self.address = f"127.0.0.1:{free_port()}"
         self.http_address = f"127.0.0.1:{free_port()}"
         self.shards = shards
+        self.replicas = replicas  # > 1: every shard a replica group of this many member processes
+        self.lease_ttl = lease_ttl  # with replicas > 1
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -41,9 +51,11 @@ class LocalDeployment:
         return f"http://{self.http_address}"
 
     def _spawn(self) -> None:
+        groups = (["--replicas", str(self.replicas), "--lease-ttl", str(self.lease_ttl)]
+                  if self.replicas > 1 else [])
         with open(self.dir / "up.log", "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oribus.cli", "up", "--processes", "--shards", str(self.shards),
+                [sys.executable, "-m", "oribus.cli", "up", "--processes", "--shards", str(self.shards), *groups,
                  "--data-dir", str(self.dir / "data"), "--listen", self.address, "--http", self.http_address],
                 stdout=log, stderr=subprocess.STDOUT)
 

@@ -22,8 +22,9 @@ import oribus
 from oribus.checker import Recorder, check, record_final
 from oribus.errors import OribusError, Unavailable
 from oribus.verify import report as reports
+from oribus.verify.groups import LocalGroups
 from oribus.verify.local import LocalDeployment
-from oribus.verify.nemesis import LocalNemesis, Target
+from oribus.verify.nemesis import GroupNemesis, LocalNemesis, Target
 from oribus.verify.plan import draw_mix
 from oribus.verify.workloads import (
     AGENT_STEP,
@@ -62,6 +63,7 @@ class VerifyConfig:
     nemesis: str | None = None  # "local"
     pids: list[int] = field(default_factory=list)
     start_local: bool = False
+    replicas: int = 1  # with start_local: > 1 runs every shard as a replica group of this many members
     run_id: str = field(default_factory=lambda: "r" + secrets.token_hex(4))
 
 
@@ -120,6 +122,14 @@ async def _remove(addr: str, cfg: VerifyConfig, keys: list[str]) -> str:
     return f"removed the run's {len(keys)} keys (their history stays, as for any delete); --keep keeps them"
 
 
+def _nemesis_line(nemesis: LocalNemesis | GroupNemesis | None) -> str | None:
+    if nemesis is None:
+        return None
+    if isinstance(nemesis, GroupNemesis):
+        return nemesis.describe()
+    return f"{nemesis.faults} faults on {', '.join(t.name for t in nemesis.targets)}"
+
+
 async def _progress(clients: Clients, started: float, duration: float, stream: TextIO) -> None:
     tty = stream.isatty()
     while True:
@@ -140,8 +150,9 @@ async def verify(cfg: VerifyConfig, out: TextIO = sys.stdout, err: TextIO = sys.
     local: LocalDeployment | None = None
     try:
         if cfg.start_local:
-            local = LocalDeployment()
-            _line(err, f"starting oribus up --processes in {local.dir} ...")
+            local = LocalDeployment(replicas=cfg.replicas)
+            groups = (f" --replicas {cfg.replicas} --lease-ttl {local.lease_ttl}" if cfg.replicas > 1 else "")
+            _line(err, f"starting oribus up --processes{groups} in {local.dir} ...")
             pid = await local.start()
             cfg.addr, cfg.http = local.address, cfg.http or local.http_url
             cfg.pids = [pid]
@@ -188,9 +199,13 @@ async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment |
         tasks.append(asyncio.create_task(clients.run_client(ex, process, workload, i)))
     _line(err, f"oribus verify {cfg.run_id}: {len(tasks)} clients ({n_http} over HTTP) for {cfg.duration:.0f}s "
                f"under {cfg.prefix}, seed {cfg.seed} (--seed {cfg.seed} replays the same operations)")
-    nemesis: LocalNemesis | None = None
+    nemesis: LocalNemesis | GroupNemesis | None = None
     nemesis_task = None
-    if cfg.nemesis == "local":
+    if cfg.nemesis == "local" and local is not None and local.replicas > 1:
+        nemesis = GroupNemesis(LocalGroups(cfg.pids[0], local.shards, local.replicas), local.lease_ttl,
+                               seed=cfg.seed)
+        nemesis_task = asyncio.create_task(nemesis.run(cfg.duration))
+    elif cfg.nemesis == "local":
         targets = [Target(f"pid {p}", p) for p in cfg.pids]
         if local is not None:
             targets = [Target("oribus up", cfg.pids[0], restart=local.restart)]
@@ -208,6 +223,8 @@ async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment |
         progress.cancel()
         if nemesis is not None:
             await nemesis.heal()
+        if isinstance(nemesis, GroupNemesis):
+            await nemesis.groups.close()
         for s in sessions:
             await s.close()
     if err.isatty():
@@ -224,8 +241,8 @@ async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment |
         "workload": cfg.workload, "clients": cfg.clients, "keys": cfg.keys, "seed": cfg.seed,
         "prefix": cfg.prefix, "duration": cfg.duration, "rate": cfg.rate, "elapsed": elapsed,
         "http_clients": n_http, "mix": mix.to_dict(),
-        "nemesis": (f"{nemesis.faults} faults on {', '.join(t.name for t in nemesis.targets)}"
-                    if nemesis is not None else None),
+        "nemesis": _nemesis_line(nemesis),
+        "faults": nemesis.by_kind() if isinstance(nemesis, GroupNemesis) else None,
         "nemesis_events": nemesis.events if nemesis is not None else [],
         "final_read_error": final_error,
     }

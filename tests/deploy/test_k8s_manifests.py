@@ -35,7 +35,8 @@ from kubernetes_validate import utils as kv_utils
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("overlays/dev", "overlays/prod")
-TARGETS = (*OVERLAYS, "examples/external-etcd")
+REPLICATED = "overlays/replicated"  # one StatefulSet per shard's replica group (specs/replication.md §10)
+TARGETS = (*OVERLAYS, REPLICATED, "examples/external-etcd")
 # the oldest Kubernetes these manifests claim (deploy/k8s/README.md) and the newest schema at hand
 KUBE_VERSIONS = ("1.30", kv_utils.latest_version())
 NAMESPACE = "ns-under-test"  # what the downward API gives metadata.namespace here
@@ -352,6 +353,9 @@ def test_oribus_command_lines_parse_with_the_oribus_cli(target: str) -> None:
             commands.add(args.command)
             if args.command in ("shard", "bus"):
                 assert args.etcd and args.cluster == config_data(docs)["ORIBUS_CLUSTER"]
+            if args.command == "cluster":  # the shape of the shards the cluster is created with
+                assert args.shards == int(config_data(docs)["ORIBUS_SHARDS"])
+                assert args.replicas == int(config_data(docs)["ORIBUS_REPLICAS"])
     assert commands == {"cluster", "shard", "bus"}
 
 
@@ -417,7 +421,7 @@ def test_prod_shard_probes_check_grpc_health_over_mutual_tls() -> None:
     assert flag(shard["readinessProbe"]["exec"]["command"], "--service") == "oribus.v1.Shard"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_etcd_members_bootstrap_from_a_consistent_initial_cluster(overlay: str) -> None:
     """Every member's --initial-cluster lists all members, each exactly at the peer URL that
     member advertises (etcd refuses to start otherwise), reachable through the headless Service."""
@@ -444,7 +448,7 @@ def test_etcd_members_bootstrap_from_a_consistent_initial_cluster(overlay: str) 
     assert members == advertised
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_oribus_reaches_every_etcd_member(overlay: str) -> None:
     docs = render(overlay)
     sts = one(docs, "StatefulSet", "oribus-etcd")
@@ -490,7 +494,130 @@ def test_shards_are_a_statefulset_whose_ordinal_is_the_shard_id(overlay: str) ->
         assert shard["livenessProbe"]["grpc"] == {"port": 7801}
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+def group_pods(docs: tuple[dict, ...], sts: dict) -> dict[str, dict[str, str]]:
+    """Every pod a StatefulSet makes, by name, with its labels."""
+    return {name: pod_labels(sts) for name in pod_names(sts)}
+
+
+def test_replicated_is_one_statefulset_per_shard_each_a_replica_group() -> None:
+    """specs/replication.md §10: shard n is the StatefulSet oribus-shard-n of ORIBUS_REPLICAS pods,
+    pod r of which runs member r of shard n; its members never share a node and spread over
+    zones; a budget per group keeps its majority; the unreplicated StatefulSet is gone."""
+    from oribus.cli import _member_id, _shard_id, build_parser
+
+    docs = render(REPLICATED)
+    config = config_data(docs)
+    shards, replicas = int(config["ORIBUS_SHARDS"]), int(config["ORIBUS_REPLICAS"])
+    assert (shards, replicas) == (2, 3)
+    groups = [w for w in objects(docs, "StatefulSet") if w["metadata"]["name"].startswith("oribus-shard")]
+    assert sorted(g["metadata"]["name"] for g in groups) == [f"oribus-shard-{n}" for n in range(shards)]
+    svc = one(docs, "Service", "oribus-shard")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    budgets = objects(docs, "PodDisruptionBudget")
+    all_pods = {name: labels for g in groups for name, labels in group_pods(docs, g).items()}
+    assert len(all_pods) == shards * replicas
+    for n in range(shards):
+        sts = one(docs, "StatefulSet", f"oribus-shard-{n}")
+        spec = sts["spec"]
+        assert spec["replicas"] == replicas and spec["podManagementPolicy"] == "Parallel"
+        assert spec["serviceName"] == "oribus-shard" and selects(svc["spec"]["selector"], pod_labels(sts))
+        mine = group_pods(docs, sts)
+        others = {k: v for k, v in all_pods.items() if k not in mine}
+        # the selector is the group's own: a StatefulSet adopts no other group's pods
+        assert not any(selects(spec["selector"], labels) for labels in others.values())
+        shard = container(sts, "shard")
+        for r, name in enumerate(pod_names(sts)):
+            argv = command_line(docs, sts, shard, name)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                args = build_parser().parse_args(argv)
+            assert args.command == "shard"
+            # what the process resolves in its pod: shard n, member r (the pod's ordinal)
+            with mock.patch.dict("os.environ", {"POD_NAME": name}):
+                assert (_shard_id(args.id), _member_id(args.member)) == (n, r), argv
+            assert flag(argv, "--member") == "ordinal"
+            assert flag(argv, "--advertise") == f"{name}.oribus-shard.{NAMESPACE}.svc.cluster.local:7801"
+            assert flag(argv, "--advertise-stream") == f"{name}.oribus-shard.{NAMESPACE}.svc.cluster.local:7802"
+            (claim,) = spec["volumeClaimTemplates"]  # each member's log on its own volume
+            (mount,) = [m for m in shard["volumeMounts"] if m["name"] == claim["metadata"]["name"]]
+            assert Path(flag(argv, "--data-dir")).is_relative_to(mount["mountPath"])
+        # anti-affinity: required across nodes, preferred across zones, among this group's pods only
+        anti = pod_template(sts)["spec"]["affinity"]["podAntiAffinity"]
+        (hard,) = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+        (soft,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+        assert hard["topologyKey"] == "kubernetes.io/hostname"
+        assert soft["podAffinityTerm"]["topologyKey"] == "topology.kubernetes.io/zone"
+        for term in (hard, soft["podAffinityTerm"]):
+            assert all(selects(term["labelSelector"], labels) for labels in mine.values())
+            assert not any(selects(term["labelSelector"], labels) for labels in others.values())
+        # one budget covers the group, and keeps its majority
+        (pdb,) = [b for b in budgets if any(selects(b["spec"]["selector"], lab) for lab in mine.values())]
+        assert all(selects(pdb["spec"]["selector"], lab) for lab in mine.values())
+        assert pdb["spec"]["minAvailable"] == replicas // 2 + 1 and "maxUnavailable" not in pdb["spec"]
+    # the unreplicated shards are gone; no pod is under two budgets (it could never be evicted)
+    assert "oribus-shard" not in {w["metadata"]["name"] for w in workloads(docs)}
+    for name, labels in all_pods.items():
+        assert len([b for b in budgets if selects(b["spec"]["selector"], labels)]) == 1, name
+
+
+def test_a_replica_group_member_runs_the_base_shard_pod_but_for_its_ids_and_affinity() -> None:
+    """replica-group/statefulset.yaml repeats base/shard.yaml's pod: what differs is only the
+    member and shard ids, the group's labels and the anti-affinity."""
+    base = one(render("overlays/dev"), "StatefulSet", "oribus-shard")
+    group = one(render(REPLICATED), "StatefulSet", "oribus-shard-1")
+
+    def comparable(sts: dict) -> dict:
+        spec = copy.deepcopy(pod_template(sts)["spec"])
+        spec.pop("affinity")
+        c = spec["containers"][0]
+        c["env"] = [e for e in c["env"] if e["name"] != "ORIBUS_SHARD_ID"]
+        args = c.pop("args")
+        i = args.index("--id")
+        c["args"] = args[:i] + args[i + 2:] if args[i + 2] != "--member" else args[:i] + args[i + 4:]
+        c["image"] = c["image"].split(":")[0]
+        claims = [(t["metadata"]["name"], t["spec"]) for t in sts["spec"]["volumeClaimTemplates"]]
+        return {"pod": spec, "claims": claims}
+
+    assert comparable(group) == comparable(base)
+    member = container(group, "shard")
+    args = member["args"]
+    assert args[args.index("--id") + 1] == "$(ORIBUS_SHARD_ID)" and args[args.index("--member") + 1] == "ordinal"
+    assert {"name": "ORIBUS_SHARD_ID", "value": "1"} in member["env"]
+
+
+def test_replicated_members_reach_each_other_only_on_the_stream_port() -> None:
+    docs = render(REPLICATED)
+    member = pod_labels(one(docs, "StatefulSet", "oribus-shard-0"))
+    other_group = pod_labels(one(docs, "StatefulSet", "oribus-shard-1"))
+    bus = pod_labels(one(docs, "Deployment", "oribus-bus"))
+    etcd = pod_labels(one(docs, "StatefulSet", "oribus-etcd"))
+    assert allowed(docs, other_group, member, 7802) and allowed(docs, member, member, 7802)  # replication
+    assert allowed(docs, bus, member, 7801) and allowed(docs, bus, member, 7802)
+    assert not allowed(docs, member, member, 7801) and not allowed(docs, etcd, member, 7802)
+    assert allowed(docs, member, etcd, 2379)
+
+
+def test_a_member_left_without_its_shard_id_refuses_to_start() -> None:
+    """The group's placeholder shard id, unpatched, stops the process with a message."""
+    from oribus.cli import _shard_id
+
+    with pytest.raises(SystemExit, match="--id 'set-by-the-overlay'"):
+        _shard_id("set-by-the-overlay")
+
+
+def test_member_ordinal_is_the_pod_name_s_last_number() -> None:
+    from oribus.cli import _member_id, build_parser
+
+    with mock.patch.dict("os.environ", {"POD_NAME": "oribus-shard-12-4"}):
+        assert _member_id("ordinal") == 4 and _member_id("2") == 2 and _member_id(None) is None
+    with mock.patch.dict("os.environ", {"POD_NAME": "a-shard-pod"}), \
+            pytest.raises(SystemExit, match="--member ordinal: host name 'a-shard-pod'"):
+        _member_id("ordinal")
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        build_parser().parse_args(["shard", "--id", "0", "--data-dir", "d", "--member", "first"])
+
+
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str) -> None:
     docs = render(overlay)
     dep = one(docs, "Deployment", "oribus-bus")
@@ -515,12 +642,13 @@ def test_bus_is_a_deployment_behind_a_service_with_client_affinity(overlay: str)
     assert svc["spec"]["sessionAffinity"] == "ClientIP"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_network_policies_admit_exactly_the_planned_connections(overlay: str) -> None:
     docs = render(overlay)
     pods = {
         "bus": pod_labels(one(docs, "Deployment", "oribus-bus")),
-        "shard": pod_labels(one(docs, "StatefulSet", "oribus-shard")),
+        # replicated: a member of shard 0's group (the groups differ only by oribus.io/shard)
+        "shard": pod_labels(one(docs, "StatefulSet", "oribus-shard-0" if overlay == REPLICATED else "oribus-shard")),
         "etcd": pod_labels(one(docs, "StatefulSet", "oribus-etcd")),
         "init": pod_labels(one(docs, "Job", "oribus-cluster-init")),
         "client": dict(CLIENT_LABELS),
@@ -532,7 +660,8 @@ def test_network_policies_admit_exactly_the_planned_connections(overlay: str) ->
         ("bus", 7701): clients,
         ("bus", 7780): clients,
         ("shard", 7801): {"bus"},
-        ("shard", 7802): {"bus"},
+        # replicated: the members of a group ship their log to each other over the stream port
+        ("shard", 7802): {"bus", "shard"} if overlay == REPLICATED else {"bus"},
         ("etcd", 2379): {"shard", "bus", "init"},
         ("etcd", 2380): {"etcd"},
     }
@@ -577,7 +706,7 @@ def test_the_verify_job_runs_oribus_verify_against_the_bus_service() -> None:
     assert args.http == f"http://{svc['metadata']['name']}:{ports['http']}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, REPLICATED))
 def test_the_network_policies_admit_the_verify_job_to_the_bus(overlay: str) -> None:
     docs = render(overlay)
     bus = pod_labels(one(docs, "Deployment", "oribus-bus"))

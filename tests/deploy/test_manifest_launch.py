@@ -1,4 +1,4 @@
-"""Manifest-driven launch: the rendered ``dev`` overlay, run as local processes.
+"""Manifest-driven launch: the rendered ``dev`` and ``replicated`` overlays, run as local processes.
 
 ``kubectl kustomize deploy/k8s/overlays/dev`` is read with PyYAML and every pod it
 describes is started the way the kubelet would start it, as processes on this machine:
@@ -8,6 +8,12 @@ readiness probe must succeed, and SDK and HTTP traffic must go through the bus t
 shards. This proves the manifests start the real code correctly: the command lines, the
 environment, the downward API, the addresses each server listens on, advertises and dials,
 and the volumes they write to.
+
+The ``replicated`` overlay runs the same way, with one StatefulSet per shard's replica group
+(3 member pods each): the groups elect their primaries through etcd, traffic flows, and
+then the process of shard 0's primary pod is killed with SIGKILL. Another member must take
+over, and commits through the bus flow again with everything acknowledged before still
+there; the killed pod, started again as the kubelet would, rejoins its group.
 
 How a pod becomes local processes
 ---------------------------------
@@ -560,7 +566,8 @@ class LocalKubelet:
     def wait_until(self, pod: Pod, what: str, check: Callable[[], str | None]) -> None:
         """Poll ``check`` (None: success, else why not) while the pod's processes run."""
         deadline = time.monotonic() + PROBE_TIMEOUT
-        running = [p for p in self.procs if p.pod is pod]
+        # each container's latest process (one killed earlier and started again is not it)
+        running = list({p.container["name"]: p for p in self.procs if p.pod is pod}.values())
         while True:
             for p in running:
                 if p.exit_code() is not None:
@@ -706,8 +713,10 @@ def key_on(slot_map, shard: int, prefix: str) -> str:
     return next(k for k in (f"{prefix}/{i}" for i in range(100_000)) if slot_map.shard_for(k) == shard)
 
 
-async def sdk_traffic(bus: str, etcd: str, cluster: str, shards: int, advertised: set[str]) -> None:
-    """Commits on both shards through the bus, a two-shard commit, reads, a stale read."""
+async def sdk_traffic(bus: str, etcd: str, cluster: str, shards: int, advertised: dict[int, set[str]]) -> list[str]:
+    """Commits on both shards through the bus, a two-shard commit, reads, a stale read. Shard n
+    must be served at one of ``advertised[n]`` (its pod, or its group's members). The keys used,
+    one per shard, each at version 3 (shard 0's) or 2."""
     meta = EtcdMeta(etcd, cluster)
     try:
         config = await meta.config()
@@ -717,7 +726,7 @@ async def sdk_traffic(bus: str, etcd: str, cluster: str, shards: int, advertised
     assert config.shards == shards, config  # what the Job wrote
     # every shard claimed its id at the address it was told to advertise
     assert set(records) == set(range(shards)), records
-    assert {r.address for r in records.values()} == advertised
+    assert all(records[n].address in advertised[n] for n in range(shards)), (records, advertised)
     slot_map = config.slot_map()
     keys = [key_on(slot_map, s, "launch") for s in range(shards)]
 
@@ -741,6 +750,7 @@ async def sdk_traffic(bus: str, etcd: str, cluster: str, shards: int, advertised
         assert type(refused.value) is Conflict
         assert [tuple(s) for s in refused.value.stale] == [(keys[0], 2, 3, "stale_read")]
         assert (await planner.get(keys[1])).value == {"step": 11}
+    return keys
 
 
 def http_traffic(http: str, shards: int) -> None:
@@ -779,10 +789,12 @@ def test_dev_overlay_runs_as_local_processes(tmp_path: Path) -> None:
 
         (init,) = kubelet.pods_of("Job", "oribus-cluster-init")
         (first,) = kubelet.run_job(init)
-        assert {"cluster": config["ORIBUS_CLUSTER"], "shards": shards, "created": True} in json_lines(first)
+        assert {"cluster": config["ORIBUS_CLUSTER"], "shards": shards, "replicas": 1,
+                "created": True} in json_lines(first)
         # the Job may run again (restartPolicy OnFailure, backoffLimit): that must be harmless
         (again,) = kubelet.run_job(init)
-        assert {"cluster": config["ORIBUS_CLUSTER"], "shards": shards, "created": False} in json_lines(again)
+        assert {"cluster": config["ORIBUS_CLUSTER"], "shards": shards, "replicas": 1,
+                "created": False} in json_lines(again)
 
         shard_pods = kubelet.pods_of("StatefulSet", "oribus-shard")
         assert len(shard_pods) == shards, f"ORIBUS_SHARDS is {shards}, there are {len(shard_pods)} shard pods"
@@ -803,12 +815,126 @@ def test_dev_overlay_runs_as_local_processes(tmp_path: Path) -> None:
         bus_grpc = kubelet.rewrite_addresses(f"oribus-bus.{NAMESPACE}.svc:7700", None, "client")
         bus_http = kubelet.rewrite_addresses(f"oribus-bus.{NAMESPACE}.svc:7780", None, "client")
         etcd_urls = kubelet.rewrite_addresses(config["ORIBUS_ETCD"], None, "client")
-        advertised = {f"{POD_IP}:{pod.ports[7801]}" for pod in shard_pods}
+        advertised = {n: {f"{POD_IP}:{pod.ports[7801]}"} for n, pod in enumerate(shard_pods)}
         asyncio.run(sdk_traffic(bus_grpc, etcd_urls, config["ORIBUS_CLUSTER"], shards, advertised))
         http_traffic(bus_http, shards)
 
         # the kubelet's stop: SIGTERM, then SIGKILL after terminationGracePeriodSeconds
         codes = kubelet.stop([p for p in kubelet.procs if p.pod is not init and is_oribus(p.container)])
+        assert codes == dict.fromkeys(codes, 0), f"not a clean exit on SIGTERM: {codes}\n{kubelet.log_tails()}"
+    except BaseException:
+        print(kubelet.log_tails())
+        raise
+    finally:
+        kubelet.stop(kubelet.procs, grace=10)
+
+
+REPLICATED = "overlays/replicated"
+FAILOVER_TIMEOUT = 60.0  # seconds for writes to flow again after the primary's kill (2 x TTL is the target)
+
+
+async def group_primary(etcd: str, cluster: str, shard: int, other_than: int = -1,
+                        timeout: float = FAILOVER_TIMEOUT) -> int:
+    """The member etcd names primary of ``shard`` (not ``other_than``), once there is one."""
+    from oribus.meta.groups import EtcdGroups
+
+    meta = EtcdMeta(etcd, cluster)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            primary = await EtcdGroups(meta).primary(shard)
+            if primary is not None and primary.member != other_than:
+                return primary.member
+            assert time.monotonic() < deadline, f"shard {shard}: no primary other than {other_than} in {timeout}s"
+            await asyncio.sleep(0.2)
+    finally:
+        await meta.close()
+
+
+async def writes_flow_again(bus: str, key: str, timeout: float = FAILOVER_TIMEOUT) -> tuple[int, float]:
+    """Commit to ``key`` through the bus until one is acknowledged: (its version, seconds taken).
+    Until the group has a primary again the bus answers Unavailable (retried here)."""
+    from oribus.errors import Unavailable
+
+    started = time.monotonic()
+    while True:
+        try:
+            async with oribus.connect(bus, agent="after-failover", timeout=5.0) as s:
+                return await s.put(key, {"after": "failover"}), time.monotonic() - started
+        except Unavailable:
+            assert time.monotonic() - started < timeout, f"no write to {key} acknowledged in {timeout}s"
+            await asyncio.sleep(0.5)
+
+
+def test_replicated_overlay_runs_as_local_processes_and_survives_the_primary_s_kill(tmp_path: Path) -> None:
+    docs = render(REPLICATED)
+    local_etcd()
+    kubelet = LocalKubelet(docs, tmp_path)
+    print(f"rewrite table (namespace {NAMESPACE}):\n{kubelet.describe()}")
+    config = config_data(docs)
+    shards, replicas = int(config["ORIBUS_SHARDS"]), int(config["ORIBUS_REPLICAS"])
+    cluster = config["ORIBUS_CLUSTER"]
+    try:
+        etcd = kubelet.pods_of("StatefulSet", "oribus-etcd")
+        for pod in etcd:
+            kubelet.start(pod)
+        for pod in etcd:
+            kubelet.wait_ports(pod)
+            kubelet.check_probes(pod)
+        (init,) = kubelet.pods_of("Job", "oribus-cluster-init")
+        (first,) = kubelet.run_job(init)
+        assert {"cluster": cluster, "shards": shards, "replicas": replicas, "created": True} in json_lines(first)
+
+        groups = [kubelet.pods_of("StatefulSet", f"oribus-shard-{n}") for n in range(shards)]
+        assert [len(g) for g in groups] == [replicas] * shards
+        for group in groups:  # podManagementPolicy Parallel: a group's members start together
+            for pod in group:
+                kubelet.start(pod)
+        for group in groups:
+            for pod in group:
+                kubelet.wait_ports(pod)
+                print(pod.name, "probes:", kubelet.check_probes(pod))
+        (bus_pod,) = kubelet.pods_of("Deployment", "oribus-bus")
+        kubelet.start(bus_pod)
+        kubelet.wait_ports(bus_pod)
+        print(bus_pod.name, "probes:", kubelet.check_probes(bus_pod))
+
+        bus_grpc = kubelet.rewrite_addresses(f"oribus-bus.{NAMESPACE}.svc:7700", None, "client")
+        bus_http = kubelet.rewrite_addresses(f"oribus-bus.{NAMESPACE}.svc:7780", None, "client")
+        etcd_urls = kubelet.rewrite_addresses(config["ORIBUS_ETCD"], None, "client")
+        # every shard is served by a member of its own group, at the address its pod advertises
+        advertised = {n: {f"{POD_IP}:{pod.ports[7801]}" for pod in group} for n, group in enumerate(groups)}
+        keys = asyncio.run(sdk_traffic(bus_grpc, etcd_urls, cluster, shards, advertised))
+        http_traffic(bus_http, shards)
+
+        # kill -9 the process of shard 0's primary pod
+        primary = asyncio.run(group_primary(etcd_urls, cluster, 0))
+        (victim,) = [p for p in kubelet.procs if p.pod is groups[0][primary] and p.exit_code() is None]
+        assert victim.popen is not None
+        victim.popen.kill()
+        victim.popen.wait(10)
+        killed_at = time.monotonic()
+        print(f"killed {victim.label} (member {primary}, pid {victim.popen.pid})")
+        successor = asyncio.run(group_primary(etcd_urls, cluster, 0, other_than=primary))
+        version, _ = asyncio.run(writes_flow_again(bus_grpc, keys[0]))
+        print(f"member {successor} took over; writes flowed again {time.monotonic() - killed_at:.1f}s after the kill")
+        assert version == 4  # the three versions acknowledged before the kill survived it
+
+        async def read_back() -> None:
+            async with oribus.connect(bus_grpc, agent="reader") as s:
+                got = await s.get_many(keys)
+            assert [(got[k].value, got[k].version) for k in keys] == (
+                [({"after": "failover"}, 4)] + [({"step": 10 + i}, 2) for i in range(1, shards)])
+
+        asyncio.run(read_back())
+        # the kubelet restarts the container: the member rejoins its group and is ready again
+        kubelet.start(groups[0][primary])
+        kubelet.wait_ports(groups[0][primary])
+        kubelet.check_probes(groups[0][primary])
+        asyncio.run(read_back())
+
+        running = [p for p in kubelet.procs if p.pod is not init and is_oribus(p.container) and p.exit_code() is None]
+        codes = kubelet.stop(running)
         assert codes == dict.fromkeys(codes, 0), f"not a clean exit on SIGTERM: {codes}\n{kubelet.log_tails()}"
     except BaseException:
         print(kubelet.log_tails())

@@ -33,6 +33,9 @@ NOT_RUN = {
         "a layout across machines (node-a, node-b, node-c); replica groups run in tests/e2e/test_replica_*.py",
     "kubectl -n oribus apply -f deploy/k8s/examples/verify/verify-job.yaml":
         "needs a Kubernetes cluster; the Job's manifest is checked in tests/deploy/test_k8s_manifests.py",
+    "kubectl -n oribus-repl apply -f deploy/k8s/examples/verify/verify-job.yaml":
+        "needs a Kubernetes cluster; the replicated overlay runs as local processes in "
+        "tests/deploy/test_manifest_launch.py",
 }
 
 FENCE = re.compile(r"^```(\w+)\s*(.*)$")

@@ -10,7 +10,10 @@
 - an address nobody serves: exit 2 with a clear message;
 - ``--nemesis local --pids``: the seeded schedule hits the given process;
 - ``--start-local --nemesis local``: verify starts, kills, pauses and restarts its own
-  ``oribus up --processes`` and finds nothing (slow).
+  ``oribus up --processes`` and finds nothing (slow);
+- ``--start-local --replicas 3 --nemesis local``: its ``oribus up --processes --replicas 3``
+  loses primaries with their data directories, has primaries paused past their lease and
+  followers killed, and verify finds no anomaly and no lost acknowledged commit (slow).
 """
 
 from __future__ import annotations
@@ -185,3 +188,27 @@ def test_start_local_with_the_nemesis_kills_pauses_restarts_and_finds_nothing(tm
     faults = {e["fault"] for e in report["nemesis_events"]}
     assert faults & {"kill", "pause"}, report["nemesis_events"]
     assert report["counts"]["ok"] > 20
+
+
+@pytest.mark.slow
+def test_start_local_replica_groups_survive_their_faults_and_verify_finds_nothing(tmp_path):
+    """Every kind of the group nemesis hits (kill-primary-wipe, pause-primary, kill-follower: one
+    of each per round, in a seeded order); each wiped primary's data directory is really gone."""
+    out = tmp_path / "o"
+    r = verify("--start-local", "--replicas", "3", "--nemesis", "local", "--duration", "30s", "--clients", "6",
+               "--keys", "6", "--seed", "5", "--out", str(out), timeout=300)
+    print(r.stdout, r.stderr[-3000:])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "anomalies: none" in r.stdout and "on 2 replica groups of 3" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    events = report["nemesis_events"]
+    assert all(n >= 1 for n in report["faults"].values()), events
+    assert not [e for e in events if e["fault"] == "unhealthy"], events
+    for e in events:
+        if e["fault"] == "kill-primary-wipe":
+            assert "deleted" in e["detail"] and e["pid"] > 1
+    # every primary lost (killed, or paused past its lease) had a successor named in etcd
+    primaries_hit = [e for e in events if e["fault"] in ("kill-primary-wipe", "pause-primary")]
+    assert len([e for e in events if e["fault"] == "takeover"]) == len(primaries_hit), events
+    assert "a new primary" in r.stdout
+    assert report["counts"]["ok"] > 50 and report["counts"]["unverifiable_writes"] == 0

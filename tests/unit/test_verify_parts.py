@@ -1,5 +1,6 @@
 """``oribus verify``'s parts without a deployment: the seeded mix, the plans, the key ring, the
-rate limit, the reports, the local nemesis and the command line's refusals."""
+rate limit, the reports, the local nemesis, what the group nemesis reads of member processes
+and when it finds a group healthy, and the command line's refusals."""
 
 from __future__ import annotations
 
@@ -183,6 +184,7 @@ async def test_the_nemesis_schedule_follows_the_seed():
     (["verify", "--addr", "127.0.0.1:1", "--pids", "123"], "--pids is for --nemesis local"),
     (["verify", "--addr", "127.0.0.1:1", "--keys", "2"], "needs --keys 3 or more"),
     (["verify", "--addr", "127.0.0.1:1", "--prefix", ".sbus/x"], "is empty or reserved"),
+    (["verify", "--addr", "127.0.0.1:1", "--replicas", "3"], "--replicas is for --start-local"),
 ])
 def test_the_command_line_refuses_bad_options_before_touching_anything(argv, message, capsys):
     assert main(argv) == 2
@@ -194,3 +196,50 @@ def test_bad_values_are_refused_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit) as e:
         main(["verify", "--addr", "127.0.0.1:1", *bad])
     assert e.value.code == 2
+
+
+# ---- the replica groups of --start-local --replicas (oribus.verify.groups) ----------------------
+
+
+def test_a_member_is_read_from_the_command_line_oribus_up_gives_it(tmp_path):
+    """The nemesis parses what `oribus up --replicas` actually runs (UpHost.member_command)."""
+    from oribus.hosts.up import UpHost
+    from oribus.verify.groups import parse_member
+
+    up = UpHost(tmp_path / "data", processes=True, shards=2, replicas=3)
+    argv = up.member_command(1, 2, tmp_path / "m", "http://127.0.0.1:2379", parent_fd=5)
+    member = parse_member(4242, argv)
+    assert member is not None
+    assert (member.shard, member.member, member.pid, member.data_dir) == (1, 2, 4242, tmp_path / "m")
+    assert member.stream.startswith("unix:") and member.stream.endswith("shard-1-member-2.sock")
+    assert (member.etcd, member.cluster, member.name) == ("http://127.0.0.1:2379", "oribus", "shard 1 member 2")
+    # a shard process of an unreplicated `up`, or anything else, is not a member
+    assert parse_member(1, [sys.executable, "-m", "oribus.cli", "shard", "--id", "0", "--data-dir", "d"]) is None
+    assert parse_member(1, ["etcd", "--data-dir", "d"]) is None
+
+
+def _view(statuses, primary=(0, 2), members=(0, 1, 2)):
+    from pathlib import Path
+
+    from oribus.meta.groups import PrimaryRecord
+    from oribus.rpc.replica_codec import MemberStatus
+    from oribus.verify.groups import GroupView, MemberProcess
+
+    procs = {m: MemberProcess(0, m, 100 + m, Path(f"m{m}"), f"unix:m{m}", "http://e", "oribus") for m in members}
+    return GroupView(0, procs, {m: MemberStatus(m, role, 2, voter, (2, last), commit_lsn=commit)
+                                for m, (role, voter, last, commit) in statuses.items()},
+                     PrimaryRecord(*primary) if primary else None)
+
+
+def test_a_group_is_healthy_only_complete_with_its_primary_serving():
+    ok = {0: ("primary", True, 10, 10), 1: ("follower", True, 10, 9), 2: ("follower", True, 11, 9)}
+    assert _view(ok).healthy(3)
+    view = _view(ok)
+    assert view.primary_process().pid == 100 and [p.member for p in view.followers()] == [1, 2]
+    assert not _view({**ok, 2: ("follower", False, 10, 9)}).healthy(3)  # a learner catching up
+    assert not _view({**ok, 1: ("follower", True, 7, 7)}).healthy(3)  # a follower behind the commit index
+    assert not _view({0: ok[0], 1: ok[1]}).healthy(3)  # a member that does not answer (paused)
+    assert not _view(ok, members=(0, 1)).healthy(3)  # a member process that is gone
+    assert not _view(ok, primary=None).healthy(3)  # an election under way
+    assert not _view(ok, primary=(0, 3)).healthy(3)  # etcd's term is newer than the member's
+    assert not _view({**ok, 0: ("follower", True, 10, 10)}).healthy(3)  # it stepped down
