@@ -52,6 +52,7 @@ from typing import Any
 from oribus.contract import ensure_subscribed
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
+from oribus.hosts.group_stats import collect_group
 from oribus.hosts.lifecycle import Teardown, cancel_and_wait
 from oribus.hosts.roles import Outcome, Role, RoleMachine, decide, majority
 from oribus.messages import Change, WatchRequest
@@ -585,7 +586,8 @@ class ReplicaHost:
         if self._stream is not None:
             transport["stream"] = dict(self._stream.counters)
         replica = self.member.status() if self.member is not None else {}
-        return {**out, "transport": transport, "replica": {**replica, "failovers": self.failovers}}
+        return {**out, "transport": transport, "replica": {**replica, "failovers": self.failovers},
+                "group": await collect_group(self)}
 
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         self._serving({})
