@@ -36,7 +36,9 @@ largest defaults: 1e6 keys, 100 KB values (1000 keys: 100 MB per store),
 2 s windows after 0.5 s warm-up, two or three points per sweep (12 points):
 about 6 minutes for the 7 backends.
 
-Not in the default set (name them with ``--backends``): ``postgres-ssi``
+Not in the default set (name them with ``--backends``): ``oribus-procs-r3``
+(``oribus-procs`` with every shard a replica group of 3: run it beside ``oribus-procs``
+for what replication costs), ``postgres-ssi``
 (SERIALIZABLE with plain reads: its audit reports the stale commits SSI
 allows), and two clients broken on purpose to show the audit catching them,
 ``redis-always-nowatch`` and ``oribus-embedded-blind``.

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,6 +192,7 @@ class ReplicaHost:
         self._grpc_counters: dict[str, int] = {}
         self._teardown = Teardown(log)
         self.failovers = 0  # times this member became primary
+        self.primary_since = 0.0  # wall-clock time it last began serving as primary (0: never)
         self.joined = asyncio.Event()
 
     # ---- start ---------------------------------------------------------------------------
@@ -220,6 +222,8 @@ class ReplicaHost:
             if not 0 <= self.shard_id < cluster.shards:
                 raise InvalidRequest(f"shard id {self.shard_id} is outside the cluster's 0..{cluster.shards - 1}")
             self.replicas = cluster.replicas
+            if self.config.member is not None and not 0 <= self.config.member < self.replicas:
+                raise InvalidRequest(f"member id {self.config.member} is outside the group's 0..{self.replicas - 1}")
             if self._dir_lock is None:
                 self._dir_lock = DataDirLock.acquire(self.config.shard.data_dir)
                 self._teardown.push("data directory lock", self._dir_lock.release)
@@ -472,6 +476,7 @@ class ReplicaHost:
         ops["stats"] = self._stats
         self._shard_ops = ops
         self.failovers += 1
+        self.primary_since = time.time()
         log.warning("shard %d member %d serves as primary of term %d", self.shard_id, self.member_id, term)
 
     async def _lead(self) -> None:
@@ -586,7 +591,8 @@ class ReplicaHost:
         if self._stream is not None:
             transport["stream"] = dict(self._stream.counters)
         replica = self.member.status() if self.member is not None else {}
-        return {**out, "transport": transport, "replica": {**replica, "failovers": self.failovers},
+        return {**out, "transport": transport,
+                "replica": {**replica, "failovers": self.failovers, "primary_since": self.primary_since},
                 "group": await collect_group(self)}
 
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:

@@ -129,3 +129,21 @@ async def test_a_lease_counts_from_the_last_acknowledged_keepalive_and_knows_whe
         assert not held.valid(skew=0.1)
     finally:
         await groups.revoke(held)
+
+
+def test_a_member_id_outside_the_group_or_on_a_single_copy_cluster_is_refused(etcd, tmp_path):
+    from processes import run_cli
+
+    assert run_cli("cluster", "init", "--etcd", etcd.url, "--cluster", "r3", "--shards", "1",
+                   "--replicas", "3").returncode == 0
+    assert run_cli("cluster", "init", "--etcd", etcd.url, "--cluster", "r1", "--shards", "1").returncode == 0
+    bad_replicas = run_cli("cluster", "init", "--etcd", etcd.url, "--cluster", "r2", "--shards", "1",
+                           "--replicas", "2")
+    assert bad_replicas.returncode == 2 and "--replicas must be one of 1, 3, 5" in bad_replicas.stderr
+    outside = run_cli("shard", "--id", "0", "--member", "3", "--etcd", etcd.url, "--cluster", "r3",
+                      "--data-dir", str(tmp_path / "m3"), "--listen", "127.0.0.1:0")
+    assert outside.returncode != 0 and "outside the group's 0..2" in outside.stderr, outside.stderr
+    single = run_cli("shard", "--id", "0", "--member", "0", "--etcd", etcd.url, "--cluster", "r1",
+                     "--data-dir", str(tmp_path / "s0"), "--listen", "127.0.0.1:0")
+    assert single.returncode != 0 and "there are no members" in single.stderr, single.stderr
+    assert not (tmp_path / "m3" / "wal").exists() and not (tmp_path / "s0" / "wal").exists()
