@@ -325,20 +325,26 @@ class EtcdGroups:
                         stream: str) -> bool:
         """§5 rule 4: become shard ``shard``'s primary in ``term``, if the register still holds
         ``term`` and nobody is primary; also claims ``shards/<shard>`` for the buses, with the
-        term as its epoch. True if this member is now the primary."""
+        term as its epoch, and writes the takeover record (module docstring). True if this
+        member is now the primary."""
         term_key, primary_key = self._key(shard, "term"), self._key(shard, "primary")
-        shard_key = self.meta._key("shards", shard)  # noqa: SLF001
+        shard_key, takeover_key = self.meta._key("shards", shard), self._key(shard, "takeover")  # noqa: SLF001
         primary = json.dumps({"member": member, "term": term}).encode()
         record = {"address": address, "epoch": term, "member": member}
         if stream:
             record["stream"] = stream
+        last, last_revision = await self._takeover(shard)
+        takeover = (last.next(member, term, time.time()) if last is not None
+                    else TakeoverRecord(member, term, time.time(), None, None, 0))
 
         async def txn(c: aetcd.Client) -> Any:
             t = c.transactions
             return await c.transaction(
-                compare=[t.value(term_key) == str(term), t.create(primary_key) == 0, t.create(shard_key) == 0],
+                compare=[t.value(term_key) == str(term), t.create(primary_key) == 0, t.create(shard_key) == 0,
+                         t.mod(takeover_key) == last_revision],
                 success=[t.put(primary_key, primary, lease=held.lease),
-                         t.put(shard_key, json.dumps(record).encode(), lease=held.lease)],
+                         t.put(shard_key, json.dumps(record).encode(), lease=held.lease),
+                         t.put(takeover_key, takeover.to_json())],
                 failure=[],
             )
 
