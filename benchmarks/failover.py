@@ -98,7 +98,7 @@ class Group:
         self.streams = [f"127.0.0.1:{free_port()}" for _ in range(REPLICAS)]
         self.members = [
             Proc(f"member-{m}", oribus_cli(
-                "shard", "--id", "0", "--member", str(m), "--data-dir", str(self.data_dir(m)),
+                "-v", "shard", "--id", "0", "--member", str(m), "--data-dir", str(self.data_dir(m)),
                 "--listen", "127.0.0.1:0", "--stream-listen", self.streams[m], "--etcd", etcd_url,
                 "--lease-ttl", str(lease_ttl), "--read-lease", str(read_lease), "--clock-skew", "0.05"),
                 work / f"member-{m}.log")
@@ -110,6 +110,12 @@ class Group:
 
     def data_dir(self, member: int) -> Path:
         return self.work / f"member-{member}"
+
+    def check_alive(self) -> None:
+        """A member that ended by itself (not killed here) stops the run: it is a finding."""
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is not None:
+                raise RuntimeError(f"{m.name} exited by itself with code {m.proc.returncode}; see {m.log}")
 
     async def primary(self) -> tuple[int, int]:
         meta = EtcdMeta(self.etcd_url)
@@ -152,6 +158,7 @@ class Writer:
         self.last_ack = 0.0
         self.last_started = 0.0  # when the last acknowledged commit was first sent
         self.acks = 0
+        self.unavailable = 0  # answers Unavailable during the catch-up's load (a failover under load)
         self.stop = asyncio.Event()
 
     async def run(self) -> None:
@@ -182,7 +189,17 @@ class Writer:
 
             async def one(i: int) -> None:
                 async with sem:
-                    self.acked.update(await s.commit({f"load/{i}": i}))
+                    commit_id = uuid.uuid4().hex
+                    while True:  # a failover under the load (a primary that missed its lease) is retried
+                        try:
+                            self.acked.update(await s.commit({f"load/{i}": i}, commit_id=commit_id))
+                            return
+                        except Unavailable:
+                            self.unavailable += 1
+                            await asyncio.sleep(0.05)
+                        except SessionExpired:
+                            await s.reset_session()
+                            commit_id = uuid.uuid4().hex
 
             await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -210,13 +227,16 @@ async def main(args: argparse.Namespace) -> dict:
             m.start()
         group.bus.start()
         while (await group.primary())[0] < 0:
+            group.check_alive()
             await asyncio.sleep(0.1)
         writer = Writer(group.bus_address)
         writing = asyncio.create_task(writer.run())
         while writer.acks < 20:
+            group.check_alive()
             await asyncio.sleep(0.05)
         failovers, elections = [], []
         for k in range(args.kills):
+            group.check_alive()
             member, term = await group.primary()
             before = writer.acks
             group.members[member].kill9()
@@ -238,7 +258,10 @@ async def main(args: argparse.Namespace) -> dict:
         await writing
 
         # catch-up of a member that lost its disk
+        term_before_load = (await group.primary())[1]
         await writer.load(args.catchup_records)
+        # a primary that missed its lease under the load (no kill) is a failover too: counted
+        failovers_under_load = (await group.primary())[1] - term_before_load
         member, _ = await group.primary()
         follower = next(m for m in range(REPLICAS) if m != member)
         lead = await group.status(member)
@@ -255,13 +278,17 @@ async def main(args: argparse.Namespace) -> dict:
         print(f"catch-up: {lead.commit_lsn} records in {seconds:.2f}s ({rate:.0f} records/s) after joining "
               f"{joined:.2f}s after its start", file=sys.stderr)
 
+        got = {}
         async with oribus.connect(group.bus_address, agent="failover-checker") as check:
-            got = await check.get_many(sorted(writer.acked))
+            keys = sorted(writer.acked)
+            for i in range(0, len(keys), 5000):  # a read names at most 10000 keys
+                got.update(await check.get_many(keys[i:i + 5000]))
         lost = sum(1 for k, v in writer.acked.items() if got[k].version < v)
         return {"kills": args.kills, "lease_ttl": args.lease_ttl, "read_lease": args.read_lease,
                 "failover_seconds": summary(failovers), "election_seconds": summary(elections),
                 "catchup": {"records": lead.commit_lsn, "seconds": round(seconds, 3),
                             "records_per_second": round(rate), "joined_after_seconds": round(joined, 3)},
+                "failovers_under_load": failovers_under_load, "unavailable_under_load": writer.unavailable,
                 "acknowledged_commits": len(writer.acked), "lost_acknowledged_commits": lost}
     finally:
         for p in procs:

@@ -137,6 +137,9 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
         die_with_parent(args.parent_fd)
     shard_id = _shard_id(args.id)
+    if args.member is not None and not args.etcd:
+        print("oribus shard: --member names a member of a replica group, which needs --etcd", file=sys.stderr)
+        return 2
     from oribus.shards.wal import WalConfig
 
     config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=args.allow_empty,

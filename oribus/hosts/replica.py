@@ -83,7 +83,9 @@ log = logging.getLogger("oribus.hosts.replica")
 ELECTION_STAGGER = 0.15  # seconds per member id a follower waits before it stands (ties go to low ids)
 NO_QUORUM_BACKOFF = 0.5  # seconds before a candidate that found no majority stands again
 SESSION_SWEEP_SECONDS = 5.0
-PEER_REFRESH_SECONDS = 0.5  # how often a primary reads the members' addresses from etcd  # how often the primary expires idle sessions and leases
+PEER_REFRESH_SECONDS = 0.5
+FOLLOWER_TICK = 0.1  # how often a follower looks at its stagger, its lease and an elect call
+FOLLOWER_REREAD_SECONDS = 1.0  # how often a follower re-reads the group in etcd without a change  # how often a primary reads the members' addresses from etcd  # how often the primary expires idle sessions and leases
 
 
 @dataclass
@@ -354,32 +356,30 @@ class ReplicaHost:
         stagger = ELECTION_STAGGER * self.member_id + random.uniform(0, ELECTION_STAGGER / 2)
         absent_since: float | None = None
         loop = asyncio.get_running_loop()
-        async for _ in self._group_changes():
-            if self._lease_lost():
-                self.roles.move(Role.JOINING)
-                return
-            if self._elect_hint:
-                self.roles.move(Role.CANDIDATE)
-                return
-            await self._refresh_peers()
-            primary = await self.groups.primary(self.shard_id)
-            self.primary_member = primary.member if primary is not None else -1
-            if primary is not None or not self.member.voter:
-                absent_since = None
-                continue
-            now = loop.time()
-            absent_since = absent_since if absent_since is not None else now
-            if now - absent_since >= stagger:
-                self.roles.move(Role.CANDIDATE)
-                return
-
-    async def _group_changes(self) -> AsyncIterator[None]:
-        """Wakes on every change of the group in etcd, and every 0.1 s at least (the stagger,
-        the lease and an ``elect`` call are looked at then)."""
-        watch = self.groups.watch(self.shard_id, poll_seconds=0.1)
+        read_at = -1.0
+        watch = self.groups.watch(self.shard_id, poll_seconds=FOLLOWER_TICK)
         try:
-            async for _ in watch:
-                yield None
+            async for changed in watch:
+                if self._lease_lost():
+                    self.roles.move(Role.JOINING)
+                    return
+                if self._elect_hint:
+                    self.roles.move(Role.CANDIDATE)
+                    return
+                now = loop.time()
+                # etcd is read on a change, while no primary is known, and every second anyway
+                if changed or absent_since is not None or now - read_at >= FOLLOWER_REREAD_SECONDS:
+                    read_at = now
+                    await self._refresh_peers()
+                    primary = await self.groups.primary(self.shard_id)
+                    self.primary_member = primary.member if primary is not None else -1
+                if self.primary_member >= 0 or not self.member.voter:
+                    absent_since = None
+                    continue
+                absent_since = absent_since if absent_since is not None else now
+                if now - absent_since >= stagger:
+                    self.roles.move(Role.CANDIDATE)
+                    return
         finally:
             await watch.aclose()  # type: ignore[attr-defined]
 
@@ -490,7 +490,9 @@ class ReplicaHost:
                 await self._leave_primary("deposed by a higher term")
                 return
             if not self.lease.valid(self.skew):
-                await self._leave_primary("its primary lease ran out")
+                ago = self.lease.clock() - self.lease.acked_at
+                await self._leave_primary(f"its primary lease ran out (the last keep-alive etcd acknowledged "
+                                          f"was sent {ago:.2f}s ago; TTL {self.lease.ttl:g}s)")
                 return
             if not self.member.is_primary:
                 await self._leave_primary("the member stepped down")

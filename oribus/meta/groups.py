@@ -61,7 +61,8 @@ from oribus.meta.etcd import EtcdMeta
 
 log = logging.getLogger("oribus.meta.groups")
 
-REPLICA_COUNTS = (1, 3, 5)  # a group of R tolerates the loss of (R - 1) // 2 members
+REPLICA_COUNTS = (1, 3, 5)
+MAX_KEEPALIVES_IN_FLIGHT = 3  # keep-alives sent and not yet answered, at most  # a group of R tolerates the loss of (R - 1) // 2 members
 
 
 def check_replicas(replicas: int) -> int:
@@ -182,25 +183,45 @@ class EtcdGroups:
         return held
 
     async def _keep(self, held: GroupLease) -> None:
-        # often enough that the primary lease (§6) stays well ahead of its reads
+        """A keep-alive every ``ttl / 4``, each in a task of its own: one that etcd answers late
+        does not hold back the next (the primary lease counts from the latest one answered)."""
         period = max(0.2, held.ttl / 4)
-        failing_since = None
-        while not held.lost.is_set():
-            await asyncio.sleep(period)
-            sent = time.monotonic()
+        in_flight: set[asyncio.Task] = set()
+        failing: list[float] = []  # when the keep-alives began failing (empty: they do not)
+
+        async def refresh(sent: float) -> None:
             try:
                 reply = await self.meta._call(lambda c: c.refresh_lease(held.id))  # noqa: SLF001
             except Unavailable as e:
-                failing_since = failing_since or sent
-                log.error("etcd unreachable for %.1fs, cannot keep lease %x: %s", sent - failing_since,
-                          held.id, e.message)
-                continue
-            failing_since = None
+                failing[:] = failing or [sent]
+                log.error("etcd unreachable for %.1fs, cannot keep lease %x: %s", sent - failing[0], held.id,
+                          e.message)
+                return
+            failing.clear()
+            took = time.monotonic() - sent
+            if took > held.ttl / 4:  # what eats the primary lease: say so (etcd slow, or this process)
+                log.warning("etcd answered a keep-alive of lease %x after %.2fs (TTL %gs)", held.id, took, held.ttl)
             if reply is None or reply.TTL <= 0:
-                log.critical("lease %x expired in etcd: every claim bound to it is gone", held.id)
+                if not held.lost.is_set():
+                    log.critical("lease %x expired in etcd: every claim bound to it is gone", held.id)
                 held.lost.set()
                 return
             held.acked_at = max(held.acked_at, sent)
+
+        try:
+            while not held.lost.is_set():
+                due = time.monotonic() + period
+                await asyncio.sleep(period)
+                late = time.monotonic() - due
+                if late > held.ttl / 4:  # this process's event loop did not run for that long
+                    log.warning("keep-alive of lease %x sent %.2fs late: the event loop was busy", held.id, late)
+                if len(in_flight) < MAX_KEEPALIVES_IN_FLIGHT:
+                    task = asyncio.get_running_loop().create_task(refresh(time.monotonic()))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+        finally:
+            for task in list(in_flight):
+                task.cancel()
 
     async def revoke(self, held: GroupLease) -> None:
         """Give the lease up (a clean stop): everything bound to it goes at once."""
@@ -383,18 +404,21 @@ class EtcdGroups:
         with contextlib.suppress(Exception):
             await self.meta._call(txn)  # noqa: SLF001
 
-    async def watch(self, shard: int, poll_seconds: float = 1.0) -> AsyncIterator[None]:
-        """Yields once now, then after every change under ``groups/<shard>/`` (at least every
-        ``poll_seconds``: a broken watch costs a delay, never a missed change)."""
+    async def watch(self, shard: int, poll_seconds: float = 1.0) -> AsyncIterator[bool]:
+        """Yields True now, then True after every change under ``groups/<shard>/`` and False
+        every ``poll_seconds`` without one (the caller re-reads what it needs now and then
+        anyway: a broken watch then costs a delay, never a missed change)."""
         changed = asyncio.Event()
         watcher = asyncio.get_running_loop().create_task(
             self.meta._watch_prefix(self._key(shard, ""), changed))  # noqa: SLF001
         try:
+            yield True
             while True:
-                yield None
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), poll_seconds)
+                fired = changed.is_set()
                 changed.clear()
+                yield fired
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

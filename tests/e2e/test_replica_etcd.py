@@ -178,3 +178,11 @@ def test_a_member_id_outside_the_group_or_on_a_single_copy_cluster_is_refused(et
                      "--data-dir", str(tmp_path / "s0"), "--listen", "127.0.0.1:0")
     assert single.returncode != 0 and "there are no members" in single.stderr, single.stderr
     assert not (tmp_path / "m3" / "wal").exists() and not (tmp_path / "s0" / "wal").exists()
+
+
+def test_a_member_id_without_etcd_is_refused(tmp_path):
+    from processes import run_cli
+
+    r = run_cli("shard", "--id", "0", "--member", "1", "--data-dir", str(tmp_path / "m"), "--listen", "127.0.0.1:0")
+    assert r.returncode == 2 and "needs --etcd" in r.stderr, r.stderr
+    assert not (tmp_path / "m").exists()

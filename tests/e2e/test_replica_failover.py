@@ -49,10 +49,30 @@ async def commit_retrying(session: oribus.Session, writes: dict, timeout: float 
         await asyncio.sleep(0.1)
 
 
+async def first_stats(group: ReplicaGroup, member: int, term: int, timeout: float = 30.0) -> dict:
+    """The shard's stats from ``member``, the primary of ``term``, as soon as it serves them."""
+    stream = group.members[member].stream_address
+    assert stream is not None
+    client = StreamShardClient(0, stream, epoch=term, timeout=2.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                return await client.stats()
+            except Unavailable:
+                assert time.monotonic() < deadline, f"member {member} never served term {term}"
+                await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+
+
 async def test_a_killed_primary_is_replaced_and_a_member_that_lost_its_disk_catches_up(cluster, tmp_path, etcd):
     group = await ReplicaGroup(cluster, tmp_path, etcd.url).start()
     assert group.bus is not None
     first = await group.wait_primary()
+    # a brand-new group's first primary waits no restart grace: no primary before it could
+    # have granted a read lease
+    assert (await first_stats(group, first.member, first.term))["restart_grace_left"] == 0
     acked: dict[str, int] = {}
     async with oribus.connect(group.bus.address, agent="writer") as w:
         for i in range(30):
@@ -60,6 +80,10 @@ async def test_a_killed_primary_is_replaced_and_a_member_that_lost_its_disk_catc
 
         group.members[first.member].kill9()
         killed_at = time.monotonic()
+        while (second := await group.primary()) is None or second.member == first.member:
+            await asyncio.sleep(0.02)
+        # ... every later one does (the dead primary's read leases may still be out)
+        assert (await first_stats(group, second.member, second.term))["restart_grace_left"] > 0
         await commit_retrying(w, {"after/1": 1})
         back_in = time.monotonic() - killed_at
         second = await group.wait_primary(other_than=first.member)

@@ -9,6 +9,7 @@ Files:
                  protocol (append, promise, install_snapshot), becoming primary
     primary.py   ``ReplicatedWal``: the primary's WAL, whose durability points wait for a
                  majority, and the shipping of the log to every other member
+    files.py     ``MemberFiles``: every file operation of a member (the simulation's seam)
     rules.py     the decisions without IO: what an append changes, the commit index, where
                  to resend from, who may promise
     direct.py    ``DirectNetwork`` / ``DirectPeer``: members calling each other in process,

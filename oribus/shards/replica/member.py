@@ -1,7 +1,7 @@
 """One member of a replica group: ``ReplicaMember`` (``specs/replication.md`` §2, §3, §5, §7).
 
 A member is a data directory (the layout of a shard's: ``MANIFEST``, ``wal/``,
-``snapshots/``) and one of two roles:
+``snapshots/``; every file operation in ``files.py``) and one of two roles:
 
 * **follower** (the default): it keeps the log its primary ships (``append``), promises terms
   to candidates (``promise``), takes a snapshot when it lags behind the primary's log
@@ -35,7 +35,8 @@ Rules, as the design states them:
   (damaged files are moved aside to ``damaged-<ns>/``). An empty directory is a new member
   (a voter) only while the group has never had a term (``term_register`` 0): no record can
   have been committed then. A learner becomes a voter once an accepted batch shows it holds
-  the primary's log up to the primary's commit index, and records the flag (fsynced) before
+  the primary's log up to the primary's commit index, and that commit index covers the
+  primary's ``TERM_START`` (``rules.becomes_voter``), and records the flag (fsynced) before
   it answers anything as a voter.
 * a higher term seen while primary (in an append or a promise) deposes it: it stops
   acknowledging at once and steps down to follower (its ``Shard`` is closed), and
@@ -59,7 +60,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,8 +72,9 @@ from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import REPLICA_TAKEOVERS
 from oribus.shards.config import ShardConfig
-from oribus.shards.manifest import MANIFEST_FILE, ShardManifest, read_manifest, write_manifest
+from oribus.shards.manifest import ShardManifest
 from oribus.shards.participant import Participant
+from oribus.shards.replica.files import MemberFiles
 from oribus.shards.replica.messages import (
     AppendBatch,
     AppendReply,
@@ -83,18 +84,13 @@ from oribus.shards.replica.messages import (
     SnapshotChunk,
 )
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
-from oribus.shards.replica.rules import may_promise, plan_append
+from oribus.shards.replica.rules import becomes_voter, may_promise, plan_append
 from oribus.shards.replica.terms import Terms
 from oribus.shards.shard import Shard
 from oribus.shards.store import VersionedStore
-from oribus.shards.wal import Wal, list_segments, load_latest_snapshot, scan_log, write_snapshot
+from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
-from oribus.shards.wal.segment import fsync_directory
-from oribus.shards.wal.snapshot import (
-    decode_snapshot_file,
-    latest_snapshot_file,
-    latest_snapshot_lsn,
-)
+from oribus.shards.wal.snapshot import decode_snapshot_file
 
 log = logging.getLogger("oribus.replica")
 
@@ -114,6 +110,8 @@ class ReplicaShard(Shard):
         self.member = member
         self.rwal = rwal
         self.open_wal = self._replay_member_wal
+        self.load_snapshot_file = lambda _d: member.files.load_snapshot()
+        self.write_snapshot_file = lambda _d, lsn, raw: member.files.write_snapshot(lsn, raw)
         self.read_manifest_file = lambda _d: member.manifest
         self.write_manifest_file = member._write_shard_manifest
         super().__init__(config, epoch)
@@ -122,9 +120,7 @@ class ReplicaShard(Shard):
                            on_record: Callable[[int, int, Any], None] | None = None,
                            metrics_label: str = "", require_lsn: int = 0) -> ReplicatedWal:
         """Recovery over the member's open log (every record in it is committed now)."""
-        result = scan_log(list_segments(directory), replay_from_lsn=replay_from_lsn, on_record=on_record)
-        if result.damage is not None:
-            raise result.damage.to_error()
+        self.rwal.wal.replay(replay_from_lsn, on_record)
         return self.rwal
 
     def snapshot_state(self) -> dict:
@@ -136,9 +132,13 @@ class ReplicaShard(Shard):
 class ReplicaMember:
     """One member of a replica group (module docstring). ``await ReplicaMember.open(...)``."""
 
+    # Every file operation goes through this (``files.py``); the simulation substitutes its own.
+    files_class: type[MemberFiles] = MemberFiles
+
     def __init__(self, config: ShardConfig, member_id: int, replicas: int,
                  options: ReplicationOptions | None) -> None:
         self.config = config
+        self.files = self.files_class(config)
         self.shard_id = config.shard_id
         self.member_id = member_id
         self.replicas = replicas
@@ -194,7 +194,7 @@ class ReplicaMember:
         member = cls(cfg, member_id, replicas, options)
         loop = asyncio.get_running_loop()
         if dir_lock is None:
-            member._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, data_dir)
+            member._dir_lock = await loop.run_in_executor(None, member.files.lock)
             member._own_lock = True
         else:
             member._dir_lock = dir_lock
@@ -209,7 +209,7 @@ class ReplicaMember:
     def _open_data(self, term_register: int) -> None:
         cfg = self.config
         try:
-            manifest = read_manifest(cfg.data_dir)
+            manifest = self.files.read_manifest()
         except DataCorrupted as e:
             self._move_aside(f"its MANIFEST is damaged: {e}")
             manifest = None
@@ -225,8 +225,7 @@ class ReplicaMember:
                                      f"not member {self.member_id}", shard=cfg.shard_id)
         voter = manifest.voter if manifest is not None else True
         promised = manifest.promised_term if manifest is not None else 0
-        if empty_reason is None and manifest is None and not list_segments(cfg.wal_dir) \
-                and latest_snapshot_lsn(cfg.snapshot_dir) is None and term_register > 0:
+        if empty_reason is None and term_register > 0 and self.files.holds_no_data():
             empty_reason = "missing"
         if empty_reason is None:
             try:
@@ -247,11 +246,10 @@ class ReplicaMember:
 
     def _load(self, require_lsn: int) -> None:
         """Open the log and the applied state (snapshot) as a follower."""
-        cfg = self.config
         core = self._new_core()
         terms = Terms()
         snapshot_lsn = 0
-        snap = load_latest_snapshot(cfg.snapshot_dir)
+        snap = self.files.load_snapshot()
         if snap is not None:
             snapshot_lsn, raw = snap
             state = msgpack.unpackb(raw, raw=False, strict_map_key=False)
@@ -264,8 +262,7 @@ class ReplicaMember:
                 terms.start(body["t"], lsn)
             pending.append((lsn, rtype, body))
 
-        wal = Wal.open(cfg.wal_dir, cfg.wal, replay_from_lsn=snapshot_lsn + 1, on_record=on_record,
-                       metrics_label=str(cfg.shard_id), require_lsn=require_lsn)
+        wal = self.files.open_wal(replay_from_lsn=snapshot_lsn + 1, on_record=on_record, require_lsn=require_lsn)
         wal.on_new_segment = self._raise_mark
         self.wal, self.core, self.terms = wal, core, terms
         self._pending = pending
@@ -280,16 +277,7 @@ class ReplicaMember:
     def _move_aside(self, why: str) -> None:
         """Keep damaged files for a post-mortem, out of the way of an empty log."""
         cfg = self.config
-        aside = cfg.data_dir / f"damaged-{time.time_ns()}"
-        moved = []
-        for name in (cfg.wal_dir.name, cfg.snapshot_dir.name, MANIFEST_FILE):
-            path = cfg.data_dir / name
-            if path.exists():
-                aside.mkdir(parents=True, exist_ok=True)
-                os.replace(path, aside / name)
-                moved.append(name)
-        if moved:
-            fsync_directory(cfg.data_dir)
+        aside, moved = self.files.move_aside()
         log.warning("shard %d member %d: %s; moved %s to %s", cfg.shard_id, self.member_id, why,
                     ", ".join(moved) or "nothing", aside)
 
@@ -304,7 +292,7 @@ class ReplicaMember:
 
     def _write_manifest(self, manifest: ShardManifest) -> None:
         with self._manifest_lock:
-            write_manifest(self.config.data_dir, manifest, fsync=not self.config.wal.unsafe_no_fsync)
+            self.files.write_manifest(manifest)
             self._manifest = manifest
 
     def _write_shard_manifest(self, _shard_dir: Path, manifest: ShardManifest, *, fsync: bool = True) -> None:
@@ -312,7 +300,7 @@ class ReplicaMember:
         with self._manifest_lock:
             current = self._manifest
             merged = current.with_durable_lsn(manifest.durable_lsn).with_grace(manifest.grace_seconds)
-            write_manifest(self.config.data_dir, merged, fsync=fsync)
+            self.files.write_manifest(merged, fsync=fsync)
             self._manifest = merged
 
     def _persist(self, *, voter: bool | None = None, promised_term: int | None = None,
@@ -324,7 +312,7 @@ class ReplicaMember:
                                 m.promised_term if promised_term is None else promised_term)
             if durable_lsn is not None:
                 new = new.with_durable_lsn(durable_lsn)
-            write_manifest(self.config.data_dir, new, fsync=not self.config.wal.unsafe_no_fsync)
+            self.files.write_manifest(new)
             self._manifest = new
 
     def _raise_mark(self, lsn: int) -> None:
@@ -334,7 +322,7 @@ class ReplicaMember:
                 return
             try:
                 new = self._manifest.with_durable_lsn(lsn)
-                write_manifest(self.config.data_dir, new, fsync=not self.config.wal.unsafe_no_fsync)
+                self.files.write_manifest(new)
                 self._manifest = new
             except OSError:
                 log.exception("shard %d member %d: could not update the MANIFEST", self.shard_id, self.member_id)
@@ -434,14 +422,17 @@ class ReplicaMember:
                 if f.rtype == TERM_START:
                     self.terms.start(f.body["t"], f.lsn)
                 self._pending.append((f.lsn, f.rtype, f.body))
-            await wal.sync()
-        self.counters["appends"] += 1
         matched = batch.last_lsn
+        if wal.durable_lsn < matched:
+            # What it acknowledges is fsynced: the frames just appended, and any it already held
+            # whose fsync has not finished (an earlier append cancelled while it waited for it).
+            await wal.sync(matched)
+        self.counters["appends"] += 1
         commit = min(batch.commit_lsn, matched)
         if commit > self._commit_known:
             self._commit_known = commit
         self._apply_to(min(self._commit_known, wal.durable_lsn))
-        if not self.voter and matched >= batch.commit_lsn:
+        if becomes_voter(self.voter, self.terms, batch.term, matched, batch.commit_lsn):
             # Holds the serving primary's log up to its commit index: every acknowledged record (§7).
             failpoint("replica.before_voter")
             self._persist(voter=True)
@@ -492,7 +483,7 @@ class ReplicaMember:
                 raw = msgpack.packb(state, use_bin_type=True)
                 wal.roll()
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, write_snapshot, self.config.snapshot_dir, lsn, raw)
+                await loop.run_in_executor(None, self.files.write_snapshot, lsn, raw)
                 await loop.run_in_executor(None, wal.remove_segments_before, lsn + 1)
                 self._snapshot_lsn = lsn
                 self._raise_mark(max(lsn, wal.durable_lsn))
@@ -562,15 +553,11 @@ class ReplicaMember:
         self._persist(durable_lsn=0)
         await wal.close()
         self.wal = None
-        cfg = self.config
 
         def replace_files() -> None:
-            for segment in list_segments(cfg.wal_dir):
-                os.unlink(segment.path)
-            if cfg.wal_dir.is_dir():
-                fsync_directory(cfg.wal_dir)
+            self.files.delete_log()
             failpoint("replica.install_snapshot")  # the log is gone, the snapshot not yet there
-            write_snapshot(cfg.snapshot_dir, lsn, raw)
+            self.files.write_snapshot(lsn, raw)
             self._load(0)
 
         await loop.run_in_executor(None, replace_files)
@@ -637,7 +624,7 @@ class ReplicaMember:
         return shard
 
     def _snapshot_source(self) -> tuple[int, bytes] | None:
-        return latest_snapshot_file(self.config.snapshot_dir)
+        return self.files.snapshot_file()
 
     def _deposed(self, term: int) -> None:
         """The ReplicatedWal saw a higher term: report it, and step down soon."""

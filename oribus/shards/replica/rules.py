@@ -9,6 +9,7 @@ tests and the deterministic simulation can drive the rules directly:
     quorum_lsn         the highest LSN durable on a majority of the voters
     commit_index       the primary's commit index: counts only from its term's TERM_START
     resend_from        a refused batch's next LSN
+    becomes_voter      §7: when a learner holds every acknowledged record
     may_promise        §5 step 2 (a learner promises nothing)
 """
 
@@ -100,6 +101,20 @@ def resend_from(terms: Terms, prev: tuple[int, int], their_last_lsn: int, curren
         first = terms.first_lsn_of(prev_term) if prev_term else None
         nxt = first if first is not None and first < prev_lsn else prev_lsn
     return max(1, min(nxt, current_next - 1))
+
+
+def becomes_voter(voter: bool, terms: Terms, batch_term: int, matched: int, commit_lsn: int) -> bool:
+    """§7: a learner becomes a voter once an accepted batch shows it holds the primary's log up
+    to ``matched`` and ``matched`` reaches the primary's commit index — and that commit index
+    covers the primary's own ``TERM_START``. A primary's commit index starts at 0 in its term
+    and counts nothing of earlier terms until its ``TERM_START`` is committed; only from then
+    does it stand for every record acknowledged before (which its log holds, R-2). Promoted
+    against a commit index of 0, a learner could count as a voter while lacking a record an
+    earlier primary acknowledged."""
+    if voter or matched < commit_lsn:
+        return False
+    start = terms.first_lsn_of(batch_term)
+    return start is not None and start <= commit_lsn
 
 
 def may_promise(voter: bool, promised_term: int, term: int) -> bool:

@@ -98,7 +98,7 @@ from typing import Any, NamedTuple
 from oribus.errors import DataCorrupted, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import WAL_BATCH_RECORDS, WAL_FSYNC_SECONDS
-from oribus.shards.wal.reader import recover
+from oribus.shards.wal.reader import recover, scan_log
 from oribus.shards.wal.record import (
     HEADER_SIZE,
     encode_record,
@@ -530,6 +530,15 @@ class Wal(GroupCommit):
             self._buffer.extend(bytes(view[f.start:f.end]) for f in frames)
             self._last_lsn = frames[-1].lsn
         return [(f.lsn, f.rtype) for f in frames]
+
+    def replay(self, from_lsn: int, on_record: Callable[[int, int, Any], None] | None) -> int:
+        """Hand every record from ``from_lsn`` to the last written to ``on_record`` again (a
+        replica group's new primary recovers its shard from its open log); ``DataCorrupted``
+        on damage. Returns how many were replayed."""
+        result = scan_log(self.segments, replay_from_lsn=from_lsn, on_record=on_record)
+        if result.damage is not None and not (result.damage.torn and result.last_lsn >= self._written_lsn):
+            raise result.damage.to_error()
+        return result.replayed
 
     @property
     def first_lsn(self) -> int:
