@@ -57,7 +57,10 @@ from oribus.shards.replica.primary import Follower
 if TYPE_CHECKING:
     from oribus.hosts.replica import ReplicaHost
 
-STATUS_TIMEOUT = 0.5  # seconds a member has to answer the primary's status call (well inside the bus's stats timeout)
+# Seconds a member has to answer the primary's status call, and etcd its two reads: well
+# inside the bus's stats timeout, so that one member or etcd down never hides the others.
+STATUS_TIMEOUT = 0.5
+ETCD_TIMEOUT = 1.0
 
 
 def failover_view(takeover: TakeoverRecord | None) -> dict[str, Any] | None:
@@ -147,13 +150,17 @@ async def collect_group(host: ReplicaHost) -> dict[str, Any] | None:
     async def status(m: int) -> MemberStatus | BaseException:
         try:
             return await asyncio.wait_for(peers.client(m).status(), STATUS_TIMEOUT)
-        except (OribusError, TimeoutError, OSError) as e:
+        except TimeoutError:
+            return TimeoutError(f"no answer within {STATUS_TIMEOUT:g} s")
+        except (OribusError, OSError) as e:
             return e
 
     async def etcd() -> tuple[dict[int, MemberRecord] | None, TakeoverRecord | None, str | None]:
         try:
-            records, takeover = await asyncio.gather(host.groups.members(host.shard_id),
-                                                     host.groups.takeover(host.shard_id))
+            records, takeover = await asyncio.wait_for(asyncio.gather(
+                host.groups.members(host.shard_id), host.groups.takeover(host.shard_id)), ETCD_TIMEOUT)
+        except TimeoutError:
+            return None, None, f"etcd did not answer within {ETCD_TIMEOUT:g} s"
         except OribusError as e:
             return None, None, e.message
         return records, takeover, None
