@@ -8,7 +8,8 @@ member processes, a bus with its HTTP gateway).
   last ack with every second; resumed, it catches up (lag 0, a follower again);
 * kill -9 of the primary: the stats name the primary of a higher term, the failover is
   recorded (previous and new primary, both terms, when), ``/metrics`` counts it, and the
-  dashboard (headless chromium) draws the group's table with the new primary and the failover.
+  dashboard (headless chromium) draws the group's table with the new primary and the failover
+  (a screenshot goes to ``$ORIBUS_ARTIFACTS/dashboard-replica-group.png``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 from processes import ServerProcess, free_port, run_cli, shard_pids
 from selenium.webdriver.remote.webdriver import WebDriver
-from test_dashboard_browser import browser, wait_for  # noqa: F401 - browser: the fixture
+from test_dashboard_browser import ARTIFACTS, browser, wait_for  # noqa: F401 - browser: the fixture
 from unit.test_metrics import check_histogram, parse, value
 
 import oribus
@@ -192,6 +193,8 @@ async def test_stats_and_metrics_show_the_group_through_a_stalled_follower_and_a
         assert [m["member"] for m in shown["members"] if m["role"] == "primary"] == [str(new)]
         assert (f"member {primary} (term {term}) → member {new} (term {group['term']})"
                 in shown["last_failover"]), shown
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(ARTIFACTS / "dashboard-replica-group.png")), "screenshot failed"
     finally:
         for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
