@@ -4,10 +4,13 @@
 ``status`` answers or the errors they raised, the claims and the takeover record from etcd)
 and must say, per member, its role, LSNs and lag; the bus's /metrics turns the section of
 each shard's stats into the ``oribus_replication_*`` families, parsed back line by line.
+``collect_group`` over a member and an etcd that never answer must still answer in bounded time.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +20,13 @@ from oribus.bus.metrics import render_bus_metrics
 from oribus.errors import Unavailable
 from oribus.gateway.dashboard import _shard_row
 from oribus.hosts.embedded import EmbeddedEngine, EngineConfig
-from oribus.hosts.group_stats import failover_view, group_section
+from oribus.hosts.group_stats import (
+    ETCD_TIMEOUT,
+    STATUS_TIMEOUT,
+    collect_group,
+    failover_view,
+    group_section,
+)
 from oribus.meta.groups import MemberRecord, TakeoverRecord
 from oribus.metrics import LATENCY_BUCKETS, Histogram
 from oribus.rpc.replica_codec import MemberStatus
@@ -167,3 +176,61 @@ def test_dashboard_row_carries_the_group_without_the_histogram():
     assert row["group"] is not None and "quorum_wait_seconds" not in row["group"]
     assert row["group"]["members"] == group["members"] and row["group"]["last_failover"]["new_primary"] == 1
     assert _shard_row(1, {"up": True, "epoch": 123})["group"] is None
+
+
+class _Peer:
+    def __init__(self, answer: MemberStatus | None) -> None:
+        self.answer = answer
+
+    async def status(self) -> MemberStatus:
+        if self.answer is None:  # a SIGSTOPped member: never answers
+            await asyncio.sleep(3600)
+        assert self.answer is not None
+        return self.answer
+
+
+class _Groups:
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+
+    async def members(self, shard: int) -> dict[int, MemberRecord]:
+        if self.hang:  # an etcd that accepts the call and never answers
+            await asyncio.sleep(3600)
+        return {m: record(m) for m in range(3)}
+
+    async def takeover(self, shard: int) -> TakeoverRecord | None:
+        return TakeoverRecord(0, 3, 5.0, 1, 2, 1)
+
+
+def _host(groups: _Groups) -> SimpleNamespace:
+    peers = {1: _Peer(MemberStatus(1, "follower", 3, True, (3, 9), 0, 9, 9)), 2: _Peer(None)}
+    rwal = SimpleNamespace(last_lsn=12, durable_lsn=12, commit_lsn=11,
+                           followers=[follower(1, 9, acked_at=time.monotonic()), follower(2, 4, acked_at=None)])
+    return SimpleNamespace(member=SimpleNamespace(rwal=rwal), peers=SimpleNamespace(
+        peers=[SimpleNamespace(member_id=m) for m in peers], client=peers.__getitem__), term=3, replicas=3,
+        member_id=0, shard_id=0, groups=groups)
+
+
+async def test_a_member_or_etcd_that_never_answers_costs_the_stats_a_bounded_wait():
+    started = time.monotonic()
+    section = await collect_group(_host(_Groups(hang=False)))  # type: ignore[arg-type]
+    assert time.monotonic() - started < STATUS_TIMEOUT + 0.5
+    assert section is not None
+    assert [m["role"] for m in section["members"]] == ["primary", "follower", "unreachable"]
+    assert section["members"][2]["error"] == f"TimeoutError: no answer within {STATUS_TIMEOUT:g} s"
+    assert section["members"][2]["lag_records"] == 8 and section["members"][1]["lag_records"] == 3
+    assert section["last_failover"]["previous_primary"] == 1 and section["failovers"] == 1
+    assert section["quorum_wait_seconds"]["member"] == 0
+
+    started = time.monotonic()
+    section = await collect_group(_host(_Groups(hang=True)))  # type: ignore[arg-type]
+    assert time.monotonic() - started < ETCD_TIMEOUT + 0.5
+    assert section is not None and section["etcd_error"] == f"etcd did not answer within {ETCD_TIMEOUT:g} s"
+    assert section["failovers"] is None and section["members"][1]["address"] is None
+    assert [m["role"] for m in section["members"]] == ["primary", "follower", "unreachable"]
+
+
+async def test_no_group_section_unless_serving_as_primary():
+    host = _host(_Groups(hang=False))
+    host.term = 0
+    assert await collect_group(host) is None  # type: ignore[arg-type]
