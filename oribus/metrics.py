@@ -45,9 +45,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from time import perf_counter
-from typing import Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 # Content-Type of a response carrying Registry.render().
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -134,6 +134,24 @@ class Histogram:
     @property
     def count(self) -> int:
         return sum(self._counts)
+
+    def snapshot(self) -> dict[str, list[float] | list[int] | float]:
+        """``{"le": upper bounds, "counts": per bucket (not cumulative; the last: above every
+        bound), "sum"}``: a histogram carried to another process, which ``restore``s it (a
+        shard's stats carry one to the bus's /metrics)."""
+        return {"le": list(self._bounds), "counts": list(self._counts), "sum": self.sum}
+
+    def restore(self, snapshot: Mapping[str, Any]) -> None:
+        """Take the counts and sum of ``snapshot`` (``snapshot()``'s shape). ValueError if its
+        bounds are not this histogram's or a count is not a non-negative int."""
+        bounds = tuple(float(b) for b in snapshot.get("le", ()))
+        counts = list(snapshot.get("counts", ()))
+        if bounds != self._bounds or len(counts) != len(self._counts):
+            raise ValueError(f"a histogram snapshot with bounds {bounds}, not {self._bounds}")
+        if not all(type(n) is int and n >= 0 for n in counts):
+            raise ValueError("histogram counts must be integers >= 0")
+        self._counts = counts
+        self.sum = float(snapshot.get("sum", 0.0))
 
     def _samples(self, name: str, label_text: str) -> list[str]:
         counts = list(self._counts)  # one snapshot, so +Inf and _count agree

@@ -11,7 +11,9 @@ The page: the bus's own registry, then the process registry (``oribus.metrics.RE
 op latency, WAL fsyncs, …, updated where the events happen), then gauges of state the
 shards own — keys, prepared transactions, the delivery log — which each scrape asks
 every shard's ``stats()`` for and renders into a fresh ``Registry``: a shard that has
-gone away leaves no stale series behind, only ``oribus_shard_up{shard="N"} 0``.
+gone away leaves no stale series behind, only ``oribus_shard_up{shard="N"} 0``. A replicated
+shard's stats carry its group (``group``: term, members, lag, failovers, the primary's quorum
+waits), rendered as the ``oribus_replication_*`` families the same way.
 
 Each shard is asked on its own, concurrently, with a timeout
 (``Bus.shard_stats``): one shard that is down or hung marks only itself down
@@ -21,11 +23,11 @@ instead of failing the whole page.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from oribus.bus.sessions import CAPS
-from oribus.metrics import REGISTRY, Counter, Registry
+from oribus.metrics import LATENCY_BUCKETS, REGISTRY, Counter, Histogram, Registry
 
 if TYPE_CHECKING:  # bus.py imports this module (through the coordinator)
     from oribus.bus.bus import Bus
@@ -112,6 +114,7 @@ async def render_bus_metrics(bus: Bus, *, timeout: float | None = None) -> str:
         dlog_entries.labels(shard=shard_id).set(dlog.get("entries", 0))
         dlog_sessions.labels(shard=shard_id).set(dlog.get("sessions", 0))
         dlog_evicted.labels(shard=shard_id).set(dlog.get("evicted", 0))
+    _replication(scrape, answers)
 
     return bus.coordinator.metrics.registry.render() + REGISTRY.render() + scrape.render()
 
@@ -135,3 +138,44 @@ def _session_caps(scrape: Registry, bus: Bus) -> None:
         limit.labels(cap=cap).set(limits[cap])
         largest.labels(cap=cap).set(used[cap])
         evicted.labels(cap=cap).set(table.evicted[cap])
+
+
+def _replication(scrape: Registry, answers: Mapping[int, Mapping[str, Any]]) -> None:
+    """The replica groups, from the ``group`` section of each replicated shard's stats (what
+    its serving primary reports, ``oribus.hosts.group_stats``): term, failovers, each
+    member's lag, and the primary's quorum waits. A shard of one copy has no such section
+    and no series here."""
+    term = scrape.gauge("oribus_replication_term",
+                        "The replica group's term: its primary's epoch, one higher with every failover.",
+                        ("shard",))
+    failovers = scrape.counter("oribus_replication_failovers_total",
+                               "Takeovers by a new primary after the group's first (from etcd: every "
+                               "process the group has had).", ("shard",))
+    lag = scrape.gauge("oribus_replication_lag_records",
+                       "Records the primary holds that the member has not acknowledged as durable.",
+                       ("shard", "member"))
+    ack_age = scrape.gauge("oribus_replication_last_ack_seconds",
+                           "Seconds since the member last accepted a batch from the primary.",
+                           ("shard", "member"))
+    quorum = scrape.histogram("oribus_replication_quorum_wait_seconds",
+                              "From a durability wait on the primary to its record being on a majority, "
+                              "seconds (labelled with the primary that observed it).", ("shard", "member"))
+    for shard_id, stats in answers.items():
+        group = stats.get("group") if stats.get("up") else None
+        if not isinstance(group, Mapping):
+            continue
+        term.labels(shard=shard_id).set(group.get("term", 0))
+        if group.get("failovers") is not None:
+            failovers.labels(shard=shard_id).inc(group["failovers"])
+        for member in group.get("members", ()):
+            if member.get("lag_records") is not None:
+                lag.labels(shard=shard_id, member=member["member"]).set(member["lag_records"])
+            if member.get("last_ack_seconds") is not None:
+                ack_age.labels(shard=shard_id, member=member["member"]).set(member["last_ack_seconds"])
+        waits = group.get("quorum_wait_seconds")
+        if isinstance(waits, Mapping):
+            try:
+                Histogram(LATENCY_BUCKETS).restore(waits)  # checked before its series exists
+                quorum.labels(shard=shard_id, member=waits.get("member", "")).restore(waits)
+            except (ValueError, TypeError) as e:  # another version's buckets: skipped, not the page
+                log.warning("shard %d: quorum wait histogram not shown: %s", shard_id, e)

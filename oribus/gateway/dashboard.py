@@ -6,7 +6,12 @@ draws it. The feed, one JSON object::
 
     {"now": <epoch s>, "admin": bool, "uptime_seconds": float,
      "shards":   [{"shard", "up", "epoch" (a string), "keys", "prepared", "dlog_sessions",
-                   "dlog_entries", "wal_fsyncs", "watchers", "error"}, ...],
+                   "dlog_entries", "wal_fsyncs", "watchers", "error",
+                   "group": {"replicas", "term", "primary", "last_lsn", "commit_lsn",
+                             "members": [{"member", "address", "stream", "role", "voter", "term",
+                                          "durable_lsn", "applied_lsn", "acked_lsn", "lag_records",
+                                          "last_ack_seconds", "error"}, ...],
+                             "failovers", "last_failover", "etcd_error"} | null}, ...],
      "bus":      {"commits", "conflicts", "commits_1pc", "commits_2pc", "aborts_2pc",
                   "sessions", "durable_sessions", "validation"},
      "rates":    {"interval": 1.0, "window_seconds": 300,
@@ -181,7 +186,17 @@ def _shard_row(sid: int, st: Mapping[str, Any]) -> dict[str, Any]:
         "wal_fsyncs": wal.get("fsyncs"),
         "watchers": st.get("watchers"),
         "error": st.get("error"),
+        "group": _group_view(st.get("group")),
     }
+
+
+def _group_view(group: object) -> dict[str, Any] | None:
+    """A replicated shard's group as the page draws it (``oribus.hosts.group_stats``): the
+    stats' ``group`` section without the quorum-wait histogram, which is /metrics' (None:
+    the shard is a single copy, or down)."""
+    if not isinstance(group, Mapping):
+        return None
+    return {k: v for k, v in group.items() if k != "quorum_wait_seconds"}
 
 
 def _is_version(v: object) -> TypeGuard[int]:

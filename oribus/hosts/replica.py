@@ -53,6 +53,7 @@ from typing import Any
 from oribus.contract import ensure_subscribed
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import DataCorrupted, InvalidRequest, OribusError, Unavailable
+from oribus.hosts.group_stats import collect_group
 from oribus.hosts.lifecycle import Teardown, cancel_and_wait
 from oribus.hosts.roles import Outcome, Role, RoleMachine, decide, majority
 from oribus.messages import Change, WatchRequest
@@ -593,7 +594,8 @@ class ReplicaHost:
             transport["stream"] = dict(self._stream.counters)
         replica = self.member.status() if self.member is not None else {}
         return {**out, "transport": transport,
-                "replica": {**replica, "failovers": self.failovers, "primary_since": self.primary_since}}
+                "replica": {**replica, "failovers": self.failovers, "primary_since": self.primary_since},
+                "group": await collect_group(self)}
 
     async def _watch(self, req: WatchRequest) -> AsyncIterator[Change]:
         self._serving({})

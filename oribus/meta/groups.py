@@ -8,6 +8,9 @@ Layout, beside ``EtcdMeta``'s, under ``/oribus/<cluster>/``::
                                                  held by the member process's lease: one
                                                  process per member id
     groups/<shard>/primary        {"member": r, "term": t}               held by the primary's lease
+    groups/<shard>/takeover       {"member": r, "term": t, "at": unix s, "previous": {"member", "term"} | null,
+                                   "failovers": n}
+                                                 the group's last takeover, kept (no lease)
     shards/<shard>                {"address", "stream", "epoch": t, "member": r}
                                                  held by the same lease: what the buses follow
 
@@ -25,6 +28,11 @@ an election (§5: only when ``primary`` is absent).
   and the absence of both ``primary`` and ``shards/<shard>``, and creates both, bound to
   the lease. At most one member can ever take over in a term, and a newer election that
   moved the register makes an older candidate's takeover fail.
+- **Takeover record**: written by the takeover transaction itself, only if it still holds the
+  record read just before (compared by mod revision), so it names every takeover's
+  predecessor exactly: ``previous`` is the primary of the takeover before (null for the
+  group's first term) and ``failovers`` counts the takeovers after the first. What ``oribus
+  stats`` shows as the group's last failover and ``/metrics`` as its failover count.
 - **Epoch**: the shard record carries ``"epoch": t``. ``EtcdMeta.shards`` reads it as the
   shard's epoch (a record without it is an unreplicated shard's, whose epoch is its create
   revision), so the epoch the bus sends and the sessions' tokens carry is the term, and
@@ -75,6 +83,41 @@ class MemberRecord:
 class PrimaryRecord:
     member: int
     term: int
+
+
+@dataclass(frozen=True)
+class TakeoverRecord:
+    """The group's last takeover (``groups/<shard>/takeover``)."""
+
+    member: int  # the member that became primary
+    term: int  # in this term
+    at: float  # when, in Unix seconds by the new primary's clock
+    previous_member: int | None  # the primary of the takeover before (None: the group's first term)
+    previous_term: int | None
+    failovers: int  # takeovers after the group's first: its failovers so far
+
+    @property
+    def is_failover(self) -> bool:
+        """Whether a primary came before this one (the group's first term is no failover)."""
+        return self.previous_member is not None
+
+    def next(self, member: int, term: int, at: float) -> TakeoverRecord:
+        """The record of the takeover that follows this one."""
+        return TakeoverRecord(member, term, at, self.member, self.term, self.failovers + 1)
+
+    def to_json(self) -> bytes:
+        previous = (None if self.previous_member is None
+                    else {"member": self.previous_member, "term": self.previous_term})
+        return json.dumps({"member": self.member, "term": self.term, "at": self.at, "previous": previous,
+                           "failovers": self.failovers}).encode()
+
+    @classmethod
+    def from_json(cls, value: bytes) -> TakeoverRecord:
+        d = _json(value)
+        previous = d.get("previous")
+        return cls(int(d["member"]), int(d["term"]), float(d["at"]),
+                   int(previous["member"]) if previous else None, int(previous["term"]) if previous else None,
+                   int(d.get("failovers", 0)))
 
 
 @dataclass
@@ -303,20 +346,26 @@ class EtcdGroups:
                         stream: str) -> bool:
         """§5 rule 4: become shard ``shard``'s primary in ``term``, if the register still holds
         ``term`` and nobody is primary; also claims ``shards/<shard>`` for the buses, with the
-        term as its epoch. True if this member is now the primary."""
+        term as its epoch, and writes the takeover record (module docstring). True if this
+        member is now the primary."""
         term_key, primary_key = self._key(shard, "term"), self._key(shard, "primary")
-        shard_key = self.meta._key("shards", shard)  # noqa: SLF001
+        shard_key, takeover_key = self.meta._key("shards", shard), self._key(shard, "takeover")  # noqa: SLF001
         primary = json.dumps({"member": member, "term": term}).encode()
         record = {"address": address, "epoch": term, "member": member}
         if stream:
             record["stream"] = stream
+        last, last_revision = await self._takeover(shard)
+        takeover = (last.next(member, term, time.time()) if last is not None
+                    else TakeoverRecord(member, term, time.time(), None, None, 0))
 
         async def txn(c: aetcd.Client) -> Any:
             t = c.transactions
             return await c.transaction(
-                compare=[t.value(term_key) == str(term), t.create(primary_key) == 0, t.create(shard_key) == 0],
+                compare=[t.value(term_key) == str(term), t.create(primary_key) == 0, t.create(shard_key) == 0,
+                         t.mod(takeover_key) == last_revision],
                 success=[t.put(primary_key, primary, lease=held.lease),
-                         t.put(shard_key, json.dumps(record).encode(), lease=held.lease)],
+                         t.put(shard_key, json.dumps(record).encode(), lease=held.lease),
+                         t.put(takeover_key, takeover.to_json())],
                 failure=[],
             )
 
@@ -324,6 +373,22 @@ class EtcdGroups:
         if ok:
             log.warning("member %d is shard %d's primary in term %d", member, shard, term)
         return bool(ok)
+
+    async def takeover(self, shard: int) -> TakeoverRecord | None:
+        """The group's last takeover (None: it never had a primary)."""
+        return (await self._takeover(shard))[0]
+
+    async def _takeover(self, shard: int) -> tuple[TakeoverRecord | None, int]:
+        """The takeover record and its mod revision (0: absent; a malformed record reads as
+        absent, so the next takeover replaces it)."""
+        got = await self.meta._call(lambda c: c.get(self._key(shard, "takeover")))  # noqa: SLF001
+        if got is None:
+            return None, 0
+        try:
+            return TakeoverRecord.from_json(got.value), int(got.mod_revision)
+        except (ValueError, KeyError, TypeError):
+            log.warning("malformed takeover record of shard %d: %r", shard, got.value)
+            return None, int(got.mod_revision)
 
     async def resign(self, shard: int, term: int, member: int) -> None:
         """Delete the primary key and the shard record if they are still this member's in

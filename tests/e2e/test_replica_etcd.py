@@ -116,6 +116,37 @@ async def test_one_primary_per_term_and_the_buses_see_the_term_as_the_epoch(grou
     assert 0 not in await meta.shards()
 
 
+async def test_each_takeover_records_its_predecessor_and_counts_failovers(groups):
+    a, b = await groups.lease(), await groups.lease()
+    try:
+        assert await groups.takeover(0) is None  # never had a primary
+        term = await groups.next_term(0, 0)
+        won = await asyncio.gather(groups.take_over(0, term, 0, a, address="h:1", stream="h:2"),
+                                   groups.take_over(0, term, 1, b, address="h:3", stream="h:4"))
+        first = await groups.takeover(0)
+        assert first is not None and not first.is_failover and first.failovers == 0
+        assert (first.member, first.term) == (won.index(True), 1)  # the winner's, written once
+        await groups.revoke(a if first.member == 0 else b)  # the primary's process is gone
+        c = await groups.lease()
+        try:
+            assert await groups.next_term(0, 1) == 2
+            assert await groups.take_over(0, 2, 2, c, address="h:5", stream="h:6")
+            second = await groups.takeover(0)
+            assert second is not None and second.is_failover
+            assert (second.member, second.term, second.previous_member, second.previous_term,
+                    second.failovers) == (2, 2, first.member, 1, 1)
+            assert second.at >= first.at
+            assert not await groups.take_over(0, 2, 0, c, address="h:1", stream="h:2")  # refused: no record
+            assert await groups.takeover(0) == second
+            assert await groups.takeover(1) is None  # another group's record is its own
+        finally:
+            await groups.revoke(c)
+        assert await groups.takeover(0) == second  # kept when the primary's lease goes
+    finally:
+        await groups.revoke(a)
+        await groups.revoke(b)
+
+
 async def test_a_lease_counts_from_the_last_acknowledged_keepalive_and_knows_when_it_is_lost(groups):
     held = await groups.lease()
     try:

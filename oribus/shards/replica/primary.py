@@ -100,6 +100,7 @@ class Follower:
     voter: bool = False  # counted once a reply says so
     sent_commit: int = -1  # the commit index the last accepted batch carried
     failures: int = 0  # calls failed in a row
+    acked_at: float | None = None  # time.monotonic() of its last accepted batch or snapshot (None: none yet)
     snapshots_sent: int = 0
     cursor: FrameCursor | None = None  # where reading its frames back from disk continues
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -420,6 +421,7 @@ class ReplicatedWal:
             return
         f.voter = getattr(reply, "voter", True)
         if reply.ok:
+            f.acked_at = time.monotonic()
             f.match_lsn = max(f.match_lsn, min(reply.durable_lsn, last))
             gauge = self._lag.get(f.member_id)
             if gauge is not None:
@@ -463,6 +465,7 @@ class ReplicatedWal:
         f.next_lsn = lsn + 1
         f.match_lsn = max(f.match_lsn, min(reply.durable_lsn, lsn))
         f.snapshots_sent += 1
+        f.acked_at = time.monotonic()
         self.counters["snapshots_sent"] += 1
         log.info("member %d: sent member %d the snapshot at LSN %d", self.member_id, f.member_id, lsn)
         self._advance()
