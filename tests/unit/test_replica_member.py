@@ -231,3 +231,28 @@ async def test_records_it_holds_but_has_not_fsynced_are_not_acknowledged(tmp_pat
     finally:
         failpoints.disarm()
     await m.close()
+
+
+async def test_an_append_whose_caller_gives_up_leaves_the_member_consistent(tmp_path) -> None:
+    from oribus import failpoints
+
+    m = await member(tmp_path)
+    await m.append(batch(1, (0, 0), term_start(1, 1), put(2, "a"), commit=2))
+    # a divergent tail to cut, then an fsync that takes a while: the caller gives up meanwhile
+    await m.append(batch(1, (1, 2), put(3, "old"), put(4, "old"), commit=2))
+    failpoints.arm("wal.before_fsync", "sleep:0.3")
+    try:
+        call = asyncio.ensure_future(m.append(batch(2, (1, 2), term_start(3, 2), put(4, "new"), commit=4)))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    finally:
+        failpoints.disarm()
+    # the next call waits for the first to finish: the tail is cut, the new records are in,
+    # fsynced and applied as the batch said
+    reply = await m.append(batch(2, (2, 4), commit=4))
+    assert reply.ok and m.last_position == (2, 4) and m.applied_lsn == 4
+    assert m.counters["truncated_records"] == 2 and m.terms.to_list() == [[1, 1], [2, 3]]
+    await m.close()
+    assert [body.get("w", [[None]])[0][0] for _, _, body in log_of(tmp_path)] == [None, "a", None, "new"]
