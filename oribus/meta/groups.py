@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ class GroupLease:
     ttl: float
     acked_at: float
     lost: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task | None = None
+    keeper: _KeepAlive | None = None  # the thread that keeps it alive
     clock: Callable[[], float] = time.monotonic
 
     @property
@@ -179,57 +180,15 @@ class EtcdGroups:
         sent = time.monotonic()
         lease = await self.meta._call(lambda c: c.lease(ttl))  # noqa: SLF001
         held = GroupLease(lease, float(ttl), sent)
-        held.task = asyncio.get_running_loop().create_task(self._keep(held))
+        held.keeper = _KeepAlive(self.meta, held, asyncio.get_running_loop())
+        held.keeper.start()
         return held
-
-    async def _keep(self, held: GroupLease) -> None:
-        """A keep-alive every ``ttl / 4``, each in a task of its own: one that etcd answers late
-        does not hold back the next (the primary lease counts from the latest one answered)."""
-        period = max(0.2, held.ttl / 4)
-        in_flight: set[asyncio.Task] = set()
-        failing: list[float] = []  # when the keep-alives began failing (empty: they do not)
-
-        async def refresh(sent: float) -> None:
-            try:
-                reply = await self.meta._call(lambda c: c.refresh_lease(held.id))  # noqa: SLF001
-            except Unavailable as e:
-                failing[:] = failing or [sent]
-                log.error("etcd unreachable for %.1fs, cannot keep lease %x: %s", sent - failing[0], held.id,
-                          e.message)
-                return
-            failing.clear()
-            took = time.monotonic() - sent
-            if took > held.ttl / 4:  # what eats the primary lease: say so (etcd slow, or this process)
-                log.warning("etcd answered a keep-alive of lease %x after %.2fs (TTL %gs)", held.id, took, held.ttl)
-            if reply is None or reply.TTL <= 0:
-                if not held.lost.is_set():
-                    log.critical("lease %x expired in etcd: every claim bound to it is gone", held.id)
-                held.lost.set()
-                return
-            held.acked_at = max(held.acked_at, sent)
-
-        try:
-            while not held.lost.is_set():
-                due = time.monotonic() + period
-                await asyncio.sleep(period)
-                late = time.monotonic() - due
-                if late > held.ttl / 4:  # this process's event loop did not run for that long
-                    log.warning("keep-alive of lease %x sent %.2fs late: the event loop was busy", held.id, late)
-                if len(in_flight) < MAX_KEEPALIVES_IN_FLIGHT:
-                    task = asyncio.get_running_loop().create_task(refresh(time.monotonic()))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-        finally:
-            for task in list(in_flight):
-                task.cancel()
 
     async def revoke(self, held: GroupLease) -> None:
         """Give the lease up (a clean stop): everything bound to it goes at once."""
-        if held.task is not None:
-            held.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await held.task
         held.lost.set()
+        if held.keeper is not None:
+            await held.keeper.stop()
         with contextlib.suppress(Exception):
             await self.meta._call(lambda c: c.revoke_lease(held.id))  # noqa: SLF001
 
@@ -423,3 +382,83 @@ class EtcdGroups:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await watcher
+
+
+class _KeepAlive(threading.Thread):
+    """Keeps one lease alive from a thread of its own, over an etcd connection of its own.
+
+    A keep-alive every ``ttl / 4``, each in a task of its own (one that etcd answers late does
+    not hold back the next; the primary lease counts from the latest one answered). In a
+    thread, because a primary under load keeps its event loop busy for long stretches: its
+    keep-alives, sent from that loop, went out up to a second late, and a short TTL ran out
+    on a primary that was alive and well (``benchmarks/failover.py``). The thread needs only
+    the GIL now and then. ``acked_at`` is a float written whole; ``lost`` is set on the
+    owner's loop.
+    """
+
+    def __init__(self, meta: EtcdMeta, held: GroupLease, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(name=f"oribus-lease-{held.id:x}", daemon=True)
+        self.endpoints = ",".join(f"{h}:{p}" for h, p in meta.endpoints)
+        self.cluster = meta.cluster
+        self.timeout = meta.timeout
+        self.held = held
+        self.owner = loop
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._keep())
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self.is_alive():
+            await asyncio.get_running_loop().run_in_executor(None, self.join, 5.0)
+
+    def _expired(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the owner's loop is closed: nobody to tell
+            self.owner.call_soon_threadsafe(self.held.lost.set)
+
+    async def _keep(self) -> None:
+        held = self.held
+        meta = EtcdMeta(self.endpoints, self.cluster, timeout=self.timeout)
+        period = max(0.2, held.ttl / 4)
+        in_flight: set[asyncio.Task] = set()
+        failing: list[float] = []  # when the keep-alives began failing (empty: they do not)
+        done = asyncio.Event()
+
+        async def refresh(sent: float) -> None:
+            try:
+                reply = await meta._call(lambda c: c.refresh_lease(held.id))  # noqa: SLF001
+            except Unavailable as e:
+                failing[:] = failing or [sent]
+                log.error("etcd unreachable for %.1fs, cannot keep lease %x: %s", sent - failing[0], held.id,
+                          e.message)
+                return
+            failing.clear()
+            took = time.monotonic() - sent
+            if took > held.ttl / 4:  # what eats the primary lease: say so
+                log.warning("etcd answered a keep-alive of lease %x after %.2fs (TTL %gs)", held.id, took, held.ttl)
+            if reply is None or reply.TTL <= 0:
+                if not done.is_set():
+                    log.critical("lease %x expired in etcd: every claim bound to it is gone", held.id)
+                done.set()
+                self._expired()
+                return
+            held.acked_at = max(held.acked_at, sent)
+
+        try:
+            while not (self.stopping.is_set() or done.is_set()):
+                due = time.monotonic() + period
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), period)
+                late = time.monotonic() - due
+                if late > held.ttl / 4:
+                    log.warning("keep-alive of lease %x sent %.2fs late", held.id, late)
+                if len(in_flight) < MAX_KEEPALIVES_IN_FLIGHT and not self.stopping.is_set():
+                    task = asyncio.get_running_loop().create_task(refresh(time.monotonic()))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+        finally:
+            for task in list(in_flight):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await meta.close()
