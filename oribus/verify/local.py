@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,10 @@ class LocalDeployment:
         if self.proc is not None:
             await asyncio.to_thread(self.proc.wait)
         return await self.start()
+
+    def remove(self) -> None:
+        """Delete the temporary directory (data, the private etcd's included, and up.log)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

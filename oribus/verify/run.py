@@ -148,6 +148,7 @@ async def verify(cfg: VerifyConfig, out: TextIO = sys.stdout, err: TextIO = sys.
     if cfg.seed is None:
         cfg.seed = secrets.randbelow(2**31)
     local: LocalDeployment | None = None
+    result = UNREACHABLE
     try:
         if cfg.start_local:
             local = LocalDeployment(replicas=cfg.replicas)
@@ -164,10 +165,15 @@ async def verify(cfg: VerifyConfig, out: TextIO = sys.stdout, err: TextIO = sys.
             except Unreachable as e:
                 _line(err, f"oribus verify: {e}")
                 return UNREACHABLE
-            return await _run(cfg, cfg.addr, http, local, out, err)
+            result = await _run(cfg, cfg.addr, http, local, out, err)
+            return result
     finally:
         if local is not None:
             local.stop()
+            if result == 0:
+                local.remove()  # nothing to look into: its data and logs go
+            else:
+                _line(err, f"kept the deployment's directory for a look (up.log, the data): {local.dir}")
 
 
 async def _run(cfg: VerifyConfig, addr: str, http: Any, local: LocalDeployment | None,

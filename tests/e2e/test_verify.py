@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,6 +189,8 @@ def test_start_local_with_the_nemesis_kills_pauses_restarts_and_finds_nothing(tm
     faults = {e["fault"] for e in report["nemesis_events"]}
     assert faults & {"kill", "pause"}, report["nemesis_events"]
     assert report["counts"]["ok"] > 20
+    started = re.search(r"starting oribus up --processes in (\S+) \.\.\.", r.stderr)
+    assert started and not Path(started.group(1)).exists()  # a passing run leaves no directory behind
 
 
 @pytest.mark.slow
