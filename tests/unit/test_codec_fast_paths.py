@@ -1,6 +1,7 @@
-"""``dec_shard_txn`` decodes the common shape inline and everything else through the checked path:
-whatever the map, it answers exactly what the checked path answers (the same ShardTxn, or an
-InvalidRequest with the same message), and every ShardTxn a bus encodes round-trips."""
+"""``dec_shard_txn`` (shards) and ``dec_commit_request`` (the bus) decode the common shape inline and
+everything else through the checked path: whatever the map, each answers exactly what its checked
+path answers (the same message, or an InvalidRequest with the same text), and every message the
+other side encodes round-trips through the fast path."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oribus.contract import CommitRequest
 from oribus.errors import InvalidRequest
 from oribus.messages import Scope, ShardTxn
-from oribus.rpc import shard_codec, wire
+from oribus.rpc import bus_codec, shard_codec, wire
 from oribus.types import SessionRef
 
 keys = st.text(min_size=1, max_size=6)
@@ -89,3 +91,41 @@ def test_maps_that_are_not_the_common_shape_still_decode_or_are_refused_by_the_c
         got = answer(shard_codec.dec_shard_txn, {**base, **bad})
         assert got[0] == "InvalidRequest" and message in got[1], (bad, got)
     assert answer(shard_codec.dec_shard_txn, ["not", "a", "map"])[0] == "InvalidRequest"
+
+
+values = st.one_of(st.none(), ints.map(wire.pack), st.text(max_size=5).map(wire.pack),
+                   st.binary(max_size=4))  # the last: mostly not one msgpack object
+commit_requests = st.builds(
+    CommitRequest,
+    session=st.builds(SessionRef, st.text(min_size=1, max_size=5), st.text(min_size=1, max_size=5)),
+    commit_id=st.text(max_size=12),
+    writes=st.dictionaries(keys, values, max_size=3),
+    rollback=str_int_maps,
+    expect=str_int_maps,
+    read_set=str_int_maps,
+    scope=st.sampled_from(Scope),
+    since=st.dictionaries(st.integers(0, 8), ints, max_size=2),
+    tokens=st.dictionaries(st.integers(0, 8), st.tuples(ints, ints), max_size=2),
+    strict=st.booleans(),
+    complete_tokens=st.booleans(),
+)
+REQUEST_FIELDS = ["s", "id", "w", "rb", "e", "r", "sc", "since", "t", "st", "ct"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(commit_requests)
+def test_every_commit_request_round_trips_through_the_common_shape(request):
+    a = wire.unpack(wire.pack(bus_codec.enc_commit_request(request)))
+    assert bus_codec._common_commit_request(a) == request
+    assert answer(bus_codec.dec_commit_request, a) == answer(bus_codec._dec_commit_request_checked, a)
+
+
+@settings(max_examples=600, deadline=None)
+@given(commit_requests, st.dictionaries(st.sampled_from(REQUEST_FIELDS), anything, max_size=4),
+       st.lists(st.sampled_from(REQUEST_FIELDS), max_size=2))
+def test_any_commit_map_gets_the_checked_paths_answer(request, changed, removed):
+    a = wire.unpack(wire.pack(bus_codec.enc_commit_request(request)))
+    a.update(changed)
+    for name in removed:
+        a.pop(name, None)
+    assert answer(bus_codec.dec_commit_request, a) == answer(bus_codec._dec_commit_request_checked, a)
