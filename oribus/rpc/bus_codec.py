@@ -18,6 +18,7 @@ from oribus.errors import (
 from oribus.messages import (
     SCOPES,
     ReadItem,
+    Scope,
 )
 from oribus.rpc.wire import (
     Op,
@@ -43,7 +44,7 @@ from oribus.rpc.wire import (
     str_int_map,
     to_none,
 )
-from oribus.types import DEFAULT_SCAN_LIMIT
+from oribus.types import DEFAULT_SCAN_LIMIT, SessionRef
 
 
 def _decodable(writes: dict[str, bytes | None]) -> dict[str, bytes | None]:
@@ -99,6 +100,74 @@ def enc_commit_request(r: CommitRequest) -> dict:
 
 
 def dec_commit_request(a: Any) -> CommitRequest:
+    """A ``CommitRequest`` from its wire map: the shape the SDKs send is checked inline (exact
+    types, one pass), anything else by ``_dec_commit_request_checked``, which accepts the same
+    and names what is wrong. Written values are checked to be msgpack either way."""
+    fast = _common_commit_request(a)
+    if fast is None:
+        return _dec_commit_request_checked(a)
+    _decodable(fast.writes)
+    return fast
+
+
+def _common_commit_request(a: Any) -> CommitRequest | None:
+    """The request of a map of the common shape, as ``_dec_commit_request_checked`` decodes it
+    (but for the values' msgpack check); None for anything else."""
+    if type(a) is not dict:
+        return None
+    get = a.get
+    s, commit_id, sc = get("s"), get("id"), get("sc")
+    scope = Scope.SESSION if sc is None else SCOPES.get(sc) if type(sc) is str else None
+    if scope is None or type(commit_id) is not str or type(s) is not list or len(s) != 2 \
+            or type(s[0]) is not str or type(s[1]) is not str:
+        return None
+    writes = get("w")
+    if writes is None:
+        writes = {}
+    elif type(writes) is not dict:
+        return None
+    else:
+        for k, v in writes.items():
+            if type(k) is not str or (v is not None and type(v) is not bytes):
+                return None
+    maps = []
+    for name in ("rb", "e", "r"):
+        m = get(name)
+        if m is None:
+            m = {}
+        elif type(m) is not dict:
+            return None
+        else:
+            for k, v in m.items():
+                if type(k) is not str or type(v) is not int:
+                    return None
+        maps.append(m)
+    since, t, strict, complete = get("since"), get("t"), get("st"), get("ct")
+    if since is None:
+        since = {}
+    elif type(since) is not dict:
+        return None
+    else:
+        for k, v in since.items():
+            if type(k) is not int or type(v) is not int:
+                return None
+    tokens = {}
+    if t is not None:
+        if type(t) is not dict:
+            return None
+        for k, v in t.items():
+            if type(k) is not int or type(v) is not list or len(v) != 2 or type(v[0]) is not int \
+                    or type(v[1]) is not int:
+                return None
+            tokens[k] = (v[0], v[1])
+    if (strict is not None and type(strict) is not bool) or (complete is not None and type(complete) is not bool):
+        return None
+    return CommitRequest(session=SessionRef(s[0], s[1]), commit_id=commit_id, writes=writes, rollback=maps[0],
+                         expect=maps[1], read_set=maps[2], scope=scope, since=since, tokens=tokens,
+                         strict=bool(strict), complete_tokens=bool(complete))
+
+
+def _dec_commit_request_checked(a: Any) -> CommitRequest:
     scope = opt(a, "sc", str, "session")
     sc = SCOPES.get(scope)
     if sc is None:

@@ -19,6 +19,7 @@ from oribus.messages import (
     VOTE_KINDS,
     ReadReply,
     ReadRequest,
+    Scope,
     ShardTxn,
     TxnOutcome,
     TxnStatus,
@@ -52,6 +53,7 @@ from oribus.types import (
     DEFAULT_SCAN_LIMIT,
     DEFAULT_SESSIONS_LISTED,
     MAX_SESSIONS_LISTED,
+    SessionRef,
 )
 
 
@@ -115,6 +117,71 @@ def enc_shard_txn(t: ShardTxn) -> dict:
 
 
 def dec_shard_txn(a: Any) -> ShardTxn:
+    """A ``ShardTxn`` from its wire map. The shape every bus sends is checked inline (exact types,
+    one pass: a third of the time of a check per field, and two of these are decoded per cross-shard
+    commit); anything else goes through ``_dec_shard_txn_checked``, which accepts the same and
+    names what is wrong."""
+    fast = _common_shard_txn(a)
+    return fast if fast is not None else _dec_shard_txn_checked(a)
+
+
+def _common_shard_txn(a: Any) -> ShardTxn | None:
+    """The ShardTxn of a map of the common shape, exactly as ``_dec_shard_txn_checked`` decodes it;
+    None for anything else (it may still be valid: the checked path decides)."""
+    if type(a) is not dict:
+        return None
+    get = a.get
+    txn_id, s = get("id"), get("s")
+    if type(txn_id) is not str or type(s) is not list or len(s) != 2 or type(s[0]) is not str \
+            or type(s[1]) is not str:
+        return None
+    writes = get("w")
+    if writes is None:
+        writes = {}
+    elif type(writes) is not dict:
+        return None
+    else:
+        for k, v in writes.items():
+            if type(k) is not str or (v is not None and type(v) is not bytes):
+                return None
+    maps = []
+    for name in ("rb", "e", "r"):
+        m = get(name)
+        if m is None:
+            m = {}
+        elif type(m) is not dict:
+            return None
+        else:
+            for k, v in m.items():
+                if type(k) is not str or type(v) is not int:
+                    return None
+        maps.append(m)
+    sc = get("sc")
+    scope = Scope.SESSION if sc is None else SCOPES.get(sc) if type(sc) is str else None
+    q, t, strict, ps, p, at, dl = get("q"), get("t"), get("st"), get("ps"), get("p"), get("at"), get("dl")
+    if scope is None or (q is not None and type(q) is not int):
+        return None
+    if t is not None:
+        if type(t) is not list or len(t) != 2 or type(t[0]) is not int or type(t[1]) is not int:
+            return None
+        t = (t[0], t[1])
+    if (strict is not None and type(strict) is not bool) or (ps is not None and type(ps) is not list) \
+            or (p is not None and type(p) is not int) or (at is not None and type(at) not in _NUMBERS):
+        return None
+    if dl is not None:
+        if type(dl) not in _NUMBERS or not math.isfinite(dl):
+            return None
+        dl = float(dl)
+    return ShardTxn(txn_id=txn_id, session=SessionRef(s[0], s[1]), writes=writes, rollback=maps[0],
+                    expect=maps[1], read_set=maps[2], scope=scope, since_seq=q, token=t,
+                    strict=bool(strict), participants=() if ps is None else tuple(ps),
+                    primary=0 if p is None else p, committed_at=0.0 if at is None else float(at), deadline=dl)
+
+
+_NUMBERS = (int, float)
+
+
+def _dec_shard_txn_checked(a: Any) -> ShardTxn:
     token = opt(a, "t", list, None)
     if token is not None and not (len(token) == 2 and all(isinstance(x, int) for x in token)):
         raise InvalidRequest("token must be [epoch, incarnation]")

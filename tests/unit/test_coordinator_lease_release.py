@@ -77,3 +77,24 @@ async def test_a_lease_granted_in_a_later_turn_is_released_by_a_call_of_its_own(
             await asyncio.sleep(0)
     releases = [(s, op, params) for s, op, params in calls if op.startswith("release")]
     assert releases == [(READER, "release_leases", (["c0"],)), (READER, "release_leases", (["c1"],))]
+
+
+async def test_a_sessions_commits_one_after_the_other_are_not_refused_by_its_own_leases(tmp_path):
+    # Two in-process shards: each put of the writer is a one-writer commit whose read-only
+    # participant is the other shard (the session's token there), where it leaves a lease that
+    # the next put, writing there, meets at its writer unless the release went first.
+    import oribus
+    from oribus.meta.slots import StaticSlotMap
+
+    slots = StaticSlotMap(2)
+    on = {0: [], 1: []}
+    i = 0
+    while len(on[0]) < 3 or len(on[1]) < 3:
+        on[slots.shard_for(f"k{i}")].append(f"k{i}")
+        i += 1
+    async with oribus.open_local(tmp_path, shards=2, agent="writer") as bus:
+        s = bus.session(agent="writer")
+        await s.get_many([on[0][0], on[1][0]])  # a token on both shards
+        for n in range(40):
+            await s.put(on[n % 2][n % 3], n)  # never Conflict: nobody else writes
+        assert bus._bus.coordinator.counters["conflicts"] == 0
