@@ -117,6 +117,12 @@ class ReplicaShard(Shard):
 class ReplicaMember:
     """One member of a replica group (module docstring). ``await ReplicaMember.open(...)``."""
 
+    # Seams, as ``Shard``'s: the deterministic simulation (``oribus.sim.group``) replaces them
+    # per class to run the log's flushes on virtual time and the primary's Shard on the
+    # simulated clocks. Production code never changes them.
+    open_wal: Callable[..., Wal] = staticmethod(Wal.open)  # the follower's log (recovery scan + append side)
+    shard_class: type[ReplicaShard] = ReplicaShard  # the Shard served as primary
+
     def __init__(self, config: ShardConfig, member_id: int, replicas: int,
                  options: ReplicationOptions | None) -> None:
         self.config = config
@@ -245,7 +251,7 @@ class ReplicaMember:
                 terms.start(body["t"], lsn)
             pending.append((lsn, rtype, body))
 
-        wal = Wal.open(cfg.wal_dir, cfg.wal, replay_from_lsn=snapshot_lsn + 1, on_record=on_record,
+        wal = self.open_wal(cfg.wal_dir, cfg.wal, replay_from_lsn=snapshot_lsn + 1, on_record=on_record,
                        metrics_label=str(cfg.shard_id), require_lsn=require_lsn)
         wal.on_new_segment = self._raise_mark
         self.wal, self.core, self.terms = wal, core, terms
@@ -617,7 +623,7 @@ class ReplicaMember:
             async with self._lock:
                 if self.rwal is not rwal or rwal.deposed is not None:
                     raise Unavailable(f"member {self.member_id} was deposed before term {term} began")
-                shard = ReplicaShard(self.config, term, self, rwal)
+                shard = self.shard_class(self.config, term, self, rwal)
                 await shard._start(self._dir_lock)
                 if lsn == 1:
                     # The group's first term: no primary ever served, no lease is out (§10 rule 3).
