@@ -39,11 +39,15 @@ faults above hit the group's primary (``crash`` kills it, ``partition`` cuts it 
 etcd included), and these are added:
 
     kill_primary       the primary dies (it loses what it did not fsync) and restarts after
-                       ``duration`` as a follower: the others elect a new primary meanwhile
+                       ``duration`` as a follower: the others elect a new primary meanwhile.
+                       ``int(amount)`` 1: once its log has fsynced records no follower
+                       acknowledged; 2: once a record is committed that a follower lacks
+                       (within 0.5 s; ``SimGroups.exposed_primary``); 0: at once
     kill_follower      follower ``int(amount)`` (of those etcd does not name primary) dies and
                        restarts after ``duration``
     disk_loss          a member dies and its whole directory is deleted (``int(amount)`` 0: the
-                       primary, else a follower); it restarts after ``duration`` with an empty
+                       primary, once a record is committed that a follower lacks, as
+                       ``kill_primary`` 2; else a follower); it restarts after ``duration`` with an empty
                        directory, as a learner that must catch up before it is a voter again.
                        Skipped if it would leave a majority of the group without its data
                        (the model's assumption: at most a minority of disks is lost at once)
@@ -51,6 +55,9 @@ etcd included), and these are added:
                        ``duration``; with ``amount`` >= 0.5 it is cut from etcd too, so its
                        lease runs out and the others elect a new primary while the bus may
                        still reach the old one
+    partition_follower every message between the primary and follower ``int(amount)`` is dropped
+                       for ``duration``: that follower lags behind while the other members
+                       commit, and an election meanwhile must not pick it
     pause_primary      the primary's process stops (SIGSTOP) for ``duration``, drawn past its
                        lease: the others take over, and when it resumes, what it holds
                        (calls that arrived meanwhile, its batches to the followers) must
@@ -69,7 +76,8 @@ from oribus.sim.config import SimConfig
 
 FAULT_KINDS = ("crash", "crash_reader", "crash_bus", "partition", "partition_bus", "slow", "loss", "duplicate",
                "pause", "reset")
-REPLICA_FAULT_KINDS = ("kill_primary", "kill_follower", "disk_loss", "partition_primary", "pause_primary")
+REPLICA_FAULT_KINDS = ("kill_primary", "kill_follower", "disk_loss", "partition_primary", "partition_follower",
+                       "pause_primary")
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,7 @@ class Fault:
                          f"shard {self.target} and delete its data directory",
             "partition_primary": f"cut the primary of shard {self.target} from its followers"
                                  f"{' and etcd' if self.amount >= 0.5 else ''}",
+            "partition_follower": f"cut follower {int(self.amount)} of shard {self.target} from its primary",
             "pause_primary": f"stop the primary of shard {self.target}",
         }[self.kind]
         return f"t={self.at:.3f}s {what} for {self.duration:.3f}s"

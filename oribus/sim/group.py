@@ -336,11 +336,13 @@ class MemberNode:
         g.trace("election", self.name, term)
 
         async def ask(i: int) -> tuple[int, PromiseReply | None]:
+            # a member that does not answer within ttl / 2 is counted out (down or cut off)
             try:
                 if i == self.member_id:
                     return i, await m.promise(term, self.member_id)
-                return i, await SimPeer(g, self.shard, self.member_id, i).promise(term, self.member_id)
-            except OribusError:
+                peer = SimPeer(g, self.shard, self.member_id, i)
+                return i, await asyncio.wait_for(peer.promise(term, self.member_id), g.ttl / 2)
+            except (OribusError, TimeoutError):
                 return i, None
 
         replies = await asyncio.gather(*(ask(i) for i in range(g.replicas)))
@@ -387,7 +389,7 @@ class MemberNode:
                     await self._resign(m, "takeover failed")
                 return
             shard.resolver = Coordinator(g.shard_clients(self.name), g.cluster.slot_map.shard_for).recover
-            g.counters["failovers"] += 1
+            g.counters["primaries"] += 1
             g.trace("primary", self.name, term, m.last_position)
         finally:
             self.taking_over = False
@@ -430,7 +432,7 @@ class SimGroups:
         self.member_class: type[SimReplicaMember] = type("SimReplicaMember", (SimReplicaMember,), {"groups": self})
         self.options = ReplicationOptions(heartbeat_seconds=0.05, retry_min_seconds=0.01, retry_max_seconds=0.2,
                                           unsafe_ack_on_local_fsync=cluster.config.unsafe_ack_on_local_fsync)
-        self.counters = {"failovers": 0, "member_crashes": 0, "disk_losses": 0, "disk_losses_skipped": 0,
+        self.counters = {"primaries": 0, "member_crashes": 0, "disk_losses": 0, "disk_losses_skipped": 0,
                          "primary_partitions": 0, "primary_pauses": 0, "learner_starts": 0}
         self.nodes: dict[int, dict[int, MemberNode]] = {
             s: {r: MemberNode(self, s, r, root / f"shard-{s}" / f"member-{r}", Endpoint(self.name(s, r)),
@@ -558,6 +560,25 @@ class SimGroups:
             if node.serving() is not None:
                 return node
         return None
+
+    async def exposed_primary(self, shard: int, mode: int, patience: float = 0.5) -> int | None:
+        """The primary of ``shard`` (its member id; None: there is none), once a crash of it
+        is most telling, waiting at most ``patience``: ``mode`` 1, its log holds fsynced records
+        no follower has acknowledged (a tail only it has: never acknowledged, so lost or cut
+        when it returns); 2, a record is committed that some follower lacks (the election
+        must pick the member that has it). Any other ``mode``: at once."""
+        end = self.loop.time() + patience
+        while mode in (1, 2) and self.loop.time() < end:
+            node = self.primary(shard)
+            rwal = node.member.rwal if node is not None and node.member is not None else None
+            if node is not None and rwal is not None and rwal.followers:
+                matches = [f.match_lsn for f in rwal.followers]
+                if (mode == 1 and rwal.durable_lsn > max(matches)) or (mode == 2 and rwal.commit_lsn > min(matches)):
+                    self.trace("exposed", node.name, mode, rwal.durable_lsn, rwal.commit_lsn, matches)
+                    return node.member_id
+            await asyncio.sleep(0.0001)
+        key = self.etcd.primary(shard)
+        return key.member if key is not None else None
 
     def followers(self, shard: int) -> list[MemberNode]:
         key = self.etcd.primary(shard)

@@ -445,6 +445,7 @@ class SimCluster:
         followers = [n.member_id for n in groups.followers(shard_id)]
         pick = int(fault.amount)
         if fault.kind == "kill_primary":
+            primary = await groups.exposed_primary(shard_id, pick)
             if primary is not None:
                 groups.crash_member(shard_id, primary)
         elif fault.kind == "kill_follower":
@@ -455,13 +456,18 @@ class SimCluster:
                 groups.counters["disk_losses_skipped"] += 1
                 self.trace("disk-loss-skipped", shard_id)
                 return
+            if pick == 0:
+                primary = await groups.exposed_primary(shard_id, 2)
             victim = primary if pick == 0 and primary is not None else followers[pick % len(followers)]
             groups.crash_member(shard_id, victim, lose_disk=True)
-        elif fault.kind == "partition_primary":
+        elif fault.kind in ("partition_primary", "partition_follower"):
             if primary is None:
                 return
             name = SimGroups.name(shard_id, primary)
-            others = [SimGroups.name(shard_id, r) for r in followers] + ([ETCD] if fault.amount >= 0.5 else [])
+            if fault.kind == "partition_follower":
+                others = [SimGroups.name(shard_id, followers[pick % len(followers)])]
+            else:
+                others = [SimGroups.name(shard_id, r) for r in followers] + ([ETCD] if fault.amount >= 0.5 else [])
             groups.counters["primary_partitions"] += 1
             for other in others:
                 self.network.cut(name, other)
