@@ -15,7 +15,9 @@ hit (default 1); kill and raise then stay armed for every later hit.
 Known points (grep ``failpoint(`` for the full list):
     wal.before_append, wal.after_append, wal.before_fsync, wal.after_fsync,
     snapshot.before_rename, snapshot.after_rename, manifest.before_rename,
-    txn.after_prepare, txn.after_decide, txn.before_participant_commit
+    txn.after_prepare, txn.after_decide, txn.before_participant_commit,
+    replica.before_truncate, replica.after_truncate, replica.install_snapshot,
+    replica.before_voter
 """
 
 from __future__ import annotations

@@ -347,3 +347,20 @@ WAL_BATCH_RECORDS = REGISTRY.histogram(
     ("shard",),
     buckets=SIZE_BUCKETS,
 )
+
+# Replica groups (oribus.shards.replica): observed by a group's primary.
+REPLICA_QUORUM_SECONDS = REGISTRY.histogram(
+    "oribus_replica_quorum_wait_seconds",
+    "From a durability wait on a replicated primary to its record being on a majority, seconds.",
+    ("shard",),
+)
+REPLICA_LAG_RECORDS = REGISTRY.gauge(
+    "oribus_replica_lag_records",
+    "Records the primary holds that a member has not acknowledged (at its last reply).",
+    ("shard", "member"),
+)
+REPLICA_TAKEOVERS = REGISTRY.counter(
+    "oribus_replica_takeovers_total",
+    "Terms a member in this process began serving as its group's primary (failovers included).",
+    ("shard",),
+)

@@ -70,6 +70,7 @@ from oribus.shards.replica import (
     ReplicationOptions,
     SnapshotChunk,
 )
+from oribus.shards.replica.files import MemberFiles
 from oribus.shards.replica.member import PRIMARY, STARTING
 from oribus.shards.store import VersionedStore
 from oribus.shards.wal import Wal
@@ -139,17 +140,25 @@ class SimReplicaShard(ReplicaShard):
         super().__init__(config, epoch, member, rwal)
 
 
+class SimMemberFiles(MemberFiles):
+    """A member's real files, whose WAL flushes run on virtual time (``VirtualFlusher``).
+    ``SimGroups`` makes a subclass of it per run that names itself."""
+
+    groups: ClassVar[SimGroups]
+
+    def open_wal(self, *, replay_from_lsn: int, on_record: Callable[[int, int, Any], None],
+                 require_lsn: int) -> Wal:
+        wal = super().open_wal(replay_from_lsn=replay_from_lsn, on_record=on_record, require_lsn=require_lsn)
+        self.groups.adopt_wal(self.config.data_dir, wal)
+        return wal
+
+
 class SimReplicaMember(ReplicaMember):
-    """The real ``ReplicaMember``; its log's flushes run on virtual time, its Shard on the
-    simulated clocks. ``SimGroups`` makes a subclass of it per run that names itself."""
+    """The real ``ReplicaMember`` on ``SimMemberFiles``, its Shard on the simulated clocks.
+    ``SimGroups`` makes a subclass of it per run that names itself."""
 
     groups: ClassVar[SimGroups]
     shard_class = SimReplicaShard
-
-    def open_wal(self, directory: Any, config: Any = None, **kwargs: Any) -> Wal:
-        wal = Wal.open(directory, config, **kwargs)
-        self.groups.adopt_wal(self.shard_id, self.member_id, wal)
-        return wal
 
     def _new_core(self) -> Participant:
         cfg = self.config
@@ -429,7 +438,9 @@ class SimGroups:
         self.etcd_rng = random.Random(f"oribus-sim/{cluster.seed}/etcd")
         self.view: dict[int, int | None] = {}  # shard -> the member the bus believes primary
         self._view_term: dict[int, int] = {}
-        self.member_class: type[SimReplicaMember] = type("SimReplicaMember", (SimReplicaMember,), {"groups": self})
+        files: type[SimMemberFiles] = type("SimMemberFiles", (SimMemberFiles,), {"groups": self})
+        self.member_class: type[SimReplicaMember] = type("SimReplicaMember", (SimReplicaMember,),
+                                                         {"groups": self, "files_class": files})
         self.options = ReplicationOptions(heartbeat_seconds=0.05, retry_min_seconds=0.01, retry_max_seconds=0.2,
                                           unsafe_ack_on_local_fsync=cluster.config.unsafe_ack_on_local_fsync)
         self.counters = {"primaries": 0, "member_crashes": 0, "disk_losses": 0, "disk_losses_skipped": 0,
@@ -440,6 +451,7 @@ class SimGroups:
                 for r in range(self.replicas)}
             for s in range(self.config.shards)
         }
+        self._by_dir = {n.data_dir: n for nodes in self.nodes.values() for n in nodes.values()}
         self.etcd.watch(self._watched)
 
     @staticmethod
@@ -480,8 +492,8 @@ class SimGroups:
 
         self.loop.call_later(delay, deliver)
 
-    def adopt_wal(self, shard: int, member: int, wal: Wal) -> None:
-        node = self.nodes[shard][member]
+    def adopt_wal(self, data_dir: Path, wal: Wal) -> None:
+        node = self._by_dir[Path(data_dir)]
         lo, hi = self.config.disk.fsync_seconds
         wal._flusher = VirtualFlusher(self.loop, lambda: node.rng.uniform(lo, hi))
         node.wals = [w for w in node.wals if w is not wal] + [wal]

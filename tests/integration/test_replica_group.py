@@ -42,8 +42,9 @@ class Etcd:
 
 
 class Group:
-    def __init__(self, root: Path, replicas: int = 3, **config) -> None:
+    def __init__(self, root: Path, replicas: int = 3, options: ReplicationOptions = FAST, **config) -> None:
         self.root = root
+        self.options = options
         self.replicas = replicas
         self.config = {"read_lease_seconds": 0.05, "clock_skew_seconds": 0.0, **config}
         self.net = DirectNetwork()
@@ -57,7 +58,7 @@ class Group:
     async def start(self, i: int) -> ReplicaMember:
         cfg = ShardConfig(shard_id=0, data_dir=self.data_dir(i), **self.config)
         m = await ReplicaMember.open(self.data_dir(i), 0, i, self.replicas, config=cfg,
-                                     term_register=self.etcd.term, options=FAST)
+                                     term_register=self.etcd.term, options=self.options)
         m.on_deposed = lambda term, i=i: self.deposed.append((i, term))
         self.members[i] = m
         self.net.add(m)
@@ -173,6 +174,27 @@ async def test_a_slow_follower_does_not_hold_commits_back(group: Group) -> None:
     group.net.resume(2)
     await eventually(lambda: group.members[2].durable_lsn == shard.wal.last_lsn)
     await eventually(lambda: group.members[2].applied_lsn == shard.wal.last_lsn)
+
+
+async def test_a_follower_far_behind_is_sent_the_log_read_back_from_disk(tmp_path) -> None:
+    # nothing kept in memory for shipping, tiny batches and segments: every record it lacks
+    # is read back from the segment files, one batch after the other
+    options = ReplicationOptions(heartbeat_seconds=0.02, retry_min_seconds=0.005, retry_max_seconds=0.05,
+                                 recent_bytes=1, max_batch_bytes=300)
+    g = Group(tmp_path, options=options, wal=WalConfig(segment_bytes=1024))
+    await g.start_all()
+    try:
+        _, shard = await g.elect(0)
+        g.net.cut(0, 2)
+        for i in range(80):
+            await commit(shard, put(f"c{i}", f"k{i}", i))
+        assert len(shard.wal.wal.segments) > 3
+        g.net.heal()
+        await eventually(lambda: g.members[2].durable_lsn == shard.wal.last_lsn)
+        await g.crash(0)
+        assert log_records(g.data_dir(2)) == log_records(g.data_dir(0))
+    finally:
+        await g.close()
 
 
 async def test_after_the_primary_dies_the_most_complete_member_takes_over_with_every_commit(group: Group) -> None:
@@ -314,3 +336,16 @@ async def test_two_phase_records_are_replicated_and_a_prepared_transaction_survi
     assert "x1" in new.core.prepared  # resolved through its primary, as after a restart
     assert new.core.prepared["x1"].state is TxnState.PREPARED
     assert await values(new, ["f"]) == {"f": 2}
+
+
+async def test_the_primary_exports_quorum_wait_lag_and_takeovers(group: Group) -> None:
+    from oribus.metrics import REGISTRY, REPLICA_QUORUM_SECONDS, REPLICA_TAKEOVERS
+
+    waits, takeovers = REPLICA_QUORUM_SECONDS.labels(shard="0"), REPLICA_TAKEOVERS.labels(shard="0")
+    waits_before, takeovers_before = waits.count, takeovers.value
+    _, shard = await group.elect(0)
+    for i in range(3):
+        await commit(shard, put(f"c{i}", f"k{i}", i))
+    assert waits.count >= waits_before + 4  # the TERM_START and each commit
+    assert takeovers.value == takeovers_before + 1
+    assert 'oribus_replica_lag_records{shard="0",member="1"}' in REGISTRY.render()

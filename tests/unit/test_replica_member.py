@@ -195,3 +195,18 @@ async def test_a_directory_of_another_member_or_shard_is_refused(tmp_path) -> No
         await ReplicaMember.open(tmp_path, 5, 1, 3)
     with pytest.raises(InvalidRequest):
         await ReplicaMember.open(tmp_path / "one", 0, 0, 1)  # replicas=1 is a plain Shard
+
+
+async def test_a_learner_is_not_promoted_against_a_new_primarys_empty_commit_index(tmp_path) -> None:
+    # term 1 committed records 1..4 on members 0 and 2; member 2 lost its disk. Member 0 is
+    # elected in term 2: until its TERM_START (LSN 5) is committed its commit index is 0,
+    # which says nothing of the records term 1 acknowledged.
+    m = await member(tmp_path, member_id=2, term_register=2)
+    assert not m.voter
+    reply = await m.append(batch(2, (0, 0), term_start(1, 1), put(2, "a"), commit=0))
+    assert reply.ok and not reply.voter and not m.voter, "a voter lacking acknowledged records 3 and 4"
+    reply = await m.append(batch(2, (1, 2), put(3, "b"), put(4, "c"), term_start(5, 2), commit=4))
+    assert reply.ok and not m.voter  # term 1's records only: still not known to be all of them
+    reply = await m.append(batch(2, (2, 5), commit=5))
+    assert reply.ok and reply.voter and m.voter
+    await m.close()

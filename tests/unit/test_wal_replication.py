@@ -46,7 +46,7 @@ async def test_on_batch_sees_every_flushed_batch_in_order(tmp_path) -> None:
 
 async def test_frames_from_a_primary_are_written_unchanged_and_replay(tmp_path) -> None:
     primary = await filled(tmp_path / "p", 7)
-    data, last = primary.read_frames(1)
+    data, last, _ = primary.read_frames(1)
     assert last == 7
     follower = Wal.open(tmp_path / "f")
     assert follower.append_frames(data) == [(lsn, 1) for lsn in range(1, 8)]
@@ -113,13 +113,13 @@ async def test_truncate_fails_waiters_for_removed_records(tmp_path) -> None:
 async def test_read_frames_pages_by_bytes_and_refuses_what_a_snapshot_covers(tmp_path) -> None:
     wal = await filled(tmp_path, 30, segment_bytes=150)
     one = len(encode_record(1, 1, {"i": 0}))
-    data, last = wal.read_frames(5, max_bytes=3 * one)
+    data, last, _ = wal.read_frames(5, max_bytes=3 * one)
     assert last == 7 and [f.lsn for f in split_frames(data, 5)] == [5, 6, 7]
-    data, last = wal.read_frames(5, max_bytes=1)  # at least one frame
+    data, last, _ = wal.read_frames(5, max_bytes=1)  # at least one frame
     assert last == 5
-    data, last = wal.read_frames(20, upto_lsn=24)
+    data, last, _ = wal.read_frames(20, upto_lsn=24)
     assert last == 24 and len(split_frames(data, 20)) == 5
-    assert wal.read_frames(31) == (b"", 30)
+    assert wal.read_frames(31)[:2] == (b"", 30)
     wal.roll()
     wal.append(1, {"i": 30})
     await wal.sync()
@@ -127,6 +127,23 @@ async def test_read_frames_pages_by_bytes_and_refuses_what_a_snapshot_covers(tmp
     assert wal.first_lsn > 1
     with pytest.raises(ValueError):
         wal.read_frames(1)
-    data, last = wal.read_frames(wal.first_lsn)
+    data, last, _ = wal.read_frames(wal.first_lsn)
     assert last == 31
+    await wal.close()
+
+
+async def test_reading_on_from_a_cursor_gives_the_log_in_order(tmp_path) -> None:
+    wal = await filled(tmp_path, 200, segment_bytes=1000)
+    expected = wal.read_frames(1, max_bytes=1 << 30).data
+    parts, nxt, cursor = [], 1, None
+    while nxt <= wal.last_lsn:
+        data, last, cursor = wal.read_frames(nxt, max_bytes=170, cursor=cursor)
+        assert last >= nxt and cursor.lsn == last + 1
+        parts.append(data)
+        nxt = last + 1
+    assert b"".join(parts) == expected
+    assert [f.lsn for f in split_frames(expected, 1)] == list(range(1, 201))
+    # a stale cursor (another LSN) is not trusted
+    data, last, _ = wal.read_frames(3, max_bytes=1, cursor=cursor)
+    assert last == 3 and split_frames(data, 3)[0].lsn == 3
     await wal.close()

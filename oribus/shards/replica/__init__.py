@@ -9,6 +9,9 @@ Files:
                  protocol (append, promise, install_snapshot), becoming primary
     primary.py   ``ReplicatedWal``: the primary's WAL, whose durability points wait for a
                  majority, and the shipping of the log to every other member
+    files.py     ``MemberFiles``: every file operation of a member (the simulation's seam)
+    rules.py     the decisions without IO: what an append changes, the commit index, where
+                 to resend from, who may promise
     direct.py    ``DirectNetwork`` / ``DirectPeer``: members calling each other in process,
                  with partitions, lost replies and pauses (tests, the simulation)
 
@@ -71,7 +74,14 @@ it raises ``Unavailable`` when the member cannot be reached.
 
 from oribus.shards.replica.direct import DirectNetwork, DirectPeer
 from oribus.shards.replica.member import ReplicaMember, ReplicaShard
-from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, Position, PromiseReply, SnapshotChunk
+from oribus.shards.replica.messages import (
+    AppendBatch,
+    AppendReply,
+    Peer,
+    Position,
+    PromiseReply,
+    SnapshotChunk,
+)
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
 from oribus.shards.replica.terms import Terms
 

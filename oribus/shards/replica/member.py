@@ -1,7 +1,7 @@
 """One member of a replica group: ``ReplicaMember`` (``specs/replication.md`` §2, §3, §5, §7).
 
 A member is a data directory (the layout of a shard's: ``MANIFEST``, ``wal/``,
-``snapshots/``) and one of two roles:
+``snapshots/``; every file operation in ``files.py``) and one of two roles:
 
 * **follower** (the default): it keeps the log its primary ships (``append``), promises terms
   to candidates (``promise``), takes a snapshot when it lags behind the primary's log
@@ -35,11 +35,17 @@ Rules, as the design states them:
   (damaged files are moved aside to ``damaged-<ns>/``). An empty directory is a new member
   (a voter) only while the group has never had a term (``term_register`` 0): no record can
   have been committed then. A learner becomes a voter once an accepted batch shows it holds
-  the primary's log up to the primary's commit index, and records the flag (fsynced) before
+  the primary's log up to the primary's commit index, and that commit index covers the
+  primary's ``TERM_START`` (``rules.becomes_voter``), and records the flag (fsynced) before
   it answers anything as a voter.
 * a higher term seen while primary (in an append or a promise) deposes it: it stops
   acknowledging at once and steps down to follower (its ``Shard`` is closed), and
   ``on_deposed(term)`` is called.
+
+Failpoints (``oribus.failpoints``): ``replica.before_truncate`` (the MANIFEST's mark lowered,
+the divergent tail not yet cut), ``replica.after_truncate``, ``replica.install_snapshot``
+(a snapshot's member has deleted its log and not yet written the snapshot),
+``replica.before_voter`` (a learner about to record that it is a voter).
 
 The member's logic has no sleeps or sockets: calls arrive through its methods (a stream
 server in a real group, ``DirectPeer`` in tests), and the primary's shipping is
@@ -54,7 +60,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,18 +69,28 @@ import msgpack
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
+from oribus.failpoints import failpoint
+from oribus.metrics import REPLICA_TAKEOVERS
 from oribus.shards.config import ShardConfig
-from oribus.shards.manifest import MANIFEST_FILE, ShardManifest, read_manifest, write_manifest
+from oribus.shards.manifest import ShardManifest
 from oribus.shards.participant import Participant
-from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, Position, PromiseReply, SnapshotChunk
+from oribus.shards.replica.files import MemberFiles
+from oribus.shards.replica.messages import (
+    AppendBatch,
+    AppendReply,
+    Peer,
+    Position,
+    PromiseReply,
+    SnapshotChunk,
+)
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
+from oribus.shards.replica.rules import becomes_voter, may_promise, plan_append
 from oribus.shards.replica.terms import Terms
 from oribus.shards.shard import Shard
 from oribus.shards.store import VersionedStore
-from oribus.shards.wal import Wal, list_segments, load_latest_snapshot, scan_log, write_snapshot
-from oribus.shards.wal.record import TERM_START, split_frames
-from oribus.shards.wal.segment import fsync_directory
-from oribus.shards.wal.snapshot import decode_snapshot_file, latest_snapshot_file, latest_snapshot_lsn
+from oribus.shards.wal import Wal
+from oribus.shards.wal.record import TERM_START
+from oribus.shards.wal.snapshot import decode_snapshot_file
 
 log = logging.getLogger("oribus.replica")
 
@@ -94,18 +109,18 @@ class ReplicaShard(Shard):
     def __init__(self, config: ShardConfig, epoch: int, member: ReplicaMember, rwal: ReplicatedWal) -> None:
         self.member = member
         self.rwal = rwal
-        self.open_wal = self._replay_member_wal  # type: ignore[assignment]
-        self.read_manifest_file = lambda _d: member.manifest  # type: ignore[assignment]
-        self.write_manifest_file = member._write_shard_manifest  # type: ignore[assignment]
+        self.open_wal = self._replay_member_wal
+        self.load_snapshot_file = lambda _d: member.files.load_snapshot()
+        self.write_snapshot_file = lambda _d, lsn, raw: member.files.write_snapshot(lsn, raw)
+        self.read_manifest_file = lambda _d: member.manifest
+        self.write_manifest_file = member._write_shard_manifest
         super().__init__(config, epoch)
 
     def _replay_member_wal(self, directory: Path, config: Any = None, *, replay_from_lsn: int = 1,
                            on_record: Callable[[int, int, Any], None] | None = None,
                            metrics_label: str = "", require_lsn: int = 0) -> ReplicatedWal:
         """Recovery over the member's open log (every record in it is committed now)."""
-        result = scan_log(list_segments(directory), replay_from_lsn=replay_from_lsn, on_record=on_record)
-        if result.damage is not None:
-            raise result.damage.to_error()
+        self.rwal.wal.replay(replay_from_lsn, on_record)
         return self.rwal
 
     def snapshot_state(self) -> dict:
@@ -117,15 +132,16 @@ class ReplicaShard(Shard):
 class ReplicaMember:
     """One member of a replica group (module docstring). ``await ReplicaMember.open(...)``."""
 
-    # Seams, as ``Shard``'s: the deterministic simulation (``oribus.sim.group``) replaces them
-    # per class to run the log's flushes on virtual time and the primary's Shard on the
-    # simulated clocks. Production code never changes them.
-    open_wal: Callable[..., Wal] = staticmethod(Wal.open)  # the follower's log (recovery scan + append side)
-    shard_class: type[ReplicaShard] = ReplicaShard  # the Shard served as primary
+    # Every file operation goes through this (``files.py``); the simulation substitutes its own.
+    files_class: type[MemberFiles] = MemberFiles
+    # The Shard served as primary: the simulation (``oribus.sim.group``) substitutes one on
+    # its virtual clocks, as it sets ``Shard.clock``.
+    shard_class: type[ReplicaShard] = ReplicaShard
 
     def __init__(self, config: ShardConfig, member_id: int, replicas: int,
                  options: ReplicationOptions | None) -> None:
         self.config = config
+        self.files = self.files_class(config)
         self.shard_id = config.shard_id
         self.member_id = member_id
         self.replicas = replicas
@@ -181,7 +197,7 @@ class ReplicaMember:
         member = cls(cfg, member_id, replicas, options)
         loop = asyncio.get_running_loop()
         if dir_lock is None:
-            member._dir_lock = await loop.run_in_executor(None, DataDirLock.acquire, data_dir)
+            member._dir_lock = await loop.run_in_executor(None, member.files.lock)
             member._own_lock = True
         else:
             member._dir_lock = dir_lock
@@ -196,7 +212,7 @@ class ReplicaMember:
     def _open_data(self, term_register: int) -> None:
         cfg = self.config
         try:
-            manifest = read_manifest(cfg.data_dir)
+            manifest = self.files.read_manifest()
         except DataCorrupted as e:
             self._move_aside(f"its MANIFEST is damaged: {e}")
             manifest = None
@@ -212,8 +228,7 @@ class ReplicaMember:
                                      f"not member {self.member_id}", shard=cfg.shard_id)
         voter = manifest.voter if manifest is not None else True
         promised = manifest.promised_term if manifest is not None else 0
-        if empty_reason is None and manifest is None and not list_segments(cfg.wal_dir) \
-                and latest_snapshot_lsn(cfg.snapshot_dir) is None and term_register > 0:
+        if empty_reason is None and term_register > 0 and self.files.holds_no_data():
             empty_reason = "missing"
         if empty_reason is None:
             try:
@@ -234,11 +249,10 @@ class ReplicaMember:
 
     def _load(self, require_lsn: int) -> None:
         """Open the log and the applied state (snapshot) as a follower."""
-        cfg = self.config
         core = self._new_core()
         terms = Terms()
         snapshot_lsn = 0
-        snap = load_latest_snapshot(cfg.snapshot_dir)
+        snap = self.files.load_snapshot()
         if snap is not None:
             snapshot_lsn, raw = snap
             state = msgpack.unpackb(raw, raw=False, strict_map_key=False)
@@ -251,8 +265,7 @@ class ReplicaMember:
                 terms.start(body["t"], lsn)
             pending.append((lsn, rtype, body))
 
-        wal = self.open_wal(cfg.wal_dir, cfg.wal, replay_from_lsn=snapshot_lsn + 1, on_record=on_record,
-                       metrics_label=str(cfg.shard_id), require_lsn=require_lsn)
+        wal = self.files.open_wal(replay_from_lsn=snapshot_lsn + 1, on_record=on_record, require_lsn=require_lsn)
         wal.on_new_segment = self._raise_mark
         self.wal, self.core, self.terms = wal, core, terms
         self._pending = pending
@@ -267,16 +280,7 @@ class ReplicaMember:
     def _move_aside(self, why: str) -> None:
         """Keep damaged files for a post-mortem, out of the way of an empty log."""
         cfg = self.config
-        aside = cfg.data_dir / f"damaged-{time.time_ns()}"
-        moved = []
-        for name in (cfg.wal_dir.name, cfg.snapshot_dir.name, MANIFEST_FILE):
-            path = cfg.data_dir / name
-            if path.exists():
-                aside.mkdir(parents=True, exist_ok=True)
-                os.replace(path, aside / name)
-                moved.append(name)
-        if moved:
-            fsync_directory(cfg.data_dir)
+        aside, moved = self.files.move_aside()
         log.warning("shard %d member %d: %s; moved %s to %s", cfg.shard_id, self.member_id, why,
                     ", ".join(moved) or "nothing", aside)
 
@@ -291,7 +295,7 @@ class ReplicaMember:
 
     def _write_manifest(self, manifest: ShardManifest) -> None:
         with self._manifest_lock:
-            write_manifest(self.config.data_dir, manifest, fsync=not self.config.wal.unsafe_no_fsync)
+            self.files.write_manifest(manifest)
             self._manifest = manifest
 
     def _write_shard_manifest(self, _shard_dir: Path, manifest: ShardManifest, *, fsync: bool = True) -> None:
@@ -299,7 +303,7 @@ class ReplicaMember:
         with self._manifest_lock:
             current = self._manifest
             merged = current.with_durable_lsn(manifest.durable_lsn).with_grace(manifest.grace_seconds)
-            write_manifest(self.config.data_dir, merged, fsync=fsync)
+            self.files.write_manifest(merged, fsync=fsync)
             self._manifest = merged
 
     def _persist(self, *, voter: bool | None = None, promised_term: int | None = None,
@@ -311,7 +315,7 @@ class ReplicaMember:
                                 m.promised_term if promised_term is None else promised_term)
             if durable_lsn is not None:
                 new = new.with_durable_lsn(durable_lsn)
-            write_manifest(self.config.data_dir, new, fsync=not self.config.wal.unsafe_no_fsync)
+            self.files.write_manifest(new)
             self._manifest = new
 
     def _raise_mark(self, lsn: int) -> None:
@@ -321,7 +325,7 @@ class ReplicaMember:
                 return
             try:
                 new = self._manifest.with_durable_lsn(lsn)
-                write_manifest(self.config.data_dir, new, fsync=not self.config.wal.unsafe_no_fsync)
+                self.files.write_manifest(new)
                 self._manifest = new
             except OSError:
                 log.exception("shard %d member %d: could not update the MANIFEST", self.shard_id, self.member_id)
@@ -393,10 +397,7 @@ class ReplicaMember:
         """Rules 1 and 2 of §3 (module docstring)."""
         async with self._lock:
             self._check_open()
-            if batch.term < self.promised_term:
-                self.counters["refused_term"] += 1
-                return self._reply(False)
-            if batch.term > self.promised_term or self.role != FOLLOWER:
+            if batch.term > self.promised_term or (self.role != FOLLOWER and batch.term >= self.promised_term):
                 if self.role != FOLLOWER:
                     if batch.term <= self._own_term():
                         raise Unavailable(f"member {self.member_id} is the primary of term {self._own_term()}")
@@ -407,36 +408,18 @@ class ReplicaMember:
 
     async def _append(self, batch: AppendBatch) -> AppendReply:
         wal = self._check_open()
-        prev_term, prev_lsn = batch.prev
-        floor = wal.first_lsn - 1  # records up to here are in the snapshot: committed, agreeing
-        if prev_lsn > wal.last_lsn or (prev_lsn >= floor and self.terms.term_at(prev_lsn) != prev_term):
-            self.counters["refused_mismatch"] += 1
+        plan = plan_append(batch, promised_term=self.promised_term, terms=self.terms,
+                           last_lsn=wal.last_lsn, floor=wal.first_lsn - 1)
+        if not plan.ok:
+            if plan.refusal == "damaged":
+                log.warning("shard %d member %d: refused a damaged batch from member %d: %s", self.shard_id,
+                            self.member_id, batch.primary, plan.detail)
+            self.counters["refused_term" if plan.refusal == "term" else "refused_mismatch"] += 1
             return self._reply(False)
-        try:
-            frames = split_frames(batch.frames, prev_lsn + 1)
-            if (frames[-1].lsn if frames else prev_lsn) != batch.last_lsn:
-                raise ValueError(f"the batch says it ends at LSN {batch.last_lsn}")
-        except ValueError as e:
-            log.warning("shard %d member %d: refused a damaged batch from member %d: %s", self.shard_id,
-                        self.member_id, batch.primary, e)
-            self.counters["refused_mismatch"] += 1
-            return self._reply(False)
-        term = prev_term
-        new_from = len(frames)
-        for i, f in enumerate(frames):
-            if f.rtype == TERM_START:
-                term = f.body["t"]
-            if f.lsn <= floor:
-                continue
-            if f.lsn > wal.last_lsn:
-                new_from = i
-                break
-            if self.terms.term_at(f.lsn) != term:  # a divergent tail starts here
-                await self._truncate_after(f.lsn - 1)
-                new_from = i
-                break
-        if new_from < len(frames):
-            appended = frames[new_from:]
+        if plan.truncate_after is not None:
+            await self._truncate_after(plan.truncate_after)
+        appended = plan.frames[plan.append_from:]
+        if appended:
             wal.append_frames(batch.frames[appended[0].start:])
             for f in appended:
                 if f.rtype == TERM_START:
@@ -449,8 +432,9 @@ class ReplicaMember:
         if commit > self._commit_known:
             self._commit_known = commit
         self._apply_to(min(self._commit_known, wal.durable_lsn))
-        if not self.voter and matched >= batch.commit_lsn:
+        if becomes_voter(self.voter, self.terms, batch.term, matched, batch.commit_lsn):
             # Holds the serving primary's log up to its commit index: every acknowledged record (§7).
+            failpoint("replica.before_voter")
             self._persist(voter=True)
             log.info("shard %d member %d: holds every record up to the commit index %d: now a voter",
                      self.shard_id, self.member_id, batch.commit_lsn)
@@ -469,7 +453,9 @@ class ReplicaMember:
         self.terms.truncate_after(lsn)
         if self._manifest.durable_lsn > lsn:
             self._persist(durable_lsn=self._mark(lsn))  # lowered first: the log may end here
+        failpoint("replica.before_truncate")
         await wal.truncate_after(lsn)
+        failpoint("replica.after_truncate")
         self.counters["truncated_records"] += removed
 
     def _apply_to(self, lsn: int) -> None:
@@ -497,7 +483,7 @@ class ReplicaMember:
                 raw = msgpack.packb(state, use_bin_type=True)
                 wal.roll()
                 loop = asyncio.get_running_loop()
-                await loop.run_in_executor(None, write_snapshot, self.config.snapshot_dir, lsn, raw)
+                await loop.run_in_executor(None, self.files.write_snapshot, lsn, raw)
                 await loop.run_in_executor(None, wal.remove_segments_before, lsn + 1)
                 self._snapshot_lsn = lsn
                 self._raise_mark(max(lsn, wal.durable_lsn))
@@ -512,10 +498,9 @@ class ReplicaMember:
         async with self._lock:
             self._check_open()
             self.counters["promises"] += 1
-            if not self.voter:
-                return PromiseReply(granted=False, term=self.promised_term, voter=False, last=self.last_position)
-            if term < self.promised_term:
-                return PromiseReply(granted=False, term=self.promised_term, voter=True, last=self.last_position)
+            if not may_promise(self.voter, self.promised_term, term):
+                return PromiseReply(granted=False, term=self.promised_term, voter=self.voter,
+                                    last=self.last_position)
             if term > self.promised_term:
                 if self.role != FOLLOWER and term > self._own_term():
                     await self._leave_primary(term)
@@ -568,14 +553,11 @@ class ReplicaMember:
         self._persist(durable_lsn=0)
         await wal.close()
         self.wal = None
-        cfg = self.config
 
         def replace_files() -> None:
-            for segment in list_segments(cfg.wal_dir):
-                os.unlink(segment.path)
-            if cfg.wal_dir.is_dir():
-                fsync_directory(cfg.wal_dir)
-            write_snapshot(cfg.snapshot_dir, lsn, raw)
+            self.files.delete_log()
+            failpoint("replica.install_snapshot")  # the log is gone, the snapshot not yet there
+            self.files.write_snapshot(lsn, raw)
             self._load(0)
 
         await loop.run_in_executor(None, replace_files)
@@ -611,7 +593,8 @@ class ReplicaMember:
                 self._snapshot_task.cancel()
             rwal = ReplicatedWal(wal, self.terms, term=term, member_id=self.member_id, replicas=self.replicas,
                                  peers=peers, snapshot_source=self._snapshot_source,
-                                 on_deposed=self._deposed, options=self.options)
+                                 on_deposed=self._deposed, options=self.options,
+                                 metrics_label=str(self.shard_id))
             self.rwal = rwal
             self.role = STARTING
             rwal.start()
@@ -630,6 +613,7 @@ class ReplicaMember:
                     shard.core.writes_refused_until = shard.core.clock()
                 self.shard = shard
                 self.role = PRIMARY
+                REPLICA_TAKEOVERS.labels(shard=str(self.shard_id)).inc()
         except BaseException:
             async with self._lock:
                 if self.rwal is rwal:
@@ -640,7 +624,7 @@ class ReplicaMember:
         return shard
 
     def _snapshot_source(self) -> tuple[int, bytes] | None:
-        return latest_snapshot_file(self.config.snapshot_dir)
+        return self.files.snapshot_file()
 
     def _deposed(self, term: int) -> None:
         """The ReplicatedWal saw a higher term: report it, and step down soon."""

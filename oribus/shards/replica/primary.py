@@ -19,9 +19,10 @@ Shipping
     ``recent_bytes``); older frames are read back from the segment files. Each follower has
     one task and one batch in flight: it sends everything the follower lacks from its next
     LSN (up to ``max_batch_bytes``) as one ``AppendBatch``, so under load a round trip carries
-    all that arrived meanwhile, as one fsync does. With nothing to send it sends an empty
-    batch (a heartbeat carrying ``commit_lsn``) every ``heartbeat_seconds``, and at once when
-    the commit index moved. ``Unavailable`` (or any connection error) is retried after a
+    all that arrived meanwhile, as one fsync does. Every batch carries ``commit_lsn``; with
+    nothing to send it sends an empty batch (a heartbeat) every ``heartbeat_seconds``, so a
+    follower learns the commit index with the next batch or within a heartbeat (it needs it
+    only to apply, never to acknowledge). ``Unavailable`` (or any connection error) is retried after a
     backoff doubling from ``retry_min_seconds`` to ``retry_max_seconds``; a refusal for a log
     mismatch moves the follower's next LSN back (to just after its last record, or to the
     start of the primary's term at the refused position) and resends; a follower that needs
@@ -34,6 +35,11 @@ Deposition
     a higher term) deposes the primary for good: every waiter fails with ``Unavailable``,
     ``append``, ``sync`` and ``when_durable`` raise it from then on, the followers' tasks
     stop, and ``on_deposed(term)`` is called once. A deposed primary never acknowledges.
+
+Metrics (``oribus.metrics``, with a ``metrics_label``: the shard id): every durability wait
+observes ``oribus_replica_quorum_wait_seconds{shard}`` when its record is committed, each
+accepted batch sets ``oribus_replica_lag_records{shard,member}``; the member counts
+``oribus_replica_takeovers_total{shard}`` when it begins serving a term.
 
 Usage (``ReplicaMember.become_primary`` does this)::
 
@@ -52,16 +58,19 @@ import contextlib
 import heapq
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from oribus.errors import Unavailable
+from oribus.metrics import REPLICA_LAG_RECORDS, REPLICA_QUORUM_SECONDS
 from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, SnapshotChunk
+from oribus.shards.replica.rules import commit_index, quorum_lsn, resend_from
 from oribus.shards.replica.terms import Terms
 from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
-from oribus.shards.wal.writer import DurableCallback, _settle
+from oribus.shards.wal.writer import DurableCallback, FrameCursor, _settle
 
 log = logging.getLogger("oribus.replica")
 
@@ -95,6 +104,7 @@ class Follower:
     sent_commit: int = -1  # the commit index the last accepted batch carried
     failures: int = 0  # calls failed in a row
     snapshots_sent: int = 0
+    cursor: FrameCursor | None = None  # where reading its frames back from disk continues
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
 
@@ -111,7 +121,7 @@ class ReplicatedWal:
     def __init__(self, wal: Wal, terms: Terms, *, term: int, member_id: int, replicas: int,
                  peers: Sequence[Peer], snapshot_source: Callable[[], tuple[int, bytes] | None] | None = None,
                  on_deposed: Callable[[int], None] | None = None,
-                 options: ReplicationOptions | None = None) -> None:
+                 options: ReplicationOptions | None = None, metrics_label: str = "") -> None:
         if replicas < 1:
             raise ValueError(f"a group has at least one member, not {replicas}")
         self.wal = wal
@@ -126,7 +136,11 @@ class ReplicatedWal:
         self.followers = [Follower(p, wal.last_lsn + 1) for p in peers if p.member_id != member_id]
         self.term_start_lsn: int | None = None  # this term's TERM_START (commits count from it)
         self._commit_lsn = 0
-        self._waiters: list[tuple[int, int, DurableCallback]] = []  # heap by LSN
+        self._waiters: list[tuple[int, int, float, DurableCallback]] = []  # heap by LSN; perf_counter at wait
+        self.metrics_label = metrics_label
+        self._quorum_seconds = REPLICA_QUORUM_SECONDS.labels(shard=metrics_label) if metrics_label else None
+        self._lag = {f.member_id: REPLICA_LAG_RECORDS.labels(shard=metrics_label, member=str(f.member_id))
+                     for f in self.followers} if metrics_label else {}
         self._seq = itertools.count()
         self._recent: collections.deque[tuple[int, list[bytes]]] = collections.deque()
         self._recent_bytes = 0
@@ -228,7 +242,7 @@ class ReplicatedWal:
         ``callback(error)`` once it cannot be acknowledged here (failed WAL, deposed, stopped)."""
         self._check_usable()
         self.wal.when_durable(lsn, self._local_durable)  # starts the flush; raises as Wal does
-        heapq.heappush(self._waiters, (lsn, next(self._seq), callback))
+        heapq.heappush(self._waiters, (lsn, next(self._seq), time.perf_counter(), callback))
         if lsn <= self._commit_lsn:
             self._call_waiters()
 
@@ -255,26 +269,24 @@ class ReplicatedWal:
         """The highest LSN fsynced on a majority of the voters (this member included)."""
         if self.options.unsafe_ack_on_local_fsync:
             return self.wal.durable_lsn
-        acks = [self.wal.durable_lsn] + [f.match_lsn for f in self.followers if f.voter]
-        if len(acks) < self.majority:
-            return 0
-        acks.sort(reverse=True)
-        return acks[self.majority - 1]
+        return quorum_lsn(self.wal.durable_lsn, [f.match_lsn for f in self.followers if f.voter], self.replicas)
 
     def _advance(self) -> None:
-        if self._deposed is not None or self._failed is not None or self.term_start_lsn is None:
+        if self._deposed is not None or self._failed is not None:
             return
-        quorum = self.quorum_lsn()
-        if quorum >= self.term_start_lsn and quorum > self._commit_lsn:
-            self._commit_lsn = quorum
+        commit = commit_index(self._commit_lsn, self.quorum_lsn(), self.term_start_lsn)
+        if commit > self._commit_lsn:
+            self._commit_lsn = commit
             self._call_waiters()
-            for f in self.followers:  # followers apply up to it: tell them soon
-                f.wake.set()
 
     def _call_waiters(self) -> None:
         waiters = self._waiters
+        histogram = self._quorum_seconds
+        now = time.perf_counter() if histogram is not None else 0.0
         while waiters and waiters[0][0] <= self._commit_lsn:
-            _, _, callback = heapq.heappop(waiters)
+            _, _, started, callback = heapq.heappop(waiters)
+            if histogram is not None:
+                histogram.observe(now - started)
             try:
                 callback(None)
             except Exception:
@@ -289,7 +301,7 @@ class ReplicatedWal:
 
     def _fail_waiters(self, error: BaseException) -> None:
         waiters, self._waiters = self._waiters, []
-        for _, _, callback in sorted(waiters):
+        for *_, callback in sorted(waiters, key=lambda w: (w[0], w[1])):
             try:
                 callback(error)
             except Exception:
@@ -326,8 +338,10 @@ class ReplicatedWal:
         for f in self.followers:
             f.wake.set()
 
-    async def _frames(self, next_lsn: int) -> tuple[bytes, int]:
-        """Frames from ``next_lsn`` on (up to ``max_batch_bytes``) and the last LSN included."""
+    async def _frames(self, f: Follower) -> tuple[bytes, int]:
+        """Frames from the follower's next LSN on (up to ``max_batch_bytes``), and the last LSN
+        included: from the batches in memory, or else read back from the segment files."""
+        next_lsn = f.next_lsn
         if next_lsn > self._available_lsn:
             return b"", next_lsn - 1
         limit = self.options.max_batch_bytes
@@ -346,7 +360,10 @@ class ReplicatedWal:
                     last += 1
             return b"".join(parts), last
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self.wal.read_frames, next_lsn, limit, self._available_lsn)
+        read = await loop.run_in_executor(None, self.wal.read_frames, next_lsn, limit, self._available_lsn,
+                                          f.cursor)
+        f.cursor = read.cursor
+        return read.data, read.last_lsn
 
     def _stop_tasks(self) -> None:
         self._stopped = True
@@ -385,13 +402,13 @@ class ReplicatedWal:
                 await asyncio.sleep(self.options.retry_max_seconds)
 
     async def _send_batch(self, f: Follower) -> None:
-        if f.next_lsn > self._available_lsn and f.sent_commit >= self._commit_lsn:
+        if f.next_lsn > self._available_lsn:  # nothing to send: the next batch, or a heartbeat
             f.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(f.wake.wait(), self.options.heartbeat_seconds)
             if self._stopped or f.next_lsn < self.wal.first_lsn:
                 return
-        frames, last = await self._frames(f.next_lsn)
+        frames, last = await self._frames(f)
         prev = f.next_lsn - 1
         batch = AppendBatch(term=self.term, primary=self.member_id, prev=(self.terms.term_at(prev), prev),
                             frames=frames, last_lsn=last, commit_lsn=self._commit_lsn)
@@ -409,6 +426,9 @@ class ReplicatedWal:
         f.voter = getattr(reply, "voter", True)
         if reply.ok:
             f.match_lsn = max(f.match_lsn, min(reply.durable_lsn, last))
+            gauge = self._lag.get(f.member_id)
+            if gauge is not None:
+                gauge.set(self.wal.last_lsn - f.match_lsn)
             f.next_lsn = max(f.next_lsn, last + 1)
             f.sent_commit = max(f.sent_commit, commit)
             self._advance()
@@ -417,13 +437,7 @@ class ReplicatedWal:
         if reply.needs_snapshot:
             f.next_lsn = 0
             return
-        their_last = reply.last[1]
-        if their_last < prev:
-            nxt = their_last + 1
-        else:  # their record at prev is of another term: back to the start of ours there
-            first = self.terms.first_lsn_of(prev_term) if prev_term else None
-            nxt = first if first is not None and first < prev else prev
-        f.next_lsn = max(1, min(nxt, f.next_lsn - 1))
+        f.next_lsn = resend_from(self.terms, (prev_term, prev), reply.last[1], f.next_lsn)
 
     async def _send_snapshot(self, f: Follower) -> None:
         loop = asyncio.get_running_loop()

@@ -48,7 +48,7 @@ What a replicated shard (``oribus.shards.replica``) needs of its log:
 * ``await truncate_after(lsn)``: cut the records after ``lsn`` (a divergent tail that was
   never committed): later segments are deleted, the one holding ``lsn + 1`` is truncated
   there, both fsynced with the directory.
-* ``read_frames(from_lsn, max_bytes)``: the frames from ``from_lsn`` on as they are on
+* ``read_frames(from_lsn, max_bytes, cursor=)``: the frames from ``from_lsn`` on as they are on
   disk (a primary's catch-up of a lagging member); ``first_lsn`` is the oldest LSN the
   log still holds (older ones are only in a snapshot).
 
@@ -93,13 +93,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from oribus.errors import DataCorrupted, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import WAL_BATCH_RECORDS, WAL_FSYNC_SECONDS
-from oribus.shards.wal.reader import recover
-from oribus.shards.wal.record import HEADER_SIZE, encode_record, frame_lsn, iter_records, split_frames
+from oribus.shards.wal.reader import recover, scan_log
+from oribus.shards.wal.record import (
+    HEADER_SIZE,
+    encode_record,
+    frame_lsn,
+    iter_records,
+    split_frames,
+)
 from oribus.shards.wal.segment import (
     SEGMENT_HEADER_SIZE,
     Segment,
@@ -126,6 +132,33 @@ def _missing_records(directory: Path, where: str, expected: int, found: int) -> 
         f"up to LSN {expected} was durable",
         path=str(directory), expected_lsn=expected, found_lsn=found, reason=where,
     )
+
+
+class FrameCursor(NamedTuple):
+    """Where frame ``lsn`` begins on disk: segment ``seq``, byte ``offset`` (``read_frames``)."""
+
+    seq: int
+    offset: int
+    lsn: int
+
+
+class FrameRead(NamedTuple):
+    """What ``read_frames`` returns."""
+
+    data: bytes  # the frames, as on disk
+    last_lsn: int  # the last LSN in ``data`` (from_lsn - 1: none)
+    cursor: FrameCursor | None  # where the next read continues
+
+
+def _offset_of(data: bytes, lsn: int) -> int:
+    """The offset of frame ``lsn`` in a segment file's bytes (the end of its intact frames if
+    it holds no such frame)."""
+    offset = SEGMENT_HEADER_SIZE
+    for record_lsn, _rtype, _body, end in iter_records(data, SEGMENT_HEADER_SIZE, decode_from_lsn=1 << 64):
+        if record_lsn >= lsn:
+            break
+        offset = end
+    return offset
 
 
 def _fdatasync(fd: int) -> None:
@@ -498,50 +531,73 @@ class Wal(GroupCommit):
             self._last_lsn = frames[-1].lsn
         return [(f.lsn, f.rtype) for f in frames]
 
+    def replay(self, from_lsn: int, on_record: Callable[[int, int, Any], None] | None) -> int:
+        """Hand every record from ``from_lsn`` to the last written to ``on_record`` again (a
+        replica group's new primary recovers its shard from its open log); ``DataCorrupted``
+        on damage. Returns how many were replayed."""
+        result = scan_log(self.segments, replay_from_lsn=from_lsn, on_record=on_record)
+        if result.damage is not None and not (result.damage.torn and result.last_lsn >= self._written_lsn):
+            raise result.damage.to_error()
+        return result.replayed
+
     @property
     def first_lsn(self) -> int:
         """The oldest LSN the log holds, or would hold next (older ones only in a snapshot)."""
         with self._segments_lock:
             return self._segments[0].first_lsn
 
-    def read_frames(self, from_lsn: int, max_bytes: int = 1 << 20, upto_lsn: int | None = None) -> tuple[bytes, int]:
+    def read_frames(self, from_lsn: int, max_bytes: int = 1 << 20, upto_lsn: int | None = None,
+                    cursor: FrameCursor | None = None) -> FrameRead:
         """The frames with LSN ``from_lsn`` .. ``upto_lsn`` (default: the last written) as
-        they are on disk, at most about ``max_bytes`` (at least one frame); returns them and
-        the last LSN included (``from_lsn - 1``: none). ``ValueError`` if ``from_lsn`` is below
-        ``first_lsn``. Blocking file reads: call it off the event loop for large reads."""
+        they are on disk, at most about ``max_bytes`` (at least one frame), with the last LSN
+        included (``from_lsn - 1``: none) and a cursor to the frame after it. Passing the
+        previous read's cursor continues there without scanning the segment again (a
+        lagging member is read through once, not once per batch). ``ValueError`` if
+        ``from_lsn`` is below ``first_lsn``. Blocking file reads: call it off the event loop."""
         upto = self._written_lsn if upto_lsn is None else min(upto_lsn, self._written_lsn)
         segments = self.segments
         if from_lsn < segments[0].first_lsn:
             raise ValueError(f"LSN {from_lsn} is below the log's first LSN {segments[0].first_lsn}")
         if from_lsn > upto:
-            return b"", from_lsn - 1
+            return FrameRead(b"", from_lsn - 1, cursor)
         index = 0
         while index + 1 < len(segments) and segments[index + 1].first_lsn <= from_lsn:
             index += 1
+        offset = None
+        if cursor is not None and cursor.lsn == from_lsn and cursor.seq == segments[index].seq:
+            offset = cursor.offset
         parts: list[bytes] = []
         size = 0
         last = from_lsn - 1
-        full = False
-        for segment in segments[index:]:
-            data = segment.path.read_bytes()
-            start = end = None
-            offset = SEGMENT_HEADER_SIZE
-            for lsn, _rtype, _body, frame_end in iter_records(data, SEGMENT_HEADER_SIZE, decode_from_lsn=1 << 64):
-                if lsn > upto or (size and size + frame_end - offset > max_bytes):
+        while index < len(segments):
+            segment = segments[index]
+            with open(segment.path, "rb") as f:
+                if offset is None:
+                    offset = _offset_of(f.read(), last + 1)
+                f.seek(offset)
+                want = max(max_bytes - size, 1 << 16)
+                chunk = f.read(want)
+                if len(chunk) >= HEADER_SIZE:  # a first frame larger than the read: read all of it
+                    whole = HEADER_SIZE + int.from_bytes(chunk[:4], "little")
+                    if whole > len(chunk):
+                        chunk += f.read(whole - len(chunk))
+            taken = 0
+            full = False
+            for lsn, _rtype, _body, end in iter_records(chunk, 0, decode_from_lsn=1 << 64):
+                if lsn != last + 1 or lsn > upto or (size and size + end - taken > max_bytes):
                     full = True
                     break
-                if lsn >= from_lsn:
-                    if start is None:
-                        start = offset
-                    end = frame_end
-                    last = lsn
-                    size += frame_end - offset
-                offset = frame_end
-            if start is not None and end is not None:
-                parts.append(data[start:end])
-            if full or last >= upto:
+                size += end - taken
+                taken = end
+                last = lsn
+            parts.append(chunk[:taken])
+            offset += taken
+            if full or last >= upto or len(chunk) >= want or index + 1 == len(segments):
                 break
-        return b"".join(parts), last
+            index += 1
+            offset = SEGMENT_HEADER_SIZE
+        assert offset is not None  # the loop ran: from_lsn lies in segments[index]
+        return FrameRead(b"".join(parts), last, FrameCursor(segments[index].seq, offset, last + 1))
 
     async def truncate_after(self, lsn: int) -> int:
         """Remove every record after ``lsn`` (a divergent tail a replica group never
