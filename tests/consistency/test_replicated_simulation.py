@@ -245,11 +245,20 @@ def test_catches_acknowledging_on_the_primary_fsync_alone(capsys) -> None:  # no
     assert honest.ok, _explain(honest)
 
 
-def test_soak_entry_point_runs_replica_groups() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "oribus.sim", "--seeds", "2", "--duration", "0.8", "--replicas", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "oribus.sim: 2 runs" in out.stdout and "0 failing seeds" in out.stdout
-    assert "replica groups of 3" in out.stdout and "0 acknowledged commits lost" in out.stdout
+def test_soak_entry_point_runs_replica_groups_and_replays_in_another_process() -> None:
+    """``python -m oribus.sim --replicas 3`` checks its seeds, and with PYTHONHASHSEED fixed a
+    replicated seed replays exactly in a fresh interpreter (its directories are new ones)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def soak() -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "oribus.sim", "--seeds", "1", "--first-seed", "11", "--duration", "0.8",
+             "--faults", "5", "--replicas", "3", "-v"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "oribus.sim: 1 runs" in out.stdout and "0 failing seeds" in out.stdout
+        assert "replica groups of 3" in out.stdout and "0 acknowledged commits lost" in out.stdout
+        return out.stdout.splitlines()[0].rsplit("trace ", 1)[1]
+
+    assert soak() == soak()
