@@ -33,6 +33,7 @@ from pathlib import Path
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
+from oribus.rpc.shard_codec import SHARD_OPS
 from oribus.sim import Fault, SimConfig, SimResult, random_faults, simulate
 from oribus.sim.faults import FAULT_KINDS, REPLICA_FAULT_KINDS
 
@@ -177,13 +178,24 @@ def test_a_primary_stopped_past_its_lease_acknowledges_nothing_when_it_resumes()
     """SIGSTOP of the primary for three times its lease: another member takes over; when the
     old one resumes, the calls that reached it meanwhile are refused (its lease is over) and
     its batches are refused by the members that promised the new term."""
-    config = SimConfig(replicas=3, shards=1, duration=2.0, list_clients=4)
+    config = SimConfig(replicas=3, shards=1, duration=2.0, list_clients=4, register_clients=2)
     result = simulate(3, config, [Fault(0.3, "pause_primary", 0, 1.5)])
     assert result.counters["primary_pauses"] == 1
     elected = [ev for ev in _events(result, "primary")]
     assert len(elected) >= 2 and elected[-1][2] != elected[0][2]  # another member serves after it
-    assert any(ev[2] == elected[0][2] for ev in _events(result, "step-down"))
+    old = elected[0][2]
+    assert any(ev[2] == old for ev in _events(result, "step-down"))
+    # the calls that reached it while it was stopped run when it resumes, after another member
+    # took over: each is refused (a commit it ran before the stop may still answer ok, then:
+    # it was on a majority before the new term, and the lost-acknowledged check covers it)
+    successor = next(ev[0] for ev in elected if ev[2] != old)
+    late = {ev[2]: ev[4] for ev in _events(result, "run") if ev[3] == old and ev[4] in SHARD_OPS
+            and ev[0] >= successor}
+    answers = [ev for ev in _events(result, "reply") if ev[2] in late]
+    assert "commit_one_phase" in late.values() and answers, f"no commit reached the stopped primary: {late}"
+    assert all(ev[4] == "error" for ev in answers), answers[:3]
     assert result.ok, _explain(result)
+
 
 
 def test_disk_losses_never_take_a_majority_of_a_group() -> None:
