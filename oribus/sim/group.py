@@ -545,7 +545,10 @@ class SimGroups:
         killed = process.kill()
         if m.shard is not None:
             m.shard._closed = True
+        lost = 0
         for wal in node.wals:
+            if not wal._closed and wal._failed is None:
+                lost += wal.last_lsn - wal.durable_lsn  # appended, never fsynced: gone with the process
             flusher = wal._flusher
             if isinstance(flusher, VirtualFlusher):
                 flusher.kill()
@@ -557,9 +560,10 @@ class SimGroups:
             lock.release()
         self.network.server_died(node.endpoint)
         self.counters["member_crashes"] += 1
+        self.cluster.counters["lost_records"] += lost
         if lose_disk:
             shutil.rmtree(node.data_dir, ignore_errors=True)
-        self.trace("crash", node.name, "disk lost" if lose_disk else "", killed)
+        self.trace("crash", node.name, "disk lost" if lose_disk else "", lost, killed)
         return True
 
     def lacking_data(self, shard: int) -> int:
