@@ -21,7 +21,8 @@ With ``replicas`` 1 (the default) a shard is one process on a ``SimDisk``, as it
 the same seed gives the same run it gave before replica groups existed. With 3 or 5, every
 shard is a replica group and the faults of ``faults.REPLICA_FAULT_KINDS`` join the others (kills
 of a primary or a follower, disk loss of a minority, the primary cut from its followers and
-etcd, a follower cut from the primary, the primary stopped past its lease); every run is
+etcd, a follower cut from the primary, the primary stopped past its lease, the bus's watch of
+etcd stalled); every run is
 checked for anomalies and for acknowledged commits missing from the final state
 (``harness.lost_acknowledged``). ``specs/replication.md`` §9 says what that proves.
 

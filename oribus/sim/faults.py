@@ -62,6 +62,10 @@ etcd included), and these are added:
                        lease: the others take over, and when it resumes, what it holds
                        (calls that arrived meanwhile, its batches to the followers) must
                        acknowledge nothing
+    stale_bus          the bus is cut from etcd for ``duration``: its watch of the primary keys
+                       stalls, so it keeps calling a primary that etcd no longer names (with
+                       ``partition_primary`` or ``pause_primary``, one a newer primary has
+                       moved past: only the primary lease stops it serving stale reads)
 
 The harness (``oribus.sim.harness.SimCluster.inject``) applies them; the tests draw their
 schedules with hypothesis, the soak run with ``random_faults``.
@@ -77,7 +81,7 @@ from oribus.sim.config import SimConfig
 FAULT_KINDS = ("crash", "crash_reader", "crash_bus", "partition", "partition_bus", "slow", "loss", "duplicate",
                "pause", "reset")
 REPLICA_FAULT_KINDS = ("kill_primary", "kill_follower", "disk_loss", "partition_primary", "partition_follower",
-                       "pause_primary")
+                       "pause_primary", "stale_bus")
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class Fault:
                                  f"{' and etcd' if self.amount >= 0.5 else ''}",
             "partition_follower": f"cut follower {int(self.amount)} of shard {self.target} from its primary",
             "pause_primary": f"stop the primary of shard {self.target}",
+            "stale_bus": "cut the bus from etcd (its watch stalls)",
         }[self.kind]
         return f"t={self.at:.3f}s {what} for {self.duration:.3f}s"
 

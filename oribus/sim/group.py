@@ -487,7 +487,9 @@ class SimGroups:
         seq = self._view_term[shard] = self._view_term.get(shard, 0) + 1
 
         def deliver() -> None:
-            if self._view_term.get(shard) == seq:  # not overtaken by a later change
+            if not self.network.reachable("bus", ETCD):  # the watch stalls while the bus is cut from etcd
+                self.loop.call_later(0.01, deliver)
+            elif self._view_term.get(shard) == seq:  # not overtaken by a later change
                 self.view[shard] = None if key is None else key.member
 
         self.loop.call_later(delay, deliver)

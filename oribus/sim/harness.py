@@ -477,6 +477,13 @@ class SimCluster:
                 for other in others:
                     self.network.cuts -= {(name, other), (other, name)}
             return
+        elif fault.kind == "stale_bus":
+            self.network.cut("bus", ETCD)
+            try:
+                await asyncio.sleep(fault.duration)
+            finally:
+                self.network.cuts -= {("bus", ETCD), (ETCD, "bus")}
+            return
         elif fault.kind == "pause_primary":
             if primary is None:
                 return

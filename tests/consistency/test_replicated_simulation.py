@@ -51,6 +51,7 @@ replica_faults = st.one_of(
     # stopped past the 0.5 s lease: the others take over before it resumes
     st.builds(Fault, at=millis, kind=st.just("pause_primary"), target=st.integers(0, 1),
               duration=st.integers(600, 1500).map(lambda ms: ms / 1000)),
+    st.builds(Fault, at=millis, kind=st.just("stale_bus"), duration=spans),
     st.builds(Fault, at=millis, kind=st.sampled_from(["crash", "partition", "crash_bus", "reset"]),
               target=st.integers(0, 1), duration=spans),
     st.builds(Fault, at=millis, kind=st.sampled_from(["loss", "duplicate"]), duration=spans,
@@ -138,7 +139,7 @@ def test_random_replicated_seeds_find_no_anomaly() -> None:
     kinds: set[str] = set()
     for seed in range(4):
         config = SimConfig(replicas=3, shards=2, duration=1.5, list_clients=4)
-        schedule = random_faults(random.Random(f"replica-groups/{seed}"), config, 8)
+        schedule = random_faults(random.Random(f"groups/{seed}"), config, 8)
         kinds |= {f.kind for f in schedule}
         result = simulate(seed, config, schedule)
         assert result.ok, _explain(result)
