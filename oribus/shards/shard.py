@@ -390,6 +390,8 @@ class Shard(ShardService):
     async def _snapshot_bg(self) -> None:
         try:
             await self.snapshot()
+        except Unavailable as e:  # closed, failed, or (replicated) deposed: nothing to report but that
+            log.warning("shard %d: snapshot not written: %s", self.shard_id, e)
         except Exception:  # a failed snapshot loses nothing: the WAL still holds everything
             log.exception("shard %d: snapshot failed", self.shard_id)
         finally:

@@ -14,13 +14,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from oribus.errors import Unavailable
+from oribus.errors import InvalidRequest, Unavailable
 from oribus.messages import ReadRequest, ShardTxn, TxnState, VoteKind
 from oribus.shards.config import ShardConfig
 from oribus.shards.replica import DirectNetwork, ReplicaMember, ReplicationOptions
 from oribus.shards.shard import Shard
 from oribus.shards.txn import RecordType
-from oribus.shards.wal import Wal, WalConfig
+from oribus.shards.wal import WalConfig, list_segments, scan_log
 from oribus.types import SessionRef
 
 FAST = ReplicationOptions(heartbeat_seconds=0.02, retry_min_seconds=0.005, retry_max_seconds=0.05)
@@ -74,7 +74,7 @@ class Group:
         m = self.members.pop(i)
         await m.close()
 
-    async def elect(self, candidate: int) -> tuple[int, Shard]:
+    async def elect(self, candidate: int, timeout: float = 10.0) -> tuple[int, Shard]:
         """An election as §5 runs it: a new term, promises from a majority of the voters, the
         member with the highest last position takes over (ties: the lowest id)."""
         term = self.etcd.next_term()
@@ -91,7 +91,7 @@ class Group:
                 granted[i] = reply.last
         assert len(granted) > self.replicas // 2, f"no majority of promises for term {term}: {granted}"
         winner = max(granted, key=lambda i: (granted[i], -i))
-        shard = await asyncio.wait_for(self.members[winner].become_primary(term, self.peers(winner)), 10)
+        shard = await asyncio.wait_for(self.members[winner].become_primary(term, self.peers(winner)), timeout)
         return winner, shard
 
     def peers(self, me: int) -> list:
@@ -133,9 +133,10 @@ async def values(shard: Shard, keys: list[str]) -> dict[str, object]:
 
 
 def log_records(data_dir: Path) -> list[tuple[int, int, object]]:
+    """Every record a (closed) member's log holds, from its first segment on; changes nothing."""
     got: list = []
-    wal = Wal.open(data_dir / "wal", WalConfig(), on_record=lambda lsn, t, body: got.append((lsn, t, body)))
-    wal._release()
+    result = scan_log(list_segments(data_dir / "wal"), on_record=lambda lsn, t, body: got.append((lsn, t, body)))
+    assert result.damage is None, result.damage
     return got
 
 
@@ -349,3 +350,37 @@ async def test_the_primary_exports_quorum_wait_lag_and_takeovers(group: Group) -
     assert waits.count >= waits_before + 4  # the TERM_START and each commit
     assert takeovers.value == takeovers_before + 1
     assert 'oribus_replica_lag_records{shard="0",member="1"}' in REGISTRY.render()
+
+
+async def test_a_primary_that_promises_a_higher_term_stops_acknowledging_at_once(group: Group) -> None:
+    _, shard = await group.elect(0)
+    await commit(shard, put("c0", "k0", 0))
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)
+    pending = asyncio.ensure_future(shard.commit_one_phase(put("c1", "k1", 1)))
+    await asyncio.sleep(0.05)
+    # a candidate of term 2 reaches member 0 itself: its promise deposes it before it answers
+    reply = await group.members[0].promise(2, 1)
+    assert reply.granted and group.members[0].role == "follower"
+    group.net.heal()  # the followers would take term 1's batches again: nothing may come of it
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(pending, 5)
+    assert group.deposed == [(0, 2)]
+    with pytest.raises(Unavailable):
+        await shard.commit_one_phase(put("c2", "k2", 2))
+
+
+async def test_step_down_then_serve_again_in_a_later_term(group: Group) -> None:
+    _, shard = await group.elect(0)
+    await commit(shard, put("c0", "k0", 0))
+    await group.members[0].step_down()  # its lease ran out, say
+    assert group.members[0].role == "follower" and not group.members[0].is_primary
+    with pytest.raises(Unavailable):
+        await shard.commit_one_phase(put("c1", "k1", 1))
+    await group.members[0].step_down()  # a no-op for a follower
+    winner, again = await group.elect(0)
+    assert winner == 0 and again.epoch == 2
+    assert await values(again, ["k0"]) == {"k0": 0}
+    assert (await commit(again, put("c2", "k2", 2))).state is TxnState.COMMITTED
+    with pytest.raises(InvalidRequest):
+        await group.members[0].become_primary(3, group.peers(0))  # already the primary

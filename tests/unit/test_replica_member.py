@@ -4,6 +4,7 @@ primary that ships them is tested in tests/integration/test_replica_group.py."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,48 @@ async def test_a_learner_is_not_promoted_against_a_new_primarys_empty_commit_ind
     reply = await m.append(batch(2, (2, 5), commit=5))
     assert reply.ok and reply.voter and m.voter
     await m.close()
+
+
+async def test_records_it_holds_but_has_not_fsynced_are_not_acknowledged(tmp_path) -> None:
+    # An append cancelled while its fsync ran (the primary's connection dropped) leaves the
+    # frames in the log, not yet durable; the resent batch finds them there and must not
+    # answer for them before they are.
+    from oribus import failpoints
+
+    m = await member(tmp_path)
+    await m.append(batch(1, (0, 0), term_start(1, 1)))
+    failpoints.arm("wal.before_fsync", "sleep:0.5")
+    try:
+        first = asyncio.ensure_future(m.append(batch(1, (1, 1), put(2, "a"), put(3, "b"))))
+        await asyncio.sleep(0.1)
+        first.cancel()
+        reply = await m.append(batch(1, (1, 1), put(2, "a"), put(3, "b")))
+        assert reply.ok and m.durable_lsn >= reply.durable_lsn == 3
+    finally:
+        failpoints.disarm()
+    await m.close()
+
+
+async def test_an_append_whose_caller_gives_up_leaves_the_member_consistent(tmp_path) -> None:
+    from oribus import failpoints
+
+    m = await member(tmp_path)
+    await m.append(batch(1, (0, 0), term_start(1, 1), put(2, "a"), commit=2))
+    # a divergent tail to cut, then an fsync that takes a while: the caller gives up meanwhile
+    await m.append(batch(1, (1, 2), put(3, "old"), put(4, "old"), commit=2))
+    failpoints.arm("wal.before_fsync", "sleep:0.3")
+    try:
+        call = asyncio.ensure_future(m.append(batch(2, (1, 2), term_start(3, 2), put(4, "new"), commit=4)))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    finally:
+        failpoints.disarm()
+    # the next call waits for the first to finish: the tail is cut, the new records are in,
+    # fsynced and applied as the batch said
+    reply = await m.append(batch(2, (2, 4), commit=4))
+    assert reply.ok and m.last_position == (2, 4) and m.applied_lsn == 4
+    assert m.counters["truncated_records"] == 2 and m.terms.to_list() == [[1, 1], [2, 3]]
+    await m.close()
+    assert [body.get("w", [[None]])[0][0] for _, _, body in log_of(tmp_path)] == [None, "a", None, "new"]

@@ -47,6 +47,9 @@ the divergent tail not yet cut), ``replica.after_truncate``, ``replica.install_s
 (a snapshot's member has deleted its log and not yet written the snapshot),
 ``replica.before_voter`` (a learner about to record that it is a voter).
 
+A call whose caller is cancelled (a dropped connection) still runs to its end
+(``carried_out``): the member's lock is released only once the log and its tables agree.
+
 The member's logic has no sleeps or sockets: calls arrive through its methods (a stream
 server in a real group, ``DirectPeer`` in tests), and the primary's shipping is
 ``ReplicatedWal``'s tasks.
@@ -60,9 +63,9 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -94,10 +97,27 @@ from oribus.shards.wal.snapshot import decode_snapshot_file
 
 log = logging.getLogger("oribus.replica")
 
+T = TypeVar("T")
+
 FOLLOWER = "follower"
 STARTING = "starting"  # become_primary: TERM_START appended, not yet committed
 PRIMARY = "primary"
 CLOSED = "closed"
+
+
+async def carried_out(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end even if the caller is cancelled (a connection that drops while
+    its append is being fsynced): a cancelled caller cancels only its own wait. Half an
+    append, truncation or snapshot install would leave the log and the member's tables apart;
+    the member's lock is held until the work is done, so the next call sees all of it."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()  # its caller may be gone: no "never retrieved" warning
 
 
 class ReplicaShard(Shard):
@@ -395,6 +415,9 @@ class ReplicaMember:
 
     async def append(self, batch: AppendBatch) -> AppendReply:
         """Rules 1 and 2 of §3 (module docstring)."""
+        return await carried_out(self._append_request(batch))
+
+    async def _append_request(self, batch: AppendBatch) -> AppendReply:
         async with self._lock:
             self._check_open()
             if batch.term > self.promised_term or (self.role != FOLLOWER and batch.term >= self.promised_term):
@@ -425,9 +448,12 @@ class ReplicaMember:
                 if f.rtype == TERM_START:
                     self.terms.start(f.body["t"], f.lsn)
                 self._pending.append((f.lsn, f.rtype, f.body))
-            await wal.sync()
-        self.counters["appends"] += 1
         matched = batch.last_lsn
+        if wal.durable_lsn < matched:
+            # What it acknowledges is fsynced: the frames just appended, and any it already held
+            # whose fsync has not finished (an earlier append cancelled while it waited for it).
+            await wal.sync(matched)
+        self.counters["appends"] += 1
         commit = min(batch.commit_lsn, matched)
         if commit > self._commit_known:
             self._commit_known = commit
@@ -495,6 +521,9 @@ class ReplicaMember:
 
     async def promise(self, term: int, candidate: int) -> PromiseReply:
         """A candidate of ``term`` asks for this member's promise (§5 step 2)."""
+        return await carried_out(self._promise_request(term, candidate))
+
+    async def _promise_request(self, term: int, candidate: int) -> PromiseReply:
         async with self._lock:
             self._check_open()
             self.counters["promises"] += 1
@@ -511,6 +540,9 @@ class ReplicaMember:
 
     async def install_snapshot(self, chunk: SnapshotChunk) -> AppendReply:
         """A primary's latest snapshot, in chunks; the log after it follows as batches (§7)."""
+        return await carried_out(self._install_request(chunk))
+
+    async def _install_request(self, chunk: SnapshotChunk) -> AppendReply:
         async with self._lock:
             self._check_open()
             if chunk.term < self.promised_term:
@@ -651,6 +683,9 @@ class ReplicaMember:
     async def step_down(self) -> None:
         """Stop serving as primary (the lease was lost, or shutdown): the Shard is closed and
         the member reopens its log as a follower. A no-op for a follower."""
+        await carried_out(self._step_down_request())
+
+    async def _step_down_request(self) -> None:
         async with self._lock:
             if self.role in (PRIMARY, STARTING):
                 await self._to_follower()
