@@ -37,7 +37,9 @@ What the network does to a message, decided by its seeded ``random.Random``:
   down fail after one delay (connection refused); a dead process sends
   nothing;
 * **cut** — every message between two named processes is dropped, both ways (``cut``: a
-  replica group's primary cut from its followers while the bus still reaches it);
+  replica group's primary cut from its followers while the bus still reaches it), and the
+  members' handlers of calls between them still running are cancelled (the connection
+  dropped: a stream server cancels them);
 * **freeze** — a stopped process (SIGSTOP, ``freeze``): nothing it sends leaves and nothing
   sent to it is handled until ``thaw``, when all of it goes out and comes in (a call held
   meanwhile may still run then: the fencing of a primary that resumes past its lease);
@@ -129,6 +131,7 @@ class SimNetwork:
         self.held: dict[int, float] = {}  # call id -> virtual time before which its request is not delivered
         self.cuts: set[tuple[str, str]] = set()  # (from, to): every message from -> to is dropped
         self.frozen: dict[str, asyncio.Event] = {}  # stopped processes -> set when they resume
+        self._handlers: dict[int, tuple[str, str, asyncio.Task]] = {}  # member calls running: (from, to, task)
         self._ids = itertools.count(1)
         self.counters = {"messages": 0, "lost": 0, "duplicated": 0, "refused": 0, "reset": 0,
                          "timeouts": 0}
@@ -151,8 +154,14 @@ class SimNetwork:
             self.isolated.discard(name)
 
     def cut(self, a: str, b: str) -> None:
-        """Drop every message between ``a`` and ``b``, both ways, until ``heal``."""
+        """Drop every message between ``a`` and ``b``, both ways, until ``heal``. The connection
+        between them is lost: the handlers of member calls between them still running are
+        cancelled, as a stream server cancels a call whose connection dropped."""
         self.cuts |= {(a, b), (b, a)}
+        for call_id, (src, dst, task) in sorted(self._handlers.items()):
+            if {src, dst} == {a, b} and not task.done():
+                self.trace("cancel", call_id)
+                task.cancel()
 
     def reachable(self, src: str, dst: str) -> bool:
         """Would a message from ``src`` to ``dst`` get through the partitions (loss aside)?"""
@@ -266,7 +275,10 @@ class SimNetwork:
                                  o, op, payload, fut)
             return
         target = dst.target
-        process.spawn(self._serve(call_id, src_name, dst, target, o, op, payload, fut))
+        task = process.spawn(self._serve(call_id, src_name, dst, target, o, op, payload, fut))
+        if o is None:  # a member's handler: its connection's loss cancels it (``cut``)
+            self._handlers[call_id] = (src_name, dst.name, task)
+            task.add_done_callback(lambda _t: self._handlers.pop(call_id, None))
 
     def _when_thawed(self, name: str, callback: Callable[..., None], *args: Any) -> None:
         """Run ``callback(*args)`` once process ``name`` resumes."""
