@@ -53,13 +53,16 @@ test-typescript: $(STAMP) typescript-deps
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m 'not slow' tests
 
-# Long fault-injection runs: SOAK_SEEDS seeds of the deterministic simulation, then the
+# Long fault-injection runs: SOAK_SEEDS seeds of the deterministic simulation, as many with
+# replica groups of 3 (a quarter with groups of 5: oribus.sim.group), then the
 # nemesis tests against an etcd cluster of real processes
 # for SOAK_SECONDS each (default 30 minutes), histories checked by oribus check.
 SOAK_SECONDS ?= 1800
 SOAK_SEEDS ?= 300
 soak: $(STAMP) system-deps
 	$(PY) -m oribus.sim --seeds $(SOAK_SEEDS) --duration 4
+	$(PY) -m oribus.sim --seeds $(SOAK_SEEDS) --duration 4 --replicas 3
+	$(PY) -m oribus.sim --seeds $$(( $(SOAK_SEEDS) / 4 + 1 )) --duration 4 --replicas 5
 	ORIBUS_NEMESIS_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s -p no:cacheprovider -o timeout=0 tests/e2e/test_nemesis.py
 
 # The commit protocol model (specs/PROTOCOL.md): SPIN verifies specs/model/oribus.pml

@@ -2,6 +2,7 @@
 
     python -m oribus.sim --seeds 200 --duration 5          # seeds 0..199, 5 virtual seconds each
     python -m oribus.sim --seed 17 --faults 8 -v           # replay one seed (same flags, same run)
+    python -m oribus.sim --seeds 100 --replicas 3          # every shard a replica group of 3
 
 Each seed draws its own fault schedule (``random_faults``) and workload
 parameters, runs the whole cluster (``simulate``) and checks the history. The
@@ -18,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 
 from oribus.sim import SimConfig, SimResult, random_faults, simulate
 from oribus.sim.disk import DiskConfig
@@ -39,12 +41,16 @@ def config_for(seed: int, duration: float) -> SimConfig:
 
 
 def run_seed(seed: int, duration: float, faults: int | None, *, duplicate_all: bool = False,
-             no_restart_grace: bool = False) -> SimResult:
+             no_restart_grace: bool = False, replicas: int = 1, elect_any: bool = False,
+             ack_on_local_fsync: bool = False) -> SimResult:
     rng = random.Random(f"oribus-sim/{seed}/faults")
     config = config_for(seed, duration)
     if duplicate_all:
         config.network.duplicate_ops = ALL_OPS
     config.unsafe_no_restart_grace = no_restart_grace
+    config.replicas = replicas
+    config.unsafe_elect_any = elect_any
+    config.unsafe_ack_on_local_fsync = ack_on_local_fsync
     count = rng.randint(0, max(1, int(duration * 3))) if faults is None else faults
     return simulate(seed, config, random_faults(rng, config, count))
 
@@ -62,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unsafe-no-restart-grace", action="store_true",
                    help="BROKEN on purpose: restarted shards take writes at once, though they lost the read "
                         "leases they had granted (some seeds should then fail)")
+    p.add_argument("--replicas", type=int, default=1, choices=(1, 3, 5),
+                   help="members per shard: 3 or 5 makes every shard a replica group (oribus.sim.group)")
+    p.add_argument("--unsafe-elect-any", action="store_true",
+                   help="BROKEN on purpose (with --replicas): a candidate takes over though another member "
+                        "holds a later log position")
+    p.add_argument("--unsafe-ack-on-local-fsync", action="store_true",
+                   help="BROKEN on purpose (with --replicas): a primary acknowledges once its own fsync returns")
     p.add_argument("-v", "--verbose", action="store_true", help="print every run's summary")
     args = p.parse_args(argv)
     if os.environ.get("PYTHONHASHSEED") is None:
@@ -75,17 +88,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     totals = {"runs": 0, "transactions": 0, "committed_checked": 0, "faults": 0, "crashes": 0,
               "reader_crashes": 0, "bus_crashes": 0, "lost_records": 0, "messages": 0, "lost": 0, "duplicated": 0,
-              "virtual_seconds": 0.0}
+              "virtual_seconds": 0.0, "primaries": 0, "member_crashes": 0, "disk_losses": 0,
+              "lost_acknowledged": 0}
+    kinds: Counter[str] = Counter()
     failed: list[int] = []
     for seed in seeds:
         if args.max_wall is not None and time.monotonic() - started > args.max_wall:
             break
         result = run_seed(seed, args.duration, args.faults, duplicate_all=args.duplicate_all,
-                          no_restart_grace=args.unsafe_no_restart_grace)
+                          no_restart_grace=args.unsafe_no_restart_grace, replicas=args.replicas,
+                          elect_any=args.unsafe_elect_any, ack_on_local_fsync=args.unsafe_ack_on_local_fsync)
         totals["runs"] += 1
+        totals["lost_acknowledged"] += len(result.lost_acknowledged)
+        kinds.update(result.counters["faults_by_kind"])
         for k in totals:
-            if k != "runs":
-                totals[k] += result.counters[k]
+            if k not in ("runs", "lost_acknowledged"):
+                totals[k] += result.counters.get(k, 0)
         if args.verbose or not result.ok:
             print(result.summary(), flush=True)
             if not result.ok:
@@ -102,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{totals['duplicated']} duplicated), {totals['virtual_seconds']:.0f} virtual s in {wall:.1f} s; "
         f"{len(failed)} failing seeds{': ' + ', '.join(map(str, failed)) if failed else ''}"
     )
+    print(f"faults by kind: {dict(sorted(kinds.items()))}")
+    if args.replicas > 1:
+        print(f"replica groups of {args.replicas}: {totals['primaries']} primaries elected (first ones included), "
+              f"{totals['member_crashes']} member crashes, {totals['disk_losses']} disks lost, "
+              f"{totals['lost_acknowledged']} acknowledged commits lost")
     return 1 if failed else 0
 
 

@@ -43,3 +43,14 @@ class SimConfig:
     # BROKEN on purpose: a restarted shard takes new writes at once, though it lost the read
     # leases it had granted (the shards are separate processes here: the grace is needed).
     unsafe_no_restart_grace: bool = False
+    # Replica groups (oribus.sim.group, specs/replication.md): 1 = one shard process as before
+    # (same seed, same run); 3 or 5 = each shard a group of ReplicaMembers elected through the
+    # simulated etcd.
+    replicas: int = 1
+    lease_ttl_seconds: float = 0.5  # the primary key's etcd lease (and so the primary lease)
+    watch_delay_seconds: float = 0.02  # a change of a primary key reaches the bus this much later, at most
+    # BROKEN on purpose: a candidate with a majority of promises takes over even when another
+    # promising member holds a later log position (it must not: §5 step 3).
+    unsafe_elect_any: bool = False
+    # BROKEN on purpose: a primary acknowledges once its own fsync returns (not a majority's).
+    unsafe_ack_on_local_fsync: bool = False

@@ -37,6 +37,8 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,7 +50,7 @@ from oribus.bus.bus import Bus
 from oribus.bus.coordinator import Coordinator
 from oribus.bus.sweep import TxnSweep
 from oribus.checker import Recorder, Report, check, record_final, run_list_append
-from oribus.checker.history import READ
+from oribus.checker.history import APPEND, READ
 from oribus.checker.listappend import workload_keys
 from oribus.client.session import AsyncSession
 from oribus.delivery_log import DeliveryLogConfig
@@ -58,7 +60,8 @@ from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
 from oribus.sim.config import SimConfig
 from oribus.sim.disk import SimDisk
-from oribus.sim.faults import Fault
+from oribus.sim.faults import REPLICA_FAULT_KINDS, Fault
+from oribus.sim.group import ETCD, SimGroups
 from oribus.sim.loop import Process, SimLoop, run
 from oribus.sim.network import Endpoint, SimBusClient, SimNetwork, SimShardClient
 from oribus.sim.workload import register_client
@@ -151,6 +154,11 @@ class SimCluster:
         half = self.config.clock_skew_seconds / 2
         self.clock_offsets = {name: rng.choice((-half, half, rng.uniform(-half, half)))
                               for name in ["bus", *(f"shard-{i}" for i in range(self.config.shards))]}
+        self.groups: SimGroups | None = None  # replica groups (config.replicas > 1)
+        self._root: Path | None = None  # their data directories
+        if self.config.replicas > 1:
+            self.clock_offsets.update({SimGroups.name(i, r): rng.choice((-half, half, rng.uniform(-half, half)))
+                                       for i in range(self.config.shards) for r in range(self.config.replicas)})
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -169,6 +177,16 @@ class SimCluster:
         }
         self.shard_endpoints = {i: Endpoint(f"shard-{i}") for i in range(cfg.shards)}
         self.bus_endpoint = Endpoint("bus")
+        if cfg.replicas > 1:
+            # every group elects its first primary (no restart grace: no primary served before)
+            shm = Path("/dev/shm")
+            self._root = Path(tempfile.mkdtemp(prefix="oribus-sim-", dir=shm if shm.is_dir() else None))
+            self.groups = SimGroups(self, self._root)
+            await self.groups.start_all()
+            self.restart_bus()
+            if not await self.groups.wait_for_primaries(60.0):
+                raise RuntimeError("the replica groups elected no primary")
+            return
         for i in range(cfg.shards):
             await self.restart_shard(i)
         self.restart_bus()
@@ -207,14 +225,28 @@ class SimCluster:
             unsafe_disable_validation=cfg.unsafe_disable_validation,
         )
 
-    def shard(self, shard_id: int) -> SimShard | None:
-        """The running shard object (None while it is down)."""
+    def shard(self, shard_id: int) -> Shard | None:
+        """The running shard object (None while it is down); of a replica group, its primary's."""
+        if self.groups is not None:
+            node = self.groups.primary(shard_id)
+            return node.serving() if node is not None else None
         return self.shard_endpoints[shard_id].target
+
+    def close(self) -> None:
+        """Remove the replica groups' data directories (the end of a run)."""
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
 
     # ---- shards -----------------------------------------------------------------------
 
     async def restart_shard(self, shard_id: int) -> None:
-        """Start shard ``shard_id`` (again): a new process and epoch, recovered from its SimDisk."""
+        """Start shard ``shard_id`` (again): a new process and epoch, recovered from its SimDisk.
+        Of a replica group: start every member that is down."""
+        if self.groups is not None:
+            for r in range(self.config.replicas):
+                await self.groups.start_member(shard_id, r)
+            return
         ep = self.shard_endpoints[shard_id]
         if ep.process is not None:
             return
@@ -240,7 +272,13 @@ class SimCluster:
             shard.expire_leases()
 
     def crash_shard(self, shard_id: int, keep_in_flight: int = 0) -> None:
-        """Kill shard ``shard_id`` now: unsynced WAL records are lost (see ``SimDisk.crash``)."""
+        """Kill shard ``shard_id`` now: unsynced WAL records are lost (see ``SimDisk.crash``).
+        Of a replica group: its primary (what etcd names), which loses what it did not fsync."""
+        if self.groups is not None:
+            key = self.groups.etcd.primary(shard_id)
+            if key is not None and self.groups.crash_member(shard_id, key.member):
+                self.counters["crashes"] += 1
+            return
         ep = self.shard_endpoints[shard_id]
         process, shard = ep.process, ep.target
         if process is None:
@@ -263,7 +301,9 @@ class SimCluster:
             return
         assert self.loop is not None
         process = Process(self.loop, "bus")
-        shards = {i: SimShardClient(self.network, "bus", i, self.shard_endpoints[i]) for i in self.shard_endpoints}
+        shards: dict[int, SimShardClient] = (
+            self.groups.shard_clients("bus") if self.groups is not None else
+            {i: SimShardClient(self.network, "bus", i, self.shard_endpoints[i]) for i in self.shard_endpoints})
         # commits stamped, and read leases' deadlines taken, on the bus's (skewed) virtual wall clock
         bus = Bus(shards, self.slot_map.shard_for, clock=self.wall_clock_of("bus"), monotonic=self.loop.time)
         sweep = TxnSweep(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
@@ -319,7 +359,10 @@ class SimCluster:
         self.counters["faults"] += 1
         self.trace("fault", fault.kind, fault.target, fault.duration, fault.amount)
         try:
-            if fault.kind == "crash":
+            if fault.kind in REPLICA_FAULT_KINDS:
+                if self.groups is not None:
+                    await self._inject_replica_fault(fault, shard_id)
+            elif fault.kind == "crash":
                 self.crash_shard(shard_id, int(fault.amount))
                 await asyncio.sleep(fault.duration)
             elif fault.kind == "crash_reader":
@@ -337,14 +380,14 @@ class SimCluster:
                 self.crash_bus()
                 await asyncio.sleep(fault.duration)
             elif fault.kind in ("partition", "partition_bus"):
-                name = "bus" if fault.kind == "partition_bus" else f"shard-{shard_id}"
+                name = "bus" if fault.kind == "partition_bus" else self._shard_name(shard_id)
                 self.network.isolate(name)
                 try:
                     await asyncio.sleep(fault.duration)
                 finally:
                     self.network.heal(name)
             elif fault.kind == "slow":
-                name = f"shard-{shard_id}"
+                name = self._shard_name(shard_id)
                 self.network.slow[name] = max(self.network.slow.get(name, 0.0), fault.amount)
                 try:
                     await asyncio.sleep(fault.duration)
@@ -360,7 +403,7 @@ class SimCluster:
                     window.remove(fault.amount)
                     self._set_rates()
             elif fault.kind == "reset":
-                ep = self.shard_endpoints[shard_id]
+                ep = self._shard_endpoint(shard_id)
                 end = self.loop.time() + fault.duration
                 while True:
                     self.network.reset(ep)
@@ -374,18 +417,92 @@ class SimCluster:
                 client = self._clients[indices[fault.target % len(indices)]]
                 client.paused_until = max(client.paused_until, self.loop.time() + fault.duration)
         finally:
-            if fault.kind in ("crash", "crash_reader"):
+            if fault.kind in ("crash", "crash_reader", "kill_primary", "kill_follower", "disk_loss"):
                 await self.restart_shard(shard_id)
             elif fault.kind == "crash_bus":
                 self.restart_bus()
             self.trace("fault-end", fault.kind, fault.target)
+
+    def _shard_name(self, shard_id: int) -> str:
+        """The network name of shard ``shard_id``: of a replica group, its primary's (etcd's key)."""
+        if self.groups is not None:
+            key = self.groups.etcd.primary(shard_id)
+            return SimGroups.name(shard_id, key.member if key is not None else 0)
+        return f"shard-{shard_id}"
+
+    def _shard_endpoint(self, shard_id: int) -> Endpoint:
+        if self.groups is not None:
+            key = self.groups.etcd.primary(shard_id)
+            return self.groups.nodes[shard_id][key.member if key is not None else 0].endpoint
+        return self.shard_endpoints[shard_id]
+
+    async def _inject_replica_fault(self, fault: Fault, shard_id: int) -> None:
+        """The faults of replica groups (``oribus.sim.faults``)."""
+        groups = self.groups
+        assert groups is not None and self.loop is not None
+        key = groups.etcd.primary(shard_id)
+        primary = key.member if key is not None else None
+        followers = [n.member_id for n in groups.followers(shard_id)]
+        pick = int(fault.amount)
+        if fault.kind == "kill_primary":
+            primary = await groups.exposed_primary(shard_id, pick)
+            if primary is not None:
+                groups.crash_member(shard_id, primary)
+        elif fault.kind == "kill_follower":
+            groups.crash_member(shard_id, followers[pick % len(followers)])
+        elif fault.kind == "disk_loss":
+            # the model's assumption: never a majority's data at once (a minority at most)
+            if groups.lacking_data(shard_id) >= (self.config.replicas - 1) // 2:
+                groups.counters["disk_losses_skipped"] += 1
+                self.trace("disk-loss-skipped", shard_id)
+                return
+            if pick == 0:
+                primary = await groups.exposed_primary(shard_id, 2)
+            victim = primary if pick == 0 and primary is not None else followers[pick % len(followers)]
+            groups.crash_member(shard_id, victim, lose_disk=True)
+        elif fault.kind in ("partition_primary", "partition_follower"):
+            if primary is None:
+                return
+            name = SimGroups.name(shard_id, primary)
+            if fault.kind == "partition_follower":
+                others = [SimGroups.name(shard_id, followers[pick % len(followers)])]
+            else:
+                others = [SimGroups.name(shard_id, r) for r in followers] + ([ETCD] if fault.amount >= 0.5 else [])
+            groups.counters["primary_partitions"] += 1
+            for other in others:
+                self.network.cut(name, other)
+            try:
+                await asyncio.sleep(fault.duration)
+            finally:
+                for other in others:
+                    self.network.cuts -= {(name, other), (other, name)}
+            return
+        elif fault.kind == "stale_bus":
+            self.network.cut("bus", ETCD)
+            try:
+                await asyncio.sleep(fault.duration)
+            finally:
+                self.network.cuts -= {("bus", ETCD), (ETCD, "bus")}
+            return
+        elif fault.kind == "pause_primary":
+            if primary is None:
+                return
+            name = SimGroups.name(shard_id, primary)
+            groups.counters["primary_pauses"] += 1
+            self.network.freeze(name)
+            try:
+                await asyncio.sleep(fault.duration)
+            finally:
+                self.network.thaw(name)
+            return
+        await asyncio.sleep(fault.duration)
 
     async def _lease_relied_on(self, shard_id: int, patience: float = 0.5) -> list[int]:
         """Wait (at most ``patience`` virtual seconds) until shard ``shard_id`` holds a read lease
         of a transaction whose commit point is on its way to another shard (a one-phase commit
         or a decision in flight); returns those calls' ids (none if that did not come in time)."""
         assert self.loop is not None
-        others = [ep for i, ep in self.shard_endpoints.items() if i != shard_id]
+        others = [self._shard_endpoint(i) for i in self.shard_endpoints if i != shard_id]
         until = self.loop.time() + patience
         while self.loop.time() < until:
             shard = self.shard(shard_id)
@@ -399,6 +516,8 @@ class SimCluster:
     async def heal_all(self) -> None:
         """End every fault: reconnect, restore the base rates, restart what is down, unpause."""
         self.network.heal()
+        for name in list(self.network.frozen):
+            self.network.thaw(name)
         self.network.slow.clear()
         for w in self._windows.values():
             w.clear()
@@ -413,8 +532,8 @@ class SimCluster:
     def unsettled(self) -> list[str]:
         """Transactions some shard still holds prepared, and decisions not yet released."""
         out = []
-        for i, ep in self.shard_endpoints.items():
-            shard = ep.target
+        for i in self.shard_endpoints:
+            shard = self.shard(i)
             if shard is None:
                 out.append(f"shard {i} is down")
                 continue
@@ -430,6 +549,8 @@ class SimCluster:
         cfg = self.config
         # every call in flight has had time to time out, and every prepared one to expire
         await asyncio.sleep(cfg.network.call_timeout + cfg.txn_expiry_seconds)
+        if self.groups is not None:
+            await self.groups.wait_for_primaries(20 * cfg.lease_ttl_seconds)
         left = self.unsettled()
         for _ in range(rounds):
             if not left:
@@ -459,11 +580,13 @@ class SimResult:
     stuck: bool  # the workload did not finish within ``max_seconds`` (a liveness failure)
     # acknowledged commits whose answer lacked the new version of a key they wrote
     incomplete_results: list[str] = field(default_factory=list)
+    # acknowledged commits the final state does not hold (``lost_acknowledged``)
+    lost_acknowledged: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (self.report.ok and not self.unsettled and not self.internal_errors and not self.stuck
-                and not self.incomplete_results)
+                and not self.incomplete_results and not self.lost_acknowledged)
 
     def summary(self) -> str:
         c = self.counters
@@ -483,6 +606,8 @@ class SimResult:
             lines.append("STUCK: the workload did not finish")
         if self.incomplete_results:
             lines.append(f"INCOMPLETE COMMIT RESULTS: {self.incomplete_results[:5]}")
+        if self.lost_acknowledged:
+            lines.append(f"LOST ACKNOWLEDGED COMMITS ({len(self.lost_acknowledged)}): {self.lost_acknowledged[:5]}")
         return "\n".join(lines)
 
 
@@ -518,8 +643,15 @@ def _seeded_global_random(seed: int) -> Iterator[None]:
 
 
 async def _simulate(seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> SimResult:
-    loop = asyncio.get_running_loop()
     cluster = SimCluster(seed, config)
+    try:
+        return await _run_checked(cluster, seed, config, faults)
+    finally:
+        cluster.close()
+
+
+async def _run_checked(cluster: SimCluster, seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> SimResult:
+    loop = asyncio.get_running_loop()
     await cluster.start()
     recorder = Recorder(clock=loop.time)
     list_keys = workload_keys(config.list_keys)
@@ -583,12 +715,53 @@ async def _simulate(seed: int, config: SimConfig, faults: tuple[Fault, ...]) -> 
         "errors": dict(sorted(Counter(e["error"] for e in history if e["type"] in ("fail", "info")).items())),
         "virtual_seconds": loop.time(),
     }
+    if cluster.groups is not None:
+        counters.update(cluster.groups.counters)
+        counters.update({f"etcd_{k}": v for k, v in cluster.groups.etcd.counters.items()})
+    faults_by_kind = Counter(ev[2] for ev in cluster.events if ev[1] == "fault")
+    counters["faults_by_kind"] = dict(sorted(faults_by_kind.items()))
     return SimResult(
         seed=seed, faults=faults, report=report, trace_hash=cluster.trace_hash, counters=counters,
         history=history, trace=cluster.events, unsettled=unsettled,
         internal_errors=list(cluster.network.internal_errors) + ([final_error] if final_error else []),
         stuck=stuck, incomplete_results=_incomplete_results(history),
+        lost_acknowledged=lost_acknowledged(history),
     )
+
+
+def lost_acknowledged(history: list[dict]) -> list[str]:
+    """Acknowledged commits the final state does not hold: every write of an ``ok`` event must
+    be there — an appended element in its key's final list, a register's version in the key's
+    final history under the commit's id (or, without a version, the commit's id somewhere in
+    that history). The checker's ``lost-write`` covers this too, among its other checks; this
+    one is the replication's promise on its own (``specs/replication.md`` R-1, R-2), counted
+    apart, and it reports a missing final state as a loss instead of as unverifiable."""
+    final = next((ev for ev in history if ev["type"] == "final"), None)
+    if final is None:
+        return ["no final state was read"]
+    state, kept = final.get("state", {}), final.get("history", {})
+    lost = []
+    for ev in history:
+        if ev["type"] != "ok":
+            continue
+        for op in ev["ops"]:
+            f, key, arg, version = op[0], op[1], op[2], op[3] if len(op) > 3 else None
+            if f == READ:
+                continue
+            if f == APPEND:
+                value = state.get(key, [None])[0]
+                if arg not in (value or []):
+                    lost.append(f"{ev['id']}: appended {arg!r} to {key!r}, not in the final list")
+                continue
+            entries = kept.get(key, [])
+            commit_id = ev.get("commit_id")
+            if version is not None:
+                found = any(v == version and (commit_id is None or c in (None, commit_id)) for v, c, _ in entries)
+            else:
+                found = commit_id is not None and any(c == commit_id for _, c, _ in entries)
+            if not found:
+                lost.append(f"{ev['id']}: wrote {key!r} (version {version}), not in the final history")
+    return lost
 
 
 def _incomplete_results(history: list[dict]) -> list[str]:

@@ -36,6 +36,13 @@ What the network does to a message, decided by its seeded ``random.Random``:
   ``Unavailable`` (the connection is reset), and calls to a process that is
   down fail after one delay (connection refused); a dead process sends
   nothing;
+* **cut** — every message between two named processes is dropped, both ways (``cut``: a
+  replica group's primary cut from its followers while the bus still reaches it), and the
+  members' handlers of calls between them still running are cancelled (the connection
+  dropped: a stream server cancels them);
+* **freeze** — a stopped process (SIGSTOP, ``freeze``): nothing it sends leaves and nothing
+  sent to it is handled until ``thaw``, when all of it goes out and comes in (a call held
+  meanwhile may still run then: the fencing of a primary that resumes past its lease);
 * **reset** — the connections to a live process break (``reset``): its calls
   in flight fail at once with ``Unavailable``, as the stream transport fails
   every call of a connection it loses (a frame one end could not read, a
@@ -45,12 +52,17 @@ What the network does to a message, decided by its seeded ``random.Random``:
 Messages a process sends to itself (a shard resolving through its own
 primary role) are delivered reliably, with a delay.
 
+The members of a replica group call each other (``oribus.sim.group.SimPeer``) with
+``table=None``: their messages are immutable objects (``oribus.shards.replica.messages``)
+handed over as they are, with the same delays, loss, partitions and crashes.
+
 Watches are not simulated: ``watch`` raises ``InvalidRequest``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import random
 from collections.abc import AsyncIterator, Callable
@@ -117,6 +129,9 @@ class SimNetwork:
         self.isolated: set[str] = set()  # names of partitioned processes/endpoints
         self.slow: dict[str, float] = {}  # name -> extra seconds every message to or from it takes
         self.held: dict[int, float] = {}  # call id -> virtual time before which its request is not delivered
+        self.cuts: set[tuple[str, str]] = set()  # (from, to): every message from -> to is dropped
+        self.frozen: dict[str, asyncio.Event] = {}  # stopped processes -> set when they resume
+        self._handlers: dict[int, tuple[str, str, asyncio.Task]] = {}  # member calls running: (from, to, task)
         self._ids = itertools.count(1)
         self.counters = {"messages": 0, "lost": 0, "duplicated": 0, "refused": 0, "reset": 0,
                          "timeouts": 0}
@@ -134,8 +149,36 @@ class SimNetwork:
     def heal(self, name: str | None = None) -> None:
         if name is None:
             self.isolated.clear()
+            self.cuts.clear()
         else:
             self.isolated.discard(name)
+
+    def cut(self, a: str, b: str) -> None:
+        """Drop every message between ``a`` and ``b``, both ways, until ``heal``. The connection
+        between them is lost: the handlers of member calls between them still running are
+        cancelled, as a stream server cancels a call whose connection dropped."""
+        self.cuts |= {(a, b), (b, a)}
+        for call_id, (src, dst, task) in sorted(self._handlers.items()):
+            if {src, dst} == {a, b} and not task.done():
+                self.trace("cancel", call_id)
+                task.cancel()
+
+    def reachable(self, src: str, dst: str) -> bool:
+        """Would a message from ``src`` to ``dst`` get through the partitions (loss aside)?"""
+        return src == dst or not (src in self.isolated or dst in self.isolated or (src, dst) in self.cuts)
+
+    def freeze(self, name: str) -> None:
+        """Process ``name`` stops (SIGSTOP): see the module docstring."""
+        self.frozen.setdefault(name, asyncio.Event())
+
+    def thaw(self, name: str) -> None:
+        event = self.frozen.pop(name, None)
+        if event is not None:
+            event.set()
+
+    async def _unfrozen(self, name: str) -> None:
+        while (event := self.frozen.get(name)) is not None:
+            await event.wait()
 
     def server_died(self, endpoint: Endpoint) -> None:
         """Fail every call in flight to ``endpoint`` (its connections were reset)."""
@@ -160,7 +203,7 @@ class SimNetwork:
     def _fate(self, src: str, dst: str) -> str:
         if src == dst:
             return "ok"
-        if src in self.isolated or dst in self.isolated:
+        if src in self.isolated or dst in self.isolated or (src, dst) in self.cuts:
             return "partitioned"
         if self.config.loss and self.rng.random() < self.config.loss:
             return "lost"
@@ -170,13 +213,17 @@ class SimNetwork:
         extra = max(self.slow.get(src, 0.0), self.slow.get(dst, 0.0)) if self.slow else 0.0
         return self.rng.uniform(self.config.min_delay, self.config.max_delay) + extra
 
-    async def call(self, src_name: str, dst: Endpoint, table: dict[str, wire.Op], op: str, *params: Any) -> Any:
-        """Send ``op(*params)`` from the current process to ``dst``; return the decoded result."""
+    async def call(self, src_name: str, dst: Endpoint, table: dict[str, wire.Op] | None, op: str,
+                   *params: Any) -> Any:
+        """Send ``op(*params)`` from the current process to ``dst``; return the decoded result.
+        ``table`` None: the parameters and the result are passed as they are (immutable objects)."""
         src = current_process()
         if src is not None and not src.alive:
             raise asyncio.CancelledError()  # a dead process sends nothing
-        o = table[op]
-        payload = wire.pack(o.enc_args(*params))
+        if self.frozen:
+            await self._unfrozen(src_name)  # a stopped process sends nothing until it resumes
+        o = table[op] if table is not None else None
+        payload: Any = wire.pack(o.enc_args(*params)) if o is not None else params
         call_id = next(self._ids)
         fut: asyncio.Future = self.loop.create_future()
         self.counters["messages"] += 1
@@ -210,29 +257,48 @@ class SimNetwork:
         finally:
             dst.pending.pop(call_id, None)
             dst.calls.pop(call_id, None)
-        outcome, body = wire.unpack(raw)
+        outcome, body = wire.unpack(raw) if o is not None else raw
         if outcome == wire.ERROR:
             grpc_status.raise_error(body)
-        return o.dec_result(body)
+        return o.dec_result(body) if o is not None else body
 
-    def _deliver(self, call_id: int, src_name: str, dst: Endpoint, process: Process, o: wire.Op,
-                 op: str, payload: bytes, fut: asyncio.Future) -> None:
+    def _deliver(self, call_id: int, src_name: str, dst: Endpoint, process: Process, o: wire.Op | None,
+                 op: str, payload: Any, fut: asyncio.Future) -> None:
         if dst.process is not process or not process.alive:
             return  # the process it was sent to is gone (the reset already failed the call)
+        if dst.name in self.frozen:  # stopped: it reads the request when it resumes
+            self._when_thawed(dst.name, self._deliver, call_id, src_name, dst, process, o, op, payload, fut)
+            return
         until = self.held.pop(call_id, None)
         if until is not None and until > self.loop.time():  # held back: it arrives later
             self.loop.call_later(until - self.loop.time(), self._deliver, call_id, src_name, dst, process,
                                  o, op, payload, fut)
             return
         target = dst.target
-        process.spawn(self._serve(call_id, src_name, dst, target, o, op, payload, fut))
+        task = process.spawn(self._serve(call_id, src_name, dst, target, o, op, payload, fut))
+        if o is None:  # a member's handler: its connection's loss cancels it (``cut``)
+            self._handlers[call_id] = (src_name, dst.name, task)
+            task.add_done_callback(lambda _t: self._handlers.pop(call_id, None))
+
+    def _when_thawed(self, name: str, callback: Callable[..., None], *args: Any) -> None:
+        """Run ``callback(*args)`` once process ``name`` resumes."""
+        event = self.frozen[name]
+
+        async def later() -> None:
+            await event.wait()
+            callback(*args)
+
+        self.loop.create_task(later(), context=contextvars.Context())  # no process's: the message is on its way
 
     async def _serve(self, call_id: int, src_name: str, dst: Endpoint, target: Any,
-                     o: wire.Op, op: str, payload: bytes, fut: asyncio.Future) -> None:
+                     o: wire.Op | None, op: str, payload: Any, fut: asyncio.Future) -> None:
         self.trace("run", call_id, dst.name, op)
         try:
-            args = o.dec_args(wire.unpack(payload))
-            reply = [wire.OK, o.enc_result(await getattr(target, op)(*args))]
+            if o is None:
+                reply = [wire.OK, await getattr(target, op)(*payload)]
+            else:
+                args = o.dec_args(wire.unpack(payload))
+                reply = [wire.OK, o.enc_result(await getattr(target, op)(*args))]
         except OribusError as e:
             reply = [wire.ERROR, e.to_dict()]
         except asyncio.CancelledError:
@@ -240,7 +306,9 @@ class SimNetwork:
         except Exception as e:  # a bug in a handler: report it, answer like a server would
             self.internal_errors.append(f"{dst.name}.{op}: {e!r}")
             reply = [wire.ERROR, {"code": "Internal", "message": f"{op} failed: {e!r}"}]
-        raw = wire.pack(reply)
+        raw = wire.pack(reply) if o is not None else tuple(reply)
+        if self.frozen:
+            await self._unfrozen(dst.name)  # a stopped server answers when it resumes
         fate = self._fate(dst.name, src_name)
         self.trace("reply", call_id, fate, "error" if reply[0] == wire.ERROR else "ok")
         if fate != "ok":
@@ -267,7 +335,7 @@ def _label(params: tuple) -> str:
     return ""
 
 
-def _answer(fut: asyncio.Future, raw: bytes) -> None:
+def _answer(fut: asyncio.Future, raw: Any) -> None:
     if not fut.done():  # a duplicate's reply, or one after the caller gave up: discarded
         fut.set_result(raw)
 

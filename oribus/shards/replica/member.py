@@ -154,6 +154,9 @@ class ReplicaMember:
 
     # Every file operation goes through this (``files.py``); the simulation substitutes its own.
     files_class: type[MemberFiles] = MemberFiles
+    # The Shard served as primary: the simulation (``oribus.sim.group``) substitutes one on
+    # its virtual clocks, as it sets ``Shard.clock``.
+    shard_class: type[ReplicaShard] = ReplicaShard
 
     def __init__(self, config: ShardConfig, member_id: int, replicas: int,
                  options: ReplicationOptions | None) -> None:
@@ -635,7 +638,7 @@ class ReplicaMember:
             async with self._lock:
                 if self.rwal is not rwal or rwal.deposed is not None:
                     raise Unavailable(f"member {self.member_id} was deposed before term {term} began")
-                shard = ReplicaShard(self.config, term, self, rwal)
+                shard = self.shard_class(self.config, term, self, rwal)
                 await shard._start(self._dir_lock)
                 if lsn == 1:
                     # The group's first term: no primary ever served, no lease is out (§10 rule 3).

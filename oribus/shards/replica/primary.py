@@ -88,6 +88,9 @@ class ReplicationOptions:
     max_batch_bytes: int = 4 << 20  # frames per AppendBatch (at least one frame)
     recent_bytes: int = 32 << 20  # batches kept in memory for shipping; older ones are read back
     snapshot_chunk_bytes: int = 1 << 20
+    # BROKEN on purpose, for testing the tests (the simulation must catch it): a record counts
+    # as committed once it is fsynced here, whatever the followers hold.
+    unsafe_ack_on_local_fsync: bool = False
 
 
 @dataclass(eq=False)
@@ -265,6 +268,8 @@ class ReplicatedWal:
 
     def quorum_lsn(self) -> int:
         """The highest LSN fsynced on a majority of the voters (this member included)."""
+        if self.options.unsafe_ack_on_local_fsync:
+            return self.wal.durable_lsn
         return quorum_lsn(self.wal.durable_lsn, [f.match_lsn for f in self.followers if f.voter], self.replicas)
 
     def _advance(self) -> None:
