@@ -37,6 +37,7 @@ from oribus.rpc.wire import (
     enc_items,
     enc_read_args,
     enc_session,
+    exact_txn_fields,
     int_int_map,
     need,
     opt,
@@ -44,7 +45,7 @@ from oribus.rpc.wire import (
     str_int_map,
     to_none,
 )
-from oribus.types import DEFAULT_SCAN_LIMIT, SessionRef
+from oribus.types import DEFAULT_SCAN_LIMIT
 
 
 def _decodable(writes: dict[str, bytes | None]) -> dict[str, bytes | None]:
@@ -116,32 +117,14 @@ def _common_commit_request(a: Any) -> CommitRequest | None:
     if type(a) is not dict:
         return None
     get = a.get
-    s, commit_id, sc = get("s"), get("id"), get("sc")
+    commit_id, sc = get("id"), get("sc")
     scope = Scope.SESSION if sc is None else SCOPES.get(sc) if type(sc) is str else None
-    if scope is None or type(commit_id) is not str or type(s) is not list or len(s) != 2 \
-            or type(s[0]) is not str or type(s[1]) is not str:
+    if scope is None or type(commit_id) is not str:
         return None
-    writes = get("w")
-    if writes is None:
-        writes = {}
-    elif type(writes) is not dict:
+    shared = exact_txn_fields(get)
+    if shared is None:
         return None
-    else:
-        for k, v in writes.items():
-            if type(k) is not str or (v is not None and type(v) is not bytes):
-                return None
-    maps = []
-    for name in ("rb", "e", "r"):
-        m = get(name)
-        if m is None:
-            m = {}
-        elif type(m) is not dict:
-            return None
-        else:
-            for k, v in m.items():
-                if type(k) is not str or type(v) is not int:
-                    return None
-        maps.append(m)
+    session, writes, rollback, expect, read_set = shared
     since, t, strict, complete = get("since"), get("t"), get("st"), get("ct")
     if since is None:
         since = {}
@@ -162,8 +145,8 @@ def _common_commit_request(a: Any) -> CommitRequest | None:
             tokens[k] = (v[0], v[1])
     if (strict is not None and type(strict) is not bool) or (complete is not None and type(complete) is not bool):
         return None
-    return CommitRequest(session=SessionRef(s[0], s[1]), commit_id=commit_id, writes=writes, rollback=maps[0],
-                         expect=maps[1], read_set=maps[2], scope=scope, since=since, tokens=tokens,
+    return CommitRequest(session=session, commit_id=commit_id, writes=writes, rollback=rollback,
+                         expect=expect, read_set=read_set, scope=scope, since=since, tokens=tokens,
                          strict=bool(strict), complete_tokens=bool(complete))
 
 

@@ -42,6 +42,7 @@ from oribus.rpc.wire import (
     enc_items,
     enc_read_args,
     enc_session,
+    exact_txn_fields,
     need,
     opt,
     same,
@@ -53,7 +54,6 @@ from oribus.types import (
     DEFAULT_SCAN_LIMIT,
     DEFAULT_SESSIONS_LISTED,
     MAX_SESSIONS_LISTED,
-    SessionRef,
 )
 
 
@@ -131,31 +131,13 @@ def _common_shard_txn(a: Any) -> ShardTxn | None:
     if type(a) is not dict:
         return None
     get = a.get
-    txn_id, s = get("id"), get("s")
-    if type(txn_id) is not str or type(s) is not list or len(s) != 2 or type(s[0]) is not str \
-            or type(s[1]) is not str:
+    txn_id = get("id")
+    if type(txn_id) is not str:
         return None
-    writes = get("w")
-    if writes is None:
-        writes = {}
-    elif type(writes) is not dict:
+    shared = exact_txn_fields(get)
+    if shared is None:
         return None
-    else:
-        for k, v in writes.items():
-            if type(k) is not str or (v is not None and type(v) is not bytes):
-                return None
-    maps = []
-    for name in ("rb", "e", "r"):
-        m = get(name)
-        if m is None:
-            m = {}
-        elif type(m) is not dict:
-            return None
-        else:
-            for k, v in m.items():
-                if type(k) is not str or type(v) is not int:
-                    return None
-        maps.append(m)
+    session, writes, rollback, expect, read_set = shared
     sc = get("sc")
     scope = Scope.SESSION if sc is None else SCOPES.get(sc) if type(sc) is str else None
     q, t, strict, ps, p, at, dl = get("q"), get("t"), get("st"), get("ps"), get("p"), get("at"), get("dl")
@@ -172,8 +154,8 @@ def _common_shard_txn(a: Any) -> ShardTxn | None:
         if type(dl) not in _NUMBERS or not math.isfinite(dl):
             return None
         dl = float(dl)
-    return ShardTxn(txn_id=txn_id, session=SessionRef(s[0], s[1]), writes=writes, rollback=maps[0],
-                    expect=maps[1], read_set=maps[2], scope=scope, since_seq=q, token=t,
+    return ShardTxn(txn_id=txn_id, session=session, writes=writes, rollback=rollback,
+                    expect=expect, read_set=read_set, scope=scope, since_seq=q, token=t,
                     strict=bool(strict), participants=() if ps is None else tuple(ps),
                     primary=0 if p is None else p, committed_at=0.0 if at is None else float(at), deadline=dl)
 

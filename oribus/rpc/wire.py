@@ -174,6 +174,38 @@ def dec_tokens(v: Any) -> dict[int, tuple[int, int]]:
     return out
 
 
+def exact_txn_fields(get: Callable[[str], Any]) -> tuple[SessionRef, dict, dict, dict, dict] | None:
+    """The fields a commit request and a ``ShardTxn`` share — session ``s``, writes ``w``,
+    rollback ``rb``, expect ``e``, read set ``r`` — from a wire map's ``get``, checked by exact
+    types in one pass, for the codecs' fast decoders; None if any is not of the common shape
+    (the checked path then decides, and names what is wrong)."""
+    s = get("s")
+    if type(s) is not list or len(s) != 2 or type(s[0]) is not str or type(s[1]) is not str:
+        return None
+    writes = get("w")
+    if writes is None:
+        writes = {}
+    elif type(writes) is not dict:
+        return None
+    else:
+        for k, v in writes.items():
+            if type(k) is not str or (v is not None and type(v) is not bytes):
+                return None
+    maps = []
+    for name in ("rb", "e", "r"):
+        m = get(name)
+        if m is None:
+            m = {}
+        elif type(m) is not dict:
+            return None
+        else:
+            for k, v in m.items():
+                if type(k) is not str or type(v) is not int:
+                    return None
+        maps.append(m)
+    return SessionRef(s[0], s[1]), writes, maps[0], maps[1], maps[2]
+
+
 def dec_writes(v: Any) -> dict[str, bytes | None]:
     if not isinstance(v, dict):
         raise InvalidRequest("writes must be a map of key -> encoded value (bin) or nil")
