@@ -207,13 +207,6 @@ class Coordinator:
         return parts
 
     async def commit(self, req: CommitRequest) -> CommitResult:
-        if self._lease_releases:
-            # Releases queued by commits that just finished (a session's previous commit among
-            # them) go first: a lease still held would block this commit at its writer, where
-            # wait-die may refuse it at once. The task sending them is ready: one turn runs it
-            # (an in-process shard ends the leases there and then; a remote one gets its call
-            # ahead of this commit's on the same connection).
-            await asyncio.sleep(0)
         parts = self.split(req)
         if not parts:
             return CommitResult(req.commit_id, {}, {}, False)
