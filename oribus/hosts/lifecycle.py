@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,13 @@ async def cancel_and_wait(task: asyncio.Task) -> None:
     failure = None if task.cancelled() else task.exception()
     if failure is not None:
         raise failure
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now (for a child process told where to listen)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def stop_signal_event() -> asyncio.Event:

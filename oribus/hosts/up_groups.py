@@ -39,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oribus.errors import InvalidRequest, Unavailable
+from oribus.hosts.lifecycle import free_port
 from oribus.lifeline import PR_SET_PDEATHSIG
 
 log = logging.getLogger("oribus.cluster")
@@ -49,15 +50,18 @@ ETCD_START_SECONDS = 20.0  # a private etcd has this long to answer
 RESTART_DELAY = 0.5  # seconds between a member's exit and its restart (a crash loop stays slow)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _die_with_parent() -> None:  # in the child, before exec
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def single_node_etcd(binary: str, name: str, data_dir: Path, client_url: str, peer_url: str) -> list[str]:
+    """The command line of a one-member etcd cluster serving ``client_url``."""
+    return [binary, "--name", name, "--data-dir", str(data_dir),
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"{name}={peer_url}", "--initial-cluster-state", "new",
+            "--log-level", "warn"]
 
 
 class PrivateEtcd:
@@ -80,15 +84,11 @@ class PrivateEtcd:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.client_port, peer_port = _free_port(), _free_port()
+        self.client_port, peer_port = free_port(), free_port()
         peer = f"http://127.0.0.1:{peer_port}"
         with open(self.data_dir / "etcd.log", "a") as out:
             self.proc = subprocess.Popen(
-                [self.binary, "--name", "oribus-up", "--data-dir", str(self.data_dir / "data"),
-                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-                 "--initial-cluster", f"oribus-up={peer}", "--initial-cluster-state", "new",
-                 "--log-level", "warn"],
+                single_node_etcd(self.binary, "oribus-up", self.data_dir / "data", self.url, peer),
                 stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # noqa: PLW1509
         deadline = time.monotonic() + ETCD_START_SECONDS
         while True:

@@ -18,19 +18,13 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
+from oribus.hosts.lifecycle import free_port
 
 GROUP_LEASE_TTL = 3  # seconds: the members' etcd lease, hence about how long a failover takes
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from processes import free_port
 
+from oribus.hosts.up_groups import single_node_etcd
+
 
 class EtcdServer:
     """``EtcdServer(dir).start()``; ``.url``; ``.stop()`` (by pid). Restartable on the same ports."""
@@ -34,11 +36,7 @@ class EtcdServer:
         log = open(self.data_dir / "etcd.log", "a")  # noqa: SIM115 - handed to the child
         peer = f"http://127.0.0.1:{self.peer_port}"
         self.proc = subprocess.Popen(
-            [self.binary, "--name", "test", "--data-dir", str(self.data_dir / "data"),
-             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
-             "--log-level", "warn"],
+            single_node_etcd(self.binary, "test", self.data_dir / "data", self.url, peer),
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
