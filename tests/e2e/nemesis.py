@@ -120,3 +120,21 @@ class Nemesis:
             if all(server.running for server in self.targets.values()):
                 break
         self._log("healed", "*")
+
+
+async def record_final_once_resolved(reader, recorder, keys: int, within: float = 60.0) -> None:
+    """The final read of the list-append keys, retried while it is ``Unavailable``: a transaction
+    whose coordinator was cut off mid-protocol keeps its keys locked until the bus's recovery
+    sweep resolves it through its primary."""
+    from oribus.checker.listappend import record_final
+    from oribus.errors import Unavailable
+
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        try:
+            await record_final(reader, recorder, keys=keys)
+            return
+        except Unavailable:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(1)

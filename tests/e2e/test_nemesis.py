@@ -26,11 +26,11 @@ import os
 import random
 from collections import Counter
 
-from nemesis import Nemesis
+from nemesis import Nemesis, record_final_once_resolved
 from processes import cluster_bus, cluster_shard, run_cli
 
 import oribus
-from oribus import Conflict, OribusError, SessionExpired, Unavailable
+from oribus import Conflict, OribusError, SessionExpired
 
 SHARDS = 3
 KEYS = 48
@@ -165,7 +165,7 @@ async def test_agent_step_under_kills_and_pauses(cluster, tmp_path, etcd):
 
 async def test_list_append_under_kills_and_pauses_is_serializable(cluster, tmp_path, etcd):
     from oribus.checker import Recorder, check
-    from oribus.checker.listappend import record_final, run_list_append
+    from oribus.checker.listappend import run_list_append
 
     shards, bus = await start_cluster(cluster, tmp_path, etcd)
     recorder = Recorder()
@@ -182,15 +182,7 @@ async def test_list_append_under_kills_and_pauses_is_serializable(cluster, tmp_p
             # A transaction whose coordinator died mid-2PC keeps its keys locked until the
             # bus's recovery sweep resolves it through the primary (after the prepared-txn
             # expiry): reads of those keys answer Unavailable meanwhile.
-            deadline = asyncio.get_running_loop().time() + 60
-            while True:
-                try:
-                    await record_final(reader, recorder, keys=12)
-                    break
-                except Unavailable:
-                    if asyncio.get_running_loop().time() > deadline:
-                        raise
-                    await asyncio.sleep(1)
+            await record_final_once_resolved(reader, recorder, keys=12)
     finally:
         for c in conns:
             await c.close()

@@ -25,11 +25,11 @@ import random
 import shutil
 import time
 
+from nemesis import record_final_once_resolved
 from processes import run_cli
 from replica_group import LEASE_TTL, ReplicaGroup
 
 import oribus
-from oribus import Unavailable
 
 NEMESIS_SECONDS = float(os.environ.get("ORIBUS_NEMESIS_SECONDS", "20"))
 CLIENTS = 4
@@ -98,7 +98,7 @@ class ReplicaNemesis:
 
 async def test_list_append_across_replica_groups_under_their_faults_is_serializable(cluster, tmp_path, etcd):
     from oribus.checker import Recorder, check
-    from oribus.checker.listappend import record_final, run_list_append
+    from oribus.checker.listappend import run_list_append
 
     group = await ReplicaGroup(cluster, tmp_path, etcd.url, shards=2).start()
     assert group.bus is not None
@@ -113,15 +113,7 @@ async def test_list_append_across_replica_groups_under_their_faults_is_serializa
         outcomes = await workload
         recorder.dump(tmp_path / "history-before-final.jsonl")
         async with oribus.connect(group.bus.address, agent="final") as reader:
-            deadline = asyncio.get_running_loop().time() + 60
-            while True:  # a transaction whose coordinator was cut off mid-2PC is resolved by the sweep
-                try:
-                    await record_final(reader, recorder, keys=KEYS)
-                    break
-                except Unavailable:
-                    if asyncio.get_running_loop().time() > deadline:
-                        raise
-                    await asyncio.sleep(1)
+            await record_final_once_resolved(reader, recorder, keys=KEYS)
     finally:
         for c in conns:
             await c.close()
