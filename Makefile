@@ -35,8 +35,9 @@ system-deps:
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	$(call APT_INSTALL,etcd spin chromium chromedriver)
 
+# The 30 longest tests are listed at the end: what to look at when the suite grows slow.
 test: $(STAMP) system-deps typescript-deps
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
 
 # The TypeScript SDK (clients/typescript) needs Node 20+ and npm; its locked dev dependencies
 # (TypeScript) are installed when node_modules is missing. The suite runs its tests
