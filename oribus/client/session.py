@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -36,14 +37,34 @@ from oribus.types import (
 
 T = TypeVar("T")
 
-# Commit ids: a random per-process prefix and a counter — unique without a
-# system call per commit (uuid4 costs an os.urandom each time).
+# Commit ids sort by the age of the work they commit: eleven hex digits of the wall clock's
+# milliseconds when that work was first tried, then a random per-process prefix and a counter,
+# unique without a system call per commit (uuid4 costs an os.urandom each time). A shard decides
+# which of two commits waiting on each other's read leases may wait by comparing their ids
+# (wait-die, PROTOCOL.md §5.8 rule 7: the older waits, the younger is refused). A session whose
+# commit was refused gives its next commits the refused one's age, so a step retried under
+# contention grows old and in the end waits instead of being refused again and again (with a
+# fresh age per attempt, a hot key could refuse the same step until its retries ran out).
 _ID_PREFIX = uuid.uuid4().hex[:20]
 _id_counter = itertools.count(1)
+_BORN_DIGITS = 11  # hex digits of milliseconds: fixed width until the year 2527
 
 
-def new_commit_id() -> str:
-    return f"{_ID_PREFIX}-{next(_id_counter):x}"
+def new_commit_id(born_ms: int | None = None) -> str:
+    """A fresh commit id; ``born_ms`` (default: now) is the age it sorts by."""
+    if born_ms is None:
+        born_ms = time.time_ns() // 1_000_000
+    return f"{born_ms:0{_BORN_DIGITS}x}-{_ID_PREFIX}-{next(_id_counter):x}"
+
+
+def commit_id_born(commit_id: str) -> int | None:
+    """The age (milliseconds) a ``new_commit_id`` id sorts by; None for ids made elsewhere."""
+    if len(commit_id) <= _BORN_DIGITS or commit_id[_BORN_DIGITS] != "-":
+        return None
+    try:
+        return int(commit_id[:_BORN_DIGITS], 16)
+    except ValueError:
+        return None
 
 # The largest commit one request can carry (keys and encoded values), with room for the
 # rest of the message under the wire's limit.
@@ -106,6 +127,9 @@ class AsyncSession:
         self._tokens: dict[int, Token] = {}
         self._owner = owner  # the engine this session closes, if any
         self._closed = False
+        # The age of this session's oldest refused commit since its last accepted one: its
+        # next commits are made as old (see new_commit_id). None: the last commit went through.
+        self._refused_born: int | None = None
 
     @property
     def agent(self) -> str:
@@ -223,13 +247,17 @@ class AsyncSession:
         """A commit of this session; the client sends every token it holds (see Bus.commit)."""
         return CommitRequest(
             session=self.session_ref,
-            commit_id=commit_id or new_commit_id(),
+            commit_id=commit_id or self.new_commit_id(),
             scope=scope,
             tokens=dict(self._tokens if tokens is None else tokens),
             strict=self.strict,
             complete_tokens=True,
             **fields,
         )
+
+    def new_commit_id(self) -> str:
+        """An id for this session's next commit: as old as its oldest refused one, if any."""
+        return new_commit_id(self._refused_born)
 
     async def _send(self, req: CommitRequest) -> dict[str, int]:
         size = sum(len(k) + (len(v) if v else 0) for k, v in req.writes.items())
@@ -257,7 +285,10 @@ class AsyncSession:
                     await asyncio.sleep(policy.delay_after(e, attempt + 3))
                 except OribusError as e:
                     tracing.refused(span, e)
+                    if isinstance(e, Conflict | SessionExpired) and self._refused_born is None:
+                        self._refused_born = commit_id_born(req.commit_id)
                     raise
+        self._refused_born = None
         self._observe(result.tokens, self._tokens)
         return dict(result.versions)
 
@@ -419,7 +450,7 @@ class Transaction:
 
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
-        self.commit_id = new_commit_id()
+        self.commit_id = session.new_commit_id()
         self._writes: dict[str, Any] = {}
         self._rollback: dict[str, int] = {}
         self._expect: dict[str, int] = {}

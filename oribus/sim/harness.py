@@ -624,7 +624,9 @@ def _deterministic_ids(seed: int) -> Iterator[None]:
     prefix and a process-wide counter), so two runs would otherwise differ in every id."""
     counter = iter(range(1, 1 << 62))
     saved = client_session.new_commit_id
-    client_session.new_commit_id = lambda: f"sim{seed}-{next(counter):x}"
+    # the age a session passes on (born_ms) comes from the wall clock: a simulated run's ids
+    # keep to the counter, so they stay the same from run to run
+    client_session.new_commit_id = lambda born_ms=None: f"sim{seed}-{next(counter):x}"
     try:
         yield
     finally:
