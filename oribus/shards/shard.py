@@ -376,6 +376,12 @@ class Shard(ShardService):
             futs.append(fut)
         if futs:
             await asyncio.wait(futs, timeout=timeout)
+        # Closed meanwhile (a stop, or a replica group's primary deposed): ``close`` woke every
+        # waiter, but the locks they waited for are still held in memory and will never be
+        # released here. Every caller loops back to what blocked it; without this check it
+        # would find the same locks and wait again at once, a busy loop until its deadline
+        # (and forever on the simulation's virtual clock, which only moves when the loop is idle).
+        self._check_open()
         for t in self.core.expire_leases():  # leases over by themselves: wake who waits for them
             self._resolved(t)
 
@@ -810,7 +816,8 @@ class Shard(ShardService):
             self._lower_grace.cancel()
         for watcher in list(self._watchers):
             watcher.end()
-        for fut in self._waiters.values():
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
             if not fut.done():
                 fut.set_result(None)
         try:
