@@ -339,6 +339,55 @@ async def test_two_phase_records_are_replicated_and_a_prepared_transaction_survi
     assert await values(new, ["f"]) == {"f": 2}
 
 
+async def _prepared_then_cut_off(group: Group, txn_id: str) -> Shard:
+    """A primary holding ``txn_id`` prepared (this shard a participant, shard 1 its primary),
+    then cut from both followers: nothing it appends from now on is committed."""
+    _, shard = await group.elect(0)
+    txn = ShardTxn(txn_id=txn_id, session=SESSION, writes={"s": msgpack.packb(1)}, participants=(0, 1), primary=1)
+    assert (await shard.prepare(txn)).kind is VoteKind.YES
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)
+    return shard
+
+
+async def test_status_answers_committed_only_once_the_commit_record_is_on_a_majority(group: Group) -> None:
+    """A participant applies a COMMIT before its record is committed (§5.5): meanwhile status
+    answers PREPARED, since a failover would bring the transaction back PREPARED, and a
+    repeated finish waits as the first does; the recovery sweep releases the primary's kept
+    decision only when no participant answers PREPARED (PROTOCOL.md §10, R-6)."""
+    shard = await _prepared_then_cut_off(group, "s1")
+    finish = asyncio.ensure_future(shard.finish("s1", True))
+    done, _ = await asyncio.wait({finish}, timeout=0.3)
+    assert not done, "finish answered before its COMMIT was on a majority"
+    assert shard.core.known("s1").state is TxnState.COMMITTED  # applied in memory already
+    pending = await shard.status("s1")
+    assert pending.state is TxnState.PREPARED, "COMMITTED answered before the record was on a majority"
+    again = asyncio.ensure_future(shard.finish("s1", True))  # a retried commit id's finish
+    done, _ = await asyncio.wait({again}, timeout=0.3)
+    assert not done, "a repeated finish answered before the COMMIT was on a majority"
+
+    group.net.heal()
+    assert (await asyncio.wait_for(finish, 5)).state is TxnState.COMMITTED
+    assert (await asyncio.wait_for(again, 5)).state is TxnState.COMMITTED
+    status = await shard.status("s1")
+    assert (status.state, status.primary, status.participants) == (TxnState.COMMITTED, 1, (0, 1))
+
+
+async def test_a_cancelled_finish_still_lets_status_answer_committed_once_the_record_is_committed(
+        group: Group) -> None:
+    shard = await _prepared_then_cut_off(group, "s2")
+    finish = asyncio.ensure_future(shard.finish("s2", True))
+    await asyncio.sleep(0.05)
+    finish.cancel()  # the coordinator's connection dropped: the record is on its way regardless
+    pending = await shard.status("s2")
+    assert pending.state is TxnState.PREPARED
+    group.net.heal()
+    committed = shard.wal.last_lsn
+    await eventually(lambda: shard.wal.commit_lsn >= committed)
+    status = await shard.status("s2")
+    assert status.state is TxnState.COMMITTED
+
+
 async def test_the_primary_exports_quorum_wait_lag_and_takeovers(group: Group) -> None:
     from oribus.metrics import REGISTRY, REPLICA_QUORUM_SECONDS, REPLICA_TAKEOVERS
 
