@@ -14,10 +14,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from oribus.bus.coordinator import Coordinator
+from oribus.contract import CommitRequest
 from oribus.errors import InvalidRequest, Unavailable
-from oribus.messages import ReadRequest, ShardTxn, TxnState, VoteKind
+from oribus.messages import ReadRequest, ShardTxn, TxnState, Vote, VoteKind
 from oribus.shards.config import ShardConfig
 from oribus.shards.replica import DirectNetwork, ReplicaMember, ReplicationOptions
+from oribus.shards.service import ShardServiceByCalls
 from oribus.shards.shard import Shard
 from oribus.shards.txn import RecordType
 from oribus.shards.wal import WalConfig, list_segments, scan_log
@@ -433,3 +436,45 @@ async def test_step_down_then_serve_again_in_a_later_term(group: Group) -> None:
     assert (await commit(again, put("c2", "k2", 2))).state is TxnState.COMMITTED
     with pytest.raises(InvalidRequest):
         await group.members[0].become_primary(3, group.peers(0))  # already the primary
+
+
+class _LeasingReader(ShardServiceByCalls):
+    """A read-only participant that grants a lease to every validation and records the calls
+    that end them."""
+
+    def __init__(self) -> None:
+        self.releases: list[tuple[str, tuple]] = []
+
+    async def _call(self, op: str, *params: object) -> object:
+        if op == "validate":
+            return Vote(VoteKind.YES, lease=5.0)
+        if op in ("release_lease", "release_leases"):
+            self.releases.append((op, params))
+            return None
+        raise AssertionError(f"unexpected call {op}")
+
+    def watch(self, request: object) -> object:
+        raise NotImplementedError
+
+
+async def test_commits_on_a_replica_group_that_finish_together_release_their_leases_in_one_call(
+        group: Group) -> None:
+    """One-writer commits whose writer is a replica group's primary: the majority's reply that
+    commits all their records ends them in one loop turn, and their read leases elsewhere leave
+    in one ``release_leases`` call, as with a single-copy writer (PROTOCOL.md §5.8)."""
+    _, shard = await group.elect(0)
+    reader = _LeasingReader()
+    coordinator = Coordinator({0: shard, 1: reader}, lambda key: 1 if key.startswith("r") else 0)
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)  # no majority: every commit waits at its record
+    commits = [asyncio.ensure_future(coordinator.commit(CommitRequest(
+        SESSION, f"c{i}", writes={f"w{i}": msgpack.packb(i)}, read_set={f"r{i}": 1}, tokens={1: (1, 1)})))
+        for i in range(5)]
+    done, _ = await asyncio.wait(commits, timeout=0.3)
+    assert not done
+    group.net.heal()
+    results = await asyncio.wait_for(asyncio.gather(*commits), 5)
+    assert [r.versions for r in results] == [{f"w{i}": 1} for i in range(5)]
+    for _ in range(3):  # the release leaves in a background task
+        await asyncio.sleep(0)
+    assert reader.releases == [("release_leases", ([f"c{i}" for i in range(5)],))]
