@@ -14,8 +14,9 @@ TURNS = 5_000
 
 
 async def _spin_on_a_done_future() -> None:
-    # the shape of the livelock the guard was made for: waiting, again and again, on a future
-    # that is already done (PROTOCOL-free: any loop that never waits for time will do)
+    # the shape of the livelock the guard was made for (a shard's read waiting, again and
+    # again, on a waiter future its close had already woken); any loop that never waits for
+    # time would do
     done = asyncio.get_running_loop().create_future()
     done.set_result(None)
     while True:
