@@ -147,6 +147,11 @@ class Shard(ShardService):
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._deciding: dict[str, asyncio.Future[TxnOutcome]] = {}
         self._unapplied: set[int] = set()  # LSNs appended whose effects are not yet applied
+        # A participant's COMMIT applied before its record is durable (``finish``, §5.5): txn id
+        # -> the record's LSN. Until that LSN is acknowledged (``_acknowledged_lsn``: fsynced
+        # here, or committed on a majority of a replica group) ``status`` answers PREPARED and
+        # a repeated finish waits for it (PROTOCOL.md §10, R-6).
+        self._outcome_lsns: dict[str, int] = {}
         self._records_since_snapshot = 0
         self._snapshot_task: asyncio.Task | None = None
         self._closed = False
@@ -376,6 +381,12 @@ class Shard(ShardService):
             futs.append(fut)
         if futs:
             await asyncio.wait(futs, timeout=timeout)
+        # Closed meanwhile (a stop, or a replica group's primary deposed): ``close`` woke every
+        # waiter, but the locks they waited for are still held in memory and will never be
+        # released here. Every caller loops back to what blocked it; without this check it
+        # would find the same locks and wait again at once, a busy loop until its deadline
+        # (and forever on the simulation's virtual clock, which only moves when the loop is idle).
+        self._check_open()
         for t in self.core.expire_leases():  # leases over by themselves: wake who waits for them
             self._resolved(t)
 
@@ -685,13 +696,18 @@ class Shard(ShardService):
             if txn.state is TxnState.PREPARED:
                 failpoint("txn.before_participant_commit")
                 lsn = self._append((int(RecordType.COMMIT), {"i": txn_id}))
+                self._outcome_lsns[txn_id] = lsn
+            else:
+                lsn = self._unacknowledged_outcome(txn_id)  # a repeated finish: the record may be on its way
             outcome = self._apply_commit(txn_id)
             if lsn is not None:
                 # Answer only once the COMMIT record is durable: the coordinator then lets the
                 # primary forget the decision, and a participant that restarts still prepared
                 # after that would find no outcome at the primary and abort — half a commit.
+                # A repeated finish (a retried commit id) waits for the same record.
                 self._resolved(txn_id)
                 await self._durable(lsn)
+                self._unacknowledged_outcome(txn_id)
                 self._maybe_snapshot()
                 return outcome
         else:
@@ -703,7 +719,30 @@ class Shard(ShardService):
         return outcome
 
     async def status(self, txn_id: str) -> TxnStatus:
-        return self.core.status(txn_id)
+        """What this shard knows of ``txn_id``. A COMMITTED outcome is answered only once the
+        record that made it so is acknowledged (``_acknowledged_lsn``); until then PREPARED, as
+        the transaction still is on the log a failover or a restart would recover from. The
+        recovery sweep releases a kept decision only when no participant answers PREPARED
+        (PROTOCOL.md §10, R-6): trusting an outcome held only in memory, it would let the
+        primary forget a decision a participant may yet have to ask for."""
+        status = self.core.status(txn_id)
+        if status.state is TxnState.COMMITTED and self._unacknowledged_outcome(txn_id) is not None:
+            status.state = TxnState.PREPARED
+        return status
+
+    def _acknowledged_lsn(self) -> int:
+        """Records up to here may be relied on: fsynced here (a replica group: on a majority)."""
+        return self.wal.durable_lsn if self.wal is not None else 0
+
+    def _unacknowledged_outcome(self, txn_id: str) -> int | None:
+        """The LSN of ``txn_id``'s COMMIT if it is applied but not yet acknowledged (else None)."""
+        lsn = self._outcome_lsns.get(txn_id)
+        if lsn is None:
+            return None
+        if lsn <= self._acknowledged_lsn():
+            del self._outcome_lsns[txn_id]
+            return None
+        return lsn
 
     async def release(self, txn_id: str) -> None:
         if self.core.release(txn_id):
@@ -810,7 +849,8 @@ class Shard(ShardService):
             self._lower_grace.cancel()
         for watcher in list(self._watchers):
             watcher.end()
-        for fut in self._waiters.values():
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
             if not fut.done():
                 fut.set_result(None)
         try:

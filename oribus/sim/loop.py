@@ -36,11 +36,23 @@ reported — fix ``PYTHONHASHSEED`` (any value, the same for both runs), e.g.
 If every task waits for something no timer will ever bring, a real loop would
 hang; ``SimLoop`` raises ``SimulationStalled`` instead (a liveness bug, or a
 test that forgot to stop something).
+
+The opposite failure is a **livelock**: some task never waits for anything that
+takes time (a retry loop that resends at once, a wait on a future that is
+already done), so the ready queue is never empty and the virtual clock never
+moves — on a real clock the same code would burn a core until a deadline, here
+it never reaches one. ``SimLoop`` counts the loop's turns since virtual time
+last moved; past ``livelock_turns`` (``LIVELOCK_TURNS``, far more than any burst
+of work at one instant in a run) it raises ``SimulationLivelock``, naming the
+callbacks that filled the ready queue over the last turns (for a task, the
+chain of coroutines it is suspended in), so a livelock is a failing seed with
+its culprit instead of a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import selectors
 from collections.abc import Callable, Coroutine
@@ -53,8 +65,20 @@ Ts = TypeVarTuple("Ts")
 _process: contextvars.ContextVar[Process | None] = contextvars.ContextVar("oribus_sim_process", default=None)
 
 
+# Loop turns without virtual time moving before a run is declared livelocked. The busiest
+# instant of soak runs (replica groups of 1, 3 and 5) took 12 turns, since the network gives
+# every message its own delay; a livelock reaches this limit in about a second of wall-clock time.
+LIVELOCK_TURNS = 100_000
+# The last turns before that limit whose ready callbacks ``SimulationLivelock`` reports.
+_SAMPLED_TURNS = 200
+
+
 class SimulationStalled(RuntimeError):
     """Every task is blocked and no timer is pending: nothing can ever happen again."""
+
+
+class SimulationLivelock(RuntimeError):
+    """Callbacks keep running but virtual time never moves: some task never waits for time."""
 
 
 class VirtualSelector(selectors.BaseSelector):
@@ -62,11 +86,14 @@ class VirtualSelector(selectors.BaseSelector):
 
     Registrations (the loop's self-pipe) go to a real selector, polled with a
     zero timeout, so ``call_soon_threadsafe`` and signals still work.
+    ``on_instant`` is called on every turn that does not move the clock (the
+    livelock guard).
     """
 
-    def __init__(self, loop_clock: Callable[[float], None]) -> None:
+    def __init__(self, loop_clock: Callable[[float], None], on_instant: Callable[[], None] = lambda: None) -> None:
         self._real = selectors.DefaultSelector()
         self._advance = loop_clock
+        self._on_instant = on_instant
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._real.register(fileobj, events, data)
@@ -90,6 +117,8 @@ class VirtualSelector(selectors.BaseSelector):
             )
         if timeout > 0:
             self._advance(timeout)
+        else:
+            self._on_instant()
         return []
 
     def close(self) -> None:
@@ -151,17 +180,44 @@ def current_process() -> Process | None:
 
 
 class SimLoop(asyncio.SelectorEventLoop):
-    """An event loop on virtual time (see the module docstring). Starts at ``start`` seconds."""
+    """An event loop on virtual time (see the module docstring). Starts at ``start`` seconds.
 
-    def __init__(self, start: float = 0.0) -> None:
+    ``livelock_turns``: loop turns at one virtual instant before ``SimulationLivelock``.
+    """
+
+    def __init__(self, start: float = 0.0, *, livelock_turns: int = LIVELOCK_TURNS) -> None:
         self._now = float(start)
-        super().__init__(selector=VirtualSelector(self._advance))
+        self._livelock_turns = livelock_turns
+        self._sampled_turns = min(_SAMPLED_TURNS, livelock_turns // 2)
+        self._turns_at_now = 0
+        self._sampled: collections.Counter[str] = collections.Counter()
+        super().__init__(selector=VirtualSelector(self._advance, self._instant))
 
     def time(self) -> float:
         return self._now
 
     def _advance(self, seconds: float) -> None:
         self._now += seconds
+        self._turns_at_now = 0
+        self._sampled.clear()
+
+    def _instant(self) -> None:
+        """One more loop turn at the same virtual instant (the livelock guard, module docstring)."""
+        self._turns_at_now += 1
+        if self._turns_at_now <= self._livelock_turns - self._sampled_turns:
+            return
+        # ``_ready`` is asyncio's own ready queue (BaseEventLoop): read only, to name the culprits.
+        self._sampled.update(_describe_callback(h) for h in getattr(self, "_ready", ()))
+        if self._turns_at_now < self._livelock_turns:
+            return
+        top = "; ".join(f"{n}x {what}" for what, n in self._sampled.most_common(5))
+        turns = self._turns_at_now
+        self._turns_at_now = 0  # the caller's cleanup (cancelling what is left) gets a fresh budget
+        self._sampled.clear()
+        raise SimulationLivelock(
+            f"virtual time stayed at {self._now:.6f}s for {turns} loop turns: some task never waits for "
+            f"time (livelock); the ready callbacks over the last {self._sampled_turns} turns: {top or 'none'}"
+        )
 
     def run_in_executor(self, executor: Executor | None, func: Callable[[*Ts], T], *args: *Ts) -> asyncio.Future[T]:
         """Run ``func(*args)`` now, on this thread; return a done future with its result."""
@@ -182,13 +238,29 @@ class SimLoop(asyncio.SelectorEventLoop):
         return task
 
 
-def run(main: Coroutine[Any, Any, T], *, start: float = 0.0) -> T:
+def _describe_callback(handle: asyncio.Handle) -> str:
+    """A ready callback, for a livelock report: a task's name and the coroutines it is suspended in."""
+    task = getattr(getattr(handle, "_callback", None), "__self__", None)
+    if not isinstance(task, asyncio.Task):
+        return repr(handle)
+    frames: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(frames) < 12:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return f"task {task.get_name()} in {' -> '.join(frames) or '?'}"
+
+
+def run(main: Coroutine[Any, Any, T], *, start: float = 0.0, livelock_turns: int = LIVELOCK_TURNS) -> T:
     """Run ``main`` to completion on a fresh ``SimLoop``; then cancel what is left and close.
 
     Leftover tasks are cancelled in creation order (not in the order of the
     loop's task set, which depends on object addresses).
     """
-    loop = SimLoop(start)
+    loop = SimLoop(start, livelock_turns=livelock_turns)
     try:
         return loop.run_until_complete(main)
     finally:

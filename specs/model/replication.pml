@@ -24,7 +24,11 @@
  *              dead: it may go on acting as primary), a member crash (volatile state lost,
  *              the log kept), a member losing its disk (it restarts as a learner with an
  *              empty log), restarts;
- *   reads      a serving primary answers a read from its log while its primary lease holds.
+ *   reads      a serving primary answers a read from its log while its primary lease holds;
+ *   status     a serving primary answers the outcome of a transaction from a record of its
+ *              log (a participant's COMMIT, PROTOCOL.md §10 R-6): whoever asked relies on it
+ *              from then on (the recovery sweep releases a decision on it), so the answer
+ *              counts as an acknowledgement of that record (the ghost ``acked``).
  * Records are abstracted to their position (term, lsn).
  *
  * The initial group: every member a voter holding TERM_START of term 1, M0 its serving
@@ -41,6 +45,8 @@
  *   BROKEN_NO_TERM_START        a new primary serves at once: it counts older-term records
  *                               committed by their copies alone
  *   BROKEN_NO_LEASE             a primary answers reads without its primary lease
+ *   BROKEN_STATUS_BEFORE_MAJORITY  a primary answers a status from any record of its log,
+ *                               not only from one its commit index covers
  */
 
 #ifndef MAXCRASH
@@ -68,6 +74,11 @@
 #define MAY_PROMISE(v) 1
 #else
 #define MAY_PROMISE(v) voter[v]
+#endif
+#ifdef BROKEN_STATUS_BEFORE_MAJORITY
+#define STATUS_UPTO(m) loglen[m]
+#else
+#define STATUS_UPTO(m) commit[m]
 #endif
 #ifdef BROKEN_ELECT_ANY
 #define WINS(m) 1
@@ -267,6 +278,21 @@ proctype Member(byte m) {
             n = 0;
             printf("EV M%d (term %d) answers a read\n", m, myterm[m]);
             assert(!stale_read)
+       }
+    :: atomic {     /* a status: the outcome a record of its log holds (R-6), relied on from now */
+        up[m] && myterm[m] != 0 && serving[m] && myterm[m] >= promised[m] && STATUS_UPTO(m) > 0 ->
+            n = 1;
+            do
+            :: n < STATUS_UPTO(m) -> n++
+            :: break
+            od;
+            if
+            :: acked[n - 1] == 0 ->
+                acked[n - 1] = L(m, n); ackby[n - 1] = myterm[m];
+                printf("EV M%d (term %d) answers a status from its record at lsn %d\n", m, myterm[m], n)
+            :: else -> skip
+            fi;
+            n = 0
        }
     :: atomic {     /* a primary that promised a higher term steps down */
         up[m] && myterm[m] != 0 && myterm[m] < promised[m] ->

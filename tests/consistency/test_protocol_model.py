@@ -103,7 +103,8 @@ def test_replication_model_verifies_exhaustively(checked: tuple[int, dict]) -> N
     assert len({r["states"] for r in runs}) == 1
     assert {v for v, _ in CASES if v.startswith("broken_repl_")} >= {
         "broken_repl_ack_before_majority.pml", "broken_repl_elect_any.pml", "broken_repl_no_fence.pml",
-        "broken_repl_learner_votes.pml", "broken_repl_no_term_start.pml", "broken_repl_no_lease.pml"}
+        "broken_repl_learner_votes.pml", "broken_repl_no_term_start.pml", "broken_repl_no_lease.pml",
+        "broken_repl_status_before_majority.pml"}
 
 
 @pytest.mark.parametrize(("variant", "config"), CASES)

@@ -275,3 +275,19 @@ def test_soak_entry_point_runs_replica_groups_and_replays_in_another_process() -
         return out.stdout.splitlines()[0].rsplit("trace ", 1)[1]
 
     assert soak() == soak()
+
+
+def test_a_read_waiting_on_a_deposed_primary_does_not_livelock_the_run() -> None:
+    """Soak seed 1021 of ``--replicas 3``: a read waiting for a lock on a primary that is then
+    deposed (its Shard closed) looped at once on the waiter future ``close`` had woken, so
+    virtual time never moved again and the run never ended. Now the read gets ``Unavailable``
+    and the run finishes clean; were it to loop again, the loop's livelock guard fails the seed
+    (``oribus.sim.loop.SimulationLivelock``) instead of hanging."""
+    out = subprocess.run(
+        [sys.executable, "-m", "oribus.sim", "--seed", "1021", "--replicas", "3"],
+        cwd=REPO, env={**os.environ, "PYTHONHASHSEED": "0"}, capture_output=True, text=True, timeout=300,
+    )
+    assert "SimulationLivelock" not in out.stdout, out.stdout
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+    assert "oribus.sim: 1 runs" in out.stdout and "0 failing seeds" in out.stdout
+    assert "0 acknowledged commits lost" in out.stdout

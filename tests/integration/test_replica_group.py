@@ -14,10 +14,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from oribus.bus.coordinator import Coordinator
+from oribus.contract import CommitRequest
 from oribus.errors import InvalidRequest, Unavailable
-from oribus.messages import ReadRequest, ShardTxn, TxnState, VoteKind
+from oribus.messages import ReadRequest, ShardTxn, TxnState, Vote, VoteKind
 from oribus.shards.config import ShardConfig
 from oribus.shards.replica import DirectNetwork, ReplicaMember, ReplicationOptions
+from oribus.shards.service import ShardServiceByCalls
 from oribus.shards.shard import Shard
 from oribus.shards.txn import RecordType
 from oribus.shards.wal import WalConfig, list_segments, scan_log
@@ -339,6 +342,55 @@ async def test_two_phase_records_are_replicated_and_a_prepared_transaction_survi
     assert await values(new, ["f"]) == {"f": 2}
 
 
+async def _prepared_then_cut_off(group: Group, txn_id: str) -> Shard:
+    """A primary holding ``txn_id`` prepared (this shard a participant, shard 1 its primary),
+    then cut from both followers: nothing it appends from now on is committed."""
+    _, shard = await group.elect(0)
+    txn = ShardTxn(txn_id=txn_id, session=SESSION, writes={"s": msgpack.packb(1)}, participants=(0, 1), primary=1)
+    assert (await shard.prepare(txn)).kind is VoteKind.YES
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)
+    return shard
+
+
+async def test_status_answers_committed_only_once_the_commit_record_is_on_a_majority(group: Group) -> None:
+    """A participant applies a COMMIT before its record is committed (§5.5): meanwhile status
+    answers PREPARED, since a failover would bring the transaction back PREPARED, and a
+    repeated finish waits as the first does; the recovery sweep releases the primary's kept
+    decision only when no participant answers PREPARED (PROTOCOL.md §10, R-6)."""
+    shard = await _prepared_then_cut_off(group, "s1")
+    finish = asyncio.ensure_future(shard.finish("s1", True))
+    done, _ = await asyncio.wait({finish}, timeout=0.3)
+    assert not done, "finish answered before its COMMIT was on a majority"
+    assert shard.core.known("s1").state is TxnState.COMMITTED  # applied in memory already
+    pending = await shard.status("s1")
+    assert pending.state is TxnState.PREPARED, "COMMITTED answered before the record was on a majority"
+    again = asyncio.ensure_future(shard.finish("s1", True))  # a retried commit id's finish
+    done, _ = await asyncio.wait({again}, timeout=0.3)
+    assert not done, "a repeated finish answered before the COMMIT was on a majority"
+
+    group.net.heal()
+    assert (await asyncio.wait_for(finish, 5)).state is TxnState.COMMITTED
+    assert (await asyncio.wait_for(again, 5)).state is TxnState.COMMITTED
+    status = await shard.status("s1")
+    assert (status.state, status.primary, status.participants) == (TxnState.COMMITTED, 1, (0, 1))
+
+
+async def test_a_cancelled_finish_still_lets_status_answer_committed_once_the_record_is_committed(
+        group: Group) -> None:
+    shard = await _prepared_then_cut_off(group, "s2")
+    finish = asyncio.ensure_future(shard.finish("s2", True))
+    await asyncio.sleep(0.05)
+    finish.cancel()  # the coordinator's connection dropped: the record is on its way regardless
+    pending = await shard.status("s2")
+    assert pending.state is TxnState.PREPARED
+    group.net.heal()
+    committed = shard.wal.last_lsn
+    await eventually(lambda: shard.wal.commit_lsn >= committed)
+    status = await shard.status("s2")
+    assert status.state is TxnState.COMMITTED
+
+
 async def test_the_primary_exports_quorum_wait_lag_and_takeovers(group: Group) -> None:
     from oribus.metrics import REGISTRY, REPLICA_QUORUM_SECONDS, REPLICA_TAKEOVERS
 
@@ -384,3 +436,45 @@ async def test_step_down_then_serve_again_in_a_later_term(group: Group) -> None:
     assert (await commit(again, put("c2", "k2", 2))).state is TxnState.COMMITTED
     with pytest.raises(InvalidRequest):
         await group.members[0].become_primary(3, group.peers(0))  # already the primary
+
+
+class _LeasingReader(ShardServiceByCalls):
+    """A read-only participant that grants a lease to every validation and records the calls
+    that end them."""
+
+    def __init__(self) -> None:
+        self.releases: list[tuple[str, tuple]] = []
+
+    async def _call(self, op: str, *params: object) -> object:
+        if op == "validate":
+            return Vote(VoteKind.YES, lease=5.0)
+        if op in ("release_lease", "release_leases"):
+            self.releases.append((op, params))
+            return None
+        raise AssertionError(f"unexpected call {op}")
+
+    def watch(self, request: object) -> object:
+        raise NotImplementedError
+
+
+async def test_commits_on_a_replica_group_that_finish_together_release_their_leases_in_one_call(
+        group: Group) -> None:
+    """One-writer commits whose writer is a replica group's primary: the majority's reply that
+    commits all their records ends them in one loop turn, and their read leases elsewhere leave
+    in one ``release_leases`` call, as with a single-copy writer (PROTOCOL.md §5.8)."""
+    _, shard = await group.elect(0)
+    reader = _LeasingReader()
+    coordinator = Coordinator({0: shard, 1: reader}, lambda key: 1 if key.startswith("r") else 0)
+    group.net.cut(0, 1)
+    group.net.cut(0, 2)  # no majority: every commit waits at its record
+    commits = [asyncio.ensure_future(coordinator.commit(CommitRequest(
+        SESSION, f"c{i}", writes={f"w{i}": msgpack.packb(i)}, read_set={f"r{i}": 1}, tokens={1: (1, 1)})))
+        for i in range(5)]
+    done, _ = await asyncio.wait(commits, timeout=0.3)
+    assert not done
+    group.net.heal()
+    results = await asyncio.wait_for(asyncio.gather(*commits), 5)
+    assert [r.versions for r in results] == [{f"w{i}": 1} for i in range(5)]
+    for _ in range(3):  # the release leaves in a background task
+        await asyncio.sleep(0)
+    assert reader.releases == [("release_leases", ([f"c{i}" for i in range(5)],))]

@@ -148,6 +148,10 @@ class ReplicaShard(Shard):
         state["terms"] = self.member.terms.to_list()
         return state
 
+    def _acknowledged_lsn(self) -> int:
+        """The group's commit index: a record fsynced only here may still be lost by a failover."""
+        return self.rwal.commit_lsn
+
 
 class ReplicaMember:
     """One member of a replica group (module docstring). ``await ReplicaMember.open(...)``."""
