@@ -13,6 +13,14 @@ restart. A file that does not parse is logged and ignored: the previous keys, po
 revocations stay (fail closed; a broken revocation list must not un-revoke a token). The
 cache of verified tokens (by the token itself, until its ``exp``) is emptied on every
 reload.
+
+Cluster mode (``oribus.auth.published``): the same state comes from the cluster's etcd
+instead of a directory. A bus's follower hands each snapshot it reads to
+``apply_published``; from the first complete one on, the authority stops following the
+directory and follows etcd alone. A part of a snapshot that does not parse — or a
+snapshot with no auth data left at all — is refused the same way, loudly (an ERROR per
+change, ``oribus_auth_stale{part}`` at 1) and the last good part stays in force: an
+unreadable policy or revocation list in etcd never opens the bus.
 """
 
 from __future__ import annotations
@@ -23,23 +31,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from oribus.auth.keys import AuthDir, load_verification_keys
+from oribus.auth.keys import AuthDir, load_verification_keys, parse_config
 from oribus.auth.policy import Policy, load_policy_text
+from oribus.auth.published import Published, parse_snapshot
 from oribus.auth.revocation import load_revoked
 from oribus.auth.rules import Decision, Operation, decide, may_act_for
 from oribus.auth.tokens import (
     DEFAULT_ISSUER,
-    DEFAULT_TTL_SECONDS,
     LEEWAY_SECONDS,
     Identity,
-    parse_ttl,
     verify,
 )
 from oribus.errors import InvalidRequest, PermissionDenied, Unauthenticated
-from oribus.metrics import AUTH_REFUSED
+from oribus.metrics import AUTH_REFUSED, AUTH_STALE
 
 log = logging.getLogger("oribus.auth")
 
@@ -50,18 +56,10 @@ _CACHE_MAX = 100_000  # verified tokens kept; past it the cache starts afresh
 def load_config(d: AuthDir) -> dict[str, Any]:
     """``config.yaml``: ``issuer`` and ``default_ttl`` (seconds), with their defaults."""
     try:
-        data = yaml.safe_load(d.config.read_text(encoding="utf-8")) or {}
+        text: str | None = d.config.read_text(encoding="utf-8")
     except FileNotFoundError:
-        data = {}
-    except yaml.YAMLError as e:
-        raise InvalidRequest(f"{d.config} is not valid YAML: {e}") from None
-    if not isinstance(data, dict) or set(data) - {"issuer", "default_ttl"}:
-        raise InvalidRequest(f"{d.config}: the fields are issuer and default_ttl")
-    issuer = data.get("issuer", DEFAULT_ISSUER)
-    if not isinstance(issuer, str) or not issuer:
-        raise InvalidRequest(f"{d.config}: issuer must be a non-empty string")
-    ttl = data.get("default_ttl", DEFAULT_TTL_SECONDS)
-    return {"issuer": issuer, "default_ttl": parse_ttl(str(ttl))}
+        text = None
+    return parse_config(text, str(d.config))
 
 
 def _fingerprint(paths: list[Path]) -> tuple:
@@ -81,7 +79,14 @@ class Authority:
 
     def __init__(self, root: str | Path, *, clock: Callable[[], float] = time.time,
                  reload_every: float = RELOAD_EVERY_SECONDS) -> None:
+        self._init_state(clock, reload_every)
         self.dir = AuthDir(Path(root))
+        self.source = f"directory {self.dir.root}"  # until apply_published takes a snapshot of etcd
+        if not self.dir.root.is_dir():
+            raise InvalidRequest(f"--auth {root}: not a directory (create it with `oribus auth init --dir {root}`)")
+        self._load(initial=True)
+
+    def _init_state(self, clock: Callable[[], float], reload_every: float) -> None:
         self.clock = clock
         self.reload_every = reload_every
         self.keys: dict[str, Ed25519PublicKey] = {}
@@ -95,9 +100,9 @@ class Authority:
         self._seen: dict[str, tuple] = {}
         self._checked_at = 0.0
         self.reloads = 0
-        if not self.dir.root.is_dir():
-            raise InvalidRequest(f"--auth {root}: not a directory (create it with `oribus auth init --dir {root}`)")
-        self._load(initial=True)
+        self.source = ""  # what the rules come from: "directory D", or "etcd"
+        self._published: dict[str, tuple] = {}  # part -> the bytes last applied (or refused) from etcd
+        self.stale: dict[str, str] = {}  # part -> why etcd's is refused and the last good one is kept
 
     # ---- following the directory ------------------------------------------------------------
 
@@ -150,11 +155,89 @@ class Authority:
             self.reloads += 1
 
     def maybe_reload(self) -> None:
-        """Reload what changed, at most once per ``reload_every`` seconds."""
+        """Reload what changed, at most once per ``reload_every`` seconds (from etcd: never
+        here; the follower calls ``apply_published``)."""
         now = time.monotonic()
-        if now - self._checked_at >= self.reload_every:
+        if now - self._checked_at >= self.reload_every and not self.follows_etcd:
             self._checked_at = now
             self._load()
+
+    # ---- following etcd (cluster mode) ------------------------------------------------------
+
+    @property
+    def follows_etcd(self) -> bool:
+        return self.source == "etcd"
+
+    @classmethod
+    def from_published(cls, snapshot: dict[str, bytes], *, clock: Callable[[], float] = time.time) -> Authority:
+        """An authority on the cluster's auth data (``oribus.auth.published``); InvalidRequest
+        if there is none or any part of it does not parse (a bus does not start on it)."""
+        published = parse_snapshot(snapshot)
+        if not published.present:
+            raise InvalidRequest("no auth data in etcd (publish it with `oribus auth push --dir D --etcd ...`)")
+        if published.errors:
+            raise InvalidRequest("the auth data in etcd is not usable: " + "; ".join(
+                f"{part}: {why}" for part, why in published.errors.items()))
+        self = cls.__new__(cls)
+        self._init_state(clock, RELOAD_EVERY_SECONDS)
+        self.dir = None  # type: ignore[assignment]  # never read when following etcd
+        self.source = "etcd"
+        self.apply_published(snapshot, parsed=published)
+        return self
+
+    def apply_published(self, snapshot: dict[str, bytes], *, parsed: Published | None = None) -> bool:
+        """Install what changed in ``snapshot`` (every key under the cluster's ``auth/``), part
+        by part; a part that does not parse is refused (logged, counted as stale) and the last
+        good one stays. Returns whether the rules in force changed."""
+        published = parsed or parse_snapshot(snapshot)
+        if not published.present:
+            if self.follows_etcd:  # a deleted prefix must not open the bus, nor silently keep it
+                self._refuse_part("all", "no auth data in etcd any more (deleted?)", ("gone",))
+            return False
+        if not self.follows_etcd and published.errors:
+            for part, why in published.errors.items():
+                self._refuse_part(part, why, published.raw[part])
+            log.critical("auth: the auth data published in etcd is not usable; still following %s", self.source)
+            return False
+        self._clear_stale("all")
+        if published.unknown and published.raw != self._published:
+            log.warning("auth: ignoring keys not understood under auth/ in etcd: %s", published.unknown[:5])
+        values = {"config": published.issuer, "keys": published.keys, "policy": published.policy,
+                  "revoked": published.revoked}
+        changed = False
+        for part in Published.PARTS:
+            raw = published.raw[part]
+            if part in published.errors:
+                self._refuse_part(part, published.errors[part], raw)
+                continue
+            self._clear_stale(part)
+            if self._published.get(part) == raw and self.follows_etcd:
+                continue
+            setattr(self, {"config": "issuer"}.get(part, part), values[part])
+            self._published[part] = raw
+            changed = True
+        if not self.follows_etcd:
+            log.warning("auth: following the auth data in etcd from now on (not %s)", self.source)
+            self.source = "etcd"
+        if changed:
+            self._cache.clear()
+            self._decided.clear()
+            self.reloads += 1
+            log.warning("auth: reloaded from etcd")
+        return changed
+
+    def _refuse_part(self, part: str, why: str, raw: tuple) -> None:
+        if self._published.get(f"refused {part}") != raw:  # once per change in etcd, not per read
+            self._published[f"refused {part}"] = raw
+            log.error("auth: %s in etcd refused, the last good one stays in force: %s", part, why)
+        self.stale[part] = why
+        AUTH_STALE.labels(part=part).set(1)
+
+    def _clear_stale(self, part: str) -> None:
+        if self.stale.pop(part, None) is not None:
+            log.warning("auth: %s in etcd is usable again", part)
+        self._published.pop(f"refused {part}", None)
+        AUTH_STALE.labels(part=part).set(0)
 
     # ---- the two questions -------------------------------------------------------------------
 

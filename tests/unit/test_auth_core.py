@@ -204,6 +204,18 @@ def test_the_revoked_file_drops_past_lines_and_refuses_bad_ones(tmp_path):
         revoke(path, "has space", 0, now=0)
 
 
+def test_a_revoked_line_is_kept_while_its_token_is_still_accepted(authdir):
+    """A bus accepts a token up to LEEWAY_SECONDS past its exp: the revocation must last as long."""
+    now = time.time()
+    tok = token(authdir, ttl=10, now=now - 15)  # exp 5 s ago: inside the leeway
+    a = fast(authdir)
+    ident = a.authenticate(tok)
+    revoke(authdir.revoked, ident.token_id, int(ident.expires), now)
+    revoke(authdir.revoked, "another", 0, now)  # rewrites the file
+    assert ident.token_id in load_revoked(authdir.revoked)
+    assert refused(a, tok) == "revoked"
+
+
 def test_a_broken_file_keeps_the_previous_rules(authdir, caplog):
     a = fast(authdir)
     tok = token(authdir)
