@@ -194,6 +194,10 @@ class Authority:
             if self.follows_etcd:  # a deleted prefix must not open the bus, nor silently keep it
                 self._refuse_part("all", "no auth data in etcd any more (deleted?)", ("gone",))
             return False
+        if not published.complete:  # half deleted: its revocations may be half gone too
+            why = "; ".join(published.errors[p] for p in ("policy", "keys") if p in published.errors)
+            self._refuse_part("all", f"incomplete, none of it is used: {why}", tuple(sorted(published.raw.items())))
+            return False
         if not self.follows_etcd and published.errors:
             for part, why in published.errors.items():
                 self._refuse_part(part, why, published.raw[part])

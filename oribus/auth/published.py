@@ -22,7 +22,8 @@ Reading a snapshot (every key under the prefix, at one revision) is ``parse_snap
 each part parses on its own and a part that does not is reported, never guessed at — the
 bus keeps the last good one (``Authority.apply_published``). A snapshot with neither a
 policy nor a key is *not published* (the cluster has no auth data yet); one with only
-some of them is broken, as a half-deleted prefix would be. Nothing here does IO: the
+some of them is broken, as a half-deleted prefix would be: none of it is used (its
+revocations may be half gone too). Nothing here does IO: the
 etcd side is ``oribus.meta.auth_store``.
 """
 
@@ -54,6 +55,7 @@ class Published:
     reason in ``errors[part]``. ``present``: whether the cluster has auth data at all."""
 
     present: bool
+    complete: bool = False  # a policy and at least one key: else nothing of it is used
     issuer: str | None = None
     keys: dict[str, Ed25519PublicKey] | None = None
     policy: Policy | None = None
@@ -104,7 +106,8 @@ def parse_snapshot(snapshot: Mapping[str, bytes]) -> Published:
     """The parts of ``snapshot`` (names relative to ``PREFIX``), each parsed on its own."""
     policy_raw = snapshot.get(POLICY)
     key_items = {name[len(KEYS):]: raw for name, raw in snapshot.items() if name.startswith(KEYS)}
-    out = Published(present=policy_raw is not None or bool(key_items))
+    out = Published(present=policy_raw is not None or bool(key_items),
+                    complete=policy_raw is not None and bool(key_items))
     if not out.present:
         return out
     try:
