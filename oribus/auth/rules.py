@@ -85,13 +85,16 @@ class SessionOwners:
     record settles the rest: a session an orchestrator opened for agent B is the
     orchestrator's, and one B opened is B's, whichever of the two comes second.
 
-    Bounded: past ``capacity`` the oldest record is dropped, and the next user of that
-    session claims it again (as after a restart: the table is in memory).
+    ``owners``: a table to adopt, the bus's session journal's (``SessionJournal.identities``,
+    replayed at start: ownership outlives a restart of the bus); the guard journals each new
+    claim before the call that made it goes on. Bounded: past ``capacity`` the oldest record
+    is dropped (from the journal too at its next compaction), and the next user of that
+    session claims it again.
     """
 
-    def __init__(self, capacity: int = 1_000_000) -> None:
+    def __init__(self, capacity: int = 1_000_000, owners: dict[SessionRef, str] | None = None) -> None:
         self.capacity = capacity
-        self._owner: dict[SessionRef, str] = {}  # in the order claimed
+        self._owner: dict[SessionRef, str] = owners if owners is not None else {}  # in the order claimed
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -114,6 +117,10 @@ class SessionOwners:
                 del self._owner[next(iter(self._owner))]
             return None
         return None if owner == identity.agent else owner
+
+    def release(self, session: SessionRef) -> None:
+        """Forget ``session``'s owner (its claim could not be recorded)."""
+        self._owner.pop(session, None)
 
     def visible(self, identity: Identity, session: SessionRef) -> bool:
         """Whether a listing of sessions shows ``session`` to ``identity`` (its own)."""

@@ -9,7 +9,10 @@ call it). Each operation, before it calls the bus — so before any shard is con
    Unauthenticated if there is none or it is refused;
 2. checks the agent the request names: the identity's own, or one it may act for;
 3. checks the session's owner (``SessionOwners``) for everything that uses a session: a
-   recording read, a commit, forget, reset, opening it;
+   recording read, a commit, forget, reset, opening it. The first identity to use a
+   session becomes its owner, journaled (``SessionJournal.own_by``) before the call goes
+   on, so that after a restart of the bus another identity still cannot use it; calls of
+   the same identity on that session meanwhile wait for the record too;
 4. checks every key the operation names (``oribus.auth.rules``): a read of a key the caller
    may not read is refused whole (no delivery is recorded for any of its keys), a commit
    with one forbidden key is refused whole (nothing is written), a watch is refused before
@@ -23,6 +26,8 @@ something well-formed first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,7 +52,12 @@ class GuardedBus(BusService):
     def __init__(self, bus: Bus, authority: Authority, owners: SessionOwners | None = None) -> None:
         self.bus = bus
         self.authority = authority
-        self.owners = owners if owners is not None else SessionOwners()
+        # the owners the bus's session journal holds (replayed at start), journaled as claimed
+        self.journal = bus.sessions.journal
+        if owners is None:
+            owners = SessionOwners(owners=self.journal.identities if self.journal is not None else None)
+        self.owners = owners
+        self._recording: dict[SessionRef, asyncio.Future[None]] = {}  # claims being journaled
 
     # ---- what the transports read besides the operations (no key, no session) -----------------
 
@@ -69,14 +79,42 @@ class GuardedBus(BusService):
         """The identity of the call in progress, or Unauthenticated."""
         return self.authority.authenticate(CREDENTIAL.get(), op, CERTIFICATE.get())
 
-    def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
+    async def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
         _check_session(session)  # InvalidRequest before anything is recorded
         agent = session[0]
         if not self.authority.may_act_for(identity, agent):
             raise self.authority.denied(identity, op, "", f"{identity.agent} may not act for agent {agent!r}")
-        owner = self.owners.claim(identity, session) if claim else self.owners.check(identity, session)
-        if owner is not None:
-            raise self.authority.denied(identity, op, "", f"session {agent}/{session[1]} belongs to {owner}")
+        session = SessionRef(agent, session[1])
+        while True:
+            owner = self.owners.check(identity, session)
+            if owner is not None:
+                raise self.authority.denied(identity, op, "", f"session {agent}/{session[1]} belongs to {owner}")
+            pending = self._recording.get(session)
+            if pending is None:
+                break
+            # its claim is on its way to the journal: nobody's until durable (then check again)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+        if claim and self.owners.owner(session) is None:
+            self.owners.claim(identity, session)  # at once: a concurrent claim by another identity is refused
+            if self.journal is not None:
+                await self._journal_claim(identity, session)
+
+    async def _journal_claim(self, identity: Identity, session: SessionRef) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._recording[session] = done
+        try:
+            assert self.journal is not None
+            await self.journal.own_by(session, identity.agent)
+        except BaseException as e:
+            self.owners.release(session)  # not journaled: not claimed (the call fails)
+            done.set_exception(e)
+            done.exception()  # retrieved: waiters re-raise it, nobody else needs to
+            raise
+        else:
+            done.set_result(None)
+        finally:
+            del self._recording[session]
 
     def _keys(self, identity: Identity, operation: Operation, keys: Any, op: str) -> None:
         if not isinstance(keys, list | tuple | dict):
@@ -92,7 +130,7 @@ class GuardedBus(BusService):
                    **kw: Any) -> ReadResult:
         identity = self.caller("read")
         self._keys(identity, Operation.READ, keys, "read")
-        self._session(identity, session, "read", claim=record)
+        await self._session(identity, session, "read", claim=record)
         return await self.bus.read(session, keys, record, only_new, **kw)
 
     async def commit(self, req: CommitRequest, **kw: Any) -> CommitResult:
@@ -102,7 +140,7 @@ class GuardedBus(BusService):
         for keys, operation in ((req.read_set, Operation.READ), (req.expect, Operation.READ),
                                 (req.writes, Operation.WRITE), (req.rollback, Operation.ROLLBACK)):
             self._keys(identity, operation, keys, "commit")
-        self._session(identity, req.session, "commit")
+        await self._session(identity, req.session, "commit")
         return await self.bus.commit(req, **kw)
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
@@ -113,17 +151,17 @@ class GuardedBus(BusService):
 
     async def forget(self, session: SessionRef, keys: list[str], *, caller_owns: bool = True) -> bool:
         identity = self.caller("forget")
-        self._session(identity, session, "forget")
+        await self._session(identity, session, "forget")
         return await self.bus.forget(session, keys)  # the credential proved it owns the session
 
     async def reset(self, session: SessionRef, *, caller_owns: bool = True) -> bool:
         identity = self.caller("reset")
-        self._session(identity, session, "reset")
+        await self._session(identity, session, "reset")
         return await self.bus.reset(session)
 
     async def open_session(self, session: SessionRef, client: str = "") -> str | None:
         identity = self.caller("open_session")
-        self._session(identity, session, "open_session")
+        await self._session(identity, session, "open_session")
         return await self.bus.open_session(session, client)
 
     async def stats(self) -> dict:
