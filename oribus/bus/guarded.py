@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from oribus.auth import Authority, Identity, Operation, SessionOwners
@@ -184,13 +184,22 @@ class GuardedBus(BusService):
 
     async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED) -> list[dict]:
         identity = self.caller("sessions")
-        views = await self.bus.session_views(limit)
         if self.authority.allowed(identity, Operation.ADMIN):
-            return views
-        mine = [v for v in views if self.owners.visible(identity, SessionRef(v["agent"], v["session"]))]
-        for v in mine:
-            v["reads"] = [r for r in v["reads"] if self.authority.allowed(identity, Operation.READ, r["key"])]
-        return mine
+            return await self.bus.session_views(limit)
+        # the caller's own sessions, and of their reads the keys it may read (chosen before the limit)
+        return await self.bus.session_views(
+            limit, show_session=lambda session: self.owners.visible(identity, session),
+            show_key=lambda key: self.authority.allowed(identity, Operation.READ, key))
+
+    def may_see_everything(self) -> bool:
+        """Whether the call's identity has the admin grant (Unauthenticated without one)."""
+        return self.authority.allowed(self.caller("sessions"), Operation.ADMIN)
+
+    def may_read(self) -> Callable[[str], bool]:
+        """Whether the call's identity may read a key, as a test to apply to many
+        (Unauthenticated without an identity)."""
+        identity = self.caller("read")
+        return lambda key: self.authority.allowed(identity, Operation.READ, key)
 
     async def reset_every_session(self) -> int:
         self.require_admin("reset_every_session")
