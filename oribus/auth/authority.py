@@ -1,8 +1,10 @@
 """``Authority``: one auth directory loaded and followed, as a bus uses it (specs/auth.md §3).
 
 It holds the verification keys, the policy, the revoked ids and the issuer, and answers
-two questions: who does this token prove (``authenticate``, cached), and may that identity
-do this (``decide`` with the current policy; the refusals are counted in
+two questions: who does this token prove (``authenticate``, cached by the token until its
+``exp``), and may that identity do this (``access``: the grants of its roles for one
+operation merged and compiled once, ``rules.Access``, then a set lookup and one
+``str.startswith`` per key; ``decide`` names the rule when it refuses; the refusals are counted in
 ``oribus_auth_refused_total`` and logged on ``oribus.auth`` as
 ``auth refused agent=… op=… key=… rule=…``).
 
@@ -11,8 +13,8 @@ files' sizes and modification times with the last load, and reloads what changed
 rotated or retired key, a policy edit, a revocation take effect within a second, without a
 restart. A file that does not parse is logged and ignored: the previous keys, policy and
 revocations stay (fail closed; a broken revocation list must not un-revoke a token). The
-cache of verified tokens (by the token itself, until its ``exp``) is emptied on every
-reload.
+cache of verified tokens (by the token itself, until its ``exp``) and the compiled grants
+are emptied on every reload.
 
 Cluster mode (``oribus.auth.published``): the same state comes from the cluster's etcd
 instead of a directory. A bus's follower hands each snapshot it reads to
@@ -37,7 +39,7 @@ from oribus.auth.keys import AuthDir, load_verification_keys, parse_config
 from oribus.auth.policy import Policy, load_policy_text
 from oribus.auth.published import Published, parse_snapshot
 from oribus.auth.revocation import load_revoked
-from oribus.auth.rules import Decision, Operation, decide, may_act_for
+from oribus.auth.rules import Access, Decision, Operation, decide, may_act_for
 from oribus.auth.tokens import (
     DEFAULT_ISSUER,
     LEEWAY_SECONDS,
@@ -95,8 +97,8 @@ class Authority:
         self.issuer = DEFAULT_ISSUER
         # token -> identity: a str caches its hash, so a connection's later calls cost one lookup
         self._cache: dict[str, Identity] = {}
-        # (roles, operation, key) -> allowed: the decisions made since the last reload
-        self._decided: dict[tuple[tuple[str, ...], Operation, str], bool] = {}
+        # (roles, operation) -> what they are granted, compiled (rules.Access); emptied on reload
+        self._access: dict[tuple[tuple[str, ...], Operation], Access] = {}
         self._seen: dict[str, tuple] = {}
         self._checked_at = 0.0
         self.reloads = 0
@@ -151,7 +153,7 @@ class Authority:
                 log.warning("auth: %s reloaded from %s", name, self.dir.root)
         if changed:
             self._cache.clear()
-            self._decided.clear()
+            self._access.clear()
             self.reloads += 1
 
     def maybe_reload(self) -> None:
@@ -225,7 +227,7 @@ class Authority:
             self.source = "etcd"
         if changed:
             self._cache.clear()
-            self._decided.clear()
+            self._access.clear()
             self.reloads += 1
             log.warning("auth: reloaded from etcd")
         return changed
@@ -282,22 +284,31 @@ class Authority:
     def may_act_for(self, identity: Identity, agent: str) -> bool:
         return may_act_for(self.policy, identity, agent)
 
-    def allowed(self, identity: Identity, operation: Operation, key: str = "") -> bool:
-        """``decide(...).allowed``, remembered until the next reload: a decision depends only
-        on the roles, the operation and the key, and agents ask about the same keys again."""
-        memo = (identity.roles, operation, key)
-        hit = self._decided.get(memo)
+    def access(self, identity: Identity, operation: Operation) -> Access:
+        """What ``identity``'s roles are granted for ``operation`` (rules.Access), compiled once
+        per set of roles and operation until the next reload."""
+        memo = (identity.roles, operation)
+        hit = self._access.get(memo)
         if hit is None:
-            if len(self._decided) >= _CACHE_MAX:
-                self._decided.clear()
-            hit = self._decided[memo] = decide(self.policy, identity, operation, key).allowed
+            if len(self._access) >= _CACHE_MAX:
+                self._access.clear()
+            hit = self._access[memo] = Access(self.policy, identity.roles, operation)
         return hit
+
+    def allowed(self, identity: Identity, operation: Operation, key: str = "") -> bool:
+        """``decide(...).allowed``, through the compiled ``access``."""
+        return self.access(identity, operation).allows(key)
 
     def require(self, identity: Identity, operation: Operation, key: str = "", *, op: str = "") -> None:
         """PermissionDenied (counted and logged) unless ``identity`` may do ``operation`` on
         ``key``. ``op``: the bus operation asked for, for the count and the log."""
-        if not self.allowed(identity, operation, key):
-            raise self.denied(identity, op or operation.value, key, decide(self.policy, identity, operation, key).rule)
+        if not self.access(identity, operation).allows(key):
+            raise self.refusal(identity, operation, key, op)
+
+    def refusal(self, identity: Identity, operation: Operation, key: str, op: str = "") -> PermissionDenied:
+        """The PermissionDenied for a refused ``operation`` on ``key``, naming the rule
+        (``decide``), counted and logged."""
+        return self.denied(identity, op or operation.value, key, decide(self.policy, identity, operation, key).rule)
 
     def denied(self, identity: Identity, op: str, key: str, rule: str) -> PermissionDenied:
         """The PermissionDenied to raise for a refusal, counted and logged."""

@@ -63,6 +63,41 @@ def decide(policy: Policy, identity: Identity, operation: Operation, key: str = 
     return Decision(False, f"no role of [{roles}] grants {what}")
 
 
+class Access:
+    """What a set of roles is granted for one operation, merged across the roles and compiled
+    for the bus's hot path: ``allows(key)`` is a set lookup and one C-level
+    ``str.startswith`` over every granted prefix — the same answer as ``decide`` (a test holds
+    them to it), without a loop over roles and patterns, and without a table that grows with
+    every key ever asked about. ``decide`` stays the reference, and says *why* on a refusal."""
+
+    __slots__ = ("admin", "keys", "prefixes")
+
+    def __init__(self, policy: Policy, roles: tuple[str, ...], operation: Operation) -> None:
+        keys: set[str] = set()
+        prefixes: list[str] = []
+        admin = False
+        for name in roles:
+            role = policy.roles.get(name)
+            if role is None:
+                continue
+            admin = admin or role.admin
+            grant = role.grant(operation.value)
+            if operation is not Operation.WATCH:  # a literal key never covers a watched prefix
+                keys |= grant.keys
+            prefixes.extend(grant.prefixes)
+        # ADMIN ignores the key; the others grant no reserved key
+        self.admin: bool | None = admin if operation is Operation.ADMIN else None
+        self.keys = frozenset(keys)
+        self.prefixes = tuple(sorted(set(prefixes)))
+
+    def allows(self, key: str) -> bool:
+        if self.admin is not None:
+            return self.admin
+        if key.startswith(RESERVED_PREFIXES):
+            return False
+        return key in self.keys or key.startswith(self.prefixes)
+
+
 def may_act_for(policy: Policy, identity: Identity, agent: str) -> bool:
     """Whether ``identity`` may name ``agent`` in a request: its own name, or one its token's
     ``act_for`` or one of its roles' ``act_for`` lists (``*``: any)."""

@@ -45,6 +45,8 @@ from oribus.types import (
     validate_prefix,
 )
 
+_KEY_COLLECTIONS = (list, tuple, dict)  # a tuple of types: isinstance checks it faster than a union
+
 
 class GuardedBus(BusService):
     """``bus`` behind ``authority``'s rules; the same operations, the same signatures."""
@@ -80,6 +82,9 @@ class GuardedBus(BusService):
         return self.authority.authenticate(CREDENTIAL.get(), op, CERTIFICATE.get())
 
     async def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
+        if (type(session) is SessionRef and self.owners.owner(session) == identity.agent
+                and session[0] == identity.agent and session not in self._recording):
+            return  # the common call: its own agent's session, claimed (so checked) before
         _check_session(session)  # InvalidRequest before anything is recorded
         agent = session[0]
         if not self.authority.may_act_for(identity, agent):
@@ -117,12 +122,18 @@ class GuardedBus(BusService):
             del self._recording[session]
 
     def _keys(self, identity: Identity, operation: Operation, keys: Any, op: str) -> None:
-        if not isinstance(keys, list | tuple | dict):
+        if not keys:  # the usual commit's expect and rollback: nothing to check
+            if not isinstance(keys, _KEY_COLLECTIONS):
+                raise InvalidRequest("keys must be a list of str")
+            return
+        if not isinstance(keys, _KEY_COLLECTIONS):
             raise InvalidRequest("keys must be a list of str")
+        allows = self.authority.access(identity, operation).allows  # compiled once per roles and operation
         for key in keys:
             if not isinstance(key, str):  # the rest of a key's form the bus checks, before any shard
                 validate_key(key)
-            self.authority.require(identity, operation, key, op=op)
+            if not allows(key):
+                raise self.authority.refusal(identity, operation, key, op)
 
     # ---- the operations -------------------------------------------------------------------------------
 

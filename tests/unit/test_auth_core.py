@@ -23,7 +23,7 @@ from oribus.auth.credential import bearer
 from oribus.auth.keys import AuthDir, load_signing_key, new_signing_key, retire_key
 from oribus.auth.policy import STARTER_POLICY, load_policy_text, parse_policy
 from oribus.auth.revocation import load_revoked, parse_revoked, revoke
-from oribus.auth.rules import may_act_for
+from oribus.auth.rules import Access, may_act_for
 from oribus.auth.tokens import issue, parse_ttl, verify
 from oribus.cli import main
 from oribus.errors import InvalidRequest, PermissionDenied, Unauthenticated, error_from_dict
@@ -373,6 +373,8 @@ def test_decisions_agree_with_the_reference_model(roles, identity, op, key, agen
     policy = parse_policy({"roles": roles})
     decision = decide(policy, identity, Operation(op), key)
     assert decision.allowed == model_allows(roles, identity, op, key), decision.rule
+    # the bus's hot path: the roles' grants merged and compiled (rules.Access) agree too
+    assert Access(policy, identity.roles, Operation(op)).allows(key) == decision.allowed
     assert may_act_for(policy, identity, agent) == model_acts_for(roles, identity, agent)
 
 
