@@ -10,7 +10,9 @@ each on free ports in a temporary directory:
   etcd by hand, is refused: both buses keep enforcing the last good one, say so in their
   logs and in ``/metrics`` (``oribus_auth_stale``), and never fall open;
 * a bus started while etcd's auth data is malformed does not start;
-* a push from a broken directory writes nothing.
+* a push from a broken directory writes nothing;
+* ``oribus up --replicas 3 --etcd E --auth D`` (another cluster name on the same etcd)
+  enforces D until a directory is pushed to its cluster, then etcd's rules.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import aetcd
 import jwt
 import pytest
 from etcd_server import EtcdServer
-from processes import Cluster, ServerProcess, cluster_bus, cluster_shard, run_cli
+from processes import Cluster, ServerProcess, cluster_bus, cluster_shard, free_port, run_cli
 
 import oribus
 from oribus.errors import PermissionDenied, Unauthenticated
@@ -200,3 +202,31 @@ def test_a_push_from_a_broken_directory_writes_nothing(fleet, tmp_path):
     time.sleep(1.0)  # what a watch round trip would have delivered
     for bus in fleet.buses:
         assert outcome(bus, "a4", tok, "team/a/x") == "ok"
+
+
+def test_up_with_replica_groups_switches_from_its_directory_to_etcd_at_the_first_push(fleet, tmp_path):
+    """``oribus up --replicas 3 --etcd E --auth D`` on a cluster with nothing published enforces
+    D; once another directory is pushed to the cluster, its bus follows etcd instead."""
+    local, cluster_dir = tmp_path / "local", tmp_path / "published"
+    for d in (local, cluster_dir):
+        cli("auth", "init", "--dir", str(d))
+        (d / "policy.yaml").write_text(POLICY)
+    address = f"127.0.0.1:{free_port()}"
+    servers = Cluster()
+    server = servers.add(ServerProcess("up-replicas", [
+        "up", "--processes", "--replicas", "3", "--shards", "1", "--data-dir", str(tmp_path / "data"),
+        "--listen", address, "--etcd", fleet.etcd.url, "--cluster", "up-auth", "--lease-ttl", "2",
+        "--no-http", "--auth", str(local)], tmp_path, address))
+    try:
+        server.start().wait_serving(60)
+        from_local, from_cluster = token(local, "a1", "team-a"), token(cluster_dir, "a1", "team-a")
+        assert outcome(server, "a1", from_local, "team/a/x") == "ok"
+        assert outcome(server, "a1", from_cluster, "team/a/x") == "Unauthenticated"  # a key it does not hold
+        cli("auth", "push", "--dir", str(cluster_dir), "--etcd", fleet.etcd.url, "--cluster", "up-auth")
+        eventually(lambda: assert_equal(outcome(server, "a1", from_cluster, "team/a/x"), "ok"))
+        assert outcome(server, "a1", from_local, "team/a/x") == "Unauthenticated"
+        assert "following the auth data in etcd from now on" in server.log_tail(200)
+        # the other cluster of this etcd never saw it
+        assert outcome(fleet.buses[0], "a1", from_cluster, "team/a/x") == "Unauthenticated"
+    finally:
+        servers.stop()
