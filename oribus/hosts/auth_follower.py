@@ -30,6 +30,8 @@ from oribus.meta.auth_store import EtcdAuthStore
 
 log = logging.getLogger("oribus.auth")
 
+RETRY_SECONDS = 2.0  # after an unexpected error in following etcd, before following again
+
 
 class AuthFollower:
     """``authority = await AuthFollower(store, D).start()``; ``await stop()``. ``authority``:
@@ -64,11 +66,16 @@ class AuthFollower:
         return self.authority
 
     async def _follow(self, authority: Authority) -> None:
-        async for snapshot in self.store.follow():
+        while True:  # for as long as the bus runs: an error ends one watch, not the following
             try:
-                authority.apply_published(snapshot)
-            except Exception:  # noqa: BLE001 - a bug here must not stop following; the rules stay
-                log.exception("auth: the auth data in etcd could not be applied; the last good rules stay")
+                async for snapshot in self.store.follow():
+                    authority.apply_published(snapshot)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the rules in force stay; follow again
+                log.exception("auth: following the auth data in etcd failed; the last good rules stay, "
+                              "following again in %.0f s", RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
