@@ -31,7 +31,7 @@ from etcd_server import EtcdServer
 from processes import Cluster, ServerProcess, cluster_bus, cluster_shard, free_port, run_cli
 
 import oribus
-from oribus.errors import PermissionDenied, Unauthenticated
+from oribus.errors import InvalidRequest, PermissionDenied, Unauthenticated
 
 POLICY = """
 roles:
@@ -230,3 +230,48 @@ def test_up_with_replica_groups_switches_from_its_directory_to_etcd_at_the_first
         assert outcome(fleet.buses[0], "a1", from_cluster, "team/a/x") == "Unauthenticated"
     finally:
         servers.stop()
+
+
+async def test_revocations_in_etcd_merge_are_pruned_and_survive_a_push(etcd, tmp_path):
+    """``EtcdAuthStore`` against a real etcd: a revocation for good stays for good, a later
+    ``until`` wins, an id past its ``until`` and the leeway is dropped by the next revocation
+    (one still inside the leeway is kept: a bus still accepts its token), a push adds the
+    directory's revocations and removes none, and removes the keys the directory retired."""
+    from oribus.auth.keys import AuthDir, new_signing_key, retire_key
+    from oribus.auth.published import dir_push
+    from oribus.meta.auth_store import EtcdAuthStore
+    from oribus.meta.etcd import EtcdMeta
+
+    d = AuthDir(tmp_path / "auth")
+    cli("auth", "init", "--dir", str(d.root))
+    (d.root / "revoked").write_text("from-dir 0\n")
+    meta = EtcdMeta(etcd.url, "c1")
+    try:
+        store = EtcdAuthStore(meta)
+        now = time.time()
+        with pytest.raises(InvalidRequest, match="auth push"):  # nothing published yet
+            await store.revoke("t1", 0, now)
+        await store.push(dir_push(d))
+        assert await store.revoke("t1", int(now) + 100, now) == int(now) + 100
+        assert await store.revoke("t1", int(now) + 50, now) == int(now) + 100  # the later until wins
+        assert await store.revoke("t1", 0, now) == 0
+        assert await store.revoke("t1", int(now) + 500, now) == 0  # for good stays for good
+        await store.revoke("long-gone", int(now) - 100, now)
+        await store.revoke("in-leeway", int(now) - 10, now)
+        await store.revoke("t2", 0, now)  # rewrites nothing else, prunes what is past
+        revoked = {n for n in await store.read() if n.startswith("revoked/")}
+        assert revoked == {"revoked/from-dir", "revoked/t1", "revoked/in-leeway", "revoked/t2"}
+        with pytest.raises(InvalidRequest):
+            await store.revoke("has space", 0, now)
+
+        old_kid = next(n for n in await store.read() if n.startswith("keys/"))
+        (d.root / "revoked").unlink()
+        new_signing_key(d)
+        retire_key(d, old_kid.removeprefix("keys/"))
+        counts = await store.push(dir_push(d))
+        held = await store.read()
+        assert counts == {"keys": 1, "removed": 1, "revoked": 0}
+        assert old_kid not in held and sum(n.startswith("keys/") for n in held) == 1
+        assert {n for n in held if n.startswith("revoked/")} == revoked  # a push lifts no revocation
+    finally:
+        await meta.close()
