@@ -59,7 +59,11 @@ class AuthFollower:
         elif self.authority is None:
             if self.directory is None:
                 raise InvalidRequest(f"--auth: no auth data under {self.store.where} and no directory")
-            self.authority = Authority(self.directory)
+            try:
+                self.authority = Authority(self.directory)
+            except InvalidRequest as e:
+                raise InvalidRequest(f"{e.message}; nor is any auth data published under {self.store.where} "
+                                     f"(`oribus auth push --dir D --etcd ...`)") from None
         log.warning("auth: enforcing the rules of %s; following %s for changes", self.authority.source,
                     self.store.where)
         self._task = asyncio.get_running_loop().create_task(self._follow(self.authority))

@@ -275,3 +275,15 @@ async def test_revocations_in_etcd_merge_are_pruned_and_survive_a_push(etcd, tmp
         assert {n for n in held if n.startswith("revoked/")} == revoked  # a push lifts no revocation
     finally:
         await meta.close()
+
+
+def test_a_cluster_bus_without_published_data_or_a_directory_does_not_start(fleet, tmp_path):
+    cli("cluster", "init", "--etcd", fleet.etcd.url, "--cluster", "nothing-published", "--shards", "1")
+    bus = cluster_bus(tmp_path, fleet.etcd.url, name="bus-nothing")
+    bus.args += ["--cluster", "nothing-published", "--auth", str(tmp_path / "missing")]
+    bus.start()
+    try:
+        assert bus.wait_exit(30) != 0
+    finally:
+        bus.stop()
+    assert "nor is any auth data published under /oribus/nothing-published/auth/" in bus.log_tail(20)
