@@ -39,6 +39,8 @@ from oribus.types import (
 
 log = logging.getLogger("oribus.bus")
 
+FILTERED_SESSIONS_SCANNED = 10  # a filtered listing of sessions looks at this many times its limit per shard
+
 _READ_SECONDS = OP_SECONDS.labels(op="read")
 _COMMIT_SECONDS = OP_SECONDS.labels(op="commit")
 _HISTORY_SECONDS = OP_SECONDS.labels(op="history")
@@ -351,9 +353,11 @@ class Bus(BusService):
 
         ``show_session`` / ``show_key`` (the guard of ``--auth``, for a caller without the admin grant):
         the sessions and the delivered keys to show; the others are left out before the
-        ``limit`` most recent are chosen, among the ``MAX_SESSIONS_LISTED`` most recent of
-        each shard, and the current version of a key left out is not read."""
-        asked = limit if show_session is None else MAX_SESSIONS_LISTED
+        ``limit`` most recent are chosen, among the ``FILTERED_SESSIONS_SCANNED`` times
+        ``limit`` most recent of each shard (at most ``MAX_SESSIONS_LISTED``: a caller's own
+        sessions are found among others' without each poll of a dashboard copying every
+        shard's whole table), and the current version of a key left out is not read."""
+        asked = limit if show_session is None else min(MAX_SESSIONS_LISTED, limit * FILTERED_SESSIONS_SCANNED)
         per_shard = await asyncio.gather(*(s.sessions(asked) for s in self.shards.values()))
         merged: dict[SessionRef, dict] = {}
         for views in per_shard:
