@@ -27,7 +27,6 @@ something well-formed first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -97,9 +96,9 @@ class GuardedBus(BusService):
             pending = self._recording.get(session)
             if pending is None:
                 break
-            # its claim is on its way to the journal: nobody's until durable (then check again)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pending)
+            # its claim is on its way to the journal: nobody's until durable (then check again:
+            # a claim that could not be journaled was released)
+            await asyncio.shield(pending)
         if claim and self.owners.owner(session) is None:
             self.owners.claim(identity, session)  # at once: a concurrent claim by another identity is refused
             if self.journal is not None:
@@ -111,15 +110,12 @@ class GuardedBus(BusService):
         try:
             assert self.journal is not None
             await self.journal.own_by(session, identity.agent)
-        except BaseException as e:
-            self.owners.release(session)  # not journaled: not claimed (the call fails)
-            done.set_exception(e)
-            done.exception()  # retrieved: waiters re-raise it, nobody else needs to
+        except BaseException:
+            self.owners.release(session)  # not journaled: not claimed (this call fails)
             raise
-        else:
-            done.set_result(None)
         finally:
             del self._recording[session]
+            done.set_result(None)  # whoever waited checks the owner again
 
     def _keys(self, identity: Identity, operation: Operation, keys: Any, op: str) -> None:
         if not keys:  # the usual commit's expect and rollback: nothing to check

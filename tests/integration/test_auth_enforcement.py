@@ -277,3 +277,49 @@ async def test_sessions_and_the_dashboard_show_a_non_admin_only_what_it_may_read
             await asyncio.sleep(0.2)
         assert {k["key"] for k in (await feed(a1_h))["hot_keys"]["keys"]} == {"team/a/x"}
         assert (await call(http, "GET", "/dashboard/state"))[0] == 401  # still no anonymous feed
+
+
+async def test_a_claim_is_the_owner_s_only_once_journaled(bus, monkeypatch):
+    """The first identity to use a session owns it at once for everyone else (another
+    identity's call is refused while the record is being written), its own other calls wait
+    for the record, and a claim that could not be journaled is no claim."""
+    host, d = bus
+    guard = host.server.served
+    journal = guard.journal
+    assert journal is not None
+    gate = asyncio.Event()
+    own_by = journal.own_by
+    writes: list[tuple] = []
+
+    async def slow_own_by(session, identity):
+        writes.append((tuple(session), identity))
+        await gate.wait()
+        await own_by(session, identity)
+
+    monkeypatch.setattr(journal, "own_by", slow_own_by)
+    boss, a1_token = mint(d, "boss", "boss"), mint(d, "a1", "team-a")
+    async with (oribus.connect(host.address, agent="a1", session_id="race", token=boss) as by_boss,
+                oribus.connect(host.address, agent="a1", session_id="race", token=a1_token) as a1):
+        first = asyncio.create_task(by_boss.get("team/a/x"))
+        while not writes:
+            await asyncio.sleep(0.01)
+        with pytest.raises(PermissionDenied, match="belongs to boss"):  # claimed, though not yet durable
+            await a1.get("team/a/x")
+        second = asyncio.create_task(by_boss.get("team/a/x"))
+        await asyncio.sleep(0.2)
+        assert not first.done() and not second.done()  # both wait for the record
+        gate.set()
+        assert (await first).value == "a0" and (await second).value == "a0"
+    assert journal.identities[("a1", "race")] == "boss"
+
+    async def failing_own_by(session, identity):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(journal, "own_by", failing_own_by)
+    async with oribus.connect(host.address, agent="a1", session_id="lost", token=boss) as by_boss:
+        with pytest.raises(oribus.OribusError):
+            await by_boss.get("team/a/x")
+    monkeypatch.setattr(journal, "own_by", own_by)
+    async with oribus.connect(host.address, agent="a1", session_id="lost", token=a1_token) as a1:
+        assert (await a1.get("team/a/x")).value == "a0"  # nobody owned it: a1 may claim it
+    assert journal.identities[("a1", "lost")] == "a1"
