@@ -12,9 +12,9 @@ work on the machine), over ``--n`` calls:
 * ``access``: the same decision on the bus's hot path, through the identity's compiled grants
   (``Authority.access(...).allows``: a set lookup and one ``str.startswith``);
 * ``guard_step``: everything ``GuardedBus`` adds to an agent step (read two keys, commit a
-  write of one, in the session the identity owns), over a bus that answers at once, so that
-  only the guard's own work is timed (compare with the server's CPU per step in
-  ``auth_overhead.py``).
+  write of one, in the session the identity owns): the two calls through the guard over a
+  bus that answers at once, less the same two calls on that bus alone (compare with the
+  server's CPU per step in ``auth_overhead.py``).
 
 Usage::
 
@@ -77,12 +77,18 @@ def guard_step_us(authority: Authority, token: str, prefix: str, n: int) -> floa
             return
         raise AssertionError("the guard waited")
 
+    bare = _AnsweringBus()
+
     def step() -> None:
         run(guard.read(session, keys))
         run(guard.commit(req))
 
+    def bare_step() -> None:  # what the same two calls cost without the guard
+        run(bare.read(session, keys))
+        run(bare.commit(req))
+
     step()  # the session claimed
-    return per_call_us(step, n)
+    return per_call_us(step, n) - per_call_us(bare_step, n)
 
 
 def main() -> None:

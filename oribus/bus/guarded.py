@@ -78,12 +78,16 @@ class GuardedBus(BusService):
 
     def caller(self, op: str) -> Identity:
         """The identity of the call in progress, or Unauthenticated."""
-        return self.authority.authenticate(CREDENTIAL.get(), op, CERTIFICATE.get())
+        token = CREDENTIAL.get()
+        return self.authority.authenticate(token, op, None if token else CERTIFICATE.get())
+
+    def _owned(self, identity: Identity, session: SessionRef) -> bool:
+        """The common call, checked without more: the session of the identity's own agent,
+        which it claimed (so it was checked) before, its claim journaled."""
+        return (type(session) is SessionRef and self.owners.owner(session) == identity.agent
+                and session[0] == identity.agent and session not in self._recording)
 
     async def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
-        if (type(session) is SessionRef and self.owners.owner(session) == identity.agent
-                and session[0] == identity.agent and session not in self._recording):
-            return  # the common call: its own agent's session, claimed (so checked) before
         _check_session(session)  # InvalidRequest before anything is recorded
         agent = session[0]
         if not self.authority.may_act_for(identity, agent):
@@ -137,17 +141,25 @@ class GuardedBus(BusService):
                    **kw: Any) -> ReadResult:
         identity = self.caller("read")
         self._keys(identity, Operation.READ, keys, "read")
-        await self._session(identity, session, "read", claim=record)
+        if not self._owned(identity, session):
+            await self._session(identity, session, "read", claim=record)
         return await self.bus.read(session, keys, record, only_new, **kw)
 
     async def commit(self, req: CommitRequest, **kw: Any) -> CommitResult:
         identity = self.caller("commit")
         if kw.get("may_write_reserved"):  # the server's own writes never come through here
             raise InvalidRequest("may_write_reserved is not for callers")
-        for keys, operation in ((req.read_set, Operation.READ), (req.expect, Operation.READ),
-                                (req.writes, Operation.WRITE), (req.rollback, Operation.ROLLBACK)):
-            self._keys(identity, operation, keys, "commit")
-        await self._session(identity, req.session, "commit")
+        # (an empty dict, as a commit's expect and rollback usually are, needs no check)
+        if req.read_set or type(req.read_set) is not dict:
+            self._keys(identity, Operation.READ, req.read_set, "commit")
+        if req.expect or type(req.expect) is not dict:
+            self._keys(identity, Operation.READ, req.expect, "commit")
+        if req.writes or type(req.writes) is not dict:
+            self._keys(identity, Operation.WRITE, req.writes, "commit")
+        if req.rollback or type(req.rollback) is not dict:
+            self._keys(identity, Operation.ROLLBACK, req.rollback, "commit")
+        if not self._owned(identity, req.session):
+            await self._session(identity, req.session, "commit")
         return await self.bus.commit(req, **kw)
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
