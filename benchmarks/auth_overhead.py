@@ -20,8 +20,10 @@ first alternates from one pair to the next (run as an A/A test, two servers with
 way: one embedded engine (one shard, fsync on) in this process, its ``Bus`` and a
 ``GuardedBus`` over it, ``--clients`` tasks each stepping its own session (read two keys,
 write one, commit, with the session's tokens as the SDK sends them) in alternating blocks of
-``--steps`` steps per side; reported: this process's CPU (``time.process_time``) per step on
-each side, the median of the blocks, and the difference. The agent-step's whole server path
+``--steps`` steps per side, each block after a full collection (the process keeps the
+collector's default settings, and a full collection landing in a block of one side skewed a
+run); reported: this process's CPU
+(``time.process_time``) per step on each side, the median of the blocks, and the difference. The agent-step's whole server path
 is in it (bus, shard, delivery log, WAL), only the transport is not.
 
 Usage::
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -209,6 +212,7 @@ async def run_in_process(args: argparse.Namespace) -> dict:
                 await asyncio.gather(*(client(i, side, 20) for i in range(args.clients)))
             for r in range(args.rounds):
                 for side in (["plain", "auth"] if r % 2 == 0 else ["auth", "plain"]):
+                    gc.collect()  # each block starts with the collector's work done, not the other side's left over
                     cpu0 = time.process_time()
                     await asyncio.gather(*(client(i, side, args.steps // args.clients) for i in range(args.clients)))
                     per_step[side].append((time.process_time() - cpu0) / args.steps * 1e6)
