@@ -19,6 +19,8 @@ import json
 import os
 import shlex
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from oribus.auth import Authority
     from oribus.client.sync import SyncSession
     from oribus.gateway import GatewayConfig
+    from oribus.meta.auth_store import EtcdAuthStore
     from oribus.meta.cluster_meta import ClusterMeta
     from oribus.meta.etcd import EtcdMeta
     from oribus.tls import TlsConfig
@@ -209,7 +212,16 @@ def _cmd_bus(args: argparse.Namespace) -> int:
     from oribus.hosts.bus import run_bus
     from oribus.meta.cluster_meta import StaticMeta
 
-    meta: ClusterMeta | None = _meta(args)
+    etcd = _meta(args)
+    meta: ClusterMeta | None = etcd
+    authority, follower = None, None
+    if etcd is not None and args.auth:  # cluster mode: the rules published in etcd, else the directory's
+        from oribus.hosts.auth_follower import AuthFollower
+        from oribus.meta.auth_store import EtcdAuthStore
+
+        follower = AuthFollower(EtcdAuthStore(etcd), args.auth)
+    else:
+        authority = _authority(args)
     if meta is None:
         addrs = [a.strip() for a in (args.shards or "").split(",") if a.strip()]
         if not addrs:
@@ -219,7 +231,8 @@ def _cmd_bus(args: argparse.Namespace) -> int:
     _run(run_bus(meta, Path(args.data_dir), args.listen, http=_gateway_config(args), tls=_tls(args),
                  advertise=args.advertise, advertise_http=args.advertise_http,
                  shard_transport=args.shard_transport, stream_listen=args.stream_listen,
-                 advertise_stream=args.advertise_stream, authority=_authority(args)), serving=True)
+                 advertise_stream=args.advertise_stream, authority=authority, auth_follower=follower),
+         serving=True)
     return 0
 
 
@@ -442,6 +455,53 @@ def _cluster_options(p: argparse.ArgumentParser, required: bool = False) -> None
                    help="seconds a server's etcd lease outlives its last keep-alive (default: %(default)s); a "
                         "replica group's failover takes about this long, and a shorter one fails over on "
                         "shorter pauses too")
+
+
+def _auth_cluster_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--etcd", help="etcd endpoints of the cluster (http://HOST:PORT, comma separated)")
+    p.add_argument("--cluster", default="oribus", help="the cluster's name (its prefix in etcd)")
+
+
+def _with_auth_store(args: argparse.Namespace, what: Callable[[EtcdAuthStore], Awaitable[dict[str, object]]]
+                     ) -> dict[str, object]:
+    """``what(store)`` on the auth data of the cluster ``--etcd``/``--cluster`` name."""
+    from oribus.meta.auth_store import EtcdAuthStore
+    from oribus.meta.etcd import EtcdMeta
+
+    if not args.etcd:
+        from oribus.errors import InvalidRequest
+
+        raise InvalidRequest("--etcd is required")
+
+    async def run() -> dict[str, object]:
+        meta = EtcdMeta(args.etcd, args.cluster)
+        try:
+            store = EtcdAuthStore(meta)
+            return {"etcd": store.where, **await what(store)}
+        finally:
+            await meta.close()
+
+    return dict(_run(run()))
+
+
+def _auth_push(args: argparse.Namespace) -> dict[str, object]:
+    """``oribus auth push``: D checked whole first (nothing is written if any of it is bad)."""
+    from oribus.auth.keys import AuthDir
+    from oribus.auth.published import dir_push
+
+    push = dir_push(AuthDir(Path(args.dir)))
+
+    async def what(store: EtcdAuthStore) -> dict[str, object]:
+        return dict(await store.push(push))
+
+    return _with_auth_store(args, what)
+
+
+def _auth_revoke_in_etcd(args: argparse.Namespace) -> dict[str, object]:
+    async def what(store: EtcdAuthStore) -> dict[str, object]:
+        return {"until": await store.revoke(args.token_id, args.until or 0, time.time())}
+
+    return _with_auth_store(args, what)
 
 
 def _allow_empty_option(p: argparse.ArgumentParser) -> None:
@@ -824,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from oribus.auth.commands import add_commands as _auth_commands
 
-    _auth_commands(sub)
+    _auth_commands(sub, cluster_options=_auth_cluster_options, push=_auth_push, revoke_in_etcd=_auth_revoke_in_etcd)
 
     p = sub.add_parser("demo", help="run a fleet of agents on the embedded engine, with and without ORI")
     p.add_argument("--data-dir", default="./oribus-data/demo", help="the demo's data (default: %(default)s)")

@@ -372,6 +372,13 @@ AUTH_REFUSED = REGISTRY.counter(
     "oribus_auth_refused_total", "Calls refused by authentication or the access rules.", ("reason", "operation")
 )
 
+# Cluster mode (specs/auth.md §3): 1 while the last auth data read from etcd had this part
+# (config, keys, policy, revoked, or "all": nothing published any more) refused, so the
+# bus keeps enforcing the last good one; 0 once a good one is applied.
+AUTH_STALE = REGISTRY.gauge(
+    "oribus_auth_stale", "1 while the auth data in etcd is refused and the last good part stays in force.", ("part",)
+)
+
 # Replica groups (oribus.shards.replica): observed by a group's primary.
 REPLICA_QUORUM_SECONDS = REGISTRY.histogram(
     "oribus_replica_quorum_wait_seconds",

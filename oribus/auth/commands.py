@@ -5,12 +5,19 @@
     oribus auth init   --dir D [--force]          signing key, its public half, policy.yaml, config.yaml
     oribus auth token  --dir D --agent NAME --role ROLE [--role ...] [--ttl 24h] [--act-for NAME|*]
                                                   prints a token (and nothing else) on stdout
-    oribus auth revoke --dir D TOKEN_ID [--until EXP]
+    oribus auth revoke [--dir D] [--etcd E [--cluster C]] TOKEN_ID [--until EXP]
     oribus auth rotate --dir D                    a new signing key; the old public key stays
     oribus auth retire --dir D KID                remove a verification key
+    oribus auth push   --dir D --etcd E [--cluster C]
+                                                  D's verification keys, policy and revocations
+                                                  into the cluster's etcd (never the signing key)
 
 A running bus (``--auth D``) follows the directory: revocations, rotations, retirements
-and policy edits apply within a second. ``oribus.cli`` registers these on its parser.
+and policy edits apply within a second. In cluster mode the buses follow what ``push``
+stored in etcd instead (``oribus.auth.published``): after a rotation, a retirement or a
+policy edit in ``D``, push again; ``revoke --etcd`` revokes in etcd directly (with
+``--dir`` too, in both). ``oribus.cli`` registers these on its parser, and gives the two
+that reach etcd their etcd half (this package does no network IO).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from oribus.auth.authority import load_config
@@ -32,6 +40,9 @@ from oribus.auth.policy import STARTER_POLICY, load_policy_text
 from oribus.auth.revocation import revoke
 from oribus.auth.tokens import DEFAULT_ISSUER, issue, parse_ttl
 from oribus.errors import InvalidRequest
+
+# the etcd half of a command (oribus.cli): does it, returns what to print of it
+EtcdCommand = Callable[[argparse.Namespace], dict[str, object]]
 
 STARTER_CONFIG = f"""\
 # oribus auth configuration (specs/auth.md §3)
@@ -72,12 +83,27 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_revoke(args: argparse.Namespace) -> int:
-    d = AuthDir(Path(args.dir))
-    if not d.root.is_dir():
+def cmd_revoke(args: argparse.Namespace, in_etcd: EtcdCommand | None = None) -> int:
+    if not args.dir and not args.etcd:
+        raise InvalidRequest("oribus auth revoke needs --dir D (the directory's list), --etcd E (the cluster's), "
+                             "or both")
+    d = AuthDir(Path(args.dir)) if args.dir else None
+    if d is not None and not d.root.is_dir():
         raise InvalidRequest(f"{d.root} is not an auth directory")
-    revoke(d.revoked, args.token_id, args.until or 0, time.time())
-    _print({"revoked": args.token_id, "until": args.until or 0})
+    out: dict[str, object] = {"revoked": args.token_id, "until": args.until or 0}
+    if args.etcd:  # first: a refused id (or an unreachable etcd) leaves the directory as it was too
+        assert in_etcd is not None, "oribus.cli gives revoke its etcd half"
+        out["etcd"] = in_etcd(args)
+    if d is not None:
+        revoke(d.revoked, args.token_id, args.until or 0, time.time())
+        out["dir"] = str(d.root)
+    _print(out)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, in_etcd: EtcdCommand | None = None) -> int:
+    assert in_etcd is not None, "oribus.cli gives push its etcd half"
+    _print({"dir": args.dir, **in_etcd(args)})
     return 0
 
 
@@ -96,14 +122,18 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """``oribus auth ...`` on the command line's subcommands."""
+def add_commands(sub: argparse._SubParsersAction, *, cluster_options: Callable[[argparse.ArgumentParser], None],
+                 push: EtcdCommand, revoke_in_etcd: EtcdCommand) -> None:
+    """``oribus auth ...`` on the command line's subcommands. ``cluster_options`` adds
+    ``--etcd``/``--cluster``; ``push`` and ``revoke_in_etcd`` do the etcd half of those
+    commands and return what to print of it."""
     p = sub.add_parser("auth", help="agent identities: signing keys, tokens, revocation (specs/auth.md)")
     auth = p.add_subparsers(dest="auth_command", required=True)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
+    def command(name: str, help: str, dir_required: bool = True) -> argparse.ArgumentParser:
         q = auth.add_parser(name, help=help)
-        q.add_argument("--dir", required=True, help="the auth directory (what `oribus up|bus --auth` reads)")
+        q.add_argument("--dir", required=dir_required,
+                       help="the auth directory (what `oribus up|bus --auth` reads)")
         return q
 
     q = command("init", "create the signing key, its public half, a starter policy.yaml and config.yaml")
@@ -116,13 +146,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--act-for", action="append", metavar="AGENT",
                    help="another agent this token may name in requests, or * (repeatable)")
     q.set_defaults(fn=cmd_token)
-    q = command("revoke", "refuse a token by its id (jti) from now on, on every bus following the directory")
+    q = command("revoke", "refuse a token by its id (jti) from now on, on every bus following the directory "
+                          "(--dir) or the cluster's etcd (--etcd)", dir_required=False)
     q.add_argument("token_id")
     q.add_argument("--until", type=int, help="the token's exp (seconds since the epoch): the line is dropped after "
                                              "it (default: kept for good)")
-    q.set_defaults(fn=cmd_revoke)
+    cluster_options(q)
+    q.set_defaults(fn=lambda args: cmd_revoke(args, revoke_in_etcd))
     q = command("rotate", "make a new signing key; tokens of the old one verify until it is retired")
     q.set_defaults(fn=cmd_rotate)
     q = command("retire", "remove a verification key: tokens it signed are refused from now on")
     q.add_argument("kid")
     q.set_defaults(fn=cmd_retire)
+    q = command("push", "store the directory's verification keys, policy and revocations in the cluster's etcd, "
+                        "which every bus of the cluster run with --auth follows (never the signing key)")
+    cluster_options(q)
+    q.set_defaults(fn=lambda args: cmd_push(args, push))

@@ -24,10 +24,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from oribus.auth.tokens import DEFAULT_ISSUER, DEFAULT_TTL_SECONDS, parse_ttl
 from oribus.errors import InvalidRequest
 
 SIGNING_KEY = "signing.key"
@@ -66,6 +69,22 @@ class AuthDir:
 
     def public_key_path(self, kid: str) -> Path:
         return self.keys / f"{kid}.pub"
+
+
+def parse_config(text: str | None, source: str = CONFIG) -> dict[str, Any]:
+    """``config.yaml``'s text (None: no file): ``issuer`` and ``default_ttl`` (seconds), with
+    their defaults; InvalidRequest naming ``source`` for anything else."""
+    try:
+        data = (yaml.safe_load(text) if text is not None else None) or {}
+    except yaml.YAMLError as e:
+        raise InvalidRequest(f"{source} is not valid YAML: {e}") from None
+    if not isinstance(data, dict) or set(data) - {"issuer", "default_ttl"}:
+        raise InvalidRequest(f"{source}: the fields are issuer and default_ttl")
+    issuer = data.get("issuer", DEFAULT_ISSUER)
+    if not isinstance(issuer, str) or not issuer:
+        raise InvalidRequest(f"{source}: issuer must be a non-empty string")
+    ttl = data.get("default_ttl", DEFAULT_TTL_SECONDS)
+    return {"issuer": issuer, "default_ttl": parse_ttl(str(ttl))}
 
 
 def key_id(public: Ed25519PublicKey) -> str:

@@ -5,8 +5,9 @@ A text file, one revoked token per line::
     <jti> <until>
 
 ``until`` is the revoked token's ``exp`` in whole seconds since the epoch (``0``: not
-known, kept for good). Past it the token is refused as expired anyway, so ``revoke``
-drops the lines whose ``until`` has passed when it rewrites the file. Blank lines and
+known, kept for good). Past it (and the tokens' leeway, ``tokens.LEEWAY_SECONDS``, during
+which a bus still accepts an expired token) the token is refused as expired anyway, so
+``revoke`` drops those lines when it rewrites the file. Blank lines and
 lines starting with ``#`` are ignored; any other line that does not have this shape
 makes the whole file refused (the bus keeps the list it had: failing open would
 un-revoke every token).
@@ -18,6 +19,7 @@ import re
 from pathlib import Path
 
 from oribus.auth.keys import write_atomically
+from oribus.auth.tokens import LEEWAY_SECONDS
 from oribus.errors import InvalidRequest
 
 _LINE = re.compile(r"^(\S{1,256}) (\d{1,12})$")
@@ -54,7 +56,8 @@ def revoke(path: Path, token_id: str, until: int, now: float) -> dict[str, int]:
     """Add ``token_id`` (kept until ``until``; 0: for good) and drop the ids past theirs."""
     if not token_id or any(c.isspace() for c in token_id) or len(token_id) > 256:
         raise InvalidRequest(f"{token_id!r} is not a token id")
-    revoked = {j: u for j, u in load_revoked(path).items() if u == 0 or u > now}
+    # kept through the leeway: dropped earlier, the token would verify again for up to 30 s
+    revoked = {j: u for j, u in load_revoked(path).items() if u == 0 or u + LEEWAY_SECONDS >= now}
     before = revoked.get(token_id)
     revoked[token_id] = 0 if not until or before == 0 else max(until, before or 0)
     write_atomically(path, format_revoked(revoked).encode())

@@ -63,6 +63,41 @@ def decide(policy: Policy, identity: Identity, operation: Operation, key: str = 
     return Decision(False, f"no role of [{roles}] grants {what}")
 
 
+class Access:
+    """What a set of roles is granted for one operation, merged across the roles and compiled
+    for the bus's hot path: ``allows(key)`` is a set lookup and one C-level
+    ``str.startswith`` over every granted prefix — the same answer as ``decide`` (a test holds
+    them to it), without a loop over roles and patterns, and without a table that grows with
+    every key ever asked about. ``decide`` stays the reference, and says *why* on a refusal."""
+
+    __slots__ = ("admin", "keys", "prefixes")
+
+    def __init__(self, policy: Policy, roles: tuple[str, ...], operation: Operation) -> None:
+        keys: set[str] = set()
+        prefixes: list[str] = []
+        admin = False
+        for name in roles:
+            role = policy.roles.get(name)
+            if role is None:
+                continue
+            admin = admin or role.admin
+            grant = role.grant(operation.value)
+            if operation is not Operation.WATCH:  # a literal key never covers a watched prefix
+                keys |= grant.keys
+            prefixes.extend(grant.prefixes)
+        # ADMIN ignores the key; the others grant no reserved key
+        self.admin: bool | None = admin if operation is Operation.ADMIN else None
+        self.keys = frozenset(keys)
+        self.prefixes = tuple(sorted(set(prefixes)))
+
+    def allows(self, key: str) -> bool:
+        if self.admin is not None:
+            return self.admin
+        if key.startswith(RESERVED_PREFIXES):
+            return False
+        return key in self.keys or key.startswith(self.prefixes)
+
+
 def may_act_for(policy: Policy, identity: Identity, agent: str) -> bool:
     """Whether ``identity`` may name ``agent`` in a request: its own name, or one its token's
     ``act_for`` or one of its roles' ``act_for`` lists (``*``: any)."""
@@ -85,13 +120,16 @@ class SessionOwners:
     record settles the rest: a session an orchestrator opened for agent B is the
     orchestrator's, and one B opened is B's, whichever of the two comes second.
 
-    Bounded: past ``capacity`` the oldest record is dropped, and the next user of that
-    session claims it again (as after a restart: the table is in memory).
+    ``owners``: a table to adopt, the bus's session journal's (``SessionJournal.identities``,
+    replayed at start: ownership outlives a restart of the bus); the guard journals each new
+    claim before the call that made it goes on. Bounded: past ``capacity`` the oldest record
+    is dropped (from the journal too at its next compaction), and the next user of that
+    session claims it again.
     """
 
-    def __init__(self, capacity: int = 1_000_000) -> None:
+    def __init__(self, capacity: int = 1_000_000, owners: dict[SessionRef, str] | None = None) -> None:
         self.capacity = capacity
-        self._owner: dict[SessionRef, str] = {}  # in the order claimed
+        self._owner: dict[SessionRef, str] = owners if owners is not None else {}  # in the order claimed
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -114,6 +152,10 @@ class SessionOwners:
                 del self._owner[next(iter(self._owner))]
             return None
         return None if owner == identity.agent else owner
+
+    def release(self, session: SessionRef) -> None:
+        """Forget ``session``'s owner (its claim could not be recorded)."""
+        self._owner.pop(session, None)
 
     def visible(self, identity: Identity, session: SessionRef) -> bool:
         """Whether a listing of sessions shows ``session`` to ``identity`` (its own)."""

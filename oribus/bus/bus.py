@@ -30,6 +30,7 @@ from oribus.types import (
     DEFAULT_SCAN_LIMIT,
     DEFAULT_SESSIONS_LISTED,
     MAX_KEYS_PER_REQUEST,
+    MAX_SESSIONS_LISTED,
     MAX_VERSION,
     RESERVED_PREFIXES,
     SessionRef,
@@ -37,6 +38,8 @@ from oribus.types import (
 )
 
 log = logging.getLogger("oribus.bus")
+
+FILTERED_SESSIONS_SCANNED = 10  # a filtered listing of sessions looks at this many times its limit per shard
 
 _READ_SECONDS = OP_SECONDS.labels(op="read")
 _COMMIT_SECONDS = OP_SECONDS.labels(op="commit")
@@ -342,13 +345,27 @@ class Bus(BusService):
         pages = await asyncio.gather(*(s.scan(prefix, after, limit) for s in self.shards.values()))
         return heapq.nsmallest(limit, (i for page in pages for i in page), key=lambda i: i.key)
 
-    async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED) -> list[dict]:
+    async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED, *,
+                            show_session: Callable[[SessionRef], bool] | None = None,
+                            show_key: Callable[[str], bool] | None = None) -> list[dict]:
         """The most recently active sessions on every shard with each delivered key marked
-        current or stale (for operators; a peek that records nothing)."""
-        per_shard = await asyncio.gather(*(s.sessions(limit) for s in self.shards.values()))
+        current or stale (for operators; a peek that records nothing).
+
+        ``show_session`` / ``show_key`` (the guard of ``--auth``, for a caller without the admin grant):
+        the sessions and the delivered keys to show; the others are left out before the
+        ``limit`` most recent are chosen, among the ``FILTERED_SESSIONS_SCANNED`` times
+        ``limit`` most recent of each shard (at most ``MAX_SESSIONS_LISTED``: a caller's own
+        sessions are found among others' without each poll of a dashboard copying every
+        shard's whole table), and the current version of a key left out is not read."""
+        asked = limit if show_session is None else min(MAX_SESSIONS_LISTED, limit * FILTERED_SESSIONS_SCANNED)
+        per_shard = await asyncio.gather(*(s.sessions(asked) for s in self.shards.values()))
         merged: dict[SessionRef, dict] = {}
         for views in per_shard:
             for session, entries, idle in views:
+                if show_session is not None and not show_session(SessionRef(*session)):
+                    continue
+                if show_key is not None:
+                    entries = {k: v for k, v in entries.items() if show_key(k)}
                 view = merged.setdefault(session, {"reads": {}, "idle": idle})
                 view["reads"].update(entries)
                 view["idle"] = min(view["idle"], idle)

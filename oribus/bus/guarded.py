@@ -9,7 +9,10 @@ call it). Each operation, before it calls the bus — so before any shard is con
    Unauthenticated if there is none or it is refused;
 2. checks the agent the request names: the identity's own, or one it may act for;
 3. checks the session's owner (``SessionOwners``) for everything that uses a session: a
-   recording read, a commit, forget, reset, opening it;
+   recording read, a commit, forget, reset, opening it. The first identity to use a
+   session becomes its owner, journaled (``SessionJournal.own_by``) before the call goes
+   on, so that after a restart of the bus another identity still cannot use it; calls of
+   the same identity on that session meanwhile wait for the record too;
 4. checks every key the operation names (``oribus.auth.rules``): a read of a key the caller
    may not read is refused whole (no delivery is recorded for any of its keys), a commit
    with one forbidden key is refused whole (nothing is written), a watch is refused before
@@ -23,7 +26,8 @@ something well-formed first.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from oribus.auth import Authority, Identity, Operation, SessionOwners
@@ -40,6 +44,8 @@ from oribus.types import (
     validate_prefix,
 )
 
+_KEY_COLLECTIONS = (list, tuple, dict)  # a tuple of types: isinstance checks it faster than a union
+
 
 class GuardedBus(BusService):
     """``bus`` behind ``authority``'s rules; the same operations, the same signatures."""
@@ -47,7 +53,12 @@ class GuardedBus(BusService):
     def __init__(self, bus: Bus, authority: Authority, owners: SessionOwners | None = None) -> None:
         self.bus = bus
         self.authority = authority
-        self.owners = owners if owners is not None else SessionOwners()
+        # the owners the bus's session journal holds (replayed at start), journaled as claimed
+        self.journal = bus.sessions.journal
+        if owners is None:
+            owners = SessionOwners(owners=self.journal.identities if self.journal is not None else None)
+        self.owners = owners
+        self._recording: dict[SessionRef, asyncio.Future[None]] = {}  # claims being journaled
 
     # ---- what the transports read besides the operations (no key, no session) -----------------
 
@@ -67,24 +78,62 @@ class GuardedBus(BusService):
 
     def caller(self, op: str) -> Identity:
         """The identity of the call in progress, or Unauthenticated."""
-        return self.authority.authenticate(CREDENTIAL.get(), op, CERTIFICATE.get())
+        token = CREDENTIAL.get()
+        return self.authority.authenticate(token, op, None if token else CERTIFICATE.get())
 
-    def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
+    def _owned(self, identity: Identity, session: SessionRef) -> bool:
+        """The common call, checked without more: the session of the identity's own agent,
+        which it claimed (so it was checked) before, its claim journaled."""
+        return (type(session) is SessionRef and self.owners.owner(session) == identity.agent
+                and session[0] == identity.agent and session not in self._recording)
+
+    async def _session(self, identity: Identity, session: SessionRef, op: str, *, claim: bool = True) -> None:
         _check_session(session)  # InvalidRequest before anything is recorded
         agent = session[0]
         if not self.authority.may_act_for(identity, agent):
             raise self.authority.denied(identity, op, "", f"{identity.agent} may not act for agent {agent!r}")
-        owner = self.owners.claim(identity, session) if claim else self.owners.check(identity, session)
-        if owner is not None:
-            raise self.authority.denied(identity, op, "", f"session {agent}/{session[1]} belongs to {owner}")
+        session = SessionRef(agent, session[1])
+        while True:
+            owner = self.owners.check(identity, session)
+            if owner is not None:
+                raise self.authority.denied(identity, op, "", f"session {agent}/{session[1]} belongs to {owner}")
+            pending = self._recording.get(session)
+            if pending is None:
+                break
+            # its claim is on its way to the journal: nobody's until durable (then check again:
+            # a claim that could not be journaled was released)
+            await asyncio.shield(pending)
+        if claim and self.owners.owner(session) is None:
+            self.owners.claim(identity, session)  # at once: a concurrent claim by another identity is refused
+            if self.journal is not None:
+                await self._journal_claim(identity, session)
+
+    async def _journal_claim(self, identity: Identity, session: SessionRef) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._recording[session] = done
+        try:
+            assert self.journal is not None
+            await self.journal.own_by(session, identity.agent)
+        except BaseException:
+            self.owners.release(session)  # not journaled: not claimed (this call fails)
+            raise
+        finally:
+            del self._recording[session]
+            done.set_result(None)  # whoever waited checks the owner again
 
     def _keys(self, identity: Identity, operation: Operation, keys: Any, op: str) -> None:
-        if not isinstance(keys, list | tuple | dict):
+        if not keys:  # the usual commit's expect and rollback: nothing to check
+            if not isinstance(keys, _KEY_COLLECTIONS):
+                raise InvalidRequest("keys must be a list of str")
+            return
+        if not isinstance(keys, _KEY_COLLECTIONS):
             raise InvalidRequest("keys must be a list of str")
+        allows = self.authority.access(identity, operation).allows  # compiled once per roles and operation
         for key in keys:
             if not isinstance(key, str):  # the rest of a key's form the bus checks, before any shard
                 validate_key(key)
-            self.authority.require(identity, operation, key, op=op)
+            if not allows(key):
+                raise self.authority.refusal(identity, operation, key, op)
 
     # ---- the operations -------------------------------------------------------------------------------
 
@@ -92,17 +141,25 @@ class GuardedBus(BusService):
                    **kw: Any) -> ReadResult:
         identity = self.caller("read")
         self._keys(identity, Operation.READ, keys, "read")
-        self._session(identity, session, "read", claim=record)
+        if not self._owned(identity, session):
+            await self._session(identity, session, "read", claim=record)
         return await self.bus.read(session, keys, record, only_new, **kw)
 
     async def commit(self, req: CommitRequest, **kw: Any) -> CommitResult:
         identity = self.caller("commit")
         if kw.get("may_write_reserved"):  # the server's own writes never come through here
             raise InvalidRequest("may_write_reserved is not for callers")
-        for keys, operation in ((req.read_set, Operation.READ), (req.expect, Operation.READ),
-                                (req.writes, Operation.WRITE), (req.rollback, Operation.ROLLBACK)):
-            self._keys(identity, operation, keys, "commit")
-        self._session(identity, req.session, "commit")
+        # (an empty dict, as a commit's expect and rollback usually are, needs no check)
+        if req.read_set or type(req.read_set) is not dict:
+            self._keys(identity, Operation.READ, req.read_set, "commit")
+        if req.expect or type(req.expect) is not dict:
+            self._keys(identity, Operation.READ, req.expect, "commit")
+        if req.writes or type(req.writes) is not dict:
+            self._keys(identity, Operation.WRITE, req.writes, "commit")
+        if req.rollback or type(req.rollback) is not dict:
+            self._keys(identity, Operation.ROLLBACK, req.rollback, "commit")
+        if not self._owned(identity, req.session):
+            await self._session(identity, req.session, "commit")
         return await self.bus.commit(req, **kw)
 
     async def history(self, key: str, limit: int | None = None) -> list[Entry]:
@@ -113,17 +170,17 @@ class GuardedBus(BusService):
 
     async def forget(self, session: SessionRef, keys: list[str], *, caller_owns: bool = True) -> bool:
         identity = self.caller("forget")
-        self._session(identity, session, "forget")
+        await self._session(identity, session, "forget")
         return await self.bus.forget(session, keys)  # the credential proved it owns the session
 
     async def reset(self, session: SessionRef, *, caller_owns: bool = True) -> bool:
         identity = self.caller("reset")
-        self._session(identity, session, "reset")
+        await self._session(identity, session, "reset")
         return await self.bus.reset(session)
 
     async def open_session(self, session: SessionRef, client: str = "") -> str | None:
         identity = self.caller("open_session")
-        self._session(identity, session, "open_session")
+        await self._session(identity, session, "open_session")
         return await self.bus.open_session(session, client)
 
     async def stats(self) -> dict:
@@ -146,13 +203,22 @@ class GuardedBus(BusService):
 
     async def session_views(self, limit: int = DEFAULT_SESSIONS_LISTED) -> list[dict]:
         identity = self.caller("sessions")
-        views = await self.bus.session_views(limit)
         if self.authority.allowed(identity, Operation.ADMIN):
-            return views
-        mine = [v for v in views if self.owners.visible(identity, SessionRef(v["agent"], v["session"]))]
-        for v in mine:
-            v["reads"] = [r for r in v["reads"] if self.authority.allowed(identity, Operation.READ, r["key"])]
-        return mine
+            return await self.bus.session_views(limit)
+        # the caller's own sessions, and of their reads the keys it may read (chosen before the limit)
+        return await self.bus.session_views(
+            limit, show_session=lambda session: self.owners.visible(identity, session),
+            show_key=lambda key: self.authority.allowed(identity, Operation.READ, key))
+
+    def may_see_everything(self) -> bool:
+        """Whether the call's identity has the admin grant (Unauthenticated without one)."""
+        return self.authority.allowed(self.caller("sessions"), Operation.ADMIN)
+
+    def may_read(self) -> Callable[[str], bool]:
+        """Whether the call's identity may read a key, as a test to apply to many
+        (Unauthenticated without an identity)."""
+        identity = self.caller("read")
+        return lambda key: self.authority.allowed(identity, Operation.READ, key)
 
     async def reset_every_session(self) -> int:
         self.require_admin("reset_every_session")

@@ -29,6 +29,9 @@ segments, torn-tail recovery) in its own directory, with these record types::
     OBSERVE  {"s": [agent, session_id], "h": shard, "t": [epoch, incarnation]}
     RESET    {"s": [agent, session_id]}     tokens dropped (an acknowledged or owned session stays, empty)
     OWN      {"s": [agent, session_id], "h": sha256(session_token)}   who opened the session
+    OWNER    {"s": [agent, session_id], "a": identity}   under --auth: the identity the session
+                                            belongs to (specs/auth.md §5); kept through RESET
+                                            and MARK (a reset or evicted session stays its owner's)
     MARK     {"s": [agent, session_id]}     bit set; tokens, owner and acknowledgement dropped
     ACK      {"s": [agent, session_id]}     the session was refused once for its mark
     MARKS    {"b": bytes}                   the whole bit set (compaction; empty: all clear)
@@ -63,6 +66,7 @@ MARK = 3
 ACK = 4
 MARKS = 5
 OWN = 6
+OWNER = 7
 
 MARK_BITS = 1 << 23  # 1 MiB of marks: ~1% false positives after 80,000 marked sessions
 
@@ -84,6 +88,8 @@ class SessionJournal:
         self.table: dict[SessionRef, dict[int, Token]] = {}  # SessionTable adopts it
         self.acked: set[SessionRef] = set()  # marked sessions refused once since (each has a table entry)
         self.owners: dict[SessionRef, bytes] = {}  # sha256 of each owned session's token (each has an entry)
+        # under --auth: the identity each session belongs to, in the order claimed (SessionOwners adopts it)
+        self.identities: dict[SessionRef, str] = {}
         self._marks = bytearray(MARK_BITS // 8)
         self._any_mark = False
 
@@ -111,7 +117,8 @@ class SessionJournal:
         journal = cls(wal, dir_lock)
         for rtype, body in pending:
             journal._apply(rtype, body)
-        live = sum(len(t) for t in journal.table.values()) + len(journal.acked) + len(journal.owners)
+        live = (sum(len(t) for t in journal.table.values()) + len(journal.acked) + len(journal.owners)
+                + len(journal.identities))
         if records > 4 * live + 1024:
             try:
                 await journal._compact()
@@ -153,6 +160,8 @@ class SessionJournal:
         elif rtype == ACK:
             self.acked.add(session)
             self.table.setdefault(session, {})
+        elif rtype == OWNER:
+            self.identities.setdefault(session, body["a"])  # the first claim stands
 
     async def _write(self, rtype: int, body: Any) -> None:
         await self._wal.sync(self._wal.append(rtype, body))
@@ -168,6 +177,9 @@ class SessionJournal:
             first = first or lsn
         for session, digest in self.owners.items():
             lsn = self._wal.append(OWN, {"s": list(session), "h": digest})
+            first = first or lsn
+        for session, identity in self.identities.items():  # (those SessionOwners dropped over its cap are gone)
+            lsn = self._wal.append(OWNER, {"s": list(session), "a": identity})
             first = first or lsn
         for session, tokens in self.table.items():
             for shard, token in tokens.items():
@@ -196,6 +208,10 @@ class SessionJournal:
 
     async def own(self, session: SessionRef, token_digest: bytes) -> None:
         await self._write(OWN, {"s": list(session), "h": token_digest})
+
+    async def own_by(self, session: SessionRef, identity: str) -> None:
+        """Record that ``session`` belongs to ``identity`` (durable on return)."""
+        await self._write(OWNER, {"s": list(session), "a": identity})
 
     async def ack(self, session: SessionRef) -> None:
         await self._write(ACK, {"s": list(session)})

@@ -19,8 +19,10 @@ HTTP-specific lives here:
   page) needs ``Authorization: Bearer TOKEN``, or over HTTPS an agent's client certificate
   (``oribus certs agent``) — missing or refused: 401 with
   ``WWW-Authenticate``. ``/v1`` routes then call ``GuardedBus``, which applies the rules per
-  key and per session (403); the S-Bus routes, ``/admin/*`` and the dashboard's feed and
-  rollback need the ``admin`` grant (S-Bus's own API names no per-key identity to check).
+  key and per session (403); the S-Bus routes, ``/admin/*`` and the dashboard's rollback
+  need the ``admin`` grant (S-Bus's own API names no per-key identity to check); the
+  dashboard's feed shows an identity without it only its own sessions and the keys it may
+  read (``ANY_IDENTITY_PATHS``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ DEFAULT_HTTP = "127.0.0.1:7780"
 CLOSE_AFTER = web.RequestKey("close_after", bool)  # the connection cannot carry another request (body cut off)
 # Under --auth, what answers without a credential: no key, no value, no session in any of them.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/openapi.json", "/"})
+# outside /v1, the routes any identity may call: the dashboard's feed shows each what it may read
+ANY_IDENTITY_PATHS = frozenset({"/dashboard/state"})
 
 
 @dataclass
@@ -248,7 +252,7 @@ class HttpGateway:
         request[LOG_FIELDS]["identity"] = identity.agent
         CREDENTIAL.set(token)  # the handler runs in this task: GuardedBus reads it there
         CERTIFICATE.set(certificate)
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith("/v1/") and request.path not in ANY_IDENTITY_PATHS:
             self.authority.require(identity, Operation.ADMIN, op=f"{request.method} {request.path}")
 
     async def body(self, request: web.Request) -> dict[str, Any]:

@@ -4,7 +4,7 @@ The page (``dashboard.html``: plain HTML, vanilla JS, an inline SVG chart; no
 build step, nothing loaded from elsewhere) polls the feed once a second and
 draws it. The feed, one JSON object::
 
-    {"now": <epoch s>, "admin": bool, "uptime_seconds": float,
+    {"now": <epoch s>, "admin": bool, "everything": bool, "uptime_seconds": float,
      "shards":   [{"shard", "up", "epoch" (a string), "keys", "prepared", "dlog_sessions",
                    "dlog_entries", "wal_fsyncs", "watchers", "error",
                    "group": {"replicas", "term", "primary", "last_lsn", "commit_lsn",
@@ -21,6 +21,7 @@ draws it. The feed, one JSON object::
      "sessions": [{"agent", "session", "idle_seconds",
                    "reads": [{"key", "version", "current", "stale"}]}, ...],
      "sessions_error": str | null}       # sessions: [] and an error saying why, unless admin
+                                         # (or under --auth: the caller's own)
 
 Where the numbers come from, without touching the bus: commit and conflict
 rates are the coordinator's counters (``Bus.coordinator.counters``) sampled
@@ -38,8 +39,12 @@ string: it is a nanosecond clock, beyond the integers a JavaScript number
 holds exactly.
 
 Under ``--auth`` (specs/auth.md) the page asks for a token and sends it as
-``Authorization: Bearer`` with every request; the feed and the rollback need the admin
-grant (``HttpGateway._authenticate``): 401 without a token, 403 without the grant.
+``Authorization: Bearer`` with every request (401 without one). The feed is for any
+identity, and shows each what it may see: with the admin grant everything
+(``"everything": true``); without it, its own sessions (``SessionOwners``) with only the keys
+it may read, and only those among the hot keys (the shard and bus counters name no key and
+are shown to all, as ``stats`` is). The rollback needs the admin grant (403 otherwise), and
+``"admin"`` is true only for an identity that has it on a server run with ``--admin``.
 
 Rollback from the page goes through ``POST /dashboard/rollback`` — a
 rollback commit by the session ``("dashboard", "dashboard")`` that depends
@@ -57,12 +62,13 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from aiohttp import web
 
+from oribus.bus.guarded import GuardedBus
 from oribus.contract import CommitRequest, ensure_subscribed
 from oribus.errors import InvalidRequest, OribusError
 from oribus.gateway.errors import LOG_FIELDS, json_response, request_error
@@ -163,8 +169,9 @@ class HotKeys:
         for k in ranked[: max(1, len(ranked) // 2)]:
             del self._keys[k]
 
-    def top(self, n: int, now: float) -> list[dict[str, Any]]:
-        scored = [(self._decayed(e, now), k, int(e[2])) for k, e in self._keys.items()]
+    def top(self, n: int, now: float, keep: Callable[[str], bool] | None = None) -> list[dict[str, Any]]:
+        """The ``n`` hottest keys (of those ``keep`` keeps)."""
+        scored = [(self._decayed(e, now), k, int(e[2])) for k, e in self._keys.items() if keep is None or keep(k)]
         scored.sort(key=lambda s: (-s[0], s[1]))
         return [{"key": k, "score": round(score, 3), "writes": writes} for score, k, writes in scored[:n]]
 
@@ -236,19 +243,24 @@ class DashboardRoutes:
         now = time.time()
         counters = dict(self.bus.coordinator.counters)
         health = await self.gw.shard_health()
+        # under --auth: an identity without the admin grant sees its own sessions and the keys it may read
+        guard = self.gw.api if isinstance(self.gw.api, GuardedBus) else None
+        everything = guard is None or guard.may_see_everything()
         sessions: list[dict] = []
         sessions_error = None
-        if not self.gw.config.admin:  # every agent's reads are the admins' to see (as /v1/sessions)
+        if guard is None and not self.gw.config.admin:  # every agent's reads are the admins' (as /v1/sessions)
             sessions_error = "each agent's reads are shown only when the server runs with --admin"
         else:
             try:
-                sessions = await asyncio.wait_for(self.bus.session_views(SESSIONS_SHOWN),
+                sessions = await asyncio.wait_for(self.gw.api.session_views(SESSIONS_SHOWN),
                                                   self.gw.config.ready_timeout)
             except (OribusError, TimeoutError) as e:  # a shard down must not blank the whole page
                 sessions_error = f"{type(e).__name__}: {e}"
+        hot_keys = self.hot.top(HOT_SHOWN, now, None if everything or guard is None else guard.may_read())
         return json_response({
             "now": now,
-            "admin": self.gw.config.admin,
+            "admin": self.gw.config.admin and everything,
+            "everything": everything,
             "uptime_seconds": round(now - self.gw.started_at, 3),
             "shards": [_shard_row(sid, st) for sid, st in sorted(health.items())],
             "bus": {
@@ -264,7 +276,7 @@ class DashboardRoutes:
             "rates": {"interval": SAMPLE_INTERVAL, "window_seconds": RATE_WINDOW * SAMPLE_INTERVAL,
                       "points": self.rates.points()},
             "hot_keys": {"half_life_seconds": HOT_HALF_LIFE, "watching": self._watching,
-                         "error": self.watch_error, "keys": self.hot.top(HOT_SHOWN, now)},
+                         "error": self.watch_error, "keys": hot_keys},
             "sessions": sessions,
             "sessions_error": sessions_error,
         }, headers={"Cache-Control": "no-store"})

@@ -14,7 +14,8 @@ whoever opens a session nobody uses yet; ``/v1/reset`` and ``/v1/forget`` with
 it clear the reads as asked. Without it the session's reads are dropped too,
 but the session is marked so that its next commit fails closed (410), since
 the caller may not be the agent that made them (``sessions.py``).
-``/v1/sessions`` lists every agent's reads: admin only. The document describing all of it is served at
+``/v1/sessions`` lists every agent's reads: admin only (under ``--auth``: an identity with the
+admin grant sees every session, any other its own with only the keys it may read). The document describing all of it is served at
 ``/v1/openapi.json`` (``openapi.py``; kept in ``specs/openapi.json``).
 """
 

@@ -185,7 +185,8 @@ def document() -> dict[str, Any]:
                               "responses": {"200": _json({"type": "object"}), **_errors(503)}}},
         "/v1/sessions": {"get": {
             "summary": "Recently active sessions with their read sets, each read marked stale or current "
-                       "(admin only)",
+                       "(admin only; under --auth an identity without the admin grant gets its own sessions "
+                       "and only the keys it may read)",
             "parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer", "default": SESSIONS_PAGE}}],
             "responses": {"200": _json({"type": "object"}), **_errors(400, 403, 503)},
         }},

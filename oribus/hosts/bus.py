@@ -6,7 +6,8 @@ The shards come from the cluster metadata: a fixed list of addresses
 epoch. The bus calls a shard over its stream listener when its record has one
 (``--shard-transport stream``, the default), else over gRPC. The bus's own state (the session journal of HTTP agents) lives in
 ``data_dir``. With etcd the bus announces itself under ``buses/`` for as long
-as it runs.
+as it runs, and under ``--auth`` takes its access rules from the cluster's etcd when they
+are published there (``AuthFollower``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from oribus.bus.guarded import GuardedBus
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
 from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.auth_follower import AuthFollower
 from oribus.hosts.exposure import warn_unauthenticated
 from oribus.hosts.lifecycle import Teardown, stop_signal_event
 from oribus.hosts.shard import stream_listen_address
@@ -41,9 +43,12 @@ class BusHost:
                  tls: TlsConfig | None = None, ready_wait: float = 10.0,
                  advertise: str | None = None, advertise_http: str | None = None,
                  shard_transport: str = DEFAULT_TRANSPORT, stream_listen: str | None = None,
-                 advertise_stream: str | None = None, authority: Authority | None = None) -> None:
+                 advertise_stream: str | None = None, authority: Authority | None = None,
+                 auth_follower: AuthFollower | None = None) -> None:
         self.meta = meta
         self.authority = authority  # --auth: credentials and access rules on every transport
+        # --auth with --etcd: the authority comes from (and follows) the cluster's etcd
+        self.auth_follower = auth_follower
         self.data_dir = Path(data_dir)
         self.listen = listen
         self.http = http
@@ -72,6 +77,9 @@ class BusHost:
         async with self._teardown.stop_on_error():
             config = await self.meta.config()
             slot_map = config.slot_map()
+            if self.auth_follower is not None:
+                self.authority = await self.auth_follower.start()
+                self._teardown.push("auth follower", self.auth_follower.stop)
             journal = await SessionJournal.open(self.data_dir / "sessions")
             self._teardown.push("session journal", journal.close)
             shards: dict = {}
@@ -111,11 +119,12 @@ async def run_bus(meta: ClusterMeta, data_dir: Path, listen: str, *, http: Gatew
                   tls: TlsConfig | None = None, advertise: str | None = None,
                   advertise_http: str | None = None, shard_transport: str = DEFAULT_TRANSPORT,
                   stream_listen: str | None = None, advertise_stream: str | None = None,
-                  authority: Authority | None = None) -> None:
+                  authority: Authority | None = None, auth_follower: AuthFollower | None = None) -> None:
     stop = stop_signal_event()
     bus = BusHost(meta, data_dir, listen, http=http, tls=tls, advertise=advertise,
                   advertise_http=advertise_http, shard_transport=shard_transport,
-                  stream_listen=stream_listen, advertise_stream=advertise_stream, authority=authority)
+                  stream_listen=stream_listen, advertise_stream=advertise_stream, authority=authority,
+                  auth_follower=auth_follower)
     async with Teardown(log) as teardown:
         teardown.push("cluster metadata", meta.close)  # with etcd: the bus's record goes with it
         teardown.push("bus", bus.stop)  # stops what a failed start left too

@@ -45,6 +45,7 @@ from oribus.bus.sweep import TxnSweep
 from oribus.datadir_lock import DataDirLock
 from oribus.errors import InvalidRequest, Unavailable
 from oribus.gateway import GatewayConfig, HttpGateway
+from oribus.hosts.auth_follower import AuthFollower
 from oribus.hosts.embedded import (
     DEFAULT_SHARDS,
     EmbeddedEngine,
@@ -63,6 +64,7 @@ from oribus.hosts.up_groups import (
     stored_groups,
 )
 from oribus.lifeline import ParentLifeline
+from oribus.meta.auth_store import EtcdAuthStore
 from oribus.meta.cluster_meta import DEFAULT_LEASE_TTL, ClusterConfig, ShardRecord
 from oribus.meta.directory import ShardDirectory
 from oribus.meta.etcd import DEFAULT_CLUSTER, EtcdMeta
@@ -152,6 +154,10 @@ class UpHost:
         async with self._teardown.stop_on_error():
             if self.processes and self.replicas > 1:
                 bus, sweep = await self._start_groups()
+                if self.authority is not None and self.meta is not None:  # cluster mode: etcd's rules once pushed
+                    follower = AuthFollower(EtcdAuthStore(self.meta), None, self.authority)
+                    self.authority = await follower.start()
+                    self._teardown.push("auth follower", follower.stop)
             elif self.processes:
                 bus, sweep = await self._start_processes()
             else:

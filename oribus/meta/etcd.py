@@ -10,6 +10,9 @@ Layout, all under ``/oribus/<cluster>/``::
                      record has it: a replica group's primary writes its term there)
     groups/<id>/...  replica groups (R > 1): ``oribus.meta.groups``
     buses/<id>       {"address": "host:port", "http": "host:port"}         held by the bus's lease
+    auth/...         the cluster's verification keys, access rules and revoked token ids
+                     (``oribus auth push`` / ``revoke --etcd``; layout: ``oribus.auth.published``,
+                     read and written by ``oribus.meta.auth_store``)
 
 Values are JSON. A claim is one transaction — "if ``shards/<id>`` does not
 exist, create it bound to my lease" — so two processes can never both hold
@@ -33,7 +36,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aetcd
@@ -324,6 +327,55 @@ class EtcdMeta(ClusterMeta):
         if lease is not None:
             with contextlib.suppress(Exception):
                 await self._call(lambda c: c.revoke_lease(lease.id))
+
+    # ---- any part of the prefix (auth data: oribus.meta.auth_store) -------------------------
+
+    async def read_prefix(self, name: str) -> dict[str, bytes]:
+        """Every key under ``<prefix><name>`` at one revision, named relative to it."""
+        prefix = self._key(name)
+        got = await self._call(lambda c: c.get_prefix(prefix))
+        return {kv.key[len(prefix):].decode("utf-8", "replace"): bytes(kv.value) for kv in got}
+
+    async def follow_prefix(self, name: str) -> AsyncIterator[dict[str, bytes]]:
+        """``read_prefix(name)`` now, then again after every change: after each etcd watch
+        event, and at least every ``poll_seconds`` (yielded only when it differs). While etcd
+        cannot be reached nothing is yielded (the caller keeps what it has) and it says so."""
+        last: dict[str, bytes] | None = None
+        changed = asyncio.Event()
+        watcher = asyncio.get_running_loop().create_task(self._watch_prefix(self._key(name), changed))
+        try:
+            while True:
+                changed.clear()  # before the read: an event during it means read again
+                try:
+                    now = await self.read_prefix(name)
+                except Unavailable as e:
+                    log.error("etcd unreachable, keeping the %s I have: %s", name.rstrip("/"), e.message)
+                else:
+                    if now != last:
+                        last = now
+                        yield dict(now)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self.poll_seconds)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+    async def write_prefix(self, name: str, puts: dict[str, bytes], deletes: Sequence[str] = ()) -> None:
+        """One transaction under ``<prefix><name>``: ``puts`` (relative names -> values) and
+        ``deletes`` (relative names), all or nothing."""
+        ops_puts = [(self._key(name) + n.encode(), v) for n, v in puts.items()]
+        ops_deletes = [self._key(name) + n.encode() for n in deletes]
+
+        async def txn(c: aetcd.Client) -> Any:
+            return await c.transaction(
+                compare=[],
+                success=[*(c.transactions.put(k, v) for k, v in ops_puts),
+                         *(c.transactions.delete(k) for k in ops_deletes)],
+                failure=[],
+            )
+
+        await self._call(txn)
 
     # ---- buses ----------------------------------------------------------------------------
 

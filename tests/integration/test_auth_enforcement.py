@@ -175,7 +175,7 @@ async def test_http_bearer_401_403_and_unchanged_state(bus):
             ("GET", "/v1/watch", {"params": {"prefix": "team/b/"}}),
             ("POST", "/v1/reset", {"json": {"agent": "a2"}}),
             ("GET", "/shard/team/b/x", {"params": {"agent_id": "a1"}}),  # S-Bus: admin only under --auth
-            ("GET", "/dashboard/state", {}),
+            ("POST", "/dashboard/rollback", {"json": {"key": "team/a/x", "version": 1}}),
         ]:
             st, out = await call(http, method, path, headers=a1, **kw)
             assert st == 403 and out["code"] == "PermissionDenied", (path, st, out)
@@ -220,3 +220,106 @@ async def test_a_session_s_owner_is_one_record_across_transports(bus):
     async with oribus.connect(host.address, agent="a1", session_id="boss-own", token=mint(d, "a1", "team-a")) as a1:
         with pytest.raises(PermissionDenied, match="belongs to boss"):
             await a1.get("team/a/x")
+
+
+async def test_sessions_and_the_dashboard_show_a_non_admin_only_what_it_may_read(bus):
+    """/v1/sessions and the dashboard's feed (specs/auth.md §5): an identity without the admin
+    grant sees the sessions it owns — not one opened in its agent's name by another identity
+    — and of their reads and of the hot keys only the keys it may read; admin sees all."""
+    host, d = bus
+    a1_token, boss, ops = mint(d, "a1", "team-a"), mint(d, "boss", "boss"), mint(d, "ops", "ops")
+    async with oribus.connect(host.address, agent="a1", session_id="mine", token=a1_token) as a1:
+        await a1.put("team/a/y", "y0")
+        await a1.get_many(["team/a/x", "team/a/y"])
+    async with oribus.connect(host.address, agent="a1", session_id="boss-run", token=boss) as as_a1:
+        await as_a1.get_many(["team/a/x", "team/b/x"])  # a1's name, boss's session
+    for i in range(3):  # sessions more recent than a1's: a listing of one must still find a1's
+        async with oribus.connect(host.address, agent="ops", session_id=f"o{i}", token=ops) as o:
+            await o.get_many(["team/a/x", "team/b/x"])
+    a1_h, ops_h = {"Authorization": f"Bearer {a1_token}"}, {"Authorization": f"Bearer {ops}"}
+
+    def listed(sessions: list[dict]) -> dict[tuple[str, str], list[str]]:
+        return {(s["agent"], s["session"]): [r["key"] for r in s["reads"]] for s in sessions}
+
+    async with aiohttp.ClientSession(f"http://{host.gateway.address}") as http:
+        st, out = await call(http, "GET", "/v1/sessions", headers=a1_h)
+        assert st == 200 and listed(out["sessions"]) == {("a1", "mine"): ["team/a/x", "team/a/y"]}
+        st, out = await call(http, "GET", "/v1/sessions", params={"limit": "1"}, headers=a1_h)
+        assert st == 200 and list(listed(out["sessions"])) == [("a1", "mine")]
+        st, out = await call(http, "GET", "/v1/sessions", headers=ops_h)
+        assert listed(out["sessions"])[("a1", "boss-run")] == ["team/a/x", "team/b/x"]
+
+        async def feed(headers: dict) -> dict:
+            st, out = await call(http, "GET", "/dashboard/state", headers=headers)
+            assert st == 200, out
+            return out
+
+        deadline = time.monotonic() + 10  # the hot keys come from a watch the first request starts
+        while {"team/a/x", "team/b/x"} - {k["key"] for k in (await feed(ops_h))["hot_keys"]["keys"]}:
+            assert time.monotonic() < deadline, "the hot-key watch saw no write"
+            await asyncio.sleep(0.1)
+        mine = await feed(a1_h)
+        assert mine["everything"] is False and mine["admin"] is False and mine["sessions_error"] is None
+        assert listed(mine["sessions"]) == {("a1", "mine"): ["team/a/x", "team/a/y"]}
+        assert {k["key"] for k in mine["hot_keys"]["keys"]} == {"team/a/x", "team/a/y"}
+        everything = await feed(ops_h)
+        assert everything["everything"] is True
+        assert {("a1", "mine"), ("a1", "boss-run"), ("ops", "o0")} <= set(listed(everything["sessions"]))
+
+        # a key a1 may no longer read leaves its own session's listing (the policy followed within a second)
+        d.policy.write_text(POLICY.replace('read: ["team/a/*"]', 'read: ["team/a/x"]'))
+        deadline = time.monotonic() + 10
+        while True:
+            st, out = await call(http, "GET", "/v1/sessions", headers=a1_h)
+            if listed(out["sessions"]) == {("a1", "mine"): ["team/a/x"]}:
+                break
+            assert time.monotonic() < deadline, out
+            await asyncio.sleep(0.2)
+        assert {k["key"] for k in (await feed(a1_h))["hot_keys"]["keys"]} == {"team/a/x"}
+        assert (await call(http, "GET", "/dashboard/state"))[0] == 401  # still no anonymous feed
+
+
+async def test_a_claim_is_the_owner_s_only_once_journaled(bus, monkeypatch):
+    """The first identity to use a session owns it at once for everyone else (another
+    identity's call is refused while the record is being written), its own other calls wait
+    for the record, and a claim that could not be journaled is no claim."""
+    host, d = bus
+    guard = host.server.served
+    journal = guard.journal
+    assert journal is not None
+    gate = asyncio.Event()
+    own_by = journal.own_by
+    writes: list[tuple] = []
+
+    async def slow_own_by(session, identity):
+        writes.append((tuple(session), identity))
+        await gate.wait()
+        await own_by(session, identity)
+
+    monkeypatch.setattr(journal, "own_by", slow_own_by)
+    boss, a1_token = mint(d, "boss", "boss"), mint(d, "a1", "team-a")
+    async with (oribus.connect(host.address, agent="a1", session_id="race", token=boss) as by_boss,
+                oribus.connect(host.address, agent="a1", session_id="race", token=a1_token) as a1):
+        first = asyncio.create_task(by_boss.get("team/a/x"))
+        while not writes:
+            await asyncio.sleep(0.01)
+        with pytest.raises(PermissionDenied, match="belongs to boss"):  # claimed, though not yet durable
+            await a1.get("team/a/x")
+        second = asyncio.create_task(by_boss.get("team/a/x"))
+        await asyncio.sleep(0.2)
+        assert not first.done() and not second.done()  # both wait for the record
+        gate.set()
+        assert (await first).value == "a0" and (await second).value == "a0"
+    assert journal.identities[("a1", "race")] == "boss"
+
+    async def failing_own_by(session, identity):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(journal, "own_by", failing_own_by)
+    async with oribus.connect(host.address, agent="a1", session_id="lost", token=boss) as by_boss:
+        with pytest.raises(oribus.OribusError):
+            await by_boss.get("team/a/x")
+    monkeypatch.setattr(journal, "own_by", own_by)
+    async with oribus.connect(host.address, agent="a1", session_id="lost", token=a1_token) as a1:
+        assert (await a1.get("team/a/x")).value == "a0"  # nobody owned it: a1 may claim it
+    assert journal.identities[("a1", "lost")] == "a1"

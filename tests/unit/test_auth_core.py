@@ -23,7 +23,7 @@ from oribus.auth.credential import bearer
 from oribus.auth.keys import AuthDir, load_signing_key, new_signing_key, retire_key
 from oribus.auth.policy import STARTER_POLICY, load_policy_text, parse_policy
 from oribus.auth.revocation import load_revoked, parse_revoked, revoke
-from oribus.auth.rules import may_act_for
+from oribus.auth.rules import Access, may_act_for
 from oribus.auth.tokens import issue, parse_ttl, verify
 from oribus.cli import main
 from oribus.errors import InvalidRequest, PermissionDenied, Unauthenticated, error_from_dict
@@ -204,6 +204,18 @@ def test_the_revoked_file_drops_past_lines_and_refuses_bad_ones(tmp_path):
         revoke(path, "has space", 0, now=0)
 
 
+def test_a_revoked_line_is_kept_while_its_token_is_still_accepted(authdir):
+    """A bus accepts a token up to LEEWAY_SECONDS past its exp: the revocation must last as long."""
+    now = time.time()
+    tok = token(authdir, ttl=10, now=now - 15)  # exp 5 s ago: inside the leeway
+    a = fast(authdir)
+    ident = a.authenticate(tok)
+    revoke(authdir.revoked, ident.token_id, int(ident.expires), now)
+    revoke(authdir.revoked, "another", 0, now)  # rewrites the file
+    assert ident.token_id in load_revoked(authdir.revoked)
+    assert refused(a, tok) == "revoked"
+
+
 def test_a_broken_file_keeps_the_previous_rules(authdir, caplog):
     a = fast(authdir)
     tok = token(authdir)
@@ -361,6 +373,8 @@ def test_decisions_agree_with_the_reference_model(roles, identity, op, key, agen
     policy = parse_policy({"roles": roles})
     decision = decide(policy, identity, Operation(op), key)
     assert decision.allowed == model_allows(roles, identity, op, key), decision.rule
+    # the bus's hot path: the roles' grants merged and compiled (rules.Access) agree too
+    assert Access(policy, identity.roles, Operation(op)).allows(key) == decision.allowed
     assert may_act_for(policy, identity, agent) == model_acts_for(roles, identity, agent)
 
 

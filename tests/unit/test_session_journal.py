@@ -166,3 +166,23 @@ async def test_only_the_opener_owns_a_session_and_ownership_outlives_a_restart(t
         await table2.check_not_marked(B)
     await table2.check_not_marked(A)
     await j2.close()
+
+
+async def test_identity_owners_outlive_reset_mark_reopen_and_compaction(tmp_path):
+    """Under --auth a session's owner (specs/auth.md §5) is journaled: a reset or an eviction
+    keeps it, and so do a restart and the compaction a restart may do."""
+    j = await SessionJournal.open(tmp_path)
+    await j.own_by(A, "orchestrator")
+    await j.own_by(A, "agent-a")  # a later record never replaces the first claim
+    await j.own_by(B, "agent-b")
+    await j.reset(A)
+    await j.mark(B)
+    for i in range(1500):  # enough dead records to compact on the next open
+        await j.observe((f"x{i}", "s"), 0, (1, i))
+        await j.reset((f"x{i}", "s"))
+    await j.close()
+    for _ in range(2):  # the first open compacts, the second reads the compacted journal
+        j = await SessionJournal.open(tmp_path)
+        assert j.identities == {A: "orchestrator", B: "agent-b"}
+        await j.close()
+    assert len(list(tmp_path.glob("*.wal"))) == 1
