@@ -75,19 +75,24 @@ def plan_replay(store: VersionedStore, req: WatchRequest) -> list[Change]:
             if oldest > start + 1:
                 truncated.append((key, start, oldest, current.version))
                 continue
-            wanted = [e for e in store.history(key) if e.version > start]
+            wanted = []  # read newest first, only as far back as asked (history may be on disk)
+            for e in store.iter_history(key):
+                if e.version <= start:
+                    break
+                wanted.append(e)
         else:
             if current.committed_at < since:
                 continue
-            history = store.history(key)
             wanted = []  # the newest versions, back to the first one committed before ``since``
-            for e in history:
+            reached = False
+            for e in store.iter_history(key):
                 if e.committed_at < since:
+                    reached = True
                     break
                 wanted.append(e)
-            if len(wanted) == len(history) and history[-1].version > 1:
+            if not reached and wanted[-1].version > 1:
                 # every kept version is recent: older ones, now gone, may have been too
-                truncated.append((key, f"time {since}", history[-1].version, current.version))
+                truncated.append((key, f"time {since}", wanted[-1].version, current.version))
                 continue
         out.extend(change_from_entry(key, e) for e in reversed(wanted))
     if truncated:
