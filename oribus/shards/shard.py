@@ -19,6 +19,13 @@ participant's, counted from this object's creation.
 
 Snapshots are taken at a low-water LSN (below every record appended but not
 yet applied); replay from there is idempotent (see ``store.apply``).
+
+With an on-disk history store (``history_store="lmdb"``, specs/engine.md
+"History store") the versions a commit replaces are written to it when the
+commit is applied (no fsync), and fsynced before every snapshot: a snapshot
+then holds only current versions, and the WAL after it replays whatever a
+crash took from the engine. Replica groups keep their history in memory: a
+member catching up installs a snapshot, which would carry no history.
 """
 
 from __future__ import annotations
@@ -141,6 +148,11 @@ class Shard(ShardService):
             restart_grace=config.restart_grace,
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
+        if config.history_store != "memory" and self.replicated:
+            raise InvalidRequest(
+                f"shard {config.shard_id}: a replica group keeps its history in memory (a member "
+                f"catching up installs a snapshot, which holds no history from {config.history_store!r}); "
+                "leave history_store at 'memory'", shard=config.shard_id)
         self.wal: ShardWal | None = None
         self._dir_lock: DataDirLock | None = None  # held (and released on close) when ``open`` took it
         self.resolver: Resolver | None = None
@@ -181,6 +193,8 @@ class Shard(ShardService):
         try:
             await loop.run_in_executor(None, self._recover)
         except BaseException:
+            with contextlib.suppress(Exception):
+                self.store.older.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
             raise
@@ -201,6 +215,7 @@ class Shard(ShardService):
             )
         # The manifest's high-water mark tells a lost log from a new one (specs/engine.md).
         required = manifest.durable_lsn if manifest is not None else 0
+        self._open_history()
         snap = self.load_snapshot_file(cfg.snapshot_dir)
         replay_from = 1
         if snap is not None:
@@ -228,6 +243,7 @@ class Shard(ShardService):
                 f"(unsafe_allow_empty), losing those commits",
                 shard=cfg.shard_id, **e.details,
             ) from e
+        self.store.older.flush()  # the versions replay replaced
         self.wal = wal
         wal.on_new_segment = self._raise_durable_mark
         if manifest is not None and wal.last_lsn < manifest.durable_lsn:
@@ -257,6 +273,26 @@ class Shard(ShardService):
         self._records_since_snapshot = self.counters["replayed_records"]
         if self.core.prepared:
             log.info("shard %d recovered %d prepared transactions", self.shard_id, len(self.core.prepared))
+
+    def _open_history(self) -> None:
+        """Open the configured history store (before the snapshot is loaded into it).
+
+        Fails closed on a mismatch: a shard whose directory holds an on-disk history store
+        opened with ``history_store="memory"`` would answer history without the versions
+        the engine holds (and its snapshots hold none).
+        """
+        cfg = self.config
+        if cfg.history_store == "memory":
+            if (cfg.history_dir / "data.mdb").exists():
+                raise InvalidRequest(
+                    f"shard {cfg.shard_id}: {cfg.history_dir} holds an on-disk history store (lmdb), but "
+                    "history_store is 'memory': open the shard with history_store='lmdb' "
+                    "(--history-store lmdb)", shard=cfg.shard_id)
+            return
+        from oribus.shards.history.lmdb_engine import LmdbHistory  # lmdb is loaded only when used
+
+        self.store.older = LmdbHistory(cfg.history_dir, cache_bytes=cfg.history_cache_bytes,
+                                       unsafe_no_fsync=cfg.wal.unsafe_no_fsync)
 
     def grace_needed(self) -> float:
         """The restart grace the leases this life grants need: ``H + 2ε`` (0 without a grace)."""
@@ -339,6 +375,7 @@ class Shard(ShardService):
         txn = self.core.known(txn_id)
         applying = txn if txn is not None and txn.state is TxnState.PREPARED else None
         outcome = self.core.apply_commit(txn_id)
+        self.store.older.flush()  # the versions it replaced, to an on-disk history store (no fsync)
         if applying is not None and self._watchers and outcome.state is TxnState.COMMITTED:
             self._publish(changes_of(applying))
         return outcome
@@ -401,6 +438,7 @@ class Shard(ShardService):
         """Write a snapshot now and drop the WAL segments it covers. Returns its LSN."""
         wal = self._check_open()
         low = (min(self._unapplied) - 1) if self._unapplied else wal.last_lsn
+        self.store.older.flush()
         raw = msgpack.packb(self.snapshot_state(), use_bin_type=True)
         reflected = wal.last_lsn  # the state holds effects of records up to here, no further
         wal.roll()
@@ -411,6 +449,10 @@ class Shard(ShardService):
             # locks); a snapshot, which members may install and which outlives a failover,
             # holds only committed state: wait until all it reflects is (specs/replication.md §7).
             await wal.sync(reflected)
+        # An on-disk history store holds the versions this snapshot leaves out: durable
+        # first, before the snapshot lets the WAL below ``low`` go.
+        await loop.run_in_executor(None, self.store.older.sync)
+        failpoint("history.after_sync")
         await loop.run_in_executor(None, self.write_snapshot_file, self.config.snapshot_dir, low, raw)
         await loop.run_in_executor(None, wal.remove_segments_before, low + 1)
         await loop.run_in_executor(None, self._raise_durable_mark, max(low, wal.durable_lsn))
@@ -779,6 +821,7 @@ class Shard(ShardService):
             "shard": self.shard_id,
             "epoch": self.epoch,
             "keys": len(self.store),
+            "history": {"store": self.config.history_store, **self.store.older.stats()},
             "prepared": len(self.core.prepared),
             "leases": len(self.core.leases),
             "restart_grace_left": round(self.core.grace_left(), 3),
@@ -819,5 +862,8 @@ class Shard(ShardService):
                 await asyncio.get_running_loop().run_in_executor(None, self._raise_durable_mark,
                                                                  self.wal.durable_lsn)
         finally:
-            if self._dir_lock is not None:
-                self._dir_lock.release()
+            try:  # flush and fsync an on-disk history store, and close it
+                await asyncio.get_running_loop().run_in_executor(None, self.store.older.close)
+            finally:
+                if self._dir_lock is not None:
+                    self._dir_lock.release()
