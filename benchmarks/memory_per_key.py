@@ -1,0 +1,190 @@
+"""Memory per key and per kept history version of one shard (issue 20).
+
+Two measurements, each in a fresh child process so one cannot inherit the
+other's heap:
+
+* ``keys``: N keys of 100-character values, one version each, committed
+  through the embedded engine (one shard, fsync on, 500 keys per commit).
+  Reported: RSS growth per key, from /proc/self/status (``VmRSS``, and its
+  anonymous part ``RssAnon``: a memory-mapped history file shows up in
+  ``RssFile`` instead, where the kernel may drop it under pressure).
+* ``versions``: K keys written V times each (103-character values); the
+  growth from the first round to the last, divided by K x (V - 1), is the
+  RSS per kept history version.
+
+Both also report the process's CPU time (utime + stime from /proc/self/stat)
+and, for the ``keys`` run, where the bytes go: ``sys.getsizeof`` of one
+key's structures in the store (``--breakdown``).
+
+``--history-store`` picks the shard's history store (``memory`` or
+``lmdb``, see specs/engine.md "History store").
+
+Usage::
+
+    python benchmarks/memory_per_key.py                       # 300,000 keys; 2,000 x 50 versions
+    python benchmarks/memory_per_key.py --keys 100000 --versions-keys 1000 --versions 30
+    python benchmarks/memory_per_key.py --history-store lmdb --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BATCH = 500  # keys per commit
+
+
+def proc_memory() -> dict[str, int]:
+    """VmRSS, RssAnon and RssFile of this process, in bytes."""
+    out: dict[str, int] = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "RssAnon", "RssFile"):
+                out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
+def cpu_seconds() -> float:
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _settled() -> dict[str, int]:
+    gc.collect()
+    return proc_memory()
+
+
+async def _open(data_dir: Path, history_store: str):  # noqa: ANN202 - the SDK's session
+    from oribus.local import open_local
+
+    return await open_local(data_dir, shards=1, history_store=history_store)
+
+
+def _breakdown(session: object) -> dict[str, object]:
+    """sys.getsizeof of one key's structures in the shard's store."""
+    engine = session._owner  # type: ignore[attr-defined]
+    shard = engine.shards[0]
+    store = shard.store
+    key = "doc/00000000"
+    sizes: dict[str, object] = {"store": type(store).__name__}
+    sizes.update(store.sizes_of(key) if hasattr(store, "sizes_of") else {})
+    return sizes
+
+
+async def run_keys(data_dir: Path, keys: int, history_store: str, breakdown: bool) -> dict[str, object]:
+    session = await _open(data_dir, history_store)
+    names = [f"doc/{i:08d}" for i in range(keys)]
+    value = "v" * 100
+    before = _settled()
+    cpu0 = cpu_seconds()
+    for i in range(0, keys, BATCH):
+        await session.commit({k: value for k in names[i:i + BATCH]})
+    cpu = cpu_seconds() - cpu0
+    after = _settled()
+    out: dict[str, object] = {
+        "keys": keys,
+        "rss_before": before["VmRSS"],
+        "rss_after": after["VmRSS"],
+        "bytes_per_key_rss": round((after["VmRSS"] - before["VmRSS"]) / keys, 1),
+        "bytes_per_key_anon": round((after["RssAnon"] - before["RssAnon"]) / keys, 1),
+        "cpu_seconds": round(cpu, 2),
+    }
+    if breakdown:
+        out["breakdown"] = _breakdown(session)
+    await session.close()
+    return out
+
+
+async def run_versions(data_dir: Path, keys: int, versions: int, history_store: str) -> dict[str, object]:
+    session = await _open(data_dir, history_store)
+    names = [f"doc/{i:08d}" for i in range(keys)]
+    for i in range(0, keys, BATCH):
+        await session.commit({k: f"{0:03d}" + "v" * 100 for k in names[i:i + BATCH]})
+    first = _settled()
+    cpu0 = cpu_seconds()
+    for round_ in range(1, versions):
+        for i in range(0, keys, BATCH):
+            await session.commit({k: f"{round_:03d}" + "v" * 100 for k in names[i:i + BATCH]})
+    cpu = cpu_seconds() - cpu0
+    last = _settled()
+    kept = keys * (versions - 1)
+    hist = await session.history(names[0])
+    assert len(hist) == versions, f"history of {names[0]} holds {len(hist)} versions, not {versions}"
+    await session.close()
+    return {
+        "keys": keys,
+        "versions": versions,
+        "rss_first_round": first["VmRSS"],
+        "rss_last_round": last["VmRSS"],
+        "bytes_per_version_rss": round((last["VmRSS"] - first["VmRSS"]) / kept, 1),
+        "bytes_per_version_anon": round((last["RssAnon"] - first["RssAnon"]) / kept, 1),
+        "cpu_seconds": round(cpu, 2),
+    }
+
+
+def _child(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="oribus-mem-") as tmp:
+        if args.child == "keys":
+            result = asyncio.run(run_keys(Path(tmp), args.keys, args.history_store, args.breakdown))
+        else:
+            result = asyncio.run(run_versions(Path(tmp), args.versions_keys, args.versions, args.history_store))
+    print(json.dumps(result))
+
+
+def _in_child(args: argparse.Namespace, which: str) -> dict[str, object]:
+    cmd = [sys.executable, __file__, "--child", which, "--keys", str(args.keys),
+           "--versions-keys", str(args.versions_keys), "--versions", str(args.versions),
+           "--history-store", args.history_store]
+    if args.breakdown:
+        cmd.append("--breakdown")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keys", type=int, default=300_000)
+    parser.add_argument("--versions-keys", type=int, default=2_000)
+    parser.add_argument("--versions", type=int, default=50)
+    parser.add_argument("--history-store", default="memory")
+    parser.add_argument("--breakdown", action="store_true", help="sizes of one key's structures")
+    parser.add_argument("--only", choices=("keys", "versions"))
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", choices=("keys", "versions"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+    results = {"history_store": args.history_store}
+    for which in ("keys", "versions"):
+        if args.only in (None, which):
+            results[which] = _in_child(args, which)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"history store: {args.history_store}")
+    if "keys" in results:
+        r = results["keys"]
+        print(f"{r['keys']:,} keys x 100 B: RSS +{r['bytes_per_key_rss']} B/key "
+              f"(anonymous +{r['bytes_per_key_anon']} B/key), CPU {r['cpu_seconds']} s")
+        if "breakdown" in r:
+            print("  one key:", r["breakdown"])
+    if "versions" in results:
+        r = results["versions"]
+        print(f"{r['keys']:,} keys x {r['versions']} versions x 103 B: RSS +{r['bytes_per_version_rss']} B/version "
+              f"(anonymous +{r['bytes_per_version_anon']} B/version), CPU {r['cpu_seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
