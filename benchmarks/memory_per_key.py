@@ -8,9 +8,15 @@ other's heap:
   Reported: RSS growth per key, from /proc/self/status (``VmRSS``, and its
   anonymous part ``RssAnon``: a memory-mapped history file shows up in
   ``RssFile`` instead, where the kernel may drop it under pressure).
-* ``versions``: K keys written V times each (103-character values); the
+* ``versions``: K keys written V times each (103-character values, or
+  ``--value-bytes``); the
   growth from the first round to the last, divided by K x (V - 1), is the
   RSS per kept history version.
+
+A shard also remembers the outcome of its last ``max_resolved_txns``
+commits (a version per written key, for idempotent retries): that memory
+grows with commits too, and ``--max-resolved 1`` leaves it out of the
+per-version figure.
 
 Both also report the process's CPU time (utime + stime from /proc/self/stat)
 and, for the ``keys`` run, where the bytes go: ``sys.getsizeof`` of one
@@ -65,10 +71,14 @@ def _settled() -> dict[str, int]:
     return proc_memory()
 
 
+MAX_RESOLVED: int | None = None  # --max-resolved: outcomes a shard keeps for retries (None: its default)
+
+
 async def _open(data_dir: Path, history_store: str):  # noqa: ANN202 - the SDK's session
     from oribus.local import open_local
 
-    return await open_local(data_dir, shards=1, history_store=history_store)
+    overrides = {} if MAX_RESOLVED is None else {"max_resolved_txns": MAX_RESOLVED}
+    return await open_local(data_dir, shards=1, history_store=history_store, shard_overrides=overrides)
 
 
 def _breakdown(session: object) -> dict[str, object]:
@@ -106,16 +116,18 @@ async def run_keys(data_dir: Path, keys: int, history_store: str, breakdown: boo
     return out
 
 
-async def run_versions(data_dir: Path, keys: int, versions: int, history_store: str) -> dict[str, object]:
+async def run_versions(data_dir: Path, keys: int, versions: int, history_store: str,
+                       value_bytes: int) -> dict[str, object]:
     session = await _open(data_dir, history_store)
     names = [f"doc/{i:08d}" for i in range(keys)]
-    for i in range(0, keys, BATCH):
-        await session.commit({k: f"{0:03d}" + "v" * 100 for k in names[i:i + BATCH]})
+    batch = max(1, min(BATCH, (4 << 20) // value_bytes))  # commits of at most ~4 MiB
+    for i in range(0, keys, batch):
+        await session.commit({k: f"{0:03d}" + "v" * (value_bytes - 3) for k in names[i:i + batch]})
     first = _settled()
     cpu0 = cpu_seconds()
     for round_ in range(1, versions):
-        for i in range(0, keys, BATCH):
-            await session.commit({k: f"{round_:03d}" + "v" * 100 for k in names[i:i + BATCH]})
+        for i in range(0, keys, batch):
+            await session.commit({k: f"{round_:03d}" + "v" * (value_bytes - 3) for k in names[i:i + batch]})
     cpu = cpu_seconds() - cpu0
     last = _settled()
     kept = keys * (versions - 1)
@@ -125,6 +137,7 @@ async def run_versions(data_dir: Path, keys: int, versions: int, history_store: 
     return {
         "keys": keys,
         "versions": versions,
+        "value_bytes": value_bytes,
         "rss_first_round": first["VmRSS"],
         "rss_last_round": last["VmRSS"],
         "bytes_per_version_rss": round((last["VmRSS"] - first["VmRSS"]) / kept, 1),
@@ -134,20 +147,25 @@ async def run_versions(data_dir: Path, keys: int, versions: int, history_store: 
 
 
 def _child(args: argparse.Namespace) -> None:
+    global MAX_RESOLVED
+    MAX_RESOLVED = args.max_resolved
     with tempfile.TemporaryDirectory(prefix="oribus-mem-") as tmp:
         if args.child == "keys":
             result = asyncio.run(run_keys(Path(tmp), args.keys, args.history_store, args.breakdown))
         else:
-            result = asyncio.run(run_versions(Path(tmp), args.versions_keys, args.versions, args.history_store))
+            result = asyncio.run(run_versions(Path(tmp), args.versions_keys, args.versions, args.history_store,
+                                              args.value_bytes))
     print(json.dumps(result))
 
 
 def _in_child(args: argparse.Namespace, which: str) -> dict[str, object]:
     cmd = [sys.executable, __file__, "--child", which, "--keys", str(args.keys),
            "--versions-keys", str(args.versions_keys), "--versions", str(args.versions),
-           "--history-store", args.history_store]
+           "--history-store", args.history_store, "--value-bytes", str(args.value_bytes)]
     if args.breakdown:
         cmd.append("--breakdown")
+    if args.max_resolved is not None:
+        cmd += ["--max-resolved", str(args.max_resolved)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -157,7 +175,12 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=300_000)
     parser.add_argument("--versions-keys", type=int, default=2_000)
     parser.add_argument("--versions", type=int, default=50)
+    parser.add_argument("--value-bytes", type=int, default=103, help="value size of the versions run")
     parser.add_argument("--history-store", default="memory")
+    parser.add_argument("--max-resolved", type=int,
+                        help="outcomes a shard keeps for idempotent retries (default: the shard's, 100,000 "
+                             "commits): each holds a version per key it wrote (about 92 B), which a per-version figure "
+                             "counts unless this is 1")
     parser.add_argument("--breakdown", action="store_true", help="sizes of one key's structures")
     parser.add_argument("--only", choices=("keys", "versions"))
     parser.add_argument("--json", action="store_true")
@@ -182,7 +205,7 @@ def main() -> None:
             print("  one key:", r["breakdown"])
     if "versions" in results:
         r = results["versions"]
-        print(f"{r['keys']:,} keys x {r['versions']} versions x 103 B: RSS +{r['bytes_per_version_rss']} B/version "
+        print(f"{r['keys']:,} keys x {r['versions']} versions x {r['value_bytes']:,} B: RSS +{r['bytes_per_version_rss']} B/version "
               f"(anonymous +{r['bytes_per_version_anon']} B/version), CPU {r['cpu_seconds']} s")
 
 

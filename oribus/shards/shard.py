@@ -373,11 +373,12 @@ class Shard(ShardService):
         watchers never see an aborted or refused write.
         """
         txn = self.core.known(txn_id)
-        applying = txn if txn is not None and txn.state is TxnState.PREPARED else None
+        # (the changes are taken before applying: a resolved transaction keeps no values)
+        changes = changes_of(txn) if txn is not None and txn.state is TxnState.PREPARED and self._watchers else None
         outcome = self.core.apply_commit(txn_id)
         self.store.older.flush()  # the versions it replaced, to an on-disk history store (no fsync)
-        if applying is not None and self._watchers and outcome.state is TxnState.COMMITTED:
-            self._publish(changes_of(applying))
+        if changes and outcome.state is TxnState.COMMITTED:
+            self._publish(changes)
         return outcome
 
     def _publish(self, changes: list[Change]) -> None:
