@@ -98,3 +98,21 @@ def test_a_replica_group_refuses_an_lmdb_history(tmp_path):
     with pytest.raises(InvalidRequest, match="replica group keeps its history in memory"):
         Replicated(ShardConfig(0, tmp_path, history_store="lmdb"), 1)
     Replicated(ShardConfig(0, tmp_path), 1)  # memory is fine
+
+
+def test_up_refuses_lmdb_for_replica_groups(tmp_path, capsys):
+    from oribus.cli import main
+
+    code = main(["up", "--data-dir", str(tmp_path / "d"), "--processes", "--replicas", "3",
+                 "--history-store", "lmdb"])
+    assert code == 2
+    assert "replica group keeps its history in memory" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before anything was created
+
+
+def test_up_passes_the_history_store_to_its_shard_processes(tmp_path):
+    from oribus.hosts.up import UpHost
+
+    host = UpHost(tmp_path, processes=True, history_store="lmdb")
+    command = host.shard_command(0, tmp_path / "ready")
+    assert command[command.index("--history-store") + 1] == "lmdb"
