@@ -5,6 +5,8 @@ other's heap:
 
 * ``keys``: N keys of 100-character values, one version each, committed
   through the embedded engine (one shard, fsync on, 500 keys per commit).
+  The writing session's delivery log then holds an entry per key, unless
+  ``--forget`` drops them after each commit (the store's bytes alone).
   Reported: RSS growth per key, from /proc/self/status (``VmRSS``, and its
   anonymous part ``RssAnon``: a memory-mapped history file shows up in
   ``RssFile`` instead, where the kernel may drop it under pressure).
@@ -71,6 +73,7 @@ def _settled() -> dict[str, int]:
     return proc_memory()
 
 
+FORGET = False  # --forget: the writing session forgets its deliveries after each commit
 MAX_RESOLVED: int | None = None  # --max-resolved: outcomes a shard keeps for retries (None: its default)
 
 
@@ -100,6 +103,8 @@ async def run_keys(data_dir: Path, keys: int, history_store: str, breakdown: boo
     cpu0 = cpu_seconds()
     for i in range(0, keys, BATCH):
         await session.commit({k: value for k in names[i:i + BATCH]})
+        if FORGET:
+            await session.forget(names[i:i + BATCH])
     cpu = cpu_seconds() - cpu0
     after = _settled()
     out: dict[str, object] = {
@@ -147,8 +152,9 @@ async def run_versions(data_dir: Path, keys: int, versions: int, history_store: 
 
 
 def _child(args: argparse.Namespace) -> None:
-    global MAX_RESOLVED
+    global MAX_RESOLVED, FORGET
     MAX_RESOLVED = args.max_resolved
+    FORGET = args.forget
     with tempfile.TemporaryDirectory(prefix="oribus-mem-") as tmp:
         if args.child == "keys":
             result = asyncio.run(run_keys(Path(tmp), args.keys, args.history_store, args.breakdown))
@@ -166,6 +172,8 @@ def _in_child(args: argparse.Namespace, which: str) -> dict[str, object]:
         cmd.append("--breakdown")
     if args.max_resolved is not None:
         cmd += ["--max-resolved", str(args.max_resolved)]
+    if args.forget:
+        cmd.append("--forget")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -182,6 +190,9 @@ def main() -> None:
                              "commits): each holds a version per key it wrote (about 92 B), which a per-version figure "
                              "counts unless this is 1")
     parser.add_argument("--breakdown", action="store_true", help="sizes of one key's structures")
+    parser.add_argument("--forget", action="store_true",
+                        help="keys run: the writing session forgets its deliveries after each commit, so the "
+                             "figure is the store's alone (without it, it holds the session's delivery log too)")
     parser.add_argument("--only", choices=("keys", "versions"))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", choices=("keys", "versions"), help=argparse.SUPPRESS)
