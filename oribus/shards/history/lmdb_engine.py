@@ -53,7 +53,9 @@ FORMAT = b"1"
 _FORMAT_KEY = b"\x00format"
 _VERSION = struct.Struct(">Q")  # u64 big-endian: byte order is version order
 _SEP = b"\x00"
-DEFAULT_MAP_BYTES = 1 << 40  # address space reserved for the file (it grows as written, not to this)
+# Address space reserved for the file, its largest size (it grows as written, not to this;
+# a full map refuses the flush with Unavailable, and a reopen with a larger map goes on).
+DEFAULT_MAP_BYTES = 1 << 38
 _AUTO_FLUSH = 4096  # buffered versions that make ``put`` flush on its own (recovery replays)
 _CHUNK = 8  # versions read per read transaction in ``newest_first``
 
