@@ -24,6 +24,9 @@ Both also report the process's CPU time (utime + stime from /proc/self/stat)
 and, for the ``keys`` run, where the bytes go: ``sys.getsizeof`` of one
 key's structures in the store (``--breakdown``).
 
+``--redis`` loads the same keys into a ``redis-server`` (no persistence)
+and reports its ``used_memory`` and RSS growth per key, side by side.
+
 ``--history-store`` picks the shard's history store (``memory`` or
 ``lmdb``, see specs/engine.md "History store").
 
@@ -151,6 +154,61 @@ async def run_versions(data_dir: Path, keys: int, versions: int, history_store: 
     }
 
 
+def redis_keys(keys: int) -> dict[str, object]:
+    """The same keys and values in Redis, side by side: ``used_memory`` and the server's RSS growth.
+
+    ``redis-server`` on a free loopback port in a temporary directory (no persistence: memory
+    is what is compared), loaded with ``redis-cli --pipe``; stopped by pid at the end.
+    """
+    import shutil
+    import signal
+    import socket
+    import time
+
+    server = shutil.which("redis-server")
+    if server is None:
+        return {"error": "redis-server not installed"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="oribus-mem-redis-") as tmp:
+        proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp, "--save", "",
+                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            def cli(*a: str, stdin: bytes | None = None) -> str:
+                return subprocess.run(["redis-cli", "-p", str(port), *a], input=stdin, capture_output=True,
+                                      check=True).stdout.decode()
+
+            for _ in range(100):
+                try:
+                    if cli("PING").strip() == "PONG":
+                        break
+                except subprocess.CalledProcessError:
+                    pass
+                time.sleep(0.05)
+
+            def used() -> int:
+                return int(next(line.split(":")[1] for line in cli("INFO", "memory").splitlines()
+                                if line.startswith("used_memory:")))
+
+            def rss() -> int:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+            used0, rss0 = used(), rss()
+            value = "v" * 100
+            resp = b"".join(
+                f"*3\r\n$3\r\nSET\r\n${len(k)}\r\n{k}\r\n${len(value)}\r\n{value}\r\n".encode()
+                for k in (f"doc/{i:08d}" for i in range(keys)))
+            cli("--pipe", stdin=resp)
+            assert int(cli("DBSIZE").strip()) == keys
+            return {"keys": keys, "bytes_per_key_used_memory": round((used() - used0) / keys, 1),
+                    "bytes_per_key_rss": round((rss() - rss0) / keys, 1)}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+
+
 def _child(args: argparse.Namespace) -> None:
     global MAX_RESOLVED, FORGET
     MAX_RESOLVED = args.max_resolved
@@ -190,6 +248,8 @@ def main() -> None:
                              "commits): each holds a version per key it wrote (about 92 B), which a per-version figure "
                              "counts unless this is 1")
     parser.add_argument("--breakdown", action="store_true", help="sizes of one key's structures")
+    parser.add_argument("--redis", action="store_true",
+                        help="keys run: load the same keys into a redis-server too and report its bytes per key")
     parser.add_argument("--forget", action="store_true",
                         help="keys run: the writing session forgets its deliveries after each commit, so the "
                              "figure is the store's alone (without it, it holds the session's delivery log too)")
@@ -204,6 +264,8 @@ def main() -> None:
     for which in ("keys", "versions"):
         if args.only in (None, which):
             results[which] = _in_child(args, which)
+    if args.redis and args.only in (None, "keys"):
+        results["redis"] = redis_keys(args.keys)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -214,6 +276,11 @@ def main() -> None:
               f"(anonymous +{r['bytes_per_key_anon']} B/key), CPU {r['cpu_seconds']} s")
         if "breakdown" in r:
             print("  one key:", r["breakdown"])
+    if "redis" in results:
+        r = results["redis"]
+        print(f"redis, same keys: {r}" if "error" in r else
+              f"redis, same keys: used_memory +{r['bytes_per_key_used_memory']} B/key, "
+              f"RSS +{r['bytes_per_key_rss']} B/key")
     if "versions" in results:
         r = results["versions"]
         print(f"{r['keys']:,} keys x {r['versions']} versions x {r['value_bytes']:,} B: RSS +{r['bytes_per_version_rss']} B/version "
