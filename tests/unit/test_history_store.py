@@ -197,3 +197,22 @@ def test_lmdb_matches_memory_across_reopens(tmp_path_factory, ops, limit):
             disk.load_snapshot(snap)
     same_answers(mem, disk, keys)
     disk.older.close()
+
+
+def test_a_lowered_history_limit_answers_only_the_kept_range_and_drops_the_rest_on_the_next_write(tmp_path):
+    store = lmdb_store(tmp_path, 10)
+    for v in range(1, 11):
+        write(store, "k", v)
+    snapshot = store.to_snapshot()
+    store.older.close()
+
+    lowered = lmdb_store(tmp_path, 4)  # reopened with a smaller limit: versions 1..6 linger in the file
+    lowered.load_snapshot(snapshot)
+    assert [e.version for e in lowered.history("k")] == [10, 9, 8, 7]
+    assert lowered.oldest_version("k") == 7
+    assert lowered.entry_at("k", 6) is None and lowered.entry_at("k", 7) is not None
+    write(lowered, "k", 11)
+    lowered.older.flush()
+    assert lowered.older.stats()["records"] == 3 + 1  # 8, 9, 10 (and the format record)
+    assert [e.version for e in lowered.history("k")] == [11, 10, 9, 8]
+    lowered.older.close()
