@@ -69,7 +69,7 @@ from oribus.shards.participant import Blocked, Known, Late, Leased, Participant,
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, WalConfig, load_latest_snapshot, write_snapshot
-from oribus.shards.watch import Watcher, changes_of, plan_replay
+from oribus.shards.watch import Watcher, changes_of, replay_plan
 from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
 _SCAN_SESSION = SessionRef("oribus", "scan")  # scans record nothing; a read needs some session
@@ -776,7 +776,7 @@ class Shard(ShardService):
         )
         self._watchers.add(watcher)  # subscribe first: from here on every visible change is queued
         try:
-            watcher.set_replay(plan_replay(self.store, request))
+            watcher.set_replay(replay_plan(self.store, request))
         except BaseException:
             self._watchers.discard(watcher)
             raise

@@ -116,3 +116,23 @@ def test_up_passes_the_history_store_to_its_shard_processes(tmp_path):
     host = UpHost(tmp_path, processes=True, history_store="lmdb")
     command = host.shard_command(0, tmp_path / "ready")
     assert command[command.index("--history-store") + 1] == "lmdb"
+
+
+async def test_a_watch_replays_every_planned_version_though_later_commits_drop_them(tmp_path):
+    """The replay reads the engine lazily, from a view taken when the watch was planned: versions
+    that later commits push out of the kept history are still given, in order, then the live ones."""
+    async with oribus.open_local(tmp_path, shards=1, agent="w", history_store="lmdb", history_limit=4) as bus:
+        for i in range(1, 5):
+            await bus.put("doc/a", {"i": i})
+        stream = bus.watch("doc/", from_version=0)
+        await stream.start()  # planned: versions 1..4
+        for i in range(5, 12):
+            await bus.put("doc/a", {"i": i})  # retention drops 1..7 from the engine
+        assert [v.version for v in await bus.history("doc/a")] == [11, 10, 9, 8]
+        got = []
+        async for event in stream:
+            got.append((event.version, event.value["i"]))
+            if event.version == 11:
+                break
+        await stream.aclose()
+        assert got == [(v, v) for v in range(1, 12)]

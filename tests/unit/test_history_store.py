@@ -216,3 +216,21 @@ def test_a_lowered_history_limit_answers_only_the_kept_range_and_drops_the_rest_
     assert lowered.older.stats()["records"] == 3 + 1  # 8, 9, 10 (and the format record)
     assert [e.version for e in lowered.history("k")] == [11, 10, 9, 8]
     lowered.older.close()
+
+
+def test_a_view_keeps_what_it_saw_while_writes_and_retention_go_on(tmp_path):
+    store = lmdb_store(tmp_path, 3)
+    for v in range(1, 4):
+        write(store, "k", v)
+    view = store.older.view()  # versions 1 and 2 are in the file (3 is current)
+    for v in range(4, 10):
+        write(store, "k", v)  # drops 1..6 from the file
+    store.older.flush()
+    assert store.entry_at("k", 2) is None
+    assert [o[0] for o in view.ascending("k", 1, 2)] == [1, 2]
+    assert [o[1] for o in view.ascending("k", 1, 2)] == [b"k=1", b"k=2"]
+    assert list(view.ascending("other", 1, 9)) == []
+    view.close()
+    view.close()  # idempotent
+    assert list(view.ascending("k", 1, 2)) == []
+    store.older.close()

@@ -14,7 +14,7 @@ Both hold ``Older`` records ``(version, value, meta)``; ``meta`` is one
 key a commit wrote.
 """
 
-from oribus.shards.history.base import HistoryStore, Meta, Older
+from oribus.shards.history.base import HistoryStore, HistoryView, Meta, Older
 from oribus.shards.history.memory import MemoryHistory
 
-__all__ = ["HistoryStore", "MemoryHistory", "Meta", "Older"]
+__all__ = ["HistoryStore", "HistoryView", "MemoryHistory", "Meta", "Older"]

@@ -22,6 +22,16 @@ Meta = tuple[str, str, str, float]  # agent, session id, commit id, committed_at
 Older = tuple[int, "bytes | None", Meta]  # version, encoded value (None: deleted), meta
 
 
+class HistoryView(Protocol):
+    """A history store as it was when the view was taken (``HistoryStore.view``)."""
+
+    def ascending(self, key: str, lowest: int, highest: int) -> Iterator[Older]:
+        """``key``'s versions ``lowest .. highest``, oldest first."""
+
+    def close(self) -> None:
+        """Release the view (idempotent)."""
+
+
 class HistoryStore(Protocol):
     """Versions older than each key's current one (``oribus/shards/store.py`` keeps the current)."""
 
@@ -42,6 +52,11 @@ class HistoryStore(Protocol):
 
     def oldest(self, key: str, lowest: int) -> int | None:
         """The smallest version of ``key`` at or above ``lowest`` held here, or None."""
+
+    def view(self) -> HistoryView | None:
+        """A consistent read-only view of what is held now, which later writes and retention
+        deletes do not change (a watch replays from it while commits go on); None when the
+        store cannot give one without copying (in memory: the caller reads eagerly)."""
 
     def clear(self) -> None:
         """Drop every version (before a snapshot that holds whole histories is loaded)."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +263,14 @@ class LmdbHistory:
             return None
         return int(_VERSION.unpack(k[len(prefix):])[0])
 
+    def view(self) -> LmdbView:
+        """An LMDB read transaction over everything flushed now: later commits and retention
+        deletes do not reach it (copy-on-write keeps its pages), so a watch replaying from it
+        never loses a version it planned. Held open, it keeps those pages from being reused:
+        the watcher closes it once its replay is done, or when it ends."""
+        self.flush()
+        return LmdbView(self.env.begin(), self._decode)
+
     # ---- figures ------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
@@ -278,3 +286,32 @@ class LmdbHistory:
 
     def sizes(self, key: str) -> dict[str, int]:
         return {}  # nothing per key in memory but the bounded cache
+
+
+class LmdbView:
+    """``HistoryView`` over one LMDB read transaction (``LmdbHistory.view``)."""
+
+    def __init__(self, txn: lmdb.Transaction, decode: Callable[[int, bytes], Older]) -> None:
+        self._txn: lmdb.Transaction | None = txn
+        self._decode = decode
+
+    def ascending(self, key: str, lowest: int, highest: int) -> Iterator[Older]:
+        prefix = key.encode() + _SEP
+        if self._txn is None:
+            return
+        cursor = self._txn.cursor()
+        if not cursor.set_range(prefix + _VERSION.pack(lowest)):
+            return
+        for item_key, item in cursor:
+            k, raw = bytes(item_key), bytes(item)
+            if not k.startswith(prefix) or len(k) != len(prefix) + _VERSION.size:
+                return
+            version = _VERSION.unpack(k[len(prefix):])[0]
+            if version > highest:
+                return
+            yield self._decode(version, raw)
+
+    def close(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None

@@ -62,6 +62,9 @@ class MemoryHistory:
                 return o[0]
         return None
 
+    def view(self) -> None:
+        return None  # the deques change with every write: a replay copies what it needs
+
     def clear(self) -> None:
         self._keys.clear()
 
