@@ -64,6 +64,8 @@ class ShardConfig:
         if self.history_store not in HISTORY_STORES:
             raise InvalidRequest(f"history_store must be one of {', '.join(HISTORY_STORES)}, "
                                  f"not {self.history_store!r}")
+        if not self.history_cache_bytes >= 0:
+            raise InvalidRequest(f"history_cache_bytes must be >= 0, not {self.history_cache_bytes!r}")
         if not self.clock_skew_seconds >= 0:
             raise InvalidRequest(f"clock_skew_seconds must be >= 0, not {self.clock_skew_seconds!r}")
 

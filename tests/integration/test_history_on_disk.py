@@ -136,3 +136,16 @@ async def test_a_watch_replays_every_planned_version_though_later_commits_drop_t
                 break
         await stream.aclose()
         assert got == [(v, v) for v in range(1, 12)]
+
+
+async def test_a_shard_closing_during_a_replay_ends_it_with_a_retryable_error(tmp_path):
+    from oribus.messages import WatchRequest
+
+    bus = await oribus.open_local(tmp_path, shards=1, agent="w", history_store="lmdb")
+    for i in range(5):
+        await bus.put("doc/a", i)
+    watcher = bus._owner.shards[0].watch(WatchRequest("doc/", 0))
+    assert (await watcher.__anext__()).version == 1  # the replay is under way
+    await bus.close()  # the shard, and its history store, close
+    with pytest.raises(oribus.Unavailable, match="closed during a watch's replay"):
+        await watcher.__anext__()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oribus.errors import DataCorrupted
+from oribus.errors import DataCorrupted, Unavailable
 from oribus.shards.history import MemoryHistory
 from oribus.shards.history.lmdb_engine import LmdbHistory
 from oribus.shards.store import VersionedStore
@@ -232,5 +232,17 @@ def test_a_view_keeps_what_it_saw_while_writes_and_retention_go_on(tmp_path):
     assert list(view.ascending("other", 1, 9)) == []
     view.close()
     view.close()  # idempotent
-    assert list(view.ascending("k", 1, 2)) == []
+    with pytest.raises(Unavailable, match="closed during a watch's replay"):
+        list(view.ascending("k", 1, 2))
     store.older.close()
+
+
+def test_a_view_outlived_by_its_store_says_so_with_a_retryable_error(tmp_path):
+    store = lmdb_store(tmp_path, 3)
+    for v in range(1, 4):
+        write(store, "k", v)
+    view = store.older.view()
+    store.older.close()  # the shard closes during a replay
+    with pytest.raises(Unavailable):
+        list(view.ascending("k", 1, 2))
+    view.close()

@@ -36,6 +36,7 @@ versions, each in its own read transaction, so a reader that stops early
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -269,7 +270,7 @@ class LmdbHistory:
         never loses a version it planned. Held open, it keeps those pages from being reused:
         the watcher closes it once its replay is done, or when it ends."""
         self.flush()
-        return LmdbView(self.env.begin(), self._decode)
+        return LmdbView(self.env.begin(), self._decode, self.directory)
 
     # ---- figures ------------------------------------------------------------------
 
@@ -291,27 +292,38 @@ class LmdbHistory:
 class LmdbView:
     """``HistoryView`` over one LMDB read transaction (``LmdbHistory.view``)."""
 
-    def __init__(self, txn: lmdb.Transaction, decode: Callable[[int, bytes], Older]) -> None:
+    def __init__(self, txn: lmdb.Transaction, decode: Callable[[int, bytes], Older], directory: Path) -> None:
         self._txn: lmdb.Transaction | None = txn
         self._decode = decode
+        self._directory = directory
+
+    def _gone(self, why: object) -> Unavailable:
+        # The shard closed (its environment with it) while a watch was replaying: the stream
+        # stops with a retryable error, and the client resumes from the last versions it saw.
+        return Unavailable(f"history store {self._directory} closed during a watch's replay ({why}); "
+                           "resume from the last version seen of each key")
 
     def ascending(self, key: str, lowest: int, highest: int) -> Iterator[Older]:
         prefix = key.encode() + _SEP
         if self._txn is None:
-            return
-        cursor = self._txn.cursor()
-        if not cursor.set_range(prefix + _VERSION.pack(lowest)):
-            return
-        for item_key, item in cursor:
-            k, raw = bytes(item_key), bytes(item)
-            if not k.startswith(prefix) or len(k) != len(prefix) + _VERSION.size:
+            raise self._gone("view released")
+        try:
+            cursor = self._txn.cursor()
+            if not cursor.set_range(prefix + _VERSION.pack(lowest)):
                 return
-            version = _VERSION.unpack(k[len(prefix):])[0]
-            if version > highest:
-                return
-            yield self._decode(version, raw)
+            for item_key, item in cursor:
+                k, raw = bytes(item_key), bytes(item)
+                if not k.startswith(prefix) or len(k) != len(prefix) + _VERSION.size:
+                    return
+                version = _VERSION.unpack(k[len(prefix):])[0]
+                if version > highest:
+                    return
+                yield self._decode(version, raw)
+        except lmdb.Error as e:
+            raise self._gone(e) from e
 
     def close(self) -> None:
         if self._txn is not None:
-            self._txn.abort()
+            with contextlib.suppress(lmdb.Error):  # already gone with its environment
+                self._txn.abort()
             self._txn = None
