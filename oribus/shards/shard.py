@@ -64,6 +64,7 @@ from oribus.messages import (
     WatchRequest,
 )
 from oribus.shards.config import ShardConfig
+from oribus.shards.history import HistoryStore
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Blocked, Known, Late, Leased, Participant, Pending, Refused
 from oribus.shards.store import VersionedStore
@@ -128,6 +129,9 @@ class Shard(ShardService):
     write_snapshot_file: Callable[[Path, int, Any], object] = staticmethod(write_snapshot)  # durable on return
     read_manifest_file: Callable[[Path], ShardManifest | None] = staticmethod(read_manifest)  # (data_dir)
     write_manifest_file: ManifestWriter = staticmethod(write_manifest)  # (data_dir, manifest, fsync=); atomic
+    # (config) -> the on-disk history store when history_store is not "memory"; None: an
+    # LMDB file below data_dir (the simulator hands the one its SimDisk keeps across crashes)
+    open_history: Callable[[ShardConfig], HistoryStore] | None = None
 
     def __init__(self, config: ShardConfig, epoch: int) -> None:
         self.config = config
@@ -288,6 +292,9 @@ class Shard(ShardService):
                     f"shard {cfg.shard_id}: {cfg.history_dir} holds an on-disk history store (lmdb), but "
                     "history_store is 'memory': open the shard with history_store='lmdb' "
                     "(--history-store lmdb)", shard=cfg.shard_id)
+            return
+        if self.open_history is not None:
+            self.store.older = self.open_history(cfg)
             return
         from oribus.shards.history.lmdb_engine import LmdbHistory  # lmdb is loaded only when used
 
