@@ -96,6 +96,7 @@ class RunConfig:
     read_mode: str  # "get_many" (one read of 3 keys) or "gets" (three reads of 1 key)
     seed: int
     think: float | None = None  # seconds slept between the reads and the commit (None: no await)
+    history_store: str = "memory"  # where older versions live (specs/engine.md "History store")
 
 
 @dataclass
@@ -303,7 +304,7 @@ async def run_one(
 ) -> RunResult:
     keys = [key_name(i) for i in range(cfg.keys)]
     w = Window(cfg.keys)
-    bus = await oribus.open_local(data_dir, shards=cfg.shards, agent="loader")
+    bus = await oribus.open_local(data_dir, shards=cfg.shards, agent="loader", history_store=cfg.history_store)
     try:
         populate_ids = await populate(bus, keys)
         sessions = [bus.session(agent=f"agent-{i}") for i in range(cfg.clients)]
@@ -341,7 +342,8 @@ async def run_one(
 
     # Durability: everything acknowledged must come back from the WAL.
     t0 = time.perf_counter()
-    reopened = await oribus.open_local(data_dir, shards=cfg.shards, agent="loader")
+    reopened = await oribus.open_local(data_dir, shards=cfg.shards, agent="loader",
+                                       history_store=cfg.history_store)
     reopen_seconds = time.perf_counter() - t0
     try:
         problems += await audit(reopened, keys, w, populate_ids, "reopened")
@@ -519,6 +521,8 @@ def main() -> None:
         "default: no pause at all)",
     )
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--history-store", choices=["memory", "lmdb"], default="memory",
+                        help="where the shards keep versions older than the current one")
     parser.add_argument(
         "--dir", type=Path, default=None, help="where to create data directories (default: temp)"
     )
@@ -549,7 +553,8 @@ def main() -> None:
         for mode in modes:
             think = None if args.think is None else args.think / 1e3
             cfg = RunConfig(
-                shards, args.clients, args.keys, args.duration, args.warmup, mode, args.seed, think
+                shards, args.clients, args.keys, args.duration, args.warmup, mode, args.seed, think,
+                args.history_store,
             )
             results.append(run_fresh(cfg, args.dir, profiler))
             if profiler is not None:

@@ -94,12 +94,16 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig | None:
 def _cmd_up(args: argparse.Namespace) -> int:
     from oribus.hosts.up import UpHost, run_until_signalled
 
+    if args.history_store != "memory" and (args.replicas or 1) > 1:
+        print(f"oribus up: --history-store {args.history_store} is for unreplicated shards: a replica group "
+              "keeps its history in memory (specs/engine.md \"History store\")", file=sys.stderr)
+        return 2
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
                            shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,
                            stream_listen=args.stream_listen, authority=_authority(args),
                            replicas=args.replicas, etcd=args.etcd, lease_ttl=args.lease_ttl,
-                           cluster_name=args.cluster)
+                           cluster_name=args.cluster, history_store=args.history_store)
     _run(run_until_signalled(cluster), serving=True)
     return 0
 
@@ -190,7 +194,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
     config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=args.allow_empty,
                          read_lease_seconds=args.read_lease, clock_skew_seconds=args.clock_skew,
-                         wal=WalConfig(unsafe_no_fsync=args.unsafe_no_fsync))
+                         wal=WalConfig(unsafe_no_fsync=args.unsafe_no_fsync), history_store=args.history_store)
     try:
         _run(run_shard_server(shard_id, Path(args.data_dir), args.listen, config=config,
                               ready_file=Path(args.ready_file) if args.ready_file else None,
@@ -504,6 +508,15 @@ def _auth_revoke_in_etcd(args: argparse.Namespace) -> dict[str, object]:
     return _with_auth_store(args, what)
 
 
+def _history_store_option(p: argparse.ArgumentParser) -> None:
+    from oribus.shards.config import DEFAULT_HISTORY_STORE, HISTORY_STORES
+
+    p.add_argument("--history-store", choices=HISTORY_STORES, default=DEFAULT_HISTORY_STORE,
+                   help="where each shard keeps the versions older than a key's current one: in memory, or "
+                        "in an LMDB file below the shard's directory (unreplicated shards only; a directory "
+                        "that has one must be opened with lmdb) (default: %(default)s)")
+
+
 def _allow_empty_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help="UNSAFE: open a shard whose data is lost (directory, WAL or snapshot gone) from "
@@ -701,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     _client_stream_option(p, advertise=False)
     _shard_transport_option(p)
     _allow_empty_option(p)
+    _history_store_option(p)
     _read_lease_option(p, skew=False)  # one machine, one clock: no skew
     _http_options(p)
     _tls_option(p)
@@ -731,6 +745,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim-wait", type=float,
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
+    _history_store_option(p)
     _read_lease_option(p, skew=True)
     p.add_argument("--unsafe-no-fsync", action="store_true",
                    help="TESTING ONLY: acknowledge commits before they reach the disk; a power loss (or a "

@@ -58,6 +58,8 @@ class EngineConfig:
     # than one buys no parallelism and turns multi-key commits into two-phase ones.
     shards: int | None = None
     history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key
+    # where versions older than the current one live: "memory" or "lmdb" (specs/engine.md)
+    history_store: str = _SHARD_DEFAULTS.history_store
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value
     # idle sessions expire after this (their commits then fail closed)
     session_ttl_seconds: float = _SHARD_DEFAULTS.delivery_log.ttl_seconds
@@ -93,6 +95,7 @@ class EngineConfig:
             shard_id=shard_id,
             data_dir=self.data_dir / f"shard-{shard_id:04d}",
             history_limit=self.history_limit,
+            history_store=self.history_store,
             max_value_bytes=self.max_value_bytes,
             wal=WalConfig(segment_bytes=self.segment_bytes, unsafe_no_fsync=self.unsafe_no_fsync),
             snapshot_every_records=self.snapshot_every_records,

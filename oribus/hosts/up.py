@@ -201,6 +201,7 @@ class UpHost:
                       parent_fd: int | None = None) -> list[str]:
         tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
         allow_empty = ["--allow-empty"] if self.config.unsafe_allow_empty else []
+        history = ["--history-store", self.config.history_store]
         lifeline = ["--parent-fd", str(parent_fd)] if parent_fd is not None else []
         # the bus and every shard process read this machine's one clock: no skew (§5.8)
         leases = ["--read-lease", repr(self.config.read_lease_seconds),
@@ -215,6 +216,7 @@ class UpHost:
             "--ready-file", str(ready_file),
             *tls,
             *allow_empty,
+            *history,
             *leases,
             *lifeline,
         ]

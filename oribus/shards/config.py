@@ -16,6 +16,13 @@ DEFAULT_READ_LEASE_SECONDS = 2.0  # a read-only participant's lease (H)
 # ε across machines (NTP keeps clocks within milliseconds); 0 is exact on one machine
 DEFAULT_CLOCK_SKEW_SECONDS = 0.25
 SNAPSHOT_DIR = "snapshots"  # below a shard's data_dir
+HISTORY_DIR = "history"  # below a shard's data_dir: the on-disk history store's files
+# Where versions older than the current one live (specs/engine.md "History store"):
+# "memory" (deques in this process, in every snapshot) or "lmdb" (an LMDB file below
+# data_dir; snapshots hold only current versions).
+HISTORY_STORES = ("memory", "lmdb")
+DEFAULT_HISTORY_STORE = "memory"
+DEFAULT_HISTORY_CACHE_BYTES = 16 << 20  # decoded old versions an on-disk history store keeps for re-reads
 
 
 @dataclass
@@ -23,6 +30,8 @@ class ShardConfig:
     shard_id: int  # which partition of the slot space this shard serves
     data_dir: Path  # this shard's own directory (WAL segments and snapshots live below it)
     history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key (history and rollback reach)
+    history_store: str = DEFAULT_HISTORY_STORE  # where older versions live: one of HISTORY_STORES
+    history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES  # an on-disk history store's read cache
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value a write may carry
     wal: WalConfig = field(default_factory=WalConfig)  # segment size, unsafe_no_fsync
     snapshot_every_records: int = 200_000  # write a snapshot after this many WAL records
@@ -52,6 +61,11 @@ class ShardConfig:
         self.data_dir = Path(self.data_dir)
         if not self.read_lease_seconds > 0:
             raise InvalidRequest(f"read_lease_seconds must be > 0, not {self.read_lease_seconds!r}")
+        if self.history_store not in HISTORY_STORES:
+            raise InvalidRequest(f"history_store must be one of {', '.join(HISTORY_STORES)}, "
+                                 f"not {self.history_store!r}")
+        if not self.history_cache_bytes >= 0:
+            raise InvalidRequest(f"history_cache_bytes must be >= 0, not {self.history_cache_bytes!r}")
         if not self.clock_skew_seconds >= 0:
             raise InvalidRequest(f"clock_skew_seconds must be >= 0, not {self.clock_skew_seconds!r}")
 
@@ -62,3 +76,7 @@ class ShardConfig:
     @property
     def snapshot_dir(self) -> Path:
         return self.data_dir / SNAPSHOT_DIR
+
+    @property
+    def history_dir(self) -> Path:
+        return self.data_dir / HISTORY_DIR

@@ -626,6 +626,7 @@ class Participant:
         return TxnOutcome(txn.state)
 
     def _remember(self, txn: Txn, *, released: bool = False) -> None:
+        txn.drop_values()  # applied (or aborted): outcomes keep versions, the store keeps values
         if (
             not released
             and txn.state is TxnState.COMMITTED

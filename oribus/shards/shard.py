@@ -19,6 +19,13 @@ participant's, counted from this object's creation.
 
 Snapshots are taken at a low-water LSN (below every record appended but not
 yet applied); replay from there is idempotent (see ``store.apply``).
+
+With an on-disk history store (``history_store="lmdb"``, specs/engine.md
+"History store") the versions a commit replaces are written to it when the
+commit is applied (no fsync), and fsynced before every snapshot: a snapshot
+then holds only current versions, and the WAL after it replays whatever a
+crash took from the engine. Replica groups keep their history in memory: a
+member catching up installs a snapshot, which would carry no history.
 """
 
 from __future__ import annotations
@@ -57,12 +64,13 @@ from oribus.messages import (
     WatchRequest,
 )
 from oribus.shards.config import ShardConfig
+from oribus.shards.history import HistoryStore
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Blocked, Known, Late, Leased, Participant, Pending, Refused
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, WalConfig, load_latest_snapshot, write_snapshot
-from oribus.shards.watch import Watcher, changes_of, plan_replay
+from oribus.shards.watch import Watcher, changes_of, replay_plan
 from oribus.types import DEFAULT_SCAN_LIMIT, DEFAULT_SESSIONS_LISTED, SessionRef
 
 _SCAN_SESSION = SessionRef("oribus", "scan")  # scans record nothing; a read needs some session
@@ -121,6 +129,9 @@ class Shard(ShardService):
     write_snapshot_file: Callable[[Path, int, Any], object] = staticmethod(write_snapshot)  # durable on return
     read_manifest_file: Callable[[Path], ShardManifest | None] = staticmethod(read_manifest)  # (data_dir)
     write_manifest_file: ManifestWriter = staticmethod(write_manifest)  # (data_dir, manifest, fsync=); atomic
+    # (config) -> the on-disk history store when history_store is not "memory"; None: an
+    # LMDB file below data_dir (the simulator hands the one its SimDisk keeps across crashes)
+    open_history: Callable[[ShardConfig], HistoryStore] | None = None
 
     def __init__(self, config: ShardConfig, epoch: int) -> None:
         self.config = config
@@ -141,6 +152,11 @@ class Shard(ShardService):
             restart_grace=config.restart_grace,
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
+        if config.history_store != "memory" and self.replicated:
+            raise InvalidRequest(
+                f"shard {config.shard_id}: a replica group keeps its history in memory (a member "
+                f"catching up installs a snapshot, which holds no history from {config.history_store!r}); "
+                "leave history_store at 'memory'", shard=config.shard_id)
         self.wal: ShardWal | None = None
         self._dir_lock: DataDirLock | None = None  # held (and released on close) when ``open`` took it
         self.resolver: Resolver | None = None
@@ -186,6 +202,8 @@ class Shard(ShardService):
         try:
             await loop.run_in_executor(None, self._recover)
         except BaseException:
+            with contextlib.suppress(Exception):
+                self.store.older.close()
             if self._dir_lock is not None:
                 self._dir_lock.release()
             raise
@@ -206,6 +224,7 @@ class Shard(ShardService):
             )
         # The manifest's high-water mark tells a lost log from a new one (specs/engine.md).
         required = manifest.durable_lsn if manifest is not None else 0
+        self._open_history()
         snap = self.load_snapshot_file(cfg.snapshot_dir)
         replay_from = 1
         if snap is not None:
@@ -233,6 +252,7 @@ class Shard(ShardService):
                 f"(unsafe_allow_empty), losing those commits",
                 shard=cfg.shard_id, **e.details,
             ) from e
+        self.store.older.flush()  # the versions replay replaced
         self.wal = wal
         wal.on_new_segment = self._raise_durable_mark
         if manifest is not None and wal.last_lsn < manifest.durable_lsn:
@@ -262,6 +282,29 @@ class Shard(ShardService):
         self._records_since_snapshot = self.counters["replayed_records"]
         if self.core.prepared:
             log.info("shard %d recovered %d prepared transactions", self.shard_id, len(self.core.prepared))
+
+    def _open_history(self) -> None:
+        """Open the configured history store (before the snapshot is loaded into it).
+
+        Fails closed on a mismatch: a shard whose directory holds an on-disk history store
+        opened with ``history_store="memory"`` would answer history without the versions
+        the engine holds (and its snapshots hold none).
+        """
+        cfg = self.config
+        if cfg.history_store == "memory":
+            if (cfg.history_dir / "data.mdb").exists():
+                raise InvalidRequest(
+                    f"shard {cfg.shard_id}: {cfg.history_dir} holds an on-disk history store (lmdb), but "
+                    "history_store is 'memory': open the shard with history_store='lmdb' "
+                    "(--history-store lmdb)", shard=cfg.shard_id)
+            return
+        if self.open_history is not None:
+            self.store.older = self.open_history(cfg)
+            return
+        from oribus.shards.history.lmdb_engine import LmdbHistory  # lmdb is loaded only when used
+
+        self.store.older = LmdbHistory(cfg.history_dir, cache_bytes=cfg.history_cache_bytes,
+                                       unsafe_no_fsync=cfg.wal.unsafe_no_fsync)
 
     def grace_needed(self) -> float:
         """The restart grace the leases this life grants need: ``H + 2ε`` (0 without a grace)."""
@@ -342,10 +385,12 @@ class Shard(ShardService):
         watchers never see an aborted or refused write.
         """
         txn = self.core.known(txn_id)
-        applying = txn if txn is not None and txn.state is TxnState.PREPARED else None
+        # (the changes are taken before applying: a resolved transaction keeps no values)
+        changes = changes_of(txn) if txn is not None and txn.state is TxnState.PREPARED and self._watchers else None
         outcome = self.core.apply_commit(txn_id)
-        if applying is not None and self._watchers and outcome.state is TxnState.COMMITTED:
-            self._publish(changes_of(applying))
+        self.store.older.flush()  # the versions it replaced, to an on-disk history store (no fsync)
+        if changes and outcome.state is TxnState.COMMITTED:
+            self._publish(changes)
         return outcome
 
     def _publish(self, changes: list[Change]) -> None:
@@ -412,6 +457,7 @@ class Shard(ShardService):
         """Write a snapshot now and drop the WAL segments it covers. Returns its LSN."""
         wal = self._check_open()
         low = (min(self._unapplied) - 1) if self._unapplied else wal.last_lsn
+        self.store.older.flush()
         raw = msgpack.packb(self.snapshot_state(), use_bin_type=True)
         reflected = wal.last_lsn  # the state holds effects of records up to here, no further
         wal.roll()
@@ -422,6 +468,10 @@ class Shard(ShardService):
             # locks); a snapshot, which members may install and which outlives a failover,
             # holds only committed state: wait until all it reflects is (specs/replication.md §7).
             await wal.sync(reflected)
+        # An on-disk history store holds the versions this snapshot leaves out: durable
+        # first, before the snapshot lets the WAL below ``low`` go.
+        await loop.run_in_executor(None, self.store.older.sync)
+        failpoint("history.after_sync")
         await loop.run_in_executor(None, self.write_snapshot_file, self.config.snapshot_dir, low, raw)
         await loop.run_in_executor(None, wal.remove_segments_before, low + 1)
         await loop.run_in_executor(None, self._raise_durable_mark, max(low, wal.durable_lsn))
@@ -772,7 +822,7 @@ class Shard(ShardService):
         )
         self._watchers.add(watcher)  # subscribe first: from here on every visible change is queued
         try:
-            watcher.set_replay(plan_replay(self.store, request))
+            watcher.set_replay(replay_plan(self.store, request))
         except BaseException:
             self._watchers.discard(watcher)
             raise
@@ -818,6 +868,7 @@ class Shard(ShardService):
             "shard": self.shard_id,
             "epoch": self.epoch,
             "keys": len(self.store),
+            "history": {"store": self.config.history_store, **self.store.older.stats()},
             "prepared": len(self.core.prepared),
             "leases": len(self.core.leases),
             "restart_grace_left": round(self.core.grace_left(), 3),
@@ -859,5 +910,8 @@ class Shard(ShardService):
                 await asyncio.get_running_loop().run_in_executor(None, self._raise_durable_mark,
                                                                  self.wal.durable_lsn)
         finally:
-            if self._dir_lock is not None:
-                self._dir_lock.release()
+            try:  # flush and fsync an on-disk history store, and close it
+                await asyncio.get_running_loop().run_in_executor(None, self.store.older.close)
+            finally:
+                if self._dir_lock is not None:
+                    self._dir_lock.release()

@@ -1,55 +1,82 @@
-"""The versioned key/value store of one shard (in memory; the WAL makes it durable).
+"""The versioned key/value store of one shard (current versions in memory; the WAL makes it durable).
 
-Each key keeps its last H versions (``history_limit``, ``types.DEFAULT_HISTORY_LIMIT``), newest
-last; the newest is the current value. A key that was never written reads as
+Each key keeps its last H versions (``history_limit``, ``types.DEFAULT_HISTORY_LIMIT``);
+the newest is the current value. A key that was never written reads as
 version 0 with no value; a delete is a version of its own with no value.
+
+Layout (issue 20: bytes per key are what limits a shard's size):
+
+* ``_keys``: key -> ``(key, version, value, meta)``, one tuple per key holding
+  its current version only. The key object itself is kept so delivery logs can
+  share it (``intern``); ``value`` is None for a delete (stored values are
+  encoded, so never None otherwise); ``meta = (agent, session, commit_id,
+  committed_at)`` is one tuple shared by every key a commit wrote.
+* the versions a write replaces go to a ``HistoryStore``
+  (``oribus/shards/history/``): deques in memory (``MemoryHistory``), or an
+  engine on disk (``LmdbHistory``), which then holds everything but the
+  current versions.
+
+``Entry`` objects are built on the way out (``current``, ``history``,
+``entry_at``): the store keeps no per-version object beyond the tuples above.
 
 ``apply`` is idempotent by version (a write whose version is not newer than
 the key's current one is skipped): recovery replays the WAL from a snapshot's
-low-water mark and may meet writes the snapshot already holds.
+low-water mark and may meet writes the snapshot already holds. Writes to an
+engine are idempotent by (key, version) too, so a replay may write a version
+it already holds.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import deque
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 from oribus.contract import Entry
+from oribus.shards.history import HistoryStore, MemoryHistory, Meta, Older
 from oribus.types import DEFAULT_HISTORY_LIMIT, SessionRef
 
+_Current = tuple[str, int, "bytes | None", Meta]  # key, version, value (None: deleted), meta
 
-class _History(deque[Entry]):
-    """A key's versions, oldest first, remembering the canonical key object."""
 
-    __slots__ = ("key",)
-    key: str
+def _entry(version: int, value: bytes | None, meta: Meta) -> Entry:
+    return Entry(version, value, value is None, meta[0], meta[1], meta[2], meta[3])
 
 
 class VersionedStore:
-    """key -> bounded history of Entry; the last entry is the current version."""
+    """key -> current version in memory; older kept versions in ``history``."""
 
-    def __init__(self, history_limit: int = DEFAULT_HISTORY_LIMIT) -> None:
+    def __init__(self, history_limit: int = DEFAULT_HISTORY_LIMIT, history: HistoryStore | None = None) -> None:
         if history_limit < 1:
             raise ValueError("history_limit must be >= 1")
         self.history_limit = history_limit
-        self._keys: dict[str, _History] = {}
+        self.older: HistoryStore = history if history is not None else MemoryHistory(history_limit)
+        self._keys: dict[str, _Current] = {}
+        self._meta: Meta = ("", "", "", 0.0)  # the last commit's, shared by its keys
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def intern(self, key: str) -> str:
         """The store's own copy of ``key`` when it holds one (saves memory in delivery logs)."""
-        h = self._keys.get(key)
-        return key if h is None else h.key
+        c = self._keys.get(key)
+        return key if c is None else c[0]
 
     def version(self, key: str) -> int:
-        h = self._keys.get(key)
-        return h[-1].version if h else 0
+        c = self._keys.get(key)
+        return c[1] if c is not None else 0
 
     def current(self, key: str) -> Entry | None:
-        h = self._keys.get(key)
-        return h[-1] if h else None
+        c = self._keys.get(key)
+        return None if c is None else _entry(c[1], c[2], c[3])
+
+    def _meta_for(self, agent: str, session: str, commit_id: str, committed_at: float) -> Meta:
+        m = self._meta
+        if m[2] == commit_id and m[3] == committed_at and m[0] == agent and m[1] == session:
+            return m
+        m = self._meta = (sys.intern(agent), sys.intern(session), commit_id, committed_at)
+        return m
 
     def apply(
         self,
@@ -62,43 +89,63 @@ class VersionedStore:
         committed_at: float,
     ) -> bool:
         """Make ``version`` the key's current version. False if already there (replay)."""
-        h = self._keys.get(key)
-        if h is None:
-            h = self._keys[key] = _History((), self.history_limit)
-            h.key = key
-        elif h[-1].version >= version:
-            return False
-        h.append(
-            Entry(version, None if deleted else value, deleted, session[0], session[1], commit_id, committed_at)
-        )
+        c = self._keys.get(key)
+        if c is not None:
+            if c[1] >= version:
+                return False
+            key = c[0]
+            self.older.put(key, (c[1], c[2], c[3]))
+            if version - self.history_limit >= 1:
+                self.older.forget_through(key, version - self.history_limit)
+        meta = self._meta_for(session[0], session[1], commit_id, committed_at)
+        self._keys[key] = (key, version, None if deleted else value, meta)
         return True
+
+    def _lowest_kept(self, current: int) -> int:
+        return max(1, current - self.history_limit + 1)
 
     def entry_at(self, key: str, version: int) -> Entry | None:
         """The stored entry of ``key`` at ``version``, or None when not (or no longer) kept."""
-        h = self._keys.get(key)
-        if not h:
+        c = self._keys.get(key)
+        if c is None:
             return None
-        first = h[0].version
-        # versions in a deque are consecutive: index arithmetic, with a scan as a fallback
-        i = version - first
-        if 0 <= i < len(h) and h[i].version == version:
-            return h[i]
-        for e in h:
-            if e.version == version:
-                return e
-        return None
+        if version == c[1]:
+            return _entry(c[1], c[2], c[3])
+        if not self._lowest_kept(c[1]) <= version < c[1]:
+            return None
+        o = self.older.get(key, version)
+        return None if o is None else _entry(*o)
 
     def oldest_version(self, key: str) -> int:
-        h = self._keys.get(key)
-        return h[0].version if h else 0
+        c = self._keys.get(key)
+        if c is None:
+            return 0
+        oldest = self.older.oldest(key, self._lowest_kept(c[1]))
+        return c[1] if oldest is None else oldest
+
+    def iter_history(self, key: str) -> Iterator[Entry]:
+        """Newest first, lazily (an engine reads older versions only as far as asked)."""
+        c = self._keys.get(key)
+        if c is None:
+            return
+        yield _entry(c[1], c[2], c[3])
+        expect = c[1] - 1
+        for o in self.older.newest_first(key, c[1], self._lowest_kept(c[1])):
+            if o[0] != expect:
+                return  # a gap (never in a consistent store): what is below it is not this key's kept run
+            yield _entry(*o)
+            expect -= 1
 
     def history(self, key: str, limit: int | None = None) -> list[Entry]:
         """Newest first."""
-        h = self._keys.get(key)
-        if not h:
-            return []
-        out = list(reversed(h))
-        return out if limit is None else out[:limit]
+        out: list[Entry] = []
+        if limit is not None and limit <= 0:
+            return out
+        for e in self.iter_history(key):
+            out.append(e)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
 
     def keys(self, prefix: str = "") -> list[str]:
         return sorted(k for k in self._keys if k.startswith(prefix))
@@ -110,18 +157,50 @@ class VersionedStore:
         not a hot path.
         """
         found = (
-            k for k, h in self._keys.items()
-            if k > after and k.startswith(prefix) and h and not h[-1].deleted
+            k for k, c in self._keys.items()
+            if k > after and k.startswith(prefix) and c[2] is not None
         )
         return heapq.nsmallest(limit, found)
+
+    def sizes_of(self, key: str) -> dict[str, int]:
+        """Bytes (``sys.getsizeof``) of ``key``'s structures here, for benchmarks/memory_per_key.py."""
+        c = self._keys.get(key)
+        if c is None:
+            return {}
+        meta = c[3]
+        return {
+            "key": sys.getsizeof(c[0]),
+            "current": sys.getsizeof(c),
+            "value": sys.getsizeof(c[2]),
+            "version": sys.getsizeof(c[1]),
+            "meta (shared by a commit's keys)": sys.getsizeof(meta) + sum(sys.getsizeof(x) for x in meta),
+            **self.older.sizes(key),
+        }
 
     # ---- snapshot form -------------------------------------------------------
 
     def to_snapshot(self) -> list[Any]:
-        return [[k, [list(e) for e in h]] for k, h in self._keys.items()]
+        """``[[key, [entry fields, ...]], ...]``, oldest first: the whole kept history, or only
+        the current version when the history store persists the rest itself."""
+        if self.older.persistent:
+            return [[k, [list(_entry(c[1], c[2], c[3]))]] for k, c in self._keys.items()]
+        return [[k, [list(e) for e in reversed(self.history(k))]] for k in self._keys]
 
     def load_snapshot(self, data: list[Any]) -> None:
         self._keys.clear()
+        if not self.older.persistent:
+            self.older.clear()
         for k, entries in data:
-            h = self._keys[k] = _History((Entry(*e) for e in entries), self.history_limit)
-            h.key = k
+            if not entries:
+                continue
+            for e in entries[:-1]:
+                e = Entry(*e)
+                self.older.put(k, (e.version, None if e.deleted else e.value,
+                                   self._meta_for(e.agent, e.session, e.commit_id, e.committed_at)))
+            e = Entry(*entries[-1])
+            self._keys[k] = (k, e.version, None if e.deleted else e.value,
+                             self._meta_for(e.agent, e.session, e.commit_id, e.committed_at))
+        self.older.flush()
+
+
+__all__ = ["Older", "VersionedStore"]

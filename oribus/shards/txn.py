@@ -86,6 +86,14 @@ class Txn:
     def versions(self) -> dict[str, int]:
         return {k: w.version for k, w in self.writes.items()}
 
+    def drop_values(self) -> None:
+        """Once resolved, keep what retries and recovery need (versions), not the values:
+        applied, they live in the store; aborted, nowhere. (Issue 20: the participant keeps
+        the last ``max_resolved_txns`` outcomes, which would otherwise hold their values in
+        memory, the versions an on-disk history store took out of it included.)"""
+        if any(w.value is not None for w in self.writes.values()):
+            self.writes = {k: Write(w.version, None, w.deleted) for k, w in self.writes.items()}
+
     # ---- WAL and snapshot forms ------------------------------------------------
 
     def prepare_body(self) -> dict:

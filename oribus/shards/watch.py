@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from oribus.contract import Entry
-from oribus.errors import HistoryTruncated, OribusError, WatchLagged
+from oribus.errors import DataCorrupted, HistoryTruncated, OribusError, WatchLagged
 from oribus.messages import Change, WatchRequest
+from oribus.shards.history import HistoryView
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import Txn
 
@@ -49,11 +51,34 @@ def changes_of(txn: Txn) -> list[Change]:
     ]
 
 
+@dataclass
+class Replay:
+    """A planned replay: the changes in order (lazily read from a history view), the last
+    version it gives of each key, and ``close`` to release the view early."""
+
+    changes: Iterator[Change]
+    last: dict[str, int]
+    close: Callable[[], None] = lambda: None
+
+
 def plan_replay(store: VersionedStore, req: WatchRequest) -> list[Change]:
+    """The kept versions ``req`` asks for, as one list (``replay_plan``, read at once)."""
+    replay = replay_plan(store, req)
+    try:
+        return list(replay.changes)
+    finally:
+        replay.close()
+
+
+def replay_plan(store: VersionedStore, req: WatchRequest) -> Replay:
     """The kept versions ``req`` asks for: per key in version order, keys in key order.
 
     Raises HistoryTruncated, naming the keys, when a key's wanted versions begin
-    before the oldest version kept — a replay never skips silently.
+    before the oldest version kept — a replay never skips silently. Everything is
+    decided now (which keys, which versions, what is current); with a history store
+    on disk the older versions are then read as the watcher consumes them, from a
+    view taken now (``HistoryStore.view``), so a replay of a deep history holds
+    little memory and later commits cannot take a planned version from it.
     """
     if req.from_version is None and req.since is None:
         keys = sorted(req.after)  # only resumed keys replay anything
@@ -61,45 +86,88 @@ def plan_replay(store: VersionedStore, req: WatchRequest) -> list[Change]:
         keys = store.keys(req.prefix)
     # keys with no position of their own (reached only when ``since`` is set)
     since = req.since if req.since is not None else float("inf")
-    out: list[Change] = []
+    view = store.older.view()
+    # per key: the entries read now (newest first), or the range still to read from ``view``
+    parts: list[tuple[str, list[Entry] | tuple[int, Entry]]] = []
+    last: dict[str, int] = {}
     truncated: list[tuple[str, object, int, int]] = []
-    for key in keys:
-        current = store.current(key)
-        if current is None:
-            continue
-        start = req.after.get(key, req.from_version)
-        if start is not None:
-            if current.version <= start:
+    try:
+        for key in keys:
+            current = store.current(key)
+            if current is None:
                 continue
-            oldest = store.oldest_version(key)
-            if oldest > start + 1:
-                truncated.append((key, start, oldest, current.version))
+            start = req.after.get(key, req.from_version)
+            if start is not None:
+                if current.version <= start:
+                    continue
+                oldest = store.oldest_version(key)
+                if oldest > start + 1:
+                    truncated.append((key, start, oldest, current.version))
+                    continue
+                if view is not None:
+                    parts.append((key, (start + 1, current)))
+                    last[key] = current.version
+                    continue
+                wanted = []  # read newest first, only as far back as asked
+                for e in store.iter_history(key):
+                    if e.version <= start:
+                        break
+                    wanted.append(e)
+            else:
+                if current.committed_at < since:
+                    continue
+                wanted = []  # the newest versions, back to the first one committed before ``since``
+                reached = False
+                for e in store.iter_history(key):
+                    if e.committed_at < since:
+                        reached = True
+                        break
+                    wanted.append(e)
+                if not reached and wanted[-1].version > 1:
+                    # every kept version is recent: older ones, now gone, may have been too
+                    truncated.append((key, f"time {since}", wanted[-1].version, current.version))
+                    continue
+            parts.append((key, wanted))
+            last[key] = current.version
+        if truncated:
+            shown = ", ".join(f"{k!r} after {s} (kept {o}..{c})" for k, s, o, c in truncated[:5])
+            more = f" and {len(truncated) - 5} more" if len(truncated) > 5 else ""
+            raise HistoryTruncated(
+                f"watch of {req.prefix!r} asks for versions no longer kept (each key keeps its last "
+                f"{store.history_limit}): {shown}{more}; read the current values and watch from "
+                "their versions",
+                keys=[[k, s, o] for k, s, o, _ in truncated[:20]],
+            )
+    except BaseException:
+        if view is not None:
+            view.close()
+        raise
+    if view is None:
+        return Replay(iter([change_from_entry(k, e) for k, part in parts if isinstance(part, list)
+                            for e in reversed(part)]), last)
+    return Replay(_read_parts(parts, view), last, view.close)
+
+
+def _read_parts(parts: list[tuple[str, list[Entry] | tuple[int, Entry]]], view: HistoryView) -> Iterator[Change]:
+    try:
+        for key, part in parts:
+            if isinstance(part, list):
+                yield from (change_from_entry(key, e) for e in reversed(part))
                 continue
-            wanted = [e for e in store.history(key) if e.version > start]
-        else:
-            if current.committed_at < since:
-                continue
-            history = store.history(key)
-            wanted = []  # the newest versions, back to the first one committed before ``since``
-            for e in history:
-                if e.committed_at < since:
+            first, current = part
+            expect = first
+            for version, value, meta in view.ascending(key, first, current.version - 1):
+                if version != expect:
                     break
-                wanted.append(e)
-            if len(wanted) == len(history) and history[-1].version > 1:
-                # every kept version is recent: older ones, now gone, may have been too
-                truncated.append((key, f"time {since}", history[-1].version, current.version))
-                continue
-        out.extend(change_from_entry(key, e) for e in reversed(wanted))
-    if truncated:
-        shown = ", ".join(f"{k!r} after {s} (kept {o}..{c})" for k, s, o, c in truncated[:5])
-        more = f" and {len(truncated) - 5} more" if len(truncated) > 5 else ""
-        raise HistoryTruncated(
-            f"watch of {req.prefix!r} asks for versions no longer kept (each key keeps its last "
-            f"{store.history_limit}): {shown}{more}; read the current values and watch from "
-            "their versions",
-            keys=[[k, s, o] for k, s, o, _ in truncated[:20]],
-        )
-    return out
+                yield Change(key, version, value, value is None, meta[0], meta[1], meta[2], meta[3])
+                expect += 1
+            if expect != current.version:
+                raise DataCorrupted(
+                    f"the history store lacks version {expect} of {key!r}, which it held when this "
+                    f"watch was planned (kept {first}..{current.version})", key=key, version=expect)
+            yield change_from_entry(key, current)
+    finally:
+        view.close()
 
 
 class Watcher:
@@ -122,16 +190,22 @@ class Watcher:
         self.limit = limit
         self.lagged = False
         self._detach = detach
-        self._replay: deque[Change] = deque()
+        self._replay: Iterator[Change] | None = None
+        self._close_replay: Callable[[], None] = lambda: None  # releases the replay's history view
         self._replayed: dict[str, int] = {}  # key -> last version the replay gives
         self._live: deque[Change] = deque()
         self._ready = asyncio.Event()
         self._ended = False
         self._error: OribusError | None = None
 
-    def set_replay(self, changes: list[Change]) -> None:
-        self._replay.extend(changes)
-        for c in changes:
+    def set_replay(self, changes: Replay | Iterable[Change]) -> None:
+        """What to give before the live changes: a ``Replay`` (read as it is consumed), or changes."""
+        if isinstance(changes, Replay):
+            self._replay, self._replayed, self._close_replay = changes.changes, dict(changes.last), changes.close
+            return
+        listed = list(changes)
+        self._replay = iter(listed)
+        for c in listed:
             self._replayed[c.key] = c.version
 
     def offer(self, change: Change) -> None:
@@ -171,8 +245,16 @@ class Watcher:
 
     async def __anext__(self) -> Change:
         while True:
-            if self._replay:
-                return self._replay.popleft()
+            if self._replay is not None:
+                try:
+                    return next(self._replay)
+                except StopIteration:
+                    self._replay = None
+                    self._close_replay()
+                except BaseException:
+                    self._replay = None
+                    self._close_replay()
+                    raise
             if self._live:
                 c = self._live.popleft()
                 if self._replayed and c.version <= self._replayed.get(c.key, 0):
@@ -188,7 +270,8 @@ class Watcher:
 
     def close(self) -> None:
         """Stop watching now. A pending ``__anext__`` ends with StopAsyncIteration. Idempotent."""
-        self._replay.clear()
+        self._replay = None
+        self._close_replay()
         self._live.clear()
         self._error = None
         self._end(None)

@@ -33,6 +33,9 @@ class SimConfig:
     snapshot_every_records: int = 1 << 40  # snapshot cadence (default: never)
     shard_resolver: bool = True  # a blocked read resolves the transaction through its primary
     history_limit: int = 1 << 30  # keep every version: the final check reads whole histories
+    # where shards keep older versions: "memory", or "lmdb" (the SimDisk's SimHistory, with
+    # the engine's durability: what is not synced is lost by a crash); replicas=1 only
+    history_store: str = "memory"
     max_seconds: float = 600.0  # a workload running longer than this is stuck (liveness failure)
     unsafe_disable_validation: bool = False  # BROKEN on purpose: shards accept stale commits
     # Read-only participants (specs/PROTOCOL.md §5.8): the lease, short so that faults outlast

@@ -47,6 +47,7 @@ from oribus.errors import DataCorrupted, Unavailable
 from oribus.shards.manifest import ShardManifest
 from oribus.shards.wal.record import FrameStatus, decode_record, encode_record
 from oribus.shards.wal.writer import GroupCommit
+from oribus.sim.history import SimHistory
 
 
 @dataclass
@@ -54,6 +55,9 @@ class DiskConfig:
     fsync_seconds: tuple[float, float] = (0.0002, 0.004)  # uniform latency of one fsync (virtual)
     # Deliberately broken: sync() returns before the fsync (tests must catch lost commits).
     unsafe_ack_before_fsync: bool = False
+    # Deliberately broken: the on-disk history store's sync makes nothing durable (tests must
+    # catch the versions a crash then takes from it; oribus.sim.history).
+    unsafe_history_sync_does_nothing: bool = False
 
 
 class SimDisk:
@@ -68,6 +72,8 @@ class SimDisk:
         self.manifest: ShardManifest | None = None  # the shard's MANIFEST (written atomically)
         self.wal: SimWal | None = None  # the WAL of the running incarnation
         self.lost_records = 0  # appended (or in flight) but dropped by crashes
+        # the shard's on-disk history store (history_store="lmdb"), with its crash semantics
+        self.history = SimHistory(unsafe_sync_does_nothing=self.config.unsafe_history_sync_does_nothing)
         self.fsyncs = 0
 
     # ---- the Shard seams ---------------------------------------------------------
@@ -122,6 +128,7 @@ class SimDisk:
         """The process died: keep the durable records and ``keep_in_flight`` records of the
         batch whose fsync was running (0: a power cut); everything else is gone.
         Returns how many records were lost."""
+        self.history.crash()  # what was not synced (a shard without it has nothing there)
         wal = self.wal
         self.wal = None
         if wal is None:

@@ -83,6 +83,7 @@ class SimShard(Shard):
         self.write_snapshot_file = disk.write_snapshot
         self.read_manifest_file = disk.read_manifest
         self.write_manifest_file = disk.write_manifest
+        self.open_history = lambda _config: disk.history
         super().__init__(config, epoch)
 
 
@@ -214,6 +215,7 @@ class SimCluster:
             shard_id=shard_id,
             data_dir=Path(f"/simulated/shard-{shard_id}"),  # never touched: the SimDisk serves it
             history_limit=cfg.history_limit,
+            history_store=cfg.history_store,
             snapshot_every_records=cfg.snapshot_every_records,
             delivery_log=DeliveryLogConfig(ttl_seconds=cfg.session_ttl_seconds),
             read_wait_seconds=cfg.read_wait_seconds,

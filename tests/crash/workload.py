@@ -59,11 +59,15 @@ import oribus
 from oribus import failpoints
 from oribus.meta.slots import StaticSlotMap
 
+HISTORY_STORE_ENV = "ORIBUS_CRASH_HISTORY_STORE"  # the workload's and the checker's history_store
+
 # Engine settings shared with the checker, which must reopen the data
 # directory exactly as the workload opened it.
 ENGINE_OPTIONS: dict[str, Any] = {
     "snapshot_every_records": 40,  # a snapshot every 40 WAL records per shard
     "segment_bytes": 4096,  # a new WAL segment every ~4 KiB
+    # where older versions live (test_history_crash_points.py sweeps "lmdb")
+    "history_store": os.environ.get(HISTORY_STORE_ENV, "memory"),
 }
 
 KEYS = [f"crash/k{i:02d}" for i in range(24)]

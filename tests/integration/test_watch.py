@@ -81,10 +81,15 @@ def lagged_count(stats: dict) -> int:
     return sum(s["watches_lagged"] for s in stats["shards"])
 
 
-@pytest.fixture(params=[1, 4], ids=["1shard", "4shards"])
+@pytest.fixture(params=[(1, "memory"), (4, "memory"), (2, "lmdb")], ids=["1shard", "4shards", "2shards-lmdb"])
 async def bus(request, data_dir):
-    async with oribus.open_local(data_dir, shards=request.param, agent="watcher") as b:
+    shards, history_store = request.param
+    async with oribus.open_local(data_dir, shards=shards, agent="watcher", history_store=history_store) as b:
         yield b
+
+
+# where older versions live: replays read them from memory or from the shard's LMDB file
+history_stores = pytest.mark.parametrize("history_store", ["memory", "lmdb"])
 
 
 @pytest.fixture
@@ -214,8 +219,9 @@ async def test_watch_opened_during_writes_has_no_gap_or_duplicate(bus):
     assert_each_key_exactly(got, finals)
 
 
-async def test_from_version_older_than_kept_history_fails_loudly(data_dir):
-    async with oribus.open_local(data_dir, shards=2, agent="w", history_limit=3) as bus:
+@history_stores
+async def test_from_version_older_than_kept_history_fails_loudly(data_dir, history_store):
+    async with oribus.open_local(data_dir, shards=2, agent="w", history_limit=3, history_store=history_store) as bus:
         for v in range(10):
             await bus.put("h/k", v)
         await bus.put("h/fresh", 1)
@@ -354,9 +360,10 @@ async def _keys(bus, prefix: str) -> list[str]:
     return sorted(keys)
 
 
-async def test_resume_uses_per_key_positions(data_dir):
+@history_stores
+async def test_resume_uses_per_key_positions(data_dir, history_store):
     """A resumed watch needs only the versions after those seen, per key — not a global minimum."""
-    async with oribus.open_local(data_dir, shards=2, agent="w", history_limit=5) as bus:
+    async with oribus.open_local(data_dir, shards=2, agent="w", history_limit=5, history_store=history_store) as bus:
         for v in range(30):
             await bus.put("q/busy", v)
         await bus.put("q/quiet", "x")

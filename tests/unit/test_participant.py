@@ -124,6 +124,21 @@ def test_rollback_resolves_from_history_and_limits():
     assert p.store.current("k").deleted
 
 
+def test_resolved_transactions_keep_versions_not_values():
+    """The last max_resolved outcomes must not hold their values in memory (issue 20)."""
+    p = make()
+    big = b"x" * 10_000
+    commit(p, "t1", writes={"k": big, "gone": None})
+    commit(p, "t2", writes={"k": b"newer"})
+    t1 = p.known("t1")
+    assert t1 is not None and t1.state is TxnState.COMMITTED
+    assert all(w.value is None for w in t1.writes.values())
+    assert t1.versions == {"k": 1, "gone": 1} and t1.writes["gone"].deleted
+    assert p.store.entry_at("k", 1).value == big  # the store keeps it
+    r = commit(p, "t1", writes={"k": big})  # a retry still gets its versions
+    assert isinstance(r, Known) and p.vote_for(r).versions == {"k": 1, "gone": 1}
+
+
 def test_idempotent_one_phase_retry():
     p = make()
     commit(p, "same", writes={"k": b"1"})

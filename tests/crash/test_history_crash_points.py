@@ -1,0 +1,133 @@
+"""The crash sweep of test_crash_points.py with history on disk (``history_store="lmdb"``).
+
+Same workload, same checker (every acknowledged commit present, none half
+applied, consecutive per-key histories read back through ``history``, new
+commits working), with the shards' older versions in LMDB, killed at the two
+history failpoints — ``history.before_flush`` (the WAL record is durable, the
+engine lacks the versions it replaced) and ``history.after_sync`` (the engine
+is fsynced, the snapshot not yet written) — and at the WAL and snapshot points
+where the engine and the WAL part ways. Fewer runs per point than the main
+sweep: it is the same machinery, and these runs check the engine's half.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from test_crash_points import (  # noqa: E402
+    CALIBRATION_SEED,
+    LATEST_HIT_FRACTION,
+    PARALLEL,
+    SHARD_COUNTS,
+    WORKLOAD,
+    Children,
+    CrashRun,
+    Sweep,
+    _explain,
+    child_env,
+    execute,
+)
+from workload import HISTORY_STORE_ENV  # noqa: E402
+
+pytestmark = pytest.mark.timeout(900)
+
+POINTS = (
+    "history.before_flush",
+    "history.after_sync",
+    "wal.after_fsync",
+    "txn.after_decide",
+    "snapshot.before_rename",
+    "snapshot.after_rename",
+)
+RUNS_PER_POINT = 9  # 6 x 9 = 54 armed runs
+MIN_REAL_CRASHES = 40
+
+
+@pytest.fixture(scope="module")
+def children() -> Iterator[Children]:
+    procs = Children()
+    yield procs
+    procs.kill_all()
+
+
+@pytest.fixture(scope="module")
+def lmdb_sweep(tmp_path_factory: pytest.TempPathFactory, children: Children, crash_report: list[str],
+               crash_progress: Callable[[str], None]) -> Iterator[Sweep]:
+    root = tmp_path_factory.mktemp("history-crash-sweep")
+    started = time.monotonic()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(HISTORY_STORE_ENV, "lmdb")  # child_env copies os.environ: workload and checker alike
+        crash_progress("history crash sweep (lmdb): calibrating")
+
+        def calibrate(shards: int) -> dict[str, int]:
+            d = root / f"calibrate-{shards}"
+            d.mkdir()
+            hits = d / "hits.json"
+            rc, _, err = children.run(
+                [str(WORKLOAD), str(d / "data"), str(d / "journal.jsonl"), str(CALIBRATION_SEED),
+                 str(shards), "--hits-out", str(hits)], env=child_env())
+            assert rc == 0, f"the unarmed workload failed ({rc}): {err[-3000:]}"
+            return json.loads(hits.read_text())
+
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            hits = dict(zip(SHARD_COUNTS, pool.map(calibrate, SHARD_COUNTS), strict=True))
+            planned = []
+            for p, point in enumerate(POINTS):
+                for j in range(RUNS_PER_POINT):
+                    shards = SHARD_COUNTS[j % len(SHARD_COUNTS)]
+                    total = hits[shards].get(point, 0)
+                    assert total > 0, f"the lmdb workload never reaches {point} with {shards} shards"
+                    last = max(1, int(total * LATEST_HIT_FRACTION))
+                    hit = 1 + round(j * (last - 1) / (RUNS_PER_POINT - 1))
+                    seed = 7000 + p * RUNS_PER_POINT + j
+                    planned.append(CrashRun(point, hit, seed, shards, root / f"{point}-{hit}-s{seed}"))
+            done = 0
+            lock = threading.Lock()
+
+            def one(run: CrashRun) -> CrashRun:
+                nonlocal done
+                execute(run, children)
+                with lock:
+                    done += 1
+                    if done % 12 == 0 or done == len(planned):
+                        crash_progress(f"history crash sweep: {done}/{len(planned)} runs checked, "
+                                       f"{time.monotonic() - started:.0f} s")
+                return run
+
+            runs = list(pool.map(one, planned))
+    sweep = Sweep(runs, time.monotonic() - started)
+    crash_report.append(
+        f"history crash sweep (lmdb): {sweep.crashed} of {len(runs)} armed runs died by SIGKILL, "
+        f"{sum(bool(r.violations) for r in runs)} with violations, {sum(r.error is not None for r in runs)} "
+        f"errors, {sweep.seconds:.0f} s")
+    yield sweep
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_history_on_disk_recovers_from_a_kill_at(lmdb_sweep: Sweep, point: str) -> None:
+    runs = lmdb_sweep.of(point)
+    errors = [r for r in runs if r.error]
+    assert not errors, "runs that did not complete:\n" + _explain(errors)
+    broken = [r for r in runs if r.violations]
+    assert not broken, f"recovery (lmdb history) after a kill at {point} broke its promises:\n" + _explain(broken)
+    crashed = sum(r.crashed for r in runs)
+    assert crashed >= len(runs) * 2 // 3, f"only {crashed} of {len(runs)} runs armed at {point} really crashed"
+
+
+def test_enough_history_crash_points_really_crashed(lmdb_sweep: Sweep) -> None:
+    assert lmdb_sweep.crashed >= MIN_REAL_CRASHES, lmdb_sweep.crashed
+    # the engine was really used: a checked run's data directory holds an LMDB history
+    assert all((r.data_dir / "shard-0000" / "history" / "data.mdb").exists()
+               for r in lmdb_sweep.runs if not r.error), "a run without an LMDB history file"
