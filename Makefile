@@ -35,9 +35,13 @@ system-deps:
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	$(call APT_INSTALL,etcd spin chromium chromedriver)
 
+# The suite runs on TEST_WORKERS pytest-xdist workers (default 2, the cores of the smallest
+# machine it runs on), a test file at a time per worker: most tests wait on processes they
+# start, and the longest files (the crash sweep, the protocol model) then run side by side.
 # The 30 longest tests are listed at the end: what to look at when the suite grows slow.
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps typescript-deps
-	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=30 tests
 
 # The TypeScript SDK (clients/typescript) needs Node 20+ and npm; its locked dev dependencies
 # (TypeScript) are installed when node_modules is missing. The suite runs its tests
@@ -53,6 +57,12 @@ test-typescript: $(STAMP) typescript-deps
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x -m 'not slow' tests
+
+# The crash tests alone (SIGKILL at every failpoint of the WAL, the commit protocol, snapshots,
+# the history store and replication, then recovery checked), one process: the sweep's progress
+# lines show while it runs.
+crash: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests/crash
 
 # Long fault-injection runs: SOAK_SEEDS seeds of the deterministic simulation, as many with
 # replica groups of 3 (a quarter with groups of 5: oribus.sim.group), then the
