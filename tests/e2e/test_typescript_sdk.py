@@ -147,9 +147,11 @@ def test_readme_typescript_quick_start_runs_as_written(server: ServerProcess, tm
 
 def test_example_agent_pair_shares_a_plan(server: ServerProcess):
     pkg = package()
-    # the worker thinks 2 s per step (the example's default is 0.2 s): the planner's revision,
-    # which reacts to the worker's first result through a watch, lands within that even on a
-    # loaded machine, so the worker's stale claim is refused every time
+    # the worker thinks 2 s per step (the example's default is 0.2 s) and the planner 1 s before
+    # its revision, which reacts to the worker's first result through a watch: the revision lands
+    # after the worker read the plan for its next step and before it claims it, even on a loaded
+    # machine (it used to land at once, sometimes before that read: no conflict), so the worker's
+    # stale claim is refused every time
     run = subprocess.run(["node", str(pkg / "examples" / "plan-agents.mjs"), f"http://{server.http_address}", "2000"],
                          capture_output=True, text=True, timeout=120, env=node_env())
     assert run.returncode == 0 and not run.stderr, run.stdout + run.stderr

@@ -39,6 +39,10 @@ async function plannerAgent() {
     console.log(`planner: saw ${change.key.slice(RESULTS.length)} = ${JSON.stringify(change.value)}`);
     if (!revised) {
       revised = true; // the first result changes the plan: a review step goes at the end
+      // the planner considers the result first (a model call of its own), half as long as the
+      // worker thinks: its revision then lands while the worker thinks about its next step,
+      // after the worker read the plan, however quickly either side gets its answers
+      await sleep(THINK_MS / 2);
       await planner.run(async (tx) => {
         const plan = (await tx.get(PLAN)).value;
         const id = plan.steps.length + 1;
