@@ -21,10 +21,11 @@ Snapshots are taken at a low-water LSN (below every record appended but not
 yet applied); replay from there is idempotent (see ``store.apply``).
 
 With an on-disk history store (``history_store="lmdb"``, specs/engine.md
-"History store") the versions a commit replaces are written to it when the
-commit is applied (no fsync), and fsynced before every snapshot: a snapshot
-then holds only current versions, and the WAL after it replays whatever a
-crash took from the engine. Replica groups keep their history in memory: a
+"History store") the versions a commit replaces are handed to it when the
+commit is applied (its committer thread writes and fdatasyncs them in batches;
+the event loop does not wait), and the engine is synced before every
+snapshot: a snapshot then holds only current versions, and the WAL after it
+replays whatever a crash took from the engine. Replica groups keep their history in memory: a
 member catching up installs a snapshot, which would carry no history.
 """
 
@@ -388,7 +389,7 @@ class Shard(ShardService):
         # (the changes are taken before applying: a resolved transaction keeps no values)
         changes = changes_of(txn) if txn is not None and txn.state is TxnState.PREPARED and self._watchers else None
         outcome = self.core.apply_commit(txn_id)
-        self.store.older.flush()  # the versions it replaced, to an on-disk history store (no fsync)
+        self.store.older.flush()  # the versions it replaced, to an on-disk history store's committer (no wait)
         if changes and outcome.state is TxnState.COMMITTED:
             self._publish(changes)
         return outcome
