@@ -63,7 +63,9 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import os
 import struct
+import tempfile
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -76,6 +78,7 @@ import msgpack
 from oribus.errors import DataCorrupted, Unavailable
 from oribus.failpoints import failpoint
 from oribus.shards.history.base import Meta, Older
+from oribus.shards.wal.segment import fsync_directory
 
 log = logging.getLogger("oribus.history")
 
@@ -458,6 +461,40 @@ class LmdbHistory:
         from being reused: the watcher closes it once its replay is done, or when it ends."""
         pending = self._all_pending()
         return LmdbView(self.env.begin(), self._decode, self.directory, pending)
+
+    # ---- a consistent copy, for a replica group's catch-up ----------------------------
+
+    def copy_bytes(self) -> bytes:
+        """The file as one read transaction sees it now, compacted (LMDB's ``env.copyfd``):
+        every version committed so far, none half written; what the committer has not yet
+        committed is left out (the WAL after the snapshot that travels with it replays it).
+        Runs in a worker thread."""
+        with tempfile.TemporaryFile(dir=self.directory) as f:
+            try:
+                self.env.copyfd(f.fileno(), compact=True)
+            except lmdb.Error as e:
+                raise Unavailable(f"history store {self.directory}: copying it failed: {e}") from e
+            f.seek(0)
+            return f.read()
+
+    @staticmethod
+    def install_file(directory: Path, data: bytes, *, fsync: bool = True) -> None:
+        """Replace the file in ``directory`` (no environment open on it) by ``data``, a copy
+        from ``copy_bytes``: written beside it, fsynced, renamed over ``data.mdb``, the
+        directory fsynced. The reader lock table (``lock.mdb``) goes too; LMDB makes a new one."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / "data.mdb.incoming"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, directory / "data.mdb")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / "lock.mdb")
+        if fsync:
+            fsync_directory(directory)
 
     # ---- figures ------------------------------------------------------------------
 
