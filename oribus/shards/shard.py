@@ -25,8 +25,8 @@ With an on-disk history store (``history_store="lmdb"``, specs/engine.md
 commit is applied (its committer thread writes and fdatasyncs them in batches;
 the event loop does not wait), and the engine is synced before every
 snapshot: a snapshot then holds only current versions, and the WAL after it
-replays whatever a crash took from the engine. Replica groups keep their history in memory: a
-member catching up installs a snapshot, which would carry no history.
+replays whatever a crash took from the engine. A replica group's learner receives
+the engine's consistent copy with the snapshot (specs/replication.md §7).
 """
 
 from __future__ import annotations
