@@ -8,6 +8,7 @@ is the term register (a counter moved by compare-and-set) and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -487,7 +488,8 @@ async def test_a_member_that_lost_its_disk_catches_up_with_the_primarys_lmdb_his
     """With history_store="lmdb" a snapshot holds only current versions: the primary sends its
     engine's consistent copy with it, so the rejoined member answers ``history`` as the primary
     did, also for versions written before the snapshot (their WAL records are gone)."""
-    g = Group(tmp_path, snapshot_every_records=1_000_000, wal=WalConfig(segment_bytes=2048),
+    small_chunks = dataclasses.replace(FAST, snapshot_chunk_bytes=1000)  # the frame spans many chunks
+    g = Group(tmp_path, options=small_chunks, snapshot_every_records=1_000_000, wal=WalConfig(segment_bytes=2048),
               history_store="lmdb", history_limit=6)
     keys = [f"k{i}" for i in range(5)]
     await g.start_all()
@@ -511,6 +513,8 @@ async def test_a_member_that_lost_its_disk_catches_up_with_the_primarys_lmdb_his
         await eventually(lambda: learner.voter)
         assert learner.counters["snapshots_installed"] == 1
         assert (g.data_dir(2) / "history" / "data.mdb").exists()
+        # the history file arrived beside the engine's and was renamed into place
+        assert sorted(p.name for p in (g.data_dir(2) / "history").iterdir()) == ["data.mdb", "lock.mdb"]
         await eventually(lambda: learner._applied_lsn >= shard.wal.commit_lsn)
         assert learner.core is not None
         for k in keys:  # the follower's own applied state, history read from its engine

@@ -70,7 +70,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lmdb
 import msgpack
@@ -464,33 +464,27 @@ class LmdbHistory:
 
     # ---- a consistent copy, for a replica group's catch-up ----------------------------
 
-    def copy_bytes(self) -> bytes:
-        """The file as one read transaction sees it now, compacted (LMDB's ``env.copyfd``):
-        every version committed so far, none half written; what the committer has not yet
-        committed is left out (the WAL after the snapshot that travels with it replays it).
-        Runs in a worker thread."""
-        with tempfile.TemporaryFile(dir=self.directory) as f:
-            try:
-                self.env.copyfd(f.fileno(), compact=True)
-            except lmdb.Error as e:
-                raise Unavailable(f"history store {self.directory}: copying it failed: {e}") from e
-            f.seek(0)
-            return f.read()
+    def copy_file(self) -> BinaryIO:
+        """The file as one read transaction sees it now, compacted (LMDB's ``env.copyfd``), in
+        an unlinked temporary file beside it (the caller closes it): every version committed
+        so far, none half written; what the committer has not yet committed is left out (the
+        WAL after the snapshot that travels with it replays it). Runs in a worker thread."""
+        f = tempfile.TemporaryFile(dir=self.directory)
+        try:
+            self.env.copyfd(f.fileno(), compact=True)
+        except lmdb.Error as e:
+            f.close()
+            raise Unavailable(f"history store {self.directory}: copying it failed: {e}") from e
+        return f
 
     @staticmethod
-    def install_file(directory: Path, data: bytes, *, fsync: bool = True) -> None:
-        """Replace the file in ``directory`` (no environment open on it) by ``data``, a copy
-        from ``copy_bytes``: written beside it, fsynced, renamed over ``data.mdb``, the
-        directory fsynced. The reader lock table (``lock.mdb``) goes too; LMDB makes a new one."""
+    def install_file(directory: Path, incoming: Path, *, fsync: bool = True) -> None:
+        """Replace the file in ``directory`` (no environment open on it) by ``incoming``, a
+        copy from ``copy_file`` already fsynced: renamed over ``data.mdb``, the directory
+        fsynced. The reader lock table (``lock.mdb``) goes too; LMDB makes a new one."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / "data.mdb.incoming"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, directory / "data.mdb")
+        os.replace(incoming, directory / "data.mdb")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(directory / "lock.mdb")
         if fsync:

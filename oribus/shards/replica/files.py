@@ -74,15 +74,20 @@ class MemberFiles:
         return Wal.open(cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from_lsn, on_record=on_record,
                         metrics_label=str(cfg.shard_id), require_lsn=require_lsn)
 
-    def replace_history(self, history_file: bytes | None) -> None:
-        """Put a primary's history store copy in place of this member's (its environment
-        closed), durably; None: delete this member's, so the snapshot's histories fill a new one."""
+    def history_spill(self) -> Path:
+        """Where a catch-up's history file is written as it arrives (beside the engine's)."""
+        return self.config.history_dir / "data.mdb.incoming"
+
+    def replace_history(self, incoming: Path | None) -> None:
+        """Put a primary's history store copy (``incoming``, fsynced) in place of this
+        member's (its environment closed), durably; None: delete this member's, so the
+        snapshot's histories fill a new one."""
         directory = self.config.history_dir
-        if history_file is not None:
+        if incoming is not None:
             # (lmdb is loaded only when used)
             from oribus.shards.history.lmdb_engine import LmdbHistory
 
-            LmdbHistory.install_file(directory, history_file, fsync=self.fsync)
+            LmdbHistory.install_file(directory, incoming, fsync=self.fsync)
             return
         removed = False
         for name in ("data.mdb", "lock.mdb"):

@@ -78,7 +78,7 @@ from oribus.shards.config import ShardConfig
 from oribus.shards.history import HistoryStore
 from oribus.shards.manifest import ShardManifest
 from oribus.shards.participant import Participant
-from oribus.shards.replica.catchup import pack_catchup, unpack_catchup
+from oribus.shards.replica.catchup import CatchupData, CatchupReceiver, CatchupSource
 from oribus.shards.replica.files import MemberFiles
 from oribus.shards.replica.messages import (
     AppendBatch,
@@ -192,7 +192,7 @@ class ReplicaMember:
         self._snapshot_lsn = 0
         self._commit_known = 0  # the highest commit index a primary told us (capped by agreement)
         self._snapshot_task: asyncio.Task | None = None
-        self._incoming: bytearray | None = None  # a snapshot being received
+        self._incoming: CatchupReceiver | None = None  # a snapshot (and history file) being received
         self._incoming_lsn = -1
         self.counters = {"appends": 0, "refused_term": 0, "refused_mismatch": 0, "truncated_records": 0,
                          "promises": 0, "snapshots_installed": 0, "snapshots": 0, "learner_starts": 0}
@@ -576,33 +576,44 @@ class ReplicaMember:
             if chunk.term > self.promised_term:
                 self._persist(promised_term=chunk.term)
             if chunk.offset == 0:
-                self._incoming, self._incoming_lsn = bytearray(), chunk.lsn
-            if self._incoming is None or chunk.lsn != self._incoming_lsn or chunk.offset != len(self._incoming):
-                self._incoming = None
+                self._drop_incoming()
+                self._incoming, self._incoming_lsn = CatchupReceiver(self.files.history_spill()), chunk.lsn
+            incoming = self._incoming
+            if incoming is None or chunk.lsn != self._incoming_lsn or chunk.offset != incoming.length:
+                self._drop_incoming()
                 return self._reply(False)
-            self._incoming += chunk.data
-            if not chunk.done:
-                return self._reply(True)
-            data, self._incoming = bytes(self._incoming), None
-            if chunk.lsn <= self._applied_lsn:  # holds it already
-                return self._reply(True, durable=min(self.durable_lsn, chunk.lsn))
-            try:
-                snapshot_file, history_file = unpack_catchup(data)
-                raw = decode_snapshot_file(snapshot_file, chunk.lsn, f"snapshot from member {chunk.primary}")
-            except DataCorrupted:
-                log.warning("shard %d member %d: a damaged snapshot arrived", self.shard_id, self.member_id)
-                return self._reply(False)
-            if history_file is not None and self.config.history_store == "memory":
+            incoming.feed(chunk.data)
+            if incoming.carries_history and self.config.history_store == "memory":
                 # Its snapshot holds only current versions: installed here, the history would be lost.
-                log.error("shard %d member %d: member %d sent an on-disk history store, but this member keeps "
+                log.error("shard %d member %d: member %d sends an on-disk history store, but this member keeps "
                           "its history in memory: start every member with the same --history-store",
                           self.shard_id, self.member_id, chunk.primary)
+                self._drop_incoming()
+                return self._reply(False)
+            if not chunk.done:
+                return self._reply(True)
+            self._incoming = None
+            if chunk.lsn <= self._applied_lsn:  # holds it already
+                incoming.discard()
+                return self._reply(True, durable=min(self.durable_lsn, chunk.lsn))
+            try:
+                snapshot_file, history_file = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: incoming.finish(fsync=self.files.fsync))
+                raw = decode_snapshot_file(snapshot_file, chunk.lsn, f"snapshot from member {chunk.primary}")
+            except DataCorrupted:
+                incoming.discard()
+                log.warning("shard %d member %d: a damaged snapshot arrived", self.shard_id, self.member_id)
                 return self._reply(False)
             await self._install(chunk.lsn, raw, history_file)
             self.counters["snapshots_installed"] += 1
             return self._reply(True, durable=chunk.lsn)
 
-    async def _install(self, lsn: int, raw: bytes, history_file: bytes | None = None) -> None:
+    def _drop_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.discard()
+
+    async def _install(self, lsn: int, raw: bytes, history_file: Path | None = None) -> None:
         """Replace the log by the snapshot at ``lsn`` (and an on-disk history store by the
         primary's ``history_file``). The member is a learner meanwhile: its records are gone
         before the snapshot is in place (a crash then must not leave a voter lacking records
@@ -691,18 +702,18 @@ class ReplicaMember:
                  self.member_id, term, lsn)
         return shard
 
-    def _snapshot_source(self) -> tuple[int, bytes] | None:
+    def _snapshot_source(self) -> tuple[int, CatchupData] | None:
         """The latest snapshot, and with an on-disk history store the engine's consistent
         copy, taken after the snapshot was read (``catchup.py``). Runs in a worker thread."""
         snap = self.files.snapshot_file()
         if snap is None:
             return None
         shard = self.shard
-        copy = getattr(shard.store.older, "copy_bytes", None) if shard is not None else None
+        copy = getattr(shard.store.older, "copy_file", None) if shard is not None else None
         if copy is None:
             return snap
         lsn, data = snap
-        return lsn, pack_catchup(data, copy())
+        return lsn, CatchupSource(data, copy())
 
     def _deposed(self, term: int) -> None:
         """The ReplicatedWal saw a higher term: report it, and step down soon."""
@@ -766,6 +777,7 @@ class ReplicaMember:
                 self._snapshot_task.cancel()
             shard, rwal, wal = self.shard, self.rwal, self.wal
             self.role = CLOSED
+            self._drop_incoming()
             self.shard = self.rwal = None
             try:
                 if shard is not None:
