@@ -9,14 +9,16 @@ The second form comes from a primary whose shard keeps its older versions in an
 on-disk history store (``history_store="lmdb"``, specs/engine.md "History store"):
 its snapshots hold only current versions, so the learner needs the engine's
 versions too. The history file is LMDB's consistent copy
-(``LmdbHistory.copy_bytes``), taken *after* the snapshot file was read: the
+(``LmdbHistory.copy_file``), taken *after* the snapshot file was read: the
 engine was synced before that snapshot was written, so the copy holds every
 version the snapshot's records replaced, and perhaps later ones (written again,
 the same bytes, when the learner applies the log after the snapshot). The two
-magics differ in their first bytes, so neither form is taken for the other.
+magics differ in their fourth byte, so neither form is taken for the other.
 
-The snapshot file keeps its own CRC; the history file is checked by LMDB when
-the learner opens it. The snapshot file travels in memory, as it always did;
+The snapshot file keeps its own CRC; the history file has no checksum of its
+own (LMDB keeps none; it checks its meta pages when the learner opens it), so
+it relies on the transport's (TCP's, or TLS's when the group uses it): adding
+a CRC per chunk is still to do. The snapshot file travels in memory, as it always did;
 the history file, which may be many GB, never does: the primary's copy is an
 unlinked temporary file read one chunk at a time (``CatchupSource``), and the
 learner writes the chunks past the snapshot straight to a file beside its
