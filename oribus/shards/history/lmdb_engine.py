@@ -31,9 +31,10 @@ last two metas can reach, so the unsynced meta at worst names the previous
 transaction's tree, which is whole on disk. (With ``sync`` off, as
 ``unsafe_no_fsync`` opens it, a power cut may write the meta page before the
 pages it points at, or pages reused after a commit the disk never saw: the
-file can then be corrupt, not just behind.) One fdatasync serves every commit
-applied while the previous one ran, so its cost follows the disk's speed, not
-the commit rate, and the event loop never waits for it.
+file can then be corrupt, not just behind.) The committer commits at most once
+per ``_COMMIT_INTERVAL`` (20 ms; ``sync`` skips the pause), so one fdatasync
+serves every commit applied meanwhile: its count follows the clock, not the
+commit rate, and the event loop never waits for it.
 
 What a crash or a power cut can take from this file is therefore only a
 suffix of whole transactions: the batches handed over but not committed, and
@@ -67,6 +68,7 @@ import os
 import struct
 import tempfile
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -95,6 +97,9 @@ _CHUNK = 8  # versions read per read transaction in ``newest_first``
 # (memory stays bounded when writes outrun the disk, as a long recovery replay may).
 _MAX_HANDED = 65_536
 _IDLE_SECONDS = 5.0  # the committer thread ends after this long without work (a flush restarts it)
+# The committer commits at most this often (unless ``sync`` waits): what is handed over meanwhile
+# joins the next transaction, so the engine's fdatasyncs stay few however fast commits come.
+_COMMIT_INTERVAL = 0.02
 
 Pending = dict[str, dict[int, Older]]  # key -> version -> record, not yet in the file
 
@@ -159,6 +164,7 @@ class LmdbHistory:
         self._handed_versions = 0
         self._failure: BaseException | None = None  # the last commit's error, until one succeeds
         self._kicks = 0  # bumped by every flush and sync: a failed committer retries on the next
+        self._waiters = 0  # callers of ``sync`` waiting for the committer (it then skips its pause)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._meta_seen: dict[tuple[Any, ...], Meta] = {}  # decoded metas of the last chunk read, shared
@@ -215,6 +221,7 @@ class LmdbHistory:
         """The committer thread: every batch handed over since the last commit, in one LMDB
         transaction (one fdatasync). Ends when idle for ``_IDLE_SECONDS`` or at close."""
         seen_kicks = -1
+        last_commit = 0.0
         while True:
             with self._cond:
                 while not self._handed or (self._failure is not None and self._kicks == seen_kicks):
@@ -223,6 +230,10 @@ class LmdbHistory:
                             self._thread = None
                             self._cond.notify_all()
                             return
+                # At most one commit per _COMMIT_INTERVAL: what arrives meanwhile joins it.
+                pause = last_commit + _COMMIT_INTERVAL - time.monotonic()
+                if pause > 0 and not self._stopping and self._waiters == 0:
+                    self._cond.wait(pause)
                 seen_kicks = self._kicks
                 batches = list(self._handed)
             try:
@@ -236,6 +247,7 @@ class LmdbHistory:
                 log.error("history store %s: committing %d versions failed (kept in memory, retried "
                           "at the next flush): %s", self.directory, sum(b.count for b in batches), e)
                 continue
+            last_commit = time.monotonic()
             with self._cond:
                 for _ in batches:
                     self._handed.popleft()
@@ -279,13 +291,17 @@ class LmdbHistory:
         with self._cond:
             self._failure = None  # the committer retries; its next error is this call's
             self._kicks += 1
+            self._waiters += 1  # the committer commits at once, without its pause
             self._cond.notify_all()
-            while self._handed and self._failure is None:
-                if self._thread is None:  # ended meanwhile (idle timer): start it again
-                    self._thread = threading.Thread(target=self._commit_loop, daemon=True,
-                                                    name=f"history-committer:{self.directory}")
-                    self._thread.start()
-                self._cond.wait(1.0)
+            try:
+                while self._handed and self._failure is None:
+                    if self._thread is None:  # ended meanwhile (idle timer): start it again
+                        self._thread = threading.Thread(target=self._commit_loop, daemon=True,
+                                                        name=f"history-committer:{self.directory}")
+                        self._thread.start()
+                    self._cond.wait(1.0)
+            finally:
+                self._waiters -= 1
             if self._failure is not None:
                 raise Unavailable(f"history store {self.directory}: committing {self._handed_versions} "
                                   f"versions failed: {self._failure}") from self._failure
