@@ -165,6 +165,7 @@ class LmdbHistory:
         self._failure: BaseException | None = None  # the last commit's error, until one succeeds
         self._kicks = 0  # bumped by every flush and sync: a failed committer retries on the next
         self._waiters = 0  # callers of ``sync`` waiting for the committer (it then skips its pause)
+        self._idle = False  # the committer waits for work (a flush then wakes it; in its pause it is left be)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._meta_seen: dict[tuple[Any, ...], Meta] = {}  # decoded metas of the last chunk read, shared
@@ -213,7 +214,8 @@ class LmdbHistory:
                 self._thread = threading.Thread(target=self._commit_loop, daemon=True,
                                                 name=f"history-committer:{self.directory}")
                 self._thread.start()
-            self._cond.notify_all()
+            elif self._idle:
+                self._cond.notify_all()
         self._puts, self._forget, self._buffered = {}, {}, 0
         self.counters["flushes"] += 1
 
@@ -225,7 +227,10 @@ class LmdbHistory:
         while True:
             with self._cond:
                 while not self._handed or (self._failure is not None and self._kicks == seen_kicks):
-                    if self._stopping or not self._cond.wait(_IDLE_SECONDS):
+                    self._idle = True  # (a flush wakes it only now: not during its pause)
+                    woken = self._cond.wait(_IDLE_SECONDS)
+                    self._idle = False
+                    if self._stopping or not woken:
                         if self._stopping or not self._handed:
                             self._thread = None
                             self._cond.notify_all()
