@@ -57,3 +57,21 @@ def test_a_frame_cut_short_is_refused(tmp_path, cut):
         receiver.finish()
     receiver.discard()
     assert not (tmp_path / "spill").exists()
+
+
+@pytest.mark.parametrize("where", ["flipped", "cut", "longer"])
+def test_a_history_file_damaged_in_transit_is_refused(tmp_path, where):
+    """LMDB keeps no checksum in its file: the frame's length and CRC-32C are what catch it."""
+    frame = bytearray(pack_catchup(SNAPSHOT, HISTORY))
+    if where == "flipped":
+        frame[-100] ^= 0x01
+    elif where == "cut":
+        del frame[-1]
+    else:
+        frame += b"\x00"
+    receiver = CatchupReceiver(tmp_path / "spill")
+    receiver.feed(bytes(frame))
+    with pytest.raises(DataCorrupted, match="history file arrived as"):
+        receiver.finish()
+    receiver.discard()
+    assert not (tmp_path / "spill").exists()

@@ -3,7 +3,8 @@
 The ``data`` of the ``SnapshotChunk``s, concatenated, is one of::
 
     a snapshot file, byte for byte            (oribus/shards/wal/snapshot.py: "ORISNAP1" ...)
-    "ORICATC1" | u64 snapshot file length, big-endian | the snapshot file | the history file
+    "ORICATC1" | u64 snapshot file length | u64 history file length | u32 CRC-32C of the
+               history file | the snapshot file | the history file       (integers big-endian)
 
 The second form comes from a primary whose shard keeps its older versions in an
 on-disk history store (``history_store="lmdb"``, specs/engine.md "History store"):
@@ -15,10 +16,11 @@ version the snapshot's records replaced, and perhaps later ones (written again,
 the same bytes, when the learner applies the log after the snapshot). The two
 magics differ in their fourth byte, so neither form is taken for the other.
 
-The snapshot file keeps its own CRC; the history file has no checksum of its
-own (LMDB keeps none; it checks its meta pages when the learner opens it), so
-it relies on the transport's (TCP's, or TLS's when the group uses it): adding
-a CRC per chunk is still to do. The snapshot file travels in memory, as it always did;
+The snapshot file keeps its own CRC; LMDB keeps none in its file, so the frame
+carries the history file's length and CRC-32C (the primary reads its copy
+once to compute it), and the learner checks both before it puts the file in
+place: a damaged or cut transfer is refused (``DataCorrupted``), and the
+learner asks again. The snapshot file travels in memory, as it always did;
 the history file, which may be many GB, never does: the primary's copy is an
 unlinked temporary file read one chunk at a time (``CatchupSource``), and the
 learner writes the chunks past the snapshot straight to a file beside its
@@ -32,17 +34,26 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from crc32c import crc32c
+
 from oribus.errors import DataCorrupted
 
 CATCHUP_MAGIC = b"ORICATC1"
-_HEADER = struct.Struct(">8sQ")  # magic | u64 length of the snapshot file that follows
+_HEADER = struct.Struct(
+    ">8s"  # magic
+    "Q"  # length of the snapshot file
+    "Q"  # length of the history file
+    "I"  # CRC-32C of the history file
+)
+_READ = 1 << 20  # bytes read at a time to checksum the primary's copy
 
 
 def pack_catchup(snapshot_file: bytes, history_file: bytes | None) -> bytes:
     """The whole frame in memory (what ``CatchupSource`` reads out piece by piece)."""
     if history_file is None:
         return snapshot_file
-    return _HEADER.pack(CATCHUP_MAGIC, len(snapshot_file)) + snapshot_file + history_file
+    return (_HEADER.pack(CATCHUP_MAGIC, len(snapshot_file), len(history_file), crc32c(history_file))
+            + snapshot_file + history_file)
 
 
 class CatchupData(Protocol):
@@ -58,9 +69,17 @@ class CatchupSource:
     history file from ``history`` (an open file, typically unlinked, closed by ``close``)."""
 
     def __init__(self, snapshot_file: bytes, history: BinaryIO) -> None:
-        self._head = _HEADER.pack(CATCHUP_MAGIC, len(snapshot_file)) + snapshot_file
+        """Reads ``history`` once, for its CRC (in the snapshot source's worker thread)."""
         self._history = history
         self._history_len = os.fstat(history.fileno()).st_size
+        crc, at = 0, 0
+        while at < self._history_len:
+            piece = os.pread(history.fileno(), _READ, at)
+            if not piece:
+                break
+            crc = crc32c(piece, crc)
+            at += len(piece)
+        self._head = _HEADER.pack(CATCHUP_MAGIC, len(snapshot_file), self._history_len, crc) + snapshot_file
 
     def __len__(self) -> int:
         return len(self._head) + self._history_len
@@ -88,6 +107,10 @@ class CatchupReceiver:
         self._head = bytearray()
         self._file: BinaryIO | None = None
         self._snapshot_end: int | None = None  # where the snapshot file ends in the frame
+        self._history_len = 0  # as the header says
+        self._history_crc = 0  # as the header says
+        self._written = 0  # history bytes written to ``spill``
+        self._crc = 0  # CRC-32C of those
 
     @property
     def carries_history(self) -> bool:
@@ -97,19 +120,25 @@ class CatchupReceiver:
     def feed(self, data: bytes) -> None:
         self.length += len(data)
         if self._file is not None:
-            self._file.write(data)
+            self._spill(data)
             return
         self._head += data
         if self._snapshot_end is None:
             if len(self._head) < _HEADER.size or not self._head.startswith(CATCHUP_MAGIC):
                 return  # a header still cut, or the first form: all of it stays here
-            _, length = _HEADER.unpack_from(self._head)
+            _, length, self._history_len, self._history_crc = _HEADER.unpack_from(self._head)
             self._snapshot_end = _HEADER.size + length
         if len(self._head) > self._snapshot_end:
             self.spill.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.spill, "wb")  # noqa: SIM115 (kept open across chunks, closed by finish/discard)
-            self._file.write(self._head[self._snapshot_end:])
+            self._spill(bytes(self._head[self._snapshot_end:]))
             del self._head[self._snapshot_end:]
+
+    def _spill(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._written += len(data)
+        self._crc = crc32c(data, self._crc)
 
     def finish(self, *, fsync: bool = True) -> tuple[bytes, Path | None]:
         """``(snapshot file, the history file's path or None)``, the history file fsynced."""
@@ -123,6 +152,9 @@ class CatchupReceiver:
                                 f"bytes; {len(head) - _HEADER.size} arrived")
         if self._file is None:  # an empty history file: no engine is no valid copy
             raise DataCorrupted("a catch-up frame without its history file")
+        if self._written != self._history_len or self._crc != self._history_crc:
+            raise DataCorrupted(f"a catch-up frame's history file arrived as {self._written} bytes of CRC-32C "
+                                f"{self._crc:08x}; its header says {self._history_len} bytes of {self._history_crc:08x}")
         self._file.flush()
         if fsync:
             os.fsync(self._file.fileno())
