@@ -130,6 +130,8 @@ class RunResult:
     load_average: float = (
         0.0  # 1-minute load average at the end of the window (other work on the machine)
     )
+    cpu_ms_per_commit: float = 0.0  # the process's CPU time (user + system, /proc) in the window per commit
+    engine_commits: int = 0  # LMDB transactions (one fdatasync each) of all shards' history stores in the window
 
 
 # ---- one client ------------------------------------------------------------------
@@ -281,6 +283,18 @@ def wal_totals(stats: dict) -> tuple[int, int, float]:
     return fsyncs, records, seconds
 
 
+def engine_commits(stats: dict) -> int:
+    """LMDB commits of the shards' history stores (0 with ``memory``)."""
+    return sum(int((shard.get("history") or {}).get("commits", 0)) for shard in stats["shards"])
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time, user + system, from /proc/self/stat (every thread)."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an ascending list (0 for an empty one)."""
     if not sorted_values:
@@ -322,10 +336,10 @@ async def run_one(
         if profiler is not None:
             profiler.enable()
         w.measuring = True
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         await asyncio.sleep(cfg.duration)
         w.measuring = False
-        measured = time.perf_counter() - started
+        measured, cpu_measured = time.perf_counter() - started, cpu_seconds() - cpu_started
         if profiler is not None:
             profiler.disable()
         after = await bus.stats()
@@ -389,6 +403,8 @@ async def run_one(
         audit_problems=problems,
         reopen_seconds=reopen_seconds,
         load_average=load_average,
+        cpu_ms_per_commit=cpu_measured * 1e3 / w.committed if w.committed else 0.0,
+        engine_commits=engine_commits(after) - engine_commits(before),
     )
 
 
@@ -421,6 +437,8 @@ COLUMNS = [  # title, format of a cell, RunResult field (None: computed in forma
     ("fsyncs", "{:d}", "wal_fsyncs"),
     ("rec/fsync", "{:.1f}", "records_per_fsync"),
     ("fsync ms", "{:.3f}", "avg_fsync_ms"),
+    ("CPU ms/c", "{:.3f}", "cpu_ms_per_commit"),
+    ("engine tx", "{:d}", "engine_commits"),
     ("2pc%", "{:.1%}", None),
     ("load", "{:.1f}", "load_average"),
     ("audit", "{}", None),

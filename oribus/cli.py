@@ -94,10 +94,6 @@ def _gateway_config(args: argparse.Namespace) -> GatewayConfig | None:
 def _cmd_up(args: argparse.Namespace) -> int:
     from oribus.hosts.up import UpHost, run_until_signalled
 
-    if args.history_store != "memory" and (args.replicas or 1) > 1:
-        print(f"oribus up: --history-store {args.history_store} is for unreplicated shards: a replica group "
-              "keeps its history in memory (specs/engine.md \"History store\")", file=sys.stderr)
-        return 2
     cluster = UpHost(Path(args.data_dir), listen=args.listen, shards=args.shards, processes=args.processes,
                            http=_gateway_config(args), tls=_tls(args), unsafe_allow_empty=args.allow_empty,
                            shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,

@@ -295,6 +295,7 @@ class UpHost:
             # one machine, one clock: no skew between the members' leases (§5.8)
             "--read-lease", repr(self.config.read_lease_seconds),
             "--clock-skew", repr(self.config.clock_skew_seconds),
+            "--history-store", self.config.history_store,
             *tls, *lifeline,
         ]
 

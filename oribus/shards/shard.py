@@ -21,11 +21,12 @@ Snapshots are taken at a low-water LSN (below every record appended but not
 yet applied); replay from there is idempotent (see ``store.apply``).
 
 With an on-disk history store (``history_store="lmdb"``, specs/engine.md
-"History store") the versions a commit replaces are written to it when the
-commit is applied (no fsync), and fsynced before every snapshot: a snapshot
-then holds only current versions, and the WAL after it replays whatever a
-crash took from the engine. Replica groups keep their history in memory: a
-member catching up installs a snapshot, which would carry no history.
+"History store") the versions a commit replaces are handed to it when the
+commit is applied (its committer thread writes and fdatasyncs them in batches;
+the event loop does not wait), and the engine is synced before every
+snapshot: a snapshot then holds only current versions, and the WAL after it
+replays whatever a crash took from the engine. A replica group's learner receives
+the engine's consistent copy with the snapshot (specs/replication.md §7).
 """
 
 from __future__ import annotations
@@ -114,6 +115,25 @@ class ManifestWriter(Protocol):
     def __call__(self, shard_dir: Path, manifest: ShardManifest, /, *, fsync: bool = True) -> None: ...
 
 
+def open_history_store(cfg: ShardConfig) -> HistoryStore | None:
+    """The on-disk history store ``cfg`` names, opened; None for ``memory`` (the store's own).
+
+    Fails closed on a mismatch: a shard whose directory holds an on-disk history store
+    opened with ``history_store="memory"`` would answer history without the versions the
+    engine holds (and its snapshots hold none). A replica group's members open theirs here
+    too (``oribus.shards.replica.member``)."""
+    if cfg.history_store == "memory":
+        if (cfg.history_dir / "data.mdb").exists():
+            raise InvalidRequest(
+                f"shard {cfg.shard_id}: {cfg.history_dir} holds an on-disk history store (lmdb), but "
+                "history_store is 'memory': open the shard with history_store='lmdb' "
+                "(--history-store lmdb)", shard=cfg.shard_id)
+        return None
+    from oribus.shards.history.lmdb_engine import LmdbHistory  # lmdb is loaded only when used
+
+    return LmdbHistory(cfg.history_dir, cache_bytes=cfg.history_cache_bytes, unsafe_no_fsync=cfg.wal.unsafe_no_fsync)
+
+
 class Shard(ShardService):
     """One shard in this process. Use ``await Shard.open(config)``."""
 
@@ -152,11 +172,6 @@ class Shard(ShardService):
             restart_grace=config.restart_grace,
             unsafe_disable_validation=config.unsafe_disable_validation,
         )
-        if config.history_store != "memory" and self.replicated:
-            raise InvalidRequest(
-                f"shard {config.shard_id}: a replica group keeps its history in memory (a member "
-                f"catching up installs a snapshot, which holds no history from {config.history_store!r}); "
-                "leave history_store at 'memory'", shard=config.shard_id)
         self.wal: ShardWal | None = None
         self._dir_lock: DataDirLock | None = None  # held (and released on close) when ``open`` took it
         self.resolver: Resolver | None = None
@@ -291,20 +306,12 @@ class Shard(ShardService):
         the engine holds (and its snapshots hold none).
         """
         cfg = self.config
-        if cfg.history_store == "memory":
-            if (cfg.history_dir / "data.mdb").exists():
-                raise InvalidRequest(
-                    f"shard {cfg.shard_id}: {cfg.history_dir} holds an on-disk history store (lmdb), but "
-                    "history_store is 'memory': open the shard with history_store='lmdb' "
-                    "(--history-store lmdb)", shard=cfg.shard_id)
-            return
-        if self.open_history is not None:
+        if cfg.history_store != "memory" and self.open_history is not None:
             self.store.older = self.open_history(cfg)
             return
-        from oribus.shards.history.lmdb_engine import LmdbHistory  # lmdb is loaded only when used
-
-        self.store.older = LmdbHistory(cfg.history_dir, cache_bytes=cfg.history_cache_bytes,
-                                       unsafe_no_fsync=cfg.wal.unsafe_no_fsync)
+        history = open_history_store(cfg)
+        if history is not None:
+            self.store.older = history
 
     def grace_needed(self) -> float:
         """The restart grace the leases this life grants need: ``H + 2ε`` (0 without a grace)."""
@@ -388,7 +395,7 @@ class Shard(ShardService):
         # (the changes are taken before applying: a resolved transaction keeps no values)
         changes = changes_of(txn) if txn is not None and txn.state is TxnState.PREPARED and self._watchers else None
         outcome = self.core.apply_commit(txn_id)
-        self.store.older.flush()  # the versions it replaced, to an on-disk history store (no fsync)
+        self.store.older.flush()  # the versions it replaced, to an on-disk history store's committer (no wait)
         if changes and outcome.state is TxnState.COMMITTED:
             self._publish(changes)
         return outcome

@@ -9,8 +9,10 @@ engine promises and nothing more::
     flush()                   -> written    committed, not fsynced      lost by a crash here
     sync()                    -> durable    fsynced                      always kept
 
-A crash takes everything since the last ``sync``: the worst a power cut can do
-to LMDB committed without fsync, and what the shard's rule (fsync the engine
+A crash takes everything since the last ``sync``: more than a power cut can
+take from the real engine (whose committer fdatasyncs each transaction and may
+lose only the batches not yet committed and the last one committed), and what
+the shard's rule (fsync the engine
 before a snapshot lets the WAL below it go) must survive. Written state is
 one dict; an undo log since the last sync rolls it back on a crash.
 

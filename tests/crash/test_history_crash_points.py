@@ -2,10 +2,11 @@
 
 Same workload, same checker (every acknowledged commit present, none half
 applied, consecutive per-key histories read back through ``history``, new
-commits working), with the shards' older versions in LMDB, killed at the two
+commits working), with the shards' older versions in LMDB, killed at the three
 history failpoints — ``history.before_flush`` (the WAL record is durable, the
-engine lacks the versions it replaced) and ``history.after_sync`` (the engine
-is fsynced, the snapshot not yet written) — and at the WAL and snapshot points
+engine lacks the versions it replaced), ``history.before_commit`` (the
+committer thread holds batches it has not yet written) and
+``history.after_sync`` (the engine is fsynced, the snapshot not yet written) — and at the WAL and snapshot points
 where the engine and the WAL part ways. Fewer runs per point than the main
 sweep: it is the same machinery, and these runs check the engine's half.
 """
@@ -45,13 +46,14 @@ pytestmark = pytest.mark.timeout(900)
 
 POINTS = (
     "history.before_flush",
+    "history.before_commit",
     "history.after_sync",
     "wal.after_fsync",
     "txn.after_decide",
     "snapshot.before_rename",
     "snapshot.after_rename",
 )
-RUNS_PER_POINT = 9  # 6 x 9 = 54 armed runs
+RUNS_PER_POINT = 7  # 7 x 7 = 49 armed runs (fewer than the 54 before the committer point joined)
 MIN_REAL_CRASHES = 40
 
 

@@ -4,7 +4,8 @@ It starts its own etcd (and says where), a group of three members per shard, and
 follows the primaries; kill -9 of the primary with its data directory deleted is survived —
 the supervisor starts the member again on an empty directory, it rejoins as a learner and
 catches up — and SIGTERM stops every member and the etcd. Bad combinations are refused with
-a clear error before anything starts.
+a clear error before anything starts. The members keep their older versions in LMDB
+(``--history-store lmdb``): the new primary answers ``history`` from its own engine.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
     address = f"127.0.0.1:{free_port()}"
     server = cluster.add(ServerProcess("up", [
         "up", "--processes", "--replicas", "3", "--shards", "1", "--data-dir", str(data), "--listen", address,
-        "--lease-ttl", "2", "--read-lease", "0.5", "--no-http"], tmp_path, address)).start()
+        "--lease-ttl", "2", "--read-lease", "0.5", "--no-http", "--history-store", "lmdb"], tmp_path,
+        address)).start()
     try:
         await asyncio.to_thread(server.wait_serving, 60)
         log = server.log_tail(50)
@@ -59,6 +61,8 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
         async with oribus.connect(address, agent="writer") as w:
             for i in range(20):
                 acked.update(await w.commit({f"u/{i}": i}))
+            for i in (100, 200):
+                acked.update(await w.commit({"u/0": i}))
             primary, term, _ = await _group_state(url.group(1))
             os.kill(pids[primary], signal.SIGKILL)
             shutil.rmtree(data / "groups" / "shard-0000" / f"member-{primary}")
@@ -91,6 +95,8 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
             assert "starting it again on an empty directory" in server.log_tail(200)
             got = await w.get_many(sorted(acked))
             assert {k: i.version for k, i in got.items()} == acked
+            assert [(v.version, v.value) for v in await w.history("u/0")] == [(3, 200), (2, 100), (1, 0)]
+            assert (data / "groups" / "shard-0000" / f"member-{new_primary}" / "history" / "data.mdb").exists()
     finally:
         code = server.stop()
         leftover = shard_pids(data)

@@ -3,8 +3,8 @@
 Older versions live in each shard's LMDB file; snapshots hold only current
 versions. These tests hold the engine to the in-memory store's answers across
 snapshots and reopens, and check the refusals: a rollback to a version no
-longer kept, a directory with an LMDB history opened as ``memory``, and a
-replica group asked for ``lmdb``.
+longer kept, and a directory with an LMDB history opened as ``memory``.
+Replica groups with ``lmdb``: tests/integration/test_replica_group.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import pytest
 import oribus
 from oribus.errors import InvalidRequest
 from oribus.shards.config import ShardConfig
-from oribus.shards.shard import Shard
 
 OPTIONS = {"history_limit": 6, "snapshot_every_records": 7, "segment_bytes": 4096}
 
@@ -91,30 +90,19 @@ def test_an_unknown_history_store_is_refused(tmp_path):
         ShardConfig(0, tmp_path, history_store="rocksdb")
 
 
-def test_a_replica_group_refuses_an_lmdb_history(tmp_path):
-    class Replicated(Shard):
-        replicated = True
-
-    with pytest.raises(InvalidRequest, match="replica group keeps its history in memory"):
-        Replicated(ShardConfig(0, tmp_path, history_store="lmdb"), 1)
-    Replicated(ShardConfig(0, tmp_path), 1)  # memory is fine
-
-
-def test_up_refuses_lmdb_for_replica_groups(tmp_path, capsys):
-    from oribus.cli import main
-
-    code = main(["up", "--data-dir", str(tmp_path / "d"), "--processes", "--replicas", "3",
-                 "--history-store", "lmdb"])
-    assert code == 2
-    assert "replica group keeps its history in memory" in capsys.readouterr().err
-    assert not (tmp_path / "d").exists()  # refused before anything was created
-
-
 def test_up_passes_the_history_store_to_its_shard_processes(tmp_path):
     from oribus.hosts.up import UpHost
 
     host = UpHost(tmp_path, processes=True, history_store="lmdb")
     command = host.shard_command(0, tmp_path / "ready")
+    assert command[command.index("--history-store") + 1] == "lmdb"
+
+
+def test_up_passes_the_history_store_to_its_replica_group_members(tmp_path):
+    from oribus.hosts.up import UpHost
+
+    host = UpHost(tmp_path, processes=True, replicas=3, history_store="lmdb")
+    command = host.member_command(0, 1, tmp_path / "m", "http://127.0.0.1:2379", None)
     assert command[command.index("--history-store") + 1] == "lmdb"
 
 

@@ -8,6 +8,7 @@ is the term register (a counter moved by compare-and-set) and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -20,10 +21,13 @@ from oribus.errors import InvalidRequest, Unavailable
 from oribus.messages import ReadRequest, ShardTxn, TxnState, Vote, VoteKind
 from oribus.shards.config import ShardConfig
 from oribus.shards.replica import DirectNetwork, ReplicaMember, ReplicationOptions
+from oribus.shards.replica.catchup import pack_catchup
+from oribus.shards.replica.messages import SnapshotChunk
 from oribus.shards.service import ShardServiceByCalls
 from oribus.shards.shard import Shard
 from oribus.shards.txn import RecordType
 from oribus.shards.wal import WalConfig, list_segments, scan_log
+from oribus.shards.wal.snapshot import latest_snapshot_file, write_snapshot
 from oribus.types import SessionRef
 
 FAST = ReplicationOptions(heartbeat_seconds=0.02, retry_min_seconds=0.005, retry_max_seconds=0.05)
@@ -481,3 +485,73 @@ async def test_commits_on_a_replica_group_that_finish_together_release_their_lea
     for _ in range(3):  # the release leaves in a background task
         await asyncio.sleep(0)
     assert reader.releases == [("release_leases", ([f"c{i}" for i in range(5)],))]
+
+
+async def test_a_member_that_lost_its_disk_catches_up_with_the_primarys_lmdb_history(tmp_path) -> None:
+    """With history_store="lmdb" a snapshot holds only current versions: the primary sends its
+    engine's consistent copy with it, so the rejoined member answers ``history`` as the primary
+    did, also for versions written before the snapshot (their WAL records are gone)."""
+    small_chunks = dataclasses.replace(FAST, snapshot_chunk_bytes=1000)  # the frame spans many chunks
+    g = Group(tmp_path, options=small_chunks, snapshot_every_records=1_000_000, wal=WalConfig(segment_bytes=2048),
+              history_store="lmdb", history_limit=6)
+    keys = [f"k{i}" for i in range(5)]
+    await g.start_all()
+    try:
+        _, shard = await g.elect(0)
+        n = 0
+        for round_ in range(8):  # 8 versions per key: retention (6 kept) has dropped some too
+            for k in keys:
+                await commit(shard, put(f"c{n}", k, f"{k}@{round_}"))
+                n += 1
+        await shard.snapshot()  # the primary drops the segments the snapshot covers
+        await commit(shard, put(f"c{n}", "k0", "k0@late"))
+        n += 1
+        assert shard.wal.wal.first_lsn > 1
+        expected = {k: await shard.history(k) for k in keys}
+        assert [e.version for e in expected["k1"]] == [8, 7, 6, 5, 4, 3]
+
+        await g.crash(2)
+        shutil.rmtree(g.data_dir(2))
+        learner = await g.start(2)
+        await eventually(lambda: learner.voter)
+        assert learner.counters["snapshots_installed"] == 1
+        assert (g.data_dir(2) / "history" / "data.mdb").exists()
+        # the history file arrived beside the engine's and was renamed into place
+        assert sorted(p.name for p in (g.data_dir(2) / "history").iterdir()) == ["data.mdb", "lock.mdb"]
+        await eventually(lambda: learner._applied_lsn >= shard.wal.commit_lsn)
+        assert learner.core is not None
+        for k in keys:  # the follower's own applied state, history read from its engine
+            assert learner.core.store.history(k) == expected[k], k
+
+        # member 1 misses the last commits, so the rejoined member 2 is the one elected
+        await g.crash(1)
+        for k in keys[1:]:
+            await commit(shard, put(f"c{n}", k, f"{k}@last"))
+            n += 1
+            expected[k] = await shard.history(k)
+        await g.crash(0)
+        await g.start(1)
+        g.members[1].set_promised_term(g.etcd.term)
+        winner, new = await g.elect(2)
+        assert winner == 2
+        for k in keys:
+            assert await new.history(k) == expected[k], k
+    finally:
+        await g.close()
+
+
+async def test_a_member_keeping_history_in_memory_refuses_a_catch_up_with_an_lmdb_history(group: Group, tmp_path) -> None:
+    """Installed, a snapshot of an lmdb primary (current versions only) would leave a memory
+    member without the history: members started with different --history-store fail closed."""
+    _, shard = await group.elect(0)
+    await commit(shard, put("c0", "k", 1))
+    write_snapshot(tmp_path / "elsewhere", 10_000, {"state": "of an lmdb primary"})
+    lsn, snapshot_file = latest_snapshot_file(tmp_path / "elsewhere")
+    member = group.members[1]
+    before = member.last_position
+    reply = await member.install_snapshot(SnapshotChunk(
+        term=group.etcd.term, primary=0, lsn=lsn, last_term=group.etcd.term, offset=0,
+        data=pack_catchup(snapshot_file, b"an LMDB file"), done=True))
+    assert not reply.ok
+    assert member.counters["snapshots_installed"] == 0
+    assert member.last_position == before and member.voter

@@ -9,6 +9,7 @@ replays those writes, and writing a version again must change nothing.
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import lmdb
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from oribus import failpoints
 from oribus.errors import DataCorrupted, Unavailable
 from oribus.shards.history import MemoryHistory
 from oribus.shards.history.lmdb_engine import LmdbHistory
@@ -146,6 +148,7 @@ def test_the_read_cache_is_bounded(tmp_path):
     for v in range(1, 41):
         write(store, "k", v)
     store.older.flush()
+    store.older.sync()  # committed: the reads below come from the file, through the cache
     for v in range(1, 40):
         assert store.entry_at("k", v) is not None
     stats = store.older.stats()
@@ -213,6 +216,7 @@ def test_a_lowered_history_limit_answers_only_the_kept_range_and_drops_the_rest_
     assert lowered.entry_at("k", 6) is None and lowered.entry_at("k", 7) is not None
     write(lowered, "k", 11)
     lowered.older.flush()
+    lowered.older.sync()  # the committer's transaction is in the file
     assert lowered.older.stats()["records"] == 3 + 1  # 8, 9, 10 (and the format record)
     assert [e.version for e in lowered.history("k")] == [11, 10, 9, 8]
     lowered.older.close()
@@ -246,3 +250,95 @@ def test_a_view_outlived_by_its_store_says_so_with_a_retryable_error(tmp_path):
     with pytest.raises(Unavailable):
         list(view.ascending("k", 1, 2))
     view.close()
+
+
+# ---- the background committer (power-loss safety: synced commits, batched) ----------------
+
+
+class _HeldCommitter:
+    """Holds the committer thread inside its next LMDB write until released."""
+
+    def __init__(self, history: LmdbHistory, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        real = history._write
+
+        def held(batches):
+            self.entered.set()
+            assert self.release.wait(10)
+            return real(batches)
+
+        monkeypatch.setattr(history, "_write", held)
+
+
+def test_commits_are_synced_and_only_the_meta_page_waits(tmp_path):
+    """LMDB with ``sync`` off can be corrupted by a power cut (a meta page on disk before the
+    pages it names); ``sync`` on with ``metasync`` off keeps the file whole and may only undo
+    the last commit. ``unsafe_no_fsync`` alone turns the fsync off."""
+    safe = LmdbHistory(tmp_path / "safe", cache_bytes=CACHE)
+    assert safe.env.flags()["sync"] is True and safe.env.flags()["metasync"] is False
+    safe.close()
+    unsafe = LmdbHistory(tmp_path / "unsafe", cache_bytes=CACHE, unsafe_no_fsync=True)
+    assert unsafe.env.flags()["sync"] is False
+    unsafe.close()
+
+
+def test_versions_handed_to_the_committer_read_back_before_they_are_in_the_file(tmp_path, monkeypatch):
+    store = lmdb_store(tmp_path, 10)
+    mem = VersionedStore(10)
+    held = _HeldCommitter(store.older, monkeypatch)
+    for v in range(1, 7):
+        write(store, "k", v)
+        write(mem, "k", v)
+    store.older.flush()
+    assert held.entered.wait(10)
+    view = store.older.view()
+    assert store.older.stats()["records"] == 1  # nothing committed yet: the format record only
+    same_answers(mem, store, ["k"])
+    assert [o[0] for o in view.ascending("k", 2, 4)] == [2, 3, 4]
+    held.release.set()
+    store.older.sync()
+    assert store.older.stats()["records"] == 1 + 5
+    same_answers(mem, store, ["k"])
+    assert [o[0] for o in view.ascending("k", 1, 5)] == [1, 2, 3, 4, 5]  # each version once
+    view.close()
+    store.older.close()
+
+
+def test_flushes_made_while_a_commit_runs_share_the_next_one(tmp_path, monkeypatch):
+    """One fdatasync serves every commit applied while the previous one was being written."""
+    store = lmdb_store(tmp_path, 100)
+    held = _HeldCommitter(store.older, monkeypatch)
+    write(store, "k", 1)
+    write(store, "k", 2)
+    store.older.flush()
+    assert held.entered.wait(10)
+    for v in range(3, 9):
+        write(store, "k", v)
+        store.older.flush()
+    held.release.set()
+    store.older.sync()
+    counters = store.older.stats()
+    assert counters["flushes"] == 7 and counters["commits"] == 2
+    assert counters["versions_written"] == 7
+    assert [e.version for e in store.history("k")] == list(range(8, 0, -1))
+    store.older.close()
+
+
+def test_a_failed_commit_keeps_its_versions_readable_and_sync_refuses_until_one_succeeds(tmp_path):
+    store = lmdb_store(tmp_path, 10)
+    for v in range(1, 5):
+        write(store, "k", v)
+    failpoints.arm("history.before_commit", "raise")
+    try:
+        store.older.flush()
+        with pytest.raises(Unavailable, match="committing 3 versions failed"):
+            store.older.sync()  # so no snapshot lets the WAL go while the file lacks them
+        assert [e.version for e in store.history("k")] == [4, 3, 2, 1]
+        assert store.older.stats()["records"] == 1
+    finally:
+        failpoints.disarm("history.before_commit")
+    store.older.sync()  # retried
+    assert store.older.stats()["records"] == 1 + 3
+    assert [e.version for e in store.history("k")] == [4, 3, 2, 1]
+    store.older.close()

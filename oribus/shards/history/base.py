@@ -62,7 +62,8 @@ class HistoryStore(Protocol):
         """Drop every version (before a snapshot that holds whole histories is loaded)."""
 
     def flush(self) -> None:
-        """Write what ``put`` buffered to the engine (no fsync). A no-op in memory."""
+        """Pass what ``put`` buffered on to the engine without waiting for a disk (LMDB: to its
+        committer thread; ``sync`` waits). A no-op in memory."""
 
     def sync(self) -> None:
         """Make everything written so far durable (fsync). Runs in a worker thread."""

@@ -18,15 +18,40 @@ any longer key: ``history`` and ``oldest`` are one cursor walk. One record
 
 Durability: the shard's WAL stays the source of durability (and of
 replication). A version is written here when the write that replaces it is
-applied (after its WAL record is durable), buffered and committed in one LMDB
-transaction per applied commit (``flush``), *without* an fsync; ``sync``
-(an fsync) runs before every snapshot and at close. A record's (key,
+applied (after its WAL record is durable). ``put`` buffers it; ``flush`` (once
+per applied commit, on the shard's event loop) hands the buffer to a
+background committer thread and returns at once. The committer writes every
+batch handed to it since its last commit in one LMDB transaction, committed
+with LMDB's ``sync`` on and ``metasync`` off (``MDB_NOMETASYNC``): the commit
+fdatasyncs the new pages before it writes the meta page that points at them,
+and leaves only that meta page unsynced until the next commit's fdatasync (or
+``sync``). LMDB documents this mode as keeping the file's integrity ("a system
+crash may undo the last committed transaction"); it never reuses a page the
+last two metas can reach, so the unsynced meta at worst names the previous
+transaction's tree, which is whole on disk. (With ``sync`` off, as
+``unsafe_no_fsync`` opens it, a power cut may write the meta page before the
+pages it points at, or pages reused after a commit the disk never saw: the
+file can then be corrupt, not just behind.) The committer commits at most once
+per ``_COMMIT_INTERVAL`` (20 ms; ``sync`` skips the pause), so one fdatasync
+serves every commit applied meanwhile: its count follows the clock, not the
+commit rate, and the event loop never waits for it.
+
+What a crash or a power cut can take from this file is therefore only a
+suffix of whole transactions: the batches handed over but not committed, and
+the last committed one. ``sync`` (waits for the committer, then fsyncs the
+meta) runs before every snapshot, so the WAL after the latest snapshot always
+holds every record whose versions the file may lack. A record's (key,
 version) names exactly one WAL record's write, so writing it again is
-harmless: after a crash the shard replays the WAL from its last snapshot, and
-every version that replay replaces is written again, the same bytes under the
-same key. What a crash can take from this file (commits since the last
-``sync``) is therefore always replayed from the WAL, which still holds every
-record after that snapshot.
+harmless: after a crash the shard replays the WAL from its last snapshot,
+and every version that replay replaces is written again, the same bytes
+under the same key.
+
+Until the committer has committed a batch, its versions stay readable from
+memory (``get``, ``newest_first``, ``oldest`` and ``view`` read them before
+the file, so a version is never missed between the two). A failed commit
+(a full map, a disk error) keeps its batches in memory and is retried at the
+next ``flush``; ``sync`` raises it (``Unavailable``), so no snapshot lets the
+WAL go while it lasts.
 
 Reads: ``get`` goes through a bounded cache of decoded versions
 (``cache_bytes``); ``newest_first`` walks the B+tree in chunks of a few
@@ -37,11 +62,17 @@ versions, each in its own read transaction, so a reader that stops early
 from __future__ import annotations
 
 import contextlib
+import heapq
+import logging
+import os
 import struct
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+import tempfile
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lmdb
 import msgpack
@@ -49,6 +80,9 @@ import msgpack
 from oribus.errors import DataCorrupted, Unavailable
 from oribus.failpoints import failpoint
 from oribus.shards.history.base import Meta, Older
+from oribus.shards.wal.segment import fsync_directory
+
+log = logging.getLogger("oribus.history")
 
 FORMAT = b"1"
 _FORMAT_KEY = b"\x00format"
@@ -59,10 +93,34 @@ _SEP = b"\x00"
 DEFAULT_MAP_BYTES = 1 << 38
 _AUTO_FLUSH = 4096  # buffered versions that make ``put`` flush on its own (recovery replays)
 _CHUNK = 8  # versions read per read transaction in ``newest_first``
+# Versions handed to the committer and not yet committed above which ``flush`` waits for it
+# (memory stays bounded when writes outrun the disk, as a long recovery replay may).
+_MAX_HANDED = 65_536
+_IDLE_SECONDS = 5.0  # the committer thread ends after this long without work (a flush restarts it)
+# The committer commits at most this often (unless ``sync`` waits): what is handed over meanwhile
+# joins the next transaction, so the engine's fdatasyncs stay few however fast commits come.
+_COMMIT_INTERVAL = 0.02
+
+Pending = dict[str, dict[int, Older]]  # key -> version -> record, not yet in the file
 
 
 def _record_key(key: str, version: int) -> bytes:
     return key.encode() + _SEP + _VERSION.pack(version)
+
+
+def _by_version(older: Older) -> int:
+    return older[0]
+
+
+class _Batch:
+    """What one ``flush`` handed to the committer."""
+
+    __slots__ = ("puts", "forget", "count")
+
+    def __init__(self, puts: Pending, forget: dict[str, int], count: int) -> None:
+        self.puts = puts
+        self.forget = forget
+        self.count = count
 
 
 class LmdbHistory:
@@ -73,10 +131,12 @@ class LmdbHistory:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            # sync=False: a commit does not fsync (``sync`` does, before a snapshot): the WAL
-            # replays what a crash takes. readahead=False: random reads of old versions.
-            self.env = lmdb.open(str(self.directory), map_size=map_bytes, subdir=True, sync=False,
-                                 metasync=False, readahead=False, max_dbs=0, lock=True)
+            # sync=True, metasync=False: each commit fdatasyncs its pages before writing the
+            # meta page (left unsynced until the next commit): a power cut may undo the last
+            # commit, never corrupt the file (module docstring). readahead=False: random reads.
+            self.env = lmdb.open(str(self.directory), map_size=map_bytes, subdir=True,
+                                 sync=not unsafe_no_fsync, metasync=False, readahead=False,
+                                 max_dbs=0, lock=True)
         except lmdb.Error as e:
             raise DataCorrupted(f"history store {self.directory} cannot be opened: {e}",
                                 path=str(self.directory)) from e
@@ -93,20 +153,38 @@ class LmdbHistory:
         self._cache_limit = cache_bytes
         self._cache: OrderedDict[tuple[str, int], Older] = OrderedDict()
         self._cache_size = 0
-        self._puts: dict[tuple[str, int], Older] = {}  # written by ``put``, not yet flushed
+        # Written by ``put``, not yet handed to the committer (the event loop's side):
+        self._puts: Pending = {}
+        self._buffered = 0
         self._forget: dict[str, int] = {}  # key -> drop versions up to this one, at the next flush
+        # Handed to the committer, not yet committed (oldest first); guarded by ``_cond``,
+        # which also wakes the committer and whoever waits for it.
+        self._cond = threading.Condition()
+        self._handed: deque[_Batch] = deque()
+        self._handed_versions = 0
+        self._failure: BaseException | None = None  # the last commit's error, until one succeeds
+        self._kicks = 0  # bumped by every flush and sync: a failed committer retries on the next
+        self._waiters = 0  # callers of ``sync`` waiting for the committer (it then skips its pause)
+        self._idle = False  # the committer waits for work (a flush then wakes it; in its pause it is left be)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
         self._meta_seen: dict[tuple[Any, ...], Meta] = {}  # decoded metas of the last chunk read, shared
-        self.counters = {"flushes": 0, "versions_written": 0, "versions_dropped": 0,
-                         "reads": 0, "cache_hits": 0, "syncs": 0}
+        self.counters = {"flushes": 0, "commits": 0, "versions_written": 0, "versions_dropped": 0,
+                         "reads": 0, "cache_hits": 0, "syncs": 0, "commit_failures": 0}
 
     # ---- writes -------------------------------------------------------------------
 
     def put(self, key: str, older: Older) -> None:
+        versions = self._puts.get(key)
+        if versions is None:
+            versions = self._puts[key] = {}
+        if older[0] not in versions:
+            self._buffered += 1
+        versions[older[0]] = older
         ck = (key, older[0])
-        self._puts[ck] = older
         if ck in self._cache:  # a version number written again after a lost WAL tail (unsafe_no_fsync)
             self._uncache(ck)
-        if len(self._puts) >= _AUTO_FLUSH:
+        if self._buffered >= _AUTO_FLUSH:
             self.flush()
 
     def forget_through(self, key: str, version: int) -> None:
@@ -114,29 +192,91 @@ class LmdbHistory:
             self._forget[key] = version
 
     def flush(self) -> None:
-        """Commit what ``put`` and ``forget_through`` buffered, in one LMDB transaction (no fsync)."""
+        """Hand what ``put`` and ``forget_through`` buffered to the committer (no fsync, no
+        wait, unless ``_MAX_HANDED`` versions are still waiting for the disk)."""
         if not self._puts and not self._forget:
             return
         failpoint("history.before_flush")  # the WAL record is durable, this file lacks its versions
-        puts, forget = self._puts, self._forget
-        try:
-            dropped = self._write(puts, forget)
-        except lmdb.Error as e:
-            # Nothing was committed: the buffers stay (and stay readable) for the next flush.
-            raise Unavailable(f"history store {self.directory}: writing {len(puts)} versions failed: {e}") from e
-        # (Cached versions below a key's kept range may stay until they age out: the store
-        # never asks for a version outside that range.)
-        self._puts, self._forget = {}, {}
+        batch = _Batch(self._puts, self._forget, self._buffered)
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"history store {self.directory} is closed")
+            while self._handed_versions > _MAX_HANDED:
+                if self._failure is not None:
+                    # Nothing handed over: the buffers stay (and stay readable) for the next flush.
+                    raise Unavailable(f"history store {self.directory}: {self._handed_versions} versions "
+                                      f"wait for a commit that fails: {self._failure}") from self._failure
+                self._cond.wait()
+            self._handed.append(batch)
+            self._handed_versions += batch.count
+            self._kicks += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._commit_loop, daemon=True,
+                                                name=f"history-committer:{self.directory}")
+                self._thread.start()
+            elif self._idle:
+                self._cond.notify_all()
+        self._puts, self._forget, self._buffered = {}, {}, 0
         self.counters["flushes"] += 1
-        self.counters["versions_written"] += len(puts)
-        self.counters["versions_dropped"] += dropped
 
-    def _write(self, puts: dict[tuple[str, int], Older], forget: dict[str, int]) -> int:
+    def _commit_loop(self) -> None:
+        """The committer thread: every batch handed over since the last commit, in one LMDB
+        transaction (one fdatasync). Ends when idle for ``_IDLE_SECONDS`` or at close."""
+        seen_kicks = -1
+        last_commit = 0.0
+        while True:
+            with self._cond:
+                while not self._handed or (self._failure is not None and self._kicks == seen_kicks):
+                    self._idle = True  # (a flush wakes it only now: not during its pause)
+                    woken = self._cond.wait(_IDLE_SECONDS)
+                    self._idle = False
+                    if self._stopping or not woken:
+                        if self._stopping or not self._handed:
+                            self._thread = None
+                            self._cond.notify_all()
+                            return
+                # At most one commit per _COMMIT_INTERVAL: what arrives meanwhile joins it.
+                pause = last_commit + _COMMIT_INTERVAL - time.monotonic()
+                if pause > 0 and not self._stopping and self._waiters == 0:
+                    self._cond.wait(pause)
+                seen_kicks = self._kicks
+                batches = list(self._handed)
+            try:
+                failpoint("history.before_commit")  # handed over, not yet in the file
+                dropped = self._write(batches)
+            except BaseException as e:  # lmdb.Error, a closed environment, an armed failpoint
+                with self._cond:
+                    self._failure = e
+                    self.counters["commit_failures"] += 1
+                    self._cond.notify_all()
+                log.error("history store %s: committing %d versions failed (kept in memory, retried "
+                          "at the next flush): %s", self.directory, sum(b.count for b in batches), e)
+                continue
+            last_commit = time.monotonic()
+            with self._cond:
+                for _ in batches:
+                    self._handed.popleft()
+                written = sum(b.count for b in batches)
+                self._handed_versions -= written
+                self._failure = None
+                self.counters["commits"] += 1
+                self.counters["versions_written"] += written
+                self.counters["versions_dropped"] += dropped
+                self._cond.notify_all()
+
+    def _write(self, batches: list[_Batch]) -> int:
         dropped = 0
+        forget: dict[str, int] = {}
         with self.env.begin(write=True) as txn:
-            for (key, version), (_, value, meta) in puts.items():
-                txn.put(_record_key(key, version),
-                        msgpack.packb([value, meta[0], meta[1], meta[2], meta[3]], use_bin_type=True))
+            for batch in batches:
+                for key, versions in batch.puts.items():
+                    prefix = key.encode() + _SEP
+                    for version, (_, value, meta) in versions.items():
+                        txn.put(prefix + _VERSION.pack(version),
+                                msgpack.packb([value, meta[0], meta[1], meta[2], meta[3]], use_bin_type=True))
+                for key, through in batch.forget.items():
+                    if through > forget.get(key, 0):
+                        forget[key] = through
             cursor = txn.cursor()
             for key, through in forget.items():
                 prefix = key.encode() + _SEP
@@ -151,8 +291,30 @@ class LmdbHistory:
                         break
         return dropped
 
+    def _wait_committed(self) -> None:
+        """Until every batch handed over is in the file; ``Unavailable`` if a commit fails."""
+        with self._cond:
+            self._failure = None  # the committer retries; its next error is this call's
+            self._kicks += 1
+            self._waiters += 1  # the committer commits at once, without its pause
+            self._cond.notify_all()
+            try:
+                while self._handed and self._failure is None:
+                    if self._thread is None:  # ended meanwhile (idle timer): start it again
+                        self._thread = threading.Thread(target=self._commit_loop, daemon=True,
+                                                        name=f"history-committer:{self.directory}")
+                        self._thread.start()
+                    self._cond.wait(1.0)
+            finally:
+                self._waiters -= 1
+            if self._failure is not None:
+                raise Unavailable(f"history store {self.directory}: committing {self._handed_versions} "
+                                  f"versions failed: {self._failure}") from self._failure
+
     def sync(self) -> None:
-        """fsync what was flushed (LMDB's ``env.sync(force=True)``); runs in a worker thread."""
+        """Wait for the committer, then fsync (LMDB's ``env.sync(force=True)``: the last meta
+        page too); runs in a worker thread."""
+        self._wait_committed()
         if not self._unsafe_no_fsync:
             try:
                 self.env.sync(True)
@@ -161,21 +323,59 @@ class LmdbHistory:
             self.counters["syncs"] += 1
 
     def clear(self) -> None:
-        self._puts, self._forget = {}, {}
+        self._puts, self._forget, self._buffered = {}, {}, 0
+        with contextlib.suppress(Unavailable):  # what could not be written is dropped anyway
+            self._wait_committed()
+        with self._cond:
+            self._handed.clear()
+            self._handed_versions = 0
+            self._failure = None
         self._cache.clear()
         self._cache_size = 0
         with self.env.begin(write=True) as txn:
             txn.drop(self._db, delete=False)
             txn.put(_FORMAT_KEY, FORMAT)
 
+    _closed = False
+
     def close(self) -> None:
-        """Flush, fsync and close. Idempotent."""
-        if getattr(self, "_closed", False):
+        """Flush, wait for the committer, fsync and close. Idempotent."""
+        if self._closed:
             return
-        self.flush()
-        self.sync()
-        self.env.close()
-        self._closed = True
+        try:
+            self.flush()
+            self.sync()
+        finally:
+            with self._cond:
+                self._closed = self._stopping = True
+                self._cond.notify_all()
+                while self._thread is not None:
+                    self._cond.wait(1.0)
+            self.env.close()
+
+    def _pending(self, key: str) -> dict[int, Older]:
+        """``key``'s versions not yet in the file, the newest write of each version winning.
+        Read before the file: a batch leaves ``_handed`` only after its commit."""
+        with self._cond:
+            handed = [b.puts[key] for b in self._handed if key in b.puts]
+        mine = self._puts.get(key)
+        if not handed:
+            return dict(mine) if mine else {}
+        merged: dict[int, Older] = {}
+        for versions in handed:
+            merged.update(versions)
+        if mine:
+            merged.update(mine)
+        return merged
+
+    def _all_pending(self) -> Pending:
+        with self._cond:
+            handed = list(self._handed)
+        merged: Pending = {}
+        for puts in [b.puts for b in handed] + [self._puts]:
+            for key, versions in puts.items():
+                merged.setdefault(key, {}).update(versions)
+        return merged
 
     # ---- reads --------------------------------------------------------------------
 
@@ -208,9 +408,13 @@ class LmdbHistory:
 
     def get(self, key: str, version: int) -> Older | None:
         ck = (key, version)
-        pending = self._puts.get(ck)
-        if pending is not None:
-            return pending
+        mine = self._puts.get(key)
+        if mine is not None and version in mine:
+            return mine[version]
+        if self._handed:
+            pending = self._pending(key).get(version)
+            if pending is not None:
+                return pending
         hit = self._cache.get(ck)
         if hit is not None:
             self._cache.move_to_end(ck)
@@ -226,7 +430,11 @@ class LmdbHistory:
         return older
 
     def newest_first(self, key: str, below: int, lowest: int) -> Iterator[Older]:
-        self.flush()  # one place to read from: the file
+        pending = [o for v, o in self._pending(key).items() if lowest <= v < below]
+        pending.sort(key=_by_version, reverse=True)
+        yield from _merge_unique(pending, self._file_newest_first(key, below, lowest), descending=True)
+
+    def _file_newest_first(self, key: str, below: int, lowest: int) -> Iterator[Older]:
         prefix = key.encode() + _SEP
         upper = below  # next chunk: versions below this
         while upper > lowest:
@@ -253,24 +461,55 @@ class LmdbHistory:
                 return
 
     def oldest(self, key: str, lowest: int) -> int | None:
-        self.flush()
+        pending = [v for v in self._pending(key) if v >= lowest]
         prefix = key.encode() + _SEP
+        found: int | None = None
         with self.env.begin() as txn:
             cursor = txn.cursor()
-            if not cursor.set_range(prefix + _VERSION.pack(lowest)):
-                return None
-            k = cursor.key()
-        if not k.startswith(prefix) or len(k) != len(prefix) + _VERSION.size:
-            return None
-        return int(_VERSION.unpack(k[len(prefix):])[0])
+            if cursor.set_range(prefix + _VERSION.pack(lowest)):
+                k = cursor.key()
+                if k.startswith(prefix) and len(k) == len(prefix) + _VERSION.size:
+                    found = int(_VERSION.unpack(k[len(prefix):])[0])
+        if found is not None:
+            pending.append(found)
+        return min(pending) if pending else None
 
     def view(self) -> LmdbView:
-        """An LMDB read transaction over everything flushed now: later commits and retention
-        deletes do not reach it (copy-on-write keeps its pages), so a watch replaying from it
-        never loses a version it planned. Held open, it keeps those pages from being reused:
-        the watcher closes it once its replay is done, or when it ends."""
-        self.flush()
-        return LmdbView(self.env.begin(), self._decode, self.directory)
+        """An LMDB read transaction over what is in the file now, with a copy of what is not
+        yet (taken first: a batch leaves memory only once committed): later commits and
+        retention deletes do not reach it (copy-on-write keeps its pages), so a watch
+        replaying from it never loses a version it planned. Held open, it keeps those pages
+        from being reused: the watcher closes it once its replay is done, or when it ends."""
+        pending = self._all_pending()
+        return LmdbView(self.env.begin(), self._decode, self.directory, pending)
+
+    # ---- a consistent copy, for a replica group's catch-up ----------------------------
+
+    def copy_file(self) -> BinaryIO:
+        """The file as one read transaction sees it now, compacted (LMDB's ``env.copyfd``), in
+        an unlinked temporary file beside it (the caller closes it): every version committed
+        so far, none half written; what the committer has not yet committed is left out (the
+        WAL after the snapshot that travels with it replays it). Runs in a worker thread."""
+        f = tempfile.TemporaryFile(dir=self.directory)
+        try:
+            self.env.copyfd(f.fileno(), compact=True)
+        except lmdb.Error as e:
+            f.close()
+            raise Unavailable(f"history store {self.directory}: copying it failed: {e}") from e
+        return f
+
+    @staticmethod
+    def install_file(directory: Path, incoming: Path, *, fsync: bool = True) -> None:
+        """Replace the file in ``directory`` (no environment open on it) by ``incoming``, a
+        copy from ``copy_file`` already fsynced: renamed over ``data.mdb``, the directory
+        fsynced. The reader lock table (``lock.mdb``) goes too; LMDB makes a new one."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        os.replace(incoming, directory / "data.mdb")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(directory / "lock.mdb")
+        if fsync:
+            fsync_directory(directory)
 
     # ---- figures ------------------------------------------------------------------
 
@@ -290,12 +529,15 @@ class LmdbHistory:
 
 
 class LmdbView:
-    """``HistoryView`` over one LMDB read transaction (``LmdbHistory.view``)."""
+    """``HistoryView`` over one LMDB read transaction and the versions not yet committed
+    when it was taken (``LmdbHistory.view``)."""
 
-    def __init__(self, txn: lmdb.Transaction, decode: Callable[[int, bytes], Older], directory: Path) -> None:
+    def __init__(self, txn: lmdb.Transaction, decode: Callable[[int, bytes], Older], directory: Path,
+                 pending: Pending | None = None) -> None:
         self._txn: lmdb.Transaction | None = txn
         self._decode = decode
         self._directory = directory
+        self._pending = pending or {}
 
     def _gone(self, why: object) -> Unavailable:
         # The shard closed (its environment with it) while a watch was replaying: the stream
@@ -304,6 +546,11 @@ class LmdbView:
                            "resume from the last version seen of each key")
 
     def ascending(self, key: str, lowest: int, highest: int) -> Iterator[Older]:
+        pending = sorted((o for v, o in self._pending.get(key, {}).items() if lowest <= v <= highest),
+                         key=_by_version)
+        yield from _merge_unique(pending, self._file_ascending(key, lowest, highest), descending=False)
+
+    def _file_ascending(self, key: str, lowest: int, highest: int) -> Iterator[Older]:
         prefix = key.encode() + _SEP
         if self._txn is None:
             raise self._gone("view released")
@@ -327,3 +574,18 @@ class LmdbView:
             with contextlib.suppress(lmdb.Error):  # already gone with its environment
                 self._txn.abort()
             self._txn = None
+        self._pending = {}
+
+
+def _merge_unique(pending: list[Older], from_file: Iterable[Older], *, descending: bool) -> Iterator[Older]:
+    """Two runs sorted the same way, merged lazily; a version in both (committed while it was
+    read) comes once, from ``pending`` (the same bytes either way)."""
+    if not pending:
+        yield from from_file
+        return
+    order = (lambda o: -o[0]) if descending else _by_version
+    last: int | None = None
+    for older in heapq.merge(pending, from_file, key=order):
+        if older[0] != last:
+            last = older[0]
+            yield older

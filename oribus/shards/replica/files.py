@@ -12,6 +12,7 @@ anything: the member says what to read, write, delete or move aside, and when.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -72,6 +73,29 @@ class MemberFiles:
         cfg = self.config
         return Wal.open(cfg.wal_dir, cfg.wal, replay_from_lsn=replay_from_lsn, on_record=on_record,
                         metrics_label=str(cfg.shard_id), require_lsn=require_lsn)
+
+    def history_spill(self) -> Path:
+        """Where a catch-up's history file is written as it arrives (beside the engine's)."""
+        return self.config.history_dir / "data.mdb.incoming"
+
+    def replace_history(self, incoming: Path | None) -> None:
+        """Put a primary's history store copy (``incoming``, fsynced) in place of this
+        member's (its environment closed), durably; None: delete this member's, so the
+        snapshot's histories fill a new one."""
+        directory = self.config.history_dir
+        if incoming is not None:
+            # (lmdb is loaded only when used)
+            from oribus.shards.history.lmdb_engine import LmdbHistory
+
+            LmdbHistory.install_file(directory, incoming, fsync=self.fsync)
+            return
+        removed = False
+        for name in ("data.mdb", "lock.mdb"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(directory / name)
+                removed = True
+        if removed and self.fsync:
+            fsync_directory(directory)
 
     def delete_log(self) -> None:
         """Delete every WAL segment (the WAL must be closed), durably."""

@@ -75,8 +75,10 @@ from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
 from oribus.failpoints import failpoint
 from oribus.metrics import REPLICA_TAKEOVERS
 from oribus.shards.config import ShardConfig
+from oribus.shards.history import HistoryStore
 from oribus.shards.manifest import ShardManifest
 from oribus.shards.participant import Participant
+from oribus.shards.replica.catchup import CatchupData, CatchupReceiver, CatchupSource
 from oribus.shards.replica.files import MemberFiles
 from oribus.shards.replica.messages import (
     AppendBatch,
@@ -89,7 +91,7 @@ from oribus.shards.replica.messages import (
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
 from oribus.shards.replica.rules import becomes_voter, may_promise, plan_append
 from oribus.shards.replica.terms import Terms
-from oribus.shards.shard import Shard
+from oribus.shards.shard import Shard, open_history_store
 from oribus.shards.store import VersionedStore
 from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
@@ -176,6 +178,9 @@ class ReplicaMember:
         self.wal: Wal | None = None
         self.terms = Terms()
         self.core: Participant | None = None  # the follower's applied state
+        # The follower's on-disk history store (history_store="lmdb"; None in memory), closed
+        # while the member is primary: its Shard opens the same directory.
+        self._history: HistoryStore | None = None
         self.role = FOLLOWER
         self._manifest = ShardManifest(config.shard_id, member=member_id)
         self._manifest_lock = threading.Lock()
@@ -187,7 +192,7 @@ class ReplicaMember:
         self._snapshot_lsn = 0
         self._commit_known = 0  # the highest commit index a primary told us (capped by agreement)
         self._snapshot_task: asyncio.Task | None = None
-        self._incoming: bytearray | None = None  # a snapshot being received
+        self._incoming: CatchupReceiver | None = None  # a snapshot (and history file) being received
         self._incoming_lsn = -1
         self.counters = {"appends": 0, "refused_term": 0, "refused_mismatch": 0, "truncated_records": 0,
                          "promises": 0, "snapshots_installed": 0, "snapshots": 0, "learner_starts": 0}
@@ -298,8 +303,16 @@ class ReplicaMember:
 
     def _new_core(self) -> Participant:
         cfg = self.config
-        return Participant(cfg.shard_id, 0, VersionedStore(cfg.history_limit), DeliveryLog(cfg.delivery_log),
-                           max_resolved=cfg.max_resolved_txns)
+        self._close_history()
+        self._history = open_history_store(cfg)
+        return Participant(cfg.shard_id, 0, VersionedStore(cfg.history_limit, self._history),
+                           DeliveryLog(cfg.delivery_log), max_resolved=cfg.max_resolved_txns)
+
+    def _close_history(self) -> None:
+        """Flush, sync and close the follower's on-disk history store, if open."""
+        history, self._history = self._history, None
+        if history is not None:
+            history.close()
 
     def _move_aside(self, why: str) -> None:
         """Keep damaged files for a post-mortem, out of the way of an empty log."""
@@ -496,6 +509,7 @@ class ReplicaMember:
             record_lsn, rtype, body = pending.popleft()
             core.replay(rtype, body)
             self._applied_lsn = record_lsn
+        core.store.older.flush()  # the versions replaced, to an on-disk history store's committer
         if (self._applied_lsn - self._snapshot_lsn >= self.config.snapshot_every_records
                 and self._snapshot_task is None and self.role == FOLLOWER):
             self._snapshot_task = asyncio.get_running_loop().create_task(self._follower_snapshot())
@@ -513,6 +527,10 @@ class ReplicaMember:
                 raw = msgpack.packb(state, use_bin_type=True)
                 wal.roll()
                 loop = asyncio.get_running_loop()
+                # An on-disk history store holds the versions the snapshot leaves out: durable
+                # first, before the snapshot lets the log below it go (as a Shard's snapshot).
+                core.store.older.flush()
+                await loop.run_in_executor(None, core.store.older.sync)
                 await loop.run_in_executor(None, self.files.write_snapshot, lsn, raw)
                 await loop.run_in_executor(None, wal.remove_segments_before, lsn + 1)
                 self._snapshot_lsn = lsn
@@ -558,29 +576,49 @@ class ReplicaMember:
             if chunk.term > self.promised_term:
                 self._persist(promised_term=chunk.term)
             if chunk.offset == 0:
-                self._incoming, self._incoming_lsn = bytearray(), chunk.lsn
-            if self._incoming is None or chunk.lsn != self._incoming_lsn or chunk.offset != len(self._incoming):
-                self._incoming = None
+                self._drop_incoming()
+                self._incoming, self._incoming_lsn = CatchupReceiver(self.files.history_spill()), chunk.lsn
+            incoming = self._incoming
+            if incoming is None or chunk.lsn != self._incoming_lsn or chunk.offset != incoming.length:
+                self._drop_incoming()
                 return self._reply(False)
-            self._incoming += chunk.data
+            incoming.feed(chunk.data)
+            if incoming.carries_history and self.config.history_store == "memory":
+                # Its snapshot holds only current versions: installed here, the history would be lost.
+                log.error("shard %d member %d: member %d sends an on-disk history store, but this member keeps "
+                          "its history in memory: start every member with the same --history-store",
+                          self.shard_id, self.member_id, chunk.primary)
+                self._drop_incoming()
+                return self._reply(False)
             if not chunk.done:
                 return self._reply(True)
-            data, self._incoming = bytes(self._incoming), None
+            self._incoming = None
             if chunk.lsn <= self._applied_lsn:  # holds it already
+                incoming.discard()
                 return self._reply(True, durable=min(self.durable_lsn, chunk.lsn))
             try:
-                raw = decode_snapshot_file(data, chunk.lsn, f"snapshot from member {chunk.primary}")
+                snapshot_file, history_file = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: incoming.finish(fsync=self.files.fsync))
+                raw = decode_snapshot_file(snapshot_file, chunk.lsn, f"snapshot from member {chunk.primary}")
             except DataCorrupted:
+                incoming.discard()
                 log.warning("shard %d member %d: a damaged snapshot arrived", self.shard_id, self.member_id)
                 return self._reply(False)
-            await self._install(chunk.lsn, raw)
+            await self._install(chunk.lsn, raw, history_file)
             self.counters["snapshots_installed"] += 1
             return self._reply(True, durable=chunk.lsn)
 
-    async def _install(self, lsn: int, raw: bytes) -> None:
-        """Replace the log by the snapshot at ``lsn``. The member is a learner meanwhile: its
-        records are gone before the snapshot is in place (a crash then must not leave a voter
-        lacking records it acknowledged)."""
+    def _drop_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.discard()
+
+    async def _install(self, lsn: int, raw: bytes, history_file: Path | None = None) -> None:
+        """Replace the log by the snapshot at ``lsn`` (and an on-disk history store by the
+        primary's ``history_file``). The member is a learner meanwhile: its records are gone
+        before the snapshot is in place (a crash then must not leave a voter lacking records
+        it acknowledged). The history file is in place before the snapshot: a snapshot that
+        holds only current versions is never found without the versions it leaves out."""
         wal = self._check_open()
         state = msgpack.unpackb(raw, raw=False, strict_map_key=False)
         loop = asyncio.get_running_loop()
@@ -593,6 +631,9 @@ class ReplicaMember:
         def replace_files() -> None:
             self.files.delete_log()
             failpoint("replica.install_snapshot")  # the log is gone, the snapshot not yet there
+            if self.config.history_store != "memory":
+                self._close_history()
+                self.files.replace_history(history_file)
             self.files.write_snapshot(lsn, raw)
             self._load(0)
 
@@ -642,6 +683,8 @@ class ReplicaMember:
             async with self._lock:
                 if self.rwal is not rwal or rwal.deposed is not None:
                     raise Unavailable(f"member {self.member_id} was deposed before term {term} began")
+                # The Shard opens the history directory itself (recovery writes to it again).
+                await asyncio.get_running_loop().run_in_executor(None, self._close_history)
                 shard = self.shard_class(self.config, term, self, rwal)
                 await shard._start(self._dir_lock)
                 if lsn == 1:
@@ -659,8 +702,18 @@ class ReplicaMember:
                  self.member_id, term, lsn)
         return shard
 
-    def _snapshot_source(self) -> tuple[int, bytes] | None:
-        return self.files.snapshot_file()
+    def _snapshot_source(self) -> tuple[int, CatchupData] | None:
+        """The latest snapshot, and with an on-disk history store the engine's consistent
+        copy, taken after the snapshot was read (``catchup.py``). Runs in a worker thread."""
+        snap = self.files.snapshot_file()
+        if snap is None:
+            return None
+        shard = self.shard
+        copy = getattr(shard.store.older, "copy_file", None) if shard is not None else None
+        if copy is None:
+            return snap
+        lsn, data = snap
+        return lsn, CatchupSource(data, copy())
 
     def _deposed(self, term: int) -> None:
         """The ReplicatedWal saw a higher term: report it, and step down soon."""
@@ -724,6 +777,7 @@ class ReplicaMember:
                 self._snapshot_task.cancel()
             shard, rwal, wal = self.shard, self.rwal, self.wal
             self.role = CLOSED
+            self._drop_incoming()
             self.shard = self.rwal = None
             try:
                 if shard is not None:
@@ -736,5 +790,8 @@ class ReplicaMember:
                         await asyncio.get_running_loop().run_in_executor(None, self._raise_mark, wal.durable_lsn)
             finally:
                 self.wal = None
-                if self._own_lock and self._dir_lock is not None:
-                    self._dir_lock.release()
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self._close_history)
+                finally:
+                    if self._own_lock and self._dir_lock is not None:
+                        self._dir_lock.release()

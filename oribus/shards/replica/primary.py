@@ -65,6 +65,7 @@ from typing import Any
 
 from oribus.errors import Unavailable
 from oribus.metrics import REPLICA_LAG_RECORDS, REPLICA_QUORUM_SECONDS
+from oribus.shards.replica.catchup import CatchupData
 from oribus.shards.replica.messages import AppendBatch, AppendReply, Peer, SnapshotChunk
 from oribus.shards.replica.rules import commit_index, quorum_lsn, resend_from
 from oribus.shards.replica.terms import Terms
@@ -120,7 +121,7 @@ class ReplicatedWal:
     replicated = True
 
     def __init__(self, wal: Wal, terms: Terms, *, term: int, member_id: int, replicas: int,
-                 peers: Sequence[Peer], snapshot_source: Callable[[], tuple[int, bytes] | None] | None = None,
+                 peers: Sequence[Peer], snapshot_source: Callable[[], tuple[int, CatchupData] | None] | None = None,
                  on_deposed: Callable[[int], None] | None = None,
                  options: ReplicationOptions | None = None, metrics_label: str = "") -> None:
         if replicas < 1:
@@ -448,6 +449,14 @@ class ReplicatedWal:
             raise Unavailable(f"member {f.member_id} needs records before LSN {self.wal.first_lsn} "
                               "and there is no snapshot that reaches them")
         lsn, data = snap
+        try:
+            await self._send_snapshot_data(f, lsn, data)
+        finally:
+            close = getattr(data, "close", None)  # a CatchupSource's temporary file
+            if close is not None:
+                close()
+
+    async def _send_snapshot_data(self, f: Follower, lsn: int, data: CatchupData) -> None:
         step = self.options.snapshot_chunk_bytes
         offset = 0
         while True:
