@@ -75,6 +75,7 @@ try:
     import uvloop
 except ImportError:  # the figures are meant to be taken with uvloop; say so when it is missing
     uvloop = None
+from harness.cpu import process_cpu_seconds as cpu_seconds  # noqa: E402
 
 READS_PER_STEP = 3
 KEY_PREFIX = "bench/k"
@@ -286,13 +287,6 @@ def wal_totals(stats: dict) -> tuple[int, int, float]:
 def engine_commits(stats: dict) -> int:
     """LMDB commits of the shards' history stores (0 with ``memory``)."""
     return sum(int((shard.get("history") or {}).get("commits", 0)) for shard in stats["shards"])
-
-
-def cpu_seconds() -> float:
-    """This process's CPU time, user + system, from /proc/self/stat (every thread)."""
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

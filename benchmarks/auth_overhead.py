@@ -50,6 +50,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness.cpu import process_cpu_seconds as cpu_seconds  # noqa: E402
+
 import oribus  # noqa: E402
 from oribus.auth.keys import AuthDir, load_signing_key  # noqa: E402
 from oribus.auth.tokens import issue  # noqa: E402
@@ -68,11 +70,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 class Server:

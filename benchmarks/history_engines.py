@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sqlite3
 import statistics
@@ -45,25 +44,11 @@ import time
 from pathlib import Path
 
 import msgpack
+from harness.cpu import process_cpu_seconds as cpu_seconds  # noqa: E402
+from harness.cpu import process_memory as proc_memory  # noqa: E402
 
 MODES = ("lmdb-sync", "lmdb-nosync", "sqlite-normal", "sqlite-full")
 _VERSION = struct.Struct(">Q")  # big-endian: keys sort by (key, version)
-
-
-def proc_memory() -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "RssAnon", "RssFile"):
-                out[name] = int(rest.split()[0]) * 1024
-    return out
-
-
-def cpu_seconds() -> float:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _records(keys: int, versions: int) -> list[tuple[str, int, bytes]]:

@@ -43,32 +43,16 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness.cpu import process_cpu_seconds as cpu_seconds  # noqa: E402
+from harness.cpu import process_memory as proc_memory  # noqa: E402
 
 BATCH = 500  # keys per commit
-
-
-def proc_memory() -> dict[str, int]:
-    """VmRSS, RssAnon and RssFile of this process, in bytes."""
-    out: dict[str, int] = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "RssAnon", "RssFile"):
-                out[name] = int(rest.split()[0]) * 1024
-    return out
-
-
-def cpu_seconds() -> float:
-    with open("/proc/self/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _settled() -> dict[str, int]:

@@ -28,6 +28,22 @@ def _stat_fields(pid: str) -> list[str] | None:
     return raw[raw.rindex(")") + 2:].split()
 
 
+def process_cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of one process so far, every thread (0 once it is gone)."""
+    f = _stat_fields(str(pid))
+    return 0.0 if f is None else (int(f[11]) + int(f[12])) / TICK
+
+
+def process_memory(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS, RssAnon and RssFile of one process, in bytes (``/proc/PID/status``)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
 def session_cpu_ticks(session_ids: set[int]) -> dict[int, int]:
     """pid -> user + system CPU ticks (with the children it has waited for) of every live
     process in one of ``session_ids``."""
