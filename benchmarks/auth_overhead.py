@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -136,13 +137,19 @@ async def round_(server: Server, tokens: list[str | None], seconds: float) -> tu
     return commits / elapsed, cpu / max(commits, 1) * 1e6
 
 
+def auth_dir(root: Path) -> tuple[AuthDir, str, Any]:
+    """A fresh auth directory with this benchmark's policy, and its signing key."""
+    oribus_main(["auth", "init", "--dir", str(root)])
+    auth = AuthDir(root)
+    auth.policy.write_text(POLICY)
+    kid, key = load_signing_key(auth)
+    return auth, kid, key
+
+
 async def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="auth-overhead-") as d:
         tmp = Path(d)
-        oribus_main(["auth", "init", "--dir", str(tmp / "auth")])
-        auth = AuthDir(tmp / "auth")
-        auth.policy.write_text(POLICY)
-        kid, key = load_signing_key(auth)
+        auth, kid, key = auth_dir(tmp / "auth")
         tokens: list[str | None] = [issue(key, kid, agent=f"agent-{i}", roles=["agent"], now=time.time(), ttl=3600)
                                     for i in range(args.clients)]
         plain, guarded = Server(tmp, "plain", None), Server(tmp, "auth", auth.root)
@@ -181,10 +188,7 @@ async def run_in_process(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="auth-overhead-") as d:
         tmp = Path(d)
-        oribus_main(["auth", "init", "--dir", str(tmp / "auth")])
-        auth = AuthDir(tmp / "auth")
-        auth.policy.write_text(POLICY)
-        kid, key = load_signing_key(auth)
+        auth, kid, key = auth_dir(tmp / "auth")
         tokens = [issue(key, kid, agent=f"agent-{i}", roles=["agent"], now=time.time(), ttl=3600)
                   for i in range(args.clients)]
         engine = await EmbeddedEngine.open(EngineConfig(tmp / "data", shards=1))

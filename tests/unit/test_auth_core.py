@@ -15,6 +15,7 @@ import time
 
 import jwt
 import pytest
+from auth_dirs import init_auth_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,10 +49,7 @@ roles:
 
 @pytest.fixture
 def authdir(tmp_path) -> AuthDir:
-    assert main(["auth", "init", "--dir", str(tmp_path / "auth")]) == 0
-    d = AuthDir(tmp_path / "auth")
-    d.policy.write_text(POLICY)
-    return d
+    return init_auth_dir(tmp_path / "auth", POLICY)
 
 
 def token(d: AuthDir, agent: str = "a1", roles=("team-a",), ttl: float = 3600, now: float | None = None,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 
 import pytest
+from auth_dirs import init_auth_dir
 
 from oribus.auth import Authority, Operation
 from oribus.auth.keys import AuthDir, load_signing_key, new_signing_key
 from oribus.auth.published import dir_push, parse_snapshot
 from oribus.auth.tokens import issue
-from oribus.cli import main
 from oribus.errors import InvalidRequest, Unauthenticated
 
 POLICY = 'roles:\n  team-a:\n    read: ["team/a/*"]\n'
@@ -22,10 +22,7 @@ POLICY = 'roles:\n  team-a:\n    read: ["team/a/*"]\n'
 
 @pytest.fixture
 def authdir(tmp_path) -> AuthDir:
-    assert main(["auth", "init", "--dir", str(tmp_path / "auth")]) == 0
-    d = AuthDir(tmp_path / "auth")
-    d.policy.write_text(POLICY)
-    return d
+    return init_auth_dir(tmp_path / "auth", POLICY)
 
 
 def snapshot(d: AuthDir) -> dict[str, bytes]:
