@@ -548,6 +548,10 @@ async def test_a_member_keeping_history_in_memory_refuses_a_catch_up_with_an_lmd
     write_snapshot(tmp_path / "elsewhere", 10_000, {"state": "of an lmdb primary"})
     lsn, snapshot_file = latest_snapshot_file(tmp_path / "elsewhere")
     member = group.members[1]
+    # the commit needs only a majority: let this follower hold it too, so nothing moves its log below
+    async with asyncio.timeout(5):
+        while member.last_position[1] < shard.wal.last_lsn:
+            await asyncio.sleep(0.01)
     before = member.last_position
     reply = await member.install_snapshot(SnapshotChunk(
         term=group.etcd.term, primary=0, lsn=lsn, last_term=group.etcd.term, offset=0,
