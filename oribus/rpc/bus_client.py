@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 
 from oribus import tracing
+from oribus.aio import take_outcome
 from oribus.auth.credential import METADATA_KEY, authorization
 from oribus.contract import (
     BusService,
@@ -162,6 +163,7 @@ class RemoteBus(BusByCalls):
         if task is None:
             task = self._switch = asyncio.get_running_loop().create_task(self._ask_endpoints())
             task.add_done_callback(lambda _: setattr(self, "_switch", None))
+            task.add_done_callback(take_outcome)
         await asyncio.shield(task)
 
     async def _ask_endpoints(self) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 
 import msgpack
 
+from oribus.aio import take_outcome
 from oribus.errors import InvalidRequest, OribusError, Unavailable, error_from_dict
 from oribus.messages import Change, WatchRequest
 from oribus.rpc import frames, grpc_status, wire
@@ -140,6 +141,8 @@ class StreamClient:
         attempt = self._attempt
         if attempt is None:
             attempt = self._attempt = asyncio.get_running_loop().create_task(self._reconnect())
+            # its waiters may all give up before it ends: its error is taken here, not logged
+            attempt.add_done_callback(take_outcome)
         # shield: a caller that gives up must not cancel the attempt the others wait for
         return await asyncio.shield(attempt)
 

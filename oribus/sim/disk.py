@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from oribus.aio import take_outcome
 from oribus.errors import DataCorrupted, Unavailable
 from oribus.shards.manifest import ShardManifest
 from oribus.shards.wal.record import FrameStatus, decode_record, encode_record
@@ -226,7 +227,7 @@ class SimWal(GroupCommit):
     def _start_flush(self) -> asyncio.Future[None]:
         flush = asyncio.ensure_future(self._write_batch())
         self._flush = flush
-        flush.add_done_callback(_retrieve)
+        flush.add_done_callback(take_outcome)
         return flush
 
     async def _write_batch(self) -> None:
@@ -250,8 +251,3 @@ class SimWal(GroupCommit):
         self._failed = error
         self._buffer = []
         self._in_flight = []
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    if not fut.cancelled():
-        fut.exception()  # waiters re-raise it; do not warn "never retrieved"

@@ -5,6 +5,7 @@ watches, and mutual TLS."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import socket
 import ssl
@@ -407,6 +408,34 @@ async def test_concurrent_callers_share_one_connection_attempt(server):
         await c.close()
     with pytest.raises(Unavailable, match="closed"):
         await c.call("echo", 1)
+
+
+async def test_an_attempt_whose_callers_gave_up_fails_quietly():
+    """Every caller waiting for a connection gives up before the attempt fails: the attempt's
+    error is still taken, so asyncio never logs "Task exception was never retrieved"."""
+    async def silent(reader, writer):  # accepts, never answers the hello
+        await asyncio.sleep(5)
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    address = f"127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    c = StreamClient(address, SERVICE, timeout=5, connect_timeout=0.2)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(c.call("echo", 1), 0.05)
+        await asyncio.sleep(0.4)  # the attempt times out with nobody waiting
+        gc.collect()  # the report comes when the finished task is collected
+        await asyncio.sleep(0)
+        assert not unretrieved, [str(u.get("exception")) for u in unretrieved]
+        with pytest.raises(Unavailable, match="timed out"):
+            await c.call("echo", 1)  # the next call makes a fresh attempt
+    finally:
+        loop.set_exception_handler(previous)
+        await c.close()
+        srv.close()
 
 
 # ---- watches ---------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from oribus.aio import take_outcome
 from oribus.datadir_lock import DataDirLock
 from oribus.delivery_log import DeliveryLog
 from oribus.errors import DataCorrupted, InvalidRequest, Unavailable
@@ -113,13 +114,8 @@ async def carried_out(coro: Coroutine[Any, Any, T]) -> T:
     append, truncation or snapshot install would leave the log and the member's tables apart;
     the member's lock is held until the work is done, so the next call sees all of it."""
     task = asyncio.ensure_future(coro)
-    task.add_done_callback(_retrieve)
+    task.add_done_callback(take_outcome)
     return await asyncio.shield(task)
-
-
-def _retrieve(task: asyncio.Future) -> None:
-    if not task.cancelled():
-        task.exception()  # its caller may be gone: no "never retrieved" warning
 
 
 class ReplicaShard(Shard):
