@@ -101,9 +101,16 @@ async def elect(root: Path, members: dict[int, ReplicaMember], net: DirectNetwor
     if len(granted) <= REPLICAS // 2:
         raise Unavailable(f"no majority of promises for term {term}: {granted}")
     winner = max(granted, key=lambda i: (granted[i], -i))
-    shard = await asyncio.wait_for(members[winner].become_primary(term, net.peers(winner, list(range(REPLICAS)))),
-                                   10)
-    return winner, shard
+    becoming = asyncio.ensure_future(members[winner].become_primary(term, net.peers(winner, list(range(REPLICAS)))))
+    done, _ = await asyncio.wait([becoming], timeout=10)
+    if not done:
+        # what each member looked like when the term's start was still not on a majority
+        states = {i: m.status() for i, m in members.items()}
+        becoming.cancel()
+        await asyncio.gather(becoming, return_exceptions=True)
+        raise TimeoutError(f"member {winner} did not become primary of term {term} within 10 s "
+                           f"(promises {granted}); members: {states}")
+    return winner, becoming.result()
 
 
 class Journal:

@@ -117,8 +117,8 @@ def test_every_acknowledged_commit_survives_a_crash_at_any_replication_point(tmp
         root = tmp_path / f"run-{index}"
         try:
             asyncio.run(check_group(root))
-        except AssertionError as e:
-            raise AssertionError(f"after a kill at {point}@{n} ({root}): {e}") from e
+        except (AssertionError, TimeoutError) as e:
+            raise AssertionError(f"after a kill at {point}@{n} ({root}): {type(e).__name__}: {e}") from e
 
 
 def test_the_check_fails_when_an_acknowledged_commit_is_missing(tmp_path) -> None:
