@@ -94,14 +94,7 @@ async def run_keys(data_dir: Path, keys: int, history_store: str, breakdown: boo
             await session.forget(names[i:i + BATCH])
     cpu = cpu_seconds() - cpu0
     after = _settled()
-    out: dict[str, object] = {
-        "keys": keys,
-        "rss_before": before["VmRSS"],
-        "rss_after": after["VmRSS"],
-        "bytes_per_key_rss": round((after["VmRSS"] - before["VmRSS"]) / keys, 1),
-        "bytes_per_key_anon": round((after["RssAnon"] - before["RssAnon"]) / keys, 1),
-        "cpu_seconds": round(cpu, 2),
-    }
+    out: dict[str, object] = {"keys": keys, **_growth(before, after, keys, "key"), "cpu_seconds": round(cpu, 2)}
     if breakdown:
         out["breakdown"] = _breakdown(session)
     await session.close()
@@ -126,16 +119,15 @@ async def run_versions(data_dir: Path, keys: int, versions: int, history_store: 
     hist = await session.history(names[0])
     assert len(hist) == versions, f"history of {names[0]} holds {len(hist)} versions, not {versions}"
     await session.close()
-    return {
-        "keys": keys,
-        "versions": versions,
-        "value_bytes": value_bytes,
-        "rss_first_round": first["VmRSS"],
-        "rss_last_round": last["VmRSS"],
-        "bytes_per_version_rss": round((last["VmRSS"] - first["VmRSS"]) / kept, 1),
-        "bytes_per_version_anon": round((last["RssAnon"] - first["RssAnon"]) / kept, 1),
-        "cpu_seconds": round(cpu, 2),
-    }
+    return {"keys": keys, "versions": versions, "value_bytes": value_bytes,
+            **_growth(first, last, kept, "version"), "cpu_seconds": round(cpu, 2)}
+
+
+def _growth(before: dict[str, int], after: dict[str, int], count: int, unit: str) -> dict[str, object]:
+    """RSS before and after, and its growth (all of it, and anonymous memory alone) per ``unit``."""
+    return {"rss_before": before["VmRSS"], "rss_after": after["VmRSS"],
+            f"bytes_per_{unit}_rss": round((after["VmRSS"] - before["VmRSS"]) / count, 1),
+            f"bytes_per_{unit}_anon": round((after["RssAnon"] - before["RssAnon"]) / count, 1)}
 
 
 def redis_keys(keys: int) -> dict[str, object]:
