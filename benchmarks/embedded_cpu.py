@@ -8,7 +8,7 @@ too). ``--profile`` runs it under cProfile and prints the top functions by own t
 
 Usage::
 
-    .venv/bin/python benchmarks/embedded_cpu.py [--steps 20000] [--runs 3] [--profile]
+    .venv/bin/python benchmarks/embedded_cpu.py [--steps 20000] [--runs 3] [--profile] [--history-store memory lmdb]
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ KEYS = 1000
 WORKERS = 32
 
 
-async def run(steps: int, profile: bool) -> tuple[float, float, int]:
+async def run(steps: int, profile: bool, history_store: str = "memory") -> tuple[float, float, int]:
     d = tempfile.mkdtemp(prefix="oribus-cpu-")
-    bus = await oribus.open_local(d, agent="loader")
+    bus = await oribus.open_local(d, agent="loader", history_store=history_store)
     try:
         keys = [f"k/{i}" for i in range(KEYS)]
         for i in range(0, KEYS, 100):
@@ -76,10 +76,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--history-store", nargs="+", default=["memory"], choices=("memory", "lmdb"),
+                    help="where older versions live; several: runs alternate between them")
     args = ap.parse_args()
     for _ in range(args.runs):
-        cpu, rate, conflicts = uvloop.run(run(args.steps, args.profile))
-        print(f"{args.steps} steps, {conflicts} conflicts: {cpu:.1f} us CPU per step, {rate:,.0f} steps/s")
+        for store in args.history_store:
+            cpu, rate, conflicts = uvloop.run(run(args.steps, args.profile, store))
+            print(f"{store:6} {args.steps} steps, {conflicts} conflicts: {cpu:.1f} us CPU per step, "
+                  f"{rate:,.0f} steps/s")
 
 
 if __name__ == "__main__":
