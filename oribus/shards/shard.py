@@ -244,7 +244,11 @@ class Shard(ShardService):
         replay_from = 1
         if snap is not None:
             lsn, raw = snap
-            self.core.load_snapshot(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+            try:
+                self.core.load_snapshot(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+            except DataCorrupted as e:
+                raise DataCorrupted(f"snapshot at LSN {lsn} in {cfg.snapshot_dir}: {e.message}",
+                                    path=str(cfg.snapshot_dir), **e.details) from None
             replay_from = lsn + 1
 
         def on_record(lsn: int, rtype: int, body: dict) -> None:

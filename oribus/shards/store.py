@@ -34,10 +34,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from oribus.contract import Entry
+from oribus.errors import DataCorrupted
 from oribus.shards.history import HistoryStore, MemoryHistory, Meta, Older
 from oribus.types import DEFAULT_HISTORY_LIMIT, SessionRef
 
 _Current = tuple[str, int, "bytes | None", Meta]  # key, version, value (None: deleted), meta
+
+SNAPSHOT_FORMAT = 2  # ``to_snapshot``'s form; 1 (a list of whole entries per key) still loads
 
 
 def _entry(version: int, value: bytes | None, meta: Meta) -> Entry:
@@ -179,17 +182,65 @@ class VersionedStore:
 
     # ---- snapshot form -------------------------------------------------------
 
-    def to_snapshot(self) -> list[Any]:
-        """``[[key, [entry fields, ...]], ...]``, oldest first: the whole kept history, or only
-        the current version when the history store persists the rest itself."""
-        if self.older.persistent:
-            return [[k, [list(_entry(c[1], c[2], c[3]))]] for k, c in self._keys.items()]
-        return [[k, [list(e) for e in reversed(self.history(k))]] for k in self._keys]
+    def to_snapshot(self) -> dict[str, Any]:
+        """The store in a snapshot (``SNAPSHOT_FORMAT``): each commit's meta once, then flat
+        runs of ``key, version, value, meta index`` (value None: a delete) — four scalars a
+        version, so loading builds no list or tuple per version. ``older`` (oldest first per
+        key, before the key's current version) only when the history store does not persist
+        versions itself."""
+        index: dict[Meta, int] = {}
+        metas: list[Any] = []
 
-    def load_snapshot(self, data: list[Any]) -> None:
+        def meta_index(meta: Meta) -> int:
+            i = index.get(meta)
+            if i is None:
+                i = index[meta] = len(index)
+                metas.extend(meta)
+            return i
+
+        current: list[Any] = []
+        for k, c in self._keys.items():
+            current += (k, c[1], c[2], meta_index(c[3]))
+        out: dict[str, Any] = {"format": SNAPSHOT_FORMAT, "metas": metas, "current": current}
+        if not self.older.persistent:
+            older: list[Any] = []
+            for k, c in self._keys.items():
+                versions = list(self.older.newest_first(k, c[1], self._lowest_kept(c[1])))
+                for version, value, meta in reversed(versions):
+                    older += (k, version, value, meta_index(meta))
+            out["older"] = older
+        return out
+
+    def load_snapshot(self, data: Any) -> None:
+        """Load ``to_snapshot``'s form, or the earlier one (a list of ``[key, [entry, ...]]``,
+        oldest first, whole entries), which snapshots written before it still hold."""
         self._keys.clear()
         if not self.older.persistent:
             self.older.clear()
+        if isinstance(data, dict):
+            self._load_flat(data)
+        else:
+            self._load_entries(data)
+        self.older.flush()
+
+    def _load_flat(self, data: dict[str, Any]) -> None:
+        if data.get("format") != SNAPSHOT_FORMAT:
+            raise DataCorrupted(f"unknown store snapshot format {data.get('format')!r}: this build reads "
+                                f"format {SNAPSHOT_FORMAT} and the earlier list form (was it written by a newer "
+                                f"oribus?)", reason="snapshot format")
+        flat = data["metas"]
+        metas = [(sys.intern(flat[i]), sys.intern(flat[i + 1]), flat[i + 2], flat[i + 3])
+                 for i in range(0, len(flat), 4)]
+        keys = self._keys
+        it = iter(data["current"])
+        for k, version, value, mi in zip(it, it, it, it, strict=True):
+            keys[k] = (k, version, value, metas[mi])
+        put = self.older.put
+        it = iter(data.get("older", ()))
+        for k, version, value, mi in zip(it, it, it, it, strict=True):
+            put(keys[k][0], (version, value, metas[mi]))  # the current's key object: one string per key
+
+    def _load_entries(self, data: list[Any]) -> None:
         for k, entries in data:
             if not entries:
                 continue
@@ -200,7 +251,6 @@ class VersionedStore:
             e = Entry(*entries[-1])
             self._keys[k] = (k, e.version, None if e.deleted else e.value,
                              self._meta_for(e.agent, e.session, e.commit_id, e.committed_at))
-        self.older.flush()
 
 
 __all__ = ["Older", "VersionedStore"]

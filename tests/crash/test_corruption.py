@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import pytest
 
 import oribus
@@ -33,6 +34,7 @@ from oribus.shards.manifest import ShardManifest, write_manifest
 from oribus.shards.wal import HEADER_SIZE, decode_record, list_segments
 from oribus.shards.wal.record import FrameStatus
 from oribus.shards.wal.segment import SEGMENT_HEADER_SIZE
+from oribus.shards.wal.snapshot import load_latest_snapshot, write_snapshot
 
 SHARDS = 2
 
@@ -328,3 +330,22 @@ async def test_damaged_snapshot_is_refused_naming_the_file(data_dir: Path, damag
         await oribus.open_local(data_dir, shards=SHARDS, **options)
     assert str(snapshots[-1]) in str(refused.value)
     assert refused.value.details["path"] == str(snapshots[-1])
+
+
+def _store_from_a_newer_build(path: Path) -> None:
+    """Rewrite the snapshot, intact (magic, length, CRC), with a store form this build does not know."""
+    lsn = int(path.name.split("-")[1].split(".")[0], 16)
+    _, raw = load_latest_snapshot(path.parent)
+    state = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    state["store"]["format"] = 99
+    write_snapshot(path.parent, lsn, msgpack.packb(state, use_bin_type=True))  # as Shard.snapshot writes it
+
+
+async def test_a_snapshot_in_a_store_format_from_a_newer_build_is_refused(data_dir: Path) -> None:
+    options = {"snapshot_every_records": 5}
+    await commit_puts(data_dir, 30, **options)
+    snapshots = sorted((data_dir / "shard-0000" / "snapshots").glob("*.snap"))
+    _store_from_a_newer_build(snapshots[-1])
+    with pytest.raises(oribus.DataCorrupted, match="unknown store snapshot format 99") as refused:
+        await oribus.open_local(data_dir, shards=SHARDS, **options)
+    assert str(snapshots[-1].parent) in str(refused.value)

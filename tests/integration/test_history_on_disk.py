@@ -50,7 +50,10 @@ async def test_snapshots_hold_only_current_versions_with_lmdb(tmp_path):
         for i in range(30):
             await bus.put("k", i)
         shard = bus._owner.shards[0]
-        assert shard.snapshot_state()["store"] == [["k", [list(shard.store.current("k"))]]]
+        store, cur = shard.snapshot_state()["store"], shard.store.current("k")
+        assert "older" not in store  # the engine holds them
+        assert store["current"] == ["k", cur.version, cur.value, 0]
+        assert store["metas"] == [cur.agent, cur.session, cur.commit_id, cur.committed_at]
         stats = (await bus.stats())["shards"][0]["history"]
         assert stats["store"] == "lmdb" and stats["records"] >= OPTIONS["history_limit"] - 1
 

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import lmdb
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -60,7 +61,7 @@ def test_versions_round_trip_and_survive_a_reopen(tmp_path):
     assert store.entry_at("a/k", 5).value == b"a/k=5"
     assert store.history("a/other") == [store.current("a/other")]
     snapshot = store.to_snapshot()
-    assert all(len(entries) == 1 for _, entries in snapshot)  # current versions only: the rest is on disk
+    assert "older" not in snapshot and len(snapshot["current"]) == 2 * 4  # current versions only: the rest is on disk
     store.older.close()
 
     again = lmdb_store(tmp_path, 4)
@@ -342,3 +343,60 @@ def test_a_failed_commit_keeps_its_versions_readable_and_sync_refuses_until_one_
     assert store.older.stats()["records"] == 1 + 3
     assert [e.version for e in store.history("k")] == [4, 3, 2, 1]
     store.older.close()
+
+
+# ---- the snapshot form (store.SNAPSHOT_FORMAT) -------------------------------------------------
+
+
+def first_form(store: VersionedStore) -> list:
+    """What snapshots written before the flat form hold: per key its kept entries, oldest first."""
+    return [[k, [list(e) for e in reversed(store.history(k))]] for k in store.keys()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.integers(0, 4), st.booleans(), st.integers(0, 2)), max_size=50),
+       limit=st.integers(1, 5))
+def test_a_memory_store_round_trips_through_both_snapshot_forms(ops, limit):
+    store = VersionedStore(limit)
+    keys = [f"k{i}" for i in range(5)]
+    for i, deleted, commit in ops:  # commit: a few commits write several keys with one meta
+        k = keys[i]
+        v = store.version(k) + 1
+        store.apply(k, v, None if deleted else f"{k}={v}".encode(), deleted, S, f"c{commit}-{v}", float(commit))
+    for form in (store.to_snapshot(), first_form(store)):
+        again = VersionedStore(limit)
+        again.load_snapshot(form)
+        same_answers(store, again, keys)
+        assert again.keys() == store.keys()
+
+
+def test_the_flat_form_writes_each_commits_meta_once_and_loads_keys_shared_with_the_history():
+    store = VersionedStore(3)
+    for v in (1, 2):
+        for i in range(100):  # one commit of 100 keys per version
+            store.apply(f"k{i}", v, b"x", False, S, f"commit-{v}", float(v))
+    snap = store.to_snapshot()
+    assert snap["format"] == 2 and len(snap["metas"]) == 2 * 4  # two commits, four fields each
+    assert len(snap["current"]) == 100 * 4 and len(snap["older"]) == 100 * 4
+    again = VersionedStore(3)
+    again.load_snapshot(msgpack.unpackb(msgpack.packb(snap, use_bin_type=True), raw=False))  # as a file holds it
+    a = again.current("k1")
+    assert (a.agent, a.session, a.commit_id, a.committed_at) == (S[0], S[1], "commit-2", 2.0)
+    assert again._keys["k1"][3] is again._keys["k2"][3]  # one meta object for the commit's keys
+    older = again.older._keys  # the history's key is the current's key object
+    assert next(k for k in older if k == "k1") is again._keys["k1"][0]
+
+
+def test_a_snapshot_form_from_a_newer_build_is_refused():
+    with pytest.raises(DataCorrupted, match="unknown store snapshot format 3"):
+        VersionedStore(3).load_snapshot({"format": 3, "metas": [], "current": []})
+
+
+def test_an_lmdb_store_loads_the_first_form(tmp_path):
+    mem = VersionedStore(4)
+    for v in range(1, 6):
+        write(mem, "k", v, deleted=v == 2)
+    disk = lmdb_store(tmp_path, 4)
+    disk.load_snapshot(first_form(mem))  # a memory shard's snapshot from before, opened with lmdb
+    same_answers(mem, disk, ["k"])
+    disk.older.close()

@@ -281,7 +281,11 @@ class ReplicaMember:
         if snap is not None:
             snapshot_lsn, raw = snap
             state = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-            core.load_snapshot(state)
+            try:
+                core.load_snapshot(state)
+            except DataCorrupted as e:
+                raise DataCorrupted(f"member {self.member_id}'s snapshot at LSN {snapshot_lsn}: {e.message}",
+                                    **e.details) from None
             terms = Terms.from_list(state.get("terms"))
         pending: collections.deque[tuple[int, int, Any]] = collections.deque()
 
