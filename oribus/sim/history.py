@@ -6,6 +6,7 @@ shard's ``SimDisk``, so it outlives crashes, with the durability the real
 engine promises and nothing more::
 
     put() / forget_through()  -> buffered   process memory              lost by any crash
+    expire_older()            -> written    (the age rule's deletes)    undone by a crash here
     flush()                   -> written    committed, not fsynced      lost by a crash here
     sync()                    -> durable    fsynced                      always kept
 
@@ -66,6 +67,19 @@ class SimHistory:
             for version in [v for v in self._state.get(key, {}) if v <= through]:
                 self._set(key, version, None)
         self._puts, self._forget = {}, {}
+
+    def expire_older(self, key: str, cutoff: float, lowest: int, below: int) -> int:
+        """The age rule: written at once (as a flush writes), undone by a crash before a sync,
+        as the real engine's deletes may be."""
+        self.flush()
+        versions = self._state.get(key, {})
+        dropped = 0
+        version = min((v for v in versions if v >= lowest), default=below)
+        while version < below and version in versions and versions[version][2][3] < cutoff:
+            self._set(key, version, None)
+            dropped += 1
+            version += 1
+        return dropped
 
     def sync(self) -> None:
         if not self.unsafe_sync_does_nothing:
