@@ -88,7 +88,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if self.history_max_age is not None:
-            self.history_max_age = parse_duration(self.history_max_age)
+            try:
+                self.history_max_age = parse_duration(self.history_max_age)
+            except InvalidRequest as e:
+                raise InvalidRequest(f"history_max_age: {e.message}") from None
         check_retention(self.history_limit, self.history_max_age)  # refused before anything opens
 
     @property
