@@ -8,6 +8,7 @@ from pathlib import Path
 
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import InvalidRequest
+from oribus.shards.retention import COMPACTION_INTERVAL
 from oribus.shards.wal import WalConfig
 from oribus.shards.watch import DEFAULT_QUEUE_LIMIT
 from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
@@ -49,6 +50,8 @@ class ShardConfig:
     # compaction (a key's current version never is); None: no age limit (specs/engine.md
     # "Retention", oribus/shards/retention.py).
     history_max_age_seconds: float | None = None
+    # Seconds between two steps of that compaction (each examines a bounded batch of keys).
+    history_compaction_interval: float = COMPACTION_INTERVAL
     history_store: str = DEFAULT_HISTORY_STORE  # where older versions live: one of HISTORY_STORES
     history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES  # an on-disk history store's read cache
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value a write may carry
@@ -79,6 +82,9 @@ class ShardConfig:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         check_retention(self.history_limit, self.history_max_age_seconds)
+        if not (self.history_compaction_interval > 0 and math.isfinite(self.history_compaction_interval)):
+            raise InvalidRequest(f"history_compaction_interval must be a positive number of seconds, "
+                                 f"not {self.history_compaction_interval!r}")
         if not self.read_lease_seconds > 0:
             raise InvalidRequest(f"read_lease_seconds must be > 0, not {self.read_lease_seconds!r}")
         if self.history_store not in HISTORY_STORES:

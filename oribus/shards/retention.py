@@ -12,7 +12,8 @@ next one may start; the shard's shell (``Shard.compact_history``) calls
 ``step`` with its own wall clock — the simulator's virtual one in
 ``oribus.sim`` — so a simulated run stays deterministic.
 
-Pacing: one step every ``COMPACTION_INTERVAL`` seconds examines at most
+Pacing: one step every ``ShardConfig.history_compaction_interval`` seconds
+(``COMPACTION_INTERVAL`` by default) examines at most
 ``COMPACTION_BATCH_KEYS`` keys (about a millisecond of the event loop in
 memory, a few with the LMDB store, which reads each examined key's oldest
 version), so commits never wait long behind it. A pass over every key starts

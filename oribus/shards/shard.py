@@ -68,7 +68,7 @@ from oribus.shards.config import ShardConfig
 from oribus.shards.history import HistoryStore
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Blocked, Known, Late, Leased, Participant, Pending, Refused
-from oribus.shards.retention import COMPACTION_INTERVAL, AgeCompaction
+from oribus.shards.retention import AgeCompaction
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, WalConfig, load_latest_snapshot, write_snapshot
@@ -161,7 +161,7 @@ class Shard(ShardService):
         self.store = VersionedStore(config.history_limit, history_max_age=config.history_max_age_seconds)
         # The age rule's background compaction (None without an age limit): ``compact_history``
         # runs its steps, from ``_compact_forever`` (started by ``open``) or a simulator's task.
-        self.compaction = (AgeCompaction(config.history_max_age_seconds)
+        self.compaction = (AgeCompaction(config.history_max_age_seconds, interval=config.history_compaction_interval)
                            if config.history_max_age_seconds is not None else None)
         self._compaction_task: asyncio.Task | None = None
         self.dlog = DeliveryLog(config.delivery_log, clock=self.clock)
@@ -917,9 +917,9 @@ class Shard(ShardService):
         return dropped
 
     async def compact_forever(self) -> None:
-        """Run ``compact_history`` every ``COMPACTION_INTERVAL`` seconds until the shard closes."""
+        """Run ``compact_history`` every ``history_compaction_interval`` seconds until the shard closes."""
         while not self._closed:
-            await asyncio.sleep(COMPACTION_INTERVAL)
+            await asyncio.sleep(self.config.history_compaction_interval)
             try:
                 self.compact_history()
             except Exception:  # a failed step drops nothing more; the next one tries again
