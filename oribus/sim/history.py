@@ -42,6 +42,8 @@ class SimHistory:
         self._forget: dict[str, int] = {}
         self.unsafe_sync_does_nothing = unsafe_sync_does_nothing
         self.lost_versions = 0  # written records a crash rolled back
+        self.dropped_by_count = 0  # records ``forget_through`` deleted (retention's count rule)
+        self.dropped_by_age = 0  # records ``expire_older`` deleted (the age rule)
 
     # ---- the HistoryStore interface ----------------------------------------------------
 
@@ -66,6 +68,7 @@ class SimHistory:
         for key, through in self._forget.items():
             for version in [v for v in self._state.get(key, {}) if v <= through]:
                 self._set(key, version, None)
+                self.dropped_by_count += 1
         self._puts, self._forget = {}, {}
 
     def expire_older(self, key: str, cutoff: float, lowest: int, below: int) -> int:
@@ -79,6 +82,7 @@ class SimHistory:
             self._set(key, version, None)
             dropped += 1
             version += 1
+        self.dropped_by_age += dropped
         return dropped
 
     def sync(self) -> None:
@@ -115,7 +119,8 @@ class SimHistory:
 
     def stats(self) -> dict[str, float]:
         return {"records": sum(len(v) for v in self._state.values()), "unsynced": len(self._undo),
-                "lost_versions": self.lost_versions}
+                "lost_versions": self.lost_versions, "dropped_by_count": self.dropped_by_count,
+                "dropped_by_age": self.dropped_by_age}
 
     def sizes(self, key: str) -> dict[str, int]:
         return {}
