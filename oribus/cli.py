@@ -99,7 +99,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                            shard_transport=args.shard_transport, read_lease_seconds=args.read_lease,
                            stream_listen=args.stream_listen, authority=_authority(args),
                            replicas=args.replicas, etcd=args.etcd, lease_ttl=args.lease_ttl,
-                           cluster_name=args.cluster, history_store=args.history_store)
+                           cluster_name=args.cluster, history_store=args.history_store,
+                           history_limit=args.history_versions, history_max_age=args.history_max_age)
     _run(run_until_signalled(cluster), serving=True)
     return 0
 
@@ -190,7 +191,8 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
     config = ShardConfig(shard_id, Path(args.data_dir), unsafe_allow_empty=args.allow_empty,
                          read_lease_seconds=args.read_lease, clock_skew_seconds=args.clock_skew,
-                         wal=WalConfig(unsafe_no_fsync=args.unsafe_no_fsync), history_store=args.history_store)
+                         wal=WalConfig(unsafe_no_fsync=args.unsafe_no_fsync), history_store=args.history_store,
+                         history_limit=args.history_versions, history_max_age_seconds=args.history_max_age)
     try:
         _run(run_shard_server(shard_id, Path(args.data_dir), args.listen, config=config,
                               ready_file=Path(args.ready_file) if args.ready_file else None,
@@ -513,6 +515,19 @@ def _history_store_option(p: argparse.ArgumentParser) -> None:
                         "that has one must be opened with lmdb) (default: %(default)s)")
 
 
+def _history_retention_options(p: argparse.ArgumentParser) -> None:
+    """``--history-versions`` and ``--history-max-age``: what each shard keeps of a key's versions
+    (specs/engine.md "Retention")."""
+    from oribus.types import DEFAULT_HISTORY_LIMIT
+
+    p.add_argument("--history-versions", type=_positive_int, default=DEFAULT_HISTORY_LIMIT, metavar="N",
+                   help="versions each shard keeps per key, the current one included (history, rollback "
+                        "and watch reach); older ones are dropped as new ones come (default: %(default)s)")
+    p.add_argument("--history-max-age", type=_duration, default=None, metavar="DURATION",
+                   help="also drop versions committed longer ago than this (90s, 15m, 12h, 7d), in the "
+                        "background; a key's current version is always kept (default: no age limit)")
+
+
 def _allow_empty_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help="UNSAFE: open a shard whose data is lost (directory, WAL or snapshot gone) from "
@@ -631,15 +646,14 @@ def _http_options(p: argparse.ArgumentParser) -> None:
 
 
 def _duration(text: str) -> float:
-    """``60``, ``60s``, ``2m``: seconds."""
-    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(text[-1:], None)
+    """``60``, ``60s``, ``2m``, ``12h``, ``7d``: seconds (``oribus.types.parse_duration``)."""
+    from oribus.errors import InvalidRequest
+    from oribus.types import parse_duration
+
     try:
-        value = float(text[:-1]) * scale if scale else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 60s, 2m)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"a duration must be positive, not {text!r}")
-    return value
+        return parse_duration(text)
+    except InvalidRequest as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def _pids(text: str) -> list[int]:
@@ -711,6 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shard_transport_option(p)
     _allow_empty_option(p)
     _history_store_option(p)
+    _history_retention_options(p)
     _read_lease_option(p, skew=False)  # one machine, one clock: no skew
     _http_options(p)
     _tls_option(p)
@@ -742,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for an earlier claim on the id to expire (default 2 x lease TTL + 1)")
     _allow_empty_option(p)
     _history_store_option(p)
+    _history_retention_options(p)
     _read_lease_option(p, skew=True)
     p.add_argument("--unsafe-no-fsync", action="store_true",
                    help="TESTING ONLY: acknowledge commits before they reach the disk; a power loss (or a "

@@ -10,7 +10,7 @@ Every error any layer raises to a caller is one of these::
     │                                (shard restarted, TTL expiry, eviction): fail closed
     ├── InvalidRequest               malformed key, wrong type, unknown version, ...
     │   ├── ValueTooLarge            a value over the configured maximum
-    │   └── HistoryTruncated         a watch asked for versions older than the kept history
+    │   └── HistoryTruncated         a watch or rollback asked for versions retention dropped
     ├── LimitExceeded                a bounded resource is full (delivery-log caps)
     ├── Unavailable                  a shard or the bus cannot be reached; retryable
     │   └── WatchLagged              a watcher fell behind its bounded queue and was cut off;
@@ -105,10 +105,13 @@ class ValueTooLarge(InvalidRequest):
 
 
 class HistoryTruncated(InvalidRequest):
-    """A watch asked to replay versions that are no longer kept (``history_limit``).
+    """A watch or a rollback asked for versions that are no longer kept: retention dropped
+    them, by count (``history_limit``) or by age (``history_max_age_seconds``).
 
-    ``details["keys"]`` names the keys (up to 20) with the version asked from and
-    the oldest version kept. Read the current values and watch from their versions.
+    A watch's ``details["keys"]`` names the keys (up to 20) with the version asked from and
+    the oldest version kept, and ``details["rules"]`` which rule dropped each ("count" or
+    "age"): read the current values and watch from their versions. A rollback's names
+    ``key``, ``version`` (the target), ``oldest`` (kept) and ``rule``; it changed nothing.
     """
 
     code = "HistoryTruncated"

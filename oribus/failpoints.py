@@ -17,7 +17,8 @@ Known points (grep ``failpoint(`` for the full list):
     snapshot.before_rename, snapshot.after_rename, manifest.before_rename,
     txn.after_prepare, txn.after_decide, txn.before_participant_commit,
     replica.before_truncate, replica.after_truncate, replica.install_snapshot,
-    replica.before_voter, history.before_flush, history.before_commit, history.after_sync
+    replica.before_voter, history.before_flush, history.before_commit, history.after_sync,
+    history.compact, history.compact_commit
 """
 
 from __future__ import annotations

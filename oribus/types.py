@@ -177,3 +177,29 @@ def encode_value(value: object, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> byt
             limit=max_bytes,
         )
     return raw
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: object) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``: a positive finite number of seconds.
+
+    Anything else (zero, a negative, ``inf``, ``nan``, another unit, not a string or a
+    number) raises InvalidRequest naming it. Used by ``--history-max-age`` and the CLI's
+    other durations, and by ``open_local(history_max_age="7d")``.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    elif isinstance(text, str):
+        stripped = text.strip()
+        scale = _DURATION_UNITS.get(stripped[-1:].lower(), None)
+        try:
+            value = float(stripped[:-1]) * scale if scale else float(stripped)
+        except ValueError:
+            raise InvalidRequest(f"not a duration: {text!r} (e.g. 90s, 15m, 12h, 7d)") from None
+    else:
+        raise InvalidRequest(f"not a duration: {text!r} (e.g. 90s, 15m, 12h, 7d)")
+    if not (value > 0 and value != float("inf")):
+        raise InvalidRequest(f"a duration must be a positive finite number of seconds, not {text!r}")
+    return value

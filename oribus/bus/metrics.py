@@ -99,6 +99,13 @@ async def render_bus_metrics(bus: Bus, *, timeout: float | None = None) -> str:
         "Sessions the shard's delivery log evicted over its session cap since it started (they fail closed).",
         ("shard",),
     )
+    # Retention (specs/engine.md "Retention"): versions each rule dropped since the shard started.
+    history_dropped = scrape.gauge(
+        "oribus_history_dropped_versions",
+        "Versions the shard's retention dropped since it started, by rule: count (history_limit) or "
+        "age (history_max_age).",
+        ("shard", "rule"),
+    )
     scrape.gauge("oribus_bus_sessions", "Sessions in this bus's session table.").set(len(bus.sessions))
     _session_caps(scrape, bus)
 
@@ -114,6 +121,9 @@ async def render_bus_metrics(bus: Bus, *, timeout: float | None = None) -> str:
         dlog_entries.labels(shard=shard_id).set(dlog.get("entries", 0))
         dlog_sessions.labels(shard=shard_id).set(dlog.get("sessions", 0))
         dlog_evicted.labels(shard=shard_id).set(dlog.get("evicted", 0))
+        history = stats.get("history") or {}
+        for rule in ("count", "age"):
+            history_dropped.labels(shard=shard_id, rule=rule).set(history.get(f"dropped_by_{rule}", 0))
     _replication(scrape, answers)
 
     return bus.coordinator.metrics.registry.render() + REGISTRY.render() + scrape.render()

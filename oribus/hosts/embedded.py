@@ -36,11 +36,11 @@ from oribus.errors import DataCorrupted, InvalidRequest
 from oribus.hosts.lifecycle import Teardown
 from oribus.messages import TxnRef
 from oribus.meta.slots import SLOTS, StaticSlotMap
-from oribus.shards.config import DEFAULT_READ_LEASE_SECONDS, ShardConfig
+from oribus.shards.config import DEFAULT_READ_LEASE_SECONDS, ShardConfig, check_retention
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.shard import Shard
 from oribus.shards.wal import WalConfig, latest_snapshot_lsn, list_segments
-from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
+from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES, parse_duration
 
 log = logging.getLogger("oribus.engine")
 
@@ -58,6 +58,9 @@ class EngineConfig:
     # than one buys no parallelism and turns multi-key commits into two-phase ones.
     shards: int | None = None
     history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key
+    # Versions committed longer ago than this are dropped in the background (a key's current
+    # one never is): seconds, or a duration such as "12h" or "7d"; None: no age limit.
+    history_max_age: float | str | None = None
     # where versions older than the current one live: "memory" or "lmdb" (specs/engine.md)
     history_store: str = _SHARD_DEFAULTS.history_store
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value
@@ -84,6 +87,18 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if self.history_max_age is not None:
+            try:
+                self.history_max_age = parse_duration(self.history_max_age)
+            except InvalidRequest as e:
+                raise InvalidRequest(f"history_max_age: {e.message}") from None
+        check_retention(self.history_limit, self.history_max_age)  # refused before anything opens
+
+    @property
+    def history_max_age_seconds(self) -> float | None:
+        """``history_max_age`` in seconds (``__post_init__`` parsed a duration string)."""
+        assert not isinstance(self.history_max_age, str)
+        return self.history_max_age
 
     @property
     def session_journal_dir(self) -> Path:
@@ -95,6 +110,7 @@ class EngineConfig:
             shard_id=shard_id,
             data_dir=self.data_dir / f"shard-{shard_id:04d}",
             history_limit=self.history_limit,
+            history_max_age_seconds=self.history_max_age_seconds,
             history_store=self.history_store,
             max_value_bytes=self.max_value_bytes,
             wal=WalConfig(segment_bytes=self.segment_bytes, unsafe_no_fsync=self.unsafe_no_fsync),

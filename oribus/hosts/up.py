@@ -197,11 +197,17 @@ class UpHost:
         (same machine: cheaper than TCP over loopback)."""
         return f"unix:{self._socket_directory() / f'shard-{shard_id}.sock'}"
 
+    def retention_flags(self) -> list[str]:
+        """What every shard process keeps of each key's versions: this host's own retention."""
+        max_age = self.config.history_max_age_seconds
+        return ["--history-versions", str(self.config.history_limit),
+                *(["--history-max-age", repr(max_age)] if max_age is not None else [])]
+
     def shard_command(self, shard_id: int, ready_file: Path, listen: str = "127.0.0.1:0",
                       parent_fd: int | None = None) -> list[str]:
         tls = ["--tls-dir", str(self.tls.directory)] if self.tls is not None else []
         allow_empty = ["--allow-empty"] if self.config.unsafe_allow_empty else []
-        history = ["--history-store", self.config.history_store]
+        history = ["--history-store", self.config.history_store, *self.retention_flags()]
         lifeline = ["--parent-fd", str(parent_fd)] if parent_fd is not None else []
         # the bus and every shard process read this machine's one clock: no skew (§5.8)
         leases = ["--read-lease", repr(self.config.read_lease_seconds),
@@ -295,7 +301,7 @@ class UpHost:
             # one machine, one clock: no skew between the members' leases (§5.8)
             "--read-lease", repr(self.config.read_lease_seconds),
             "--clock-skew", repr(self.config.clock_skew_seconds),
-            "--history-store", self.config.history_store,
+            "--history-store", self.config.history_store, *self.retention_flags(),
             *tls, *lifeline,
         ]
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from oribus.delivery_log import DeliveryLogConfig
 from oribus.errors import InvalidRequest
+from oribus.shards.retention import COMPACTION_INTERVAL
 from oribus.shards.wal import WalConfig
 from oribus.shards.watch import DEFAULT_QUEUE_LIMIT
 from oribus.types import DEFAULT_HISTORY_LIMIT, DEFAULT_MAX_VALUE_BYTES
@@ -25,11 +27,31 @@ DEFAULT_HISTORY_STORE = "memory"
 DEFAULT_HISTORY_CACHE_BYTES = 16 << 20  # decoded old versions an on-disk history store keeps for re-reads
 
 
+def check_retention(history_limit: object, history_max_age_seconds: object) -> None:
+    """Refuse a retention no shard could keep (``InvalidRequest``): a count below 1, an age that
+    is not a positive finite number of seconds."""
+    if type(history_limit) is not int or history_limit < 1:
+        raise InvalidRequest(f"history_limit (versions kept per key) must be an integer >= 1, "
+                             f"not {history_limit!r}")
+    if history_max_age_seconds is None:
+        return
+    if (isinstance(history_max_age_seconds, bool) or not isinstance(history_max_age_seconds, (int, float))
+            or not math.isfinite(history_max_age_seconds) or not history_max_age_seconds > 0):
+        raise InvalidRequest(f"history_max_age (seconds) must be a positive finite number or None, "
+                             f"not {history_max_age_seconds!r}")
+
+
 @dataclass
 class ShardConfig:
     shard_id: int  # which partition of the slot space this shard serves
     data_dir: Path  # this shard's own directory (WAL segments and snapshots live below it)
     history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key (history and rollback reach)
+    # Versions committed longer ago than this many seconds are dropped by a background
+    # compaction (a key's current version never is); None: no age limit (specs/engine.md
+    # "Retention", oribus/shards/retention.py).
+    history_max_age_seconds: float | None = None
+    # Seconds between two steps of that compaction (each examines a bounded batch of keys).
+    history_compaction_interval: float = COMPACTION_INTERVAL
     history_store: str = DEFAULT_HISTORY_STORE  # where older versions live: one of HISTORY_STORES
     history_cache_bytes: int = DEFAULT_HISTORY_CACHE_BYTES  # an on-disk history store's read cache
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES  # largest encoded value a write may carry
@@ -59,6 +81,10 @@ class ShardConfig:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        check_retention(self.history_limit, self.history_max_age_seconds)
+        if not (self.history_compaction_interval > 0 and math.isfinite(self.history_compaction_interval)):
+            raise InvalidRequest(f"history_compaction_interval must be a positive number of seconds, "
+                                 f"not {self.history_compaction_interval!r}")
         if not self.read_lease_seconds > 0:
             raise InvalidRequest(f"read_lease_seconds must be > 0, not {self.read_lease_seconds!r}")
         if self.history_store not in HISTORY_STORES:

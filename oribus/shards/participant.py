@@ -314,11 +314,11 @@ class Participant:
                 continue
             e = self.store.entry_at(k, target)
             if e is None:
-                raise InvalidRequest(
-                    f"version {target} of {k!r} is no longer in its history "
-                    f"(kept: {self.store.oldest_version(k)}..{cur})",
-                    key=k, version=target,
-                )
+                # HistoryTruncated (an InvalidRequest) names the oldest version kept and the
+                # retention rule that dropped this one. The value is copied into the write
+                # now: a prepared rollback never needs its target again, whatever retention
+                # drops before the decision (specs/engine.md "Retention").
+                raise self.store.not_kept(k, target, f"cannot roll {k!r} back")
             writes[k] = Write(cur + 1, e.value, e.deleted)
         return writes
 

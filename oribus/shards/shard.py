@@ -68,6 +68,7 @@ from oribus.shards.config import ShardConfig
 from oribus.shards.history import HistoryStore
 from oribus.shards.manifest import ShardManifest, read_manifest, write_manifest
 from oribus.shards.participant import Blocked, Known, Late, Leased, Participant, Pending, Refused
+from oribus.shards.retention import AgeCompaction
 from oribus.shards.store import VersionedStore
 from oribus.shards.txn import RecordType, Txn
 from oribus.shards.wal import Wal, WalConfig, load_latest_snapshot, write_snapshot
@@ -157,7 +158,12 @@ class Shard(ShardService):
         self.config = config
         self.shard_id = config.shard_id
         self.epoch = epoch
-        self.store = VersionedStore(config.history_limit)
+        self.store = VersionedStore(config.history_limit, history_max_age=config.history_max_age_seconds)
+        # The age rule's background compaction (None without an age limit): ``compact_history``
+        # runs its steps, from ``_compact_forever`` (started by ``open``) or a simulator's task.
+        self.compaction = (AgeCompaction(config.history_max_age_seconds, interval=config.history_compaction_interval)
+                           if config.history_max_age_seconds is not None else None)
+        self._compaction_task: asyncio.Task | None = None
         self.dlog = DeliveryLog(config.delivery_log, clock=self.clock)
         self.core = Participant(
             config.shard_id,
@@ -222,6 +228,8 @@ class Shard(ShardService):
             if self._dir_lock is not None:
                 self._dir_lock.release()
             raise
+        if self.compaction is not None:
+            self._compaction_task = loop.create_task(self.compact_forever())
         if self._grace_to_lower:
             self._lower_grace = loop.call_later(
                 self.core.grace_left(), lambda: loop.run_in_executor(None, self._lower_grace_bound))
@@ -879,7 +887,10 @@ class Shard(ShardService):
             "shard": self.shard_id,
             "epoch": self.epoch,
             "keys": len(self.store),
-            "history": {"store": self.config.history_store, **self.store.older.stats()},
+            "history": {"store": self.config.history_store, "limit": self.config.history_limit,
+                        "max_age_seconds": self.config.history_max_age_seconds,
+                        "compaction_passes": self.compaction.passes if self.compaction is not None else 0,
+                        **self.store.older.stats()},
             "prepared": len(self.core.prepared),
             "leases": len(self.core.leases),
             "restart_grace_left": round(self.core.grace_left(), 3),
@@ -891,6 +902,32 @@ class Shard(ShardService):
 
     def expire_sessions(self) -> int:
         return self.dlog.expire_idle()
+
+    # ---- retention ---------------------------------------------------------------
+
+    def compact_history(self) -> int:
+        """One step of the age rule's compaction (``oribus/shards/retention.py``): drop the
+        versions of the next batch of keys committed more than ``history_max_age_seconds`` ago
+        by this shard's wall clock, and hand the deletes to the history store. Returns how many
+        versions it dropped (they are unreadable at once)."""
+        if self.compaction is None or self._closed:
+            return 0
+        dropped = self.compaction.step(self.store, self.wall_clock())
+        if dropped:
+            # Dropped from what reads see, not yet from an engine's file: a crash here brings the
+            # versions back at recovery (the next pass drops them again), never loses a kept one.
+            failpoint("history.compact")
+            self.store.older.flush()
+        return dropped
+
+    async def compact_forever(self) -> None:
+        """Run ``compact_history`` every ``history_compaction_interval`` seconds until the shard closes."""
+        while not self._closed:
+            await asyncio.sleep(self.config.history_compaction_interval)
+            try:
+                self.compact_history()
+            except Exception:  # a failed step drops nothing more; the next one tries again
+                log.exception("shard %d: history compaction step failed", self.shard_id)
 
     def expire_leases(self) -> int:
         """End the read leases whose time is over (a writer's check does it too, lazily)."""
@@ -909,6 +946,8 @@ class Shard(ShardService):
         self._closed = True
         if self._lower_grace is not None:
             self._lower_grace.cancel()
+        if self._compaction_task is not None:
+            self._compaction_task.cancel()
         for watcher in list(self._watchers):
             watcher.end()
         waiters, self._waiters = self._waiters, {}

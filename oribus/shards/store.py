@@ -1,7 +1,10 @@
 """The versioned key/value store of one shard (current versions in memory; the WAL makes it durable).
 
-Each key keeps its last H versions (``history_limit``, ``types.DEFAULT_HISTORY_LIMIT``);
-the newest is the current value. A key that was never written reads as
+Each key keeps its last H versions (``history_limit``, ``types.DEFAULT_HISTORY_LIMIT``),
+and, with an age limit (``history_max_age``), only those committed in its last
+``history_max_age`` seconds, dropped by a background compaction
+(``expire_by_age``, driven by ``oribus/shards/retention.py``); the newest is
+the current value, kept whatever its age. A key that was never written reads as
 version 0 with no value; a delete is a version of its own with no value.
 
 Layout (issue 20: bytes per key are what limits a shard's size):
@@ -34,7 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from oribus.contract import Entry
-from oribus.errors import DataCorrupted
+from oribus.errors import DataCorrupted, HistoryTruncated
 from oribus.shards.history import HistoryStore, MemoryHistory, Meta, Older
 from oribus.types import DEFAULT_HISTORY_LIMIT, SessionRef
 
@@ -50,10 +53,15 @@ def _entry(version: int, value: bytes | None, meta: Meta) -> Entry:
 class VersionedStore:
     """key -> current version in memory; older kept versions in ``history``."""
 
-    def __init__(self, history_limit: int = DEFAULT_HISTORY_LIMIT, history: HistoryStore | None = None) -> None:
+    def __init__(self, history_limit: int = DEFAULT_HISTORY_LIMIT, history: HistoryStore | None = None,
+                 history_max_age: float | None = None) -> None:
         if history_limit < 1:
             raise ValueError("history_limit must be >= 1")
         self.history_limit = history_limit
+        self.history_max_age = history_max_age  # seconds; None: no age rule
+        # Every version the age rule dropped was committed before this time (the newest cutoff
+        # ``expire_by_age`` used): a watch ``since`` a later time misses nothing it dropped.
+        self.age_horizon = float("-inf")
         self.older: HistoryStore = history if history is not None else MemoryHistory(history_limit)
         self._keys: dict[str, _Current] = {}
         self._meta: Meta = ("", "", "", 0.0)  # the last commit's, shared by its keys
@@ -106,6 +114,49 @@ class VersionedStore:
 
     def _lowest_kept(self, current: int) -> int:
         return max(1, current - self.history_limit + 1)
+
+    def lowest_by_count(self, key: str) -> int:
+        """The oldest version of ``key`` the count rule keeps (the age rule may keep fewer)."""
+        c = self._keys.get(key)
+        return 0 if c is None else self._lowest_kept(c[1])
+
+    # ---- retention ------------------------------------------------------------
+
+    def all_keys(self) -> list[str]:
+        """Every key, unsorted (a compaction pass walks them in batches)."""
+        return list(self._keys)
+
+    def expire_by_age(self, keys: list[str], cutoff: float) -> int:
+        """Drop the versions of ``keys`` committed before ``cutoff``, oldest first, never the
+        current one. Returns how many it dropped."""
+        if cutoff > self.age_horizon:
+            self.age_horizon = cutoff
+        dropped = 0
+        for key in keys:
+            c = self._keys.get(key)
+            if c is None or c[1] <= 1:
+                continue
+            dropped += self.older.expire_older(key, cutoff, self._lowest_kept(c[1]), c[1])
+        return dropped
+
+    def dropped_by(self, key: str, version: int) -> str:
+        """Which rule dropped ``version`` of ``key`` (not kept, not current): "count" or "age"."""
+        return "count" if version < self.lowest_by_count(key) else "age"
+
+    def rule_text(self, rule: str) -> str:
+        if rule == "count":
+            return f"the count limit (each key keeps its last {self.history_limit} versions)"
+        return f"the age limit (versions committed more than {self.history_max_age:g}s ago are dropped)"
+
+    def not_kept(self, key: str, version: int, what: str) -> HistoryTruncated:
+        """The error for ``what`` (a rollback to, or a read of) ``version`` of ``key``, which
+        retention dropped: it names the oldest version kept and the rule that dropped it."""
+        oldest = self.oldest_version(key)
+        rule = self.dropped_by(key, version)
+        return HistoryTruncated(
+            f"{what}: version {version} of {key!r} is no longer in its history (kept: {oldest}.."
+            f"{self.version(key)}): dropped by {self.rule_text(rule)}",
+            key=key, version=version, oldest=oldest, rule=rule)
 
     def entry_at(self, key: str, version: int) -> Entry | None:
         """The stored entry of ``key`` at ``version``, or None when not (or no longer) kept."""
@@ -205,8 +256,12 @@ class VersionedStore:
         if not self.older.persistent:
             older: list[Any] = []
             for k, c in self._keys.items():
-                versions = list(self.older.newest_first(k, c[1], self._lowest_kept(c[1])))
-                for version, value, meta in reversed(versions):
+                run: list[Older] = []  # the kept run below the current, newest first (as iter_history)
+                for o in self.older.newest_first(k, c[1], self._lowest_kept(c[1])):
+                    if o[0] != c[1] - 1 - len(run):
+                        break
+                    run.append(o)
+                for version, value, meta in reversed(run):
                     older += (k, version, value, meta_index(meta))
             out["older"] = older
         return out

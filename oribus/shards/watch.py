@@ -90,7 +90,7 @@ def replay_plan(store: VersionedStore, req: WatchRequest) -> Replay:
     # per key: the entries read now (newest first), or the range still to read from ``view``
     parts: list[tuple[str, list[Entry] | tuple[int, Entry]]] = []
     last: dict[str, int] = {}
-    truncated: list[tuple[str, object, int, int]] = []
+    truncated: list[tuple[str, object, int, int, str]] = []  # key, asked after, oldest, current, rule
     try:
         for key in keys:
             current = store.current(key)
@@ -102,7 +102,7 @@ def replay_plan(store: VersionedStore, req: WatchRequest) -> Replay:
                     continue
                 oldest = store.oldest_version(key)
                 if oldest > start + 1:
-                    truncated.append((key, start, oldest, current.version))
+                    truncated.append((key, start, oldest, current.version, store.dropped_by(key, start + 1)))
                     continue
                 if view is not None:
                     parts.append((key, (start + 1, current)))
@@ -124,19 +124,26 @@ def replay_plan(store: VersionedStore, req: WatchRequest) -> Replay:
                         break
                     wanted.append(e)
                 if not reached and wanted[-1].version > 1:
-                    # every kept version is recent: older ones, now gone, may have been too
-                    truncated.append((key, f"time {since}", wanted[-1].version, current.version))
-                    continue
+                    # Every kept version is recent: older ones, now gone, may have been too. Unless
+                    # the age rule dropped them (the count rule keeps more) before a time at or
+                    # below ``since``: then each was committed before it, and nothing is missed.
+                    by_age = wanted[-1].version > store.lowest_by_count(key)
+                    if not (by_age and since >= store.age_horizon):
+                        truncated.append((key, f"time {since}", wanted[-1].version, current.version,
+                                          "age" if by_age else "count"))
+                        continue
             parts.append((key, wanted))
             last[key] = current.version
         if truncated:
-            shown = ", ".join(f"{k!r} after {s} (kept {o}..{c})" for k, s, o, c in truncated[:5])
+            shown = ", ".join(f"{k!r} after {s} (kept {o}..{c}, dropped by the {r} limit)"
+                              for k, s, o, c, r in truncated[:5])
             more = f" and {len(truncated) - 5} more" if len(truncated) > 5 else ""
+            rules = " and ".join(store.rule_text(r) for r in sorted({t[4] for t in truncated}))
             raise HistoryTruncated(
-                f"watch of {req.prefix!r} asks for versions no longer kept (each key keeps its last "
-                f"{store.history_limit}): {shown}{more}; read the current values and watch from "
-                "their versions",
-                keys=[[k, s, o] for k, s, o, _ in truncated[:20]],
+                f"watch of {req.prefix!r} asks for versions no longer kept ({rules}): {shown}{more}; "
+                "read the current values and watch from their versions",
+                keys=[[k, s, o] for k, s, o, _, _ in truncated[:20]],
+                rules={k: r for k, _, _, _, r in truncated[:20]},  # key -> "count" or "age"
             )
     except BaseException:
         if view is not None:

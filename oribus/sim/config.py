@@ -33,6 +33,10 @@ class SimConfig:
     snapshot_every_records: int = 1 << 40  # snapshot cadence (default: never)
     shard_resolver: bool = True  # a blocked read resolves the transaction through its primary
     history_limit: int = 1 << 30  # keep every version: the final check reads whole histories
+    # The age rule (specs/engine.md "Retention"): each shard's compaction drops versions older
+    # than this (virtual seconds, by its own skewed wall clock); the final check then cannot
+    # see versions below a key's oldest kept one. None: no age limit, every version kept.
+    history_max_age: float | None = None
     # where shards keep older versions: "memory", or "lmdb" (the SimDisk's SimHistory, with
     # the engine's durability: what is not synced is lost by a crash); replicas=1 only
     history_store: str = "memory"

@@ -220,6 +220,8 @@ class SimCluster:
             shard_id=shard_id,
             data_dir=Path(f"/simulated/shard-{shard_id}"),  # never touched: the SimDisk serves it
             history_limit=cfg.history_limit,
+            history_max_age_seconds=cfg.history_max_age,
+            history_compaction_interval=0.05,
             history_store=cfg.history_store,
             snapshot_every_records=cfg.snapshot_every_records,
             delivery_log=DeliveryLogConfig(ttl_seconds=cfg.session_ttl_seconds),
@@ -269,6 +271,8 @@ class SimCluster:
             shard.resolver = Coordinator(peers, self.slot_map.shard_for).recover
         ep.process, ep.target = process, shard
         process.spawn(self._shard_upkeep(shard))
+        if shard.compaction is not None:  # the age rule's compaction, on the virtual clocks
+            process.spawn(shard.compact_forever())
         self.trace("start", name, self._epoch, shard.counters["replayed_records"], len(shard.core.prepared))
 
     async def _shard_upkeep(self, shard: SimShard) -> None:
@@ -723,6 +727,9 @@ async def _run_checked(cluster: SimCluster, seed: int, config: SimConfig, faults
         "calls_reset": net["reset"],  # calls in flight failed by a crash or a connection reset
         "errors": dict(sorted(Counter(e["error"] for e in history if e["type"] in ("fail", "info")).items())),
         "virtual_seconds": loop.time(),
+        "history_dropped_by_age": sum(
+            s.store.older.stats().get("dropped_by_age", 0)
+            for s in (cluster.shard(i) for i in range(config.shards)) if s is not None),
     }
     if cluster.groups is not None:
         counters.update(cluster.groups.counters)
@@ -734,17 +741,19 @@ async def _run_checked(cluster: SimCluster, seed: int, config: SimConfig, faults
         history=history, trace=cluster.events, unsettled=unsettled,
         internal_errors=list(cluster.network.internal_errors) + ([final_error] if final_error else []),
         stuck=stuck, incomplete_results=_incomplete_results(history),
-        lost_acknowledged=lost_acknowledged(history),
+        lost_acknowledged=lost_acknowledged(history, aged=config.history_max_age is not None),
     )
 
 
-def lost_acknowledged(history: list[dict]) -> list[str]:
+def lost_acknowledged(history: list[dict], *, aged: bool = False) -> list[str]:
     """Acknowledged commits the final state does not hold: every write of an ``ok`` event must
     be there — an appended element in its key's final list, a register's version in the key's
     final history under the commit's id (or, without a version, the commit's id somewhere in
     that history). The checker's ``lost-write`` covers this too, among its other checks; this
     one is the replication's promise on its own (``specs/replication.md`` R-1, R-2), counted
-    apart, and it reports a missing final state as a loss instead of as unverifiable."""
+    apart, and it reports a missing final state as a loss instead of as unverifiable. ``aged``:
+    the shards ran the age rule, so a register version below its key's oldest kept one may have
+    been dropped (not lost): it cannot be checked, and is not reported."""
     final = next((ev for ev in history if ev["type"] == "final"), None)
     if final is None:
         return ["no final state was read"]
@@ -763,6 +772,8 @@ def lost_acknowledged(history: list[dict]) -> list[str]:
                     lost.append(f"{ev['id']}: appended {arg!r} to {key!r}, not in the final list")
                 continue
             entries = kept.get(key, [])
+            if aged and version is not None and entries and version < min(v for v, _, _ in entries):
+                continue
             commit_id = ev.get("commit_id")
             if version is not None:
                 found = any(v == version and (commit_id is None or c in (None, commit_id)) for v, c, _ in entries)

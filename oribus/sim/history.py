@@ -6,6 +6,7 @@ shard's ``SimDisk``, so it outlives crashes, with the durability the real
 engine promises and nothing more::
 
     put() / forget_through()  -> buffered   process memory              lost by any crash
+    expire_older()            -> written    (the age rule's deletes)    undone by a crash here
     flush()                   -> written    committed, not fsynced      lost by a crash here
     sync()                    -> durable    fsynced                      always kept
 
@@ -41,6 +42,8 @@ class SimHistory:
         self._forget: dict[str, int] = {}
         self.unsafe_sync_does_nothing = unsafe_sync_does_nothing
         self.lost_versions = 0  # written records a crash rolled back
+        self.dropped_by_count = 0  # records ``forget_through`` deleted (retention's count rule)
+        self.dropped_by_age = 0  # records ``expire_older`` deleted (the age rule)
 
     # ---- the HistoryStore interface ----------------------------------------------------
 
@@ -65,7 +68,22 @@ class SimHistory:
         for key, through in self._forget.items():
             for version in [v for v in self._state.get(key, {}) if v <= through]:
                 self._set(key, version, None)
+                self.dropped_by_count += 1
         self._puts, self._forget = {}, {}
+
+    def expire_older(self, key: str, cutoff: float, lowest: int, below: int) -> int:
+        """The age rule: written at once (as a flush writes), undone by a crash before a sync,
+        as the real engine's deletes may be."""
+        self.flush()
+        versions = self._state.get(key, {})
+        dropped = 0
+        version = min((v for v in versions if v >= lowest), default=below)
+        while version < below and version in versions and versions[version][2][3] < cutoff:
+            self._set(key, version, None)
+            dropped += 1
+            version += 1
+        self.dropped_by_age += dropped
+        return dropped
 
     def sync(self) -> None:
         if not self.unsafe_sync_does_nothing:
@@ -101,7 +119,8 @@ class SimHistory:
 
     def stats(self) -> dict[str, float]:
         return {"records": sum(len(v) for v in self._state.values()), "unsynced": len(self._undo),
-                "lost_versions": self.lost_versions}
+                "lost_versions": self.lost_versions, "dropped_by_count": self.dropped_by_count,
+                "dropped_by_age": self.dropped_by_age}
 
     def sizes(self, key: str) -> dict[str, int]:
         return {}

@@ -19,8 +19,10 @@ What is checked, against the journal written by ``workload.py``:
     none; no commit is applied twice to a key, and no history entry carries
     a commit id that was never invoked;
 (c) per key, the kept history versions are consecutive with no gaps (and
-    start at version 1 while the history limit is not reached), and the
-    current value is the newest history entry;
+    start at version 1 while the history limit is not reached), the oldest
+    version the shard's store says it keeps is the oldest ``history`` reads
+    (no kept version is unreadable behind a gap), and the current value is the
+    newest history entry;
 (d) recovery leaves no transaction prepared, reopening a second time gives
     exactly the same state (recovery is deterministic), and afterwards a
     new commit spanning every shard works and is still there after a third
@@ -28,6 +30,20 @@ What is checked, against the journal written by ``workload.py``:
 
 ``check_expired_session`` is the extra check that a session from before the
 crash, presenting its old tokens, gets SessionExpired.
+
+With an age limit (``HISTORY_MAX_AGE_ENV``: the workload's shards ran the age
+rule's compaction, specs/engine.md "Retention") the checker reopens without
+one, so that it sees what recovery kept and nothing drops meanwhile, and three
+checks allow for what the age rule may have dropped before the crash: a key's
+kept run may start above version 1 ((c)); an acknowledged version below the
+oldest one kept is not lost if its commit was invoked at least the max age
+before the check began (the workload died before that: a younger one cannot
+have been dropped — a loose bound, which catches only a compaction that drops
+versions far younger than the max age) ((a)); and a
+commit missing from a key is not partial if that key's kept run starts above
+version 1, so the version it wrote there may have been one of the dropped ((b)).
+Every version from the oldest kept to the current one must still be there, and
+every acknowledged version at or above the oldest kept.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +70,8 @@ from oribus.meta.slots import StaticSlotMap  # noqa: E402
 from oribus.types import SessionRef, encode_value  # noqa: E402
 
 HISTORY_LIMIT = EngineConfig(data_dir=Path(".")).history_limit
+# The workload's age limit (seconds), or None: its shards dropped versions older than this.
+MAX_AGE: float | None = ENGINE_OPTIONS.get("history_max_age")
 
 # One history entry as the checker compares it: (version, value, deleted, agent,
 # session id, commit id, commit time). All of it must survive a reopen unchanged;
@@ -101,9 +120,9 @@ def engine_config(data_dir: str | Path, shards: int) -> EngineConfig:
     Only the read wait is shorter: a key that recovery left locked is a
     violation to report, not something to wait five seconds for, key by key.
     """
-    return EngineConfig(
-        data_dir=Path(data_dir), shards=shards, shard_overrides={"read_wait_seconds": 0.2}, **ENGINE_OPTIONS
-    )
+    options = {k: v for k, v in ENGINE_OPTIONS.items() if k not in ("history_max_age", "shard_overrides")}
+    overrides = {**ENGINE_OPTIONS.get("shard_overrides", {}), "read_wait_seconds": 0.2}
+    return EngineConfig(data_dir=Path(data_dir), shards=shards, shard_overrides=overrides, **options)
 
 
 async def dump_state(engine: EmbeddedEngine, keys: list[str]) -> tuple[State, dict[str, Any]]:
@@ -130,9 +149,13 @@ async def dump_state(engine: EmbeddedEngine, keys: list[str]) -> tuple[State, di
     return state, current
 
 
-def check_journal(journal: Journal, state: State, current: dict[str, Any]) -> list[str]:
-    """Checks (a), (b) and (c) of the module docstring. Returns the violations found."""
+def check_journal(journal: Journal, state: State, current: dict[str, Any],
+                  died_by: float | None = None) -> list[str]:
+    """Checks (a), (b) and (c) of the module docstring. Returns the violations found.
+    ``died_by``: the workload had died by then (wall clock): no compaction of it ran later."""
     bad: list[str] = []
+    aged = MAX_AGE is not None
+    oldest = {key: entries[0][0] for key, entries in state.items() if entries}
     # where each commit id landed: id -> {key: [versions]}
     landed: dict[str, dict[str, list[int]]] = {}
     by_version: dict[str, dict[int, EntryTuple]] = {}
@@ -146,7 +169,7 @@ def check_journal(journal: Journal, state: State, current: dict[str, Any]) -> li
         versions = [e[0] for e in entries]
         if versions and versions != list(range(versions[0], versions[0] + len(versions))):
             bad.append(f"(c) {key}: history versions are not consecutive: {versions}")
-        if versions and len(versions) < HISTORY_LIMIT and versions[0] != 1:
+        if versions and len(versions) < HISTORY_LIMIT and versions[0] != 1 and not aged:
             bad.append(f"(c) {key}: history starts at version {versions[0]}, not 1: {versions}")
         cur_version, cur_value = current[key]
         if cur_version == "unreadable":
@@ -177,7 +200,9 @@ def check_journal(journal: Journal, state: State, current: dict[str, Any]) -> li
         on = set(landed.get(cid, {}))
         if on - keys:
             bad.append(f"(b) commit {cid} wrote keys it never asked for: {sorted(on - keys)}")
-        if on and on != keys:
+        # the age rule may have dropped its version on keys whose kept run starts above 1
+        maybe_dropped = {k for k in keys - on if oldest.get(k, 1) > 1} if aged else set()
+        if on and on | maybe_dropped != keys:
             bad.append(
                 f"(b) partial commit {cid} ({inv['kind']}): present on {sorted(on)}, "
                 f"missing on {sorted(keys - on)}"
@@ -194,6 +219,15 @@ def check_journal(journal: Journal, state: State, current: dict[str, Any]) -> li
                        f"invoked for {inv['keys']}")
         for key, version in ok["versions"].items():
             entry = by_version.get(key, {}).get(version)
+            if entry is None and aged and version < oldest.get(key, 0):
+                assert MAX_AGE is not None and died_by is not None
+                if inv["t"] <= died_by - MAX_AGE:
+                    continue  # old enough for the age rule to have dropped it
+                bad.append(f"(a) acknowledged commit {cid} ({inv['kind']}) on {key} v{version} is gone "
+                           f"below the oldest version kept ({oldest[key]}), but it was invoked "
+                           f"{died_by - inv['t']:.3f}s before the workload's end: younger than the max "
+                           f"age {MAX_AGE}s")
+                continue
             if entry is None or entry[5] != cid:
                 found = "nothing" if entry is None else f"commit {entry[5]}"
                 bad.append(
@@ -249,12 +283,14 @@ async def check_recovery(data_dir: str | Path, journal_path: str | Path, shards:
         "done": journal.done,
     }
 
+    died_by = time.time()
     engine = await EmbeddedEngine.open(config)
     try:
         if (n := await _prepared_count(engine)) != 0:
             bad.append(f"(d) {n} transactions are still prepared after recovery")
         first, current = await dump_state(engine, KEYS)
-        bad += check_journal(journal, first, current)
+        bad += check_journal(journal, first, current, died_by)
+        bad += _check_kept_readable(engine, first)
         live = sum(1 for entries in first.values() if entries)
         if (n := await _stored_keys(engine)) != live:
             bad.append(f"(b) the shards hold {n} keys, only {live} of the workload's keys have history")
@@ -284,6 +320,18 @@ async def check_recovery(data_dir: str | Path, journal_path: str | Path, shards:
     finally:
         await engine.close()
     return bad, facts
+
+
+def _check_kept_readable(engine: EmbeddedEngine, state: State) -> list[str]:
+    """(c): every version from the oldest one a shard's store keeps to the current is readable."""
+    bad = []
+    slot_map = StaticSlotMap(len(engine.shards))
+    for key, entries in state.items():
+        kept = engine.shards[slot_map.shard_for(key)].store.oldest_version(key)
+        if entries and kept != entries[0][0]:
+            bad.append(f"(c) {key}: the store keeps versions from {kept} on, but history reads only from "
+                       f"{entries[0][0]} on: a kept version is unreadable")
+    return bad
 
 
 def _one_key_per_shard(shards: int) -> list[str]:

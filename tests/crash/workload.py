@@ -22,8 +22,9 @@ O_APPEND and written with a single ``os.write`` per line: a SIGKILL cannot
 take back what the page cache already holds, so the journal is exactly what
 the process did up to the kill::
 
-    {"ev": "invoke", "id": ID, "kind": KIND, "keys": [...], "rollback": {key: version}}
-        written before the commit is sent; "keys" are every key it writes
+    {"ev": "invoke", "id": ID, "kind": KIND, "keys": [...], "rollback": {key: version}, "t": TIME}
+        written before the commit is sent; "keys" are every key it writes, "t" the
+        wall clock then (no commit of it can be older)
     {"ev": "ok", "id": ID, "versions": {key: version}, "session": [agent, session_id],
      "tokens": {shard: [epoch, incarnation]}}
         written after the commit is acknowledged
@@ -51,6 +52,7 @@ import json
 import os
 import random
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,9 @@ from oribus import failpoints
 from oribus.meta.slots import StaticSlotMap
 
 HISTORY_STORE_ENV = "ORIBUS_CRASH_HISTORY_STORE"  # the workload's and the checker's history_store
+# Seconds: the workload's shards drop versions older than this in the background (the age
+# rule's compaction, which test_history_crash_points.py kills); unset: no age limit.
+HISTORY_MAX_AGE_ENV = "ORIBUS_CRASH_HISTORY_MAX_AGE"
 
 # Engine settings shared with the checker, which must reopen the data
 # directory exactly as the workload opened it.
@@ -69,6 +74,10 @@ ENGINE_OPTIONS: dict[str, Any] = {
     # where older versions live (test_history_crash_points.py sweeps "lmdb")
     "history_store": os.environ.get(HISTORY_STORE_ENV, "memory"),
 }
+if os.environ.get(HISTORY_MAX_AGE_ENV):
+    ENGINE_OPTIONS["history_max_age"] = float(os.environ[HISTORY_MAX_AGE_ENV])
+    # a step every 5 ms: many compactions in a run of a second or so
+    ENGINE_OPTIONS["shard_overrides"] = {"history_compaction_interval": 0.005}
 
 KEYS = [f"crash/k{i:02d}" for i in range(24)]
 WORKERS = 4
@@ -166,7 +175,8 @@ class Worker:
         rollback: dict[str, int] | None = None,
     ) -> None:
         """Journal the invocation, run ``send()`` and journal its outcome."""
-        self.journal.event("invoke", id=cid, kind=kind, keys=sorted(keys), rollback=rollback or {})
+        self.journal.event("invoke", id=cid, kind=kind, keys=sorted(keys), rollback=rollback or {},
+                           t=time.time())
         try:
             versions = await send()
         except oribus.OribusError as e:

@@ -11,7 +11,9 @@ memory; a write moves the version it replaces into a ``HistoryStore``:
 
 Both hold ``Older`` records ``(version, value, meta)``; ``meta`` is one
 ``Meta`` tuple ``(agent, session, commit_id, committed_at)`` shared by every
-key a commit wrote.
+key a commit wrote. Both apply retention's two rules (``base.py``; specs/engine.md
+"Retention"): the count as versions come in, the age through ``expire_older``,
+which the shard's background compaction (``oribus/shards/retention.py``) calls.
 """
 
 from oribus.shards.history.base import HistoryStore, HistoryView, Meta, Older

@@ -11,6 +11,15 @@ range it keeps, ``current - history_limit + 1 .. current - 1``, and ignores
 whatever lies outside it, so a store may hold a little more than is kept
 (a history limit lowered between two runs, a version written twice by a
 replay): reads stay exact without a compaction pass.
+
+Two rules drop versions (specs/engine.md "Retention"): the **count** — a key
+keeps its last ``history_limit`` versions, applied as each write comes in
+(``put``/``forget_through``, O(1) per write) — and the **age** — versions
+committed more than ``history_max_age_seconds`` ago, dropped by a background
+compaction (``oribus/shards/retention.py``) through ``expire_older``, oldest
+first and never the current version, so what a key keeps is always one run of
+consecutive versions ending at its current one. Each store counts what each
+rule dropped (``stats``: ``dropped_by_count``, ``dropped_by_age``).
 """
 
 from __future__ import annotations
@@ -44,6 +53,12 @@ class HistoryStore(Protocol):
 
     def forget_through(self, key: str, version: int) -> None:
         """Retention: drop ``key``'s versions up to and including ``version``."""
+
+    def expire_older(self, key: str, cutoff: float, lowest: int, below: int) -> int:
+        """Age retention: drop ``key``'s oldest versions in ``lowest .. below - 1`` committed before
+        ``cutoff`` (``meta[3]``), oldest first, stopping at the first that is not, so what stays is
+        consecutive. Returns how many it dropped; they are unreadable at once (an engine deletes
+        them in its next commit). A view taken earlier keeps them (``view``)."""
 
     def get(self, key: str, version: int) -> Older | None: ...
 

@@ -53,6 +53,17 @@ the file, so a version is never missed between the two). A failed commit
 next ``flush``; ``sync`` raises it (``Unavailable``), so no snapshot lets the
 WAL go while it lasts.
 
+Retention (specs/engine.md "Retention"): the count rule's ``forget_through``
+and the age rule's ``expire_older`` are buffered like ``put`` and handed to the
+committer with the next ``flush``; it deletes them in the same LMDB transaction
+as the batch's puts (count first, then age, each counted apart in ``stats``).
+Until that transaction commits the versions an age expiry dropped are hidden
+from reads by a floor per key kept in memory with the buffered batch (the count
+rule needs none: reads ask only for the count's kept range). Every delete is of
+a key's oldest versions, so whichever of these transactions a crash undoes, the
+file still holds one consecutive run per key; a crash only brings back versions
+(the next compaction drops them again), never loses a newer one.
+
 Reads: ``get`` goes through a bounded cache of decoded versions
 (``cache_bytes``); ``newest_first`` walks the B+tree in chunks of a few
 versions, each in its own read transaction, so a reader that stops early
@@ -112,14 +123,25 @@ def _by_version(older: Older) -> int:
     return older[0]
 
 
+def _committed_at(raw: bytes) -> float:
+    """A record's commit time, without decoding its value (``expire_older`` reads many)."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(raw)
+    unpacker.read_array_header()
+    for _ in range(4):  # value, agent, session id, commit id
+        unpacker.skip()
+    return float(unpacker.unpack())
+
+
 class _Batch:
     """What one ``flush`` handed to the committer."""
 
-    __slots__ = ("puts", "forget", "count")
+    __slots__ = ("puts", "forget", "expire", "count")
 
-    def __init__(self, puts: Pending, forget: dict[str, int], count: int) -> None:
+    def __init__(self, puts: Pending, forget: dict[str, int], expire: dict[str, int], count: int) -> None:
         self.puts = puts
-        self.forget = forget
+        self.forget = forget  # key -> the count rule drops its versions up to this one
+        self.expire = expire  # key -> the age rule drops its versions up to this one
         self.count = count
 
 
@@ -157,6 +179,7 @@ class LmdbHistory:
         self._puts: Pending = {}
         self._buffered = 0
         self._forget: dict[str, int] = {}  # key -> drop versions up to this one, at the next flush
+        self._expire: dict[str, int] = {}  # the same, by age: hidden from reads from now on (``_floor``)
         # Handed to the committer, not yet committed (oldest first); guarded by ``_cond``,
         # which also wakes the committer and whoever waits for it.
         self._cond = threading.Condition()
@@ -169,8 +192,8 @@ class LmdbHistory:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._meta_seen: dict[tuple[Any, ...], Meta] = {}  # decoded metas of the last chunk read, shared
-        self.counters = {"flushes": 0, "commits": 0, "versions_written": 0, "versions_dropped": 0,
-                         "reads": 0, "cache_hits": 0, "syncs": 0, "commit_failures": 0}
+        self.counters = {"flushes": 0, "commits": 0, "versions_written": 0, "dropped_by_count": 0,
+                         "dropped_by_age": 0, "reads": 0, "cache_hits": 0, "syncs": 0, "commit_failures": 0}
 
     # ---- writes -------------------------------------------------------------------
 
@@ -191,13 +214,62 @@ class LmdbHistory:
         if version > self._forget.get(key, 0):
             self._forget[key] = version
 
+    def expire_older(self, key: str, cutoff: float, lowest: int, below: int) -> int:
+        lowest = max(lowest, self._floor(key) + 1)
+        pending = self._pending(key)
+        through = 0
+        expect = lowest
+        with self.env.begin() as txn:
+            cursor = txn.cursor()
+            prefix = key.encode() + _SEP
+            in_file = cursor.set_range(prefix + _VERSION.pack(lowest))
+            while expect < below:
+                older = pending.get(expect)
+                if older is not None:
+                    at = older[2][3]
+                else:
+                    # the file's next version of ``key`` at or above ``expect``
+                    while in_file:
+                        k = cursor.key()
+                        if not k.startswith(prefix) or len(k) != len(prefix) + _VERSION.size:
+                            in_file = False
+                            break
+                        version = _VERSION.unpack(k[len(prefix):])[0]
+                        if version >= expect:
+                            break
+                        in_file = cursor.next()
+                    if not in_file or _VERSION.unpack(cursor.key()[len(prefix):])[0] != expect:
+                        break  # not held (the run ends): nothing past a gap is dropped
+                    at = _committed_at(cursor.value())
+                if not at < cutoff:
+                    break
+                through = expect
+                expect += 1
+        if not through:
+            return 0
+        self._expire[key] = through
+        for version in range(lowest, through + 1):
+            ck = (key, version)
+            if ck in self._cache:
+                self._uncache(ck)
+        return through - lowest + 1
+
+    def _floor(self, key: str) -> int:
+        """The newest version of ``key`` an age expiry dropped that the file may still hold (0: none)."""
+        floor = self._expire.get(key, 0)
+        if self._handed:
+            with self._cond:
+                for batch in self._handed:
+                    floor = max(floor, batch.expire.get(key, 0))
+        return floor
+
     def flush(self) -> None:
-        """Hand what ``put`` and ``forget_through`` buffered to the committer (no fsync, no
-        wait, unless ``_MAX_HANDED`` versions are still waiting for the disk)."""
-        if not self._puts and not self._forget:
+        """Hand what ``put``, ``forget_through`` and ``expire_older`` buffered to the committer
+        (no fsync, no wait, unless ``_MAX_HANDED`` versions are still waiting for the disk)."""
+        if not self._puts and not self._forget and not self._expire:
             return
         failpoint("history.before_flush")  # the WAL record is durable, this file lacks its versions
-        batch = _Batch(self._puts, self._forget, self._buffered)
+        batch = _Batch(self._puts, self._forget, self._expire, self._buffered)
         with self._cond:
             if self._closed:
                 raise Unavailable(f"history store {self.directory} is closed")
@@ -216,7 +288,7 @@ class LmdbHistory:
                 self._thread.start()
             elif self._idle:
                 self._cond.notify_all()
-        self._puts, self._forget, self._buffered = {}, {}, 0
+        self._puts, self._forget, self._expire, self._buffered = {}, {}, {}, 0
         self.counters["flushes"] += 1
 
     def _commit_loop(self) -> None:
@@ -243,7 +315,7 @@ class LmdbHistory:
                 batches = list(self._handed)
             try:
                 failpoint("history.before_commit")  # handed over, not yet in the file
-                dropped = self._write(batches)
+                by_count, by_age = self._write(batches)
             except BaseException as e:  # lmdb.Error, a closed environment, an armed failpoint
                 with self._cond:
                     self._failure = e
@@ -261,12 +333,15 @@ class LmdbHistory:
                 self._failure = None
                 self.counters["commits"] += 1
                 self.counters["versions_written"] += written
-                self.counters["versions_dropped"] += dropped
+                self.counters["dropped_by_count"] += by_count
+                self.counters["dropped_by_age"] += by_age
                 self._cond.notify_all()
 
-    def _write(self, batches: list[_Batch]) -> int:
-        dropped = 0
+    def _write(self, batches: list[_Batch]) -> tuple[int, int]:
+        """One LMDB transaction: the batches' puts, then the count rule's deletes, then the age
+        rule's. Returns how many records each rule deleted."""
         forget: dict[str, int] = {}
+        expire: dict[str, int] = {}
         with self.env.begin(write=True) as txn:
             for batch in batches:
                 for key, versions in batch.puts.items():
@@ -274,22 +349,16 @@ class LmdbHistory:
                     for version, (_, value, meta) in versions.items():
                         txn.put(prefix + _VERSION.pack(version),
                                 msgpack.packb([value, meta[0], meta[1], meta[2], meta[3]], use_bin_type=True))
-                for key, through in batch.forget.items():
-                    if through > forget.get(key, 0):
-                        forget[key] = through
+                for through_of, into in ((batch.forget, forget), (batch.expire, expire)):
+                    for key, through in through_of.items():
+                        if through > into.get(key, 0):
+                            into[key] = through
             cursor = txn.cursor()
-            for key, through in forget.items():
-                prefix = key.encode() + _SEP
-                if not cursor.set_range(prefix):
-                    continue
-                while True:
-                    k = cursor.key()
-                    if not k.startswith(prefix) or _VERSION.unpack(k[len(prefix):])[0] > through:
-                        break
-                    dropped += 1
-                    if not cursor.delete():  # moves to the next record
-                        break
-        return dropped
+            by_count = sum(_delete_through(cursor, key, through) for key, through in forget.items())
+            if expire:
+                failpoint("history.compact_commit")  # the age rule's deletes, in the committer's transaction
+            by_age = sum(_delete_through(cursor, key, through) for key, through in expire.items())
+        return by_count, by_age
 
     def _wait_committed(self) -> None:
         """Until every batch handed over is in the file; ``Unavailable`` if a commit fails."""
@@ -323,7 +392,7 @@ class LmdbHistory:
             self.counters["syncs"] += 1
 
     def clear(self) -> None:
-        self._puts, self._forget, self._buffered = {}, {}, 0
+        self._puts, self._forget, self._expire, self._buffered = {}, {}, {}, 0
         with contextlib.suppress(Unavailable):  # what could not be written is dropped anyway
             self._wait_committed()
         with self._cond:
@@ -407,6 +476,8 @@ class LmdbHistory:
             self._cache_size -= 64 + len(evicted[1] or b"")
 
     def get(self, key: str, version: int) -> Older | None:
+        if (self._expire or self._handed) and version <= self._floor(key):
+            return None  # dropped by age; the committer has yet to delete it
         ck = (key, version)
         mine = self._puts.get(key)
         if mine is not None and version in mine:
@@ -430,6 +501,7 @@ class LmdbHistory:
         return older
 
     def newest_first(self, key: str, below: int, lowest: int) -> Iterator[Older]:
+        lowest = max(lowest, self._floor(key) + 1)
         pending = [o for v, o in self._pending(key).items() if lowest <= v < below]
         pending.sort(key=_by_version, reverse=True)
         yield from _merge_unique(pending, self._file_newest_first(key, below, lowest), descending=True)
@@ -461,6 +533,7 @@ class LmdbHistory:
                 return
 
     def oldest(self, key: str, lowest: int) -> int | None:
+        lowest = max(lowest, self._floor(key) + 1)
         pending = [v for v in self._pending(key) if v >= lowest]
         prefix = key.encode() + _SEP
         found: int | None = None
@@ -575,6 +648,22 @@ class LmdbView:
                 self._txn.abort()
             self._txn = None
         self._pending = {}
+
+
+def _delete_through(cursor: lmdb.Cursor, key: str, through: int) -> int:
+    """Delete ``key``'s records up to version ``through``; returns how many."""
+    prefix = key.encode() + _SEP
+    deleted = 0
+    if not cursor.set_range(prefix):
+        return 0
+    while True:
+        k = bytes(cursor.key())
+        if not k.startswith(prefix) or _VERSION.unpack(k[len(prefix):])[0] > through:
+            break
+        deleted += 1
+        if not cursor.delete():  # moves to the next record
+            break
+    return deleted
 
 
 def _merge_unique(pending: list[Older], from_file: Iterable[Older], *, descending: bool) -> Iterator[Older]:

@@ -305,7 +305,7 @@ class ReplicaMember:
         cfg = self.config
         self._close_history()
         self._history = open_history_store(cfg)
-        return Participant(cfg.shard_id, 0, VersionedStore(cfg.history_limit, self._history),
+        return Participant(cfg.shard_id, 0, VersionedStore(cfg.history_limit, self._history, cfg.history_max_age_seconds),
                            DeliveryLog(cfg.delivery_log), max_resolved=cfg.max_resolved_txns)
 
     def _close_history(self) -> None:
