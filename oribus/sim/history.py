@@ -20,12 +20,51 @@ one dict; an undo log since the last sync rolls it back on a crash.
 tests): ``sync`` returns without making anything durable, so the versions a
 snapshot leaves to the engine are lost by the next crash — the simulation's
 history checks must find it.
+
+Replica groups (``oribus.sim.group``): every member keeps one of these on its
+own simulated disk (``MemberNode.history``), used by its follower core and by
+the Shard it serves as primary. A crash of the member rolls it back as above
+and fences the dead incarnation's object (``crash(fence=True)``: whatever the
+killed tasks still do to it never reaches the disk); a lost disk loses it
+whole. A learner's catch-up carries the primary's engine as LMDB's consistent
+copy (``LmdbHistory.copy_file``) rides in the catch-up frame
+(``oribus/shards/replica/catchup.py``)::
+
+    primary:  copy()      the written state now (durable + written, not the buffered:
+                          a read transaction sees committed transactions only), taken
+                          after the snapshot file was read (ReplicaMember._snapshot_source)
+              copy_file() that copy encoded (``encode``: msgpack of [key, [[version,
+                          value, meta], ...]], keys and versions sorted) in an unlinked
+                          temporary file, which CatchupSource frames with its CRC-32C
+    learner:  install()   the decoded copy replaces the whole engine, durable at once
+                          (as install_file renames an fsynced file over data.mdb)
+
+The frame travels over the simulated network in ``SnapshotChunk``s of
+``SimConfig.snapshot_chunk_bytes``, so faults can cut it mid-transfer.
+
+What the model leaves out: LMDB's pages (a copy is the state, not a file; its
+size and compaction are not modelled), the committer's batching (``flush`` is
+one transaction, ``sync`` makes every written one durable; the real engine
+may keep the last committed batch across a power cut, this one loses it —
+stricter), torn or damaged files (the frame's CRC is checked, but nothing here
+damages a file), and the time a copy or an install takes (none: they happen
+at one instant of virtual time, where the real ones run in a worker thread).
+
+``unsafe_empty_catchup_copy`` (deliberately broken, for testing the tests):
+``copy`` gives an empty engine, so a learner that catches up from a snapshot
+lacks every version the snapshot leaves to the engine; once it serves as
+primary the final read of the histories must find them missing.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
+import msgpack
+
+from oribus.errors import DataCorrupted
 from oribus.shards.history import Older
 
 _MISSING = object()
@@ -34,21 +73,24 @@ _MISSING = object()
 class SimHistory:
     persistent = True
 
-    def __init__(self, *, unsafe_sync_does_nothing: bool = False) -> None:
+    def __init__(self, *, unsafe_sync_does_nothing: bool = False, unsafe_empty_catchup_copy: bool = False) -> None:
         self._state: dict[str, dict[int, Older]] = {}  # written: key -> version -> record
         self._undo: list[tuple[str, int, object]] = []  # (key, version, record before) since the sync
         self._puts: dict[tuple[str, int], Older] = {}
         self._forget: dict[str, int] = {}
         self.unsafe_sync_does_nothing = unsafe_sync_does_nothing
+        self.unsafe_empty_catchup_copy = unsafe_empty_catchup_copy
         self.lost_versions = 0  # written records a crash rolled back
+        self.fenced = False  # a crashed member's object: nothing done to it reaches the disk
 
     # ---- the HistoryStore interface ----------------------------------------------------
 
     def put(self, key: str, older: Older) -> None:
-        self._puts[(key, older[0])] = older
+        if not self.fenced:
+            self._puts[(key, older[0])] = older
 
     def forget_through(self, key: str, version: int) -> None:
-        if version > self._forget.get(key, 0):
+        if not self.fenced and version > self._forget.get(key, 0):
             self._forget[key] = version
 
     def _set(self, key: str, version: int, record: Older | None) -> None:
@@ -108,9 +150,12 @@ class SimHistory:
 
     # ---- faults --------------------------------------------------------------------------
 
-    def crash(self) -> int:
+    def crash(self, *, fence: bool = False) -> int:
         """The process died: buffered versions are gone, and so is everything written since the
-        last sync. Returns how many written records were rolled back."""
+        last sync. Returns how many written records were rolled back. With ``fence`` this
+        object is the dead process's from now on: the caller reopens the disk's engine with
+        ``reopened`` (a replica member's tasks are cancelled, not erased: what they still do
+        to this object after the crash must not reach the disk)."""
         self._puts, self._forget = {}, {}
         lost = len(self._undo)
         for key, version, before in reversed(self._undo):
@@ -121,4 +166,61 @@ class SimHistory:
                 versions[version] = before  # type: ignore[assignment]
         self._undo.clear()
         self.lost_versions += lost
+        self.fenced = fence
         return lost
+
+    def reopened(self) -> SimHistory:
+        """The engine as the next process opens it: this one's durable state (call after
+        ``crash``), its options and counters."""
+        new = SimHistory(unsafe_sync_does_nothing=self.unsafe_sync_does_nothing,
+                         unsafe_empty_catchup_copy=self.unsafe_empty_catchup_copy)
+        new._state = {key: dict(versions) for key, versions in self._state.items() if versions}
+        new.lost_versions = self.lost_versions
+        return new
+
+    # ---- a replica group's catch-up: the engine's consistent copy ------------------------
+
+    def copy(self) -> SimHistory:
+        """LMDB's consistent copy (``LmdbHistory.copy_file``): every version written so far,
+        durable or not (a read transaction sees committed transactions, synced or not), none
+        of those still buffered (the WAL after the snapshot replays them at the learner)."""
+        copy = SimHistory()
+        if not self.unsafe_empty_catchup_copy:
+            copy._state = {key: dict(versions) for key, versions in self._state.items() if versions}
+        return copy
+
+    def encode(self) -> bytes:
+        """The written state as bytes (module docstring): what the catch-up frame carries."""
+        return msgpack.packb([[key, [list(versions[v]) for v in sorted(versions)]]
+                              for key, versions in sorted(self._state.items()) if versions], use_bin_type=True)
+
+    @staticmethod
+    def decode(raw: bytes) -> SimHistory:
+        """``encode``'s inverse; ``DataCorrupted`` if ``raw`` is not such a state."""
+        try:
+            items = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            state: dict[str, dict[int, Older]] = {
+                key: {int(e[0]): (int(e[0]), e[1], tuple(e[2])) for e in entries} for key, entries in items}
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
+            raise DataCorrupted(f"a simulated history store copy does not decode: {e}") from e
+        history = SimHistory()
+        history._state = state
+        return history
+
+    def copy_file(self) -> BinaryIO:
+        """``copy`` encoded in an unlinked temporary file, as ``LmdbHistory.copy_file`` gives
+        it (``ReplicaMember._snapshot_source`` hands it to ``CatchupSource``, which closes it)."""
+        f = tempfile.TemporaryFile()  # noqa: SIM115 (closed by CatchupSource.close)
+        f.write(self.copy().encode())
+        f.flush()
+        return f
+
+    def install(self, copy: SimHistory | None) -> None:
+        """Replace the whole engine by ``copy`` (None: an empty engine), durable at once: the
+        learner's side of a catch-up (``LmdbHistory.install_file`` renames the fsynced copy
+        over ``data.mdb`` and fsyncs the directory)."""
+        if self.fenced:
+            return
+        self._state = {} if copy is None else {key: dict(versions) for key, versions in copy._state.items()}
+        self._puts, self._forget = {}, {}
+        self._undo.clear()

@@ -65,11 +65,3 @@ def test_catches_an_engine_whose_sync_does_nothing() -> None:
     honest = simulate(0, config, SCHEDULE)
     assert honest.ok, _explain(honest)
 
-
-def test_replica_groups_on_the_simulated_engine_are_refused_not_half_modelled() -> None:
-    from oribus.errors import InvalidRequest
-    from oribus.sim.harness import SimCluster
-
-    with pytest.raises(InvalidRequest, match="replica groups with history_store='memory' only"):
-        SimCluster(0, SimConfig(replicas=3, history_store="lmdb"))
-    SimCluster(0, SimConfig(replicas=3))  # memory: modelled
