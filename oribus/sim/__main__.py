@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = {"runs": 0, "transactions": 0, "committed_checked": 0, "faults": 0, "crashes": 0,
               "reader_crashes": 0, "bus_crashes": 0, "lost_records": 0, "messages": 0, "lost": 0, "duplicated": 0,
               "virtual_seconds": 0.0, "primaries": 0, "member_crashes": 0, "disk_losses": 0,
-              "lost_acknowledged": 0}
+              "lost_acknowledged": 0, "engine_installs": 0, "snapshot_chunks": 0, "catchups_cut": 0,
+              "history_versions_lost": 0}
     kinds: Counter[str] = Counter()
     failed: list[int] = []
     for seed in seeds:
@@ -139,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replica groups of {args.replicas}: {totals['primaries']} primaries elected (first ones included), "
               f"{totals['member_crashes']} member crashes, {totals['disk_losses']} disks lost, "
               f"{totals['lost_acknowledged']} acknowledged commits lost")
+        if args.history_store != "memory":
+            print(f"history on the members' disks ({args.history_store}): {totals['engine_installs']} catch-ups "
+                  f"installed an engine copy, {totals['catchups_cut']} catch-ups cut mid-transfer and started "
+                  f"over, {totals['snapshot_chunks']} catch-up chunks delivered, {totals['history_versions_lost']} "
+                  f"unsynced engine records lost by crashes")
     return 1 if failed else 0
 
 

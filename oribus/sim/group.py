@@ -162,6 +162,8 @@ class SimMemberFiles(MemberFiles):
         node = self.groups.node_of(self.config.data_dir)
         if incoming is None:
             node.history.install(None)
+            self.groups.counters["engine_emptied"] += 1
+            self.groups.trace("engine-emptied", node.name)
             return
         copy = SimHistory.decode(incoming.read_bytes())
         incoming.unlink()
@@ -228,8 +230,13 @@ class MemberServer:
         return await self.member.promise(term, candidate)
 
     async def install_snapshot(self, chunk: SnapshotChunk) -> AppendReply:
-        self.node.groups.counters["snapshot_chunks"] += 1
-        return await self.member.install_snapshot(chunk)
+        node, counters = self.node, self.node.groups.counters
+        counters["snapshot_chunks"] += 1
+        if chunk.offset == 0 and node.catchup_from is not None:
+            counters["catchups_cut"] += 1  # the last one never reached its end: lost, refused or crashed
+        reply = await self.member.install_snapshot(chunk)
+        node.catchup_from = None if chunk.done else (chunk.primary, chunk.lsn)
+        return reply
 
     async def take_over(self, term: int) -> None:
         """A candidate of ``term`` found this member the most complete: take over (§5 step 3)."""
@@ -268,6 +275,7 @@ class MemberNode:
     # its on-disk history store (history_store="lmdb"), on its simulated disk: rolled back to
     # what was synced by a crash, a new empty one when the disk is lost (oribus.sim.history)
     history: SimHistory = field(default_factory=SimHistory)
+    catchup_from: tuple[int, int] | None = None  # a catch-up begun and not finished: (primary, LSN)
     taking_over: bool = False
     seen_term: int = 0  # the term register when this member last saw it move ...
     seen_since: float = 0.0  # ... and when
@@ -472,7 +480,8 @@ class SimGroups:
                                           unsafe_ack_on_local_fsync=cluster.config.unsafe_ack_on_local_fsync)
         self.counters = {"primaries": 0, "member_crashes": 0, "disk_losses": 0, "disk_losses_skipped": 0,
                          "primary_partitions": 0, "primary_pauses": 0, "learner_starts": 0,
-                         "snapshot_chunks": 0, "engine_installs": 0, "history_versions_lost": 0}
+                         "snapshot_chunks": 0, "catchups_cut": 0, "engine_installs": 0, "engine_emptied": 0,
+                         "history_versions_lost": 0}
         self.nodes: dict[int, dict[int, MemberNode]] = {
             s: {r: MemberNode(self, s, r, root / f"shard-{s}" / f"member-{r}", Endpoint(self.name(s, r)),
                               random.Random(f"oribus-sim/{cluster.seed}/member/{s}.{r}"), history=self.new_history())

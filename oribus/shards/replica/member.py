@@ -702,12 +702,18 @@ class ReplicaMember:
         """The latest snapshot, and with an on-disk history store the engine's consistent
         copy, taken after the snapshot was read (``catchup.py``). Runs in a worker thread."""
         snap = self.files.snapshot_file()
-        if snap is None:
-            return None
-        shard = self.shard
-        copy = getattr(shard.store.older, "copy_file", None) if shard is not None else None
-        if copy is None:
+        if snap is None or self.config.history_store == "memory":
             return snap
+        # The engine open now: the Shard's while primary; the member's own while its term
+        # starts (TERM_START not yet committed, no Shard yet), when a learner may already ask.
+        # A snapshot sent without it would leave the learner none of the versions the
+        # snapshot leaves to the engine (found by the simulation: oribus/sim/history.py).
+        shard = self.shard
+        history = shard.store.older if shard is not None else self._history
+        copy = getattr(history, "copy_file", None)
+        if copy is None:  # the Shard is opening the engine: no consistent copy to send yet
+            raise Unavailable(f"shard {self.shard_id} member {self.member_id}: the history store is not "
+                              "open; the snapshot is sent once it is", shard=self.shard_id)
         lsn, data = snap
         return lsn, CatchupSource(data, copy())
 
