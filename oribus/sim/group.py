@@ -17,6 +17,13 @@ The disk
     without a flush — loses exactly what was not fsynced. Snapshots and the MANIFEST are
     durable when written, as the real ones. **Disk loss** is the whole directory deleted: the
     member reopens (``ReplicaMember.open`` with the etcd term register) as a learner.
+    With ``history_store="lmdb"`` the member's on-disk history store is a ``SimHistory`` on
+    its node (``MemberNode.history``, ``oribus.sim.history``), which its follower core and the
+    Shard it serves open (``SimReplicaMember._new_core``, ``SimReplicaShard.open_history``): a
+    crash keeps what the engine synced, a lost disk takes it all. A catch-up from a snapshot
+    carries the primary's copy of it in the real catch-up frame, in ``SnapshotChunk``s of
+    ``SimConfig.snapshot_chunk_bytes`` (faults cut it mid-transfer: ``catchups_cut``), and the
+    learner installs it in place of its own (``SimMemberFiles.replace_history``).
 
 Elections
     Driven here as the cluster layer drives them over etcd (``specs/replication.md`` §5,

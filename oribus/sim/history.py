@@ -25,10 +25,10 @@ Replica groups (``oribus.sim.group``): every member keeps one of these on its
 own simulated disk (``MemberNode.history``), used by its follower core and by
 the Shard it serves as primary. A crash of the member rolls it back as above
 and fences the dead incarnation's object (``crash(fence=True)``: whatever the
-killed tasks still do to it never reaches the disk); a lost disk loses it
-whole. A learner's catch-up carries the primary's engine as LMDB's consistent
-copy (``LmdbHistory.copy_file``) rides in the catch-up frame
-(``oribus/shards/replica/catchup.py``)::
+killed tasks still do to it never reaches the disk; the next incarnation opens
+``reopened()``); a lost disk loses it whole. A learner's catch-up carries the
+primary's engine in the real catch-up frame (``oribus/shards/replica/catchup.py``),
+where LMDB's consistent copy (``LmdbHistory.copy_file``) would be::
 
     primary:  copy()      the written state now (durable + written, not the buffered:
                           a read transaction sees committed transactions only), taken
