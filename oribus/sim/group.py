@@ -549,11 +549,9 @@ class SimGroups:
 
     def history_of(self, member: ReplicaMember) -> SimHistory:
         """The on-disk history store ``member`` opens: its node's, unless that incarnation was
-        killed (what its cancelled tasks still do then goes to a fenced engine, not the disk)."""
+        killed (what its cancelled tasks still do then goes to an engine on no disk)."""
         if getattr(member, "crashed", False):
-            dead = SimHistory()
-            dead.crash(fence=True)
-            return dead
+            return SimHistory()
         return self.nodes[member.shard_id][member.member_id].history
 
     def adopt_wal(self, data_dir: Path, wal: Wal) -> None:
@@ -620,10 +618,10 @@ class SimGroups:
             wal._failed = Unavailable(f"{node.name} crashed")
             wal._release()
         node.wals = []
-        # its engine keeps what was synced; the dead incarnation's object is fenced
+        # its engine keeps what was synced; the dead incarnation's object leaves the disk
         if isinstance(m, SimReplicaMember):
             m.crashed = True
-        history_lost = node.history.crash(fence=True)
+        history_lost = node.history.crash()
         self.counters["history_versions_lost"] += history_lost
         node.history = self.new_history() if lose_disk else node.history.reopened()
         lock = m._dir_lock

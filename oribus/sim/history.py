@@ -23,10 +23,11 @@ history checks must find it.
 
 Replica groups (``oribus.sim.group``): every member keeps one of these on its
 own simulated disk (``MemberNode.history``), used by its follower core and by
-the Shard it serves as primary. A crash of the member rolls it back as above
-and fences the dead incarnation's object (``crash(fence=True)``: whatever the
-killed tasks still do to it never reaches the disk; the next incarnation opens
-``reopened()``); a lost disk loses it whole. A learner's catch-up carries the
+the Shard it serves as primary. A crash of the member rolls it back as above,
+and the disk then holds ``reopened()``, a new object with the durable state: the
+dead incarnation's object is no longer on the disk, so what its cancelled tasks
+still do to it (a ``finally`` that closes a Shard) reaches nothing. A lost disk
+loses the engine whole. A learner's catch-up carries the
 primary's engine in the real catch-up frame (``oribus/shards/replica/catchup.py``),
 where LMDB's consistent copy (``LmdbHistory.copy_file``) would be::
 
@@ -81,16 +82,14 @@ class SimHistory:
         self.unsafe_sync_does_nothing = unsafe_sync_does_nothing
         self.unsafe_empty_catchup_copy = unsafe_empty_catchup_copy
         self.lost_versions = 0  # written records a crash rolled back
-        self.fenced = False  # a crashed member's object: nothing done to it reaches the disk
 
     # ---- the HistoryStore interface ----------------------------------------------------
 
     def put(self, key: str, older: Older) -> None:
-        if not self.fenced:
-            self._puts[(key, older[0])] = older
+        self._puts[(key, older[0])] = older
 
     def forget_through(self, key: str, version: int) -> None:
-        if not self.fenced and version > self._forget.get(key, 0):
+        if version > self._forget.get(key, 0):
             self._forget[key] = version
 
     def _set(self, key: str, version: int, record: Older | None) -> None:
@@ -150,12 +149,9 @@ class SimHistory:
 
     # ---- faults --------------------------------------------------------------------------
 
-    def crash(self, *, fence: bool = False) -> int:
+    def crash(self) -> int:
         """The process died: buffered versions are gone, and so is everything written since the
-        last sync. Returns how many written records were rolled back. With ``fence`` this
-        object is the dead process's from now on: the caller reopens the disk's engine with
-        ``reopened`` (a replica member's tasks are cancelled, not erased: what they still do
-        to this object after the crash must not reach the disk)."""
+        last sync. Returns how many written records were rolled back."""
         self._puts, self._forget = {}, {}
         lost = len(self._undo)
         for key, version, before in reversed(self._undo):
@@ -166,12 +162,11 @@ class SimHistory:
                 versions[version] = before  # type: ignore[assignment]
         self._undo.clear()
         self.lost_versions += lost
-        self.fenced = fence
         return lost
 
     def reopened(self) -> SimHistory:
-        """The engine as the next process opens it: this one's durable state (call after
-        ``crash``), its options and counters."""
+        """The engine as the next process opens it, a new object: this one's durable state
+        (call after ``crash``), its options and counters. This one stays the dead process's."""
         new = SimHistory(unsafe_sync_does_nothing=self.unsafe_sync_does_nothing,
                          unsafe_empty_catchup_copy=self.unsafe_empty_catchup_copy)
         new._state = {key: dict(versions) for key, versions in self._state.items() if versions}
@@ -219,8 +214,6 @@ class SimHistory:
         """Replace the whole engine by ``copy`` (None: an empty engine), durable at once: the
         learner's side of a catch-up (``LmdbHistory.install_file`` renames the fsynced copy
         over ``data.mdb`` and fsyncs the directory)."""
-        if self.fenced:
-            return
         self._state = {} if copy is None else {key: dict(versions) for key, versions in copy._state.items()}
         self._puts, self._forget = {}, {}
         self._undo.clear()
