@@ -73,6 +73,7 @@ SOAK_SEEDS ?= 300
 soak: $(STAMP) system-deps
 	$(PY) -m oribus.sim --seeds $(SOAK_SEEDS) --duration 4
 	$(PY) -m oribus.sim --seeds $(SOAK_SEEDS) --duration 4 --replicas 3
+	$(PY) -m oribus.sim --seeds $$(( $(SOAK_SEEDS) / 2 + 1 )) --duration 4 --replicas 3 --history-store lmdb
 	$(PY) -m oribus.sim --seeds $$(( $(SOAK_SEEDS) / 4 + 1 )) --duration 4 --replicas 5
 	ORIBUS_NEMESIS_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s -p no:cacheprovider -o timeout=0 tests/e2e/test_nemesis.py
 

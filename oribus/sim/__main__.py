@@ -3,6 +3,7 @@
     python -m oribus.sim --seeds 200 --duration 5          # seeds 0..199, 5 virtual seconds each
     python -m oribus.sim --seed 17 --faults 8 -v           # replay one seed (same flags, same run)
     python -m oribus.sim --seeds 100 --replicas 3          # every shard a replica group of 3
+    python -m oribus.sim --seeds 40 --replicas 3 --history-store lmdb   # members keep history on disk
 
 Each seed draws its own fault schedule (``random_faults``) and workload
 parameters, runs the whole cluster (``simulate``) and checks the history. The
@@ -44,9 +45,10 @@ def config_for(seed: int, duration: float) -> SimConfig:
 
 def run_seed(seed: int, duration: float, faults: int | None, *, duplicate_all: bool = False,
              no_restart_grace: bool = False, replicas: int = 1, elect_any: bool = False,
-             ack_on_local_fsync: bool = False) -> SimResult:
+             ack_on_local_fsync: bool = False, history_store: str = "memory") -> SimResult:
     rng = random.Random(f"oribus-sim/{seed}/faults")
     config = config_for(seed, duration)
+    config.history_store = history_store
     if duplicate_all:
         config.network.duplicate_ops = ALL_OPS
     config.unsafe_no_restart_grace = no_restart_grace
@@ -72,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                         "leases they had granted (some seeds should then fail)")
     p.add_argument("--replicas", type=int, default=1, choices=(1, 3, 5),
                    help="members per shard: 3 or 5 makes every shard a replica group (oribus.sim.group)")
+    p.add_argument("--history-store", choices=("memory", "lmdb"), default="memory",
+                   help="where shards keep older versions: lmdb is the simulated on-disk engine "
+                        "(oribus.sim.history; with --replicas, each member's own, shipped at catch-up)")
     p.add_argument("--unsafe-elect-any", action="store_true",
                    help="BROKEN on purpose (with --replicas): a candidate takes over though another member "
                         "holds a later log position")
@@ -91,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = {"runs": 0, "transactions": 0, "committed_checked": 0, "faults": 0, "crashes": 0,
               "reader_crashes": 0, "bus_crashes": 0, "lost_records": 0, "messages": 0, "lost": 0, "duplicated": 0,
               "virtual_seconds": 0.0, "primaries": 0, "member_crashes": 0, "disk_losses": 0,
-              "lost_acknowledged": 0}
+              "lost_acknowledged": 0, "engine_installs": 0, "snapshot_chunks": 0, "catchups_cut": 0,
+              "history_versions_lost": 0}
     kinds: Counter[str] = Counter()
     failed: list[int] = []
     for seed in seeds:
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_seed(seed, args.duration, args.faults, duplicate_all=args.duplicate_all,
                               no_restart_grace=args.unsafe_no_restart_grace, replicas=args.replicas,
-                              elect_any=args.unsafe_elect_any, ack_on_local_fsync=args.unsafe_ack_on_local_fsync)
+                              elect_any=args.unsafe_elect_any, ack_on_local_fsync=args.unsafe_ack_on_local_fsync,
+                              history_store=args.history_store)
         except (SimulationLivelock, SimulationStalled) as e:  # a liveness bug: this seed fails, the soak goes on
             totals["runs"] += 1
             print(f"seed {seed}: {type(e).__name__}: {e}", flush=True)
@@ -133,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"replica groups of {args.replicas}: {totals['primaries']} primaries elected (first ones included), "
               f"{totals['member_crashes']} member crashes, {totals['disk_losses']} disks lost, "
               f"{totals['lost_acknowledged']} acknowledged commits lost")
+        if args.history_store != "memory":
+            print(f"history on the members' disks ({args.history_store}): {totals['engine_installs']} catch-ups "
+                  f"installed an engine copy, {totals['catchups_cut']} catch-ups cut mid-transfer and started "
+                  f"over, {totals['snapshot_chunks']} catch-up chunks delivered, {totals['history_versions_lost']} "
+                  f"unsynced engine records lost by crashes")
     return 1 if failed else 0
 
 

@@ -37,8 +37,9 @@ class SimConfig:
     # than this (virtual seconds, by its own skewed wall clock); the final check then cannot
     # see versions below a key's oldest kept one. None: no age limit, every version kept.
     history_max_age: float | None = None
-    # where shards keep older versions: "memory", or "lmdb" (the SimDisk's SimHistory, with
-    # the engine's durability: what is not synced is lost by a crash); replicas=1 only
+    # where shards keep older versions: "memory", or "lmdb" (the disk's SimHistory, with the
+    # engine's durability: what is not synced is lost by a crash); of a replica group, every
+    # member keeps its own, and a catch-up ships the primary's copy with the snapshot
     history_store: str = "memory"
     max_seconds: float = 600.0  # a workload running longer than this is stuck (liveness failure)
     unsafe_disable_validation: bool = False  # BROKEN on purpose: shards accept stale commits
@@ -55,6 +56,9 @@ class SimConfig:
     # simulated etcd.
     replicas: int = 1
     lease_ttl_seconds: float = 0.5  # the primary key's etcd lease (and so the primary lease)
+    # a catch-up (snapshot, and the engine's copy with history_store="lmdb") travels in
+    # messages of this many bytes: several per catch-up, so faults can cut one mid-transfer
+    snapshot_chunk_bytes: int = 2 << 10
     watch_delay_seconds: float = 0.02  # a change of a primary key reaches the bus this much later, at most
     # BROKEN on purpose: a candidate with a majority of promises takes over even when another
     # promising member holds a later log position (it must not: §5 step 3).

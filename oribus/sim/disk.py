@@ -59,6 +59,9 @@ class DiskConfig:
     # Deliberately broken: the on-disk history store's sync makes nothing durable (tests must
     # catch the versions a crash then takes from it; oribus.sim.history).
     unsafe_history_sync_does_nothing: bool = False
+    # Deliberately broken: a replica group's catch-up ships an empty engine copy with the
+    # snapshot (the learner lacks the versions the snapshot leaves to the engine; oribus.sim.history).
+    unsafe_history_empty_catchup_copy: bool = False
 
 
 class SimDisk:
@@ -74,7 +77,8 @@ class SimDisk:
         self.wal: SimWal | None = None  # the WAL of the running incarnation
         self.lost_records = 0  # appended (or in flight) but dropped by crashes
         # the shard's on-disk history store (history_store="lmdb"), with its crash semantics
-        self.history = SimHistory(unsafe_sync_does_nothing=self.config.unsafe_history_sync_does_nothing)
+        self.history = SimHistory(unsafe_sync_does_nothing=self.config.unsafe_history_sync_does_nothing,
+                                  unsafe_empty_catchup_copy=self.config.unsafe_history_empty_catchup_copy)
         self.fsyncs = 0
 
     # ---- the Shard seams ---------------------------------------------------------

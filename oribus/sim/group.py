@@ -17,6 +17,13 @@ The disk
     without a flush — loses exactly what was not fsynced. Snapshots and the MANIFEST are
     durable when written, as the real ones. **Disk loss** is the whole directory deleted: the
     member reopens (``ReplicaMember.open`` with the etcd term register) as a learner.
+    With ``history_store="lmdb"`` the member's on-disk history store is a ``SimHistory`` on
+    its node (``MemberNode.history``, ``oribus.sim.history``), which its follower core and the
+    Shard it serves open (``SimReplicaMember._new_core``, ``SimReplicaShard.open_history``): a
+    crash keeps what the engine synced, a lost disk takes it all. A catch-up from a snapshot
+    carries the primary's copy of it in the real catch-up frame, in ``SnapshotChunk``s of
+    ``SimConfig.snapshot_chunk_bytes`` (faults cut it mid-transfer: ``catchups_cut``), and the
+    learner installs it in place of its own (``SimMemberFiles.replace_history``).
 
 Elections
     Driven here as the cluster layer drives them over etcd (``specs/replication.md`` §5,
@@ -76,6 +83,7 @@ from oribus.shards.store import VersionedStore
 from oribus.shards.wal import Wal
 from oribus.shards.wal.writer import FlushThread, _settle
 from oribus.sim.etcd import PrimaryKey, SimEtcd
+from oribus.sim.history import SimHistory
 from oribus.sim.loop import Process
 from oribus.sim.network import Endpoint, SimNetwork, SimShardClient
 
@@ -137,6 +145,8 @@ class SimReplicaShard(ReplicaShard):
         assert isinstance(member, SimReplicaMember)
         self.clock = member.groups.clock
         self.wall_clock = member.groups.wall_clock_of(member.groups.name(member.shard_id, member.member_id))
+        groups = member.groups
+        self.open_history = lambda _config: groups.history_of(member)  # the member's SimHistory
         super().__init__(config, epoch, member, rwal)
 
 
@@ -152,6 +162,22 @@ class SimMemberFiles(MemberFiles):
         self.groups.adopt_wal(self.config.data_dir, wal)
         return wal
 
+    def replace_history(self, incoming: Path | None) -> None:
+        """A catch-up's engine copy (``SimHistory.copy_file``, received into ``history_spill``
+        and fsynced by ``CatchupReceiver``) replaces the member's ``SimHistory`` whole, durably;
+        None: the engine is emptied (the snapshot's histories fill it)."""
+        node = self.groups.node_of(self.config.data_dir)
+        if incoming is None:
+            node.history.install(None)
+            self.groups.counters["engine_emptied"] += 1
+            self.groups.trace("engine-emptied", node.name)
+            return
+        copy = SimHistory.decode(incoming.read_bytes())
+        incoming.unlink()
+        node.history.install(copy)
+        self.groups.counters["engine_installs"] += 1
+        self.groups.trace("engine-installed", node.name, sum(len(v) for v in copy._state.values()))
+
 
 class SimReplicaMember(ReplicaMember):
     """The real ``ReplicaMember`` on ``SimMemberFiles``, its Shard on the simulated clocks.
@@ -159,11 +185,16 @@ class SimReplicaMember(ReplicaMember):
 
     groups: ClassVar[SimGroups]
     shard_class = SimReplicaShard
+    crashed = False  # set when its process is killed: its leftovers no longer reach the disk
 
     def _new_core(self) -> Participant:
         cfg = self.config
         name = self.groups.name(self.shard_id, self.member_id)
-        return Participant(cfg.shard_id, 0, VersionedStore(cfg.history_limit),
+        # as ReplicaMember._new_core: the follower's engine (history_store="lmdb") is the
+        # member's SimHistory, on its simulated disk
+        self._close_history()
+        self._history = self.groups.history_of(self) if cfg.history_store != "memory" else None
+        return Participant(cfg.shard_id, 0, VersionedStore(cfg.history_limit, self._history),
                            DeliveryLog(cfg.delivery_log, clock=self.groups.clock), max_resolved=cfg.max_resolved_txns,
                            clock=self.groups.clock, wall_clock=self.groups.wall_clock_of(name))
 
@@ -206,7 +237,13 @@ class MemberServer:
         return await self.member.promise(term, candidate)
 
     async def install_snapshot(self, chunk: SnapshotChunk) -> AppendReply:
-        return await self.member.install_snapshot(chunk)
+        node, counters = self.node, self.node.groups.counters
+        counters["snapshot_chunks"] += 1
+        if chunk.offset == 0 and node.catchup_from is not None:
+            counters["catchups_cut"] += 1  # the last one never reached its end: lost, refused or crashed
+        reply = await self.member.install_snapshot(chunk)
+        node.catchup_from = None if chunk.done else (chunk.primary, chunk.lsn)
+        return reply
 
     async def take_over(self, term: int) -> None:
         """A candidate of ``term`` found this member the most complete: take over (§5 step 3)."""
@@ -242,6 +279,10 @@ class MemberNode:
     lease: int | None = None  # the etcd lease its primary key is bound to
     lease_until: float = 0.0  # the primary lease, on its own clock
     data_lost: bool = False  # its disk was lost and it is not a voter again yet
+    # its on-disk history store (history_store="lmdb"), on its simulated disk: rolled back to
+    # what was synced by a crash, a new empty one when the disk is lost (oribus.sim.history)
+    history: SimHistory = field(default_factory=SimHistory)
+    catchup_from: tuple[int, int] | None = None  # a catch-up begun and not finished: (primary, LSN)
     taking_over: bool = False
     seen_term: int = 0  # the term register when this member last saw it move ...
     seen_since: float = 0.0  # ... and when
@@ -442,12 +483,15 @@ class SimGroups:
         self.member_class: type[SimReplicaMember] = type("SimReplicaMember", (SimReplicaMember,),
                                                          {"groups": self, "files_class": files})
         self.options = ReplicationOptions(heartbeat_seconds=0.05, retry_min_seconds=0.01, retry_max_seconds=0.2,
+                                          snapshot_chunk_bytes=cluster.config.snapshot_chunk_bytes,
                                           unsafe_ack_on_local_fsync=cluster.config.unsafe_ack_on_local_fsync)
         self.counters = {"primaries": 0, "member_crashes": 0, "disk_losses": 0, "disk_losses_skipped": 0,
-                         "primary_partitions": 0, "primary_pauses": 0, "learner_starts": 0}
+                         "primary_partitions": 0, "primary_pauses": 0, "learner_starts": 0,
+                         "snapshot_chunks": 0, "catchups_cut": 0, "engine_installs": 0, "engine_emptied": 0,
+                         "history_versions_lost": 0}
         self.nodes: dict[int, dict[int, MemberNode]] = {
             s: {r: MemberNode(self, s, r, root / f"shard-{s}" / f"member-{r}", Endpoint(self.name(s, r)),
-                              random.Random(f"oribus-sim/{cluster.seed}/member/{s}.{r}"))
+                              random.Random(f"oribus-sim/{cluster.seed}/member/{s}.{r}"), history=self.new_history())
                 for r in range(self.replicas)}
             for s in range(self.config.shards)
         }
@@ -493,6 +537,22 @@ class SimGroups:
                 self.view[shard] = None if key is None else key.member
 
         self.loop.call_later(delay, deliver)
+
+    def node_of(self, data_dir: Path) -> MemberNode:
+        return self._by_dir[Path(data_dir)]
+
+    def new_history(self) -> SimHistory:
+        """An empty engine on a member's disk (a new disk, or one that was lost)."""
+        disk = self.config.disk
+        return SimHistory(unsafe_sync_does_nothing=disk.unsafe_history_sync_does_nothing,
+                          unsafe_empty_catchup_copy=disk.unsafe_history_empty_catchup_copy)
+
+    def history_of(self, member: ReplicaMember) -> SimHistory:
+        """The on-disk history store ``member`` opens: its node's, unless that incarnation was
+        killed (what its cancelled tasks still do then goes to an engine on no disk)."""
+        if getattr(member, "crashed", False):
+            return SimHistory()
+        return self.nodes[member.shard_id][member.member_id].history
 
     def adopt_wal(self, data_dir: Path, wal: Wal) -> None:
         node = self._by_dir[Path(data_dir)]
@@ -540,6 +600,7 @@ class SimGroups:
         if process is None or m is None:
             if lose_disk:
                 shutil.rmtree(node.data_dir, ignore_errors=True)
+                node.history = self.new_history()
             return False
         node.process = node.member = None
         node.endpoint.process = node.endpoint.target = None
@@ -557,6 +618,12 @@ class SimGroups:
             wal._failed = Unavailable(f"{node.name} crashed")
             wal._release()
         node.wals = []
+        # its engine keeps what was synced; the dead incarnation's object leaves the disk
+        if isinstance(m, SimReplicaMember):
+            m.crashed = True
+        history_lost = node.history.crash()
+        self.counters["history_versions_lost"] += history_lost
+        node.history = self.new_history() if lose_disk else node.history.reopened()
         lock = m._dir_lock
         if lock is not None:
             lock.release()

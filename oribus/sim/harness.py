@@ -54,7 +54,7 @@ from oribus.checker.history import APPEND, READ
 from oribus.checker.listappend import workload_keys
 from oribus.client.session import AsyncSession
 from oribus.delivery_log import DeliveryLogConfig
-from oribus.errors import InvalidRequest, OribusError, Unavailable
+from oribus.errors import OribusError, Unavailable
 from oribus.meta.slots import StaticSlotMap
 from oribus.shards.config import ShardConfig
 from oribus.shards.shard import Shard
@@ -157,11 +157,6 @@ class SimCluster:
                               for name in ["bus", *(f"shard-{i}" for i in range(self.config.shards))]}
         self.groups: SimGroups | None = None  # replica groups (config.replicas > 1)
         self._root: Path | None = None  # their data directories
-        if self.config.replicas > 1 and self.config.history_store != "memory":
-            # A group's members would open real LMDB files under /simulated/ (their catch-up
-            # ships the engine's file): the simulated engine does not model members yet.
-            raise InvalidRequest(f"the simulation runs replica groups with history_store='memory' only, "
-                                 f"not {self.config.history_store!r}")
         if self.config.replicas > 1:
             self.clock_offsets.update({SimGroups.name(i, r): rng.choice((-half, half, rng.uniform(-half, half)))
                                        for i in range(self.config.shards) for r in range(self.config.replicas)})

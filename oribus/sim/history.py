@@ -21,12 +21,52 @@ one dict; an undo log since the last sync rolls it back on a crash.
 tests): ``sync`` returns without making anything durable, so the versions a
 snapshot leaves to the engine are lost by the next crash — the simulation's
 history checks must find it.
+
+Replica groups (``oribus.sim.group``): every member keeps one of these on its
+own simulated disk (``MemberNode.history``), used by its follower core and by
+the Shard it serves as primary. A crash of the member rolls it back as above,
+and the disk then holds ``reopened()``, a new object with the durable state: the
+dead incarnation's object is no longer on the disk, so what its cancelled tasks
+still do to it (a ``finally`` that closes a Shard) reaches nothing. A lost disk
+loses the engine whole. A learner's catch-up carries the
+primary's engine in the real catch-up frame (``oribus/shards/replica/catchup.py``),
+where LMDB's consistent copy (``LmdbHistory.copy_file``) would be::
+
+    primary:  copy()      the written state now (durable + written, not the buffered:
+                          a read transaction sees committed transactions only), taken
+                          after the snapshot file was read (ReplicaMember._snapshot_source)
+              copy_file() that copy encoded (``encode``: msgpack of [key, [[version,
+                          value, meta], ...]], keys and versions sorted) in an unlinked
+                          temporary file, which CatchupSource frames with its CRC-32C
+    learner:  install()   the decoded copy replaces the whole engine, durable at once
+                          (as install_file renames an fsynced file over data.mdb)
+
+The frame travels over the simulated network in ``SnapshotChunk``s of
+``SimConfig.snapshot_chunk_bytes``, so faults can cut it mid-transfer.
+
+What the model leaves out: LMDB's pages (a copy is the state, not a file; its
+size and compaction are not modelled), the committer's batching (``flush`` is
+one transaction, ``sync`` makes every written one durable; the real engine
+may keep the last committed batch across a power cut, this one loses it —
+stricter), torn or damaged files (the frame's CRC is checked, but nothing here
+damages a file), and the time a copy or an install takes (none: they happen
+at one instant of virtual time, where the real ones run in a worker thread).
+
+``unsafe_empty_catchup_copy`` (deliberately broken, for testing the tests):
+``copy`` gives an empty engine, so a learner that catches up from a snapshot
+lacks every version the snapshot leaves to the engine; once it serves as
+primary the final read of the histories must find them missing.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from typing import BinaryIO
 
+import msgpack
+
+from oribus.errors import DataCorrupted
 from oribus.shards.history import Older
 
 _MISSING = object()
@@ -35,12 +75,13 @@ _MISSING = object()
 class SimHistory:
     persistent = True
 
-    def __init__(self, *, unsafe_sync_does_nothing: bool = False) -> None:
+    def __init__(self, *, unsafe_sync_does_nothing: bool = False, unsafe_empty_catchup_copy: bool = False) -> None:
         self._state: dict[str, dict[int, Older]] = {}  # written: key -> version -> record
         self._undo: list[tuple[str, int, object]] = []  # (key, version, record before) since the sync
         self._puts: dict[tuple[str, int], Older] = {}
         self._forget: dict[str, int] = {}
         self.unsafe_sync_does_nothing = unsafe_sync_does_nothing
+        self.unsafe_empty_catchup_copy = unsafe_empty_catchup_copy
         self.lost_versions = 0  # written records a crash rolled back
         self.dropped_by_count = 0  # records ``forget_through`` deleted (retention's count rule)
         self.dropped_by_age = 0  # records ``expire_older`` deleted (the age rule)
@@ -141,3 +182,57 @@ class SimHistory:
         self._undo.clear()
         self.lost_versions += lost
         return lost
+
+    def reopened(self) -> SimHistory:
+        """The engine as the next process opens it, a new object: this one's durable state
+        (call after ``crash``), its options and counters. This one stays the dead process's."""
+        new = SimHistory(unsafe_sync_does_nothing=self.unsafe_sync_does_nothing,
+                         unsafe_empty_catchup_copy=self.unsafe_empty_catchup_copy)
+        new._state = {key: dict(versions) for key, versions in self._state.items() if versions}
+        new.lost_versions = self.lost_versions
+        return new
+
+    # ---- a replica group's catch-up: the engine's consistent copy ------------------------
+
+    def copy(self) -> SimHistory:
+        """LMDB's consistent copy (``LmdbHistory.copy_file``): every version written so far,
+        durable or not (a read transaction sees committed transactions, synced or not), none
+        of those still buffered (the WAL after the snapshot replays them at the learner)."""
+        copy = SimHistory()
+        if not self.unsafe_empty_catchup_copy:
+            copy._state = {key: dict(versions) for key, versions in self._state.items() if versions}
+        return copy
+
+    def encode(self) -> bytes:
+        """The written state as bytes (module docstring): what the catch-up frame carries."""
+        return msgpack.packb([[key, [list(versions[v]) for v in sorted(versions)]]
+                              for key, versions in sorted(self._state.items()) if versions], use_bin_type=True)
+
+    @staticmethod
+    def decode(raw: bytes) -> SimHistory:
+        """``encode``'s inverse; ``DataCorrupted`` if ``raw`` is not such a state."""
+        try:
+            items = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            state: dict[str, dict[int, Older]] = {
+                key: {int(e[0]): (int(e[0]), e[1], tuple(e[2])) for e in entries} for key, entries in items}
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException) as e:
+            raise DataCorrupted(f"a simulated history store copy does not decode: {e}") from e
+        history = SimHistory()
+        history._state = state
+        return history
+
+    def copy_file(self) -> BinaryIO:
+        """``copy`` encoded in an unlinked temporary file, as ``LmdbHistory.copy_file`` gives
+        it (``ReplicaMember._snapshot_source`` hands it to ``CatchupSource``, which closes it)."""
+        f = tempfile.TemporaryFile()  # noqa: SIM115 (closed by CatchupSource.close)
+        f.write(self.copy().encode())
+        f.flush()
+        return f
+
+    def install(self, copy: SimHistory | None) -> None:
+        """Replace the whole engine by ``copy`` (None: an empty engine), durable at once: the
+        learner's side of a catch-up (``LmdbHistory.install_file`` renames the fsynced copy
+        over ``data.mdb`` and fsyncs the directory)."""
+        self._state = {} if copy is None else {key: dict(versions) for key, versions in copy._state.items()}
+        self._puts, self._forget = {}, {}
+        self._undo.clear()

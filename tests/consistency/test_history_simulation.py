@@ -66,15 +66,6 @@ def test_catches_an_engine_whose_sync_does_nothing() -> None:
     assert honest.ok, _explain(honest)
 
 
-def test_replica_groups_on_the_simulated_engine_are_refused_not_half_modelled() -> None:
-    from oribus.errors import InvalidRequest
-    from oribus.sim.harness import SimCluster
-
-    with pytest.raises(InvalidRequest, match="replica groups with history_store='memory' only"):
-        SimCluster(0, SimConfig(replicas=3, history_store="lmdb"))
-    SimCluster(0, SimConfig(replicas=3))  # memory: modelled
-
-
 @pytest.mark.parametrize("store", ["memory", "lmdb"])
 def test_the_age_rule_runs_on_virtual_clocks_deterministically_through_crashes(store: str) -> None:
     """Each simulated shard runs the age rule's compaction on its own (skewed) virtual wall clock

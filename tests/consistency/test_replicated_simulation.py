@@ -65,6 +65,9 @@ replica_configs = st.builds(
     register_clients=st.integers(0, 2),
     list_keys=st.integers(2, 8),
     snapshot_every_records=st.sampled_from([1 << 40, 20, 60]),
+    # history kept in memory or on each member's simulated disk (then shipped at catch-up:
+    # tests/consistency/test_replicated_history_simulation.py)
+    history_store=st.sampled_from(["memory", "lmdb"]),
     duration=st.just(1.5),
 )
 

@@ -8,6 +8,7 @@ is the term register (a counter moved by compare-and-set) and nothing else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
@@ -20,8 +21,9 @@ from oribus.contract import CommitRequest
 from oribus.errors import InvalidRequest, Unavailable
 from oribus.messages import ReadRequest, ShardTxn, TxnState, Vote, VoteKind
 from oribus.shards.config import ShardConfig
+from oribus.shards.history.lmdb_engine import LmdbHistory
 from oribus.shards.replica import DirectNetwork, ReplicaMember, ReplicationOptions
-from oribus.shards.replica.catchup import pack_catchup
+from oribus.shards.replica.catchup import CatchupReceiver, CatchupSource, pack_catchup
 from oribus.shards.replica.messages import SnapshotChunk
 from oribus.shards.service import ShardServiceByCalls
 from oribus.shards.shard import Shard
@@ -559,3 +561,46 @@ async def test_a_member_keeping_history_in_memory_refuses_a_catch_up_with_an_lmd
     assert not reply.ok
     assert member.counters["snapshots_installed"] == 0
     assert member.last_position == before and member.voter
+
+
+async def test_a_primary_whose_term_is_starting_sends_its_lmdb_engine_with_a_snapshot(tmp_path) -> None:
+    """Before its TERM_START is committed a new primary has no Shard, and a learner may already
+    ask it for a snapshot: the copy of the member's own engine travels with it (sent alone,
+    the snapshot, which holds only current versions, would leave the learner without the
+    older ones; found by the simulation, tests/consistency/test_replicated_history_simulation.py)."""
+    g = Group(tmp_path, snapshot_every_records=5, history_store="lmdb")
+    await g.start_all()
+    try:
+        _, shard = await g.elect(0)
+        for n in range(12):
+            await commit(shard, put(f"c{n}", "k", n))
+        follower = g.members[1]
+        await eventually(lambda: follower.counters["snapshots"] > 0 and follower.applied_lsn >= shard.wal.commit_lsn)
+        await g.crash(0)
+        await g.crash(2)  # no majority: member 1's term starts and never begins
+        term = g.etcd.next_term()
+        starting = asyncio.create_task(follower.become_primary(term, g.peers(1)))
+        await eventually(lambda: follower.role == "starting")
+        source = await asyncio.get_running_loop().run_in_executor(None, follower._snapshot_source)
+        assert source is not None
+        lsn, data = source
+        assert isinstance(data, CatchupSource), type(data)
+        try:
+            receiver = CatchupReceiver(tmp_path / "learner" / "incoming")
+            receiver.feed(data[0:len(data)])
+            _, history_file = receiver.finish()
+        finally:
+            data.close()
+        assert history_file is not None
+        LmdbHistory.install_file(tmp_path / "learner" / "history", history_file)
+        engine = LmdbHistory(tmp_path / "learner" / "history", cache_bytes=1 << 20)
+        try:
+            older = [o[0] for o in engine.newest_first("k", 1 << 30, 1)]
+        finally:
+            engine.close()
+        assert older and min(older) == 1, older  # the versions the snapshot leaves to the engine
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Unavailable):
+            await starting
+    finally:
+        await g.close()

@@ -177,6 +177,9 @@ class ReplicaMember:
         # The follower's on-disk history store (history_store="lmdb"; None in memory), closed
         # while the member is primary: its Shard opens the same directory.
         self._history: HistoryStore | None = None
+        # Held while that engine is copied for a learner or closed (two worker threads: a copy
+        # for a primary whose term is starting, and become_primary closing it for its Shard).
+        self._history_lock = threading.Lock()
         self.role = FOLLOWER
         self._manifest = ShardManifest(config.shard_id, member=member_id)
         self._manifest_lock = threading.Lock()
@@ -310,9 +313,10 @@ class ReplicaMember:
 
     def _close_history(self) -> None:
         """Flush, sync and close the follower's on-disk history store, if open."""
-        history, self._history = self._history, None
-        if history is not None:
-            history.close()
+        with self._history_lock:
+            history, self._history = self._history, None
+            if history is not None:
+                history.close()
 
     def _move_aside(self, why: str) -> None:
         """Keep damaged files for a post-mortem, out of the way of an empty log."""
@@ -706,14 +710,25 @@ class ReplicaMember:
         """The latest snapshot, and with an on-disk history store the engine's consistent
         copy, taken after the snapshot was read (``catchup.py``). Runs in a worker thread."""
         snap = self.files.snapshot_file()
-        if snap is None:
-            return None
-        shard = self.shard
-        copy = getattr(shard.store.older, "copy_file", None) if shard is not None else None
-        if copy is None:
+        if snap is None or self.config.history_store == "memory":
             return snap
+        # The engine open now: the Shard's while primary; the member's own while its term
+        # starts (TERM_START not yet committed, no Shard yet), when a learner may already ask.
+        # A snapshot sent without it would leave the learner none of the versions the
+        # snapshot leaves to the engine (found by the simulation: oribus/sim/history.py).
         lsn, data = snap
-        return lsn, CatchupSource(data, copy())
+        shard = self.shard
+        if shard is not None:
+            copy = getattr(shard.store.older, "copy_file", None)
+            history_file = copy() if copy is not None else None
+        else:
+            with self._history_lock:  # not closed under the copy
+                copy = getattr(self._history, "copy_file", None)
+                history_file = copy() if copy is not None else None
+        if history_file is None:  # the Shard is opening the engine: no consistent copy to send yet
+            raise Unavailable(f"shard {self.shard_id} member {self.member_id}: the history store is not "
+                              "open; the snapshot is sent once it is", shard=self.shard_id)
+        return lsn, CatchupSource(data, history_file)
 
     def _deposed(self, term: int) -> None:
         """The ReplicatedWal saw a higher term: report it, and step down soon."""
