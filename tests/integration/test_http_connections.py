@@ -63,9 +63,10 @@ async def test_900_unfinished_requests_are_all_closed_and_the_server_serves_agai
     default connection cap (512): the excess is refused at once, the rest closed after the
     header or body timeout, with one log line for the cap; then a normal client is served."""
     caplog.set_level(logging.INFO, logger="oribus.http")
-    # timeouts longer than the flood takes to open, even on a loaded machine: a connection
-    # admitted and timed out before the flood ends would free a slot for a later one
-    timeout = 3.0
+    # timeouts longer than the flood takes to open, even on a loaded machine (measured: 3.8 s
+    # with the whole suite and other work on two cores): a connection admitted and timed out
+    # before the flood ends would free a slot for a later one
+    timeout = 5.0
     gw = await start_gateway(header_timeout=timeout, body_timeout=timeout, idle_timeout=5.0)
     cap = GatewayConfig.max_connections
     body = b'{"agent": "slow", "writes": {"slow/flood": 1}}'
@@ -81,13 +82,15 @@ async def test_900_unfinished_requests_are_all_closed_and_the_server_serves_agai
         conns.append((r, w))
     t0 = time.monotonic()
     assert t0 - flood_started < timeout, "the flood took longer to open than the timeouts: nothing to judge"
-    results = await asyncio.gather(*(closed_within(r, 10) for r, _ in conns))
+    results = await asyncio.gather(*(closed_within(r, 2 * timeout + 6) for r, _ in conns))
     elapsed = time.monotonic() - t0
     refused = [got for got, _ in results if got.startswith(b"HTTP/1.1 503 ")]
     timed_out_bodies = [got for got, _ in results if got.startswith(b"HTTP/1.1 408 ")]
     assert len(refused) == 900 - cap, len(refused)
     assert len(timed_out_bodies) == cap // 2, len(timed_out_bodies)  # every admitted unfinished body
-    assert elapsed < timeout + 4.0, elapsed  # closed by the timeouts, long before the 10 s wait
+    # closed by the timeouts: an unfinished body gets its 408 after body_timeout, then aiohttp's
+    # lingering close drains it for at most as long again (specs/http.md), long before the wait ends
+    assert elapsed < 2 * timeout + 3.0, elapsed
     assert [rec.getMessage() for rec in caplog.records if "cap reached" in rec.getMessage()] == [
         f"HTTP connection cap reached: {cap} connections open; new connections get 503 and are closed "
         "until some close (max_connections)"]
