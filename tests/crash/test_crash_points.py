@@ -234,23 +234,26 @@ def calibrate(root: Path, children: Children, pool: ThreadPoolExecutor) -> dict[
     return dict(zip(SHARD_COUNTS, pool.map(one, SHARD_COUNTS), strict=True))
 
 
-def plan(root: Path, hits: dict[int, dict[str, int]]) -> list[CrashRun]:
-    """RUNS_PER_POINT runs per crash point, N spread from the first hit to late in the run."""
+def plan(root: Path, hits: dict[int, dict[str, int]], points: tuple[str, ...] = CRASH_POINTS,
+         runs_per_point: int = RUNS_PER_POINT, seed_base: int = 1000,
+         recovery_kills: bool = True) -> list[CrashRun]:
+    """``runs_per_point`` runs per crash point, N spread from the first hit to late in the run;
+    with ``recovery_kills``, runs RECOVERY_KILL_RUNS of each point are killed again in recovery."""
     runs = []
-    for p, point in enumerate(CRASH_POINTS):
-        for j in range(RUNS_PER_POINT):
+    for p, point in enumerate(points):
+        for j in range(runs_per_point):
             shards = SHARD_COUNTS[j % len(SHARD_COUNTS)]
             total = hits[shards].get(point, 0)
             assert total > 0, f"the workload never reaches {point} with {shards} shards: {hits[shards]}"
             last = max(1, int(total * LATEST_HIT_FRACTION))
-            hit = 1 + round(j * (last - 1) / (RUNS_PER_POINT - 1))
-            seed = 1000 + p * RUNS_PER_POINT + j
+            hit = 1 + round(j * (last - 1) / (runs_per_point - 1))
+            seed = seed_base + p * runs_per_point + j
             then = None
-            if j in RECOVERY_KILL_RUNS:
+            if recovery_kills and j in RECOVERY_KILL_RUNS:
                 then = RECOVERY_KILLS[(p + RECOVERY_KILL_RUNS.index(j)) % len(RECOVERY_KILLS)]
             runs.append(CrashRun(point, hit, seed, shards, root / f"{point}-{hit}-s{seed}", then))
     # interleave the points so that the two children rarely run the same kind of crash
-    return sorted(runs, key=lambda r: (r.seed % RUNS_PER_POINT, r.point))
+    return sorted(runs, key=lambda r: (r.seed % runs_per_point, r.point))
 
 
 @dataclass

@@ -23,7 +23,6 @@ rule may have dropped).
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 import time
@@ -38,17 +37,14 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from test_crash_points import (  # noqa: E402
-    CALIBRATION_SEED,
-    LATEST_HIT_FRACTION,
     PARALLEL,
-    SHARD_COUNTS,
-    WORKLOAD,
     Children,
     CrashRun,
     Sweep,
     _explain,
-    child_env,
+    calibrate,
     execute,
+    plan,
 )
 from workload import HISTORY_MAX_AGE_ENV, HISTORY_STORE_ENV  # noqa: E402
 
@@ -89,28 +85,9 @@ def run_sweep(root: Path, children: Children, crash_progress: Callable[[str], No
     started = time.monotonic()
     crash_progress(f"{label}: calibrating")
 
-    def calibrate(shards: int) -> dict[str, int]:
-        d = root / f"calibrate-{shards}"
-        d.mkdir()
-        hits = d / "hits.json"
-        rc, _, err = children.run(
-            [str(WORKLOAD), str(d / "data"), str(d / "journal.jsonl"), str(CALIBRATION_SEED),
-             str(shards), "--hits-out", str(hits)], env=child_env())
-        assert rc == 0, f"the unarmed workload failed ({rc}): {err[-3000:]}"
-        return json.loads(hits.read_text())
-
     with ThreadPoolExecutor(PARALLEL) as pool:
-        hits = dict(zip(SHARD_COUNTS, pool.map(calibrate, SHARD_COUNTS), strict=True))
-        planned = []
-        for p, point in enumerate(points):
-            for j in range(runs_per_point):
-                shards = SHARD_COUNTS[j % len(SHARD_COUNTS)]
-                total = hits[shards].get(point, 0)
-                assert total > 0, f"the workload of {label} never reaches {point} with {shards} shards"
-                last = max(1, int(total * LATEST_HIT_FRACTION))
-                hit = 1 + round(j * (last - 1) / (runs_per_point - 1))
-                seed = seed_base + p * runs_per_point + j
-                planned.append(CrashRun(point, hit, seed, shards, root / f"{point}-{hit}-s{seed}"))
+        hits = calibrate(root, children, pool)
+        planned = plan(root, hits, points, runs_per_point, seed_base, recovery_kills=False)
         done = 0
         lock = threading.Lock()
 
