@@ -256,6 +256,23 @@ def plan(root: Path, hits: dict[int, dict[str, int]], points: tuple[str, ...] = 
     return sorted(runs, key=lambda r: (r.seed % runs_per_point, r.point))
 
 
+def execute_all(planned: list[CrashRun], children: Children, pool: ThreadPoolExecutor,
+                progress: Callable[[int, int], None]) -> list[CrashRun]:
+    """Run and check every planned run on ``pool``; ``progress(done, total)`` after each."""
+    done = 0
+    lock = threading.Lock()
+
+    def one(run: CrashRun) -> CrashRun:
+        nonlocal done
+        execute(run, children)
+        with lock:
+            done += 1
+            progress(done, len(planned))
+        return run
+
+    return list(pool.map(one, planned))
+
+
 @dataclass
 class Sweep:
     runs: list[CrashRun]
@@ -279,20 +296,12 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, children: Children, crash_re
         hits = calibrate(root, children, pool)
         planned = plan(root, hits)
         step = max(1, len(planned) // PROGRESS_LINES)
-        done = 0
-        lock = threading.Lock()
 
-        def execute_and_report(run: CrashRun) -> CrashRun:
-            nonlocal done
-            execute(run, children)
-            with lock:
-                done += 1
-                if done % step == 0 or done == len(planned):
-                    crash_progress(f"crash sweep: {done}/{len(planned)} armed runs checked, "
-                                   f"{time.monotonic() - started:.0f} s")
-            return run
+        def progress(done: int, total: int) -> None:
+            if done % step == 0 or done == total:
+                crash_progress(f"crash sweep: {done}/{total} armed runs checked, {time.monotonic() - started:.0f} s")
 
-        runs = list(pool.map(execute_and_report, planned))
+        runs = execute_all(planned, children, pool, progress)
     result = Sweep(runs, time.monotonic() - started)
     summary = {
         "armed": len(runs),

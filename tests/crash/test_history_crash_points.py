@@ -24,7 +24,6 @@ rule may have dropped).
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,11 +38,10 @@ if str(HERE) not in sys.path:
 from test_crash_points import (  # noqa: E402
     PARALLEL,
     Children,
-    CrashRun,
     Sweep,
     _explain,
     calibrate,
-    execute,
+    execute_all,
     plan,
 )
 from workload import HISTORY_MAX_AGE_ENV, HISTORY_STORE_ENV  # noqa: E402
@@ -88,20 +86,12 @@ def run_sweep(root: Path, children: Children, crash_progress: Callable[[str], No
     with ThreadPoolExecutor(PARALLEL) as pool:
         hits = calibrate(root, children, pool)
         planned = plan(root, hits, points, runs_per_point, seed_base, recovery_kills=False)
-        done = 0
-        lock = threading.Lock()
 
-        def one(run: CrashRun) -> CrashRun:
-            nonlocal done
-            execute(run, children)
-            with lock:
-                done += 1
-                if done % 12 == 0 or done == len(planned):
-                    crash_progress(f"{label}: {done}/{len(planned)} runs checked, "
-                                   f"{time.monotonic() - started:.0f} s")
-            return run
+        def progress(done: int, total: int) -> None:
+            if done % 12 == 0 or done == total:
+                crash_progress(f"{label}: {done}/{total} runs checked, {time.monotonic() - started:.0f} s")
 
-        runs = list(pool.map(one, planned))
+        runs = execute_all(planned, children, pool, progress)
     return Sweep(runs, time.monotonic() - started)
 
 
@@ -141,14 +131,19 @@ def compaction_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_history_on_disk_recovers_from_a_kill_at(lmdb_sweep: Sweep, point: str) -> None:
-    runs = lmdb_sweep.of(point)
+def assert_recovered(sweep: Sweep, point: str, what: str) -> None:
+    """Every run armed at ``point`` completed and recovered; two thirds of them really died there."""
+    runs = sweep.of(point)
     errors = [r for r in runs if r.error]
     assert not errors, "runs that did not complete:\n" + _explain(errors)
     broken = [r for r in runs if r.violations]
-    assert not broken, f"recovery (lmdb history) after a kill at {point} broke its promises:\n" + _explain(broken)
+    assert not broken, f"recovery ({what}) after a kill at {point} broke its promises:\n" + _explain(broken)
     crashed = sum(r.crashed for r in runs)
     assert crashed >= len(runs) * 2 // 3, f"only {crashed} of {len(runs)} runs armed at {point} really crashed"
+
+
+def test_history_on_disk_recovers_from_a_kill_at(lmdb_sweep: Sweep, point: str) -> None:
+    assert_recovered(lmdb_sweep, point, "lmdb history")
 
 
 def test_enough_history_crash_points_really_crashed(lmdb_sweep: Sweep) -> None:
@@ -161,10 +156,4 @@ def test_enough_history_crash_points_really_crashed(lmdb_sweep: Sweep) -> None:
 def test_a_kill_in_the_age_compaction_recovers_to_a_consistent_history(compaction_sweep: tuple[str, Sweep]) -> None:
     store, sweep = compaction_sweep
     for point in COMPACTION_POINTS[store]:
-        runs = sweep.of(point)
-        errors = [r for r in runs if r.error]
-        assert not errors, "runs that did not complete:\n" + _explain(errors)
-        broken = [r for r in runs if r.violations]
-        assert not broken, f"recovery after a kill at {point} broke its promises:\n" + _explain(broken)
-        crashed = sum(r.crashed for r in runs)
-        assert crashed >= len(runs) * 2 // 3, f"only {crashed} of {len(runs)} runs armed at {point} really crashed"
+        assert_recovered(sweep, point, f"{store} history, age compaction")
