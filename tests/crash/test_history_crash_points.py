@@ -130,7 +130,6 @@ def compaction_sweep(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     yield store, sweep
 
 
-@pytest.mark.parametrize("point", POINTS)
 def assert_recovered(sweep: Sweep, point: str, what: str) -> None:
     """Every run armed at ``point`` completed and recovered; two thirds of them really died there."""
     runs = sweep.of(point)
@@ -142,6 +141,7 @@ def assert_recovered(sweep: Sweep, point: str, what: str) -> None:
     assert crashed >= len(runs) * 2 // 3, f"only {crashed} of {len(runs)} runs armed at {point} really crashed"
 
 
+@pytest.mark.parametrize("point", POINTS)
 def test_history_on_disk_recovers_from_a_kill_at(lmdb_sweep: Sweep, point: str) -> None:
     assert_recovered(lmdb_sweep, point, "lmdb history")
 
