@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import msgpack
@@ -604,3 +605,29 @@ async def test_a_primary_whose_term_is_starting_sends_its_lmdb_engine_with_a_sna
             await starting
     finally:
         await g.close()
+
+
+@pytest.mark.parametrize("store", ["memory", "lmdb"])
+async def test_followers_drop_versions_by_age_as_the_primary_does(tmp_path, store: str) -> None:
+    """The age rule runs on every member: a follower's store drops what is older than the max
+    age by its own compaction (specs/engine.md "Retention"), so a member elected later starts
+    with the history the rule keeps, not with every version since it last was primary."""
+    max_age = 1.0
+    group = Group(tmp_path, history_store=store, history_max_age_seconds=max_age, history_compaction_interval=0.02)
+    await group.start_all()
+    try:
+        primary, shard = await group.elect(0)
+        first = time.time()
+        for v in range(5):  # stamped now, as a coordinator stamps its commits
+            await commit(shard, dataclasses.replace(put(f"c{v}", "doc", v), committed_at=time.time()))
+        followers = [m for i, m in group.members.items() if i != primary]
+        await eventually(lambda: all(m.core is not None and m.core.store.version("doc") == 5 for m in followers))
+        kept = [m.core.store.oldest_version("doc") for m in followers]
+        if time.time() - first < max_age / 2:  # (a loaded machine may take longer to get here)
+            assert kept == [1, 1], kept  # young yet: all kept
+        await eventually(lambda: all(m.core.store.oldest_version("doc") == 5 for m in followers), 10 * max_age)
+        assert [m.status()["history_dropped_by_age"] for m in followers] == [4, 4]
+        assert [e.version for e in followers[0].core.store.history("doc")] == [5]  # the current stays
+        await eventually(lambda: shard.store.oldest_version("doc") == 5, 10 * max_age)  # the primary's own rule
+    finally:
+        await group.close()

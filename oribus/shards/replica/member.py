@@ -92,6 +92,7 @@ from oribus.shards.replica.messages import (
 from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
 from oribus.shards.replica.rules import becomes_voter, may_promise, plan_append
 from oribus.shards.replica.terms import Terms
+from oribus.shards.retention import AgeCompaction
 from oribus.shards.shard import Shard, open_history_store
 from oribus.shards.store import VersionedStore
 from oribus.shards.wal import Wal
@@ -191,10 +192,17 @@ class ReplicaMember:
         self._snapshot_lsn = 0
         self._commit_known = 0  # the highest commit index a primary told us (capped by agreement)
         self._snapshot_task: asyncio.Task | None = None
+        # The age rule on the follower's own store (as primary, its Shard runs its own), paced
+        # like a shard's (``oribus/shards/retention.py``); None without an age limit.
+        max_age = config.history_max_age_seconds
+        self._compaction = (AgeCompaction(max_age, interval=config.history_compaction_interval)
+                            if max_age is not None else None)
+        self._compaction_task: asyncio.Task | None = None
         self._incoming: CatchupReceiver | None = None  # a snapshot (and history file) being received
         self._incoming_lsn = -1
         self.counters = {"appends": 0, "refused_term": 0, "refused_mismatch": 0, "truncated_records": 0,
-                         "promises": 0, "snapshots_installed": 0, "snapshots": 0, "learner_starts": 0}
+                         "promises": 0, "snapshots_installed": 0, "snapshots": 0, "learner_starts": 0,
+                         "history_dropped_by_age": 0}
 
     # ---- opening ------------------------------------------------------------------
 
@@ -235,6 +243,8 @@ class ReplicaMember:
             if member._own_lock and member._dir_lock is not None:
                 member._dir_lock.release()
             raise
+        if member._compaction is not None:
+            member._compaction_task = loop.create_task(member._compact_forever())
         return member
 
     def _open_data(self, term_register: int) -> None:
@@ -706,6 +716,31 @@ class ReplicaMember:
                  self.member_id, term, lsn)
         return shard
 
+    # ---- the age rule while following -----------------------------------------------------
+
+    def compact_history(self) -> int:
+        """One step of the age rule on the follower's store (as ``Shard.compact_history`` on a
+        primary), by the core's wall clock; returns how many versions it dropped. Nothing while
+        the member is primary or starting (its Shard's compaction runs then) or closed."""
+        core = self.core
+        if self._compaction is None or self.role != FOLLOWER or core is None:
+            return 0
+        dropped = self._compaction.step(core.store, core.wall_clock())
+        if dropped:
+            core.store.older.flush()
+            self.counters["history_dropped_by_age"] += dropped
+        return dropped
+
+    async def _compact_forever(self) -> None:
+        while self.role != CLOSED:
+            await asyncio.sleep(self.config.history_compaction_interval)
+            async with self._lock:  # not in the middle of an install, which replaces the core
+                try:
+                    self.compact_history()
+                except Exception:  # a failed step drops nothing more; the next one tries again
+                    log.exception("shard %d member %d: history compaction step failed", self.shard_id,
+                                  self.member_id)
+
     def _snapshot_source(self) -> tuple[int, CatchupData] | None:
         """The latest snapshot, and with an on-disk history store the engine's consistent
         copy, taken after the snapshot was read (``catchup.py``). Runs in a worker thread."""
@@ -790,6 +825,8 @@ class ReplicaMember:
                 return
             if self._snapshot_task is not None:
                 self._snapshot_task.cancel()
+            if self._compaction_task is not None:
+                self._compaction_task.cancel()
             shard, rwal, wal = self.shard, self.rwal, self.wal
             self.role = CLOSED
             self._drop_incoming()
