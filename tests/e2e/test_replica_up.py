@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from processes import ServerProcess, _alive, free_port, oribus_command, shard_pids
 
@@ -57,6 +58,13 @@ async def _statuses(url: str) -> dict[int, MemberStatus | None]:
     return out
 
 
+def _logs(server: ServerProcess, data: Path) -> str:
+    """``oribus up``'s log and the end of every member's (each process's log beside its directory)."""
+    members = sorted((data / "groups" / "shard-0000").glob("member-*.log"))
+    tails = ["\n".join(f.read_text(errors="replace").splitlines()[-30:]) for f in members]
+    return "\n".join([server.log_tail(), *(f"==== {f.name}\n{t}" for f, t in zip(members, tails, strict=True))])
+
+
 async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_path):
     data = tmp_path / "data"
     address = f"127.0.0.1:{free_port()}"
@@ -89,7 +97,7 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
                 statuses = await _statuses(url.group(1))
                 if all(s is not None and s.voter for s in statuses.values()):
                     break
-                assert time.monotonic() < deadline, f"{statuses}\n{server.log_tail()}"
+                assert time.monotonic() < deadline, f"{statuses}\n{_logs(server, data)}"
                 await asyncio.sleep(0.2)
             primary, term, _ = await _group_state(url.group(1))
             os.kill(pids[primary], signal.SIGKILL)
@@ -103,7 +111,7 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
                     pass
                 except SessionExpired:  # its own writes were deliveries on the dead primary
                     await w.reset_session()
-                assert time.monotonic() < deadline, server.log_tail()
+                assert time.monotonic() < deadline, _logs(server, data)
                 await asyncio.sleep(0.1)
             # the supervisor started the member again on an empty directory; it catches up
             deadline = time.monotonic() + 30
@@ -117,7 +125,7 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
                     await peer.close()
                 if status is not None and status.voter and status.last[0] == new_term:
                     break
-                assert time.monotonic() < deadline, f"{status}\n{server.log_tail()}"
+                assert time.monotonic() < deadline, f"{status}\n{_logs(server, data)}"
                 await asyncio.sleep(0.2)
             assert new_primary != primary and new_term > term
             assert "starting it again on an empty directory" in server.log_tail(200)
