@@ -26,6 +26,7 @@ from processes import ServerProcess, _alive, free_port, oribus_command, shard_pi
 
 import oribus
 from oribus import SessionExpired, Unavailable
+from oribus.errors import OribusError
 from oribus.meta.etcd import EtcdMeta
 from oribus.meta.groups import EtcdGroups
 from oribus.rpc.replica_client import StreamPeer
@@ -52,7 +53,7 @@ async def _statuses(url: str) -> dict[int, MemberStatus | None]:
         out[member] = None
         if member in members:
             peer = StreamPeer(member, members[member], timeout=2.0)
-            with contextlib.suppress(Unavailable):
+            with contextlib.suppress(OribusError):
                 out[member] = await peer.status()
             await peer.close()
     return out
