@@ -20,7 +20,8 @@ What a member process does, in order:
    usually go first) and, if still absent, becomes a candidate. An ``elect`` call from a
    candidate that found this member the most complete makes it a candidate at once, in that
    candidate's term;
-4. **CANDIDATE**: once a majority of voters answer (``_voters_reachable``), moves the term register by CAS (a failed CAS: another election runs — back
+4. **CANDIDATE**: once a majority of voters answer (``_voters_reachable``; too few for a lease TTL:
+   it says so in its log, naming the learners and the silent ones), moves the term register by CAS (a failed CAS: another election runs — back
    to following), asks every member for a promise, and ``decide``s: take over (the etcd
    takeover transaction, then ``become_primary``: ``TERM_START`` committed on a majority,
    recovery as a restarted shard, the restart grace but for a brand-new group), defer to the
@@ -82,6 +83,8 @@ log = logging.getLogger("oribus.hosts.replica")
 
 ELECTION_STAGGER = 0.15  # seconds per member id a follower waits before it stands (ties go to low ids)
 NO_QUORUM_BACKOFF = 0.5  # seconds before a candidate that found no majority stands again
+NO_QUORUM_REPORT_SECONDS = 10.0  # how often a member that finds too few voters to stand says so ...
+# ... once that has lasted a lease TTL (not while a new group's members are still opening)
 SESSION_SWEEP_SECONDS = 5.0
 PEER_REFRESH_SECONDS = 0.5
 FOLLOWER_TICK = 0.1  # how often a follower looks at its stagger, its lease and an elect call
@@ -196,6 +199,8 @@ class ReplicaHost:
         self.failovers = 0  # times this member became primary
         self.primary_since = 0.0  # wall-clock time it last began serving as primary (0: never)
         self.joined = asyncio.Event()
+        self._no_quorum_since = -1.0  # loop time since which too few voters answer it (-1: enough do)
+        self._no_quorum_reported = -1.0  # loop time it last said so (-1: not since then)
 
     # ---- start ---------------------------------------------------------------------------
 
@@ -375,6 +380,7 @@ class ReplicaHost:
                     self.primary_member = primary.member if primary is not None else -1
                 if self.primary_member >= 0 or not self.member.voter:
                     absent_since = None
+                    self._no_quorum_since = self._no_quorum_reported = -1.0
                     continue
                 absent_since = absent_since if absent_since is not None else now
                 if now - absent_since >= stagger:
@@ -434,15 +440,45 @@ class ReplicaHost:
         have opened."""
         assert self.peers is not None and self.member is not None
 
-        async def voter(member: int) -> bool:
+        async def voter(member: int) -> bool | None:
             assert self.peers is not None
             try:
                 return (await self.peers.client(member).status()).voter
             except OribusError:
-                return False
+                return None
 
-        answers = await asyncio.gather(*(voter(p.member_id) for p in self.peers.peers))
-        return int(self.member.voter) + sum(answers) >= majority(self.replicas)
+        ids = [p.member_id for p in self.peers.peers]
+        answers = dict(zip(ids, await asyncio.gather(*(voter(m) for m in ids)), strict=True))
+        voters = int(self.member.voter) + sum(1 for a in answers.values() if a)
+        if voters >= majority(self.replicas):
+            self._no_quorum_since = self._no_quorum_reported = -1.0
+            return True
+        self._report_no_quorum(voters, answers)
+        return False
+
+    def _report_no_quorum(self, voters: int, answers: dict[int, bool | None]) -> None:
+        """Say why no election starts, once that has lasted a lease TTL and then at most every
+        ``NO_QUORUM_REPORT_SECONDS``: a group with too few voters stays without a primary until
+        enough of them are back, and a learner becomes a voter only by catching up from a primary
+        (§7) — a group that lost a majority of its complete copies waits for them rather than
+        electing an incomplete member."""
+        assert self.lease is not None
+        now = asyncio.get_running_loop().time()
+        if self._no_quorum_since < 0:
+            self._no_quorum_since = now
+        if now - self._no_quorum_since < self.lease.ttl or (
+                self._no_quorum_reported >= 0 and now - self._no_quorum_reported < NO_QUORUM_REPORT_SECONDS):
+            return
+        self._no_quorum_reported = now
+
+        def names(which: list[int]) -> str:
+            return ", ".join(map(str, which)) or "none"
+
+        log.warning("shard %d member %d: no primary, and %d of the group's %d members answer as voters (a majority "
+                    "is %d; learners: %s; not answering: %s): no election until a majority of voters is back",
+                    self.shard_id, self.member_id, voters, self.replicas, majority(self.replicas),
+                    names(sorted(m for m, a in answers.items() if a is False)),
+                    names(sorted(m for m, a in answers.items() if a is None)))
 
     async def _ask(self, member: int, term: int) -> tuple[int, PromiseReply | None]:
         assert self.peers is not None

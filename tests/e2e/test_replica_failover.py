@@ -18,6 +18,7 @@ through etcd and commits flow through the bus. Then the faults the design is for
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import uuid
 
@@ -119,6 +120,41 @@ async def test_a_killed_primary_is_replaced_and_a_member_that_lost_its_disk_catc
     finally:
         await check.close()
     print(f"\nprimary killed -9: writes flowed again after {back_in:.2f}s (lease TTL {LEASE_TTL}s)")
+
+
+async def test_a_group_that_lost_two_of_its_three_disks_elects_nobody_and_says_why(cluster, tmp_path, etcd):
+    """The primary and a follower killed -9 with their data directories deleted: both come back
+    as learners and the one voter left is no majority. The group stays without a primary (a
+    learner is never elected: fail closed) and the voter says so in its log, naming the learners.
+    (A member that opens after the group's first term began is such a learner until it has
+    caught up: killing the primary with its disk before then leaves a group of three in this
+    state.)"""
+    group = await ReplicaGroup(cluster, tmp_path, etcd.url).start()
+    assert group.bus is not None
+    first = await group.wait_primary()
+    deadline = time.monotonic() + 30
+    while not all(s is not None and s.voter for s in [await group.status(m) for m in range(3)]):
+        assert time.monotonic() < deadline, "the group never had three voters"
+        await asyncio.sleep(0.2)
+    async with oribus.connect(group.bus.address, agent="writer") as w:
+        await w.commit({"k/0": 0})
+    survivor = next(m for m in range(3) if m != first.member)
+    lost = [m for m in range(3) if m != survivor]
+    for m in lost:  # both before the primary's lease runs out: no election in between
+        group.members[m].kill9()
+    for m in lost:
+        shutil.rmtree(group.data_dir(m))
+        group.members[m].start()
+    for m in lost:
+        await asyncio.to_thread(group.members[m].wait_serving)
+    said = f"1 of the group's 3 members answer as voters (a majority is 2; learners: {lost[0]}, {lost[1]};"
+    deadline = time.monotonic() + 30
+    while said not in (survivor_log := group.members[survivor].log_tail(400)):
+        assert time.monotonic() < deadline, survivor_log
+        await asyncio.sleep(0.2)
+    assert await group.primary() is None
+    statuses = {m: await group.status(m) for m in range(3)}
+    assert all(s is not None and s.voter == (m == survivor) and s.primary == -1 for m, s in statuses.items()), statuses
 
 
 async def test_a_primary_paused_past_its_lease_is_replaced_and_answers_nothing_when_resumed(cluster, tmp_path, etcd):

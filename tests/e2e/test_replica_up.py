@@ -1,9 +1,10 @@
 """``oribus up --processes --replicas 3`` as a process: a private etcd, supervised member processes.
 
 It starts its own etcd (and says where), a group of three members per shard, and a bus that
-follows the primaries; kill -9 of the primary with its data directory deleted is survived —
-the supervisor starts the member again on an empty directory, it rejoins as a learner and
-catches up — and SIGTERM stops every member and the etcd. Bad combinations are refused with
+follows the primaries; once every member is a voter (one that opened after the first term
+began is a learner until it has caught up), kill -9 of the primary with its data directory
+deleted is survived — the supervisor starts the member again on an empty directory, it rejoins
+as a learner and catches up — and SIGTERM stops every member and the etcd. Bad combinations are refused with
 a clear error before anything starts. The members keep their older versions in LMDB
 (``--history-store lmdb``): the new primary answers ``history`` from its own engine.
 """
@@ -19,14 +20,17 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from processes import ServerProcess, _alive, free_port, oribus_command, shard_pids
 
 import oribus
 from oribus import SessionExpired, Unavailable
+from oribus.errors import OribusError
 from oribus.meta.etcd import EtcdMeta
 from oribus.meta.groups import EtcdGroups
 from oribus.rpc.replica_client import StreamPeer
+from oribus.rpc.replica_codec import MemberStatus
 
 
 async def _group_state(url: str) -> tuple[int, int, dict[int, str]]:
@@ -39,6 +43,27 @@ async def _group_state(url: str) -> tuple[int, int, dict[int, str]]:
         return (primary.member, primary.term, members) if primary is not None else (-1, 0, members)
     finally:
         await meta.close()
+
+
+async def _statuses(url: str) -> dict[int, MemberStatus | None]:
+    """Every member of shard 0's group as it answers ``status`` (None: it does not answer)."""
+    _, _, members = await _group_state(url)
+    out: dict[int, MemberStatus | None] = {}
+    for member in range(3):
+        out[member] = None
+        if member in members:
+            peer = StreamPeer(member, members[member], timeout=2.0)
+            with contextlib.suppress(OribusError):
+                out[member] = await peer.status()
+            await peer.close()
+    return out
+
+
+def _logs(server: ServerProcess, data: Path) -> str:
+    """``oribus up``'s log and the end of every member's (each process's log beside its directory)."""
+    members = sorted((data / "groups" / "shard-0000").glob("member-*.log"))
+    tails = ["\n".join(f.read_text(errors="replace").splitlines()[-30:]) for f in members]
+    return "\n".join([server.log_tail(), *(f"==== {f.name}\n{t}" for f, t in zip(members, tails, strict=True))])
 
 
 async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_path):
@@ -63,6 +88,18 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
                 acked.update(await w.commit({f"u/{i}": i}))
             for i in (100, 200):
                 acked.update(await w.commit({"u/0": i}))
+            # every member a voter before the fault. A member process that opens after the group's
+            # first term began (the three start at once; on a loaded machine one can be slow) opens
+            # as a learner on its empty directory (specs/replication.md §7) and is a voter only once
+            # it caught up; killing the primary and wiping its disk before that loses two of the
+            # group's three complete copies, which no group survives (fail closed, by design)
+            deadline = time.monotonic() + 30
+            while True:
+                statuses = await _statuses(url.group(1))
+                if all(s is not None and s.voter for s in statuses.values()):
+                    break
+                assert time.monotonic() < deadline, f"{statuses}\n{_logs(server, data)}"
+                await asyncio.sleep(0.2)
             primary, term, _ = await _group_state(url.group(1))
             os.kill(pids[primary], signal.SIGKILL)
             shutil.rmtree(data / "groups" / "shard-0000" / f"member-{primary}")
@@ -75,7 +112,7 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
                     pass
                 except SessionExpired:  # its own writes were deliveries on the dead primary
                     await w.reset_session()
-                assert time.monotonic() < deadline, server.log_tail()
+                assert time.monotonic() < deadline, _logs(server, data)
                 await asyncio.sleep(0.1)
             # the supervisor started the member again on an empty directory; it catches up
             deadline = time.monotonic() + 30
@@ -89,7 +126,7 @@ async def test_up_runs_supervised_replica_groups_on_a_private_etcd(cluster, tmp_
                     await peer.close()
                 if status is not None and status.voter and status.last[0] == new_term:
                     break
-                assert time.monotonic() < deadline, f"{status}\n{server.log_tail()}"
+                assert time.monotonic() < deadline, f"{status}\n{_logs(server, data)}"
                 await asyncio.sleep(0.2)
             assert new_primary != primary and new_term > term
             assert "starting it again on an empty directory" in server.log_tail(200)
