@@ -43,7 +43,7 @@ from oribus.bus.guarded import GuardedBus
 from oribus.bus.session_journal import SessionJournal
 from oribus.bus.sweep import TxnSweep
 from oribus.datadir_lock import DataDirLock
-from oribus.errors import InvalidRequest, Unavailable
+from oribus.errors import InvalidRequest, OribusError, Unavailable
 from oribus.gateway import GatewayConfig, HttpGateway
 from oribus.hosts.auth_follower import AuthFollower
 from oribus.hosts.embedded import (
@@ -62,16 +62,18 @@ from oribus.hosts.up_groups import (
     PrivateEtcd,
     check_groups_layout,
     stored_groups,
+    wait_for_voters,
 )
 from oribus.lifeline import ParentLifeline
 from oribus.meta.auth_store import EtcdAuthStore
 from oribus.meta.cluster_meta import DEFAULT_LEASE_TTL, ClusterConfig, ShardRecord
 from oribus.meta.directory import ShardDirectory
 from oribus.meta.etcd import DEFAULT_CLUSTER, EtcdMeta
-from oribus.meta.groups import check_replicas
+from oribus.meta.groups import EtcdGroups, check_replicas
 from oribus.meta.slots import StaticSlotMap
 from oribus.rpc import wire
 from oribus.rpc.bus_server import BusServer
+from oribus.rpc.replica_client import StreamPeer
 from oribus.rpc.shard_client import DEFAULT_TRANSPORT, RemoteShardClient, shard_client
 from oribus.tls import TlsConfig, channel_credentials, server_credentials
 
@@ -360,6 +362,10 @@ class UpHost:
                 missing = sorted(set(range(shards)) - set(directory.records))
                 raise Unavailable(f"shards {missing} elected no primary within {self.start_timeout}s")
             await asyncio.sleep(0.05)
+        learners = await wait_for_voters(lambda: self._not_voters(meta, shards), self.start_timeout)
+        if learners:
+            print(f"oribus up: still not voters after {self.start_timeout:g}s: {', '.join(learners)}; until they "
+                  "are, their group cannot lose another member", flush=True)
         journal = await SessionJournal.open(self.config.session_journal_dir,
                                             unsafe_no_fsync=self.config.unsafe_no_fsync)
         self._teardown.push("session journal", journal.close)
@@ -368,6 +374,27 @@ class UpHost:
         sweep = TxnSweep(bus, txn_expiry_seconds=self.config.txn_expiry_seconds,
                          interval=self.config.maintenance_interval)
         return bus, sweep
+
+    async def _not_voters(self, meta: EtcdMeta, shards: int) -> list[str]:
+        """Every group member that does not answer ``status`` as a voter, named."""
+        groups = EtcdGroups(meta)
+        missing = []
+        for shard in range(shards):
+            members = await groups.members(shard)
+            for member in range(self.replicas):
+                record, status = members.get(member), None
+                if record is not None and record.stream:
+                    peer = StreamPeer(member, record.stream, tls=self.tls, timeout=2.0)
+                    try:
+                        status = await peer.status()
+                    except OribusError:
+                        pass  # starting, or restarting: not a voter yet as far as anyone can tell
+                    finally:
+                        await peer.close()
+                if status is None or not status.voter:
+                    state = "not answering" if status is None else "a learner, catching up"
+                    missing.append(f"shard {shard} member {member} ({state})")
+        return missing
 
     async def _stop_shard_processes(self) -> None:
         """SIGTERM to every shard process (each drains and flushes), then wait for them all;

@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from oribus.errors import InvalidRequest, Unavailable
@@ -209,6 +209,24 @@ class GroupSupervisor:
                               "restarts": self.restarts.get((shard, member), 0)}
                              for member in range(self.replicas)]
                 for shard in range(self.shards)}
+
+
+async def wait_for_voters(not_voters: Callable[[], Awaitable[list[str]]], timeout: float,
+                          poll: float = 0.1) -> list[str]:
+    """Until ``not_voters()`` (the members that are not voters yet, named) is empty, at most
+    ``timeout`` seconds; returns what it last said (empty: every member is a voter).
+
+    A member that opens after its group's first term began finds the term register moved and
+    its directory empty: it starts as a learner and catches up (``specs/replication.md`` §7).
+    Until it is a voter, its group holds only a bare majority of complete copies, and losing
+    one more member would leave it without a primary. ``oribus up`` waits for this before it
+    says it is serving."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = await not_voters()
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        await asyncio.sleep(poll)
 
 
 def python_command() -> list[str]:
