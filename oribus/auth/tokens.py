@@ -18,7 +18,6 @@ roles and ``now`` are passed in.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from oribus.errors import InvalidRequest, Unauthenticated
+from oribus.types import parse_duration
 
 ALGORITHM = "EdDSA"
 DEFAULT_ISSUER = "oribus"
@@ -35,8 +35,6 @@ DEFAULT_TTL_SECONDS = 24 * 3600
 # hours, and an expiry a few seconds late matters less than refusing a fresh token.
 LEEWAY_SECONDS = 30.0
 MAX_NAME = 256  # an agent name is a SessionRef's agent: at most 256 characters
-_TTL = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +52,12 @@ class Identity:
 
 
 def parse_ttl(text: str) -> float:
-    """``90``, ``90s``, ``30m``, ``24h``, ``7d`` -> seconds; InvalidRequest otherwise."""
-    m = _TTL.match(text.strip())
-    if not m or float(m.group(1)) <= 0:
-        raise InvalidRequest(f"a TTL is a positive number with s, m, h or d, not {text!r}")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    """``90``, ``90s``, ``30m``, ``24h``, ``7d`` -> seconds (``oribus.types.parse_duration``);
+    InvalidRequest otherwise."""
+    try:
+        return parse_duration(text)
+    except InvalidRequest:
+        raise InvalidRequest(f"a TTL is a positive number with s, m, h or d, not {text!r}") from None
 
 
 def issue(private: Ed25519PrivateKey, kid: str, *, agent: str, roles: Collection[str], now: float,

@@ -135,6 +135,19 @@ def open_history_store(cfg: ShardConfig) -> HistoryStore | None:
     return LmdbHistory(cfg.history_dir, cache_bytes=cfg.history_cache_bytes, unsafe_no_fsync=cfg.wal.unsafe_no_fsync)
 
 
+def drop_aged_versions(compaction: AgeCompaction, store: VersionedStore, now: float) -> int:
+    """One step of the age rule's compaction (``oribus/shards/retention.py``) on ``store`` by the
+    wall clock ``now``, its deletes handed to the history store; returns how many versions it
+    dropped (unreadable at once). A shard's and a replica follower's compaction alike."""
+    dropped = compaction.step(store, now)
+    if dropped:
+        # Dropped from what reads see, not yet from an engine's file: a crash here brings the
+        # versions back at recovery (the next pass drops them again), never loses a kept one.
+        failpoint("history.compact")
+        store.older.flush()
+    return dropped
+
+
 class Shard(ShardService):
     """One shard in this process. Use ``await Shard.open(config)``."""
 
@@ -912,13 +925,7 @@ class Shard(ShardService):
         versions it dropped (they are unreadable at once)."""
         if self.compaction is None or self._closed:
             return 0
-        dropped = self.compaction.step(self.store, self.wall_clock())
-        if dropped:
-            # Dropped from what reads see, not yet from an engine's file: a crash here brings the
-            # versions back at recovery (the next pass drops them again), never loses a kept one.
-            failpoint("history.compact")
-            self.store.older.flush()
-        return dropped
+        return drop_aged_versions(self.compaction, self.store, self.wall_clock())
 
     async def compact_forever(self) -> None:
         """Run ``compact_history`` every ``history_compaction_interval`` seconds until the shard closes."""

@@ -183,11 +183,16 @@ class VersionedStore:
         if c is None:
             return
         yield _entry(c[1], c[2], c[3])
+        for o in self._kept_run(key, c):
+            yield _entry(*o)
+
+    def _kept_run(self, key: str, c: _Current) -> Iterator[Older]:
+        """The versions kept below ``key``'s current ``c``, newest first, lazily."""
         expect = c[1] - 1
         for o in self.older.newest_first(key, c[1], self._lowest_kept(c[1])):
             if o[0] != expect:
                 return  # a gap (never in a consistent store): what is below it is not this key's kept run
-            yield _entry(*o)
+            yield o
             expect -= 1
 
     def history(self, key: str, limit: int | None = None) -> list[Entry]:
@@ -256,12 +261,7 @@ class VersionedStore:
         if not self.older.persistent:
             older: list[Any] = []
             for k, c in self._keys.items():
-                run: list[Older] = []  # the kept run below the current, newest first (as iter_history)
-                for o in self.older.newest_first(k, c[1], self._lowest_kept(c[1])):
-                    if o[0] != c[1] - 1 - len(run):
-                        break
-                    run.append(o)
-                for version, value, meta in reversed(run):
+                for version, value, meta in reversed(list(self._kept_run(k, c))):
                     older += (k, version, value, meta_index(meta))
             out["older"] = older
         return out

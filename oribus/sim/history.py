@@ -188,9 +188,13 @@ class SimHistory:
         (call after ``crash``), its options and counters. This one stays the dead process's."""
         new = SimHistory(unsafe_sync_does_nothing=self.unsafe_sync_does_nothing,
                          unsafe_empty_catchup_copy=self.unsafe_empty_catchup_copy)
-        new._state = {key: dict(versions) for key, versions in self._state.items() if versions}
+        new._state = self._written()
         new.lost_versions = self.lost_versions
         return new
+
+    def _written(self) -> dict[str, dict[int, Older]]:
+        """A copy of the written state (the keys that hold versions)."""
+        return {key: dict(versions) for key, versions in self._state.items() if versions}
 
     # ---- a replica group's catch-up: the engine's consistent copy ------------------------
 
@@ -200,7 +204,7 @@ class SimHistory:
         of those still buffered (the WAL after the snapshot replays them at the learner)."""
         copy = SimHistory()
         if not self.unsafe_empty_catchup_copy:
-            copy._state = {key: dict(versions) for key, versions in self._state.items() if versions}
+            copy._state = self._written()
         return copy
 
     def encode(self) -> bytes:
@@ -233,6 +237,6 @@ class SimHistory:
         """Replace the whole engine by ``copy`` (None: an empty engine), durable at once: the
         learner's side of a catch-up (``LmdbHistory.install_file`` renames the fsynced copy
         over ``data.mdb`` and fsyncs the directory)."""
-        self._state = {} if copy is None else {key: dict(versions) for key, versions in copy._state.items()}
+        self._state = {} if copy is None else copy._written()
         self._puts, self._forget = {}, {}
         self._undo.clear()

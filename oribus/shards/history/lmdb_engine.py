@@ -283,13 +283,17 @@ class LmdbHistory:
             self._handed_versions += batch.count
             self._kicks += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._commit_loop, daemon=True,
-                                                name=f"history-committer:{self.directory}")
-                self._thread.start()
+                self._start_committer()
             elif self._idle:
                 self._cond.notify_all()
         self._puts, self._forget, self._expire, self._buffered = {}, {}, {}, 0
         self.counters["flushes"] += 1
+
+    def _start_committer(self) -> None:
+        """Start the committer thread (the caller holds ``_cond`` and saw none running)."""
+        self._thread = threading.Thread(target=self._commit_loop, daemon=True,
+                                        name=f"history-committer:{self.directory}")
+        self._thread.start()
 
     def _commit_loop(self) -> None:
         """The committer thread: every batch handed over since the last commit, in one LMDB
@@ -370,9 +374,7 @@ class LmdbHistory:
             try:
                 while self._handed and self._failure is None:
                     if self._thread is None:  # ended meanwhile (idle timer): start it again
-                        self._thread = threading.Thread(target=self._commit_loop, daemon=True,
-                                                        name=f"history-committer:{self.directory}")
-                        self._thread.start()
+                        self._start_committer()
                     self._cond.wait(1.0)
             finally:
                 self._waiters -= 1

@@ -65,7 +65,7 @@ import os
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import msgpack
 
@@ -93,7 +93,7 @@ from oribus.shards.replica.primary import ReplicatedWal, ReplicationOptions
 from oribus.shards.replica.rules import becomes_voter, may_promise, plan_append
 from oribus.shards.replica.terms import Terms
 from oribus.shards.retention import AgeCompaction
-from oribus.shards.shard import Shard, open_history_store
+from oribus.shards.shard import Shard, drop_aged_versions, open_history_store
 from oribus.shards.store import VersionedStore
 from oribus.shards.wal import Wal
 from oribus.shards.wal.record import TERM_START
@@ -117,6 +117,13 @@ async def carried_out(coro: Coroutine[Any, Any, T]) -> T:
     task = asyncio.ensure_future(coro)
     task.add_done_callback(take_outcome)
     return await asyncio.shield(task)
+
+
+def _engine_copy(history: object) -> BinaryIO | None:
+    """A consistent copy of an on-disk history store (``LmdbHistory.copy_file``); None when
+    ``history`` is none or cannot give one (in memory, or not open)."""
+    copy = getattr(history, "copy_file", None)
+    return copy() if copy is not None else None
 
 
 class ReplicaShard(Shard):
@@ -725,10 +732,8 @@ class ReplicaMember:
         core = self.core
         if self._compaction is None or self.role != FOLLOWER or core is None:
             return 0
-        dropped = self._compaction.step(core.store, core.wall_clock())
-        if dropped:
-            core.store.older.flush()
-            self.counters["history_dropped_by_age"] += dropped
+        dropped = drop_aged_versions(self._compaction, core.store, core.wall_clock())
+        self.counters["history_dropped_by_age"] += dropped
         return dropped
 
     async def _compact_forever(self) -> None:
@@ -754,12 +759,10 @@ class ReplicaMember:
         lsn, data = snap
         shard = self.shard
         if shard is not None:
-            copy = getattr(shard.store.older, "copy_file", None)
-            history_file = copy() if copy is not None else None
+            history_file = _engine_copy(shard.store.older)
         else:
             with self._history_lock:  # not closed under the copy
-                copy = getattr(self._history, "copy_file", None)
-                history_file = copy() if copy is not None else None
+                history_file = _engine_copy(self._history)
         if history_file is None:  # the Shard is opening the engine: no consistent copy to send yet
             raise Unavailable(f"shard {self.shard_id} member {self.member_id}: the history store is not "
                               "open; the snapshot is sent once it is", shard=self.shard_id)
