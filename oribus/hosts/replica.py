@@ -85,10 +85,10 @@ ELECTION_STAGGER = 0.15  # seconds per member id a follower waits before it stan
 NO_QUORUM_BACKOFF = 0.5  # seconds before a candidate that found no majority stands again
 NO_QUORUM_REPORT_SECONDS = 10.0  # how often a member that finds too few voters to stand says so ...
 # ... once that has lasted a lease TTL (not while a new group's members are still opening)
-SESSION_SWEEP_SECONDS = 5.0
-PEER_REFRESH_SECONDS = 0.5
+SESSION_SWEEP_SECONDS = 5.0  # how often the primary expires idle sessions and leases
+PEER_REFRESH_SECONDS = 0.5  # how often a primary reads the members' addresses from etcd
 FOLLOWER_TICK = 0.1  # how often a follower looks at its stagger, its lease and an elect call
-FOLLOWER_REREAD_SECONDS = 1.0  # how often a follower re-reads the group in etcd without a change  # how often a primary reads the members' addresses from etcd  # how often the primary expires idle sessions and leases
+FOLLOWER_REREAD_SECONDS = 1.0  # how often a follower re-reads the group in etcd without a change
 
 
 @dataclass

@@ -70,6 +70,10 @@ class ReplicaGroup:
         await asyncio.to_thread(self.bus.wait_serving)
         for shard in range(self.shards):
             await self.wait_primary(shard=shard)
+            # as ``oribus up`` does: a member that opened after its group's first term began
+            # is a learner until it has caught up, and a group with a learner cannot yet lose
+            # its primary (the one voter left would be no majority)
+            await self.wait_voters(shard=shard)
         return self
 
     async def primary(self, shard: int = 0) -> PrimaryRecord | None:
@@ -89,6 +93,17 @@ class ReplicaGroup:
                 if status is not None and status.role == "primary" and status.term == p.term:
                     return p
             assert time.monotonic() < deadline, f"no primary within {timeout}s:\n{self.cluster.logs()}"
+            await asyncio.sleep(0.1)
+
+    async def wait_voters(self, timeout: float = 30.0, shard: int = 0) -> list[MemberStatus]:
+        """Every member's status once every member answers as a voter."""
+        deadline = time.monotonic() + timeout
+        while True:
+            statuses = [await self.status(m, shard) for m in range(self.replicas)]
+            if all(s is not None and s.voter for s in statuses):
+                return [s for s in statuses if s is not None]
+            assert time.monotonic() < deadline, (f"shard {shard}: not every member a voter within {timeout}s: "
+                                                 f"{statuses}\n{self.cluster.logs()}")
             await asyncio.sleep(0.1)
 
     async def status(self, member: int, shard: int = 0) -> MemberStatus | None:

@@ -51,13 +51,8 @@ async def arm_the_primary_only(group: ReplicaGroup, shard: int, failpoint: str) 
     again = await group.wait_primary(shard=shard)
     assert again.member == primary.member, "the primary changed while its followers restarted"
     # every member a voter again before the fault, so the group can lose its primary
-    deadline = time.monotonic() + 30
-    while True:
-        statuses = [await group.status(m, shard) for m in range(group.replicas)]
-        if all(s is not None and s.voter for s in statuses):
-            return primary.member
-        assert time.monotonic() < deadline, statuses
-        await asyncio.sleep(0.2)
+    await group.wait_voters(shard=shard)
+    return primary.member
 
 
 async def read_both(bus: str, keys: list[str], timeout: float = RESOLVE_TIMEOUT) -> dict:
