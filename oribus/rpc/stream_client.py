@@ -10,8 +10,9 @@ epoch on every call (``shard_codec.FENCE``) are the same too.
 
 ``StreamClient``  ``await call(op, args)``. Calls made in one turn of the event
                   loop leave as one frame (one write; a busy connection holds it
-                  a few more turns, ``wire.HOLD_TURNS``); replies come back in
-                  batches the same way. Timeouts: one timer per connection,
+                  a few more turns, ``wire.HOLD_TURNS``), or as soon as it holds
+                  ``wire.FRAME_ITEMS`` calls; replies come back in batches the
+                  same way. Timeouts: one timer per connection,
                   armed for the earliest deadline, not a ``wait_for`` per call.
                   A broken connection fails every call in flight with
                   ``Unavailable`` (the caller decides whether a retry is safe);
@@ -342,7 +343,9 @@ class _Calls(_Connection):
         deadline = self.loop.time() + timeout
         self.pending[call_id] = (fut, deadline, op)
         self.outbox.append([call_id, op, args])
-        if not self._flush_soon:
+        if len(self.outbox) >= wire.FRAME_ITEMS:
+            self._send()
+        elif not self._flush_soon:
             self._flush_soon = True
             # busy: hold the frame a few loop turns so more calls join it (wire.HOLD_TURNS)
             turns = wire.HOLD_TURNS if len(self.pending) > wire.BUSY_CALLS else 0
@@ -351,13 +354,16 @@ class _Calls(_Connection):
             self._arm(deadline)
         return fut
 
-    # -- sending: one write per loop turn ---------------------------------------------------
+    # -- sending: one write per loop turn, or per FRAME_ITEMS calls -------------------------
 
     def _flush(self, hold: int = 0) -> None:
         if hold:
             self.loop.call_soon(self._flush, hold - 1)
             return
         self._flush_soon = False
+        self._send()
+
+    def _send(self) -> None:
         if self.error is not None or not self.outbox:
             return
         batch, self.outbox = self.outbox, []

@@ -7,7 +7,8 @@ watch handler, over the frames of ``oribus.rpc.frames``:
 * a ``calls`` connection runs each call of a request batch at once, up to its
   first wait, and the rest of a call that waits as a task (``wire.start_eagerly``); the
   replies ready in one turn of the event loop leave as one frame (one write;
-  with many calls running, a few turns more: ``wire.HOLD_TURNS``);
+  with many calls running, a few turns more: ``wire.HOLD_TURNS``), a frame as soon as
+  it holds ``wire.FRAME_ITEMS`` replies;
 * a ``watch`` connection subscribes, answers the hello once subscribed, then
   sends the changes (those of one loop turn in one frame) and nil at the end.
 
@@ -293,12 +294,15 @@ class _ServerConnection(asyncio.Protocol):
             CERTIFICATE.set(self.certificate)
         self._reply(await wire.dispatch(self.ops, call_id, op, args))
 
-    # -- frames out: one write per loop turn ----------------------------------------------
+    # -- frames out: one write per loop turn, or per FRAME_ITEMS replies -------------------
 
     def _reply(self, item: Any) -> None:
         if self.closed:
             return
         self.outbox.append(item)
+        if len(self.outbox) >= wire.FRAME_ITEMS:
+            self._send()
+            return
         if not self._flush_soon:
             self._flush_soon = True
             # busy: hold the frame a few loop turns so more replies join it (wire.HOLD_TURNS)
@@ -310,6 +314,9 @@ class _ServerConnection(asyncio.Protocol):
             self.loop.call_soon(self._flush, hold - 1)
             return
         self._flush_soon = False
+        self._send()
+
+    def _send(self) -> None:
         if self.closed or not self.outbox:
             return
         batch, self.outbox = self.outbox, []

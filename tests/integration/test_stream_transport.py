@@ -142,14 +142,29 @@ async def test_calls_and_their_errors(client):
     assert await client.call("echo", 7) == 7  # the connection is still fine
 
 
-async def test_calls_of_one_loop_turn_share_one_frame_each_way(client, server):
+async def test_calls_of_one_loop_turn_share_frames_of_frame_items_each_way(client, server):
+    """Calls made in one turn leave in frames of ``wire.FRAME_ITEMS`` as they are made, and the
+    server's replies to them too (so the other process starts on the first ones while this
+    one makes the rest): 200 calls in one turn are 25 frames each way, the last ones
+    partial only when 200 is not a multiple."""
     await client.call("echo", 0)  # connected
     before_out, before_in = client.counters["messages_out"], server.counters["messages_out"]
     got = await asyncio.gather(*(client.call("echo", i) for i in range(200)))
     assert got == list(range(200))
-    assert client.counters["messages_out"] - before_out == 1
-    assert server.counters["messages_out"] - before_in == 1  # the echoes finish in one turn too
+    frames_each_way = -(-200 // wire.FRAME_ITEMS)
+    assert wire.FRAME_ITEMS == 8 and frames_each_way == 25
+    assert client.counters["messages_out"] - before_out == frames_each_way
+    assert server.counters["messages_out"] - before_in == frames_each_way  # the echoes finish in one turn too
     assert server.counters["calls"] == 201
+
+
+async def test_calls_below_frame_items_of_one_loop_turn_share_one_frame_each_way(client, server):
+    await client.call("echo", 0)  # connected
+    before_out, before_in = client.counters["messages_out"], server.counters["messages_out"]
+    n = wire.FRAME_ITEMS - 1
+    assert await asyncio.gather(*(client.call("echo", i) for i in range(n))) == list(range(n))
+    assert client.counters["messages_out"] - before_out == 1
+    assert server.counters["messages_out"] - before_in == 1
 
 
 async def calls_one_turn_apart(client, n: int) -> list:
