@@ -58,7 +58,6 @@ from oribus.gateway.errors import (
 from oribus.messages import Scope
 from oribus.meta.directory import UnregisteredShard
 from oribus.tls import TlsConfig, server_ssl_context
-from oribus.types import DEFAULT_HISTORY_LIMIT
 
 log = logging.getLogger("oribus.http")
 
@@ -76,7 +75,9 @@ class GatewayConfig:
     admin: bool = False  # serve /admin/* and the dashboard's rollback; otherwise they answer 403
     max_body_bytes: int = 4 << 20  # larger request bodies get 413 before they are parsed
     sbus_max_delta: int = 0  # S-Bus DeltaTooLarge limit in characters (0: only the value size limit)
-    history_limit: int = DEFAULT_HISTORY_LIMIT  # versions kept per key (S-Bus delta_log_depth is capped by it)
+    # versions kept per key (S-Bus delta_log_depth is capped by it); None: the bus holds no
+    # shards and asks each shard for its own count (sbus.py, SbusRoutes.history_limit)
+    history_limit: int | None = None
     ready_timeout: float = 2.0  # seconds a shard has to answer /readyz
     # Browsers (specs/http.md, "Browsers"): cross_site.py
     allow_origins: tuple[str, ...] = ()  # web origins besides the gateway's own that may call it ("*": any)

@@ -75,6 +75,7 @@ from oribus.errors import (
 )
 from oribus.gateway.errors import LOG_FIELDS, RequestError, http_status, json_response, status_of
 from oribus.types import (
+    DEFAULT_HISTORY_LIMIT,
     DEFAULT_SCAN_LIMIT,
     MAX_KEYS_PER_REQUEST,
     MAX_SESSIONS_LISTED,
@@ -90,6 +91,8 @@ if TYPE_CHECKING:
 
 SESSION_ID = "sbus"
 META_PREFIX = ".sbus/"
+LIMIT_REFRESH_SECONDS = 60.0  # how long a shard's history count, as its stats said, is used
+LIMIT_ASK_TIMEOUT = 2.0  # seconds a shard has to answer that
 assert META_PREFIX in RESERVED_PREFIXES
 _SYSTEM = SessionRef("system", "sbus-create")  # creates keys; reads nothing, so nothing to validate
 _PEEK = SessionRef("oribus", "sbus-peek")  # peeks record nothing
@@ -220,6 +223,7 @@ class SbusRoutes:
         self.gw = gateway
         self.bus = gateway.bus
         self._per_key: OrderedDict[str, list[int]] = OrderedDict()  # key -> [attempts, conflicts]
+        self._limits: dict[int, tuple[int, float]] = {}  # shard -> (its history count, when asked)
         # named as the /stats fields they feed (S-Bus's CrossShardStale: another key read stale)
         self.counters = {"commits": 0, "conflicts": 0, "cross_shard_stale": 0, "session_expired": 0}
 
@@ -293,7 +297,27 @@ class SbusRoutes:
                 self._per_key.popitem(last=False)
         return c
 
-    def _key_object(self, key: str, item: Any, meta: dict) -> dict:
+    async def history_limit(self, key: str) -> int:
+        """How many versions the shard of ``key`` keeps: the gateway's own figure when its bus
+        holds the shards (``oribus up``), else the shard's as its stats say (asked at most once a
+        minute: a shard restarted with another ``--history-versions`` is seen within that), or
+        the default while the shard does not answer."""
+        if self.gw.config.history_limit is not None:
+            return self.gw.config.history_limit
+        shard = self.bus.shard_for(key)
+        now = time.monotonic()
+        known = self._limits.get(shard)
+        if known is not None and now - known[1] < LIMIT_REFRESH_SECONDS:
+            return known[0]
+        try:
+            stats = await asyncio.wait_for(self.bus.shards[shard].stats(), LIMIT_ASK_TIMEOUT)
+            limit = int(stats["history"]["limit"])
+        except (OribusError, TimeoutError, KeyError, TypeError, ValueError):
+            return known[0] if known is not None else DEFAULT_HISTORY_LIMIT
+        self._limits[shard] = (limit, now)
+        return limit
+
+    def _key_object(self, key: str, item: Any, meta: dict, history_limit: int) -> dict:
         """The JSON object S-Bus returns for a key, its versions in S-Bus numbering."""
         attempts, conflicts = self._per_key.get(key, (0, 0))
         updated = item.committed_at or meta.get("created_at") or 0.0
@@ -307,7 +331,7 @@ class SbusRoutes:
             "goal_tag": meta.get("goal_tag", ""),
             "attempt_count": attempts,
             "conflict_count": conflicts,
-            "delta_log_depth": min(version, self.gw.config.history_limit - 1),
+            "delta_log_depth": min(version, history_limit - 1),
             "created_at": iso(meta.get("created_at") or updated),
             "updated_at": iso(updated),
             "last_writer": item.agent or None,
@@ -349,7 +373,7 @@ class SbusRoutes:
                 raise SbusError("ShardAlreadyExists", f"shard already exists: key={key}", key=key) from None
             raise
         item = type(current)(key, req.writes[key], result.versions[key], "system", now)
-        return json_response(self._key_object(key, item, meta), 201)
+        return json_response(self._key_object(key, item, meta, await self.history_limit(key)), 201)
 
     async def read_key(self, request: web.Request) -> web.Response:
         """``GET /shard/{key}``: the key's object; with ``agent_id``, a read recorded for that agent."""
@@ -365,7 +389,7 @@ class SbusRoutes:
         item = got.items[0]
         if item.value is None:
             raise SbusError("ShardNotFound", f"shard not found: key={key}", key=key)
-        return json_response(self._key_object(key, item, meta))
+        return json_response(self._key_object(key, item, meta, await self.history_limit(key)))
 
     async def list_keys(self, request: web.Request) -> web.Response:
         """``GET /shards``: every live key (S-Bus returns key strings; ``GET /shard/{key}`` gives the
@@ -514,7 +538,7 @@ class SbusRoutes:
         except Conflict as e:
             raise await self._refusal(key, e, {key: base}) from None
         item = (await self.bus.read(_PEEK, [key], record=False, detail=True)).items[0]
-        return json_response(self._key_object(key, item, meta))
+        return json_response(self._key_object(key, item, meta, await self.history_limit(key)))
 
     async def session(self, request: web.Request) -> web.Response:
         """Start the agent's session afresh (as S-Bus), with oribus's ownership rule.

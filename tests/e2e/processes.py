@@ -274,14 +274,14 @@ def up(
 
 def shard(
     log_dir: Path, shard_id: int, data_dir: Path, port: int | None = None, verbose: bool = False,
-    stream: bool = True,
+    stream: bool = True, extra: tuple[str, ...] = (),
 ) -> ServerProcess:
     """``oribus shard`` on fixed addresses (gRPC, and the stream listener unless ``stream`` is
-    False), so that it can be restarted at the same ones."""
+    False), so that it can be restarted at the same ones; ``extra``: more of its flags."""
     address = f"127.0.0.1:{port or free_port()}"
     stream_address = f"127.0.0.1:{free_port()}" if stream else None
     args = ["shard", "--id", str(shard_id), "--data-dir", str(data_dir), "--listen", address,
-            "--stream-listen", stream_address or "off"]
+            "--stream-listen", stream_address or "off", *extra]
     server = ServerProcess(f"shard-{shard_id}", ["-v", *args] if verbose else args, log_dir, address)
     server.stream_address = stream_address
     return server

@@ -4,7 +4,8 @@
 to every ``oribus shard`` process it starts: their stats and ``/metrics`` show
 the configured count and age and what each rule dropped, ``history``,
 ``rollback`` and ``watch`` behave after the age compaction ran (a one-second max
-age, a short wait), and the S-Bus ``delta_log_depth`` follows the count. Bad
+age, a short wait), and the S-Bus ``delta_log_depth`` follows the count (also on
+an ``oribus bus`` in front of shards started with counts of their own). Bad
 values of either flag (``oribus up`` and ``oribus shard``) are refused with a
 message before anything starts or any directory is made.
 """
@@ -18,7 +19,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from processes import Cluster, run_cli, up
+from conftest import keys_on_shard
+from processes import Cluster, bus, run_cli, shard, up
 
 import oribus
 from oribus.errors import HistoryTruncated
@@ -103,6 +105,29 @@ async def test_up_processes_keep_the_configured_count_and_age(cluster: Cluster, 
     _, doc = http_get(server.http_address, "/shard/ret/doc")
     got = json.loads(doc)
     assert (got["version"], got["delta_log_depth"]) == (6, VERSIONS - 1)
+
+
+def test_a_bus_in_front_of_shard_processes_reports_each_shard_s_own_history_depth(cluster: Cluster, tmp_path: Path):
+    """``oribus bus --http`` holds no shard: the S-Bus ``delta_log_depth`` of a key is capped by
+    the count its own shard keeps (its stats say), not by the default 100."""
+    shards = [cluster.add(shard(tmp_path, s, tmp_path / f"shard-{s}", extra=("--history-versions", str(n))))
+              for s, n in ((0, 3), (1, 6))]
+    for s in shards:
+        s.start()
+    for s in shards:
+        s.wait_serving()
+    front = cluster.add(bus(tmp_path, [s.shard_address for s in shards])).start()
+    front.wait_serving()
+    depths = {}
+    for shard_id in (0, 1):
+        (key,) = keys_on_shard(shard_id, "depth")
+        http_post(front.http_address, "/shard", {"key": key, "content": "v0"})
+        for n in range(8):
+            http_post(front.http_address, "/commit/v2",
+                      {"key": key, "agent_id": "writer", "expected_version": n, "delta": f"v{n + 1}"})
+        got = json.loads(http_get(front.http_address, f"/shard/{key}")[1])
+        depths[shard_id] = (got["version"], got["delta_log_depth"])
+    assert depths == {0: (8, 2), 1: (8, 5)}
 
 
 @pytest.mark.parametrize("command", ["up", "shard"])
