@@ -8,7 +8,8 @@ watch handler, over the frames of ``oribus.rpc.frames``:
   first wait, and the rest of a call that waits as a task (``wire.start_eagerly``); the
   replies ready in one turn of the event loop leave as one frame (one write;
   with many calls running, a few turns more: ``wire.HOLD_TURNS``), a frame as soon as
-  it holds ``wire.FRAME_ITEMS`` replies;
+  it holds ``wire.FRAME_ITEMS`` replies or ``wire.FRAME_BYTES`` of them; a reply that
+  cannot be encoded or is over the frame limit alone becomes an error reply naming why;
 * a ``watch`` connection subscribes, answers the hello once subscribed, then
   sends the changes (those of one loop turn in one frame) and nil at the end.
 
@@ -153,7 +154,8 @@ class _ServerConnection(asyncio.Protocol):
         self.certificate: tuple[str, tuple[str, ...]] | None = None  # an agent's client certificate (TLS)
         self.ops: Mapping[str, wire.Handler] = listener.ops  # those of the service the hello named
         self.running: set[asyncio.Task] = set()  # calls in flight
-        self.outbox: list = []  # replies (or changes) of this loop turn, sent by _flush
+        self.outbox: list[bytes] = []  # replies (or changes) of this loop turn, packed, sent by _flush
+        self._outbox_bytes = 0
         self.closed = False
         self._flush_soon = False
         self._watch_task: asyncio.Task | None = None
@@ -294,13 +296,17 @@ class _ServerConnection(asyncio.Protocol):
             CERTIFICATE.set(self.certificate)
         self._reply(await wire.dispatch(self.ops, call_id, op, args))
 
-    # -- frames out: one write per loop turn, or per FRAME_ITEMS replies -------------------
+    # -- frames out: one write per loop turn, or per FRAME_ITEMS replies or FRAME_BYTES -----
 
     def _reply(self, item: Any) -> None:
         if self.closed:
             return
-        self.outbox.append(item)
-        if len(self.outbox) >= wire.FRAME_ITEMS:
+        packed = self._encode(item)
+        if self.outbox and self._outbox_bytes + len(packed) > self.listener.max_frame_bytes - 8:
+            self._send()  # the frame would be over the limit: what is pending leaves first
+        self.outbox.append(packed)
+        self._outbox_bytes += len(packed)
+        if len(self.outbox) >= wire.FRAME_ITEMS or self._outbox_bytes >= wire.FRAME_BYTES:
             self._send()
             return
         if not self._flush_soon:
@@ -308,6 +314,23 @@ class _ServerConnection(asyncio.Protocol):
             # busy: hold the frame a few loop turns so more replies join it (wire.HOLD_TURNS)
             turns = wire.HOLD_TURNS if len(self.running) > wire.BUSY_CALLS else 0
             self.loop.call_soon(self._flush, turns)
+
+    def _encode(self, item: Any) -> bytes:
+        """One reply (or change), packed. A reply that cannot be encoded or is over the frame
+        limit alone becomes an error reply naming why; a change raises (the watch ends with it)."""
+        try:
+            packed = self._pack(item)
+            if len(packed) > self.listener.max_frame_bytes - 8:  # room for the array header
+                raise InvalidRequest(f"a reply of {len(packed)} bytes is over the frame limit of "
+                                     f"{self.listener.max_frame_bytes} bytes; ask for less")
+        except Exception as e:  # noqa: BLE001
+            if self.kind != frames.CALLS:
+                raise
+            err = e if isinstance(e, OribusError) else OribusError(
+                f"internal error: a result that cannot be encoded: {e}")
+            log.error("the reply to call %r is replaced by an error: %s", item[0], err.message)
+            packed = self._pack([item[0], wire.ERROR, err.to_dict()])
+        return packed
 
     def _flush(self, hold: int = 0) -> None:
         if hold:
@@ -319,44 +342,12 @@ class _ServerConnection(asyncio.Protocol):
     def _send(self) -> None:
         if self.closed or not self.outbox:
             return
-        batch, self.outbox = self.outbox, []
-        try:
-            body = self._pack(batch)
-        except Exception:  # noqa: BLE001 - a result msgpack cannot encode: find it below
-            body = b""
-        bodies = [body] if body and len(body) <= self.listener.max_frame_bytes else self._pack_one_by_one(batch)
-        for body in bodies:
-            self.transport.write(frames.LENGTH.pack(len(body)) + body)  # type: ignore[union-attr]
-            self._counters["messages_out"] += 1
-
-    def _pack_one_by_one(self, batch: list) -> list[bytes]:
-        """The slow path: the items of a batch encoded one by one, in frames under the limit. A
-        reply that cannot be encoded or is over the limit alone becomes an error reply naming why."""
-        limit = self.listener.max_frame_bytes - 8  # room for the array header
-        bodies: list[bytes] = []
-        parts: list[bytes] = []
-        size = 0
-        for item in batch:
-            try:
-                packed = self._pack(item)
-                if len(packed) > limit:
-                    raise InvalidRequest(f"a reply of {len(packed)} bytes is over the frame limit of "
-                                         f"{self.listener.max_frame_bytes} bytes; ask for less")
-            except Exception as e:  # noqa: BLE001
-                if self.kind != frames.CALLS:
-                    raise
-                err = e if isinstance(e, OribusError) else OribusError(
-                    f"internal error: a result that cannot be encoded: {e}")
-                log.error("the reply to call %r is replaced by an error: %s", item[0], err.message)
-                packed = self._pack([item[0], wire.ERROR, err.to_dict()])
-            if parts and size + len(packed) > limit:
-                bodies.append(frames.array_header(len(parts)) + b"".join(parts))
-                parts, size = [], 0
-            parts.append(packed)
-            size += len(packed)
-        if parts:
-            bodies.append(frames.array_header(len(parts)) + b"".join(parts))
-        return bodies
+        parts, self.outbox = self.outbox, []
+        header = frames.array_header(len(parts))
+        size, self._outbox_bytes = self._outbox_bytes + len(header), 0
+        # the replies as they were packed, after one header: no copy of them into one body
+        self.transport.writelines([frames.LENGTH.pack(size) + header, *parts])  # type: ignore[union-attr]
+        self._counters["messages_out"] += 1
 
     def _write(self, value: Any) -> None:
         """One frame now (the hello's answer, the end of a watch, an error)."""

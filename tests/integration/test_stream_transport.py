@@ -158,6 +158,18 @@ async def test_calls_of_one_loop_turn_share_frames_of_frame_items_each_way(clien
     assert server.counters["calls"] == 201
 
 
+async def test_large_replies_leave_once_a_frame_holds_frame_bytes(client, server):
+    """Replies of 100 KB: the server's frame leaves once it holds ``wire.FRAME_BYTES`` (the third
+    reply), not when it holds ``FRAME_ITEMS`` of them or at the end of the turn; the rest leave
+    at the end of the turn."""
+    await client.call("echo", 0)  # connected
+    replied = server.counters["messages_out"]
+    big = [bytes([i]) * 100_000 for i in range(5)]
+    assert wire.FRAME_BYTES == 256 << 10 and 5 < wire.FRAME_ITEMS
+    assert await asyncio.gather(*(client.call("echo", b) for b in big)) == big
+    assert server.counters["messages_out"] - replied == 2
+
+
 async def test_calls_below_frame_items_of_one_loop_turn_share_one_frame_each_way(client, server):
     await client.call("echo", 0)  # connected
     before_out, before_in = client.counters["messages_out"], server.counters["messages_out"]
