@@ -16,6 +16,7 @@ from pathlib import Path
 from processes import Cluster, ServerProcess, cluster_bus, free_port, run_cli
 
 from oribus.errors import OribusError
+from oribus.hosts.up_groups import wait_for_voters
 from oribus.meta.etcd import EtcdMeta
 from oribus.meta.groups import EtcdGroups, PrimaryRecord
 from oribus.rpc.replica_client import StreamPeer
@@ -95,16 +96,15 @@ class ReplicaGroup:
             assert time.monotonic() < deadline, f"no primary within {timeout}s:\n{self.cluster.logs()}"
             await asyncio.sleep(0.1)
 
-    async def wait_voters(self, timeout: float = 30.0, shard: int = 0) -> list[MemberStatus]:
-        """Every member's status once every member answers as a voter."""
-        deadline = time.monotonic() + timeout
-        while True:
+    async def wait_voters(self, timeout: float = 30.0, shard: int = 0) -> None:
+        """Until every member answers as a voter (``oribus up``'s own wait, on this group)."""
+        async def not_voters() -> list[str]:
             statuses = [await self.status(m, shard) for m in range(self.replicas)]
-            if all(s is not None and s.voter for s in statuses):
-                return [s for s in statuses if s is not None]
-            assert time.monotonic() < deadline, (f"shard {shard}: not every member a voter within {timeout}s: "
-                                                 f"{statuses}\n{self.cluster.logs()}")
-            await asyncio.sleep(0.1)
+            return [f"member {m}: {s}" for m, s in enumerate(statuses) if s is None or not s.voter]
+
+        missing = await wait_for_voters(not_voters, timeout)
+        assert not missing, (f"shard {shard}: not every member a voter within {timeout}s: {missing}\n"
+                             f"{self.cluster.logs()}")
 
     async def status(self, member: int, shard: int = 0) -> MemberStatus | None:
         stream = self.groups[shard][member].stream_address
