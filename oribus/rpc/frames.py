@@ -111,7 +111,7 @@ def check_hello(value: Any, service: str | Collection[str]) -> tuple[str, Any]:
     raise InvalidRequest(f"unknown connection kind {value[3]!r}")
 
 
-def unpack_body(body: bytes) -> Any:
+def unpack_body(body: bytes | bytearray | memoryview) -> Any:
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several unrelated types
@@ -126,45 +126,62 @@ class FrameReader:
     once, before its body arrives: ``feed`` returns the frames before it and sets
     ``error`` (an ``InvalidRequest``); the stream is unusable from there on (every later
     ``feed`` raises it), so the caller handles those frames, then the error.
+
+    No body is copied more than once: a frame whole in its chunk comes out as a view of
+    the chunk; a frame split over chunks (a large value's, typically) keeps its chunks as
+    they arrive and is joined once, when its last byte is in. Nothing is reserved ahead
+    of the bytes that came (a header alone costs nothing). A body is a bytes-like object
+    (``unpack_body`` reads them all).
     """
 
-    __slots__ = ("_buffer", "error", "limit")
+    __slots__ = ("_head", "_missing", "_parts", "error", "limit")
 
     def __init__(self, limit: int = MAX_FRAME_BYTES) -> None:
         self.limit = limit
         self.error: InvalidRequest | None = None
-        self._buffer = bytearray()
+        self._head = b""  # the start of a header split over chunks (under 4 bytes)
+        self._parts: list[memoryview] = []  # what has come of a frame split over chunks
+        self._missing = 0  # how much of that frame's body is still to come
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as a frame (a partial frame)."""
-        return len(self._buffer)
+        if self._parts:
+            return 4 + sum(len(p) for p in self._parts)
+        return len(self._head)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[bytes | memoryview]:
         if self.error is not None:
             raise self.error
-        buf = self._buffer
-        if buf:
-            buf += data
-            view: bytes | bytearray = buf
-        else:
-            view = data  # the usual case: the chunk starts with a frame header, no copy first
-        bodies: list[bytes] = []
+        bodies: list[bytes | memoryview] = []
+        if self._head:
+            data = self._head + data  # a header split over chunks: rare, and under 4 bytes
+            self._head = b""
+        view = memoryview(data)
         pos, end = 0, len(view)
+        parts = self._parts
+        if parts:  # the rest of a frame split over chunks
+            take = min(end, self._missing)
+            parts.append(view[:take])
+            self._missing -= take
+            if self._missing:
+                return bodies
+            bodies.append(b"".join(parts))
+            parts.clear()
+            pos = take
         unpack_from, limit = LENGTH.unpack_from, self.limit
         while end - pos >= 4:
             (size,) = unpack_from(view, pos)
             if size > limit:
                 self.error = InvalidRequest(f"a frame of {size} bytes is over the limit of {limit} bytes")
-                buf.clear()
                 return bodies
             stop = pos + 4 + size
-            if stop > end:
-                break
-            bodies.append(bytes(view[pos + 4:stop]))
+            if stop > end:  # split over chunks: kept as they come, joined once complete
+                parts.append(view[pos + 4:end])
+                self._missing = stop - end
+                return bodies
+            bodies.append(view[pos + 4:stop])
             pos = stop
-        if view is buf:
-            del buf[:pos]
-        elif pos < end:
-            buf += view[pos:]
+        if pos < end:
+            self._head = bytes(view[pos:end])
         return bodies

@@ -105,3 +105,42 @@ def test_a_hello_may_carry_a_token() -> None:
                 ["oribus-stream", 1, service, "watch", {"p": ""}, "token"]):
         with pytest.raises(InvalidRequest):
             frames.check_hello(bad, service)
+
+
+def test_a_frame_split_over_chunks_is_copied_once() -> None:
+    import tracemalloc
+
+    value = [[1, 0, b"v" * (8 << 20)]]
+    data = frames.pack_frame(value)
+    chunks = [data[i:i + 65536] for i in range(0, len(data), 65536)]
+    reader = frames.FrameReader()
+    tracemalloc.start()
+    try:
+        bodies = []
+        for chunk in chunks:
+            bodies += reader.feed(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    (body,) = bodies
+    assert len(body) == len(data) - 4
+    # the chunks as they came, and the body joined from them once: no growing buffer
+    # copied at each chunk, no copy of the body out of it
+    assert peak < 2 * len(data) + (1 << 20), peak
+    assert frames.unpack_body(body) == value
+    assert reader.buffered == 0
+
+
+def test_a_header_alone_reserves_nothing() -> None:
+    """A peer announcing the largest frame and sending nothing more costs what it sent."""
+    import tracemalloc
+
+    reader = frames.FrameReader()
+    tracemalloc.start()
+    try:
+        assert reader.feed(frames.LENGTH.pack(frames.MAX_FRAME_BYTES) + b"x") == []
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reader.buffered == 5
+    assert peak < 64 << 10, peak
