@@ -8,12 +8,18 @@ processes spend per committed operation hardly do. So every run also reports:
   session of its own, ``ServerProcess``/``start_new_session``), children included —
   PostgreSQL's backends, ``oribus up --processes``'s shard processes;
 - the CPU everything else on the machine used meanwhile, from ``/proc/stat``: a run taken
-  while other work ran shows it there.
+  while other work ran shows it there;
+- the minor page faults of the client and the servers: memory a run grows into (a store that
+  keeps history, a log in the page cache) costs a fault per 4 KiB page, whose price depends
+  on the machine (``machine.first_touch``: on a virtual machine whose host backs memory
+  only when the guest first uses it, several times the price of a page the guest used
+  before).
 """
 
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -63,6 +69,25 @@ def session_cpu_seconds(session_ids: set[int]) -> float:
     return sum(session_cpu_ticks(session_ids).values()) / TICK
 
 
+def session_minor_faults(session_ids: set[int]) -> dict[int, int]:
+    """pid -> minor page faults (with the children it has waited for) of every live process
+    in one of ``session_ids``."""
+    faults = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        f = _stat_fields(pid)
+        # after "pid (comm) ": state ppid pgrp session tty_nr tpgid flags minflt(7) cminflt(8)
+        if f is None or int(f[3]) not in session_ids:
+            continue
+        faults[int(pid)] = int(f[7]) + int(f[8])
+    return faults
+
+
+def own_minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def own_cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -79,15 +104,18 @@ def machine_busy_seconds() -> float:
 
 class CpuMeter:
     """CPU used between ``start()`` and ``stop()`` by this process, by the server sessions
-    and by everything else."""
+    and by everything else; and the minor page faults of this process and the servers."""
 
     def __init__(self, server_sessions: set[int]) -> None:
         self.sessions = server_sessions
         self.client = self.server = self.other = 0.0
+        self.client_faults = self.server_faults = 0
 
     def start(self) -> None:
         self._own = own_cpu_seconds()
         self._servers = session_cpu_ticks(self.sessions) if self.sessions else {}
+        self._own_faults = own_minor_faults()
+        self._server_faults = session_minor_faults(self.sessions) if self.sessions else {}
         self._busy = machine_busy_seconds()
 
     def stop(self) -> None:
@@ -97,3 +125,6 @@ class CpuMeter:
         now = session_cpu_ticks(self.sessions) if self.sessions else {}
         self.server = sum(t - self._servers.get(pid, 0) for pid, t in now.items()) / TICK
         self.other = max(0.0, machine_busy_seconds() - self._busy - self.client - self.server)
+        self.client_faults = own_minor_faults() - self._own_faults
+        faults = session_minor_faults(self.sessions) if self.sessions else {}
+        self.server_faults = sum(n - self._server_faults.get(pid, 0) for pid, n in faults.items())

@@ -146,23 +146,25 @@ def write_markdown(doc: dict, path: Path) -> None:
 
     out += ["", "## Every run", "",
             "| backend | point | commit/s | confl/s | retries/commit | gave up | errors | p50 ms | p95 ms | "
-            "p99 ms | populate s | CPU ms/op | client CPU | server CPU | other CPU | load | audit |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
+            "p99 ms | populate s | CPU ms/op | faults/op | client CPU | server CPU | other CPU | load | audit |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"]
     for r in doc["runs"]:
         if r["status"] != "ok":
             out.append(f"| {_label(doc, r['backend'])} | {Point(**r['point']).label()} | {r['status']}: {r['reason'][:100]} "
-                       "||||||||||||||")
+                       "|||||||||||||||")
             continue
         out.append(f"| {_label(doc, r['backend'])} | {Point(**r['point']).label()} | {_fmt_rate(r['committed_per_s'])} | "
                    f"{_fmt_rate(r['conflicts_per_s'])} | {r['retries_per_commit']:.3f} | {r['gave_up']} | "
                    f"{r['errors']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | "
-                   f"{r['populate_seconds']:.1f} | {_cpu_per_op(r)} | {r['client_cpu']:.0%} | "
+                   f"{r['populate_seconds']:.1f} | {_cpu_per_op(r)} | {_faults_per_op(r)} | {r['client_cpu']:.0%} | "
                    f"{r.get('server_cpu', 0.0):.0%} | {r.get('other_cpu', 0.0):.0%} | {r['load_average']:.1f} | "
                    f"{_audit_text(r)} |")
     out += ["", "CPU ms/op: the CPU time the client process and the server processes spent in the "
             "measured window per committed step (per read step for read-only), from /proc; client, "
             "server and other CPU are cores busy on average (other: everything else on the machine; "
-            "a high value there means the run shared the machine).", ""]
+            "a high value there means the run shared the machine). faults/op: minor page faults of the "
+            "client and the servers per committed step, one per 4 KiB page of memory a run grows into "
+            "(machine.md gives what a fault costs on this machine).", ""]
     out += ["", "A point is its workload and what differs from the default (32 clients, 1000 keys, "
             "3 reads, 100-byte values, uniform picks, a session per client); results.json has "
             "every parameter. For read-only, commit/s counts completed read steps.", ""]
@@ -275,3 +277,8 @@ def write_json(doc: dict, path: Path) -> None:
 def _cpu_per_op(r: dict) -> str:
     v = r.get("cpu_ms_per_op", 0.0)
     return f"{v:.2f}" if v else "–"
+
+
+def _faults_per_op(r: dict) -> str:
+    v = r.get("faults_per_op")
+    return "–" if v is None else f"{v:.1f}"

@@ -69,6 +69,7 @@ class RunResult:
     server_cpu: float = 0.0  # CPU seconds per second of the server processes during the window
     other_cpu: float = 0.0  # CPU seconds per second used by everything else on the machine
     cpu_ms_per_op: float = 0.0  # client + server CPU milliseconds per committed step (or read)
+    faults_per_op: float = 0.0  # client + server minor page faults per committed step (or read)
     audit: dict = field(default_factory=dict)
 
     @property
@@ -206,6 +207,7 @@ async def run_point(backend: Backend, point: Point, opts: RunOptions,
         result.server_cpu = cpu.server / result.duration
         result.other_cpu = cpu.other / result.duration
         result.cpu_ms_per_op = (cpu.client + cpu.server) * 1e3 / w.committed if w.committed else 0.0
+        result.faults_per_op = (cpu.client_faults + cpu.server_faults) / w.committed if w.committed else 0.0
         result.load_average = os.getloadavg()[0]
         w.stopping = True
         phase("drain", 0.0)

@@ -110,6 +110,36 @@ def test_cpu_meter_counts_a_server_session_and_nothing_else() -> None:
     assert session_cpu_seconds({idle.pid}) == 0.0  # gone: nothing left to count
 
 
+def test_cpu_meter_counts_the_pages_a_server_and_the_client_grow_into() -> None:
+    # a server that maps and writes 64 MiB during the window, one that stays idle
+    grow = ("import mmap, sys, time; sys.stdin.readline(); m = mmap.mmap(-1, 64 << 20); "
+            "[m.__setitem__(i, 1) for i in range(0, 64 << 20, 4096)]; print('done', flush=True); time.sleep(30)")
+    grower = subprocess.Popen([sys.executable, "-c", grow], start_new_session=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        time.sleep(0.3)  # both past their start-up
+        meter = CpuMeter({grower.pid})
+        idle_meter = CpuMeter({idle.pid})
+        meter.start()
+        idle_meter.start()
+        grower.stdin.write("go\n")
+        grower.stdin.flush()
+        assert grower.stdout.readline().strip() == "done"
+        own = bytearray(32 << 20)  # the client grows too: 32 MiB, zeroed
+        meter.stop()
+        idle_meter.stop()
+        del own
+    finally:
+        for p in (grower, idle):
+            p.kill()
+            p.wait()
+    pages = (64 << 20) // 4096
+    assert pages <= meter.server_faults < pages * 1.5, meter.server_faults
+    assert idle_meter.server_faults < 100, idle_meter.server_faults
+    assert meter.client_faults >= (32 << 20) // 4096 * 0.9, meter.client_faults
+
+
 # ---- the audit catches what a broken backend does ------------------------------------------------
 
 
