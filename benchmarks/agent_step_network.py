@@ -142,8 +142,10 @@ class Server:
         cprofile_out: Path | None = None,
         shard_transport: str | None = None,
         replicas: int = 1,
+        history_store: str | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.history_store = history_store  # None: the server's default (``--history-store``)
         self.replicas = replicas  # > 1: every shard a replica group (up --replicas; a private etcd)
         self.shards = shards
         self.processes = processes
@@ -180,6 +182,8 @@ class Server:
                 cmd += ["--shard-transport", self.shard_transport]
             if self.replicas > 1:
                 cmd += ["--replicas", str(self.replicas)]
+        if self.history_store:
+            cmd += ["--history-store", self.history_store]
         return cmd
 
     async def start(self, timeout: float = 60.0) -> None:

@@ -38,7 +38,8 @@ about 6 minutes for the 7 backends.
 
 Not in the default set (name them with ``--backends``): ``oribus-procs-r3``
 (``oribus-procs`` with every shard a replica group of 3: run it beside ``oribus-procs``
-for what replication costs), ``postgres-ssi``
+for what replication costs), ``oribus-up-lmdb`` (``oribus up --history-store lmdb``: the
+kept versions on disk, beside ``oribus-up`` whose history is in memory), ``postgres-ssi``
 (SERIALIZABLE with plain reads: its audit reports the stale commits SSI
 allows), and two clients broken on purpose to show the audit catching them,
 ``redis-always-nowatch`` and ``oribus-embedded-blind``.

@@ -7,6 +7,7 @@ oribus-embedded         ``oribus.open_local`` in the harness process, 1 shard   
 oribus-up               ``oribus up`` (bus + 1 in-process shard), the SDK's default  yes
 oribus-procs            ``oribus up --processes`` (2 shard processes)                yes
 oribus-procs-r3         each shard a group of 3 members (``--replicas 3``)           yes
+oribus-up-lmdb          ``oribus up --history-store lmdb`` (kept versions on disk)   yes
 redis-always            Redis 7 WATCH/MULTI/EXEC, ``appendfsync always``             yes
 redis-everysec          the same with ``appendfsync everysec``                       NO
 postgres                PostgreSQL 15 SERIALIZABLE, reads ``FOR SHARE``              yes
@@ -14,7 +15,8 @@ etcd                    etcd 3.4 Txn comparing the mod revision of every key rea
 ======================  ===========================================================  =======
 
 Not in the default set: ``oribus-procs-r3`` (what replication costs: run it beside
-``oribus-procs``, same run, same machine), ``postgres-ssi`` (SERIALIZABLE with plain reads: SSI
+``oribus-procs``, same run, same machine), ``oribus-up-lmdb`` (the history on disk: what it
+costs, and what it saves when a run's history would grow the server's memory by GBs), ``postgres-ssi`` (SERIALIZABLE with plain reads: SSI
 may commit a step after a key it read was overwritten, see
 ``postgres_serializable``), ``oribus-up-grpc`` and ``oribus-procs-grpc`` (the SDK kept on
 gRPC, what a client without the stream transport gets), ``redis-always-pyparser`` (redis-py's own reply parser
@@ -36,11 +38,13 @@ def _oribus_embedded(**kw) -> Backend:
     return OribusEmbedded(**kw)
 
 
-def _oribus_server(processes: bool, transport: str = "auto", replicas: int = 1) -> Callable[..., Backend]:
+def _oribus_server(processes: bool, transport: str = "auto", replicas: int = 1,
+                   history_store: str | None = None) -> Callable[..., Backend]:
     def make(**kw) -> Backend:
         from peers.oribus_server import OribusServer
 
-        return OribusServer(processes=processes, transport=transport, replicas=replicas, **kw)
+        return OribusServer(processes=processes, transport=transport, replicas=replicas,
+                            history_store=history_store, **kw)
 
     return make
 
@@ -85,6 +89,7 @@ BACKENDS: dict[str, Callable[..., Backend]] = {
     "redis-always-pyparser": _redis("always", parser="python"),
     "oribus-up-grpc": _oribus_server(False, "grpc"),
     "oribus-procs-grpc": _oribus_server(True, "grpc"),
+    "oribus-up-lmdb": _oribus_server(False, history_store="lmdb"),
     "oribus-embedded-blind": lambda **kw: _oribus_embedded(unsafe_blind_write=True, **kw),
 }
 DEFAULT_BACKENDS = ["oribus-embedded", "oribus-up", "oribus-procs", "redis-always", "redis-everysec",

@@ -1,6 +1,7 @@
 """oribus over the network: ``oribus up`` (bus + in-process shards) or ``oribus up --processes``
 (``replicas=3``: ``--replicas 3``, every shard a group of three member processes whose
-commits wait for a majority's fsync).
+commits wait for a majority's fsync; ``history_store="lmdb"``: ``--history-store lmdb``, the
+kept versions on disk instead of in memory).
 
 The server is a real ``python -m oribus.cli up`` subprocess on a free
 loopback port, with ``--shards`` shards (1, 2 shard processes) and its data in the
@@ -35,17 +36,20 @@ from agent_step_network import Server  # noqa: E402 - benchmarks/ is on the path
 
 
 class OribusServer(OribusBackend):
-    def __init__(self, processes: bool = False, shards: int = 1, transport: str = "auto", replicas: int = 1) -> None:
+    def __init__(self, processes: bool = False, shards: int = 1, transport: str = "auto", replicas: int = 1,
+                 history_store: str | None = None) -> None:
         name = ("oribus-procs" if processes else "oribus-up") + (f"-r{replicas}" if replicas > 1 else "")
+        name += f"-{history_store}" if history_store else ""
         super().__init__(name if transport == "auto" else f"{name}-{transport}", shards)
         self.processes = processes
         self.replicas = replicas
+        self.history_store = history_store
         self.transport = transport
         self.server: Server | None = None
 
     async def _open(self) -> AsyncSession:
         self.server = Server(self.data_dir, self.shards, self.processes, self.work / "server.log",
-                             replicas=self.replicas)
+                             replicas=self.replicas, history_store=self.history_store)
         await self.server.start()
         return oribus.connect(self.server.address, agent="loader", transport=self.transport)
 
