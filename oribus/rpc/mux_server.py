@@ -180,7 +180,7 @@ class GrpcListener:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         # no SO_REUSEPORT: a second server on a taken address must fail, not share it
-        server = aio.server(options=[*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+        server = aio.server(options=[*wire.SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
         server.add_generic_rpc_handlers([self._handler])
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if self._credentials is not None:

@@ -64,15 +64,34 @@ DEFAULT_BUS_ADDRESS = "127.0.0.1:7700"
 DEFAULT_CALL_TIMEOUT = 30.0  # seconds a call waits for its reply before it fails with Unavailable
 
 MAX_MESSAGE_BYTES = 64 << 20  # a batch may carry several maximal values
-# gRPC options of both ends: messages up to that size, keepalive pings on idle connections
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
+KEEPALIVE_MS = 20_000  # a gRPC client pings a connection this often when nothing else crosses it
+
+
+def channel_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """gRPC options of a client channel: messages up to MAX_MESSAGE_BYTES, and a ping every
+    ``keepalive_ms`` while the connection carries nothing (an idle watch, a quiet agent), so
+    a peer that vanished is noticed within 10 s of the next ping."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple[str, int]]:
+    """gRPC options of a server: a client's, and it takes the pings of a client that keeps an
+    idle connection alive every ``keepalive_ms``. gRPC's own default takes a ping on a
+    connection without data more often than every 5 minutes as abuse and, at the third,
+    ends the connection ("too many pings": an idle watch or mux stream failed with
+    Unavailable after a minute); half the client's interval leaves room for its timers."""
+    return [*channel_options(keepalive_ms), ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2)]
+
+
+CHANNEL_OPTIONS = channel_options()
+SERVER_OPTIONS = server_options()
 
 OK, ERROR = 0, 1
 

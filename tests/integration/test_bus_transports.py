@@ -7,6 +7,7 @@ import asyncio
 import logging
 import socket
 
+import grpc
 import pytest
 
 import oribus
@@ -157,3 +158,26 @@ async def test_register_and_scan_over_each_transport(host, transport):
         with pytest.raises(oribus.Conflict) as e:
             await agent.commit({"other": 4})
         assert [(s.key, s.version) for s in e.value.stale] == [("r/x", 1)]
+
+
+async def test_an_idle_grpc_connection_outlives_the_client_s_keepalive_pings(tmp_path, monkeypatch):
+    # The client pings a connection that carries nothing every second here (every KEEPALIVE_MS
+    # in production): the server must take those pings. gRPC's default takes the third as
+    # abuse and ends the connection (GOAWAY "too many pings", logged at ERROR in the client):
+    # the channel the SDK keeps after switching to the stream fell to IDLE after about 3 s.
+    monkeypatch.setattr(wire, "CHANNEL_OPTIONS", wire.channel_options(1000))
+    monkeypatch.setattr(wire, "SERVER_OPTIONS", wire.server_options(1000))
+    h = UpHost(tmp_path / "data", listen="127.0.0.1:0", shards=1)
+    await h.start()
+    try:
+        async with oribus.connect(h.address, agent="a") as bus:
+            await bus.put("t/idle", 1)  # asks the endpoints over gRPC, then calls over the stream
+            assert bus._bus.using == "stream"  # noqa: SLF001
+            channel = bus._bus.mux.channel  # noqa: SLF001 - the gRPC connection, idle from here on
+            states = []
+            for _ in range(12):
+                await asyncio.sleep(0.5)
+                states.append(channel.get_state(try_to_connect=False))
+            assert set(states) == {grpc.ChannelConnectivity.READY}, states
+    finally:
+        await h.stop()
