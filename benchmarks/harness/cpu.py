@@ -50,19 +50,31 @@ def process_memory(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-def session_cpu_ticks(session_ids: set[int]) -> dict[int, int]:
-    """pid -> user + system CPU ticks (with the children it has waited for) of every live
-    process in one of ``session_ids``."""
-    ticks = {}
+# fields of /proc/PID/stat after "pid (comm) ": state(0) ppid pgrp session(3) tty_nr tpgid flags
+# minflt(7) cminflt(8) majflt cmajflt utime(11) stime(12) cutime(13) cstime(14)
+SESSION = 3
+CPU_TICKS = (11, 12, 13, 14)  # user + system, with the children waited for
+MINOR_FAULTS = (7, 8)  # with the children waited for
+
+
+def _session_sums(session_ids: set[int], fields: tuple[int, ...]) -> dict[int, int]:
+    """pid -> the sum of ``fields`` of /proc/PID/stat, for every live process in one of
+    ``session_ids``."""
+    sums = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         f = _stat_fields(pid)
-        # after "pid (comm) ": state ppid pgrp session ... utime(12) stime(13) cutime(14) cstime(15)
-        if f is None or int(f[3]) not in session_ids:
+        if f is None or int(f[SESSION]) not in session_ids:
             continue
-        ticks[int(pid)] = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
-    return ticks
+        sums[int(pid)] = sum(int(f[i]) for i in fields)
+    return sums
+
+
+def session_cpu_ticks(session_ids: set[int]) -> dict[int, int]:
+    """pid -> user + system CPU ticks (with the children it has waited for) of every live
+    process in one of ``session_ids``."""
+    return _session_sums(session_ids, CPU_TICKS)
 
 
 def session_cpu_seconds(session_ids: set[int]) -> float:
@@ -72,16 +84,7 @@ def session_cpu_seconds(session_ids: set[int]) -> float:
 def session_minor_faults(session_ids: set[int]) -> dict[int, int]:
     """pid -> minor page faults (with the children it has waited for) of every live process
     in one of ``session_ids``."""
-    faults = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        f = _stat_fields(pid)
-        # after "pid (comm) ": state ppid pgrp session tty_nr tpgid flags minflt(7) cminflt(8)
-        if f is None or int(f[3]) not in session_ids:
-            continue
-        faults[int(pid)] = int(f[7]) + int(f[8])
-    return faults
+    return _session_sums(session_ids, MINOR_FAULTS)
 
 
 def own_minor_faults() -> int:
